@@ -1,0 +1,1 @@
+"""torch -> ONNX export per module, the GSWA op, parity verification."""
