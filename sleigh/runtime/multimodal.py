@@ -1,0 +1,25 @@
+"""Glue between the vision output and the decoder input, shared by the reference and the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def image_attention_bias(input_ids: np.ndarray, gswa_weights: np.ndarray, img_context_id: int,
+                         tokens_per_view: int, min_weight: float = 1e-4) -> np.ndarray:
+    """GSWA's `attention` mode: log(w_t) on every <IMG_CONTEXT> position of view t, 0 elsewhere.
+
+    input_ids (B, S) int64; gswa_weights (T,) for the image rows in order (views of row 0 first).
+    Returns float32 (B, S). The thumbnail's weight is 1, so its positions get 0.
+    """
+    ids = np.asarray(input_ids)
+    is_img = ids.reshape(-1) == img_context_id
+    count = int(is_img.sum())
+    bias = np.zeros(ids.size, dtype=np.float32)
+    if count:
+        w = np.asarray(gswa_weights, dtype=np.float32)
+        if count != w.shape[0] * tokens_per_view:
+            raise ValueError(f"{count} <IMG_CONTEXT> tokens but {w.shape[0]} views x {tokens_per_view}")
+        per_token = np.repeat(np.log(np.maximum(w, np.float32(min_weight))), tokens_per_view)
+        bias[is_img] = per_token
+    return bias.reshape(ids.shape)

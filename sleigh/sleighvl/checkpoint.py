@@ -1,0 +1,150 @@
+"""Sleigh checkpoints on disk: config.json, model.safetensors, tokenizer.json, generation_config.json.
+
+Loading is strict (STYLE 14): every tensor must be present with its shape, nothing extra; safetensors
+only. Saving writes into a temporary folder beside the destination and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from sleigh.errors import SleighError
+from sleigh.sleighvl.config import SleighVLConfig
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+GENERATION = "generation_config.json"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    stop_token_ids: tuple[int, ...] = ()
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+    @classmethod
+    def load(cls, path: Path) -> GenerationConfig:
+        if not path.exists():
+            return cls()
+        d = json.loads(path.read_text())
+        known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a clear SleighError when it is unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise SleighError(str(path), "file not found", "a .safetensors weights file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SleighError(str(path), f"unreadable safetensors file ({detail})",
+                          "a complete, untruncated safetensors file") from None
+
+
+def check_state_dict(expected: dict[str, torch.Size], got: dict[str, torch.Tensor], source: str) -> None:
+    """Strict key and shape check; lists every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(f"{k}: {tuple(got[k].shape)} != {tuple(expected[k])}"
+                   for k in set(expected) & set(got) if tuple(got[k].shape) != tuple(expected[k]))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_short(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shape {len(wrong)}: {_short(wrong)}")
+        raise SleighError(source, "weights do not match the config; " + "; ".join(parts),
+                          "exactly the tensors the config describes")
+
+
+def _short(items: list[str], n: int = 8) -> str:
+    return ", ".join(items[:n]) + (f", ... (+{len(items) - n})" if len(items) > n else "")
+
+
+def build_model(cfg: SleighVLConfig, state: dict[str, torch.Tensor] | None = None, source: str = "weights"):
+    """The model for `cfg`; with `state`, weights are assigned strictly (built on the meta device)."""
+    from sleigh.sleighvl.model import SleighVL
+
+    if state is None:
+        return SleighVL(cfg)
+    with torch.device("meta"):
+        model = SleighVL(cfg)
+    check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state, source)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def load_checkpoint(path: Path):
+    """(model, config, generation config) from a Sleigh checkpoint folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SleighError(str(path), "not a folder", "a Sleigh checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    if not (path / CONFIG).is_file():
+        raise SleighError(str(path), "no config.json", "a Sleigh checkpoint folder (make one with `sleigh init` or `sleigh convert`)")
+    cfg = SleighVLConfig.load(path / CONFIG)
+    model = build_model(cfg, read_safetensors(path / WEIGHTS), str(path / WEIGHTS))
+    return model, cfg, GenerationConfig.load(path / GENERATION)
+
+
+def prepare_output_dir(dst: Path, force: bool) -> None:
+    """Refuse a non-empty destination unless force; check that its parent is writable."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise SleighError(str(dst), "exists and is not a folder", "a new or empty folder")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise SleighError(str(dst), "folder is not empty", "an empty folder, or --force to replace it")
+    parent = dst.resolve().parent
+    if not parent.is_dir():
+        raise SleighError(str(dst), f"parent folder {parent} does not exist", "an existing parent folder")
+    if not os.access(parent, os.W_OK):
+        raise SleighError(str(dst), f"parent folder {parent} is not writable", "a writable location")
+
+
+@contextmanager
+def atomic_dir(dst: Path, force: bool = False):
+    """Yield a temporary folder beside `dst`; on success it replaces `dst`, on failure it is removed."""
+    dst = Path(dst)
+    prepare_output_dir(dst, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False) -> None:
+    """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(dst, force) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "sleigh"})
+        tokenizer.save(str(tmp / TOKENIZER))
+        (tmp / GENERATION).write_text(json.dumps(generation.to_dict(), indent=2) + "\n")
+        model.cfg.save(tmp / CONFIG)  # last: a folder with config.json is complete

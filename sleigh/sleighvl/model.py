@@ -1,0 +1,82 @@
+"""SleighVL: InternViT -> pixel shuffle -> mlp1 -> GSWA, and the InternLM2 LLM.
+
+The three top-level pieces mirror the exported modules: `encode_images` is `vision.onnx`,
+`embed` is `embed.onnx`, `llm` (its forward) is `decoder.onnx`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.sleighvl.config import SleighVLConfig
+from sleigh.sleighvl.gswa import GSWA
+from sleigh.sleighvl.llm import LLM
+from sleigh.sleighvl.vision import Projector, VisionEncoder, pixel_shuffle
+
+
+@dataclass
+class VisionOutput:
+    image_embeds: torch.Tensor  # (T, 256, D); already scaled when gswa.apply == "scale"
+    gswa_weights: torch.Tensor  # (T,)
+    last_hidden: torch.Tensor  # (T, 1025, Cv), CLS first
+    projected: torch.Tensor  # (T, 256, D), mlp1 output before any GSWA scaling
+
+
+class SleighVL(nn.Module):
+    def __init__(self, cfg: SleighVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.projector = Projector(cfg)
+        self.gswa = GSWA(cfg.gswa, cfg.vision.hidden_size) if cfg.gswa is not None else None
+        self.llm = LLM(cfg.llm)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> VisionOutput:
+        """pixel_values (T, 3, S, S), one image's views with the thumbnail last."""
+        hidden = self.vision(pixel_values)  # (T, 1 + g*g, Cv)
+        projected = self.projector(pixel_shuffle(hidden[:, 1:], self.cfg.vision.grid))  # (T, g*g/4, D)
+        if self.gswa is None:
+            weights = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
+        else:
+            weights = self.gswa(hidden[:, 0])
+        embeds = projected
+        if self.gswa is not None and self.cfg.gswa.apply == "scale":
+            embeds = weights[:, None, None] * projected
+        return VisionOutput(embeds, weights, hidden, projected)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, S), image_embeds (M, D) -> inputs_embeds (B, S, D).
+
+        Image rows overwrite the <IMG_CONTEXT> embeddings in order (row-major over the batch).
+        Branch-free for export; with no image pass one dummy row (M = 1), it is never read.
+        """
+        tok = self.llm.embed_tokens(input_ids)  # (B, S, D)
+        is_img = input_ids == self.cfg.prompt.img_context_token_id  # (B, S)
+        idx = torch.cumsum(is_img.reshape(-1).to(torch.int64), 0) - 1  # (B*S,)
+        idx = idx.clamp(0, image_embeds.shape[0] - 1).reshape(input_ids.shape)
+        rows = image_embeds[idx]  # (B, S, D)
+        return torch.where(is_img[..., None], rows.to(tok.dtype), tok)
+
+    def attention_bias(self, input_ids: torch.Tensor, gswa_weights: torch.Tensor) -> torch.Tensor:
+        """The decoder's attention_bias row for a prompt (zeros unless GSWA acts in attention mode)."""
+        if self.gswa is None or self.cfg.gswa.apply != "attention":
+            return torch.zeros(input_ids.shape, dtype=torch.float32)
+        bias = image_attention_bias(input_ids.cpu().numpy(), gswa_weights.detach().cpu().float().numpy(),
+                                    self.cfg.prompt.img_context_token_id, self.cfg.vision.tokens_per_view,
+                                    self.cfg.gswa.min_weight)
+        return torch.from_numpy(bias)
+
+    @staticmethod
+    def image_rows(vision_out: VisionOutput | None, hidden: int) -> torch.Tensor:
+        if vision_out is None:
+            return torch.zeros(1, hidden)
+        return vision_out.image_embeds.reshape(-1, hidden)
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
