@@ -1,0 +1,244 @@
+"""Image loading and InternVL tiling, with numpy and Pillow only.
+
+The reference model imports this module too, so PyTorch and the runtime share one implementation of
+the tiling. It must never import torch.
+
+    path / PIL image ─load_image─► RGB ─find_grid─► (cols, rows)
+      ─resize (bicubic) to (size·cols, size·rows), crop row-major (+ thumbnail last)
+      ─/255, ImageNet mean/std─► pixel_values [T, 3, size, size] float32
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sleigh.errors import SleighError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# The largest image (width·height) load_image decodes: Pillow's own hard limit (twice its warning
+# threshold). It is checked on the header, before any pixel is decoded.
+MAX_PIXELS = 178_956_970
+
+# Alpha is composited onto this colour: documents and screenshots with transparency are usually
+# meant to be seen on a white page, and InternVL's own `convert("RGB")` would show hidden colour.
+BACKGROUND = (255, 255, 255)
+
+ImageSource = Union[str, os.PathLike, Image.Image]
+
+_RESAMPLE = Image.Resampling.BICUBIC  # what InternVL's `image.resize(...)` defaults to
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+@dataclass(frozen=True, eq=False)
+class TiledImage:
+    """The views of one image, ready for the vision module.
+
+    pixel_values: float32 [num_views, 3, size, size], ImageNet-normalised; tiles row-major, then the
+    thumbnail (when there is one). grid: (cols, rows). image_size: the loaded image's (width, height).
+    """
+
+    pixel_values: np.ndarray
+    grid: tuple[int, int]
+    num_views: int
+    image_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        cols, rows = self.grid
+        if self.pixel_values.ndim != 4 or self.pixel_values.shape[0] != self.num_views:
+            raise ValueError(f"pixel_values {self.pixel_values.shape} does not hold {self.num_views} views")
+        if self.num_views not in (cols * rows, cols * rows + 1):
+            raise ValueError(f"{self.num_views} views do not fit grid {self.grid}")
+
+    @property
+    def has_thumbnail(self) -> bool:
+        return self.num_views == self.grid[0] * self.grid[1] + 1
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Load `source` (a path or a PIL image) as a fully decoded RGB image.
+
+    EXIF orientation is applied. Alpha (RGBA, LA, PA, P with transparency) is composited onto WHITE.
+    16-bit greyscale (I;16*, and I, taken as 0..65535) is scaled to 8 bits (v/257, rounded), not
+    clipped; F is taken on Pillow's 0..255 scale and clipped. Files over MAX_PIXELS are refused
+    before decoding. Every failure is a SleighError naming the source.
+    """
+    if isinstance(source, Image.Image):
+        what = f"image {source.mode} {source.size[0]}x{source.size[1]}"
+        try:
+            source.load()
+            image = ImageOps.exif_transpose(source)
+            return _to_rgb(image, what)
+        except SleighError:
+            raise
+        except Exception as exc:  # a lazily opened PIL image can still fail to decode here
+            raise SleighError(what, f"cannot be decoded ({_reason(exc)})", "a readable image") from exc
+    if not isinstance(source, (str, os.PathLike)):
+        raise SleighError(
+            "image", f"got a {type(source).__name__}", "a file path (str or pathlib.Path) or a PIL.Image.Image"
+        )
+    path = Path(source)
+    what = f"image {str(path)!r}"
+    if not path.exists():
+        raise SleighError(what, "no such file", "an existing image file")
+    if path.is_dir():
+        raise SleighError(what, "is a directory", "an image file")
+    if path.stat().st_size == 0:
+        raise SleighError(what, "is an empty file (0 bytes)", "an image file (PNG, JPEG, WebP, ...)")
+    try:
+        with warnings.catch_warnings():
+            # MAX_PIXELS is the limit; Pillow's lower warning threshold would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > MAX_PIXELS:
+                    raise _bomb(what, width, height)
+                opened.load()  # decode everything now, so a truncated file fails here
+                image = ImageOps.exif_transpose(opened)
+        return _to_rgb(image, what)
+    except SleighError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise SleighError(what, f"is too large to decode safely ({_reason(exc)})", _max_pixels_text()) from exc
+    except UnidentifiedImageError as exc:
+        raise SleighError(
+            what, "is not an image Pillow can identify (corrupt or unsupported format)",
+            "an image file (PNG, JPEG, WebP, BMP, GIF, TIFF, ...)",
+        ) from exc
+    except PermissionError as exc:
+        raise SleighError(what, "cannot be read (permission denied)", "a readable image file") from exc
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data
+        raise SleighError(what, f"is corrupt or truncated ({_reason(exc)})", "a complete, valid image file") from exc
+
+
+def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448) -> tuple[int, int]:
+    """The (cols, rows) grid InternVL's `dynamic_preprocess` picks for a width x height image.
+
+    Mirrors the original step for step (same candidate order, same float arithmetic): the candidate
+    whose cols/rows is closest to width/height wins; on an exact tie a later (larger) grid replaces
+    the best only if width·height > 0.5·size²·cols·rows of that later grid. Not symmetric under
+    transpose: 700x200 → (3, 1) but 200x700 → (1, 4).
+    """
+    _check_tiling_args(min_tiles, max_tiles, size)
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise SleighError(f"image {name}", f"got {value!r}", "a positive integer")
+    width, height = int(width), int(height)
+    aspect_ratio = width / height
+    # InternVL iterates a set sorted by area; equal areas keep CPython's (deterministic) set order.
+    target_ratios = set(
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    )
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        target_aspect_ratio = ratio[0] / ratio[1]
+        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff:
+            if area > 0.5 * size * size * ratio[0] * ratio[1]:
+                best_ratio = ratio
+    return best_ratio
+
+
+def tile_image(
+    image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True
+) -> TiledImage:
+    """Tile `image` (a path or PIL image) as InternVL does and normalise it for the vision module.
+
+    The image is resized (bicubic) to (size·cols, size·rows) and cut row-major into size x size tiles;
+    when there is more than one tile and `thumbnail` is set, the whole image resized to size x size
+    is appended last.
+    """
+    _check_tiling_args(min_tiles, max_tiles, size)
+    rgb = load_image(image)
+    width, height = rgb.size
+    cols, rows = find_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, size=size)
+    resized = np.asarray(rgb.resize((size * cols, size * rows), _RESAMPLE))  # (rows·size, cols·size, 3)
+    views = (
+        resized.reshape(rows, size, cols, size, 3)  # (rows, size, cols, size, 3)
+        .transpose(0, 2, 1, 3, 4)  # (rows, cols, size, size, 3): row-major tiles
+        .reshape(rows * cols, size, size, 3)
+    )
+    if thumbnail and cols * rows > 1:
+        thumb = np.asarray(rgb.resize((size, size), _RESAMPLE))  # (size, size, 3)
+        views = np.concatenate([views, thumb[None]], axis=0)
+    return TiledImage(
+        pixel_values=_normalize(views), grid=(cols, rows), num_views=views.shape[0], image_size=(width, height)
+    )
+
+
+def _normalize(views: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, 3) → float32 (T, 3, H, W), in torchvision's order: x/255, then (x − mean)/std."""
+    x = views.astype(np.float32) / np.float32(255)
+    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (T, 3, H, W)
+
+
+def _to_rgb(image: Image.Image, what: str) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA") if mode != "La" else image.convert("LA").convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        grey = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+        grey = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise SleighError(
+            what, f"has pixel mode {mode!r}, which cannot be converted to RGB", "an RGB-convertible image"
+        ) from exc
+
+
+def _check_tiling_args(min_tiles: int, max_tiles: int, size: int) -> None:
+    for name, value in (("min_tiles", min_tiles), ("max_tiles", max_tiles), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise SleighError(name, f"got {value!r}", "an integer")
+    if min_tiles < 1:
+        raise SleighError("min_tiles", f"got {min_tiles}", "at least 1")
+    if max_tiles < min_tiles:
+        raise SleighError("max_tiles", f"got {max_tiles}, below min_tiles {min_tiles}", f"at least {min_tiles}")
+    if size < 1:
+        raise SleighError("size", f"got {size}", "a positive number of pixels, e.g. 448")
+
+
+def _bomb(what: str, width: int, height: int) -> SleighError:
+    problem = f"is {width}x{height} = {width * height:,} pixels, too large to decode safely"
+    return SleighError(what, problem, _max_pixels_text())
+
+
+def _max_pixels_text() -> str:
+    return f"at most {MAX_PIXELS:,} pixels (sleigh.runtime.image.MAX_PIXELS)"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
