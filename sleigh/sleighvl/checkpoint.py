@@ -116,8 +116,10 @@ def prepare_output_dir(dst: Path, force: bool) -> None:
     if dst.is_dir() and any(dst.iterdir()) and not force:
         raise SleighError(str(dst), "folder is not empty", "an empty folder, or --force to replace it")
     parent = dst.resolve().parent
-    if not parent.is_dir():
-        raise SleighError(str(dst), f"parent folder {parent} does not exist", "an existing parent folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SleighError(str(dst), f"cannot create parent folder {parent} ({e.strerror})", "a writable location") from None
     if not os.access(parent, os.W_OK):
         raise SleighError(str(dst), f"parent folder {parent} is not writable", "a writable location")
 

@@ -1,0 +1,128 @@
+"""The `sleigh` command line. Heavy imports (torch, onnx) happen inside the commands that need them."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sleigh.errors import SleighError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Sleigh: SleighVL (InternVL2-2B + GSWA) from PyTorch to ONNX, engines and an edge runtime.")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="InternVL2 checkpoint folder (config.json, safetensors, tokenizer.model)."),
+    dst: Path = typer.Argument(..., help="Output Sleigh checkpoint folder."),
+    gswa: str = typer.Option("identity", help="identity (alpha = 0), none, or PATH to trained GSWA safetensors."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+):
+    """Convert an InternVL2 checkpoint into a Sleigh checkpoint (no remote code is run)."""
+    from sleigh.sleighvl.convert import convert as do_convert
+
+    cfg = do_convert(src, dst, gswa=gswa, force=force)
+    gswa_desc = "none" if cfg.gswa is None else f"{cfg.gswa.apply} ({gswa})"
+    typer.echo(f"wrote {dst}: vision {cfg.vision.num_layers}x{cfg.vision.hidden_size}, "
+               f"LLM {cfg.llm.num_layers}x{cfg.llm.hidden_size}, GSWA {gswa_desc}")
+
+
+@app.command()
+def init(
+    dst: Path = typer.Argument(..., help="Output Sleigh checkpoint folder."),
+    preset: str = typer.Option("tiny", help="tiny (tests), small (CPU benchmarks) or internvl2-2b (real shapes)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+):
+    """Write a Sleigh checkpoint with random weights (GSWA active) and a small tokenizer."""
+    from sleigh.sleighvl.init import init_checkpoint
+
+    cfg = init_checkpoint(dst, preset, seed, force=force)
+    typer.echo(f"wrote {dst}: preset {preset}, seed {seed}, vocab {cfg.llm.vocab_size} (random weights give random text)")
+
+
+@app.command()
+def run(
+    image: Optional[Path] = typer.Argument(None, help="Image file; leave out for a text-only chat."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="SLEIGH_MODEL",
+                                         help="Model package (sleigh export) or Sleigh checkpoint folder. Default: $SLEIGH_MODEL."),
+    prompt: str = typer.Option("Describe the image in detail.", "--prompt", "-p", help="The question."),
+    system: Optional[str] = typer.Option(None, help="System message (default: the internlm2-chat one)."),
+    backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
+    engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past stop tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
+    top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="1 = off."),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default: the model's, 12)."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
+):
+    """Answer a question about an image (or chat without one) on a package or checkpoint."""
+    from sleigh.runtime.pipeline import Pipeline
+    from sleigh.runtime.sampling import SamplingOptions
+
+    if model is None:
+        raise SleighError("--model", "no model given and $SLEIGH_MODEL is not set",
+                          "a package folder: make one with `sleigh init tiny-ckpt && sleigh export tiny-ckpt -o tiny-pkg`")
+    if image is not None:
+        _check_image_path(image)
+    if threads is not None and threads < 1:
+        raise SleighError("--threads", f"got {threads}", "an integer >= 1")
+    sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
+                               repetition_penalty=repetition_penalty, seed=seed)
+    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
+    gen = pipe.generate(image, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
+                        ignore_eos=ignore_eos, max_tiles=max_tiles)
+    if as_json:
+        typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
+        return
+    if no_stream:
+        typer.echo(gen.result.text)
+    else:
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    r = gen.result
+    t = r.timings
+    grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
+    typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
+               f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
+
+
+def _check_image_path(image: Path) -> None:
+    if not image.exists():
+        raise SleighError(str(image), "image not found", "an image file (JPEG, PNG, WebP, ...)")
+    if image.is_dir():
+        raise SleighError(str(image), "is a folder", "an image file (JPEG, PNG, WebP, ...)")
+
+
+def main() -> None:
+    try:
+        app()
+    except SleighError as e:
+        _err(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

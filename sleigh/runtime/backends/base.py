@@ -1,0 +1,37 @@
+"""The one small interface every backend implements (Polygraphy-style runners).
+
+`run(module, feeds)` runs `vision` or `embed` on a dict of named arrays and returns a dict of
+named arrays. The decoder is stateful: the backend owns the KV cache, `reset()` empties it and
+`step()` feeds new positions, appends them to the cache and returns the logits of the last one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class Backend(ABC):
+    name: str = "?"
+
+    @abstractmethod
+    def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run `vision` or `embed` by name."""
+
+    @abstractmethod
+    def reset(self, batch: int = 1) -> None:
+        """Start a new sequence: empty KV cache."""
+
+    @abstractmethod
+    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
+             position_ids: np.ndarray) -> np.ndarray:
+        """Decoder on S new positions (mask and bias cover past + new) -> last logits (B, V) float32."""
+
+    @property
+    @abstractmethod
+    def past_length(self) -> int:
+        """Positions held in the KV cache."""
+
+    def describe(self) -> str:
+        return self.name

@@ -1,0 +1,58 @@
+"""The PyTorch reference as a backend (a checkpoint folder runs here). torch is imported lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sleigh.runtime.backends.base import Backend
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, model, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = model.eval()
+        self._cache = None
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, threads: int | None = None) -> TorchBackend:
+        from sleigh.sleighvl.checkpoint import load_checkpoint
+
+        model, _, _ = load_checkpoint(path)
+        return cls(model, threads)
+
+    def run(self, module, feeds):
+        torch = self.torch
+        with torch.inference_mode():
+            if module == "vision":
+                out = self.model.encode_images(torch.from_numpy(feeds["pixel_values"]))
+                return {"image_embeds": out.image_embeds.numpy(), "gswa_weights": out.gswa_weights.numpy()}
+            if module == "embed":
+                emb = self.model.embed(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["image_embeds"]))
+                return {"inputs_embeds": emb.numpy()}
+        raise KeyError(module)
+
+    def reset(self, batch=1):
+        self._cache = self.model.llm.empty_cache(batch)
+
+    def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
+        torch = self.torch
+        with torch.inference_mode():
+            logits, self._cache = self.model.llm(
+                torch.from_numpy(inputs_embeds), torch.from_numpy(attention_mask),
+                torch.from_numpy(attention_bias), torch.from_numpy(position_ids), self._cache)
+        return logits[:, -1].float().numpy()
+
+    @property
+    def past_length(self):
+        return 0 if self._cache is None else int(self._cache[0][0].shape[2])
+
+    def present(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(k.numpy(), v.numpy()) for k, v in self._cache]

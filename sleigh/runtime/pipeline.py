@@ -1,0 +1,229 @@
+"""Image + question -> streamed text, on any backend.
+
+    pipe = Pipeline.load("pkg/")                       # a package (ONNX Runtime) or a checkpoint (torch)
+    gen = pipe.generate("photo.jpg", "Describe the image.")
+    for piece in gen:                                  # text as it is decoded, never broken UTF-8
+        print(piece, end="")
+    gen.result.text, gen.result.token_ids, gen.result.timings
+
+The loop owns what is the same on every backend: tiling, the prompt, the GSWA attention bias,
+the mask and positions, sampling, stop ids, streaming; the backend runs the modules and keeps
+the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sleigh.errors import SleighError
+from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.image import tile_image
+from sleigh.runtime.model_info import ModelInfo
+from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.runtime.prompt import PromptTokenizer, StreamDecoder, build_prompt
+from sleigh.runtime.sampling import Sampler, SamplingOptions
+
+DEFAULT_PROMPT = "Describe the image in detail."
+
+
+@dataclass
+class Timings:
+    preprocess_s: float = 0.0
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    grid: tuple[int, int] | None
+    views: int
+    gswa_weights: list[float]
+    stop_reason: str  # "stop" (a stop id) or "length" (max_new_tokens)
+    timings: Timings = field(default_factory=Timings)
+    backend: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["grid"] = list(self.grid) if self.grid else None
+        return d
+
+
+class Generation:
+    """Iterate for text pieces; `.result` once done (iterating to the end first if needed)."""
+
+    def __init__(self, steps: Iterator[str]):
+        self._steps = steps
+        self._result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            try:
+                piece = next(self._steps)
+            except StopIteration as stop:
+                self._result = stop.value
+                return
+            if piece:
+                yield piece
+
+    @property
+    def result(self) -> GenerationResult:
+        if self._result is None:
+            for _ in self:
+                pass
+        return self._result
+
+
+class Pipeline:
+    def __init__(self, backend: Backend, info: ModelInfo, tokenizer: PromptTokenizer):
+        self.backend, self.info, self.tokenizer = backend, info, tokenizer
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
+             engine: str | None = None) -> Pipeline:
+        """A package folder (manifest.json) or a Sleigh checkpoint folder (config.json)."""
+        path = Path(path)
+        if not path.exists():
+            raise SleighError(str(path), "not found", "a model package (sleigh export) or a Sleigh checkpoint folder")
+        if not path.is_dir():
+            raise SleighError(str(path), "not a folder", "a model package (sleigh export) or a Sleigh checkpoint folder")
+        if (path / "manifest.json").is_file():
+            return cls.from_package(path, backend=backend, threads=threads, engine=engine)
+        if (path / "config.json").is_file():
+            return cls.from_checkpoint(path, backend=backend, threads=threads)
+        raise SleighError(str(path), "neither manifest.json nor config.json found",
+                          "a model package (sleigh export) or a Sleigh checkpoint (sleigh init / sleigh convert)")
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, backend: str = "auto", threads: int | None = None) -> Pipeline:
+        if backend not in ("auto", "torch"):
+            raise SleighError(f"--backend {backend}", "a checkpoint folder runs on the PyTorch reference only",
+                              "--backend torch, or export a package with `sleigh export` first")
+        from sleigh.runtime.backends.torch_backend import TorchBackend
+
+        info = ModelInfo.from_config(_read_json(Path(path) / "config.json"), str(path))
+        tok = PromptTokenizer.from_file(Path(path) / "tokenizer.json")
+        return cls(TorchBackend.from_checkpoint(path, threads), info, tok)
+
+    @classmethod
+    def from_package(cls, path: Path, backend: str = "auto", threads: int | None = None,
+                     engine: str | None = None) -> Pipeline:
+        from sleigh.runtime.backends import open_package_backend
+        from sleigh.runtime.package import read_manifest
+
+        manifest = read_manifest(path)
+        info = ModelInfo.from_config(manifest["model_config"], str(path / "manifest.json"))
+        tok = PromptTokenizer.from_file(Path(path) / manifest["tokenizer"]["file"])
+        return cls(open_package_backend(path, manifest, backend, threads=threads, engine=engine), info, tok)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def prepare(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
+                max_tiles: int | None = None):
+        """Tiling and prompt ids (no model work): (tiled image or None, input ids)."""
+        tiled = None
+        if image is not None:
+            tiled = tile_image(image, min_tiles=self.info.min_tiles,
+                               max_tiles=self.info.max_tiles if max_tiles is None else max_tiles,
+                               size=self.info.image_size, thumbnail=self.info.thumbnail)
+        text = build_prompt(prompt, tiled.num_views if tiled else 0, system=system,
+                            tokens_per_view=self.info.tokens_per_view)
+        return tiled, self.tokenizer.encode(text, add_bos=True)
+
+    def generate(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
+                 max_new_tokens: int = 512, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
+                 max_tiles: int | None = None) -> Generation:
+        if max_new_tokens < 1:
+            raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+        if max_tiles is not None and max_tiles < 1:
+            raise SleighError("--max-tiles", f"got {max_tiles}", "an integer >= 1")
+        return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
+                                      ignore_eos, max_tiles))
+
+    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
+        info, backend = self.info, self.backend
+        t_start = time.perf_counter()
+        tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles)
+        if len(ids) + max_new_tokens > info.context_length:
+            raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
+                              f"{info.context_length}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
+        timings = Timings(preprocess_s=time.perf_counter() - t_start)
+
+        t = time.perf_counter()
+        if tiled is not None:
+            vis = backend.run("vision", {"pixel_values": tiled.pixel_values})
+            image_rows = vis["image_embeds"].reshape(-1, info.hidden_size)
+            weights = vis["gswa_weights"].astype(np.float32)
+        else:
+            image_rows = np.zeros((1, info.hidden_size), np.float32)  # never read: no <IMG_CONTEXT> in the prompt
+            weights = np.zeros((0,), np.float32)
+        timings.vision_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        input_ids = np.asarray([ids], dtype=np.int64)  # (1, P)
+        inputs_embeds = backend.run("embed", {"input_ids": input_ids, "image_embeds": image_rows})["inputs_embeds"]
+        bias = np.zeros(input_ids.shape, np.float32)
+        if tiled is not None and info.gswa_apply == "attention":
+            bias = image_attention_bias(input_ids, weights, info.img_context_token_id, info.tokens_per_view,
+                                        info.gswa_min_weight)
+        mask = np.ones(input_ids.shape, np.int64)
+        backend.reset(1)
+        logits = backend.step(inputs_embeds, mask, bias, np.arange(len(ids), dtype=np.int64)[None])
+        timings.prefill_s = time.perf_counter() - t
+
+        sampler = Sampler(sampling)
+        stream = StreamDecoder(self.tokenizer)
+        dummy_rows = np.zeros((1, info.hidden_size), np.float32)
+        stops = set(info.stop_token_ids)
+        history = list(ids)
+        generated: list[int] = []
+        stop_reason = "length"
+        t_first = None
+        while True:
+            token = sampler(logits[0], history)
+            if t_first is None:
+                t_first = time.perf_counter()
+                timings.time_to_first_token_s = t_first - t_start
+            if token in stops and not ignore_eos:
+                stop_reason = "stop"
+                break
+            generated.append(token)
+            history.append(token)
+            yield stream.push(token)
+            if len(generated) >= max_new_tokens:
+                break
+            pos = len(ids) + len(generated) - 1
+            step_embeds = backend.run("embed", {"input_ids": np.asarray([[token]], np.int64),
+                                                "image_embeds": dummy_rows})["inputs_embeds"]
+            mask = np.ones((1, pos + 1), np.int64)
+            bias = np.concatenate([bias, np.zeros((1, 1), np.float32)], axis=1)
+            logits = backend.step(step_embeds, mask, bias, np.asarray([[pos]], np.int64))
+        yield stream.flush()
+        timings.decode_s = time.perf_counter() - t_first
+        if len(generated) > 1 and timings.decode_s > 0:
+            timings.decode_tokens_per_s = (len(generated) - 1) / timings.decode_s
+        return GenerationResult(
+            text=self.tokenizer.decode(generated), token_ids=generated, prompt_tokens=len(ids),
+            grid=tiled.grid if tiled else None, views=tiled.num_views if tiled else 0,
+            gswa_weights=[float(w) for w in weights], stop_reason=stop_reason, timings=timings,
+            backend=backend.describe())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SleighError(str(path), "file not found", "a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SleighError(str(path), f"not valid JSON ({e})", "a JSON file") from None

@@ -1,0 +1,54 @@
+"""Random SleighVL checkpoints (`sleigh init`): real shapes or small presets, GSWA active (alpha = 1)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from sleigh.errors import SleighError
+from sleigh.sleighvl.checkpoint import GenerationConfig, save_checkpoint
+from sleigh.sleighvl.config import PRESETS, SleighVLConfig
+
+
+@torch.no_grad()
+def init_weights(model, seed: int) -> None:
+    """Scaled so activations and logits have unit spread and the image changes the answer."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith("alpha"):
+            p.fill_(1.0)  # GSWA active
+        elif leaf in ("ls1", "ls2"):
+            p.fill_(0.5)
+        elif "norm" in name and leaf == "weight" and p.dim() == 1:
+            p.fill_(1.0)
+        elif leaf == "bias":
+            p.zero_()
+        elif name.endswith("embed_tokens.weight") or "embedding" in name and p.dim() == 3:
+            p.normal_(0.0, 1.0, generator=g)
+        elif p.dim() >= 2:
+            fan_in = p[0].numel()
+            p.normal_(0.0, fan_in ** -0.5, generator=g)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+
+
+def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = False) -> SleighVLConfig:
+    from sleigh.sleighvl.convert import prompt_config
+    from sleigh.sleighvl.model import SleighVL
+    from sleigh.sleighvl.tokenizer import train_tiny_tokenizer
+
+    if preset not in PRESETS:
+        raise SleighError("--preset", f"unknown preset {preset!r}", ", ".join(PRESETS))
+    base = PRESETS[preset]
+    tokenizer = train_tiny_tokenizer(vocab_size=min(1000, base.llm.vocab_size))
+    if tokenizer.get_vocab_size() > base.llm.vocab_size:
+        raise SleighError("--preset", "the tokenizer is larger than the model vocabulary", "vocab_size >= tokenizer size")
+    cfg = replace(base, prompt=prompt_config(tokenizer))
+    torch.manual_seed(seed)
+    model = SleighVL(cfg)
+    init_weights(model, seed)
+    save_checkpoint(dst, model, tokenizer, GenerationConfig(stop_token_ids=cfg.prompt.stop_token_ids), force=force)
+    return cfg
