@@ -104,6 +104,68 @@ def run(
                f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
 
 
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Sleigh checkpoint folder (sleigh init / sleigh convert)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output package folder."),
+    opset: int = typer.Option(18, help="ONNX opset, 18..20."),
+    max_tiles: int = typer.Option(12, help="Most tiles per image the package is built and profiled for."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest's parity report as JSON."),
+):
+    """Export a checkpoint to an ONNX package (vision with the GSWA op, embed, decoder) and check parity."""
+    from sleigh.export.exporter import ExportOptions, export_package
+
+    opts = ExportOptions(opset=opset, max_tiles=max_tiles, verify=not no_verify, force=force, quiet=as_json)
+    result = export_package(checkpoint, out, opts)
+    if as_json:
+        typer.echo(json.dumps({"package": str(out), "seconds": round(result.seconds, 2),
+                               "parity": result.manifest.get("parity")}))
+        return
+    if result.parity:
+        from sleigh.export.parity import table_rows
+
+        _print_table(["case", "output", "", "max abs", "mean abs", "cosine", "needed atol", "atol"],
+                     table_rows(result.parity), title="parity: ONNX Runtime (CPU) vs PyTorch, fp32")
+    sizes = sum(e["bytes"] for e in result.manifest["files"].values())
+    typer.echo(f"wrote {out} ({sizes / 1e6:.1f} MB) in {result.seconds:.1f} s"
+               + ("" if result.parity else " (parity not checked: --no-verify)"))
+
+
+@app.command()
+def inspect(
+    package: Path = typer.Argument(..., help="Model package folder."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 against the manifest."),
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+):
+    """Show a package's modules, inputs and outputs, opset, sizes, GSWA node and engines."""
+    from sleigh.export.inspect import inspect_package
+
+    report = inspect_package(package, verify=verify)
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+    else:
+        from sleigh.export.inspect import print_report
+
+        print_report(report)
+    if verify and report["verify"]["problems"]:
+        raise SleighError(str(package), f"{len(report['verify']['problems'])} files differ from the manifest: "
+                          + "; ".join(report["verify"]["problems"][:5]), "files as exported (re-export the package)")
+
+
+def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for h in header:
+        table.add_column(h)
+    for r in rows:
+        table.add_row(*[str(c) for c in r])
+    Console(width=max(120, Console().width)).print(table)
+
+
 def _check_image_path(image: Path) -> None:
     if not image.exists():
         raise SleighError(str(image), "image not found", "an image file (JPEG, PNG, WebP, ...)")

@@ -130,6 +130,7 @@ def atomic_dir(dst: Path, force: bool = False):
     dst = Path(dst)
     prepare_output_dir(dst, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
     except BaseException:

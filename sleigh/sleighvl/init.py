@@ -30,7 +30,9 @@ def init_weights(model, seed: int) -> None:
             p.normal_(0.0, 1.0, generator=g)
         elif p.dim() >= 2:
             fan_in = p[0].numel()
-            p.normal_(0.0, fan_in ** -0.5, generator=g)
+            # GSWA's query/key: sharper attention, so tile weights differ visibly from 1
+            gain = 4.0 if name.startswith("gswa.final_qk") else 1.0
+            p.normal_(0.0, gain * fan_in ** -0.5, generator=g)
         else:
             p.normal_(0.0, 0.02, generator=g)
 

@@ -1,0 +1,224 @@
+"""`sleigh export`: a Sleigh checkpoint -> a model package (DESIGN.md, "The model package").
+
+Order of work, so that an interrupted or failed export never looks complete:
+modules and tokenizer into a temporary folder -> rename into place -> parity -> manifest last.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import platform
+import shutil
+import time
+import warnings
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from sleigh import __version__
+from sleigh.errors import SleighError
+from sleigh.progress import progress
+from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, write_json_atomic
+
+OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
+EXTERNAL_DATA_BYTES = 256 << 20  # modules with more weights than this keep them in <name>.onnx.data
+
+
+@dataclass
+class ExportOptions:
+    opset: int = 18
+    max_tiles: int = 12
+    verify: bool = True
+    force: bool = False
+    quiet: bool = False
+    parity_image: Path | None = None  # default: the photo shipped with sleigh
+
+
+@dataclass
+class ExportResult:
+    package: Path
+    manifest: dict
+    parity: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def check_options(opts: ExportOptions) -> None:
+    lo, hi = OPSET_RANGE
+    if not lo <= opts.opset <= hi:
+        raise SleighError(f"--opset {opts.opset}", "out of the supported range",
+                          f"{lo}..{hi} (opset 23 fuses into ops TensorRT < 10.15 cannot parse)")
+    if not 1 <= opts.max_tiles <= 40:
+        raise SleighError(f"--max-tiles {opts.max_tiles}", "out of range", "1..40")
+
+
+@contextmanager
+def _quiet_exporter():
+    """torch.onnx prints warnings and progress of its own; keep the CLI's output ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_module(spec, out_dir: Path, opset: int, gswa_blocks: int | None) -> list[str]:
+    """Export one module spec to `<name>.onnx` (+ `.onnx.data`); returns the files written."""
+    import torch
+
+    from sleigh.export import gswa_op
+
+    param_bytes = sum(p.numel() * p.element_size() for p in spec.wrapper.parameters())
+    external = param_bytes > EXTERNAL_DATA_BYTES
+    with _quiet_exporter():
+        program = torch.onnx.export(spec.wrapper, spec.example, input_names=spec.input_names,
+                                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
+                                    dynamo=True, opset_version=opset, external_data=external, verbose=False)
+    if spec.has_gswa_node:
+        gswa_op.attach_function(program, gswa_blocks, opset)
+    _name_nodes(program)
+    path = out_dir / f"{spec.name}.onnx"
+    program.save(str(path), external_data=external)
+    files = [path.name]
+    if external and (out_dir / f"{path.name}.data").exists():
+        files.append(f"{path.name}.data")
+    return files
+
+
+def _name_nodes(program) -> None:
+    """Nodes without a name get one, so tools and error messages can point at them."""
+    for i, node in enumerate(program.model.graph):
+        if not node.name:
+            node.name = f"/{node.op_type}_{i}"
+
+
+def describe_io(path: Path) -> dict:
+    """Inputs and outputs of an ONNX file with dtype and symbolic shape (reads the graph only)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def one(v):
+        t = v.type.tensor_type
+        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "shape": [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]}
+
+    custom = [{"domain": n.domain, "op_type": n.op_type,
+               "attributes": {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
+               "function": any(f.domain == n.domain and f.name == n.op_type for f in model.functions)}
+              for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    for c in custom:
+        c["attributes"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in c["attributes"].items()}
+    return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output],
+            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "custom_ops": custom,
+            "nodes": len(model.graph.node)}
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"sleigh": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+
+
+def default_parity_image() -> Path:
+    return Path(str(resources.files("sleigh") / "assets" / "parity.jpg"))
+
+
+def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
+    from sleigh.export.modules import kv_names
+
+    cfg = model.cfg
+    files = {}
+    mod_entries = {}
+    for name, written in modules.items():
+        for f in written:
+            files[f] = file_entry(pkg, f)
+        mod_entries[name] = {"file": written[0], "data_files": written[1:], "precision": "fp32",
+                             **describe_io(pkg / written[0])}
+    files["tokenizer.json"] = file_entry(pkg, "tokenizer.json")
+    cfg_dict = cfg.to_dict()
+    cfg_dict["image"] = {**cfg_dict["image"], "max_tiles": opts.max_tiles}
+    from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
+
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created_by": versions(),
+        "opset": opts.opset,
+        "model_config": cfg_dict,
+        "image": {"size": cfg.vision.image_size, "min_tiles": cfg.image.min_tiles, "max_tiles": opts.max_tiles,
+                  "thumbnail": cfg.image.thumbnail, "mean": list(cfg.image.mean), "std": list(cfg.image.std),
+                  "resample": cfg.image.resample, "max_views": opts.max_tiles + (1 if cfg.image.thumbnail and opts.max_tiles > 1 else 0)},
+        "prompt": {"template": cfg.prompt.template, "system_message": DEFAULT_SYSTEM_MESSAGE,
+                   "bos_token_id": cfg.prompt.bos_token_id, "eos_token_id": cfg.prompt.eos_token_id,
+                   "img_context_token_id": cfg.prompt.img_context_token_id,
+                   "tokens_per_view": cfg.vision.tokens_per_view},
+        "generation": {"stop_token_ids": list(cfg.prompt.stop_token_ids), "context_length": cfg.llm.max_position_embeddings},
+        "gswa": None if cfg.gswa is None else {"apply": cfg.gswa.apply, "min_weight": cfg.gswa.min_weight,
+                                               "op": "sleigh::GSWA", "custom_node": True},
+        "tokenizer": {"file": "tokenizer.json"},
+        "modules": mod_entries,
+        "kv_cache": {"past": kv_names(cfg.llm.num_layers, "past_key_values"), "present": kv_names(cfg.llm.num_layers, "present"),
+                     "shape": ["batch", cfg.llm.num_kv_heads, "past_sequence", cfg.llm.head_dim]},
+        "files": files,
+        "parity": parity,
+        "engines": {},
+    }
+
+
+def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportResult:
+    import torch
+
+    from sleigh.export.modules import MODULES
+    from sleigh.export.parity import summarize, verify_package
+    from sleigh.sleighvl.checkpoint import TOKENIZER, atomic_dir, load_checkpoint
+
+    check_options(opts)
+    t0 = time.perf_counter()
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, cfg, _ = load_checkpoint(checkpoint)
+    if not (checkpoint / TOKENIZER).is_file():
+        raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")
+    parity_image = opts.parity_image or default_parity_image()
+    torch.manual_seed(0)
+    written: dict[str, list[str]] = {}
+    with progress("export", len(MODULES) + (3 if opts.verify else 0), opts.quiet) as bar:
+        with atomic_dir(out, opts.force) as tmp:
+            for name, make_spec in MODULES.items():
+                bar.advance(0, description=f"export {name}")
+                spec = make_spec(model)
+                try:
+                    written[name] = export_module(spec, tmp, opts.opset, len(model.gswa.blocks) if model.gswa else None)
+                except Exception as e:  # torch.export errors are long; keep the first line
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise SleighError(f"export {name}", f"torch.onnx.export failed ({first[:300]})",
+                                      "a checkpoint of a supported architecture") from e
+                bar.advance()
+            shutil.copyfile(checkpoint / TOKENIZER, tmp / "tokenizer.json")
+        parity = None
+        results = []
+        if opts.verify:
+            bar.advance(0, description="parity")
+            results = verify_package(out, model, parity_image, progress=bar)
+            parity = {"precision": "fp32", "backend": "onnxruntime CPUExecutionProvider", "image": parity_image.name,
+                      **summarize(results)}
+            if not parity["passed"]:
+                write_json_atomic(out / "parity_report.json", parity)
+                bad = [f"{r.case}/{r.output} (needs atol {r.needed_atol:.1e} > {r.atol:.0e})" for r in results if not r.ok]
+                raise SleighError(f"export {out}", f"parity failed for {len(bad)} outputs: {', '.join(bad[:4])}",
+                                  "ONNX Runtime to match PyTorch within the fp32 table; the package is left without a "
+                                  "manifest and the full report is in parity_report.json")
+    manifest = build_manifest(out, model, opts, written, parity)
+    manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+    write_json_atomic(out / MANIFEST, manifest)  # last: only a verified package has a manifest
+    return ExportResult(out, manifest, results, time.perf_counter() - t0)

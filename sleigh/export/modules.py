@@ -1,0 +1,116 @@
+"""One small function per exported module, chosen through `MODULES` (STYLE 5).
+
+Each entry wraps the reference model's piece in an `nn.Module` whose forward has the package's
+named inputs and outputs (DESIGN.md, "The model package"), gives example inputs with every dynamic
+dimension >= 2 (so nothing is specialised), and names the dynamic dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from sleigh.export import gswa_op
+from sleigh.sleighvl.model import SleighVL
+from sleigh.sleighvl.vision import pixel_shuffle
+
+
+@dataclass
+class ModuleSpec:
+    name: str
+    wrapper: nn.Module
+    example: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple
+    has_gswa_node: bool = False
+
+
+class VisionModule(nn.Module):
+    """pixel_values (T, 3, S, S) -> image_embeds (T, 256, D), gswa_weights (T,)."""
+
+    def __init__(self, model: SleighVL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        m = self.model
+        hidden = m.vision(pixel_values)  # (T, 1 + g*g, Cv)
+        projected = m.projector(pixel_shuffle(hidden[:, 1:], m.cfg.vision.grid))  # (T, g*g/4, D)
+        if m.gswa is None:
+            return projected, torch.ones_like(hidden[:, 0, 0])
+        weights = gswa_op.gswa_call(m.gswa, hidden[:, 0])  # (T,)
+        if m.cfg.gswa.apply == "scale":
+            projected = weights[:, None, None] * projected
+        return projected, weights
+
+
+class EmbedModule(nn.Module):
+    """input_ids (B, S), image_embeds (M, D) -> inputs_embeds (B, S, D)."""
+
+    def __init__(self, model: SleighVL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, image_embeds):
+        return self.model.embed(input_ids, image_embeds)
+
+
+class DecoderModule(nn.Module):
+    """inputs_embeds, attention_mask, attention_bias, position_ids, past k/v per layer -> logits, present k/v."""
+
+    def __init__(self, model: SleighVL):
+        super().__init__()
+        self.llm = model.llm
+
+    def forward(self, inputs_embeds, attention_mask, attention_bias, position_ids, *past):
+        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = self.llm(inputs_embeds, attention_mask, attention_bias, position_ids, cache)
+        return (logits, *[t for kv in present for t in kv])
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def vision_spec(model: SleighVL, views: int = 2) -> ModuleSpec:
+    s = model.cfg.vision.image_size
+    T = Dim("views", min=1, max=64)
+    return ModuleSpec("vision", VisionModule(model), (torch.randn(views, 3, s, s),), ["pixel_values"],
+                      ["image_embeds", "gswa_weights"], ({0: T},), has_gswa_node=model.gswa is not None)
+
+
+def embed_spec(model: SleighVL) -> ModuleSpec:
+    cfg = model.cfg
+    B, S, M = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.llm.max_position_embeddings), Dim("image_rows", min=1)
+    ids = torch.randint(0, cfg.llm.vocab_size, (2, 7))
+    ids[0, 2:4] = cfg.prompt.img_context_token_id
+    return ModuleSpec("embed", EmbedModule(model), (ids, torch.randn(3, cfg.llm.hidden_size)),
+                      ["input_ids", "image_embeds"], ["inputs_embeds"], ({0: B, 1: S}, {0: M}))
+
+
+def decoder_spec(model: SleighVL) -> ModuleSpec:
+    cfg = model.cfg.llm
+    batch, seq, past = 2, 3, 4
+    B = Dim("batch", min=1, max=64)
+    S = Dim("sequence", min=1, max=cfg.max_position_embeddings)
+    P = Dim("past_sequence", min=0, max=cfg.max_position_embeddings)
+    total = Dim("total_sequence", min=1, max=2 * cfg.max_position_embeddings)
+    kv = [torch.randn(batch, cfg.num_kv_heads, past, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+    example = (torch.randn(batch, seq, cfg.hidden_size), torch.ones(batch, past + seq, dtype=torch.int64),
+               torch.zeros(batch, past + seq), torch.arange(past, past + seq).expand(batch, seq).clone(), *kv)
+    dyn = ({0: B, 1: S}, {0: B, 1: total}, {0: B, 1: total}, {0: B, 1: S}, tuple({0: B, 2: P} for _ in kv))  # *past is one tuple
+    return ModuleSpec("decoder", DecoderModule(model), example,
+                      ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *kv_names(cfg.num_layers, "past_key_values")],
+                      ["logits", *kv_names(cfg.num_layers, "present")], dyn)
+
+
+MODULES: dict[str, Callable[[SleighVL], ModuleSpec]] = {
+    "vision": vision_spec,
+    "embed": embed_spec,
+    "decoder": decoder_spec,
+}

@@ -1,0 +1,189 @@
+"""Parity of exported modules against the PyTorch reference (Polygraphy-style reports).
+
+Every comparison checks shape, then dtype, then values, and reports max abs, mean abs, cosine and
+the smallest absolute tolerance that would have passed at the table's relative tolerance.
+Tolerances sit in one table per precision, keyed by output name (first matching prefix wins).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sleigh.runtime.image import tile_image
+from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.runtime.prompt import PromptTokenizer, build_prompt
+
+# (atol, rtol) per output-name prefix; "*" is the default.
+TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
+    "fp32": {"gswa_weights": (1e-4, 1e-4), "logits": (1e-3, 1e-3), "present.": (1e-3, 1e-3),
+             "image_embeds": (1e-3, 1e-3), "*": (1e-4, 1e-4)},
+}
+
+
+@dataclass
+class Comparison:
+    case: str
+    output: str
+    ok: bool
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    atol: float
+    rtol: float
+    needed_atol: float  # the smallest atol that would have passed at this rtol
+    note: str = ""
+
+
+def tolerance(name: str, precision: str = "fp32") -> tuple[float, float]:
+    table = TOLERANCES[precision]
+    for prefix, tol in table.items():
+        if prefix != "*" and name.startswith(prefix):
+            return tol
+    return table["*"]
+
+
+def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, precision: str = "fp32") -> Comparison:
+    atol, rtol = tolerance(name, precision)
+    if got.shape != ref.shape:
+        return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, f"shape {got.shape} != {ref.shape}")
+    if got.dtype != ref.dtype:
+        return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, f"dtype {got.dtype} != {ref.dtype}")
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    diff = np.abs(g - r)
+    if diff.size == 0:
+        return Comparison(case, name, True, 0.0, 0.0, 1.0, atol, rtol, 0.0, "empty")
+    if not np.isfinite(g).all():
+        return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, "non-finite values")
+    denom = np.linalg.norm(g) * np.linalg.norm(r)
+    cosine = float(g.ravel() @ r.ravel() / denom) if denom > 0 else float(np.array_equal(g, r))
+    needed = float(max(0.0, (diff - rtol * np.abs(r)).max()))
+    return Comparison(case, name, needed <= atol, float(diff.max()), float(diff.mean()), cosine, atol, rtol, needed)
+
+
+def _ort(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def _compare_all(case, got: dict, ref: dict, precision) -> list[Comparison]:
+    return [compare(case, name, got[name], ref[name], precision) for name in ref]
+
+
+@torch.inference_mode()
+def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", seed: int = 0,
+                   progress=None) -> list[Comparison]:
+    """Run vision, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL)."""
+    from sleigh.export.modules import DecoderModule, EmbedModule, VisionModule, kv_names
+
+    pkg = Path(pkg)
+    cfg = model.cfg
+    rng = np.random.default_rng(seed)
+    results: list[Comparison] = []
+    step = progress.advance if progress else (lambda *a, **k: None)
+    vision, embed, decoder = (VisionModule(model), EmbedModule(model), DecoderModule(model))
+
+    # vision: random views at T = 1 and T = 13, then a real image
+    s_vis = _ort(pkg / "vision.onnx")
+    size = cfg.vision.image_size
+    tiled = tile_image(real_image, min_tiles=cfg.image.min_tiles, max_tiles=cfg.image.max_tiles, size=size,
+                       thumbnail=cfg.image.thumbnail)
+    cases = [("vision random T=1", rng.standard_normal((1, 3, size, size)).astype(np.float32)),
+             ("vision random T=13", rng.standard_normal((13, 3, size, size)).astype(np.float32)),
+             (f"vision image T={tiled.num_views}", tiled.pixel_values)]
+    for case, pv in cases:
+        emb, w = vision(torch.from_numpy(pv))
+        results += _compare_all(case, _run(s_vis, {"pixel_values": pv}),
+                                {"image_embeds": emb.numpy(), "gswa_weights": w.numpy()}, precision)
+    step()
+
+    # embed: a real prompt with the image's rows, and a random batch of 2 with text only
+    s_emb = _ort(pkg / "embed.onnx")
+    tok = PromptTokenizer.from_file(pkg / "tokenizer.json")
+    ids = np.asarray([tok.encode(build_prompt("Describe the image in detail.", tiled.num_views,
+                                               tokens_per_view=cfg.vision.tokens_per_view))], np.int64)
+    img_out = _run(s_vis, {"pixel_values": tiled.pixel_values})
+    rows = img_out["image_embeds"].reshape(-1, cfg.llm.hidden_size)
+    rand_ids = rng.integers(0, cfg.llm.vocab_size, (2, 9)).astype(np.int64)
+    for case, feeds in [("embed image prompt", {"input_ids": ids, "image_embeds": rows}),
+                        ("embed random B=2", {"input_ids": rand_ids, "image_embeds": np.zeros((1, cfg.llm.hidden_size), np.float32)})]:
+        ref = embed(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["image_embeds"])).numpy()
+        results += _compare_all(case, _run(s_emb, feeds), {"inputs_embeds": ref}, precision)
+    step()
+
+    # decoder: prefill of the real prompt (past 0), then two greedy decode steps (past > 0),
+    # and a random batch of 2 with past > 0 and padding
+    s_dec = _ort(pkg / "decoder.onnx")
+    L = cfg.llm.num_layers
+    past_names, present_names = kv_names(L, "past_key_values"), kv_names(L, "present")
+    bias = np.zeros(ids.shape, np.float32)
+    if model.gswa is not None and cfg.gswa.apply == "attention":
+        bias = image_attention_bias(ids, img_out["gswa_weights"], cfg.prompt.img_context_token_id,
+                                    cfg.vision.tokens_per_view, cfg.gswa.min_weight)
+    inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
+    empty = np.zeros((1, cfg.llm.num_kv_heads, 0, cfg.llm.head_dim), np.float32)
+    past = {n: empty for n in past_names}
+    P = 0
+    for i, case in enumerate(["decoder prefill (past 0)", "decoder decode step 1", "decoder decode step 2"]):
+        S = inputs.shape[1]
+        feeds = {"inputs_embeds": inputs, "attention_mask": np.ones((1, P + S), np.int64),
+                 "attention_bias": bias, "position_ids": np.arange(P, P + S, dtype=np.int64)[None], **past}
+        got = _run(s_dec, feeds)
+        ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids"]],
+                          *[torch.from_numpy(feeds[n]) for n in past_names])
+        ref = dict(zip(["logits", *present_names], [t.numpy() for t in ref_out]))
+        results += _compare_all(case, got, ref, precision)
+        token = int(ref["logits"][0, -1].argmax())
+        past = {p: ref[q] for p, q in zip(past_names, present_names)}  # continue from the reference's cache
+        P += S
+        inputs = embed(torch.tensor([[token]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+        bias = np.concatenate([bias, np.zeros((1, 1), np.float32)], axis=1)
+    B, S, P = 2, 5, 6
+    mask = np.ones((B, P + S), np.int64)
+    mask[1, :3] = 0  # left padding in row 1
+    feeds = {"inputs_embeds": rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32),
+             "attention_mask": mask, "attention_bias": (0.1 * rng.standard_normal((B, P + S))).astype(np.float32),
+             "position_ids": np.tile(np.arange(P, P + S, dtype=np.int64), (B, 1)),
+             **{n: rng.standard_normal((B, cfg.llm.num_kv_heads, P, cfg.llm.head_dim)).astype(np.float32) for n in past_names}}
+    ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
+    results += _compare_all("decoder random B=2 past 6", _run(s_dec, feeds),
+                            dict(zip(["logits", *present_names], [t.numpy() for t in ref_out])), precision)
+    step()
+    return results
+
+
+def summarize(results: list[Comparison]) -> dict:
+    """Manifest form: pass/fail plus, per case and output, the numbers."""
+    return {"passed": all(r.ok for r in results), "checks": [asdict(r) for r in results]}
+
+
+def table_rows(results: list[Comparison], limit_present: bool = True) -> list[tuple[str, ...]]:
+    """Short printable rows: one per case and output, the KV tensors folded into one worst row."""
+    rows, folded = [], {}
+    for r in results:
+        if limit_present and r.output.startswith("present."):
+            key = r.case
+            worst = folded.get(key)
+            if worst is None or r.needed_atol > worst.needed_atol or not r.ok:
+                folded[key] = r
+            continue
+        rows.append(r)
+    for r in folded.values():
+        rows.append(Comparison(r.case, f"present.* (worst: {r.output})", all(x.ok for x in results if x.case == r.case and x.output.startswith("present.")),
+                               r.max_abs, r.mean_abs, r.cosine, r.atol, r.rtol, r.needed_atol, r.note))
+    order = {c: i for i, c in enumerate(dict.fromkeys(r.case for r in results))}
+    rows.sort(key=lambda r: order[r.case])
+    return [(r.case, r.output, "ok" if r.ok else "FAIL", f"{r.max_abs:.2e}", f"{r.mean_abs:.2e}", f"{r.cosine:.6f}",
+             f"{r.needed_atol:.2e}", f"{r.atol:.0e}") for r in rows]
