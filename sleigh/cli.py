@@ -184,6 +184,12 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         os._exit(0)
+    except Exception as e:  # a bug or an unforeseen failure: still one line, traceback on request
+        if os.environ.get("SLEIGH_DEBUG"):
+            raise
+        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        _err(f"unexpected {type(e).__name__}: {detail} (set SLEIGH_DEBUG=1 for the traceback)")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

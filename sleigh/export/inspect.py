@@ -15,7 +15,14 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
     modules = {}
     for name, entry in manifest["modules"].items():
         path = pkg / entry["file"]
-        io = describe_io(path) if path.is_file() else {"inputs": [], "outputs": [], "opset": {}, "custom_ops": [], "nodes": 0}
+        io = {"inputs": [], "outputs": [], "opset": {}, "custom_ops": [], "nodes": 0}
+        if not path.is_file():
+            io["error"] = "file missing"
+        else:
+            try:
+                io = describe_io(path)
+            except Exception as e:  # a damaged file: report it, keep inspecting the rest
+                io["error"] = f"unreadable ({type(e).__name__})"
         size = sum((pkg / f).stat().st_size for f in [entry["file"], *entry.get("data_files", [])] if (pkg / f).is_file())
         modules[name] = {"file": entry["file"], "bytes": size, "precision": entry.get("precision", "fp32"), **io}
     report = {
@@ -57,6 +64,8 @@ def print_report(report: dict) -> None:
             outs += f"\n... +{len(m['outputs']) - 4} more"
         custom = "\n".join(f"{c['domain']}::{c['op_type']} ({'with' if c['function'] else 'NO'} function) "
                            + ", ".join(f"{k}={v}" for k, v in c["attributes"].items()) for c in m["custom_ops"]) or "-"
+        if m.get("error"):
+            ins = outs = m["error"]
         table.add_row(name, m["file"], f"{m['bytes'] / 1e6:.1f}", m["precision"], ins, outs, custom)
     console.print(table)
     if report["engines"]:

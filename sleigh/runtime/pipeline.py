@@ -98,7 +98,7 @@ class Pipeline:
             raise SleighError(str(path), "not found", "a model package (sleigh export) or a Sleigh checkpoint folder")
         if not path.is_dir():
             raise SleighError(str(path), "not a folder", "a model package (sleigh export) or a Sleigh checkpoint folder")
-        if (path / "manifest.json").is_file():
+        if (path / "manifest.json").is_file() or any(path.glob("*.onnx")):  # an .onnx without manifest: incomplete export
             return cls.from_package(path, backend=backend, threads=threads, engine=engine)
         if (path / "config.json").is_file():
             return cls.from_checkpoint(path, backend=backend, threads=threads)

@@ -1,0 +1,241 @@
+"""sleigh export: ONNX validity, the GSWA custom node and function, parity, manifest, errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from sleigh.errors import SleighError
+from sleigh.export import gswa_op
+from sleigh.export.exporter import ExportOptions, export_package
+from sleigh.export.parity import verify_package
+from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.pipeline import Pipeline
+from sleigh.sleighvl.checkpoint import load_checkpoint
+
+from .conftest import EXAMPLES, ORACLE
+
+MODULES = ("vision", "embed", "decoder")
+
+
+def test_every_module_passes_the_full_onnx_checker(tiny_pkg):
+    for m in MODULES:
+        onnx.checker.check_model(str(tiny_pkg / f"{m}.onnx"), full_check=True)
+
+
+def test_io_names_and_symbolic_shapes_match_the_design(tiny_pkg):
+    manifest = read_manifest(tiny_pkg)
+    dec = manifest["modules"]["decoder"]
+    names = [i["name"] for i in dec["inputs"]]
+    assert names[:4] == ["inputs_embeds", "attention_mask", "attention_bias", "position_ids"]
+    assert names[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
+    outs = {o["name"]: o["shape"] for o in dec["outputs"]}
+    assert outs["logits"][:2] == ["batch", "sequence"]
+    assert isinstance(outs["present.0.key"][2], str)  # past + new: dynamic
+    vis = manifest["modules"]["vision"]
+    assert vis["inputs"][0]["shape"][0] == "views"
+    assert [o["name"] for o in vis["outputs"]] == ["image_embeds", "gswa_weights"]
+    assert manifest["modules"]["embed"]["inputs"][1]["shape"][0] == "image_rows"
+
+
+def test_gswa_is_one_custom_node_with_a_standard_function(tiny_pkg):
+    model = onnx.load(str(tiny_pkg / "vision.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == "GSWA"]
+    assert len(nodes) == 1
+    node = nodes[0]
+    assert node.domain == "sleigh"
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["plugin_namespace"] == b"sleigh" and attrs["heads"] == 2 and attrs["num_blocks"] == 1
+    assert attrs["eps"] == pytest.approx(1e-6)
+    assert len(node.input) == 1 + len(gswa_op.input_names(1))
+    fns = [f for f in model.functions if f.name == "GSWA" and f.domain == "sleigh"]
+    assert len(fns) == 1
+    fn = fns[0]
+    assert {n.domain for n in fn.node} <= {""}, "function body must use default-domain ops only"
+    model_opset = {o.domain: o.version for o in model.opset_import}
+    assert {o.domain: o.version for o in fn.opset_import}[""] == model_opset[""]
+    assert model_opset["sleigh"] == 1
+    # no other node of the main graph is custom: the rest of vision is standard ONNX
+    assert {n.domain for n in model.graph.node if n.op_type != "GSWA"} <= {""}
+
+
+def test_gswa_function_alone_matches_torch(tmp_path):
+    """The function body, run by ONNX Runtime in a one-node model, equals gswa_weights() in PyTorch."""
+    import onnxruntime as ort
+
+    from sleigh.sleighvl.config import GSWAConfig
+    from sleigh.sleighvl.gswa import GSWA
+
+    torch.manual_seed(0)
+    g = GSWA(GSWAConfig(hidden_size=48, num_layers=3, num_heads=4), vision_hidden=24)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_(0, 0.3)
+        g.alpha.fill_(0.7)
+    names = gswa_op.input_names(len(g.blocks))
+    params = dict(g.named_parameters())
+    opset = 18
+    inputs = [onnx.helper.make_tensor_value_info("cls", onnx.TensorProto.FLOAT, ["T", 24])]
+    inits = [onnx.numpy_helper.from_array(params[n].detach().numpy(), n.replace(".", "_")) for n in names]
+    node = onnx.helper.make_node("GSWA", ["cls"] + [n.replace(".", "_") for n in names], ["w"], domain="sleigh",
+                                 **{k: v for k, v in gswa_op.attributes(g).items()})
+    graph = onnx.helper.make_graph([node], "g", inputs, [onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, ["T"])], inits)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid("sleigh", 1)],
+                                   functions=[gswa_op.build_function(len(g.blocks), opset)])
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for T in (1, 2, 5, 13):
+        cls = torch.randn(T, 24)
+        got = sess.run(None, {"cls": cls.numpy()})[0]
+        with torch.no_grad():
+            ref = g(cls).numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+        if T > 2:
+            assert np.abs(ref[:-1] - 1).max() > 1e-3  # weights really vary: the test can tell
+            assert ref[-1] == 1.0
+
+
+def test_parity_report_covers_the_required_cases_and_passes(tiny_pkg):
+    parity = read_manifest(tiny_pkg)["parity"]
+    assert parity["passed"]
+    cases = {c["case"] for c in parity["checks"]}
+    assert {"vision random T=1", "vision random T=13", "decoder prefill (past 0)", "decoder decode step 1",
+            "decoder decode step 2"} <= cases
+    outputs = {(c["case"], c["output"]) for c in parity["checks"]}
+    assert ("decoder decode step 2", "present.1.value") in outputs
+    for c in parity["checks"]:
+        assert {"max_abs", "mean_abs", "cosine", "needed_atol", "atol"} <= set(c)
+
+
+def test_parity_fails_when_the_onnx_and_torch_disagree(tiny_ckpt, tiny_pkg):
+    model, _, _ = load_checkpoint(tiny_ckpt)
+    with torch.no_grad():
+        model.llm.layers[0].mlp.down_proj.weight.mul_(1.1)
+        model.gswa.alpha.fill_(0.5)
+    results = verify_package(tiny_pkg, model, EXAMPLES / "chelsea.jpg")
+    bad = {(r.case, r.output) for r in results if not r.ok}
+    assert ("decoder prefill (past 0)", "logits") in bad
+    assert ("vision random T=13", "gswa_weights") in bad
+    assert ("embed random B=2", "inputs_embeds") not in bad
+
+
+def test_manifest_lists_versions_hashes_and_settings(tiny_pkg):
+    m = read_manifest(tiny_pkg)
+    assert {"sleigh", "torch", "onnx"} <= set(m["created_by"])
+    assert m["opset"] == 18
+    assert m["image"]["max_tiles"] == 12 and m["image"]["size"] == 448
+    assert m["prompt"]["tokens_per_view"] == 256
+    assert set(m["files"]) == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
+    assert verify_files(tiny_pkg, m) == []
+
+
+def test_greedy_tokens_from_the_package_equal_the_reference_multi_tile_with_gswa(tiny_ckpt, tiny_pkg):
+    ref = Pipeline.load(tiny_ckpt).generate(EXAMPLES / "chelsea.jpg", max_new_tokens=16, ignore_eos=True).result
+    got = Pipeline.load(tiny_pkg).generate(EXAMPLES / "chelsea.jpg", max_new_tokens=16, ignore_eos=True).result
+    assert ref.views > 2
+    assert max(abs(w - 1) for w in ref.gswa_weights) > 0.05, "GSWA must be active for this test to mean anything"
+    np.testing.assert_allclose(got.gswa_weights, ref.gswa_weights, atol=1e-5)
+    assert got.token_ids == ref.token_ids
+    assert got.backend.startswith("onnxruntime") and ref.backend == "torch"
+
+
+def test_converted_oracle_exported_gives_the_oracle_tokens(tmp_path):
+    from sleigh.sleighvl.convert import convert
+
+    expected = json.loads((ORACLE / "expected.json").read_text())["astronaut"]
+    convert(ORACLE / "internvl2-tiny", tmp_path / "ckpt", gswa="identity")
+    export_package(tmp_path / "ckpt", tmp_path / "pkg", ExportOptions(quiet=True))
+    result = Pipeline.load(tmp_path / "pkg").generate(ORACLE / "astronaut.png", "Describe the image in detail.",
+                                                      max_new_tokens=12, ignore_eos=True).result
+    assert result.prompt_tokens == expected["num_input_ids"]
+    assert result.token_ids == expected["greedy_12_no_eos_ids"]
+
+
+def test_inspect_verify_names_a_changed_file(tiny_pkg, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    with open(pkg / "embed.onnx", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    proc = _sleigh("inspect", str(pkg), "--verify")
+    assert proc.returncode != 0
+    assert "embed.onnx" in proc.stderr and "Traceback" not in proc.stderr
+    ok = _sleigh("inspect", str(tiny_pkg), "--verify")
+    assert ok.returncode == 0, ok.stderr
+    assert "GSWA" in ok.stdout and "all match" in ok.stdout
+
+
+def _sleigh(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sleigh.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def _one_error_line(proc):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "opset", "nonempty", "unwritable"])
+def test_bad_input_gives_one_line_and_no_partial_package(case, tiny_ckpt, tmp_path):
+    ckpt, out, extra = tiny_ckpt, tmp_path / "pkg", []
+    if case == "missing":
+        ckpt = tmp_path / "nope"
+    elif case == "corrupt":
+        ckpt = tmp_path / "bad"
+        shutil.copytree(tiny_ckpt, ckpt)
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "opset":
+        extra = ["--opset", "23"]
+    elif case == "nonempty":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "unwritable":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "pkg"
+    line = _one_error_line(_sleigh("export", str(ckpt), "-o", str(out), *extra))
+    expect = {"missing": "not a folder", "corrupt": "safetensors", "opset": "18..20", "nonempty": "not empty",
+              "unwritable": "cannot create"}[case]
+    assert expect in line
+    if case == "nonempty":
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    elif case != "unwritable":
+        assert not out.exists()
+    assert not list(tmp_path.glob(".pkg.tmp-*"))
+
+
+def test_a_failed_export_leaves_no_manifest(tiny_ckpt, tmp_path, monkeypatch):
+    import sleigh.export.exporter as exporter
+
+    real = exporter.export_module
+
+    def fail_on_decoder(spec, *a, **k):
+        if spec.name == "decoder":
+            raise KeyboardInterrupt
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(exporter, "export_module", fail_on_decoder)
+    with pytest.raises(KeyboardInterrupt):
+        export_package(tiny_ckpt, tmp_path / "pkg", ExportOptions(quiet=True))
+    assert not (tmp_path / "pkg").exists()
+    assert not list(tmp_path.glob(".pkg.tmp-*"))
+
+
+def test_a_parity_failure_leaves_the_package_unmarked(tiny_ckpt, tmp_path, monkeypatch):
+    import sleigh.export.parity as parity
+
+    monkeypatch.setitem(parity.TOLERANCES, "fp32", {"*": (0.0, 0.0)})
+    with pytest.raises(SleighError, match="parity failed"):
+        export_package(tiny_ckpt, tmp_path / "pkg", ExportOptions(quiet=True))
+    assert not (tmp_path / "pkg" / "manifest.json").exists()
+    assert json.loads((tmp_path / "pkg" / "parity_report.json").read_text())["passed"] is False
+    with pytest.raises(SleighError, match="no manifest"):
+        Pipeline.load(tmp_path / "pkg")
