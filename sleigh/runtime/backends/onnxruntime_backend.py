@@ -1,7 +1,9 @@
 """ONNX Runtime backend: one session per module, named feeds, the KV cache fed back by name.
 
 CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`providers` in order of
-preference). The present tensors of one step become the past of the next without copies.
+preference). The decoder runs through IOBinding on both: the `present` OrtValues of one step are
+bound as the `past` of the next, so the cache stays on the device (GPU memory under CUDA) and is
+never copied back to the host; only the logits are.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ class OnnxRuntimeBackend(Backend):
                                   "an intact package module (check with `sleigh inspect --verify`)") from None
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.label = label
-        self._past: dict[str, np.ndarray] = {}
+        self._past: dict = {}
         self._past_len = 0
         self._kv_dtype = self._input_dtype("decoder", "past_key_values.0.key")
+        self.device = "cuda" if self.providers[0] == CUDA else "cpu"
+        self._present_names = [o.name for o in self.sessions["decoder"].get_outputs() if o.name.startswith("present.")]
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
@@ -76,18 +80,32 @@ class OnnxRuntimeBackend(Backend):
         outs = sess.run(None, feeds)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
+    def _device_value(self, array: np.ndarray):
+        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
+
     def reset(self, batch=1):
         empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self._kv_dtype)
-        self._past = {f"past_key_values.{i}.{kind}": empty for i in range(self.num_layers) for kind in ("key", "value")}
+        self._past = {f"past_key_values.{i}.{kind}": self._device_value(empty)
+                      for i in range(self.num_layers) for kind in ("key", "value")}
         self._past_len = 0
 
     def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
+        sess = self.sessions["decoder"]
+        binding = sess.io_binding()
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "attention_mask": attention_mask,
-                 "attention_bias": attention_bias.astype(np.float32, copy=False), "position_ids": position_ids, **self._past}
-        out = self.run("decoder", feeds)
-        self._past = {f"past_key_values.{k[len('present.'):]}": v for k, v in out.items() if k.startswith("present.")}
-        self._past_len = next(iter(self._past.values())).shape[2]
-        return out["logits"][:, -1].astype(np.float32)
+                 "attention_bias": attention_bias.astype(np.float32, copy=False), "position_ids": position_ids}
+        for name, array in feeds.items():
+            binding.bind_ortvalue_input(name, self._device_value(array))
+        for name, value in self._past.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")  # the sampler reads logits on the host
+        for name in self._present_names:
+            binding.bind_output(name, self.device)  # the cache stays where it is computed
+        sess.run_with_iobinding(binding)
+        outputs = dict(zip(["logits", *self._present_names], binding.get_outputs()))
+        self._past = {f"past_key_values.{n[len('present.'):]}": outputs[n] for n in self._present_names}
+        self._past_len = self._past["past_key_values.0.key"].shape()[2]
+        return outputs["logits"].numpy()[:, -1].astype(np.float32)
 
     @property
     def past_length(self):
