@@ -145,9 +145,11 @@ class PromptTokenizer:
         return self.encode(build_prompt(question, num_views, system=system))
 
     def token_bytes(self, token_id: int) -> bytes:
-        if not 0 <= token_id < len(self._bytes):
-            raise SleighError("token id", f"{token_id} is outside the vocabulary", f"0..{len(self._bytes) - 1}")
-        return self._bytes[token_id]
+        """A model's vocabulary may be larger than its tokenizer's (padded embeddings): ids past the
+        tokenizer decode to nothing, as in HF tokenizers."""
+        if token_id < 0:
+            raise SleighError("token id", f"{token_id} is negative", f"0..{len(self._bytes) - 1}")
+        return self._bytes[token_id] if token_id < len(self._bytes) else b""
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         skip = self._special if skip_special_tokens else frozenset()

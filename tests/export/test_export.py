@@ -140,7 +140,7 @@ def test_greedy_tokens_from_the_package_equal_the_reference_multi_tile_with_gswa
     got = Pipeline.load(tiny_pkg).generate(EXAMPLES / "chelsea.jpg", max_new_tokens=16, ignore_eos=True).result
     assert ref.views > 2
     assert max(abs(w - 1) for w in ref.gswa_weights) > 0.05, "GSWA must be active for this test to mean anything"
-    np.testing.assert_allclose(got.gswa_weights, ref.gswa_weights, atol=1e-5)
+    np.testing.assert_allclose(got.gswa_weights, ref.gswa_weights, atol=1e-4)  # the fp32 parity table
     assert got.token_ids == ref.token_ids
     assert got.backend.startswith("onnxruntime") and ref.backend == "torch"
 

@@ -1,0 +1,151 @@
+"""The light runtime on a package: ONNX Runtime equals the torch reference, streaming, sampling,
+no heavy imports, and clear errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sleigh.errors import SleighError
+from sleigh.runtime.pipeline import Pipeline
+from sleigh.runtime.sampling import SamplingOptions
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+HEAVY = ("torch", "transformers", "onnx", "onnxscript", "tensorrt")
+
+
+def _photo(tmp_path: Path, size: tuple[int, int]) -> Path:
+    path = tmp_path / f"photo_{size[0]}x{size[1]}.png"
+    Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize(size).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_ckpt, tiny_pkg):
+    return Pipeline.load(tiny_ckpt), Pipeline.load(tiny_pkg)
+
+
+@pytest.mark.parametrize("size,views", [((448, 448), 1), ((896, 448), 3), ((1792, 1344), 13), ((2400, 90), None)])
+def test_onnxruntime_greedy_tokens_equal_torch(pipelines, tmp_path, size, views):
+    ref_pipe, ort_pipe = pipelines
+    image = _photo(tmp_path, size)
+    ref = ref_pipe.generate(image, "What is this?", max_new_tokens=12, ignore_eos=True).result
+    got = ort_pipe.generate(image, "What is this?", max_new_tokens=12, ignore_eos=True).result
+    if views is not None:
+        assert got.views == views
+    else:  # extreme aspect ratio: a single row of tiles
+        assert got.grid[1] == 1 and got.grid[0] >= 6
+    if got.views > 2:
+        assert max(abs(w - 1) for w in got.gswa_weights) > 0.01  # GSWA is active
+    np.testing.assert_allclose(got.gswa_weights, ref.gswa_weights, atol=1e-4)  # the fp32 parity table
+    assert got.token_ids == ref.token_ids
+    assert got.prompt_tokens == ref.prompt_tokens
+
+
+def test_text_only_prompt_equal_tokens(pipelines):
+    ref_pipe, ort_pipe = pipelines
+    ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=16, ignore_eos=True).result
+    got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=16, ignore_eos=True).result
+    assert got.views == 0 and got.grid is None and got.gswa_weights == []
+    assert got.token_ids == ref.token_ids
+
+
+def test_streamed_text_equals_final_text(pipelines):
+    _, pipe = pipelines
+    gen = pipe.generate(EXAMPLES / "coffee.jpg", max_new_tokens=24, ignore_eos=True)
+    pieces = list(gen)
+    assert len(pieces) > 1
+    assert "".join(pieces) == gen.result.text
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in gen.result.text
+
+
+def test_seeded_sampling_repeats_exactly(pipelines):
+    _, pipe = pipelines
+    opts = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=11)
+    a = pipe.generate(None, "hello", max_new_tokens=20, sampling=opts, ignore_eos=True).result.token_ids
+    b = pipe.generate(None, "hello", max_new_tokens=20, sampling=opts, ignore_eos=True).result.token_ids
+    c = pipe.generate(None, "hello", max_new_tokens=20, ignore_eos=True,
+                      sampling=SamplingOptions(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.1, seed=12)).result.token_ids
+    assert a == b
+    assert a != c
+
+
+def test_kv_cache_stays_as_ortvalues_between_steps(pipelines):
+    _, pipe = pipelines
+    pipe.generate(None, "hi", max_new_tokens=3, ignore_eos=True).result
+    backend = pipe.backend
+    assert backend.past_length > 0
+    assert all(type(v).__name__ == "OrtValue" for v in backend._past.values())
+
+
+def test_context_overflow_and_bad_options_are_clear(pipelines):
+    _, pipe = pipelines
+    with pytest.raises(SleighError, match="exceed the context"):
+        pipe.generate(None, "hi", max_new_tokens=pipe.info.context_length).result
+    with pytest.raises(SleighError, match="max-new-tokens"):
+        pipe.generate(None, "hi", max_new_tokens=0)
+    with pytest.raises(SleighError, match="top-p"):
+        SamplingOptions(temperature=1.0, top_p=0.0)
+
+
+def test_runtime_imports_no_torch_transformers_or_onnx(tiny_pkg):
+    code = f"""
+import sys
+from sleigh.cli import main
+sys.argv = ["sleigh", "run", {str(EXAMPLES / 'chelsea.jpg')!r}, "--model", {str(tiny_pkg)!r}, "--max-new-tokens", "3", "--json"]
+try:
+    main()
+finally:
+    heavy = [m for m in {HEAVY!r} if m in sys.modules]
+    print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stderr or proc.stderr.strip().endswith("HEAVY="), proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["views"] > 1 and len(out["token_ids"]) >= 1
+    for key in ("preprocess_s", "vision_s", "time_to_first_token_s", "decode_tokens_per_s"):
+        assert key in out["timings"]
+
+
+def _sleigh(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "sleigh.cli", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
+def test_run_bad_input(tiny_pkg, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert "corrupt.jpg" in _one_error_line(_sleigh("run", str(corrupt), "--model", str(tiny_pkg)))
+    assert "not found" in _one_error_line(_sleigh("run", "--model", str(tmp_path / "no-such-pkg")))
+    broken = tmp_path / "broken-pkg"
+    import shutil
+
+    shutil.copytree(tiny_pkg, broken)
+    (broken / "decoder.onnx").unlink()
+    assert "decoder.onnx" in _one_error_line(_sleigh("run", "--model", str(broken)))
+    assert "exceed the context" in _one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    assert "max-new-tokens" in _one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "0"))
+    assert "unknown backend" in _one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--backend", "tpu"))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "SLEIGH_MODEL"}
+    assert "sleigh export" in _one_error_line(_sleigh("run", str(EXAMPLES / "chelsea.jpg"), env=env))
+
+
+def test_model_defaults_to_the_environment_variable(tiny_pkg):
+    import os
+
+    env = {**os.environ, "SLEIGH_MODEL": str(tiny_pkg)}
+    proc = _sleigh("run", "--prompt", "hi", "--max-new-tokens", "2", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["backend"].startswith("onnxruntime")
