@@ -154,6 +154,33 @@ def inspect(
                           + "; ".join(report["verify"]["problems"][:5]), "files as exported (re-export the package)")
 
 
+@app.command()
+def bench(
+    model: Path = typer.Argument(..., help="Model package (or checkpoint) to time."),
+    image: Optional[Path] = typer.Option(None, help="Image (default: examples/chelsea.jpg's twin shipped with sleigh)."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Also time this Sleigh checkpoint on the torch backend."),
+    engine: list[str] = typer.Option([], "--engine", help="Also time these engines of the package (repeatable)."),
+    prompt: str = typer.Option("Describe the image in detail.", help="The question."),
+    runs: int = typer.Option(3, help="Timed runs per target (after one warm-up)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens generated per run (EOS ignored)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
+    from sleigh.bench import markdown, run_bench
+    from sleigh.export.exporter import default_parity_image
+
+    if image is not None:
+        _check_image_path(image)
+    targets = [(str(model), model, "auto", None)]
+    targets += [(f"{model} [{e}]", model, "auto", e) for e in engine]
+    if reference is not None:
+        targets.append((str(reference), reference, "torch", None))
+    report = run_bench(targets, image or default_parity_image(), prompt, runs=runs, max_new_tokens=max_new_tokens,
+                       threads=threads, quiet=as_json)
+    typer.echo(json.dumps(report) if as_json else markdown(report))
+
+
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -1,0 +1,89 @@
+"""`sleigh bench`: time to first token, decode speed and vision time per view, for several
+backends/engines measured in one run on the same image and prompt (medians over runs)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sleigh.errors import SleighError
+
+
+@dataclass
+class BenchRow:
+    target: str
+    backend: str
+    views: int
+    prompt_tokens: int
+    new_tokens: int
+    preprocess_ms: float
+    vision_ms_per_view: float
+    prefill_ms: float
+    time_to_first_token_ms: float
+    decode_tokens_per_s: float
+    runs: int
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.system()}
+
+
+def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_tokens: int, progress=None) -> BenchRow:
+    """One warm-up, then `runs` timed generations with a fixed number of new tokens (EOS ignored)."""
+    pipe.generate(image, prompt, max_new_tokens=min(4, max_new_tokens), ignore_eos=True).result
+    results = []
+    for _ in range(runs):
+        results.append(pipe.generate(image, prompt, max_new_tokens=max_new_tokens, ignore_eos=True).result)
+        if progress:
+            progress.advance()
+    med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
+    r0 = results[0]
+    return BenchRow(label, r0.backend, r0.views, r0.prompt_tokens, len(r0.token_ids),
+                    round(med(lambda r: r.timings.preprocess_s) * 1e3, 1),
+                    round(med(lambda r: r.timings.vision_s) * 1e3 / max(r0.views, 1), 1),
+                    round(med(lambda r: r.timings.prefill_s) * 1e3, 1),
+                    round(med(lambda r: r.timings.time_to_first_token_s) * 1e3, 1),
+                    round(med(lambda r: r.timings.decode_tokens_per_s), 1), runs)
+
+
+def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: str, *, runs: int = 3,
+              max_new_tokens: int = 64, threads: int | None = None, quiet: bool = False) -> dict:
+    """targets: (label, model path, backend, engine)."""
+    from sleigh.progress import progress
+    from sleigh.runtime.pipeline import Pipeline
+
+    if runs < 1:
+        raise SleighError("--runs", f"got {runs}", "an integer >= 1")
+    rows = []
+    t0 = time.time()
+    with progress("bench", runs * len(targets), quiet) as bar:
+        for label, path, backend, engine in targets:
+            pipe = Pipeline.load(path, backend=backend, threads=threads, engine=engine)
+            rows.append(bench_pipeline(label, pipe, image, prompt, runs=runs, max_new_tokens=max_new_tokens, progress=bar))
+            del pipe
+    return {"machine": machine(), "threads": threads, "image": str(image) if image else None, "prompt": prompt,
+            "max_new_tokens": max_new_tokens, "rows": [asdict(r) for r in rows], "seconds": round(time.time() - t0, 1)}
+
+
+def markdown(report: dict) -> str:
+    cols = ["target", "backend", "views", "prompt_tokens", "new_tokens", "preprocess_ms", "vision_ms_per_view",
+            "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in report["rows"]:
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    m = report["machine"]
+    lines.append(f"\nMachine: {m['cpu']}, {m['cores']} cores, threads {report['threads'] or 'default'}; "
+                 f"medians of {report['rows'][0]['runs'] if report['rows'] else 0} runs.")
+    return "\n".join(lines)
