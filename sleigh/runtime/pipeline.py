@@ -60,6 +60,18 @@ class GenerationResult:
         return d
 
 
+@dataclass
+class Prefill:
+    tiled: object  # TiledImage or None
+    ids: list[int]
+    image_embeds: np.ndarray  # (T, tokens per view, D) float32
+    gswa_weights: np.ndarray  # (T,)
+    bias: np.ndarray  # (1, P) attention_bias of the prompt
+    logits: np.ndarray  # (1, V) at the last prompt position
+    timings: Timings
+    t_start: float
+
+
 class Generation:
     """Iterate for text pieces; `.result` once done (iterating to the end first if needed)."""
 
@@ -151,7 +163,10 @@ class Pipeline:
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
                                       ignore_eos, max_tiles))
 
-    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
+    def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
+                max_tiles: int | None = None, max_new_tokens: int = 0) -> Prefill:
+        """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
+        Also what the accuracy gate compares between engines."""
         info, backend = self.info, self.backend
         t_start = time.perf_counter()
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles)
@@ -163,9 +178,11 @@ class Pipeline:
         t = time.perf_counter()
         if tiled is not None:
             vis = backend.run("vision", {"pixel_values": tiled.pixel_values})
-            image_rows = vis["image_embeds"].reshape(-1, info.hidden_size)
+            image_embeds = vis["image_embeds"].astype(np.float32, copy=False)
             weights = vis["gswa_weights"].astype(np.float32)
+            image_rows = image_embeds.reshape(-1, info.hidden_size)
         else:
+            image_embeds = np.zeros((0, info.tokens_per_view, info.hidden_size), np.float32)
             image_rows = np.zeros((1, info.hidden_size), np.float32)  # never read: no <IMG_CONTEXT> in the prompt
             weights = np.zeros((0,), np.float32)
         timings.vision_s = time.perf_counter() - t
@@ -181,6 +198,13 @@ class Pipeline:
         backend.reset(1)
         logits = backend.step(inputs_embeds, mask, bias, np.arange(len(ids), dtype=np.int64)[None])
         timings.prefill_s = time.perf_counter() - t
+        return Prefill(tiled, ids, image_embeds, weights, bias, logits, timings, t_start)
+
+    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
+        info, backend = self.info, self.backend
+        state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+        tiled, ids, weights, bias, logits, timings = state.tiled, state.ids, state.gswa_weights, state.bias, state.logits, state.timings
+        t_start = state.t_start
 
         sampler = Sampler(sampling)
         stream = StreamDecoder(self.tokenizer)
