@@ -155,6 +155,84 @@ def inspect(
 
 
 @app.command()
+def calibrate(
+    package: Path = typer.Argument(..., help="Model package folder."),
+    images: Path = typer.Option(..., "--images", help="Folder of calibration images (tiled as the runtime tiles them)."),
+    num_images: Optional[int] = typer.Option(None, help="Use at most this many usable images (default: all)."),
+    method: str = typer.Option("entropy", help="entropy, percentile or minmax."),
+    as_json: bool = typer.Option(False, "--json", help="Print the calibration summary as JSON."),
+):
+    """Record INT8 activation ranges of the vision module from images (and a TensorRT calibration cache)."""
+    from sleigh.calibration.collect import calibrate_package
+
+    result = calibrate_package(package, images, num_images=num_images, method=method, quiet=as_json)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"calibrated {package}: {result['num_images']} images ({result['skipped']} skipped), method {result['method']}, "
+               f"files {', '.join(result['files'])}")
+
+
+@app.command("build-engine")
+def build_engine(
+    package: Path = typer.Argument(..., help="Model package folder."),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
+    precision: str = typer.Option("fp16", help="fp32, fp16 or int8 (int8 needs `sleigh calibrate` first)."),
+    llm_weights: Optional[str] = typer.Option(None, help="Decoder weights: fp16, int8 or int4 (default: follows --precision)."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (TensorRT profiles; default: the package's)."),
+    max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer (TensorRT profiles; default: the model's)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Held-out images for the accuracy gate (default: shipped photo variants)."),
+    allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep the engine even if it fails the accuracy gate."),
+    force: bool = typer.Option(False, "--force", help="Rebuild an engine of the same name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the engine's manifest entry as JSON."),
+):
+    """Build an FP32/FP16/INT8 engine for ONNX Runtime or TensorRT, gated by an accuracy check."""
+    from sleigh.export.build_engine import EngineOptions, GateFailed, build_engine as build
+
+    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, max_tiles=max_tiles,
+                         max_context=max_context, allow_degraded=allow_degraded, gate_images=images, force=force,
+                         quiet=as_json)
+    try:
+        entry = build(package, opts)
+    except GateFailed as e:
+        if not as_json:
+            _print_gate(e.report, f"accuracy gate: {opts.name} vs FP32")
+        raise
+    if as_json:
+        typer.echo(json.dumps(entry))
+        return
+    _print_gate(entry["accuracy"], f"accuracy gate: {opts.name} vs FP32")
+    typer.echo(f"built {opts.name}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
+               + (" (DEGRADED: kept with --allow-degraded)" if entry.get("degraded") else ""))
+
+
+@app.command()
+def compare(
+    package: Path = typer.Argument(..., help="Model package folder."),
+    engine: str = typer.Option(..., "--engine", help="Engine name from the manifest (sleigh inspect lists them)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Held-out images (default: shipped photo variants)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Compare an engine against the package's FP32 modules (the accuracy gate, as a report)."""
+    from sleigh.export.accuracy import run_gate
+
+    report = run_gate(package, engine, images=images)
+    if as_json:
+        typer.echo(json.dumps(report))
+    else:
+        _print_gate(report, f"{engine} vs FP32")
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def _print_gate(report: dict, title: str) -> None:
+    from sleigh.export.accuracy import report_rows
+
+    _print_table(["metric", "value", "threshold", ""], report_rows(report), title=title)
+    typer.echo(f"{len(report['pairs'])} image/prompt pairs on held-out images: {', '.join(report.get('images_held_out', []))}")
+
+
+@app.command()
 def bench(
     model: Path = typer.Argument(..., help="Model package (or checkpoint) to time."),
     image: Optional[Path] = typer.Option(None, help="Image (default: examples/chelsea.jpg's twin shipped with sleigh)."),

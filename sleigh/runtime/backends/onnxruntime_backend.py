@@ -62,10 +62,10 @@ class OnnxRuntimeBackend(Backend):
         cfg = manifest["model_config"]["llm"]
         if engine is None:
             files = {m: module_path(pkg, manifest, m) for m in ("vision", "embed", "decoder")}
-            label = "fp32"
+            label = "package fp32"
         else:
             files = {m: Path(pkg) / f for m, f in engine["modules"].items()}
-            label = engine["precision"]
+            label = engine.get("name") or engine["precision"]
         return cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
                    threads=threads, providers=providers, label=label)
 
@@ -112,4 +112,4 @@ class OnnxRuntimeBackend(Backend):
         return self._past_len
 
     def describe(self):
-        return f"onnxruntime {self.label} ({self.providers[0].removesuffix('ExecutionProvider')})"
+        return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"

@@ -1,0 +1,169 @@
+"""The accuracy gate: an engine against the package's FP32 modules, on image/prompt pairs that
+calibration did not see. Quantized engines are judged by cosine and agreement, not max-abs.
+
+Per pair: cosine of every view's image embeddings, max abs difference of the GSWA weights, cosine
+and top-1 agreement of the last prompt logits, and how many of the first 32 greedy tokens agree
+before the two diverge. Thresholds sit in one table per precision (`GATES`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sleigh.errors import SleighError
+
+NUM_TOKENS = 32
+PROMPTS = ("Describe the image in detail.", "What is the main object in this picture?",
+           "What colours do you see?", "Is there any text in the image?", "Where could this photo have been taken?")
+
+# Thresholds, one table per precision: the vision metrics follow the engine's precision, the LLM
+# metrics its decoder weights (--llm-weights). embeddings_cos_min and logits_cos_min are minima over
+# all pairs; top1 and tokens are fractions (top-1 agreement of the last logits; mean common greedy
+# prefix / NUM_TOKENS). Token agreement is a weak signal on random weights (near-flat logits flip on
+# tiny changes), so its floor is low; the cosines carry the gate.
+VISION_GATES: dict[str, dict[str, float]] = {
+    "fp32": {"embeddings_cos_min": 0.9999, "gswa_max_abs": 1e-3},
+    "fp16": {"embeddings_cos_min": 0.999, "gswa_max_abs": 0.02},
+    "int8": {"embeddings_cos_min": 0.99, "gswa_max_abs": 0.1},
+}
+LLM_GATES: dict[str, dict[str, float]] = {
+    "fp32": {"logits_cos_min": 0.9999, "top1": 1.0, "tokens": 0.9},
+    "fp16": {"logits_cos_min": 0.999, "top1": 0.8, "tokens": 0.25},
+    "int8": {"logits_cos_min": 0.995, "top1": 0.8, "tokens": 0.2},
+    "int4": {"logits_cos_min": 0.98, "top1": 0.6, "tokens": 0.1},
+}
+
+
+def gate_for(precision: str, llm_weights: str) -> dict[str, float]:
+    return {**VISION_GATES[precision], **LLM_GATES[llm_weights]}
+
+
+HIGHER_IS_BETTER = {"embeddings_cos_min": True, "gswa_max_abs": False, "logits_cos_min": True, "top1": True, "tokens": True}
+
+
+@dataclass
+class PairResult:
+    image: str
+    prompt: str
+    views: int
+    embeddings_cos_mean: float
+    embeddings_cos_min: float
+    gswa_max_abs: float
+    logits_cos: float
+    top1_agree: bool
+    tokens_agree: int  # common prefix of the first NUM_TOKENS greedy tokens
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    d = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / d) if d > 0 else float(np.array_equal(a, b))
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def compare_pair(ref_pipe, eng_pipe, image, prompt: str, num_tokens: int = NUM_TOKENS) -> PairResult:
+    ref = ref_pipe.prefill(image, prompt)
+    got = eng_pipe.prefill(image, prompt)
+    views = ref.image_embeds.shape[0]
+    per_view = [_cos(got.image_embeds[t], ref.image_embeds[t]) for t in range(views)] or [1.0]
+    gswa = float(np.abs(got.gswa_weights - ref.gswa_weights).max()) if views else 0.0
+    t_ref = ref_pipe.generate(image, prompt, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
+    t_got = eng_pipe.generate(image, prompt, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
+    return PairResult(Path(str(image)).name, prompt, views, float(np.mean(per_view)), float(np.min(per_view)), gswa,
+                      _cos(got.logits, ref.logits), int(got.logits.argmax()) == int(ref.logits.argmax()),
+                      _prefix(t_ref, t_got))
+
+
+def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tokens: int = NUM_TOKENS) -> dict:
+    gate = gate_for(precision, llm_weights)
+    metrics = {
+        "embeddings_cos_mean": float(np.mean([p.embeddings_cos_mean for p in pairs])),
+        "embeddings_cos_min": float(np.min([p.embeddings_cos_min for p in pairs])),
+        "gswa_max_abs": float(np.max([p.gswa_max_abs for p in pairs])),
+        "logits_cos_min": float(np.min([p.logits_cos for p in pairs])),
+        "logits_cos_mean": float(np.mean([p.logits_cos for p in pairs])),
+        "top1": float(np.mean([p.top1_agree for p in pairs])),
+        "tokens": float(np.mean([p.tokens_agree for p in pairs]) / num_tokens),
+    }
+    checks = []
+    for key, threshold in gate.items():
+        value = metrics[key]
+        ok = value >= threshold if HIGHER_IS_BETTER[key] else value <= threshold
+        margin = value - threshold if HIGHER_IS_BETTER[key] else threshold - value
+        checks.append({"metric": key, "value": value, "threshold": threshold, "ok": ok, "margin": margin})
+    return {"precision": precision, "llm_weights": llm_weights, "passed": all(c["ok"] for c in checks), "metrics": metrics, "checks": checks,
+            "pairs": [asdict(p) for p in pairs], "num_tokens": num_tokens}
+
+
+def gate_images(images: Path | None, exclude: set[str]) -> list[Path]:
+    """Images for the gate: a folder's images not used for calibration, else the photo shipped with
+    sleigh plus mirrored and cropped versions of it (written to a temporary folder)."""
+    from sleigh.calibration.collect import list_images
+
+    if images is not None:
+        found = [p for p in list_images(Path(images)) if p.name not in exclude]
+        if not found:
+            raise SleighError(str(images), "no images left that calibration did not use",
+                              "a folder of images held out from calibration")
+        return found
+    return shipped_variants()
+
+
+def shipped_variants() -> list[Path]:
+    import tempfile
+
+    from PIL import Image, ImageOps
+
+    from sleigh.export.exporter import default_parity_image
+
+    src = Image.open(default_parity_image()).convert("RGB")
+    w, h = src.size
+    folder = Path(tempfile.mkdtemp(prefix="sleigh-gate-"))
+    variants = {"photo.png": src, "mirror.png": ImageOps.mirror(src), "crop.png": src.crop((w // 4, 0, w, h // 2)),
+                "tall.png": src.crop((0, 0, w // 3, h)).resize((w // 3, h * 2)), "small.png": src.resize((w // 3, h // 3))}
+    paths = []
+    for name, im in variants.items():
+        im.save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_pairs: int = 5, progress=None) -> dict:
+    """`engine` is a name in the manifest or an entry not yet registered (during a build)."""
+    from sleigh.runtime.pipeline import Pipeline
+    from sleigh.runtime.package import read_manifest
+
+    manifest = read_manifest(pkg)
+    entry = manifest.get("engines", {}).get(engine) if isinstance(engine, str) else engine
+    if entry is None:
+        raise SleighError(f"--engine {engine}", "no such engine in the package",
+                          ", ".join(manifest.get("engines", {})) or "build one with `sleigh build-engine`")
+    backend = entry["backend"]
+    used = set((manifest.get("calibration") or {}).get("images", []))
+    imgs = gate_images(images, used)
+    ref = Pipeline.from_package(pkg, backend="onnxruntime", engine="package")  # the FP32 modules
+    eng = Pipeline.from_package(pkg, backend=backend, engine=engine)
+    pairs = []
+    for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs):
+        pairs.append(compare_pair(ref, eng, imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)]))
+        if progress:
+            progress.advance()
+    report = summarize(pairs, entry["precision"], entry.get("llm_weights") or entry["precision"])
+    report["images_held_out"] = sorted({p.image for p in pairs})
+    return report
+
+
+def report_rows(report: dict) -> list[tuple[str, ...]]:
+    return [(c["metric"], f"{c['value']:.5f}", ("≥ " if HIGHER_IS_BETTER[c["metric"]] else "≤ ") + f"{c['threshold']}",
+             "ok" if c["ok"] else f"FAIL by {abs(c['margin']):.5f}") for c in report["checks"]]

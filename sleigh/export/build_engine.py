@@ -1,0 +1,302 @@
+"""`sleigh build-engine`: one engine folder per backend and precision, listed in the manifest.
+
+    PKG/engines/<name>/{vision,embed,decoder}.onnx   ONNX Runtime: converted, optimised offline
+    PKG/engines/<name>/*.plan                         TensorRT: built from the same converted ONNX
+
+Conversions (one function per module and precision, chosen through `CONVERSIONS`):
+    fp32  copy (decoder optionally weight-only INT8/INT4 through MatMulNBits)
+    fp16  ONNX-level float16 with FP32 inputs/outputs; LayerNorm, RMSNorm's reductions, Softmax and
+          the GSWA node stay FP32
+    int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.calibration.qdq);
+          embed FP16; decoder weight-only INT8 by default
+
+Every build ends with the accuracy gate against the FP32 modules; below its thresholds the build
+fails (nothing is registered) unless --allow-degraded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sleigh.errors import SleighError
+from sleigh.progress import progress
+from sleigh.runtime.package import MODULE_NAMES, file_entry, read_manifest, write_json_atomic
+
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
+DEFAULT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
+EXTERNAL_DATA_BYTES = 256 << 20
+WEIGHT_ONLY_BLOCK = 32
+# Ops that keep FP32 inside FP16 modules: normalisation statistics and softmax accumulate in FP32.
+FP16_KEEP_FP32 = ["GSWA", "LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Range",
+                  "CumSum", "Cos", "Sin"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp16"
+    llm_weights: str | None = None  # None: the precision's default
+    max_tiles: int | None = None  # None: the package's
+    max_context: int | None = None  # None: the model's context
+    allow_degraded: bool = False
+    gate_images: Path | None = None
+    force: bool = False
+    quiet: bool = False
+
+    def __post_init__(self):
+        for key, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("llm_weights", LLM_WEIGHTS + (None,))):
+            if getattr(self, key) not in allowed:
+                raise SleighError(f"--{key.replace('_', '-')} {getattr(self, key)}", "not supported",
+                                  " | ".join(a for a in allowed if a))
+        if self.llm_weights == "fp16" and self.precision == "fp32":
+            raise SleighError("--llm-weights fp16", "an fp32 engine keeps the decoder's activations in fp32",
+                              "--precision fp16 for an FP16 decoder, or --llm-weights int8/int4")
+
+    @property
+    def weights(self) -> str:
+        return self.llm_weights or DEFAULT_LLM_WEIGHTS[self.precision]
+
+    @property
+    def name(self) -> str:
+        suffix = "" if self.weights == DEFAULT_LLM_WEIGHTS[self.precision] else f"-llm-{self.weights}"
+        return f"{self.backend}-{self.precision}{suffix}"
+
+
+# -- ONNX conversions ----------------------------------------------------------------------------------
+
+def _load(path: Path):
+    import onnx
+
+    return onnx.load(str(path))
+
+
+def _save(model, dst: Path) -> list[str]:
+    """Save (external data for large models); returns the file names written."""
+    import onnx
+
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{dst.name}.data", size_threshold=1024)
+        return [dst.name, f"{dst.name}.data"]
+    onnx.save(model, str(dst))
+    return [dst.name]
+
+
+def _sorted(model):
+    """Topologically sort (the float16 converter appends its input casts at the end)."""
+    import onnx_ir as ir
+
+    m = ir.serde.deserialize_model(model)
+    m.graph.sort()
+    return ir.serde.serialize_model(m)
+
+
+def to_fp16(src: Path, dst: Path) -> list[str]:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(_load(src), keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+    return _save(_sorted(model), dst)
+
+
+def weight_only(src: Path, dst: Path, bits: int) -> list[str]:
+    """MatMul weights to symmetric blockwise INT8/INT4 (MatMulNBits); attention MatMuls stay float."""
+    import logging
+
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, bits=bits,
+                                       quant_format=QuantFormat.QOperator)
+    q = MatMulNBitsQuantizer(_load(src), bits=bits, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True, algo_config=cfg)
+    q.process()
+    return _save(q.model.model, dst)
+
+
+def copy(src: Path, dst: Path) -> list[str]:
+    written = [dst.name]
+    shutil.copyfile(src, dst)
+    data = src.with_name(src.name + ".data")
+    if data.exists():
+        shutil.copyfile(data, dst.with_name(dst.name + ".data"))
+        written.append(dst.name + ".data")
+    return written
+
+
+def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict) -> list[str]:
+    from sleigh.calibration.collect import RANGES_FILE
+    from sleigh.calibration.qdq import quantize_vision_qdq
+
+    if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
+        raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
+                          f"run `sleigh calibrate {pkg} --images DIR` first")
+    quantize_vision_qdq(src, dst, json.loads((pkg / RANGES_FILE).read_text()))
+    data = dst.with_name(dst.name + ".data")
+    return [dst.name] + ([data.name] if data.exists() else [])
+
+
+def convert_module(module: str, opts: EngineOptions, src: Path, dst: Path, pkg: Path, manifest: dict) -> list[str]:
+    if module == "decoder" and opts.weights in ("int8", "int4"):
+        return weight_only(src, dst, 8 if opts.weights == "int8" else 4)
+    if module == "decoder":
+        return to_fp16(src, dst) if opts.weights == "fp16" else copy(src, dst)
+    if module == "vision" and opts.precision == "int8":
+        return vision_int8(src, dst, pkg, manifest)
+    if opts.precision in ("fp16", "int8"):  # int8 engines keep embed (a table lookup) in fp16
+        return to_fp16(src, dst)
+    return copy(src, dst)
+
+
+def optimize_offline(path: Path) -> None:
+    """ONNX Runtime's graph optimizations, done once here and saved over the module (CPU provider)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    tmp = path.with_name(f".{path.name}.opt")
+    opts.optimized_model_filepath = str(tmp)
+    opts.log_severity_level = 3
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.opt.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if data.exists():
+        # the optimized graph refers to <name>.onnx.opt.data: keep that reference valid under the final name
+        import onnx
+
+        model = onnx.load(str(tmp), load_external_data=True)
+        tmp.unlink()
+        path.with_name(f"{path.name}.opt.data").unlink(missing_ok=True)
+        data.unlink()
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data.name, size_threshold=1024)
+    else:
+        tmp.replace(path)
+
+
+# -- the build -----------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    from sleigh import __version__
+
+    return {"sleigh": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _check_against_package(opts: EngineOptions, manifest: dict) -> None:
+    if opts.max_tiles is not None and not 1 <= opts.max_tiles <= manifest["image"]["max_tiles"]:
+        raise SleighError(f"--max-tiles {opts.max_tiles}", f"the package was exported for at most {manifest['image']['max_tiles']}",
+                          f"1..{manifest['image']['max_tiles']}")
+    ctx = manifest["generation"]["context_length"]
+    if opts.max_context is not None and not 1 <= opts.max_context <= ctx:
+        raise SleighError(f"--max-context {opts.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
+
+
+def build_engine(pkg: Path, opts: EngineOptions) -> dict:
+    """Build, gate and register one engine; returns its manifest entry."""
+    pkg = Path(pkg)
+    manifest = read_manifest(pkg)
+    _check_against_package(opts, manifest)
+    if opts.backend == "tensorrt":
+        from sleigh.export.tensorrt_build import tensorrt_available
+
+        ok, why = tensorrt_available()
+        if not ok:
+            raise SleighError("tensorrt", why, "TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an "
+                              "NVIDIA GPU; JetPack 6 ships 10.3). The TensorRT path is unverified where TensorRT is absent")
+    name = opts.name
+    final = pkg / "engines" / name
+    if name in manifest.get("engines", {}) and not opts.force:
+        raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
+    t0 = time.perf_counter()
+    (pkg / "engines").mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=pkg / "engines"))
+    tmp.chmod(0o755)
+    try:
+        with progress(f"build {name}", len(MODULE_NAMES) + 5, opts.quiet) as bar:
+            files: dict[str, list[str]] = {}
+            for module in MODULE_NAMES:
+                bar.advance(0, description=f"{name}: {module}")
+                src = pkg / manifest["modules"][module]["file"]
+                files[module] = convert_module(module, opts, src, tmp / f"{module}.onnx", pkg, manifest)
+                if opts.backend == "onnxruntime":
+                    optimize_offline(tmp / f"{module}.onnx")
+                bar.advance()
+            entry = {
+                "name": name, "backend": opts.backend, "precision": opts.precision, "llm_weights": opts.weights,
+                "dir": f"engines/{name}",
+                "modules": {m: f"engines/{name}/{f[0]}" for m, f in files.items()},
+                "build_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
+                                  if k not in ("quiet", "force")},
+                "versions": _versions(),
+                "shapes": {"max_views": (opts.max_tiles or manifest["image"]["max_tiles"]) + 1,
+                           "max_context": opts.max_context or manifest["generation"]["context_length"]},
+                "providers": ["CPUExecutionProvider"] if opts.backend == "onnxruntime" else None,
+                "offline_optimization": "ORT_ENABLE_EXTENDED (CPU)" if opts.backend == "onnxruntime" else None,
+            }
+            if opts.backend == "tensorrt":
+                from sleigh.export.tensorrt_build import TensorRTOptions, build_engines
+
+                trt_opts = TensorRTOptions(precision="fp16" if opts.precision == "fp32" else opts.precision,
+                                           max_tiles=opts.max_tiles or manifest["image"]["max_tiles"],
+                                           max_context=opts.max_context or manifest["generation"]["context_length"])
+                entry.update(build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, trt_opts,
+                                           name=name, quiet=opts.quiet))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.replace(final)
+            tmp = None
+            all_files = [f"engines/{name}/{f}" for fs in files.values() for f in fs]
+            entry["files"] = {rel: file_entry(pkg, rel) for rel in all_files}
+            entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
+
+            bar.advance(0, description=f"{name}: accuracy gate")
+            from sleigh.export.accuracy import run_gate
+
+            report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
+            entry["accuracy"] = report
+            entry["accuracy_passed"] = report["passed"]
+            entry["build_seconds"] = round(time.perf_counter() - t0, 2)
+            if not report["passed"] and not opts.allow_degraded:
+                shutil.rmtree(final, ignore_errors=True)
+                raise GateFailed(name, report)
+            entry["degraded"] = not report["passed"]
+            manifest.setdefault("engines", {})[name] = entry
+            manifest["files"] = {**manifest.get("files", {}), **entry["files"]}
+            write_json_atomic(pkg / "manifest.json", manifest)  # last: the engine exists once it is listed
+            return entry
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class GateFailed(SleighError):
+    def __init__(self, name: str, report: dict):
+        self.report = report
+        bad = [f"{c['metric']} {c['value']:.4f} vs {c['threshold']} (off by {abs(c['margin']):.4f})"
+               for c in report["checks"] if not c["ok"]]
+        super().__init__(f"engine {name}", "accuracy gate failed: " + "; ".join(bad),
+                         "the thresholds of the precision's gate, or --allow-degraded to keep it anyway")
+
+
+def remove_engine(pkg: Path, name: str) -> None:
+    manifest = read_manifest(pkg)
+    entry = manifest.get("engines", {}).pop(name, None)
+    if entry is None:
+        raise SleighError(f"engine {name}", "not in the package", ", ".join(manifest.get("engines", {})) or "none built")
+    for rel in entry.get("files", {}):
+        manifest.get("files", {}).pop(rel, None)
+    write_json_atomic(Path(pkg) / "manifest.json", manifest)
+    shutil.rmtree(Path(pkg) / entry["dir"], ignore_errors=True)
+

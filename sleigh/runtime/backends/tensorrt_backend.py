@@ -1,0 +1,524 @@
+"""TensorRT backend: runs the `.plan` engines that `sleigh build-engine` lists in the manifest.
+
+No PyTorch: device memory, copies and the stream come from cuda-python (`cuda.bindings.runtime`),
+and each module runs through the TensorRT 10 tensor API (`set_input_shape`, `set_tensor_address`,
+`execute_async_v3` on a non-default stream). `tensorrt` and `cuda` are imported only when a backend
+is opened, so `sleigh --help` and the ONNX Runtime path never need them.
+
+The decoder ONNX concatenates the cache: present.{i} = concat(past.{i}, new) with length P+S. The
+backend keeps two device buffers per KV tensor, each sized for the engine's whole context, and
+ping-pongs between them: past is bound to buffer A with shape (B, KV, P, hd), present to buffer B
+with shape (B, KV, P+S, hd); after the step B holds the next past, contiguous for length P+S, and
+the roles swap. Nothing is copied back to the host but the last position's logits. The decoder
+engine has two optimisation profiles (prefill: past length 0; decode: one new token), chosen per
+step with `set_optimization_profile_async` on one execution context.
+
+UNVERIFIED: TensorRT cannot be installed on the machines this was written on (no GPU; the package
+index carries only a stub). The pure helpers here (profile selection, compatibility checks, error
+messages) are tested on CPU; the TensorRT and CUDA calls follow the TensorRT 10.3 / 11.1 Python
+bindings and cuda-python's runtime API, and have never been executed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sleigh.errors import SleighError
+from sleigh.runtime.backends.base import Backend
+
+MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
+TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
+                     "JetPack 6 ships 10.3)")
+CUDA_PYTHON_EXPECTED = "cuda-python 12+ (pip install 'sleigh[tensorrt]'; it provides cuda.bindings.runtime)"
+GPU_EXPECTED = ("an NVIDIA GPU with its driver (TensorRT engines run on the GPU only; "
+                "--backend onnxruntime runs on the CPU)")
+DECODER_PROFILES = ("prefill", "decode")  # the decoder engine's optimisation profiles, in this order
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+
+# A profile maps each input name to (min, opt, max) shapes.
+Shape = tuple[int, ...]
+Profile = dict[str, tuple[Shape, Shape, Shape]]
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text[:limit]
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """'10.3.0.26' -> (10, 3, 0, 26); stops at the first part that is not a number."""
+    parts = []
+    for p in str(version).split("."):
+        if not p.isdigit():
+            break
+        parts.append(int(p))
+    return tuple(parts)
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(True, version) when a usable TensorRT Python package imports; else (False, one-line problem)."""
+    try:
+        import tensorrt as trt
+    except Exception as e:  # ImportError, or an OSError from a missing libnvinfer
+        return False, f"the TensorRT Python package is not installed ({_one_line(e) or type(e).__name__})"
+    version = getattr(trt, "__version__", "")
+    if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
+        return False, f"the TensorRT Python package is not installed (`import tensorrt` found a stub, version {version or '?'})"
+    if parse_version(version)[:2] < MIN_TENSORRT:
+        return False, f"TensorRT {version} is too old"
+    return True, version
+
+
+def import_cudart():
+    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+, 13), else the older `cuda.cudart`."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart  # cuda-python < 12.6
+    return cudart
+
+
+def runtime_status() -> tuple[bool, str, str, str]:
+    """(ok, what, problem, expected): whether TensorRT, cuda-python and a GPU are all present."""
+    ok, problem = tensorrt_status()
+    if not ok:
+        return False, "tensorrt", problem, TENSORRT_EXPECTED
+    try:
+        cudart = import_cudart()
+    except Exception as e:
+        return False, "cuda-python", f"the cuda-python package is not installed ({_one_line(e)})", CUDA_PYTHON_EXPECTED
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except Exception as e:  # a missing libcudart raises here, not at import
+        return False, "GPU", f"the CUDA runtime cannot be loaded ({_one_line(e)})", GPU_EXPECTED
+    if int(err) != 0 or count < 1:
+        return False, "GPU", f"no CUDA device is visible (cudaGetDeviceCount: {_one_line(err)}, {count} devices)", GPU_EXPECTED
+    return True, "", "", ""
+
+
+def fits(profile: Profile, shapes: dict[str, Shape]) -> bool:
+    """Whether every input of `profile` is given in `shapes`, with min <= shape <= max in every dim."""
+    for name, (lo, _, hi) in profile.items():
+        s = shapes.get(name)
+        if s is None or len(s) != len(lo):
+            return False
+        if any(not a <= x <= b for a, x, b in zip(lo, s, hi)):
+            return False
+    return True
+
+
+def select_profile(profiles: list[Profile], shapes: dict[str, Shape]) -> int | None:
+    """Index of the tightest profile that holds `shapes` (the smallest total max-min range), or None.
+
+    Tightest, because a narrow profile (decode: one token) gets kernels tuned for that shape.
+    """
+    best, best_width = None, None
+    for i, prof in enumerate(profiles):
+        if not fits(prof, shapes):
+            continue
+        width = sum(b - a for lo, _, hi in prof.values() for a, b in zip(lo, hi))
+        if best_width is None or width < best_width:
+            best, best_width = i, width
+    return best
+
+
+def describe_ranges(profile: Profile) -> str:
+    """'pixel_values (1..13, 3, 448, 448)'-style text of a profile's shape ranges."""
+    def dim(a, b):
+        return str(a) if a == b else f"{a}..{b}"
+
+    return "; ".join(f"{name} ({', '.join(dim(a, b) for a, b in zip(lo, hi))})" for name, (lo, _, hi) in profile.items())
+
+
+def profile_error(module: str, profiles: list[Profile], shapes: dict[str, Shape], names: list[str] | None = None) -> SleighError:
+    """The SleighError for shapes that no profile of `module` holds."""
+    got = ", ".join(f"{n} {tuple(s)}" for n, s in shapes.items())
+    labels = names or [f"profile {i}" for i in range(len(profiles))]
+    ranges = " | ".join(f"{label}: {describe_ranges(p)}" for label, p in zip(labels, profiles))
+    return SleighError(f"tensorrt {module}", f"input shapes {got} are outside the engine's optimisation profiles",
+                       f"shapes within {ranges} (rebuild with a larger --max-tiles / --max-context / --max-batch)")
+
+
+def profile_to_json(profile: Profile) -> dict:
+    return {name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in profile.items()}
+
+
+def profile_from_json(data: dict) -> Profile:
+    return {name: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for name, v in data.items()}
+
+
+def check_engine_compat(entry: dict, tensorrt_version: str, compute_capability: str | None) -> None:
+    """A plan runs only on the TensorRT version and GPU architecture that built it: say so before
+    TensorRT fails to deserialize it with a long log."""
+    if entry.get("backend") != "tensorrt":
+        raise SleighError("engine", f"backend {entry.get('backend')!r} is not a TensorRT engine",
+                          "an engine entry with backend 'tensorrt' (or --backend onnxruntime for this one)")
+    versions = entry.get("versions") or {}
+    built_trt, built_cc = versions.get("tensorrt"), versions.get("compute_capability")
+    if not built_trt:
+        raise SleighError("engine", "the manifest entry has no TensorRT version (the build did not finish)",
+                          "an engine written by a completed `sleigh build-engine`")
+    if built_trt != tensorrt_version:
+        raise SleighError("engine", f"built with TensorRT {built_trt}, this machine has TensorRT {tensorrt_version}",
+                          "the same TensorRT version, or rebuild on this machine with `sleigh build-engine`")
+    if built_cc and compute_capability and built_cc != compute_capability:
+        raise SleighError("engine", f"built for a GPU of compute capability {built_cc}, this GPU is {compute_capability}",
+                          "rebuild on this machine's GPU with `sleigh build-engine`")
+
+
+def compute_capability(cudart, device: int = 0) -> str:
+    """'8.7' for Jetson Orin, '9.0' for H100/H200."""
+    attr = cudart.cudaDeviceAttr
+    err, major = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMajor, device)
+    _check(err, "cudaDeviceGetAttribute")
+    err, minor = cudart.cudaDeviceGetAttribute(attr.cudaDevAttrComputeCapabilityMinor, device)
+    _check(err, "cudaDeviceGetAttribute")
+    return f"{major}.{minor}"
+
+
+def device_name(cudart, device: int = 0) -> str:
+    err, props = cudart.cudaGetDeviceProperties(device)
+    _check(err, "cudaGetDeviceProperties")
+    name = props.name
+    return name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
+
+
+def _check(err, call: str) -> None:
+    if int(err) != 0:
+        raise SleighError("cuda", f"{call} failed ({err})", "a working CUDA device (see nvidia-smi)")
+
+
+def make_logger(trt, echo: bool):
+    """A TensorRT logger that keeps the errors (for one-line SleighErrors) and echoes warnings to stderr."""
+    import sys
+
+    severity = trt.ILogger.Severity
+    errors = (severity.ERROR, severity.INTERNAL_ERROR)
+
+    class _Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, sev, msg):
+            if sev in errors:
+                self.errors.append(str(msg))
+            if echo and (sev in errors or sev == severity.WARNING):
+                sys.stderr.write(f"[TensorRT] {msg}\n")
+
+        def last_error(self) -> str:
+            return _one_line(self.errors[-1]) if self.errors else "no message from TensorRT"
+
+    return _Logger()
+
+
+class _Cuda:
+    """The few cuda-python runtime calls the backend needs, with errors checked."""
+
+    def __init__(self, cudart, device: int):
+        self.rt = cudart
+        _check(cudart.cudaSetDevice(device)[0], "cudaSetDevice")
+        err, self.stream = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)  # never the default stream
+        _check(err, "cudaStreamCreateWithFlags")
+        self.stream_handle = int(self.stream)
+        self._h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+
+    def malloc(self, nbytes: int) -> int:
+        err, ptr = self.rt.cudaMalloc(max(int(nbytes), 256))  # never 0 bytes: TensorRT wants a real address
+        if int(err) != 0:
+            raise SleighError("cuda", f"cudaMalloc of {nbytes / 2**20:.1f} MiB failed ({err})",
+                              "enough free GPU memory (a smaller --max-context or --max-batch engine)")
+        return int(ptr)
+
+    def free(self, ptr: int) -> None:
+        self.rt.cudaFree(ptr)
+
+    def upload(self, ptr: int, array: np.ndarray) -> None:
+        if array.nbytes:
+            _check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, self._h2d, self.stream)[0], "cudaMemcpyAsync")
+
+    def download(self, array: np.ndarray, ptr: int) -> None:
+        if array.nbytes:
+            _check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, self._d2h, self.stream)[0], "cudaMemcpyAsync")
+
+    def sync(self) -> None:
+        _check(self.rt.cudaStreamSynchronize(self.stream)[0], "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        self.rt.cudaStreamDestroy(self.stream)
+
+
+class _Scratch:
+    """Device buffers by key that grow on demand (sized by use, not by the profile's maximum)."""
+
+    def __init__(self, cuda: _Cuda):
+        self.cuda = cuda
+        self._buf: dict[str, tuple[int, int]] = {}
+
+    def get(self, key: str, nbytes: int) -> int:
+        ptr, size = self._buf.get(key, (0, -1))
+        if nbytes > size:
+            if ptr:
+                self.cuda.sync()  # an enqueued kernel may still read the old buffer
+                self.cuda.free(ptr)
+            ptr, size = self.cuda.malloc(nbytes), max(nbytes, 256)
+            self._buf[key] = (ptr, size)
+        return ptr
+
+    def close(self) -> None:
+        for ptr, _ in self._buf.values():
+            self.cuda.free(ptr)
+        self._buf.clear()
+
+
+class _Engine:
+    """One deserialized plan, its execution context and its I/O table."""
+
+    def __init__(self, trt, runtime, path: Path, logger, module: str):
+        self.module, self.path = module, path
+        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        if self.engine is None:
+            raise SleighError(str(path), f"TensorRT cannot deserialize it ({logger.last_error()})",
+                              "a plan built by `sleigh build-engine` with this TensorRT version on this GPU model")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise SleighError(str(path), f"TensorRT cannot create an execution context ({logger.last_error()})",
+                              "enough free GPU memory for the engine's activations")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.static = {n: tuple(int(d) for d in self.engine.get_tensor_shape(n)) for n in names}  # -1 = dynamic
+        self.profiles: list[Profile] = [
+            {n: tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(n, p)) for n in self.inputs}
+            for p in range(self.engine.num_optimization_profiles)]
+        self.profile = 0  # a new context starts on profile 0
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, plans: dict[str, Path], *, label: str = "tensorrt", plugin_library: Path | None = None,
+                 device: int = 0, verbose: bool = False):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.label = label
+        self.cuda = _Cuda(import_cudart(), device)
+        self.scratch = _Scratch(self.cuda)
+        self.logger = make_logger(trt, echo=verbose)
+        if plugin_library is not None:  # the sleigh::GSWA IPluginV3 must be registered before deserializing
+            trt.init_libnvinfer_plugins(self.logger, "")
+            if trt.get_plugin_registry().load_library(str(plugin_library)) is None:
+                raise SleighError(str(plugin_library), f"TensorRT cannot load the plugin library ({self.logger.last_error()})",
+                                  "the library that provides the sleigh::GSWA plugin for this TensorRT version")
+        self.runtime = trt.Runtime(self.logger)
+        self.engines = {m: _Engine(trt, self.runtime, Path(p), self.logger, m) for m, p in plans.items()}
+        self.device_name = device_name(self.cuda.rt, device)
+        self._init_decoder()
+        self._closed = False
+
+    @classmethod
+    def from_package(cls, pkg: Path, manifest: dict, engine_entry: dict, *, plugin_library: Path | None = None,
+                     device: int = 0, verbose: bool = False) -> TensorRTBackend:
+        """Open the plans of one `manifest["engines"][name]` entry; one-line SleighError when TensorRT,
+        cuda-python or a GPU is missing, or when the plan was built for another TensorRT or GPU."""
+        ok, what, problem, expected = runtime_status()
+        if not ok:
+            raise SleighError(what, problem, expected)
+        import tensorrt as trt
+
+        check_engine_compat(engine_entry, trt.__version__, compute_capability(import_cudart(), device))
+        plans = {}
+        for module in ("vision", "embed", "decoder"):
+            rel = engine_entry.get("modules", {}).get(module)
+            if rel is None or not (Path(pkg) / rel).is_file():
+                raise SleighError(str(Path(pkg) / (rel or f"<{module}>")), "engine plan missing",
+                                  "the .plan files listed in the manifest (rebuild with `sleigh build-engine`)")
+            plans[module] = Path(pkg) / rel
+        gswa = engine_entry.get("gswa") or {}
+        if gswa.get("via") == "plugin" and plugin_library is None:
+            recorded = gswa.get("plugin_library")
+            if not recorded or not Path(recorded).is_file():
+                raise SleighError("engine", f"the vision plan calls the sleigh::GSWA TensorRT plugin and its library "
+                                  f"({recorded or 'not recorded'}) is not found",
+                                  "the plugin library path, or an engine built without --use-plugin")
+            plugin_library = Path(recorded)
+        return cls(plans, label=engine_entry.get("precision", "?"), plugin_library=plugin_library, device=device,
+                   verbose=verbose)
+
+    # -- generic execution -------------------------------------------------------------------------
+
+    def _set_profile(self, eng: _Engine, shapes: dict[str, Shape]) -> None:
+        index = select_profile(eng.profiles, shapes)
+        names = list(DECODER_PROFILES) if eng.module == "decoder" and len(eng.profiles) == 2 else None
+        if index is None:
+            raise profile_error(eng.module, eng.profiles, shapes, names)
+        if index != eng.profile:
+            if not eng.context.set_optimization_profile_async(index, self.cuda.stream_handle):
+                raise SleighError(f"tensorrt {eng.module}", f"cannot switch to profile {index} ({self.logger.last_error()})",
+                                  "an engine built by `sleigh build-engine`")
+            eng.profile = index
+
+    def _enqueue(self, eng: _Engine, host: dict[str, np.ndarray], device: dict[str, tuple[int, Shape]],
+                 outputs: dict[str, tuple[int, int]]) -> dict[str, tuple[int, Shape]]:
+        """Bind inputs (host arrays are uploaded to scratch buffers; device ones are (pointer, shape)),
+        bind outputs (given as (pointer, capacity in bytes), else scratch sized from the inferred
+        shape), launch. Returns every output's (pointer, shape)."""
+        given = set(host) | set(device)
+        if given != set(eng.inputs):
+            missing, extra = sorted(set(eng.inputs) - given), sorted(given - set(eng.inputs))
+            raise SleighError(f"tensorrt {eng.module}", f"inputs do not match the engine (missing {missing}, unexpected {extra})",
+                              ", ".join(eng.inputs))
+        arrays = {n: np.ascontiguousarray(a, dtype=eng.dtypes[n]) for n, a in host.items()}
+        shapes = {**{n: a.shape for n, a in arrays.items()}, **{n: tuple(s) for n, (_, s) in device.items()}}
+        self._set_profile(eng, shapes)
+        ctx = eng.context
+        for name, shape in shapes.items():
+            if not ctx.set_input_shape(name, shape):
+                raise SleighError(f"tensorrt {eng.module}", f"set_input_shape({name}, {shape}) failed ({self.logger.last_error()})",
+                                  describe_ranges(eng.profiles[eng.profile]))
+        addresses = {}
+        for name, array in arrays.items():
+            addresses[name] = self.scratch.get(f"{eng.module}/{name}", array.nbytes)
+            self.cuda.upload(addresses[name], array)
+        addresses.update({name: ptr for name, (ptr, _) in device.items()})
+        bound = {}
+        for name in eng.outputs:
+            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise SleighError(f"tensorrt {eng.module}", f"output {name} has an unresolved shape {shape}",
+                                  "an engine whose output shapes follow from its input shapes")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * eng.dtypes[name].itemsize
+            if name in outputs:
+                ptr, capacity = outputs[name]
+                if nbytes > capacity:  # checked before launch: TensorRT would write past the buffer
+                    raise SleighError(f"tensorrt {eng.module}", f"output {name} {shape} needs {nbytes} bytes, its buffer "
+                                      f"holds {capacity}", "outputs within the engine's profiles")
+            else:
+                ptr = self.scratch.get(f"{eng.module}/{name}", nbytes)
+            addresses[name] = ptr
+            bound[name] = (ptr, shape)
+        for name, ptr in addresses.items():
+            if not ctx.set_tensor_address(name, ptr):
+                raise SleighError(f"tensorrt {eng.module}", f"set_tensor_address({name}) failed ({self.logger.last_error()})",
+                                  "a plan built by `sleigh build-engine`")
+        if not ctx.execute_async_v3(self.cuda.stream_handle):
+            raise SleighError(f"tensorrt {eng.module}", f"execute_async_v3 failed ({self.logger.last_error()})",
+                              "inputs within the engine's profiles")
+        return bound
+
+    def run(self, module, feeds):
+        eng = self.engines[module]
+        bound = self._enqueue(eng, feeds, {}, {})
+        out = {}
+        for name, (ptr, shape) in bound.items():
+            out[name] = np.empty(shape, eng.dtypes[name])
+            self.cuda.download(out[name], ptr)
+        self.cuda.sync()  # the host arrays are filled (and the uploaded inputs read) after this
+        return out
+
+    # -- decoder with the ping-pong KV cache -------------------------------------------------------
+
+    def _init_decoder(self) -> None:
+        eng = self.engines["decoder"]
+        self.kv_names = [n for n in eng.inputs if n.startswith(PAST_PREFIX)]
+        if not self.kv_names:
+            raise SleighError(str(eng.path), "the decoder engine has no past_key_values inputs", "a plan built from decoder.onnx")
+        first = self.kv_names[0]
+        _, self.num_kv_heads, _, self.head_dim = eng.static[first]
+        self.max_batch = max(p["inputs_embeds"][2][0] for p in eng.profiles)
+        self.max_context = max(p["attention_mask"][2][1] for p in eng.profiles)  # = past max + sequence max
+        self.kv_dtype = eng.dtypes[first]
+        self._kv_bytes = self.max_batch * self.num_kv_heads * self.max_context * self.head_dim * self.kv_dtype.itemsize
+        self._kv = {n: (self.cuda.malloc(self._kv_bytes), self.cuda.malloc(self._kv_bytes)) for n in self.kv_names}
+        self._cur = 0  # which of the two buffers holds the past
+        self._batch = 1
+        self._past_len = 0
+
+    def reset(self, batch=1):
+        if not 1 <= batch <= self.max_batch:
+            raise SleighError("batch", f"{batch} is outside the decoder engine's profile",
+                              f"1..{self.max_batch} (rebuild with a larger --max-batch)")
+        self._batch, self._past_len, self._cur = batch, 0, 0
+
+    def _decoder_shapes(self, B: int, S: int, P: int, D: int) -> dict[str, Shape]:
+        shapes = {"inputs_embeds": (B, S, D), "attention_mask": (B, P + S), "attention_bias": (B, P + S),
+                  "position_ids": (B, S)}
+        shapes.update({n: (B, self.num_kv_heads, P, self.head_dim) for n in self.kv_names})
+        return shapes
+
+    def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
+        B, S, D = inputs_embeds.shape
+        P = self._past_len
+        if B != self._batch:
+            raise SleighError("step", f"batch {B} differs from reset({self._batch})", "the batch given to reset()")
+        if attention_mask.shape != (B, P + S) or attention_bias.shape != (B, P + S):
+            raise SleighError("step", f"attention_mask {attention_mask.shape} / attention_bias {attention_bias.shape} "
+                              f"do not cover past + new ({P} + {S})", f"shape ({B}, {P + S})")
+        if P + S > self.max_context:
+            raise SleighError("prompt", f"{P} cached + {S} new positions exceed the engine's context of {self.max_context}",
+                              "a shorter prompt, fewer tiles, or an engine built with a larger --max-context")
+        eng = self.engines["decoder"]
+        if S > 1 and select_profile(eng.profiles, self._decoder_shapes(B, S, P, D)) is None:
+            # Several new tokens on a non-empty cache (a second turn): no profile holds past > 0 with
+            # sequence > 1, so feed them one at a time; causal attention makes that the same computation.
+            logits = None
+            for i in range(S):
+                logits = self._step(inputs_embeds[:, i:i + 1], attention_mask[:, :P + i + 1],
+                                    attention_bias[:, :P + i + 1], position_ids[:, i:i + 1])
+            return logits
+        return self._step(inputs_embeds, attention_mask, attention_bias, position_ids)
+
+    def _step(self, inputs_embeds, attention_mask, attention_bias, position_ids) -> np.ndarray:
+        eng = self.engines["decoder"]
+        B, S, _ = inputs_embeds.shape
+        P = self._past_len
+        past, present = self._cur, 1 - self._cur
+        device = {n: (self._kv[n][past], (B, self.num_kv_heads, P, self.head_dim)) for n in self.kv_names}
+        outputs = {PRESENT_PREFIX + n[len(PAST_PREFIX):]: (self._kv[n][present], self._kv_bytes) for n in self.kv_names}
+        host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "attention_bias": attention_bias,
+                "position_ids": position_ids}
+        bound = self._enqueue(eng, host, device, outputs)
+        ptr, shape = bound["logits"]  # (B, S, V): copy back only each row's last position
+        V, dtype = shape[2], eng.dtypes["logits"]
+        last = np.empty((B, V), dtype)
+        for b in range(B):
+            offset = ((b * S) + S - 1) * V * dtype.itemsize
+            self.cuda.download(last[b], ptr + offset)
+        self.cuda.sync()
+        for name in outputs:
+            if bound[name][1] != (B, self.num_kv_heads, P + S, self.head_dim):
+                raise SleighError("tensorrt decoder", f"{name} has shape {bound[name][1]}",
+                                  f"({B}, {self.num_kv_heads}, {P + S}, {self.head_dim}): a decoder that appends to the cache")
+        self._cur, self._past_len = present, P + S
+        return last.astype(np.float32, copy=False)
+
+    @property
+    def past_length(self):
+        return self._past_len
+
+    def describe(self):
+        return f"tensorrt {self.label} ({self.device_name}, TensorRT {self.trt.__version__})"
+
+    def close(self) -> None:
+        """Free device memory and the stream (also on garbage collection, best effort)."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self.cuda.sync()
+        for a, b in self._kv.values():
+            self.cuda.free(a)
+            self.cuda.free(b)
+        self.scratch.close()
+        self.engines.clear()
+        self.cuda.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: cuda-python may already be gone
+            pass
