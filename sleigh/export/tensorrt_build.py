@@ -1,0 +1,572 @@
+"""TensorRT engines from a package's ONNX modules: `sleigh build-engine --backend tensorrt`.
+
+Precision comes from the ONNX, never from builder flags: TensorRT 11 removed the FP16/INT8 flags,
+weak typing and implicit calibration, and JetPack 6 (TensorRT 10.3) already builds strongly typed
+networks. So the sources are an FP16 ONNX or a symmetric Q/DQ ONNX (for example the ones an ONNX
+Runtime engine folder of the package holds), or the FP32 modules for a GPU reference engine, and
+the network is created STRONGLY_TYPED. `precision` labels what the sources hold and is checked.
+
+Everything that does not need libnvinfer is pure and tested on CPU: options, optimisation profiles
+(from the manifest's input names and symbolic dims), the file plan, the manifest entry skeleton,
+source checks and the GSWA-function stripping. `build_engines` imports `tensorrt` when it runs.
+
+GSWA: the vision ONNX holds one `sleigh::GSWA` node (with `plugin_namespace="sleigh"`) and a local
+function of the same name. TensorRT's ONNX parser inlines local functions, matching by name only.
+From 10.7 it prefers a plugin over the function when one is registered under the node's name,
+version and namespace; in 10.1-10.6 (JetPack 6's 10.3 included) the local function always wins.
+So `use_plugin=False` parses the function body (standard ops, no extra library; on 10.7+ this holds
+as long as no sleigh::GSWA plugin is registered in the process, and the builder registers none),
+and `use_plugin=True` parses a copy of vision.onnx without the function, so every parser version
+maps the node to the IPluginV3 registered under namespace "sleigh".
+
+UNVERIFIED: TensorRT could not be installed where this was written; `build_engines` follows the
+TensorRT 10.3 and 11.1 Python bindings but has never run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sleigh import __version__
+from sleigh.errors import SleighError
+from sleigh.progress import progress
+from sleigh.runtime.backends.tensorrt_backend import (
+    DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, import_cudart,
+    make_logger, profile_to_json, tensorrt_status)
+from sleigh.runtime.package import MODULE_NAMES, sha256_file
+
+PRECISIONS = ("fp16", "int8", "fp32")  # fp32: a GPU reference engine from the FP32 modules
+BUILDER_OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's 0..5; 3 is its default
+MAX_BATCH = 64  # the exporter's batch Dim upper bound
+DEFAULT_OPT_TILES = 6  # a typical photo: 6 tiles + thumbnail = 7 views
+OPT_TEXT_TOKENS = 64  # text around the image tokens in a typical prompt (template, system message, question)
+ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# The GSWA node as sleigh.export.gswa_op writes it (that module imports torch, so not imported here).
+GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION = "sleigh", "GSWA", "sleigh", "1"
+
+# ONNX Runtime's QOperator / dynamic quantization ops: TensorRT wants Q/DQ (QDQ format) instead.
+QOPERATOR_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QLinearAdd"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+COMPUTE_OPS = {"MatMul", "Gemm", "Conv"}  # modules with these must carry Q/DQ for int8 (embed has none)
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """Build options; recorded in the manifest entry as `build_options`."""
+
+    precision: str = "fp16"  # what the source ONNX holds: "fp16" (float16 tensors), "int8" (symmetric Q/DQ), "fp32"
+    max_tiles: int = 12  # vision profile: views 1..max_tiles (+1 thumbnail)
+    opt_tiles: int | None = None  # the shape TensorRT tunes kernels for; None: min(6, max_tiles), 6 tiles + thumbnail = 7 views
+    max_context: int = 4096  # decoder: past + new positions; also the KV buffers the runtime allocates
+    opt_context: int | None = None  # None: tokens of opt_tiles views + OPT_TEXT_TOKENS
+    max_batch: int = 1
+    workspace_gb: float = 4.0  # builder scratch memory (MemoryPoolType.WORKSPACE)
+    builder_optimization_level: int = 3
+    timing_cache: Path | None = None  # None: PKG/engines/timing.cache, shared by every engine of the package
+    use_plugin: bool = False  # True: GSWA through the sleigh IPluginV3 (the local function is stripped)
+    plugin_library: Path | None = None  # a shared library that registers that plugin
+
+    def __post_init__(self):
+        def need_int(field, lo, hi):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise SleighError(f"--{field.replace('_', '-')} {v!r}", "out of range", f"an integer in {lo}..{hi}")
+
+        if self.precision not in PRECISIONS:
+            raise SleighError(f"--precision {self.precision!r}", "not a TensorRT precision of Sleigh",
+                              f"one of {', '.join(PRECISIONS)} (the source ONNX's: TensorRT 11 has no precision flags)")
+        need_int("max_tiles", 1, 40)
+        if self.opt_tiles is not None:
+            need_int("opt_tiles", 1, self.max_tiles)
+        need_int("max_context", 2, 1 << 20)
+        if self.opt_context is not None:
+            need_int("opt_context", 1, self.max_context)
+        need_int("max_batch", 1, MAX_BATCH)
+        need_int("builder_optimization_level", BUILDER_OPTIMIZATION_LEVELS.start, BUILDER_OPTIMIZATION_LEVELS.stop - 1)
+        if isinstance(self.workspace_gb, bool) or not isinstance(self.workspace_gb, (int, float)) or not 0 < self.workspace_gb <= 1024:
+            raise SleighError(f"--workspace-gb {self.workspace_gb!r}", "out of range", "a number of GiB in (0, 1024]")
+        if self.plugin_library is not None and not self.use_plugin:
+            raise SleighError("--plugin-library", "given without --use-plugin", "--use-plugin with it, or neither")
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, 'TensorRT 10.3.0.26') or (False, one-line problem). Imports nothing else."""
+    ok, what = tensorrt_status()
+    return (True, f"TensorRT {what}") if ok else (False, what)
+
+
+def default_engine_name(opts: TensorRTOptions) -> str:
+    return f"tensorrt-{opts.precision}"
+
+
+# -- profiles -----------------------------------------------------------------------------------
+
+
+def max_views(manifest: dict, tiles: int) -> int:
+    """Views for `tiles` tiles: a thumbnail is appended when there is more than one tile."""
+    return tiles + (1 if manifest["image"].get("thumbnail", True) and tiles > 1 else 0)
+
+
+def opt_tiles(opts: TensorRTOptions) -> int:
+    return opts.opt_tiles if opts.opt_tiles is not None else min(DEFAULT_OPT_TILES, opts.max_tiles)
+
+
+def opt_context(manifest: dict, opts: TensorRTOptions) -> int:
+    if opts.opt_context is not None:
+        return opts.opt_context
+    tokens = manifest["prompt"]["tokens_per_view"] * max_views(manifest, opt_tiles(opts)) + OPT_TEXT_TOKENS
+    return min(tokens, opts.max_context)
+
+
+def check_against_manifest(manifest: dict, opts: TensorRTOptions) -> None:
+    """Options that only make sense for a given model: context length and image tokens."""
+    limit = manifest["generation"]["context_length"]
+    if opts.max_context > limit:
+        raise SleighError(f"--max-context {opts.max_context}", f"exceeds the model's context of {limit}", f"at most {limit}")
+    tpv = manifest["prompt"]["tokens_per_view"]
+    image_tokens = tpv * max_views(manifest, opts.max_tiles)
+    if image_tokens >= opts.max_context:
+        fit = max((t for t in range(1, opts.max_tiles + 1) if tpv * max_views(manifest, t) < opts.max_context), default=0)
+        raise SleighError(f"--max-context {opts.max_context}",
+                          f"cannot hold {max_views(manifest, opts.max_tiles)} views x {tpv} image tokens ({image_tokens}) plus text",
+                          f"--max-context > {image_tokens}" + (f" or --max-tiles <= {fit}" if fit else ""))
+
+
+def _profile(manifest: dict, module: str, dims: dict[str, tuple[int, int, int]]) -> Profile:
+    """(min, opt, max) for every input of `module`, by name: symbolic dims from `dims`, static dims as exported."""
+    prof: Profile = {}
+    for inp in manifest["modules"][module]["inputs"]:
+        lo, opt, hi = [], [], []
+        for d in inp["shape"]:
+            if isinstance(d, int) and d > 0:
+                rng = (d, d, d)
+            elif isinstance(d, str) and d in dims:
+                rng = dims[d]
+            else:
+                raise SleighError(f"{module}.onnx input {inp['name']}", f"dimension {d!r} has no range in the TensorRT profiles",
+                                  f"static dims or one of {', '.join(sorted(dims))} (a package from this version of sleigh)")
+            for acc, v in zip((lo, opt, hi), rng):
+                acc.append(v)
+        prof[inp["name"]] = (tuple(lo), tuple(opt), tuple(hi))
+    return prof
+
+
+def _expect_static(manifest: dict, module: str, name: str, axis: int, value: int, what: str) -> None:
+    shape = next((i["shape"] for i in manifest["modules"][module]["inputs"] if i["name"] == name), None)
+    if shape is None or shape[axis] != value:
+        raise SleighError(f"{module}.onnx input {name}", f"{what} is {None if shape is None else shape[axis]!r}, "
+                          f"the model config says {value}", "a package whose modules match its manifest (re-export it)")
+
+
+def vision_profile(manifest: dict, opts: TensorRTOptions) -> Profile:
+    """pixel_values (views, 3, S, S): 1 .. max_tiles + thumbnail views, tuned for opt_tiles + thumbnail."""
+    check_against_manifest(manifest, opts)
+    size = manifest["image"]["size"]
+    _expect_static(manifest, "vision", "pixel_values", 2, size, "image height")
+    _expect_static(manifest, "vision", "pixel_values", 3, size, "image width")
+    views = (1, max_views(manifest, opt_tiles(opts)), max_views(manifest, opts.max_tiles))
+    return _profile(manifest, "vision", {"views": views})
+
+
+def embed_profile(manifest: dict, opts: TensorRTOptions) -> Profile:
+    """input_ids (B, S), image_embeds (M, D). One profile for prefill and the one-token steps: the
+    module is a gather, whose kernels hardly depend on the shape."""
+    check_against_manifest(manifest, opts)
+    tpv = manifest["prompt"]["tokens_per_view"]
+    dims = {"batch": (1, 1, opts.max_batch),
+            "sequence": (1, opt_context(manifest, opts), opts.max_context),
+            "image_rows": (1, tpv * max_views(manifest, opt_tiles(opts)), tpv * max_views(manifest, opts.max_tiles) * opts.max_batch)}
+    return _profile(manifest, "embed", dims)
+
+
+def decoder_profiles(manifest: dict, opts: TensorRTOptions) -> list[Profile]:
+    """[prefill, decode] (DECODER_PROFILES order).
+
+    TensorRT checks that min, opt and max each satisfy the graph's shape constraints, and the
+    decoder ties total_sequence (mask, bias) to past_sequence + sequence; so at each of the three
+    points total = past + sequence:
+      prefill: past 0 (min = max = 0 is allowed), sequence 1..max_context, total = sequence
+      decode:  sequence 1, past 0..max_context-1, total = past + 1
+    A multi-token step on a non-empty cache fits neither; the runtime feeds it one token at a time.
+    """
+    check_against_manifest(manifest, opts)
+    llm = manifest["model_config"]["llm"]
+    for name in (n for n in (i["name"] for i in manifest["modules"]["decoder"]["inputs"]) if n.startswith("past_key_values.")):
+        _expect_static(manifest, "decoder", name, 1, llm["num_kv_heads"], "the KV-head dim")
+        _expect_static(manifest, "decoder", name, 3, llm["hidden_size"] // llm["num_heads"], "the head dim")
+    C, opt_seq = opts.max_context, opt_context(manifest, opts)
+    batch = (1, 1, opts.max_batch)
+    opt_past = min(opt_seq, C - 1)
+    prefill = {"batch": batch, "sequence": (1, opt_seq, C), "past_sequence": (0, 0, 0), "total_sequence": (1, opt_seq, C)}
+    decode = {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (0, opt_past, C - 1),
+              "total_sequence": (1, opt_past + 1, C)}
+    return [_profile(manifest, "decoder", prefill), _profile(manifest, "decoder", decode)]
+
+
+# -- the plan: files, profiles, manifest entry ----------------------------------------------------
+
+
+def _rel(pkg: Path, path: Path) -> str:
+    """A path relative to the package where it lies inside it, else absolute."""
+    try:
+        return Path(path).resolve().relative_to(Path(pkg).resolve()).as_posix()
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def _final_rel(pkg: Path, engine_dir: Path, name: str, path: Path) -> str:
+    """Where `path` will be once `engine_dir` is PKG/engines/<name>."""
+    try:
+        return f"engines/{name}/" + Path(path).resolve().relative_to(Path(engine_dir).resolve()).as_posix()
+    except ValueError:
+        return _rel(pkg, path)
+
+
+def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: TensorRTOptions, *,
+                name: str | None = None, out_dir: Path | None = None) -> dict:
+    """What a build will read and write, and the manifest entry it will fill in (no TensorRT needed).
+
+    `sources`: the ONNX per module, FP16 or Q/DQ (absolute, or relative to the package).
+    `out_dir`: where the plans are written, when the caller builds in a temporary folder that it
+    renames to PKG/engines/<name> afterwards; the entry always records the final paths (and a
+    source inside `out_dir` as the file it will be in PKG/engines/<name>).
+    Returns {"name", "dir", "timing_cache", "modules": {module: {"source", "plan", "plan_rel",
+    "profiles", "profile_names", "strip_gswa_function"}}, "entry"}.
+    """
+    pkg = Path(pkg)
+    name = name or default_engine_name(opts)
+    if not ENGINE_NAME.match(name):
+        raise SleighError(f"--name {name!r}", "not a usable engine name", "letters, digits, '.', '_' and '-' (a folder name)")
+    existing = manifest.get("engines", {}).get(name)
+    if existing is not None and existing.get("backend") != "tensorrt":
+        raise SleighError(f"--name {name}", f"the package already has a {existing.get('backend')!r} engine of that name",
+                          f"another name (default {default_engine_name(opts)})")
+    missing = [m for m in MODULE_NAMES if m not in sources]
+    unknown = sorted(set(sources) - set(MODULE_NAMES))
+    if missing or unknown:
+        raise SleighError("sources", f"missing {missing}, unknown {unknown}", f"one ONNX for each of {', '.join(MODULE_NAMES)}")
+    resolved = {}
+    for m in MODULE_NAMES:
+        src = Path(sources[m])
+        src = src if src.is_absolute() else pkg / src
+        if not src.is_file():
+            raise SleighError(str(src), f"the {m} source ONNX does not exist",
+                              f"an {opts.precision.upper()} ONNX of the {m} module (e.g. from an ONNX Runtime engine folder of the package)")
+        resolved[m] = src
+    profiles = {"vision": [vision_profile(manifest, opts)], "embed": [embed_profile(manifest, opts)],
+                "decoder": decoder_profiles(manifest, opts)}
+    names = {"vision": ["default"], "embed": ["default"], "decoder": list(DECODER_PROFILES)}
+    engine_dir = Path(out_dir) if out_dir is not None else pkg / "engines" / name
+    timing_cache = Path(opts.timing_cache) if opts.timing_cache is not None else pkg / "engines" / "timing.cache"
+    has_gswa = manifest.get("gswa") is not None
+    modules = {}
+    for m in MODULE_NAMES:
+        plan_rel = f"engines/{name}/{m}.plan"
+        modules[m] = {"source": resolved[m], "plan": engine_dir / f"{m}.plan", "plan_rel": plan_rel, "profiles": profiles[m],
+                      "profile_names": names[m], "strip_gswa_function": opts.use_plugin and has_gswa and m == "vision"}
+    if not has_gswa:
+        gswa = None
+    elif opts.use_plugin:
+        gswa = {"via": "plugin", "op": f"{GSWA_DOMAIN}::{GSWA_OP}", "plugin_namespace": GSWA_PLUGIN_NAMESPACE,
+                "plugin_version": GSWA_PLUGIN_VERSION,
+                "plugin_library": None if opts.plugin_library is None else str(Path(opts.plugin_library).resolve())}
+    else:
+        gswa = {"via": "function", "op": f"{GSWA_DOMAIN}::{GSWA_OP}"}
+    entry = {
+        "backend": "tensorrt",
+        "precision": opts.precision,
+        "modules": {m: modules[m]["plan_rel"] for m in MODULE_NAMES},
+        "sources": {m: _final_rel(pkg, engine_dir, name, resolved[m]) for m in MODULE_NAMES},
+        "profiles": {m: [{"name": n, "shapes": profile_to_json(p)} for n, p in zip(names[m], profiles[m])] for m in MODULE_NAMES},
+        "timing_cache": _rel(pkg, timing_cache),
+        "gswa": gswa,
+        "build_options": opts.to_json(),
+        "versions": {"sleigh": __version__, "tensorrt": None, "compute_capability": None, "device": None},
+        "source_checks": None,
+        "files": {},
+        "files_bytes": None,
+        "build_seconds": None,
+    }
+    return {"name": name, "dir": engine_dir, "timing_cache": timing_cache, "modules": modules, "entry": entry}
+
+
+# -- source checks and the plugin copy of vision.onnx (need onnx, imported lazily) ------------------
+
+
+def _all_nodes(model):
+    yield from model.graph.node
+    for fn in model.functions:
+        yield from fn.node
+
+
+def _constant_values(model, base_dir: Path) -> dict:
+    """name -> numpy array for initializers and Constant outputs (external data read from base_dir)."""
+    from onnx import numpy_helper
+
+    values = {t.name: t for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value":
+                    values[n.output[0]] = a.t
+    return {k: (lambda t=t: numpy_helper.to_array(t, base_dir=str(base_dir))) for k, t in values.items()}
+
+
+def source_problems(module: str, path: Path, precision: str, manifest: dict, *, use_plugin: bool = False) -> list[str]:
+    """What would make TensorRT parse `path` into something other than a `precision` engine of `module`
+    (an empty list: none found). Reads the graph; loads external data only for Q/DQ zero points."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    problems = []
+    inits = {t.name for t in model.graph.initializer}
+    got = sorted(i.name for i in model.graph.input if i.name not in inits)
+    expected = sorted(i["name"] for i in manifest["modules"][module]["inputs"])
+    if got != expected:
+        problems.append(f"inputs {got} differ from the manifest's {expected}")
+    nodes = list(_all_nodes(model))
+    ops = {(n.domain or "", n.op_type) for n in nodes}
+    function_names = {f.name for f in model.functions}
+    foreign = sorted(f"{d}::{o}" for d, o in ops if d not in ("", "ai.onnx", GSWA_DOMAIN) and o not in function_names)
+    if foreign:
+        problems.append(f"contains {', '.join(foreign)}, which TensorRT's ONNX parser does not know")
+    qop = sorted(o for d, o in ops if d in ("", "ai.onnx") and o in QOPERATOR_OPS)
+    if qop:
+        problems.append(f"contains {', '.join(qop)} (ONNX Runtime QOperator/dynamic quantization); TensorRT needs Q/DQ nodes")
+    if precision == "int8":
+        qdq = [n for n in nodes if n.op_type in QDQ_OPS and n.domain in ("", "ai.onnx")]
+        if not qdq and any(o in COMPUTE_OPS for _, o in ops):
+            problems.append("has no QuantizeLinear/DequantizeLinear nodes, so the strongly typed engine would not be INT8")
+        consts = _constant_values(model, path.parent)
+        asymmetric = []
+        for n in qdq:
+            zp = n.input[2] if len(n.input) > 2 else ""
+            if zp and zp in consts and consts[zp]().astype("int64").any():
+                asymmetric.append(zp)
+        if asymmetric:
+            problems.append(f"zero points {sorted(set(asymmetric))[:3]} are not 0 (TensorRT needs symmetric Q/DQ)")
+    if precision == "fp16" and not _has_float16(model, nodes):
+        problems.append("has no float16 tensors, so the strongly typed engine would run in FP32")
+    if precision == "fp32":
+        labels = [what for what, found in (("float16 tensors", _has_float16(model, nodes)),
+                                           ("Q/DQ nodes", any(o in QDQ_OPS for _, o in ops))) if found]
+        if labels:
+            problems.append(f"has {' and '.join(labels)}, so the engine would not be the FP32 it is labelled")
+    gswa_nodes = [n for n in model.graph.node if n.domain == GSWA_DOMAIN and n.op_type == GSWA_OP]
+    if gswa_nodes and not use_plugin and GSWA_OP not in function_names:
+        problems.append("has the sleigh::GSWA node without its function body, so TensorRT would need the plugin "
+                        "(use --use-plugin, or the package's vision.onnx)")
+    return problems
+
+
+def _has_float16(model, nodes) -> bool:
+    from onnx import TensorProto
+
+    f16 = TensorProto.FLOAT16
+    if any(t.data_type == f16 for t in model.graph.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type == f16 for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]):
+        return True
+    for n in nodes:
+        for a in n.attribute:
+            if (n.op_type == "Cast" and a.name == "to" and a.i == f16) or (a.name == "value" and a.t.data_type == f16):
+                return True
+    return False
+
+
+def strip_gswa_function(src: Path, dst: Path) -> int:
+    """Write `dst`: `src` without the GSWA local function, the sleigh::GSWA node kept (so every
+    TensorRT parser maps it to the plugin of its `plugin_namespace`). Returns the number of GSWA
+    nodes. External weights stay where they are: `dst` must lie in `src`'s folder when it has any."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    src, dst = Path(src), Path(dst)
+    model = onnx.load(str(src), load_external_data=False)
+    nodes = [n for n in model.graph.node if n.domain == GSWA_DOMAIN and n.op_type == GSWA_OP]
+    if not nodes:
+        raise SleighError(str(src), "has no sleigh::GSWA node", "the vision module of a package with GSWA (or no --use-plugin)")
+    for n in nodes:
+        ns = next((a.s.decode() for a in n.attribute if a.name == "plugin_namespace"), None)
+        if ns != GSWA_PLUGIN_NAMESPACE:
+            raise SleighError(str(src), f"the GSWA node's plugin_namespace is {ns!r}",
+                              f"{GSWA_PLUGIN_NAMESPACE!r} (re-export with this version of sleigh)")
+    external = any(uses_external_data(t) for t in model.graph.initializer)
+    if external and dst.resolve().parent != src.resolve().parent:
+        raise ValueError("strip_gswa_function: dst must be beside src when src has external data")
+    keep = [f for f in model.functions if f.name != GSWA_OP]  # the parser matches by name, whatever the domain
+    del model.functions[:]
+    model.functions.extend(keep)
+    onnx.save(model, str(dst))  # tensors still point at src's .onnx.data by relative location
+    return len(nodes)
+
+
+@contextmanager
+def _parse_path(spec: dict):
+    """The file to hand to the parser: the source, or a stripped copy beside it (removed afterwards)."""
+    src = spec["source"]
+    if not spec["strip_gswa_function"]:
+        yield src
+        return
+    tmp = src.parent / f".{src.stem}.gswa-plugin.{os.getpid()}.onnx"
+    try:
+        strip_gswa_function(src, tmp)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the build (needs TensorRT) ---------------------------------------------------------------------
+
+
+def parser_errors(parser, limit: int = 3) -> str:
+    """The parser's errors on one line, each with its node name and operator."""
+    def get(err, attr):
+        try:
+            return getattr(err, attr)()
+        except Exception:  # older bindings lack some accessors
+            return None
+
+    parts = []
+    for i in range(min(parser.num_errors, limit)):
+        err = parser.get_error(i)
+        node = get(err, "node_name") or f"node #{get(err, 'node')}"
+        op = get(err, "node_operator")
+        stack = get(err, "local_function_stack")
+        where = f"{' > '.join(stack)} > " if stack else ""
+        parts.append(f"{where}{node}{f' [{op}]' if op else ''}: {' '.join(str(get(err, 'desc')).split())}")
+    more = parser.num_errors - limit
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _write_bytes_atomic(path: Path, data) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))  # IHostMemory exposes the buffer protocol: no extra copy
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _register_plugin(trt, logger, opts: TensorRTOptions) -> None:
+    trt.init_libnvinfer_plugins(logger, "")
+    registry = trt.get_plugin_registry()
+    if opts.plugin_library is not None:
+        if not Path(opts.plugin_library).is_file() or registry.load_library(str(opts.plugin_library)) is None:
+            raise SleighError(f"--plugin-library {opts.plugin_library}", f"TensorRT cannot load it ({logger.last_error()})",
+                              "a shared library built for this TensorRT version that registers the sleigh::GSWA plugin")
+    if registry.get_creator(GSWA_OP, GSWA_PLUGIN_VERSION, GSWA_PLUGIN_NAMESPACE) is None:
+        raise SleighError("--use-plugin", f"no {GSWA_OP} plugin (version {GSWA_PLUGIN_VERSION}, namespace "
+                          f"{GSWA_PLUGIN_NAMESPACE!r}) is registered with TensorRT",
+                          "--plugin-library PATH of the library that registers it, or no --use-plugin (the GSWA function is parsed)")
+
+
+def _build_module(trt, logger, module: str, spec: dict, opts: TensorRTOptions, cache_bytes: bytes):
+    """Parse, profile and build one module; returns (serialized engine, serialized timing cache)."""
+    try:
+        builder = trt.Builder(logger)
+    except Exception as e:  # pybind raises when the factory returns null (no CUDA device)
+        raise SleighError("GPU", f"TensorRT cannot create a builder ({logger.last_error() if logger.errors else e})",
+                          GPU_EXPECTED) from None
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    with _parse_path(spec) as path:
+        if not parser.parse_from_file(str(path)):  # from a file, so <name>.onnx.data is found beside it
+            raise SleighError(f"{module} ({spec['source']})", f"TensorRT's ONNX parser failed: {parser_errors(parser)}",
+                              "an ONNX that TensorRT 10.3+ parses (opset 18-20, standard ops, Q/DQ for INT8)")
+        inputs = {network.get_input(i).name for i in range(network.num_inputs)}
+        for label, prof in zip(spec["profile_names"], spec["profiles"]):
+            if set(prof) != inputs:
+                raise SleighError(f"{module} ({spec['source']})", f"network inputs {sorted(inputs)} differ from the "
+                                  f"{label} profile's {sorted(prof)}", "a source ONNX with the manifest's input names")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gb * (1 << 30)))
+        config.builder_optimization_level = opts.builder_optimization_level
+        for label, prof in zip(spec["profile_names"], spec["profiles"]):
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in prof.items():
+                profile.set_shape(name, lo, opt, hi)
+            if config.add_optimization_profile(profile) < 0:
+                raise SleighError(f"{module} profile {label}", f"TensorRT rejects it ({logger.last_error()})",
+                                  "profiles with min <= opt <= max (a bug in sleigh: please report it)")
+        cache = config.create_timing_cache(cache_bytes)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            # a cache from another GPU or TensorRT version: start a fresh one rather than mix timings
+            cache = config.create_timing_cache(b"")
+            config.set_timing_cache(cache, ignore_mismatch=False)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise SleighError(f"{module} ({spec['source']})", f"TensorRT could not build the engine ({logger.last_error()})",
+                              "enough GPU memory (a larger --workspace-gb, smaller --max-context) and a supported graph")
+        return serialized, config.get_timing_cache().serialize()
+
+
+def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: TensorRTOptions, *,
+                  name: str | None = None, quiet: bool = False, out_dir: Path | None = None) -> dict:
+    """Build vision, embed and decoder plans into PKG/engines/<name>/ (or `out_dir`, see
+    `engine_plan`) and return the manifest entry (the caller writes it to manifest["engines"][name],
+    merges entry["files"] into manifest["files"], and writes the manifest last). Never writes a
+    plan without TensorRT."""
+    t0 = time.perf_counter()
+    pkg = Path(pkg)
+    plan = engine_plan(pkg, manifest, sources, opts, name=name, out_dir=out_dir)
+    ok, problem = tensorrt_available()
+    if not ok:
+        raise SleighError("tensorrt", problem, TENSORRT_EXPECTED)
+    entry = copy.deepcopy(plan["entry"])
+    try:
+        import onnx  # noqa: F401  (the export extra; a Jetson may build without it)
+    except ImportError:
+        entry["source_checks"] = "skipped: onnx is not installed"
+    else:
+        for m, spec in plan["modules"].items():
+            problems = source_problems(m, spec["source"], opts.precision, manifest, use_plugin=opts.use_plugin)
+            if problems:
+                raise SleighError(f"{m} source {spec['source']}", "; ".join(problems[:3]),
+                                  f"an {opts.precision.upper()} ONNX of the {m} module that TensorRT can parse")
+        entry["source_checks"] = "passed"
+    import tensorrt as trt
+
+    logger = make_logger(trt, echo=not quiet)
+    if opts.use_plugin:
+        _register_plugin(trt, logger, opts)
+    cache_path = plan["timing_cache"]
+    cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+    with progress("build-engine", len(plan["modules"]), quiet) as bar:
+        for m, spec in plan["modules"].items():
+            bar.advance(0, description=f"tensorrt {m}")
+            serialized, cache = _build_module(trt, logger, m, spec, opts, cache_bytes)
+            _write_bytes_atomic(spec["plan"], serialized)
+            _write_bytes_atomic(cache_path, cache)  # kept after every module: an interrupted build keeps its timings
+            cache_bytes = bytes(memoryview(cache))
+            del serialized
+            bar.advance()
+    entry["versions"]["tensorrt"] = trt.__version__
+    try:
+        cudart = import_cudart()
+        entry["versions"]["compute_capability"] = compute_capability(cudart)
+        entry["versions"]["device"] = device_name(cudart)
+    except Exception:  # cuda-python missing: the runtime then checks the TensorRT version only
+        pass
+    entry["files"] = {spec["plan_rel"]: {"sha256": sha256_file(spec["plan"]), "bytes": spec["plan"].stat().st_size}
+                      for spec in plan["modules"].values()}
+    entry["files_bytes"] = sum(f["bytes"] for f in entry["files"].values())
+    entry["build_seconds"] = round(time.perf_counter() - t0, 2)
+    return entry

@@ -1,0 +1,138 @@
+"""TensorRT backend, everything that needs no TensorRT or GPU: the one-line error where they are
+missing, profile selection for prefill and decode, engine/GPU compatibility checks, and that the
+module imports nothing heavy. Running engines is unverified on these machines (no TensorRT)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from sleigh.errors import SleighError
+from sleigh.runtime.backends.tensorrt_backend import (
+    DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, parse_version,
+    profile_error, profile_from_json, profile_to_json, runtime_status, select_profile)
+
+TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
+LAYERS, KV, HD, D = 2, 2, 16, 64
+
+
+def decoder_inputs() -> list[dict]:
+    """The decoder inputs as `describe_io` writes them into the manifest (names, symbolic dims)."""
+    kv = [{"name": f"past_key_values.{i}.{k}", "dtype": "float32", "shape": ["batch", KV, "past_sequence", HD]}
+          for i in range(LAYERS) for k in ("key", "value")]
+    return [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", D]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
+            {"name": "attention_bias", "dtype": "float32", "shape": ["batch", "total_sequence"]},
+            {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]}, *kv]
+
+
+MANIFEST = {  # the parts of a package manifest the decoder profiles read
+    "model_config": {"llm": {"hidden_size": D, "num_heads": 4, "num_kv_heads": KV, "num_layers": LAYERS}},
+    "modules": {"decoder": {"inputs": decoder_inputs()}},
+    "image": {"size": 448, "thumbnail": True},
+    "prompt": {"tokens_per_view": 256},
+    "generation": {"context_length": 8192},
+}
+
+
+def shapes(B, S, P) -> dict:
+    s = {"inputs_embeds": (B, S, D), "attention_mask": (B, P + S), "attention_bias": (B, P + S), "position_ids": (B, S)}
+    s.update({f"past_key_values.{i}.{k}": (B, KV, P, HD) for i in range(LAYERS) for k in ("key", "value")})
+    return s
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    from sleigh.export.tensorrt_build import TensorRTOptions, decoder_profiles
+
+    return decoder_profiles(MANIFEST, TensorRTOptions(max_context=4096, max_batch=2))
+
+
+@pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="tensorrt is importable here")
+def test_from_package_without_tensorrt_is_one_line(tmp_path):
+    entry = {"backend": "tensorrt", "precision": "fp16", "modules": {}, "versions": {"tensorrt": "10.3.0.26"}}
+    with pytest.raises(SleighError) as e:
+        TensorRTBackend.from_package(tmp_path, MANIFEST, entry)
+    text = str(e.value)
+    assert "\n" not in text
+    assert text.startswith("tensorrt | the TensorRT Python package is not installed (")
+    assert text.endswith(f". Expected: {TENSORRT_EXPECTED}")
+    ok, what, problem, expected = runtime_status()
+    assert (ok, what, expected) == (False, "tensorrt", TENSORRT_EXPECTED) and problem in text
+
+
+def test_select_profile_prefill_decode_and_none(profiles):
+    prefill, decode = DECODER_PROFILES.index("prefill"), DECODER_PROFILES.index("decode")
+    assert select_profile(profiles, shapes(1, 300, 0)) == prefill  # the prompt, from an empty cache
+    assert select_profile(profiles, shapes(1, 4096, 0)) == prefill
+    assert select_profile(profiles, shapes(1, 1, 300)) == decode  # one token on a cache
+    assert select_profile(profiles, shapes(2, 1, 4095)) == decode
+    assert select_profile(profiles, shapes(1, 1, 0)) in (prefill, decode)  # a one-token prompt fits both
+    # no profile: more positions than the context, too large a batch, several tokens on a cache
+    # (the backend feeds those one at a time), a missing input or a wrong rank
+    assert select_profile(profiles, shapes(1, 4097, 0)) is None
+    assert select_profile(profiles, shapes(1, 1, 4096)) is None
+    assert select_profile(profiles, shapes(3, 1, 10)) is None
+    assert select_profile(profiles, shapes(1, 3, 10)) is None
+    partial = shapes(1, 1, 10)
+    del partial["position_ids"]
+    assert select_profile(profiles, partial) is None
+    assert not fits(profiles[decode], {**shapes(1, 1, 10), "position_ids": (1, 1, 1)})
+
+
+def test_select_profile_prefers_the_tightest():
+    wide = {"x": ((1,), (8,), (100,))}
+    narrow = {"x": ((1,), (1,), (1,))}
+    assert select_profile([wide, narrow], {"x": (1,)}) == 1
+    assert select_profile([narrow, wide], {"x": (1,)}) == 0
+    assert select_profile([wide, narrow], {"x": (50,)}) == 0
+
+
+def test_profile_error_names_the_ranges(profiles):
+    err = profile_error("decoder", profiles, shapes(1, 1, 5000), list(DECODER_PROFILES))
+    text = str(err)
+    assert "\n" not in text and text.startswith("tensorrt decoder | input shapes ")
+    assert "prefill: inputs_embeds (1..2, 1..4096, 64)" in text
+    assert "decode: inputs_embeds (1..2, 1, 64)" in text
+    assert "past_key_values.0.key (1..2, 2, 0..4095, 16)" in text
+    assert describe_ranges({"pixel_values": ((1, 3, 448, 448), (7, 3, 448, 448), (13, 3, 448, 448))}) == \
+        "pixel_values (1..13, 3, 448, 448)"
+
+
+def test_profile_json_round_trip(profiles):
+    for prof in profiles:
+        assert profile_from_json(profile_to_json(prof)) == prof
+
+
+def test_check_engine_compat():
+    entry = {"backend": "tensorrt", "versions": {"tensorrt": "10.3.0.26", "compute_capability": "8.7"}}
+    check_engine_compat(entry, "10.3.0.26", "8.7")
+    check_engine_compat(entry, "10.3.0.26", None)  # compute capability unknown: TensorRT checks it itself
+    cases = [
+        ({**entry, "backend": "onnxruntime"}, "10.3.0.26", "8.7", "not a TensorRT engine"),
+        ({**entry, "versions": {"tensorrt": None}}, "10.3.0.26", "8.7", "no TensorRT version"),
+        (entry, "10.8.0.43", "8.7", "built with TensorRT 10.3.0.26, this machine has TensorRT 10.8.0.43"),
+        (entry, "10.3.0.26", "9.0", "compute capability 8.7, this GPU is 9.0"),
+    ]
+    for e, trt_version, cc, needle in cases:
+        with pytest.raises(SleighError) as err:
+            check_engine_compat(e, trt_version, cc)
+        assert needle in str(err.value) and "\n" not in str(err.value) and ". Expected: " in str(err.value)
+
+
+def test_parse_version():
+    assert parse_version("10.3.0.26") == (10, 3, 0, 26)
+    assert parse_version("11.1.0") == (11, 1, 0)
+    assert parse_version("10.3.0.post1") == (10, 3, 0)
+    assert parse_version("") == ()
+
+
+def test_import_is_light():
+    code = ("import sys, sleigh.runtime.backends.tensorrt_backend; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda', 'torch', 'onnx', 'transformers')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
