@@ -1,0 +1,263 @@
+"""The `sleigh` command line, always in a subprocess (the real entry point, exit codes and streams).
+
+- `--help` lists every command with its one-line description, without importing torch or onnx;
+- `sleigh init` is reproducible per seed;
+- `sleigh run --json` on the converted oracle checkpoint gives the oracle's greedy tokens;
+- bad input: exit code != 0, exactly one `error:` line on stderr naming the problem, no traceback,
+  and no partial output folder.
+
+The subprocesses of the bad-input table and of `run --json` are independent, so they run side by
+side (one per core) in a module fixture; each test only reads its result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.conftest import ASTRONAUT, INIT_SEED, ORACLE_CKPT, cli_env, run_sleigh
+
+REQUIRED_COMMANDS = ("convert", "init", "run", "export", "inspect")
+HEAVY_MODULES = ("torch", "onnx", "onnxruntime", "transformers", "tensorrt")
+MISSING_TENSOR = "language_model.model.layers.1.feed_forward.w2.weight"
+MISSING_TENSOR_SLEIGH = "llm.layers.1.mlp.down_proj.weight"  # the same tensor after conversion
+
+
+# -- help -----------------------------------------------------------------------------------------
+
+
+def registered_commands() -> dict[str, str]:
+    """name -> first line of the command's help, as the typer app registers them."""
+    import typer.main
+
+    from sleigh.cli import app
+
+    group = typer.main.get_command(app)
+    return {name: (cmd.help or "").strip().splitlines()[0] if (cmd.help or "").strip() else ""
+            for name, cmd in group.commands.items() if not cmd.hidden}
+
+
+def help_without_heavy_imports(*args: str) -> subprocess.CompletedProcess:
+    """`sleigh ARGS` with torch, onnx, ... made unimportable, as on a bare runtime install."""
+    code = ("import sys\n"
+            f"for m in {HEAVY_MODULES!r}: sys.modules[m] = None\n"
+            f"sys.argv = ['sleigh', *{list(args)!r}]\n"
+            "from sleigh.cli import main\n"
+            "main()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+
+
+def test_help_lists_every_command_with_a_description():
+    commands = registered_commands()
+    assert set(REQUIRED_COMMANDS) <= set(commands), sorted(commands)
+    proc = help_without_heavy_imports("--help")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for name, first_line in commands.items():
+        assert first_line, f"command {name!r} has no description"
+        hits = [ln for ln in lines if f" {name} " in f" {ln.strip(' │|')} " and first_line in ln]
+        assert len(hits) == 1, f"{name!r} with {first_line!r} not on one help line:\n{proc.stdout}"
+
+
+@pytest.mark.parametrize("command", REQUIRED_COMMANDS)
+def test_command_help_needs_no_heavy_packages(command):
+    proc = help_without_heavy_imports(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage" in proc.stdout and "Traceback" not in proc.stderr
+
+
+# -- subprocess table ----------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    args: list
+    words: tuple[str, ...] = ()  # each must appear in the error line
+    any_words: tuple[str, ...] = ()  # at least one must appear
+    dst: Path | None = None  # must not exist afterwards (nor a .dst.tmp-* beside it)
+    keep: dict[str, bytes] | None = None  # dst exists before and must hold exactly these files after
+    result: subprocess.CompletedProcess | None = field(default=None, repr=False)
+
+
+def _oracle_copy(root: Path, name: str) -> Path:
+    dst = root / name
+    shutil.copytree(ORACLE_CKPT, dst)
+    return dst
+
+
+def build_cases(root: Path, ckpt: Path) -> dict[str, Case]:
+    cases: dict[str, Case] = {}
+
+    other = root / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                   "hidden_size": 64}))
+    cases["convert_other_model"] = Case(["convert", other, root / "out-other"], ("not InternVL2", "llama"),
+                                        dst=root / "out-other")
+
+    empty = root / "empty"
+    empty.mkdir()
+    cases["convert_empty_folder"] = Case(["convert", empty, root / "out-empty"], ("no config.json", str(empty)),
+                                         dst=root / "out-empty")
+
+    src = _oracle_copy(root, "missing-tensor")
+    state = load_file(str(src / "model.safetensors"))
+    del state[MISSING_TENSOR]
+    save_file(state, str(src / "model.safetensors"))
+    cases["convert_missing_tensor"] = Case(["convert", src, root / "out-missing"], ("missing",),
+                                           any_words=(MISSING_TENSOR, MISSING_TENSOR_SLEIGH), dst=root / "out-missing")
+
+    src = _oracle_copy(root, "truncated")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases["convert_truncated_weights"] = Case(["convert", src, root / "out-trunc"],
+                                              ("model.safetensors", "unreadable"), dst=root / "out-trunc")
+
+    busy = root / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_bytes(b"mine")
+    cases["convert_non_empty_output"] = Case(["convert", ORACLE_CKPT, busy], ("not empty", "--force"), keep={
+        "notes.txt": b"mine"}, dst=busy)
+
+    missing_gswa = root / "nowhere" / "gswa.safetensors"
+    cases["convert_missing_gswa_file"] = Case(["convert", ORACLE_CKPT, root / "out-gswa", "--gswa", missing_gswa],
+                                              ("gswa.safetensors", "not found"), dst=root / "out-gswa")
+
+    png = ASTRONAUT.read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 3])
+    (root / "zero.png").write_bytes(b"")
+    (root / "folder.png").mkdir()
+    run = ["run", "--model", ckpt, "--max-new-tokens", "2", "--json"]
+    cases["run_corrupt_image"] = Case([*run[:1], root / "truncated.png", *run[1:]], ("truncated.png", "corrupt"))
+    cases["run_zero_byte_image"] = Case([*run[:1], root / "zero.png", *run[1:]], ("zero.png", "0 bytes"))
+    cases["run_directory_as_image"] = Case([*run[:1], root / "folder.png", *run[1:]], ("folder.png", "folder"))
+    cases["run_missing_model"] = Case(["run", ASTRONAUT, "--model", root / "no-model"], ("no-model", "not found"))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, oracle_ckpts):
+    """Every subprocess of this module that is not a help call, run side by side."""
+    root = tmp_path_factory.mktemp("cli")
+    ckpt = oracle_ckpts["identity"]
+    cases = build_cases(root, ckpt)
+    jobs = {name: c.args for name, c in cases.items()}
+    jobs["run_json"] = ["run", ASTRONAUT, "--model", ckpt, "--max-new-tokens", "12", "--ignore-eos", "--json"]
+    jobs["init_again"] = ["init", root / "init-again", "--preset", "tiny", "--seed", INIT_SEED]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {name: pool.submit(run_sleigh, *args) for name, args in jobs.items()}
+        results = {name: f.result() for name, f in futures.items()}
+    for name, c in cases.items():
+        c.result = results[name]
+    return cases, results, root
+
+
+# -- run --json ----------------------------------------------------------------------------------
+
+
+def test_run_json_reproduces_the_oracle(cli_runs, oracle_expected):
+    proc = cli_runs[1]["run_json"]
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, proc.stdout  # --json: one object, nothing else on stdout
+    out = json.loads(lines[0])
+    exp = oracle_expected["astronaut"]
+    assert out["token_ids"] == exp["greedy_12_no_eos_ids"]
+    assert isinstance(out["text"], str) and out["text"]
+    assert out["prompt_tokens"] == exp["num_input_ids"] == 452
+    assert out["grid"] == [1, 1] and out["views"] == exp["num_views"] == 1
+    assert out["gswa_weights"] == [1.0]
+    t = out["timings"]
+    for key in ("preprocess_s", "vision_s", "time_to_first_token_s", "decode_tokens_per_s"):
+        assert isinstance(t[key], (int, float)) and t[key] >= 0, (key, t)
+    assert t["decode_tokens_per_s"] > 0 and t["time_to_first_token_s"] >= t["preprocess_s"]
+
+
+# -- init ----------------------------------------------------------------------------------------
+
+
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """(header JSON, tensor bytes) of a safetensors file."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def test_init_is_reproducible_per_seed(cli_runs, init_ckpt, tmp_path):
+    proc = cli_runs[1]["init_again"]
+    assert proc.returncode == 0, proc.stderr
+    again = cli_runs[2] / "init-again"
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        assert (again / name).read_bytes() == (init_ckpt / name).read_bytes(), name
+    # The tensor bytes and the header are identical; whole-file byte identity is pinned down (as a
+    # known bug) in test_init_writes_identical_weight_files.
+    assert _safetensors_parts(again / "model.safetensors") == _safetensors_parts(init_ckpt / "model.safetensors")
+
+    from sleigh.sleighvl.init import init_checkpoint
+
+    init_checkpoint(tmp_path / "seed4", "tiny", seed=INIT_SEED + 1)
+    a, b = load_file(str(init_ckpt / "model.safetensors")), load_file(str(tmp_path / "seed4" / "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    random_tensors = [k for k in a if a[k].dim() >= 2]
+    assert set(random_tensors) <= set(differing), sorted(set(random_tensors) - set(differing))[:5]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: save_checkpoint passes two safetensors metadata keys (format, producer); "
+                                       "safetensors keeps them in a Rust HashMap, so their order in the header "
+                                       "(and the file's bytes and sha256) changes from one save to the next")
+def test_init_writes_identical_weight_files(init_ckpt, tmp_path):
+    from sleigh.sleighvl.init import init_checkpoint
+
+    want = (init_ckpt / "model.safetensors").read_bytes()
+    for i in range(16):  # a coin flip per save: 16 saves all matching by chance is 2^-16
+        init_checkpoint(tmp_path / str(i), "tiny", seed=INIT_SEED)
+        assert (tmp_path / str(i) / "model.safetensors").read_bytes() == want, f"save {i} differs"
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+BAD_INPUT = ["convert_other_model", "convert_empty_folder", "convert_missing_tensor", "convert_truncated_weights",
+             "convert_non_empty_output", "convert_missing_gswa_file", "run_corrupt_image", "run_zero_byte_image",
+             "run_directory_as_image", "run_missing_model"]
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_gives_one_error_line(cli_runs, name):
+    case = cli_runs[0][name]
+    proc = case.result
+    both = proc.stdout + proc.stderr
+    assert proc.returncode != 0, both
+    assert "Traceback" not in both, both
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got:\n{proc.stderr}"
+    line = lines[0]
+    assert line.startswith("error: ") and not line.startswith("error: unexpected"), line
+    assert " | " in line and "Expected:" in line, f"not a SleighError message: {line}"
+    for word in case.words:
+        assert word in line, f"{word!r} not in {line!r}"
+    if case.any_words:
+        assert any(w in line for w in case.any_words), f"none of {case.any_words} in {line!r}"
+    assert proc.stdout.strip() == "", proc.stdout
+    if case.dst is not None:
+        if case.keep is None:
+            assert not case.dst.exists(), f"{case.dst} left behind"
+        else:
+            assert {p.name: p.read_bytes() for p in case.dst.iterdir()} == case.keep
+        leftovers = sorted(p.name for p in case.dst.parent.glob(f".{case.dst.name}.tmp-*"))
+        assert not leftovers, leftovers
+
+
+def test_bad_input_table_is_complete(cli_runs):
+    assert sorted(BAD_INPUT) == sorted(cli_runs[0])
