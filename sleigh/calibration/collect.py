@@ -1,0 +1,237 @@
+"""`sleigh calibrate`: activation ranges of the vision module from a folder of images.
+
+    images/*.jpg ─tile_image (the package's tiling)─► pixel_values [T,3,S,S]
+      ─one view at a time─► FP32 vision.onnx in ONNX Runtime, with the activation inputs of every
+        MatMul / Gemm / Conv of the main graph added as graph outputs
+      ─► RunningStats per tensor (min, max, max|x|, |x| histogram) ─method─► amax, scale = amax/127
+      ─► calibration/vision_ranges.json, calibration/vision.calib.cache (TensorRT 10.x),
+         manifest.json["calibration"] (written last, atomically)
+
+Only the vision module is calibrated: the decoder's INT8 is weight-only (DESIGN.md, Precision), so
+its activations stay in floating point and need no ranges.
+
+Memory: only the tensors that get quantized are exposed (not every intermediate: `quantize_static`
+peaked near 20 GB on the full-size encoder, FACTS.md), and views run one at a time. That is exact,
+because every quantized op works on one view; the only op that mixes views is GSWA, which stays in
+float and is not calibrated.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sleigh import __version__
+from sleigh.calibration.stats import METHODS, RunningStats, compute_amax
+from sleigh.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
+from sleigh.errors import SleighError
+from sleigh.progress import progress
+from sleigh.runtime.image import tile_image
+from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
+GSWA_NODE_PREFIX = "/gswa/"  # names of the GSWA function's nodes once inlined: GSWA stays in float
+CALIBRATION_DIR = "calibration"
+RANGES_FILE = f"{CALIBRATION_DIR}/vision_ranges.json"
+CACHE_FILE = f"{CALIBRATION_DIR}/vision.calib.cache"
+INT8_MAX = 127  # symmetric int8: scale = amax / 127, zero point 0
+VIEWS_PER_RUN = 1  # bounds memory: the full-size encoder's attention probabilities are ~67 MB per view per layer
+VISION_INPUT = "pixel_values"
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder` (not recursive), by extension, sorted by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "no such folder" if not folder.exists() else "not a folder"
+        raise SleighError(str(folder), what, "a folder of calibration images")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def is_quantized_op(node) -> bool:
+    """Whether a main-graph node gets Q/DQ inputs (and so needs calibrated ranges)."""
+    return (node.op_type in QUANTIZED_OP_TYPES and node.domain in ("", "ai.onnx")
+            and not node.name.startswith(GSWA_NODE_PREFIX))
+
+
+def activation_tensors(model) -> list[str]:
+    """Names of the activations (not initializers, not constants) that feed MatMul/Gemm/Conv in the
+    main graph, in graph order: the tensors that get Q/DQ and therefore need a range."""
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names: dict[str, None] = {}
+    for node in model.graph.node:
+        if is_quantized_op(node):
+            inputs = node.input[:2] if node.op_type != "MatMul" else node.input  # Gemm/Conv input 2 is the bias
+            for name in inputs:
+                if name and name not in constants:
+                    names[name] = None
+    return list(names)
+
+
+class VisionCollector:
+    """Runs the FP32 vision module with its quantizable activations as extra outputs and keeps
+    running statistics for each. `add(pixel_values)` once per image."""
+
+    def __init__(self, vision_onnx: Path, threads: int | None = None):
+        import onnx
+        import onnxruntime as ort
+
+        vision_onnx = Path(vision_onnx)
+        model = onnx.load(str(vision_onnx), load_external_data=False)  # graph only: weights stay on disk
+        self.tensors = activation_tensors(model)
+        if not self.tensors:
+            raise SleighError(str(vision_onnx), "has no MatMul, Gemm or Conv to calibrate", "a vision.onnx from `sleigh export`")
+        graph_inputs = {i.name for i in model.graph.input}
+        existing = {o.name for o in model.graph.output}
+        self._from_feed = [t for t in self.tensors if t in graph_inputs]
+        self._outputs = [t for t in self.tensors if t not in graph_inputs]
+        for name in self._outputs:
+            if name not in existing:
+                model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        # Saved beside the original, so external weight files (<name>.onnx.data) resolve; the session
+        # reads it at creation and it is deleted right after.
+        fd, tmp = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=vision_onnx.parent)
+        os.close(fd)
+        try:
+            onnx.save(model, tmp)
+            self.session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SleighError(str(vision_onnx), f"ONNX Runtime cannot run it for calibration ({first[:300]})",
+                              "an intact package (check with `sleigh inspect --verify`)") from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.stats = {name: RunningStats() for name in self.tensors}
+        self.views = 0
+
+    def add(self, pixel_values: np.ndarray) -> None:
+        for start in range(0, pixel_values.shape[0], VIEWS_PER_RUN):
+            feed = {VISION_INPUT: np.ascontiguousarray(pixel_values[start:start + VIEWS_PER_RUN])}
+            values = dict(zip(self._outputs, self.session.run(self._outputs, feed), strict=True))
+            values.update({name: feed[name] for name in self._from_feed})
+            for name, value in values.items():
+                try:
+                    self.stats[name].update(value)
+                except ValueError as e:
+                    raise SleighError(f"calibration tensor {name!r}", str(e),
+                                      "finite activations (is the model or the image corrupt?)") from None
+            self.views += feed[VISION_INPUT].shape[0]
+
+
+def ranges_from_stats(stats: dict[str, RunningStats], method: str) -> dict[str, dict]:
+    """{tensor: {min, max, amax, scale}}. amax and scale are float32 values, scale = amax / 127, so the
+    JSON, the Q/DQ model and the TensorRT cache hold the same numbers. amax 0 (a tensor that was
+    always 0) gets scale 1.0, as ONNX Runtime's quantizer does; a zero scale is invalid in Q/DQ."""
+    out = {}
+    for name, s in stats.items():
+        amax = float(np.float32(compute_amax(s, method)))
+        scale = float(np.float32(amax / INT8_MAX)) if amax > 0 else 1.0
+        out[name] = {"min": float(s.min), "max": float(s.max), "amax": amax, "scale": scale}
+    return out
+
+
+def _check_args(method: str, num_images: int | None, max_tiles: int | None, min_images: int) -> None:
+    if method not in METHODS:
+        raise SleighError(f"--method {method}", "unknown calibration method", ", ".join(METHODS))
+    if isinstance(min_images, bool) or not isinstance(min_images, int) or min_images < 1:
+        raise SleighError("min_images", f"got {min_images!r}", "an integer >= 1")
+    if num_images is not None and (isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < min_images):
+        raise SleighError(f"--num-images {num_images}", "too few", f"an integer >= {min_images}")
+    if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 1):
+        raise SleighError(f"--max-tiles {max_tiles}", "out of range", "an integer >= 1")
+
+
+def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None, method: str = "entropy",
+                      max_tiles: int | None = None, quiet: bool = False, min_images: int = 2) -> dict:
+    """Calibrate the package's vision module on the images in `images`; returns manifest["calibration"].
+
+    Images are tiled as the runtime tiles them (the manifest's size, min/max tiles, thumbnail;
+    `max_tiles` overrides the maximum). Unreadable images are skipped and counted; the first
+    `num_images` usable ones (all, when None) are used, and fewer than `min_images` is an error.
+    """
+    _check_args(method, num_images, max_tiles, min_images)
+    t0 = time.perf_counter()
+    pkg = Path(pkg)
+    manifest = read_manifest(pkg)
+    vision = module_path(pkg, manifest, "vision")
+    try:
+        img = manifest["image"]
+        tiling = {"min_tiles": img["min_tiles"], "max_tiles": img["max_tiles"] if max_tiles is None else max_tiles,
+                  "size": img["size"], "thumbnail": img["thumbnail"]}
+    except (KeyError, TypeError) as e:
+        raise SleighError(str(pkg / MANIFEST), f"image settings are incomplete ({e!r})",
+                          "a manifest written by `sleigh export`") from None
+    if tiling["max_tiles"] < tiling["min_tiles"]:
+        raise SleighError(f"--max-tiles {tiling['max_tiles']}", f"below the package's min_tiles {tiling['min_tiles']}",
+                          f"at least {tiling['min_tiles']}")
+    candidates = list_images(images)
+    if not candidates:
+        raise SleighError(str(images), "contains no image files", f"files ending in {', '.join(IMAGE_EXTENSIONS)}")
+    wanted = len(candidates) if num_images is None else min(num_images, len(candidates))
+
+    collector = VisionCollector(vision)
+    used: list[str] = []
+    skipped: list[dict] = []
+    with progress("calibrate", wanted, quiet) as bar:
+        for path in candidates:
+            if len(used) == wanted:
+                break
+            try:
+                tiled = tile_image(path, **tiling)
+            except SleighError as e:  # unreadable image: counted, not fatal
+                skipped.append({"file": path.name, "problem": e.problem})
+                continue
+            collector.add(tiled.pixel_values)
+            used.append(path.name)
+            bar.advance()
+    if len(used) < min_images:
+        problem = f"only {len(used)} usable image{'s' * (len(used) != 1)}"
+        if skipped:
+            problem += f" ({len(skipped)} unreadable: {', '.join(s['file'] for s in skipped[:5])})"
+        raise SleighError(str(images), problem, f"at least {min_images} readable images for calibration")
+
+    ranges = ranges_from_stats(collector.stats, method)
+    (pkg / CALIBRATION_DIR).mkdir(exist_ok=True)
+    write_json_atomic(pkg / RANGES_FILE, {"module": "vision", "method": method, "num_images": len(used),
+                                          "skipped": len(skipped), "views": collector.views, "tensors": ranges})
+    write_calibration_cache(pkg / CACHE_FILE, {n: r["scale"] for n, r in ranges.items()})
+    files = {rel: file_entry(pkg, rel) for rel in (RANGES_FILE, CACHE_FILE)}
+    seconds = time.perf_counter() - t0
+    calibration = {
+        "module": "vision",
+        "method": method,
+        "num_images": len(used),
+        "skipped": len(skipped),
+        "images": used,
+        "skipped_files": skipped,
+        "views": collector.views,
+        "max_tiles": tiling["max_tiles"],
+        "tensors": len(ranges),
+        "trt_cache_header": header(TRT_CACHE_VERSION),
+        "files": files,
+        "seconds": round(seconds, 2),
+        "created_by": _versions(),
+    }
+    manifest = read_manifest(pkg)  # re-read: keep whatever else changed it meanwhile
+    manifest["calibration"] = calibration
+    manifest.setdefault("files", {}).update(files)
+    write_json_atomic(pkg / MANIFEST, manifest)  # last
+    return calibration
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"sleigh": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+            "numpy": np.__version__}

@@ -1,0 +1,227 @@
+"""The symmetric Q/DQ vision model: valid ONNX, TensorRT's rules (zero points 0, int8, per-channel
+weights), only MatMul/Gemm/Conv inputs quantized, and its accuracy against FP32 in ONNX Runtime.
+
+Accuracy on the tiny random model (seed 1, the six generated calibration images, held-out
+parity.jpg, 7 views): image_embeds cosine vs FP32, as measured when this was written
+(gswa_weights max |diff| in brackets):
+
+    method       per-channel        per-tensor
+    minmax       0.99611 (0.47)     0.99613 (0.47)
+    percentile   0.99978 (0.03)     0.99973 (0.08)
+    entropy      0.99971 (0.09)     0.99965 (0.06)
+    entropy, activation scales / 100: 0.43
+
+minmax is the weak one, and only because of the attention probabilities (the Softmax output that
+feeds P·V): one probability of 0.41 sets the scale while almost all are near 1/1025, so they round
+to 0 or 1 step. With minmax on that tensor alone and entropy everywhere else the cosine is 0.9965;
+entropy clips it at 0.037. Hence per-method thresholds: COSINE_MIN leaves about 3x the worst
+measured error (1 - cos) for Pillow/ORT version drift; a broken model sits far below BROKEN_MAX.
+gswa_weights are not gated here: GSWA runs in float, but on a random model the CLS features it
+compares are nearly alike, so small input changes move its weights; judge them on real weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from sleigh.calibration.collect import RANGES_FILE, ranges_from_stats
+from sleigh.calibration.qdq import check_symmetric, quantize_vision_qdq, scale_activation_scales
+from sleigh.errors import SleighError
+
+from .conftest import cosine, run_vision
+
+COSINE_MIN = {"entropy": 0.999, "percentile": 0.999, "minmax": 0.99}
+BROKEN_MAX = 0.9
+FLOAT_OPS = ("LayerNormalization", "Softmax", "Add", "Erf", "GSWA")
+
+
+@pytest.fixture(scope="session")
+def ranges(calibrated) -> dict:
+    pkg, _ = calibrated
+    return json.loads((pkg / RANGES_FILE).read_text())
+
+
+@pytest.fixture(scope="session")
+def qdq(calibrated, ranges, tmp_path_factory):
+    """(path, summary) of the per-channel Q/DQ model from the entropy ranges."""
+    pkg, _ = calibrated
+    dst = tmp_path_factory.mktemp("qdq") / "vision.int8.onnx"
+    return dst, quantize_vision_qdq(pkg / "vision.onnx", dst, ranges)
+
+
+@pytest.fixture(scope="session")
+def fp32_held_out(calibrated, held_out_views):
+    pkg, _ = calibrated
+    return run_vision(pkg / "vision.onnx", held_out_views)
+
+
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _arrays(model):
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def test_checker_passes_and_summary_adds_up(qdq):
+    path, summary = qdq
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert summary["by_op"] == {"MatMul": ops["MatMul"], "Conv": ops["Conv"]} and summary["not_quantized"] == []
+    assert ops["QuantizeLinear"] == 19 == summary["activations"]  # one pair per quantized input
+    assert ops["DequantizeLinear"] == ops["QuantizeLinear"] + summary["weights"]
+    assert summary["files"] == [path.name]
+
+
+def test_every_zero_point_is_int8_zero(qdq):
+    path, _ = qdq
+    model = onnx.load(str(path))
+    arrays = _arrays(model)
+    qdq_nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq_nodes
+    for n in qdq_nodes:
+        zp = arrays[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+    assert check_symmetric(path) == []
+
+
+def test_weights_are_int8_per_output_channel(calibrated, qdq):
+    path, _ = qdq
+    src = _arrays(onnx.load(str(calibrated[0] / "vision.onnx")))
+    model = onnx.load(str(path))
+    arrays, producers = _arrays(model), _producers(model)
+    seen = 0
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Conv"):
+            continue
+        dq = producers[node.input[1]]
+        assert dq.op_type == "DequantizeLinear"
+        if dq.input[0] not in arrays:  # an activation (attention's Q·Kᵀ and P·V): per tensor
+            assert arrays[dq.input[1]].ndim == 0
+            continue
+        w, scale = arrays[dq.input[0]], arrays[dq.input[1]]
+        axis = {a.name: a.i for a in dq.attribute}["axis"]
+        expected_axis = 1 if node.op_type == "MatMul" else 0  # MatMul B [K, N]; Conv W [M, C, kh, kw]
+        assert w.dtype == np.int8 and np.abs(w.astype(int)).max() <= 127
+        assert axis == expected_axis and scale.shape == (w.shape[axis],), node.name
+        original = src[dq.input[0].split("_axis")[0]]
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        np.testing.assert_allclose(w * scale.reshape(shape), original, atol=float(scale.max()) / 2 + 1e-7)
+        seen += 1
+    assert seen == 11
+
+
+def test_only_matmul_gemm_conv_inputs_are_quantized(calibrated, qdq, ranges):
+    path, _ = qdq
+    model = onnx.load(str(path))
+    producers, arrays = _producers(model), _arrays(model)
+    for node in model.graph.node:
+        if node.op_type in FLOAT_OPS or node.op_type in ("Mul", "Div", "Reshape", "Transpose", "Shape"):
+            for name in node.input:
+                assert producers.get(name) is None or producers[name].op_type != "DequantizeLinear", (node.name, name)
+        if node.op_type in ("MatMul", "Conv"):
+            for k in range(2):
+                assert producers[node.input[k]].op_type == "DequantizeLinear", (node.name, k)
+        if node.op_type == "QuantizeLinear":  # the scale is the calibrated one, exactly
+            assert float(arrays[node.input[1]]) == ranges["tensors"][node.input[0]]["scale"]
+    outputs = {o.name for o in model.graph.output}
+    assert outputs == {"image_embeds", "gswa_weights"}
+    assert all(producers[o].op_type != "DequantizeLinear" for o in outputs)
+    original = onnx.load(str(calibrated[0] / "vision.onnx"))
+    assert [f.SerializeToString() for f in model.functions] == [f.SerializeToString() for f in original.functions]
+    gswa = [n for n in model.graph.node if n.op_type == "GSWA"]
+    assert len(gswa) == 1 and gswa[0].domain == "sleigh"
+
+
+def test_qdq_matches_fp32_on_a_held_out_image(qdq, held_out_views, fp32_held_out):
+    path, _ = qdq
+    out = run_vision(path, held_out_views)
+    assert out["image_embeds"].shape == fp32_held_out["image_embeds"].shape
+    assert out["image_embeds"].dtype == np.float32
+    cos = cosine(out["image_embeds"], fp32_held_out["image_embeds"])
+    assert cos >= COSINE_MIN["entropy"], f"image_embeds cosine {cos:.5f} < {COSINE_MIN['entropy']}"
+    assert out["gswa_weights"][-1] == 1.0  # the thumbnail's weight is fixed
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_every_method_is_accurate(calibrated, collected, held_out_views, fp32_held_out, tmp_path, method, per_channel):
+    dst = tmp_path / "v.onnx"
+    quantize_vision_qdq(calibrated[0] / "vision.onnx", dst, {"tensors": ranges_from_stats(collected.stats, method)},
+                        per_channel=per_channel)
+    cos = cosine(run_vision(dst, held_out_views)["image_embeds"], fp32_held_out["image_embeds"])
+    assert cos >= COSINE_MIN[method], f"{method} per_channel={per_channel}: cosine {cos:.5f}"
+    problems = check_symmetric(dst)
+    if per_channel:
+        assert problems == []
+    else:  # per-tensor weights are valid ONNX but not what build-engine should hand TensorRT
+        assert len(problems) == 11 and all("expected per output channel" in p for p in problems)
+
+
+def test_broken_scales_give_a_clearly_worse_model(qdq, held_out_views, fp32_held_out, tmp_path):
+    path, summary = qdq
+    broken = tmp_path / "broken.onnx"
+    assert scale_activation_scales(path, broken, 1 / 100) == summary["activations"]
+    onnx.checker.check_model(str(broken), full_check=True)
+    assert check_symmetric(broken) == []  # still symmetric: only the ranges are wrong
+    cos = cosine(run_vision(broken, held_out_views)["image_embeds"], fp32_held_out["image_embeds"])
+    assert cos < BROKEN_MAX, f"scales / 100 still gives cosine {cos:.4f}"
+    arrays_good, arrays_bad = _arrays(onnx.load(str(path))), _arrays(onnx.load(str(broken)))
+    for name, value in arrays_good.items():
+        if value.dtype == np.int8 or not name.endswith("_scale") or "_axis" in name:
+            np.testing.assert_array_equal(arrays_bad[name], value)  # weights and their scales untouched
+
+
+def test_check_symmetric_finds_nonzero_and_uint8_zero_points(qdq, tmp_path):
+    path, _ = qdq
+    model = onnx.load(str(path))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    w_dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "_axis" in n.input[0])
+    for init in model.graph.initializer:
+        if init.name == q.input[2]:
+            init.CopyFrom(numpy_helper.from_array(np.array(128, np.uint8), init.name))
+        if init.name == w_dq.input[2]:
+            zp = numpy_helper.to_array(init).copy()
+            zp[0] = 3
+            init.CopyFrom(numpy_helper.from_array(zp, init.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    problems = check_symmetric(bad)
+    assert any("uint8, not int8" in p for p in problems)
+    assert any("zero point is not 0 (max |zp| = 3)" in p for p in problems)
+
+
+def test_missing_ranges_are_a_user_error(calibrated, ranges, tmp_path):
+    partial = dict(ranges["tensors"])
+    partial.pop("layer_norm")
+    with pytest.raises(SleighError, match="no calibration range for 1 tensors"):
+        quantize_vision_qdq(calibrated[0] / "vision.onnx", tmp_path / "v.onnx", partial)
+    with pytest.raises(SleighError, match="positive finite scale"):
+        quantize_vision_qdq(calibrated[0] / "vision.onnx", tmp_path / "v.onnx",
+                            {**ranges["tensors"], "layer_norm": {"scale": 0.0}})
+    assert not (tmp_path / "v.onnx").exists()
+
+
+def test_an_inlined_gswa_stays_in_float(calibrated, ranges, held_out_views, fp32_held_out, tmp_path):
+    """Where a tool inlines the GSWA function first (its nodes keep the `/gswa/` prefix), its
+    Gemm/MatMul nodes still get no Q/DQ, and the model runs."""
+    import onnx.inliner
+
+    inlined = onnx.inliner.inline_local_functions(onnx.load(str(calibrated[0] / "vision.onnx")))
+    src = tmp_path / "inlined.onnx"
+    onnx.save(inlined, str(src))
+    gswa_ops = [n.name for n in inlined.graph.node if n.name.startswith("/gswa/") and n.op_type in ("Gemm", "MatMul")]
+    assert gswa_ops
+    summary = quantize_vision_qdq(src, tmp_path / "q.onnx", ranges)
+    assert sorted(summary["not_quantized"]) == sorted(gswa_ops)
+    assert summary["activations"] == len(ranges["tensors"])
+    out = run_vision(tmp_path / "q.onnx", held_out_views)
+    assert cosine(out["image_embeds"], fp32_held_out["image_embeds"]) >= COSINE_MIN["entropy"]
