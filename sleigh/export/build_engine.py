@@ -156,11 +156,14 @@ def convert_module(module: str, opts: EngineOptions, src: Path, dst: Path, pkg: 
 
 
 def optimize_offline(path: Path) -> None:
-    """ONNX Runtime's graph optimizations, done once here and saved over the module (CPU provider)."""
+    """ONNX Runtime's provider-independent graph optimizations (constant folding, redundant-node
+    elimination, ...), done once here and saved over the module. Level BASIC on purpose: it keeps
+    standard ops and the Q/DQ pairs, so the same file runs on the CPU and CUDA providers and TensorRT
+    reads the same quantization; the provider-specific fusions happen when a session opens it."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     tmp = path.with_name(f".{path.name}.opt")
     opts.optimized_model_filepath = str(tmp)
     opts.log_severity_level = 3
@@ -243,7 +246,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 "shapes": {"max_views": (opts.max_tiles or manifest["image"]["max_tiles"]) + 1,
                            "max_context": opts.max_context or manifest["generation"]["context_length"]},
                 "providers": ["CPUExecutionProvider"] if opts.backend == "onnxruntime" else None,
-                "offline_optimization": "ORT_ENABLE_EXTENDED (CPU)" if opts.backend == "onnxruntime" else None,
+                "offline_optimization": "ORT_ENABLE_BASIC" if opts.backend == "onnxruntime" else None,
             }
             if opts.backend == "tensorrt":
                 from sleigh.export.tensorrt_build import TensorRTOptions, build_engines

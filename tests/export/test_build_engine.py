@@ -1,0 +1,183 @@
+"""sleigh build-engine on ONNX Runtime: every precision builds, runs and is gated; INT8 is symmetric
+Q/DQ; a broken engine trips the gate; TensorRT says plainly when it is missing."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image, ImageOps
+
+from sleigh.calibration.collect import calibrate_package
+from sleigh.calibration.qdq import check_symmetric, scale_activation_scales
+from sleigh.errors import SleighError
+from sleigh.export.accuracy import run_gate
+from sleigh.export.build_engine import EngineOptions, build_engine
+from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.pipeline import Pipeline
+
+from .conftest import EXAMPLES, ORACLE
+
+
+@pytest.fixture(scope="module")
+def calib_images(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("calib")
+    cat, astro = Image.open(EXAMPLES / "chelsea.jpg").convert("RGB"), Image.open(ORACLE / "astronaut.png").convert("RGB")
+    for i, im in enumerate([cat, ImageOps.mirror(cat), astro, ImageOps.flip(astro), cat.rotate(90, expand=True),
+                            astro.crop((0, 0, 300, 512))]):
+        im.save(d / f"calib{i}.jpg")
+    (d / "broken.jpg").write_bytes(b"not an image")
+    return d
+
+
+@pytest.fixture(scope="module")
+def engine_pkg(tiny_pkg, tmp_path_factory, calib_images) -> Path:
+    pkg = tmp_path_factory.mktemp("engines") / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    calibrate_package(pkg, calib_images, quiet=True)
+    # A random tiny model has near-flat logits, so greedy tokens flip under INT8/INT4 and the gate may
+    # call those engines degraded; they are kept (allow_degraded) so every precision is built and run.
+    for opts in (EngineOptions(precision="fp16", quiet=True), EngineOptions(precision="int8", allow_degraded=True, quiet=True),
+                 EngineOptions(precision="fp32", llm_weights="int8", allow_degraded=True, quiet=True),
+                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True)):
+        build_engine(pkg, opts)
+    return pkg
+
+
+ENGINES = ("onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-fp32-llm-int8", "onnxruntime-fp32-llm-int4")
+
+
+def test_every_onnxruntime_precision_builds_registers_and_runs(engine_pkg):
+    manifest = read_manifest(engine_pkg)
+    assert set(ENGINES) <= set(manifest["engines"])
+    assert verify_files(engine_pkg, manifest) == []
+    ref = Pipeline.load(engine_pkg, engine="package").generate(EXAMPLES / "coffee.jpg", max_new_tokens=6, ignore_eos=True).result
+    for name in ENGINES:
+        entry = manifest["engines"][name]
+        assert entry["accuracy"]["pairs"] and len(entry["accuracy"]["pairs"]) >= 5
+        assert {"versions", "build_options", "shapes", "files"} <= set(entry)
+        res = Pipeline.load(engine_pkg, engine=name).generate(EXAMPLES / "coffee.jpg", max_new_tokens=6, ignore_eos=True).result
+        assert name in res.backend and len(res.token_ids) == 6
+        np.testing.assert_allclose(res.gswa_weights, ref.gswa_weights, atol=0.25)  # INT8 vision moves them most
+    assert manifest["engines"]["onnxruntime-fp16"]["accuracy_passed"]  # FP16 must pass its gate outright
+    for name in ENGINES:
+        assert manifest["engines"][name]["degraded"] == (not manifest["engines"][name]["accuracy"]["passed"])
+
+
+def test_precision_really_changes_the_files(engine_pkg):
+    manifest = read_manifest(engine_pkg)
+    ops = lambda rel: {n.op_type for n in onnx.load(str(engine_pkg / rel), load_external_data=False).graph.node}  # noqa: E731
+    fp16 = onnx.load(str(engine_pkg / manifest["engines"]["onnxruntime-fp16"]["modules"]["vision"]))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # FP32 I/O
+    assert "MatMulNBits" in ops(manifest["engines"]["onnxruntime-fp32-llm-int4"]["modules"]["decoder"])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest["engines"]["onnxruntime-int8"]["modules"]["vision"])
+    sizes = {n: manifest["engines"][n]["files_bytes"] for n in ENGINES}
+    assert sizes["onnxruntime-fp32-llm-int4"] < sizes["onnxruntime-fp32-llm-int8"]
+
+
+def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
+    manifest = read_manifest(engine_pkg)
+    path = engine_pkg / manifest["engines"]["onnxruntime-int8"]["modules"]["vision"]
+    assert check_symmetric(path) == []
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                   and len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(np.all(z == 0) for z in zero_points)
+    per_channel = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] in inits and inits[n.input[1]].ndim == 1 and inits[n.input[1]].size > 1]
+    assert per_channel, "weights should carry one scale per output channel"
+    ln_inputs = {i for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax") for i in n.input}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert not any(producers.get(i) == "DequantizeLinear" for i in ln_inputs), "norms and softmax stay in float"
+
+
+def test_calibration_cache_is_in_the_manifest(engine_pkg):
+    from sleigh.calibration.trt_cache import read_calibration_cache
+
+    cal = read_manifest(engine_pkg)["calibration"]
+    assert cal["skipped"] == 1 and cal["num_images"] == 6
+    header, scales = read_calibration_cache(engine_pkg / "calibration" / "vision.calib.cache")
+    assert header.startswith("TRT-") and header.endswith("EntropyCalibration2") and scales
+
+
+def test_the_gate_trips_on_a_broken_engine(engine_pkg, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(engine_pkg, pkg)
+    manifest = read_manifest(pkg)
+    vision = pkg / manifest["engines"]["onnxruntime-int8"]["modules"]["vision"]
+    scale_activation_scales(vision, vision, 1 / 100)
+    report = run_gate(pkg, "onnxruntime-int8")
+    assert not report["passed"]
+    failed = {c["metric"] for c in report["checks"] if not c["ok"]}
+    assert "embeddings_cos_min" in failed
+    good = run_gate(engine_pkg, "onnxruntime-int8")
+    assert good["metrics"]["embeddings_cos_min"] >= 0.99  # the calibrated engine's vision is within the INT8 gate
+    assert report["metrics"]["embeddings_cos_min"] < good["metrics"]["embeddings_cos_min"] - 0.05
+    proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "compare", str(pkg), "--engine", "onnxruntime-int8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "FAIL" in proc.stdout
+
+
+def test_a_failed_gate_registers_nothing(tiny_pkg, tmp_path, monkeypatch):
+    import sleigh.export.accuracy as accuracy
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    monkeypatch.setitem(accuracy.VISION_GATES, "fp16", {"embeddings_cos_min": 1.01, "gswa_max_abs": 0.0})
+    with pytest.raises(SleighError, match="accuracy gate failed"):
+        build_engine(pkg, EngineOptions(precision="fp16", quiet=True))
+    assert read_manifest(pkg)["engines"] == {}
+    assert not (pkg / "engines" / "onnxruntime-fp16").exists()
+    assert not [p for p in (pkg / "engines").iterdir()] if (pkg / "engines").exists() else True
+
+
+def test_int8_without_calibration_and_bad_options_are_clear(tiny_pkg, tmp_path):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    with pytest.raises(SleighError, match="sleigh calibrate"):
+        build_engine(pkg, EngineOptions(precision="int8", quiet=True))
+    with pytest.raises(SleighError, match="fp32 \\| fp16 \\| int8"):
+        EngineOptions(precision="int3")
+    with pytest.raises(SleighError, match="max-tiles"):
+        build_engine(pkg, EngineOptions(precision="fp16", max_tiles=99, quiet=True))
+
+
+def test_auto_picks_the_best_gated_engine(engine_pkg):
+    from sleigh.runtime.backends import best_engine
+
+    manifest = read_manifest(engine_pkg)
+    passed = {**manifest, "engines": {n: {**e, "accuracy_passed": True} for n, e in manifest["engines"].items()}}
+    assert best_engine(passed, "onnxruntime", "cpu") == "onnxruntime-int8"
+    assert best_engine(passed, "onnxruntime", "cuda") == "onnxruntime-fp16"
+    only_fp16 = {**manifest, "engines": {n: {**e, "accuracy_passed": n == "onnxruntime-fp16"} for n, e in manifest["engines"].items()}}
+    assert best_engine(only_fp16, "onnxruntime", "cpu") == "onnxruntime-fp16"  # degraded engines are never picked
+    assert best_engine({**manifest, "engines": {}}, "onnxruntime", "cpu") is None
+    expected = best_engine(manifest, "onnxruntime", "cpu")
+    assert expected in Pipeline.load(engine_pkg).backend.describe()
+
+
+def test_tensorrt_missing_is_one_line(tiny_pkg, tmp_path):
+    pytest.importorskip("sleigh.export.tensorrt_build")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "build-engine", str(tiny_pkg), "--backend", "tensorrt"],
+                          capture_output=True, text=True, timeout=300)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode != 0 and len(lines) == 1 and "TensorRT" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_inspect_lists_engines(engine_pkg):
+    proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "inspect", str(engine_pkg), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(ENGINES) <= set(report["engines"])
