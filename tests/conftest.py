@@ -79,3 +79,23 @@ def init_ckpt(tmp_path_factory) -> Path:
     proc = run_sleigh("init", dst, "--preset", "tiny", "--seed", INIT_SEED)
     assert proc.returncode == 0, proc.stderr
     return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A `sleigh init --preset tiny --seed 1` checkpoint (GSWA active)."""
+    from sleigh.sleighvl.init import init_checkpoint
+
+    dst = tmp_path_factory.mktemp("tiny") / "tiny-ckpt"
+    init_checkpoint(dst, "tiny", seed=1)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_pkg(tiny_ckpt, tmp_path_factory) -> Path:
+    """`tiny_ckpt` exported with parity checked (read-only use: copy it before changing it)."""
+    from sleigh.export.exporter import ExportOptions, export_package
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-pkg"
+    export_package(tiny_ckpt, out, ExportOptions(quiet=True))
+    return out

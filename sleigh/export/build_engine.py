@@ -20,7 +20,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sleigh.errors import SleighError
@@ -31,6 +31,9 @@ BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
 DEFAULT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
+# TensorRT parses no MatMulNBits (an ONNX Runtime contrib op): its decoder is FP16 or FP32.
+TENSORRT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}
+TENSORRT_DEFAULT_CONTEXT = 4096  # the runtime preallocates KV buffers for the whole profile
 EXTERNAL_DATA_BYTES = 256 << 20
 WEIGHT_ONLY_BLOCK = 32
 # Ops that keep FP32 inside FP16 modules: normalisation statistics and softmax accumulate in FP32.
@@ -58,14 +61,21 @@ class EngineOptions:
         if self.llm_weights == "fp16" and self.precision == "fp32":
             raise SleighError("--llm-weights fp16", "an fp32 engine keeps the decoder's activations in fp32",
                               "--precision fp16 for an FP16 decoder, or --llm-weights int8/int4")
+        if self.backend == "tensorrt" and self.llm_weights in ("int8", "int4"):
+            raise SleighError(f"--llm-weights {self.llm_weights}", "weight-only decoders use MatMulNBits, which "
+                              "TensorRT's ONNX parser does not read", "--llm-weights fp16 or fp32 with --backend tensorrt")
+
+    @property
+    def _defaults(self) -> dict[str, str]:
+        return TENSORRT_LLM_WEIGHTS if self.backend == "tensorrt" else DEFAULT_LLM_WEIGHTS
 
     @property
     def weights(self) -> str:
-        return self.llm_weights or DEFAULT_LLM_WEIGHTS[self.precision]
+        return self.llm_weights or self._defaults[self.precision]
 
     @property
     def name(self) -> str:
-        suffix = "" if self.weights == DEFAULT_LLM_WEIGHTS[self.precision] else f"-llm-{self.weights}"
+        suffix = "" if self.weights == self._defaults[self.precision] else f"-llm-{self.weights}"
         return f"{self.backend}-{self.precision}{suffix}"
 
 
@@ -211,13 +221,13 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     pkg = Path(pkg)
     manifest = read_manifest(pkg)
     _check_against_package(opts, manifest)
-    if opts.backend == "tensorrt":
+    if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.export.tensorrt_build import tensorrt_available
+        from sleigh.runtime.backends.tensorrt_backend import TENSORRT_EXPECTED
 
         ok, why = tensorrt_available()
         if not ok:
-            raise SleighError("tensorrt", why, "TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an "
-                              "NVIDIA GPU; JetPack 6 ships 10.3). The TensorRT path is unverified where TensorRT is absent")
+            raise SleighError("tensorrt", why, TENSORRT_EXPECTED)
     name = opts.name
     final = pkg / "engines" / name
     if name in manifest.get("engines", {}) and not opts.force:
@@ -251,17 +261,21 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             if opts.backend == "tensorrt":
                 from sleigh.export.tensorrt_build import TensorRTOptions, build_engines
 
-                trt_opts = TensorRTOptions(precision="fp16" if opts.precision == "fp32" else opts.precision,
-                                           max_tiles=opts.max_tiles or manifest["image"]["max_tiles"],
-                                           max_context=opts.max_context or manifest["generation"]["context_length"])
-                entry.update(build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, trt_opts,
-                                           name=name, quiet=opts.quiet))
+                context = opts.max_context or min(TENSORRT_DEFAULT_CONTEXT, manifest["generation"]["context_length"])
+                trt_opts = TensorRTOptions(precision=opts.precision, max_context=context,
+                                           max_tiles=opts.max_tiles or manifest["image"]["max_tiles"])
+                trt_entry = build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, trt_opts,
+                                          name=name, quiet=opts.quiet, out_dir=tmp)
+                entry.update({k: v for k, v in trt_entry.items() if k != "files"})
+                entry["shapes"]["max_context"] = context
             if final.exists():
                 shutil.rmtree(final)
             tmp.replace(final)
             tmp = None
-            all_files = [f"engines/{name}/{f}" for fs in files.values() for f in fs]
-            entry["files"] = {rel: file_entry(pkg, rel) for rel in all_files}
+            all_files = {f"engines/{name}/{f}" for fs in files.values() for f in fs}
+            if opts.backend == "tensorrt":
+                all_files |= {rel for rel in entry["modules"].values()}  # the .plan files
+            entry["files"] = {rel: file_entry(pkg, rel) for rel in sorted(all_files)}
             entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
 
             bar.advance(0, description=f"{name}: accuracy gate")

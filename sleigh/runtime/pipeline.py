@@ -214,8 +214,9 @@ class Pipeline:
         generated: list[int] = []
         stop_reason = "length"
         t_first = None
+        usable = self.tokenizer.vocab_size  # a padded model vocabulary has ids no tokenizer can decode
         while True:
-            token = sampler(logits[0], history)
+            token = sampler(logits[0, :usable], history)
             if t_first is None:
                 t_first = time.perf_counter()
                 timings.time_to_first_token_s = t_first - t_start

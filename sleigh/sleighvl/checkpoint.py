@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -147,7 +147,9 @@ def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *
 
     with atomic_dir(dst, force) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "sleigh"})
+        # one metadata key: safetensors keeps metadata in a hash map, so several keys make the header's
+        # byte order (and the file's sha256) vary from save to save
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(str(tmp / TOKENIZER))
         (tmp / GENERATION).write_text(json.dumps(generation.to_dict(), indent=2) + "\n")
         model.cfg.save(tmp / CONFIG)  # last: a folder with config.json is complete

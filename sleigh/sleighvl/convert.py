@@ -167,6 +167,35 @@ def map_weights(src: dict[str, torch.Tensor], cfg: SleighVLConfig) -> dict[str, 
     return out
 
 
+def internvl_name(key: str) -> str:
+    """The InternVL2 tensor a Sleigh key comes from (for error messages)."""
+    inverse = {v: k for k, v in _TOP_RENAMES.items()}
+    if key in inverse:
+        return inverse[key]
+    if m := re.fullmatch(r"vision\.layers\.(\d+)\.(.+)", key):
+        return f"vision_model.encoder.layers.{m[1]}.{m[2]}"
+    if m := re.fullmatch(r"llm\.layers\.(\d+)\.self_attn\.[qkv]_proj\.weight", key):
+        return f"language_model.model.layers.{m[1]}.attention.wqkv.weight"
+    if m := re.fullmatch(r"llm\.layers\.(\d+)\.(.+)", key):
+        renamed = {v: k for k, v in _LLM_RENAMES.items()}
+        if m[2] in renamed:
+            return f"language_model.model.layers.{m[1]}.{renamed[m[2]]}"
+    return key
+
+
+def _check_source_keys(state: dict[str, torch.Tensor], cfg: SleighVLConfig, src: Path) -> None:
+    """Strict check in InternVL2's own names, before the Sleigh-side check."""
+    from sleigh.sleighvl.model import SleighVL
+
+    with torch.device("meta"):
+        expected = {k for k in SleighVL(cfg).state_dict() if not k.startswith("gswa.")}
+    missing = sorted({internvl_name(k) for k in expected - set(state)})
+    if missing:
+        raise SleighError(str(src), f"missing {len(missing)} tensors: {', '.join(missing[:8])}"
+                          + (f", ... (+{len(missing) - 8})" if len(missing) > 8 else ""),
+                          "every tensor of an InternVL2 checkpoint of this config")
+
+
 def gswa_state(mode: str, cfg: SleighVLConfig, seed: int = 0) -> tuple[GSWAConfig | None, dict[str, torch.Tensor]]:
     """GSWA for `--gswa identity|none|PATH`: config and weights (prefixed `gswa.`)."""
     if mode == "none":
@@ -241,6 +270,7 @@ def convert(src: Path, dst: Path, *, gswa: str = "identity", force: bool = False
     if unmapped:
         raise SleighError(str(src), f"unexpected tensors {len(unmapped)}: {', '.join(unmapped[:8])}",
                           "only InternVL2 vision_model / mlp1 / language_model tensors")
+    _check_source_keys(state, cfg, src)
     model = build_model(cfg, state, str(src))
     generation = GenerationConfig(stop_token_ids=cfg.prompt.stop_token_ids)
     save_checkpoint(dst, model, tokenizer, generation, force=force)

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from sleigh.export.exporter import ExportOptions, export_package
-from sleigh.sleighvl.init import init_checkpoint
 
 ROOT = Path(__file__).parents[2]
 PHOTOS = (ROOT / "examples" / "chelsea.jpg", ROOT / "examples" / "coffee.jpg",
@@ -43,15 +41,6 @@ def make_variants(dst: Path, count: int = NUM_CALIBRATION_IMAGES) -> list[Path]:
         photo.save(path)
         out.append(path)
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_pkg(tmp_path_factory) -> Path:
-    """An exported tiny package (read-only for tests: copy it before calibrating)."""
-    root = tmp_path_factory.mktemp("calibration")
-    init_checkpoint(root / "ckpt", "tiny", seed=1)
-    export_package(root / "ckpt", root / "pkg", ExportOptions(quiet=True))
-    return root / "pkg"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+
 
 import numpy as np
 import onnx

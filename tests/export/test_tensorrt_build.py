@@ -20,26 +20,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sleigh.errors import SleighError
-from sleigh.export.exporter import ExportOptions, export_package
 from sleigh.export.tensorrt_build import (
     GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, TensorRTOptions, _parse_path, build_engines, decoder_profiles,
     default_engine_name, embed_profile, engine_plan, parser_errors, source_problems, strip_gswa_function,
     tensorrt_available, vision_profile)
 from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED, profile_from_json
-from sleigh.sleighvl.init import init_checkpoint
 
 MODULES = ("vision", "embed", "decoder")
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture(scope="session")
-def trt_pkg(tmp_path_factory) -> tuple[Path, dict]:
-    """A tiny exported package (no parity run) and its manifest. Read-only for the tests."""
-    d = tmp_path_factory.mktemp("trt")
-    init_checkpoint(d / "ckpt", "tiny", seed=1)
-    export_package(d / "ckpt", d / "pkg", ExportOptions(quiet=True, verify=False))
-    pkg = d / "pkg"
-    return pkg, json.loads((pkg / "manifest.json").read_text())
+def trt_pkg(tiny_pkg) -> tuple[Path, dict]:
+    """The shared tiny package and its manifest. Read-only for the tests."""
+    return tiny_pkg, json.loads((tiny_pkg / "manifest.json").read_text())
 
 
 def package_sources(pkg: Path) -> dict[str, Path]:

@@ -3,7 +3,6 @@ no torch, transformers or onnx come with it."""
 
 import json
 import subprocess
-import sys
 import venv
 from pathlib import Path
 

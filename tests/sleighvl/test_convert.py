@@ -220,7 +220,7 @@ def test_pickle_weights_are_never_loaded(tmp_path):
      r"language_model\.model\.layers\.0\.attention\.wqkv\.weight.*shape \(96, 64\)"),
     (lambda s: s.__setitem__("vision_model.encoder.layers.0.attn.q_norm.weight", torch.ones(32)),
      r"unexpected tensors 1: vision_model\.encoder\.layers\.0\.attn\.q_norm\.weight"),
-    (lambda s: s.pop("vision_model.encoder.layers.1.ls2"), r"missing 1: vision\.layers\.1\.ls2"),
+    (lambda s: s.pop("vision_model.encoder.layers.1.ls2"), r"missing 1 tensors: vision_model\.encoder\.layers\.1\.ls2"),
 ])
 def test_bad_tensors_are_refused(tmp_path, src_state, edit, pattern):
     src = copy_oracle(tmp_path)

@@ -37,12 +37,15 @@ def open_package_backend(pkg: Path, manifest: dict, backend: str = "auto", *, th
     if backend == "torch":
         raise SleighError("--backend torch", "the torch backend runs Sleigh checkpoints, not packages",
                           "--model CHECKPOINT_DIR with --backend torch, or --backend onnxruntime for a package")
-    if backend == "tensorrt":
-        raise SleighError("--backend tensorrt", "no TensorRT engine support in this version",
-                          "--backend onnxruntime")
+    engines = manifest.get("engines", {})
+    if backend in ("auto", "tensorrt") and not isinstance(engine, dict):
+        trt = _tensorrt_entry(manifest, engine, required=backend == "tensorrt")
+        if trt is not None:
+            from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
+
+            return TensorRTBackend.from_package(pkg, manifest, trt)
     from sleigh.runtime.backends.onnxruntime_backend import CUDA, OnnxRuntimeBackend, available_providers
 
-    engines = manifest.get("engines", {})
     if engine is None:
         engine = best_engine(manifest, "onnxruntime", "cuda" if CUDA in available_providers() else "cpu")
     if engine == PACKAGE_MODULES:
@@ -52,6 +55,34 @@ def open_package_backend(pkg: Path, manifest: dict, backend: str = "auto", *, th
             raise SleighError(f"--engine {engine}", "no such engine in the package",
                               ", ".join([PACKAGE_MODULES, *engines]))
         if engines[engine].get("backend") != "onnxruntime":
-            raise SleighError(f"--engine {engine}", f"built for {engines[engine].get('backend')}", "an onnxruntime engine")
+            raise SleighError(f"--engine {engine}", f"built for {engines[engine].get('backend')}",
+                              "an onnxruntime engine, or --backend tensorrt on a machine with TensorRT")
         engine = {**engines[engine], "name": engine}
     return OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=engine)
+
+
+def _tensorrt_entry(manifest: dict, engine: str | None, required: bool) -> dict | None:
+    """The TensorRT engine to open: the named one, or the best gated one when TensorRT and a GPU are
+    present (for `auto`); None to fall through to ONNX Runtime. `required`: --backend tensorrt."""
+    engines = manifest.get("engines", {})
+    if engine is not None and engine != PACKAGE_MODULES:
+        entry = engines.get(engine)
+        if entry is None or entry.get("backend") != "tensorrt":
+            if required:
+                raise SleighError(f"--engine {engine}", "not a TensorRT engine of this package",
+                                  ", ".join(n for n, e in engines.items() if e.get("backend") == "tensorrt") or
+                                  "build one with `sleigh build-engine --backend tensorrt`")
+            return None
+        return {**entry, "name": engine}
+    from sleigh.runtime.backends.tensorrt_backend import runtime_status
+
+    ok, _, problem, expected = runtime_status()
+    name = best_engine(manifest, "tensorrt", "cuda") if ok else None
+    if name is None:
+        if required:
+            if not ok:
+                raise SleighError("--backend tensorrt", problem, expected)
+            raise SleighError("--backend tensorrt", "the package has no TensorRT engine that passed its gate",
+                              "`sleigh build-engine PKG --backend tensorrt` on the target machine")
+        return None
+    return {**engines[name], "name": name}
