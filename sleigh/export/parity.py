@@ -17,6 +17,8 @@ from sleigh.runtime.image import tile_image
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import PromptTokenizer, build_prompt
 
+COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
+
 # (atol, rtol) per output-name prefix; "*" is the default.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "fp32": {"gswa_weights": (1e-4, 1e-4), "logits": (1e-3, 1e-3), "present.": (1e-3, 1e-3),
@@ -52,16 +54,25 @@ def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, precision: s
         return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, f"shape {got.shape} != {ref.shape}")
     if got.dtype != ref.dtype:
         return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, f"dtype {got.dtype} != {ref.dtype}")
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    diff = np.abs(g - r)
-    if diff.size == 0:
+    if got.size == 0:
         return Comparison(case, name, True, 0.0, 0.0, 1.0, atol, rtol, 0.0, "empty")
-    if not np.isfinite(g).all():
-        return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, "non-finite values")
-    denom = np.linalg.norm(g) * np.linalg.norm(r)
-    cosine = float(g.ravel() @ r.ravel() / denom) if denom > 0 else float(np.array_equal(g, r))
-    needed = float(max(0.0, (diff - rtol * np.abs(r)).max()))
-    return Comparison(case, name, needed <= atol, float(diff.max()), float(diff.mean()), cosine, atol, rtol, needed)
+    # In blocks with float64 sums: full-size logits are ~0.7 GB, and whole float64 copies of them
+    # were what ran a full-size export out of memory.
+    g_all, r_all = got.reshape(-1), ref.reshape(-1)
+    max_abs = needed = sum_abs = gg = rr = gr = 0.0
+    for start in range(0, g_all.size, COMPARE_BLOCK):
+        g = g_all[start:start + COMPARE_BLOCK].astype(np.float64)
+        r = r_all[start:start + COMPARE_BLOCK].astype(np.float64)
+        if not np.isfinite(g).all():
+            return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, "non-finite values")
+        diff = np.abs(g - r)
+        max_abs = max(max_abs, float(diff.max()))
+        needed = max(needed, float((diff - rtol * np.abs(r)).max()))
+        sum_abs += float(diff.sum())
+        gg, rr, gr = gg + float(g @ g), rr + float(r @ r), gr + float(g @ r)
+    denom = np.sqrt(gg) * np.sqrt(rr)
+    cosine = gr / denom if denom > 0 else float(np.array_equal(got, ref))
+    return Comparison(case, name, needed <= atol, max_abs, sum_abs / g_all.size, cosine, atol, rtol, needed)
 
 
 def _ort(path: Path, threads: int | None = None):
@@ -69,6 +80,7 @@ def _ort(path: Path, threads: int | None = None):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # an arena keeps its peak; parity opens the modules one after another
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -115,6 +127,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     ids = np.asarray([tok.encode(build_prompt("Describe the image in detail.", tiled.num_views,
                                                tokens_per_view=cfg.vision.tokens_per_view))], np.int64)
     img_out = _run(s_vis, {"pixel_values": tiled.pixel_values})
+    del s_vis  # one module's session at a time: full-size modules are gigabytes each
     rows = img_out["image_embeds"].reshape(-1, cfg.llm.hidden_size)
     rand_ids = rng.integers(0, cfg.llm.vocab_size, (2, 9)).astype(np.int64)
     for case, feeds in [("embed image prompt", {"input_ids": ids, "image_embeds": rows}),
@@ -133,6 +146,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
         bias = image_attention_bias(ids, img_out["gswa_weights"], cfg.prompt.img_context_token_id,
                                     cfg.vision.tokens_per_view, cfg.gswa.min_weight)
     inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
+    del s_emb
     empty = np.zeros((1, cfg.llm.num_kv_heads, 0, cfg.llm.head_dim), np.float32)
     past = {n: empty for n in past_names}
     P = 0
@@ -147,6 +161,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
         results += _compare_all(case, got, ref, precision)
         token = int(ref["logits"][0, -1].argmax())
         past = {p: ref[q] for p, q in zip(past_names, present_names)}  # continue from the reference's cache
+        del got, ref, ref_out  # full-size logits are ~0.7 GB each
         P += S
         inputs = embed(torch.tensor([[token]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
         bias = np.concatenate([bias, np.zeros((1, 1), np.float32)], axis=1)
