@@ -68,12 +68,25 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = torch.cat([past_k, k], dim=2)  # (B, nkv, P+S, hd)
         v = torch.cat([past_v, v], dim=2)
-        groups = self.nh // self.nkv
-        L = k.shape[2]
-        kx = k[:, :, None].expand(B, self.nkv, groups, L, self.hd).reshape(B, self.nh, L, self.hd)
-        vx = v[:, :, None].expand(B, self.nkv, groups, L, self.hd).reshape(B, self.nh, L, self.hd)
-        out = F.scaled_dot_product_attention(q, kx, vx, attn_mask=mask)  # (B, nh, S, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.nh * self.hd)), k, v
+        return self.o_proj(grouped_attention(q, k, v, mask)), k, v
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GQA without repeating the KV cache: the query heads sharing a KV head are stacked along the
+    sequence, so each step reads the cache once instead of copying it `groups` times.
+
+    q (B, nh, S, hd), k/v (B, nkv, L, hd), mask (B, 1, S, L) additive -> (B, S, nh*hd).
+    Query head h uses KV head h // groups, as a repeat-interleave of the KV heads would.
+    """
+    B, nh, S, hd = q.shape
+    nkv, L = k.shape[1], k.shape[2]
+    groups = nh // nkv
+    qg = q.reshape(B, nkv, groups * S, hd)  # (B, nkv, g*S, hd)
+    scores = (qg @ k.transpose(2, 3)) * (hd ** -0.5)  # (B, nkv, g*S, L)
+    scores = scores.reshape(B, nkv, groups, S, L) + mask[:, :, None]  # mask (B, 1, 1, S, L)
+    probs = scores.softmax(-1).reshape(B, nkv, groups * S, L)
+    out = (probs @ v).reshape(B, nh, S, hd)  # (B, nh, S, hd)
+    return out.transpose(1, 2).reshape(B, S, nh * hd)
 
 
 class MLP(nn.Module):

@@ -57,8 +57,10 @@ def check_close(got, want, what: str, tol: float = ORACLE_TOL) -> None:
 
 
 @torch.no_grad()
-def reference_greedy(model: SleighVL, ids: list[int], pixel_values: np.ndarray | None, n: int) -> list[int]:
-    """Greedy tokens, recomputing the whole sequence every step (no KV cache, no Pipeline)."""
+def reference_greedy(model: SleighVL, ids: list[int], pixel_values: np.ndarray | None, n: int,
+                     usable: int | None = None) -> list[int]:
+    """Greedy tokens, recomputing the whole sequence every step (no KV cache, no Pipeline).
+    `usable`: ids the tokenizer can decode (the Pipeline never picks padded-vocabulary ids)."""
     hidden = model.cfg.llm.hidden_size
     vis = model.encode_images(torch.from_numpy(pixel_values)) if pixel_values is not None else None
     rows = SleighVL.image_rows(vis, hidden)
@@ -69,7 +71,7 @@ def reference_greedy(model: SleighVL, ids: list[int], pixel_values: np.ndarray |
         S = t.shape[1]
         logits, _ = model.llm(model.embed(t, rows), torch.ones(1, S, dtype=torch.int64), model.attention_bias(t, weights),
                               torch.arange(S)[None], model.llm.empty_cache())
-        seq.append(int(logits[0, -1].argmax()))
+        seq.append(int(logits[0, -1, :usable].argmax()))
     return seq[len(ids):]
 
 
@@ -283,7 +285,7 @@ def test_text_only_chat(init_pipe, init_ckpt):
     assert init_pipe.tokenizer.img_context_id not in ids
     assert r.prompt_tokens == len(ids)
     model, _, _ = load_checkpoint(init_ckpt)
-    assert r.token_ids == reference_greedy(model, ids, None, 8)
+    assert r.token_ids == reference_greedy(model, ids, None, 8, init_pipe.tokenizer.vocab_size)
 
 
 def test_multi_view_greedy_matches_the_reference_loop(init_pipe, init_ckpt, wide_image):
@@ -298,7 +300,7 @@ def test_multi_view_greedy_matches_the_reference_loop(init_pipe, init_ckpt, wide
     assert r.gswa_weights[-1] == 1.0 and abs(r.gswa_weights[0] - 1.0) > 1e-3
     _, ids = init_pipe.prepare(wide_image, QUESTION)
     assert r.prompt_tokens == len(ids)
-    assert r.token_ids == reference_greedy(model, ids, tiled.pixel_values, 10)
+    assert r.token_ids == reference_greedy(model, ids, tiled.pixel_values, 10, init_pipe.tokenizer.vocab_size)
 
 
 @pytest.mark.parametrize("n", [1, 5])
