@@ -41,7 +41,9 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
 
 
 def _shape(s: list) -> str:
-    return "[" + ", ".join(str(d) for d in s) + "]"
+    from rich.markup import escape
+
+    return escape("[" + ", ".join(str(d) for d in s) + "]")  # brackets would read as rich markup
 
 
 def print_report(report: dict) -> None:
@@ -52,22 +54,29 @@ def print_report(report: dict) -> None:
     cb = report.get("created_by") or {}
     console.print(f"[bold]{report['package']}[/]  opset {report['opset']}  sleigh {cb.get('sleigh')}  "
                   f"torch {cb.get('torch')}  onnx {cb.get('onnx')}  parity {'passed' if report['parity_passed'] else 'not checked' if report['parity_passed'] is None else 'FAILED'}")
-    table = Table(show_lines=True)
-    for h in ("module", "file", "MB", "precision", "inputs", "outputs", "custom ops"):
-        table.add_column(h)
     for name, m in report["modules"].items():
-        ins = "\n".join(f"{i['name']} {i['dtype']} {_shape(i['shape'])}" for i in m["inputs"][:6])
-        if len(m["inputs"]) > 6:
-            ins += f"\n... +{len(m['inputs']) - 6} more"
-        outs = "\n".join(f"{o['name']} {o['dtype']} {_shape(o['shape'])}" for o in m["outputs"][:4])
-        if len(m["outputs"]) > 4:
-            outs += f"\n... +{len(m['outputs']) - 4} more"
-        custom = "\n".join(f"{c['domain']}::{c['op_type']} ({'with' if c['function'] else 'NO'} function) "
-                           + ", ".join(f"{k}={v}" for k, v in c["attributes"].items()) for c in m["custom_ops"]) or "-"
+        custom = "; ".join(f"{c['domain']}::{c['op_type']} ({'with' if c['function'] else 'NO'} local function; "
+                           + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["attributes"].items()) + ")"
+                           for c in m["custom_ops"]) or "none"
+        console.print(f"[bold]{name}[/]  {m['file']}  {m['bytes'] / 1e6:.1f} MB  {m['precision']}  "
+                      f"opset {m.get('opset', {}).get('ai.onnx', '?')}  {m.get('nodes', 0)} nodes  custom ops: {custom}")
         if m.get("error"):
-            ins = outs = m["error"]
-        table.add_row(name, m["file"], f"{m['bytes'] / 1e6:.1f}", m["precision"], ins, outs, custom)
-    console.print(table)
+            console.print(f"  [red]{m['error']}[/]")
+            continue
+        table = Table(show_header=True, box=None, padding=(0, 2))
+        for h in ("", "name", "dtype", "shape"):
+            table.add_column(h)
+        kv = lambda n: n.startswith(("past_key_values.", "present."))  # noqa: E731
+        for kind, items in (("in", m["inputs"]), ("out", m["outputs"])):
+            shown = [i for i in items if not kv(i["name"])]
+            folded = [i for i in items if kv(i["name"])]
+            for i in shown:
+                table.add_row(kind, i["name"], i["dtype"], _shape(i["shape"]))
+            if folded:
+                first = folded[0]
+                table.add_row(kind, f"{first['name'].rsplit('.', 2)[0]}.*.key|value ({len(folded)} tensors)",
+                              first["dtype"], _shape(first["shape"]))
+        console.print(table)
     if report["engines"]:
         et = Table(title="engines")
         for h in ("name", "backend", "precision", "LLM weights", "MB", "accuracy"):
