@@ -8,6 +8,7 @@ before the two diverge. Thresholds sit in one table per precision (`GATES`).
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,13 +153,17 @@ def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_p
     backend = entry["backend"]
     used = set((manifest.get("calibration") or {}).get("images", []))
     imgs = gate_images(images, used)
-    ref = Pipeline.from_package(pkg, backend="onnxruntime", engine="package")  # the FP32 modules
-    eng = Pipeline.from_package(pkg, backend=backend, engine=engine)
-    pairs = []
-    for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs):
-        pairs.append(compare_pair(ref, eng, imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)]))
-        if progress:
-            progress.advance()
+    try:
+        ref = Pipeline.from_package(pkg, backend="onnxruntime", engine="package")  # the FP32 modules
+        eng = Pipeline.from_package(pkg, backend=backend, engine=engine)
+        pairs = []
+        for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs):
+            pairs.append(compare_pair(ref, eng, imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)]))
+            if progress:
+                progress.advance()
+    finally:
+        if images is None:
+            shutil.rmtree(imgs[0].parent, ignore_errors=True)
     report = summarize(pairs, entry["precision"], entry.get("llm_weights") or entry["precision"])
     report["images_held_out"] = sorted({p.image for p in pairs})
     return report

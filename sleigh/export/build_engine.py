@@ -216,6 +216,10 @@ def _check_against_package(opts: EngineOptions, manifest: dict) -> None:
         raise SleighError(f"--max-context {opts.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
 
 
+def _max_views(max_tiles: int, thumbnail: bool) -> int:
+    return max_tiles + (1 if thumbnail and max_tiles > 1 else 0)  # the thumbnail comes only with several tiles
+
+
 def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     """Build, gate and register one engine; returns its manifest entry."""
     pkg = Path(pkg)
@@ -246,16 +250,16 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 if opts.backend == "onnxruntime":
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
+            staged = f"engines/{tmp.name}"  # gated from here; renamed to engines/<name> only once it passes
             entry = {
                 "name": name, "backend": opts.backend, "precision": opts.precision, "llm_weights": opts.weights,
-                "dir": f"engines/{name}",
-                "modules": {m: f"engines/{name}/{f[0]}" for m, f in files.items()},
+                "dir": staged,
+                "modules": {m: f"{staged}/{f[0]}" for m, f in files.items()},
                 "build_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
                                   if k not in ("quiet", "force")},
                 "versions": _versions(),
-                "shapes": {"max_views": (opts.max_tiles or manifest["image"]["max_tiles"]) + 1,
+                "shapes": {"max_views": _max_views(opts.max_tiles or manifest["image"]["max_tiles"], manifest["image"]["thumbnail"]),
                            "max_context": opts.max_context or manifest["generation"]["context_length"]},
-                "providers": ["CPUExecutionProvider"] if opts.backend == "onnxruntime" else None,
                 "offline_optimization": "ORT_ENABLE_BASIC" if opts.backend == "onnxruntime" else None,
             }
             if opts.backend == "tensorrt":
@@ -264,19 +268,14 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 context = opts.max_context or min(TENSORRT_DEFAULT_CONTEXT, manifest["generation"]["context_length"])
                 trt_opts = TensorRTOptions(precision=opts.precision, max_context=context,
                                            max_tiles=opts.max_tiles or manifest["image"]["max_tiles"])
+                precisions = {"vision": opts.precision, "decoder": opts.weights,
+                              "embed": "fp32" if opts.precision == "fp32" else "fp16"}
                 trt_entry = build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, trt_opts,
-                                          name=name, quiet=opts.quiet, out_dir=tmp)
-                entry.update({k: v for k, v in trt_entry.items() if k != "files"})
+                                          name=name, quiet=opts.quiet, out_dir=tmp, module_precisions=precisions)
+                entry.update({k: v for k, v in trt_entry.items() if k not in ("files", "dir")})
+                entry["modules"] = {m: f"{staged}/{Path(rel).name}" for m, rel in trt_entry["modules"].items()}
                 entry["shapes"]["max_context"] = context
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.replace(final)
-            tmp = None
-            all_files = {f"engines/{name}/{f}" for fs in files.values() for f in fs}
-            if opts.backend == "tensorrt":
-                all_files |= {rel for rel in entry["modules"].values()}  # the .plan files
-            entry["files"] = {rel: file_entry(pkg, rel) for rel in sorted(all_files)}
-            entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
+            staged_files = sorted({f"{staged}/{f}" for fs in files.values() for f in fs} | set(entry["modules"].values()))
 
             bar.advance(0, description=f"{name}: accuracy gate")
             from sleigh.export.accuracy import run_gate
@@ -284,18 +283,46 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
             entry["accuracy"] = report
             entry["accuracy_passed"] = report["passed"]
-            entry["build_seconds"] = round(time.perf_counter() - t0, 2)
-            if not report["passed"] and not opts.allow_degraded:
-                shutil.rmtree(final, ignore_errors=True)
-                raise GateFailed(name, report)
             entry["degraded"] = not report["passed"]
-            manifest.setdefault("engines", {})[name] = entry
-            manifest["files"] = {**manifest.get("files", {}), **entry["files"]}
-            write_json_atomic(pkg / "manifest.json", manifest)  # last: the engine exists once it is listed
+            if not report["passed"] and not opts.allow_degraded:
+                raise GateFailed(name, report)  # the staged folder goes; an older engine of this name stays
+            _install(pkg, tmp, final, name, entry, staged, staged_files)
+            tmp = None
+            entry["build_seconds"] = round(time.perf_counter() - t0, 2)
             return entry
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:
+    """Move the gated folder into place and list it in the manifest (last). An older engine of the
+    same name is moved aside first and put back if anything fails before the manifest is written."""
+    old = final.with_name(f".{name}.old") if final.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        final.replace(old)
+    try:
+        tmp.replace(final)
+        relocate = lambda rel: f"engines/{name}/" + rel[len(staged) + 1:]  # noqa: E731
+        entry["dir"] = f"engines/{name}"
+        entry["modules"] = {m: relocate(rel) for m, rel in entry["modules"].items()}
+        entry["files"] = {relocate(rel): file_entry(pkg, relocate(rel)) for rel in staged_files}
+        entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
+        manifest = read_manifest(pkg)  # re-read: keep what others (calibrate) wrote meanwhile
+        previous = manifest.get("engines", {}).get(name, {})
+        files = {k: v for k, v in manifest.get("files", {}).items() if k not in previous.get("files", {})}
+        manifest["engines"] = {**manifest.get("engines", {}), name: entry}
+        manifest["files"] = {**files, **entry["files"]}
+        write_json_atomic(pkg / "manifest.json", manifest)  # last: the engine exists once it is listed
+    except BaseException:
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)
+        if old is not None:
+            old.replace(final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class GateFailed(SleighError):
@@ -307,13 +334,4 @@ class GateFailed(SleighError):
                          "the thresholds of the precision's gate, or --allow-degraded to keep it anyway")
 
 
-def remove_engine(pkg: Path, name: str) -> None:
-    manifest = read_manifest(pkg)
-    entry = manifest.get("engines", {}).pop(name, None)
-    if entry is None:
-        raise SleighError(f"engine {name}", "not in the package", ", ".join(manifest.get("engines", {})) or "none built")
-    for rel in entry.get("files", {}):
-        manifest.get("files", {}).pop(rel, None)
-    write_json_atomic(Path(pkg) / "manifest.json", manifest)
-    shutil.rmtree(Path(pkg) / entry["dir"], ignore_errors=True)
 

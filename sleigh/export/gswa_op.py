@@ -14,7 +14,7 @@ import onnx
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
-from sleigh.sleighvl.gswa import BLOCK_PARAMS, GSWA, gswa_weights
+from sleigh.sleighvl.gswa import BLOCK_PARAMS, GSWA
 
 DOMAIN = "sleigh"
 OP_TYPE = "GSWA"
@@ -148,6 +148,3 @@ def attach_function(program, num_blocks: int, opset: int) -> None:
     program.model.functions[fn.identifier()] = fn
     program.model.opset_imports[DOMAIN] = OP_VERSION
 
-
-def reference(module: GSWA, cls: torch.Tensor) -> torch.Tensor:
-    return gswa_weights(cls, dict(module.named_parameters()), heads=module.heads, eps=module.cfg.layer_norm_eps)

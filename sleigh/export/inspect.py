@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sleigh.errors import SleighError
 from sleigh.runtime.package import read_manifest, verify_files
 
 
@@ -21,6 +22,9 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         else:
             try:
                 io = describe_io(path)
+            except ImportError:
+                raise SleighError("sleigh inspect", "needs the onnx package to read graphs",
+                                  "pip install 'sleigh[export]'") from None
             except Exception as e:  # a damaged file: report it, keep inspecting the rest
                 io["error"] = f"unreadable ({type(e).__name__})"
         size = sum((pkg / f).stat().st_size for f in [entry["file"], *entry.get("data_files", [])] if (pkg / f).is_file())

@@ -180,8 +180,11 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
 
 
 def summarize(results: list[Comparison]) -> dict:
-    """Manifest form: pass/fail plus, per case and output, the numbers."""
-    return {"passed": all(r.ok for r in results), "checks": [asdict(r) for r in results]}
+    """Manifest form: pass/fail plus, per case and output, the numbers (non-finite ones as null:
+    strict JSON has no Infinity)."""
+    clean = lambda v: None if isinstance(v, float) and not np.isfinite(v) else v  # noqa: E731
+    return {"passed": all(r.ok for r in results),
+            "checks": [{k: clean(v) for k, v in asdict(r).items()} for r in results]}
 
 
 def table_rows(results: list[Comparison], limit_present: bool = True) -> list[tuple[str, ...]]:

@@ -519,7 +519,8 @@ def _build_module(trt, logger, module: str, spec: dict, opts: TensorRTOptions, c
 
 
 def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: TensorRTOptions, *,
-                  name: str | None = None, quiet: bool = False, out_dir: Path | None = None) -> dict:
+                  name: str | None = None, quiet: bool = False, out_dir: Path | None = None,
+                  module_precisions: dict[str, str] | None = None) -> dict:
     """Build vision, embed and decoder plans into PKG/engines/<name>/ (or `out_dir`, see
     `engine_plan`) and return the manifest entry (the caller writes it to manifest["engines"][name],
     merges entry["files"] into manifest["files"], and writes the manifest last). Never writes a
@@ -537,10 +538,12 @@ def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Ten
         entry["source_checks"] = "skipped: onnx is not installed"
     else:
         for m, spec in plan["modules"].items():
-            problems = source_problems(m, spec["source"], opts.precision, manifest, use_plugin=opts.use_plugin)
+            # an INT8 engine has a Q/DQ vision but an FP16 embed and decoder: check each as what it is
+            want = (module_precisions or {}).get(m, opts.precision)
+            problems = source_problems(m, spec["source"], want, manifest, use_plugin=opts.use_plugin)
             if problems:
                 raise SleighError(f"{m} source {spec['source']}", "; ".join(problems[:3]),
-                                  f"an {opts.precision.upper()} ONNX of the {m} module that TensorRT can parse")
+                                  f"an {want.upper()} ONNX of the {m} module that TensorRT can parse")
         entry["source_checks"] = "passed"
     import tensorrt as trt
 

@@ -38,6 +38,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())  # a power cut on a device must not leave an empty manifest
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -26,7 +26,7 @@ from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
-from sleigh.runtime.prompt import PromptTokenizer, StreamDecoder, build_prompt
+from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StreamDecoder, build_prompt
 from sleigh.runtime.sampling import Sampler, SamplingOptions
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -122,6 +122,11 @@ class Pipeline:
         if backend not in ("auto", "torch"):
             raise SleighError(f"--backend {backend}", "a checkpoint folder runs on the PyTorch reference only",
                               "--backend torch, or export a package with `sleigh export` first")
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            raise SleighError(str(path), "a checkpoint runs on the PyTorch reference and torch is not installed",
+                              "a package from `sleigh export`, or pip install torch and 'sleigh[export]'")
         from sleigh.runtime.backends.torch_backend import TorchBackend
 
         info = ModelInfo.from_config(_read_json(Path(path) / "config.json"), str(path))
@@ -144,6 +149,11 @@ class Pipeline:
     def prepare(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
                 max_tiles: int | None = None):
         """Tiling and prompt ids (no model work): (tiled image or None, input ids)."""
+        for what, text in (("--prompt", prompt), ("--system", system or "")):
+            for token in (IMG_CONTEXT, IMG_START, IMG_END):
+                if token in text:
+                    raise SleighError(what, f"contains {token}, which only the image block may hold",
+                                      "text without image placeholder tokens (the image is given as IMAGE)")
         tiled = None
         if image is not None:
             tiled = tile_image(image, min_tiles=self.info.min_tiles,
@@ -170,9 +180,10 @@ class Pipeline:
         info, backend = self.info, self.backend
         t_start = time.perf_counter()
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles)
-        if len(ids) + max_new_tokens > info.context_length:
+        context = min(info.context_length, backend.max_context or info.context_length)
+        if len(ids) + max_new_tokens > context:
             raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
-                              f"{info.context_length}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
+                              f"{context}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
         t = time.perf_counter()

@@ -38,7 +38,10 @@ class GenerationConfig:
     def load(cls, path: Path) -> GenerationConfig:
         if not path.exists():
             return cls()
-        d = json.loads(path.read_text())
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SleighError(str(path), f"not valid JSON ({e})", "a generation_config.json") from None
         known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

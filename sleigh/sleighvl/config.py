@@ -137,6 +137,16 @@ class SleighVLConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     projector_layer_norm_eps: float = 1e-5
 
+    def __post_init__(self):
+        if self.gswa is not None and not self.image.thumbnail:
+            raise SleighError("config", "GSWA weights tiles by the thumbnail's attention, and thumbnails are off",
+                              "image.thumbnail true, or gswa null")
+        if self.gswa is not None and (self.gswa.hidden_size or 2 * self.vision.hidden_size) % self.gswa.num_heads:
+            raise SleighError("gswa", f"hidden size {self.gswa.hidden_size or 2 * self.vision.hidden_size} is not "
+                              f"divisible by num_heads={self.gswa.num_heads}", "a head count that divides it")
+        if self.image.resample != "bicubic":
+            raise SleighError("image.resample", f"got {self.image.resample!r}", "bicubic (InternVL's resize)")
+
     @property
     def projector_in(self) -> int:  # pixel shuffle 0.5 packs 4 patches into one token
         return self.vision.hidden_size * 4

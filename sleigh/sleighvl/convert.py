@@ -89,6 +89,14 @@ def read_internvl_config(src: Path) -> dict:
 
 
 def sleigh_config(raw: dict, tokenizer, gswa: GSWAConfig | None) -> SleighVLConfig:
+    try:
+        return _sleigh_config(raw, tokenizer, gswa)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SleighError("config.json", f"InternVL2 config field missing or malformed ({e!r})",
+                          "vision_config and llm_config as InternVL2 writes them") from None
+
+
+def _sleigh_config(raw: dict, tokenizer, gswa: GSWAConfig | None) -> SleighVLConfig:
     vis, llm = raw["vision_config"], raw["llm_config"]
     image_size = int(raw.get("force_image_size") or vis["image_size"])
     _require(image_size == int(vis["image_size"]), "config.json", "force_image_size differs from the vision image_size",
@@ -254,7 +262,7 @@ def init_gswa(module) -> None:
             torch.nn.init.zeros_(p)
 
 
-def convert(src: Path, dst: Path, *, gswa: str = "identity", force: bool = False, progress=None) -> SleighVLConfig:
+def convert(src: Path, dst: Path, *, gswa: str = "identity", force: bool = False) -> SleighVLConfig:
     """Convert an InternVL2 folder into a Sleigh checkpoint folder; returns the new config."""
     from sleigh.sleighvl.tokenizer import convert_sentencepiece
 

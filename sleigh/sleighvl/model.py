@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -77,6 +76,3 @@ class SleighVL(nn.Module):
             return torch.zeros(1, hidden)
         return vision_out.image_embeds.reshape(-1, hidden)
 
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().float().numpy()

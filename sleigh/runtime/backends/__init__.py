@@ -38,6 +38,10 @@ def open_package_backend(pkg: Path, manifest: dict, backend: str = "auto", *, th
         raise SleighError("--backend torch", "the torch backend runs Sleigh checkpoints, not packages",
                           "--model CHECKPOINT_DIR with --backend torch, or --backend onnxruntime for a package")
     engines = manifest.get("engines", {})
+    if isinstance(engine, dict) and engine.get("backend") == "tensorrt":  # an entry being gated by build-engine
+        from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend.from_package(pkg, manifest, engine)
     if backend in ("auto", "tensorrt") and not isinstance(engine, dict):
         trt = _tensorrt_entry(manifest, engine, required=backend == "tensorrt")
         if trt is not None:
@@ -65,7 +69,11 @@ def _tensorrt_entry(manifest: dict, engine: str | None, required: bool) -> dict 
     """The TensorRT engine to open: the named one, or the best gated one when TensorRT and a GPU are
     present (for `auto`); None to fall through to ONNX Runtime. `required`: --backend tensorrt."""
     engines = manifest.get("engines", {})
-    if engine is not None and engine != PACKAGE_MODULES:
+    if engine == PACKAGE_MODULES:
+        if required:
+            raise SleighError("--engine package", "the exported modules run on ONNX Runtime", "--backend onnxruntime or auto")
+        return None
+    if engine is not None:
         entry = engines.get(engine)
         if entry is None or entry.get("backend") != "tensorrt":
             if required:

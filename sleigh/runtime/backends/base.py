@@ -33,5 +33,10 @@ class Backend(ABC):
     def past_length(self) -> int:
         """Positions held in the KV cache."""
 
+    @property
+    def max_context(self) -> int | None:
+        """Longest prompt + answer this backend was built for (None: the model's context)."""
+        return None
+
     def describe(self) -> str:
         return self.name

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from sleigh.runtime.backends.base import Backend
 
 
@@ -54,5 +52,3 @@ class TorchBackend(Backend):
     def past_length(self):
         return 0 if self._cache is None else int(self._cache[0][0].shape[2])
 
-    def present(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(k.numpy(), v.numpy()) for k, v in self._cache]
