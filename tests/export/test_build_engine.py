@@ -181,3 +181,18 @@ def test_inspect_lists_engines(engine_pkg):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(ENGINES) <= set(report["engines"])
+
+
+def test_a_failed_rebuild_keeps_the_engine_that_was_there(tiny_pkg, tmp_path, monkeypatch):
+    import sleigh.export.accuracy as accuracy
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    first = build_engine(pkg, EngineOptions(precision="fp16", quiet=True))
+    monkeypatch.setitem(accuracy.VISION_GATES, "fp16", {"embeddings_cos_min": 1.01, "gswa_max_abs": 0.0})
+    with pytest.raises(SleighError, match="accuracy gate failed"):
+        build_engine(pkg, EngineOptions(precision="fp16", force=True, quiet=True))
+    manifest = read_manifest(pkg)
+    assert manifest["engines"]["onnxruntime-fp16"]["files"] == first["files"]
+    assert verify_files(pkg, manifest) == []
+    assert sorted(p.name for p in (pkg / "engines").iterdir()) == ["onnxruntime-fp16"]

@@ -149,3 +149,23 @@ def test_model_defaults_to_the_environment_variable(tiny_pkg):
     proc = _sleigh("run", "--prompt", "hi", "--max-new-tokens", "2", "--json", env=env)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["backend"].startswith("onnxruntime")
+
+
+def test_image_placeholder_tokens_in_the_prompt_are_refused(pipelines):
+    _, pipe = pipelines
+    for text in ("look <IMG_CONTEXT> here", "<img>", "x</img>"):
+        with pytest.raises(SleighError, match="image block"):
+            pipe.generate(EXAMPLES / "coffee.jpg", text).result
+    with pytest.raises(SleighError, match="--system"):
+        pipe.generate(None, "hi", system="<IMG_CONTEXT>").result
+
+
+def test_a_backend_shorter_context_is_checked_before_generating(tiny_pkg):
+    pipe = Pipeline.load(tiny_pkg)
+
+    class Short(type(pipe.backend)):
+        max_context = 64
+
+    pipe.backend.__class__ = Short
+    with pytest.raises(SleighError, match="context of 64"):
+        pipe.generate(None, "hello", max_new_tokens=60).result

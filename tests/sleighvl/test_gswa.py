@@ -303,3 +303,15 @@ def test_attention_bias_acts_on_keys_in_every_layer(state, pixel_values):
     err = (masked[0, -1] - dropped[0, -1]).abs().max().item()
     assert err <= 1e-4, f"masked vs dropped: {err:.3g}"
     assert (masked[0, -1] - unbiased[0, -1]).abs().max().item() > 1e-3  # view 0 mattered
+
+
+def test_gswa_config_needs_thumbnails_and_divisible_heads():
+    from sleigh.errors import SleighError
+    from sleigh.sleighvl.config import PRESETS, GSWAConfig, ImageConfig, SleighVLConfig
+
+    base = PRESETS["tiny"]
+    with pytest.raises(SleighError, match="thumbnail"):
+        SleighVLConfig(vision=base.vision, llm=base.llm, gswa=base.gswa, image=ImageConfig(thumbnail=False))
+    SleighVLConfig(vision=base.vision, llm=base.llm, gswa=None, image=ImageConfig(thumbnail=False))  # fine without GSWA
+    with pytest.raises(SleighError, match="divisible"):
+        SleighVLConfig(vision=base.vision, llm=base.llm, gswa=GSWAConfig(hidden_size=0, num_heads=5))
