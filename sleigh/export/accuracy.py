@@ -74,13 +74,13 @@ def _prefix(a: list[int], b: list[int]) -> int:
 
 
 def compare_pair(ref_pipe, eng_pipe, image, prompt: str, num_tokens: int = NUM_TOKENS) -> PairResult:
-    ref = ref_pipe.prefill(image, prompt)
-    got = eng_pipe.prefill(image, prompt)
+    ref = ref_pipe.prefill(image, prompt, max_new_tokens=num_tokens)
+    got = eng_pipe.prefill(image, prompt, max_new_tokens=num_tokens)
     views = ref.image_embeds.shape[0]
     per_view = [_cos(got.image_embeds[t], ref.image_embeds[t]) for t in range(views)] or [1.0]
     gswa = float(np.abs(got.gswa_weights - ref.gswa_weights).max()) if views else 0.0
-    t_ref = ref_pipe.generate(image, prompt, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
-    t_got = eng_pipe.generate(image, prompt, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
+    t_ref = ref_pipe.generate_from(ref, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
+    t_got = eng_pipe.generate_from(got, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
     return PairResult(Path(str(image)).name, prompt, views, float(np.mean(per_view)), float(np.min(per_view)), gswa,
                       _cos(got.logits, ref.logits), int(got.logits.argmax()) == int(ref.logits.argmax()),
                       _prefix(t_ref, t_got))

@@ -173,6 +173,15 @@ class Pipeline:
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
                                       ignore_eos, max_tiles))
 
+    def generate_from(self, state: Prefill, *, max_new_tokens: int = 512, sampling: SamplingOptions | None = None,
+                      ignore_eos: bool = False) -> Generation:
+        """Continue from a `prefill()` state (the backend's cache must still hold it: no other call between)."""
+        if max_new_tokens < 1:
+            raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+        if self.backend.past_length != len(state.ids):
+            raise SleighError("generate_from", "the backend's cache no longer holds this prefill", "prefill() again")
+        return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
+
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
                 max_tiles: int | None = None, max_new_tokens: int = 0) -> Prefill:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
@@ -212,8 +221,11 @@ class Pipeline:
         return Prefill(tiled, ids, image_embeds, weights, bias, logits, timings, t_start)
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
-        info, backend = self.info, self.backend
         state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+        return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos))
+
+    def _decode(self, state: Prefill, max_new_tokens, sampling, ignore_eos):
+        info, backend = self.info, self.backend
         tiled, ids, weights, bias, logits, timings = state.tiled, state.ids, state.gswa_weights, state.bias, state.logits, state.timings
         t_start = state.t_start
 
