@@ -14,6 +14,7 @@ import numpy as np
 
 class Backend(ABC):
     name: str = "?"
+    max_context: int | None = None  # longest prompt + answer the backend was built for (None: the model's)
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -32,11 +33,6 @@ class Backend(ABC):
     @abstractmethod
     def past_length(self) -> int:
         """Positions held in the KV cache."""
-
-    @property
-    def max_context(self) -> int | None:
-        """Longest prompt + answer this backend was built for (None: the model's context)."""
-        return None
 
     def describe(self) -> str:
         return self.name

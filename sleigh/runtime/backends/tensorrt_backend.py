@@ -309,6 +309,16 @@ class TensorRTBackend(Backend):
         self.label = label
         self.cuda = _Cuda(import_cudart(), device)
         self.scratch = _Scratch(self.cuda)
+        self._kv: dict = {}
+        self.engines: dict = {}
+        self._closed = False  # from here on close() frees what exists, also after a failed start
+        try:
+            self._open(trt, plans, plugin_library, device, verbose)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, trt, plans, plugin_library, device, verbose) -> None:
         self.logger = make_logger(trt, echo=verbose)
         if plugin_library is not None:  # the sleigh::GSWA IPluginV3 must be registered before deserializing
             trt.init_libnvinfer_plugins(self.logger, "")
@@ -319,7 +329,6 @@ class TensorRTBackend(Backend):
         self.engines = {m: _Engine(trt, self.runtime, Path(p), self.logger, m) for m, p in plans.items()}
         self.device_name = device_name(self.cuda.rt, device)
         self._init_decoder()
-        self._closed = False
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: dict, engine_entry: dict, *, plugin_library: Path | None = None,
