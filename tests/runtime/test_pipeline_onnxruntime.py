@@ -169,3 +169,14 @@ def test_a_backend_shorter_context_is_checked_before_generating(tiny_pkg):
     pipe.backend.__class__ = Short
     with pytest.raises(SleighError, match="context of 64"):
         pipe.generate(None, "hello", max_new_tokens=60).result
+
+
+def test_generate_from_a_prefill_equals_generate(pipelines):
+    _, pipe = pipelines
+    want = pipe.generate(EXAMPLES / "coffee.jpg", "hi", max_new_tokens=8, ignore_eos=True).result.token_ids
+    state = pipe.prefill(EXAMPLES / "coffee.jpg", "hi", max_new_tokens=8)
+    assert pipe.generate_from(state, max_new_tokens=8, ignore_eos=True).result.token_ids == want
+    state = pipe.prefill(None, "hi")
+    pipe.prefill(None, "a longer prompt than the first one")
+    with pytest.raises(SleighError, match="no longer holds"):
+        pipe.generate_from(state, max_new_tokens=2)
