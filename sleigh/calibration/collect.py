@@ -30,7 +30,7 @@ from sleigh.calibration.stats import METHODS, RunningStats, compute_amax
 from sleigh.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
 from sleigh.errors import SleighError
 from sleigh.progress import progress
-from sleigh.runtime.image import tile_image
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
 from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -167,7 +167,8 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
     try:
         img = manifest["image"]
         tiling = {"min_tiles": img["min_tiles"], "max_tiles": img["max_tiles"] if max_tiles is None else max_tiles,
-                  "size": img["size"], "thumbnail": img["thumbnail"]}
+                  "size": img["size"], "thumbnail": img["thumbnail"],
+                  "mean": tuple(img.get("mean", IMAGENET_MEAN)), "std": tuple(img.get("std", IMAGENET_STD))}
     except (KeyError, TypeError) as e:
         raise SleighError(str(pkg / MANIFEST), f"image settings are incomplete ({e!r})",
                           "a manifest written by `sleigh export`") from None

@@ -111,7 +111,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     s_vis = _ort(pkg / "vision.onnx")
     size = cfg.vision.image_size
     tiled = tile_image(real_image, min_tiles=cfg.image.min_tiles, max_tiles=cfg.image.max_tiles, size=size,
-                       thumbnail=cfg.image.thumbnail)
+                       thumbnail=cfg.image.thumbnail, mean=cfg.image.mean, std=cfg.image.std)
     cases = [("vision random T=1", rng.standard_normal((1, 3, size, size)).astype(np.float32)),
              ("vision random T=13", rng.standard_normal((13, 3, size, size)).astype(np.float32)),
              (f"vision image T={tiled.num_views}", tiled.pixel_values)]

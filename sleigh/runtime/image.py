@@ -159,7 +159,8 @@ def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
 
 
 def tile_image(
-    image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True
+    image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True,
+    mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
 ) -> TiledImage:
     """Tile `image` (a path or PIL image) as InternVL does and normalise it for the vision module.
 
@@ -181,14 +182,14 @@ def tile_image(
         thumb = np.asarray(rgb.resize((size, size), _RESAMPLE))  # (size, size, 3)
         views = np.concatenate([views, thumb[None]], axis=0)
     return TiledImage(
-        pixel_values=_normalize(views), grid=(cols, rows), num_views=views.shape[0], image_size=(width, height)
+        pixel_values=_normalize(views, mean, std), grid=(cols, rows), num_views=views.shape[0], image_size=(width, height)
     )
 
 
-def _normalize(views: np.ndarray) -> np.ndarray:
+def _normalize(views: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """uint8 (T, H, W, 3) → float32 (T, 3, H, W), in torchvision's order: x/255, then (x − mean)/std."""
     x = views.astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (T, 3, H, W)
 
 

@@ -26,6 +26,8 @@ class ModelInfo:
     stop_token_ids: tuple[int, ...]
     gswa_apply: str | None  # None: no GSWA
     gswa_min_weight: float
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     @classmethod
     def from_config(cls, cfg: dict, where: str = "config") -> ModelInfo:
@@ -41,6 +43,7 @@ class ModelInfo:
                 img_context_token_id=prompt["img_context_token_id"], stop_token_ids=tuple(prompt["stop_token_ids"]),
                 gswa_apply=None if gswa is None else gswa["apply"],
                 gswa_min_weight=1e-4 if gswa is None else gswa["min_weight"],
+                mean=tuple(img.get("mean", cls.mean)), std=tuple(img.get("std", cls.std)),
             )
         except (KeyError, TypeError, ZeroDivisionError) as e:
             raise SleighError(where, f"model config is incomplete ({e!r})", "a config written by this version of sleigh") from None

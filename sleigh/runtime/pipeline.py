@@ -158,7 +158,8 @@ class Pipeline:
         if image is not None:
             tiled = tile_image(image, min_tiles=self.info.min_tiles,
                                max_tiles=self.info.max_tiles if max_tiles is None else max_tiles,
-                               size=self.info.image_size, thumbnail=self.info.thumbnail)
+                               size=self.info.image_size, thumbnail=self.info.thumbnail,
+                               mean=self.info.mean, std=self.info.std)
         text = build_prompt(prompt, tiled.num_views if tiled else 0, system=system,
                             tokens_per_view=self.info.tokens_per_view)
         return tiled, self.tokenizer.encode(text, add_bos=True)

@@ -357,3 +357,14 @@ def test_pillow_bomb_warning_below_max_pixels_is_not_raised(tmp_path, monkeypatc
 def test_runtime_image_does_not_import_torch():
     code = "import sys, sleigh.runtime.image; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_normalisation_follows_the_given_mean_and_std(tmp_path):
+    """A package may carry other mean/std than ImageNet's: tiling uses what it is given."""
+    path = tmp_path / "flat.png"
+    Image.new("RGB", (448, 448), (128, 64, 255)).save(path)
+    default = tile_image(path).pixel_values
+    custom = tile_image(path, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).pixel_values
+    expected = (np.array([128, 64, 255], np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(custom[0, :, 0, 0], expected, atol=1e-6)
+    assert not np.allclose(default, custom)
