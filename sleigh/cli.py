@@ -46,7 +46,7 @@ def init(
     """Write a Sleigh checkpoint with random weights (GSWA active) and a small tokenizer."""
     from sleigh.sleighvl.init import init_checkpoint
 
-    cfg = init_checkpoint(dst, preset, seed, force=force)
+    cfg = init_checkpoint(dst, preset, seed, force=force, quiet=False)
     typer.echo(f"wrote {dst}: preset {preset}, seed {seed}, vocab {cfg.llm.vocab_size} (random weights give random text)")
 
 

@@ -8,15 +8,18 @@ from pathlib import Path
 import torch
 
 from sleigh.errors import SleighError
+from sleigh.progress import progress
 from sleigh.sleighvl.checkpoint import GenerationConfig, save_checkpoint
 from sleigh.sleighvl.config import PRESETS, SleighVLConfig
 
 
 @torch.no_grad()
-def init_weights(model, seed: int) -> None:
+def init_weights(model, seed: int, progress=None) -> None:
     """Scaled so activations and logits have unit spread and the image changes the answer."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
+        if progress is not None:
+            progress.advance(p.numel())
         leaf = name.rsplit(".", 1)[-1]
         if name.endswith("alpha"):
             p.fill_(1.0)  # GSWA active
@@ -37,7 +40,7 @@ def init_weights(model, seed: int) -> None:
             p.normal_(0.0, 0.02, generator=g)
 
 
-def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = False) -> SleighVLConfig:
+def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = False, quiet: bool = True) -> SleighVLConfig:
     from sleigh.sleighvl.convert import prompt_config
     from sleigh.sleighvl.model import SleighVL
     from sleigh.sleighvl.tokenizer import train_tiny_tokenizer
@@ -51,6 +54,7 @@ def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = Fals
     cfg = replace(base, prompt=prompt_config(tokenizer))
     torch.manual_seed(seed)
     model = SleighVL(cfg)
-    init_weights(model, seed)
+    with progress(f"init {preset}", sum(p.numel() for p in model.parameters()), quiet) as bar:
+        init_weights(model, seed, bar)
     save_checkpoint(dst, model, tokenizer, GenerationConfig(stop_token_ids=cfg.prompt.stop_token_ids), force=force)
     return cfg
