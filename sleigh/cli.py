@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Sleigh: SleighVL (InternVL2-2B + GSWA) from PyTorch to ONNX, engines and an edge runtime.")
@@ -292,8 +292,7 @@ def main() -> None:
     except Exception as e:  # a bug or an unforeseen failure: still one line, traceback on request
         if os.environ.get("SLEIGH_DEBUG"):
             raise
-        detail = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        _err(f"unexpected {type(e).__name__}: {detail} (set SLEIGH_DEBUG=1 for the traceback)")
+        _err(f"unexpected {type(e).__name__}: {first_line(e)} (set SLEIGH_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from sleigh import __version__
 from sleigh.calibration.stats import METHODS, RunningStats, compute_amax
 from sleigh.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
 from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
@@ -106,8 +106,7 @@ class VisionCollector:
             onnx.save(model, tmp)
             self.session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SleighError(str(vision_onnx), f"ONNX Runtime cannot run it for calibration ({first[:300]})",
+            raise SleighError(str(vision_onnx), f"ONNX Runtime cannot run it for calibration ({first_line(e)})",
                               "an intact package (check with `sleigh inspect --verify`)") from None
         finally:
             Path(tmp).unlink(missing_ok=True)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from sleigh import __version__
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
 from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, write_json_atomic
 
@@ -200,8 +200,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                 try:
                     written[name] = export_module(spec, tmp, opts.opset, len(model.gswa.blocks) if model.gswa else None)
                 except Exception as e:  # torch.export errors are long; keep the first line
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise SleighError(f"export {name}", f"torch.onnx.export failed ({first[:300]})",
+                    raise SleighError(f"export {name}", f"torch.onnx.export failed ({first_line(e)})",
                                       "a checkpoint of a supported architecture") from e
                 bar.advance()
             shutil.copyfile(checkpoint / TOKENIZER, tmp / "tokenizer.json")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 
 # The internlm2-chat default system message as InternVL2 sets it.
 DEFAULT_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -99,7 +99,7 @@ class PromptTokenizer:
         try:
             tok = Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
-            raise SleighError(str(path), f"not a valid tokenizer file ({str(e).splitlines()[0][:200]})", expected) from None
+            raise SleighError(str(path), f"not a valid tokenizer file ({first_line(e, 200)})", expected) from None
         return cls(tok, source=str(path))
 
     # ids

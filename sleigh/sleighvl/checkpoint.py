@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.sleighvl.config import SleighVLConfig
 
 CONFIG = "config.json"
@@ -59,8 +59,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SleighError(str(path), f"unreadable safetensors file ({detail})",
+        raise SleighError(str(path), f"unreadable safetensors file ({first_line(e)})",
                           "a complete, untruncated safetensors file") from None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.package import module_path
 
@@ -45,8 +45,7 @@ class OnnxRuntimeBackend(Backend):
             try:
                 self.sessions[module] = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise SleighError(str(path), f"ONNX Runtime cannot load it ({first[:300]})",
+                raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
                                   "an intact package module (check with `sleigh inspect --verify`)") from None
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.label = label
