@@ -25,6 +25,7 @@ import numpy as np
 
 from sleigh.calibration.collect import INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, is_quantized_op
 from sleigh.errors import SleighError
+from sleigh.export.exporter import save_onnx
 
 _ACTIVATION_OP = "QuantizeLinear"
 
@@ -165,7 +166,7 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
     graph.node.extend(nodes)
     model.producer_name, model.producer_version = "sleigh.calibration.qdq", _sleigh_version()
 
-    files = _save(model, dst_onnx)
+    files = save_onnx(model, dst_onnx)
     act = np.array([scales[t] for t in act_params], np.float64)
     wsc = np.concatenate(weight_scales) if weight_scales else np.zeros(0)
     return {
@@ -194,24 +195,6 @@ def _describe(values: np.ndarray) -> dict:
         return {"count": 0}
     return {"count": int(values.size), "min": float(values.min()), "median": float(np.median(values)),
             "max": float(values.max())}
-
-
-def _save(model, dst: Path) -> list[str]:
-    """Save `model`; weights go to `<name>.onnx.data` beside it when the model is large. Returns the
-    file names written (relative to dst's folder)."""
-    import onnx
-
-    from sleigh.export.exporter import EXTERNAL_DATA_BYTES  # the exporter's rule for <name>.onnx.data
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    data = f"{dst.name}.data"
-    external = model.ByteSize() > EXTERNAL_DATA_BYTES
-    (dst.parent / data).unlink(missing_ok=True)  # external data is appended to, never replaced
-    if external:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-        return [dst.name, data]
-    onnx.save_model(model, str(dst))
-    return [dst.name]
 
 
 def _sleigh_version() -> str:
@@ -295,5 +278,5 @@ def scale_activation_scales(onnx_path: Path, out_path: Path, factor: float) -> i
             value = numpy_helper.to_array(init).astype(np.float32) * np.float32(factor)
             init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
             changed += 1
-    _save(model, Path(out_path))
+    save_onnx(model, Path(out_path))
     return changed

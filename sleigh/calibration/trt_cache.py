@@ -16,12 +16,11 @@ TensorRT 11 removed implicit calibration, so it never reads these; TensorRT 10.x
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.runtime.package import write_bytes_atomic
 
 TRT_CACHE_VERSION = "100300"  # TensorRT 10.3.0, what JetPack 6 ships
 CALIBRATOR = "EntropyCalibration2"
@@ -54,17 +53,7 @@ def format_calibration_cache(scales: dict[str, float], version: str = TRT_CACHE_
 
 def write_calibration_cache(path: Path, scales: dict[str, float], version: str = TRT_CACHE_VERSION) -> None:
     """Write `scales` (tensor name -> amax/127) as a TensorRT cache, atomically (temp file, then rename)."""
-    path = Path(path)
-    text = format_calibration_cache(scales, version)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, format_calibration_cache(scales, version).encode("utf-8"))
 
 
 def read_calibration_cache(path: Path) -> tuple[str, dict[str, float]]:

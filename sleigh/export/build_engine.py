@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.export.exporter import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.package import MODULE_NAMES, file_entry, read_manifest, write_json_atomic
 
@@ -34,7 +35,6 @@ DEFAULT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
 # TensorRT parses no MatMulNBits (an ONNX Runtime contrib op): its decoder is FP16 or FP32.
 TENSORRT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}
 TENSORRT_DEFAULT_CONTEXT = 4096  # the runtime preallocates KV buffers for the whole profile
-EXTERNAL_DATA_BYTES = 256 << 20
 WEIGHT_ONLY_BLOCK = 32
 # MatMulNBits' accuracy level 4 computes with int8 activations on the CPU: measured on the small
 # preset, INT8 weights decode at ~350 tokens/s with it and ~24 without (FP32: ~190), logits cosine
@@ -91,19 +91,6 @@ def _load(path: Path):
     return onnx.load(str(path))
 
 
-def _save(model, dst: Path) -> list[str]:
-    """Save (external data for large models); returns the file names written."""
-    import onnx
-
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=f"{dst.name}.data", size_threshold=1024)
-        return [dst.name, f"{dst.name}.data"]
-    onnx.save(model, str(dst))
-    return [dst.name]
-
-
 def _sorted(model):
     """Topologically sort (the float16 converter appends its input casts at the end)."""
     import onnx_ir as ir
@@ -117,7 +104,7 @@ def to_fp16(src: Path, dst: Path) -> list[str]:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(_load(src), keep_io_types=True, op_block_list=FP16_KEEP_FP32)
-    return _save(_sorted(model), dst)
+    return save_onnx(_sorted(model), dst)
 
 
 def weight_only(src: Path, dst: Path, bits: int) -> list[str]:
@@ -133,7 +120,7 @@ def weight_only(src: Path, dst: Path, bits: int) -> list[str]:
     q = MatMulNBitsQuantizer(_load(src), bits=bits, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
                              accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, algo_config=cfg)
     q.process()
-    return _save(q.model.model, dst)
+    return save_onnx(q.model.model, dst)
 
 
 def copy(src: Path, dst: Path) -> list[str]:

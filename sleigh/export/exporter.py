@@ -92,6 +92,24 @@ def export_module(spec, out_dir: Path, opset: int, gswa_blocks: int | None) -> l
     return files
 
 
+def save_onnx(model, dst: Path) -> list[str]:
+    """Save an onnx ModelProto; its weights go to `<name>.onnx.data` beside it when they are over
+    EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GB). Returns the file names written."""
+    import onnx
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = f"{dst.name}.data"
+    (dst.parent / data).unlink(missing_ok=True)  # onnx appends to external data, never replaces it
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                        size_threshold=1024)
+        return [dst.name, data]
+    onnx.save_model(model, str(dst))
+    return [dst.name]
+
+
 def _name_nodes(program) -> None:
     """Nodes without a name get one, so tools and error messages can point at them."""
     for i, node in enumerate(program.model.graph):

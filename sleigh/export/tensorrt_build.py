@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -40,7 +39,7 @@ from sleigh.progress import progress
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, import_cudart,
     make_logger, profile_to_json, tensorrt_status)
-from sleigh.runtime.package import MODULE_NAMES, sha256_file
+from sleigh.runtime.package import MODULE_NAMES, sha256_file, write_bytes_atomic
 
 PRECISIONS = ("fp16", "int8", "fp32")  # fp32: a GPU reference engine from the FP32 modules
 BUILDER_OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's 0..5; 3 is its default
@@ -451,20 +450,6 @@ def parser_errors(parser, limit: int = 3) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def _write_bytes_atomic(path: Path, data) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))  # IHostMemory exposes the buffer protocol: no extra copy
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _register_plugin(trt, logger, opts: TensorRTOptions) -> None:
     trt.init_libnvinfer_plugins(logger, "")
     registry = trt.get_plugin_registry()
@@ -556,8 +541,8 @@ def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Ten
         for m, spec in plan["modules"].items():
             bar.advance(0, description=f"tensorrt {m}")
             serialized, cache = _build_module(trt, logger, m, spec, opts, cache_bytes)
-            _write_bytes_atomic(spec["plan"], serialized)
-            _write_bytes_atomic(cache_path, cache)  # kept after every module: an interrupted build keeps its timings
+            write_bytes_atomic(spec["plan"], serialized)
+            write_bytes_atomic(cache_path, cache)  # kept after every module: an interrupted build keeps its timings
             cache_bytes = bytes(memoryview(cache))
             del serialized
             bar.advance()

@@ -30,21 +30,25 @@ def file_entry(root: Path, rel: str) -> dict:
     return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
+def write_bytes_atomic(path: Path, data) -> None:
+    """Write `data` (bytes or any buffer) to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))  # e.g. TensorRT's IHostMemory: no extra copy
             f.flush()
-            os.fsync(f.fileno())  # a power cut on a device must not leave an empty manifest
+            os.fsync(f.fileno())  # a power cut on a device must not leave an empty file
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def read_manifest(pkg: Path) -> dict:
