@@ -227,7 +227,7 @@ class Pipeline:
 
     def _decode(self, state: Prefill, max_new_tokens, sampling, ignore_eos):
         info, backend = self.info, self.backend
-        tiled, ids, weights, bias, logits, timings = state.tiled, state.ids, state.gswa_weights, state.bias, state.logits, state.timings
+        tiled, ids, weights, logits, timings = state.tiled, state.ids, state.gswa_weights, state.logits, state.timings
         t_start = state.t_start
 
         sampler = Sampler(sampling)
@@ -239,6 +239,12 @@ class Pipeline:
         stop_reason = "length"
         t_first = None
         usable = self.tokenizer.vocab_size  # a padded model vocabulary has ids no tokenizer can decode
+        # mask and bias for every position this generation can reach, allocated once: each step passes
+        # a prefix (a contiguous view) instead of growing new arrays
+        total = len(ids) + max_new_tokens
+        full_mask = np.ones((1, total), np.int64)
+        full_bias = np.zeros((1, total), np.float32)
+        full_bias[:, :len(ids)] = state.bias
         while True:
             token = sampler(logits[0, :usable], history)
             if t_first is None:
@@ -255,9 +261,7 @@ class Pipeline:
             pos = len(ids) + len(generated) - 1
             step_embeds = backend.run("embed", {"input_ids": np.asarray([[token]], np.int64),
                                                 "image_embeds": dummy_rows})["inputs_embeds"]
-            mask = np.ones((1, pos + 1), np.int64)
-            bias = np.concatenate([bias, np.zeros((1, 1), np.float32)], axis=1)
-            logits = backend.step(step_embeds, mask, bias, np.asarray([[pos]], np.int64))
+            logits = backend.step(step_embeds, full_mask[:, :pos + 1], full_bias[:, :pos + 1], np.asarray([[pos]], np.int64))
         yield stream.flush()
         timings.decode_s = time.perf_counter() - t_first
         if len(generated) > 1 and timings.decode_s > 0:
