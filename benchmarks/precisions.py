@@ -21,7 +21,7 @@ from PIL import Image, ImageEnhance, ImageOps
 from sleigh.bench import machine, run_bench
 from sleigh.calibration.collect import calibrate_package
 from sleigh.export.build_engine import EngineOptions, build_engine
-from sleigh.export.exporter import default_parity_image
+from sleigh.runtime.package import shipped_photo
 from sleigh.runtime.package import read_manifest
 
 ROOT = Path(__file__).parents[1]
@@ -62,7 +62,7 @@ def main() -> None:
     targets += [(name, pkg, "onnxruntime", name) for name in built]
     if args.reference:
         targets.append(("torch reference", args.reference, "torch", None))
-    bench = run_bench(targets, default_parity_image(), "Describe the image in detail.", runs=args.runs,
+    bench = run_bench(targets, shipped_photo(), "Describe the image in detail.", runs=args.runs,
                       max_new_tokens=args.max_new_tokens, quiet=True)
 
     fp32_bytes = sum(e["bytes"] for rel, e in manifest["files"].items() if rel.endswith((".onnx", ".onnx.data"))

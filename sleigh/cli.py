@@ -246,7 +246,7 @@ def bench(
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
-    from sleigh.export.exporter import default_parity_image
+    from sleigh.runtime.package import shipped_photo
 
     if image is not None:
         _check_image_path(image)
@@ -254,7 +254,7 @@ def bench(
     targets += [(f"{model} [{e}]", model, "auto", e) for e in engine]
     if reference is not None:
         targets.append((str(reference), reference, "torch", None))
-    report = run_bench(targets, image or default_parity_image(), prompt, runs=runs, max_new_tokens=max_new_tokens,
+    report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                        threads=threads, quiet=as_json)
     typer.echo(json.dumps(report) if as_json else markdown(report))
 

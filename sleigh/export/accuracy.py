@@ -126,9 +126,9 @@ def shipped_variants() -> list[Path]:
 
     from PIL import Image, ImageOps
 
-    from sleigh.export.exporter import default_parity_image
+    from sleigh.runtime.package import shipped_photo
 
-    src = Image.open(default_parity_image()).convert("RGB")
+    src = Image.open(shipped_photo()).convert("RGB")
     w, h = src.size
     folder = Path(tempfile.mkdtemp(prefix="sleigh-gate-"))
     variants = {"photo.png": src, "mirror.png": ImageOps.mirror(src), "crop.png": src.crop((w // 4, 0, w, h // 2)),

@@ -14,13 +14,12 @@ import time
 import warnings
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from sleigh import __version__
 from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
-from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, write_json_atomic
+from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, shipped_photo, write_json_atomic
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
 EXTERNAL_DATA_BYTES = 256 << 20  # modules with more weights than this keep them in <name>.onnx.data
@@ -148,10 +147,6 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def default_parity_image() -> Path:
-    return Path(str(resources.files("sleigh") / "assets" / "parity.jpg"))
-
-
 def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
     from sleigh.export.modules import kv_names
 
@@ -207,7 +202,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
     model, cfg, _ = load_checkpoint(checkpoint)
     if not (checkpoint / TOKENIZER).is_file():
         raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")
-    parity_image = opts.parity_image or default_parity_image()
+    parity_image = opts.parity_image or shipped_photo()
     torch.manual_seed(0)
     written: dict[str, list[str]] = {}
     with progress("export", len(MODULES) + (3 if opts.verify else 0), opts.quiet) as bar:

@@ -11,17 +11,12 @@ from sleigh.errors import SleighError
 @dataclass(frozen=True)
 class ModelInfo:
     hidden_size: int
-    vocab_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
     context_length: int
     image_size: int
     tokens_per_view: int
     min_tiles: int
     max_tiles: int
     thumbnail: bool
-    bos_token_id: int
     img_context_token_id: int
     stop_token_ids: tuple[int, ...]
     gswa_apply: str | None  # None: no GSWA
@@ -35,11 +30,9 @@ class ModelInfo:
             v, llm, img, prompt, gswa = cfg["vision"], cfg["llm"], cfg["image"], cfg["prompt"], cfg.get("gswa")
             grid = v["image_size"] // v["patch_size"]
             return cls(
-                hidden_size=llm["hidden_size"], vocab_size=llm["vocab_size"], num_layers=llm["num_layers"],
-                num_kv_heads=llm["num_kv_heads"], head_dim=llm["hidden_size"] // llm["num_heads"],
-                context_length=llm["max_position_embeddings"], image_size=v["image_size"],
+                hidden_size=llm["hidden_size"], context_length=llm["max_position_embeddings"], image_size=v["image_size"],
                 tokens_per_view=grid * grid // 4, min_tiles=img["min_tiles"], max_tiles=img["max_tiles"],
-                thumbnail=img["thumbnail"], bos_token_id=prompt["bos_token_id"],
+                thumbnail=img["thumbnail"],
                 img_context_token_id=prompt["img_context_token_id"], stop_token_ids=tuple(prompt["stop_token_ids"]),
                 gswa_apply=None if gswa is None else gswa["apply"],
                 gswa_min_weight=1e-4 if gswa is None else gswa["min_weight"],

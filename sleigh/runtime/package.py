@@ -17,6 +17,14 @@ SCHEMA_VERSION = 1
 MODULE_NAMES = ("vision", "embed", "decoder")
 
 
+def shipped_photo() -> Path:
+    """The CC0 photo inside the sleigh package (examples/coffee.jpg): export's parity image, the
+    accuracy gate's default images and bench's default input."""
+    from importlib import resources
+
+    return Path(str(resources.files("sleigh") / "assets" / "parity.jpg"))
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
