@@ -66,6 +66,15 @@ def run_sleigh(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           env=cli_env(), cwd=cwd, timeout=CLI_TIMEOUT_S)
 
 
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """A user error's contract: non-zero exit, no traceback, exactly one `error:` line on stderr."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def sleigh_cli():
     """Callable: sleigh_cli("run", image, "--model", ckpt) -> CompletedProcess (text mode)."""

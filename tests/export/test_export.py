@@ -18,6 +18,7 @@ from sleigh.export.parity import verify_package
 from sleigh.runtime.package import read_manifest, verify_files
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.sleighvl.checkpoint import load_checkpoint
+from tests.conftest import one_error_line
 
 from .conftest import EXAMPLES, ORACLE
 
@@ -175,13 +176,6 @@ def _sleigh(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "sleigh.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
-def _one_error_line(proc):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
-
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "opset", "nonempty", "unwritable"])
 def test_bad_input_gives_one_line_and_no_partial_package(case, tiny_ckpt, tmp_path):
@@ -201,7 +195,7 @@ def test_bad_input_gives_one_line_and_no_partial_package(case, tiny_ckpt, tmp_pa
     elif case == "unwritable":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "pkg"
-    line = _one_error_line(_sleigh("export", str(ckpt), "-o", str(out), *extra))
+    line = one_error_line(_sleigh("export", str(ckpt), "-o", str(out), *extra))
     expect = {"missing": "not a folder", "corrupt": "safetensors", "opset": "18..20", "nonempty": "not empty",
               "unwritable": "cannot create"}[case]
     assert expect in line

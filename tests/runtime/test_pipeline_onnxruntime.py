@@ -13,6 +13,7 @@ from PIL import Image
 from sleigh.errors import SleighError
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.runtime.sampling import SamplingOptions
+from tests.conftest import one_error_line
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 HEAVY = ("torch", "transformers", "onnx", "onnxscript", "tensorrt")
@@ -116,30 +117,23 @@ def _sleigh(*args, env=None):
     return subprocess.run([sys.executable, "-m", "sleigh.cli", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
-def _one_error_line(proc) -> str:
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
-
 
 def test_run_bad_input(tiny_pkg, tmp_path):
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    assert "corrupt.jpg" in _one_error_line(_sleigh("run", str(corrupt), "--model", str(tiny_pkg)))
-    assert "not found" in _one_error_line(_sleigh("run", "--model", str(tmp_path / "no-such-pkg")))
+    assert "corrupt.jpg" in one_error_line(_sleigh("run", str(corrupt), "--model", str(tiny_pkg)))
+    assert "not found" in one_error_line(_sleigh("run", "--model", str(tmp_path / "no-such-pkg")))
     broken = tmp_path / "broken-pkg"
     import shutil
 
     shutil.copytree(tiny_pkg, broken)
     (broken / "decoder.onnx").unlink()
-    assert "decoder.onnx" in _one_error_line(_sleigh("run", "--model", str(broken)))
-    assert "exceed the context" in _one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
-    assert "max-new-tokens" in _one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "0"))
-    assert "unknown backend" in _one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--backend", "tpu"))
+    assert "decoder.onnx" in one_error_line(_sleigh("run", "--model", str(broken)))
+    assert "exceed the context" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    assert "max-new-tokens" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "0"))
+    assert "unknown backend" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--backend", "tpu"))
     env = {k: v for k, v in __import__("os").environ.items() if k != "SLEIGH_MODEL"}
-    assert "sleigh export" in _one_error_line(_sleigh("run", str(EXAMPLES / "chelsea.jpg"), env=env))
+    assert "sleigh export" in one_error_line(_sleigh("run", str(EXAMPLES / "chelsea.jpg"), env=env))
 
 
 def test_model_defaults_to_the_environment_variable(tiny_pkg):
