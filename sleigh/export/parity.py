@@ -15,7 +15,7 @@ import torch
 
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.multimodal import image_attention_bias
-from sleigh.runtime.prompt import PromptTokenizer, build_prompt
+from sleigh.runtime.prompt import PromptTokenizer
 
 COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
 
@@ -124,8 +124,8 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     # embed: a real prompt with the image's rows, and a random batch of 2 with text only
     s_emb = _ort(pkg / "embed.onnx")
     tok = PromptTokenizer.from_file(pkg / "tokenizer.json")
-    ids = np.asarray([tok.encode(build_prompt("Describe the image in detail.", tiled.num_views,
-                                               tokens_per_view=cfg.vision.tokens_per_view))], np.int64)
+    ids = np.asarray([tok.encode_prompt("Describe the image in detail.", tiled.num_views,
+                                        tokens_per_view=cfg.vision.tokens_per_view)], np.int64)
     img_out = _run(s_vis, {"pixel_values": tiled.pixel_values})
     del s_vis  # one module's session at a time: full-size modules are gigabytes each
     rows = img_out["image_embeds"].reshape(-1, cfg.llm.hidden_size)

@@ -26,7 +26,7 @@ from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
-from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StreamDecoder, build_prompt
+from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StreamDecoder
 from sleigh.runtime.sampling import Sampler, SamplingOptions
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -160,9 +160,8 @@ class Pipeline:
                                max_tiles=self.info.max_tiles if max_tiles is None else max_tiles,
                                size=self.info.image_size, thumbnail=self.info.thumbnail,
                                mean=self.info.mean, std=self.info.std)
-        text = build_prompt(prompt, tiled.num_views if tiled else 0, system=system,
-                            tokens_per_view=self.info.tokens_per_view)
-        return tiled, self.tokenizer.encode(text, add_bos=True)
+        return tiled, self.tokenizer.encode_prompt(prompt, tiled.num_views if tiled else 0, system=system,
+                                                   tokens_per_view=self.info.tokens_per_view)
 
     def generate(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
                  max_new_tokens: int = 512, sampling: SamplingOptions | None = None, ignore_eos: bool = False,

@@ -140,9 +140,10 @@ class PromptTokenizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos else ids
 
-    def encode_prompt(self, question: str, num_views: int = 0, system: str | None = None) -> list[int]:
+    def encode_prompt(self, question: str, num_views: int = 0, system: str | None = None,
+                      tokens_per_view: int = TOKENS_PER_VIEW) -> list[int]:
         """BOS + the internlm2-chat prompt's ids."""
-        return self.encode(build_prompt(question, num_views, system=system))
+        return self.encode(build_prompt(question, num_views, system=system, tokens_per_view=tokens_per_view))
 
     def token_bytes(self, token_id: int) -> bytes:
         """A model's vocabulary may be larger than its tokenizer's (padded embeddings): ids past the
