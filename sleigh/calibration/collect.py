@@ -30,6 +30,7 @@ from sleigh.calibration.stats import METHODS, RunningStats, compute_amax
 from sleigh.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
 from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
+from sleigh.runtime.backends.onnxruntime_backend import session_options
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
 from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
 
@@ -94,10 +95,7 @@ class VisionCollector:
         for name in self._outputs:
             if name not in existing:
                 model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options(threads)
         # Saved beside the original, so external weight files (<name>.onnx.data) resolve; the session
         # reads it at creation and it is deleted right after.
         fd, tmp = tempfile.mkstemp(prefix=".calibrate-", suffix=".onnx", dir=vision_onnx.parent)

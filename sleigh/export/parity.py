@@ -78,12 +78,10 @@ def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, precision: s
 def _ort(path: Path, threads: int | None = None):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False  # an arena keeps its peak; parity opens the modules one after another
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, session_options
+
+    # no arena: parity opens the (full-size: gigabyte) modules one after another
+    return ort.InferenceSession(str(path), sess_options=session_options(threads, arena=False), providers=[CPU])
 
 
 def _run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -26,6 +26,20 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def session_options(threads: int | None = None, *, arena: bool = True):
+    """Sleigh's ONNX Runtime session settings: quiet logs, `threads` intra-op threads when given,
+    and no CPU memory arena where a caller opens large modules one after another (an arena keeps its peak)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -35,11 +49,7 @@ class OnnxRuntimeBackend(Backend):
 
         self.ort = ort
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
+        opts = session_options(threads)
         self.sessions = {}
         for module, path in files.items():
             try:
