@@ -6,8 +6,10 @@
 #   bash scripts/gpu_check.sh          # results under $OUT (or ./gpu-out)
 #
 # It installs the wheel, makes a tiny and a small package on the spot (no weights travel), then:
-#   1. ONNX Runtime CUDA provider: greedy tokens equal the CPU provider's on a multi-tile image
-#      (IOBinding keeps the KV cache on the GPU);
+#   0. the CUDA copy helpers (tests/runtime/test_cuda_helpers.py -m gpu): new keys/values land in the
+#      right device cache slots;
+#   1. ONNX Runtime CUDA provider: greedy tokens equal the CPU provider's on a multi-tile image and
+#      across a cache growth (the KV slots stay on the GPU, written in place);
 #   2. FP16 engine on CUDA vs FP32 (the accuracy gate);
 #   3. sleigh bench on CUDA for the small preset (FP32 package and FP16 engine).
 set -euo pipefail
@@ -24,6 +26,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" | tee "$out/providers.txt"
+python3 -m pytest -q -m gpu tests/runtime/test_cuda_helpers.py 2>&1 | tee "$out/cuda-helpers.txt" || true
 python3 -m sleigh.cli init /tmp/g/tiny --preset tiny --force
 python3 -m sleigh.cli export /tmp/g/tiny -o /tmp/g/tiny-pkg --force --json > "$out/export-tiny.json"
 python3 - <<'PY' 2>&1 | tee "$out/cuda-vs-cpu.txt"
@@ -37,7 +40,11 @@ cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), 
 a = cpu.generate("examples/chelsea.jpg", max_new_tokens=24, ignore_eos=True).result
 b = cuda.generate("examples/chelsea.jpg", max_new_tokens=24, ignore_eos=True).result
 print("backend", b.backend, "same tokens", a.token_ids == b.token_ids, "gswa max diff", max(abs(x - y) for x, y in zip(a.gswa_weights, b.gswa_weights)))
-print("kv on", {type(v).__name__ for v in cuda.backend._past.values()}, cuda.backend.device)
+cache = cuda.backend._cache
+print("kv slots", type(cache).__name__, {type(v).__name__ for v in cache.slots.values()}, cuda.backend.device, "capacity", cache.host.capacity)
+a = cpu.generate(None, "Tell me a story.", max_new_tokens=300, ignore_eos=True).result  # crosses a 256-slot growth
+b = cuda.generate(None, "Tell me a story.", max_new_tokens=300, ignore_eos=True).result
+print("text-only 300 tokens, same tokens", a.token_ids == b.token_ids, "capacity", cuda.backend._cache.host.capacity)
 PY
 python3 -m sleigh.cli init /tmp/g/small --preset small --force
 python3 -m sleigh.cli export /tmp/g/small -o /tmp/g/small-pkg --force --json > "$out/export-small.json"

@@ -148,7 +148,7 @@ def versions() -> dict:
 
 
 def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
-    from sleigh.export.modules import kv_names
+    from sleigh.export.modules import NEW, PAST, kv_names
 
     cfg = model.cfg
     files = {}
@@ -181,8 +181,9 @@ def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, lis
                                                "op": "sleigh::GSWA", "custom_node": True},
         "tokenizer": {"file": "tokenizer.json"},
         "modules": mod_entries,
-        "kv_cache": {"past": kv_names(cfg.llm.num_layers, "past_key_values"), "present": kv_names(cfg.llm.num_layers, "present"),
-                     "shape": ["batch", cfg.llm.num_kv_heads, "past_sequence", cfg.llm.head_dim]},
+        "kv_cache": {"layout": "slots", "past": kv_names(cfg.llm.num_layers, PAST), "new": kv_names(cfg.llm.num_layers, NEW),
+                     "shape": ["batch", cfg.llm.num_kv_heads, "cache_slots", cfg.llm.head_dim],
+                     "new_shape": ["batch", cfg.llm.num_kv_heads, "sequence", cfg.llm.head_dim]},
         "files": files,
         "parity": parity,
         "engines": {},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.package import read_manifest, verify_files
 
 
@@ -70,7 +71,7 @@ def print_report(report: dict) -> None:
         table = Table(show_header=True, box=None, padding=(0, 2))
         for h in ("", "name", "dtype", "shape"):
             table.add_column(h)
-        kv = lambda n: n.startswith(("past_key_values.", "present."))  # noqa: E731
+        kv = lambda n: n.startswith((PAST + ".", NEW + "."))  # noqa: E731
         for kind, items in (("in", m["inputs"]), ("out", m["outputs"])):
             shown = [i for i in items if not kv(i["name"])]
             folded = [i for i in items if kv(i["name"])]

@@ -15,6 +15,7 @@ from torch import nn
 from torch.export import Dim
 
 from sleigh.export import gswa_op
+from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.sleighvl.model import SleighVL
 from sleigh.sleighvl.vision import pixel_shuffle
 
@@ -61,7 +62,8 @@ class EmbedModule(nn.Module):
 
 
 class DecoderModule(nn.Module):
-    """inputs_embeds, attention_mask, attention_bias, position_ids, past k/v per layer -> logits, present k/v."""
+    """inputs_embeds, attention_mask, attention_bias, position_ids, cache slots k/v per layer
+    -> logits, the new positions' k/v per layer (sleighvl/llm.py: the slot cache)."""
 
     def __init__(self, model: SleighVL):
         super().__init__()
@@ -69,8 +71,8 @@ class DecoderModule(nn.Module):
 
     def forward(self, inputs_embeds, attention_mask, attention_bias, position_ids, *past):
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.llm(inputs_embeds, attention_mask, attention_bias, position_ids, cache)
-        return (logits, *[t for kv in present for t in kv])
+        logits, new = self.llm(inputs_embeds, attention_mask, attention_bias, position_ids, cache)
+        return (logits, *[t for kv in new for t in kv])
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:
@@ -95,18 +97,18 @@ def embed_spec(model: SleighVL) -> ModuleSpec:
 
 def decoder_spec(model: SleighVL) -> ModuleSpec:
     cfg = model.cfg.llm
-    batch, seq, past = 2, 3, 4
+    batch, seq, slots = 2, 3, 4
     B = Dim("batch", min=1, max=64)
     S = Dim("sequence", min=1, max=cfg.max_position_embeddings)
-    P = Dim("past_sequence", min=0, max=cfg.max_position_embeddings)
+    C = Dim("cache_slots", min=0, max=cfg.max_position_embeddings)
     total = Dim("total_sequence", min=1, max=2 * cfg.max_position_embeddings)
-    kv = [torch.randn(batch, cfg.num_kv_heads, past, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
-    example = (torch.randn(batch, seq, cfg.hidden_size), torch.ones(batch, past + seq, dtype=torch.int64),
-               torch.zeros(batch, past + seq), torch.arange(past, past + seq).expand(batch, seq).clone(), *kv)
-    dyn = ({0: B, 1: S}, {0: B, 1: total}, {0: B, 1: total}, {0: B, 1: S}, tuple({0: B, 2: P} for _ in kv))  # *past is one tuple
+    kv = [torch.randn(batch, cfg.num_kv_heads, slots, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+    example = (torch.randn(batch, seq, cfg.hidden_size), torch.ones(batch, slots + seq, dtype=torch.int64),
+               torch.zeros(batch, slots + seq), torch.arange(slots, slots + seq).expand(batch, seq).clone(), *kv)
+    dyn = ({0: B, 1: S}, {0: B, 1: total}, {0: B, 1: total}, {0: B, 1: S}, tuple({0: B, 2: C} for _ in kv))  # *past is one tuple
     return ModuleSpec("decoder", DecoderModule(model), example,
-                      ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *kv_names(cfg.num_layers, "past_key_values")],
-                      ["logits", *kv_names(cfg.num_layers, "present")], dyn)
+                      ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *kv_names(cfg.num_layers, PAST)],
+                      ["logits", *kv_names(cfg.num_layers, NEW)], dyn)
 
 
 MODULES: dict[str, Callable[[SleighVL], ModuleSpec]] = {

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from sleigh.runtime.image import tile_image
+from sleigh.runtime.kv_cache import NEW, PAST, SlotCache
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import PromptTokenizer
 
@@ -21,7 +22,7 @@ COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
 
 # (atol, rtol) per output-name prefix; "*" is the default.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
-    "fp32": {"gswa_weights": (1e-4, 1e-4), "logits": (1e-3, 1e-3), "present.": (1e-3, 1e-3),
+    "fp32": {"gswa_weights": (1e-4, 1e-4), "logits": (1e-3, 1e-3), "new_key_values.": (1e-3, 1e-3),
              "image_embeds": (1e-3, 1e-3), "*": (1e-4, 1e-4)},
 }
 
@@ -134,45 +135,46 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
         results += _compare_all(case, _run(s_emb, feeds), {"inputs_embeds": ref}, precision)
     step()
 
-    # decoder: prefill of the real prompt (past 0), then two greedy decode steps (past > 0),
-    # and a random batch of 2 with past > 0 and padding
+    # decoder: prefill of the real prompt (no cache), then two greedy decode steps on the runtime's
+    # slot cache with its unused slots filled with noise (they must be masked out), and a random
+    # batch of 2 with left padding and unused slots
     s_dec = _ort(pkg / "decoder.onnx")
-    L = cfg.llm.num_layers
-    past_names, present_names = kv_names(L, "past_key_values"), kv_names(L, "present")
+    L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
     bias = np.zeros(ids.shape, np.float32)
     if model.gswa is not None and cfg.gswa.apply == "attention":
         bias = image_attention_bias(ids, img_out["gswa_weights"], cfg.prompt.img_context_token_id,
                                     cfg.vision.tokens_per_view, cfg.gswa.min_weight)
     inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
     del s_emb
-    empty = np.zeros((1, cfg.llm.num_kv_heads, 0, cfg.llm.head_dim), np.float32)
-    past = {n: empty for n in past_names}
-    P = 0
-    for i, case in enumerate(["decoder prefill (past 0)", "decoder decode step 1", "decoder decode step 2"]):
+    cache = SlotCache(past_names, 1, KV, hd)
+    mask, P = np.ones(ids.shape, np.int64), 0
+    for case in ["decoder prefill (no cache)", "decoder decode step 1 (slots)", "decoder decode step 2 (slots)"]:
         S = inputs.shape[1]
-        feeds = {"inputs_embeds": inputs, "attention_mask": np.ones((1, P + S), np.int64),
-                 "attention_bias": bias, "position_ids": np.arange(P, P + S, dtype=np.int64)[None], **past}
+        feeds = {"inputs_embeds": inputs, "position_ids": np.arange(P, P + S, dtype=np.int64)[None], **cache.feeds(mask, bias)}
         got = _run(s_dec, feeds)
-        ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids"]],
-                          *[torch.from_numpy(feeds[n]) for n in past_names])
-        ref = dict(zip(["logits", *present_names], [t.numpy() for t in ref_out]))
+        ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
+        ref = dict(zip(["logits", *new_names], [t.numpy() for t in ref_out]))
         results += _compare_all(case, got, ref, precision)
         token = int(ref["logits"][0, -1].argmax())
-        past = {p: ref[q] for p, q in zip(past_names, present_names)}  # continue from the reference's cache
+        cache.append({p: ref[n] for p, n in zip(past_names, new_names)}, mask, bias)  # continue from the reference's keys
+        for slots in cache.slots.values():
+            slots[:, :, cache.length:] = 10 * rng.standard_normal(slots[:, :, cache.length:].shape)
         del got, ref, ref_out  # full-size logits are ~0.7 GB each
         P += S
         inputs = embed(torch.tensor([[token]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
-        bias = np.concatenate([bias, np.zeros((1, 1), np.float32)], axis=1)
-    B, S, P = 2, 5, 6
-    mask = np.ones((B, P + S), np.int64)
+        mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
+    B, S, C = 2, 5, 8
+    mask = np.ones((B, C + S), np.int64)
     mask[1, :3] = 0  # left padding in row 1
+    mask[:, 6:C] = 0  # two unused slots
     feeds = {"inputs_embeds": rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32),
-             "attention_mask": mask, "attention_bias": (0.1 * rng.standard_normal((B, P + S))).astype(np.float32),
-             "position_ids": np.tile(np.arange(P, P + S, dtype=np.int64), (B, 1)),
-             **{n: rng.standard_normal((B, cfg.llm.num_kv_heads, P, cfg.llm.head_dim)).astype(np.float32) for n in past_names}}
+             "attention_mask": mask, "attention_bias": (0.1 * rng.standard_normal((B, C + S))).astype(np.float32),
+             "position_ids": np.tile(np.arange(6, 6 + S, dtype=np.int64), (B, 1)),
+             **{n: rng.standard_normal((B, KV, C, hd)).astype(np.float32) for n in past_names}}
     ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
-    results += _compare_all("decoder random B=2 past 6", _run(s_dec, feeds),
-                            dict(zip(["logits", *present_names], [t.numpy() for t in ref_out])), precision)
+    results += _compare_all("decoder random B=2 slots 8", _run(s_dec, feeds),
+                            dict(zip(["logits", *new_names], [t.numpy() for t in ref_out])), precision)
     step()
     return results
 
@@ -185,11 +187,11 @@ def summarize(results: list[Comparison]) -> dict:
             "checks": [{k: clean(v) for k, v in asdict(r).items()} for r in results]}
 
 
-def table_rows(results: list[Comparison], limit_present: bool = True) -> list[tuple[str, ...]]:
+def table_rows(results: list[Comparison], fold_kv: bool = True) -> list[tuple[str, ...]]:
     """Short printable rows: one per case and output, the KV tensors folded into one worst row."""
     rows, folded = [], {}
     for r in results:
-        if limit_present and r.output.startswith("present."):
+        if fold_kv and r.output.startswith(NEW + "."):
             key = r.case
             worst = folded.get(key)
             if worst is None or r.needed_atol > worst.needed_atol or not r.ok:
@@ -197,7 +199,7 @@ def table_rows(results: list[Comparison], limit_present: bool = True) -> list[tu
             continue
         rows.append(r)
     for r in folded.values():
-        rows.append(Comparison(r.case, f"present.* (worst: {r.output})", all(x.ok for x in results if x.case == r.case and x.output.startswith("present.")),
+        rows.append(Comparison(r.case, f"{NEW}.* (worst: {r.output})", all(x.ok for x in results if x.case == r.case and x.output.startswith(NEW + ".")),
                                r.max_abs, r.mean_abs, r.cosine, r.atol, r.rtol, r.needed_atol, r.note))
     order = {c: i for i, c in enumerate(dict.fromkeys(r.case for r in results))}
     rows.sort(key=lambda r: order[r.case])

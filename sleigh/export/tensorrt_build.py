@@ -39,6 +39,7 @@ from sleigh.progress import progress
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, import_cudart,
     make_logger, profile_to_json, tensorrt_status)
+from sleigh.runtime.kv_cache import KV_CHUNK, PAST, grown_capacity
 from sleigh.runtime.package import MODULE_NAMES, sha256_file, write_bytes_atomic
 
 PRECISIONS = ("fp16", "int8", "fp32")  # fp32: a GPU reference engine from the FP32 modules
@@ -193,23 +194,24 @@ def decoder_profiles(manifest: dict, opts: TensorRTOptions) -> list[Profile]:
     """[prefill, decode] (DECODER_PROFILES order).
 
     TensorRT checks that min, opt and max each satisfy the graph's shape constraints, and the
-    decoder ties total_sequence (mask, bias) to past_sequence + sequence; so at each of the three
-    points total = past + sequence:
-      prefill: past 0 (min = max = 0 is allowed), sequence 1..max_context, total = sequence
-      decode:  sequence 1, past 0..max_context-1, total = past + 1
+    decoder ties total_sequence (mask, bias) to cache_slots + sequence; so at each of the three
+    points total = slots + sequence:
+      prefill: no slots (min = max = 0 is allowed), sequence 1..max_context, total = sequence
+      decode:  sequence 1, slots 0..max_context rounded up to the runtime's growth chunk, total = slots + 1
     A multi-token step on a non-empty cache fits neither; the runtime feeds it one token at a time.
     """
     check_against_manifest(manifest, opts)
     llm = manifest["model_config"]["llm"]
-    for name in (n for n in (i["name"] for i in manifest["modules"]["decoder"]["inputs"]) if n.startswith("past_key_values.")):
+    for name in (n for n in (i["name"] for i in manifest["modules"]["decoder"]["inputs"]) if n.startswith(PAST + ".")):
         _expect_static(manifest, "decoder", name, 1, llm["num_kv_heads"], "the KV-head dim")
         _expect_static(manifest, "decoder", name, 3, llm["hidden_size"] // llm["num_heads"], "the head dim")
     C, opt_seq = opts.max_context, opt_context(manifest, opts)
     batch = (1, 1, opts.max_batch)
-    opt_past = min(opt_seq, C - 1)
-    prefill = {"batch": batch, "sequence": (1, opt_seq, C), "past_sequence": (0, 0, 0), "total_sequence": (1, opt_seq, C)}
-    decode = {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (0, opt_past, C - 1),
-              "total_sequence": (1, opt_past + 1, C)}
+    max_slots = grown_capacity(C, KV_CHUNK)  # the runtime grows its slots in chunks (runtime/kv_cache.py)
+    opt_slots = grown_capacity(min(opt_seq, C), KV_CHUNK)
+    prefill = {"batch": batch, "sequence": (1, opt_seq, C), "cache_slots": (0, 0, 0), "total_sequence": (1, opt_seq, C)}
+    decode = {"batch": batch, "sequence": (1, 1, 1), "cache_slots": (0, opt_slots, max_slots),
+              "total_sequence": (1, opt_slots + 1, max_slots + 1)}
     return [_profile(manifest, "decoder", prefill), _profile(manifest, "decoder", decode)]
 
 

@@ -13,7 +13,7 @@ from sleigh.errors import SleighError
 
 MANIFEST = "manifest.json"
 SCHEMA = "sleigh.package"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the decoder takes cache slots and returns only the new keys/values
 MODULE_NAMES = ("vision", "embed", "decoder")
 
 

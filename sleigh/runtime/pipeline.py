@@ -238,12 +238,7 @@ class Pipeline:
         stop_reason = "length"
         t_first = None
         usable = self.tokenizer.vocab_size  # a padded model vocabulary has ids no tokenizer can decode
-        # mask and bias for every position this generation can reach, allocated once: each step passes
-        # a prefix (a contiguous view) instead of growing new arrays
-        total = len(ids) + max_new_tokens
-        full_mask = np.ones((1, total), np.int64)
-        full_bias = np.zeros((1, total), np.float32)
-        full_bias[:, :len(ids)] = state.bias
+        one_mask, one_bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)  # a generated token's (no GSWA bias)
         while True:
             token = sampler(logits[0, :usable], history)
             if t_first is None:
@@ -260,7 +255,7 @@ class Pipeline:
             pos = len(ids) + len(generated) - 1
             step_embeds = backend.run("embed", {"input_ids": np.asarray([[token]], np.int64),
                                                 "image_embeds": dummy_rows})["inputs_embeds"]
-            logits = backend.step(step_embeds, full_mask[:, :pos + 1], full_bias[:, :pos + 1], np.asarray([[pos]], np.int64))
+            logits = backend.step(step_embeds, one_mask, one_bias, np.asarray([[pos]], np.int64))
         yield stream.flush()
         timings.decode_s = time.perf_counter() - t_first
         if len(generated) > 1 and timings.decode_s > 0:

@@ -1,11 +1,17 @@
 """InternLM2 in Llama form: RMSNorm, RoPE (rotate-half), grouped-query attention, SwiGLU.
 
-`LLM.forward` has the exported decoder's signature (DESIGN.md, "The model package"), so the
-reference and `decoder.onnx` are one function:
+`LLM.forward` has the exported decoder's signature (package schema 2, README "The decoder's KV
+cache"), so the reference and `decoder.onnx` are one function:
 
-    inputs_embeds (B, S, D), attention_mask (B, P+S) int64, attention_bias (B, P+S) float,
-    position_ids (B, S), past [(key, value) (B, KV, P, hd)] * L
-    -> logits (B, S, V), present [(key, value) (B, KV, P+S, hd)] * L
+    inputs_embeds (B, S, D), attention_mask (B, C+S) int64, attention_bias (B, C+S) float,
+    position_ids (B, S), past [(key, value) (B, KV, C, hd)] * L
+    -> logits (B, S, V), new [(key, value) (B, KV, S, hd)] * L
+
+`past` is a cache of C slots: slot c takes part only where attention_mask[:, c] is 1, so a runtime
+can preallocate C slots, leave the unused ones masked, and write the returned keys and values of the
+S new positions into free slots in place. Nothing in the decoder concatenates the cache with the
+new keys (that concatenation copies the whole cache on every step). A plain growing cache is the
+special case of every slot in use (`extend_cache`).
 
 `attention_bias` is added to the attention logits of every key, in every layer: it carries GSWA's
 log-weights for image positions (0 elsewhere).
@@ -60,33 +66,58 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
+    def forward(self, x, cos, sin, mask_past, mask_new, past_k, past_v):
         B, S, _ = x.shape
         q = self.q_proj(x).reshape(B, S, self.nh, self.hd).transpose(1, 2)  # (B, nh, S, hd)
         k = self.k_proj(x).reshape(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v_proj(x).reshape(B, S, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k = torch.cat([past_k, k], dim=2)  # (B, nkv, P+S, hd)
-        v = torch.cat([past_v, v], dim=2)
-        return self.o_proj(grouped_attention(q, k, v, mask)), k, v
+        return self.o_proj(cache_attention(q, k, v, past_k, past_v, mask_past, mask_new)), k, v
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """GQA without repeating the KV cache: the query heads sharing a KV head are stacked along the
-    sequence, so each step reads the cache once instead of copying it `groups` times.
+def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                    mask_past: torch.Tensor, mask_new: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention over C cache slots and S new positions, equal to one softmax over
+    all C+S keys but without concatenating the cache with the new keys.
 
-    q (B, nh, S, hd), k/v (B, nkv, L, hd), mask (B, 1, S, L) additive -> (B, S, nh*hd).
-    Query head h uses KV head h // groups, as a repeat-interleave of the KV heads would.
+    q (B, nh, S, hd), k/v (B, nkv, S, hd) the new positions, past_k/past_v (B, nkv, C, hd) the slots,
+    mask_past (B, 1, S, C) and mask_new (B, 1, S, S+1) additive (the last column 0) -> (B, S, nh*hd).
+
+    The slots are reduced first, per query, to their attention output `past_out` and the log-sum-exp
+    `lse` of their logits. They then enter the softmax over the new keys as one more key whose logit
+    is `lse` (through one extra dimension: [q, lse]·[k, 0] = q·k and [q, lse]·[0, 1] = lse) and whose
+    value is `past_out`. So the large S x S softmax of a prefill stays one fused softmax, and a decode
+    step reads each slot once and copies none.
+
+    GQA without repeating the cache: the query heads sharing a KV head are stacked along the
+    sequence (query head h uses KV head h // groups, as a repeat-interleave of the KV heads would).
+    Masked slots may hold any finite values. With C = 0 the slots contribute exactly nothing. The
+    log-sum-exp is spelled out (max, exp, sum, log) rather than ReduceLogSumExp, which some ONNX
+    backends compute without subtracting the max (overflowing float16 at logits above ~11).
     """
     B, nh, S, hd = q.shape
-    nkv, L = k.shape[1], k.shape[2]
-    groups = nh // nkv
-    qg = q.reshape(B, nkv, groups * S, hd)  # (B, nkv, g*S, hd)
-    scores = (qg @ k.transpose(2, 3)) * (hd ** -0.5)  # (B, nkv, g*S, L)
-    scores = scores.reshape(B, nkv, groups, S, L) + mask[:, :, None]  # mask (B, 1, 1, S, L)
-    probs = scores.softmax(-1).reshape(B, nkv, groups * S, L)
-    out = (probs @ v).reshape(B, nh, S, hd)  # (B, nh, S, hd)
-    return out.transpose(1, 2).reshape(B, S, nh * hd)
+    nkv, C = past_k.shape[1], past_k.shape[2]
+    g = nh // nkv
+    low = torch.finfo(q.dtype).min
+    qg = q.reshape(B, nkv, g * S, hd) * (hd ** -0.5)  # (B, nkv, g*S, hd)
+
+    slot_logits = (qg @ past_k.transpose(2, 3)).reshape(B, nkv, g, S, C) + mask_past[:, :, None]
+    floor = torch.full_like(qg[..., :1], low).reshape(B, nkv, g, S, 1)  # so the max exists when C = 0
+    top = torch.cat([slot_logits, floor], dim=-1).amax(-1, keepdim=True)
+    e = (slot_logits - top).exp()  # every exponent <= 0: no overflow, also in float16
+    z = e.sum(-1, keepdim=True)  # >= 1 when C > 0, 0 when C = 0
+    past_out = (e.reshape(B, nkv, g * S, C) @ past_v) / z.clamp(min=1.0).reshape(B, nkv, g * S, 1)
+    lse = (top + z.log()).clamp(min=low).reshape(B, nkv, g * S, 1)  # C = 0: -inf, kept finite (-inf * 0 is NaN)
+
+    q1 = torch.cat([qg, lse], dim=-1)  # (B, nkv, g*S, hd+1)
+    zero_col = torch.zeros_like(k[..., :1])  # (B, nkv, S, 1)
+    summary_key = torch.cat([torch.zeros_like(k[:, :, :1]), torch.ones_like(k[:, :, :1, :1])], dim=-1)  # (B, nkv, 1, hd+1)
+    k1 = torch.cat([torch.cat([k, zero_col], dim=-1), summary_key], dim=2)  # (B, nkv, S+1, hd+1)
+    logits = (q1 @ k1.transpose(2, 3)).reshape(B, nkv, g, S, S + 1) + mask_new[:, :, None]
+    probs = logits.softmax(-1).reshape(B, nkv, g * S, S + 1)
+    v1 = torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2)  # the summary key's value enters below
+    out = probs @ v1 + probs[..., S:] * past_out  # (B, nkv, g*S, hd)
+    return out.reshape(B, nh, S, hd).transpose(1, 2).reshape(B, S, nh * hd)
 
 
 class MLP(nn.Module):
@@ -108,15 +139,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+    def forward(self, x, cos, sin, mask_past, mask_new, past_k, past_v):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask_past, mask_new, past_k, past_v)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
 
 
 def attention_logit_bias(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_len: int,
                          dtype: torch.dtype) -> torch.Tensor:
-    """(B, P+S) mask and bias -> additive (B, 1, S, P+S): causal, padding, plus the GSWA bias.
+    """(B, C+S) mask and bias -> additive (B, 1, S, C+S): causal, padding, plus the GSWA bias.
+    Every cache slot (the first C keys) is earlier than every new position.
 
     Masked keys get the dtype's lowest finite value rather than -inf, so a fully padded row gives a
     uniform softmax instead of NaN.
@@ -129,6 +161,11 @@ def attention_logit_bias(attention_mask: torch.Tensor, attention_bias: torch.Ten
     bias = attention_bias.to(dtype)[:, None, :].expand(-1, seq_len, -1)
     low = torch.full_like(bias, torch.finfo(dtype).min)
     return torch.where(allowed, bias, low)[:, None]  # (B, 1, S, P+S)
+
+
+def extend_cache(past: KVCache, new: KVCache) -> KVCache:
+    """A growing cache (every slot in use): the new positions appended to each layer's slots."""
+    return [(torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)) for (pk, pv), (k, v) in zip(past, new, strict=True)]
 
 
 class LLM(nn.Module):
@@ -146,12 +183,16 @@ class LLM(nn.Module):
                 for _ in range(self.cfg.num_layers)]
 
     def forward(self, inputs_embeds, attention_mask, attention_bias, position_ids, past: KVCache):
+        """-> logits (B, S, V) and the new positions' (key, value) per layer (module docstring)."""
         S = inputs_embeds.shape[1]
         mask = attention_logit_bias(attention_mask, attention_bias, S, inputs_embeds.dtype)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
-        present: KVCache = []
+        C = past[0][0].shape[2]
+        mask_past = mask[..., :C]
+        mask_new = torch.cat([mask[..., C:], torch.zeros_like(mask[..., :1])], dim=-1)  # + the slots' summary key
+        new: KVCache = []
         for layer, (pk, pv) in zip(self.layers, past):
-            x, k, v = layer(x, cos, sin, mask, pk, pv)
-            present.append((k, v))
-        return self.lm_head(self.norm(x)), present
+            x, k, v = layer(x, cos, sin, mask_past, mask_new, pk, pv)
+            new.append((k, v))
+        return self.lm_head(self.norm(x)), new

@@ -36,9 +36,12 @@ def test_io_names_and_symbolic_shapes_match_the_design(tiny_pkg):
     names = [i["name"] for i in dec["inputs"]]
     assert names[:4] == ["inputs_embeds", "attention_mask", "attention_bias", "position_ids"]
     assert names[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
+    ins = {i["name"]: i["shape"] for i in dec["inputs"]}
+    assert ins["past_key_values.0.key"][2] == "cache_slots"
     outs = {o["name"]: o["shape"] for o in dec["outputs"]}
     assert outs["logits"][:2] == ["batch", "sequence"]
-    assert isinstance(outs["present.0.key"][2], str)  # past + new: dynamic
+    assert outs["new_key_values.0.key"][2] == "sequence"  # the new positions only, never the whole cache
+    assert manifest["kv_cache"]["layout"] == "slots" and manifest["schema_version"] == 2
     vis = manifest["modules"]["vision"]
     assert vis["inputs"][0]["shape"][0] == "views"
     assert [o["name"] for o in vis["outputs"]] == ["image_embeds", "gswa_weights"]
@@ -106,10 +109,10 @@ def test_parity_report_covers_the_required_cases_and_passes(tiny_pkg):
     parity = read_manifest(tiny_pkg)["parity"]
     assert parity["passed"]
     cases = {c["case"] for c in parity["checks"]}
-    assert {"vision random T=1", "vision random T=13", "decoder prefill (past 0)", "decoder decode step 1",
-            "decoder decode step 2"} <= cases
+    assert {"vision random T=1", "vision random T=13", "decoder prefill (no cache)", "decoder decode step 1 (slots)",
+            "decoder decode step 2 (slots)", "decoder random B=2 slots 8"} <= cases
     outputs = {(c["case"], c["output"]) for c in parity["checks"]}
-    assert ("decoder decode step 2", "present.1.value") in outputs
+    assert ("decoder decode step 2 (slots)", "new_key_values.1.value") in outputs
     for c in parity["checks"]:
         assert {"max_abs", "mean_abs", "cosine", "needed_atol", "atol"} <= set(c)
 
@@ -121,7 +124,7 @@ def test_parity_fails_when_the_onnx_and_torch_disagree(tiny_ckpt, tiny_pkg):
         model.gswa.alpha.fill_(0.5)
     results = verify_package(tiny_pkg, model, EXAMPLES / "chelsea.jpg")
     bad = {(r.case, r.output) for r in results if not r.ok}
-    assert ("decoder prefill (past 0)", "logits") in bad
+    assert ("decoder prefill (no cache)", "logits") in bad
     assert ("vision random T=13", "gswa_weights") in bad
     assert ("embed random B=2", "inputs_embeds") not in bad
 
@@ -233,3 +236,22 @@ def test_a_parity_failure_leaves_the_package_unmarked(tiny_ckpt, tmp_path, monke
     assert json.loads((tmp_path / "pkg" / "parity_report.json").read_text())["passed"] is False
     with pytest.raises(SleighError, match="no manifest"):
         Pipeline.load(tmp_path / "pkg")
+
+
+def test_decoder_reads_the_cache_slots_without_copying_them(tiny_pkg, tmp_path):
+    """No node copies the cache (Concat, Transpose, Slice, Expand, ...): in the graph ONNX Runtime
+    actually runs, the slots feed only the attention MatMuls (and Shape)."""
+    import onnxruntime as ort
+
+    exported = onnx.load(str(tiny_pkg / "decoder.onnx"))
+    past = {i.name for i in exported.graph.input if i.name.startswith("past_key_values.")}
+    assert past and not [n.op_type for n in exported.graph.node if n.op_type == "Concat" and past & set(n.input)]
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "decoder.opt.onnx")
+    ort.InferenceSession(str(tiny_pkg / "decoder.onnx"), sess_options=opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(opts.optimized_model_filepath)
+    readers = {n.op_type for n in optimized.graph.node if past & set(n.input)}
+    assert readers <= {"MatMul", "FusedMatMul", "Shape"}, readers
+    outputs = {o.name: o for o in exported.graph.output}
+    new = [n for n in outputs if n.startswith("new_key_values.")]
+    assert len(new) == len(past)

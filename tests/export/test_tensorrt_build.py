@@ -25,6 +25,7 @@ from sleigh.export.tensorrt_build import (
     default_engine_name, embed_profile, engine_plan, parser_errors, source_problems, strip_gswa_function,
     tensorrt_available, vision_profile)
 from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED, profile_from_json
+from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 
 MODULES = ("vision", "embed", "decoder")
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
@@ -112,8 +113,8 @@ def test_profiles_name_every_input_with_ordered_ranges(trt_pkg, opts):
                     assert 0 <= lo[axis] <= opt[axis] <= hi[axis], (module, name, axis)
                     if isinstance(dim, int):
                         assert lo[axis] == opt[axis] == hi[axis] == dim, (module, name, axis)
-                    else:  # a dynamic dim holds at least one element, but a prefill's past may be empty
-                        assert hi[axis] >= (0 if dim == "past_sequence" else 1), (module, name, dim)
+                    else:  # a dynamic dim holds at least one element, but a prefill has no cache slots
+                        assert hi[axis] >= (0 if dim == "cache_slots" else 1), (module, name, dim)
 
 
 def test_vision_profile_views(trt_pkg):
@@ -147,7 +148,7 @@ def test_decoder_profiles(trt_pkg):
     assert DECODER_PROFILES == ("prefill", "decode")
     past_names = [n for n in prefill if n.startswith("past_key_values.")]
     assert len(past_names) == 2 * llm["num_layers"]
-    for point in range(3):  # min, opt, max each satisfy the graph: total = past + new, one batch
+    for point in range(3):  # min, opt, max each satisfy the graph: total = slots + new, one batch
         for prof in (prefill, decode):
             B, S, _ = prof["inputs_embeds"][point]
             P = prof[past_names[0]][point][2]
@@ -157,8 +158,10 @@ def test_decoder_profiles(trt_pkg):
                 assert prof[n][point] == (B, kv, P, hd)
         assert decode["inputs_embeds"][point][1] == 1  # decode: exactly one new token
         assert prefill[past_names[0]][point][2] == 0  # prefill: from an empty cache
+        assert decode[past_names[0]][point][2] % KV_CHUNK == 0  # slots grow in chunks
     assert prefill["inputs_embeds"][2][1] == C
-    assert decode[past_names[0]][2][2] == C - 1 and decode["attention_mask"][2][1] == C
+    # the most slots the runtime holds for C positions: C rounded up to a chunk
+    assert decode[past_names[0]][2][2] == grown_capacity(C) and decode["attention_mask"][2][1] == grown_capacity(C) + 1
     assert prefill["inputs_embeds"][2][0] == decode["inputs_embeds"][2][0] == 3
     assert prefill["inputs_embeds"][0][0] == 1
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sleigh.errors import SleighError
+from sleigh.runtime.kv_cache import KV_CHUNK
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.runtime.sampling import SamplingOptions
 from tests.conftest import one_error_line
@@ -75,12 +76,42 @@ def test_seeded_sampling_repeats_exactly(pipelines):
     assert a != c
 
 
-def test_kv_cache_stays_as_ortvalues_between_steps(pipelines):
+def test_decode_steps_write_the_kv_cache_in_place(pipelines):
+    """Within its capacity the cache is never reallocated: each step writes its position into the
+    same buffers; growing adds one chunk and keeps what was cached."""
     _, pipe = pipelines
-    pipe.generate(None, "hi", max_new_tokens=3, ignore_eos=True).result
-    backend = pipe.backend
-    assert backend.past_length > 0
-    assert all(type(v).__name__ == "OrtValue" for v in backend._past.values())
+    backend, rng = pipe.backend, np.random.default_rng(0)
+    D = pipe.info.hidden_size
+
+    def step(S, P):
+        return backend.step(rng.standard_normal((1, S, D)).astype(np.float32), np.ones((1, S), np.int64),
+                            np.zeros((1, S), np.float32), np.arange(P, P + S, dtype=np.int64)[None])
+
+    backend.reset(1)
+    P = 40
+    step(P, 0)
+    cache = backend._cache
+    assert cache.length == backend.past_length == P and cache.capacity == KV_CHUNK
+    buffers = dict(cache.slots)
+    for i in range(KV_CHUNK - P):
+        step(1, P + i)
+    assert cache.length == KV_CHUNK
+    assert all(cache.slots[n] is buffers[n] for n in buffers)  # the same arrays: written in place
+    assert all(np.abs(b[:, :, :KV_CHUNK]).min(axis=-1).max() > 0 for b in buffers.values())  # every slot written
+    step(1, KV_CHUNK)
+    assert cache.capacity == 2 * KV_CHUNK and cache.length == KV_CHUNK + 1
+    for n, old in buffers.items():
+        assert cache.slots[n] is not old and np.array_equal(cache.slots[n][:, :, :KV_CHUNK], old[:, :, :KV_CHUNK])
+
+
+def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines):
+    ref_pipe, ort_pipe = pipelines
+    prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
+    n = KV_CHUNK - prompt_tokens + 8  # the slots grow from one chunk to two while decoding
+    ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
+    got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
+    assert ort_pipe.backend._cache.capacity == 2 * KV_CHUNK
+    assert got.token_ids == ref.token_ids
 
 
 def test_context_overflow_and_bad_options_are_clear(pipelines):

@@ -21,7 +21,7 @@ LAYERS, KV, HD, D = 2, 2, 16, 64
 
 def decoder_inputs() -> list[dict]:
     """The decoder inputs as `describe_io` writes them into the manifest (names, symbolic dims)."""
-    kv = [{"name": f"past_key_values.{i}.{k}", "dtype": "float32", "shape": ["batch", KV, "past_sequence", HD]}
+    kv = [{"name": f"past_key_values.{i}.{k}", "dtype": "float32", "shape": ["batch", KV, "cache_slots", HD]}
           for i in range(LAYERS) for k in ("key", "value")]
     return [{"name": "inputs_embeds", "dtype": "float32", "shape": ["batch", "sequence", D]},
             {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]},
@@ -38,9 +38,10 @@ MANIFEST = {  # the parts of a package manifest the decoder profiles read
 }
 
 
-def shapes(B, S, P) -> dict:
-    s = {"inputs_embeds": (B, S, D), "attention_mask": (B, P + S), "attention_bias": (B, P + S), "position_ids": (B, S)}
-    s.update({f"past_key_values.{i}.{k}": (B, KV, P, HD) for i in range(LAYERS) for k in ("key", "value")})
+def shapes(B, S, C) -> dict:
+    """A decoder step on S new positions with C cache slots."""
+    s = {"inputs_embeds": (B, S, D), "attention_mask": (B, C + S), "attention_bias": (B, C + S), "position_ids": (B, S)}
+    s.update({f"past_key_values.{i}.{k}": (B, KV, C, HD) for i in range(LAYERS) for k in ("key", "value")})
     return s
 
 
@@ -68,13 +69,13 @@ def test_select_profile_prefill_decode_and_none(profiles):
     prefill, decode = DECODER_PROFILES.index("prefill"), DECODER_PROFILES.index("decode")
     assert select_profile(profiles, shapes(1, 300, 0)) == prefill  # the prompt, from an empty cache
     assert select_profile(profiles, shapes(1, 4096, 0)) == prefill
-    assert select_profile(profiles, shapes(1, 1, 300)) == decode  # one token on a cache
-    assert select_profile(profiles, shapes(2, 1, 4095)) == decode
+    assert select_profile(profiles, shapes(1, 1, 512)) == decode  # one token on a cache of 512 slots
+    assert select_profile(profiles, shapes(2, 1, 4096)) == decode  # slots grow in chunks of 256: up to 4096
     assert select_profile(profiles, shapes(1, 1, 0)) in (prefill, decode)  # a one-token prompt fits both
     # no profile: more positions than the context, too large a batch, several tokens on a cache
     # (the backend feeds those one at a time), a missing input or a wrong rank
     assert select_profile(profiles, shapes(1, 4097, 0)) is None
-    assert select_profile(profiles, shapes(1, 1, 4096)) is None
+    assert select_profile(profiles, shapes(1, 1, 4096 + 256)) is None
     assert select_profile(profiles, shapes(3, 1, 10)) is None
     assert select_profile(profiles, shapes(1, 3, 10)) is None
     partial = shapes(1, 1, 10)
@@ -92,12 +93,12 @@ def test_select_profile_prefers_the_tightest():
 
 
 def test_profile_error_names_the_ranges(profiles):
-    err = profile_error("decoder", profiles, shapes(1, 1, 5000), list(DECODER_PROFILES))
+    err = profile_error("decoder", profiles, shapes(1, 1, 5120), list(DECODER_PROFILES))
     text = str(err)
     assert "\n" not in text and text.startswith("tensorrt decoder | input shapes ")
     assert "prefill: inputs_embeds (1..2, 1..4096, 64)" in text
     assert "decode: inputs_embeds (1..2, 1, 64)" in text
-    assert "past_key_values.0.key (1..2, 2, 0..4095, 16)" in text
+    assert "past_key_values.0.key (1..2, 2, 0..4096, 16)" in text
     assert describe_ranges({"pixel_values": ((1, 3, 448, 448), (7, 3, 448, 448), (13, 3, 448, 448))}) == \
         "pixel_values (1..13, 3, 448, 448)"
 

@@ -36,6 +36,7 @@ from transformers.models.internvl.configuration_internvl import InternVLVisionCo
 
 from sleigh.sleighvl.config import PRESETS, SleighVLConfig  # noqa: E402
 from sleigh.sleighvl.init import init_weights  # noqa: E402
+from sleigh.sleighvl.llm import extend_cache  # noqa: E402
 from sleigh.sleighvl.model import SleighVL  # noqa: E402
 from sleigh.sleighvl.vision import pixel_shuffle  # noqa: E402
 
@@ -232,22 +233,30 @@ def test_prefill_and_decode_logits(pair, T):
     bias = ours.attention_bias(ids, vis.gswa_weights)
     assert torch.equal(bias, torch.zeros(1, S))  # identity / no GSWA: the decoder sees no bias
     embeds = ours.embed(ids, SleighVL.image_rows(vis, D))
-    logits, present = ours.llm(embeds, torch.ones(1, S, dtype=torch.int64), bias,
-                               torch.arange(S)[None], past=ours.llm.empty_cache(1))
+    logits, new = ours.llm(embeds, torch.ones(1, S, dtype=torch.int64), bias,
+                           torch.arange(S)[None], past=ours.llm.empty_cache(1))
 
     ref = hf(input_ids=ids, pixel_values=pv, use_cache=True)
     assert maxdiff(logits, ref.logits) < TOL
     assert logits.std() > 0.1
-    for (k, v), layer in zip(present, ref.cache.layers, strict=True):
+    for (k, v), layer in zip(new, ref.cache.layers, strict=True):
         assert maxdiff(k, layer.keys) < TOL
         assert maxdiff(v, layer.values) < TOL
 
     # One decode step on each side's own cache: greedy next token (never <IMG_CONTEXT>).
     nxt = logits[:, -1, :IMG_ID].argmax(-1, keepdim=True)  # (1, 1)
     step, _ = ours.llm(ours.embed(nxt, SleighVL.image_rows(None, D)), torch.ones(1, S + 1, dtype=torch.int64),
-                       torch.zeros(1, S + 1), torch.tensor([[S]]), past=present)
+                       torch.zeros(1, S + 1), torch.tensor([[S]]), past=extend_cache(ours.llm.empty_cache(1), new))
     ref_step = hf(input_ids=nxt, cache=ref.cache, use_cache=True)
     assert maxdiff(step, ref_step.logits) < TOL
+
+    # The same step on a slot cache as a runtime keeps it: 5 unused slots of garbage, masked out.
+    g = torch.Generator().manual_seed(T)
+    slots = [tuple(torch.cat([t, 50 * torch.randn(1, t.shape[1], 5, t.shape[3], generator=g)], dim=2) for t in kv) for kv in new]
+    mask = torch.cat([torch.ones(1, S, dtype=torch.int64), torch.zeros(1, 5, dtype=torch.int64), torch.ones(1, 1, dtype=torch.int64)], 1)
+    slot_step, _ = ours.llm(ours.embed(nxt, SleighVL.image_rows(None, D)), mask, torch.zeros(1, S + 6),
+                            torch.tensor([[S]]), past=slots)
+    assert maxdiff(slot_step, ref_step.logits) < TOL
     assert ref.cache.get_seq_length() == S + 1
 
 

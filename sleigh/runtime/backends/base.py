@@ -2,7 +2,9 @@
 
 `run(module, feeds)` runs `vision` or `embed` on a dict of named arrays and returns a dict of
 named arrays. The decoder is stateful: the backend owns the KV cache, `reset()` empties it and
-`step()` feeds new positions, appends them to the cache and returns the logits of the last one.
+`step()` feeds new positions, adds them to the cache and returns the logits of the last one. The
+cache keeps each position's attention mask and bias with its keys and values, so a step is given
+the mask and bias of its new positions only.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Backend(ABC):
     @abstractmethod
     def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
-        """Decoder on S new positions (mask and bias cover past + new) -> last logits (B, V) float32."""
+        """Decoder on S new positions: inputs_embeds (B, S, D), attention_mask (B, S) int64 and
+        attention_bias (B, S) float32 of the new positions, position_ids (B, S) -> last logits (B, V) float32."""
 
     @property
     @abstractmethod

@@ -1,9 +1,14 @@
-"""ONNX Runtime backend: one session per module, named feeds, the KV cache fed back by name.
+"""ONNX Runtime backend: one session per module, named feeds, the KV cache kept in slots.
 
 CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`providers` in order of
-preference). The decoder runs through IOBinding on both: the `present` OrtValues of one step are
-bound as the `past` of the next, so the cache stays on the device (GPU memory under CUDA) and is
-never copied back to the host; only the logits are.
+preference). The decoder reads preallocated cache slots and returns only the new positions' keys
+and values, which are written into the next free slots in place (runtime/kv_cache.py):
+
+- CPU: the slots are numpy arrays that the session reads where they lie; a step writes one
+  position per layer with a slice assignment.
+- CUDA: the slots are device OrtValues bound through IOBinding; the new keys/values stay on the
+  device and one cudaMemcpy2DAsync per tensor writes them into the slots (cuda-python). Only the
+  logits come back to the host. UNVERIFIED: this path has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.kv_cache import KV_CHUNK, NEW, SlotCache, grown_capacity, past_name
 from sleigh.runtime.package import module_path
 
 CPU = "CPUExecutionProvider"
@@ -59,11 +65,16 @@ class OnnxRuntimeBackend(Backend):
                                   "an intact package module (check with `sleigh inspect --verify`)") from None
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.label = label
-        self._past: dict = {}
-        self._past_len = 0
-        self._kv_dtype = self._input_dtype("decoder", "past_key_values.0.key")
+        decoder = self.sessions["decoder"]
+        self._new_names = [o.name for o in decoder.get_outputs() if o.name.startswith(NEW + ".")]
+        self._past_names = [past_name(n) for n in self._new_names]
+        if not self._new_names or len(self._new_names) != 2 * num_layers:
+            raise SleighError(str(files["decoder"]), f"the decoder has no {NEW}.* outputs for {num_layers} layers "
+                              "(a decoder from an older sleigh returns the whole cache instead)",
+                              "a package exported by this version of sleigh (`sleigh export` again)")
+        self._kv_dtype = self._input_dtype("decoder", self._past_names[0])
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
-        self._present_names = [o.name for o in self.sessions["decoder"].get_outputs() if o.name.startswith("present.")]
+        self._cache: SlotCache | _DeviceSlots | None = None
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
@@ -89,36 +100,82 @@ class OnnxRuntimeBackend(Backend):
         outs = sess.run(None, feeds)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
-    def _device_value(self, array: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0)
-
     def reset(self, batch=1):
-        empty = np.zeros((batch, self.num_kv_heads, 0, self.head_dim), self._kv_dtype)
-        self._past = {f"past_key_values.{i}.{kind}": self._device_value(empty)
-                      for i in range(self.num_layers) for kind in ("key", "value")}
-        self._past_len = 0
+        args = (self._past_names, batch, self.num_kv_heads, self.head_dim, self._kv_dtype)
+        self._cache = SlotCache(*args) if self.device == "cpu" else _DeviceSlots(self.ort, *args)
 
     def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
-        sess = self.sessions["decoder"]
+        sess, cache = self.sessions["decoder"], self._cache
+        feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
+        if isinstance(cache, SlotCache):
+            feeds.update(cache.feeds(attention_mask, attention_bias))
+            logits, *new = sess.run(["logits", *self._new_names], feeds)
+            cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
+            return logits[:, -1].astype(np.float32)
         binding = sess.io_binding()
-        feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "attention_mask": attention_mask,
-                 "attention_bias": attention_bias.astype(np.float32, copy=False), "position_ids": position_ids}
+        feeds.update(cache.host.feeds(attention_mask, attention_bias))  # mask and bias: small, from the host
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, self._device_value(array))
-        for name, value in self._past.items():
+            binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
+        for name, value in cache.slots.items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")  # the sampler reads logits on the host
-        for name in self._present_names:
-            binding.bind_output(name, self.device)  # the cache stays where it is computed
+        for name in self._new_names:
+            binding.bind_output(name, self.device)  # the new keys/values stay on the device
         sess.run_with_iobinding(binding)
-        outputs = dict(zip(["logits", *self._present_names], binding.get_outputs()))
-        self._past = {f"past_key_values.{n[len('present.'):]}": outputs[n] for n in self._present_names}
-        self._past_len = self._past["past_key_values.0.key"].shape()[2]
-        return outputs["logits"].numpy()[:, -1].astype(np.float32)
+        logits, *new = binding.get_outputs()
+        cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
+        return logits.numpy()[:, -1].astype(np.float32)
 
     @property
     def past_length(self):
-        return self._past_len
+        return 0 if self._cache is None else self._cache.length
 
     def describe(self):
         return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"
+
+
+class _DeviceSlots:
+    """SlotCache on the CUDA provider: the slots are device OrtValues (zeroed when allocated), the
+    mask and bias stay in a host SlotCache, and each step's new keys/values (device OrtValues) are
+    copied into slots P..P+S-1 with one pitched device-to-device copy per tensor."""
+
+    def __init__(self, ort, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype, chunk: int = KV_CHUNK):
+        from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, any_cudart
+
+        cudart = any_cudart()
+        if cudart is None:
+            raise SleighError("--backend onnxruntime (CUDA provider)", "writing the KV cache in place on the GPU needs "
+                              "the CUDA runtime (libcudart) or cuda-python, and neither is found", CUDA_PYTHON_EXPECTED)
+        self.ort, self.cuda = ort, Cuda(cudart, 0)
+        self.host = SlotCache([], batch, kv_heads, head_dim, dtype, chunk)  # mask, bias, length, capacity
+        self.shape, self.dtype, self.chunk = (batch, kv_heads, head_dim), np.dtype(dtype), chunk
+        self.slots = {n: self._zeros(0) for n in names}
+
+    @property
+    def length(self) -> int:
+        return self.host.length
+
+    def _zeros(self, capacity: int):
+        B, KV, hd = self.shape
+        return self.ort.OrtValue.ortvalue_from_numpy(np.zeros((B, KV, capacity, hd), self.dtype), "cuda", 0)
+
+    def _copy(self, dst, dst_capacity: int, dst_slot: int, src, src_capacity: int, src_slot: int, count: int) -> None:
+        B, KV, hd = self.shape
+        row = hd * self.dtype.itemsize  # bytes per position
+        self.cuda.copy_rows(dst.data_ptr() + dst_slot * row, dst_capacity * row, src.data_ptr() + src_slot * row,
+                            src_capacity * row, count * row, B * KV)
+
+    def append(self, new: dict, new_mask: np.ndarray, new_bias: np.ndarray) -> None:
+        S, used, capacity = new_mask.shape[1], self.host.length, self.host.capacity
+        end = used + S
+        if end > capacity:
+            grown = grown_capacity(end, self.chunk)
+            for name, old in self.slots.items():
+                self.slots[name] = fresh = self._zeros(grown)
+                self._copy(fresh, grown, 0, old, capacity, 0, used)
+            capacity = grown
+            self.cuda.sync()  # the old buffers are released when replaced
+        for name, value in new.items():
+            self._copy(self.slots[name], capacity, used, value, S, 0, S)
+        self.cuda.sync()  # ONNX Runtime reads the slots on its own stream at the next step
+        self.host.append({}, new_mask, new_bias)

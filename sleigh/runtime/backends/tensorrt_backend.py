@@ -5,13 +5,14 @@ and each module runs through the TensorRT 10 tensor API (`set_input_shape`, `set
 `execute_async_v3` on a non-default stream). `tensorrt` and `cuda` are imported only when a backend
 is opened, so `sleigh --help` and the ONNX Runtime path never need them.
 
-The decoder ONNX concatenates the cache: present.{i} = concat(past.{i}, new) with length P+S. The
-backend keeps two device buffers per KV tensor, each sized for the engine's whole context, and
-ping-pongs between them: past is bound to buffer A with shape (B, KV, P, hd), present to buffer B
-with shape (B, KV, P+S, hd); after the step B holds the next past, contiguous for length P+S, and
-the roles swap. Nothing is copied back to the host but the last position's logits. The decoder
-engine has two optimisation profiles (prefill: past length 0; decode: one new token), chosen per
-step with `set_optimization_profile_async` on one execution context.
+The decoder reads C cache slots and returns only the new positions' keys and values (package schema
+2, runtime/kv_cache.py). The backend keeps the slots on the device, (B, KV, C, hd) per KV tensor,
+and writes each step's new keys/values into slots P..P+S-1 with one pitched device-to-device copy
+per tensor: a decode step copies one position per layer, never the cache. C grows in chunks of
+KV_CHUNK slots; each growth re-lays the used slots into the second of two buffers sized for the
+engine's whole context (once per chunk). Nothing is copied back to the host but the last position's
+logits. The decoder engine has two optimisation profiles (prefill: no slots; decode: one new token),
+chosen per step with `set_optimization_profile_async` on one execution context.
 
 UNVERIFIED: TensorRT cannot be installed on the machines this was written on (no GPU; the package
 index carries only a stub). The pure helpers here (profile selection, compatibility checks, error
@@ -27,15 +28,15 @@ import numpy as np
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
+from sleigh.runtime.kv_cache import KV_CHUNK, NEW, PAST, SlotCache, grown_capacity
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
                      "JetPack 6 ships 10.3)")
-CUDA_PYTHON_EXPECTED = "cuda-python 12+ (pip install 'sleigh[tensorrt]'; it provides cuda.bindings.runtime)"
 GPU_EXPECTED = ("an NVIDIA GPU with its driver (TensorRT engines run on the GPU only; "
                 "--backend onnxruntime runs on the CPU)")
 DECODER_PROFILES = ("prefill", "decode")  # the decoder engine's optimisation profiles, in this order
-PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
 # A profile maps each input name to (min, opt, max) shapes.
 Shape = tuple[int, ...]
@@ -69,15 +70,6 @@ def tensorrt_status() -> tuple[bool, str]:
     if parse_version(version)[:2] < MIN_TENSORRT:
         return False, f"TensorRT {version} is too old"
     return True, version
-
-
-def import_cudart():
-    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+, 13), else the older `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart  # cuda-python < 12.6
-    return cudart
 
 
 def runtime_status() -> tuple[bool, str, str, str]:
@@ -185,11 +177,6 @@ def device_name(cudart, device: int = 0) -> str:
     return name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
 
 
-def _check(err, call: str) -> None:
-    if int(err) != 0:
-        raise SleighError("cuda", f"{call} failed ({err})", "a working CUDA device (see nvidia-smi)")
-
-
 def make_logger(trt, echo: bool):
     """A TensorRT logger that keeps the errors (for one-line SleighErrors) and echoes warnings to stderr."""
     import sys
@@ -214,47 +201,10 @@ def make_logger(trt, echo: bool):
     return _Logger()
 
 
-class _Cuda:
-    """The few cuda-python runtime calls the backend needs, with errors checked."""
-
-    def __init__(self, cudart, device: int):
-        self.rt = cudart
-        _check(cudart.cudaSetDevice(device)[0], "cudaSetDevice")
-        err, self.stream = cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking)  # never the default stream
-        _check(err, "cudaStreamCreateWithFlags")
-        self.stream_handle = int(self.stream)
-        self._h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-
-    def malloc(self, nbytes: int) -> int:
-        err, ptr = self.rt.cudaMalloc(max(int(nbytes), 256))  # never 0 bytes: TensorRT wants a real address
-        if int(err) != 0:
-            raise SleighError("cuda", f"cudaMalloc of {nbytes / 2**20:.1f} MiB failed ({err})",
-                              "enough free GPU memory (a smaller --max-context or --max-batch engine)")
-        return int(ptr)
-
-    def free(self, ptr: int) -> None:
-        self.rt.cudaFree(ptr)
-
-    def upload(self, ptr: int, array: np.ndarray) -> None:
-        if array.nbytes:
-            _check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes, self._h2d, self.stream)[0], "cudaMemcpyAsync")
-
-    def download(self, array: np.ndarray, ptr: int) -> None:
-        if array.nbytes:
-            _check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes, self._d2h, self.stream)[0], "cudaMemcpyAsync")
-
-    def sync(self) -> None:
-        _check(self.rt.cudaStreamSynchronize(self.stream)[0], "cudaStreamSynchronize")
-
-    def close(self) -> None:
-        self.rt.cudaStreamDestroy(self.stream)
-
-
 class _Scratch:
     """Device buffers by key that grow on demand (sized by use, not by the profile's maximum)."""
 
-    def __init__(self, cuda: _Cuda):
+    def __init__(self, cuda: Cuda):
         self.cuda = cuda
         self._buf: dict[str, tuple[int, int]] = {}
 
@@ -307,7 +257,7 @@ class TensorRTBackend(Backend):
 
         self.trt = trt
         self.label = label
-        self.cuda = _Cuda(import_cudart(), device)
+        self.cuda = Cuda(import_cudart(), device)
         self.scratch = _Scratch(self.cuda)
         self._kv: dict = {}
         self.engines: dict = {}
@@ -430,85 +380,101 @@ class TensorRTBackend(Backend):
         self.cuda.sync()  # the host arrays are filled (and the uploaded inputs read) after this
         return out
 
-    # -- decoder with the ping-pong KV cache -------------------------------------------------------
+    # -- decoder with the slot KV cache ------------------------------------------------------------
 
     def _init_decoder(self) -> None:
         eng = self.engines["decoder"]
-        self.kv_names = [n for n in eng.inputs if n.startswith(PAST_PREFIX)]
-        if not self.kv_names:
-            raise SleighError(str(eng.path), "the decoder engine has no past_key_values inputs", "a plan built from decoder.onnx")
+        self.kv_names = [n for n in eng.inputs if n.startswith(PAST + ".")]
+        self.new_names = {n: NEW + n[len(PAST):] for n in self.kv_names}
+        if not self.kv_names or not set(self.new_names.values()) <= set(eng.outputs):
+            raise SleighError(str(eng.path), f"the decoder engine lacks {PAST}.* inputs or {NEW}.* outputs",
+                              "a plan built by this sleigh from a schema-2 package (`sleigh build-engine` again)")
         first = self.kv_names[0]
         _, self.num_kv_heads, _, self.head_dim = eng.static[first]
         self.max_batch = max(p["inputs_embeds"][2][0] for p in eng.profiles)
-        self.max_context = max(p["attention_mask"][2][1] for p in eng.profiles)  # = past max + sequence max
+        self.max_context = max(p["inputs_embeds"][2][1] for p in eng.profiles)  # the prefill's longest sequence
+        self.max_slots = max(p[first][2][2] for p in eng.profiles)
         self.kv_dtype = eng.dtypes[first]
-        self._kv_bytes = self.max_batch * self.num_kv_heads * self.max_context * self.head_dim * self.kv_dtype.itemsize
+        self._row = self.head_dim * self.kv_dtype.itemsize  # bytes per cached position per KV head
+        self._kv_bytes = self.max_batch * self.num_kv_heads * self.max_slots * self._row
         self._kv = {n: (self.cuda.malloc(self._kv_bytes), self.cuda.malloc(self._kv_bytes)) for n in self.kv_names}
-        self._cur = 0  # which of the two buffers holds the past
-        self._batch = 1
-        self._past_len = 0
+        for a, b in self._kv.values():  # unused slots are masked but must be finite (0 * NaN is NaN)
+            self.cuda.zero(a, self._kv_bytes)
+            self.cuda.zero(b, self._kv_bytes)
+        self._cur = 0  # which of the two buffers holds the slots
+        self.reset(1)
 
     def reset(self, batch=1):
         if not 1 <= batch <= self.max_batch:
             raise SleighError("batch", f"{batch} is outside the decoder engine's profile",
                               f"1..{self.max_batch} (rebuild with a larger --max-batch)")
-        self._batch, self._past_len, self._cur = batch, 0, 0
+        self._batch = batch
+        self._host = SlotCache([], batch, self.num_kv_heads, self.head_dim, self.kv_dtype, KV_CHUNK)  # mask, bias, length
 
-    def _decoder_shapes(self, B: int, S: int, P: int, D: int) -> dict[str, Shape]:
-        shapes = {"inputs_embeds": (B, S, D), "attention_mask": (B, P + S), "attention_bias": (B, P + S),
+    def _decoder_shapes(self, B: int, S: int, C: int, D: int) -> dict[str, Shape]:
+        shapes = {"inputs_embeds": (B, S, D), "attention_mask": (B, C + S), "attention_bias": (B, C + S),
                   "position_ids": (B, S)}
-        shapes.update({n: (B, self.num_kv_heads, P, self.head_dim) for n in self.kv_names})
+        shapes.update({n: (B, self.num_kv_heads, C, self.head_dim) for n in self.kv_names})
         return shapes
 
     def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
         B, S, D = inputs_embeds.shape
-        P = self._past_len
+        P, C = self._host.length, self._host.capacity
         if B != self._batch:
             raise SleighError("step", f"batch {B} differs from reset({self._batch})", "the batch given to reset()")
-        if attention_mask.shape != (B, P + S) or attention_bias.shape != (B, P + S):
+        if attention_mask.shape != (B, S) or attention_bias.shape != (B, S):
             raise SleighError("step", f"attention_mask {attention_mask.shape} / attention_bias {attention_bias.shape} "
-                              f"do not cover past + new ({P} + {S})", f"shape ({B}, {P + S})")
+                              f"do not cover the {S} new positions", f"shape ({B}, {S})")
         if P + S > self.max_context:
             raise SleighError("prompt", f"{P} cached + {S} new positions exceed the engine's context of {self.max_context}",
                               "a shorter prompt, fewer tiles, or an engine built with a larger --max-context")
         eng = self.engines["decoder"]
-        if S > 1 and select_profile(eng.profiles, self._decoder_shapes(B, S, P, D)) is None:
-            # Several new tokens on a non-empty cache (a second turn): no profile holds past > 0 with
+        if S > 1 and select_profile(eng.profiles, self._decoder_shapes(B, S, C, D)) is None:
+            # Several new tokens on a non-empty cache (a second turn): no profile holds slots with
             # sequence > 1, so feed them one at a time; causal attention makes that the same computation.
             logits = None
             for i in range(S):
-                logits = self._step(inputs_embeds[:, i:i + 1], attention_mask[:, :P + i + 1],
-                                    attention_bias[:, :P + i + 1], position_ids[:, i:i + 1])
+                logits = self._step(inputs_embeds[:, i:i + 1], attention_mask[:, i:i + 1],
+                                    attention_bias[:, i:i + 1], position_ids[:, i:i + 1])
             return logits
         return self._step(inputs_embeds, attention_mask, attention_bias, position_ids)
 
     def _step(self, inputs_embeds, attention_mask, attention_bias, position_ids) -> np.ndarray:
-        eng = self.engines["decoder"]
+        eng, host_cache = self.engines["decoder"], self._host
         B, S, _ = inputs_embeds.shape
-        P = self._past_len
-        past, present = self._cur, 1 - self._cur
-        device = {n: (self._kv[n][past], (B, self.num_kv_heads, P, self.head_dim)) for n in self.kv_names}
-        outputs = {PRESENT_PREFIX + n[len(PAST_PREFIX):]: (self._kv[n][present], self._kv_bytes) for n in self.kv_names}
-        host = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "attention_bias": attention_bias,
-                "position_ids": position_ids}
-        bound = self._enqueue(eng, host, device, outputs)
+        P, C = host_cache.length, host_cache.capacity
+        device = {n: (self._kv[n][self._cur], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
+        host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, **host_cache.feeds(attention_mask, attention_bias)}
+        bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
         ptr, shape = bound["logits"]  # (B, S, V): copy back only each row's last position
         V, dtype = shape[2], eng.dtypes["logits"]
         last = np.empty((B, V), dtype)
         for b in range(B):
             offset = ((b * S) + S - 1) * V * dtype.itemsize
             self.cuda.download(last[b], ptr + offset)
+        for new in self.new_names.values():
+            if bound[new][1] != (B, self.num_kv_heads, S, self.head_dim):
+                raise SleighError("tensorrt decoder", f"{new} has shape {bound[new][1]}",
+                                  f"({B}, {self.num_kv_heads}, {S}, {self.head_dim}): the new positions only")
+        self._write_slots(bound, B, S, P, C)
         self.cuda.sync()
-        for name in outputs:
-            if bound[name][1] != (B, self.num_kv_heads, P + S, self.head_dim):
-                raise SleighError("tensorrt decoder", f"{name} has shape {bound[name][1]}",
-                                  f"({B}, {self.num_kv_heads}, {P + S}, {self.head_dim}): a decoder that appends to the cache")
-        self._cur, self._past_len = present, P + S
+        host_cache.append({}, attention_mask, attention_bias)
         return last.astype(np.float32, copy=False)
+
+    def _write_slots(self, bound: dict, B: int, S: int, P: int, C: int) -> None:
+        """New keys/values into slots P..P+S-1, growing C first (on the stream, after the step)."""
+        rows, row = B * self.num_kv_heads, self._row
+        if P + S > C:
+            grown = grown_capacity(P + S, KV_CHUNK)
+            for pair in self._kv.values():  # re-lay the used slots for the larger C in the other buffer
+                self.cuda.copy_rows(pair[1 - self._cur], grown * row, pair[self._cur], C * row, P * row, rows)
+            self._cur, C = 1 - self._cur, grown
+        for name, new in self.new_names.items():
+            self.cuda.copy_rows(self._kv[name][self._cur] + P * row, C * row, bound[new][0], S * row, S * row, rows)
 
     @property
     def past_length(self):
-        return self._past_len
+        return self._host.length
 
     def describe(self):
         return f"tensorrt {self.label} ({self.device_name}, TensorRT {self.trt.__version__})"

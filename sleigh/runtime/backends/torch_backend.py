@@ -18,6 +18,7 @@ class TorchBackend(Backend):
         self.torch = torch
         self.model = model.eval()
         self._cache = None
+        self._mask = self._bias = None  # (B, P) of the cached positions
 
     @classmethod
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> TorchBackend:
@@ -38,14 +39,21 @@ class TorchBackend(Backend):
         raise KeyError(module)
 
     def reset(self, batch=1):
+        torch = self.torch
         self._cache = self.model.llm.empty_cache(batch)
+        self._mask, self._bias = torch.zeros(batch, 0, dtype=torch.int64), torch.zeros(batch, 0)
 
     def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
+        """The reference keeps a plain growing cache (every slot in use)."""
+        from sleigh.sleighvl.llm import extend_cache
+
         torch = self.torch
         with torch.inference_mode():
-            logits, self._cache = self.model.llm(
-                torch.from_numpy(inputs_embeds), torch.from_numpy(attention_mask),
-                torch.from_numpy(attention_bias), torch.from_numpy(position_ids), self._cache)
+            mask = torch.cat([self._mask, torch.from_numpy(attention_mask)], dim=1)
+            bias = torch.cat([self._bias, torch.from_numpy(attention_bias)], dim=1)
+            logits, new = self.model.llm(torch.from_numpy(inputs_embeds), mask, bias, torch.from_numpy(position_ids),
+                                         self._cache)
+            self._cache, self._mask, self._bias = extend_cache(self._cache, new), mask, bias
         return logits[:, -1].float().numpy()
 
     @property

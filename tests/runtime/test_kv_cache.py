@@ -1,0 +1,58 @@
+"""The runtime's slot KV cache: in-place writes, growth in chunks, mask and bias kept per slot."""
+
+import numpy as np
+
+from sleigh.runtime.kv_cache import KV_CHUNK, NEW, PAST, SlotCache, grown_capacity, past_name
+
+
+def test_grown_capacity_rounds_up_to_chunks():
+    assert [grown_capacity(n) for n in (1, KV_CHUNK, KV_CHUNK + 1, 3 * KV_CHUNK)] == [KV_CHUNK, KV_CHUNK, 2 * KV_CHUNK, 3 * KV_CHUNK]
+    assert grown_capacity(0) == 0 and grown_capacity(5, chunk=4) == 8
+
+
+def test_past_name_maps_outputs_to_inputs():
+    assert past_name(f"{NEW}.3.value") == f"{PAST}.3.value"
+
+
+def test_slots_are_written_in_place_and_grow_by_chunks():
+    names = [f"{PAST}.0.key", f"{PAST}.0.value"]
+    cache = SlotCache(names, batch=2, kv_heads=3, head_dim=4, chunk=8)
+    rng = np.random.default_rng(0)
+    written = {n: [] for n in names}
+
+    def append(S, mask=None, bias=None):
+        new = {n: rng.standard_normal((2, 3, S, 4)).astype(np.float32) for n in names}
+        for n in names:
+            written[n].append(new[n])
+        mask = np.ones((2, S), np.int64) if mask is None else mask
+        cache.append(new, mask, np.full((2, S), 0.5, np.float32) if bias is None else bias)
+
+    assert cache.capacity == 0 and cache.length == 0
+    feeds = cache.feeds(np.ones((2, 5), np.int64), np.zeros((2, 5), np.float32))
+    assert feeds["attention_mask"].shape == (2, 5) and feeds[names[0]].shape == (2, 3, 0, 4)  # a prefill: no slots
+
+    mask = np.ones((2, 5), np.int64)
+    mask[1, :2] = 0  # left padding in row 1 stays masked in its slots
+    append(5, mask=mask)
+    assert (cache.length, cache.capacity) == (5, 8)
+    before = dict(cache.slots)
+    append(1)
+    append(1)
+    append(1)
+    assert (cache.length, cache.capacity) == (8, 8)
+    assert all(cache.slots[n] is before[n] for n in names)  # no reallocation within the capacity
+    append(1)
+    assert (cache.length, cache.capacity) == (9, 16)
+    for n in names:  # everything written so far, in order, in the first slots
+        np.testing.assert_array_equal(cache.slots[n][:, :, :9], np.concatenate(written[n], axis=2))
+        assert not cache.slots[n][:, :, 9:].any()  # unused slots are zeros (finite), masked
+
+    feeds = cache.feeds(np.ones((2, 1), np.int64), np.full((2, 1), 0.25, np.float32))
+    assert feeds["attention_mask"].shape == (2, 17) and feeds[names[0]].shape == (2, 3, 16, 4)
+    expected_mask = np.zeros((2, 17), np.int64)
+    expected_mask[:, :9] = 1
+    expected_mask[1, :2] = 0
+    expected_mask[:, 16] = 1  # the new position
+    np.testing.assert_array_equal(feeds["attention_mask"], expected_mask)
+    np.testing.assert_array_equal(feeds["attention_bias"][0, :9], np.full(9, 0.5, np.float32))
+    assert feeds["attention_bias"][0, 16] == 0.25 and not feeds["attention_bias"][0, 9:16].any()
