@@ -2,7 +2,7 @@
 
     python benchmarks/weight_only_levels.py runs/small-pkg-g
 """
-import time, shutil, onnx, logging
+import shutil, onnx, logging
 import numpy as np
 from pathlib import Path
 from onnxruntime.quantization import QuantFormat

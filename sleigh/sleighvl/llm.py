@@ -19,6 +19,8 @@ log-weights for image positions (0 elsewhere).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,22 +68,59 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask_past, mask_new, past_k, past_v):
+    def forward(self, x, cos, sin, terms: SlotTerms, past_k, past_v):
         B, S, _ = x.shape
         q = self.q_proj(x).reshape(B, S, self.nh, self.hd).transpose(1, 2)  # (B, nh, S, hd)
         k = self.k_proj(x).reshape(B, S, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, S, hd)
         v = self.v_proj(x).reshape(B, S, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.o_proj(cache_attention(q, k, v, past_k, past_v, mask_past, mask_new)), k, v
+        return self.o_proj(cache_attention(q, k, v, past_k, past_v, terms)), k, v
+
+
+class SlotTerms(NamedTuple):
+    """What `cache_attention` needs that depends only on the shapes and the mask, built once per
+    forward (`slot_terms`) instead of once per layer. Query rows are the grouped ones: g*S."""
+
+    past: torch.Tensor  # (B, 1, 1, C) additive mask of the slots (the same for every query)
+    new: torch.Tensor  # (B, 1, g*S, S+1) additive mask of the new keys, then 0 for the slots' summary key
+    floor: torch.Tensor  # (B, nkv, g*S, 1) the lowest finite value (so a max over the slots exists when C = 0)
+    key_pad: torch.Tensor  # (B, nkv, S, 1) zeros: the new keys' extra dimension
+    summary_key: torch.Tensor  # (B, nkv, 1, hd+1) [0, ..., 0, 1]
+    value_pad: torch.Tensor  # (B, nkv, 1, hd) zeros: the summary key's value (its output enters separately)
+
+
+def slot_terms(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_len: int, dtype: torch.dtype,
+               kv_heads: int, groups: int, head_dim: int) -> SlotTerms:
+    """(B, C+S) mask and bias -> the SlotTerms of every layer: padding (mask 0), causality among
+    the new positions (every slot is earlier than every new position), plus the GSWA bias.
+
+    Masked keys get the dtype's lowest finite value rather than -inf, so a fully masked row gives a
+    uniform softmax instead of NaN. The slots' mask is one row per batch, (B, 1, 1, C), broadcast
+    over the queries: a decode step builds nothing of size C x S, and a prefill (C = 0) nothing at all.
+    """
+    B, total = attention_mask.shape
+    S, C = seq_len, total - seq_len
+    low = torch.finfo(dtype).min
+    bias = attention_bias.to(dtype)
+    past = torch.where(attention_mask[:, :C] > 0, bias[:, :C], low)[:, None, None, :]  # (B, 1, 1, C)
+    pos = torch.arange(S, device=attention_mask.device)
+    causal = (pos[None, :] <= pos[:, None])[None]  # (1, S, S): key <= query
+    new = torch.where(causal & (attention_mask[:, None, C:] > 0), bias[:, None, C:], low)  # (B, S, S)
+    new = torch.cat([new, torch.zeros_like(new[..., :1])], dim=-1)  # + the slots' summary key
+    new = new[:, None, None].expand(B, 1, groups, S, S + 1).reshape(B, 1, groups * S, S + 1)  # row gi*S + s = query s
+    floor = torch.full_like(new[..., :1], low).expand(B, kv_heads, groups * S, 1)
+    zeros = torch.zeros_like(new[:, :, :1, :1]).expand(B, kv_heads, 1, 1)  # (B, nkv, 1, 1)
+    summary_key = torch.cat([zeros.expand(B, kv_heads, 1, head_dim), zeros + 1], dim=-1)
+    return SlotTerms(past, new, floor, zeros.expand(B, kv_heads, S, 1), summary_key, zeros.expand(B, kv_heads, 1, head_dim))
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                    mask_past: torch.Tensor, mask_new: torch.Tensor) -> torch.Tensor:
+                    terms: SlotTerms) -> torch.Tensor:
     """Grouped-query attention over C cache slots and S new positions, equal to one softmax over
     all C+S keys but without concatenating the cache with the new keys.
 
     q (B, nh, S, hd), k/v (B, nkv, S, hd) the new positions, past_k/past_v (B, nkv, C, hd) the slots,
-    mask_past (B, 1, S, C) and mask_new (B, 1, S, S+1) additive (the last column 0) -> (B, S, nh*hd).
+    `terms` from `slot_terms` -> (B, S, nh*hd).
 
     The slots are reduced first, per query, to their attention output `past_out` and the log-sum-exp
     `lse` of their logits. They then enter the softmax over the new keys as one more key whose logit
@@ -96,27 +135,20 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: t
     backends compute without subtracting the max (overflowing float16 at logits above ~11).
     """
     B, nh, S, hd = q.shape
-    nkv, C = past_k.shape[1], past_k.shape[2]
-    g = nh // nkv
-    low = torch.finfo(q.dtype).min
-    qg = q.reshape(B, nkv, g * S, hd) * (hd ** -0.5)  # (B, nkv, g*S, hd)
+    nkv = past_k.shape[1]
+    qg = q.reshape(B, nkv, nh // nkv * S, hd) * (hd ** -0.5)  # (B, nkv, g*S, hd)
 
-    slot_logits = (qg @ past_k.transpose(2, 3)).reshape(B, nkv, g, S, C) + mask_past[:, :, None]
-    floor = torch.full_like(qg[..., :1], low).reshape(B, nkv, g, S, 1)  # so the max exists when C = 0
-    top = torch.cat([slot_logits, floor], dim=-1).amax(-1, keepdim=True)
+    slot_logits = qg @ past_k.transpose(2, 3) + terms.past  # (B, nkv, g*S, C)
+    top = torch.cat([slot_logits, terms.floor], dim=-1).amax(-1, keepdim=True)
     e = (slot_logits - top).exp()  # every exponent <= 0: no overflow, also in float16
     z = e.sum(-1, keepdim=True)  # >= 1 when C > 0, 0 when C = 0
-    past_out = (e.reshape(B, nkv, g * S, C) @ past_v) / z.clamp(min=1.0).reshape(B, nkv, g * S, 1)
-    lse = (top + z.log()).clamp(min=low).reshape(B, nkv, g * S, 1)  # C = 0: -inf, kept finite (-inf * 0 is NaN)
+    past_out = (e @ past_v) / z.clamp(min=1.0)  # (B, nkv, g*S, hd)
+    lse = (top + z.log()).clamp(min=torch.finfo(q.dtype).min)  # C = 0: -inf, kept finite (-inf * 0 is NaN)
 
     q1 = torch.cat([qg, lse], dim=-1)  # (B, nkv, g*S, hd+1)
-    zero_col = torch.zeros_like(k[..., :1])  # (B, nkv, S, 1)
-    summary_key = torch.cat([torch.zeros_like(k[:, :, :1]), torch.ones_like(k[:, :, :1, :1])], dim=-1)  # (B, nkv, 1, hd+1)
-    k1 = torch.cat([torch.cat([k, zero_col], dim=-1), summary_key], dim=2)  # (B, nkv, S+1, hd+1)
-    logits = (q1 @ k1.transpose(2, 3)).reshape(B, nkv, g, S, S + 1) + mask_new[:, :, None]
-    probs = logits.softmax(-1).reshape(B, nkv, g * S, S + 1)
-    v1 = torch.cat([v, torch.zeros_like(v[:, :, :1])], dim=2)  # the summary key's value enters below
-    out = probs @ v1 + probs[..., S:] * past_out  # (B, nkv, g*S, hd)
+    k1 = torch.cat([torch.cat([k, terms.key_pad], dim=-1), terms.summary_key], dim=2)  # (B, nkv, S+1, hd+1)
+    probs = (q1 @ k1.transpose(2, 3) + terms.new).softmax(-1)  # (B, nkv, g*S, S+1)
+    out = probs @ torch.cat([v, terms.value_pad], dim=2) + probs[..., S:] * past_out  # (B, nkv, g*S, hd)
     return out.reshape(B, nh, S, hd).transpose(1, 2).reshape(B, S, nh * hd)
 
 
@@ -139,28 +171,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask_past, mask_new, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask_past, mask_new, past_k, past_v)
+    def forward(self, x, cos, sin, terms, past_k, past_v):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, terms, past_k, past_v)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), k, v
-
-
-def attention_logit_bias(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_len: int,
-                         dtype: torch.dtype) -> torch.Tensor:
-    """(B, C+S) mask and bias -> additive (B, 1, S, C+S): causal, padding, plus the GSWA bias.
-    Every cache slot (the first C keys) is earlier than every new position.
-
-    Masked keys get the dtype's lowest finite value rather than -inf, so a fully padded row gives a
-    uniform softmax instead of NaN.
-    """
-    total = attention_mask.shape[1]
-    past = total - seq_len
-    q_pos = torch.arange(seq_len, device=attention_mask.device)[:, None] + past  # (S, 1)
-    k_pos = torch.arange(total, device=attention_mask.device)[None, :]  # (1, P+S)
-    allowed = (k_pos <= q_pos)[None] & (attention_mask[:, None, :] > 0)  # (B, S, P+S)
-    bias = attention_bias.to(dtype)[:, None, :].expand(-1, seq_len, -1)
-    low = torch.full_like(bias, torch.finfo(dtype).min)
-    return torch.where(allowed, bias, low)[:, None]  # (B, 1, S, P+S)
 
 
 def extend_cache(past: KVCache, new: KVCache) -> KVCache:
@@ -185,14 +199,13 @@ class LLM(nn.Module):
     def forward(self, inputs_embeds, attention_mask, attention_bias, position_ids, past: KVCache):
         """-> logits (B, S, V) and the new positions' (key, value) per layer (module docstring)."""
         S = inputs_embeds.shape[1]
-        mask = attention_logit_bias(attention_mask, attention_bias, S, inputs_embeds.dtype)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
-        C = past[0][0].shape[2]
-        mask_past = mask[..., :C]
-        mask_new = torch.cat([mask[..., C:], torch.zeros_like(mask[..., :1])], dim=-1)  # + the slots' summary key
+        cfg = self.cfg
+        terms = slot_terms(attention_mask, attention_bias, S, inputs_embeds.dtype, cfg.num_kv_heads,
+                           cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
         new: KVCache = []
         for layer, (pk, pv) in zip(self.layers, past):
-            x, k, v = layer(x, cos, sin, mask_past, mask_new, pk, pv)
+            x, k, v = layer(x, cos, sin, terms, pk, pv)
             new.append((k, v))
         return self.lm_head(self.norm(x)), new

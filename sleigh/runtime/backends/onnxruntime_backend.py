@@ -170,11 +170,13 @@ class _DeviceSlots:
         end = used + S
         if end > capacity:
             grown = grown_capacity(end, self.chunk)
-            for name, old in self.slots.items():
-                self.slots[name] = fresh = self._zeros(grown)
-                self._copy(fresh, grown, 0, old, capacity, 0, used)
+            old = dict(self.slots)
+            for name, value in old.items():
+                self.slots[name] = self._zeros(grown)
+                self._copy(self.slots[name], grown, 0, value, capacity, 0, used)
             capacity = grown
-            self.cuda.sync()  # the old buffers are released when replaced
+            self.cuda.sync()  # the copies have read the old buffers: now they may be released
+            del old
         for name, value in new.items():
             self._copy(self.slots[name], capacity, used, value, S, 0, S)
         self.cuda.sync()  # ONNX Runtime reads the slots on its own stream at the next step
