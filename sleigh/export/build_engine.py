@@ -5,8 +5,8 @@
 
 Conversions (one function per module and precision, chosen through `CONVERSIONS`):
     fp32  copy (decoder optionally weight-only INT8/INT4 through MatMulNBits)
-    fp16  ONNX-level float16 with FP32 inputs/outputs; LayerNorm, RMSNorm's reductions, Softmax and
-          the GSWA node stay FP32
+    fp16  ONNX-level float16 with FP32 inputs/outputs (the decoder's KV cache in FP16); LayerNorm,
+          RMSNorm's reductions, Softmax, the slots' log-sum-exp and the GSWA node stay FP32
     int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.calibration.qdq);
           embed FP16; decoder weight-only INT8 by default
 
@@ -40,9 +40,13 @@ WEIGHT_ONLY_BLOCK = 32
 # preset, INT8 weights decode at ~350 tokens/s with it and ~24 without (FP32: ~190), logits cosine
 # unchanged (0.9998); see benchmarks/RESULTS.md. Other providers ignore the hint.
 WEIGHT_ONLY_ACCURACY_LEVEL = 4
-# Ops that keep FP32 inside FP16 modules: normalisation statistics and softmax accumulate in FP32.
+# Ops that keep FP32 inside FP16 modules: normalisation statistics and softmax accumulate in FP32,
+# and so does the decoder's log-sum-exp over the cache slots (Exp, ReduceSum, Log: the other half of
+# its softmax, sleighvl/llm.py cache_attention).
 FP16_KEEP_FP32 = ["GSWA", "LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Range",
-                  "CumSum", "Cos", "Sin"]
+                  "CumSum", "Cos", "Sin", "Exp", "ReduceSum", "Log"]
+KV_PREFIXES = ("past_key_values.", "new_key_values.")
+CPU_FALLBACK_CAST = "InsertedPrecisionFreeCast"  # ONNX Runtime's name for casts around CPU-less float16 kernels  # FP16 in an FP16 decoder: a cast of the cache per step otherwise
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,15 @@ def _sorted(model):
 
 
 def to_fp16(src: Path, dst: Path) -> list[str]:
+    """Float16 inside, FP32 inputs and outputs, except the KV cache slots and new keys/values: they
+    are FP16 (the runtimes read the cache dtype from the graph), or every step would cast the whole
+    cache in every layer."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(_load(src), keep_io_types=True, op_block_list=FP16_KEEP_FP32)
+    model = _load(src)
+    io = [v.name for v in (*model.graph.input, *model.graph.output)]
+    keep = [n for n in io if not n.startswith(KV_PREFIXES)]
+    model = convert_float_to_float16(model, keep_io_types=True if keep == io else keep, op_block_list=FP16_KEEP_FP32)
     return save_onnx(_sorted(model), dst)
 
 
@@ -161,7 +171,12 @@ def optimize_offline(path: Path) -> None:
     """ONNX Runtime's provider-independent graph optimizations (constant folding, redundant-node
     elimination, ...), done once here and saved over the module. Level BASIC on purpose: it keeps
     standard ops and the Q/DQ pairs, so the same file runs on the CPU and CUDA providers and TensorRT
-    reads the same quantization; the provider-specific fusions happen when a session opens it."""
+    reads the same quantization; the provider-specific fusions happen when a session opens it.
+
+    Where the CPU provider lacks a float16 kernel it inserts casts to float32 even at level BASIC
+    ("InsertedPrecisionFreeCast" nodes): such a result is CPU-specific (it would cast the KV cache
+    and run those nodes in float32 on a GPU too), so it is dropped and the module stays as converted."""
+    import onnx
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -174,10 +189,12 @@ def optimize_offline(path: Path) -> None:
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.opt.data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    if any(n.name.startswith(CPU_FALLBACK_CAST) for n in onnx.load(str(tmp), load_external_data=False).graph.node):
+        tmp.unlink()
+        path.with_name(f"{path.name}.opt.data").unlink(missing_ok=True)
+        return
     if data.exists():
         # the optimized graph refers to <name>.onnx.opt.data: keep that reference valid under the final name
-        import onnx
-
         model = onnx.load(str(tmp), load_external_data=True)
         tmp.unlink()
         path.with_name(f"{path.name}.opt.data").unlink(missing_ok=True)

@@ -77,13 +77,19 @@ class Attention(nn.Module):
         return self.o_proj(cache_attention(q, k, v, past_k, past_v, terms)), k, v
 
 
+# The additive logit of a masked key and the floor of the slots' log-sum-exp: finite in float16 too,
+# with room below it (finfo.min plus a negative logit overflows float16 to -inf, and -inf * 0 in the
+# summary-key product is NaN), and far enough down that exp() of it is 0 in every float dtype.
+MASKED_LOGIT = -1.0e4
+
+
 class SlotTerms(NamedTuple):
     """What `cache_attention` needs that depends only on the shapes and the mask, built once per
     forward (`slot_terms`) instead of once per layer. Query rows are the grouped ones: g*S."""
 
     past: torch.Tensor  # (B, 1, 1, C) additive mask of the slots (the same for every query)
     new: torch.Tensor  # (B, 1, g*S, S+1) additive mask of the new keys, then 0 for the slots' summary key
-    floor: torch.Tensor  # (B, nkv, g*S, 1) the lowest finite value (so a max over the slots exists when C = 0)
+    floor: torch.Tensor  # (B, nkv, g*S, 1) MASKED_LOGIT (so a max over the slots exists when C = 0)
     key_pad: torch.Tensor  # (B, nkv, S, 1) zeros: the new keys' extra dimension
     summary_key: torch.Tensor  # (B, nkv, 1, hd+1) [0, ..., 0, 1]
     value_pad: torch.Tensor  # (B, nkv, 1, hd) zeros: the summary key's value (its output enters separately)
@@ -94,13 +100,13 @@ def slot_terms(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_l
     """(B, C+S) mask and bias -> the SlotTerms of every layer: padding (mask 0), causality among
     the new positions (every slot is earlier than every new position), plus the GSWA bias.
 
-    Masked keys get the dtype's lowest finite value rather than -inf, so a fully masked row gives a
-    uniform softmax instead of NaN. The slots' mask is one row per batch, (B, 1, 1, C), broadcast
-    over the queries: a decode step builds nothing of size C x S, and a prefill (C = 0) nothing at all.
+    Masked keys get MASKED_LOGIT, not -inf, so nothing in the attention is ever -inf or NaN (a
+    fully masked query row, e.g. a padded one, gets some finite average). The slots' mask is one row
+    per batch, (B, 1, 1, C), broadcast over the queries: a decode step builds nothing of size C x S.
     """
     B, total = attention_mask.shape
     S, C = seq_len, total - seq_len
-    low = torch.finfo(dtype).min
+    low = MASKED_LOGIT
     bias = attention_bias.to(dtype)
     past = torch.where(attention_mask[:, :C] > 0, bias[:, :C], low)[:, None, None, :]  # (B, 1, 1, C)
     pos = torch.arange(S, device=attention_mask.device)
@@ -130,7 +136,9 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: t
 
     GQA without repeating the cache: the query heads sharing a KV head are stacked along the
     sequence (query head h uses KV head h // groups, as a repeat-interleave of the KV heads would).
-    Masked slots may hold any finite values. With C = 0 the slots contribute exactly nothing. The
+    Masked slots contribute exactly nothing as long as their logits q·k stay small against
+    |MASKED_LOGIT| = 1e4 (zeros, or stale keys of the scale of real ones: the runtimes zero new
+    slots); their values may be anything finite. With C = 0 the slots contribute nothing. The
     log-sum-exp is spelled out (max, exp, sum, log) rather than ReduceLogSumExp, which some ONNX
     backends compute without subtracting the max (overflowing float16 at logits above ~11).
     """
@@ -143,7 +151,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: t
     e = (slot_logits - top).exp()  # every exponent <= 0: no overflow, also in float16
     z = e.sum(-1, keepdim=True)  # >= 1 when C > 0, 0 when C = 0
     past_out = (e @ past_v) / z.clamp(min=1.0)  # (B, nkv, g*S, hd)
-    lse = (top + z.log()).clamp(min=torch.finfo(q.dtype).min)  # C = 0: -inf, kept finite (-inf * 0 is NaN)
+    lse = (top + z.log()).clamp(min=MASKED_LOGIT)  # C = 0: -inf, kept finite (-inf * 0 is NaN)
 
     q1 = torch.cat([qg, lse], dim=-1)  # (B, nkv, g*S, hd+1)
     k1 = torch.cat([torch.cat([k, terms.key_pad], dim=-1), terms.summary_key], dim=2)  # (B, nkv, S+1, hd+1)

@@ -74,6 +74,13 @@ def test_precision_really_changes_the_files(engine_pkg):
     fp16 = onnx.load(str(engine_pkg / manifest["engines"]["onnxruntime-fp16"]["modules"]["vision"]))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # FP32 I/O
+    # the FP16 decoder keeps FP32 I/O except the KV cache, FP16 in and out (no cast of the cache per step)
+    dec = onnx.load(str(engine_pkg / manifest["engines"]["onnxruntime-fp16"]["modules"]["decoder"]), load_external_data=False)
+    io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
+    kv = {n: t for n, t in io.items() if n.startswith(("past_key_values.", "new_key_values."))}
+    assert kv and set(kv.values()) == {onnx.TensorProto.FLOAT16}
+    assert io["inputs_embeds"] == io["attention_bias"] == io["logits"] == onnx.TensorProto.FLOAT
+    assert not [n for n in dec.graph.node if n.op_type == "Cast" and set(n.input) & set(kv)]
     assert "MatMulNBits" in ops(manifest["engines"]["onnxruntime-fp32-llm-int4"]["modules"]["decoder"])
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest["engines"]["onnxruntime-int8"]["modules"]["vision"])
     sizes = {n: manifest["engines"][n]["files_bytes"] for n in ENGINES}

@@ -1,6 +1,7 @@
 """The light runtime on a package: ONNX Runtime equals the torch reference, streaming, sampling,
 no heavy imports, and clear errors."""
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -205,3 +206,38 @@ def test_generate_from_a_prefill_equals_generate(pipelines):
     pipe.prefill(None, "a longer prompt than the first one")
     with pytest.raises(SleighError, match="no longer holds"):
         pipe.generate_from(state, max_new_tokens=2)
+
+
+class HostCopier:
+    """runtime/backends/cuda.Cuda's copy_rows/zero/sync on host memory: runs the CUDA provider's
+    slot bookkeeping (offsets, pitches, growth) on the CPU, where it can be checked."""
+
+    def copy_rows(self, dst, dst_pitch, src, src_pitch, width, rows):
+        for r in range(rows):
+            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
+
+    def zero(self, ptr, nbytes):
+        ctypes.memset(ptr, 0, nbytes)
+
+    def sync(self):
+        pass
+
+
+def test_device_slot_path_equals_torch_across_a_growth(pipelines, monkeypatch):
+    """The CUDA provider's path (IOBinding, OrtValue slots, pitched copies of the new keys/values)
+    run on CPU OrtValues: the same greedy tokens as the torch reference, across a cache growth."""
+    import onnxruntime as ort
+
+    from sleigh.runtime.backends.onnxruntime_backend import _DeviceSlots
+
+    ref_pipe, ort_pipe = pipelines
+    backend = ort_pipe.backend
+    args = (backend._past_names, backend.num_kv_heads, backend.head_dim, backend._kv_dtype)
+    monkeypatch.setattr(backend, "reset", lambda batch=1: setattr(
+        backend, "_cache", _DeviceSlots(ort, HostCopier(), args[0], batch, *args[1:], device="cpu")))
+    prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
+    n = KV_CHUNK - prompt_tokens + 8
+    got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
+    ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
+    assert isinstance(backend._cache, _DeviceSlots) and backend._cache.host.capacity == 2 * KV_CHUNK
+    assert got.token_ids == ref.token_ids

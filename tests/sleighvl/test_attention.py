@@ -38,9 +38,9 @@ def test_equals_one_softmax_over_all_keys(B, S, C, unused, scale):
     k, v = torch.randn(B, nkv, S, hd, generator=g), torch.randn(B, nkv, S, hd, generator=g)
     past_k, past_v = torch.randn(B, nkv, C, hd, generator=g), torch.randn(B, nkv, C, hd, generator=g)
     keep = torch.ones(B, C + S, dtype=torch.int64)
-    if unused:  # unused slots at the end hold garbage and are masked
+    if unused:  # unused slots at the end hold stale keys (a larger scale than the real ones) and huge values, masked
         keep[:, C - unused:C] = 0
-        past_k[:, :, C - unused:] = 1e4 * torch.randn(B, nkv, unused, hd, generator=g)
+        past_k[:, :, C - unused:] = 10 * torch.randn(B, nkv, unused, hd, generator=g)
         past_v[:, :, C - unused:] = 1e4
     if B == 2 and C > 2:
         keep[1, :2] = 0  # left padding of row 1 in the slots

@@ -13,6 +13,7 @@ UNVERIFIED: no GPU was available where this was written; the calls follow cuda-p
 from __future__ import annotations
 
 import ctypes
+import os
 
 import numpy as np
 
@@ -86,13 +87,16 @@ CUDART_SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so", "cudart6
 
 
 def ctypes_cudart():
-    """The CUDA runtime library already in the process (onnxruntime-gpu loads it), through ctypes;
-    None when there is none."""
-    for name in CUDART_SONAMES:
-        try:
-            return _CtypesRuntime(ctypes.CDLL(name))
-        except (OSError, AttributeError):
-            continue
+    """The CUDA runtime library through ctypes: the one already in the process (onnxruntime-gpu
+    loads the one it was built for) before any other on the library path; None when there is none."""
+    noload = getattr(os, "RTLD_NOLOAD", None)
+    modes = ([noload | ctypes.RTLD_GLOBAL] if noload is not None else []) + [ctypes.DEFAULT_MODE]
+    for mode in modes:
+        for name in CUDART_SONAMES:
+            try:
+                return _CtypesRuntime(ctypes.CDLL(name, mode=mode))
+            except (OSError, AttributeError):
+                continue
     return None
 
 

@@ -7,8 +7,9 @@ and values, which are written into the next free slots in place (runtime/kv_cach
 - CPU: the slots are numpy arrays that the session reads where they lie; a step writes one
   position per layer with a slice assignment.
 - CUDA: the slots are device OrtValues bound through IOBinding; the new keys/values stay on the
-  device and one cudaMemcpy2DAsync per tensor writes them into the slots (cuda-python). Only the
-  logits come back to the host. UNVERIFIED: this path has not run on a GPU yet.
+  device and one cudaMemcpy2DAsync per tensor writes them into the slots (cuda-python, or the CUDA
+  runtime that onnxruntime-gpu loaded, through ctypes). Only the logits come back to the host.
+  UNVERIFIED: this path has not run on a GPU yet (scripts/gpu_check.sh is the prepared check).
 """
 
 from __future__ import annotations
@@ -73,7 +74,12 @@ class OnnxRuntimeBackend(Backend):
                               "(a decoder from an older sleigh returns the whole cache instead)",
                               "a package exported by this version of sleigh (`sleigh export` again)")
         self._kv_dtype = self._input_dtype("decoder", self._past_names[0])
+        new_dtypes = {self._output_dtype("decoder", n) for n in self._new_names}
+        if new_dtypes != {self._kv_dtype}:
+            raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
+                              f"slots {np.dtype(self._kv_dtype)}", "one float dtype for the KV cache in and out")
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
+        self._cuda = None  # the CUDA helper (one stream), made on the first reset on the CUDA provider
         self._cache: SlotCache | _DeviceSlots | None = None
 
     @classmethod
@@ -90,10 +96,10 @@ class OnnxRuntimeBackend(Backend):
                    threads=threads, providers=providers, label=label)
 
     def _input_dtype(self, module: str, name: str):
-        for i in self.sessions[module].get_inputs():
-            if i.name == name:
-                return np.float16 if "float16" in i.type else np.float32
-        return np.float32
+        return _dtype(self.sessions[module].get_inputs(), name)
+
+    def _output_dtype(self, module: str, name: str):
+        return _dtype(self.sessions[module].get_outputs(), name)
 
     def run(self, module, feeds):
         sess = self.sessions[module]
@@ -102,7 +108,12 @@ class OnnxRuntimeBackend(Backend):
 
     def reset(self, batch=1):
         args = (self._past_names, batch, self.num_kv_heads, self.head_dim, self._kv_dtype)
-        self._cache = SlotCache(*args) if self.device == "cpu" else _DeviceSlots(self.ort, *args)
+        if self.device == "cpu":
+            self._cache = SlotCache(*args)
+            return
+        if self._cuda is None:
+            self._cuda = _device_copier()
+        self._cache = _DeviceSlots(self.ort, self._cuda, *args)
 
     def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
         sess, cache = self.sessions["decoder"], self._cache
@@ -122,6 +133,7 @@ class OnnxRuntimeBackend(Backend):
         for name in self._new_names:
             binding.bind_output(name, self.device)  # the new keys/values stay on the device
         sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # the slot copies run on another stream
         logits, *new = binding.get_outputs()
         cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
         return logits.numpy()[:, -1].astype(np.float32)
@@ -137,16 +149,13 @@ class OnnxRuntimeBackend(Backend):
 class _DeviceSlots:
     """SlotCache on the CUDA provider: the slots are device OrtValues (zeroed when allocated), the
     mask and bias stay in a host SlotCache, and each step's new keys/values (device OrtValues) are
-    copied into slots P..P+S-1 with one pitched device-to-device copy per tensor."""
+    copied into slots P..P+S-1 with one pitched device-to-device copy per tensor. `cuda` is the
+    copier (runtime/backends/cuda.Cuda: copy_rows, zero, sync); tests run this class on "cpu"
+    OrtValues with a host copier."""
 
-    def __init__(self, ort, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype, chunk: int = KV_CHUNK):
-        from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, any_cudart
-
-        cudart = any_cudart()
-        if cudart is None:
-            raise SleighError("--backend onnxruntime (CUDA provider)", "writing the KV cache in place on the GPU needs "
-                              "the CUDA runtime (libcudart) or cuda-python, and neither is found", CUDA_PYTHON_EXPECTED)
-        self.ort, self.cuda = ort, Cuda(cudart, 0)
+    def __init__(self, ort, cuda, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype, chunk: int = KV_CHUNK,
+                 device: str = "cuda"):
+        self.ort, self.cuda, self.device = ort, cuda, device
         self.host = SlotCache([], batch, kv_heads, head_dim, dtype, chunk)  # mask, bias, length, capacity
         self.shape, self.dtype, self.chunk = (batch, kv_heads, head_dim), np.dtype(dtype), chunk
         self.slots = {n: self._zeros(0) for n in names}
@@ -156,8 +165,13 @@ class _DeviceSlots:
         return self.host.length
 
     def _zeros(self, capacity: int):
+        """A device buffer for `capacity` slots, zeroed on the copy stream (so the zeros land before
+        the copies that follow on the same stream; unused slots must be finite)."""
         B, KV, hd = self.shape
-        return self.ort.OrtValue.ortvalue_from_numpy(np.zeros((B, KV, capacity, hd), self.dtype), "cuda", 0)
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type([B, KV, capacity, hd], self.dtype, self.device, 0)
+        if capacity:
+            self.cuda.zero(value.data_ptr(), B * KV * capacity * hd * self.dtype.itemsize)
+        return value
 
     def _copy(self, dst, dst_capacity: int, dst_slot: int, src, src_capacity: int, src_slot: int, count: int) -> None:
         B, KV, hd = self.shape
@@ -181,3 +195,21 @@ class _DeviceSlots:
             self._copy(self.slots[name], capacity, used, value, S, 0, S)
         self.cuda.sync()  # ONNX Runtime reads the slots on its own stream at the next step
         self.host.append({}, new_mask, new_bias)
+
+
+def _dtype(values, name: str):
+    for v in values:
+        if v.name == name:
+            return np.float16 if "float16" in v.type else np.float32
+    return np.float32
+
+
+def _device_copier():
+    """The CUDA helper that writes new keys/values into device slots (one stream per backend)."""
+    from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, any_cudart
+
+    cudart = any_cudart()
+    if cudart is None:
+        raise SleighError("--backend onnxruntime (CUDA provider)", "writing the KV cache in place on the GPU needs "
+                          "the CUDA runtime (libcudart) or cuda-python, and neither is found", CUDA_PYTHON_EXPECTED)
+    return Cuda(cudart, 0)

@@ -395,6 +395,9 @@ class TensorRTBackend(Backend):
         self.max_context = max(p["inputs_embeds"][2][1] for p in eng.profiles)  # the prefill's longest sequence
         self.max_slots = max(p[first][2][2] for p in eng.profiles)
         self.kv_dtype = eng.dtypes[first]
+        if any(eng.dtypes[n] != self.kv_dtype for n in self.new_names.values()):
+            raise SleighError(str(eng.path), f"its new keys/values and its cache slots ({self.kv_dtype}) differ in dtype",
+                              "one float dtype for the KV cache in and out (rebuild with `sleigh build-engine`)")
         self._row = self.head_dim * self.kv_dtype.itemsize  # bytes per cached position per KV head
         self._kv_bytes = self.max_batch * self.num_kv_heads * self.max_slots * self._row
         self._kv = {n: (self.cuda.malloc(self._kv_bytes), self.cuda.malloc(self._kv_bytes)) for n in self.kv_names}
