@@ -66,7 +66,6 @@ class Prefill:
     ids: list[int]
     image_embeds: np.ndarray  # (T, tokens per view, D) float32
     gswa_weights: np.ndarray  # (T,)
-    bias: np.ndarray  # (1, P) attention_bias of the prompt
     logits: np.ndarray  # (1, V) at the last prompt position
     timings: Timings
     t_start: float
@@ -218,7 +217,7 @@ class Pipeline:
         backend.reset(1)
         logits = backend.step(inputs_embeds, mask, bias, np.arange(len(ids), dtype=np.int64)[None])
         timings.prefill_s = time.perf_counter() - t
-        return Prefill(tiled, ids, image_embeds, weights, bias, logits, timings, t_start)
+        return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start)
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
         state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
