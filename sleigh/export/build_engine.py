@@ -26,6 +26,7 @@ from pathlib import Path
 from sleigh.errors import SleighError
 from sleigh.export.exporter import save_onnx
 from sleigh.progress import progress
+from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.package import MODULE_NAMES, file_entry, read_manifest, write_json_atomic
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -45,8 +46,8 @@ WEIGHT_ONLY_ACCURACY_LEVEL = 4
 # its softmax, sleighvl/llm.py cache_attention).
 FP16_KEEP_FP32 = ["GSWA", "LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal", "Range",
                   "CumSum", "Cos", "Sin", "Exp", "ReduceSum", "Log"]
-KV_PREFIXES = ("past_key_values.", "new_key_values.")
-CPU_FALLBACK_CAST = "InsertedPrecisionFreeCast"  # ONNX Runtime's name for casts around CPU-less float16 kernels  # FP16 in an FP16 decoder: a cast of the cache per step otherwise
+KV_PREFIXES = (PAST + ".", NEW + ".")  # FP16 in an FP16 decoder: a cast of the cache per step otherwise
+CPU_FALLBACK_CAST = "InsertedPrecisionFreeCast"  # ONNX Runtime's name for casts around CPU-less float16 kernels
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ class SlotCache:
 
     def __init__(self, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype=np.float32,
                  chunk: int = KV_CHUNK):
-        self.names, self.chunk = list(names), chunk
+        self.chunk = chunk
         self.batch, self.kv_heads, self.head_dim, self.dtype = batch, kv_heads, head_dim, np.dtype(dtype)
         self.length = 0  # slots in use: 0 .. length-1
-        self.slots = {n: np.zeros((batch, kv_heads, 0, head_dim), self.dtype) for n in self.names}
+        self.slots = {n: np.zeros((batch, kv_heads, 0, head_dim), self.dtype) for n in names}
         self.mask = np.zeros((batch, 0), np.int64)
         self.bias = np.zeros((batch, 0), np.float32)
 

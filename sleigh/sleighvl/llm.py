@@ -106,15 +106,14 @@ def slot_terms(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_l
     """
     B, total = attention_mask.shape
     S, C = seq_len, total - seq_len
-    low = MASKED_LOGIT
     bias = attention_bias.to(dtype)
-    past = torch.where(attention_mask[:, :C] > 0, bias[:, :C], low)[:, None, None, :]  # (B, 1, 1, C)
+    past = torch.where(attention_mask[:, :C] > 0, bias[:, :C], MASKED_LOGIT)[:, None, None, :]  # (B, 1, 1, C)
     pos = torch.arange(S, device=attention_mask.device)
     causal = (pos[None, :] <= pos[:, None])[None]  # (1, S, S): key <= query
-    new = torch.where(causal & (attention_mask[:, None, C:] > 0), bias[:, None, C:], low)  # (B, S, S)
+    new = torch.where(causal & (attention_mask[:, None, C:] > 0), bias[:, None, C:], MASKED_LOGIT)  # (B, S, S)
     new = torch.cat([new, torch.zeros_like(new[..., :1])], dim=-1)  # + the slots' summary key
     new = new[:, None, None].expand(B, 1, groups, S, S + 1).reshape(B, 1, groups * S, S + 1)  # row gi*S + s = query s
-    floor = torch.full_like(new[..., :1], low).expand(B, kv_heads, groups * S, 1)
+    floor = torch.full_like(new[..., :1], MASKED_LOGIT).expand(B, kv_heads, groups * S, 1)
     zeros = torch.zeros_like(new[:, :, :1, :1]).expand(B, kv_heads, 1, 1)  # (B, nkv, 1, 1)
     summary_key = torch.cat([zeros.expand(B, kv_heads, 1, head_dim), zeros + 1], dim=-1)
     return SlotTerms(past, new, floor, zeros.expand(B, kv_heads, S, 1), summary_key, zeros.expand(B, kv_heads, 1, head_dim))

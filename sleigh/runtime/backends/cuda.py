@@ -19,7 +19,7 @@ import numpy as np
 
 from sleigh.errors import SleighError
 
-CUDA_PYTHON_EXPECTED = "cuda-python 12+ (pip install 'sleigh[gpu]' or 'sleigh[tensorrt]'; it provides cuda.bindings.runtime)"
+CUDA_PYTHON_EXPECTED = "cuda-python 12+ (pip install cuda-python, or 'sleigh[tensorrt]'; it provides cuda.bindings.runtime)"
 
 
 def import_cudart():
