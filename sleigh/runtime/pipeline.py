@@ -7,8 +7,9 @@
     gen.result.text, gen.result.token_ids, gen.result.timings
 
 The loop owns what is the same on every backend: tiling, the prompt, the GSWA attention bias,
-the mask and positions, sampling, stop ids, streaming; the backend runs the modules and keeps
-the KV cache.
+the mask and positions, sampling, stop ids, streaming; the backend runs the modules. Each
+generation owns its state (its KV cache, sampler and stream decoder), so one Pipeline serves
+several callers: threads, or generations interleaved in one thread (see `Pipeline`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from sleigh.errors import SleighError
-from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.backends.base import Backend, KVCache
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
@@ -69,6 +70,8 @@ class Prefill:
     logits: np.ndarray  # (1, V) at the last prompt position
     timings: Timings
     t_start: float
+    cache: KVCache  # the prompt's keys and values; the generation continuing from this state owns it
+    continued: bool = False
 
 
 class Generation:
@@ -97,6 +100,16 @@ class Generation:
 
 
 class Pipeline:
+    """One loaded model, shared by any number of generations.
+
+    Thread safety: the backend's modules (ONNX Runtime sessions, the torch model, TensorRT engines)
+    are shared and only read; every `generate()` / `prefill()` makes its own KV cache, sampler and
+    stream decoder. So several threads may call `generate()` on one Pipeline at once, and several
+    `Generation`s may be advanced alternately in one thread: each gets the tokens it would get alone.
+    ONNX Runtime runs concurrent calls in parallel; TensorRT serialises them per call inside the
+    backend. One `Generation` (one iterator) must not be advanced from two threads at once.
+    """
+
     def __init__(self, backend: Backend, info: ModelInfo, tokenizer: PromptTokenizer):
         self.backend, self.info, self.tokenizer = backend, info, tokenizer
 
@@ -174,11 +187,13 @@ class Pipeline:
 
     def generate_from(self, state: Prefill, *, max_new_tokens: int = 512, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
-        """Continue from a `prefill()` state (the backend's cache must still hold it: no other call between)."""
+        """Continue from a `prefill()` state (it carries its own cache; each state can be continued once)."""
         if max_new_tokens < 1:
             raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
-        if self.backend.past_length != len(state.ids):
-            raise SleighError("generate_from", "the backend's cache no longer holds this prefill", "prefill() again")
+        if state.continued or state.cache.length != len(state.ids):
+            raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
+                              "prefill() again")
+        state.continued = True
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
@@ -214,17 +229,26 @@ class Pipeline:
             bias = image_attention_bias(input_ids, weights, info.img_context_token_id, info.tokens_per_view,
                                         info.gswa_min_weight)
         mask = np.ones(input_ids.shape, np.int64)
-        backend.reset(1)
-        logits = backend.step(inputs_embeds, mask, bias, np.arange(len(ids), dtype=np.int64)[None])
+        cache = backend.new_cache(1)
+        logits = backend.step(cache, inputs_embeds, mask, bias, np.arange(len(ids), dtype=np.int64)[None])
         timings.prefill_s = time.perf_counter() - t
-        return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start)
+        return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
         state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+        state.continued = True
         return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos))
 
     def _decode(self, state: Prefill, max_new_tokens, sampling, ignore_eos):
-        info, backend = self.info, self.backend
+        try:
+            return (yield from self._decode_steps(state, max_new_tokens, sampling, ignore_eos))
+        finally:  # done, failed or abandoned: the cache is of no further use (device memory on a GPU)
+            close = getattr(state.cache, "close", None)
+            if close is not None:
+                close()
+
+    def _decode_steps(self, state: Prefill, max_new_tokens, sampling, ignore_eos):
+        info, backend, cache = self.info, self.backend, state.cache
         tiled, ids, weights, logits, timings = state.tiled, state.ids, state.gswa_weights, state.logits, state.timings
         t_start = state.t_start
 
@@ -254,7 +278,7 @@ class Pipeline:
             pos = len(ids) + len(generated) - 1
             step_embeds = backend.run("embed", {"input_ids": np.asarray([[token]], np.int64),
                                                 "image_embeds": dummy_rows})["inputs_embeds"]
-            logits = backend.step(step_embeds, one_mask, one_bias, np.asarray([[pos]], np.int64))
+            logits = backend.step(cache, step_embeds, one_mask, one_bias, np.asarray([[pos]], np.int64))
         yield stream.flush()
         timings.decode_s = time.perf_counter() - t_first
         if len(generated) > 1 and timings.decode_s > 0:

@@ -84,15 +84,15 @@ def test_decode_steps_write_the_kv_cache_in_place(pipelines):
     backend, rng = pipe.backend, np.random.default_rng(0)
     D = pipe.info.hidden_size
 
+    cache = backend.new_cache(1)
+
     def step(S, P):
-        return backend.step(rng.standard_normal((1, S, D)).astype(np.float32), np.ones((1, S), np.int64),
+        return backend.step(cache, rng.standard_normal((1, S, D)).astype(np.float32), np.ones((1, S), np.int64),
                             np.zeros((1, S), np.float32), np.arange(P, P + S, dtype=np.int64)[None])
 
-    backend.reset(1)
     P = 40
     step(P, 0)
-    cache = backend._cache
-    assert cache.length == backend.past_length == P and cache.capacity == KV_CHUNK
+    assert cache.length == P and cache.capacity == KV_CHUNK
     buffers = dict(cache.slots)
     for i in range(KV_CHUNK - P):
         step(1, P + i)
@@ -105,13 +105,26 @@ def test_decode_steps_write_the_kv_cache_in_place(pipelines):
         assert cache.slots[n] is not old and np.array_equal(cache.slots[n][:, :, :KV_CHUNK], old[:, :, :KV_CHUNK])
 
 
-def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines):
+def _record_caches(backend, monkeypatch, make=None) -> list:
+    """Every cache the backend makes from now on (made by `make(batch)` where given)."""
+    made, make = [], make or backend.new_cache
+
+    def new_cache(batch=1):
+        made.append(make(batch))
+        return made[-1]
+
+    monkeypatch.setattr(backend, "new_cache", new_cache)
+    return made
+
+
+def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines, monkeypatch):
     ref_pipe, ort_pipe = pipelines
+    caches = _record_caches(ort_pipe.backend, monkeypatch)
     prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
     n = KV_CHUNK - prompt_tokens + 8  # the slots grow from one chunk to two while decoding
     ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
     got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
-    assert ort_pipe.backend._cache.capacity == 2 * KV_CHUNK
+    assert len(caches) == 1 and caches[0].capacity == 2 * KV_CHUNK
     assert got.token_ids == ref.token_ids
 
 
@@ -202,10 +215,14 @@ def test_generate_from_a_prefill_equals_generate(pipelines):
     want = pipe.generate(EXAMPLES / "coffee.jpg", "hi", max_new_tokens=8, ignore_eos=True).result.token_ids
     state = pipe.prefill(EXAMPLES / "coffee.jpg", "hi", max_new_tokens=8)
     assert pipe.generate_from(state, max_new_tokens=8, ignore_eos=True).result.token_ids == want
+    # a state carries its own cache: another prefill in between changes nothing, continuing it twice is refused
+    want = pipe.generate(None, "hi", max_new_tokens=6, ignore_eos=True).result.token_ids
     state = pipe.prefill(None, "hi")
-    pipe.prefill(None, "a longer prompt than the first one")
-    with pytest.raises(SleighError, match="no longer holds"):
+    other = pipe.prefill(None, "a longer prompt than the first one")
+    assert pipe.generate_from(state, max_new_tokens=6, ignore_eos=True).result.token_ids == want
+    with pytest.raises(SleighError, match="already continued"):
         pipe.generate_from(state, max_new_tokens=2)
+    assert other.cache.length == len(other.ids)
 
 
 class HostCopier:
@@ -233,11 +250,67 @@ def test_device_slot_path_equals_torch_across_a_growth(pipelines, monkeypatch):
     ref_pipe, ort_pipe = pipelines
     backend = ort_pipe.backend
     args = (backend._past_names, backend.num_kv_heads, backend.head_dim, backend._kv_dtype)
-    monkeypatch.setattr(backend, "reset", lambda batch=1: setattr(
-        backend, "_cache", _DeviceSlots(ort, HostCopier(), args[0], batch, *args[1:], device="cpu")))
+    caches = _record_caches(backend, monkeypatch,
+                            lambda batch: _DeviceSlots(ort, HostCopier(), args[0], batch, *args[1:], device="cpu"))
     prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
     n = KV_CHUNK - prompt_tokens + 8
     got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
     ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
-    assert isinstance(backend._cache, _DeviceSlots) and backend._cache.host.capacity == 2 * KV_CHUNK
+    assert len(caches) == 1 and isinstance(caches[0], _DeviceSlots) and caches[0].host.capacity == 2 * KV_CHUNK
     assert got.token_ids == ref.token_ids
+
+    # two generations on the device path, advanced alternately: each keeps its own slots
+    prompts = ("Tell me a story.", "What is in the cup?")
+    want = [ref_pipe.generate(EXAMPLES / "coffee.jpg", p, max_new_tokens=10, ignore_eos=True).result.token_ids
+            for p in prompts]
+    gens = [ort_pipe.generate(EXAMPLES / "coffee.jpg", p, max_new_tokens=10, ignore_eos=True) for p in prompts]
+    _advance_alternately(gens)
+    assert [g.result.token_ids for g in gens] == want
+
+
+def _advance_alternately(gens: list) -> int:
+    """One piece of each generation in turn until all are done; returns how many turns interleaved."""
+    live, turns = [iter(g) for g in gens], 0
+    while live:
+        for it in list(live):
+            if next(it, None) is None:
+                live.remove(it)
+            elif len(live) > 1:
+                turns += 1
+    return turns
+
+
+# Different images and prompts, so that a generation that read another's cache would say something else.
+REQUESTS = [(EXAMPLES / "coffee.jpg", "What is in the cup?"), (None, "Tell me a story."),
+            (EXAMPLES / "chelsea.jpg", "Describe the image."), (None, "hello")]
+
+
+@pytest.mark.parametrize("which", ["torch", "onnxruntime"])
+def test_generations_advanced_alternately_each_get_their_own_tokens(pipelines, which):
+    pipe = pipelines[0] if which == "torch" else pipelines[1]
+    want = [pipe.generate(image, prompt, max_new_tokens=10, ignore_eos=True).result.token_ids for image, prompt in REQUESTS]
+    assert len({tuple(w) for w in want}) == len(want)  # the requests really differ
+    gens = [pipe.generate(image, prompt, max_new_tokens=10, ignore_eos=True) for image, prompt in REQUESTS]
+    assert _advance_alternately(gens) >= 10
+    assert [g.result.token_ids for g in gens] == want
+    # and prefill states: both made first, then continued one after the other
+    states = [pipe.prefill(image, prompt, max_new_tokens=10) for image, prompt in REQUESTS[:2]]
+    assert [pipe.generate_from(s, max_new_tokens=10, ignore_eos=True).result.token_ids for s in states] == want[:2]
+
+
+def test_one_pipeline_in_four_threads_equals_serial_greedy(pipelines):
+    """4 threads x 3 greedy generations each on one shared Pipeline: every result equals the serial one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, pipe = pipelines
+    jobs = [REQUESTS[(t + i) % len(REQUESTS)] for t in range(4) for i in range(3)]
+    serial = {r: pipe.generate(*r, max_new_tokens=12, ignore_eos=True).result.token_ids for r in REQUESTS}
+
+    def worker(t: int) -> list:
+        return [(r, pipe.generate(*r, max_new_tokens=12, ignore_eos=True).result.token_ids) for r in jobs[3 * t:3 * t + 3]]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = [x for chunk in pool.map(worker, range(4)) for x in chunk]
+    assert len(results) == 12
+    wrong = [r for r, tokens in results if tokens != serial[r]]
+    assert not wrong, f"{len(wrong)} of 12 differ from the serial output"

@@ -322,18 +322,14 @@ class _ForceStop(Backend):
     def run(self, module, feeds):
         return self.inner.run(module, feeds)
 
-    def reset(self, batch=1):
-        self.inner.reset(batch)
+    def new_cache(self, batch=1):
+        return self.inner.new_cache(batch)
 
-    def step(self, *args):
-        logits = self.inner.step(*args).copy()
-        if self.inner.past_length > self.prompt_len + 1:
+    def step(self, cache, *args):
+        logits = self.inner.step(cache, *args).copy()
+        if cache.length > self.prompt_len + 1:
             logits[:, self.stop] = 1e9
         return logits
-
-    @property
-    def past_length(self):
-        return self.inner.past_length
 
 
 def test_stop_token_ends_generation(init_pipe):

@@ -1,17 +1,32 @@
 """The one small interface every backend implements (Polygraphy-style runners).
 
 `run(module, feeds)` runs `vision` or `embed` on a dict of named arrays and returns a dict of
-named arrays. The decoder is stateful: the backend owns the KV cache, `reset()` empties it and
-`step()` feeds new positions, adds them to the cache and returns the logits of the last one. The
-cache keeps each position's attention mask and bias with its keys and values, so a step is given
-the mask and bias of its new positions only.
+named arrays. The decoder's KV cache belongs to the caller, not to the backend: `new_cache(batch)`
+makes an empty one for one sequence (one per generation, as onnxruntime-genai keeps one Generator
+per request over a shared Model), and `step(cache, ...)` feeds new positions, adds them to that
+cache and returns the logits of the last one. The cache keeps each position's attention mask and
+bias with its keys and values, so a step is given the mask and bias of its new positions only.
+
+A backend is shared by every generation of a Pipeline, from any thread: `run` and `step` may be
+called concurrently on different caches. A backend whose execution is not thread-safe (TensorRT's
+execution contexts and scratch buffers, the CUDA stream that writes cache slots) serialises its
+calls inside with a lock. One cache is used by one caller at a time.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Protocol
 
 import numpy as np
+
+
+class KVCache(Protocol):
+    """What the pipeline reads of a backend's cache; `close()`, where a cache has one, frees it early."""
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
 
 
 class Backend(ABC):
@@ -23,19 +38,15 @@ class Backend(ABC):
         """Run `vision` or `embed` by name."""
 
     @abstractmethod
-    def reset(self, batch: int = 1) -> None:
-        """Start a new sequence: empty KV cache."""
+    def new_cache(self, batch: int = 1) -> KVCache:
+        """An empty KV cache for one sequence of `batch` rows, for `step`."""
 
     @abstractmethod
-    def step(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
+    def step(self, cache: KVCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
-        """Decoder on S new positions: inputs_embeds (B, S, D), attention_mask (B, S) int64 and
-        attention_bias (B, S) float32 of the new positions, position_ids (B, S) -> last logits (B, V) float32."""
-
-    @property
-    @abstractmethod
-    def past_length(self) -> int:
-        """Positions held in the KV cache."""
+        """Decoder on S new positions after those in `cache`: inputs_embeds (B, S, D), attention_mask (B, S)
+        int64 and attention_bias (B, S) float32 of the new positions, position_ids (B, S) -> last logits
+        (B, V) float32. The new positions' keys and values are added to `cache`."""
 
     def describe(self) -> str:
         return self.name

@@ -10,10 +10,14 @@ and values, which are written into the next free slots in place (runtime/kv_cach
   device and one cudaMemcpy2DAsync per tensor writes them into the slots (cuda-python, or the CUDA
   runtime that onnxruntime-gpu loaded, through ctypes). Only the logits come back to the host.
   UNVERIFIED: this path has not run on a GPU yet (scripts/gpu_check.sh is the prepared check).
+
+Each generation owns its cache (`new_cache`); the sessions are shared, and ONNX Runtime's `run` is
+thread-safe. The one CUDA stream that writes slots is shared too, so its copies are serialised by a lock.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +83,8 @@ class OnnxRuntimeBackend(Backend):
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
                               f"slots {np.dtype(self._kv_dtype)}", "one float dtype for the KV cache in and out")
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
-        self._cuda = None  # the CUDA helper (one stream), made on the first reset on the CUDA provider
-        self._cache: SlotCache | _DeviceSlots | None = None
+        self._cuda = None  # the CUDA helper (one stream), made for the first cache on the CUDA provider
+        self._cuda_lock = threading.Lock()  # the copier's stream is shared by every generation's cache
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
@@ -106,17 +110,17 @@ class OnnxRuntimeBackend(Backend):
         outs = sess.run(None, feeds)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
-    def reset(self, batch=1):
+    def new_cache(self, batch=1) -> SlotCache | _DeviceSlots:
         args = (self._past_names, batch, self.num_kv_heads, self.head_dim, self._kv_dtype)
         if self.device == "cpu":
-            self._cache = SlotCache(*args)
-            return
-        if self._cuda is None:
-            self._cuda = _device_copier()
-        self._cache = _DeviceSlots(self.ort, self._cuda, *args)
+            return SlotCache(*args)
+        with self._cuda_lock:
+            if self._cuda is None:
+                self._cuda = _device_copier()
+        return _DeviceSlots(self.ort, self._cuda, *args)
 
-    def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
-        sess, cache = self.sessions["decoder"], self._cache
+    def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
+        sess = self.sessions["decoder"]
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
         if isinstance(cache, SlotCache):
             feeds.update(cache.feeds(attention_mask, attention_bias))
@@ -135,12 +139,9 @@ class OnnxRuntimeBackend(Backend):
         sess.run_with_iobinding(binding)
         binding.synchronize_outputs()  # the slot copies run on another stream
         logits, *new = binding.get_outputs()
-        cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
+        with self._cuda_lock:
+            cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
         return logits.numpy()[:, -1].astype(np.float32)
-
-    @property
-    def past_length(self):
-        return 0 if self._cache is None else self._cache.length
 
     def describe(self):
         return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"

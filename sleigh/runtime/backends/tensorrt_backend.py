@@ -6,13 +6,17 @@ and each module runs through the TensorRT 10 tensor API (`set_input_shape`, `set
 is opened, so `sleigh --help` and the ONNX Runtime path never need them.
 
 The decoder reads C cache slots and returns only the new positions' keys and values (package schema
-2, runtime/kv_cache.py). The backend keeps the slots on the device, (B, KV, C, hd) per KV tensor,
-and writes each step's new keys/values into slots P..P+S-1 with one pitched device-to-device copy
-per tensor: a decode step copies one position per layer, never the cache. C grows in chunks of
-KV_CHUNK slots; each growth re-lays the used slots into the second of two buffers sized for the
-engine's whole context (once per chunk). Nothing is copied back to the host but the last position's
-logits. The decoder engine has two optimisation profiles (prefill: no slots; decode: one new token),
-chosen per step with `set_optimization_profile_async` on one execution context.
+2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a `TensorRTCache`): device
+slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at slots
+P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position per
+layer, never the cache. C grows in chunks of KV_CHUNK slots; a growth allocates the larger buffers and
+re-lays the used slots into them (once per chunk). Nothing is copied back to the host but the last
+position's logits. The decoder engine has two optimisation profiles (prefill: no slots; decode: one
+new token), chosen per step with `set_optimization_profile_async` on one execution context.
+
+The execution contexts, the scratch buffers and the stream are shared by every generation and are
+not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
+call (each keeps its own cache, so their tokens stay their own).
 
 UNVERIFIED: TensorRT cannot be installed on the machines this was written on (no GPU; the package
 index carries only a stub). The pure helpers here (profile selection, compatibility checks, error
@@ -22,6 +26,7 @@ bindings and cuda-python's runtime API, and have never been executed.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -259,7 +264,7 @@ class TensorRTBackend(Backend):
         self.label = label
         self.cuda = Cuda(import_cudart(), device)
         self.scratch = _Scratch(self.cuda)
-        self._kv: dict = {}
+        self._lock = threading.RLock()  # one execution context per engine, one stream, shared scratch
         self.engines: dict = {}
         self._closed = False  # from here on close() frees what exists, also after a failed start
         try:
@@ -372,12 +377,13 @@ class TensorRTBackend(Backend):
 
     def run(self, module, feeds):
         eng = self.engines[module]
-        bound = self._enqueue(eng, feeds, {}, {})
-        out = {}
-        for name, (ptr, shape) in bound.items():
-            out[name] = np.empty(shape, eng.dtypes[name])
-            self.cuda.download(out[name], ptr)
-        self.cuda.sync()  # the host arrays are filled (and the uploaded inputs read) after this
+        with self._lock:
+            bound = self._enqueue(eng, feeds, {}, {})
+            out = {}
+            for name, (ptr, shape) in bound.items():
+                out[name] = np.empty(shape, eng.dtypes[name])
+                self.cuda.download(out[name], ptr)
+            self.cuda.sync()  # the host arrays are filled (and the uploaded inputs read) after this
         return out
 
     # -- decoder with the slot KV cache ------------------------------------------------------------
@@ -393,26 +399,17 @@ class TensorRTBackend(Backend):
         _, self.num_kv_heads, _, self.head_dim = eng.static[first]
         self.max_batch = max(p["inputs_embeds"][2][0] for p in eng.profiles)
         self.max_context = max(p["inputs_embeds"][2][1] for p in eng.profiles)  # the prefill's longest sequence
-        self.max_slots = max(p[first][2][2] for p in eng.profiles)
         self.kv_dtype = eng.dtypes[first]
         if any(eng.dtypes[n] != self.kv_dtype for n in self.new_names.values()):
             raise SleighError(str(eng.path), f"its new keys/values and its cache slots ({self.kv_dtype}) differ in dtype",
                               "one float dtype for the KV cache in and out (rebuild with `sleigh build-engine`)")
-        self._row = self.head_dim * self.kv_dtype.itemsize  # bytes per cached position per KV head
-        self._kv_bytes = self.max_batch * self.num_kv_heads * self.max_slots * self._row
-        self._kv = {n: (self.cuda.malloc(self._kv_bytes), self.cuda.malloc(self._kv_bytes)) for n in self.kv_names}
-        for a, b in self._kv.values():  # unused slots are masked but must be finite (0 * NaN is NaN)
-            self.cuda.zero(a, self._kv_bytes)
-            self.cuda.zero(b, self._kv_bytes)
-        self._cur = 0  # which of the two buffers holds the slots
-        self.reset(1)
 
-    def reset(self, batch=1):
+    def new_cache(self, batch=1) -> TensorRTCache:
         if not 1 <= batch <= self.max_batch:
             raise SleighError("batch", f"{batch} is outside the decoder engine's profile",
                               f"1..{self.max_batch} (rebuild with a larger --max-batch)")
-        self._batch = batch
-        self._host = SlotCache([], batch, self.num_kv_heads, self.head_dim, self.kv_dtype, KV_CHUNK)  # mask, bias, length
+        with self._lock:
+            return TensorRTCache(self.cuda, self.kv_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype)
 
     def _decoder_shapes(self, B: int, S: int, C: int, D: int) -> dict[str, Shape]:
         shapes = {"inputs_embeds": (B, S, D), "attention_mask": (B, C + S), "attention_bias": (B, C + S),
@@ -420,11 +417,11 @@ class TensorRTBackend(Backend):
         shapes.update({n: (B, self.num_kv_heads, C, self.head_dim) for n in self.kv_names})
         return shapes
 
-    def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
+    def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
         B, S, D = inputs_embeds.shape
-        P, C = self._host.length, self._host.capacity
-        if B != self._batch:
-            raise SleighError("step", f"batch {B} differs from reset({self._batch})", "the batch given to reset()")
+        P, C = cache.length, cache.capacity
+        if B != cache.batch:
+            raise SleighError("step", f"batch {B} differs from the cache's ({cache.batch})", "the batch given to new_cache()")
         if attention_mask.shape != (B, S) or attention_bias.shape != (B, S):
             raise SleighError("step", f"attention_mask {attention_mask.shape} / attention_bias {attention_bias.shape} "
                               f"do not cover the {S} new positions", f"shape ({B}, {S})")
@@ -437,47 +434,32 @@ class TensorRTBackend(Backend):
             # sequence > 1, so feed them one at a time; causal attention makes that the same computation.
             logits = None
             for i in range(S):
-                logits = self._step(inputs_embeds[:, i:i + 1], attention_mask[:, i:i + 1],
+                logits = self._step(cache, inputs_embeds[:, i:i + 1], attention_mask[:, i:i + 1],
                                     attention_bias[:, i:i + 1], position_ids[:, i:i + 1])
             return logits
-        return self._step(inputs_embeds, attention_mask, attention_bias, position_ids)
+        return self._step(cache, inputs_embeds, attention_mask, attention_bias, position_ids)
 
-    def _step(self, inputs_embeds, attention_mask, attention_bias, position_ids) -> np.ndarray:
-        eng, host_cache = self.engines["decoder"], self._host
+    def _step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids) -> np.ndarray:
+        eng = self.engines["decoder"]
         B, S, _ = inputs_embeds.shape
-        P, C = host_cache.length, host_cache.capacity
-        device = {n: (self._kv[n][self._cur], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
-        host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids, **host_cache.feeds(attention_mask, attention_bias)}
-        bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
-        ptr, shape = bound["logits"]  # (B, S, V): copy back only each row's last position
-        V, dtype = shape[2], eng.dtypes["logits"]
-        last = np.empty((B, V), dtype)
-        for b in range(B):
-            offset = ((b * S) + S - 1) * V * dtype.itemsize
-            self.cuda.download(last[b], ptr + offset)
-        for new in self.new_names.values():
-            if bound[new][1] != (B, self.num_kv_heads, S, self.head_dim):
-                raise SleighError("tensorrt decoder", f"{new} has shape {bound[new][1]}",
-                                  f"({B}, {self.num_kv_heads}, {S}, {self.head_dim}): the new positions only")
-        self._write_slots(bound, B, S, P, C)
-        self.cuda.sync()
-        host_cache.append({}, attention_mask, attention_bias)
+        with self._lock:
+            P, C = cache.length, cache.capacity
+            device = {n: (cache.slots[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
+            host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
+                    **cache.host.feeds(attention_mask, attention_bias)}
+            bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
+            ptr, shape = bound["logits"]  # (B, S, V): copy back only each row's last position
+            V, dtype = shape[2], eng.dtypes["logits"]
+            last = np.empty((B, V), dtype)
+            for b in range(B):
+                offset = ((b * S) + S - 1) * V * dtype.itemsize
+                self.cuda.download(last[b], ptr + offset)
+            for new in self.new_names.values():
+                if bound[new][1] != (B, self.num_kv_heads, S, self.head_dim):
+                    raise SleighError("tensorrt decoder", f"{new} has shape {bound[new][1]}",
+                                      f"({B}, {self.num_kv_heads}, {S}, {self.head_dim}): the new positions only")
+            cache.write({name: bound[new][0] for name, new in self.new_names.items()}, attention_mask, attention_bias)
         return last.astype(np.float32, copy=False)
-
-    def _write_slots(self, bound: dict, B: int, S: int, P: int, C: int) -> None:
-        """New keys/values into slots P..P+S-1, growing C first (on the stream, after the step)."""
-        rows, row = B * self.num_kv_heads, self._row
-        if P + S > C:
-            grown = grown_capacity(P + S, KV_CHUNK)
-            for pair in self._kv.values():  # re-lay the used slots for the larger C in the other buffer
-                self.cuda.copy_rows(pair[1 - self._cur], grown * row, pair[self._cur], C * row, P * row, rows)
-            self._cur, C = 1 - self._cur, grown
-        for name, new in self.new_names.items():
-            self.cuda.copy_rows(self._kv[name][self._cur] + P * row, C * row, bound[new][0], S * row, S * row, rows)
-
-    @property
-    def past_length(self):
-        return self._host.length
 
     def describe(self):
         return f"tensorrt {self.label} ({self.device_name}, TensorRT {self.trt.__version__})"
@@ -488,12 +470,65 @@ class TensorRTBackend(Backend):
             return
         self._closed = True
         self.cuda.sync()
-        for a, b in self._kv.values():
-            self.cuda.free(a)
-            self.cuda.free(b)
         self.scratch.close()
         self.engines.clear()
         self.cuda.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: cuda-python may already be gone
+            pass
+
+
+class TensorRTCache:
+    """One generation's KV cache on the device: slots (B, KV, C, hd) per KV tensor, zeroed when allocated
+    (unused slots are masked but must be finite: 0 * NaN is NaN), and a host SlotCache for the mask,
+    bias, length and capacity. Written by `TensorRTBackend._step` under the backend's lock."""
+
+    def __init__(self, cuda: Cuda, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype):
+        self.cuda, self.batch = cuda, batch
+        self.host = SlotCache([], batch, kv_heads, head_dim, dtype, KV_CHUNK)
+        self._rows, self._row = batch * kv_heads, head_dim * np.dtype(dtype).itemsize  # rows of a slot, bytes per row
+        self.slots = {n: self._alloc(0) for n in names}  # 0 slots: a small real buffer (TensorRT wants an address)
+
+    @property
+    def length(self) -> int:
+        return self.host.length
+
+    @property
+    def capacity(self) -> int:
+        return self.host.capacity
+
+    def _alloc(self, capacity: int) -> int:
+        nbytes = self._rows * capacity * self._row
+        ptr = self.cuda.malloc(nbytes)
+        self.cuda.zero(ptr, nbytes)
+        return ptr
+
+    def write(self, new: dict[str, int], new_mask: np.ndarray, new_bias: np.ndarray) -> None:
+        """New keys/values (device pointers, (B, KV, S, hd) by past_key_values name) into slots P..P+S-1,
+        after the step on the same stream; the slots grow first where they must."""
+        S, P, C, row = new_mask.shape[1], self.length, self.capacity, self._row
+        old = {}
+        if P + S > C:
+            grown = grown_capacity(P + S, KV_CHUNK)
+            for name, ptr in self.slots.items():  # re-lay the used slots for the larger C
+                old[name], self.slots[name] = ptr, self._alloc(grown)
+                self.cuda.copy_rows(self.slots[name], grown * row, ptr, C * row, P * row, self._rows)
+            C = grown
+        for name, ptr in new.items():
+            self.cuda.copy_rows(self.slots[name] + P * row, C * row, ptr, S * row, S * row, self._rows)
+        self.cuda.sync()  # the copies have read the old slots and the scratch outputs
+        for ptr in old.values():
+            self.cuda.free(ptr)
+        self.host.append({}, new_mask, new_bias)
+
+    def close(self) -> None:
+        """Free the device slots (also on garbage collection)."""
+        slots, self.slots = self.slots, {}
+        for ptr in slots.values():
+            self.cuda.free(ptr)
 
     def __del__(self):
         try:

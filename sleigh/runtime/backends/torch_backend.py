@@ -1,7 +1,11 @@
-"""The PyTorch reference as a backend (a checkpoint folder runs here). torch is imported lazily."""
+"""The PyTorch reference as a backend (a checkpoint folder runs here). torch is imported lazily.
+
+The model is only read (inference mode, no module state changes in forward), so generations in
+several threads share it; each one's cache is its own `TorchCache`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from sleigh.runtime.backends.base import Backend
@@ -17,8 +21,6 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         self.torch = torch
         self.model = model.eval()
-        self._cache = None
-        self._mask = self._bias = None  # (B, P) of the cached positions
 
     @classmethod
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> TorchBackend:
@@ -38,25 +40,33 @@ class TorchBackend(Backend):
                 return {"inputs_embeds": emb.numpy()}
         raise KeyError(module)
 
-    def reset(self, batch=1):
+    def new_cache(self, batch=1) -> TorchCache:
         torch = self.torch
-        self._cache = self.model.llm.empty_cache(batch)
-        self._mask, self._bias = torch.zeros(batch, 0, dtype=torch.int64), torch.zeros(batch, 0)
+        return TorchCache(self.model.llm.empty_cache(batch), torch.zeros(batch, 0, dtype=torch.int64),
+                          torch.zeros(batch, 0))
 
-    def step(self, inputs_embeds, attention_mask, attention_bias, position_ids):
+    def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
         """The reference keeps a plain growing cache (every slot in use)."""
         from sleigh.sleighvl.llm import extend_cache
 
         torch = self.torch
         with torch.inference_mode():
-            mask = torch.cat([self._mask, torch.from_numpy(attention_mask)], dim=1)
-            bias = torch.cat([self._bias, torch.from_numpy(attention_bias)], dim=1)
+            mask = torch.cat([cache.mask, torch.from_numpy(attention_mask)], dim=1)
+            bias = torch.cat([cache.bias, torch.from_numpy(attention_bias)], dim=1)
             logits, new = self.model.llm(torch.from_numpy(inputs_embeds), mask, bias, torch.from_numpy(position_ids),
-                                         self._cache)
-            self._cache, self._mask, self._bias = extend_cache(self._cache, new), mask, bias
+                                         cache.kv)
+            cache.kv, cache.mask, cache.bias = extend_cache(cache.kv, new), mask, bias
         return logits[:, -1].float().numpy()
 
-    @property
-    def past_length(self):
-        return 0 if self._cache is None else int(self._cache[0][0].shape[2])
 
+@dataclass
+class TorchCache:
+    """One sequence's cache on the reference: (key, value) per layer and the mask and bias of each position."""
+
+    kv: list
+    mask: object  # (B, P) int64 tensor
+    bias: object  # (B, P) float32 tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
