@@ -33,6 +33,7 @@ from sleigh.progress import progress
 from sleigh.runtime.backends.onnxruntime_backend import session_options
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
 from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
+from sleigh.staging import check_apart
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
@@ -159,6 +160,7 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
     _check_args(method, num_images, max_tiles, min_images)
     t0 = time.perf_counter()
     pkg = Path(pkg)
+    check_apart(pkg / CALIBRATION_DIR, {"--images": images})  # the calibration files are written there
     manifest = read_manifest(pkg)
     vision = module_path(pkg, manifest, "vision")
     try:

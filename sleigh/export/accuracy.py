@@ -121,16 +121,21 @@ def gate_images(images: Path | None, exclude: set[str]) -> list[Path]:
     return shipped_variants()
 
 
+GATE_FOLDER = "sleigh-gate"  # the gate's images are written to a staging folder of this name in the temp folder
+
+
 def shipped_variants() -> list[Path]:
     import tempfile
 
     from PIL import Image, ImageOps
 
+    from sleigh import staging
     from sleigh.runtime.package import shipped_photo
 
     src = Image.open(shipped_photo()).convert("RGB")
     w, h = src.size
-    folder = Path(tempfile.mkdtemp(prefix="sleigh-gate-"))
+    staging.clean_stale(Path(tempfile.gettempdir()), GATE_FOLDER)  # left by killed gates
+    folder = staging.make(Path(tempfile.gettempdir()), GATE_FOLDER)
     variants = {"photo.png": src, "mirror.png": ImageOps.mirror(src), "crop.png": src.crop((w // 4, 0, w, h // 2)),
                 "tall.png": src.crop((0, 0, w // 3, h)).resize((w // 3, h * 2)), "small.png": src.resize((w // 3, h // 3))}
     paths = []

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import save_onnx
 from sleigh.progress import progress
@@ -246,10 +246,11 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     final = pkg / "engines" / name
     if name in manifest.get("engines", {}) and not opts.force:
         raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
+    staging.check_apart(final, {"--images": opts.gate_images})
     t0 = time.perf_counter()
     (pkg / "engines").mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=pkg / "engines"))
-    tmp.chmod(0o755)
+    staging.clean_stale(pkg / "engines")  # what killed builds left behind (never a running build's)
+    tmp = staging.make(pkg / "engines", name)
     try:
         with progress(f"build {name}", len(MODULE_NAMES) + 5, opts.quiet) as bar:
             files: dict[str, list[str]] = {}

@@ -1,7 +1,9 @@
 """`sleigh export`: a Sleigh checkpoint -> a model package (DESIGN.md, "The model package").
 
-Order of work, so that an interrupted or failed export never looks complete:
-modules and tokenizer into a temporary folder -> rename into place -> parity -> manifest last.
+Order of work, so that an interrupted or failed export never looks complete and never costs the
+previous package: modules and tokenizer into a staging folder beside the output (sleigh/staging.py)
+-> parity on the staged modules -> manifest last -> the staging folder swapped into place. A parity
+failure leaves the output as it was and the failed export, with parity_report.json, at OUT.parity-failed.
 """
 
 from __future__ import annotations
@@ -190,24 +192,45 @@ def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, lis
     }
 
 
+def failed_dir(out: Path) -> Path:
+    """Where an export that failed its parity check is left: beside the output, visible."""
+    return out.with_name(f"{out.name}.parity-failed")
+
+
+def _keep_failed(tmp: Path, out: Path) -> Path:
+    """Move a staging folder that failed parity to `failed_dir(out)`, replacing an earlier failed export."""
+    failed = failed_dir(out)
+    if failed.is_dir() and (failed / "parity_report.json").is_file() and not (failed / MANIFEST).exists():
+        shutil.rmtree(failed)
+    if failed.exists():  # not ours: leave it, keep the failure under a name of its own
+        failed = failed.with_name(f"{failed.name}-{tmp.name.rsplit('-', 1)[-1]}")
+    tmp.replace(failed)
+    return failed
+
+
 def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportResult:
     import torch
 
+    from sleigh import staging
     from sleigh.export.modules import MODULES
     from sleigh.export.parity import summarize, verify_package
-    from sleigh.sleighvl.checkpoint import TOKENIZER, atomic_dir, load_checkpoint
+    from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, prepare_output_dir
 
     check_options(opts)
     t0 = time.perf_counter()
     checkpoint, out = Path(checkpoint), Path(out)
+    staging.check_apart(out, {"checkpoint": checkpoint})
+    staging.clean_stale(out.resolve().parent, out.name)  # what killed exports to this output left behind
+    prepare_output_dir(out, opts.force)  # before the checkpoint is loaded: a refusal costs nothing
     model, cfg, _ = load_checkpoint(checkpoint)
     if not (checkpoint / TOKENIZER).is_file():
         raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")
     parity_image = opts.parity_image or shipped_photo()
     torch.manual_seed(0)
     written: dict[str, list[str]] = {}
-    with progress("export", len(MODULES) + (3 if opts.verify else 0), opts.quiet) as bar:
-        with atomic_dir(out, opts.force) as tmp:
+    tmp = staging.make(out.resolve().parent, out.name)
+    try:
+        with progress("export", len(MODULES) + (3 if opts.verify else 0), opts.quiet) as bar:
             for name, make_spec in MODULES.items():
                 bar.advance(0, description=f"export {name}")
                 spec = make_spec(model)
@@ -218,20 +241,25 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                                       "a checkpoint of a supported architecture") from e
                 bar.advance()
             shutil.copyfile(checkpoint / TOKENIZER, tmp / "tokenizer.json")
-        parity = None
-        results = []
-        if opts.verify:
-            bar.advance(0, description="parity")
-            results = verify_package(out, model, parity_image, progress=bar)
-            parity = {"precision": "fp32", "backend": "onnxruntime CPUExecutionProvider", "image": parity_image.name,
-                      **summarize(results)}
-            if not parity["passed"]:
-                write_json_atomic(out / "parity_report.json", parity)
-                bad = [f"{r.case}/{r.output} (needs atol {r.needed_atol:.1e} > {r.atol:.0e})" for r in results if not r.ok]
-                raise SleighError(f"export {out}", f"parity failed for {len(bad)} outputs: {', '.join(bad[:4])}",
-                                  "ONNX Runtime to match PyTorch within the fp32 table; the package is left without a "
-                                  "manifest and the full report is in parity_report.json")
-    manifest = build_manifest(out, model, opts, written, parity)
-    manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
-    write_json_atomic(out / MANIFEST, manifest)  # last: only a verified package has a manifest
+            parity = None
+            results = []
+            if opts.verify:
+                bar.advance(0, description="parity")
+                results = verify_package(tmp, model, parity_image, progress=bar)
+                parity = {"precision": "fp32", "backend": "onnxruntime CPUExecutionProvider", "image": parity_image.name,
+                          **summarize(results)}
+                if not parity["passed"]:
+                    write_json_atomic(tmp / "parity_report.json", parity)
+                    failed = _keep_failed(tmp, out)
+                    bad = [f"{r.case}/{r.output} (needs atol {r.needed_atol:.1e} > {r.atol:.0e})" for r in results if not r.ok]
+                    raise SleighError(f"export {out}", f"parity failed for {len(bad)} outputs: {', '.join(bad[:4])}",
+                                      f"ONNX Runtime to match PyTorch within the fp32 table; {out} is left as it was "
+                                      f"and the failed export, with its parity_report.json, is in {failed}")
+        manifest = build_manifest(tmp, model, opts, written, parity)
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        write_json_atomic(tmp / MANIFEST, manifest)  # last: only a verified package has a manifest
+        staging.install(tmp, out)  # the previous package, if any, goes only now
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return ExportResult(out, manifest, results, time.perf_counter() - t0)

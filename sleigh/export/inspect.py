@@ -40,9 +40,18 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "engines": {name: {k: e.get(k) for k in ("backend", "precision", "llm_weights", "files_bytes", "accuracy_passed")}
                     for name, e in manifest.get("engines", {}).items()},
     }
+    report["stale_staging"] = stale_staging(pkg)
     if verify:
         report["verify"] = {"problems": verify_files(pkg, manifest), "files": len(manifest.get("files", {}))}
     return report
+
+
+def stale_staging(pkg: Path) -> list[str]:
+    """Staging folders that killed exports of this package or builds of its engines left behind."""
+    from sleigh import staging
+
+    pkg = Path(pkg).resolve()
+    return [str(p) for p in staging.stale(pkg.parent, pkg.name) + staging.stale(pkg / "engines")]
 
 
 def _shape(s: list) -> str:
@@ -92,6 +101,9 @@ def print_report(report: dict) -> None:
         console.print(et)
     else:
         console.print("engines: none (sleigh build-engine adds them)")
+    if report.get("stale_staging"):
+        console.print(f"stale staging folders, left by killed exports or builds (the next export or build-engine "
+                      f"removes them): {', '.join(report['stale_staging'])}", markup=False)
     if "verify" in report:
         probs = report["verify"]["problems"]
         console.print(f"verify: {report['verify']['files']} files, " + ("all match the manifest" if not probs else f"{len(probs)} differ"))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,19 +127,20 @@ def prepare_output_dir(dst: Path, force: bool) -> None:
 
 @contextmanager
 def atomic_dir(dst: Path, force: bool = False):
-    """Yield a temporary folder beside `dst`; on success it replaces `dst`, on failure it is removed."""
+    """Yield a staging folder beside `dst` (sleigh/staging.py); on success it replaces `dst`, whose old
+    content stays whole until then; on failure it is removed. Stale staging folders of `dst` go first."""
+    from sleigh import staging
+
     dst = Path(dst)
+    staging.clean_stale(dst.resolve().parent, dst.name)
     prepare_output_dir(dst, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.resolve().parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    tmp = staging.make(dst.resolve().parent, dst.name)
     try:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+        staging.install(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False) -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from sleigh.errors import SleighError
-from sleigh.sleighvl.checkpoint import GenerationConfig, build_model, check_state_dict, read_safetensors, save_checkpoint
+from sleigh.sleighvl.checkpoint import (GenerationConfig, build_model, check_state_dict, prepare_output_dir, read_safetensors,
+                                        save_checkpoint)
 from sleigh.sleighvl.config import GSWAConfig, ImageConfig, LLMConfig, PromptConfig, SleighVLConfig, VisionConfig
+from sleigh.staging import check_apart
 
 _VISION_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)")
 _LLM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.(.+)")
@@ -267,6 +269,8 @@ def convert(src: Path, dst: Path, *, gswa: str = "identity", force: bool = False
     from sleigh.sleighvl.tokenizer import convert_sentencepiece
 
     src, dst = Path(src), Path(dst)
+    check_apart(dst, {"source checkpoint": src, "--gswa file": Path(gswa) if gswa not in ("identity", "none") else None})
+    prepare_output_dir(dst, force)  # before reading gigabytes of weights: a refusal costs nothing
     raw = read_internvl_config(src)
     tokenizer = convert_sentencepiece(src)
     base = sleigh_config(raw, tokenizer, gswa=None)

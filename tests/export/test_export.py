@@ -226,16 +226,19 @@ def test_a_failed_export_leaves_no_manifest(tiny_ckpt, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".pkg.tmp-*"))
 
 
-def test_a_parity_failure_leaves_the_package_unmarked(tiny_ckpt, tmp_path, monkeypatch):
+def test_a_parity_failure_writes_no_package_and_keeps_the_failed_one_aside(tiny_ckpt, tmp_path, monkeypatch):
     import sleigh.export.parity as parity
 
     monkeypatch.setitem(parity.TOLERANCES, "fp32", {"*": (0.0, 0.0)})
-    with pytest.raises(SleighError, match="parity failed"):
+    with pytest.raises(SleighError, match="parity failed.*pkg.parity-failed"):
         export_package(tiny_ckpt, tmp_path / "pkg", ExportOptions(quiet=True))
-    assert not (tmp_path / "pkg" / "manifest.json").exists()
-    assert json.loads((tmp_path / "pkg" / "parity_report.json").read_text())["passed"] is False
+    assert not (tmp_path / "pkg").exists()
+    failed = tmp_path / "pkg.parity-failed"
+    assert not (failed / "manifest.json").exists() and (failed / "decoder.onnx").is_file()
+    assert json.loads((failed / "parity_report.json").read_text())["passed"] is False
     with pytest.raises(SleighError, match="no manifest"):
-        Pipeline.load(tmp_path / "pkg")
+        Pipeline.load(failed)
+    assert not list(tmp_path.glob(".pkg.*"))
 
 
 def test_decoder_reads_the_cache_slots_without_copying_them(tiny_pkg, tmp_path):
