@@ -70,7 +70,9 @@ def make(parent: Path, name: str) -> Path:
     return tmp
 
 
-def _aside_name(dst: Path) -> Path:
+def aside_name(dst: Path) -> Path:
+    """A name beside `dst` to move it aside to while its replacement moves in (restored by `clean_stale` if
+    the owner dies before the destination is back)."""
     return dst.with_name(f".{dst.name}.old-{_owner()}-{secrets.token_hex(4)}")
 
 
@@ -96,7 +98,7 @@ def install(staging: Path, dst: Path) -> None:
     if _exchange(staging, dst):
         shutil.rmtree(staging, ignore_errors=True)  # it holds the old folder now
         return
-    aside = _aside_name(dst)
+    aside = aside_name(dst)
     os.replace(dst, aside)
     try:
         os.replace(staging, dst)

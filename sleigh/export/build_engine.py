@@ -309,9 +309,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:
     """Move the gated folder into place and list it in the manifest (last). An older engine of the
     same name is moved aside first and put back if anything fails before the manifest is written."""
-    old = final.with_name(f".{name}.old") if final.exists() else None
+    old = staging.aside_name(final) if final.exists() else None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
         final.replace(old)
     try:
         tmp.replace(final)

@@ -4,6 +4,7 @@ module imports nothing heavy. Running engines is unverified on these machines (n
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import subprocess
 import sys
@@ -137,3 +138,62 @@ def test_import_is_light():
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class HostCuda:
+    """runtime/backends/cuda.Cuda's malloc/free/zero/copy_rows/sync on host memory: runs the TensorRT
+    cache's device bookkeeping (allocation, pitches, growth) on the CPU, where it can be checked."""
+
+    def __init__(self):
+        self.buffers: dict[int, ctypes.Array] = {}
+
+    def malloc(self, nbytes):
+        buf = ctypes.create_string_buffer(max(int(nbytes), 256))
+        self.buffers[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def free(self, ptr):
+        del self.buffers[ptr]
+
+    def zero(self, ptr, nbytes):
+        ctypes.memset(ptr, 0, nbytes)
+
+    def copy_rows(self, dst, dst_pitch, src, src_pitch, width, rows):
+        for r in range(rows):
+            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
+
+    def sync(self):
+        pass
+
+
+def test_each_cache_keeps_its_own_device_slots_across_a_growth():
+    """Two TensorRT caches written alternately (host stand-in for the device): each holds exactly its
+    own keys in slots 0..P-1 after growing past a chunk, zeros after, and frees what it allocated."""
+    import numpy as np
+
+    from sleigh.runtime.backends.tensorrt_backend import TensorRTCache
+    from sleigh.runtime.kv_cache import KV_CHUNK, PAST
+
+    cuda, B, KVH, hd = HostCuda(), 2, KV, HD
+    names = [f"{PAST}.0.key", f"{PAST}.0.value"]
+    caches = [TensorRTCache(cuda, names, B, KVH, hd, np.float16) for _ in range(2)]
+    rng = np.random.default_rng(0)
+    written = [{n: [] for n in names} for _ in caches]
+    for S in (KV_CHUNK - 3, 1, 1, 1, 1, 2):  # the prefill, then steps across the first growth
+        for cache, mine in zip(caches, written):
+            new = {n: rng.standard_normal((B, KVH, S, hd)).astype(np.float16) for n in names}
+            cache.write({n: new[n].ctypes.data for n in names}, np.ones((B, S), np.int64), np.zeros((B, S), np.float32))
+            for n in names:
+                mine[n].append(new[n])
+    for cache, mine in zip(caches, written):
+        P, C = cache.length, cache.capacity
+        assert (P, C) == (KV_CHUNK + 3, 2 * KV_CHUNK)
+        for n in names:
+            slots = np.ctypeslib.as_array((ctypes.c_uint16 * (B * KVH * C * hd)).from_address(cache.slots[n]))
+            slots = slots.view(np.float16).reshape(B, KVH, C, hd)
+            np.testing.assert_array_equal(slots[:, :, :P], np.concatenate(mine[n], axis=2))
+            assert not slots[:, :, P:].any()
+    assert len(cuda.buffers) == 2 * len(names)  # the pre-growth buffers are freed
+    for cache in caches:
+        cache.close()
+    assert not cuda.buffers
