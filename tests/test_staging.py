@@ -147,3 +147,23 @@ def test_check_apart(tmp_path):
     staging.check_apart(src, {"--images": None})
     with pytest.raises(SleighError, match="is inside the checkpoint"):  # the link named as the input
         staging.check_apart(src / "pkg", {"checkpoint": link})
+
+
+def test_atomic_dir_keeps_the_old_folder_on_failure_and_replaces_through_a_link(tmp_path):
+    """save_checkpoint's folder swap (init --force, convert --force) on the staging helpers."""
+    from sleigh.sleighvl.checkpoint import atomic_dir
+
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "old.txt").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(real, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise KeyboardInterrupt
+    assert [p.name for p in real.iterdir()] == ["old.txt"]
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with atomic_dir(link, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and [p.name for p in real.iterdir()] == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

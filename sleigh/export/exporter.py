@@ -258,7 +258,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
         manifest = build_manifest(tmp, model, opts, written, parity)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(tmp / MANIFEST, manifest)  # last: only a verified package has a manifest
-        staging.install(tmp, out)  # the previous package, if any, goes only now
+        staging.install(tmp, out.resolve())  # the previous package, if any, goes only now (a link to it stays)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

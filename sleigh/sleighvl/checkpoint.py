@@ -137,7 +137,7 @@ def atomic_dir(dst: Path, force: bool = False):
     tmp = staging.make(dst.resolve().parent, dst.name)
     try:
         yield tmp
-        staging.install(tmp, dst)
+        staging.install(tmp, dst.resolve())
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
