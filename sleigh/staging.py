@@ -179,4 +179,5 @@ def check_apart(output: Path, inputs: dict[str, Path | None]) -> None:
             problem = f"contains the {label} {path}"
         else:
             continue
-        raise SleighError(str(output), problem, f"an output folder apart from the {label} (neither it, inside it, nor around it)")
+        raise SleighError(str(output), problem,
+                          f"an output folder apart from the {label} (neither it, inside it, nor around it)")

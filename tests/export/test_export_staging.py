@@ -219,7 +219,8 @@ def test_convert_refuses_an_output_that_overlaps_its_inputs(tmp_path):
     gswa = tmp_path / "gswa" / "gswa.safetensors"
     gswa.parent.mkdir()
     gswa.write_bytes(b"weights")
-    cases = [((src, src, "--force"), "is the source checkpoint itself"), ((src, src / "out"), "is inside the source checkpoint"),
+    cases = [((src, src, "--force"), "is the source checkpoint itself"),
+             ((src, src / "out"), "is inside the source checkpoint"),
              ((src, tmp_path, "--force"), "contains the source checkpoint"),
              ((src, gswa.parent, "--gswa", gswa, "--force"), "contains the --gswa file"),
              ((src, gswa, "--gswa", gswa, "--force"), "is the --gswa file itself")]
