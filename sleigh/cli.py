@@ -175,9 +175,9 @@ def run(
     if as_json:
         typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
         return
-    shown = _escape_controls if sys.stdout.isatty() else str
+    shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
     if no_stream:
-        typer.echo(shown(gen.result.text))
+        sys.stdout.write(shown(gen.result.text) + "\n")  # not typer.echo: it strips ANSI codes off a pipe
     else:
         for piece in gen:
             sys.stdout.write(shown(piece))
@@ -409,6 +409,10 @@ def _as_flags(*params: str):
         if e.what not in params:
             raise
         raise SleighError("--" + e.what.replace("_", "-"), e.problem, e.expected) from None
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _escape_controls(text: str) -> str:

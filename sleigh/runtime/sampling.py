@@ -30,7 +30,7 @@ class SamplingOptions:
         _number("top_p", self.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
         _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "a finite number > 0 (1 = off)")
         if self.seed is not None:
-            _number("seed", self.seed, lambda v: v >= 0, "an integer >= 0, or None for a random seed", integer=True)
+            _number("seed", self.seed, lambda v: v >= 0, "an integer >= 0 (unset: a random seed)", integer=True)
 
     @property
     def greedy(self) -> bool:
