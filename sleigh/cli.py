@@ -66,9 +66,8 @@ def _app_options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print sleigh's version and exit."),
     log_level: str = typer.Option("warning", "--log-level", envvar="SLEIGH_LOG_LEVEL",
-                                  help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)}. Default: $SLEIGH_LOG_LEVEL or warning."),
+                                  help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)}."),
 ):
-    """Sleigh: SleighVL (InternVL2-2B + GSWA) from PyTorch to ONNX, engines and an edge runtime."""
     _setup_logging(log_level)
 
 
@@ -378,7 +377,8 @@ def _check_model(path: Path, engine: str | None) -> None:
         if engine not in names:
             raise SleighError(f"--engine {engine}", f"no such engine in {path}", ", ".join(names))
     elif (path / "config.json").is_file():
-        raise SleighError(f"--engine {engine}", f"{path} is a checkpoint: it runs on the PyTorch reference and has no engines",
+        raise SleighError(f"--engine {engine}",
+                          f"{path} is a checkpoint: it runs on the PyTorch reference and has no engines",
                           "a package from `sleigh export` (engines come from `sleigh build-engine`), or no --engine")
 
 
