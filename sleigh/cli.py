@@ -3,21 +3,94 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
+from sleigh import __version__
 from sleigh.errors import SleighError, first_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+LOG_LEVELS = ("debug", "info", "warning", "error")
+THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
+# C0 and C1 control characters but tab and newline: an ESC in generated text must not drive the terminal
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _plain_flags(params: list) -> list:
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    """Boolean flags take no value, so help shows none (typer shows `<bool>`, which reads as
+    `--force true`), for every command and sub-group."""
+
+    def get_params(self, ctx):
+        return _plain_flags(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        cmd = super().get_command(ctx, cmd_name)
+        if isinstance(cmd, TyperGroup) and not isinstance(cmd, _Group):
+            cmd.__class__ = _Group  # a sub-app (app.add_typer) gets the same help
+        elif cmd is not None:
+            _plain_flags(cmd.get_params(ctx))
+        return cmd
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Sleigh: SleighVL (InternVL2-2B + GSWA) from PyTorch to ONNX, engines and an edge runtime.")
 
 
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sleigh {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print sleigh's version and exit."),
+    log_level: str = typer.Option("warning", "--log-level", envvar="SLEIGH_LOG_LEVEL",
+                                  help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)}."),
+):
+    _setup_logging(log_level)
+
+
+class _LevelFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(level: str) -> None:
+    """One line per message on stderr (`warning: ...`), at `level` and above; Python warnings
+    (warnings.warn) go through the same logger, so --log-level error silences them too."""
+    if level.lower() not in LOG_LEVELS:
+        raise SleighError(f"--log-level {level}", "unknown level", ", ".join(LOG_LEVELS))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        logging.getLogger("sleigh").warning("%s", first_line(message) if isinstance(message, Warning) else message)
+
+    warnings.showwarning = show
 
 
 @app.command()
@@ -52,7 +125,7 @@ def init(
 
 @app.command()
 def run(
-    image: Optional[Path] = typer.Argument(None, help="Image file; leave out for a text-only chat."),
+    image: Optional[str] = typer.Argument(None, help="Image file; leave out for a text-only chat."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="SLEIGH_MODEL",
                                          help="Model package (sleigh export) or Sleigh checkpoint folder. Default: $SLEIGH_MODEL."),
     prompt: str = typer.Option("Describe the image in detail.", "--prompt", "-p", help="The question."),
@@ -67,34 +140,46 @@ def run(
     top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
     repetition_penalty: float = typer.Option(1.0, help="1 = off."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default: the model's, 12)."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's, 12)."),
+    max_pixels: Optional[int] = typer.Option(None, help="Largest image (width x height) decoded (default: 32 x the "
+                                             "model's largest grid, 77 Mpx for 12 tiles of 448 px)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
+    from sleigh.runtime.image import check_image_path, load_image
     from sleigh.runtime.pipeline import Pipeline
     from sleigh.runtime.sampling import SamplingOptions
 
     if model is None:
         raise SleighError("--model", "no model given and $SLEIGH_MODEL is not set",
                           "a package folder: make one with `sleigh init tiny-ckpt && sleigh export tiny-ckpt -o tiny-pkg`")
+    _check_text("--prompt", prompt)
+    if system is not None:
+        _check_text("--system", system)
+    _check_threads(threads)
+    with _as_flags("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty, seed=seed)
+    source = None
     if image is not None:
-        _check_image_path(image)
-    if threads is not None and threads < 1:
-        raise SleighError("--threads", f"got {threads}", "an integer >= 1")
-    sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
-                               repetition_penalty=repetition_penalty, seed=seed)
+        source = check_image_path(image)
+        if max_pixels is not None:  # decoded here under the given limit; the pipeline tiles the decoded image
+            with _as_flags("max_pixels"):
+                source = load_image(source, max_pixels=max_pixels)
+    _check_model(model, engine)
     pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
-    gen = pipe.generate(image, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
+    gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                         ignore_eos=ignore_eos, max_tiles=max_tiles)
     if as_json:
         typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
         return
+    shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
     if no_stream:
-        typer.echo(gen.result.text)
+        sys.stdout.write(shown(gen.result.text) + "\n")  # not typer.echo: it strips ANSI codes off a pipe
     else:
         for piece in gen:
-            sys.stdout.write(piece)
+            sys.stdout.write(shown(piece))
             sys.stdout.flush()
         sys.stdout.write("\n")
     r = gen.result
@@ -235,7 +320,7 @@ def _print_gate(report: dict, title: str) -> None:
 @app.command()
 def bench(
     model: Path = typer.Argument(..., help="Model package (or checkpoint) to time."),
-    image: Optional[Path] = typer.Option(None, help="Image (default: examples/chelsea.jpg's twin shipped with sleigh)."),
+    image: Optional[str] = typer.Option(None, help="Image (default: the photo shipped inside sleigh, examples/coffee.jpg)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Also time this Sleigh checkpoint on the torch backend."),
     engine: list[str] = typer.Option([], "--engine", help="Also time these engines of the package (repeatable)."),
     prompt: str = typer.Option("Describe the image in detail.", help="The question."),
@@ -246,14 +331,19 @@ def bench(
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
+    from sleigh.runtime.image import check_image_path
     from sleigh.runtime.package import shipped_photo
 
+    _check_text("--prompt", prompt)
+    _check_threads(threads)
     if image is not None:
-        _check_image_path(image)
+        image = check_image_path(image)
     targets = [(str(model), model, "auto", None)]
     targets += [(f"{model} [{e}]", model, "auto", e) for e in engine]
     if reference is not None:
         targets.append((str(reference), reference, "torch", None))
+    for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
+        _check_model(path, name)
     report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                        threads=threads, quiet=as_json)
     typer.echo(json.dumps(report) if as_json else markdown(report))
@@ -271,11 +361,63 @@ def _print_table(header: list[str], rows: list[tuple], title: str | None = None)
     Console(width=max(120, Console().width)).print(table)
 
 
-def _check_image_path(image: Path) -> None:
-    if not image.exists():
-        raise SleighError(str(image), "image not found", "an image file (JPEG, PNG, WebP, ...)")
-    if image.is_dir():
-        raise SleighError(str(image), "is a folder", "an image file (JPEG, PNG, WebP, ...)")
+def _check_model(path: Path, engine: str | None) -> None:
+    """What can be refused before a model is loaded (seconds, or minutes for a bench): a missing
+    folder, an engine for a checkpoint, an engine the package does not have."""
+    if not path.is_dir():
+        raise SleighError(str(path), "not found" if not path.exists() else "not a folder",
+                          "a model package (sleigh export) or a Sleigh checkpoint folder")
+    if engine is None:
+        return
+    if (path / "manifest.json").is_file():
+        from sleigh.runtime.backends import PACKAGE_MODULES
+        from sleigh.runtime.package import read_manifest
+
+        names = [PACKAGE_MODULES, *read_manifest(path).get("engines", {})]
+        if engine not in names:
+            raise SleighError(f"--engine {engine}", f"no such engine in {path}", ", ".join(names))
+    elif (path / "config.json").is_file():
+        raise SleighError(f"--engine {engine}",
+                          f"{path} is a checkpoint: it runs on the PyTorch reference and has no engines",
+                          "a package from `sleigh export` (engines come from `sleigh build-engine`), or no --engine")
+
+
+def _check_threads(threads: int | None) -> None:
+    cpus = os.cpu_count() or 1
+    if threads is not None and not 1 <= threads <= THREADS_PER_CPU * cpus:
+        raise SleighError("--threads", f"got {threads}",
+                          f"an integer from 1 to {THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} x this machine's {cpus} CPUs)")
+
+
+def _check_text(flag: str, text: str) -> None:
+    """Command-line text that is not UTF-8 reaches Python as surrogate escapes (PEP 383)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character U+{ord(bad):04X}"
+        raise SleighError(flag, f"is not valid UTF-8 ({byte} at position {e.start})",
+                          "UTF-8 text (check the terminal's or the script's encoding)") from None
+
+
+@contextmanager
+def _as_flags(*params: str):
+    """The library's errors name a parameter (`top_p`); on the command line, name its flag (`--top-p`)."""
+    try:
+        yield
+    except SleighError as e:
+        if e.what not in params:
+            raise
+        raise SleighError("--" + e.what.replace("_", "-"), e.problem, e.expected) from None
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _escape_controls(text: str) -> str:
+    """Control characters as visible escapes (`\\x1b`), for text printed on a terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import ASTRONAUT, INIT_SEED, ORACLE_CKPT, cli_env, run_sleigh
+from tests.runtime.test_image import huge_png
 
 REQUIRED_COMMANDS = ("convert", "init", "run", "export", "inspect")
 HEAVY_MODULES = ("torch", "onnx", "onnxruntime", "transformers", "tensorrt")
@@ -95,7 +96,7 @@ def _oracle_copy(root: Path, name: str) -> Path:
     return dst
 
 
-def build_cases(root: Path, ckpt: Path) -> dict[str, Case]:
+def build_cases(root: Path, ckpt: Path, pkg: Path) -> dict[str, Case]:
     cases: dict[str, Case] = {}
 
     other = root / "llama"
@@ -142,15 +143,67 @@ def build_cases(root: Path, ckpt: Path) -> dict[str, Case]:
     cases["run_zero_byte_image"] = Case([*run[:1], root / "zero.png", *run[1:]], ("zero.png", "0 bytes"))
     cases["run_directory_as_image"] = Case([*run[:1], root / "folder.png", *run[1:]], ("folder.png", "folder"))
     cases["run_missing_model"] = Case(["run", ASTRONAUT, "--model", root / "no-model"], ("no-model", "not found"))
+    cases.update(hardening_cases(root, ckpt, pkg, run))
+    return cases
+
+
+def hardening_cases(root: Path, ckpt: Path, pkg: Path, run: list) -> dict[str, Case]:
+    """Issue 11's user errors: each used to be accepted, or an `unexpected` line with rc 1."""
+
+    def image_run(image, *more, words):
+        return Case([run[0], image, *run[1:], *more], words)
+
+    os.mkfifo(root / "fifo.png")
+    huge_png(root / "huge.png", 13000, 13000)  # 169 Mpx in a few KB
+    truncated = root / "truncated.png"  # if bench timed anything before its checks, this would be the error
+    cases = {
+        "run_threads_too_many": Case([*run, "--threads", "100000"], ("--threads", "100000", "CPUs")),
+        "run_threads_zero": Case([*run, "--threads", "0"], ("--threads", "got 0")),
+        "bench_threads_too_many": Case(["bench", pkg, "--threads", "100000", "--image", truncated], ("--threads",)),
+        "run_temperature_nan": Case([*run, "--temperature", "nan"], ("--temperature", "nan", "finite")),
+        "run_temperature_inf": Case([*run, "--temperature", "inf"], ("--temperature", "inf", "finite")),
+        "run_temperature_negative": Case([*run, "--temperature", "-1"], ("--temperature", "-1")),
+        "run_repetition_penalty_nan": Case([*run, "--repetition-penalty", "nan"], ("--repetition-penalty", "nan")),
+        "run_repetition_penalty_inf": Case([*run, "--repetition-penalty", "inf"], ("--repetition-penalty", "inf")),
+        "run_top_p_nan": Case([*run, "--top-p", "nan"], ("--top-p", "nan")),
+        "run_top_k_negative": Case([*run, "--top-k", "-5"], ("--top-k", "-5")),
+        "run_seed_negative": Case([*run, "--seed", "-1"], ("--seed", "-1", ">= 0")),
+        # subprocess passes "\udce9" as the byte 0xE9 (PEP 383), as a Latin-1 terminal would
+        "run_prompt_not_utf8": Case([*run, "--prompt", "caf\udce9?"], ("--prompt", "UTF-8", "0xe9")),
+        "run_system_not_utf8": Case([*run, "--system", "\udcff"], ("--system", "UTF-8", "0xff")),
+        "bench_prompt_not_utf8": Case(["bench", pkg, "--prompt", "\udcc3", "--image", truncated],
+                                      ("--prompt", "UTF-8")),
+        "run_url_image": image_run("https://example.com/cat.jpg",
+                                   words=("https://example.com/cat.jpg", "URL", "not supported", "download")),
+        "run_fifo_image": image_run(root / "fifo.png", words=("fifo.png", "not a regular file", "FIFO")),
+        "run_dev_null_image": image_run("/dev/null", words=("/dev/null", "not a regular file")),
+        "run_huge_png": image_run(root / "huge.png", words=("huge.png", "13000x13000", "--max-pixels")),
+        "run_max_pixels_below_image": image_run(ASTRONAUT, "--max-pixels", "1000",
+                                                words=("512x512", "at most 1,000 pixels")),
+        "run_max_pixels_zero": image_run(ASTRONAUT, "--max-pixels", "0", words=("--max-pixels", "got 0")),
+        "run_max_tiles_above_model": image_run(ASTRONAUT, "--max-tiles", "20",
+                                               words=("max_tiles", "got 20", "maximum of 12")),
+        "run_engine_with_checkpoint": Case([*run, "--engine", "int8"], ("--engine int8", "checkpoint", "no engines")),
+        "run_unknown_engine": Case(["run", "--model", pkg, "--engine", "nope"],
+                                   ("--engine nope", "no such engine", "package")),
+        "bench_unknown_engine": Case(["bench", pkg, "--engine", "nope", "--image", truncated],
+                                     ("--engine nope", "no such engine", "package")),
+        "bench_engine_on_checkpoint": Case(["bench", ckpt, "--engine", "fp16", "--image", truncated], ("checkpoint",)),
+        "bench_missing_reference": Case(["bench", pkg, "--reference", root / "no-ref", "--image", truncated],
+                                        ("no-ref", "not found")),
+        "bench_url_image": Case(["bench", pkg, "--image", "https://example.com/cat.jpg"], ("URL",)),
+        "bench_zero_new_tokens": Case(["bench", pkg, "--max-new-tokens", "0"], ("--max-new-tokens",)),
+        "log_level_unknown": Case(["--log-level", "loud", *run], ("--log-level loud", "debug, info, warning, error")),
+    }
     return cases
 
 
 @pytest.fixture(scope="module")
-def cli_runs(tmp_path_factory, oracle_ckpts):
+def cli_runs(tmp_path_factory, oracle_ckpts, tiny_pkg):
     """Every subprocess of this module that is not a help call, run side by side."""
     root = tmp_path_factory.mktemp("cli")
     ckpt = oracle_ckpts["identity"]
-    cases = build_cases(root, ckpt)
+    cases = build_cases(root, ckpt, tiny_pkg)
     jobs = {name: c.args for name, c in cases.items()}
     jobs["run_json"] = ["run", ASTRONAUT, "--model", ckpt, "--max-new-tokens", "12", "--ignore-eos", "--json"]
     jobs["init_again"] = ["init", root / "init-again", "--preset", "tiny", "--seed", INIT_SEED]
@@ -227,7 +280,15 @@ def test_init_writes_identical_weight_files(init_ckpt, tmp_path):
 
 BAD_INPUT = ["convert_other_model", "convert_empty_folder", "convert_missing_tensor", "convert_truncated_weights",
              "convert_non_empty_output", "convert_missing_gswa_file", "run_corrupt_image", "run_zero_byte_image",
-             "run_directory_as_image", "run_missing_model"]
+             "run_directory_as_image", "run_missing_model",
+             "run_threads_too_many", "run_threads_zero", "bench_threads_too_many", "run_temperature_nan",
+             "run_temperature_inf", "run_temperature_negative", "run_repetition_penalty_nan",
+             "run_repetition_penalty_inf", "run_top_p_nan", "run_top_k_negative", "run_seed_negative",
+             "run_prompt_not_utf8", "run_system_not_utf8", "bench_prompt_not_utf8", "run_url_image", "run_fifo_image",
+             "run_dev_null_image", "run_huge_png", "run_max_pixels_below_image", "run_max_pixels_zero",
+             "run_max_tiles_above_model", "run_engine_with_checkpoint", "run_unknown_engine", "bench_unknown_engine",
+             "bench_engine_on_checkpoint", "bench_missing_reference", "bench_url_image", "bench_zero_new_tokens",
+             "log_level_unknown"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUT)
@@ -241,6 +302,7 @@ def test_bad_input_gives_one_error_line(cli_runs, name):
     assert len(lines) == 1, f"expected one stderr line, got:\n{proc.stderr}"
     line = lines[0]
     assert line.startswith("error: ") and not line.startswith("error: unexpected"), line
+    assert proc.returncode == 2, (proc.returncode, line)
     assert " | " in line and "Expected:" in line, f"not a SleighError message: {line}"
     for word in case.words:
         assert word in line, f"{word!r} not in {line!r}"
@@ -258,3 +320,112 @@ def test_bad_input_gives_one_error_line(cli_runs, name):
 
 def test_bad_input_table_is_complete(cli_runs):
     assert sorted(BAD_INPUT) == sorted(cli_runs[0])
+
+
+# -- help, version, logging, terminal output -------------------------------------------------------
+
+
+def command_help(*args: str) -> str:
+    from typer.testing import CliRunner
+
+    from sleigh.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", [(), *[(name,) for name in registered_commands()]])
+def test_boolean_flags_show_no_value_in_help(command):
+    """`--force  <bool>` read as `--force true`, which is refused: a flag takes no value."""
+    text = command_help(*command)
+    assert "--help" in text and "<bool>" not in text, text
+    assert "<int>" in text or "<path>" in text or "<str>" in text or not command  # the other types still show
+
+
+def test_force_takes_no_value(tmp_path):
+    proc = run_sleigh("init", tmp_path / "ckpt", "--force", "true")
+    assert proc.returncode == 2 and "true" in proc.stderr and not (tmp_path / "ckpt").exists()
+
+
+def test_version_is_the_installed_one():
+    from importlib.metadata import version
+
+    proc = run_sleigh("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"sleigh {version('sleigh')}"
+
+
+def test_bench_help_names_the_photo_it_uses():
+    """bench's default image is `shipped_photo()`: its help must name the example that photo is."""
+    import numpy as np
+    from PIL import Image
+
+    from sleigh.runtime.package import shipped_photo
+
+    named = [name for name in ("chelsea.jpg", "coffee.jpg") if name in command_help("bench")]
+    assert len(named) == 1, named
+    example = Path(__file__).parents[1] / "examples" / named[0]
+    shipped, original = Image.open(shipped_photo()), Image.open(example)
+    assert shipped.size == original.size
+    diff = np.abs(np.asarray(shipped, np.int16) - np.asarray(original, np.int16))
+    assert diff.mean() < 5, diff.mean()  # the same photo, re-encoded (a different one differs by tens)
+
+
+@pytest.mark.parametrize("level, shown", [("warning", True), ("error", False)])
+def test_log_level_routes_python_warnings(level, shown, capsys, monkeypatch):
+    import logging
+    import warnings
+
+    from sleigh import cli
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    cli._setup_logging(level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = warnings.showwarning  # catch_warnings restores the hook on exit
+        warnings.warn("engine int8 was gated on a CPU with VNNI")
+        logging.getLogger("sleigh.runtime.backends").warning("a runtime warning")
+    err = capsys.readouterr().err
+    expected = ["warning: engine int8 was gated on a CPU with VNNI", "warning: a runtime warning"] if shown else []
+    assert err.splitlines() == expected
+
+
+def test_escape_controls():
+    from sleigh.cli import _escape_controls
+
+    assert _escape_controls("a\x1b[2Jb\tc\nd\r\x07\x7f\x9b é") == "a\\x1b[2Jb\tc\nd\\x0d\\x07\\x7f\\x9b é"
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+@pytest.mark.parametrize("stream", [True, False])
+def test_generated_control_bytes_reach_a_terminal_escaped(terminal, stream, monkeypatch, tmp_path):
+    """ESC sequences in generated text are shown as `\\x1b` on a terminal; a pipe or --json gets the text."""
+    from typer.testing import CliRunner
+
+    from sleigh import cli
+    from sleigh.runtime import pipeline
+    from sleigh.runtime.pipeline import Generation, GenerationResult
+
+    pieces = ["red ", "\x1b[2J\x1b]0;pwned\x07", "car"]
+
+    def steps():
+        for piece in pieces:
+            yield piece
+        return GenerationResult(text="".join(pieces), token_ids=[1, 2, 3], prompt_tokens=4, grid=None, views=0,
+                                gswa_weights=[], stop_reason="length", backend="fake")
+
+    class FakePipeline:
+        def generate(self, *args, **kwargs):
+            return Generation(steps())
+
+    monkeypatch.setattr(pipeline.Pipeline, "load", classmethod(lambda cls, *a, **k: FakePipeline()))
+    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: terminal)
+    args = ["run", "--model", str(tmp_path), *([] if stream else ["--no-stream"])]
+    out = CliRunner().invoke(cli.app, args).stdout
+    assert out.splitlines()[0] == ("red \\x1b[2J\\x1b]0;pwned\\x07car" if terminal else "".join(pieces))
+    as_json = CliRunner().invoke(cli.app, [*args, "--json"]).stdout
+    assert json.loads(as_json)["text"] == "".join(pieces)

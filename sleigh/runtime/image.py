@@ -11,6 +11,8 @@ the tiling. It must never import torch.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +26,17 @@ from sleigh.errors import SleighError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# The largest image (width·height) load_image decodes: Pillow's own hard limit (twice its warning
-# threshold). It is checked on the header, before any pixel is decoded.
+# The largest image (width·height) load_image can ever decode: Pillow's own hard limit (twice its
+# warning threshold). No `max_pixels` may exceed it.
 MAX_PIXELS = 178_956_970
+
+# Tiling resizes every image to at most max_tiles·size² pixels, so a file far larger than that only
+# costs memory (a 13000x13000 PNG of 20 KB decodes to 500 MB). The default limit is PIXEL_HEADROOM
+# times the largest grid, counted for at least InternVL's 12 tiles so that a small --max-tiles does
+# not refuse a photo the model itself takes: 32 · 12 · 448² = 77 Mpx, above any phone or full-frame
+# camera photo. It is checked on the header, before any pixel is decoded.
+PIXEL_HEADROOM = 32
+INTERNVL_MAX_TILES = 12
 
 # Alpha is composited onto this colour: documents and screenshots with transparency are usually
 # meant to be seen on a white page, and InternVL's own `convert("RGB")` would show hidden colour.
@@ -37,6 +47,7 @@ ImageSource = Union[str, os.PathLike, Image.Image]
 _RESAMPLE = Image.Resampling.BICUBIC  # what InternVL's `image.resize(...)` defaults to
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # "https://x", or "https:/x" once pathlib has collapsed it
 
 
 @dataclass(frozen=True, eq=False)
@@ -64,14 +75,47 @@ class TiledImage:
         return self.num_views == self.grid[0] * self.grid[1] + 1
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def default_max_pixels(max_tiles: int = INTERNVL_MAX_TILES, size: int = 448) -> int:
+    """The largest image (width·height) tiling for `max_tiles` views of `size` pixels accepts by
+    default: PIXEL_HEADROOM times the largest grid (of at least 12 tiles), at most MAX_PIXELS."""
+    _check_tiling_args(1, max_tiles, size)
+    return min(PIXEL_HEADROOM * max(max_tiles, INTERNVL_MAX_TILES) * size * size, MAX_PIXELS)
+
+
+def check_image_path(source: str | os.PathLike) -> Path:
+    """What can be said of an image path without opening it: it exists and is a non-empty regular
+    file (not a URL, a folder, a FIFO or a device, which would block or read as empty)."""
+    path = Path(source)
+    what = f"image {str(source)!r}"
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if _URL.match(str(source)):
+            raise SleighError(what, "is a URL, and URLs are not supported",
+                              "a local image file (download it first, e.g. `curl -O URL`)") from None
+        raise SleighError(what, "no such file", "an existing image file") from None
+    except OSError as exc:
+        raise SleighError(what, f"cannot be read ({_reason(exc)})", "a readable image file") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise SleighError(what, "is a directory", "an image file")
+    if not stat.S_ISREG(info.st_mode):
+        raise SleighError(what, f"is not a regular file (a {_file_kind(info.st_mode)})",
+                          "an image file (PNG, JPEG, WebP, ...)")
+    if info.st_size == 0:
+        raise SleighError(what, "is an empty file (0 bytes)", "an image file (PNG, JPEG, WebP, ...)")
+    return path
+
+
+def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
     """Load `source` (a path or a PIL image) as a fully decoded RGB image.
 
     EXIF orientation is applied. Alpha (RGBA, LA, PA, P with transparency) is composited onto WHITE.
     16-bit greyscale (I;16*, and I, taken as 0..65535) is scaled to 8 bits (v/257, rounded), not
-    clipped; F is taken on Pillow's 0..255 scale and clipped. Files over MAX_PIXELS are refused
-    before decoding. Every failure is a SleighError naming the source.
+    clipped; F is taken on Pillow's 0..255 scale and clipped. A file over `max_pixels` (default:
+    `default_max_pixels()`) is refused from its header, before decoding; a PIL image is already
+    decoded and is not checked. Every failure is a SleighError naming the source.
     """
+    max_pixels = _check_max_pixels(max_pixels)
     if isinstance(source, Image.Image):
         what = f"image {source.mode} {source.size[0]}x{source.size[1]}"
         try:
@@ -86,29 +130,23 @@ def load_image(source: ImageSource) -> Image.Image:
         raise SleighError(
             "image", f"got a {type(source).__name__}", "a file path (str or pathlib.Path) or a PIL.Image.Image"
         )
-    path = Path(source)
-    what = f"image {str(path)!r}"
-    if not path.exists():
-        raise SleighError(what, "no such file", "an existing image file")
-    if path.is_dir():
-        raise SleighError(what, "is a directory", "an image file")
-    if path.stat().st_size == 0:
-        raise SleighError(what, "is an empty file (0 bytes)", "an image file (PNG, JPEG, WebP, ...)")
+    path = check_image_path(source)
+    what = f"image {str(source)!r}"
     try:
         with warnings.catch_warnings():
-            # MAX_PIXELS is the limit; Pillow's lower warning threshold would only add noise.
+            # max_pixels is the limit; Pillow's lower warning threshold would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 width, height = opened.size
-                if width * height > MAX_PIXELS:
-                    raise _bomb(what, width, height)
+                if width * height > max_pixels:
+                    raise _bomb(what, width, height, max_pixels)
                 opened.load()  # decode everything now, so a truncated file fails here
                 image = ImageOps.exif_transpose(opened)
         return _to_rgb(image, what)
     except SleighError:
         raise
     except Image.DecompressionBombError as exc:
-        raise SleighError(what, f"is too large to decode safely ({_reason(exc)})", _max_pixels_text()) from exc
+        raise SleighError(what, f"is too large to decode safely ({_reason(exc)})", _max_pixels_text(max_pixels)) from exc
     except UnidentifiedImageError as exc:
         raise SleighError(
             what, "is not an image Pillow can identify (corrupt or unsupported format)",
@@ -161,15 +199,17 @@ def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
 def tile_image(
     image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True,
     mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
+    max_pixels: int | None = None,
 ) -> TiledImage:
     """Tile `image` (a path or PIL image) as InternVL does and normalise it for the vision module.
 
     The image is resized (bicubic) to (size·cols, size·rows) and cut row-major into size x size tiles;
     when there is more than one tile and `thumbnail` is set, the whole image resized to size x size
-    is appended last.
+    is appended last. A file over `max_pixels` (default: `default_max_pixels(max_tiles, size)`) is
+    refused before decoding.
     """
     _check_tiling_args(min_tiles, max_tiles, size)
-    rgb = load_image(image)
+    rgb = load_image(image, max_pixels=default_max_pixels(max_tiles, size) if max_pixels is None else max_pixels)
     width, height = rgb.size
     cols, rows = find_grid(width, height, min_tiles=min_tiles, max_tiles=max_tiles, size=size)
     resized = np.asarray(rgb.resize((size * cols, size * rows), _RESAMPLE))  # (rows·size, cols·size, 3)
@@ -231,13 +271,28 @@ def _check_tiling_args(min_tiles: int, max_tiles: int, size: int) -> None:
         raise SleighError("size", f"got {size}", "a positive number of pixels, e.g. 448")
 
 
-def _bomb(what: str, width: int, height: int) -> SleighError:
-    problem = f"is {width}x{height} = {width * height:,} pixels, too large to decode safely"
-    return SleighError(what, problem, _max_pixels_text())
+def _check_max_pixels(max_pixels: int | None) -> int:
+    if max_pixels is None:
+        return default_max_pixels()
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or not 1 <= max_pixels <= MAX_PIXELS:
+        raise SleighError("max_pixels", f"got {max_pixels!r}", f"an integer from 1 to {MAX_PIXELS:,} (Pillow's limit)")
+    return int(max_pixels)
 
 
-def _max_pixels_text() -> str:
-    return f"at most {MAX_PIXELS:,} pixels (sleigh.runtime.image.MAX_PIXELS)"
+def _bomb(what: str, width: int, height: int, max_pixels: int) -> SleighError:
+    problem = f"is {width}x{height} = {width * height:,} pixels, more than tiling needs and too large to decode safely"
+    return SleighError(what, problem, _max_pixels_text(max_pixels))
+
+
+def _max_pixels_text(max_pixels: int) -> str:
+    return (f"at most {max_pixels:,} pixels (downscale the image, or raise the limit: `sleigh run --max-pixels N`, "
+            f"max_pixels= in Python; Pillow's own limit is {MAX_PIXELS:,})")
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+             (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def _reason(exc: BaseException) -> str:

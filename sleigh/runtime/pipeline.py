@@ -166,6 +166,9 @@ class Pipeline:
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
                                       "text without image placeholder tokens (the image is given as IMAGE)")
+        if max_tiles is not None and max_tiles > self.info.max_tiles:  # more views than the package was built for
+            raise SleighError("max_tiles", f"got {max_tiles}, above this model's maximum of {self.info.max_tiles}",
+                              f"1 to {self.info.max_tiles}")
         tiled = None
         if image is not None:
             tiled = tile_image(image, min_tiles=self.info.min_tiles,

@@ -6,6 +6,8 @@ Shared by every backend, so seeded sampling gives the same tokens whatever compu
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,18 +24,23 @@ class SamplingOptions:
     seed: int | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise SleighError("--temperature", f"got {self.temperature}", "a value >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise SleighError("--top-k", f"got {self.top_k}", "an integer >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise SleighError("--top-p", f"got {self.top_p}", "a value in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise SleighError("--repetition-penalty", f"got {self.repetition_penalty}", "a value > 0 (1 = off)")
+        """Errors name the parameter (`temperature`); the CLI names its flag (`--temperature`)."""
+        _number("temperature", self.temperature, lambda v: v >= 0, "a finite number >= 0 (0 = greedy)")
+        _number("top_k", self.top_k, lambda v: v >= 0, "an integer >= 0 (0 = off)", integer=True)
+        _number("top_p", self.top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")
+        _number("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "a finite number > 0 (1 = off)")
+        if self.seed is not None:
+            _number("seed", self.seed, lambda v: v >= 0, "an integer >= 0 (unset: a random seed)", integer=True)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _number(name: str, value, ok, expected: str, integer: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not ok(value):
+        raise SleighError(name, f"got {value!r}", expected)
 
 
 class Sampler:
@@ -48,14 +55,18 @@ class Sampler:
         if o.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[(seen >= 0) & (seen < x.shape[0])]
-            x[seen] = np.where(x[seen] > 0, x[seen] / o.repetition_penalty, x[seen] * o.repetition_penalty)
+            with np.errstate(over="ignore"):
+                penalised = np.where(x[seen] > 0, x[seen] / o.repetition_penalty, x[seen] * o.repetition_penalty)
+            big = np.finfo(np.float64).max  # a tiny penalty (a reward) must not make a logit inf: inf - inf is nan
+            x[seen] = np.clip(penalised, -big, big)
         if o.greedy:
             return int(np.argmax(x))
-        x = x / o.temperature
+        with np.errstate(over="ignore"):  # shifted first: a tiny temperature gives -inf, never inf - inf
+            x = (x - x.max()) / o.temperature
         if o.top_k and o.top_k < x.shape[0]:
             kth = np.partition(x, -o.top_k)[-o.top_k]
             x[x < kth] = -np.inf
-        probs = np.exp(x - x.max())
+        probs = np.exp(x)  # the best token's is exactly 1
         probs /= probs.sum()
         if o.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")

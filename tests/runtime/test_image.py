@@ -327,14 +327,15 @@ def test_wrong_source_type():
         load_image(42)
 
 
-def test_decompression_bomb_by_max_pixels(tmp_path, monkeypatch):
+def test_decompression_bomb_by_max_pixels(tmp_path):
     path = tmp_path / "big.png"
     Image.new("RGB", (20, 20)).save(path)
-    assert load_image(path).size == (20, 20)
-    monkeypatch.setattr(image_mod, "MAX_PIXELS", 399)
-    _assert_user_error(path, str(path), "too large", "400")
-    with pytest.raises(SleighError):
-        tile_image(path)
+    assert load_image(path, max_pixels=400).size == (20, 20)
+    with pytest.raises(SleighError, match="400 pixels") as info:
+        load_image(path, max_pixels=399)
+    assert "max-pixels" in str(info.value) and "399" in str(info.value)
+    with pytest.raises(SleighError, match="too large"):
+        tile_image(path, max_pixels=399)
 
 
 def test_decompression_bomb_from_pillow(tmp_path, monkeypatch):
@@ -368,3 +369,103 @@ def test_normalisation_follows_the_given_mean_and_std(tmp_path):
     expected = (np.array([128, 64, 255], np.float32) / 255 - 0.5) / 0.5
     np.testing.assert_allclose(custom[0, :, 0, 0], expected, atol=1e-6)
     assert not np.allclose(default, custom)
+
+
+# --- what is refused before opening, and the pixel limit ---------------------------------------
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of width x height, all black: a few KB on disk, width·height pixels decoded.
+    Written chunk by chunk from the PNG spec, so making it never holds the image in memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_huge_png_helper_is_a_real_png(tmp_path):
+    path = huge_png(tmp_path / "small.png", 37, 5)
+    with Image.open(path) as img:
+        img.load()
+        assert img.size == (37, 5) and img.mode == "1" and not np.asarray(img).any()
+
+
+def test_default_pixel_limit_follows_the_grid():
+    # 32x the largest grid's pixels, counted for at least InternVL's 12 tiles, capped by Pillow.
+    assert image_mod.default_max_pixels(12, 448) == 32 * 12 * 448 * 448 == 77_070_336
+    assert image_mod.default_max_pixels(1, 448) == image_mod.default_max_pixels(12, 448)
+    assert image_mod.default_max_pixels(24, 448) == 2 * image_mod.default_max_pixels(12, 448)
+    assert image_mod.default_max_pixels(12, 224) == image_mod.default_max_pixels(12, 448) // 4
+    assert image_mod.default_max_pixels(40, 896) == image_mod.MAX_PIXELS
+
+
+def test_a_169_megapixel_png_of_a_few_kb_is_refused_from_its_header(tmp_path, monkeypatch):
+    """The issue's case: a 13000x13000 PNG cost +620 MB. Refused without decoding a pixel."""
+    path = huge_png(tmp_path / "huge.png", 13000, 13000)
+    assert path.stat().st_size < 50_000
+    from PIL import ImageFile
+
+    def no_decode(self):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    message = _assert_user_error(path, "13000x13000", "169,000,000 pixels", "77,070,336", "--max-pixels")
+    assert "downscale" in message
+    with pytest.raises(SleighError, match="13000x13000"):
+        tile_image(path)
+
+
+def test_pixel_limit_is_a_parameter_of_tiling(tmp_path):
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (40, 10)).save(path)
+    assert tile_image(path, max_pixels=400).image_size == (40, 10)
+    with pytest.raises(SleighError, match="400 pixels"):
+        tile_image(path, max_pixels=399)
+    # the default follows the tiling's own size: 32 · 12 · 2² = 1536 pixels for 2-pixel views
+    with pytest.raises(SleighError, match="1,536"):
+        tile_image(huge_png(tmp_path / "h.png", 50, 50), size=2)
+    assert tile_image(huge_png(tmp_path / "ok.png", 32, 48), size=2).image_size == (32, 48)
+
+
+@pytest.mark.parametrize("bad", [0, -1, image_mod.MAX_PIXELS + 1, 1.5, "100", True])
+def test_bad_pixel_limit(tmp_path, bad):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(path)
+    with pytest.raises(SleighError, match="max_pixels"):
+        load_image(path, max_pixels=bad)
+
+
+@pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "http://example.com/a.png", "s3://bucket/k.jpg",
+                                 Path("https://example.com/cat.jpg")])
+def test_url_is_not_a_file(url):
+    message = _assert_user_error(url, "URL", "not supported", "download")
+    if isinstance(url, str):
+        assert url in message  # the address as given, not pathlib's "https:/..."
+
+
+def test_a_file_whose_name_looks_like_a_url_still_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data:").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "data:" / "x.png")
+    assert load_image("data:/x.png").size == (4, 4)
+
+
+def test_fifo_is_not_read(tmp_path):
+    import os
+
+    path = tmp_path / "pipe.png"
+    os.mkfifo(path)  # opening it would block until a writer came
+    _assert_user_error(path, str(path), "not a regular file", "FIFO")
+
+
+def test_dev_null_is_not_an_empty_image():
+    message = _assert_user_error("/dev/null", "/dev/null", "not a regular file", "character device")
+    assert "0 bytes" not in message

@@ -134,7 +134,7 @@ def test_context_overflow_and_bad_options_are_clear(pipelines):
         pipe.generate(None, "hi", max_new_tokens=pipe.info.context_length).result
     with pytest.raises(SleighError, match="max-new-tokens"):
         pipe.generate(None, "hi", max_new_tokens=0)
-    with pytest.raises(SleighError, match="top-p"):
+    with pytest.raises(SleighError, match="top_p"):
         SamplingOptions(temperature=1.0, top_p=0.0)
 
 

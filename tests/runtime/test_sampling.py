@@ -1,0 +1,62 @@
+"""SamplingOptions refuses what is not a number it can use (library errors name the parameter), and
+the Sampler returns a valid token for every option it accepts, extreme ones included."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sleigh.errors import SleighError
+from sleigh.runtime.sampling import Sampler, SamplingOptions
+
+NON_FINITE = [math.nan, math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("field, value", [
+    *[("temperature", v) for v in (*NON_FINITE, -0.1, "0.5", None)],
+    *[("top_p", v) for v in (*NON_FINITE, 0.0, 1.5, -1)],
+    *[("repetition_penalty", v) for v in (*NON_FINITE, 0.0, -1.0)],
+    *[("top_k", v) for v in (-1, 2.5, True)],
+    *[("seed", v) for v in (-1, 1.5, "7")],
+])
+def test_bad_option_is_a_user_error_naming_the_parameter(field, value):
+    with pytest.raises(SleighError) as info:
+        SamplingOptions(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field} | got ") and "Expected:" in message
+    assert "--" not in message.split(" | ")[0]  # a library error names the parameter, not a CLI flag
+
+
+def test_good_options_are_kept():
+    o = SamplingOptions(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2, seed=2**70)
+    assert (o.temperature, o.top_k, o.top_p, o.repetition_penalty, o.seed) == (0.7, 5, 0.9, 1.2, 2**70)
+    assert SamplingOptions(seed=np.int64(3)).seed == 3 and SamplingOptions(temperature=np.float32(0.5)).temperature == 0.5
+
+
+def test_sampling_follows_the_softmax():
+    logits = np.log(np.array([1.0, 3.0]))  # softmax at T=1: [0.25, 0.75]
+    sampler = Sampler(SamplingOptions(temperature=1.0, seed=0))
+    share = np.mean([sampler(logits) for _ in range(4000)])
+    assert abs(share - 0.75) < 0.03, share  # 4.4 standard deviations
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    logits=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=12),
+    temperature=st.one_of(st.just(0.0), st.floats(1e-300, 1e300)),
+    top_k=st.integers(0, 20),
+    top_p=st.floats(1e-9, 1.0),
+    penalty=st.floats(1e-300, 1e300),
+    history=st.lists(st.integers(-3, 15), max_size=6),
+    seed=st.integers(0, 2**64),
+)
+def test_every_accepted_option_gives_a_valid_token(logits, temperature, top_k, top_p, penalty, history, seed):
+    opts = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, seed=seed)
+    x = np.asarray(logits)
+    token = Sampler(opts)(x, history)
+    assert 0 <= token < len(logits)
+    assert token == Sampler(opts)(x, history)  # the same seed, the same token
+    if temperature < 1e-200 and penalty == 1.0:
+        assert x[token] == x.max()  # a vanishing temperature is greedy, not nan
