@@ -70,6 +70,8 @@ def run(
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default: the model's, 12)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
+    no_verify_files: bool = typer.Option(False, "--no-verify-files",
+                                         help="Skip the sha256 check of the package's files (sizes are still checked)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.pipeline import Pipeline
@@ -84,7 +86,7 @@ def run(
         raise SleighError("--threads", f"got {threads}", "an integer >= 1")
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, seed=seed)
-    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
+    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files)
     gen = pipe.generate(image, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                         ignore_eos=ignore_eos, max_tiles=max_tiles)
     if as_json:
