@@ -68,20 +68,21 @@ def inside(root: Path, rel, what: str) -> Path:
     when it stays inside `root` once resolved, symlinks included; a one-line SleighError otherwise.
     Every such path is joined through here: a manifest must not open /etc/passwd as a model."""
     expected = f"a relative path inside {root}"
+    name = f"{rel!r:.100}"  # a hostile manifest may hold megabytes in one name
     if not isinstance(rel, str) or not rel or "\0" in rel:
-        raise SleighError(what, f"{rel!r} is not a file name", expected)
+        raise SleighError(what, f"{name} is not a file name", expected)
     if Path(rel).is_absolute():
-        raise SleighError(what, f"{rel!r} is an absolute path", expected)
+        raise SleighError(what, f"{name} is an absolute path", expected)
     path = Path(root) / rel
     try:
         real, base = path.resolve(), Path(root).resolve()
-    except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
-        raise SleighError(what, f"{rel!r} cannot be resolved ({e})", expected) from None
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop; a name the file system cannot encode
+        raise SleighError(what, f"{name} cannot be resolved ({first_line(e, 120)})", expected) from None
     if real == base:
-        raise SleighError(what, f"{rel!r} names the folder itself, not a file in it", expected)
+        raise SleighError(what, f"{name} names the folder itself, not a file in it", expected)
     if not real.is_relative_to(base):
         how = "" if ".." in Path(rel).parts else " (through a symlink)"
-        raise SleighError(what, f"{rel!r} points outside the folder{how}", expected)
+        raise SleighError(what, f"{name} points outside the folder{how}", expected)
     return path
 
 
@@ -143,14 +144,14 @@ def validate_manifest(manifest, pkg: Path, where: str) -> None:
     def listed(rel: str, field: str, f: Fields = f) -> None:  # a file the runtime opens has a size and sha256 to check
         in_pkg(rel, field)
         if rel not in files:
-            raise f.fail(field, f"{rel!r} is not listed in files", "every file the package uses, with its sha256")
+            raise f.fail(field, f"{rel!r:.100} is not listed in files", "every file the package uses, with its sha256")
 
     listed(f.get(f.get(manifest, "tokenizer", "object"), "file", "string", "tokenizer"), "tokenizer.file")
     modules = f.get(manifest, "modules", "object")
     missing = [m for m in MODULE_NAMES if m not in modules]
     if missing:
         raise SleighError(where, f"modules {missing} are missing", f"all of {list(MODULE_NAMES)}; {REEXPORT}")
-    for name in MODULE_NAMES:
+    for name in modules:  # the three, and any other a newer sleigh may list
         path = f"modules.{name}"
         entry = f.get(modules, name, "object", "modules")
         listed(f.get(entry, "file", "string", path), f"{path}.file")

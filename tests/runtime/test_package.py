@@ -198,13 +198,13 @@ def test_paths_outside_the_package_are_refused(pkg, field, escape):
     with pytest.raises(SleighError) as err:
         read_manifest(pkg)
     msg = str(err.value)
-    assert repr(rel) in msg and ("outside the folder" in msg or "absolute path" in msg), msg
+    assert repr(rel)[:100] in msg and ("outside the folder" in msg or "absolute path" in msg), msg
     if escape == "symlink":
         assert "through a symlink" in msg
 
 
 def test_inside_refuses_what_is_not_a_relative_file_name(tmp_path):
-    for rel in ["", None, 3, "a\0b", "/abs", ".", "a/../.."]:
+    for rel in ["", None, 3, "a\0b", "/abs", ".", "a/../..", "\ud800.onnx"]:
         with pytest.raises(SleighError):
             package.inside(tmp_path, rel, "field")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
