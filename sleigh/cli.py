@@ -145,6 +145,8 @@ def run(
                                              "model's largest grid, 77 Mpx for 12 tiles of 448 px)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
+    no_verify_files: bool = typer.Option(False, "--no-verify-files",
+                                         help="Skip the sha256 check of the package's files (sizes are still checked)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
@@ -168,7 +170,7 @@ def run(
             with _as_flags("max_pixels"):
                 source = load_image(source, max_pixels=max_pixels)
     _check_model(model, engine)
-    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
+    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files)
     gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                         ignore_eos=ignore_eos, max_tiles=max_tiles)
     if as_json:

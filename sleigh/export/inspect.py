@@ -6,17 +6,18 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.package import inside, read_manifest, verify_files
 
 
 def inspect_package(pkg: Path, verify: bool = False) -> dict:
     from sleigh.export.exporter import describe_io
+    from sleigh.runtime.backends import missing_files
 
     pkg = Path(pkg)
     manifest = read_manifest(pkg)
     modules = {}
     for name, entry in manifest["modules"].items():
-        path = pkg / entry["file"]
+        path = inside(pkg, entry["file"], f"manifest.json: modules.{name}.file")
         io = {"inputs": [], "outputs": [], "opset": {}, "custom_ops": [], "nodes": 0}
         if not path.is_file():
             io["error"] = "file missing"
@@ -28,7 +29,8 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
                                   "pip install 'sleigh[export]'") from None
             except Exception as e:  # a damaged file: report it, keep inspecting the rest
                 io["error"] = f"unreadable ({type(e).__name__})"
-        size = sum((pkg / f).stat().st_size for f in [entry["file"], *entry.get("data_files", [])] if (pkg / f).is_file())
+        present = [p for p in (inside(pkg, f, "manifest.json") for f in [entry["file"], *entry.get("data_files", [])]) if p.is_file()]
+        size = sum(p.stat().st_size for p in present)
         modules[name] = {"file": entry["file"], "bytes": size, "precision": entry.get("precision", "fp32"), **io}
     report = {
         "package": str(pkg),
@@ -37,7 +39,9 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "gswa": manifest.get("gswa"),
         "parity_passed": (manifest.get("parity") or {}).get("passed"),
         "modules": modules,
-        "engines": {name: {k: e.get(k) for k in ("backend", "precision", "llm_weights", "files_bytes", "accuracy_passed")}
+        "engines": {name: {**{k: e.get(k) for k in ("backend", "precision", "llm_weights", "files_bytes", "accuracy_passed",
+                                                    "degraded")},
+                           "missing_files": missing_files(pkg, manifest, name)}
                     for name, e in manifest.get("engines", {}).items()},
     }
     report["stale_staging"] = stale_staging(pkg)
@@ -93,11 +97,14 @@ def print_report(report: dict) -> None:
         console.print(table)
     if report["engines"]:
         et = Table(title="engines")
-        for h in ("name", "backend", "precision", "LLM weights", "MB", "accuracy"):
+        for h in ("name", "backend", "precision", "LLM weights", "MB", "accuracy", "files"):
             et.add_column(h)
         for name, e in report["engines"].items():
+            accuracy = {True: "passed", False: "FAILED", None: "-"}[e.get("accuracy_passed")]
+            missing = e.get("missing_files") or []
             et.add_row(name, str(e["backend"]), str(e["precision"]), str(e.get("llm_weights") or "-"),
-                       f"{(e.get('files_bytes') or 0) / 1e6:.1f}", {True: "passed", False: "FAILED", None: "-"}[e.get("accuracy_passed")])
+                       f"{(e.get('files_bytes') or 0) / 1e6:.1f}", accuracy + (" (degraded, kept)" if e.get("degraded") else ""),
+                       f"[red]MISSING {len(missing)}[/] (rebuild)" if missing else "present")
         console.print(et)
     else:
         console.print("engines: none (sleigh build-engine adds them)")

@@ -115,15 +115,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
-             engine: str | None = None) -> Pipeline:
-        """A package folder (manifest.json) or a Sleigh checkpoint folder (config.json)."""
+             engine: str | None = None, verify: bool = True) -> Pipeline:
+        """A package folder (manifest.json) or a Sleigh checkpoint folder (config.json). A package's
+        files are checked against its manifest (sha256 on first use; `verify=False`: sizes only)."""
         path = Path(path)
         if not path.exists():
             raise SleighError(str(path), "not found", "a model package (sleigh export) or a Sleigh checkpoint folder")
         if not path.is_dir():
             raise SleighError(str(path), "not a folder", "a model package (sleigh export) or a Sleigh checkpoint folder")
         if (path / "manifest.json").is_file() or any(path.glob("*.onnx")):  # an .onnx without manifest: incomplete export
-            return cls.from_package(path, backend=backend, threads=threads, engine=engine)
+            return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify)
         if (path / "config.json").is_file():
             return cls.from_checkpoint(path, backend=backend, threads=threads)
         raise SleighError(str(path), "neither manifest.json nor config.json found",
@@ -147,14 +148,15 @@ class Pipeline:
 
     @classmethod
     def from_package(cls, path: Path, backend: str = "auto", threads: int | None = None,
-                     engine: str | None = None) -> Pipeline:
+                     engine: str | None = None, verify: bool = True) -> Pipeline:
         from sleigh.runtime.backends import open_package_backend
-        from sleigh.runtime.package import read_manifest
+        from sleigh.runtime.package import inside, read_manifest
 
         manifest = read_manifest(path)
         info = ModelInfo.from_config(manifest["model_config"], str(path / "manifest.json"))
-        tok = PromptTokenizer.from_file(Path(path) / manifest["tokenizer"]["file"])
-        return cls(open_package_backend(path, manifest, backend, threads=threads, engine=engine), info, tok)
+        backend = open_package_backend(path, manifest, backend, threads=threads, engine=engine, verify=verify)
+        tok = PromptTokenizer.from_file(inside(path, manifest["tokenizer"]["file"], "manifest.json: tokenizer.file"))
+        return cls(backend, info, tok)
 
     # -- the loop ---------------------------------------------------------------------------------
 

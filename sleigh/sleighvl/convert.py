@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
+from sleigh.runtime.package import inside
 from sleigh.sleighvl.checkpoint import (GenerationConfig, build_model, check_state_dict, prepare_output_dir, read_safetensors,
                                         save_checkpoint)
 from sleigh.sleighvl.config import GSWAConfig, ImageConfig, LLMConfig, PromptConfig, SleighVLConfig, VisionConfig
@@ -134,12 +135,15 @@ def read_internvl_weights(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SleighError(str(index), f"bad safetensors index ({e})", "a JSON object with a weight_map") from None
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of file names")
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
+            raise SleighError(str(index), f"bad safetensors index ({first_line(e)})", "a JSON object with a weight_map") from None
+        shards = [inside(src, shard, f"{index.name}: weight_map") for shard in sorted(set(weight_map.values()))]
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(read_safetensors(src / shard))
+        for shard in shards:  # every shard confined to the source folder before any is read
+            state.update(read_safetensors(shard))
         missing = sorted(set(weight_map) - set(state))
         _require(not missing, str(index), f"tensors listed but absent from the shards: {missing[:8]}", "complete shards")
         return state

@@ -272,3 +272,24 @@ def test_empty_destination_folder_is_fine(tmp_path):
     dst.mkdir()
     convert(ORACLE_CKPT, dst, gswa="none")
     assert (dst / "config.json").is_file()
+
+
+@pytest.mark.parametrize("shard, problem", [("../outside.safetensors", "points outside the folder"),
+                                            ("ABSOLUTE", "is an absolute path"),
+                                            ("link.safetensors", "outside the folder (through a symlink)"),
+                                            (".", "names the folder itself"),
+                                            (7, "bad safetensors index")])
+def test_index_shards_outside_the_source_folder_are_refused(tmp_path, src_state, shard, problem):
+    """A shard path in model.safetensors.index.json must stay inside the source folder (symlinks
+    included); the shard outside is a complete, valid file, so only the confinement check refuses it."""
+    src = copy_oracle(tmp_path)
+    (src / "model.safetensors").unlink()
+    outside = tmp_path / "outside.safetensors"
+    save_file(src_state, str(outside))
+    (src / "link.safetensors").symlink_to(outside)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(src_state, shard)}))
+    with pytest.raises(SleighError, match="model.safetensors.index.json") as err:
+        convert(src, tmp_path / "ckpt", gswa="none")
+    assert problem in str(err.value)
+    assert_no_output(tmp_path / "ckpt")

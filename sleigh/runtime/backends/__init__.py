@@ -1,11 +1,15 @@
-"""Backends for packages, chosen by name. `auto` picks the best one that is installed."""
+"""Backends for packages, chosen by name. `auto` picks the best one that is installed, and the best
+engine of it whose files are all there. Before a backend opens anything, the files it will read
+are checked against the manifest (runtime/package.check_files)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.package import REEXPORT, check_files, inside
 
 PACKAGE_BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 PACKAGE_MODULES = "package"  # --engine package: the exported FP32 modules themselves
@@ -17,80 +21,149 @@ ENGINE_PREFERENCE = {"cpu": ("int8", "fp32", "fp16"), "cuda": ("fp16", "int8", "
 WEIGHT_PREFERENCE = ("int4", "int8", "fp16", "fp32")
 
 
-def best_engine(manifest: dict, backend: str, device: str) -> str | None:
-    """The best engine that passed its accuracy gate for this backend and device, or None."""
+def ranked_engines(manifest: dict, backend: str, device: str) -> list[str]:
+    """The engines that passed their accuracy gate for this backend and device, best first."""
+    order = ENGINE_PREFERENCE[device]
+    rank = lambda item: (_index(order, item[1]["precision"]), _index(WEIGHT_PREFERENCE, item[1].get("llm_weights") or "fp32"))  # noqa: E731
     candidates = [(name, e) for name, e in manifest.get("engines", {}).items()
                   if e.get("backend") == backend and e.get("accuracy_passed")]
-    if not candidates:
-        return None
-    order = ENGINE_PREFERENCE[device]
-    rank = lambda item: (order.index(item[1]["precision"]), WEIGHT_PREFERENCE.index(item[1].get("llm_weights", "fp32")))  # noqa: E731
-    return min(candidates, key=rank)[0]
+    return [name for name, _ in sorted(candidates, key=rank)]
+
+
+def best_engine(manifest: dict, backend: str, device: str) -> str | None:
+    """The best engine that passed its accuracy gate for this backend and device, or None."""
+    return next(iter(ranked_engines(manifest, backend, device)), None)
+
+
+def _index(order: tuple, value) -> int:
+    return order.index(value) if value in order else len(order)  # a precision this sleigh does not rank: last
+
+
+def warn(message: str) -> None:
+    """One line on stderr, `warning: ...` (through logging, so a log level can silence it)."""
+    logging.getLogger("sleigh").warning("warning: %s", message)
+
+
+def rebuild_command(pkg: Path, entry: dict) -> str:
+    """The command that builds this engine again, from the options it was built with."""
+    opts = entry.get("build_options") or {}
+    args = [f"--backend {opts.get('backend') or entry.get('backend')}", f"--precision {opts.get('precision') or entry.get('precision')}"]
+    args += [f"--{k.replace('_', '-')} {opts[k]}" for k in ("llm_weights", "max_tiles", "max_context") if opts.get(k) is not None]
+    return f"sleigh build-engine {pkg} {' '.join(args)} --force"
+
+
+def engine_files(manifest: dict, name: str) -> list[str]:
+    entry = manifest["engines"][name]
+    return list(dict.fromkeys([*entry["modules"].values(), *entry.get("files", {})]))
+
+
+def run_files(pkg: Path, manifest: dict, name: str | None) -> dict[str, str]:
+    """The files a run on engine `name` (None: the package's own modules) reads, tokenizer included,
+    each with what to do when it is missing or damaged: re-export a package file, rebuild an engine's."""
+    reexport = f"the file as exported: {REEXPORT}"
+    if name is None:
+        files = {rel: reexport for m in manifest["modules"].values() for rel in [m["file"], *m.get("data_files", [])]}
+    else:
+        rebuild = f"the engine's file as built: rebuild the engine (`{rebuild_command(pkg, manifest['engines'][name])}`)"
+        files = dict.fromkeys(engine_files(manifest, name), rebuild)
+    return {**files, manifest["tokenizer"]["file"]: reexport}
+
+
+def missing_files(pkg: Path, manifest: dict, name: str) -> list[str]:
+    """The files of engine `name` that are not there (a deleted engine folder)."""
+    return [rel for rel in engine_files(manifest, name) if not inside(pkg, rel, "manifest.json").is_file()]
 
 
 def open_package_backend(pkg: Path, manifest: dict, backend: str = "auto", *, threads: int | None = None,
-                         engine: str | dict | None = None) -> Backend:
-    """`engine`: a name from the manifest, an unregistered entry (during a build), or None for the
-    best built engine (falling back to the package's FP32 modules)."""
+                         engine: str | dict | None = None, verify: bool = True) -> Backend:
+    """`engine`: a name from the manifest, an unregistered entry (during a build, opened unchecked),
+    or None for the best gated engine whose files are there (falling back to the package's FP32
+    modules). The files the run reads are checked first: sizes always, sha256 unless `verify` is False."""
     if backend not in PACKAGE_BACKENDS:
         raise SleighError(f"--backend {backend}", "unknown backend", ", ".join(PACKAGE_BACKENDS))
     if backend == "torch":
         raise SleighError("--backend torch", "the torch backend runs Sleigh checkpoints, not packages",
                           "--model CHECKPOINT_DIR with --backend torch, or --backend onnxruntime for a package")
-    engines = manifest.get("engines", {})
-    if isinstance(engine, dict) and engine.get("backend") == "tensorrt":  # an entry being gated by build-engine
+    if isinstance(engine, dict):  # an entry being gated by build-engine: just written, not registered yet
+        return _open(pkg, manifest, engine, threads)
+    name = _choose(pkg, manifest, backend, engine)
+    check_files(pkg, manifest, run_files(pkg, manifest, name), verify=verify)
+    if name is None:
+        return _open(pkg, manifest, None, threads)
+    entry = manifest["engines"][name]
+    if entry.get("degraded") or not entry.get("accuracy_passed"):
+        warn(f"engine {name} did not pass its accuracy gate (kept with --allow-degraded): its answers may differ "
+             "from the FP32 modules' (`sleigh compare` shows by how much)")
+    return _open(pkg, manifest, {**entry, "name": name}, threads)
+
+
+def _open(pkg: Path, manifest: dict, entry: dict | None, threads: int | None) -> Backend:
+    if entry is not None and entry.get("backend") == "tensorrt":
         from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend.from_package(pkg, manifest, engine)
-    if backend in ("auto", "tensorrt") and not isinstance(engine, dict):
-        trt = _tensorrt_entry(manifest, engine, required=backend == "tensorrt")
-        if trt is not None:
-            from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
+        return TensorRTBackend.from_package(pkg, manifest, entry)
+    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-            return TensorRTBackend.from_package(pkg, manifest, trt)
-    from sleigh.runtime.backends.onnxruntime_backend import CUDA, OnnxRuntimeBackend, available_providers
-
-    if engine is None:
-        engine = best_engine(manifest, "onnxruntime", "cuda" if CUDA in available_providers() else "cpu")
-    if engine == PACKAGE_MODULES:
-        engine = None
-    elif isinstance(engine, str):
-        if engine not in engines:
-            raise SleighError(f"--engine {engine}", "no such engine in the package",
-                              ", ".join([PACKAGE_MODULES, *engines]))
-        if engines[engine].get("backend") != "onnxruntime":
-            raise SleighError(f"--engine {engine}", f"built for {engines[engine].get('backend')}",
-                              "an onnxruntime engine, or --backend tensorrt on a machine with TensorRT")
-        engine = {**engines[engine], "name": engine}
-    return OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=engine)
+    return OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry)
 
 
-def _tensorrt_entry(manifest: dict, engine: str | None, required: bool) -> dict | None:
-    """The TensorRT engine to open: the named one, or the best gated one when TensorRT and a GPU are
-    present (for `auto`); None to fall through to ONNX Runtime. `required`: --backend tensorrt."""
+def _choose(pkg: Path, manifest: dict, backend: str, engine: str | None) -> str | None:
+    """The engine to run by name (None: the package's modules), as --backend and --engine ask."""
     engines = manifest.get("engines", {})
     if engine == PACKAGE_MODULES:
-        if required:
+        if backend == "tensorrt":
             raise SleighError("--engine package", "the exported modules run on ONNX Runtime", "--backend onnxruntime or auto")
         return None
     if engine is not None:
         entry = engines.get(engine)
-        if entry is None or entry.get("backend") != "tensorrt":
-            if required:
-                raise SleighError(f"--engine {engine}", "not a TensorRT engine of this package",
-                                  ", ".join(n for n, e in engines.items() if e.get("backend") == "tensorrt") or
-                                  "build one with `sleigh build-engine --backend tensorrt`")
-            return None
-        return {**entry, "name": engine}
-    from sleigh.runtime.backends.tensorrt_backend import runtime_status
+        if entry is None:
+            raise SleighError(f"--engine {engine}", "no such engine in the package", ", ".join([PACKAGE_MODULES, *engines]))
+        if backend == "tensorrt" and entry.get("backend") != "tensorrt":
+            raise SleighError(f"--engine {engine}", "not a TensorRT engine of this package",
+                              ", ".join(n for n, e in engines.items() if e.get("backend") == "tensorrt") or
+                              "build one with `sleigh build-engine --backend tensorrt`")
+        if backend == "onnxruntime" and entry.get("backend") != "onnxruntime":
+            raise SleighError(f"--engine {engine}", f"built for {entry.get('backend')}",
+                              "an onnxruntime engine, or --backend tensorrt on a machine with TensorRT")
+        if entry.get("backend") not in ("onnxruntime", "tensorrt"):
+            raise SleighError(f"--engine {engine}", f"built for {entry.get('backend')!r}", "an onnxruntime or tensorrt engine")
+        return engine
+    skipped: list[str] = []
+    if backend in ("auto", "tensorrt"):
+        from sleigh.runtime.backends.tensorrt_backend import runtime_status
 
-    ok, _, problem, expected = runtime_status()
-    name = best_engine(manifest, "tensorrt", "cuda") if ok else None
-    if name is None:
-        if required:
-            if not ok:
-                raise SleighError("--backend tensorrt", problem, expected)
+        ok, what, problem, expected = runtime_status()
+        if not ok and backend == "tensorrt":
+            raise SleighError(what, problem, expected)
+        name = _first_present(pkg, manifest, ranked_engines(manifest, "tensorrt", "cuda") if ok else [], skipped)
+        if name is not None:
+            _warn_skipped(pkg, manifest, skipped, name)
+            return name
+        if backend == "tensorrt":
+            if skipped:
+                raise SleighError(f"engine {skipped[0]}", f"its file {missing_files(pkg, manifest, skipped[0])[0]} is missing",
+                                  f"rebuild the engine (`{rebuild_command(pkg, engines[skipped[0]])}`)")
             raise SleighError("--backend tensorrt", "the package has no TensorRT engine that passed its gate",
                               "`sleigh build-engine PKG --backend tensorrt` on the target machine")
-        return None
-    return {**engines[name], "name": name}
+    from sleigh.runtime.backends.onnxruntime_backend import CUDA, available_providers
+
+    device = "cuda" if CUDA in available_providers() else "cpu"
+    name = _first_present(pkg, manifest, ranked_engines(manifest, "onnxruntime", device), skipped)
+    _warn_skipped(pkg, manifest, skipped, name)
+    return name
+
+
+def _first_present(pkg: Path, manifest: dict, names: list[str], skipped: list[str]) -> str | None:
+    for name in names:
+        if not missing_files(pkg, manifest, name):
+            return name
+        skipped.append(name)
+    return None
+
+
+def _warn_skipped(pkg: Path, manifest: dict, skipped: list[str], chosen: str | None) -> None:
+    if skipped:
+        first = missing_files(pkg, manifest, skipped[0])[0]
+        warn(f"engine{'s' if len(skipped) > 1 else ''} {', '.join(skipped)}: files missing ({first}); running "
+             f"{f'engine {chosen}' if chosen else 'the package modules'} instead "
+             f"(rebuild with `{rebuild_command(pkg, manifest['engines'][skipped[0]])}`)")

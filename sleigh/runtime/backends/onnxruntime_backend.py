@@ -25,7 +25,7 @@ import numpy as np
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.kv_cache import KV_CHUNK, NEW, SlotCache, grown_capacity, past_name
-from sleigh.runtime.package import module_path
+from sleigh.runtime.package import check_module_io, inside, module_path
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -55,7 +55,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, files: dict[str, Path], num_layers: int, num_kv_heads: int, head_dim: int,
-                 threads: int | None = None, providers: list[str] | None = None, label: str = "fp32"):
+                 threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
+                 manifest_modules: dict | None = None):
         import onnxruntime as ort
 
         self.ort = ort
@@ -68,6 +69,10 @@ class OnnxRuntimeBackend(Backend):
             except Exception as e:  # onnxruntime raises its own exception types
                 raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
                                   "an intact package module (check with `sleigh inspect --verify`)") from None
+            if manifest_modules is not None:  # names as the manifest lists them: a swapped file stops here
+                sess = self.sessions[module]
+                check_module_io(manifest_modules, module, path, [i.name for i in sess.get_inputs()],
+                                [o.name for o in sess.get_outputs()])
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.label = label
         decoder = self.sessions["decoder"]
@@ -94,10 +99,10 @@ class OnnxRuntimeBackend(Backend):
             files = {m: module_path(pkg, manifest, m) for m in ("vision", "embed", "decoder")}
             label = "package fp32"
         else:
-            files = {m: Path(pkg) / f for m, f in engine["modules"].items()}
+            files = {m: inside(pkg, f, f"manifest.json: engine modules.{m}") for m, f in engine["modules"].items()}
             label = engine.get("name") or engine["precision"]
         return cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
-                   threads=threads, providers=providers, label=label)
+                   threads=threads, providers=providers, label=label, manifest_modules=manifest["modules"])
 
     def _input_dtype(self, module: str, name: str):
         return _dtype(self.sessions[module].get_inputs(), name)

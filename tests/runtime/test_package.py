@@ -1,0 +1,357 @@
+"""The manifest reader (every field the runtime reads, with its type; any bytes give a SleighError),
+paths confined to the package, and the integrity check before a run (sizes always, sha256 once per
+file version)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+import sleigh.runtime.package as package
+from sleigh.errors import SleighError
+from sleigh.runtime.package import MANIFEST, VERIFIED, read_manifest
+from sleigh.runtime.pipeline import Pipeline
+from tests.conftest import one_error_line, run_sleigh
+from tests.runtime.package_copies import add_engine, copy_package, load, save
+
+DELETE = object()
+
+
+@pytest.fixture
+def pkg(tiny_pkg, tmp_path):
+    return copy_package(tiny_pkg, tmp_path)
+
+
+def edited(pkg, path: tuple, value):
+    """The package with manifest[path...] set to `value` (or deleted)."""
+    manifest = load(pkg)
+    *parents, key = path
+    obj = manifest
+    for p in parents:
+        obj = obj[p]
+    if value is DELETE:
+        del obj[key]
+    else:
+        obj[key] = value
+    save(pkg, manifest)
+    return pkg
+
+
+# (field path, new value, words the one error line must hold). Each used to pass read_manifest and fail
+# later as KeyError/TypeError/IndexError ("unexpected"), or to run with a wrong value.
+BAD_FIELDS = [
+    (("model_config",), DELETE, "model_config is missing"),
+    (("tokenizer",), DELETE, "tokenizer is missing"),
+    (("model_config", "llm", "num_kv_heads"), DELETE, "model_config.llm.num_kv_heads is missing"),
+    (("model_config", "llm", "num_layers"), "2", "model_config.llm.num_layers is the string '2'"),
+    (("model_config", "llm", "hidden_size"), 65, "do not divide"),
+    (("model_config", "vision", "patch_size"), 0, "model_config.vision.patch_size is the integer 0"),
+    (("model_config", "vision", "image_size"), 450, "not an even whole number"),
+    (("model_config", "image", "max_tiles"), True, "model_config.image.max_tiles is the boolean True"),
+    (("model_config", "image", "min_tiles"), 13, "min_tiles 13 > max_tiles 12"),
+    (("model_config", "image", "mean"), [0.5, 0.5], "three numbers each"),
+    (("model_config", "image", "std"), [0.2, "x", 0.2], "model_config.image.std[1]"),
+    (("model_config", "image", "thumbnail"), "yes", "model_config.image.thumbnail"),
+    (("model_config", "prompt", "stop_token_ids"), "2", "model_config.prompt.stop_token_ids is the string"),
+    (("model_config", "prompt", "img_context_token_id"), -1, "img_context_token_id is the integer -1"),
+    (("model_config", "gswa", "apply"), "mystery", "model_config.gswa.apply is 'mystery'"),
+    (("model_config", "gswa", "min_weight"), 2, "min_weight is 2"),
+    (("model_config",), [], "model_config is a list"),
+    (("files",), [], "files is a list"),
+    (("files", "vision.onnx", "bytes"), "734976", "files.vision.onnx.bytes is the string"),
+    (("files", "vision.onnx", "sha256"), "xyz", "files.vision.onnx.sha256"),
+    (("files", "vision.onnx"), None, "files.vision.onnx is null"),
+    (("files", "tokenizer.json"), DELETE, "'tokenizer.json' is not listed in files"),
+    (("modules", "decoder"), DELETE, "modules ['decoder'] are missing"),
+    (("modules", "decoder", "file"), 5, "modules.decoder.file is the integer 5"),
+    (("modules", "decoder", "data_files"), "decoder.onnx.data", "modules.decoder.data_files is the string"),
+    (("modules", "decoder", "inputs"), {}, "modules.decoder.inputs is an object"),
+    (("modules", "decoder", "outputs", 0, "name"), DELETE, "modules.decoder.outputs[0].name is missing"),
+    (("modules", "vision", "file"), "other.onnx", "'other.onnx' is not listed in files"),
+    (("engines",), [], "engines is a list"),
+    (("engines", "x"), "fp16", "engines.x is the string"),
+    (("image",), DELETE, "image is missing"),
+    (("image", "max_tiles"), 0, "image.max_tiles is the integer 0"),
+    (("generation", "context_length"), -1, "generation.context_length"),
+    (("prompt", "tokens_per_view"), None, "prompt.tokens_per_view is null"),
+    (("parity",), [], "parity is a list"),
+    (("created_by",), "me", "created_by is the string"),
+    (("schema",), "other", "not a Sleigh package manifest"),
+    (("schema_version",), "2", "schema_version is the string '2'"),
+    (("schema_version",), True, "schema_version is the boolean"),
+]
+
+
+@pytest.mark.parametrize("path, value, words", BAD_FIELDS, ids=[f"{'.'.join(map(str, p))}={v if v is not DELETE else 'deleted'}"
+                                                                 for p, v, _ in BAD_FIELDS])
+def test_a_bad_field_is_one_error_naming_it(pkg, path, value, words):
+    with pytest.raises(SleighError) as err:
+        read_manifest(edited(pkg, path, value))
+    assert words in str(err.value)
+    assert str(err.value).startswith(str(pkg / MANIFEST))
+
+
+def test_engine_fields_are_checked(pkg):
+    add_engine(pkg, "onnxruntime-int8", "int8")
+    pristine = load(pkg)
+    for field, value, words in [("modules", {"vision": 3}, "engines.onnxruntime-int8.modules.vision is the integer 3"),
+                                ("modules", {"vision": "engines/x/vision.onnx"}, "'engines/x/vision.onnx' is not listed"),
+                                ("accuracy_passed", "yes", "engines.onnxruntime-int8.accuracy_passed"),
+                                ("backend", None, "engines.onnxruntime-int8.backend is null"),
+                                ("files", {"../x": {}}, "'../x' points outside")]:
+        engine = pristine["engines"]["onnxruntime-int8"]
+        save(pkg, {**pristine, "engines": {"onnxruntime-int8": {**engine, field: value}}})
+        with pytest.raises(SleighError, match="manifest.json") as err:
+            read_manifest(pkg)
+        assert words in str(err.value), field
+        if field != "files":  # a path outside says so (test_paths_outside_the_package_are_refused)
+            assert "build-engine" in str(err.value) and "re-export" not in str(err.value), field
+
+
+def test_schema_versions_say_what_to_do(pkg):
+    with pytest.raises(SleighError, match="upgrade sleigh") as err:
+        read_manifest(edited(pkg, ("schema_version",), package.SCHEMA_VERSION + 1))
+    assert "re-export" not in str(err.value)
+    with pytest.raises(SleighError, match="re-export") as err:
+        read_manifest(edited(pkg, ("schema_version",), package.SCHEMA_VERSION - 1))
+    assert "upgrade" not in str(err.value)
+
+
+# Raw manifest bytes: whatever they hold, the reader raises a SleighError and nothing else.
+BAD_BYTES = {
+    "empty": b"",
+    "not utf-8": b"\xff\xfe\xfa garbage",
+    "nul bytes": b"\x00" * 64,
+    "deep nesting": b"[" * 100_000,
+    "huge integer": b'{"schema_version": ' + b"1" * 5000 + b"}",
+    "null": b"null",
+    "a list": b"[]",
+    "a string": b'"sleigh.package"',
+    "NaN": b"NaN",
+    "schema only": b'{"schema": "sleigh.package"}',
+    "truncated": None,  # the real manifest cut in half
+}
+
+
+@pytest.mark.parametrize("name", BAD_BYTES)
+def test_any_bytes_give_a_sleigh_error(pkg, name):
+    raw = BAD_BYTES[name]
+    if raw is None:
+        raw = (pkg / MANIFEST).read_bytes()[: (pkg / MANIFEST).stat().st_size // 2]
+    (pkg / MANIFEST).write_bytes(raw)
+    with pytest.raises(SleighError):
+        read_manifest(pkg)
+
+
+def test_a_manifest_that_is_a_folder_or_missing(pkg):
+    (pkg / MANIFEST).unlink()
+    with pytest.raises(SleighError, match="no manifest.json"):
+        read_manifest(pkg)
+    (pkg / MANIFEST).mkdir()
+    with pytest.raises(SleighError, match="no manifest.json"):
+        read_manifest(pkg)
+
+
+# -- confinement ------------------------------------------------------------------------------------
+
+def _outside_copy(pkg):
+    """A valid module file outside the package (what an attacker's manifest would point at)."""
+    other = pkg.parent / "elsewhere"
+    other.mkdir(exist_ok=True)
+    shutil.copy(pkg / "decoder.onnx", other / "decoder.onnx")
+    return other / "decoder.onnx"
+
+
+ESCAPES = {"dotdot": lambda pkg, f: os.path.relpath(f, pkg), "absolute": lambda pkg, f: str(f),
+           "etc": lambda pkg, f: "/etc/passwd", "symlink": None}
+
+
+@pytest.mark.parametrize("escape", ESCAPES)
+@pytest.mark.parametrize("field", ["modules.decoder.file", "modules.decoder.data_files", "tokenizer.file", "files",
+                                   "engines.modules", "engines.dir"])
+def test_paths_outside_the_package_are_refused(pkg, field, escape):
+    outside = _outside_copy(pkg)
+    if escape == "symlink":
+        (pkg / "inside-link.onnx").symlink_to(outside)
+        rel = "inside-link.onnx"
+    else:
+        rel = ESCAPES[escape](pkg, outside)
+    add_engine(pkg, "onnxruntime-int8", "int8")
+    manifest = load(pkg)
+    entry = package.file_entry(pkg.parent, str(outside.relative_to(pkg.parent)))  # size and sha256 that match
+    manifest["files"][rel] = entry  # listed, so only the confinement check can refuse it
+    engine = manifest["engines"]["onnxruntime-int8"]
+    if field == "modules.decoder.file":
+        manifest["modules"]["decoder"]["file"] = rel
+    elif field == "modules.decoder.data_files":
+        manifest["modules"]["decoder"]["data_files"] = [rel]
+    elif field == "tokenizer.file":
+        manifest["tokenizer"]["file"] = rel
+    elif field == "engines.modules":
+        engine["modules"]["decoder"] = rel
+    elif field == "engines.dir":
+        engine["dir"] = rel
+    save(pkg, manifest)
+    with pytest.raises(SleighError) as err:
+        read_manifest(pkg)
+    msg = str(err.value)
+    assert repr(rel)[:100] in msg and ("outside the folder" in msg or "absolute path" in msg), msg
+    if escape == "symlink":
+        assert "through a symlink" in msg
+
+
+def test_inside_refuses_what_is_not_a_relative_file_name(tmp_path):
+    for rel in ["", None, 3, "a\0b", "/abs", ".", "a/../..", "\ud800.onnx"]:
+        with pytest.raises(SleighError):
+            package.inside(tmp_path, rel, "field")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(SleighError):
+        package.inside(tmp_path, "loop", "field")
+    assert package.inside(tmp_path, "a/b.onnx", "field") == tmp_path / "a" / "b.onnx"
+    assert package.inside(tmp_path, "a/../b.onnx", "field") == tmp_path / "a/../b.onnx"  # stays inside
+
+
+def test_run_never_loads_a_model_from_outside(pkg):
+    """The attack of the hardening issue: a manifest pointing `run` at a decoder elsewhere."""
+    outside = _outside_copy(pkg)
+    rel = os.path.relpath(outside, pkg)
+    manifest = load(pkg)
+    manifest["modules"]["decoder"]["file"] = rel
+    manifest["files"][rel] = manifest["files"]["decoder.onnx"]
+    save(pkg, manifest)
+    line = one_error_line(run_sleigh("run", "--model", pkg, "--max-new-tokens", "2"))
+    assert "points outside the folder" in line and not line.startswith("error: unexpected")
+
+
+# -- integrity ----------------------------------------------------------------------------------------
+
+def _flip(path, offset=-5000):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1
+    path.write_bytes(data)
+
+
+def test_a_flipped_byte_stops_the_run_and_the_opt_out_skips_the_hash(pkg):
+    _flip(pkg / "decoder.onnx")
+    with pytest.raises(SleighError, match="decoder.onnx") as err:
+        Pipeline.load(pkg)
+    assert "sha256 differs" in str(err.value) and "sleigh export" in str(err.value)
+    Pipeline.load(pkg, verify=False).generate(None, "hi", max_new_tokens=2).result  # opted out: runs
+
+
+def test_a_flipped_byte_is_one_error_line_and_the_flag_opts_out(pkg):
+    _flip(pkg / "decoder.onnx")
+    line = one_error_line(run_sleigh("run", "--model", pkg, "--max-new-tokens", "2"))
+    assert "decoder.onnx" in line and "sha256" in line
+    proc = run_sleigh("run", "--model", pkg, "--max-new-tokens", "2", "--no-verify-files")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "grown", "deleted", "folder"])
+def test_sizes_are_checked_even_without_hashes(pkg, damage):
+    path = pkg / "vision.onnx"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-1])
+    elif damage == "grown":
+        path.write_bytes(path.read_bytes() + b"\0")
+    else:
+        path.unlink()
+        if damage == "folder":
+            path.mkdir()
+    with pytest.raises(SleighError, match="vision.onnx") as err:
+        Pipeline.load(pkg, verify=False)
+    assert "re-export" in str(err.value)
+
+
+def test_a_damaged_tokenizer_is_caught(pkg):
+    path = pkg / "tokenizer.json"
+    text = path.read_text()
+    path.write_text(text.replace('"<s>"', '"<S>"', 1))  # still a valid tokenizer, one token renamed
+    with pytest.raises(SleighError, match=r"tokenizer.json \| its sha256 differs"):
+        Pipeline.load(pkg)
+
+
+def _count_hashes(monkeypatch):
+    hashed = []
+    real = package.sha256_file
+
+    def counting(path, *a, **k):
+        hashed.append(path.name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(package, "sha256_file", counting)
+    return hashed
+
+
+def test_hashes_are_computed_once_per_file_version(pkg, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    hashed = _count_hashes(monkeypatch)
+    Pipeline.load(pkg)
+    assert sorted(hashed) == sorted(load(pkg)["files"])  # the 3 modules and the tokenizer: every file once
+    assert (pkg / VERIFIED).is_file()
+    hashed.clear()
+    Pipeline.load(pkg)
+    assert hashed == []  # the second run reads no file
+    os.utime(pkg / "embed.onnx")  # a new mtime: a new version to hash
+    Pipeline.load(pkg)
+    assert hashed == ["embed.onnx"]
+
+
+def test_a_change_that_keeps_size_and_mtime_is_still_caught(pkg, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    Pipeline.load(pkg)  # hashed and cached
+    path = pkg / "decoder.onnx"
+    st = path.stat()
+    _flip(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime moved
+    with pytest.raises(SleighError, match="sha256 differs"):
+        Pipeline.load(pkg)
+
+
+def test_the_cache_never_fails_a_run(pkg, monkeypatch, tmp_path):
+    hashed = _count_hashes(monkeypatch)
+    (pkg / VERIFIED).mkdir()  # the package's cache cannot be written (as on a read-only package) ...
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    Pipeline.load(pkg)
+    assert list((tmp_path / "xdg" / "sleigh" / "verified").glob("*.json"))  # ... so it went to $XDG_CACHE_HOME
+    hashed.clear()
+    Pipeline.load(pkg)
+    assert hashed == []
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # nowhere to write at all: still runs
+    Pipeline.load(pkg)
+    (pkg / VERIFIED).rmdir()
+    (pkg / VERIFIED).write_bytes(b"\xff not json")  # a damaged cache is no cache
+    Pipeline.load(pkg)
+    assert json.loads((pkg / VERIFIED).read_text())["files"]
+
+
+def test_a_forged_cache_entry_is_not_trusted_for_another_file_version(pkg, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    Pipeline.load(pkg)
+    _flip(pkg / "decoder.onnx")  # new mtime: the recorded (good) sha256 belongs to the old version
+    with pytest.raises(SleighError, match="sha256 differs"):
+        Pipeline.load(pkg)
+
+
+def test_a_module_swapped_for_another_valid_onnx_is_one_error_line(pkg):
+    """embed.onnx copied over decoder.onnx, with its size and sha256 in the manifest too: the names differ."""
+    shutil.copy(pkg / "embed.onnx", pkg / "decoder.onnx")
+    manifest = load(pkg)
+    manifest["files"]["decoder.onnx"] = manifest["files"]["embed.onnx"]
+    save(pkg, manifest)
+    line = one_error_line(run_sleigh("run", "--model", pkg, "--max-new-tokens", "2"))
+    assert "decoder.onnx" in line and "is not a decoder module" in line and not line.startswith("error: unexpected")
+    with pytest.raises(SleighError, match="is not a decoder module"):
+        Pipeline.load(pkg, verify=False)
+
+
+@pytest.mark.parametrize("path, value", [(("model_config", "llm", "num_kv_heads"), DELETE), (("tokenizer",), DELETE),
+                                         (("model_config",), DELETE), (("files", "decoder.onnx", "bytes"), "big")])
+def test_cli_bad_manifest_is_one_user_error_line(pkg, path, value):
+    proc = run_sleigh("run", "--model", edited(pkg, path, value), "--max-new-tokens", "2")
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and not line.startswith("error: unexpected") and "manifest.json" in line
