@@ -40,8 +40,8 @@ def _index(order: tuple, value) -> int:
 
 
 def warn(message: str) -> None:
-    """One line on stderr, `warning: ...` (through logging, so a log level can silence it)."""
-    logging.getLogger("sleigh").warning("warning: %s", message)
+    """One line on stderr through logging (the CLI prints it as `warning: ...`; a log level can silence it)."""
+    logging.getLogger("sleigh").warning("%s", message)
 
 
 def rebuild_command(pkg: Path, entry: dict) -> str:
