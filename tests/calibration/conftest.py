@@ -86,10 +86,15 @@ def held_out_views() -> np.ndarray:
     return tile_image(HELD_OUT, max_tiles=12).pixel_values
 
 
-def run_vision(path: Path, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+def run_vision(path: Path, pixel_values: np.ndarray, fused: bool = True) -> dict[str, np.ndarray]:
+    """The vision module's outputs on ONNX Runtime's CPU provider: with its default graph
+    optimisations (fused int8 kernels), or none (`fused=False`: every Q/DQ op run as written)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if not fused:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {"pixel_values": pixel_values}), strict=True))
 

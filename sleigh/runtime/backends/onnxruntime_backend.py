@@ -14,6 +14,7 @@ and values, which are written into the next free slots in place (runtime/kv_cach
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,10 @@ class OnnxRuntimeBackend(Backend):
             try:
                 self.sessions[module] = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types
+                denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
+                if denied:  # not corruption: say so
+                    raise SleighError(str(denied[0]), "permission denied: this user may not read it",
+                                      "read permission for this user (e.g. chmod a+r on the package's files)") from None
                 raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
                                   "an intact package module (check with `sleigh inspect --verify`)") from None
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
@@ -92,8 +97,13 @@ class OnnxRuntimeBackend(Backend):
         else:
             files = {m: Path(pkg) / f for m, f in engine["modules"].items()}
             label = engine.get("name") or engine["precision"]
-        return cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
-                   threads=threads, providers=providers, label=label)
+        backend = cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
+                      threads=threads, providers=providers, label=label)
+        if engine is not None and backend.device == "cpu":
+            from sleigh.runtime.cpu_features import warn_if_missing
+
+            warn_if_missing(engine)  # its gate ran on another CPU's kernels
+        return backend
 
     def _input_dtype(self, module: str, name: str):
         return _dtype(self.sessions[module].get_inputs(), name)
