@@ -288,7 +288,10 @@ def _system_error(e: OSError) -> SleighError | None:
     full = name in ("ENOSPC", "EDQUOT")
     problem = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
                "EROFS": "read-only file system"}.get(name, "permission denied (read-only or not this user's)")
-    return SleighError(str(e.filename or "a file"), f"{problem} ({name})",
+    where = Path(e.filename) if e.filename else None
+    if where is not None and where.name.startswith("."):  # a temporary or staged file: name its folder
+        where = where.parent
+    return SleighError(str(where or "a file"), f"{problem} ({name})",
                        "free disk space, then run it again" if full else "files and folders this user may read "
                        "and write (copy the package elsewhere, or change its permissions)")
 

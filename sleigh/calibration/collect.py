@@ -208,6 +208,9 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
         files = {rel: file_entry(pkg, str(path.relative_to(pkg))) for rel, path in staged.items()}
         calibration = _calibration_entry(method, used, skipped, collector.views, tiling, ranges, files, t0)
         _commit(pkg, staged, files, calibration)
+    except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
+        e.filename = e.filename or str(pkg / CALIBRATION_DIR)
+        raise
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)

@@ -17,7 +17,6 @@ fails (nothing is registered) unless --allow-degraded.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from sleigh.export.exporter import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import MODULE_NAMES, file_entry, read_manifest, write_json_atomic
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_mode, read_manifest, write_json_atomic
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -315,21 +314,21 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             tmp = None
             entry["build_seconds"] = round(time.perf_counter() - t0, 2)
             return entry
+    except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
+        e.filename = e.filename or str(pkg / "engines")
+        raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def ordinary_modes(folder: Path) -> None:
-    """Give `folder` and everything in it the mode an ordinary open() or mkdir() would: 0666 & ~umask
-    for files, 0777 & ~umask for folders. mkdtemp makes its folder 0700 and onnx's save_model its
-    external data files 0600, which would lock other users out of an engine they may read the
-    package of."""
-    umask = os.umask(0)
-    os.umask(umask)  # reading the umask means setting it: put it back at once
+    """Give `folder` and everything in it the mode an ordinary open() or mkdir() would (0666 or 0777
+    & ~umask). mkdtemp makes its folder 0700 and onnx's save_model its external data files 0600,
+    which would lock other users out of an engine they may read the package of."""
     for path in (folder, *folder.rglob("*")):
         if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+            path.chmod(ordinary_mode(path.is_dir()))
 
 
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:

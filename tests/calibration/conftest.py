@@ -102,3 +102,32 @@ def run_vision(path: Path, pixel_values: np.ndarray, fused: bool = True) -> dict
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, list[str]]:
+    """`sleigh ARGS...` through sleigh.cli.main() in this process, so that a test's monkeypatches
+    (a full disk, a read-only folder) apply: (exit code, non-empty stderr lines)."""
+    import sys
+
+    from sleigh.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sleigh", *map(str, args)])
+    monkeypatch.delenv("SLEIGH_DEBUG", raising=False)
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included) with its bytes: to prove nothing changed."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def is_root() -> bool:
+    import os
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0  # root writes through any chmod
