@@ -36,7 +36,7 @@ _ACTIVATION_OP = "QuantizeLinear"
 # fused kernels compute exactly on any CPU (onnxruntime's quantization docs: `reduce_range`, 7-bit
 # weights for CPUs without VNNI). Tiny preset, entropy, held-out photo, on an AVX2-only EPYC:
 # image_embeds cosine vs FP32 0.99663 with 127 (0.99971 with the fusions off), 0.99945 with 63, fused
-# or not (tests/calibration/test_qdq.py). Turning the fusions off instead would cost about 1.7x in
+# or not (tests/calibration/test_qdq.py). Turning the fusions off instead cost about 1.6x in
 # vision latency (benchmarks/RESULTS.md). Still symmetric int8 with zero point 0.
 ORT_WEIGHT_MAX = 63
 
