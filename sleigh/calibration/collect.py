@@ -103,6 +103,9 @@ class VisionCollector:
         try:
             onnx.save(model, tmp)
             self.session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
+        except OSError as e:  # a full disk or a read-only package: not the package's fault (the CLI names it)
+            e.filename = e.filename or tmp
+            raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise SleighError(str(vision_onnx), f"ONNX Runtime cannot run it for calibration ({first_line(e)})",
                               "an intact package (check with `sleigh inspect --verify`)") from None

@@ -320,6 +320,17 @@ def test_a_full_disk_or_a_read_only_package_is_one_user_error_and_changes_nothin
     assert read_manifest(pkg_copy)["calibration"]["method"] == "entropy"
 
 
+def test_a_full_disk_while_preparing_the_collector_is_named(pkg_copy, calib_images, monkeypatch, capsys):
+    """The collector's temporary model (beside vision.onnx) hits the full disk: ENOSPC, not "corrupt"."""
+    import onnx as onnx_module
+
+    before = snapshot(pkg_copy)
+    monkeypatch.setattr(onnx_module, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    rc, lines = run_cli(monkeypatch, capsys, "calibrate", pkg_copy, "--images", calib_images)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {pkg_copy} | no space left on device (ENOSPC)")
+    assert "intact" not in lines[0] and snapshot(pkg_copy) == before
+
+
 def test_a_read_only_package_for_real(pkg_copy, calib_images, monkeypatch, capsys):
     """Without monkeypatching where permissions hold (not for root, which writes through chmod)."""
     if is_root():
