@@ -422,6 +422,24 @@ def _escape_controls(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def _system_error(e: OSError) -> SleighError | None:
+    """A full disk, a read-only file system or missing permissions: the machine's state, not a bug (rc 2)."""
+    import errno
+
+    name = errno.errorcode.get(e.errno or -1)
+    if name not in ("EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT"):
+        return None
+    full = name in ("ENOSPC", "EDQUOT")
+    problem = {"ENOSPC": "no space left on device", "EDQUOT": "disk quota exceeded",
+               "EROFS": "read-only file system"}.get(name, "permission denied (read-only or not this user's)")
+    where = Path(e.filename) if e.filename else None
+    if where is not None and where.name.startswith("."):  # a temporary or staged file: name its folder
+        where = where.parent
+    return SleighError(str(where or "a file"), f"{problem} ({name})",
+                       "free disk space, then run it again" if full else "files and folders this user may read "
+                       "and write (copy the package elsewhere, or change its permissions)")
+
+
 def main() -> None:
     try:
         app()
@@ -434,6 +452,9 @@ def main() -> None:
     except BrokenPipeError:
         os._exit(0)
     except Exception as e:  # a bug or an unforeseen failure: still one line, traceback on request
+        if isinstance(e, OSError) and (user := _system_error(e)) is not None:
+            _err(str(user))
+            sys.exit(2)
         if os.environ.get("SLEIGH_DEBUG"):
             raise
         _err(f"unexpected {type(e).__name__}: {first_line(e)} (set SLEIGH_DEBUG=1 for the traceback)")

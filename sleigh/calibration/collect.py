@@ -104,6 +104,9 @@ class VisionCollector:
         try:
             onnx.save(model, tmp)
             self.session = ort.InferenceSession(tmp, sess_options=opts, providers=["CPUExecutionProvider"])
+        except OSError as e:  # a full disk or a read-only package: not the package's fault (the CLI names it)
+            e.filename = e.filename or tmp
+            raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise SleighError(str(vision_onnx), f"ONNX Runtime cannot run it for calibration ({first_line(e)})",
                               "an intact package (check with `sleigh inspect --verify`)") from None
@@ -202,19 +205,56 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
 
     ranges = ranges_from_stats(collector.stats, method)
     (pkg / CALIBRATION_DIR).mkdir(exist_ok=True)
-    write_json_atomic(pkg / RANGES_FILE, {"module": "vision", "method": method, "num_images": len(used),
-                                          "skipped": len(skipped), "views": collector.views, "tensors": ranges})
-    write_calibration_cache(pkg / CACHE_FILE, {n: r["scale"] for n, r in ranges.items()})
-    files = {rel: file_entry(pkg, rel) for rel in (RANGES_FILE, CACHE_FILE)}
+    staged = {RANGES_FILE: _stage(pkg / RANGES_FILE), CACHE_FILE: _stage(pkg / CACHE_FILE)}
+    try:
+        write_json_atomic(staged[RANGES_FILE], {"module": "vision", "method": method, "num_images": len(used),
+                                                "skipped": len(skipped), "views": collector.views, "tensors": ranges})
+        write_calibration_cache(staged[CACHE_FILE], {n: r["scale"] for n, r in ranges.items()})
+        files = {rel: file_entry(pkg, str(path.relative_to(pkg))) for rel, path in staged.items()}
+        calibration = _calibration_entry(method, used, skipped, collector.views, tiling, ranges, files, t0)
+        _commit(pkg, staged, files, calibration)
+    except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
+        e.filename = e.filename or str(pkg / CALIBRATION_DIR)
+        raise
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+    return calibration
+
+
+def _stage(path: Path) -> Path:
+    """Where a file is written before any of the calibration's files is put in place."""
+    return path.with_name(f".{path.name}.staged-{os.getpid()}")
+
+
+def _commit(pkg: Path, staged: dict[str, Path], files: dict, calibration: dict) -> None:
+    """Rename the staged files into place and write the manifest (last). Everything that can fail for
+    a full disk or a read-only folder (writing the bytes) has happened by now: a failure before this
+    point leaves the previous calibration and manifest as they were."""
+    manifest = read_manifest(pkg)  # re-read: keep whatever else changed it meanwhile
+    manifest["calibration"] = calibration
+    manifest.setdefault("files", {}).update(files)
+    manifest_staged = _stage(pkg / MANIFEST)
+    try:
+        write_json_atomic(manifest_staged, manifest)
+        for rel, path in staged.items():
+            path.replace(pkg / rel)
+        manifest_staged.replace(pkg / MANIFEST)  # last
+    finally:
+        manifest_staged.unlink(missing_ok=True)
+
+
+def _calibration_entry(method: str, used: list[str], skipped: list[dict], views: int, tiling: dict, ranges: dict,
+                       files: dict, t0: float) -> dict:
     seconds = time.perf_counter() - t0
-    calibration = {
+    return {
         "module": "vision",
         "method": method,
         "num_images": len(used),
         "skipped": len(skipped),
         "images": used,
         "skipped_files": skipped,
-        "views": collector.views,
+        "views": views,
         "max_tiles": tiling["max_tiles"],
         "tensors": len(ranges),
         "trt_cache_header": header(TRT_CACHE_VERSION),
@@ -222,11 +262,6 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
         "seconds": round(seconds, 2),
         "created_by": _versions(),
     }
-    manifest = read_manifest(pkg)  # re-read: keep whatever else changed it meanwhile
-    manifest["calibration"] = calibration
-    manifest.setdefault("files", {}).update(files)
-    write_json_atomic(pkg / MANIFEST, manifest)  # last
-    return calibration
 
 
 def _versions() -> dict:

@@ -11,7 +11,9 @@ GELU (Erf) and the sleigh::GSWA node with its function body all run in floating 
     bias (float, untouched) ──────────────────────────────────────────────────────┘
 
 s_x = amax / 127 from the ranges (`calibration/vision_ranges.json`); s_w = max|W| over the other axes
-/ 127 per output channel. Written with onnx directly: onnxruntime.quantization's QDQQuantizer rewires
+/ weight_max per output channel: 127 for TensorRT, ORT_WEIGHT_MAX (63, 7 bits) for ONNX Runtime,
+whose int8 kernels on x86 CPUs without VNNI saturate with full-range weights (see ORT_WEIGHT_MAX).
+Written with onnx directly: onnxruntime.quantization's QDQQuantizer rewires
 every consumer of a quantized tensor (Shape, residual Add) to the DequantizeLinear output and leaves
 the graph unsorted for the checker.
 """
@@ -28,6 +30,15 @@ from sleigh.errors import SleighError
 from sleigh.export.exporter import save_onnx
 
 _ACTIVATION_OP = "QuantizeLinear"
+# ONNX Runtime's x86 int8 GEMM (MLAS u8s8: int8 activations shifted to uint8) on AVX2 without VNNI
+# multiplies with VPMADDUBSW, which adds two uint8 x int8 products in int16: 2 x 255 x 127 = 64770
+# overflows 32767 and saturates. |w| <= 63 keeps every pair within it (2 x 255 x 63 = 32130), so the
+# fused kernels compute exactly on any CPU (onnxruntime's quantization docs: `reduce_range`, 7-bit
+# weights for CPUs without VNNI). Tiny preset, entropy, held-out photo, on an AVX2-only EPYC:
+# image_embeds cosine vs FP32 0.99663 with 127 (0.99971 with the fusions off), 0.99945 with 63, fused
+# or not (tests/calibration/test_qdq.py). Turning the fusions off instead cost about 1.6x in
+# vision latency (benchmarks/RESULTS.md). Still symmetric int8 with zero point 0.
+ORT_WEIGHT_MAX = 63
 
 
 def weight_axis(node, input_index: int, ndim: int) -> int | None:
@@ -49,18 +60,18 @@ def _quantized_inputs(node) -> range:
     return range(len(node.input)) if node.op_type == "MatMul" else range(min(2, len(node.input)))  # not the bias
 
 
-def _quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 weights, float32 scale): symmetric, per channel along `axis` (None: one scale)."""
+def _quantize_weight(w: np.ndarray, axis: int | None, qmax: int = INT8_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 weights in [-qmax, qmax], float32 scale): symmetric, per channel along `axis` (None: one scale)."""
     w = w.astype(np.float32)
     if axis is None:
         amax = np.abs(w).max(initial=0.0)
     else:
         amax = np.abs(np.moveaxis(w, axis, 0)).reshape(w.shape[axis], -1).max(axis=1, initial=0.0)  # (C,)
-    scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)  # an all-zero channel keeps scale 1
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)  # an all-zero channel keeps scale 1
     shape = [1] * w.ndim
     if axis is not None:
         shape[axis] = -1
-    q = np.clip(np.rint(w / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    q = np.clip(np.rint(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
     return q, scale
 
 
@@ -75,16 +86,20 @@ def _activation_scales(ranges: dict) -> dict[str, float]:
     return out
 
 
-def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_channel: bool = True) -> dict:
+def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_channel: bool = True,
+                        weight_max: int = INT8_MAX) -> dict:
     """Write a symmetric INT8 Q/DQ copy of `src_onnx` to `dst_onnx`; returns a summary.
 
     `ranges` is the content of calibration/vision_ranges.json (or its "tensors" dict): a "scale" for
-    every activation input of a MatMul/Gemm/Conv. The local functions (GSWA) are kept as they are.
+    every activation input of a MatMul/Gemm/Conv. Weights use integers in [-weight_max, weight_max]
+    (ORT_WEIGHT_MAX for ONNX Runtime engines). The local functions (GSWA) are kept as they are.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
+    if not 1 <= weight_max <= INT8_MAX:
+        raise ValueError(f"weight_max {weight_max} is outside 1..{INT8_MAX}")
     if not src_onnx.is_file():
         raise SleighError(str(src_onnx), "no such file", "the package's vision.onnx")
     model = onnx.load(str(src_onnx))
@@ -116,7 +131,7 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
     def weight(name: str, axis: int | None) -> tuple[str, str, str, int | None]:
         key = (name, axis)
         if key not in weight_params:
-            q, s = _quantize_weight(numpy_helper.to_array(inits[name]), axis)
+            q, s = _quantize_weight(numpy_helper.to_array(inits[name]), axis, weight_max)
             tag = name if axis is None else f"{name}_axis{axis}"
             names = (f"{tag}_quantized", f"{tag}_scale", f"{tag}_zero_point")
             new_inits.extend([numpy_helper.from_array(q, names[0]), numpy_helper.from_array(s, names[1]),
@@ -175,6 +190,7 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
         "activations": len(act_params),
         "weights": len(weight_params),
         "per_channel": per_channel,
+        "weight_max": weight_max,
         "not_quantized": not_quantized,
         "kept_float": {op: n for op, n in Counter(n.op_type for n in nodes).items()
                        if op in ("LayerNormalization", "Softmax", "Add", "Erf", "GSWA")},

@@ -24,7 +24,10 @@ PROMPTS = ("Describe the image in detail.", "What is the main object in this pic
 # metrics its decoder weights (--llm-weights). embeddings_cos_min and logits_cos_min are minima over
 # all pairs; top1 and tokens are fractions (top-1 agreement of the last logits; mean common greedy
 # prefix / NUM_TOKENS). Token agreement is a weak signal on random weights (near-flat logits flip on
-# tiny changes), so its floor is low; the cosines carry the gate.
+# tiny changes), so its floor is low; the cosines carry the gate. INT8's floor is measured: FP32 vision
+# with a weight-only INT8 decoder (logits cosine 0.9998) scored 0.13 on the small preset and the full
+# INT8 engine 0.17 to 0.33 on the tiny one (entropy, percentile, minmax; on an AVX2 EPYC), where the
+# prefix ends at the first near-tie; 0.1 still fails an engine whose first tokens already differ.
 VISION_GATES: dict[str, dict[str, float]] = {
     "fp32": {"embeddings_cos_min": 0.9999, "gswa_max_abs": 1e-3},
     "fp16": {"embeddings_cos_min": 0.999, "gswa_max_abs": 0.02},
@@ -33,7 +36,7 @@ VISION_GATES: dict[str, dict[str, float]] = {
 LLM_GATES: dict[str, dict[str, float]] = {
     "fp32": {"logits_cos_min": 0.9999, "top1": 1.0, "tokens": 0.9},
     "fp16": {"logits_cos_min": 0.999, "top1": 0.8, "tokens": 0.25},
-    "int8": {"logits_cos_min": 0.995, "top1": 0.8, "tokens": 0.2},
+    "int8": {"logits_cos_min": 0.995, "top1": 0.8, "tokens": 0.1},
     "int4": {"logits_cos_min": 0.98, "top1": 0.6, "tokens": 0.1},
 }
 

@@ -17,6 +17,7 @@ fails (nothing is registered) unless --allow-degraded.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,8 +27,9 @@ from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import save_onnx
 from sleigh.progress import progress
+from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import MODULE_NAMES, file_entry, read_manifest, write_json_atomic
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_mode, read_manifest, write_json_atomic
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -144,14 +146,23 @@ def copy(src: Path, dst: Path) -> list[str]:
     return written
 
 
-def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict) -> list[str]:
+def int8_weight_max(backend: str) -> int:
+    """The largest |integer| of INT8 vision weights: 7 bits for ONNX Runtime, whose int8 kernels on
+    CPUs without VNNI saturate with 8 (calibration/qdq.py, ORT_WEIGHT_MAX); 8 bits for TensorRT."""
+    from sleigh.calibration.collect import INT8_MAX
+    from sleigh.calibration.qdq import ORT_WEIGHT_MAX
+
+    return ORT_WEIGHT_MAX if backend == "onnxruntime" else INT8_MAX
+
+
+def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int) -> list[str]:
     from sleigh.calibration.collect import RANGES_FILE
     from sleigh.calibration.qdq import quantize_vision_qdq
 
     if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
         raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
                           f"run `sleigh calibrate {pkg} --images DIR` first")
-    quantize_vision_qdq(src, dst, json.loads((pkg / RANGES_FILE).read_text()))
+    quantize_vision_qdq(src, dst, json.loads((pkg / RANGES_FILE).read_text()), weight_max=weight_max)
     data = dst.with_name(dst.name + ".data")
     return [dst.name] + ([data.name] if data.exists() else [])
 
@@ -162,7 +173,7 @@ def convert_module(module: str, opts: EngineOptions, src: Path, dst: Path, pkg: 
     if module == "decoder":
         return to_fp16(src, dst) if opts.weights == "fp16" else copy(src, dst)
     if module == "vision" and opts.precision == "int8":
-        return vision_int8(src, dst, pkg, manifest)
+        return vision_int8(src, dst, pkg, manifest, int8_weight_max(opts.backend))
     if opts.precision in ("fp16", "int8"):  # int8 engines keep embed (a table lookup) in fp16
         return to_fp16(src, dst)
     return copy(src, dst)
@@ -272,6 +283,9 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 "shapes": {"max_views": _max_views(opts.max_tiles or manifest["image"]["max_tiles"], manifest["image"]["thumbnail"]),
                            "max_context": opts.max_context or manifest["generation"]["context_length"]},
                 "offline_optimization": "ORT_ENABLE_BASIC" if opts.backend == "onnxruntime" else None,
+                # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
+                "cpu": {"machine": platform.machine(), "features": cpu_features()} if opts.backend == "onnxruntime" else None,
+                "int8_weight_max": int8_weight_max(opts.backend) if opts.precision == "int8" else None,
             }
             if opts.backend == "tensorrt":
                 from sleigh.export.tensorrt_build import TensorRTOptions, build_engines
@@ -287,6 +301,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 entry["modules"] = {m: f"{staged}/{Path(rel).name}" for m, rel in trt_entry["modules"].items()}
                 entry["shapes"]["max_context"] = context
             staged_files = sorted({f"{staged}/{f}" for fs in files.values() for f in fs} | set(entry["modules"].values()))
+            ordinary_modes(tmp)
 
             bar.advance(0, description=f"{name}: accuracy gate")
             from sleigh.export.accuracy import run_gate
@@ -301,9 +316,21 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             tmp = None
             entry["build_seconds"] = round(time.perf_counter() - t0, 2)
             return entry
+    except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
+        e.filename = e.filename or str(pkg / "engines")
+        raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ordinary_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the mode an ordinary open() or mkdir() would (0666 or 0777
+    & ~umask). mkdtemp makes its folder 0700 and onnx's save_model its external data files 0600,
+    which would lock other users out of an engine they may read the package of."""
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(ordinary_mode(path.is_dir()))
 
 
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:

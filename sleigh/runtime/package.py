@@ -40,6 +40,13 @@ def file_entry(root: Path, rel: str) -> dict:
     return {"sha256": sha256_file(p), "bytes": p.stat().st_size}
 
 
+def ordinary_mode(folder: bool = False) -> int:
+    """The mode an ordinary open() (0666) or mkdir() (0777) would give under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it: put it back at once
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def write_bytes_atomic(path: Path, data) -> None:
     """Write `data` (bytes or any buffer) to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
@@ -50,7 +57,7 @@ def write_bytes_atomic(path: Path, data) -> None:
             f.write(memoryview(data))  # e.g. TensorRT's IHostMemory: no extra copy
             f.flush()
             os.fsync(f.fileno())  # a power cut on a device must not leave an empty file
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, ordinary_mode())  # mkstemp makes it 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -86,10 +86,15 @@ def held_out_views() -> np.ndarray:
     return tile_image(HELD_OUT, max_tiles=12).pixel_values
 
 
-def run_vision(path: Path, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+def run_vision(path: Path, pixel_values: np.ndarray, fused: bool = True) -> dict[str, np.ndarray]:
+    """The vision module's outputs on ONNX Runtime's CPU provider: with its default graph
+    optimisations (fused int8 kernels), or none (`fused=False`: every Q/DQ op run as written)."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if not fused:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, {"pixel_values": pixel_values}), strict=True))
 
@@ -97,3 +102,32 @@ def run_vision(path: Path, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, list[str]]:
+    """`sleigh ARGS...` through sleigh.cli.main() in this process, so that a test's monkeypatches
+    (a full disk, a read-only folder) apply: (exit code, non-empty stderr lines)."""
+    import sys
+
+    from sleigh.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sleigh", *map(str, args)])
+    monkeypatch.delenv("SLEIGH_DEBUG", raising=False)
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones included) with its bytes: to prove nothing changed."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def is_root() -> bool:
+    import os
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0  # root writes through any chmod

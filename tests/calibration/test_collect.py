@@ -3,8 +3,11 @@ and the three methods against each other and against a loop-for-loop entropy ref
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
 import struct
 from collections import Counter
 
@@ -20,7 +23,7 @@ from sleigh.calibration.trt_cache import (TRT_CACHE_VERSION, format_calibration_
 from sleigh.errors import SleighError
 from sleigh.runtime.package import read_manifest, verify_files
 
-from .conftest import NUM_CALIBRATION_IMAGES, make_variants
+from .conftest import NUM_CALIBRATION_IMAGES, is_root, make_variants, run_cli, snapshot
 
 CALIBRATION_KEYS = {"method", "num_images", "skipped", "images", "files", "created_by"}
 
@@ -290,3 +293,66 @@ def test_weights_in_an_external_data_file(tiny_pkg, calib_images, tmp_path):
     summary = quantize_vision_qdq(folder / "vision.onnx", tmp_path / "q" / "vision.int8.onnx",
                                   ranges_from_stats(stats[1], "minmax"))
     assert summary["files"] == ["vision.int8.onnx"]  # small enough to keep its weights inside
+
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EROFS: "read-only file system (EROFS)",
+               errno.EACCES: "permission denied"}
+
+
+@pytest.mark.parametrize("code", sorted(DISK_ERRORS))
+def test_a_full_disk_or_a_read_only_package_is_one_user_error_and_changes_nothing(pkg_copy, calib_images, monkeypatch,
+                                                                                    capsys, code):
+    """The second of calibrate's three files fails (the ranges are written by then): one error line,
+    rc 2, and the package byte for byte as it was, previous calibration included."""
+    from sleigh.calibration import trt_cache
+
+    calibrate_package(pkg_copy, calib_images, num_images=2, quiet=True)
+    before = snapshot(pkg_copy)
+
+    def fail(path, data):
+        raise OSError(code, os.strerror(code))  # as a write() on a full disk raises it: no file name
+
+    monkeypatch.setattr(trt_cache, "write_bytes_atomic", fail)
+    rc, lines = run_cli(monkeypatch, capsys, "calibrate", pkg_copy, "--images", calib_images, "--method", "minmax")
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {pkg_copy / 'calibration'} | ") and DISK_ERRORS[code] in lines[0]
+    assert snapshot(pkg_copy) == before
+    assert read_manifest(pkg_copy)["calibration"]["method"] == "entropy"
+
+
+def test_a_full_disk_while_preparing_the_collector_is_named(pkg_copy, calib_images, monkeypatch, capsys):
+    """The collector's temporary model (beside vision.onnx) hits the full disk: ENOSPC, not "corrupt"."""
+    import onnx as onnx_module
+
+    before = snapshot(pkg_copy)
+    monkeypatch.setattr(onnx_module, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    rc, lines = run_cli(monkeypatch, capsys, "calibrate", pkg_copy, "--images", calib_images)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {pkg_copy} | no space left on device (ENOSPC)")
+    assert "intact" not in lines[0] and snapshot(pkg_copy) == before
+
+
+def test_a_read_only_package_for_real(pkg_copy, calib_images, monkeypatch, capsys):
+    """Without monkeypatching where permissions hold (not for root, which writes through chmod)."""
+    if is_root():
+        pytest.skip("root ignores permission bits; the simulated EACCES/EROFS cases above cover it")
+    before = snapshot(pkg_copy)
+    for p in (pkg_copy, *pkg_copy.rglob("*")):
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        rc, lines = run_cli(monkeypatch, capsys, "calibrate", pkg_copy, "--images", calib_images)
+    finally:
+        for p in (pkg_copy, *pkg_copy.rglob("*")):
+            p.chmod(p.stat().st_mode | 0o200)
+    assert rc == 2 and len(lines) == 1 and "permission denied (EACCES)" in lines[0], lines
+    assert snapshot(pkg_copy) == before
+
+
+def test_calibration_files_get_the_umask_mode(pkg_copy, calib_images):
+    old = os.umask(0o027)
+    try:
+        calibrate_package(pkg_copy, calib_images, num_images=2, quiet=True)
+    finally:
+        os.umask(old)
+    for rel in (RANGES_FILE, CACHE_FILE, "manifest.json"):
+        assert stat.S_IMODE((pkg_copy / rel).stat().st_mode) == 0o640, rel
+    assert not [p.name for p in pkg_copy.rglob(".*")]  # no staged file left behind

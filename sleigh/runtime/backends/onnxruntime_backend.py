@@ -17,6 +17,7 @@ thread-safe. The one CUDA stream that writes slots is shared too, so its copies 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -67,6 +68,10 @@ class OnnxRuntimeBackend(Backend):
             try:
                 self.sessions[module] = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
             except Exception as e:  # onnxruntime raises its own exception types
+                denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
+                if denied:  # not corruption: say so
+                    raise SleighError(str(denied[0]), "permission denied: this user may not read it",
+                                      "read permission for this user (e.g. chmod a+r on the package's files)") from None
                 raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
                                   "an intact package module (check with `sleigh inspect --verify`)") from None
             if manifest_modules is not None:  # names as the manifest lists them: a swapped file stops here
@@ -101,8 +106,13 @@ class OnnxRuntimeBackend(Backend):
         else:
             files = {m: inside(pkg, f, f"manifest.json: engine modules.{m}") for m, f in engine["modules"].items()}
             label = engine.get("name") or engine["precision"]
-        return cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
-                   threads=threads, providers=providers, label=label, manifest_modules=manifest["modules"])
+        backend = cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
+                      threads=threads, providers=providers, label=label, manifest_modules=manifest["modules"])
+        if engine is not None and backend.device == "cpu":
+            from sleigh.runtime.cpu_features import warn_if_missing
+
+            warn_if_missing(engine)  # its gate ran on another CPU's kernels
+        return backend
 
     def _input_dtype(self, module: str, name: str):
         return _dtype(self.sessions[module].get_inputs(), name)
