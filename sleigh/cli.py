@@ -70,6 +70,9 @@ def run(
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default: the model's, 12)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="A string that ends the answer (not printed); repeatable."),
+    allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
+                                              help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.pipeline import Pipeline
@@ -85,8 +88,9 @@ def run(
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, seed=seed)
     pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
+    pipe.allow_special_tokens = allow_special_tokens
     gen = pipe.generate(image, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                        ignore_eos=ignore_eos, max_tiles=max_tiles)
+                        ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
     if as_json:
         typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
         return
