@@ -154,7 +154,7 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
         image = await run_in_threadpool(protocol.decode_image, conv.image_url, conv.image_param,
                                         max_pixels=settings.max_image_pixels, local_root=settings.allow_local_files)
     gen_request = GenerationRequest(conv.turns, conv.system, image, protocol.max_new_tokens(req, settings.default_max_tokens),
-                                    sampling, protocol.stop_strings(req), req.max_tiles)
+                                    sampling, protocol.stop_strings(req), req.max_tiles, req.ignore_eos)
     try:
         job = worker.submit(gen_request)
     except QueueFull:

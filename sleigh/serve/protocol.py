@@ -102,6 +102,7 @@ class ChatRequest(_Strict):
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
     max_tiles: int | None = Field(None, ge=1)
+    ignore_eos: bool = False
 
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -112,7 +113,7 @@ def parse_request(body: bytes) -> ChatRequest:
     try:
         req = ChatRequest.model_validate_json(body)
     except ValidationError as e:
-        raise APIError(400, _one_line(e), param=_loc(e.errors()[0]["loc"]) or None) from None
+        raise APIError(400, _one_line(e), param=_loc(e.errors()[0]["loc"]).split(".")[0] or None) from None
     if req.stop is not None:
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
@@ -121,22 +122,25 @@ def parse_request(body: bytes) -> ChatRequest:
 
 
 def _loc(loc) -> str:
-    return ".".join(str(p) for p in loc)
+    # pydantic names union branches in the location ('str', 'list[tagged-union[...]]'): not a field
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list"))))
 
 
 def _one_line(e: ValidationError) -> str:
+    """The deepest problem (in a union, the branch that got furthest), in one line."""
     errors = e.errors()
     first = errors[0]
-    if first["type"] == "extra_forbidden":
-        text = f"Unrecognized request argument supplied: {_loc(first['loc'])}"
-    elif first["type"] == "json_invalid":
-        text = f"the body is not valid JSON ({first['ctx']['error']})"
-    elif not first["loc"]:
-        text = f"the body must be a JSON object ({first['msg']})"
-    else:
-        text = f"{_loc(first['loc'])}: {first['msg']}"
-    more = len(errors) - 1
-    return text + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
+    if first["type"] == "json_invalid":
+        return f"the body is not valid JSON ({first['ctx']['error']})"
+    if not first["loc"]:
+        return f"the body must be a JSON object ({first['msg']})"
+    deepest = max(len(_loc(err["loc"]).split(".")) for err in errors)
+    chosen = [err for err in errors if len(_loc(err["loc"]).split(".")) == deepest]
+    if chosen[0]["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {_loc(chosen[0]['loc'])}"
+    where = _loc(chosen[0]["loc"])
+    messages = dict.fromkeys(err["msg"] for err in chosen if _loc(err["loc"]) == where)
+    return f"{where}: {' | '.join(messages)}"
 
 
 # -- messages -> the chat template's turns ----------------------------------------------------------

@@ -35,6 +35,7 @@ class GenerationRequest:
     sampling: SamplingOptions
     stop: tuple[str, ...] = ()
     max_tiles: int | None = None
+    ignore_eos: bool = False
 
 
 class QueueFull(Exception):
@@ -104,7 +105,8 @@ class ModelWorker:
             return
         r = job.request
         gen = self.pipeline.generate(r.image, r.turns, system=r.system, max_new_tokens=r.max_new_tokens,
-                                     sampling=r.sampling, max_tiles=r.max_tiles, stop=r.stop)
+                                     sampling=r.sampling, max_tiles=r.max_tiles, stop=r.stop,
+                                     ignore_eos=r.ignore_eos)
         for piece in gen:
             if job.cancelled.is_set():  # between two tokens: no further model work for this request
                 job.emit("cancelled")
