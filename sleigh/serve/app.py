@@ -149,6 +149,9 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     worker = state.worker
     if worker is None:
         raise APIError(503, "the model is still loading", retry_after=settings.retry_after_s)
+    if req.max_tiles is not None and req.max_tiles > worker.pipeline.info.max_tiles:
+        raise APIError(400, f"max_tiles: {req.max_tiles} is above the model's {worker.pipeline.info.max_tiles}",
+                       param="max_tiles")
     image = None
     if conv.image_url is not None:
         image = await run_in_threadpool(protocol.decode_image, conv.image_url, conv.image_param,
