@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.serve import protocol
 from sleigh.serve.metrics import CONTENT_TYPE, Metrics
 from sleigh.serve.protocol import APIError
@@ -152,6 +152,8 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     if req.max_tiles is not None and req.max_tiles > worker.pipeline.info.max_tiles:
         raise APIError(400, f"max_tiles: {req.max_tiles} is above the model's {worker.pipeline.info.max_tiles}",
                        param="max_tiles")
+    if worker.full:  # before decoding an image that would wait nowhere
+        raise _busy(worker, settings)
     image = None
     if conv.image_url is not None:
         image = await run_in_threadpool(protocol.decode_image, conv.image_url, conv.image_param,
@@ -161,15 +163,14 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     try:
         job = worker.submit(gen_request)
     except QueueFull:
-        raise APIError(503, f"the server is busy ({worker.max_queue} requests already wait); retry later",
-                       retry_after=settings.retry_after_s) from None
+        raise _busy(worker, settings) from None
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job, state))
     try:
         first = await job.events.get()
     except BaseException:  # cancelled (the client went away under Ray Serve, or shutdown)
         _stop(job, watcher, state, finished=False)
         raise
-    if first[0] == "piece":
+    if first[0] in ("piece", "done"):
         state.metrics.first_token(time.perf_counter() - arrived)
     if first[0] in ("error", "cancelled"):
         _stop(job, watcher, state)
@@ -241,9 +242,14 @@ def _record(state: _State, result) -> None:
     state.metrics.finished(result.prompt_tokens, len(result.token_ids), result.timings.decode_tokens_per_s)
 
 
+def _busy(worker: ModelWorker, settings: ServeSettings) -> APIError:
+    return APIError(503, f"the server is busy ({worker.max_queue} requests already wait); retry later",
+                    retry_after=settings.retry_after_s)
+
+
 def _generation_error(exc: BaseException) -> APIError:
     if isinstance(exc, SleighError):
-        return APIError(400, str(exc))
+        return APIError(400, first_line(exc))
     return APIError(500, f"generation failed ({type(exc).__name__}); see the server log")
 
 

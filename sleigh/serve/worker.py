@@ -74,10 +74,14 @@ class ModelWorker:
         self.waiting = 0
         self.running = 0
 
+    @property
+    def full(self) -> bool:
+        return self.waiting + self.running > self.max_queue
+
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request; called on the event loop."""
         with self._lock:
-            if self.waiting + self.running > self.max_queue:
+            if self.full:
                 raise QueueFull
             self.waiting += 1
         job = Job(request, asyncio.get_running_loop())
