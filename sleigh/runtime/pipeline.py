@@ -155,7 +155,7 @@ class Pipeline:
         `image`, else the first user turn)."""
         turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
         for what, text in [("--prompt", t.text) for t in turns] + [("--system", system or "")]:
-            for token in (IMG_CONTEXT, IMG_START, IMG_END):
+            for token in (IMG_CONTEXT, IMG_START, IMG_END) if self.allow_special_tokens else ():
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
                                       "text without image placeholder tokens (the image is given as IMAGE)")
@@ -169,7 +169,7 @@ class Pipeline:
                                                  tokens_per_view=self.info.tokens_per_view,
                                                  allow_special_tokens=self.allow_special_tokens)
 
-    def generate(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
+    def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
                  max_new_tokens: int = 512, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
                  max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = ()) -> Generation:
         """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
