@@ -147,6 +147,9 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
     no_verify_files: bool = typer.Option(False, "--no-verify-files",
                                          help="Skip the sha256 check of the package's files (sizes are still checked)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="A string that ends the answer (not printed); repeatable."),
+    allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
+                                              help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
@@ -171,8 +174,9 @@ def run(
                 source = load_image(source, max_pixels=max_pixels)
     _check_model(model, engine)
     pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files)
+    pipe.allow_special_tokens = allow_special_tokens
     gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                        ignore_eos=ignore_eos, max_tiles=max_tiles)
+                        ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
     if as_json:
         typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
         return
@@ -349,6 +353,40 @@ def bench(
     report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                        threads=threads, quiet=as_json)
     typer.echo(json.dumps(report) if as_json else markdown(report))
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="SLEIGH_MODEL",
+                                         help="Model package (sleigh export). Default: $SLEIGH_MODEL."),
+    engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
+    backend: str = typer.Option("auto", help="auto, onnxruntime or tensorrt."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend (per replica)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the package folder's name)."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for the model (per replica); more get 503 + Retry-After."),
+    max_tokens: int = typer.Option(512, help="max_tokens when a request gives none."),
+    max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
+    max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
+    allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve (pip install 'sleigh[serve]'): one model per replica."),
+    replicas: int = typer.Option(1, help="With --ray: number of replicas."),
+    min_replicas: Optional[int] = typer.Option(None, help="With --ray and --max-replicas: autoscaling floor."),
+    max_replicas: Optional[int] = typer.Option(None, help="With --ray: autoscale up to this many replicas."),
+    target_ongoing_requests: float = typer.Option(1.0, help="With --ray autoscaling: ongoing requests per replica to aim for."),
+    replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: start a local one)."),
+):
+    """Serve the model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, /v1/models, /health, /metrics)."""
+    from sleigh.serve.launch import launch
+
+    launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
+           max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
+           allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
+           min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
+           replica_cpus=replica_cpus, ray_address=ray_address)
 
 
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:

@@ -27,7 +27,7 @@ from sleigh.runtime.backends.base import Backend, KVCache
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
-from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StreamDecoder
+from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -51,7 +51,7 @@ class GenerationResult:
     grid: tuple[int, int] | None
     views: int
     gswa_weights: list[float]
-    stop_reason: str  # "stop" (a stop id) or "length" (max_new_tokens)
+    stop_reason: str  # "stop" (a stop id or stop string) or "length" (max_new_tokens)
     timings: Timings = field(default_factory=Timings)
     backend: str = ""
 
@@ -112,6 +112,9 @@ class Pipeline:
 
     def __init__(self, backend: Backend, info: ModelInfo, tokenizer: PromptTokenizer):
         self.backend, self.info, self.tokenizer = backend, info, tokenizer
+        # Special tokens typed in a prompt or system message stay text (what a server needs); True lets
+        # trusted callers write control tokens such as <|im_end|> into the prompt.
+        self.allow_special_tokens = False
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
@@ -160,11 +163,14 @@ class Pipeline:
 
     # -- the loop ---------------------------------------------------------------------------------
 
-    def prepare(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
+    def prepare(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
                 max_tiles: int | None = None):
-        """Tiling and prompt ids (no model work): (tiled image or None, input ids)."""
-        for what, text in (("--prompt", prompt), ("--system", system or "")):
-            for token in (IMG_CONTEXT, IMG_START, IMG_END):
+        """Tiling and prompt ids (no model work): (tiled image or None, input ids). `prompt` is one
+        question or a conversation (`Turn`s ending with a user turn; the image goes to the turn marked
+        `image`, else the first user turn)."""
+        turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
+        for what, text in [("--prompt", t.text) for t in turns] + [("--system", system or "")]:
+            for token in (IMG_CONTEXT, IMG_START, IMG_END) if self.allow_special_tokens else ():
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
                                       "text without image placeholder tokens (the image is given as IMAGE)")
@@ -177,18 +183,22 @@ class Pipeline:
                                max_tiles=self.info.max_tiles if max_tiles is None else max_tiles,
                                size=self.info.image_size, thumbnail=self.info.thumbnail,
                                mean=self.info.mean, std=self.info.std)
-        return tiled, self.tokenizer.encode_prompt(prompt, tiled.num_views if tiled else 0, system=system,
-                                                   tokens_per_view=self.info.tokens_per_view)
+        return tiled, self.tokenizer.encode_chat(turns, tiled.num_views if tiled else 0, system=system,
+                                                 tokens_per_view=self.info.tokens_per_view,
+                                                 allow_special_tokens=self.allow_special_tokens)
 
-    def generate(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
+    def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
                  max_new_tokens: int = 512, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
-                 max_tiles: int | None = None) -> Generation:
+                 max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = ()) -> Generation:
+        """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
+        the tokens generated up to the one that completed it)."""
         if max_new_tokens < 1:
             raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
         if max_tiles is not None and max_tiles < 1:
             raise SleighError("--max-tiles", f"got {max_tiles}", "an integer >= 1")
+        StopStrings(stop)  # checks them now, not at the first token
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
-                                      ignore_eos, max_tiles))
+                                      ignore_eos, max_tiles, stop))
 
     def generate_from(self, state: Prefill, *, max_new_tokens: int = 512, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
@@ -239,26 +249,27 @@ class Pipeline:
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)
 
-    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles):
+    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=()):
         state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
         state.continued = True
-        return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos))
+        return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos, stop))
 
-    def _decode(self, state: Prefill, max_new_tokens, sampling, ignore_eos):
+    def _decode(self, state: Prefill, max_new_tokens, sampling, ignore_eos, stop=()):
         try:
-            return (yield from self._decode_steps(state, max_new_tokens, sampling, ignore_eos))
+            return (yield from self._decode_steps(state, max_new_tokens, sampling, ignore_eos, stop))
         finally:  # done, failed or abandoned: the cache is of no further use (device memory on a GPU)
             close = getattr(state.cache, "close", None)
             if close is not None:
                 close()
 
-    def _decode_steps(self, state: Prefill, max_new_tokens, sampling, ignore_eos):
+    def _decode_steps(self, state: Prefill, max_new_tokens, sampling, ignore_eos, stop=()):
         info, backend, cache = self.info, self.backend, state.cache
         tiled, ids, weights, logits, timings = state.tiled, state.ids, state.gswa_weights, state.logits, state.timings
         t_start = state.t_start
 
         sampler = Sampler(sampling)
         stream = StreamDecoder(self.tokenizer)
+        stops_text = StopStrings(stop)
         dummy_rows = np.zeros((1, info.hidden_size), np.float32)
         stops = set(info.stop_token_ids)
         history = list(ids)
@@ -277,19 +288,22 @@ class Pipeline:
                 break
             generated.append(token)
             history.append(token)
-            yield stream.push(token)
+            yield stops_text.push(stream.push(token))
+            if stops_text.hit is not None:
+                stop_reason = "stop"
+                break
             if len(generated) >= max_new_tokens:
                 break
             pos = len(ids) + len(generated) - 1
             step_embeds = backend.run("embed", {"input_ids": np.asarray([[token]], np.int64),
                                                 "image_embeds": dummy_rows})["inputs_embeds"]
             logits = backend.step(cache, step_embeds, one_mask, one_bias, np.asarray([[pos]], np.int64))
-        yield stream.flush()
+        yield stops_text.push(stream.flush()) + stops_text.flush()
         timings.decode_s = time.perf_counter() - t_first
         if len(generated) > 1 and timings.decode_s > 0:
             timings.decode_tokens_per_s = (len(generated) - 1) / timings.decode_s
         return GenerationResult(
-            text=self.tokenizer.decode(generated), token_ids=generated, prompt_tokens=len(ids),
+            text=stops_text.text, token_ids=generated, prompt_tokens=len(ids),
             grid=tiled.grid if tiled else None, views=tiled.num_views if tiled else 0,
             gswa_weights=[float(w) for w in weights], stop_reason=stop_reason, timings=timings,
             backend=backend.describe())

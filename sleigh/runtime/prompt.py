@@ -12,7 +12,9 @@ is a real space, and for a generated continuation it is the space between words 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -31,9 +33,75 @@ TEMPLATE = "internlm2-chat"
 REQUIRED_TOKENS = (BOS, EOS, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT)
 
 
-def image_block(num_views: int, tokens_per_view: int = TOKENS_PER_VIEW) -> str:
-    """`<img>` + `<IMG_CONTEXT>`×(tokens_per_view·num_views) + `</img>`: one slot per image embedding row."""
-    return IMG_START + IMG_CONTEXT * (tokens_per_view * num_views) + IMG_END
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation: `role` "user" or "assistant"; `image` marks the user turn the
+    image belongs to (its block goes where the text says `<image>`, else before the text)."""
+
+    role: str
+    text: str
+    image: bool = False
+
+
+ROLES = ("user", "assistant")
+
+
+def chat_parts(turns: Sequence[Turn], num_views: int = 0, *, system: str | None = None,
+               tokens_per_view: int = TOKENS_PER_VIEW) -> list[tuple[str, bool]]:
+    """The internlm2-chat template as (text, is_control) parts, in order.
+
+    A control part is one special token that the template writes (`<|im_start|>`, `<img>`, ...); a
+    text part is everything else: role headers and the caller's text, which the tokenizer may treat
+    as plain text however it looks. Joined, the parts are the prompt string InternVL2's `chat()`
+    builds (MPT separator style): system, then each turn, then the assistant header. With views and
+    no turn marked `image`, the first user turn holds the image, as InternVL's `<image>` in the first
+    question. `system=None` uses DEFAULT_SYSTEM_MESSAGE; `system=""` keeps an empty system block.
+    """
+    if num_views < 0:
+        raise SleighError("num_views", f"{num_views} is negative", "0 (text only) or the number of image views")
+    if tokens_per_view <= 0:
+        raise SleighError("tokens_per_view", f"{tokens_per_view} is not positive", f"{TOKENS_PER_VIEW}")
+    turns = list(turns)
+    if not turns or turns[-1].role != "user":
+        raise SleighError("messages", "the conversation does not end with a user turn",
+                          "user and assistant turns, the last one from the user")
+    for turn in turns:
+        if turn.role not in ROLES:
+            raise SleighError("messages", f"role {turn.role!r} is not supported", f"one of {list(ROLES)}")
+    marked = [i for i, t in enumerate(turns) if t.image]
+    if len(marked) > 1 or (marked and turns[marked[0]].role != "user"):
+        raise SleighError("messages", "more than one turn, or a non-user turn, holds the image",
+                          "one image, in a user turn")
+    if marked and num_views == 0:
+        raise SleighError("messages", "a turn is marked as holding the image but no image was given", "an image")
+    image_turn = marked[0] if marked else next(i for i, t in enumerate(turns) if t.role == "user")
+    system = DEFAULT_SYSTEM_MESSAGE if system is None else system
+    parts: list[tuple[str, bool]] = [(IM_START, True), ("system\n" + system, False), (IM_END, True)]
+    for i, turn in enumerate(turns):
+        parts += [(IM_START, True), (turn.role + "\n", False)]
+        if num_views > 0 and i == image_turn:
+            before, placeholder, after = turn.text.partition(IMAGE_PLACEHOLDER)
+            if not placeholder:
+                before, after = "", "\n" + turn.text
+            parts += [(before, False), (IMG_START, True), *[(IMG_CONTEXT, True)] * (tokens_per_view * num_views),
+                      (IMG_END, True), (after, False)]
+        else:
+            parts.append((turn.text, False))
+        parts.append((IM_END, True))
+    parts += [(IM_START, True), ("assistant\n", False)]
+    return _merge_text(parts)
+
+
+def _merge_text(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Adjacent text parts joined, empty ones dropped: each text part is what the tokenizer sees
+    between two special tokens when it encodes the whole prompt string."""
+    merged: list[tuple[str, bool]] = []
+    for text, control in parts:
+        if not control and merged and not merged[-1][1]:
+            merged[-1] = (merged[-1][0] + text, False)
+        elif control or text:
+            merged.append((text, control))
+    return merged
 
 
 def build_prompt(question: str, num_views: int = 0, *, system: str | None = None,
@@ -44,18 +112,20 @@ def build_prompt(question: str, num_views: int = 0, *, system: str | None = None
     line before the question. `system=None` uses DEFAULT_SYSTEM_MESSAGE; `system=""` keeps an empty
     system block (`<|im_start|>system\\n<|im_end|>`), which is what InternVL's template renders too.
     """
-    if num_views < 0:
-        raise SleighError("num_views", f"{num_views} is negative", "0 (text only) or the number of image views")
-    if tokens_per_view <= 0:
-        raise SleighError("tokens_per_view", f"{tokens_per_view} is not positive", f"{TOKENS_PER_VIEW}")
-    system = DEFAULT_SYSTEM_MESSAGE if system is None else system
-    if num_views > 0:
-        if IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER + "\n" + question
-        question = question.replace(IMAGE_PLACEHOLDER, image_block(num_views, tokens_per_view), 1)
-    return (f"{IM_START}system\n{system}{IM_END}"
-            f"{IM_START}user\n{question}{IM_END}"
-            f"{IM_START}assistant\n")
+    parts = chat_parts([Turn("user", question, image=num_views > 0)], num_views, system=system,
+                       tokens_per_view=tokens_per_view)
+    return "".join(text for text, _ in parts)
+
+
+def _plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` that encodes every added token's text as ordinary text: all added tokens
+    marked special (tokenizers leaves non-special ones matched) and `encode_special_tokens` set."""
+    data = json.loads(tokenizer.to_str())
+    for token in data.get("added_tokens", []):
+        token["special"] = True
+    plain = Tokenizer.from_str(json.dumps(data))
+    plain.encode_special_tokens = True
+    return plain
 
 
 def _byte_value(piece: str) -> int | None:
@@ -74,6 +144,7 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Tokenizer, *, source: str = "tokenizer"):
         self.tokenizer = tokenizer
         self._source = source
+        self._plain = _plain_text_tokenizer(tokenizer)
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         missing = [t for t in REQUIRED_TOKENS if t not in vocab]
         if missing:
@@ -141,9 +212,28 @@ class PromptTokenizer:
         return [self.bos_id, *ids] if add_bos else ids
 
     def encode_prompt(self, question: str, num_views: int = 0, system: str | None = None,
-                      tokens_per_view: int = TOKENS_PER_VIEW) -> list[int]:
-        """BOS + the internlm2-chat prompt's ids."""
-        return self.encode(build_prompt(question, num_views, system=system, tokens_per_view=tokens_per_view))
+                      tokens_per_view: int = TOKENS_PER_VIEW, *, allow_special_tokens: bool = False) -> list[int]:
+        """BOS + the internlm2-chat prompt's ids for one user turn (see `encode_chat`)."""
+        return self.encode_chat([Turn("user", question, image=num_views > 0)], num_views, system=system,
+                                tokens_per_view=tokens_per_view, allow_special_tokens=allow_special_tokens)
+
+    def encode_chat(self, turns: Sequence[Turn], num_views: int = 0, *, system: str | None = None,
+                    tokens_per_view: int = TOKENS_PER_VIEW, allow_special_tokens: bool = False) -> list[int]:
+        """BOS + the internlm2-chat prompt's ids for a conversation (`chat_parts`).
+
+        The caller's text (system, turns) is text: `<|im_end|>` or `</s>` typed in it is encoded as
+        the characters it is, never as the control token, so user text cannot forge a turn. Only
+        `allow_special_tokens=True` lets special tokens in text become their ids (trusted callers).
+        For text without special tokens both give the ids of the whole prompt string encoded at once.
+        """
+        text_tokenizer = self.tokenizer if allow_special_tokens else self._plain
+        ids = [self.bos_id]
+        for text, control in chat_parts(turns, num_views, system=system, tokens_per_view=tokens_per_view):
+            if control:
+                ids.append(self._vocab[text])
+            else:
+                ids += text_tokenizer.encode(text, add_special_tokens=False).ids
+        return ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """A model's vocabulary may be larger than its tokenizer's (padded embeddings): ids past the
@@ -184,4 +274,42 @@ class StreamDecoder:
         """Whatever is held at the end (a truncated character becomes U+FFFD); the decoder starts afresh."""
         out = self._utf8.decode(b"", final=True)
         self._utf8.reset()
+        return out
+
+
+class StopStrings:
+    """Ends streamed text before the first stop string: `push` returns the text that is safe to show,
+    holding back a tail that could still begin a stop string; `hit` is the stop string once seen.
+
+    The pieces returned by `push` and `flush`, joined, are `text`: the input up to (not including)
+    the first occurrence of any stop string, or all of it.
+    """
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = tuple(stops)
+        if any(not s for s in self.stops):
+            raise SleighError("stop", "an empty stop string", "non-empty strings")
+        self.hit: str | None = None
+        self.text = ""
+        self._held = ""
+
+    def push(self, piece: str) -> str:
+        if self.hit is not None:
+            return ""
+        buf = self._held + piece
+        found = [(buf.find(s), s) for s in self.stops if s in buf]
+        if found:
+            start, self.hit = min(found)
+            out, self._held = buf[:start], ""
+        else:
+            keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
+                        if buf.endswith(s[:k])), default=0)
+            out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
+        self.text += out
+        return out
+
+    def flush(self) -> str:
+        """The held tail at the end of generation (no stop string completed it)."""
+        out, self._held = self._held, ""
+        self.text += out
         return out

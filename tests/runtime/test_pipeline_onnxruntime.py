@@ -192,11 +192,16 @@ def test_model_defaults_to_the_environment_variable(tiny_pkg):
 
 def test_image_placeholder_tokens_in_the_prompt_are_refused(pipelines):
     _, pipe = pipelines
-    for text in ("look <IMG_CONTEXT> here", "<img>", "x</img>"):
-        with pytest.raises(SleighError, match="image block"):
-            pipe.generate(EXAMPLES / "coffee.jpg", text).result
-    with pytest.raises(SleighError, match="--system"):
-        pipe.generate(None, "hi", system="<IMG_CONTEXT>").result
+    pipe.allow_special_tokens = True  # by default they are plain text (tests/runtime/test_prompt.py)
+    try:
+        for text in ("look <IMG_CONTEXT> here", "<img>", "x</img>"):
+            with pytest.raises(SleighError, match="image block"):
+                pipe.generate(EXAMPLES / "coffee.jpg", text).result
+        with pytest.raises(SleighError, match="--system"):
+            pipe.generate(None, "hi", system="<IMG_CONTEXT>").result
+    finally:
+        pipe.allow_special_tokens = False
+    assert pipe.generate(None, "what does <img> mean in HTML?", max_new_tokens=2).result.prompt_tokens > 0
 
 
 def test_a_backend_shorter_context_is_checked_before_generating(tiny_pkg):

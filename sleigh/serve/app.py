@@ -1,0 +1,272 @@
+"""The HTTP app: OpenAI's `POST /v1/chat/completions` (plain and streamed), `GET /v1/models`,
+`GET /health` and `GET /metrics`, over one `ModelWorker`.
+
+    settings = ServeSettings(model=Path("runs/tiny-pkg"))
+    app = create_app(settings, load_worker(settings))       # or create_app(settings, loader) to load
+    uvicorn.run(app, host="127.0.0.1", port=8000)           # in the background (/health says 503 until then)
+
+The same app runs under Ray Serve, one per replica (sleigh/serve/ray_app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sleigh.errors import SleighError, first_line
+from sleigh.serve import protocol
+from sleigh.serve.metrics import CONTENT_TYPE, Metrics
+from sleigh.serve.protocol import APIError
+from sleigh.serve.worker import GenerationRequest, Job, ModelWorker, QueueFull
+
+log = logging.getLogger("sleigh.serve")
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `sleigh serve` is started with (and what each Ray replica loads)."""
+
+    model: Path
+    backend: str = "auto"
+    engine: str | None = None
+    threads: int | None = None
+    model_name: str | None = None  # the id clients send as `model` (default: the package folder's name)
+    max_queue: int = 16  # requests waiting beyond the running one; more get 503 + Retry-After
+    max_body_bytes: int = 20 * MiB
+    max_image_pixels: int = 40_000_000  # a 12-tile grid is 2.4 Mpx; the rest is downscaled away
+    allow_local_files: Path | None = None
+    default_max_tokens: int = 512
+    retry_after_s: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.model).resolve().name
+
+
+def load_worker(settings: ServeSettings) -> ModelWorker:
+    """The settings' model as a worker (a one-line SleighError if it does not load)."""
+    from sleigh.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(settings.model, backend=settings.backend, threads=settings.threads, engine=settings.engine)
+    return ModelWorker(pipe, max_queue=settings.max_queue)
+
+
+class _State:
+    def __init__(self, worker: ModelWorker | None):
+        self.worker = worker
+        self.load_error: str | None = None
+        self.metrics = Metrics(lambda: self.worker.waiting if self.worker else 0,
+                               lambda: self.worker.running if self.worker else 0)
+
+
+def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], ModelWorker]) -> FastAPI:
+    """`worker` loaded, or a loader run in a background thread at startup."""
+    state = _State(worker if isinstance(worker, ModelWorker) else None)
+
+    def load() -> None:
+        try:
+            state.worker = worker()
+        except Exception as e:  # noqa: BLE001 - reported by /health, and logged
+            state.load_error = str(e) if isinstance(e, SleighError) else f"{type(e).__name__}: {e}"
+            log.exception("model failed to load")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.worker is None:
+            threading.Thread(target=load, name="sleigh-load", daemon=True).start()
+        yield
+        if state.worker is not None:
+            state.worker.close()
+
+    app = FastAPI(title="sleigh serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.sleigh = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error")
+        return _error_response(APIError(500, f"internal error ({type(exc).__name__}); see the server log"))
+
+    @app.get("/health")
+    async def health():
+        if state.worker is not None:
+            return {"status": "ok", "model": settings.name}
+        status = "failed: " + state.load_error if state.load_error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.name, "object": "model", "created": 0,
+                                            "owned_by": "sleigh"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        arrived = time.perf_counter()
+        try:
+            response = await _chat(request, settings, state, arrived)
+        except APIError as e:
+            response = _error_response(e)
+        state.metrics.request(response.status_code)
+        return response
+
+    return app
+
+
+async def _chat(request: Request, settings: ServeSettings, state: _State, arrived: float):
+    body = await _read_body(request, settings.max_body_bytes)
+    req = protocol.parse_request(body)
+    if req.model != settings.name:
+        raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{settings.name}` "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    conv = protocol.to_conversation(req)
+    sampling = protocol.sampling_options(req)
+    worker = state.worker
+    if worker is None:
+        raise APIError(503, "the model is still loading", retry_after=settings.retry_after_s)
+    if req.max_tiles is not None and req.max_tiles > worker.pipeline.info.max_tiles:
+        raise APIError(400, f"max_tiles: {req.max_tiles} is above the model's {worker.pipeline.info.max_tiles}",
+                       param="max_tiles")
+    if worker.full:  # before decoding an image that would wait nowhere
+        raise _busy(worker, settings)
+    image = None
+    if conv.image_url is not None:
+        image = await run_in_threadpool(protocol.decode_image, conv.image_url, conv.image_param,
+                                        max_pixels=settings.max_image_pixels, local_root=settings.allow_local_files)
+    gen_request = GenerationRequest(conv.turns, conv.system, image, protocol.max_new_tokens(req, settings.default_max_tokens),
+                                    sampling, protocol.stop_strings(req), req.max_tiles, req.ignore_eos)
+    try:
+        job = worker.submit(gen_request)
+    except QueueFull:
+        raise _busy(worker, settings) from None
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job, state))
+    try:
+        first = await job.events.get()
+    except BaseException:  # cancelled (the client went away under Ray Serve, or shutdown)
+        _stop(job, watcher, state, finished=False)
+        raise
+    if first[0] in ("piece", "done"):
+        state.metrics.first_token(time.perf_counter() - arrived)
+    if first[0] in ("error", "cancelled"):
+        _stop(job, watcher, state)
+        return _error_response(_generation_error(first[1])) if first[0] == "error" else Response(status_code=499)
+    cid = protocol.completion_id()
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(_sse(job, first, cid, settings.name, include_usage, watcher, state),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    event = first
+    try:
+        while event[0] == "piece":
+            event = await job.events.get()
+    finally:
+        _stop(job, watcher, state, finished=event[0] != "piece")
+    kind, value = event
+    if kind == "error":
+        return _error_response(_generation_error(value))
+    if kind == "cancelled":
+        return Response(status_code=499)
+    _record(state, value)
+    return JSONResponse(protocol.completion(cid, settings.name, value))
+
+
+async def _sse(job: Job, first, cid: str, model: str, include_usage: bool, watcher, state: _State):
+    """Server-sent events in OpenAI's chunk shape, `data: [DONE]` last."""
+    kind, value = first
+    try:
+        yield _event(protocol.chunk(cid, model, {"role": "assistant", "content": ""}))
+        while kind == "piece":
+            yield _event(protocol.chunk(cid, model, {"content": value}))
+            kind, value = await job.events.get()
+        if kind == "done":
+            _record(state, value)
+            yield _event(protocol.chunk(cid, model, {}, value.stop_reason, sleigh=protocol.sleigh_fields(value)))
+            if include_usage:
+                yield _event({**protocol.chunk(cid, model, {}), "choices": [], "usage": protocol.usage(value)})
+        elif kind == "error":
+            yield _event(_generation_error(value).body())
+        if kind != "cancelled":
+            yield "data: [DONE]\n\n"
+    finally:  # the stream ended, or the client went away (this generator was closed or cancelled)
+        _stop(job, watcher, state, finished=kind != "piece")
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stop(job: Job, watcher: asyncio.Task, state: _State, *, finished: bool = True) -> None:
+    """The request is over for the server: stop watching, and stop its generation if it still runs
+    (`finished=False`: the client went away)."""
+    watcher.cancel()
+    if not finished and not job.cancelled.is_set():
+        state.metrics.cancel()
+    job.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, job: Job, state: _State, every_s: float = 0.05) -> None:
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            state.metrics.cancel()
+            job.cancel()
+            return
+        await asyncio.sleep(every_s)
+
+
+def _record(state: _State, result) -> None:
+    state.metrics.finished(result.prompt_tokens, len(result.token_ids), result.timings.decode_tokens_per_s)
+
+
+def _busy(worker: ModelWorker, settings: ServeSettings) -> APIError:
+    return APIError(503, f"the server is busy ({worker.max_queue} requests already wait); retry later",
+                    retry_after=settings.retry_after_s)
+
+
+def _generation_error(exc: BaseException) -> APIError:
+    if isinstance(exc, SleighError):
+        return APIError(400, first_line(exc))
+    return APIError(500, f"generation failed ({type(exc).__name__}); see the server log")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = APIError(413, f"the request body is larger than {limit:,} bytes (--max-body-mb)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise too_large
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)

@@ -1,0 +1,122 @@
+"""One model replica: a `Pipeline` that runs one generation at a time in its own thread, with a bounded
+queue in front of it.
+
+A `Pipeline` keeps one KV cache, so two generations on it would interleave their states; the worker
+serialises them (one thread), and the event loop never runs model work. A request's events (text
+pieces, then the result or an error) cross to the event loop through `loop.call_soon_threadsafe`.
+A cancelled job (its client went away) stops between two tokens and frees the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from sleigh.errors import SleighError
+from sleigh.runtime.pipeline import Pipeline
+from sleigh.runtime.prompt import Turn
+from sleigh.runtime.sampling import SamplingOptions
+
+log = logging.getLogger("sleigh.serve")
+
+
+@dataclass
+class GenerationRequest:
+    turns: list[Turn]
+    system: str | None
+    image: Image.Image | None
+    max_new_tokens: int
+    sampling: SamplingOptions
+    stop: tuple[str, ...] = ()
+    max_tiles: int | None = None
+    ignore_eos: bool = False
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """A request's life in the worker. Events on `events`: ("piece", str)..., then one of
+    ("done", GenerationResult), ("error", exception) or ("cancelled", None)."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def emit(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop has closed (server shutting down): nobody is listening
+            pass
+
+
+class ModelWorker:
+    """`pipeline` run by one thread; `submit` refuses (QueueFull) once `max_queue` requests wait."""
+
+    def __init__(self, pipeline: Pipeline, *, max_queue: int):
+        self.pipeline = pipeline
+        self.max_queue = max_queue
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleigh-generate")
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = 0
+
+    @property
+    def full(self) -> bool:
+        return self.waiting + self.running > self.max_queue
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request; called on the event loop."""
+        with self._lock:
+            if self.full:
+                raise QueueFull
+            self.waiting += 1
+        job = Job(request, asyncio.get_running_loop())
+        self._executor.submit(self._run, job)
+        return job
+
+    def _run(self, job: Job) -> None:
+        with self._lock:
+            self.waiting -= 1
+            self.running += 1
+        try:
+            self._generate(job)
+        except SleighError as e:  # the request's fault (a prompt past the context, ...)
+            job.emit("error", e)
+        except Exception as e:  # noqa: BLE001 - a bug or a backend failure: logged here, one line to the client
+            log.exception("generation failed")
+            job.emit("error", e)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def _generate(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            job.emit("cancelled")
+            return
+        r = job.request
+        gen = self.pipeline.generate(r.image, r.turns, system=r.system, max_new_tokens=r.max_new_tokens,
+                                     sampling=r.sampling, max_tiles=r.max_tiles, stop=r.stop,
+                                     ignore_eos=r.ignore_eos)
+        for piece in gen:
+            if job.cancelled.is_set():  # between two tokens: no further model work for this request
+                job.emit("cancelled")
+                return
+            job.emit("piece", piece)
+        job.emit("done", gen.result)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,164 @@
+"""Malformed and unservable requests, as raw HTTP: each gets OpenAI's error object with a 4xx status
+and a one-line message, never a traceback, and the server keeps answering."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import httpx
+import pytest
+
+from tests.serve.conftest import MAX_BODY_MB, MAX_IMAGE_PIXELS, data_url, png_bytes
+
+TEXT = {"role": "user", "content": "Hi"}
+
+
+def img(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def body(**kw) -> dict:
+    return {"model": "MODEL", "messages": [TEXT], "max_tokens": 2, **kw}
+
+
+SMALL = data_url(png_bytes(32, 32))
+SIDE = int(MAX_IMAGE_PIXELS ** 0.5) + 1  # just past the server's pixel limit
+
+
+def flat_png(width: int, height: int) -> bytes:
+    """One colour: a few KB however many pixels, so only the pixel limit can refuse it."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+# (id, request body (dict, or raw bytes/str), status, words the message must contain)
+CASES = [
+    ("not-json", b"{not json", 400, "not valid JSON"),
+    ("empty-body", b"", 400, "not valid JSON"),
+    ("not-utf8", b"\xff\xfe{", 400, "JSON"),
+    ("json-array", b"[1, 2]", 400, "JSON object"),
+    ("json-string", b'"hello"', 400, "JSON object"),
+    ("no-messages", {"model": "MODEL"}, 400, "messages"),
+    ("empty-messages", body(messages=[]), 400, "messages"),
+    ("no-model", {"messages": [TEXT]}, 400, "model"),
+    ("unknown-model", body(model="gpt-4o"), 404, "does not exist"),
+    ("unknown-field", body(frobnicate=1), 400, "Unrecognized request argument supplied: frobnicate"),
+    ("tools-unsupported", body(tools=[{"type": "function"}]), 400, "Unrecognized request argument supplied: tools"),
+    ("messages-not-a-list", body(messages="Hi"), 400, "messages"),
+    ("message-not-an-object", body(messages=["Hi"]), 400, "messages.0"),
+    ("content-wrong-type", body(messages=[{"role": "user", "content": 5}]), 400, "messages.0.content"),
+    ("content-missing", body(messages=[{"role": "user"}]), 400, "messages.0.content"),
+    ("unknown-role", body(messages=[{"role": "tool", "content": "x"}]), 400, "messages.0.role"),
+    ("unknown-part-type", body(messages=[{"role": "user", "content": [{"type": "audio", "x": 1}]}]), 400,
+     "messages.0.content"),
+    ("max-tokens-string", body(max_tokens="5"), 400, "max_tokens"),
+    ("max-tokens-bool", body(max_tokens=True), 400, "max_tokens"),
+    ("max-tokens-zero", body(max_tokens=0), 400, "max_tokens"),
+    ("max-tokens-float", body(max_tokens=2.5), 400, "max_tokens"),
+    ("temperature-string", body(temperature="hot"), 400, "temperature"),
+    ("temperature-negative", body(temperature=-1), 400, "temperature"),
+    ("temperature-too-high", body(temperature=3), 400, "temperature"),
+    ("temperature-nan", b'{"model": "MODEL", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+     400, "temperature"),
+    ("top-p-zero", body(top_p=0), 400, "top_p"),
+    ("seed-negative", body(seed=-1), 400, "seed"),
+    ("stream-not-bool", body(stream="yes"), 400, "stream"),
+    ("n-two", body(n=2), 400, "n"),
+    ("logprobs", body(logprobs=True), 400, "logprobs"),
+    ("penalty-unsupported", body(presence_penalty=0.5), 400, "presence_penalty"),
+    ("stop-empty", body(stop=""), 400, "stop"),
+    ("stop-too-many", body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("stop-wrong-type", body(stop=[1]), 400, "stop"),
+    ("last-is-assistant", body(messages=[TEXT, {"role": "assistant", "content": "Hello"}]), 400, "last message"),
+    ("only-system", body(messages=[{"role": "system", "content": "S"}]), 400, "last message"),
+    ("system-after-user", body(messages=[TEXT, {"role": "system", "content": "S"}, TEXT]), 400, "system message"),
+    ("two-images-one-message", body(messages=[{"role": "user", "content": [img(SMALL), img(SMALL)]}]), 400,
+     "one image per request"),
+    ("images-in-two-messages", body(messages=[{"role": "user", "content": [img(SMALL)]},
+                                              {"role": "assistant", "content": "ok"},
+                                              {"role": "user", "content": [img(SMALL)]}]), 400, "one image"),
+    ("image-in-assistant", body(messages=[{"role": "assistant", "content": [img(SMALL)]}, TEXT]), 400,
+     "only user messages"),
+    ("image-in-system", body(messages=[{"role": "system", "content": [img(SMALL)]}, TEXT]), 400, "system message"),
+    ("image-not-decodable", body(messages=[{"role": "user", "content": [img(data_url(b"GIF89a" + b"\0" * 64))]}]),
+     400, "image"),
+    ("image-random-bytes", body(messages=[{"role": "user", "content": [img(data_url(bytes(range(256)) * 8))]}]),
+     400, "not an image"),
+    ("image-truncated", body(messages=[{"role": "user", "content": [img(data_url(png_bytes(64, 64)[:200]))]}]),
+     400, "image"),
+    ("image-bad-base64", body(messages=[{"role": "user", "content": [img("data:image/png;base64,@@@not base64")]}]),
+     400, "base64"),
+    ("image-not-image-mime", body(messages=[{"role": "user", "content": [
+        img("data:text/plain;base64," + base64.b64encode(b"hello").decode())]}]), 400, "data:image"),
+    ("image-too-many-pixels", body(messages=[{"role": "user", "content": [img(data_url(flat_png(SIDE, SIDE)))]}]),
+     400, "pixels"),
+    ("image-http-url", body(messages=[{"role": "user", "content": [img("https://example.com/cat.jpg")]}]), 400,
+     "does not fetch URLs"),
+    ("image-file-outside", body(messages=[{"role": "user", "content": [img("file:///etc/passwd")]}]), 400,
+     "outside the allowed folder"),
+    ("image-url-missing", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     400, "url"),
+    ("max-tiles-zero", body(max_tiles=0), 400, "max_tiles"),
+    ("max-tiles-above-model", body(max_tiles=20), 400, "above the model's 12"),
+    ("prompt-past-context", body(messages=[{"role": "user", "content": "hello " * 9000}]), 400, "context"),
+    ("max-tokens-past-context", body(max_tokens=100_000), 400, "context"),
+]
+
+
+def _check_error(r: httpx.Response, status: int, words: str) -> None:
+    assert r.status_code == status, r.text[:500]
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["type"], str) and err["type"]
+    assert "\n" not in err["message"] and len(err["message"]) < 400
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    assert words.lower() in err["message"].lower(), err["message"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_request(server, case):
+    _, payload, status, words = case
+    if isinstance(payload, dict):
+        payload = json.dumps(payload).replace('"MODEL"', json.dumps(server.model))
+    elif isinstance(payload, bytes):
+        payload = payload.replace(b'"MODEL"', json.dumps(server.model).encode())
+    r = server.post(payload, headers={"content-type": "application/json"})
+    _check_error(r, status, words)
+
+
+def test_body_over_the_limit_is_413(server):
+    """A 50 MB body: refused from its Content-Length, before it is read."""
+    big = b'{"model": "x", "messages": [{"role": "user", "content": "' + b"a" * (50 << 20) + b'"}]}'
+    r = server.post(big, headers={"content-type": "application/json"})
+    _check_error(r, 413, "larger than")
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    """No Content-Length (chunked): counted while it streams in."""
+    def chunks():
+        yield b'{"model": "x", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_MB * 4):
+            yield b"a" * (1 << 18)
+        yield b'"}]}'
+    r = httpx.post(server.base + "/v1/chat/completions", content=chunks(), timeout=60)
+    _check_error(r, 413, "larger than")
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404),
+                                                  ("POST", "/v1/completions", 404), ("DELETE", "/v1/models", 405)])
+def test_wrong_routes_and_methods(server, method, path, status):
+    r = httpx.request(method, server.base + path, timeout=30)
+    assert r.status_code == status
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_server_still_answers_after_every_bad_request(server):
+    r = server.post({"model": server.model, "messages": [TEXT], "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert httpx.get(server.base + "/health").status_code == 200

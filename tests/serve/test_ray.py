@@ -1,0 +1,67 @@
+"""`sleigh serve` on Ray Serve: a local 2-replica deployment answering concurrent requests."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.serve.conftest import free_port, wait_healthy
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+openai = pytest.importorskip("openai")
+
+
+@pytest.mark.slow
+def test_two_replicas_answer_concurrent_requests(tiny_pkg):
+    from sleigh.serve.app import ServeSettings
+    from sleigh.serve.ray_app import Scaling, build_app
+
+    settings = ServeSettings(model=tiny_pkg, threads=1)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, Scaling(replicas=2, replica_cpus=0.5)), name="sleigh", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, timeout=60)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        alone = client.chat.completions.create(model=settings.name, messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=8, temperature=0)
+
+        def ask(_):
+            return client.chat.completions.create(model=settings.name, messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=8, temperature=0)
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        assert len({a.id for a in answers}) == 8
+        assert all(a.choices[0].message.content == alone.choices[0].message.content for a in answers)
+        assert len({a.model_extra["sleigh"]["replica"] for a in [alone, *answers]}) == 2  # both replicas served
+        bad = httpx.post(base + "/v1/chat/completions", content=b"{not json", timeout=30)
+        assert bad.status_code == 400 and "error" in bad.json()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_app_builder_arguments():
+    """`serve run sleigh.serve.ray_app:app_builder key=value ...`: the keys are checked, values converted."""
+    from sleigh.errors import SleighError
+    from sleigh.serve.app import ServeSettings
+    from sleigh.serve.ray_app import Scaling, _convert, app_builder
+
+    with pytest.raises(SleighError, match="model=PKG"):
+        app_builder({"replicas": "2"})
+    with pytest.raises(SleighError, match="unknown"):
+        app_builder({"model": "x", "replcas": "2"})
+    assert _convert("replicas", "2") == 2 and _convert("replica_cpus", "0.5") == 0.5
+    options = Scaling(replicas=3).deployment_options(ServeSettings(model="x"))
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    auto = Scaling(min_replicas=1, max_replicas=4, target_ongoing_requests=2)
+    cfg = auto.deployment_options(ServeSettings(model="x"))
+    assert cfg["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
+    with pytest.raises(SleighError):
+        Scaling(min_replicas=5, max_replicas=2)
