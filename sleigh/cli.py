@@ -71,6 +71,21 @@ def _app_options(
     _setup_logging(log_level)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a caller may have swapped it since the setup)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it; the property always reads sys.stderr
+        pass
+
+
 class _LevelFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"{record.levelname.lower()}: {record.getMessage()}"
@@ -81,7 +96,7 @@ def _setup_logging(level: str) -> None:
     (warnings.warn) go through the same logger, so --log-level error silences them too."""
     if level.lower() not in LOG_LEVELS:
         raise SleighError(f"--log-level {level}", "unknown level", ", ".join(LOG_LEVELS))
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_LevelFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
