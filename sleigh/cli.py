@@ -225,6 +225,32 @@ def compare(
         raise typer.Exit(1)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Make training and evaluation data.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="Output folder: SPLIT.jsonl and SPLIT/ images are written there."),
+    n: int = typer.Option(..., "--n", help="Number of images (three questions each)."),
+    seed: int = typer.Option(0, help="Seed: image i of a seed is always the same; use another seed for a held-out split."),
+    split: str = typer.Option("train", help="Split name (file SPLIT.jsonl)."),
+    min_size: int = typer.Option(448, help="Smallest canvas side, px."),
+    max_size: int = typer.Option(1800, help="Largest canvas side, px."),
+    min_object: int = typer.Option(10, help="Smallest object side, px."),
+    max_object: int = typer.Option(24, help="Largest object side, px."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing split of the same name."),
+):
+    """Synthetic task: a small coloured shape on a large textured canvas; colour/shape/position questions."""
+    from sleigh.data.synth import SynthSpec, write_split
+    from sleigh.progress import progress
+
+    spec = SynthSpec(min_size=min_size, max_size=max_size, min_object=min_object, max_object=max_object)
+    with progress(f"synth {split}", n) as bar:
+        path = write_split(out, n, seed, split=split, spec=spec, force=force, progress=bar)
+    typer.echo(f"wrote {path}: {n} images, {3 * n} questions (seed {seed})")
+
+
 def _print_gate(report: dict, title: str) -> None:
     from sleigh.export.accuracy import report_rows
 
