@@ -225,6 +225,34 @@ def compare(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    checkpoint: Path = typer.Argument(..., help="Sleigh checkpoint to start from (sleigh init / sleigh convert)."),
+    data: Path = typer.Option(..., "--data", help="JSONL of {image, question, answer} lines (or a folder with one)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (must not exist, unless --resume)."),
+    parts: str = typer.Option("gswa", "--train", help="What is trained: gswa, gswa,projector, ... or all."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (or --minutes)."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget (or --steps); the curriculum follows the clock."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, cosine to 10 %)."),
+    batch: int = typer.Option(16, help="Images per step (each with its questions)."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    curriculum: str = typer.Option("auto", help="auto (synthetic data with the ViT trained), on or off."),
+    save_every: int = typer.Option(200, help="Save the checkpoint every this many steps."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse bad JSONL lines instead of skipping them."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads."),
+):
+    """Train GSWA (or more) on image/question/answer data; loss on the answer tokens only."""
+    from sleigh.sleighvl.train import TrainOptions, train as do_train
+
+    opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
+                        curriculum=curriculum, save_every=save_every, strict=strict, threads=threads)
+    r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
+    skipped = f", skipped {r.skipped}" if r.skipped else ""
+    typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "
+               f"questions{skipped}, curriculum {'on' if r.curriculum else 'off'}, last loss {r.last.get('loss', float('nan')):.3f}")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Make training and evaluation data.")
 app.add_typer(data_app, name="data")
 

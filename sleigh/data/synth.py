@@ -55,6 +55,15 @@ POSITIONS = tuple(position_name(r, c) for r in range(3) for c in range(3))
 ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS}
 
 
+def _margin(size: int) -> int:
+    return 2 + size // 4
+
+
+def cell_needs(size: int) -> int:
+    """The smallest cell of the 3x3 grid an object of `size` px fits, margins included."""
+    return size + 2 * _margin(size) + 1
+
+
 @dataclass(frozen=True)
 class SynthSpec:
     """What `render` draws; the curriculum of `sleigh train` varies the sizes."""
@@ -73,9 +82,9 @@ class SynthSpec:
         if not 4 <= self.min_object <= self.max_object:
             raise SleighError("object size range", f"{self.min_object}..{self.max_object} px",
                               "4 <= min object <= max object")
-        if 3 * (self.max_object + 4) > self.min_size:
+        if 3 * cell_needs(self.max_object) > self.min_size:
             raise SleighError("object size range", f"objects up to {self.max_object} px do not fit a 3x3 grid of a "
-                              f"{self.min_size} px canvas", "max object <= min size / 3 - 4")
+                              f"{self.min_size} px canvas", f"min size >= {3 * cell_needs(self.max_object)} px")
         if not 0 <= self.min_distractors <= self.max_distractors:
             raise SleighError("distractors", f"{self.min_distractors}..{self.max_distractors}", "0 <= min <= max")
 
@@ -105,7 +114,7 @@ def render(rng: np.random.Generator, spec: SynthSpec = SynthSpec()) -> Sample:
     size = int(rng.integers(spec.min_object, spec.max_object + 1))
     row, col = (int(v) for v in rng.integers(0, 3, size=2))
     # the shape lies wholly inside its cell, a margin away from the cell's edges
-    margin = 2 + size // 4
+    margin = _margin(size)
     cx = int(rng.integers(col * w // 3 + margin, (col + 1) * w // 3 - size - margin + 1))
     cy = int(rng.integers(row * h // 3 + margin, (row + 1) * h // 3 - size - margin + 1))
     box = (cx, cy, cx + size, cy + size)

@@ -138,13 +138,19 @@ def atomic_dir(dst: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    if dst.exists():  # set the old folder aside first: an interruption never leaves a half-deleted one
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
 
 
-def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False) -> None:
-    """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`."""
+def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False,
+                    extra=None) -> None:
+    """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`; `extra(folder)`
+    may add files (a training state) that then appear together with the weights or not at all."""
     from safetensors.torch import save_file
 
     with atomic_dir(dst, force) as tmp:
@@ -154,4 +160,6 @@ def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(str(tmp / TOKENIZER))
         (tmp / GENERATION).write_text(json.dumps(generation.to_dict(), indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
         model.cfg.save(tmp / CONFIG)  # last: a folder with config.json is complete
