@@ -70,6 +70,7 @@ def run(
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default: the model's, 12)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings, ...)."),
+    show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.pipeline import Pipeline
@@ -84,11 +85,18 @@ def run(
         raise SleighError("--threads", f"got {threads}", "an integer >= 1")
     sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                repetition_penalty=repetition_penalty, seed=seed)
+    if show_weights is not None:
+        from sleigh.runtime.show_weights import output_format
+
+        if image is None:
+            raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
+        output_format(show_weights)
     pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
     gen = pipe.generate(image, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                         ignore_eos=ignore_eos, max_tiles=max_tiles)
     if as_json:
         typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
+        _show_weights(image, gen.result, show_weights)
         return
     if no_stream:
         typer.echo(gen.result.text)
@@ -102,6 +110,16 @@ def run(
     grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
     typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
                f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
+    _show_weights(image, r, show_weights)
+
+
+def _show_weights(image: Optional[Path], result, out: Optional[Path]) -> None:
+    if out is None:
+        return
+    from sleigh.runtime.show_weights import save_weights_image
+
+    save_weights_image(image, result.grid, result.gswa_weights, out)
+    typer.echo(f"wrote {out}: GSWA weights {', '.join(f'{w:.2f}' for w in result.gswa_weights)} (thumbnail last)", err=True)
 
 
 @app.command()
@@ -251,6 +269,33 @@ def train(
     skipped = f", skipped {r.skipped}" if r.skipped else ""
     typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "
                f"questions{skipped}, curriculum {'on' if r.curriculum else 'off'}, last loss {r.last.get('loss', float('nan')):.3f}")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="Model package (sleigh export) or Sleigh checkpoint folder."),
+    data: Path = typer.Option(..., "--data", help="JSONL of {image, question, answer[, type]} lines (or a folder with one)."),
+    engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
+    backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
+    from sleigh.evaluate import evaluate, report_rows
+
+    report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    _print_table(["question type", "n", "accuracy", "standard error"], report_rows(report),
+                 title=f"{model} [{report['backend']}] on {report['data']}")
+    top = report.get("gswa_top_tile")
+    if top:
+        typer.echo(f"GSWA's top tile holds the object in {top['holds_object']}/{top['images']} multi-tile images "
+                   f"({100 * top['fraction']:.1f} %)")
+    if report["skipped"]:
+        typer.echo(f"skipped lines: {report['skipped']}")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Make training and evaluation data.")
