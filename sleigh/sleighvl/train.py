@@ -37,6 +37,7 @@ from sleigh.sleighvl.checkpoint import TOKENIZER, GenerationConfig, load_checkpo
 
 PARTS = ("gswa", "projector", "vision", "llm")
 STATE = "train_state.safetensors"
+GSWA_FILE = "gswa.safetensors"
 IGNORE = -100
 WARMUP_STEPS = 50
 # (end of the phase as a fraction of the run, most tiles, object side range in canvas px); then the data.
@@ -72,7 +73,7 @@ def parse_parts(train: str) -> tuple[str, ...]:
     return parts
 
 
-def check_options(ckpt: Path, out: Path, opts: TrainOptions) -> tuple[str, ...]:
+def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
     parts = parse_parts(opts.train)
     if (opts.steps is None) == (opts.minutes is None):
         raise SleighError("--steps/--minutes", "give exactly one", "e.g. --steps 2000 or --minutes 20")
@@ -310,7 +311,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     from sleigh.sleighvl.checkpoint import read_safetensors
 
     out = Path(out)
-    parts = check_options(ckpt, out, opts)
+    parts = check_options(out, opts)
     source = out if opts.resume else Path(ckpt)
     model, cfg, generation = load_checkpoint(source)
     if "gswa" in parts and cfg.gswa is None:
@@ -344,6 +345,11 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
 
         def write_state(folder: Path) -> None:
             save_file(trainer.state_tensors(), str(folder / STATE), metadata={"train": json.dumps(meta)})
+            if cfg.gswa is not None:  # GSWA alone, for `sleigh convert --gswa PATH`
+                g = cfg.gswa
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith("gswa.")},
+                          str(folder / GSWA_FILE), metadata={"num_heads": str(g.num_heads), "apply": g.apply,
+                                                             "layer_norm_eps": str(g.layer_norm_eps)})
 
         save_checkpoint(out, model, tok.tokenizer, generation, force=True, extra=write_state)
 

@@ -77,6 +77,14 @@ def test_train_gswa_changes_only_gswa(demo_ckpt, data, tmp_path):
     before, after = weights(demo_ckpt), weights(tmp_path / "g")
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed and all(k.startswith("gswa.") for k in changed), changed
+    # GSWA alone, as `sleigh convert --gswa PATH` reads it
+    from sleigh.sleighvl.config import SleighVLConfig
+    from sleigh.sleighvl.convert import load_gswa_file
+
+    cfg = SleighVLConfig.load(demo_ckpt / "config.json")
+    gcfg, alone = load_gswa_file(tmp_path / "g" / train_mod.GSWA_FILE, cfg)
+    assert gcfg == cfg.gswa and set(changed) <= set(alone) and all(k.startswith("gswa.") for k in alone)
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
     # the output is a plain Sleigh checkpoint: the runtime's torch backend loads it
     from sleigh.runtime.pipeline import Pipeline
 
