@@ -263,25 +263,30 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------------
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        if self.aux is not None:
-            names.update({id(p): f"aux.{n}" for n, p in self.aux.named_parameters()})
-        out = {f"aux.{n}": p.detach().cpu().contiguous() for n, p in (self.aux.named_parameters() if self.aux else [])}
-        for p in self.params:
-            st = self.optimizer.state.get(p)
-            if st:
-                for key in ("exp_avg", "exp_avg_sq"):
-                    out[f"opt.{names[id(p)]}.{key}"] = st[key].detach().cpu().contiguous()
-                out[f"opt.{names[id(p)]}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
-        return out
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if self.aux is not None:
-            self.aux.load_state_dict({n[4:]: t for n, t in state.items() if n.startswith("aux.")})
+    def _named(self) -> dict[str, nn.Parameter]:
         named = dict(self.model.named_parameters())
         if self.aux is not None:
             named.update({f"aux.{n}": p for n, p in self.aux.named_parameters()})
+        return named
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The auxiliary head and AdamW's moments, by parameter name (safetensors, never pickle)."""
+        named = self._named()
+        out = {n: p.detach().cpu().contiguous() for n, p in named.items() if n.startswith("aux.")}
+        for name, p in named.items():
+            st = self.optimizer.state.get(p)
+            if st:
+                out[f"opt.{name}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
+                out[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+                out[f"opt.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = self._named()
+        with torch.no_grad():
+            for name, p in named.items():
+                if name.startswith("aux."):
+                    p.copy_(state[name])
         for name, p in named.items():
             if f"opt.{name}.exp_avg" in state and p.requires_grad:
                 self.optimizer.state[p] = {
@@ -337,6 +342,10 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         state = read_safetensors(out / STATE)
         meta = json.loads(_metadata(out / STATE)["train"])
         step, elapsed_before = int(meta["step"]), float(meta["seconds"])
+        for key in ("train", "batch", "seed", "steps", "minutes"):
+            if meta["options"].get(key) != getattr(opts, key):
+                raise SleighError(f"--resume {out}", f"--{key} {getattr(opts, key)} differs from the saved run's "
+                                  f"{meta['options'].get(key)}", "the options of the run being resumed")
         trainer.load_state(state)
         log(f"resuming {out} at step {step}")
 
