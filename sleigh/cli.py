@@ -289,7 +289,7 @@ def eval_(
         typer.echo(json.dumps(report))
         return
     _print_table(["question type", "n", "accuracy", "standard error"], report_rows(report),
-                 title=f"{model} [{report['backend']}] on {report['data']}")
+                 title=f"{model} ({report['backend']}) on {report['data']}")
     top = report.get("gswa_top_tile")
     if top:
         typer.echo(f"GSWA's top tile holds the object in {top['holds_object']}/{top['images']} multi-tile images "
