@@ -14,6 +14,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from PIL import Image
+
 from sleigh.data.qa import read_qa
 from sleigh.errors import SleighError
 from sleigh.progress import progress
@@ -61,8 +63,6 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | No
             hits[item.type].append(int(normalize(result.text) == normalize(item.answer)))
             box, grid = item.meta.get("box"), result.grid
             if box and grid and grid[0] * grid[1] > 1 and item.image not in top_tile:
-                from PIL import Image
-
                 with Image.open(item.image) as im:
                     size = im.size
                 top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
