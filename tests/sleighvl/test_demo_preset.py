@@ -37,3 +37,16 @@ def test_tokenizer_keeps_task_words_and_prompt_short(demo):
             text_ids = tok.encode_prompt(q, 0)
             assert tok.decode(text_ids, skip_special_tokens=False).endswith("assistant\n")
             assert len(text_ids) <= 40, len(text_ids)  # the default system message is a few pieces, not bytes
+
+
+def test_the_shipped_demo_model_answers_the_shipped_image():
+    """examples/shapes.jpg shows an orange circle (its `sleigh data synth` labels); README's demo."""
+    from pathlib import Path
+
+    from sleigh.runtime.pipeline import Pipeline
+
+    root = Path(__file__).resolve().parents[2]
+    pipe = Pipeline.load(root / "examples" / "demo-ckpt")
+    result = pipe.generate(root / "examples" / "shapes.jpg", "What colour is the coloured shape?", max_new_tokens=4).result
+    assert result.text == "orange" and result.grid == (2, 1)
+    assert max(result.gswa_weights[:2]) == result.gswa_weights[1]  # the circle is in the right-hand tile
