@@ -39,7 +39,7 @@ def convert(
 @app.command()
 def init(
     dst: Path = typer.Argument(..., help="Output Sleigh checkpoint folder."),
-    preset: str = typer.Option("tiny", help="tiny (tests), small (CPU benchmarks) or internvl2-2b (real shapes)."),
+    preset: str = typer.Option("tiny", help="tiny (tests), small (CPU benchmarks), demo (trains on a CPU: sleigh train) or internvl2-2b (real shapes)."),
     seed: int = typer.Option(0, help="Random seed."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ):
