@@ -127,7 +127,7 @@ def convert(
 @app.command()
 def init(
     dst: Path = typer.Argument(..., help="Output Sleigh checkpoint folder."),
-    preset: str = typer.Option("tiny", help="tiny (tests), small (CPU benchmarks) or internvl2-2b (real shapes)."),
+    preset: str = typer.Option("tiny", help="tiny (tests), small (CPU benchmarks), demo (trains on a CPU: sleigh train) or internvl2-2b (real shapes)."),
     seed: int = typer.Option(0, help="Random seed."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
 ):
@@ -165,6 +165,7 @@ def run(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="A string that ends the answer (not printed); repeatable."),
     allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
+    show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
@@ -187,6 +188,12 @@ def run(
         if max_pixels is not None:  # decoded here under the given limit; the pipeline tiles the decoded image
             with _as_flags("max_pixels"):
                 source = load_image(source, max_pixels=max_pixels)
+    if show_weights is not None:
+        from sleigh.runtime.show_weights import output_format
+
+        if image is None:
+            raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
+        output_format(show_weights)
     _check_model(model, engine)
     pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files)
     pipe.allow_special_tokens = allow_special_tokens
@@ -194,6 +201,7 @@ def run(
                         ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
     if as_json:
         typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
+        _show_weights(image, gen.result, show_weights)
         return
     shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
     if no_stream:
@@ -208,6 +216,16 @@ def run(
     grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
     typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
                f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
+    _show_weights(image, r, show_weights)
+
+
+def _show_weights(image: Optional[Path], result, out: Optional[Path]) -> None:
+    if out is None:
+        return
+    from sleigh.runtime.show_weights import save_weights_image
+
+    save_weights_image(image, result.grid, result.gswa_weights, out)
+    typer.echo(f"wrote {out}: GSWA weights {', '.join(f'{w:.2f}' for w in result.gswa_weights)} (thumbnail last)", err=True)
 
 
 @app.command()
@@ -329,6 +347,87 @@ def compare(
         _print_gate(report, f"{engine} vs FP32")
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    checkpoint: Path = typer.Argument(..., help="Sleigh checkpoint to start from (sleigh init / sleigh convert)."),
+    data: Path = typer.Option(..., "--data", help="JSONL of {image, question, answer} lines (or a folder with one)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (must not exist, unless --resume)."),
+    parts: str = typer.Option("gswa", "--train", help="What is trained: gswa, gswa,projector, ... or all."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (or --minutes)."),
+    minutes: Optional[float] = typer.Option(None, help="Wall-clock budget (or --steps); the curriculum follows the clock."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, cosine to 10 %)."),
+    batch: int = typer.Option(16, help="Images per step (each with its questions)."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    curriculum: str = typer.Option("auto", help="auto (synthetic data with the ViT trained), on or off."),
+    save_every: int = typer.Option(200, help="Save the checkpoint every this many steps."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse bad JSONL lines instead of skipping them."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads."),
+):
+    """Train GSWA (or more) on image/question/answer data; loss on the answer tokens only."""
+    from sleigh.sleighvl.train import TrainOptions, train as do_train
+
+    opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
+                        curriculum=curriculum, save_every=save_every, strict=strict, threads=threads)
+    r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
+    skipped = f", skipped {r.skipped}" if r.skipped else ""
+    typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "
+               f"questions{skipped}, curriculum {'on' if r.curriculum else 'off'}, last loss {r.last.get('loss', float('nan')):.3f}")
+
+
+@app.command("eval")
+def eval_(
+    model: Path = typer.Argument(..., help="Model package (sleigh export) or Sleigh checkpoint folder."),
+    data: Path = typer.Option(..., "--data", help="JSONL of {image, question, answer[, type]} lines (or a folder with one)."),
+    engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
+    backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
+    from sleigh.evaluate import evaluate, report_rows
+
+    report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    _print_table(["question type", "n", "accuracy", "standard error"], report_rows(report),
+                 title=f"{model} ({report['backend']}) on {report['data']}")
+    top = report.get("gswa_top_tile")
+    if top:
+        typer.echo(f"GSWA's top tile holds the object in {top['holds_object']}/{top['images']} multi-tile images "
+                   f"({100 * top['fraction']:.1f} %)")
+    if report["skipped"]:
+        typer.echo(f"skipped lines: {report['skipped']}")
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Make training and evaluation data.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Argument(..., help="Output folder: SPLIT.jsonl and SPLIT/ images are written there."),
+    n: int = typer.Option(..., "--n", help="Number of images (three questions each)."),
+    seed: int = typer.Option(0, help="Seed: image i of a seed is always the same; use another seed for a held-out split."),
+    split: str = typer.Option("train", help="Split name (file SPLIT.jsonl)."),
+    min_size: int = typer.Option(448, help="Smallest canvas side, px."),
+    max_size: int = typer.Option(1800, help="Largest canvas side, px."),
+    min_object: int = typer.Option(10, help="Smallest object side, px."),
+    max_object: int = typer.Option(24, help="Largest object side, px."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing split of the same name."),
+):
+    """Synthetic task: a small coloured shape on a large textured canvas; colour/shape/position questions."""
+    from sleigh.data.synth import SynthSpec, write_split
+    from sleigh.progress import progress
+
+    spec = SynthSpec(min_size=min_size, max_size=max_size, min_object=min_object, max_object=max_object)
+    with progress(f"synth {split}", n) as bar:
+        path = write_split(out, n, seed, split=split, spec=spec, force=force, progress=bar)
+    typer.echo(f"wrote {path}: {n} images, {3 * n} questions (seed {seed})")
 
 
 def _print_gate(report: dict, title: str) -> None:

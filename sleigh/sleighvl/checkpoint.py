@@ -143,8 +143,10 @@ def atomic_dir(dst: Path, force: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False) -> None:
-    """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`."""
+def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False,
+                    extra=None) -> None:
+    """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`; `extra(folder)`
+    may add files (a training state) that then appear together with the weights or not at all."""
     from safetensors.torch import save_file
 
     with atomic_dir(dst, force) as tmp:
@@ -154,4 +156,6 @@ def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save(str(tmp / TOKENIZER))
         (tmp / GENERATION).write_text(json.dumps(generation.to_dict(), indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
         model.cfg.save(tmp / CONFIG)  # last: a folder with config.json is complete

@@ -40,6 +40,18 @@ def init_weights(model, seed: int, progress=None) -> None:
             p.normal_(0.0, 0.02, generator=g)
 
 
+def tokenizer_corpus(preset: str) -> str | None:
+    """The demo model's tokenizer learns the synthetic task's words and the default system message
+    as whole pieces (repeated, so BPE merges them first): short prompts, one token per answer word."""
+    if preset != "demo":
+        return None
+    from sleigh.data.synth import task_text
+    from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
+    from sleigh.sleighvl.tokenizer import _TINY_CORPUS
+
+    return 50 * (task_text() + DEFAULT_SYSTEM_MESSAGE + "\nsystem\nuser\nassistant\n") + _TINY_CORPUS
+
+
 def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = False, quiet: bool = True) -> SleighVLConfig:
     from sleigh.sleighvl.convert import prompt_config
     from sleigh.sleighvl.model import SleighVL
@@ -48,7 +60,7 @@ def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = Fals
     if preset not in PRESETS:
         raise SleighError("--preset", f"unknown preset {preset!r}", ", ".join(PRESETS))
     base = PRESETS[preset]
-    tokenizer = train_tiny_tokenizer(vocab_size=min(1000, base.llm.vocab_size))
+    tokenizer = train_tiny_tokenizer(vocab_size=min(1000, base.llm.vocab_size), corpus=tokenizer_corpus(preset))
     if tokenizer.get_vocab_size() > base.llm.vocab_size:
         raise SleighError("--preset", "the tokenizer is larger than the model vocabulary", "vocab_size >= tokenizer size")
     cfg = replace(base, prompt=prompt_config(tokenizer))

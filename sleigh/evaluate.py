@@ -1,0 +1,86 @@
+"""`sleigh eval`: exact-match accuracy per question type on a JSONL, on any backend or engine.
+
+Torch-free: it runs through `runtime.pipeline.Pipeline` (greedy, as `sleigh run`), so a package's
+engines and a checkpoint on the torch backend are judged by the same code. Answers match after
+trimming, lower-casing and dropping a final full stop. For data with object boxes (`sleigh data
+synth`), it also counts how often GSWA's highest-weighted tile holds the object, over the images
+with more than one tile.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image
+
+from sleigh.data.qa import read_qa
+from sleigh.errors import SleighError
+from sleigh.progress import progress
+
+
+def normalize(text: str) -> str:
+    return text.strip().lower().rstrip(".").strip()
+
+
+def proportion(hits: int, n: int) -> dict:
+    """Accuracy with its binomial standard error."""
+    p = hits / n if n else float("nan")
+    return {"n": n, "correct": hits, "accuracy": p, "se": math.sqrt(p * (1 - p) / n) if n else float("nan")}
+
+
+def top_tile_holds_object(weights: list[float], grid: tuple[int, int], image_size: tuple[int, int], box) -> bool:
+    """Whether the centre of `box` (x0, y0, x1, y1; image px) lies in the tile GSWA weighs highest.
+    Tiles are row-major over a (cols, rows) grid stretched over the whole image (runtime tiling)."""
+    cols, rows = grid
+    tiles = weights[:cols * rows]
+    top = max(range(len(tiles)), key=tiles.__getitem__)
+    r, c = divmod(top, cols)
+    w, h = image_size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return c * w / cols <= cx < (c + 1) * w / cols and r * h / rows <= cy < (r + 1) * h / rows
+
+
+def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | None = None, threads: int | None = None,
+             limit: int | None = None, max_new_tokens: int = 8, quiet: bool = False) -> dict:
+    from sleigh.runtime.pipeline import Pipeline
+
+    if limit is not None and limit < 1:
+        raise SleighError("--limit", f"got {limit}", "a number of questions >= 1")
+    qa = read_qa(data)
+    items = qa.items[:limit] if limit else qa.items
+    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
+    hits: dict[str, list[int]] = defaultdict(list)
+    top_tile: dict[Path, bool] = {}
+    described = ""
+    t0 = time.perf_counter()
+    with progress("eval", len(items), quiet) as bar:
+        for item in items:
+            result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens).result
+            described = result.backend
+            hits[item.type].append(int(normalize(result.text) == normalize(item.answer)))
+            box, grid = item.meta.get("box"), result.grid
+            if box and grid and grid[0] * grid[1] > 1 and item.image not in top_tile:
+                with Image.open(item.image) as im:
+                    size = im.size
+                top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
+            bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
+    report = {
+        "model": str(model), "data": str(qa.path), "backend": described, "engine": engine,
+        "types": {t: proportion(sum(v), len(v)) for t, v in sorted(hits.items())},
+        "overall": proportion(sum(map(sum, hits.values())), sum(map(len, hits.values()))),
+        "skipped": dict(qa.skipped), "seconds": time.perf_counter() - t0,
+    }
+    if top_tile:
+        report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
+                                   "fraction": sum(top_tile.values()) / len(top_tile)}
+    return report
+
+
+def report_rows(report: dict) -> list[tuple]:
+    rows = [(t, r["n"], f"{100 * r['accuracy']:.1f} %", f"± {100 * r['se']:.1f}") for t, r in report["types"].items()]
+    o = report["overall"]
+    rows.append(("all", o["n"], f"{100 * o['accuracy']:.1f} %", f"± {100 * o['se']:.1f}"))
+    return rows

@@ -1,0 +1,418 @@
+"""`sleigh train`: fine-tune GSWA (or more) on image/question/answer JSONL, on the PyTorch reference.
+
+    JSONL ─group by image─► batch of B images ─tile_image (as the runtime)─► encode_images (ViT, mlp1, GSWA)
+      each image's questions ─internlm2-chat prompt + answer + <|im_end|>─► one sequence each (right-padded)
+      ─embed─► LLM with GSWA's log-weights as a differentiable attention bias ─► loss on answer tokens only
+      (+ for synthetic data and a trained ViT: an auxiliary colour/shape loss on max-pooled patch tokens)
+
+Why the curriculum and the auxiliary loss (FACTS.md, "Training a toy SleighVL on 2 CPU cores"): from
+scratch, an LLM that reads ~100 image tokens with near-uniform attention never finds one small object
+and the answer loss stays at chance. Easy views first (one or two tiles, large objects, drawn on the
+fly by the synthetic task) plus a loss that asks the ViT directly for the object's colour and shape
+get it started. Both are training-only: the saved checkpoint is a plain Sleigh checkpoint.
+
+Reproducible: step k's batch and curriculum samples come from rng(seed, k), so the same seed gives the
+same weights (on the same device and thread count), and --resume continues the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sleigh.data.qa import QA, QAData, read_qa
+from sleigh.data.synth import COLOURS, SHAPES, SynthSpec, cell_needs, questions, render
+from sleigh.errors import SleighError
+from sleigh.runtime.image import tile_image
+from sleigh.runtime.prompt import PromptTokenizer
+from sleigh.sleighvl.checkpoint import TOKENIZER, GenerationConfig, load_checkpoint, save_checkpoint
+
+PARTS = ("gswa", "projector", "vision", "llm")
+STATE = "train_state.safetensors"
+GSWA_FILE = "gswa.safetensors"
+IGNORE = -100
+WARMUP_STEPS = 50
+# (end of the phase as a fraction of the run, most tiles, object side range in canvas px); then the data.
+CURRICULUM = ((0.20, 1, (40, 80)), (0.35, 2, (24, 60)), (0.50, 4, (16, 40)))
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    train: str = "gswa"
+    steps: int | None = None
+    minutes: float | None = None
+    lr: float = 1e-3
+    batch: int = 16
+    seed: int = 0
+    resume: bool = False
+    curriculum: str = "auto"  # auto (on for synthetic data when the ViT trains), on, off
+    aux_weight: float = 1.0
+    save_every: int = 200
+    log_every: int = 25
+    strict: bool = False
+    questions_per_image: int = 3
+    threads: int | None = None
+    quiet: bool = False
+
+
+def parse_parts(train: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in train.split(",") if p.strip())
+    if parts == ("all",):
+        return PARTS
+    bad = [p for p in parts if p not in PARTS]
+    if not parts or bad:
+        raise SleighError("--train", f"got {train!r}", f"all, or a comma list of {', '.join(PARTS)} (e.g. gswa,projector)")
+    return parts
+
+
+def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
+    parts = parse_parts(opts.train)
+    if (opts.steps is None) == (opts.minutes is None):
+        raise SleighError("--steps/--minutes", "give exactly one", "e.g. --steps 2000 or --minutes 20")
+    if opts.steps is not None and opts.steps < 1 or opts.minutes is not None and opts.minutes <= 0:
+        raise SleighError("--steps/--minutes", f"got {opts.steps or opts.minutes}", "a positive number")
+    for name, value in (("--batch", opts.batch), ("--save-every", opts.save_every)):
+        if value < 1:
+            raise SleighError(name, f"got {value}", "an integer >= 1")
+    if not opts.lr > 0:
+        raise SleighError("--lr", f"got {opts.lr}", "a positive learning rate, e.g. 1e-3")
+    if opts.curriculum not in ("auto", "on", "off"):
+        raise SleighError("--curriculum", f"got {opts.curriculum!r}", "auto, on or off")
+    out = Path(out)
+    if opts.resume:
+        if not (out / STATE).is_file():
+            raise SleighError(str(out), f"has no {STATE} to resume from", "the -o folder of an earlier `sleigh train`")
+    elif out.exists():
+        raise SleighError(str(out), "output folder already exists", "a new folder, or --resume to continue training it")
+    return parts
+
+
+# -- the differentiable pieces ---------------------------------------------------------------------
+
+
+def attention_bias_rows(input_ids: torch.Tensor, weights: list[torch.Tensor], img_context_id: int,
+                        tokens_per_view: int, min_weight: float, image_of_row: list[int]) -> torch.Tensor:
+    """GSWA's attention bias (runtime.multimodal.image_attention_bias) with gradients: row j gets
+    log(max(w_t, min_weight)) of its image's views on its <IMG_CONTEXT> positions, 0 elsewhere."""
+    bias = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    rows = []
+    for j, i in enumerate(image_of_row):
+        per_token = torch.log(weights[i].float().clamp(min=min_weight)).repeat_interleave(tokens_per_view)
+        is_img = input_ids[j] == img_context_id
+        rows.append(torch.zeros_like(bias[j]).masked_scatter(is_img, per_token))
+    return torch.stack(rows) if rows else bias
+
+
+class AuxHead(nn.Module):
+    """Training only: colour and shape of the object from the max over an image's patch tokens."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, len(COLOURS) + len(SHAPES))
+
+    def forward(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """last_hidden (T, 1 + patches, Cv) -> logits (6 + 3,)."""
+        return self.head(self.norm(last_hidden[:, 1:].amax(dim=(0, 1))))
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    image: object  # a path or a PIL image
+    qas: list[tuple[str, str]]  # (question, answer)
+    labels: tuple[int, int] | None  # (colour index, shape index) for the auxiliary loss
+    max_tiles: int | None = None  # a curriculum phase's tile limit
+    source: str = ""
+
+
+class Batches:
+    """Step k's examples, a pure function of (seed, k): the JSONL's images in a per-epoch shuffle,
+    or during a curriculum phase, synthetic samples drawn on the fly."""
+
+    def __init__(self, data: QAData, opts: TrainOptions, curriculum: bool):
+        self.groups = data.by_image()
+        self.opts, self.curriculum = opts, curriculum
+        sizes = [qa.meta.get("size") for _, qas in self.groups for qa in qas[:1]]
+        sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
+        self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
+
+    def phase(self, frac: float) -> int:
+        """0, 1, 2 for the curriculum's phases, 3 for the data."""
+        if not self.curriculum:
+            return len(CURRICULUM)
+        return next((i for i, (end, _, _) in enumerate(CURRICULUM) if frac < end), len(CURRICULUM))
+
+    def get(self, step: int, phase: int) -> list[Example]:
+        rng = np.random.default_rng([self.opts.seed, step])
+        if phase < len(CURRICULUM):
+            return [self._synthetic(rng, phase) for _ in range(self.opts.batch)]
+        n = len(self.groups)
+        out = []
+        for j in range(self.opts.batch):
+            k = step * self.opts.batch + j
+            order = np.random.default_rng([self.opts.seed, 1_000_003, k // n]).permutation(n)
+            image, qas = self.groups[int(order[k % n])]
+            if len(qas) > self.opts.questions_per_image:
+                qas = [qas[int(i)] for i in sorted(rng.choice(len(qas), self.opts.questions_per_image, replace=False))]
+            out.append(Example(image, [(qa.question, qa.answer) for qa in qas], _labels(qas[0]), None,
+                               f"{qas[0].image} (line {qas[0].line})"))
+        return out
+
+    def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:
+        _, tiles, (lo, hi) = CURRICULUM[phase]
+        smallest = 3 * cell_needs(hi)
+        spec = SynthSpec(min_size=max(self.canvas[0], smallest), max_size=max(self.canvas[1], smallest),
+                         min_object=lo, max_object=hi)
+        sample = render(rng, spec)
+        qas = [(q, a) for _, q, a in questions(sample, rng)]
+        return Example(sample.image, qas, (list(COLOURS).index(sample.colour), SHAPES.index(sample.shape)), tiles,
+                       "curriculum sample")
+
+
+def _labels(qa: QA) -> tuple[int, int] | None:
+    colour, shape = qa.meta.get("colour"), qa.meta.get("shape")
+    if colour in COLOURS and shape in SHAPES:
+        return list(COLOURS).index(colour), SHAPES.index(shape)
+    return None
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, model, tok: PromptTokenizer, parts: tuple[str, ...], opts: TrainOptions, device: torch.device,
+                 use_aux: bool):
+        self.model, self.tok, self.opts, self.device = model, tok, opts, device
+        cfg = model.cfg
+        self.cfg = cfg
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in parts)
+        self.aux = AuxHead(cfg.vision.hidden_size).to(device) if use_aux else None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.aux is not None:
+            params += list(self.aux.parameters())
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)
+
+    def lr_at(self, step: int, frac: float) -> float:
+        warm = min(1.0, (step + 1) / WARMUP_STEPS)
+        return self.opts.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def step(self, examples: list[Example], lr: float) -> dict:
+        model, cfg, tok, dev = self.model, self.cfg, self.tok, self.device
+        model.train()
+        weights, rows_embeds, seqs, targets, image_of_row, aux_losses = [], [], [], [], [], []
+        tpv = cfg.vision.tokens_per_view
+        for i, ex in enumerate(examples):
+            tiled = tile_image(ex.image, min_tiles=cfg.image.min_tiles,
+                               max_tiles=ex.max_tiles or cfg.image.max_tiles, size=cfg.vision.image_size,
+                               thumbnail=cfg.image.thumbnail, mean=cfg.image.mean, std=cfg.image.std)
+            vis = model.encode_images(torch.from_numpy(tiled.pixel_values).to(dev))
+            weights.append(vis.gswa_weights)
+            if self.aux is not None and ex.labels is not None:
+                logits = self.aux(vis.last_hidden)
+                aux_losses.append(F.cross_entropy(logits[:len(COLOURS)][None], torch.tensor([ex.labels[0]], device=dev))
+                                  + F.cross_entropy(logits[len(COLOURS):][None], torch.tensor([ex.labels[1]], device=dev)))
+            for question, answer in ex.qas:
+                prompt = tok.encode_prompt(question, tiled.num_views, tokens_per_view=tpv)
+                reply = tok.encode(answer, add_bos=False) + [tok.im_end_id]
+                seqs.append(prompt + reply)
+                targets.append([IGNORE] * len(prompt) + reply)
+                image_of_row.append(i)
+                rows_embeds.append(vis.image_embeds.reshape(-1, cfg.llm.hidden_size))
+
+        S = max(map(len, seqs))
+        pad = tok.eos_id  # right padding: causal attention keeps real positions blind to it
+        ids = torch.tensor([s + [pad] * (S - len(s)) for s in seqs], device=dev)  # (B, S)
+        labels = torch.tensor([t + [IGNORE] * (S - len(t)) for t in targets], device=dev)  # (B, S)
+        embeds = model.embed(ids, torch.cat(rows_embeds))  # (B, S, D)
+        bias = torch.zeros(ids.shape, device=dev)
+        if cfg.gswa is not None and cfg.gswa.apply == "attention":
+            bias = attention_bias_rows(ids, weights, cfg.prompt.img_context_token_id, tpv, cfg.gswa.min_weight,
+                                       image_of_row)
+        mask = torch.ones_like(ids)
+        positions = torch.arange(S, device=dev)[None].expand_as(ids)
+        logits, _ = model.llm(embeds, mask, bias, positions, model.llm.empty_cache(ids.shape[0], device=dev))
+        pred, gold = logits[:, :-1], labels[:, 1:]  # position s predicts token s + 1
+        lm_loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=IGNORE)
+        loss = lm_loss
+        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
+        if aux_loss is not None:
+            loss = loss + self.opts.aux_weight * aux_loss
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            scored = gold != IGNORE
+            token_acc = float((pred.argmax(-1)[scored] == gold[scored]).float().mean())
+        return {"loss": lm_loss.item(), "aux": None if aux_loss is None else aux_loss.item(), "token_acc": token_acc}
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    def _named(self) -> dict[str, nn.Parameter]:
+        named = dict(self.model.named_parameters())
+        if self.aux is not None:
+            named.update({f"aux.{n}": p for n, p in self.aux.named_parameters()})
+        return named
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The auxiliary head and AdamW's moments, by parameter name (safetensors, never pickle)."""
+        named = self._named()
+        out = {n: p.detach().cpu().contiguous() for n, p in named.items() if n.startswith("aux.")}
+        for name, p in named.items():
+            st = self.optimizer.state.get(p)
+            if st:
+                out[f"opt.{name}.exp_avg"] = st["exp_avg"].detach().cpu().contiguous()
+                out[f"opt.{name}.exp_avg_sq"] = st["exp_avg_sq"].detach().cpu().contiguous()
+                out[f"opt.{name}.step"] = torch.as_tensor(st["step"]).reshape(1).float().cpu()
+        return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        named = self._named()
+        with torch.no_grad():
+            for name, p in named.items():
+                if name.startswith("aux."):
+                    p.copy_(state[name])
+        for name, p in named.items():
+            if f"opt.{name}.exp_avg" in state and p.requires_grad:
+                self.optimizer.state[p] = {
+                    "step": state[f"opt.{name}.step"].reshape(()).to(torch.float32),
+                    "exp_avg": state[f"opt.{name}.exp_avg"].to(self.device),
+                    "exp_avg_sq": state[f"opt.{name}.exp_avg_sq"].to(self.device),
+                }
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    last: dict
+    skipped: dict
+    lines: int
+    images: int
+    curriculum: bool
+    device: str
+
+
+def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> TrainResult:
+    """Train, saving `out` (a Sleigh checkpoint + train_state.safetensors) every `save_every` steps and at the end."""
+    from safetensors.torch import save_file
+
+    from sleigh.progress import bars_enabled, progress
+    from sleigh.sleighvl.checkpoint import read_safetensors
+
+    out = Path(out)
+    parts = check_options(out, opts)
+    source = out if opts.resume else Path(ckpt)
+    model, cfg, generation = load_checkpoint(source)
+    if "gswa" in parts and cfg.gswa is None:
+        raise SleighError(str(ckpt), "has no GSWA module to train (gswa is null in config.json)",
+                          "a checkpoint with GSWA: `sleigh convert --gswa identity`, or --train without gswa")
+    tok = PromptTokenizer.from_file(source / TOKENIZER)
+    qa = read_qa(data, strict=opts.strict)
+    if qa.skipped:
+        log(f"skipped {sum(qa.skipped.values())} of {sum(qa.skipped.values()) + len(qa.items)} lines: {qa.skipped_text()}")
+
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(opts.seed)
+    model = model.to(device)
+    synthetic = any(_labels(x) is not None for x in qa.items[:50])
+    curriculum = opts.curriculum == "on" or (opts.curriculum == "auto" and synthetic and "vision" in parts)
+    trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
+    batches = Batches(qa, opts, curriculum)
+
+    step, elapsed_before = 0, 0.0
+    if opts.resume:
+        state = read_safetensors(out / STATE)
+        meta = json.loads(_metadata(out / STATE)["train"])
+        step, elapsed_before = int(meta["step"]), float(meta["seconds"])
+        for key in ("train", "batch", "seed", "steps", "minutes"):
+            if meta["options"].get(key) != getattr(opts, key):
+                raise SleighError(f"--resume {out}", f"--{key} {getattr(opts, key)} differs from the saved run's "
+                                  f"{meta['options'].get(key)}", "the options of the run being resumed")
+        trainer.load_state(state)
+        log(f"resuming {out} at step {step}")
+
+    def save(step: int, seconds: float) -> None:
+        meta = {"step": step, "seconds": seconds, "options": asdict(opts), "data": str(qa.path), "source": str(ckpt)}
+
+        def write_state(folder: Path) -> None:
+            save_file(trainer.state_tensors(), str(folder / STATE), metadata={"train": json.dumps(meta)})
+            if cfg.gswa is not None:  # GSWA alone, for `sleigh convert --gswa PATH`
+                g = cfg.gswa
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith("gswa.")},
+                          str(folder / GSWA_FILE), metadata={"num_heads": str(g.num_heads), "apply": g.apply,
+                                                             "layer_norm_eps": str(g.layer_norm_eps)})
+
+        save_checkpoint(out, model, tok.tokenizer, generation, force=True, extra=write_state)
+
+    total = opts.steps if opts.steps is not None else None
+    budget_s = None if opts.minutes is None else 60.0 * opts.minutes
+    t0 = time.perf_counter()
+    last: dict = {}
+    bad_images = 0
+    show_lines = not opts.quiet and not bars_enabled(opts.quiet)
+    with progress("train", total if total else budget_s, opts.quiet) as bar:
+        while True:
+            seconds = elapsed_before + time.perf_counter() - t0
+            frac = step / total if total else seconds / budget_s
+            if frac >= 1:
+                break
+            phase = batches.phase(frac)
+            examples = batches.get(step, phase)
+            try:
+                last = trainer.step(examples, trainer.lr_at(step, frac))
+            except SleighError as e:  # an image that passed the header check but cannot be decoded
+                if opts.strict:
+                    raise
+                bad_images += 1
+                log(f"step {step}: skipped a batch ({e})")
+                step += 1
+                continue
+            step += 1
+            now = elapsed_before + time.perf_counter() - t0
+            speed = step / max(now, 1e-9)
+            aux = "" if last["aux"] is None else f" aux {last['aux']:.3f}"
+            text = (f"train [{_phase_name(phase)}] loss {last['loss']:.3f}{aux} answer-token acc {last['token_acc']:.2f}"
+                    f" {speed:.2f} steps/s")
+            bar.advance(1 if total else now - seconds, description=text)
+            if show_lines and (step % opts.log_every == 0 or step == 1):
+                log(f"step {step}{'/' + str(total) if total else ''} {now:.0f} s: {text[6:]}")
+            if step % opts.save_every == 0:
+                save(step, now)
+    seconds = elapsed_before + time.perf_counter() - t0
+    save(step, seconds)
+    skipped = dict(qa.skipped)
+    if bad_images:
+        skipped["undecodable image batches"] = bad_images
+    return TrainResult(step, seconds, last, skipped, len(qa.items), len(batches.groups), curriculum, str(device))
+
+
+def _phase_name(phase: int) -> str:
+    if phase >= len(CURRICULUM):
+        return "data"
+    _, tiles, (lo, hi) = CURRICULUM[phase]
+    return f"warm-up {phase + 1}/{len(CURRICULUM)}: {tiles} tile{'s' if tiles > 1 else ''}, {lo}-{hi} px"
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}

@@ -1,0 +1,64 @@
+"""`--show-weights`: each tile's GSWA weight drawn where the runtime cut that tile; torch-free."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sleigh.errors import SleighError
+from sleigh.runtime.show_weights import draw_weights, output_format, save_weights_image
+from tests.conftest import cli_env, one_error_line, run_sleigh
+
+
+def grey(w=600, h=400) -> Image.Image:
+    return Image.new("RGB", (w, h), (128, 128, 128))
+
+
+def tile_pixel(img: Image.Image, grid, index, W, H):
+    """A pixel inside tile `index`, a quarter of the way in (away from the centred number)."""
+    cols, rows = grid
+    r, c = divmod(index, cols)
+    return np.asarray(img)[int((r + 0.25) * H / rows), int((c + 0.25) * W / cols)].astype(int)
+
+
+def test_highest_tile_is_red_lowest_is_blue_and_caption_below():
+    grid, weights = (3, 2), [1.0, 0.5, 1.2, 0.9, 3.0, 0.4, 1.0]  # thumbnail last
+    out = draw_weights(grey(), grid, weights)
+    assert out.width == 600 and out.height > 400  # the caption strip
+    top, low = tile_pixel(out, grid, 4, 600, 400), tile_pixel(out, grid, 5, 600, 400)
+    assert top[0] > top[2] + 60, top  # red over the grey
+    assert low[2] > low[0] + 30, low  # blue
+    mid = tile_pixel(out, grid, 0, 600, 400)
+    assert low[2] - low[0] > mid[2] - mid[0] > top[2] - top[0]  # hotter as the weight grows
+
+
+def test_one_view_and_large_images():
+    assert draw_weights(grey(), (1, 1), [1.0]).width == 600
+    assert max(draw_weights(grey(4000, 1000), (4, 1), [1, 2, 1, 1, 1]).size) <= 1600
+
+
+def test_bad_output_names_and_short_weights(tmp_path):
+    with pytest.raises(SleighError, match="unknown image suffix"):
+        output_format(tmp_path / "w.txt")
+    with pytest.raises(SleighError, match="is a folder"):
+        output_format(tmp_path)
+    with pytest.raises(SleighError, match="one weight per tile"):
+        draw_weights(grey(), (3, 2), [1.0, 1.0])
+    path = save_weights_image(grey(), (2, 1), [0.5, 1.5, 1.0], tmp_path / "w.png")
+    assert Image.open(path).format == "PNG"
+
+
+def test_torch_free():
+    code = ("import sys\nfor m in ('torch', 'onnx'): sys.modules[m] = None\n"
+            "import sleigh.runtime.show_weights, sleigh.evaluate, sleigh.data.synth, sleigh.data.qa\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_cli_refuses_show_weights_without_image(tmp_path):
+    line = one_error_line(run_sleigh("run", "-m", tmp_path, "--show-weights", tmp_path / "w.png"))
+    assert "--show-weights" in line and "no image" in line

@@ -1,0 +1,184 @@
+"""`sleigh train` on the demo preset, a few steps at a time (CPU):
+
+- the differentiable GSWA bias equals the runtime's `image_attention_bias` and carries a gradient;
+- the same seed gives the same weights, another seed other weights;
+- `--train gswa` changes GSWA's tensors and nothing else;
+- an interrupted run keeps its last saved checkpoint, and --resume from it ends where an
+  uninterrupted run ends;
+- bad input (missing/unreadable image, empty answer, no GSWA, existing output): one line, nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sleigh.data.synth import SynthSpec, write_split
+from sleigh.errors import SleighError
+from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.sleighvl import train as train_mod
+from sleigh.sleighvl.train import TrainOptions, attention_bias_rows, train
+from tests.conftest import one_error_line, run_sleigh
+
+FEW = dict(steps=2, batch=2, threads=1, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory) -> Path:
+    from sleigh.sleighvl.init import init_checkpoint
+
+    path = tmp_path_factory.mktemp("demo") / "ckpt"
+    init_checkpoint(path, "demo", seed=0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_split(tmp_path_factory.mktemp("data"), 4, seed=0, spec=SynthSpec(min_size=224, max_size=336))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_gswa_bias_rows_match_the_runtime_and_carry_a_gradient():
+    img, tpv = 7, 3
+    # two images (3 views, 1 view); rows 0 and 2 show image 0, row 1 image 1; text ids around them
+    ids = torch.tensor([[1, 5] + [img] * 9 + [6, 2],
+                        [1, 5, 5] + [img] * 3 + [6] * 7,
+                        [1] + [img] * 9 + [6, 6, 6]])
+    w0 = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
+    w1 = torch.tensor([1.0], requires_grad=True)
+    got = attention_bias_rows(ids, [w0, w1], img, tpv, 1e-4, [0, 1, 0])
+    for row, w in ((0, w0), (1, w1), (2, w0)):
+        ref = image_attention_bias(ids[row:row + 1].numpy(), w.detach().numpy(), img, tpv, 1e-4)
+        np.testing.assert_allclose(got[row:row + 1].detach().numpy(), ref, rtol=1e-6)
+    got.sum().backward()
+    assert w0.grad is not None and float(w0.grad.abs().sum()) > 0
+
+
+def test_same_seed_same_weights_other_seed_other_weights(demo_ckpt, data, tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(demo_ckpt, data, tmp_path / name, TrainOptions(train="all", seed=seed, **FEW), log=lambda m: None)
+    a, b, c = (weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert any(not torch.equal(a[k], weights(demo_ckpt)[k]) for k in a)
+
+
+def test_train_gswa_changes_only_gswa(demo_ckpt, data, tmp_path):
+    train(demo_ckpt, data, tmp_path / "g", TrainOptions(train="gswa", **FEW), log=lambda m: None)
+    before, after = weights(demo_ckpt), weights(tmp_path / "g")
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.startswith("gswa.") for k in changed), changed
+    # GSWA alone, as `sleigh convert --gswa PATH` reads it
+    from sleigh.sleighvl.config import SleighVLConfig
+    from sleigh.sleighvl.convert import load_gswa_file
+
+    cfg = SleighVLConfig.load(demo_ckpt / "config.json")
+    gcfg, alone = load_gswa_file(tmp_path / "g" / train_mod.GSWA_FILE, cfg)
+    assert gcfg == cfg.gswa and set(changed) <= set(alone) and all(k.startswith("gswa.") for k in alone)
+    assert all(torch.equal(alone[k], after[k]) for k in alone)
+    # the output is a plain Sleigh checkpoint: the runtime's torch backend loads it
+    from sleigh.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(tmp_path / "g")
+    assert pipe.generate(None, "Hi", max_new_tokens=2).result.token_ids
+
+
+def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_run_ends(demo_ckpt, data, tmp_path,
+                                                                                        monkeypatch):
+    opts = TrainOptions(train="all", steps=4, batch=2, threads=1, quiet=True, save_every=2)
+    train(demo_ckpt, data, tmp_path / "straight", opts, log=lambda m: None)
+
+    real_step, calls = train_mod.Trainer.step, []
+
+    def interrupted(self, examples, lr):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(self, examples, lr)
+
+    monkeypatch.setattr(train_mod.Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_ckpt, data, tmp_path / "cut", opts, log=lambda m: None)
+    monkeypatch.setattr(train_mod.Trainer, "step", real_step)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cut" / train_mod.STATE), "pt") as f:
+        assert json.loads(f.metadata()["train"])["step"] == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    train(demo_ckpt, data, tmp_path / "cut", TrainOptions(**{**opts.__dict__, "resume": True}), log=lambda m: None)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def bad_data(tmp_path: Path, data: Path, kind: str) -> Path:
+    """A copy of `data` whose second line is broken in one way."""
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    root = tmp_path / f"bad-{kind}"
+    shutil.copytree(data.parent, root)
+    if kind == "missing image":
+        lines[1]["image"] = "train/nope.jpg"
+    elif kind == "unreadable image":
+        (root / "train" / "broken.jpg").write_bytes(b"not a jpeg at all")
+        lines[1]["image"] = "train/broken.jpg"
+    elif kind == "empty answer":
+        lines[1]["answer"] = "  "
+    path = root / "train.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing image", "unreadable image", "empty answer"])
+def test_bad_line_is_refused_with_its_number_under_strict_and_counted_otherwise(demo_ckpt, data, tmp_path, kind):
+    path = bad_data(tmp_path, data, kind)
+    with pytest.raises(SleighError, match=f"train.jsonl:2 \\| {kind}"):
+        train(demo_ckpt, path, tmp_path / "out", TrainOptions(strict=True, **FEW), log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+    said = []
+    r = train(demo_ckpt, path, tmp_path / "out", TrainOptions(**FEW), log=said.append)
+    assert r.skipped == {kind: 1} and r.lines == 11
+    assert any(f"skipped 1 of 12 lines: 1 {kind} (first on line 2)" in m for m in said), said
+
+
+def test_checkpoint_without_gswa_is_refused_for_train_gswa(demo_ckpt, data, tmp_path):
+    no_gswa = tmp_path / "no-gswa"
+    shutil.copytree(demo_ckpt, no_gswa)
+    cfg = json.loads((no_gswa / "config.json").read_text())
+    cfg["gswa"] = None
+    (no_gswa / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v for k, v in weights(demo_ckpt).items() if not k.startswith("gswa.")}, str(no_gswa / "model.safetensors"))
+    line = one_error_line(run_sleigh("train", no_gswa, "--data", data, "-o", tmp_path / "out", "--steps", "1"))
+    assert "has no GSWA module" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    line = one_error_line(run_sleigh("train", demo_ckpt, "--data", data, "-o", out, "--steps", "1"))
+    assert "already exists" in line and "--resume" in line
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("opts, needle", [
+    (dict(train="gswa,teeth", steps=1), "--train"),
+    (dict(steps=1, minutes=1.0), "--steps/--minutes"),
+    (dict(), "--steps/--minutes"),
+    (dict(steps=1, resume=True), "train_state"),
+])
+def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
+    with pytest.raises(SleighError, match=needle):
+        train(demo_ckpt, data, tmp_path / "out", TrainOptions(**opts), log=lambda m: None)

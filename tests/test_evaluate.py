@@ -1,0 +1,73 @@
+"""`sleigh eval`: accuracy per question type with its standard error, and GSWA's top-tile check.
+
+The end-to-end test takes the model's own greedy answers from `Pipeline.generate` (the public API)
+as the reference: half the lines carry that answer, half a wrong one, so every type must score 50 %.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sleigh.evaluate import evaluate, proportion, top_tile_holds_object
+from tests.conftest import one_error_line, run_sleigh
+
+
+def test_standard_error_of_a_proportion():
+    r = proportion(50, 100)
+    assert r["accuracy"] == 0.5 and math.isclose(r["se"], 0.05)
+    assert proportion(10, 10)["se"] == 0.0
+
+
+@pytest.mark.parametrize("centre, top, expected", [
+    ((250, 150), 5, True),  # row 1, column 2 of a 3x2 grid over 300x200
+    ((250, 150), 0, False),
+    ((50, 50), 0, True),
+    ((150, 99), 1, True),
+    ((150, 101), 1, False),
+])
+def test_top_tile_holds_object(centre, top, expected):
+    weights = [1.0] * 6 + [1.0]
+    weights[top] = 2.0
+    box = (centre[0] - 5, centre[1] - 5, centre[0] + 5, centre[1] + 5)
+    assert top_tile_holds_object(weights, (3, 2), (300, 200), box) is expected
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory) -> Path:
+    from sleigh.sleighvl.init import init_checkpoint
+
+    path = tmp_path_factory.mktemp("demo") / "ckpt"
+    init_checkpoint(path, "demo", seed=0)
+    return path
+
+
+def test_accuracy_per_type_against_the_pipelines_own_answers(demo_ckpt, tmp_path):
+    from sleigh.data.synth import SynthSpec, write_split
+    from sleigh.runtime.pipeline import Pipeline
+
+    path = write_split(tmp_path, 4, seed=0, spec=SynthSpec(min_size=224, max_size=400))
+    pipe = Pipeline.load(demo_ckpt)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        said = pipe.generate(str(tmp_path / line["image"]), line["question"], max_new_tokens=8).result.text
+        line["answer"] = said if i // 3 % 2 == 0 else said + " not"  # images 0 and 2 right, 1 and 3 wrong
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    report = evaluate(demo_ckpt, path, quiet=True)
+    assert set(report["types"]) == {"colour", "shape", "position"}
+    for r in report["types"].values():
+        assert (r["n"], r["correct"]) == (4, 2) and math.isclose(r["se"], 0.25)
+    top = report.get("gswa_top_tile")
+    assert top is None or 0 <= top["holds_object"] <= top["images"] <= 4
+
+
+def test_cli_bad_data_one_line(tmp_path, demo_ckpt):
+    line = one_error_line(run_sleigh("eval", demo_ckpt, "--data", tmp_path / "none.jsonl"))
+    assert "none.jsonl" in line and "not found" in line
+    (tmp_path / "a.jsonl").write_text("")
+    (tmp_path / "b.jsonl").write_text("")
+    line = one_error_line(run_sleigh("eval", demo_ckpt, "--data", tmp_path))
+    assert "2 .jsonl files" in line
