@@ -96,11 +96,32 @@ def _load(path: Path):
     return onnx.load(str(path))
 
 
+def _without_repeated_nodes(model):
+    """Drop a node that repeats an earlier one exactly (same op, inputs, outputs and attributes).
+
+    onnxruntime <= 1.31's float16 converter inserts one Cast for every blocked consumer of an FP16
+    initializer, all with the same output name (e.g. `...norm1.weight_cast_to_fp32`, read by the
+    LayerNormalization and by the GSWA node); a name defined twice is invalid ONNX and onnx_ir refuses
+    it ("redeclared in the current graph scope"). The copies compute the same tensor, so one stays.
+    Nodes that define a name twice differently are left for onnx_ir to refuse."""
+    seen, kept = set(), []
+    for node in model.graph.node:
+        key = (node.domain, node.op_type, tuple(node.input), tuple(node.output),
+               tuple(a.SerializeToString() for a in node.attribute))
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return model
+
+
 def _sorted(model):
     """Topologically sort (the float16 converter appends its input casts at the end)."""
     import onnx_ir as ir
 
-    m = ir.serde.deserialize_model(model)
+    m = ir.serde.deserialize_model(_without_repeated_nodes(model))
     m.graph.sort()
     return ir.serde.serialize_model(m)
 
