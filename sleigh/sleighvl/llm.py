@@ -121,7 +121,9 @@ def slot_terms(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_l
     floor = torch.full_like(new[..., :1], MASKED_LOGIT).expand(B, kv_heads, groups * S, 1)
     zeros = torch.zeros_like(new[:, :, :1, :1]).expand(B, kv_heads, 1, 1)  # (B, nkv, 1, 1)
     summary_key = torch.cat([zeros.expand(B, kv_heads, 1, head_dim), zeros + 1], dim=-1)
-    slot_ones = torch.ones_like(past).transpose(2, 3)  # (B, 1, C, 1)
+    # (B, 1, C, 1) without a Transpose: ONNX Runtime <= 1.31 fuses a transposed MatMul operand into
+    # FusedMatMul, which leaves its output uninitialised when the inner dimension is 0 (NaN seen at C = 0)
+    slot_ones = torch.ones_like(past[:, :, 0, :, None])
     return SlotTerms(past, new, floor, zeros.expand(B, kv_heads, S, 1), summary_key, zeros.expand(B, kv_heads, 1, head_dim),
                      slot_ones)
 
