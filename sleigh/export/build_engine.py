@@ -217,14 +217,31 @@ def optimize_offline(path: Path) -> None:
         return
     if data.exists():
         # the optimized graph refers to <name>.onnx.opt.data: keep that reference valid under the final name
-        model = onnx.load(str(tmp), load_external_data=True)
+        model = _without_new_default_attributes(onnx.load(str(tmp), load_external_data=True))
         tmp.unlink()
         path.with_name(f"{path.name}.opt.data").unlink(missing_ok=True)
         data.unlink()
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=data.name, size_threshold=1024)
     else:
-        tmp.replace(path)
+        onnx.save(_without_new_default_attributes(onnx.load(str(tmp))), str(path))
+        tmp.unlink()
+
+
+# Attributes that newer onnxruntimes write at their default value and older ones reject as unknown
+# ("Unrecognized attribute: weight_prepacked for operator MatMulNBits" on 1.20-1.23 for an engine
+# optimised by 1.32): dropped, so an engine runs on every supported onnxruntime (README "Tested versions").
+NEW_DEFAULT_ATTRIBUTES = {("com.microsoft", "MatMulNBits"): {"weight_prepacked": 0}}
+
+
+def _without_new_default_attributes(model):
+    for node in model.graph.node:
+        defaults = NEW_DEFAULT_ATTRIBUTES.get((node.domain, node.op_type), {})
+        keep = [a for a in node.attribute if not (a.name in defaults and a.i == defaults[a.name])]
+        if len(keep) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return model
 
 
 # -- the build -----------------------------------------------------------------------------------------
