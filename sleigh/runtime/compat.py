@@ -12,7 +12,7 @@ import re
 
 from sleigh.errors import SleighError
 
-# Tested in CI; 1.20 is also the newest onnxruntime-gpu in the Jetson Zoo for JetPack 6 (README, "Install").
+# Tested in CI (runtime tests, and engines built by the newest); 1.20 is what JetPack 6 wheels reach (README "Install").
 ONNXRUNTIME_MIN = (1, 20, 0)
 
 
