@@ -12,8 +12,9 @@ import re
 
 from sleigh.errors import SleighError
 
-# Tested in CI (runtime tests, and engines built by the newest); 1.20 is what JetPack 6 wheels reach (README "Install").
-ONNXRUNTIME_MIN = (1, 20, 0)
+# Tested in CI (runtime tests, and engines built by the newest). 1.21 cannot run INT8 weight-only decoders
+# (MatMulNBits with 8 bits); JetPack 6's Jetson AI Lab builds are 1.22 and 1.23 (README "Install").
+ONNXRUNTIME_MIN = (1, 22, 0)
 
 
 def parse_version(text: str) -> tuple[int, int, int]:

@@ -41,7 +41,7 @@ def test_parse_version(text, version):
     assert parse_version(text) == version
 
 
-@pytest.mark.parametrize("old", ["1.19.2", "1.18.0", "0.9", "1.19.99+cu126"])
+@pytest.mark.parametrize("old", ["1.21.1", "1.20.0", "0.9", "1.21.99+cu126"])
 def test_older_onnxruntime_is_refused(old):
     with pytest.raises(SleighError) as e:
         check_onnxruntime(old)
@@ -49,7 +49,7 @@ def test_older_onnxruntime_is_refused(old):
     assert f"onnxruntime {old}" in str(e.value) and f"onnxruntime>={floor}" in str(e.value)
 
 
-@pytest.mark.parametrize("ok", ["1.20.0", "1.31.1", "1.32.0", "2.0.0", "nightly"])
+@pytest.mark.parametrize("ok", ["1.22.0", "1.31.1", "1.32.0", "2.0.0", "nightly"])
 def test_supported_or_unparsable_versions_pass(ok):
     check_onnxruntime(ok)
 
@@ -63,9 +63,9 @@ def run_with_onnxruntime_version(version: str, *args: str) -> subprocess.Complet
 
 
 def test_run_with_an_old_onnxruntime_is_one_line(tiny_pkg):
-    line = one_error_line(run_with_onnxruntime_version("1.19.2", "run", "--model", str(tiny_pkg), "--prompt", "hi",
+    line = one_error_line(run_with_onnxruntime_version("1.21.1", "run", "--model", str(tiny_pkg), "--prompt", "hi",
                                                        "--max-new-tokens", "1"))
-    assert "onnxruntime 1.19.2" in line and "older than" in line
+    assert "onnxruntime 1.21.1" in line and "older than" in line
     proc = run_with_onnxruntime_version(".".join(map(str, ONNXRUNTIME_MIN)), "run", "--model", str(tiny_pkg),
                                         "--prompt", "hi", "--max-new-tokens", "1")
     assert proc.returncode == 0, proc.stderr
