@@ -1,52 +1,116 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for a session that is lent a GPU machine (never run yet: the session
-# that wrote it had none). Run on the device machine in ONE call, after the onnxruntime-gpu wheel
-# parts have been carried to /tmp/parts (see ../shared/gpu/prepare-ort-gpu.sh and DEVELOPERS notes):
+# The one prepared GPU check (issue 9, item 6), for a session that is lent a GPU machine. Run on the
+# device machine in ONE call, after the onnxruntime-gpu wheel parts made by
+# ../shared/gpu/prepare-ort-gpu.sh have been carried there (into $PARTS, default /tmp/parts):
 #
-#   bash scripts/gpu_check.sh          # results under $OUT (or ./gpu-out)
+#   bash scripts/gpu_check.sh          # results under $OUT (or ./gpu-out); table.md is the summary
 #
-# It installs the wheel, makes a tiny and a small package on the spot (no weights travel), then:
-#   0. the CUDA copy helpers (tests/runtime/test_cuda_helpers.py -m gpu): new keys/values land in the
-#      right device cache slots;
-#   1. ONNX Runtime CUDA provider: greedy tokens equal the CPU provider's on a multi-tile image and
-#      across a cache growth (the KV slots stay on the GPU, written in place);
-#   2. FP16 engine on CUDA vs FP32 (the accuracy gate);
-#   3. sleigh bench on CUDA for the small preset (FP32 package and FP16 engine).
-set -euo pipefail
+# Finishes within $BUDGET_S seconds (default 530: under 9 minutes with the start), on an H200 about
+# (FACTS.md): install 10 s, tiny CUDA-vs-CPU check 30 s, full-size init 39 s + export --no-verify 188 s,
+# FP32 bench ~60 s, HF anchor ~20 s, FP16 engine ~120 s, FP16 bench ~40 s. Every step after the
+# install gets what is left of the budget (timeout); a step that fails or runs out leaves its row
+# marked in the table and the script goes on. Steps:
+#   1. onnxruntime-gpu from the carried parts; CUDAExecutionProvider must be listed (else one line, exit 2)
+#   2. tiny package (export with parity): CUDA greedy tokens == CPU greedy tokens on a multi-tile image,
+#      starting from an empty cache (0 slots, the case onnxruntime <= 1.31 used to fail), and across a
+#      256-slot growth; the CUDA copy helpers' tests (-m gpu)
+#   3. full size (internvl2-2b, random weights): init, export --no-verify
+#   4. sleigh bench of the FP32 package on CUDA, GPU memory sampled with nvidia-smi
+#   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
+#   6. build-engine --precision fp16, then sleigh bench of it on CUDA (auto picks FP16 on a GPU)
+#   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
+set -uo pipefail
 out=${OUT:-gpu-out}
-mkdir -p "$out"
-if [ -d /tmp/parts ]; then
-  cat /tmp/parts/p0* > /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+parts=${PARTS:-/tmp/parts}
+budget=${BUDGET_S:-530}
+work=${WORK:-/tmp/g}
+mkdir -p "$out" "$work"
+left() { echo $((budget - SECONDS > 5 ? budget - SECONDS : 5)); }
+step() {  # step NAME CMD...: run with the time left, log to $out/NAME.log, never stop the script
+  local name=$1; shift
+  local t0=$SECONDS
+  timeout "$(left)" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "step $name: rc=$rc in $((SECONDS - t0)) s (budget left $((budget - SECONDS)) s)" | tee -a "$out/steps.txt"
+  return $rc
+}
+mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/$1.mem" 2>/dev/null & echo $!; }
+mem_stop() { kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; true; }
+
+# 1. onnxruntime-gpu
+if ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+  if ! ls "$parts"/p0* > /dev/null 2>&1; then
+    echo "error: onnxruntime-gpu | no CUDA provider and no wheel parts in $parts. Expected: the parts of ../shared/gpu/prepare-ort-gpu.sh carried to $parts"
+    exit 2
+  fi
+  cat "$parts"/p0* > /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/onnxruntime_gpu-*.whl
   SP=$(python3 -c "import sys; print([p for p in sys.path if p.endswith('site-packages')][0])")
-  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$(ls -d "$SP"/nvidia/*/lib 2>/dev/null | tr '\n' ':')
+  export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$(ls -d "$SP"/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1
-python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" | tee "$out/providers.txt"
-python3 -m pytest -q -m gpu tests/runtime/test_cuda_helpers.py 2>&1 | tee "$out/cuda-helpers.txt" || true
-python3 -m sleigh.cli init /tmp/g/tiny --preset tiny --force
-python3 -m sleigh.cli export /tmp/g/tiny -o /tmp/g/tiny-pkg --force --json > "$out/export-tiny.json"
-python3 - <<'PY' 2>&1 | tee "$out/cuda-vs-cpu.txt"
-from sleigh.runtime.pipeline import Pipeline
-from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend, CPU, CUDA
-from sleigh.runtime.package import read_manifest
+python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers(), '| torch', torch.__version__)" | tee "$out/providers.txt"
+if ! grep -q CUDAExecutionProvider "$out/providers.txt"; then
+  echo "error: onnxruntime-gpu | CUDAExecutionProvider is not available (see $out/providers.txt). Expected: the CUDA libraries on LD_LIBRARY_PATH"
+  exit 2
+fi
+device=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
+echo "device: $device" | tee -a "$out/providers.txt"
+
+# 2. tiny: CUDA == CPU, from an empty cache and across a growth
+step tiny-init python3 -m sleigh.cli init "$work/tiny" --preset tiny --force
+step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" --force --json
+step cuda-vs-cpu python3 - "$work/tiny-pkg" <<'PY'
+import sys
 from pathlib import Path
-pkg = Path("/tmp/g/tiny-pkg"); m = read_manifest(pkg)
-cpu = Pipeline.from_package(pkg, engine="package")
+from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
+from sleigh.runtime.package import read_manifest
+from sleigh.runtime.pipeline import Pipeline
+pkg = Path(sys.argv[1]); m = read_manifest(pkg)
+cpu = Pipeline.from_package(pkg, engine="package", backend="onnxruntime")
 cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), cpu.info, cpu.tokenizer)
-a = cpu.generate("examples/chelsea.jpg", max_new_tokens=24, ignore_eos=True).result
-b = cuda.generate("examples/chelsea.jpg", max_new_tokens=24, ignore_eos=True).result
-print("backend", b.backend, "same tokens", a.token_ids == b.token_ids, "gswa max diff", max(abs(x - y) for x, y in zip(a.gswa_weights, b.gswa_weights)))
-cache = cuda.backend._cache
-print("kv slots", type(cache).__name__, {type(v).__name__ for v in cache.slots.values()}, cuda.backend.device, "capacity", cache.host.capacity)
-a = cpu.generate(None, "Tell me a story.", max_new_tokens=300, ignore_eos=True).result  # crosses a 256-slot growth
-b = cuda.generate(None, "Tell me a story.", max_new_tokens=300, ignore_eos=True).result
-print("text-only 300 tokens, same tokens", a.token_ids == b.token_ids, "capacity", cuda.backend._cache.host.capacity)
+ok = True
+for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (None, "Tell me a story.", 300)]:
+    a = cpu.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
+    b = cuda.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
+    same = a.token_ids == b.token_ids
+    ok &= same
+    print(f"{image or 'text only'}, {n} tokens on {b.backend}: same tokens {same}")
+sys.exit(0 if ok else 1)
 PY
-python3 -m sleigh.cli init /tmp/g/small --preset small --force
-python3 -m sleigh.cli export /tmp/g/small -o /tmp/g/small-pkg --force --json > "$out/export-small.json"
-python3 -m sleigh.cli build-engine /tmp/g/small-pkg --precision fp16 --json > "$out/fp16-engine.json" || true
-python3 -m sleigh.cli bench /tmp/g/small-pkg --engine onnxruntime-fp16 --runs 3 --max-new-tokens 64 2>&1 | tee "$out/bench-small.md"
+step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/test_cuda_helpers.py -p no:cacheprovider
+
+# 3. full size
+step full-init python3 -m sleigh.cli init "$work/full" --preset internvl2-2b --force
+step full-export python3 -m sleigh.cli export "$work/full" -o "$work/full-pkg" --no-verify --force --json
+
+# 4. FP32 package on CUDA
+pid=$(mem_start bench-fp32)
+step bench-fp32 python3 -m sleigh.cli bench "$work/full-pkg" --runs 2 --max-new-tokens 64 --json
+mem_stop "$pid"
+
+# 5. HF eager anchor, bf16, the bench's shapes
+read -r views tokens < <(python3 - "$out/bench-fp32.log" <<'PY' 2>/dev/null || echo "7 1980"
+import json, sys
+row = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["rows"][0]
+print(row["views"], row["prompt_tokens"])
+PY
+)
+step hf-anchor python3 benchmarks/hf_anchor.py --preset internvl2-2b --views "$views" --prompt-tokens "$tokens" \
+  --device cuda --dtype bfloat16 --runs 2 --new-tokens 64
+
+# 6. FP16 engine
+step fp16-engine python3 -m sleigh.cli build-engine "$work/full-pkg" --backend onnxruntime --precision fp16 --json
+pid=$(mem_start bench-fp16)
+step bench-fp16 python3 -m sleigh.cli bench "$work/full-pkg" --runs 2 --max-new-tokens 64 --json
+mem_stop "$pid"
+
+# 7. one table
+python3 benchmarks/gpu_table.py --device "$device, onnxruntime-gpu $(python3 -c 'import onnxruntime as o; print(o.__version__)')" \
+  --floor-tokens-per-s 1230 \
+  "FP32 package (CUDA)=$out/bench-fp32.log@$out/bench-fp32.mem" "$out/hf-anchor.log" \
+  "FP16 engine (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" | tee "$out/table.md"
+echo "total $SECONDS s" | tee -a "$out/steps.txt"

@@ -98,11 +98,32 @@ def _load(path: Path):
     return onnx.load(str(path))
 
 
+def _without_repeated_nodes(model):
+    """Drop a node that repeats an earlier one exactly (same op, inputs, outputs and attributes).
+
+    onnxruntime <= 1.31's float16 converter inserts one Cast for every blocked consumer of an FP16
+    initializer, all with the same output name (e.g. `...norm1.weight_cast_to_fp32`, read by the
+    LayerNormalization and by the GSWA node); a name defined twice is invalid ONNX and onnx_ir refuses
+    it ("redeclared in the current graph scope"). The copies compute the same tensor, so one stays.
+    Nodes that define a name twice differently are left for onnx_ir to refuse."""
+    seen, kept = set(), []
+    for node in model.graph.node:
+        key = (node.domain, node.op_type, tuple(node.input), tuple(node.output),
+               tuple(a.SerializeToString() for a in node.attribute))
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    if len(kept) < len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return model
+
+
 def _sorted(model):
     """Topologically sort (the float16 converter appends its input casts at the end)."""
     import onnx_ir as ir
 
-    m = ir.serde.deserialize_model(model)
+    m = ir.serde.deserialize_model(_without_repeated_nodes(model))
     m.graph.sort()
     return ir.serde.serialize_model(m)
 
@@ -207,14 +228,31 @@ def optimize_offline(path: Path) -> None:
         return
     if data.exists():
         # the optimized graph refers to <name>.onnx.opt.data: keep that reference valid under the final name
-        model = onnx.load(str(tmp), load_external_data=True)
+        model = _without_new_default_attributes(onnx.load(str(tmp), load_external_data=True))
         tmp.unlink()
         path.with_name(f"{path.name}.opt.data").unlink(missing_ok=True)
         data.unlink()
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=data.name, size_threshold=1024)
     else:
-        tmp.replace(path)
+        onnx.save(_without_new_default_attributes(onnx.load(str(tmp))), str(path))
+        tmp.unlink()
+
+
+# Attributes that newer onnxruntimes write at their default value and older ones reject as unknown
+# ("Unrecognized attribute: weight_prepacked for operator MatMulNBits" on 1.20-1.23 for an engine
+# optimised by 1.32): dropped, so an engine runs on every supported onnxruntime (README "Tested versions").
+NEW_DEFAULT_ATTRIBUTES = {("com.microsoft", "MatMulNBits"): {"weight_prepacked": 0}}
+
+
+def _without_new_default_attributes(model):
+    for node in model.graph.node:
+        defaults = NEW_DEFAULT_ATTRIBUTES.get((node.domain, node.op_type), {})
+        keep = [a for a in node.attribute if not (a.name in defaults and a.i == defaults[a.name])]
+        if len(keep) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return model
 
 
 # -- the build -----------------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, precision: s
         return Comparison(case, name, False, np.inf, np.inf, 0.0, atol, rtol, np.inf, f"dtype {got.dtype} != {ref.dtype}")
     if got.size == 0:
         return Comparison(case, name, True, 0.0, 0.0, 1.0, atol, rtol, 0.0, "empty")
-    # In blocks with float64 sums: full-size logits are ~0.7 GB, and whole float64 copies of them
-    # were what ran a full-size export out of memory.
+    # In blocks with float64 sums: whole float64 copies of full-size outputs (the logits of every
+    # position were ~0.7 GB before the decoder returned the last position's alone) ran an export out of memory.
     g_all, r_all = got.reshape(-1), ref.reshape(-1)
     max_abs = needed = sum_abs = gg = rr = gr = 0.0
     for start in range(0, g_all.size, COMPARE_BLOCK):
@@ -77,9 +77,10 @@ def compare(case: str, name: str, got: np.ndarray, ref: np.ndarray, precision: s
 
 
 def _ort(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
     from sleigh.runtime.backends.onnxruntime_backend import CPU, session_options
+    from sleigh.runtime.compat import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     # no arena: parity opens the (full-size: gigabyte) modules one after another
     return ort.InferenceSession(str(path), sess_options=session_options(threads, arena=False), providers=[CPU])
@@ -136,8 +137,10 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     step()
 
     # decoder: prefill of the real prompt (no cache), then two greedy decode steps on the runtime's
-    # slot cache with its unused slots filled with noise (they must be masked out), and a random
-    # batch of 2 with left padding and unused slots
+    # slot cache with its unused slots filled with noise (they must be masked out), and random batches
+    # of 2 with left padding: a prefill (no cache) and a step on 8 slots, two of them unused. The
+    # decoder returns the last position's logits alone, (B, 1, V); with left padding that position
+    # is a real token in every row, so every row's logits are compared.
     s_dec = _ort(pkg / "decoder.onnx")
     L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
     past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
@@ -160,21 +163,21 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
         cache.append({p: ref[n] for p, n in zip(past_names, new_names)}, mask, bias)  # continue from the reference's keys
         for slots in cache.slots.values():
             slots[:, :, cache.length:] = 10 * rng.standard_normal(slots[:, :, cache.length:].shape)
-        del got, ref, ref_out  # full-size logits are ~0.7 GB each
+        del got, ref, ref_out
         P += S
         inputs = embed(torch.tensor([[token]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
         mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
-    B, S, C = 2, 5, 8
-    mask = np.ones((B, C + S), np.int64)
-    mask[1, :3] = 0  # left padding in row 1
-    mask[:, 6:C] = 0  # two unused slots
-    feeds = {"inputs_embeds": rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32),
-             "attention_mask": mask, "attention_bias": (0.1 * rng.standard_normal((B, C + S))).astype(np.float32),
-             "position_ids": np.tile(np.arange(6, 6 + S, dtype=np.int64), (B, 1)),
-             **{n: rng.standard_normal((B, KV, C, hd)).astype(np.float32) for n in past_names}}
-    ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
-    results += _compare_all("decoder random B=2 slots 8", _run(s_dec, feeds),
-                            dict(zip(["logits", *new_names], [t.numpy() for t in ref_out])), precision)
+    B, S = 2, 5
+    for case, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random B=2 slots 8", 8, 3)]:
+        mask = np.ones((B, C + S), np.int64)
+        mask[1, :pad] = 0  # left padding in row 1 (in the new positions without a cache)
+        mask[:, 6:C] = 0  # two unused slots
+        feeds = {"inputs_embeds": rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32),
+                 "attention_mask": mask, "attention_bias": (0.1 * rng.standard_normal((B, C + S))).astype(np.float32),
+                 "position_ids": np.tile(np.arange(6, 6 + S, dtype=np.int64), (B, 1)),
+                 **{n: rng.standard_normal((B, KV, C, hd)).astype(np.float32) for n in past_names}}
+        ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
+        results += _compare_all(case, _run(s_dec, feeds), dict(zip(["logits", *new_names], [t.numpy() for t in ref_out])), precision)
     step()
     return results
 

@@ -15,7 +15,8 @@ from sleigh.runtime.fields import Fields, describe
 
 MANIFEST = "manifest.json"
 SCHEMA = "sleigh.package"
-SCHEMA_VERSION = 2  # 2: the decoder takes cache slots and returns only the new keys/values
+SCHEMA_VERSION = 3  # 2: the decoder takes cache slots and returns only the new keys/values; 3: logits of the
+# last position only, and no reduction over an empty axis (schema-2 decoders fail on onnxruntime <= 1.31)
 MODULE_NAMES = ("vision", "embed", "decoder")
 
 

@@ -5,7 +5,11 @@ cache"), so the reference and `decoder.onnx` are one function:
 
     inputs_embeds (B, S, D), attention_mask (B, C+S) int64, attention_bias (B, C+S) float,
     position_ids (B, S), past [(key, value) (B, KV, C, hd)] * L
-    -> logits (B, S, V), new [(key, value) (B, KV, S, hd)] * L
+    -> logits (B, 1, V) of the last position, new [(key, value) (B, KV, S, hd)] * L
+
+Only the last position's logits are computed: a prefill needs no others (it samples the next token
+after the prompt), and all of them were (S x V) floats, 0.73 GB at 1,980 tokens in full size. With
+left padding the last position is a real token in every row of a batch.
 
 `past` is a cache of C slots: slot c takes part only where attention_mask[:, c] is 1, so a runtime
 can preallocate C slots, leave the unused ones masked, and write the returned keys and values of the
@@ -93,6 +97,7 @@ class SlotTerms(NamedTuple):
     key_pad: torch.Tensor  # (B, nkv, S, 1) zeros: the new keys' extra dimension
     summary_key: torch.Tensor  # (B, nkv, 1, hd+1) [0, ..., 0, 1]
     value_pad: torch.Tensor  # (B, nkv, 1, hd) zeros: the summary key's value (its output enters separately)
+    slot_ones: torch.Tensor  # (B, 1, C, 1) ones: sums over the slots as a MatMul (see cache_attention)
 
 
 def slot_terms(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_len: int, dtype: torch.dtype,
@@ -116,7 +121,11 @@ def slot_terms(attention_mask: torch.Tensor, attention_bias: torch.Tensor, seq_l
     floor = torch.full_like(new[..., :1], MASKED_LOGIT).expand(B, kv_heads, groups * S, 1)
     zeros = torch.zeros_like(new[:, :, :1, :1]).expand(B, kv_heads, 1, 1)  # (B, nkv, 1, 1)
     summary_key = torch.cat([zeros.expand(B, kv_heads, 1, head_dim), zeros + 1], dim=-1)
-    return SlotTerms(past, new, floor, zeros.expand(B, kv_heads, S, 1), summary_key, zeros.expand(B, kv_heads, 1, head_dim))
+    # (B, 1, C, 1) without a Transpose: ONNX Runtime <= 1.31 fuses a transposed MatMul operand into
+    # FusedMatMul, which leaves its output uninitialised when the inner dimension is 0 (NaN seen at C = 0)
+    slot_ones = torch.ones_like(past[:, :, 0, :, None])
+    return SlotTerms(past, new, floor, zeros.expand(B, kv_heads, S, 1), summary_key, zeros.expand(B, kv_heads, 1, head_dim),
+                     slot_ones)
 
 
 def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
@@ -140,6 +149,11 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: t
     slots); their values may be anything finite. With C = 0 the slots contribute nothing. The
     log-sum-exp is spelled out (max, exp, sum, log) rather than ReduceLogSumExp, which some ONNX
     backends compute without subtracting the max (overflowing float16 at logits above ~11).
+
+    No reduction runs over the slot axis alone, which is empty when C = 0: ONNX Runtime up to 1.31
+    returns the input unchanged when reducing an empty axis ((.., 0) instead of (.., 1)), which broke
+    every first prefill there. The max runs over the slots plus the floor (never empty), and the sum
+    of the exponentials is a MatMul with a column of ones (an empty inner dimension gives 0, as it should).
     """
     B, nh, S, hd = q.shape
     nkv = past_k.shape[1]
@@ -148,7 +162,7 @@ def cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: t
     slot_logits = qg @ past_k.transpose(2, 3) + terms.past  # (B, nkv, g*S, C)
     top = torch.cat([slot_logits, terms.floor], dim=-1).amax(-1, keepdim=True)
     e = (slot_logits - top).exp()  # every exponent <= 0: no overflow, also in float16
-    z = e.sum(-1, keepdim=True)  # >= 1 when C > 0, 0 when C = 0
+    z = e @ terms.slot_ones  # (B, nkv, g*S, 1): the sum over the slots, >= 1 when C > 0, 0 when C = 0
     past_out = (e @ past_v) / z.clamp(min=1.0)  # (B, nkv, g*S, hd)
     lse = (top + z.log()).clamp(min=MASKED_LOGIT)  # C = 0: -inf, kept finite (-inf * 0 is NaN)
 
@@ -204,7 +218,8 @@ class LLM(nn.Module):
                 for _ in range(self.cfg.num_layers)]
 
     def forward(self, inputs_embeds, attention_mask, attention_bias, position_ids, past: KVCache):
-        """-> logits (B, S, V) and the new positions' (key, value) per layer (module docstring)."""
+        """-> logits (B, 1, V) of the last position and the new positions' (key, value) per layer
+        (module docstring)."""
         S = inputs_embeds.shape[1]
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
@@ -215,4 +230,4 @@ class LLM(nn.Module):
         for layer, (pk, pv) in zip(self.layers, past):
             x, k, v = layer(x, cos, sin, terms, pk, pv)
             new.append((k, v))
-        return self.lm_head(self.norm(x)), new
+        return self.lm_head(self.norm(x[:, -1:])), new  # (B, 1, V): the last position only

@@ -25,6 +25,7 @@ import numpy as np
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.compat import import_onnxruntime
 from sleigh.runtime.kv_cache import KV_CHUNK, NEW, SlotCache, grown_capacity, past_name
 from sleigh.runtime.package import check_module_io, inside, module_path
 
@@ -58,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, files: dict[str, Path], num_layers: int, num_kv_heads: int, head_dim: int,
                  threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
                  manifest_modules: dict | None = None):
-        import onnxruntime as ort
+        ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
         self.ort = ort
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])

@@ -448,11 +448,11 @@ class TensorRTBackend(Backend):
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                     **cache.host.feeds(attention_mask, attention_bias)}
             bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
-            ptr, shape = bound["logits"]  # (B, S, V): copy back only each row's last position
-            V, dtype = shape[2], eng.dtypes["logits"]
+            ptr, shape = bound["logits"]  # (B, 1, V): the last position's (schema 3); copy back each row's last
+            rows, V, dtype = shape[1], shape[2], eng.dtypes["logits"]
             last = np.empty((B, V), dtype)
             for b in range(B):
-                offset = ((b * S) + S - 1) * V * dtype.itemsize
+                offset = ((b * rows) + rows - 1) * V * dtype.itemsize
                 self.cuda.download(last[b], ptr + offset)
             for new in self.new_names.values():
                 if bound[new][1] != (B, self.num_kv_heads, S, self.head_dim):

@@ -1,0 +1,49 @@
+"""scripts/gpu_check.sh cannot run without a GPU; its pieces that can are checked here: the script
+parses (bash -n), and the table it prints merges bench reports, HF anchor rows and memory logs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_table  # noqa: E402
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_table_merges_reports_rows_and_memory(tmp_path):
+    bench = {"rows": [{"target": "pkg", "views": 7, "prompt_tokens": 1980, "vision_ms_per_view": 12.2, "prefill_ms": 125.0,
+                       "time_to_first_token_ms": 289.0, "decode_tokens_per_s": 67.3},
+                      {"target": "pkg [onnxruntime-fp16]", "views": 7, "prompt_tokens": 1980, "decode_tokens_per_s": 615.0}]}
+    (tmp_path / "bench.json").write_text("progress noise\n" + json.dumps(bench))
+    (tmp_path / "mem.log").write_text("1000\n20480\n15000\n")  # MiB
+    (tmp_path / "anchor.json").write_text(json.dumps({"target": "HF eager", "views": 7, "decode_tokens_per_s": 40.8,
+                                                      "gpu_memory_gb": 8.9}))
+    (tmp_path / "empty.json").write_text("")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_table.py"), "--device", "NVIDIA H200",
+                          "--floor-tokens-per-s", "1230", f"FP32 package={tmp_path / 'bench.json'}@{tmp_path / 'mem.log'}",
+                          str(tmp_path / "anchor.json"), str(tmp_path / "empty.json")],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0] == "Device: NVIDIA H200"
+    body = [l for l in lines if l.startswith("| ") and "target" not in l]
+    assert len(body) == 4
+    assert body[0].startswith("| FP32 package | 7 | 1980 |") and body[1].startswith("| FP32 package |")
+    assert "| 67.3 | 21.47 | 5.5 |" in body[0]  # 20,480 MiB = 21.47 GB; 67.3 / 1,230 = 5.5 %
+    assert "| 615.0 | 21.47 | 50.0 |" in body[1]
+    assert "| 40.8 | 8.9 | 3.3 |" in body[2] and "| - |" in body[2]
+    assert "missing or empty" in body[3]
+
+
+def test_peak_of_an_empty_log_is_unknown():
+    assert gpu_table.peak_gb("") is None and gpu_table.peak_gb("[N/A]\n") is None
