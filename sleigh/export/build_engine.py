@@ -29,7 +29,7 @@ from sleigh.export.exporter import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_mode, read_manifest, write_json_atomic
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_manifest, write_json_atomic
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -360,15 +360,6 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ordinary_modes(folder: Path) -> None:
-    """Give `folder` and everything in it the mode an ordinary open() or mkdir() would (0666 or 0777
-    & ~umask). mkdtemp makes its folder 0700 and onnx's save_model its external data files 0600,
-    which would lock other users out of an engine they may read the package of."""
-    for path in (folder, *folder.rglob("*")):
-        if not path.is_symlink():
-            path.chmod(ordinary_mode(path.is_dir()))
 
 
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from sleigh import __version__
 from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
-from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, shipped_photo, write_json_atomic
+from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
 EXTERNAL_DATA_BYTES = 256 << 20  # modules with more weights than this keep them in <name>.onnx.data
@@ -257,6 +257,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                                       f"and the failed export, with its parity_report.json, is in {failed}")
         manifest = build_manifest(tmp, model, opts, written, parity)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        ordinary_modes(tmp)  # the staging folder is private and onnx writes external data 0600: a package is not
         write_json_atomic(tmp / MANIFEST, manifest)  # last: only a verified package has a manifest
         staging.install(tmp, out.resolve())  # the previous package, if any, goes only now (a link to it stays)
     finally:

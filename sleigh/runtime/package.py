@@ -48,6 +48,15 @@ def ordinary_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask
 
 
+def ordinary_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the mode an ordinary open() or mkdir() would (0666 or 0777
+    & ~umask). mkdtemp makes its folder 0700 and onnx's save_model its external data files 0600,
+    which would lock other users out of a package or engine they may read."""
+    for path in (folder, *folder.rglob("*")):
+        if not path.is_symlink():
+            path.chmod(ordinary_mode(path.is_dir()))
+
+
 def write_bytes_atomic(path: Path, data) -> None:
     """Write `data` (bytes or any buffer) to a temporary file beside `path`, then rename it into place."""
     path = Path(path)

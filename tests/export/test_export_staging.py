@@ -248,3 +248,27 @@ def test_calibrate_and_build_engine_refuse_images_that_overlap_their_outputs(old
         with pytest.raises(SleighError, match=needle):
             build_engine(pkg, EngineOptions(precision="fp16", gate_images=images, force=True, quiet=True))
     assert snapshot(pkg) == before
+
+
+def test_exported_files_get_the_umask_mode_external_data_included(tiny_pkg, tiny_ckpt, tmp_path, monkeypatch):
+    """onnx's save_model writes external data 0600 and the staging folder is made private: the
+    package must come out as ordinary files and folders under the umask (here 027: 0640 and 0750)."""
+    import sleigh.export.exporter as exporter
+
+    def copy_module_with_private_data(spec, out_dir, *args, **kwargs):
+        shutil.copyfile(tiny_pkg / f"{spec.name}.onnx", out_dir / f"{spec.name}.onnx")
+        data = out_dir / f"{spec.name}.onnx.data"
+        data.write_bytes(b"\0" * 16)
+        data.chmod(0o600)  # as onnx.save_model leaves an external data file
+        return [f"{spec.name}.onnx", data.name]
+
+    monkeypatch.setattr(exporter, "export_module", copy_module_with_private_data)
+    old = os.umask(0o027)
+    try:
+        export_package(tiny_ckpt, tmp_path / "pkg", ExportOptions(verify=False, quiet=True))
+    finally:
+        os.umask(old)
+    pkg = tmp_path / "pkg"
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in [pkg, *pkg.rglob("*")]}
+    assert modes["pkg/vision.onnx.data"] == 0o640 and modes["pkg"] == 0o750, modes
+    assert {m for name, m in modes.items() if (tmp_path / name).is_file()} == {0o640}, modes
