@@ -243,7 +243,8 @@ class Trainer:
                                        image_of_row)
         mask = torch.ones_like(ids)
         positions = torch.arange(S, device=dev)[None].expand_as(ids)
-        logits, _ = model.llm(embeds, mask, bias, positions, model.llm.empty_cache(ids.shape[0], device=dev))
+        logits, _ = model.llm(embeds, mask, bias, positions, model.llm.empty_cache(ids.shape[0], device=dev),
+                              all_positions=True)  # (B, S, V): the loss reads every answer position
         pred, gold = logits[:, :-1], labels[:, 1:]  # position s predicts token s + 1
         lm_loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=IGNORE)
         loss = lm_loss
