@@ -16,7 +16,9 @@ fails (nothing is registered) unless --allow-degraded.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import platform
 import shutil
 import time
@@ -221,7 +223,13 @@ def optimize_offline(path: Path) -> None:
     if data.exists():
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.opt.data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    try:
+        ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime's own types: its failed write of the optimized copy is no OSError
+        needed = sum(p.stat().st_size for p in (path, data) if p.exists())
+        if shutil.disk_usage(path.parent).free < needed:  # the copy cannot have fit: name the cause
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path.parent)) from None
+        raise
     if any(n.name.startswith(CPU_FALLBACK_CAST) for n in onnx.load(str(tmp), load_external_data=False).graph.node):
         tmp.unlink()
         path.with_name(f"{path.name}.opt.data").unlink(missing_ok=True)

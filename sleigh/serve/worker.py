@@ -1,8 +1,9 @@
 """One model replica: a `Pipeline` that runs one generation at a time in its own thread, with a bounded
 queue in front of it.
 
-A `Pipeline` keeps one KV cache, so two generations on it would interleave their states; the worker
-serialises them (one thread), and the event loop never runs model work. A request's events (text
+Each generation owns its KV cache, so a `Pipeline` could run several at once, but without batching
+they would only share the replica's cores; the worker runs them one after another (one thread), and
+the event loop never runs model work. A request's events (text
 pieces, then the result or an error) cross to the event loop through `loop.call_soon_threadsafe`.
 A cancelled job (its client went away) stops between two tokens and frees the slot.
 """

@@ -333,6 +333,33 @@ def test_a_full_disk_or_read_only_package_is_one_user_error_and_changes_nothing(
     assert snapshot(pkg) == before and list((pkg / "engines").iterdir()) == []
 
 
+def test_a_full_disk_while_onnx_runtime_saves_its_optimized_copy_is_named(tiny_pkg, tmp_path, monkeypatch, capsys):
+    """ONNX Runtime writes the offline-optimized module itself and fails with its own error type on a
+    full disk: build-engine still says ENOSPC in one line and leaves the package as it was."""
+    import collections
+
+    import onnxruntime
+
+    import sleigh.export.build_engine as be
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    before = snapshot(pkg)
+    real = onnxruntime.InferenceSession
+
+    def session(path, sess_options=None, **kwargs):
+        if sess_options is not None and sess_options.optimized_model_filepath:
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Failed to save the optimized model")  # as ORT does
+        return real(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(be.shutil, "disk_usage", lambda p: collections.namedtuple("usage", "total used free")(1, 1, 0))
+    rc, lines = run_cli(monkeypatch, capsys, "build-engine", pkg, "--precision", "fp16")
+    assert rc == 2 and len(lines) == 1 and "no space left on device (ENOSPC)" in lines[0], lines
+    assert snapshot(pkg) == before
+    assert not (pkg / "engines").exists() or list((pkg / "engines").iterdir()) == []  # no staging left behind
+
+
 def test_a_read_only_package_stops_before_anything_is_built(tiny_pkg, tmp_path, monkeypatch, capsys):
     import tempfile
 
