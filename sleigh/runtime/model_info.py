@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sleigh.runtime.fields import Fields
-from sleigh.sleighvl.config import GSWA_APPLY_MODES  # torch-free
+from sleigh.runtime.multimodal import GSWA_APPLY_MODES
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# How GSWA's tile weights act on the LLM (DESIGN.md, "GSWA"): log-weights added to the attention logits
+# of each view's image tokens, or the projected image features scaled.
+GSWA_APPLY_MODES = ("attention", "scale")
+
 
 def image_attention_bias(input_ids: np.ndarray, gswa_weights: np.ndarray, img_context_id: int,
                          tokens_per_view: int, min_weight: float = 1e-4) -> np.ndarray:

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from sleigh.errors import SleighError
+from sleigh.runtime.multimodal import GSWA_APPLY_MODES
 
 SCHEMA = "sleigh.sleighvl"
 SCHEMA_VERSION = 1
-GSWA_APPLY_MODES = ("attention", "scale")
 
 
 @dataclass(frozen=True)
