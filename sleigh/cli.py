@@ -496,6 +496,7 @@ def serve(
     """Serve the model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     from sleigh.serve.launch import launch
 
+    _check_threads(threads)  # as on run and bench
     launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
            max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
            allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
