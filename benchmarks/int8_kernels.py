@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from sleigh.calibration.collect import INT8_MAX, RANGES_FILE
-from sleigh.calibration.qdq import ORT_WEIGHT_MAX, quantize_vision_qdq
+from sleigh.engines.calibration.collect import INT8_MAX, RANGES_FILE
+from sleigh.engines.calibration.qdq import ORT_WEIGHT_MAX, quantize_vision_qdq
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.package import shipped_photo

@@ -19,8 +19,8 @@ from pathlib import Path
 from PIL import Image, ImageEnhance, ImageOps
 
 from sleigh.bench import machine, run_bench
-from sleigh.calibration.collect import calibrate_package
-from sleigh.export.build_engine import EngineOptions, build_engine
+from sleigh.engines.calibration.collect import calibrate_package
+from sleigh.engines.build_engine import EngineOptions, build_engine
 from sleigh.runtime.package import shipped_photo
 from sleigh.runtime.package import read_manifest
 

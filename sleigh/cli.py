@@ -264,13 +264,13 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
     """Show a package's modules, inputs and outputs, opset, sizes, GSWA node and engines."""
-    from sleigh.export.inspect import inspect_package
+    from sleigh.engines.inspect import inspect_package
 
     report = inspect_package(package, verify=verify)
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False))
     else:
-        from sleigh.export.inspect import print_report
+        from sleigh.engines.inspect import print_report
 
         print_report(report)
     if verify and report["verify"]["problems"]:
@@ -287,7 +287,7 @@ def calibrate(
     as_json: bool = typer.Option(False, "--json", help="Print the calibration summary as JSON."),
 ):
     """Record INT8 activation ranges of the vision module from images (and a TensorRT calibration cache)."""
-    from sleigh.calibration.collect import calibrate_package
+    from sleigh.engines.calibration.collect import calibrate_package
 
     result = calibrate_package(package, images, num_images=num_images, method=method, quiet=as_json)
     if as_json:
@@ -311,7 +311,7 @@ def build_engine(
     as_json: bool = typer.Option(False, "--json", help="Print the engine's manifest entry as JSON."),
 ):
     """Build an FP32/FP16/INT8 engine for ONNX Runtime or TensorRT, gated by an accuracy check."""
-    from sleigh.export.build_engine import EngineOptions, GateFailed, build_engine as build
+    from sleigh.engines.build_engine import EngineOptions, GateFailed, build_engine as build
 
     opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, max_tiles=max_tiles,
                          max_context=max_context, allow_degraded=allow_degraded, gate_images=images, force=force,
@@ -338,7 +338,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Compare an engine against the package's FP32 modules (the accuracy gate, as a report)."""
-    from sleigh.export.accuracy import run_gate
+    from sleigh.engines.accuracy import run_gate
 
     report = run_gate(package, engine, images=images)
     if as_json:
@@ -431,7 +431,7 @@ def data_synth(
 
 
 def _print_gate(report: dict, title: str) -> None:
-    from sleigh.export.accuracy import report_rows
+    from sleigh.engines.accuracy import report_rows
 
     _print_table(["metric", "value", "threshold", ""], report_rows(report), title=title)
     typer.echo(f"{len(report['pairs'])} image/prompt pairs on held-out images: {', '.join(report.get('images_held_out', []))}")

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from sleigh import __version__
 from sleigh.errors import SleighError, first_line
+from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io, save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
-EXTERNAL_DATA_BYTES = 256 << 20  # modules with more weights than this keep them in <name>.onnx.data
 
 
 @dataclass
@@ -93,51 +93,11 @@ def export_module(spec, out_dir: Path, opset: int, gswa_blocks: int | None) -> l
     return files
 
 
-def save_onnx(model, dst: Path) -> list[str]:
-    """Save an onnx ModelProto; its weights go to `<name>.onnx.data` beside it when they are over
-    EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GB). Returns the file names written."""
-    import onnx
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    data = f"{dst.name}.data"
-    (dst.parent / data).unlink(missing_ok=True)  # onnx appends to external data, never replaces it
-    weights = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weights > EXTERNAL_DATA_BYTES:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                        size_threshold=1024)
-        return [dst.name, data]
-    onnx.save_model(model, str(dst))
-    return [dst.name]
-
-
 def _name_nodes(program) -> None:
     """Nodes without a name get one, so tools and error messages can point at them."""
     for i, node in enumerate(program.model.graph):
         if not node.name:
             node.name = f"/{node.op_type}_{i}"
-
-
-def describe_io(path: Path) -> dict:
-    """Inputs and outputs of an ONNX file with dtype and symbolic shape (reads the graph only)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def one(v):
-        t = v.type.tensor_type
-        return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                "shape": [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]}
-
-    custom = [{"domain": n.domain, "op_type": n.op_type,
-               "attributes": {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
-               "function": any(f.domain == n.domain and f.name == n.op_type for f in model.functions)}
-              for n in model.graph.node if n.domain not in ("", "ai.onnx")]
-    for c in custom:
-        c["attributes"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in c["attributes"].items()}
-    return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output],
-            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "custom_ops": custom,
-            "nodes": len(model.graph.node)}
 
 
 def versions() -> dict:

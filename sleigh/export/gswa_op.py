@@ -14,12 +14,12 @@ import onnx
 import torch
 from onnx import AttributeProto, TensorProto, helper
 
+from sleigh.runtime.multimodal import GSWA_DOMAIN as DOMAIN
+from sleigh.runtime.multimodal import GSWA_NODE_PREFIX
+from sleigh.runtime.multimodal import GSWA_OP as OP_TYPE
+from sleigh.runtime.multimodal import GSWA_OP_VERSION as OP_VERSION
+from sleigh.runtime.multimodal import GSWA_PLUGIN_NAMESPACE as PLUGIN_NAMESPACE
 from sleigh.sleighvl.gswa import BLOCK_PARAMS, GSWA
-
-DOMAIN = "sleigh"
-OP_TYPE = "GSWA"
-OP_VERSION = 1
-PLUGIN_NAMESPACE = "sleigh"  # TensorRT maps the node to a plugin registered under this namespace
 
 
 def input_names(num_blocks: int) -> list[str]:
@@ -55,7 +55,7 @@ class _Body:
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         self._n += 1
         outs = [f"{op_type.lower()}_{self._n}_{i}" for i in range(outputs)]
-        node = helper.make_node(op_type, list(inputs), outs, name=f"/gswa/{op_type}_{self._n}")
+        node = helper.make_node(op_type, list(inputs), outs, name=f"{GSWA_NODE_PREFIX}{op_type}_{self._n}")
         for key, val in attrs.items():
             if isinstance(val, AttributeProto):  # a reference to the function's own attribute
                 node.attribute.append(val)
@@ -68,7 +68,7 @@ class _Body:
         arr = value if isinstance(value, list) else [value]
         dims = [] if not isinstance(value, list) else [len(value)]
         tensor = helper.make_tensor(name, dtype, dims, arr)
-        self.nodes.append(helper.make_node("Constant", [], [name], value=tensor, name=f"/gswa/{name}"))
+        self.nodes.append(helper.make_node("Constant", [], [name], value=tensor, name=f"{GSWA_NODE_PREFIX}{name}"))
         return name
 
 
@@ -134,7 +134,7 @@ def build_function(num_blocks: int, opset: int) -> onnx.FunctionProto:
     total = b.op("Where", b.op("Greater", total, zero), total, one)
     weights = b.op("Div", b.op("Mul", b.op("Cast", n_tiles, to=TensorProto.FLOAT), a_tiles), total)
     gated = b.op("Add", one, b.op("Mul", w["alpha"], b.op("Sub", weights, one)))
-    b.nodes.append(helper.make_node("Where", [is_tile, gated, one], ["weights"], name="/gswa/output"))
+    b.nodes.append(helper.make_node("Where", [is_tile, gated, one], ["weights"], name=f"{GSWA_NODE_PREFIX}output"))
     return helper.make_function(
         DOMAIN, OP_TYPE, inputs=["cls"] + [w[n] for n in names], outputs=["weights"], nodes=b.nodes,
         opset_imports=[helper.make_opsetid("", opset)], attributes=["heads", "eps", "num_blocks", "plugin_namespace"])

@@ -8,6 +8,12 @@ import numpy as np
 # of each view's image tokens, or the projected image features scaled.
 GSWA_APPLY_MODES = ("attention", "scale")
 
+# The GSWA node in vision.onnx (sleigh/export/gswa_op.py writes it): a `sleigh::GSWA` custom op with an
+# ONNX function body; TensorRT can map it to a plugin of this name, version and namespace instead.
+GSWA_DOMAIN, GSWA_OP, GSWA_OP_VERSION = "sleigh", "GSWA", 1
+GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION = "sleigh", "1"
+GSWA_NODE_PREFIX = "/gswa/"  # the function body's node names, kept where a tool inlines it
+
 
 def image_attention_bias(input_ids: np.ndarray, gswa_weights: np.ndarray, img_context_id: int,
                          tokens_per_view: int, min_weight: float = 1e-4) -> np.ndarray:

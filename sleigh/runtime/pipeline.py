@@ -143,11 +143,9 @@ class Pipeline:
         if importlib.util.find_spec("torch") is None:
             raise SleighError(str(path), "a checkpoint runs on the PyTorch reference and torch is not installed",
                               "a package from `sleigh export`, or pip install torch and 'sleigh[export]'")
-        from sleigh.runtime.backends.torch_backend import TorchBackend
-
         info = ModelInfo.from_config(_read_json(Path(path) / "config.json"), str(path))
         tok = PromptTokenizer.from_file(Path(path) / "tokenizer.json")
-        return cls(TorchBackend.from_checkpoint(path, threads), info, tok)
+        return cls(_checkpoint_backend("torch").from_checkpoint(path, threads), info, tok)
 
     @classmethod
     def from_package(cls, path: Path, backend: str = "auto", threads: int | None = None,
@@ -316,3 +314,15 @@ def _read_json(path: Path) -> dict:
         raise SleighError(str(path), "file not found", "a JSON file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SleighError(str(path), f"not valid JSON ({e})", "a JSON file") from None
+
+
+def _checkpoint_backend(name: str):
+    """The backend class that runs a checkpoint folder, found through the `sleigh.checkpoint_backends`
+    entry points (pyproject.toml), so the runtime imports none of the reference itself."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="sleigh.checkpoint_backends", name=name)
+    if not found:
+        raise SleighError(f"--backend {name}", "no backend of that name is installed for checkpoint folders",
+                          "Sleigh installed with pip (its entry points), or a package from `sleigh export`")
+    return next(iter(found)).load()

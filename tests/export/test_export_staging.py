@@ -150,7 +150,7 @@ def test_a_killed_export_keeps_the_old_package_and_its_staging_is_reported_then_
 
 
 def test_a_stale_staging_folder_left_by_a_killed_build_is_cleaned_by_the_next_build(old_pkg, monkeypatch):
-    import sleigh.export.build_engine as build
+    import sleigh.engines.build_engine as build
 
     pkg, _ = old_pkg
     dead = owned(pkg / "engines", "onnxruntime-fp32", "tmp", dead_pid(), 0)
@@ -168,7 +168,7 @@ def test_a_stale_staging_folder_left_by_a_killed_build_is_cleaned_by_the_next_bu
 
 
 def test_the_gate_images_folder_is_staged_and_stale_ones_are_cleaned(tmp_path, monkeypatch):
-    from sleigh.export.accuracy import GATE_FOLDER, shipped_variants
+    from sleigh.engines.accuracy import GATE_FOLDER, shipped_variants
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = owned(tmp_path, GATE_FOLDER, "tmp", dead_pid(), 0)
@@ -232,8 +232,8 @@ def test_convert_refuses_an_output_that_overlaps_its_inputs(tmp_path):
 
 
 def test_calibrate_and_build_engine_refuse_images_that_overlap_their_outputs(old_pkg, tmp_path):
-    from sleigh.calibration.collect import calibrate_package
-    from sleigh.export.build_engine import EngineOptions, build_engine
+    from sleigh.engines.calibration.collect import calibrate_package
+    from sleigh.engines.build_engine import EngineOptions, build_engine
 
     pkg, before = old_pkg
     with pytest.raises(SleighError, match="is inside the --images"):

@@ -44,8 +44,8 @@ def make(root: Path) -> None:
     """A tiny package with FP16, INT8 and INT4 engines, and what each gives under this onnxruntime."""
     import onnxruntime
 
-    from sleigh.calibration.collect import calibrate_package
-    from sleigh.export.build_engine import EngineOptions, build_engine
+    from sleigh.engines.calibration.collect import calibrate_package
+    from sleigh.engines.build_engine import EngineOptions, build_engine
     from sleigh.export.exporter import ExportOptions, export_package
     from sleigh.runtime.package import read_manifest
     from sleigh.sleighvl.init import init_checkpoint

@@ -48,7 +48,7 @@ def shapes(B, S, C) -> dict:
 
 @pytest.fixture(scope="module")
 def profiles():
-    from sleigh.export.tensorrt_build import TensorRTOptions, decoder_profiles
+    from sleigh.engines.tensorrt_build import TensorRTOptions, decoder_profiles
 
     return decoder_profiles(MANIFEST, TensorRTOptions(max_context=4096, max_batch=2))
 

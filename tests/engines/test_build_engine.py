@@ -17,17 +17,16 @@ import onnx
 import pytest
 from PIL import Image, ImageOps
 
-from sleigh.calibration.collect import calibrate_package
-from sleigh.calibration.qdq import check_symmetric, scale_activation_scales
+from sleigh.engines.calibration.collect import calibrate_package
+from sleigh.engines.calibration.qdq import check_symmetric, scale_activation_scales
 from sleigh.errors import SleighError
-from sleigh.export.accuracy import run_gate
-from sleigh.export.build_engine import EngineOptions, build_engine, int8_weight_max
+from sleigh.engines.accuracy import run_gate
+from sleigh.engines.build_engine import EngineOptions, build_engine, int8_weight_max
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
 from sleigh.runtime.package import file_entry, read_manifest, verify_files, write_json_atomic
 from sleigh.runtime.pipeline import Pipeline
 
-from ..calibration.conftest import is_root, run_cli, snapshot
-from .conftest import EXAMPLES, ORACLE
+from .conftest import EXAMPLES, ORACLE, is_root, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +111,7 @@ def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
 
 
 def test_calibration_cache_is_in_the_manifest(engine_pkg):
-    from sleigh.calibration.trt_cache import read_calibration_cache
+    from sleigh.engines.calibration.trt_cache import read_calibration_cache
 
     cal = read_manifest(engine_pkg)["calibration"]
     assert cal["skipped"] == 1 and cal["num_images"] == 6
@@ -142,7 +141,7 @@ def test_the_gate_trips_on_a_broken_engine(engine_pkg, tmp_path):
 
 
 def test_a_failed_gate_registers_nothing(tiny_pkg, tmp_path, monkeypatch):
-    import sleigh.export.accuracy as accuracy
+    import sleigh.engines.accuracy as accuracy
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_pkg, pkg)
@@ -180,7 +179,7 @@ def test_auto_picks_the_best_gated_engine(engine_pkg):
 
 
 def test_tensorrt_missing_is_one_line(tiny_pkg, tmp_path):
-    pytest.importorskip("sleigh.export.tensorrt_build")
+    pytest.importorskip("sleigh.engines.tensorrt_build")
     try:
         import tensorrt  # noqa: F401
         pytest.skip("TensorRT is installed here")
@@ -201,7 +200,7 @@ def test_inspect_lists_engines(engine_pkg):
 
 
 def test_a_failed_rebuild_keeps_the_engine_that_was_there(tiny_pkg, tmp_path, monkeypatch):
-    import sleigh.export.accuracy as accuracy
+    import sleigh.engines.accuracy as accuracy
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_pkg, pkg)
@@ -255,12 +254,12 @@ def test_the_runtime_warns_once_when_this_cpu_lacks_a_gated_feature(engine_pkg, 
 def external_pkg(tiny_pkg, tmp_path_factory) -> Path:
     """An FP16 engine whose modules keep their weights in .onnx.data files (as at full size), built
     under umask 027."""
-    import sleigh.export.exporter as exporter
+    import sleigh.onnx_files as onnx_files
 
     pkg = tmp_path_factory.mktemp("external") / "pkg"
     shutil.copytree(tiny_pkg, pkg)
     mp = pytest.MonkeyPatch()
-    mp.setattr(exporter, "EXTERNAL_DATA_BYTES", 0)
+    mp.setattr(onnx_files, "EXTERNAL_DATA_BYTES", 0)
     old = os.umask(0o027)
     try:
         build_engine(pkg, EngineOptions(precision="fp16", allow_degraded=True, quiet=True))
@@ -320,7 +319,7 @@ def test_a_full_disk_or_read_only_package_is_one_user_error_and_changes_nothing(
                                                                                   code, says):
     """The FP16 conversion's save fails (a full disk mid-build; a read-only package where the
     staging folder could still be made, as for root): one line, rc 2, nothing left behind."""
-    import sleigh.export.build_engine as be
+    import sleigh.engines.build_engine as be
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_pkg, pkg)
@@ -340,7 +339,7 @@ def test_a_full_disk_while_onnx_runtime_saves_its_optimized_copy_is_named(tiny_p
 
     import onnxruntime
 
-    import sleigh.export.build_engine as be
+    import sleigh.engines.build_engine as be
 
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_pkg, pkg)

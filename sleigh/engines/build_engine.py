@@ -7,7 +7,7 @@ Conversions (one function per module and precision, chosen through `CONVERSIONS`
     fp32  copy (decoder optionally weight-only INT8/INT4 through MatMulNBits)
     fp16  ONNX-level float16 with FP32 inputs/outputs (the decoder's KV cache in FP16); LayerNorm,
           RMSNorm's reductions, Softmax, the slots' log-sum-exp and the GSWA node stay FP32
-    int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.calibration.qdq);
+    int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.engines.calibration.qdq);
           embed FP16; decoder weight-only INT8 by default
 
 Every build ends with the accuracy gate against the FP32 modules; below its thresholds the build
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sleigh import staging
 from sleigh.errors import SleighError
-from sleigh.export.exporter import save_onnx
+from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
@@ -172,15 +172,15 @@ def copy(src: Path, dst: Path) -> list[str]:
 def int8_weight_max(backend: str) -> int:
     """The largest |integer| of INT8 vision weights: 7 bits for ONNX Runtime, whose int8 kernels on
     CPUs without VNNI saturate with 8 (calibration/qdq.py, ORT_WEIGHT_MAX); 8 bits for TensorRT."""
-    from sleigh.calibration.collect import INT8_MAX
-    from sleigh.calibration.qdq import ORT_WEIGHT_MAX
+    from sleigh.engines.calibration.collect import INT8_MAX
+    from sleigh.engines.calibration.qdq import ORT_WEIGHT_MAX
 
     return ORT_WEIGHT_MAX if backend == "onnxruntime" else INT8_MAX
 
 
 def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int) -> list[str]:
-    from sleigh.calibration.collect import RANGES_FILE
-    from sleigh.calibration.qdq import quantize_vision_qdq
+    from sleigh.engines.calibration.collect import RANGES_FILE
+    from sleigh.engines.calibration.qdq import quantize_vision_qdq
 
     if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
         raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
@@ -293,7 +293,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     manifest = read_manifest(pkg)
     _check_against_package(opts, manifest)
     if opts.backend == "tensorrt":  # fail before converting anything
-        from sleigh.export.tensorrt_build import tensorrt_available
+        from sleigh.engines.tensorrt_build import tensorrt_available
         from sleigh.runtime.backends.tensorrt_backend import TENSORRT_EXPECTED
 
         ok, why = tensorrt_available()
@@ -334,7 +334,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 "int8_weight_max": int8_weight_max(opts.backend) if opts.precision == "int8" else None,
             }
             if opts.backend == "tensorrt":
-                from sleigh.export.tensorrt_build import TensorRTOptions, build_engines
+                from sleigh.engines.tensorrt_build import TensorRTOptions, build_engines
 
                 context = opts.max_context or min(TENSORRT_DEFAULT_CONTEXT, manifest["generation"]["context_length"])
                 trt_opts = TensorRTOptions(precision=opts.precision, max_context=context,
@@ -350,7 +350,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             ordinary_modes(tmp)
 
             bar.advance(0, description=f"{name}: accuracy gate")
-            from sleigh.export.accuracy import run_gate
+            from sleigh.engines.accuracy import run_gate
 
             report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
             entry["accuracy"] = report

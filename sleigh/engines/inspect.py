@@ -10,7 +10,7 @@ from sleigh.runtime.package import inside, read_manifest, verify_files
 
 
 def inspect_package(pkg: Path, verify: bool = False) -> dict:
-    from sleigh.export.exporter import describe_io
+    from sleigh.onnx_files import describe_io
     from sleigh.runtime.backends import missing_files
 
     pkg = Path(pkg)

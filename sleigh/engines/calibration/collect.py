@@ -26,18 +26,18 @@ from pathlib import Path
 import numpy as np
 
 from sleigh import __version__
-from sleigh.calibration.stats import METHODS, RunningStats, compute_amax
-from sleigh.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
+from sleigh.engines.calibration.stats import METHODS, RunningStats, compute_amax
+from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
 from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
 from sleigh.runtime.backends.onnxruntime_backend import session_options
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
+from sleigh.runtime.multimodal import GSWA_NODE_PREFIX  # GSWA stays in float
 from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
 from sleigh.staging import check_apart
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
-GSWA_NODE_PREFIX = "/gswa/"  # names of the GSWA function's nodes once inlined: GSWA stays in float
 CALIBRATION_DIR = "calibration"
 RANGES_FILE = f"{CALIBRATION_DIR}/vision_ranges.json"
 CACHE_FILE = f"{CALIBRATION_DIR}/vision.calib.cache"

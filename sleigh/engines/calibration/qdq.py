@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.calibration.collect import INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, is_quantized_op
+from sleigh.engines.calibration.collect import INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, is_quantized_op
 from sleigh.errors import SleighError
-from sleigh.export.exporter import save_onnx
+from sleigh.onnx_files import save_onnx
 
 _ACTIVATION_OP = "QuantizeLinear"
 # ONNX Runtime's x86 int8 GEMM (MLAS u8s8: int8 activations shifted to uint8) on AVX2 without VNNI
@@ -36,7 +36,7 @@ _ACTIVATION_OP = "QuantizeLinear"
 # fused kernels compute exactly on any CPU (onnxruntime's quantization docs: `reduce_range`, 7-bit
 # weights for CPUs without VNNI). Tiny preset, entropy, held-out photo, on an AVX2-only EPYC:
 # image_embeds cosine vs FP32 0.99663 with 127 (0.99971 with the fusions off), 0.99945 with 63, fused
-# or not (tests/calibration/test_qdq.py). Turning the fusions off instead cost about 1.6x in
+# or not (tests/engines/calibration/test_qdq.py). Turning the fusions off instead cost about 1.6x in
 # vision latency (benchmarks/RESULTS.md). Still symmetric int8 with zero point 0.
 ORT_WEIGHT_MAX = 63
 
@@ -179,7 +179,7 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
     graph.initializer.extend(kept + new_inits)
     del graph.node[:]
     graph.node.extend(nodes)
-    model.producer_name, model.producer_version = "sleigh.calibration.qdq", _sleigh_version()
+    model.producer_name, model.producer_version = "sleigh.engines.calibration.qdq", _sleigh_version()
 
     files = save_onnx(model, dst_onnx)
     act = np.array([scales[t] for t in act_params], np.float64)

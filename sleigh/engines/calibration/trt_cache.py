@@ -11,7 +11,7 @@ Line 1 names the TensorRT version that the cache is for (NV_TENSORRT_VERSION: ma
 
 TensorRT 11 removed implicit calibration, so it never reads these; TensorRT 10.x (JetPack 6 ships
 10.3) reads one through an IInt8Calibrator's `read_calibration_cache`. The explicit Q/DQ ONNX
-(`sleigh.calibration.qdq`) is the primary INT8 path; this file is the fallback for 10.x tools.
+(`sleigh.engines.calibration.qdq`) is the primary INT8 path; this file is the fallback for 10.x tools.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from sleigh.progress import progress
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, import_cudart,
     make_logger, profile_to_json, tensorrt_status)
+from sleigh.runtime.multimodal import GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION
 from sleigh.runtime.kv_cache import KV_CHUNK, PAST, grown_capacity
 from sleigh.runtime.package import MODULE_NAMES, sha256_file, write_bytes_atomic
 
@@ -49,8 +50,6 @@ DEFAULT_OPT_TILES = 6  # a typical photo: 6 tiles + thumbnail = 7 views
 OPT_TEXT_TOKENS = 64  # text around the image tokens in a typical prompt (template, system message, question)
 ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-# The GSWA node as sleigh.export.gswa_op writes it (that module imports torch, so not imported here).
-GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION = "sleigh", "GSWA", "sleigh", "1"
 
 # ONNX Runtime's QOperator / dynamic quantization ops: TensorRT wants Q/DQ (QDQ format) instead.
 QOPERATOR_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QLinearAdd"}

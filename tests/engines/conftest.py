@@ -14,7 +14,10 @@ import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
 
+from tests.conftest import ORACLE
+
 ROOT = Path(__file__).parents[2]
+EXAMPLES = ROOT / "examples"
 PHOTOS = (ROOT / "examples" / "chelsea.jpg", ROOT / "examples" / "coffee.jpg",
           ROOT / "tests" / "fixtures" / "oracle" / "astronaut.png")
 HELD_OUT = ROOT / "sleigh" / "assets" / "parity.jpg"  # never among the calibration images
@@ -60,7 +63,7 @@ def pkg_copy(tiny_pkg, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def calibrated(tiny_pkg, calib_images, tmp_path_factory):
     """(package folder, calibration dict): the tiny package calibrated with the default (entropy)."""
-    from sleigh.calibration.collect import calibrate_package
+    from sleigh.engines.calibration.collect import calibrate_package
 
     pkg = tmp_path_factory.mktemp("calibrated") / "pkg"
     shutil.copytree(tiny_pkg, pkg)
@@ -70,7 +73,7 @@ def calibrated(tiny_pkg, calib_images, tmp_path_factory):
 @pytest.fixture(scope="session")
 def collected(tiny_pkg, calib_images):
     """A VisionCollector fed the calibration images: the statistics behind every method."""
-    from sleigh.calibration.collect import VisionCollector, list_images
+    from sleigh.engines.calibration.collect import VisionCollector, list_images
     from sleigh.runtime.image import tile_image
 
     collector = VisionCollector(tiny_pkg / "vision.onnx")

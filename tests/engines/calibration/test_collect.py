@@ -15,15 +15,15 @@ import numpy as np
 import onnx
 import pytest
 
-from sleigh.calibration.collect import (CACHE_FILE, RANGES_FILE, activation_tensors, calibrate_package,
+from sleigh.engines.calibration.collect import (CACHE_FILE, RANGES_FILE, activation_tensors, calibrate_package,
                                         ranges_from_stats)
-from sleigh.calibration.stats import RunningStats, amax_percentile, entropy_clip_bin, entropy_divergences
-from sleigh.calibration.trt_cache import (TRT_CACHE_VERSION, format_calibration_cache, read_calibration_cache,
+from sleigh.engines.calibration.stats import RunningStats, amax_percentile, entropy_clip_bin, entropy_divergences
+from sleigh.engines.calibration.trt_cache import (TRT_CACHE_VERSION, format_calibration_cache, read_calibration_cache,
                                           write_calibration_cache)
 from sleigh.errors import SleighError
 from sleigh.runtime.package import read_manifest, verify_files
 
-from .conftest import NUM_CALIBRATION_IMAGES, is_root, make_variants, run_cli, snapshot
+from ..conftest import NUM_CALIBRATION_IMAGES, is_root, make_variants, run_cli, snapshot
 
 CALIBRATION_KEYS = {"method", "num_images", "skipped", "images", "files", "created_by"}
 
@@ -252,7 +252,7 @@ def test_calibrating_again_replaces_the_previous_calibration(pkg_copy, calib_ima
 def test_one_view_at_a_time_equals_all_views_at_once(tiny_pkg, calib_images, monkeypatch):
     """Views are independent in every quantized op, so running them one by one (to bound memory)
     must give the statistics of the batched run."""
-    from sleigh.calibration import collect
+    from sleigh.engines.calibration import collect
     from sleigh.runtime.image import tile_image
 
     views = tile_image(sorted(calib_images.iterdir())[0], max_tiles=6).pixel_values
@@ -272,8 +272,8 @@ def test_one_view_at_a_time_equals_all_views_at_once(tiny_pkg, calib_images, mon
 def test_weights_in_an_external_data_file(tiny_pkg, calib_images, tmp_path):
     """Large encoders keep their weights in vision.onnx.data: the augmented model is saved beside the
     original so the relative data path still resolves, and nothing is left behind."""
-    from sleigh.calibration.collect import VisionCollector
-    from sleigh.calibration.qdq import quantize_vision_qdq
+    from sleigh.engines.calibration.collect import VisionCollector
+    from sleigh.engines.calibration.qdq import quantize_vision_qdq
     from sleigh.runtime.image import tile_image
 
     model = onnx.load(str(tiny_pkg / "vision.onnx"))
@@ -304,7 +304,7 @@ def test_a_full_disk_or_a_read_only_package_is_one_user_error_and_changes_nothin
                                                                                     capsys, code):
     """The second of calibrate's three files fails (the ranges are written by then): one error line,
     rc 2, and the package byte for byte as it was, previous calibration included."""
-    from sleigh.calibration import trt_cache
+    from sleigh.engines.calibration import trt_cache
 
     calibrate_package(pkg_copy, calib_images, num_images=2, quiet=True)
     before = snapshot(pkg_copy)

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sleigh.export.build_engine import _sorted, _without_repeated_nodes, to_fp16
+from sleigh.engines.build_engine import _sorted, _without_repeated_nodes, to_fp16
 
 D = 8
 

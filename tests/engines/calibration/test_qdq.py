@@ -32,14 +32,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from sleigh.calibration.collect import INT8_MAX, RANGES_FILE, ranges_from_stats
-from sleigh.calibration.qdq import check_symmetric, quantize_vision_qdq, scale_activation_scales
+from sleigh.engines.calibration.collect import INT8_MAX, RANGES_FILE, ranges_from_stats
+from sleigh.engines.calibration.qdq import check_symmetric, quantize_vision_qdq, scale_activation_scales
 from sleigh.errors import SleighError
-from sleigh.export.accuracy import VISION_GATES
-from sleigh.export.build_engine import int8_weight_max
+from sleigh.engines.accuracy import VISION_GATES
+from sleigh.engines.build_engine import int8_weight_max
 from sleigh.runtime.cpu_features import cpu_features
 
-from .conftest import cosine, run_vision
+from ..conftest import cosine, run_vision
 
 COSINE_MIN = VISION_GATES["int8"]["embeddings_cos_min"]  # what build-engine's gate asks of an INT8 engine
 # ONNX Runtime's fused int8 kernels against the same Q/DQ model computed in float (no fusion): they

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sleigh.errors import SleighError
-from sleigh.export.tensorrt_build import (
+from sleigh.engines.tensorrt_build import (
     GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, TensorRTOptions, _parse_path, build_engines, decoder_profiles,
     default_engine_name, embed_profile, engine_plan, parser_errors, source_problems, strip_gswa_function,
     tensorrt_available, vision_profile)
@@ -479,7 +479,7 @@ def test_parser_errors_on_one_line():
 
 
 def test_import_is_light():
-    code = ("import sys, sleigh.export.tensorrt_build; "
+    code = ("import sys, sleigh.engines.tensorrt_build; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'cuda', 'torch', 'onnx', 'transformers')); "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
