@@ -41,8 +41,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x / sqrt(...) rather than x * rsqrt(...): ONNX Runtime fuses this form into one
+        # SimplifiedLayerNormalization node (its pattern wants Div; rsqrt exports as Sqrt, Reciprocal, Mul)
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
