@@ -250,18 +250,18 @@ def test_device_slot_path_equals_torch_across_a_growth(pipelines, monkeypatch):
     run on CPU OrtValues: the same greedy tokens as the torch reference, across a cache growth."""
     import onnxruntime as ort
 
-    from sleigh.runtime.backends.onnxruntime_backend import _DeviceSlots
+    from sleigh.runtime.backends.onnxruntime_backend import OrtValueSlots
 
     ref_pipe, ort_pipe = pipelines
     backend = ort_pipe.backend
-    args = (backend._past_names, backend.num_kv_heads, backend.head_dim, backend._kv_dtype)
-    caches = _record_caches(backend, monkeypatch,
-                            lambda batch: _DeviceSlots(ort, HostCopier(), args[0], batch, *args[1:], device="cpu"))
+    monkeypatch.setattr(backend, "slot_storage", OrtValueSlots(ort, HostCopier(), device="cpu"))
+    caches = _record_caches(backend, monkeypatch)
     prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
     n = KV_CHUNK - prompt_tokens + 8
     got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
     ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
-    assert len(caches) == 1 and isinstance(caches[0], _DeviceSlots) and caches[0].host.capacity == 2 * KV_CHUNK
+    assert len(caches) == 1 and caches[0].capacity == 2 * KV_CHUNK
+    assert isinstance(caches[0].storage, OrtValueSlots) and caches[0].closed  # the IOBinding path; freed when done
     assert got.token_ids == ref.token_ids
 
     # two generations on the device path, advanced alternately: each keeps its own slots
