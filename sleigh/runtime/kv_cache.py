@@ -77,9 +77,15 @@ class HostSlots:
     """Slots as numpy arrays; new positions are numpy arrays (B, KV, S, hd) too."""
 
     lock = nullcontext()  # nothing is shared between caches
+    closed = False  # set by close(): no cache of this storage may be written again
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SleighError("kv cache", "its backend was closed", "a cache made by an open backend (new_cache)")
 
     def alloc(self, layout: Layout, capacity: int):
         """Zeroed slots: unused ones are masked, but must be finite (0 * NaN is NaN)."""
+        self._check_open()
         return np.zeros(layout.shape(capacity), layout.dtype)
 
     def copy(self, layout: Layout, dst, dst_capacity: int, dst_slot: int, src, src_capacity: int, src_slot: int,
@@ -95,6 +101,7 @@ class HostSlots:
 
     def close(self) -> None:
         """Release every slot still held (the backend closes)."""
+        self.closed = True
 
 
 class DeviceSlots(HostSlots):
@@ -107,14 +114,9 @@ class DeviceSlots(HostSlots):
         self.cuda = cuda
         self.lock = threading.RLock()
         self._live: set[int] = set()
-        self.closed = False
 
     def pointer(self, buffer) -> int:
         return int(buffer)
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise SleighError("kv cache", "its backend was closed", "a cache made by an open backend (new_cache)")
 
     def alloc(self, layout: Layout, capacity: int):
         self._check_open()
@@ -218,6 +220,7 @@ class SlotCache:
     def _check_open(self) -> None:
         if self.closed:
             raise SleighError("kv cache", "used after close()", "a new cache from backend.new_cache()")
+        self.storage._check_open()  # its slots may have been freed with the backend
 
     def __del__(self):  # an abandoned cache (a prefill never continued) frees its device slots too
         try:

@@ -78,3 +78,4 @@ class TorchBackend(Backend):
 
     def _release(self) -> None:
         self.model = None  # the weights go with the last reference
+        self.slot_storage.close()
