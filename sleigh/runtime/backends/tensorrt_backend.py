@@ -11,8 +11,8 @@ device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/value
 slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
 per layer, never the cache. C grows in chunks of KV_CHUNK slots; a growth allocates the larger
 buffers and re-lays the used slots into them (once per chunk). Nothing is copied back to the host but
-the last position's logits. The decoder engine has two optimisation profiles (prefill: no slots; decode: one
-new token), chosen per step with `set_optimization_profile_async` on one execution context.
+the last position's logits. The decoder engine has two optimisation profiles (prefill: no slots;
+decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
 
 The execution contexts, the scratch buffers and the stream are shared by every generation and are
 not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
