@@ -72,9 +72,8 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
     t0 = time.time()
     with progress("bench", runs * len(targets), quiet) as bar:
         for label, path, backend, engine in targets:
-            pipe = Pipeline.load(path, backend=backend, threads=threads, engine=engine)
-            rows.append(bench_pipeline(label, pipe, image, prompt, runs=runs, max_new_tokens=max_new_tokens, progress=bar))
-            del pipe
+            with Pipeline.load(path, backend=backend, threads=threads, engine=engine) as pipe:  # one target in memory at a time
+                rows.append(bench_pipeline(label, pipe, image, prompt, runs=runs, max_new_tokens=max_new_tokens, progress=bar))
     return {"machine": machine(), "threads": threads, "image": str(image) if image else None, "prompt": prompt,
             "max_new_tokens": max_new_tokens, "rows": [asdict(r) for r in rows], "seconds": round(time.time() - t0, 1)}
 

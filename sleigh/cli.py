@@ -195,28 +195,28 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files)
-    pipe.allow_special_tokens = allow_special_tokens
-    gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                        ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
-    if as_json:
-        typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
-        _show_weights(image, gen.result, show_weights)
-        return
-    shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
-    if no_stream:
-        sys.stdout.write(shown(gen.result.text) + "\n")  # not typer.echo: it strips ANSI codes off a pipe
-    else:
-        for piece in gen:
-            sys.stdout.write(shown(piece))
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-    r = gen.result
-    t = r.timings
-    grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
-    typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
-               f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
-    _show_weights(image, r, show_weights)
+    with Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files) as pipe:
+        pipe.allow_special_tokens = allow_special_tokens
+        gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
+                            ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
+        if as_json:
+            typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
+            _show_weights(image, gen.result, show_weights)
+            return
+        shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
+        if no_stream:
+            sys.stdout.write(shown(gen.result.text) + "\n")  # not typer.echo: it strips ANSI codes off a pipe
+        else:
+            for piece in gen:
+                sys.stdout.write(shown(piece))
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        r = gen.result
+        t = r.timings
+        grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
+        typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
+                   f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
+        _show_weights(image, r, show_weights)
 
 
 def _show_weights(image: Optional[Path], result, out: Optional[Path]) -> None:

@@ -51,12 +51,11 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | No
         raise SleighError("--limit", f"got {limit}", "a number of questions >= 1")
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
-    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine)
     hits: dict[str, list[int]] = defaultdict(list)
     top_tile: dict[Path, bool] = {}
     described = ""
     t0 = time.perf_counter()
-    with progress("eval", len(items), quiet) as bar:
+    with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe, progress("eval", len(items), quiet) as bar:
         for item in items:
             result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens).result
             described = result.backend

@@ -162,13 +162,13 @@ def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_p
     used = set((manifest.get("calibration") or {}).get("images", []))
     imgs = gate_images(images, used)
     try:
-        ref = Pipeline.from_package(pkg, backend="onnxruntime", engine="package")  # the FP32 modules
-        eng = Pipeline.from_package(pkg, backend=backend, engine=engine)
-        pairs = []
-        for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs):
-            pairs.append(compare_pair(ref, eng, imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)]))
-            if progress:
-                progress.advance()
+        with (Pipeline.from_package(pkg, backend="onnxruntime", engine="package") as ref,  # the FP32 modules
+              Pipeline.from_package(pkg, backend=backend, engine=engine) as eng):  # released before the build goes on
+            pairs = []
+            for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs):
+                pairs.append(compare_pair(ref, eng, imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)]))
+                if progress:
+                    progress.advance()
     finally:
         if images is None:
             shutil.rmtree(imgs[0].parent, ignore_errors=True)

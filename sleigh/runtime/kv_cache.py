@@ -1,18 +1,34 @@
-"""The decoder's KV cache as the runtime keeps it: preallocated slots, written in place.
+"""The decoder's KV cache, one abstraction for every backend: preallocated slots, written in place.
 
-The decoder (package schema 2, sleighvl/llm.py) reads C cache slots, uses a slot only where its
-attention mask is 1, and returns the keys and values of the S new positions alone. `SlotCache` keeps
-the slots in host memory (the CPU provider reads them where they lie, no copy) and writes each
-step's new positions into the next free slots. Capacity grows in chunks of `KV_CHUNK` slots, with one
-copy of the used slots per growth: a decode step copies one position per layer, never the cache.
+The decoder (package schema 2+, sleighvl/llm.py) reads C cache slots, uses a slot only where its
+attention mask is 1, and returns the keys and values of the S new positions alone. A `SlotCache`
+holds one sequence's slots (B, KV, C, hd) per past_key_values name, and writes each step's new
+positions into the next free slots. Capacity grows in chunks of `KV_CHUNK` slots, with one copy of
+the used slots per growth: a decode step copies one position per layer, never the cache.
 
-The per-slot mask and bias (GSWA's log-weights of image positions) live beside the slots, so a step
-is given the mask and bias of its new positions only.
+The per-slot mask and bias (GSWA's log-weights of image positions) live beside the slots, always on
+the host (they are small, and every backend feeds them from there), so a step is given the mask and
+bias of its new positions only.
+
+Where the slots live is the storage's business, one adapter per kind of memory:
+
+- `HostSlots`: numpy arrays (ONNX Runtime's CPU provider reads them where they lie).
+- `DeviceSlots`: raw device pointers through runtime/backends/cuda.Cuda (TensorRT); one pitched
+  device-to-device copy per tensor writes the new positions. onnxruntime_backend.OrtValueSlots
+  keeps device OrtValues the same way; sleighvl/torch_backend.TorchSlots keeps torch tensors.
+
+Each generation owns its cache (`Backend.new_cache`); `close()` frees its slots (idempotent).
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+
 import numpy as np
+
+from sleigh.errors import SleighError
 
 PAST, NEW = "past_key_values", "new_key_values"  # the decoder's cache-slot inputs and new-position outputs
 
@@ -31,46 +47,183 @@ def grown_capacity(needed: int, chunk: int = KV_CHUNK) -> int:
     return -(-needed // chunk) * chunk
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One KV tensor's slots: (batch, kv_heads, capacity, head_dim) of `dtype`, C-contiguous, so slot c
+    of every (batch, head) row sits at byte c * row_bytes of that row, and rows are capacity * row_bytes apart."""
+
+    batch: int
+    kv_heads: int
+    head_dim: int
+    dtype: np.dtype
+
+    def shape(self, capacity: int) -> tuple[int, int, int, int]:
+        return (self.batch, self.kv_heads, capacity, self.head_dim)
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.kv_heads
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one position in one (batch, head) row."""
+        return self.head_dim * self.dtype.itemsize
+
+    def nbytes(self, capacity: int) -> int:
+        return self.rows * capacity * self.row_bytes
+
+
+class HostSlots:
+    """Slots as numpy arrays; new positions are numpy arrays (B, KV, S, hd) too."""
+
+    lock = nullcontext()  # nothing is shared between caches
+    closed = False  # set by close(): no cache of this storage may be written again
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SleighError("kv cache", "its backend was closed", "a cache made by an open backend (new_cache)")
+
+    def alloc(self, layout: Layout, capacity: int):
+        """Zeroed slots: unused ones are masked, but must be finite (0 * NaN is NaN)."""
+        self._check_open()
+        return np.zeros(layout.shape(capacity), layout.dtype)
+
+    def copy(self, layout: Layout, dst, dst_capacity: int, dst_slot: int, src, src_capacity: int, src_slot: int,
+             count: int) -> None:
+        """Positions src_slot.. of `src` into dst_slot.. of `dst`, `count` of them, in every row."""
+        dst[:, :, dst_slot:dst_slot + count] = src[:, :, src_slot:src_slot + count]
+
+    def sync(self) -> None:
+        """Wait for the copies (device storage); on the host they are done."""
+
+    def free(self, buffer) -> None:
+        """Release slots (on the host, the garbage collector does)."""
+
+    def close(self) -> None:
+        """Release every slot still held (the backend closes)."""
+        self.closed = True
+
+
+class DeviceSlots(HostSlots):
+    """Slots as device pointers (ints) through `cuda` (runtime/backends/cuda.Cuda: malloc, free, zero,
+    copy_rows, sync, or a host stand-in with the same calls). New positions are device buffers
+    (B, KV, S, hd). Every buffer it allocated and did not free is freed by `close()`, so closing
+    the backend frees the slots of every cache it made. One stream is shared: its copies take turns."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.lock = threading.RLock()
+        self._live: set[int] = set()
+
+    def pointer(self, buffer) -> int:
+        return int(buffer)
+
+    def alloc(self, layout: Layout, capacity: int):
+        self._check_open()
+        ptr = self.cuda.malloc(layout.nbytes(capacity))  # 0 slots: a small real buffer (TensorRT wants an address)
+        self.cuda.zero(ptr, layout.nbytes(capacity))  # on the copy stream, before the copies that follow
+        self._live.add(ptr)
+        return ptr
+
+    def copy(self, layout, dst, dst_capacity, dst_slot, src, src_capacity, src_slot, count):
+        row = layout.row_bytes
+        self.cuda.copy_rows(self.pointer(dst) + dst_slot * row, dst_capacity * row, self.pointer(src) + src_slot * row,
+                            src_capacity * row, count * row, layout.rows)
+
+    def sync(self) -> None:
+        self.cuda.sync()
+
+    def free(self, buffer) -> None:
+        if buffer in self._live:  # after close() every buffer is already freed
+            self._live.discard(buffer)
+            self.cuda.free(buffer)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            for ptr in list(self._live):
+                self.free(ptr)
+
+
 class SlotCache:
-    """Numpy slots for every past_key_values input of the decoder, with their mask and bias."""
+    """One sequence's KV cache: slots for every past_key_values input of the decoder (in `storage`,
+    numpy arrays by default), with the attention mask and bias of every slot (host numpy arrays)."""
 
     def __init__(self, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype=np.float32,
-                 chunk: int = KV_CHUNK):
-        self.chunk = chunk
-        self.batch, self.kv_heads, self.head_dim, self.dtype = batch, kv_heads, head_dim, np.dtype(dtype)
+                 chunk: int = KV_CHUNK, storage: HostSlots | None = None):
+        storage = HostSlots() if storage is None else storage
+        self.storage, self.chunk = storage, chunk
+        self.layout = Layout(batch, kv_heads, head_dim, np.dtype(dtype))
         self.length = 0  # slots in use: 0 .. length-1
-        self.slots = {n: np.zeros((batch, kv_heads, 0, head_dim), self.dtype) for n in names}
-        self.mask = np.zeros((batch, 0), np.int64)
+        self.closed = False
+        with storage.lock:
+            self.slots = {n: storage.alloc(self.layout, 0) for n in names}
+        self.mask = np.zeros((batch, 0), np.int64)  # per slot, capacity wide
         self.bias = np.zeros((batch, 0), np.float32)
+
+    @property
+    def batch(self) -> int:
+        return self.layout.batch
 
     @property
     def capacity(self) -> int:
         return self.mask.shape[1]
 
-    def feeds(self, new_mask: np.ndarray, new_bias: np.ndarray) -> dict[str, np.ndarray]:
-        """The decoder's attention_mask, attention_bias (slots, then the new positions) and slots."""
+    def attention(self, new_mask: np.ndarray, new_bias: np.ndarray) -> dict[str, np.ndarray]:
+        """The decoder's attention_mask and attention_bias (B, C+S): the slots', then the new positions'."""
+        self._check_open()
+        if new_mask.ndim != 2 or new_mask.shape[0] != self.batch or new_bias.shape != new_mask.shape:
+            raise SleighError("step", f"attention_mask {new_mask.shape} / attention_bias {new_bias.shape} do not match "
+                              f"the cache's batch of {self.batch}", "both (batch, new positions), batch as given to new_cache()")
         return {"attention_mask": np.concatenate([self.mask, new_mask.astype(np.int64, copy=False)], axis=1),
-                "attention_bias": np.concatenate([self.bias, new_bias.astype(np.float32, copy=False)], axis=1),
-                **self.slots}
+                "attention_bias": np.concatenate([self.bias, new_bias.astype(np.float32, copy=False)], axis=1)}
 
-    def append(self, new: dict[str, np.ndarray], new_mask: np.ndarray, new_bias: np.ndarray) -> None:
-        """Write the new positions' keys/values (by past_key_values name) into the next free slots."""
-        S = new_mask.shape[1]
-        end = self.length + S
-        if end > self.capacity:
-            self._grow(grown_capacity(end, self.chunk))
-        for name, array in new.items():
-            self.slots[name][:, :, self.length:end] = array
-        self.mask[:, self.length:end] = new_mask
-        self.bias[:, self.length:end] = new_bias
-        self.length = end
+    def feeds(self, new_mask: np.ndarray, new_bias: np.ndarray) -> dict:
+        """`attention(...)` and the slots by name: every cache input of one decoder step."""
+        return {**self.attention(new_mask, new_bias), **self.slots}
 
-    def _grow(self, capacity: int) -> None:
-        used = self.length
-        for name, old in self.slots.items():
-            grown = np.zeros((self.batch, self.kv_heads, capacity, self.head_dim), self.dtype)  # unused slots: zeros, masked
-            grown[:, :, :used] = old[:, :, :used]
-            self.slots[name] = grown
-        mask, bias = np.zeros((self.batch, capacity), np.int64), np.zeros((self.batch, capacity), np.float32)
-        mask[:, :used], bias[:, :used] = self.mask[:, :used], self.bias[:, :used]
-        self.mask, self.bias = mask, bias
+    def append(self, new: dict, new_mask: np.ndarray, new_bias: np.ndarray) -> None:
+        """Write the new positions' keys/values (by past_key_values name, in the storage's kind of
+        buffer, (B, KV, S, hd)) into the next free slots, growing by whole chunks where they do not fit."""
+        self._check_open()
+        S, P, C = new_mask.shape[1], self.length, self.capacity
+        st, layout = self.storage, self.layout
+        with st.lock:
+            old = {}
+            if P + S > C:
+                grown = grown_capacity(P + S, self.chunk)
+                for name, buffer in self.slots.items():  # re-lay the used slots for the larger C
+                    old[name], self.slots[name] = buffer, st.alloc(layout, grown)
+                    st.copy(layout, self.slots[name], grown, 0, buffer, C, 0, P)
+                mask, bias = np.zeros((self.batch, grown), np.int64), np.zeros((self.batch, grown), np.float32)
+                mask[:, :P], bias[:, :P] = self.mask[:, :P], self.bias[:, :P]
+                self.mask, self.bias, C = mask, bias, grown
+            for name, buffer in new.items():
+                st.copy(layout, self.slots[name], C, P, buffer, S, 0, S)
+            st.sync()  # the copies have read the old slots and the new positions; the next step reads these
+            for buffer in old.values():
+                st.free(buffer)
+        self.mask[:, P:P + S] = new_mask
+        self.bias[:, P:P + S] = new_bias
+        self.length = P + S
+
+    def close(self) -> None:
+        """Free the slots now (device memory); idempotent. The cache cannot be used afterwards."""
+        if self.closed:
+            return
+        self.closed = True
+        with self.storage.lock:
+            slots, self.slots = self.slots, {}
+            for buffer in slots.values():
+                self.storage.free(buffer)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SleighError("kv cache", "used after close()", "a new cache from backend.new_cache()")
+        self.storage._check_open()  # its slots may have been freed with the backend
+
+    def __del__(self):  # an abandoned cache (a prefill never continued) frees its device slots too
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the CUDA runtime may already be gone
+            pass

@@ -1,10 +1,11 @@
 """Image + question -> streamed text, on any backend.
 
-    pipe = Pipeline.load("pkg/")                       # a package (ONNX Runtime) or a checkpoint (torch)
-    gen = pipe.generate("photo.jpg", "Describe the image.")
-    for piece in gen:                                  # text as it is decoded, never broken UTF-8
-        print(piece, end="")
-    gen.result.text, gen.result.token_ids, gen.result.timings
+    with Pipeline.load("pkg/") as pipe:                # a package (ONNX Runtime) or a checkpoint (torch)
+        gen = pipe.generate("photo.jpg", "Describe the image.")
+        for piece in gen:                              # text as it is decoded, never broken UTF-8
+            print(piece, end="")
+        gen.result.text, gen.result.token_ids, gen.result.timings
+    # the block's end releases the sessions, engines and GPU memory (pipe.close())
 
 The loop owns what is the same on every backend: tiling, the prompt, the GSWA attention bias,
 the mask and positions, sampling, stop ids, streaming; the backend runs the modules. Each
@@ -23,8 +24,9 @@ from typing import Iterator
 import numpy as np
 
 from sleigh.errors import SleighError
-from sleigh.runtime.backends.base import Backend, KVCache
+from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
+from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
@@ -70,7 +72,7 @@ class Prefill:
     logits: np.ndarray  # (1, V) at the last prompt position
     timings: Timings
     t_start: float
-    cache: KVCache  # the prompt's keys and values; the generation continuing from this state owns it
+    cache: SlotCache  # the prompt's keys and values; the generation continuing from this state owns it
     continued: bool = False
 
 
@@ -108,6 +110,9 @@ class Pipeline:
     `Generation`s may be advanced alternately in one thread: each gets the tokens it would get alone.
     ONNX Runtime runs concurrent calls in parallel; TensorRT serialises them per call inside the
     backend. One `Generation` (one iterator) must not be advanced from two threads at once.
+
+    `close()` (or leaving a `with` block) releases the backend; closing twice is harmless, and
+    generating afterwards raises a SleighError.
     """
 
     def __init__(self, backend: Backend, info: ModelInfo, tokenizer: PromptTokenizer):
@@ -159,6 +164,26 @@ class Pipeline:
         tok = PromptTokenizer.from_file(inside(path, manifest["tokenizer"]["file"], "manifest.json: tokenizer.file"))
         return cls(backend, info, tok)
 
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.backend.closed
+
+    def close(self) -> None:
+        """Release the backend's sessions, engines and device memory (idempotent)."""
+        self.backend.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SleighError("pipeline", "used after close()", "Pipeline.load(...) again, or use it inside its `with` block")
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def prepare(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
@@ -190,6 +215,7 @@ class Pipeline:
                  max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = ()) -> Generation:
         """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
         the tokens generated up to the one that completed it)."""
+        self._check_open()
         if max_new_tokens < 1:
             raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
         if max_tiles is not None and max_tiles < 1:
@@ -201,6 +227,7 @@ class Pipeline:
     def generate_from(self, state: Prefill, *, max_new_tokens: int = 512, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
         """Continue from a `prefill()` state (it carries its own cache; each state can be continued once)."""
+        self._check_open()
         if max_new_tokens < 1:
             raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
         if state.continued or state.cache.length != len(state.ids):
@@ -213,6 +240,7 @@ class Pipeline:
                 max_tiles: int | None = None, max_new_tokens: int = 0) -> Prefill:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
         Also what the accuracy gate compares between engines."""
+        self._check_open()
         info, backend = self.info, self.backend
         t_start = time.perf_counter()
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles)
@@ -256,9 +284,7 @@ class Pipeline:
         try:
             return (yield from self._decode_steps(state, max_new_tokens, sampling, ignore_eos, stop))
         finally:  # done, failed or abandoned: the cache is of no further use (device memory on a GPU)
-            close = getattr(state.cache, "close", None)
-            if close is not None:
-                close()
+            state.cache.close()
 
     def _decode_steps(self, state: Prefill, max_new_tokens, sampling, ignore_eos, stop=()):
         info, backend, cache = self.info, self.backend, state.cache

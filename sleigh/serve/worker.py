@@ -121,3 +121,4 @@ class ModelWorker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.pipeline.close()  # a generation still running ends with the pipeline's "used after close()" error

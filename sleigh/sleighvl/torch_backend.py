@@ -1,14 +1,27 @@
 """The PyTorch reference as a backend (a checkpoint folder runs here). torch is imported lazily.
 
 The model is only read (inference mode, no module state changes in forward), so generations in
-several threads share it; each one's cache is its own `TorchCache`."""
+several threads share it; each one's cache is its own SlotCache (runtime/kv_cache.py) whose slots are
+torch tensors (`TorchSlots`). The reference grows it one step at a time (chunk 1: every slot in use,
+no masked slot), which is the plain concatenated cache the other backends' slots are checked against."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.kv_cache import PAST, HostSlots, SlotCache
+
+
+class TorchSlots(HostSlots):
+    """Slots as torch tensors on the CPU; written with the same slice assignment as numpy's."""
+
+    def __init__(self, torch):
+        self.torch = torch
+
+    def alloc(self, layout, capacity):
+        torch = self.torch
+        return torch.zeros(layout.shape(capacity), dtype=getattr(torch, layout.dtype.name))
 
 
 class TorchBackend(Backend):
@@ -21,6 +34,9 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         self.torch = torch
         self.model = model.eval()
+        self.slot_storage = TorchSlots(torch)
+        layers = range(model.llm.cfg.num_layers)
+        self._layers = [(f"{PAST}.{i}.key", f"{PAST}.{i}.value") for i in layers]  # the decoder's slot names per layer
 
     @classmethod
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> TorchBackend:
@@ -30,6 +46,7 @@ class TorchBackend(Backend):
         return cls(model, threads)
 
     def run(self, module, feeds):
+        self._check_open()
         torch = self.torch
         with torch.inference_mode():
             if module == "vision":
@@ -40,33 +57,25 @@ class TorchBackend(Backend):
                 return {"inputs_embeds": emb.numpy()}
         raise KeyError(module)
 
-    def new_cache(self, batch=1) -> TorchCache:
-        torch = self.torch
-        return TorchCache(self.model.llm.empty_cache(batch), torch.zeros(batch, 0, dtype=torch.int64),
-                          torch.zeros(batch, 0))
+    def new_cache(self, batch=1) -> SlotCache:
+        self._check_open()
+        cfg = self.model.llm.cfg
+        with self.torch.inference_mode():
+            return SlotCache([n for pair in self._layers for n in pair], batch, cfg.num_kv_heads, cfg.head_dim,
+                             chunk=1, storage=self.slot_storage)
 
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
-        """The reference keeps a plain growing cache (every slot in use)."""
-        from sleigh.sleighvl.llm import extend_cache
-
+        self._check_open()
         torch = self.torch
         with torch.inference_mode():
-            mask = torch.cat([cache.mask, torch.from_numpy(attention_mask)], dim=1)
-            bias = torch.cat([cache.bias, torch.from_numpy(attention_bias)], dim=1)
-            logits, new = self.model.llm(torch.from_numpy(inputs_embeds), mask, bias, torch.from_numpy(position_ids),
-                                         cache.kv)
-            cache.kv, cache.mask, cache.bias = extend_cache(cache.kv, new), mask, bias
+            attn = cache.attention(attention_mask, attention_bias)
+            past = [(cache.slots[k], cache.slots[v]) for k, v in self._layers]
+            logits, new = self.model.llm(torch.from_numpy(inputs_embeds), torch.from_numpy(attn["attention_mask"]),
+                                         torch.from_numpy(attn["attention_bias"]), torch.from_numpy(position_ids), past)
+            cache.append({name: t for names, kv in zip(self._layers, new) for name, t in zip(names, kv)},
+                         attention_mask, attention_bias)
         return logits[:, -1].float().numpy()
 
-
-@dataclass
-class TorchCache:
-    """One sequence's cache on the reference: (key, value) per layer and the mask and bias of each position."""
-
-    kv: list
-    mask: object  # (B, P) int64 tensor
-    bias: object  # (B, P) float32 tensor
-
-    @property
-    def length(self) -> int:
-        return int(self.mask.shape[1])
+    def _release(self) -> None:
+        self.model = None  # the weights go with the last reference
+        self.slot_storage.close()

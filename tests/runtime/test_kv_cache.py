@@ -56,3 +56,26 @@ def test_slots_are_written_in_place_and_grow_by_chunks():
     np.testing.assert_array_equal(feeds["attention_mask"], expected_mask)
     np.testing.assert_array_equal(feeds["attention_bias"][0, :9], np.full(9, 0.5, np.float32))
     assert feeds["attention_bias"][0, 16] == 0.25 and not feeds["attention_bias"][0, 9:16].any()
+
+
+def test_chunk_of_one_keeps_every_slot_in_use_and_close_is_final():
+    """chunk=1 (the torch reference's cache) grows to exactly the positions held: a concatenated cache.
+    A mask of another batch, or any use after close(), is a one-line SleighError."""
+    import pytest
+
+    from sleigh.errors import SleighError
+
+    names = [f"{PAST}.0.key"]
+    cache = SlotCache(names, batch=1, kv_heads=2, head_dim=3, chunk=1)
+    parts = [np.full((1, 2, S, 3), S, np.float32) for S in (4, 1, 1)]
+    for part in parts:
+        cache.append({names[0]: part}, np.ones((1, part.shape[2]), np.int64), np.zeros((1, part.shape[2]), np.float32))
+        assert cache.capacity == cache.length
+    np.testing.assert_array_equal(cache.slots[names[0]], np.concatenate(parts, axis=2))
+    with pytest.raises(SleighError, match="batch of 1"):
+        cache.feeds(np.ones((2, 1), np.int64), np.zeros((2, 1), np.float32))
+    cache.close()
+    cache.close()
+    assert cache.slots == {}
+    with pytest.raises(SleighError, match=r"^kv cache \| used after close\(\)"):
+        cache.feeds(np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))

@@ -250,18 +250,18 @@ def test_device_slot_path_equals_torch_across_a_growth(pipelines, monkeypatch):
     run on CPU OrtValues: the same greedy tokens as the torch reference, across a cache growth."""
     import onnxruntime as ort
 
-    from sleigh.runtime.backends.onnxruntime_backend import _DeviceSlots
+    from sleigh.runtime.backends.onnxruntime_backend import OrtValueSlots
 
     ref_pipe, ort_pipe = pipelines
     backend = ort_pipe.backend
-    args = (backend._past_names, backend.num_kv_heads, backend.head_dim, backend._kv_dtype)
-    caches = _record_caches(backend, monkeypatch,
-                            lambda batch: _DeviceSlots(ort, HostCopier(), args[0], batch, *args[1:], device="cpu"))
+    monkeypatch.setattr(backend, "slot_storage", OrtValueSlots(ort, HostCopier(), device="cpu"))
+    caches = _record_caches(backend, monkeypatch)
     prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
     n = KV_CHUNK - prompt_tokens + 8
     got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
     ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
-    assert len(caches) == 1 and isinstance(caches[0], _DeviceSlots) and caches[0].host.capacity == 2 * KV_CHUNK
+    assert len(caches) == 1 and caches[0].capacity == 2 * KV_CHUNK
+    assert isinstance(caches[0].storage, OrtValueSlots) and caches[0].closed  # the IOBinding path; freed when done
     assert got.token_ids == ref.token_ids
 
     # two generations on the device path, advanced alternately: each keeps its own slots
@@ -319,3 +319,58 @@ def test_one_pipeline_in_four_threads_equals_serial_greedy(pipelines):
     assert len(results) == 12
     wrong = [r for r, tokens in results if tokens != serial[r]]
     assert not wrong, f"{len(wrong)} of 12 differ from the serial output"
+
+
+@pytest.mark.parametrize("which", ["torch", "onnxruntime"])
+def test_close_releases_the_backend_once_and_refuses_later_use(tiny_ckpt, tiny_pkg, which):
+    import gc
+    import weakref
+
+    with Pipeline.load(tiny_ckpt if which == "torch" else tiny_pkg) as pipe:
+        backend = pipe.backend
+        held = weakref.ref(backend.model if which == "torch" else backend.sessions["decoder"])  # the weights / a session
+        want = pipe.generate(None, "hi", max_new_tokens=4, ignore_eos=True).result.token_ids
+        started = iter(pipe.generate(None, "hi", max_new_tokens=4, ignore_eos=True))
+        next(started)  # a generation still going when the block ends
+    gc.collect()
+    assert pipe.closed and held() is None  # released, not merely marked
+    pipe.close()  # a second close is a no-op
+    for call in (lambda: pipe.generate(None, "hi"), lambda: pipe.prefill(None, "hi")):
+        with pytest.raises(SleighError) as e:
+            call()
+        assert str(e.value) == ("pipeline | used after close(). Expected: Pipeline.load(...) again, or use it inside "
+                                "its `with` block")
+    with pytest.raises(SleighError, match=f"^backend {which} \\| used after close"):
+        next(started)
+    with pytest.raises(SleighError, match="used after close"):
+        backend.new_cache(1)
+    assert want  # what it said while open
+
+
+def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypatch):
+    """The accuracy gate, bench, eval, the serve worker and `sleigh run` (also when it fails) leave no
+    Pipeline open."""
+    from typer.testing import CliRunner
+
+    from sleigh.bench import run_bench
+    from sleigh.cli import app
+    from sleigh.engines.accuracy import run_gate
+    from sleigh.evaluate import evaluate
+    from sleigh.runtime.package import read_manifest
+    from sleigh.serve.worker import ModelWorker
+
+    opened: list[Pipeline] = []
+    init = Pipeline.__init__
+    monkeypatch.setattr(Pipeline, "__init__", lambda self, *a, **k: (opened.append(self), init(self, *a, **k))[1])
+
+    modules = {m: e["file"] for m, e in read_manifest(tiny_pkg)["modules"].items()}
+    run_gate(tiny_pkg, {"backend": "onnxruntime", "precision": "fp32", "modules": modules}, num_pairs=1)
+    run_bench([("pkg", tiny_pkg, "onnxruntime", None)], None, "hi", runs=1, max_new_tokens=2, quiet=True)
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"image": str(EXAMPLES / "coffee.jpg"), "question": "What?", "answer": "x"}) + "\n")
+    evaluate(tiny_pkg, data, max_new_tokens=2, quiet=True)
+    ModelWorker(Pipeline.load(tiny_pkg), max_queue=1).close()
+    cli = CliRunner()
+    assert cli.invoke(app, ["run", "--model", str(tiny_pkg), "-p", "hi", "--max-new-tokens", "2", "--json"]).exit_code == 0
+    assert cli.invoke(app, ["run", "--model", str(tiny_pkg), "-p", "hi", "--max-new-tokens", "100000"]).exit_code != 0
+    assert len(opened) == 7 and all(p.closed for p in opened)

@@ -171,18 +171,18 @@ def test_each_cache_keeps_its_own_device_slots_across_a_growth():
     own keys in slots 0..P-1 after growing past a chunk, zeros after, and frees what it allocated."""
     import numpy as np
 
-    from sleigh.runtime.backends.tensorrt_backend import TensorRTCache
-    from sleigh.runtime.kv_cache import KV_CHUNK, PAST
+    from sleigh.runtime.kv_cache import KV_CHUNK, PAST, DeviceSlots, SlotCache
 
     cuda, B, KVH, hd = HostCuda(), 2, KV, HD
     names = [f"{PAST}.0.key", f"{PAST}.0.value"]
-    caches = [TensorRTCache(cuda, names, B, KVH, hd, np.float16) for _ in range(2)]
+    storage = DeviceSlots(cuda)  # what TensorRTBackend.new_cache gives every cache
+    caches = [SlotCache(names, B, KVH, hd, np.float16, storage=storage) for _ in range(2)]
     rng = np.random.default_rng(0)
     written = [{n: [] for n in names} for _ in caches]
     for S in (KV_CHUNK - 3, 1, 1, 1, 1, 2):  # the prefill, then steps across the first growth
         for cache, mine in zip(caches, written):
             new = {n: rng.standard_normal((B, KVH, S, hd)).astype(np.float16) for n in names}
-            cache.write({n: new[n].ctypes.data for n in names}, np.ones((B, S), np.int64), np.zeros((B, S), np.float32))
+            cache.append({n: new[n].ctypes.data for n in names}, np.ones((B, S), np.int64), np.zeros((B, S), np.float32))
             for n in names:
                 mine[n].append(new[n])
     for cache, mine in zip(caches, written):
@@ -196,4 +196,28 @@ def test_each_cache_keeps_its_own_device_slots_across_a_growth():
     assert len(cuda.buffers) == 2 * len(names)  # the pre-growth buffers are freed
     for cache in caches:
         cache.close()
+    assert not cuda.buffers
+
+
+def test_closing_the_device_storage_frees_every_cache():
+    """TensorRTBackend.close() closes its DeviceSlots: the slots of caches still open are freed once,
+    a later cache.close() frees nothing twice, and no cache can be made or written afterwards."""
+    import numpy as np
+
+    from sleigh.runtime.kv_cache import PAST, DeviceSlots, SlotCache
+
+    cuda, names = HostCuda(), [f"{PAST}.0.key", f"{PAST}.0.value"]
+    storage = DeviceSlots(cuda)
+    caches = [SlotCache(names, 1, KV, HD, np.float32, storage=storage) for _ in range(2)]
+    new = np.ones((1, KV, 3, HD), np.float32)
+    caches[0].append({n: new.ctypes.data for n in names}, np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32))
+    assert len(cuda.buffers) == 2 * len(names)
+    storage.close()
+    assert not cuda.buffers
+    for cache in caches:  # an open cache of a closed backend: its slots are gone, so it refuses to write
+        with pytest.raises(SleighError, match="^kv cache \\| its backend was closed"):
+            cache.append({n: new.ctypes.data for n in names}, np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32))
+        cache.close()  # HostCuda.free raises on a pointer it does not hold: nothing is freed twice
+    with pytest.raises(SleighError, match="backend was closed"):
+        SlotCache(names, 1, KV, HD, storage=storage)
     assert not cuda.buffers

@@ -11,38 +11,39 @@ A backend is shared by every generation of a Pipeline, from any thread: `run` an
 called concurrently on different caches. A backend whose execution is not thread-safe (TensorRT's
 execution contexts and scratch buffers, the CUDA stream that writes cache slots) serialises its
 calls inside with a lock. One cache is used by one caller at a time.
+
+Every cache is a `runtime/kv_cache.SlotCache` (one layout, mask, bias and growth); a backend chooses
+only where its slots live (numpy arrays, device buffers, torch tensors).
+
+A backend holds sessions, engines or device memory until `close()` (or the end of a `with` block)
+releases them. Closing twice is harmless; any other call after it raises one SleighError.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol
 
 import numpy as np
 
-
-class KVCache(Protocol):
-    """What the pipeline reads of a backend's cache; `close()`, where a cache has one, frees it early."""
-
-    @property
-    def length(self) -> int:
-        """Positions held."""
+from sleigh.errors import SleighError
+from sleigh.runtime.kv_cache import SlotCache
 
 
 class Backend(ABC):
     name: str = "?"
     max_context: int | None = None  # longest prompt + answer the backend was built for (None: the model's)
+    closed: bool = False  # set by close()
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `vision` or `embed` by name."""
 
     @abstractmethod
-    def new_cache(self, batch: int = 1) -> KVCache:
+    def new_cache(self, batch: int = 1) -> SlotCache:
         """An empty KV cache for one sequence of `batch` rows, for `step`."""
 
     @abstractmethod
-    def step(self, cache: KVCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
+    def step(self, cache: SlotCache, inputs_embeds: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
              position_ids: np.ndarray) -> np.ndarray:
         """Decoder on S new positions after those in `cache`: inputs_embeds (B, S, D), attention_mask (B, S)
         int64 and attention_bias (B, S) float32 of the new positions, position_ids (B, S) -> last logits
@@ -50,3 +51,23 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def close(self) -> None:
+        """Release what the backend holds (idempotent); any later run/new_cache/step raises a SleighError."""
+        if not self.closed:
+            self.closed = True
+            self._release()
+
+    def _release(self) -> None:
+        """What `close()` frees: sessions, engines, device memory (each backend its own)."""
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SleighError(f"backend {self.name}", "used after close()",
+                              "an open model: load it again (Pipeline.load), or use it inside its `with` block")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

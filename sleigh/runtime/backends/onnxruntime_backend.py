@@ -6,19 +6,21 @@ and values, which are written into the next free slots in place (runtime/kv_cach
 
 - CPU: the slots are numpy arrays that the session reads where they lie; a step writes one
   position per layer with a slice assignment.
-- CUDA: the slots are device OrtValues bound through IOBinding; the new keys/values stay on the
-  device and one cudaMemcpy2DAsync per tensor writes them into the slots (cuda-python, or the CUDA
-  runtime that onnxruntime-gpu loaded, through ctypes). Only the logits come back to the host.
-  UNVERIFIED: this path has not run on a GPU yet (scripts/gpu_check.sh is the prepared check).
+- CUDA: the slots are device OrtValues (`OrtValueSlots`) bound through IOBinding; the new
+  keys/values stay on the device and one cudaMemcpy2DAsync per tensor writes them into the slots
+  (cuda-python, or the CUDA runtime that onnxruntime-gpu loaded, through ctypes). Only the logits
+  come back to the host. UNVERIFIED: this path has not run on a GPU yet (scripts/gpu_check.sh is
+  the prepared check).
 
-Each generation owns its cache (`new_cache`); the sessions are shared, and ONNX Runtime's `run` is
-thread-safe. The one CUDA stream that writes slots is shared too, so its copies are serialised by a lock.
+Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
+sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots
+is shared too, so its copies take turns (the storage's lock). `close()` drops the sessions and
+destroys that stream.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ import numpy as np
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.compat import import_onnxruntime
-from sleigh.runtime.kv_cache import KV_CHUNK, NEW, SlotCache, grown_capacity, past_name
+from sleigh.runtime.kv_cache import NEW, DeviceSlots, HostSlots, SlotCache, past_name
 from sleigh.runtime.package import check_module_io, inside, module_path
 
 CPU = "CPUExecutionProvider"
@@ -94,8 +96,8 @@ class OnnxRuntimeBackend(Backend):
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
                               f"slots {np.dtype(self._kv_dtype)}", "one float dtype for the KV cache in and out")
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
-        self._cuda = None  # the CUDA helper (one stream), made for the first cache on the CUDA provider
-        self._cuda_lock = threading.Lock()  # the copier's stream is shared by every generation's cache
+        # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
+        self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
@@ -121,30 +123,33 @@ class OnnxRuntimeBackend(Backend):
     def _output_dtype(self, module: str, name: str):
         return _dtype(self.sessions[module].get_outputs(), name)
 
+    def _session(self, module: str):
+        sess = self.sessions.get(module)
+        if sess is None:
+            self._check_open()  # closed (also by another thread, as this call began)
+            raise KeyError(module)
+        return sess
+
     def run(self, module, feeds):
-        sess = self.sessions[module]
+        sess = self._session(module)
         outs = sess.run(None, feeds)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
-    def new_cache(self, batch=1) -> SlotCache | _DeviceSlots:
-        args = (self._past_names, batch, self.num_kv_heads, self.head_dim, self._kv_dtype)
-        if self.device == "cpu":
-            return SlotCache(*args)
-        with self._cuda_lock:
-            if self._cuda is None:
-                self._cuda = _device_copier()
-        return _DeviceSlots(self.ort, self._cuda, *args)
+    def new_cache(self, batch=1) -> SlotCache:
+        self._check_open()
+        return SlotCache(self._past_names, batch, self.num_kv_heads, self.head_dim, self._kv_dtype,
+                         storage=self.slot_storage)
 
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
-        sess = self.sessions["decoder"]
+        sess = self._session("decoder")
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
-        if isinstance(cache, SlotCache):
+        if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
             logits, *new = sess.run(["logits", *self._new_names], feeds)
             cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
             return logits[:, -1].astype(np.float32)
         binding = sess.io_binding()
-        feeds.update(cache.host.feeds(attention_mask, attention_bias))  # mask and bias: small, from the host
+        feeds.update(cache.attention(attention_mask, attention_bias))  # mask and bias: small, from the host
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
         for name, value in cache.slots.items():
@@ -155,63 +160,46 @@ class OnnxRuntimeBackend(Backend):
         sess.run_with_iobinding(binding)
         binding.synchronize_outputs()  # the slot copies run on another stream
         logits, *new = binding.get_outputs()
-        with self._cuda_lock:
-            cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
+        cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
         return logits.numpy()[:, -1].astype(np.float32)
 
     def describe(self):
         return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"
 
+    def _release(self) -> None:
+        """Drop the sessions (ONNX Runtime frees a session with its last reference) and the copy stream."""
+        self.sessions.clear()
+        self.slot_storage.close()
 
-class _DeviceSlots:
-    """SlotCache on the CUDA provider: the slots are device OrtValues (zeroed when allocated), the
-    mask and bias stay in a host SlotCache, and each step's new keys/values (device OrtValues) are
-    copied into slots P..P+S-1 with one pitched device-to-device copy per tensor. `cuda` is the
-    copier (runtime/backends/cuda.Cuda: copy_rows, zero, sync); tests run this class on "cpu"
-    OrtValues with a host copier."""
 
-    def __init__(self, ort, cuda, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype, chunk: int = KV_CHUNK,
-                 device: str = "cuda"):
-        self.ort, self.cuda, self.device = ort, cuda, device
-        self.host = SlotCache([], batch, kv_heads, head_dim, dtype, chunk)  # mask, bias, length, capacity
-        self.shape, self.dtype, self.chunk = (batch, kv_heads, head_dim), np.dtype(dtype), chunk
-        self.slots = {n: self._zeros(0) for n in names}
+class OrtValueSlots(DeviceSlots):
+    """Slots as OrtValues on `device` (zeroed when allocated), written through their device pointers by
+    `cuda` (runtime/backends/cuda.Cuda: copy_rows, zero, sync). ONNX Runtime frees an OrtValue with its
+    last reference. Tests run this storage on "cpu" OrtValues with a host copier."""
 
-    @property
-    def length(self) -> int:
-        return self.host.length
+    def __init__(self, ort, cuda, device: str = "cuda"):
+        super().__init__(cuda)
+        self.ort, self.device = ort, device
 
-    def _zeros(self, capacity: int):
-        """A device buffer for `capacity` slots, zeroed on the copy stream (so the zeros land before
-        the copies that follow on the same stream; unused slots must be finite)."""
-        B, KV, hd = self.shape
-        value = self.ort.OrtValue.ortvalue_from_shape_and_type([B, KV, capacity, hd], self.dtype, self.device, 0)
-        if capacity:
-            self.cuda.zero(value.data_ptr(), B * KV * capacity * hd * self.dtype.itemsize)
+    def pointer(self, buffer) -> int:
+        return buffer.data_ptr()
+
+    def alloc(self, layout, capacity):
+        self._check_open()
+        value = self.ort.OrtValue.ortvalue_from_shape_and_type(list(layout.shape(capacity)), layout.dtype, self.device, 0)
+        if capacity:  # on the copy stream, so the zeros land before the copies that follow
+            self.cuda.zero(value.data_ptr(), layout.nbytes(capacity))
         return value
 
-    def _copy(self, dst, dst_capacity: int, dst_slot: int, src, src_capacity: int, src_slot: int, count: int) -> None:
-        B, KV, hd = self.shape
-        row = hd * self.dtype.itemsize  # bytes per position
-        self.cuda.copy_rows(dst.data_ptr() + dst_slot * row, dst_capacity * row, src.data_ptr() + src_slot * row,
-                            src_capacity * row, count * row, B * KV)
+    def free(self, buffer) -> None:
+        """The caller drops its reference (after `sync`): ONNX Runtime frees the memory."""
 
-    def append(self, new: dict, new_mask: np.ndarray, new_bias: np.ndarray) -> None:
-        S, used, capacity = new_mask.shape[1], self.host.length, self.host.capacity
-        end = used + S
-        if end > capacity:
-            grown = grown_capacity(end, self.chunk)
-            old = dict(self.slots)
-            for name, value in old.items():
-                self.slots[name] = self._zeros(grown)
-                self._copy(self.slots[name], grown, 0, value, capacity, 0, used)
-            capacity = grown
-            self.cuda.sync()  # the copies have read the old buffers: now they may be released
-            del old
-        for name, value in new.items():
-            self._copy(self.slots[name], capacity, used, value, S, 0, S)
-        self.cuda.sync()  # ONNX Runtime reads the slots on its own stream at the next step
-        self.host.append({}, new_mask, new_bias)
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            close = getattr(self.cuda, "close", None)  # the stream (a host stand-in has none)
+            if close is not None:
+                close()
 
 
 def _dtype(values, name: str):

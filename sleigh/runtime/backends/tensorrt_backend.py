@@ -6,17 +6,18 @@ and each module runs through the TensorRT 10 tensor API (`set_input_shape`, `set
 is opened, so `sleigh --help` and the ONNX Runtime path never need them.
 
 The decoder reads C cache slots and returns only the new positions' keys and values (package schema
-2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a `TensorRTCache`): device
-slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at slots
-P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position per
-layer, never the cache. C grows in chunks of KV_CHUNK slots; a growth allocates the larger buffers and
-re-lays the used slots into them (once per chunk). Nothing is copied back to the host but the last
-position's logits. The decoder engine has two optimisation profiles (prefill: no slots; decode: one
-new token), chosen per step with `set_optimization_profile_async` on one execution context.
+2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a SlotCache on `DeviceSlots`):
+device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at
+slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
+per layer, never the cache. C grows in chunks of KV_CHUNK slots; a growth allocates the larger
+buffers and re-lays the used slots into them (once per chunk). Nothing is copied back to the host but
+the last position's logits. The decoder engine has two optimisation profiles (prefill: no slots;
+decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
 
 The execution contexts, the scratch buffers and the stream are shared by every generation and are
 not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
-call (each keeps its own cache, so their tokens stay their own).
+call (each keeps its own cache, so their tokens stay their own). `close()` releases the execution
+contexts, engines and runtime, frees every device buffer (every cache's slots included) and the stream.
 
 UNVERIFIED: TensorRT cannot be installed on the machines this was written on (no GPU; the package
 index carries only a stub). The pure helpers here (profile selection, compatibility checks, error
@@ -34,7 +35,7 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
-from sleigh.runtime.kv_cache import KV_CHUNK, NEW, PAST, SlotCache, grown_capacity
+from sleigh.runtime.kv_cache import NEW, PAST, DeviceSlots, SlotCache
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
@@ -252,6 +253,10 @@ class _Engine:
             for p in range(self.engine.num_optimization_profiles)]
         self.profile = 0  # a new context starts on profile 0
 
+    def close(self) -> None:
+        self.context = None  # the context before its engine
+        self.engine = None
+
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
@@ -262,11 +267,11 @@ class TensorRTBackend(Backend):
 
         self.trt = trt
         self.label = label
-        self.cuda = Cuda(import_cudart(), device)
-        self.scratch = _Scratch(self.cuda)
         self._lock = threading.RLock()  # one execution context per engine, one stream, shared scratch
         self.engines: dict = {}
-        self._closed = False  # from here on close() frees what exists, also after a failed start
+        self.cuda = Cuda(import_cudart(), device)
+        self.scratch = _Scratch(self.cuda)
+        self.slot_storage = DeviceSlots(self.cuda)  # every cache's slots; freed with the backend
         try:
             self._open(trt, plans, plugin_library, device, verbose)
         except BaseException:
@@ -376,8 +381,10 @@ class TensorRTBackend(Backend):
         return bound
 
     def run(self, module, feeds):
-        eng = self.engines[module]
+        self._check_open()
         with self._lock:
+            self._check_open()  # closed by another thread while this one waited
+            eng = self.engines[module]
             bound = self._enqueue(eng, feeds, {}, {})
             out = {}
             for name, (ptr, shape) in bound.items():
@@ -404,12 +411,14 @@ class TensorRTBackend(Backend):
             raise SleighError(str(eng.path), f"its new keys/values and its cache slots ({self.kv_dtype}) differ in dtype",
                               "one float dtype for the KV cache in and out (rebuild with `sleigh build-engine`)")
 
-    def new_cache(self, batch=1) -> TensorRTCache:
+    def new_cache(self, batch=1) -> SlotCache:
+        self._check_open()
         if not 1 <= batch <= self.max_batch:
             raise SleighError("batch", f"{batch} is outside the decoder engine's profile",
                               f"1..{self.max_batch} (rebuild with a larger --max-batch)")
         with self._lock:
-            return TensorRTCache(self.cuda, self.kv_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype)
+            return SlotCache(self.kv_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype,
+                             storage=self.slot_storage)
 
     def _decoder_shapes(self, B: int, S: int, C: int, D: int) -> dict[str, Shape]:
         shapes = {"inputs_embeds": (B, S, D), "attention_mask": (B, C + S), "attention_bias": (B, C + S),
@@ -418,6 +427,7 @@ class TensorRTBackend(Backend):
         return shapes
 
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
+        self._check_open()
         B, S, D = inputs_embeds.shape
         P, C = cache.length, cache.capacity
         if B != cache.batch:
@@ -443,10 +453,11 @@ class TensorRTBackend(Backend):
         eng = self.engines["decoder"]
         B, S, _ = inputs_embeds.shape
         with self._lock:
+            self._check_open()  # closed by another thread while this one waited
             P, C = cache.length, cache.capacity
             device = {n: (cache.slots[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
-                    **cache.host.feeds(attention_mask, attention_bias)}
+                    **cache.attention(attention_mask, attention_bias)}
             bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
             ptr, shape = bound["logits"]  # (B, 1, V): the last position's (schema 3); copy back each row's last
             rows, V, dtype = shape[1], shape[2], eng.dtypes["logits"]
@@ -458,77 +469,27 @@ class TensorRTBackend(Backend):
                 if bound[new][1] != (B, self.num_kv_heads, S, self.head_dim):
                     raise SleighError("tensorrt decoder", f"{new} has shape {bound[new][1]}",
                                       f"({B}, {self.num_kv_heads}, {S}, {self.head_dim}): the new positions only")
-            cache.write({name: bound[new][0] for name, new in self.new_names.items()}, attention_mask, attention_bias)
+            cache.append({name: bound[new][0] for name, new in self.new_names.items()}, attention_mask, attention_bias)
         return last.astype(np.float32, copy=False)
 
     def describe(self):
         return f"tensorrt {self.label} ({self.device_name}, TensorRT {self.trt.__version__})"
 
-    def close(self) -> None:
-        """Free device memory and the stream (also on garbage collection, best effort)."""
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        self.cuda.sync()
-        self.scratch.close()
-        self.engines.clear()
-        self.cuda.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: cuda-python may already be gone
-            pass
-
-
-class TensorRTCache:
-    """One generation's KV cache on the device: slots (B, KV, C, hd) per KV tensor, zeroed when allocated
-    (unused slots are masked but must be finite: 0 * NaN is NaN), and a host SlotCache for the mask,
-    bias, length and capacity. Written by `TensorRTBackend._step` under the backend's lock."""
-
-    def __init__(self, cuda: Cuda, names: list[str], batch: int, kv_heads: int, head_dim: int, dtype):
-        self.cuda, self.batch = cuda, batch
-        self.host = SlotCache([], batch, kv_heads, head_dim, dtype, KV_CHUNK)
-        self._rows, self._row = batch * kv_heads, head_dim * np.dtype(dtype).itemsize  # rows of a slot, bytes per row
-        self.slots = {n: self._alloc(0) for n in names}  # 0 slots: a small real buffer (TensorRT wants an address)
-
-    @property
-    def length(self) -> int:
-        return self.host.length
-
-    @property
-    def capacity(self) -> int:
-        return self.host.capacity
-
-    def _alloc(self, capacity: int) -> int:
-        nbytes = self._rows * capacity * self._row
-        ptr = self.cuda.malloc(nbytes)
-        self.cuda.zero(ptr, nbytes)
-        return ptr
-
-    def write(self, new: dict[str, int], new_mask: np.ndarray, new_bias: np.ndarray) -> None:
-        """New keys/values (device pointers, (B, KV, S, hd) by past_key_values name) into slots P..P+S-1,
-        after the step on the same stream; the slots grow first where they must."""
-        S, P, C, row = new_mask.shape[1], self.length, self.capacity, self._row
-        old = {}
-        if P + S > C:
-            grown = grown_capacity(P + S, KV_CHUNK)
-            for name, ptr in self.slots.items():  # re-lay the used slots for the larger C
-                old[name], self.slots[name] = ptr, self._alloc(grown)
-                self.cuda.copy_rows(self.slots[name], grown * row, ptr, C * row, P * row, self._rows)
-            C = grown
-        for name, ptr in new.items():
-            self.cuda.copy_rows(self.slots[name] + P * row, C * row, ptr, S * row, S * row, self._rows)
-        self.cuda.sync()  # the copies have read the old slots and the scratch outputs
-        for ptr in old.values():
-            self.cuda.free(ptr)
-        self.host.append({}, new_mask, new_bias)
-
-    def close(self) -> None:
-        """Free the device slots (also on garbage collection)."""
-        slots, self.slots = self.slots, {}
-        for ptr in slots.values():
-            self.cuda.free(ptr)
+    def _release(self) -> None:
+        """Contexts and engines, then the runtime, then every device buffer and the stream (also after
+        a failed start, and on garbage collection, best effort)."""
+        with self._lock:
+            cuda = getattr(self, "cuda", None)
+            if cuda is not None:
+                cuda.sync()  # nothing enqueued may still read what is freed below
+            for eng in self.engines.values():
+                eng.close()
+            self.engines.clear()
+            self.runtime = None
+            if cuda is not None:
+                self.slot_storage.close()
+                self.scratch.close()
+                cuda.close()
 
     def __del__(self):
         try:
