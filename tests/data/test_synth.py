@@ -12,7 +12,7 @@ from PIL import Image
 
 from sleigh.data.synth import SynthSpec, render, rng_for, write_split
 from sleigh.errors import SleighError
-from tests.conftest import run_sleigh
+from tests.helpers import run_sleigh
 
 SMALL = SynthSpec(min_size=224, max_size=400)
 

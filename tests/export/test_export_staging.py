@@ -20,7 +20,7 @@ from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import ExportOptions, export_package, failed_dir
 from sleigh.runtime.package import read_manifest, verify_files
-from tests.conftest import cli_env, one_error_line, run_sleigh
+from tests.helpers import cli_env, one_error_line, run_sleigh
 from tests.test_staging import dead_pid, owned
 
 ENGINE = "engines/onnxruntime-fp16/vision.onnx"
@@ -211,7 +211,7 @@ def test_export_refuses_an_output_that_is_inside_or_around_the_checkpoint(tiny_c
 
 
 def test_convert_refuses_an_output_that_overlaps_its_inputs(tmp_path):
-    from tests.conftest import ORACLE_CKPT
+    from tests.helpers import ORACLE_CKPT
 
     src = tmp_path / "internvl"
     shutil.copytree(ORACLE_CKPT, src)
