@@ -35,6 +35,7 @@ def test_top_tile_holds_object(centre, top, expected):
     assert top_tile_holds_object(weights, (3, 2), (300, 200), box) is expected
 
 
+@pytest.mark.slow
 def test_accuracy_per_type_against_the_pipelines_own_answers(demo_ckpt, tmp_path):
     from sleigh.data.synth import SynthSpec, write_split
     from sleigh.runtime.pipeline import Pipeline

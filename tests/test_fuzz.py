@@ -172,6 +172,7 @@ def _read(pkg: Path) -> None:
         assert_user_error(e)
 
 
+@pytest.mark.slow
 def test_fuzz_manifest_json(fuzz_pkg):
     """JSON-aware mutations: keys removed, values replaced by others of any type."""
     original = json.loads((fuzz_pkg / MANIFEST).read_text())

@@ -71,6 +71,7 @@ def test_labels_match_the_pixels(index):
     assert abs(fill - expected) < 0.12, (s.shape, fill)
 
 
+@pytest.mark.slow
 def test_canvas_sizes_give_one_to_twelve_tiles():
     from sleigh.runtime.image import find_grid
 

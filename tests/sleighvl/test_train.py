@@ -143,6 +143,7 @@ def test_bad_line_is_refused_with_its_number_under_strict_and_counted_otherwise(
     assert any(f"skipped 1 of 12 lines: 1 {kind} (first on line 2)" in m for m in said), said
 
 
+@pytest.mark.slow
 def test_checkpoint_without_gswa_is_refused_for_train_gswa(demo_ckpt, data, tmp_path):
     no_gswa = tmp_path / "no-gswa"
     shutil.copytree(demo_ckpt, no_gswa)
