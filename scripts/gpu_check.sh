@@ -81,7 +81,7 @@ for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (N
     print(f"{image or 'text only'}, {n} tokens on {b.backend}: same tokens {same}")
 sys.exit(0 if ok else 1)
 PY
-step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/test_cuda_helpers.py -p no:cacheprovider
+step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
 
 # 3. full size
 step full-init python3 -m sleigh.cli init "$work/full" --preset internvl2-2b --force

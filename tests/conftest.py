@@ -1,24 +1,18 @@
-"""Shared, expensive fixtures: the oracle checkpoint converted once per GSWA mode, one `sleigh init`
-tiny checkpoint, and a runner for the `sleigh` CLI in a subprocess.
-
-Everything is written under pytest's session tmp folder and built at most once per run.
-"""
+"""Shared, expensive fixtures, each built at most once per run under pytest's session tmp folder: the
+oracle checkpoint converted per GSWA mode, `sleigh init` checkpoints (tiny, demo), the tiny package.
+Paths and helpers that are not fixtures are in tests/helpers.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ORACLE = Path(__file__).parent / "fixtures" / "oracle"
-ORACLE_CKPT = ORACLE / "internvl2-tiny"
-ASTRONAUT = ORACLE / "astronaut.png"
-INIT_SEED = 3
-CLI_TIMEOUT_S = 180
+from tests.helpers import INIT_SEED, ORACLE, ORACLE_CKPT, run_sleigh
+# Re-exported for test files that still import them from here (being edited on other branches when
+# tests/helpers.py was made); import them from tests.helpers.
+from tests.helpers import ASTRONAUT, cli_env, one_error_line  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -50,31 +44,6 @@ def oracle_ckpts(tmp_path_factory) -> _Converted:
     return _Converted(tmp_path_factory.mktemp("converted"))
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("SLEIGH_DEBUG", None)  # tracebacks on request only: the tests check there are none
-    env.pop("SLEIGH_MODEL", None)
-    env["COLUMNS"] = "200"  # rich wraps help text to the terminal; keep every description on one line
-    env["NO_COLOR"] = "1"
-    env["TERM"] = "dumb"
-    return env
-
-
-def run_sleigh(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """`sleigh ARGS...` in a fresh interpreter (the installed package, this venv)."""
-    return subprocess.run([sys.executable, "-m", "sleigh.cli", *map(str, args)], capture_output=True, text=True,
-                          env=cli_env(), cwd=cwd, timeout=CLI_TIMEOUT_S)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    """A user error's contract: non-zero exit, no traceback, exactly one `error:` line on stderr."""
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    return lines[0]
-
-
 @pytest.fixture(scope="session")
 def sleigh_cli():
     """Callable: sleigh_cli("run", image, "--model", ckpt) -> CompletedProcess (text mode)."""
@@ -97,6 +66,17 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
     dst = tmp_path_factory.mktemp("tiny") / "tiny-ckpt"
     init_checkpoint(dst, "tiny", seed=1)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory) -> Path:
+    """A `sleigh init --preset demo --seed 0` checkpoint: small views, the synthetic task's tokenizer
+    (read-only use)."""
+    from sleigh.sleighvl.init import init_checkpoint
+
+    dst = tmp_path_factory.mktemp("demo") / "demo-ckpt"
+    init_checkpoint(dst, "demo", seed=0)
     return dst
 
 

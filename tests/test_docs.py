@@ -1,11 +1,10 @@
 """The repository carries its own architecture document, and it matches the code it describes."""
 
 import re
-from pathlib import Path
 
 from sleigh.runtime.package import SCHEMA_VERSION
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).parents[1]
 
 
 def test_readme_links_design_in_the_repository():

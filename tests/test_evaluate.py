@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from sleigh.evaluate import evaluate, proportion, top_tile_holds_object
-from tests.conftest import one_error_line, run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 
 
 def test_standard_error_of_a_proportion():
@@ -36,15 +35,7 @@ def test_top_tile_holds_object(centre, top, expected):
     assert top_tile_holds_object(weights, (3, 2), (300, 200), box) is expected
 
 
-@pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory) -> Path:
-    from sleigh.sleighvl.init import init_checkpoint
-
-    path = tmp_path_factory.mktemp("demo") / "ckpt"
-    init_checkpoint(path, "demo", seed=0)
-    return path
-
-
+@pytest.mark.slow
 def test_accuracy_per_type_against_the_pipelines_own_answers(demo_ckpt, tmp_path):
     from sleigh.data.synth import SynthSpec, write_split
     from sleigh.runtime.pipeline import Pipeline

@@ -29,9 +29,9 @@ from sleigh.errors import SleighError
 from sleigh.runtime.image import load_image
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.package import MANIFEST, read_manifest
-from tests.conftest import ASTRONAUT
+from tests.helpers import ASTRONAUT, EXAMPLES
 
-CHELSEA = Path(__file__).parents[1] / "examples" / "chelsea.jpg"
+CHELSEA = EXAMPLES / "chelsea.jpg"
 FUZZ_EXAMPLES = {"png": 800, "jpeg": 800, "manifest_bytes": 400, "manifest_json": 1400}
 # Small enough that a mutated header announcing a large image is refused rather than decoded for
 # seconds; the limit itself is tested in tests/runtime/test_image.py.
@@ -172,6 +172,7 @@ def _read(pkg: Path) -> None:
         assert_user_error(e)
 
 
+@pytest.mark.slow
 def test_fuzz_manifest_json(fuzz_pkg):
     """JSON-aware mutations: keys removed, values replaced by others of any type."""
     original = json.loads((fuzz_pkg / MANIFEST).read_text())

@@ -5,11 +5,11 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[1]
+from tests.helpers import ROOT
+
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_table  # noqa: E402

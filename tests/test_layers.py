@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-SLEIGH = Path(__file__).parents[1] / "sleigh"
+from tests.helpers import ROOT
+
+SLEIGH = ROOT / "sleigh"
 GROUND = {"sleigh", "sleigh.errors", "sleigh.progress", "sleigh.staging", "sleigh.onnx_files"}
 LAYERS = {  # layer -> the layers it may import (besides itself and the ground)
     "ground": set(),

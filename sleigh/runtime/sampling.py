@@ -2,6 +2,17 @@
 
 Shared by every backend, so seeded sampling gives the same tokens whatever computed the logits
 (up to the logits' own differences).
+
+The distribution is transformers' (tests/runtime/test_sampling_hf.py compares it with its logits
+processors): repetition penalty, then temperature, top-k, top-p, as `generate(do_sample=True)` chains
+them. Where it differs, on purpose:
+- temperature 0 means greedy (transformers refuses 0); greedy applies the penalty, as its greedy search does;
+- top_k 0 and top_p 1 are off (transformers leaves those warpers out);
+- a penalty never makes a finite logit infinite (transformers may overflow to inf);
+- tokens tied at the top-p boundary keep the lower ids first (transformers' sort keeps either);
+- `history` is whatever the caller passes: the pipeline passes the prompt's ids and the generated ones,
+  as `generate(input_ids=...)` penalises them (InternVL's `chat` passes embeddings, so there
+  transformers penalises only the generated tokens).
 """
 
 from __future__ import annotations
@@ -61,15 +72,17 @@ class Sampler:
             x[seen] = np.clip(penalised, -big, big)
         if o.greedy:
             return int(np.argmax(x))
-        with np.errstate(over="ignore"):  # shifted first: a tiny temperature gives -inf, never inf - inf
-            x = (x - x.max()) / o.temperature
+        # top-k and top-p rank the logits, not their shifted values or probabilities: those can round
+        # distinct logits together (0 and 1e-200 have equal probabilities)
         if o.top_k and o.top_k < x.shape[0]:
             kth = np.partition(x, -o.top_k)[-o.top_k]
             x[x < kth] = -np.inf
+        order = np.argsort(-x, kind="stable") if o.top_p < 1.0 else None
+        with np.errstate(over="ignore"):  # shifted first: a tiny temperature gives -inf, never inf - inf
+            x = (x - x.max()) / o.temperature
         probs = np.exp(x)  # the best token's is exactly 1
         probs /= probs.sum()
-        if o.top_p < 1.0:
-            order = np.argsort(-probs, kind="stable")
+        if order is not None:
             cum = np.cumsum(probs[order])
             keep = cum - probs[order] < o.top_p  # always keeps the most likely token
             mask = np.zeros_like(probs, dtype=bool)

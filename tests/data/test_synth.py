@@ -12,7 +12,7 @@ from PIL import Image
 
 from sleigh.data.synth import SynthSpec, render, rng_for, write_split
 from sleigh.errors import SleighError
-from tests.conftest import run_sleigh
+from tests.helpers import run_sleigh
 
 SMALL = SynthSpec(min_size=224, max_size=400)
 
@@ -71,6 +71,7 @@ def test_labels_match_the_pixels(index):
     assert abs(fill - expected) < 0.12, (s.shape, fill)
 
 
+@pytest.mark.slow
 def test_canvas_sizes_give_one_to_twelve_tiles():
     from sleigh.runtime.image import find_grid
 

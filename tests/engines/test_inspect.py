@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from sleigh.engines.inspect import inspect_package, print_report
-from tests.conftest import one_error_line, run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 from tests.runtime.package_copies import add_engine, copy_package, load, save
 
 

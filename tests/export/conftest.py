@@ -1,4 +1,1 @@
-from pathlib import Path
-
-ORACLE = Path(__file__).parents[1] / "fixtures" / "oracle"
-EXAMPLES = Path(__file__).parents[2] / "examples"
+from tests.helpers import EXAMPLES, ORACLE  # noqa: F401  (test_export.py imports them from here)

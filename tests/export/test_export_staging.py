@@ -20,7 +20,7 @@ from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import ExportOptions, export_package, failed_dir
 from sleigh.runtime.package import read_manifest, verify_files
-from tests.conftest import cli_env, one_error_line, run_sleigh
+from tests.helpers import cli_env, one_error_line, run_sleigh
 from tests.test_staging import dead_pid, owned
 
 ENGINE = "engines/onnxruntime-fp16/vision.onnx"
@@ -125,6 +125,7 @@ export_package(ckpt, out, ExportOptions(quiet=True, force=True))
 """
 
 
+@pytest.mark.slow
 def test_a_killed_export_keeps_the_old_package_and_its_staging_is_reported_then_cleaned(tiny_ckpt, tiny_pkg, old_pkg):
     pkg, before = old_pkg
     proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(tiny_pkg), str(tiny_ckpt), str(pkg)],
@@ -194,6 +195,7 @@ def test_export_into_a_non_empty_folder_fails_before_loading_the_checkpoint(tiny
         export_package(tiny_ckpt, tiny_ckpt, ExportOptions(quiet=True, force=True))
 
 
+@pytest.mark.slow
 def test_export_refuses_an_output_that_is_inside_or_around_the_checkpoint(tiny_ckpt, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_ckpt, ckpt)
@@ -210,8 +212,9 @@ def test_export_refuses_an_output_that_is_inside_or_around_the_checkpoint(tiny_c
     assert snapshot(ckpt) == before
 
 
+@pytest.mark.slow
 def test_convert_refuses_an_output_that_overlaps_its_inputs(tmp_path):
-    from tests.conftest import ORACLE_CKPT
+    from tests.helpers import ORACLE_CKPT
 
     src = tmp_path / "internvl"
     shutil.copytree(ORACLE_CKPT, src)

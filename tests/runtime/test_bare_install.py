@@ -4,11 +4,11 @@ no torch, transformers or onnx come with it."""
 import json
 import subprocess
 import venv
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.helpers import ROOT
+
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 
 from sleigh.errors import SleighError
 from sleigh.runtime.compat import ONNXRUNTIME_MIN, check_onnxruntime, parse_version
-from tests.conftest import cli_env, one_error_line
+from tests.helpers import ROOT, cli_env, one_error_line
 
-PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 def declared_floor(package: str) -> tuple[int, int, int]:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-EXAMPLES = Path(__file__).parents[2] / "examples"
+from tests.helpers import EXAMPLES
+
 RECORD = "cross_version.json"
 PROMPT, NEW_TOKENS = "Describe the image.", 8
 # The same engine file under two onnxruntime versions: only kernel choices differ (FP16 and INT8

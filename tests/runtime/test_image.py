@@ -21,8 +21,8 @@ from sleigh.runtime.image import (
     load_image,
     tile_image,
 )
+from tests.helpers import ORACLE
 
-ORACLE = Path(__file__).parents[1] / "fixtures" / "oracle"
 TILING = json.loads((ORACLE / "tiling.json").read_text())
 CASES = [
     pytest.param(max_num, case, id=f"max{max_num}-{case['width']}x{case['height']}")

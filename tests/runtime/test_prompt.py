@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
@@ -18,8 +17,8 @@ from sleigh.runtime.prompt import (
     Turn,
     build_prompt,
 )
+from tests.helpers import ORACLE
 
-ORACLE = Path(__file__).parents[1] / "fixtures" / "oracle"
 EXPECTED = json.loads((ORACLE / "expected.json").read_text(encoding="utf-8"))
 SPECIALS = ["<|im_end|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>"]
 

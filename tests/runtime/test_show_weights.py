@@ -11,7 +11,7 @@ from PIL import Image
 
 from sleigh.errors import SleighError
 from sleigh.runtime.show_weights import draw_weights, output_format, save_weights_image
-from tests.conftest import cli_env, one_error_line, run_sleigh
+from tests.helpers import cli_env, one_error_line, run_sleigh
 
 
 def grey(w=600, h=400) -> Image.Image:

@@ -21,7 +21,7 @@ from sleigh.sleighvl.checkpoint import load_checkpoint
 from sleigh.sleighvl.config import GSWAConfig, SleighVLConfig
 from sleigh.sleighvl.convert import convert
 from sleigh.sleighvl.gswa import GSWA
-from tests.conftest import ORACLE_CKPT
+from tests.helpers import ORACLE_CKPT
 
 SRC_WEIGHTS = ORACLE_CKPT / "model.safetensors"
 

@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
-
 from sleigh.data.synth import ANSWERS, QUESTIONS
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.config import PRESETS, SleighVLConfig
+from tests.helpers import EXAMPLES
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from sleigh.sleighvl.init import init_checkpoint
-
-    path = tmp_path_factory.mktemp("demo") / "ckpt"
-    init_checkpoint(path, "demo", seed=0)
-    return path
-
-
-def test_config_round_trips_and_has_small_views(demo):
-    cfg = SleighVLConfig.load(demo / "config.json")
+def test_config_round_trips_and_has_small_views(demo_ckpt):
+    cfg = SleighVLConfig.load(demo_ckpt / "config.json")
     assert cfg.vision == PRESETS["demo"].vision and cfg.llm == PRESETS["demo"].llm
     assert (cfg.vision.image_size, cfg.vision.tokens_per_view, cfg.image.max_tiles) == (112, 16, 6)
     assert cfg.gswa is not None and cfg.gswa.apply == "attention"
 
 
-def test_tokenizer_keeps_task_words_and_prompt_short(demo):
-    tok = PromptTokenizer.from_file(demo / "tokenizer.json")
+def test_tokenizer_keeps_task_words_and_prompt_short(demo_ckpt):
+    tok = PromptTokenizer.from_file(demo_ckpt / "tokenizer.json")
     assert tok.vocab_size <= PRESETS["demo"].llm.vocab_size
     for kind, answers in ANSWERS.items():
         for a in answers:
@@ -41,12 +31,9 @@ def test_tokenizer_keeps_task_words_and_prompt_short(demo):
 
 def test_the_shipped_demo_model_answers_the_shipped_image():
     """examples/shapes.jpg shows an orange circle (its `sleigh data synth` labels); README's demo."""
-    from pathlib import Path
-
     from sleigh.runtime.pipeline import Pipeline
 
-    root = Path(__file__).resolve().parents[2]
-    pipe = Pipeline.load(root / "examples" / "demo-ckpt")
-    result = pipe.generate(root / "examples" / "shapes.jpg", "What colour is the coloured shape?", max_new_tokens=4).result
+    pipe = Pipeline.load(EXAMPLES / "demo-ckpt")
+    result = pipe.generate(EXAMPLES / "shapes.jpg", "What colour is the coloured shape?", max_new_tokens=4).result
     assert result.text == "orange" and result.grid == (2, 1)
     assert max(result.gswa_weights[:2]) == result.gswa_weights[1]  # the circle is in the right-hand tile

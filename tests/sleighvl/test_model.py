@@ -30,7 +30,7 @@ from sleigh.runtime.sampling import SamplingOptions
 from sleigh.sleighvl.checkpoint import load_checkpoint, read_safetensors
 from sleigh.sleighvl.config import PRESETS, GSWAConfig, LLMConfig, SleighVLConfig, VisionConfig
 from sleigh.sleighvl.model import SleighVL
-from tests.conftest import ASTRONAUT, ORACLE
+from tests.helpers import ASTRONAUT, ORACLE
 
 ORACLE_TOL = 1e-4  # float32 against the original code, max abs
 GSWA_MODES = ["identity", "none"]

@@ -19,8 +19,8 @@ from sleigh.sleighvl.tokenizer import (
     convert_sentencepiece,
     train_tiny_tokenizer,
 )
+from tests.helpers import ORACLE
 
-ORACLE = Path(__file__).parents[1] / "fixtures" / "oracle"
 CKPT = ORACLE / "internvl2-tiny"
 EXPECTED = json.loads((ORACLE / "expected.json").read_text(encoding="utf-8"))
 

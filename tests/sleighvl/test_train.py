@@ -24,18 +24,9 @@ from sleigh.errors import SleighError
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.sleighvl import train as train_mod
 from sleigh.sleighvl.train import TrainOptions, attention_bias_rows, train
-from tests.conftest import one_error_line, run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 
 FEW = dict(steps=2, batch=2, threads=1, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def demo_ckpt(tmp_path_factory) -> Path:
-    from sleigh.sleighvl.init import init_checkpoint
-
-    path = tmp_path_factory.mktemp("demo") / "ckpt"
-    init_checkpoint(path, "demo", seed=0)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +143,7 @@ def test_bad_line_is_refused_with_its_number_under_strict_and_counted_otherwise(
     assert any(f"skipped 1 of 12 lines: 1 {kind} (first on line 2)" in m for m in said), said
 
 
+@pytest.mark.slow
 def test_checkpoint_without_gswa_is_refused_for_train_gswa(demo_ckpt, data, tmp_path):
     no_gswa = tmp_path / "no-gswa"
     shutil.copytree(demo_ckpt, no_gswa)

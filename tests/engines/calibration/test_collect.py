@@ -23,7 +23,8 @@ from sleigh.engines.calibration.trt_cache import (TRT_CACHE_VERSION, format_cali
 from sleigh.errors import SleighError
 from sleigh.runtime.package import read_manifest, verify_files
 
-from ..conftest import NUM_CALIBRATION_IMAGES, is_root, make_variants, run_cli, snapshot
+from tests.engines.helpers import NUM_CALIBRATION_IMAGES, make_variants
+from tests.helpers import is_root, run_cli, snapshot
 
 CALIBRATION_KEYS = {"method", "num_images", "skipped", "images", "files", "created_by"}
 

@@ -39,7 +39,7 @@ from sleigh.engines.accuracy import VISION_GATES
 from sleigh.engines.build_engine import int8_weight_max
 from sleigh.runtime.cpu_features import cpu_features
 
-from ..conftest import cosine, run_vision
+from tests.engines.helpers import cosine, run_vision
 
 COSINE_MIN = VISION_GATES["int8"]["embeddings_cos_min"]  # what build-engine's gate asks of an INT8 engine
 # ONNX Runtime's fused int8 kernels against the same Q/DQ model computed in float (no fusion): they
