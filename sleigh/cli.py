@@ -166,9 +166,11 @@ def run(
     allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
     show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
+    from sleigh.runtime.memory import parse_size
     from sleigh.runtime.pipeline import Pipeline
     from sleigh.runtime.sampling import SamplingOptions
 
@@ -179,6 +181,7 @@ def run(
     if system is not None:
         _check_text("--system", system)
     _check_threads(threads)
+    budget = None if max_memory is None else parse_size(max_memory)
     with _as_flags("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
@@ -195,7 +198,8 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files)
+    pipe = Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
+                         max_memory=budget)
     pipe.allow_special_tokens = allow_special_tokens
     gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                         ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())

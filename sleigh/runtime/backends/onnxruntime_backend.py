@@ -31,6 +31,10 @@ from sleigh.runtime.package import check_module_io, inside, module_path
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# A run option: at the end of the run, free the arena's chunks that are not in use, so the peak of a
+# vision call or a prefill chunk does not stay resident for the rest of the generation (the arena
+# itself stays on: decode steps reuse it without going back to the system allocator).
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 
 
 def available_providers() -> list[str]:
@@ -94,6 +98,11 @@ class OnnxRuntimeBackend(Backend):
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
                               f"slots {np.dtype(self._kv_dtype)}", "one float dtype for the KV cache in and out")
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
+        self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
+        self._shrink = None  # after a large call on the CPU the arena hands back what it grew for it
+        if self.device == "cpu":
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
         self._cuda = None  # the CUDA helper (one stream), made for the first cache on the CUDA provider
         self._cuda_lock = threading.Lock()  # the copier's stream is shared by every generation's cache
 
@@ -123,7 +132,7 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, module, feeds):
         sess = self.sessions[module]
-        outs = sess.run(None, feeds)
+        outs = sess.run(None, feeds, self._shrink if module == "vision" else None)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
     def new_cache(self, batch=1) -> SlotCache | _DeviceSlots:
@@ -140,7 +149,8 @@ class OnnxRuntimeBackend(Backend):
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
         if isinstance(cache, SlotCache):
             feeds.update(cache.feeds(attention_mask, attention_bias))
-            logits, *new = sess.run(["logits", *self._new_names], feeds)
+            large = inputs_embeds.shape[1] > 1  # a prefill chunk; a decode step's arena is small and kept
+            logits, *new = sess.run(["logits", *self._new_names], feeds, self._shrink if large else None)
             cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
             return logits[:, -1].astype(np.float32)
         binding = sess.io_binding()
