@@ -20,6 +20,8 @@ account of every allocation. For one generation with T views, P prompt tokens an
   the widest: C = P); per layer PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and
   PREFILL_HIDDEN hidden-wide tensors of s tokens, and the slots repeated from KV heads to heads
   (grouped-query attention) for C positions. The logits are the last position's only (schema 3).
+  Fit to the full-size prefill of 4,064 tokens in one call (issue 14: +4.4 GB besides its logits and
+  KV) and to the small preset's (benchmarks/RESULTS.md, memory).
 
 Each ONNX Runtime session keeps its arena at its own peak unless it is shrunk after a run
 (backends/onnxruntime_backend.py does so on the CPU), so the model adds vision and prefill rather
@@ -43,7 +45,7 @@ GB = 1024**3
 BASE_BYTES = 160 * 1024**2  # python + numpy + onnxruntime + tokenizers, measured (benchmarks/RESULTS.md, memory)
 FLOAT_BYTES = 4  # activations and KV slots are fp32 on the CPU today
 VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see the module docstring)
-PREFILL_ATTENTION, PREFILL_HIDDEN = 4, 8
+PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
 MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 HOW_TO_FIT = ("fewer tiles (--max-tiles), a shorter prompt or --max-new-tokens, or a smaller engine "
@@ -131,17 +133,20 @@ class MemoryBudget:
                               f"a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
                               f"--llm-weights int4)")
 
+    def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int) -> int:
+        """The model's peak (bytes) for one generation run with these chunks."""
+        sh = self.shapes
+        decode = sh.prefill_bytes(1, prompt_tokens + new_tokens)
+        return (BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens) + sh.vision_bytes(vision_chunk)
+                + max(sh.prefill_bytes(prefill_chunk, prompt_tokens), decode))
+
     def plan(self, views: int, prompt_tokens: int, new_tokens: int, *, split_views: bool) -> Plan:
         """Chunk sizes for one generation; `split_views`: whether the vision module may take the
         views in several calls (GSWA needs all views in one)."""
         sh = self.shapes
-        fixed = BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens)
         v_min = 1 if split_views else views
         s_min = min(prompt_tokens, MIN_PREFILL_CHUNK)
-
-        def total(v: int, s: int) -> int:
-            decode = sh.prefill_bytes(1, prompt_tokens + new_tokens)
-            return fixed + sh.vision_bytes(v) + max(sh.prefill_bytes(s, prompt_tokens), decode)
+        total = lambda v, s: self.estimate(prompt_tokens, new_tokens, v, s)  # noqa: E731
 
         v, s = views, prompt_tokens
         while total(v, s) > self.limit:
