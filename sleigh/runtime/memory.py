@@ -160,7 +160,8 @@ class MemoryBudget:
                     f"{self.label} {gb(self.limit)}",
                     f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
                     f"{gb(total(v, s))} at the smallest chunks (model {gb(BASE_BYTES + self.weights)}, KV cache "
-                    f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, vision at {v} view{'s' if v != 1 else ''} at once "
+                    f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, vision at {v} view{'s' if v != 1 else ''} at once"
+                    f"{'' if split_views or v == 1 else ' (GSWA weighs them in one call)'} "
                     f"{gb(sh.vision_bytes(v))}, prefill in chunks of {s} tokens {gb(sh.prefill_bytes(s, prompt_tokens))})",
                     f"a budget of at least {gb(total(v, s))}, or {HOW_TO_FIT}")
         return Plan(v, s, total(v, s))

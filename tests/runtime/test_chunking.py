@@ -127,3 +127,14 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
         budget.plan(13, 4064, 32, split_views=False)
     plan = MemoryBudget(int(8 * GB), full, weights=int(2.0 * GB)).plan(13, 4064, 32, split_views=True)
     assert plan.vision_chunk < 13 and plan.prefill_chunk < 4064 and plan.estimate <= 8 * GB
+
+
+def test_serve_and_bench_load_with_the_budget(tiny_pkg):
+    pytest.importorskip("fastapi")
+    from sleigh.bench import run_bench
+    from sleigh.serve.app import ServeSettings, load_worker
+
+    assert load_worker(ServeSettings(model=tiny_pkg, max_memory=64 * GB)).pipeline.budget.limit == 64 * GB
+    with pytest.raises(SleighError, match="the model alone needs"):
+        run_bench([("tiny", tiny_pkg, "auto", None)], None, "Hi", runs=1, max_new_tokens=1, quiet=True,
+                  max_memory=50 * 1024**2)
