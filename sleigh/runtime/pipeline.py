@@ -129,9 +129,10 @@ class Pipeline:
         files are checked against its manifest (sha256 on first use; `verify=False`: sizes only).
         `max_memory` (bytes, or a size such as "2.5G"): chunk vision and prefill to stay within it, and
         refuse in one line what cannot fit (runtime/memory.py)."""
+        limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify)
-        if max_memory is not None:
-            pipe.budget = _budget(Path(path), pipe.backend, max_memory)
+        if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
+            pipe.budget = _budget(Path(path), pipe.backend, limit)
         return pipe
 
     @classmethod
@@ -353,12 +354,11 @@ class Pipeline:
             backend=backend.describe())
 
 
-def _budget(path: Path, backend: Backend, max_memory: int | str) -> MemoryBudget:
+def _budget(path: Path, backend: Backend, limit: int) -> MemoryBudget:
     """The budget for a loaded model: its shapes from the manifest or config.json, its weights from
     the files its backend opened (a checkpoint: its safetensors)."""
     from sleigh.runtime.package import read_manifest
 
-    limit = max_memory if isinstance(max_memory, int) else parse_size(max_memory)
     if (path / "manifest.json").is_file():
         cfg = read_manifest(path)["model_config"]
         files = list(getattr(backend, "files", {}).values())
