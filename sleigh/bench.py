@@ -59,7 +59,8 @@ def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_t
 
 
 def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: str, *, runs: int = 3,
-              max_new_tokens: int = 64, threads: int | None = None, quiet: bool = False) -> dict:
+              max_new_tokens: int = 64, threads: int | None = None, quiet: bool = False,
+              max_memory: int | None = None) -> dict:
     """targets: (label, model path, backend, engine)."""
     from sleigh.progress import progress
     from sleigh.runtime.pipeline import Pipeline
@@ -72,7 +73,8 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
     t0 = time.time()
     with progress("bench", runs * len(targets), quiet) as bar:
         for label, path, backend, engine in targets:
-            with Pipeline.load(path, backend=backend, threads=threads, engine=engine) as pipe:  # one target in memory at a time
+            with Pipeline.load(path, backend=backend, threads=threads, engine=engine,
+                               max_memory=max_memory) as pipe:  # one target in memory at a time
                 rows.append(bench_pipeline(label, pipe, image, prompt, runs=runs, max_new_tokens=max_new_tokens, progress=bar))
     return {"machine": machine(), "threads": threads, "image": str(image) if image else None, "prompt": prompt,
             "max_new_tokens": max_new_tokens, "rows": [asdict(r) for r in rows], "seconds": round(time.time() - t0, 1)}

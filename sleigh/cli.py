@@ -166,9 +166,11 @@ def run(
     allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
     show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
+    from sleigh.runtime.memory import parse_size
     from sleigh.runtime.pipeline import Pipeline
     from sleigh.runtime.sampling import SamplingOptions
 
@@ -179,6 +181,7 @@ def run(
     if system is not None:
         _check_text("--system", system)
     _check_threads(threads)
+    budget = None if max_memory is None else parse_size(max_memory)
     with _as_flags("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
@@ -195,7 +198,8 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    with Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files) as pipe:
+    with Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
+                       max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
         gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                             ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
@@ -448,10 +452,12 @@ def bench(
     max_new_tokens: int = typer.Option(64, help="Tokens generated per run (EOS ignored)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
     from sleigh.runtime.image import check_image_path
+    from sleigh.runtime.memory import parse_size
     from sleigh.runtime.package import shipped_photo
 
     _check_text("--prompt", prompt)
@@ -465,7 +471,7 @@ def bench(
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
     report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
-                       threads=threads, quiet=as_json)
+                       threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
     typer.echo(json.dumps(report) if as_json else markdown(report))
 
 
@@ -492,16 +498,19 @@ def serve(
     target_ongoing_requests: float = typer.Option(1.0, help="With --ray autoscaling: ongoing requests per replica to aim for."),
     replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
     ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: start a local one)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
 ):
     """Serve the model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     from sleigh.serve.launch import launch
 
     _check_threads(threads)  # as on run and bench
+    from sleigh.runtime.memory import parse_size
     launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
            max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
            allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
            min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
-           replica_cpus=replica_cpus, ray_address=ray_address)
+           replica_cpus=replica_cpus, ray_address=ray_address,
+           max_memory=None if max_memory is None else parse_size(max_memory))
 
 
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:

@@ -27,6 +27,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
+from sleigh.runtime.memory import MemoryBudget, Shapes, parse_size, weights_bytes
 from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
@@ -120,13 +121,27 @@ class Pipeline:
         # Special tokens typed in a prompt or system message stay text (what a server needs); True lets
         # trusted callers write control tokens such as <|im_end|> into the prompt.
         self.allow_special_tokens = False
+        # Bounded peaks (runtime/memory.py): views per vision call and prompt tokens per decoder call
+        # (None: all at once), or a budget that picks both per generation (`load(max_memory=...)`).
+        self.vision_chunk: int | None = None
+        self.prefill_chunk: int | None = None
+        self.budget: MemoryBudget | None = None
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
-             engine: str | None = None, verify: bool = True) -> Pipeline:
+             engine: str | None = None, verify: bool = True, max_memory: int | str | None = None) -> Pipeline:
         """A package folder (manifest.json) or a Sleigh checkpoint folder (config.json). A package's
-        files are checked against its manifest (sha256 on first use; `verify=False`: sizes only)."""
-        path = Path(path)
+        files are checked against its manifest (sha256 on first use; `verify=False`: sizes only).
+        `max_memory` (bytes, or a size such as "2.5G"): chunk vision and prefill to stay within it, and
+        refuse in one line what cannot fit (runtime/memory.py)."""
+        limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
+        pipe = cls._load(Path(path), backend, threads, engine, verify)
+        if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
+            pipe.budget = _budget(Path(path), pipe.backend, limit)
+        return pipe
+
+    @classmethod
+    def _load(cls, path: Path, backend: str, threads: int | None, engine: str | None, verify: bool) -> Pipeline:
         if not path.exists():
             raise SleighError(str(path), "not found", "a model package (sleigh export) or a Sleigh checkpoint folder")
         if not path.is_dir():
@@ -250,11 +265,10 @@ class Pipeline:
                               f"{context}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
+        vision_chunk, prefill_chunk = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
         t = time.perf_counter()
         if tiled is not None:
-            vis = backend.run("vision", {"pixel_values": tiled.pixel_values})
-            image_embeds = vis["image_embeds"].astype(np.float32, copy=False)
-            weights = vis["gswa_weights"].astype(np.float32)
+            image_embeds, weights = self._vision(tiled.pixel_values, vision_chunk)
             image_rows = image_embeds.reshape(-1, info.hidden_size)
         else:
             image_embeds = np.zeros((0, info.tokens_per_view, info.hidden_size), np.float32)
@@ -269,11 +283,44 @@ class Pipeline:
         if tiled is not None and info.gswa_apply == "attention":
             bias = image_attention_bias(input_ids, weights, info.img_context_token_id, info.tokens_per_view,
                                         info.gswa_min_weight)
-        mask = np.ones(input_ids.shape, np.int64)
         cache = backend.new_cache(1)
-        logits = backend.step(cache, inputs_embeds, mask, bias, np.arange(len(ids), dtype=np.int64)[None])
+        logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)
+
+    def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
+        """(views per vision call, prompt tokens per decoder call) for this generation."""
+        split_views = self.info.gswa_apply is None
+        if self.budget is not None:
+            plan = self.budget.plan(views, prompt_tokens, new_tokens, split_views=split_views)
+            return plan.vision_chunk, plan.prefill_chunk
+        vision_chunk = self.vision_chunk if split_views and self.vision_chunk else views
+        return max(vision_chunk, 1), self.prefill_chunk or prompt_tokens
+
+    def _vision(self, pixel_values: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """pixel_values (T, 3, S, S) -> image_embeds (T, tokens per view, D), gswa_weights (T,), in
+        calls of `chunk` views. The views are independent through the ViT and the projector, but GSWA
+        attends over all views' CLS tokens inside vision.onnx, so a model with GSWA takes them in one
+        call (`_chunks` never splits them there)."""
+        embeds, weights = [], []
+        for start in range(0, pixel_values.shape[0], chunk):
+            vis = self.backend.run("vision", {"pixel_values": pixel_values[start:start + chunk]})
+            embeds.append(vis["image_embeds"].astype(np.float32, copy=False))
+            weights.append(vis["gswa_weights"].astype(np.float32))
+        if len(embeds) == 1:
+            return embeds[0], weights[0]
+        return np.concatenate(embeds), np.concatenate(weights)
+
+    def _prefill(self, cache, inputs_embeds: np.ndarray, bias: np.ndarray, chunk: int) -> np.ndarray:
+        """The prompt into the cache, `chunk` positions per decoder call (each against the slots the
+        earlier calls wrote: attention activations chunk x context, not context^2) -> the last
+        position's logits (1, V)."""
+        P = inputs_embeds.shape[1]
+        for start in range(0, P, chunk):
+            end = min(start + chunk, P)
+            logits = self.backend.step(cache, inputs_embeds[:, start:end], np.ones((1, end - start), np.int64),
+                                       bias[:, start:end], np.arange(start, end, dtype=np.int64)[None])
+        return logits
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=()):
         state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
@@ -331,6 +378,20 @@ class Pipeline:
             grid=tiled.grid if tiled else None, views=tiled.num_views if tiled else 0,
             gswa_weights=[float(w) for w in weights], stop_reason=stop_reason, timings=timings,
             backend=backend.describe())
+
+
+def _budget(path: Path, backend: Backend, limit: int) -> MemoryBudget:
+    """The budget for a loaded model: its shapes from the manifest or config.json, its weights from
+    the files its backend opened (a checkpoint: its safetensors)."""
+    from sleigh.runtime.package import read_manifest
+
+    if (path / "manifest.json").is_file():
+        cfg = read_manifest(path)["model_config"]
+        files = list(getattr(backend, "files", {}).values())
+    else:
+        cfg = _read_json(path / "config.json")
+        files = sorted(path.glob("*.safetensors"))
+    return MemoryBudget(limit, Shapes.from_config(cfg), weights_bytes(files), label="--max-memory")
 
 
 def _read_json(path: Path) -> dict:

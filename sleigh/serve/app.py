@@ -51,6 +51,7 @@ class ServeSettings:
     allow_local_files: Path | None = None
     default_max_tokens: int = 512
     retry_after_s: int = 1
+    max_memory: int | None = None  # bytes: --max-memory (runtime/memory.py)
 
     @property
     def name(self) -> str:
@@ -61,7 +62,8 @@ def load_worker(settings: ServeSettings) -> ModelWorker:
     """The settings' model as a worker (a one-line SleighError if it does not load)."""
     from sleigh.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(settings.model, backend=settings.backend, threads=settings.threads, engine=settings.engine)
+    pipe = Pipeline.load(settings.model, backend=settings.backend, threads=settings.threads, engine=settings.engine,
+                         max_memory=settings.max_memory)
     return ModelWorker(pipe, max_queue=settings.max_queue)
 
 

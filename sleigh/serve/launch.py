@@ -23,7 +23,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
            model_name: str | None, max_queue: int, max_tokens: int, max_body_mb: float, max_image_pixels: int,
            allow_local_files: Path | None, log_level: str, ray: bool, replicas: int, min_replicas: int | None,
            max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
-           ray_address: str | None) -> None:
+           ray_address: str | None, max_memory: int | None = None) -> None:
     _require("fastapi", "uvicorn")
     if ray:
         _require("ray")
@@ -46,7 +46,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
     settings = ServeSettings(model=model, backend=backend, engine=engine, threads=threads, model_name=model_name,
                              max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
                              max_image_pixels=max_image_pixels, allow_local_files=allow_local_files,
-                             default_max_tokens=max_tokens)
+                             default_max_tokens=max_tokens, max_memory=max_memory)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if ray:
         _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,

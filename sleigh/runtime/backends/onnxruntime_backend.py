@@ -33,6 +33,10 @@ from sleigh.runtime.package import check_module_io, inside, module_path
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
+# A run option: at the end of the run, free the arena's chunks that are not in use, so the peak of a
+# vision call or a prefill chunk does not stay resident for the rest of the generation (the arena
+# itself stays on: decode steps reuse it without going back to the system allocator).
+ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 
 
 def available_providers() -> list[str]:
@@ -98,6 +102,11 @@ class OnnxRuntimeBackend(Backend):
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
         self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
+        self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
+        self._shrink = None  # after a large call on the CPU the arena hands back what it grew for it
+        if self.device == "cpu":
+            self._shrink = ort.RunOptions()
+            self._shrink.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
@@ -132,7 +141,7 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, module, feeds):
         sess = self._session(module)
-        outs = sess.run(None, feeds)
+        outs = sess.run(None, feeds, self._shrink if module == "vision" else None)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
     def new_cache(self, batch=1) -> SlotCache:
@@ -145,7 +154,8 @@ class OnnxRuntimeBackend(Backend):
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
         if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
-            logits, *new = sess.run(["logits", *self._new_names], feeds)
+            large = inputs_embeds.shape[1] > 1  # a prefill chunk; a decode step's arena is small and kept
+            logits, *new = sess.run(["logits", *self._new_names], feeds, self._shrink if large else None)
             cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
             return logits[:, -1].astype(np.float32)
         binding = sess.io_binding()

@@ -1,0 +1,147 @@
+"""Per-stage memory of one generation on the CPU: RSS after load, vision, prefill and N decode steps,
+and the peak of each stage (VmHWM, reset between stages through /proc/self/clear_refs), for 1, 7
+and 13 views at two prompt lengths, the whole prompt in one call against chunks, and the CPU arena
+kept at its peak against shrunk after each large call (runtime/backends/onnxruntime_backend.py).
+Every configuration runs in a fresh interpreter, so no run inherits another's heap.
+
+    PYTHONPATH=. python benchmarks/memory_bench.py runs/small-pkg [--decode 16] [--json out.json]
+
+Also prints the memory model's estimate (runtime/memory.py) beside the measured peak. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SIZES = {1: (448, 448), 7: (1344, 896), 13: (1792, 1344)}  # image sizes that tile to 1, 6 + 1, 12 + 1 views
+CONTEXTS = (0, 4096)  # prompt tokens: the image's and a short question (0), or padded with text up to 4,096
+VARIANTS = {  # name: (prefill chunk or None, arena shrunk after large calls, arena on)
+    "whole, arena kept": (None, False, True),
+    "whole, arena shrunk": (None, True, True),
+    "chunks of 512, arena shrunk": (512, True, True),
+    "chunks of 512, arena off": (512, False, False),
+}
+MB = 1024**2
+
+
+def status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+
+
+def one(pkg: str, views: int, context: int, variant: str, decode: int) -> dict:
+    """One configuration, in this process (the parent starts a fresh one per configuration)."""
+    import functools
+
+    from PIL import Image
+
+    chunk, shrink, arena = VARIANTS[variant]
+    if not arena:
+        from sleigh.runtime.backends import onnxruntime_backend as ob
+
+        ob.session_options = functools.partial(ob.session_options, arena=False)
+    from sleigh.runtime.memory import MemoryBudget, weights_bytes
+    from sleigh.runtime.pipeline import Pipeline
+
+    stages: dict[str, dict] = {}
+
+    def mark(name: str) -> None:
+        stages[name] = {"rss_mb": status("VmRSS") / MB, "peak_mb": status("VmHWM") / MB}
+        reset_peak()
+
+    reset_peak()
+    pipe = Pipeline.load(pkg, verify=False)
+    if not shrink:
+        pipe.backend._shrink = None
+    pipe.prefill_chunk = chunk
+    mark("load")
+    image = f"/tmp/memory_bench_{views}.png"
+    Image.open(EXAMPLES / "chelsea.jpg").convert("RGB").resize(SIZES[views]).save(image)
+    prompt = _prompt(pipe, image, context)
+    run = pipe.backend.run
+
+    def run_and_mark(module, feeds):  # RSS right after the vision call, before embed and prefill
+        out = run(module, feeds)
+        if module == "vision":
+            mark("vision")
+        return out
+
+    pipe.backend.run = run_and_mark
+    state = pipe.prefill(image, prompt, max_new_tokens=decode)
+    pipe.backend.run = run
+    mark("prefill")
+    result = pipe.generate_from(state, max_new_tokens=decode, ignore_eos=True).result
+    mark("decode")
+    budget = MemoryBudget(1 << 50, _shapes(pkg), weights_bytes(pipe.backend.files.values()))
+    estimate = budget.estimate(len(state.ids), decode, views, chunk or len(state.ids))
+    return {"views": result.views, "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
+            "peak_mb": max(s["peak_mb"] for s in stages.values()), "estimate_mb": estimate / MB,
+            "vision_s": result.timings.vision_s, "prefill_s": result.timings.prefill_s,
+            "first_token_s": result.timings.time_to_first_token_s, "decode_tokens_per_s": result.timings.decode_tokens_per_s}
+
+
+def _prompt(pipe, image, context: int) -> str:
+    """A question padded with text so that the prompt has about `context` tokens (at least the image's)."""
+    words, base = "", len(pipe.prepare(image, "Describe it.")[1])
+    if base < context:
+        per_word = len(pipe.prepare(image, "Describe it." + " the colour" * 100)[1]) - base
+        words = " the colour" * int(100 * (context - base) / per_word)
+    return "Describe it." + words
+
+
+def _shapes(pkg: str):
+    from sleigh.runtime.memory import Shapes
+    from sleigh.runtime.package import read_manifest
+
+    return Shapes.from_config(read_manifest(Path(pkg))["model_config"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("package")
+    ap.add_argument("--decode", type=int, default=16, help="decode steps after the prefill")
+    ap.add_argument("--views", type=int, nargs="*", default=sorted(SIZES))
+    ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--json", type=Path, help="write every row here as well")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # a configuration as JSON: run it here, print its row
+    args = ap.parse_args()
+    if args.one:
+        cfg = json.loads(args.one)
+        print(json.dumps(one(args.package, cfg["views"], cfg["context"], cfg["variant"], args.decode)))
+        return
+    rows = []
+    for views in args.views:
+        for context in args.contexts:
+            for variant in args.variants:
+                t = time.perf_counter()
+                cfg = json.dumps({"views": views, "context": context, "variant": variant})
+                proc = subprocess.run([sys.executable, __file__, args.package, "--decode", str(args.decode), "--one", cfg],
+                                      capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{cfg}: {proc.stderr.strip().splitlines()[-1]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                s = row["stages"]
+                print(f"| {row['views']} | {row['prompt_tokens']:,} | {variant} | "
+                      + " | ".join(f"{s[k]['rss_mb']:.0f} ({s[k]['peak_mb']:.0f})" for k in ("load", "vision", "prefill", "decode"))
+                      + f" | **{row['peak_mb']:.0f}** | {row['estimate_mb']:.0f} | {row['first_token_s']:.2f} | "
+                      f"{row['decode_tokens_per_s']:.1f} |  ({time.perf_counter() - t:.0f} s)", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""A memory budget for a run: how much one generation needs, and the chunk sizes that make it fit.
+
+The model is a planning estimate from the model's shapes (the config in the manifest), not an
+account of every allocation. For one generation with T views, P prompt tokens and N new tokens:
+
+    peak = BASE + weights + kv(P + N) + vision(v) + prefill(s, P)
+
+- BASE: the interpreter with numpy, onnxruntime and the tokenizer loaded.
+- weights: the bytes of the files the backend opened (external data included). ONNX Runtime reads
+  them into its heap (or maps them), about one byte resident per byte of file.
+- kv(n): 2 (key, value) x layers x KV heads x head dim x 4 bytes (fp32 slots) per cache slot, for the
+  slots the cache grows to (multiples of KV_CHUNK), twice: a growth copies the used slots into a new
+  buffer while the old one is still alive.
+- vision(v): v views in one call of the vision module; per view and layer (ONNX Runtime frees a
+  layer's intermediates before the next) VISION_ATTENTION attention-score matrices heads x N x N,
+  two MLP-wide and VISION_HIDDEN hidden-wide tensors of N = (image/patch)^2 + 1 tokens, fp32.
+  Fit to the full-size INT8 vision on the CPU: about 290 MB per view (issue 14: +2.0 GB at 7 views,
+  +3.9 GB at 13).
+- prefill(s, C): s new tokens in one decoder call against C positions (the last chunk's context is
+  the widest: C = P); per layer PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and
+  PREFILL_HIDDEN hidden-wide tensors of s tokens, and the slots repeated from KV heads to heads
+  (grouped-query attention) for C positions. The logits are the last position's only (schema 3).
+  Fit to the full-size prefill of 4,064 tokens in one call (issue 14: +4.4 GB besides its logits and
+  KV) and to the small preset's (benchmarks/RESULTS.md, memory).
+
+Each ONNX Runtime session keeps its arena at its own peak unless it is shrunk after a run
+(backends/onnxruntime_backend.py does so on the CPU), so the model adds vision and prefill rather
+than taking the larger: an overestimate where the arena is shrunk. `plan()` starts from the whole
+image and the whole prompt in one call each and halves the larger of the two activations until the
+estimate fits; when even one view (one call for all views when GSWA needs them together, see
+`Pipeline`) and MIN_PREFILL_CHUNK tokens do not fit, it refuses in one line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sleigh.errors import SleighError
+from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
+
+GB = 1024**3
+BASE_BYTES = 160 * 1024**2  # python + numpy + onnxruntime + tokenizers, measured (benchmarks/RESULTS.md, memory)
+FLOAT_BYTES = 4  # activations and KV slots are fp32 on the CPU today
+VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see the module docstring)
+PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
+MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+HOW_TO_FIT = ("fewer tiles (--max-tiles), a shorter prompt or --max-new-tokens, or a smaller engine "
+              "(sleigh build-engine --precision int8 --llm-weights int4)")
+
+
+def parse_size(text: str, what: str = "--max-memory") -> int:
+    """'2.5G', '900M', '2GiB', '3000000000' -> bytes (K, M, G, T are powers of 1024, as in `free -h`)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise SleighError(f"{what} {text}", "not a memory size", "a positive size such as 2.5G, 900M or 3000000000")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The model's sizes that set its activations (from the config a package or checkpoint carries)."""
+
+    vision_tokens: int  # N: patches + CLS per view
+    vision_hidden: int
+    vision_heads: int
+    vision_mlp: int
+    llm_hidden: int
+    llm_heads: int
+    llm_mlp: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Shapes:
+        v, llm = cfg["vision"], cfg["llm"]
+        return cls(vision_tokens=(v["image_size"] // v["patch_size"]) ** 2 + 1, vision_hidden=v["hidden_size"],
+                   vision_heads=v["num_heads"], vision_mlp=v["intermediate_size"], llm_hidden=llm["hidden_size"],
+                   llm_heads=llm["num_heads"], llm_mlp=llm["intermediate_size"], layers=llm["num_layers"],
+                   kv_heads=llm["num_kv_heads"], head_dim=llm["hidden_size"] // llm["num_heads"])
+
+    def kv_bytes(self, positions: int) -> int:
+        """The slot cache holding `positions`, at its peak (a growth holds the old and the new slots)."""
+        per_slot = 2 * self.layers * self.kv_heads * self.head_dim * FLOAT_BYTES
+        return 2 * per_slot * grown_capacity(max(positions, 1), KV_CHUNK)
+
+    def vision_bytes(self, views: int) -> int:
+        N = self.vision_tokens
+        per_view = VISION_ATTENTION * self.vision_heads * N * N + N * (2 * self.vision_mlp + VISION_HIDDEN * self.vision_hidden)
+        return views * per_view * FLOAT_BYTES
+
+    def prefill_bytes(self, tokens: int, context: int) -> int:
+        s, C = tokens, max(context, tokens)
+        per_layer = (PREFILL_ATTENTION * self.llm_heads * s * C + s * (3 * self.llm_mlp + PREFILL_HIDDEN * self.llm_hidden)
+                     + 2 * self.llm_heads * C * self.head_dim)
+        return per_layer * FLOAT_BYTES
+
+
+@dataclass(frozen=True)
+class Plan:
+    vision_chunk: int  # views per vision call
+    prefill_chunk: int  # prompt tokens per decoder call
+    estimate: int  # bytes, the model's peak with these chunks
+
+
+def weights_bytes(files) -> int:
+    """Bytes of the module files and their external data (`x.onnx.data` beside `x.onnx`)."""
+    total = 0
+    for f in files:
+        f = Path(f)
+        for p in (f, f.with_name(f.name + ".data")):
+            if p.is_file():
+                total += p.stat().st_size
+    return total
+
+
+class MemoryBudget:
+    """`--max-memory`: the bytes a run may use, and the loaded model's fixed part."""
+
+    def __init__(self, limit: int, shapes: Shapes, weights: int, label: str = "--max-memory"):
+        self.limit, self.shapes, self.weights, self.label = limit, shapes, weights, label
+        if BASE_BYTES + weights > limit:
+            raise SleighError(f"{label} {gb(limit)}", f"the model alone needs {gb(BASE_BYTES + weights)} "
+                              f"({gb(weights)} of weights + {gb(BASE_BYTES)} of runtime)",
+                              f"a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
+                              f"--llm-weights int4)")
+
+    def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int) -> int:
+        """The model's peak (bytes) for one generation run with these chunks."""
+        sh = self.shapes
+        decode = sh.prefill_bytes(1, prompt_tokens + new_tokens)
+        return (BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens) + sh.vision_bytes(vision_chunk)
+                + max(sh.prefill_bytes(prefill_chunk, prompt_tokens), decode))
+
+    def plan(self, views: int, prompt_tokens: int, new_tokens: int, *, split_views: bool) -> Plan:
+        """Chunk sizes for one generation; `split_views`: whether the vision module may take the
+        views in several calls (GSWA needs all views in one)."""
+        sh = self.shapes
+        v_min = 1 if split_views else views
+        s_min = min(prompt_tokens, MIN_PREFILL_CHUNK)
+        total = lambda v, s: self.estimate(prompt_tokens, new_tokens, v, s)  # noqa: E731
+
+        v, s = views, prompt_tokens
+        while total(v, s) > self.limit:
+            vision_larger = sh.vision_bytes(v) >= sh.prefill_bytes(s, prompt_tokens)
+            if v > v_min and (vision_larger or s <= s_min):
+                v = max(v_min, math.ceil(v / 2))
+            elif s > s_min:
+                s = max(s_min, s // 2)
+            else:
+                raise SleighError(
+                    f"{self.label} {gb(self.limit)}",
+                    f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
+                    f"{gb(total(v, s))} at the smallest chunks (model {gb(BASE_BYTES + self.weights)}, KV cache "
+                    f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, vision at {v} view{'s' if v != 1 else ''} at once"
+                    f"{'' if split_views or v == 1 else ' (GSWA weighs them in one call)'} "
+                    f"{gb(sh.vision_bytes(v))}, prefill in chunks of {s} tokens {gb(sh.prefill_bytes(s, prompt_tokens))})",
+                    f"a budget of at least {gb(total(v, s))}, or {HOW_TO_FIT}")
+        return Plan(v, s, total(v, s))
