@@ -20,7 +20,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from sleigh.bench import machine, run_bench
 from sleigh.engines.calibration.collect import calibrate_package
-from sleigh.engines.build_engine import EngineOptions, build_engine
+from sleigh.engines.build_engine import build_engine
+from sleigh.engines.options import EngineOptions
 from sleigh.runtime.package import shipped_photo
 from sleigh.runtime.package import read_manifest
 
@@ -56,7 +57,7 @@ def main() -> None:
     built = {}
     for opts in ENGINES:
         opts = EngineOptions(precision=opts.precision, llm_weights=opts.llm_weights, allow_degraded=True, quiet=True)
-        built[opts.name] = build_engine(pkg, opts)
+        built[opts.engine_name] = build_engine(pkg, opts)
     manifest = read_manifest(pkg)
     targets = [("fp32 (package)", pkg, "onnxruntime", "package")]
     targets += [(name, pkg, "onnxruntime", name) for name in built]

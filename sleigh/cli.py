@@ -307,30 +307,44 @@ def build_engine(
     backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8 (int8 needs `sleigh calibrate` first)."),
     llm_weights: Optional[str] = typer.Option(None, help="Decoder weights: fp16, int8 or int4 (default: follows --precision)."),
-    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image for TensorRT profiles (default: the package's)."),
-    max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer for TensorRT profiles (default: 4096 or the model's context if shorter)."),
+    name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, e.g. onnxruntime-fp16)."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image the engine takes (default: the package's)."),
+    max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer (default: the model's context; "
+                                              "TensorRT: 4096 or the model's context if shorter)."),
+    opt_tiles: Optional[int] = typer.Option(None, help="TensorRT: the tiles its kernels are tuned for (default: 6 or --max-tiles)."),
+    opt_context: Optional[int] = typer.Option(None, help="TensorRT: the sequence its kernels are tuned for "
+                                              "(default: the image tokens of --opt-tiles + 64)."),
+    max_batch: Optional[int] = typer.Option(None, help="TensorRT: most sequences per step, 1..64 (default: 1)."),
+    workspace_gb: Optional[float] = typer.Option(None, help="TensorRT: builder scratch memory in GiB (default: 4)."),
+    builder_optimization_level: Optional[int] = typer.Option(None, help="TensorRT: 0..5, higher builds slower "
+                                                             "and may run faster (default: 3)."),
+    plugin_library: Optional[Path] = typer.Option(None, help="TensorRT: a shared library that registers the "
+                                                  "sleigh::GSWA plugin; GSWA runs through it (copied into the engine)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Held-out images for the accuracy gate (default: shipped photo variants)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep the engine even if it fails the accuracy gate."),
     force: bool = typer.Option(False, "--force", help="Rebuild an engine of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the engine's manifest entry as JSON."),
 ):
     """Build an FP32/FP16/INT8 engine for ONNX Runtime or TensorRT, gated by an accuracy check."""
-    from sleigh.engines.build_engine import EngineOptions, GateFailed, build_engine as build
+    from sleigh.engines.build_engine import GateFailed, build_engine as build
+    from sleigh.engines.options import EngineOptions
 
-    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, max_tiles=max_tiles,
-                         max_context=max_context, allow_degraded=allow_degraded, gate_images=images, force=force,
+    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, name=name, max_tiles=max_tiles,
+                         max_context=max_context, opt_tiles=opt_tiles, opt_context=opt_context, max_batch=max_batch,
+                         workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
+                         plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,
                          quiet=as_json)
     try:
         entry = build(package, opts)
     except GateFailed as e:
         if not as_json:
-            _print_gate(e.report, f"accuracy gate: {opts.name} vs FP32")
+            _print_gate(e.report, f"accuracy gate: {opts.engine_name} vs FP32")
         raise
     if as_json:
         typer.echo(json.dumps(entry))
         return
-    _print_gate(entry["accuracy"], f"accuracy gate: {opts.name} vs FP32")
-    typer.echo(f"built {opts.name}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
+    _print_gate(entry["accuracy"], f"accuracy gate: {entry['name']} vs FP32")
+    typer.echo(f"built {entry['name']}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
                + (" (DEGRADED: kept with --allow-degraded)" if entry.get("degraded") else ""))
 
 

@@ -143,6 +143,12 @@ def build_cases(root: Path, ckpt: Path, pkg: Path) -> dict[str, Case]:
     cases["run_zero_byte_image"] = Case([*run[:1], root / "zero.png", *run[1:]], ("zero.png", "0 bytes"))
     cases["run_directory_as_image"] = Case([*run[:1], root / "folder.png", *run[1:]], ("folder.png", "folder"))
     cases["run_missing_model"] = Case(["run", ASTRONAUT, "--model", root / "no-model"], ("no-model", "not found"))
+    # build-engine: every option is a flag and every flag is checked before anything is converted
+    cases["build_engine_tensorrt_flag_on_onnxruntime"] = Case(["build-engine", pkg, "--workspace-gb", "8"],
+                                                              ("--workspace-gb", "TensorRT engines only", "--backend tensorrt"))
+    cases["build_engine_bad_name"] = Case(["build-engine", pkg, "--name", "../up"], ("--name '../up'", "folder name"))
+    cases["build_engine_missing_plugin_library"] = Case(
+        ["build-engine", pkg, "--backend", "tensorrt", "--plugin-library", root / "libnone.so"], ("--plugin-library", "no such file"))
     cases.update(hardening_cases(root, ckpt, pkg, run))
     return cases
 
@@ -295,7 +301,8 @@ BAD_INPUT = ["convert_other_model", "convert_empty_folder", "convert_missing_ten
              "run_dev_null_image", "run_huge_png", "run_max_pixels_below_image", "run_max_pixels_zero",
              "run_max_tiles_above_model", "run_engine_with_checkpoint", "run_unknown_engine", "bench_unknown_engine",
              "bench_engine_on_checkpoint", "bench_missing_reference", "bench_url_image", "bench_zero_new_tokens",
-             "log_level_unknown"]
+             "log_level_unknown", "build_engine_tensorrt_flag_on_onnxruntime", "build_engine_bad_name",
+             "build_engine_missing_plugin_library"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUT)

@@ -92,3 +92,38 @@ def test_the_checker_sees_a_wrong_import(tmp_path):
     bad.write_text("def f():\n    from sleigh.sleighvl.checkpoint import load_checkpoint\n")
     assert [layer_of(m) for _, m in sleigh_imports(bad)] == ["sleighvl"]
     assert "sleighvl" not in LAYERS["runtime"]
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of `graph` (module -> the modules it imports) as [a, b, ..., a], or [] if there is none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep in graph and dep not in state and (found := visit(dep, path + [dep])):
+                return found
+        state[module] = 2
+        return []
+
+    for module in sorted(graph):
+        if module not in state and (found := visit(module, [module])):
+            return found
+    return []
+
+
+def test_imports_form_no_cycle():
+    """Within a layer too, imports run one way (module level or inside a function): a module that
+    needs another's constant or helper does not also serve that module (engines/calibration/int8.py)."""
+    graph = {module_name(p): {m for _, m in sleigh_imports(p)} - {module_name(p)} for p in SOURCES}
+    assert import_cycle(graph) == []
+
+
+def test_the_cycle_finder_sees_a_lazy_cycle():
+    """Negative control: qdq -> build_engine -> qdq, as the two once imported each other lazily."""
+    graph = {"e.build_engine": {"e.qdq", "e.options"}, "e.qdq": {"e.int8", "e.build_engine"}, "e.int8": set(), "e.options": set()}
+    assert import_cycle(graph) == ["e.build_engine", "e.qdq", "e.build_engine"]
+    graph["e.qdq"].discard("e.build_engine")
+    assert import_cycle(graph) == []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sleigh.engines.calibration.collect import list_images
 from sleigh.errors import SleighError
 
 NUM_TOKENS = 32
@@ -113,8 +114,6 @@ def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tok
 def gate_images(images: Path | None, exclude: set[str]) -> list[Path]:
     """Images for the gate: a folder's images not used for calibration, else the photo shipped with
     sleigh plus mirrored and cropped versions of it (written to a temporary folder)."""
-    from sleigh.engines.calibration.collect import list_images
-
     if images is not None:
         found = [p for p in list_images(Path(images)) if p.name not in exclude]
         if not found:

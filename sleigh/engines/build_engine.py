@@ -2,13 +2,15 @@
 
     PKG/engines/<name>/{vision,embed,decoder}.onnx   ONNX Runtime: converted, optimised offline
     PKG/engines/<name>/*.plan                         TensorRT: built from the same converted ONNX
+    PKG/engines/<name>/plugin/<library>               TensorRT with --plugin-library: the GSWA plugin
 
-Conversions (one function per module and precision, chosen through `CONVERSIONS`):
-    fp32  copy (decoder optionally weight-only INT8/INT4 through MatMulNBits)
+Conversions (one function per module and what it is converted to, chosen through `CONVERSIONS`;
+engines/options.py, `module_precisions`, says what each module of an engine is converted to):
+    fp32  copy
     fp16  ONNX-level float16 with FP32 inputs/outputs (the decoder's KV cache in FP16); LayerNorm,
           RMSNorm's reductions, Softmax, the slots' log-sum-exp and the GSWA node stay FP32
     int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.engines.calibration.qdq);
-          embed FP16; decoder weight-only INT8 by default
+          decoder weight-only INT8 through MatMulNBits (int4 likewise); an INT8 engine's embed is FP16
 
 Every build ends with the accuracy gate against the FP32 modules; below its thresholds the build
 fails (nothing is registered) unless --allow-degraded.
@@ -22,10 +24,13 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from sleigh import staging
+from sleigh.engines.calibration.int8 import INT8_MAX, ORT_WEIGHT_MAX, RANGES_FILE
+from sleigh.engines.calibration.qdq import quantize_vision_qdq
+from sleigh.engines.options import EngineOptions, max_views
 from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
@@ -33,13 +38,6 @@ from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_manifest, write_json_atomic
 
-BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
-DEFAULT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8"}
-# TensorRT parses no MatMulNBits (an ONNX Runtime contrib op): its decoder is FP16 or FP32.
-TENSORRT_LLM_WEIGHTS = {"fp32": "fp32", "fp16": "fp16", "int8": "fp16"}
-TENSORRT_DEFAULT_CONTEXT = 4096  # the runtime preallocates KV buffers for the whole profile
 WEIGHT_ONLY_BLOCK = 32
 # MatMulNBits' accuracy level 4 computes with int8 activations on the CPU: measured on the small
 # preset, INT8 weights decode at ~350 tokens/s with it and ~24 without (FP32: ~190), logits cosine
@@ -52,44 +50,6 @@ FP16_KEEP_FP32 = ["GSWA", "LayerNormalization", "Softmax", "Pow", "ReduceMean", 
                   "CumSum", "Cos", "Sin", "Exp", "ReduceSum", "Log"]
 KV_PREFIXES = (PAST + ".", NEW + ".")  # FP16 in an FP16 decoder: a cast of the cache per step otherwise
 CPU_FALLBACK_CAST = "InsertedPrecisionFreeCast"  # ONNX Runtime's name for casts around CPU-less float16 kernels
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    backend: str = "onnxruntime"
-    precision: str = "fp16"
-    llm_weights: str | None = None  # None: the precision's default
-    max_tiles: int | None = None  # None: the package's
-    max_context: int | None = None  # None: the model's context
-    allow_degraded: bool = False
-    gate_images: Path | None = None
-    force: bool = False
-    quiet: bool = False
-
-    def __post_init__(self):
-        for key, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("llm_weights", LLM_WEIGHTS + (None,))):
-            if getattr(self, key) not in allowed:
-                raise SleighError(f"--{key.replace('_', '-')} {getattr(self, key)}", "not supported",
-                                  " | ".join(a for a in allowed if a))
-        if self.llm_weights == "fp16" and self.precision == "fp32":
-            raise SleighError("--llm-weights fp16", "an fp32 engine keeps the decoder's activations in fp32",
-                              "--precision fp16 for an FP16 decoder, or --llm-weights int8/int4")
-        if self.backend == "tensorrt" and self.llm_weights in ("int8", "int4"):
-            raise SleighError(f"--llm-weights {self.llm_weights}", "weight-only decoders use MatMulNBits, which "
-                              "TensorRT's ONNX parser does not read", "--llm-weights fp16 or fp32 with --backend tensorrt")
-
-    @property
-    def _defaults(self) -> dict[str, str]:
-        return TENSORRT_LLM_WEIGHTS if self.backend == "tensorrt" else DEFAULT_LLM_WEIGHTS
-
-    @property
-    def weights(self) -> str:
-        return self.llm_weights or self._defaults[self.precision]
-
-    @property
-    def name(self) -> str:
-        suffix = "" if self.weights == self._defaults[self.precision] else f"-llm-{self.weights}"
-        return f"{self.backend}-{self.precision}{suffix}"
 
 
 # -- ONNX conversions ----------------------------------------------------------------------------------
@@ -171,17 +131,11 @@ def copy(src: Path, dst: Path) -> list[str]:
 
 def int8_weight_max(backend: str) -> int:
     """The largest |integer| of INT8 vision weights: 7 bits for ONNX Runtime, whose int8 kernels on
-    CPUs without VNNI saturate with 8 (calibration/qdq.py, ORT_WEIGHT_MAX); 8 bits for TensorRT."""
-    from sleigh.engines.calibration.collect import INT8_MAX
-    from sleigh.engines.calibration.qdq import ORT_WEIGHT_MAX
-
+    CPUs without VNNI saturate with 8 (calibration/int8.py, ORT_WEIGHT_MAX); 8 bits for TensorRT."""
     return ORT_WEIGHT_MAX if backend == "onnxruntime" else INT8_MAX
 
 
 def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int) -> list[str]:
-    from sleigh.engines.calibration.collect import RANGES_FILE
-    from sleigh.engines.calibration.qdq import quantize_vision_qdq
-
     if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
         raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
                           f"run `sleigh calibrate {pkg} --images DIR` first")
@@ -190,16 +144,20 @@ def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int
     return [dst.name] + ([data.name] if data.exists() else [])
 
 
+# (module, what it is converted to: EngineOptions.module_precisions) -> conversion(src, dst, pkg, manifest, opts),
+# which returns the files it wrote. "int8" means Q/DQ for vision, weight-only MatMulNBits for the decoder.
+Conversion = Callable[[Path, Path, Path, dict, EngineOptions], list[str]]
+CONVERSIONS: dict[tuple[str, str], Conversion] = {
+    **{(m, "fp32"): lambda src, dst, pkg, manifest, opts: copy(src, dst) for m in MODULE_NAMES},
+    **{(m, "fp16"): lambda src, dst, pkg, manifest, opts: to_fp16(src, dst) for m in MODULE_NAMES},
+    ("vision", "int8"): lambda src, dst, pkg, manifest, opts: vision_int8(src, dst, pkg, manifest, int8_weight_max(opts.backend)),
+    ("decoder", "int8"): lambda src, dst, pkg, manifest, opts: weight_only(src, dst, 8),
+    ("decoder", "int4"): lambda src, dst, pkg, manifest, opts: weight_only(src, dst, 4),
+}
+
+
 def convert_module(module: str, opts: EngineOptions, src: Path, dst: Path, pkg: Path, manifest: dict) -> list[str]:
-    if module == "decoder" and opts.weights in ("int8", "int4"):
-        return weight_only(src, dst, 8 if opts.weights == "int8" else 4)
-    if module == "decoder":
-        return to_fp16(src, dst) if opts.weights == "fp16" else copy(src, dst)
-    if module == "vision" and opts.precision == "int8":
-        return vision_int8(src, dst, pkg, manifest, int8_weight_max(opts.backend))
-    if opts.precision in ("fp16", "int8"):  # int8 engines keep embed (a table lookup) in fp16
-        return to_fp16(src, dst)
-    return copy(src, dst)
+    return CONVERSIONS[module, opts.module_precisions[module]](src, dst, pkg, manifest, opts)
 
 
 def optimize_offline(path: Path) -> None:
@@ -274,31 +232,15 @@ def _versions() -> dict:
     return {"sleigh": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def _check_against_package(opts: EngineOptions, manifest: dict) -> None:
-    if opts.max_tiles is not None and not 1 <= opts.max_tiles <= manifest["image"]["max_tiles"]:
-        raise SleighError(f"--max-tiles {opts.max_tiles}", f"the package was exported for at most {manifest['image']['max_tiles']}",
-                          f"1..{manifest['image']['max_tiles']}")
-    ctx = manifest["generation"]["context_length"]
-    if opts.max_context is not None and not 1 <= opts.max_context <= ctx:
-        raise SleighError(f"--max-context {opts.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
-
-
-def _max_views(max_tiles: int, thumbnail: bool) -> int:
-    return max_tiles + (1 if thumbnail and max_tiles > 1 else 0)  # the thumbnail comes only with several tiles
-
-
 def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     """Build, gate and register one engine; returns its manifest entry."""
     pkg = Path(pkg)
     manifest = read_manifest(pkg)
-    _check_against_package(opts, manifest)
+    given, opts = opts, opts.for_package(manifest)
     if opts.backend == "tensorrt":  # fail before converting anything
-        from sleigh.engines.tensorrt_build import tensorrt_available
-        from sleigh.runtime.backends.tensorrt_backend import TENSORRT_EXPECTED
+        from sleigh.engines.tensorrt_build import require_tensorrt
 
-        ok, why = tensorrt_available()
-        if not ok:
-            raise SleighError("tensorrt", why, TENSORRT_EXPECTED)
+        require_tensorrt()
     name = opts.name
     final = pkg / "engines" / name
     if name in manifest.get("engines", {}) and not opts.force:
@@ -319,34 +261,28 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
             staged = f"engines/{tmp.name}"  # gated from here; renamed to engines/<name> only once it passes
+            staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
             entry = {
                 "name": name, "backend": opts.backend, "precision": opts.precision, "llm_weights": opts.weights,
                 "dir": staged,
                 "modules": {m: f"{staged}/{f[0]}" for m, f in files.items()},
-                "build_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
-                                  if k not in ("quiet", "force")},
+                "build_options": given.to_json(),
                 "versions": _versions(),
-                "shapes": {"max_views": _max_views(opts.max_tiles or manifest["image"]["max_tiles"], manifest["image"]["thumbnail"]),
-                           "max_context": opts.max_context or manifest["generation"]["context_length"]},
+                "shapes": {"max_views": max_views(manifest, opts.max_tiles), "max_context": opts.max_context},
                 "offline_optimization": "ORT_ENABLE_BASIC" if opts.backend == "onnxruntime" else None,
                 # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
                 "cpu": {"machine": platform.machine(), "features": cpu_features()} if opts.backend == "onnxruntime" else None,
                 "int8_weight_max": int8_weight_max(opts.backend) if opts.precision == "int8" else None,
             }
             if opts.backend == "tensorrt":
-                from sleigh.engines.tensorrt_build import TensorRTOptions, build_engines
+                from sleigh.engines.tensorrt_build import build_engines
 
-                context = opts.max_context or min(TENSORRT_DEFAULT_CONTEXT, manifest["generation"]["context_length"])
-                trt_opts = TensorRTOptions(precision=opts.precision, max_context=context,
-                                           max_tiles=opts.max_tiles or manifest["image"]["max_tiles"])
-                precisions = {"vision": opts.precision, "decoder": opts.weights,
-                              "embed": "fp32" if opts.precision == "fp32" else "fp16"}
-                trt_entry = build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, trt_opts,
-                                          name=name, quiet=opts.quiet, out_dir=tmp, module_precisions=precisions)
-                entry.update({k: v for k, v in trt_entry.items() if k not in ("files", "dir")})
-                entry["modules"] = {m: f"{staged}/{Path(rel).name}" for m, rel in trt_entry["modules"].items()}
-                entry["shapes"]["max_context"] = context
-            staged_files = sorted({f"{staged}/{f}" for fs in files.values() for f in fs} | set(entry["modules"].values()))
+                trt = build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, opts, quiet=opts.quiet, out_dir=tmp)
+                entry["modules"] = trt["modules"]  # the plans, not the converted ONNX they were built from
+                entry["versions"] |= trt["versions"]  # tensorrt, compute_capability, device: keys of their own
+                for key in ("sources", "profiles", "timing_cache", "gswa", "source_checks"):
+                    entry[key] = trt[key]
+                staged_files |= set(trt["files"])
             ordinary_modes(tmp)
 
             bar.advance(0, description=f"{name}: accuracy gate")
@@ -358,7 +294,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             entry["degraded"] = not report["passed"]
             if not report["passed"] and not opts.allow_degraded:
                 raise GateFailed(name, report)  # the staged folder goes; an older engine of this name stays
-            _install(pkg, tmp, final, name, entry, staged, staged_files)
+            _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
             tmp = None
             entry["build_seconds"] = round(time.perf_counter() - t0, 2)
             return entry
@@ -372,15 +308,23 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
 
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:
     """Move the gated folder into place and list it in the manifest (last). An older engine of the
-    same name is moved aside first and put back if anything fails before the manifest is written."""
+    same name is moved aside first and put back if anything fails before the manifest is written.
+    Every path of the entry that points into the staging folder moves with it."""
     old = staging.aside_name(final) if final.exists() else None
     if old is not None:
         final.replace(old)
     try:
         tmp.replace(final)
-        relocate = lambda rel: f"engines/{name}/" + rel[len(staged) + 1:]  # noqa: E731
+
+        def relocate(rel: str) -> str:
+            return f"engines/{name}/" + rel[len(staged) + 1:] if rel.startswith(staged + "/") else rel
+
         entry["dir"] = f"engines/{name}"
         entry["modules"] = {m: relocate(rel) for m, rel in entry["modules"].items()}
+        if "sources" in entry:
+            entry["sources"] = {m: relocate(rel) for m, rel in entry["sources"].items()}
+        if (entry.get("gswa") or {}).get("plugin_library"):
+            entry["gswa"]["plugin_library"] = relocate(entry["gswa"]["plugin_library"])
         entry["files"] = {relocate(rel): file_entry(pkg, relocate(rel)) for rel in staged_files}
         entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
         manifest = read_manifest(pkg)  # re-read: keep what others (calibrate) wrote meanwhile

@@ -6,18 +6,20 @@ networks. So the sources are an FP16 ONNX or a symmetric Q/DQ ONNX (for example 
 Runtime engine folder of the package holds), or the FP32 modules for a GPU reference engine, and
 the network is created STRONGLY_TYPED. `precision` labels what the sources hold and is checked.
 
-Everything that does not need libnvinfer is pure and tested on CPU: options, optimisation profiles
-(from the manifest's input names and symbolic dims), the file plan, the manifest entry skeleton,
-source checks and the GSWA-function stripping. `build_engines` imports `tensorrt` when it runs.
+Everything that does not need libnvinfer is pure and tested on CPU: optimisation profiles (from the
+manifest's input names and symbolic dims), the file plan, the manifest entry's TensorRT part, source
+checks, the GSWA-function stripping and the plugin copy. The options are engines/options.py's.
+`build_engines` imports `tensorrt` when it runs.
 
 GSWA: the vision ONNX holds one `sleigh::GSWA` node (with `plugin_namespace="sleigh"`) and a local
 function of the same name. TensorRT's ONNX parser inlines local functions, matching by name only.
 From 10.7 it prefers a plugin over the function when one is registered under the node's name,
 version and namespace; in 10.1-10.6 (JetPack 6's 10.3 included) the local function always wins.
-So `use_plugin=False` parses the function body (standard ops, no extra library; on 10.7+ this holds
-as long as no sleigh::GSWA plugin is registered in the process, and the builder registers none),
-and `use_plugin=True` parses a copy of vision.onnx without the function, so every parser version
-maps the node to the IPluginV3 registered under namespace "sleigh".
+So by default the parser reads the function body (standard ops, no extra library; on 10.7+ this
+holds as long as no sleigh::GSWA plugin is registered in the process, and the builder registers
+none). With `--plugin-library LIB` it parses a copy of vision.onnx without the function, so every
+parser version maps the node to the IPluginV3 that LIB registers under namespace "sleigh"; LIB is
+copied into the engine folder and listed with its sha256, and the runtime loads only that copy.
 
 UNVERIFIED: TensorRT could not be installed where this was written; `build_engines` follows the
 TensorRT 10.3 and 11.1 Python bindings but has never run.
@@ -27,29 +29,21 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sleigh import __version__
+from sleigh.engines.options import EngineOptions, max_views
 from sleigh.errors import SleighError
 from sleigh.progress import progress
+from sleigh.runtime.backends.cuda import import_cudart
 from sleigh.runtime.backends.tensorrt_backend import (
-    DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, import_cudart,
-    make_logger, profile_to_json, tensorrt_status)
+    DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, load_plugin_library,
+    make_logger, tensorrt_status)
 from sleigh.runtime.multimodal import GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION
 from sleigh.runtime.kv_cache import KV_CHUNK, PAST, grown_capacity
-from sleigh.runtime.package import MODULE_NAMES, sha256_file, write_bytes_atomic
+from sleigh.runtime.package import MODULE_NAMES, write_bytes_atomic
 
-PRECISIONS = ("fp16", "int8", "fp32")  # fp32: a GPU reference engine from the FP32 modules
-BUILDER_OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's 0..5; 3 is its default
-MAX_BATCH = 64  # the exporter's batch Dim upper bound
-DEFAULT_OPT_TILES = 6  # a typical photo: 6 tiles + thumbnail = 7 views
-OPT_TEXT_TOKENS = 64  # text around the image tokens in a typical prompt (template, system message, question)
-ENGINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
+PLUGIN_DIR = "plugin"  # in the engine folder: the copy of --plugin-library that the runtime loads
 
 # ONNX Runtime's QOperator / dynamic quantization ops: TensorRT wants Q/DQ (QDQ format) instead.
 QOPERATOR_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QLinearAdd"}
@@ -57,89 +51,14 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 COMPUTE_OPS = {"MatMul", "Gemm", "Conv"}  # modules with these must carry Q/DQ for int8 (embed has none)
 
 
-@dataclass(frozen=True)
-class TensorRTOptions:
-    """Build options; recorded in the manifest entry as `build_options`."""
-
-    precision: str = "fp16"  # what the source ONNX holds: "fp16" (float16 tensors), "int8" (symmetric Q/DQ), "fp32"
-    max_tiles: int = 12  # vision profile: views 1..max_tiles (+1 thumbnail)
-    opt_tiles: int | None = None  # the shape TensorRT tunes kernels for; None: min(6, max_tiles), 6 tiles + thumbnail = 7 views
-    max_context: int = 4096  # decoder: past + new positions; also the KV buffers the runtime allocates
-    opt_context: int | None = None  # None: tokens of opt_tiles views + OPT_TEXT_TOKENS
-    max_batch: int = 1
-    workspace_gb: float = 4.0  # builder scratch memory (MemoryPoolType.WORKSPACE)
-    builder_optimization_level: int = 3
-    timing_cache: Path | None = None  # None: PKG/engines/timing.cache, shared by every engine of the package
-    use_plugin: bool = False  # True: GSWA through the sleigh IPluginV3 (the local function is stripped)
-    plugin_library: Path | None = None  # a shared library that registers that plugin
-
-    def __post_init__(self):
-        def need_int(field, lo, hi):
-            v = getattr(self, field)
-            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise SleighError(f"--{field.replace('_', '-')} {v!r}", "out of range", f"an integer in {lo}..{hi}")
-
-        if self.precision not in PRECISIONS:
-            raise SleighError(f"--precision {self.precision!r}", "not a TensorRT precision of Sleigh",
-                              f"one of {', '.join(PRECISIONS)} (the source ONNX's: TensorRT 11 has no precision flags)")
-        need_int("max_tiles", 1, 40)
-        if self.opt_tiles is not None:
-            need_int("opt_tiles", 1, self.max_tiles)
-        need_int("max_context", 2, 1 << 20)
-        if self.opt_context is not None:
-            need_int("opt_context", 1, self.max_context)
-        need_int("max_batch", 1, MAX_BATCH)
-        need_int("builder_optimization_level", BUILDER_OPTIMIZATION_LEVELS.start, BUILDER_OPTIMIZATION_LEVELS.stop - 1)
-        if isinstance(self.workspace_gb, bool) or not isinstance(self.workspace_gb, (int, float)) or not 0 < self.workspace_gb <= 1024:
-            raise SleighError(f"--workspace-gb {self.workspace_gb!r}", "out of range", "a number of GiB in (0, 1024]")
-        if self.plugin_library is not None and not self.use_plugin:
-            raise SleighError("--plugin-library", "given without --use-plugin", "--use-plugin with it, or neither")
-
-    def to_json(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-def tensorrt_available() -> tuple[bool, str]:
-    """(True, 'TensorRT 10.3.0.26') or (False, one-line problem). Imports nothing else."""
-    ok, what = tensorrt_status()
-    return (True, f"TensorRT {what}") if ok else (False, what)
-
-
-def default_engine_name(opts: TensorRTOptions) -> str:
-    return f"tensorrt-{opts.precision}"
+def require_tensorrt() -> None:
+    """A one-line SleighError where TensorRT cannot build (checked before anything is converted)."""
+    ok, problem = tensorrt_status()
+    if not ok:
+        raise SleighError("tensorrt", problem, TENSORRT_EXPECTED)
 
 
 # -- profiles -----------------------------------------------------------------------------------
-
-
-def max_views(manifest: dict, tiles: int) -> int:
-    """Views for `tiles` tiles: a thumbnail is appended when there is more than one tile."""
-    return tiles + (1 if manifest["image"].get("thumbnail", True) and tiles > 1 else 0)
-
-
-def opt_tiles(opts: TensorRTOptions) -> int:
-    return opts.opt_tiles if opts.opt_tiles is not None else min(DEFAULT_OPT_TILES, opts.max_tiles)
-
-
-def opt_context(manifest: dict, opts: TensorRTOptions) -> int:
-    if opts.opt_context is not None:
-        return opts.opt_context
-    tokens = manifest["prompt"]["tokens_per_view"] * max_views(manifest, opt_tiles(opts)) + OPT_TEXT_TOKENS
-    return min(tokens, opts.max_context)
-
-
-def check_against_manifest(manifest: dict, opts: TensorRTOptions) -> None:
-    """Options that only make sense for a given model: context length and image tokens."""
-    limit = manifest["generation"]["context_length"]
-    if opts.max_context > limit:
-        raise SleighError(f"--max-context {opts.max_context}", f"exceeds the model's context of {limit}", f"at most {limit}")
-    tpv = manifest["prompt"]["tokens_per_view"]
-    image_tokens = tpv * max_views(manifest, opts.max_tiles)
-    if image_tokens >= opts.max_context:
-        fit = max((t for t in range(1, opts.max_tiles + 1) if tpv * max_views(manifest, t) < opts.max_context), default=0)
-        raise SleighError(f"--max-context {opts.max_context}",
-                          f"cannot hold {max_views(manifest, opts.max_tiles)} views x {tpv} image tokens ({image_tokens}) plus text",
-                          f"--max-context > {image_tokens}" + (f" or --max-tiles <= {fit}" if fit else ""))
 
 
 def _profile(manifest: dict, module: str, dims: dict[str, tuple[int, int, int]]) -> Profile:
@@ -168,28 +87,28 @@ def _expect_static(manifest: dict, module: str, name: str, axis: int, value: int
                           f"the model config says {value}", "a package whose modules match its manifest (re-export it)")
 
 
-def vision_profile(manifest: dict, opts: TensorRTOptions) -> Profile:
+def vision_profile(manifest: dict, opts: EngineOptions) -> Profile:
     """pixel_values (views, 3, S, S): 1 .. max_tiles + thumbnail views, tuned for opt_tiles + thumbnail."""
-    check_against_manifest(manifest, opts)
+    opts = opts.for_package(manifest)
     size = manifest["image"]["size"]
     _expect_static(manifest, "vision", "pixel_values", 2, size, "image height")
     _expect_static(manifest, "vision", "pixel_values", 3, size, "image width")
-    views = (1, max_views(manifest, opt_tiles(opts)), max_views(manifest, opts.max_tiles))
+    views = (1, max_views(manifest, opts.opt_tiles), max_views(manifest, opts.max_tiles))
     return _profile(manifest, "vision", {"views": views})
 
 
-def embed_profile(manifest: dict, opts: TensorRTOptions) -> Profile:
+def embed_profile(manifest: dict, opts: EngineOptions) -> Profile:
     """input_ids (B, S), image_embeds (M, D). One profile for prefill and the one-token steps: the
     module is a gather, whose kernels hardly depend on the shape."""
-    check_against_manifest(manifest, opts)
+    opts = opts.for_package(manifest)
     tpv = manifest["prompt"]["tokens_per_view"]
     dims = {"batch": (1, 1, opts.max_batch),
-            "sequence": (1, opt_context(manifest, opts), opts.max_context),
-            "image_rows": (1, tpv * max_views(manifest, opt_tiles(opts)), tpv * max_views(manifest, opts.max_tiles) * opts.max_batch)}
+            "sequence": (1, opts.opt_context, opts.max_context),
+            "image_rows": (1, tpv * max_views(manifest, opts.opt_tiles), tpv * max_views(manifest, opts.max_tiles) * opts.max_batch)}
     return _profile(manifest, "embed", dims)
 
 
-def decoder_profiles(manifest: dict, opts: TensorRTOptions) -> list[Profile]:
+def decoder_profiles(manifest: dict, opts: EngineOptions) -> list[Profile]:
     """[prefill, decode] (DECODER_PROFILES order).
 
     TensorRT checks that min, opt and max each satisfy the graph's shape constraints, and the
@@ -199,12 +118,12 @@ def decoder_profiles(manifest: dict, opts: TensorRTOptions) -> list[Profile]:
       decode:  sequence 1, slots 0..max_context rounded up to the runtime's growth chunk, total = slots + 1
     A multi-token step on a non-empty cache fits neither; the runtime feeds it one token at a time.
     """
-    check_against_manifest(manifest, opts)
+    opts = opts.for_package(manifest)
     llm = manifest["model_config"]["llm"]
     for name in (n for n in (i["name"] for i in manifest["modules"]["decoder"]["inputs"]) if n.startswith(PAST + ".")):
         _expect_static(manifest, "decoder", name, 1, llm["num_kv_heads"], "the KV-head dim")
         _expect_static(manifest, "decoder", name, 3, llm["hidden_size"] // llm["num_heads"], "the head dim")
-    C, opt_seq = opts.max_context, opt_context(manifest, opts)
+    C, opt_seq = opts.max_context, opts.opt_context
     batch = (1, 1, opts.max_batch)
     max_slots = grown_capacity(C, KV_CHUNK)  # the runtime grows its slots in chunks (runtime/kv_cache.py)
     opt_slots = grown_capacity(min(opt_seq, C), KV_CHUNK)
@@ -214,7 +133,11 @@ def decoder_profiles(manifest: dict, opts: TensorRTOptions) -> list[Profile]:
     return [_profile(manifest, "decoder", prefill), _profile(manifest, "decoder", decode)]
 
 
-# -- the plan: files, profiles, manifest entry ----------------------------------------------------
+def profile_to_json(profile: Profile) -> dict:
+    return {name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in profile.items()}
+
+
+# -- the plan: files, profiles, the manifest entry's TensorRT part ---------------------------------
 
 
 def _rel(pkg: Path, path: Path) -> str:
@@ -225,33 +148,21 @@ def _rel(pkg: Path, path: Path) -> str:
         return str(Path(path).resolve())
 
 
-def _final_rel(pkg: Path, engine_dir: Path, name: str, path: Path) -> str:
-    """Where `path` will be once `engine_dir` is PKG/engines/<name>."""
-    try:
-        return f"engines/{name}/" + Path(path).resolve().relative_to(Path(engine_dir).resolve()).as_posix()
-    except ValueError:
-        return _rel(pkg, path)
-
-
-def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: TensorRTOptions, *,
-                name: str | None = None, out_dir: Path | None = None) -> dict:
-    """What a build will read and write, and the manifest entry it will fill in (no TensorRT needed).
+def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: EngineOptions, *,
+                out_dir: Path | None = None) -> dict:
+    """What a build will read and write, and the TensorRT part of the manifest entry (no TensorRT needed).
 
     `sources`: the ONNX per module, FP16 or Q/DQ (absolute, or relative to the package).
-    `out_dir`: where the plans are written, when the caller builds in a temporary folder that it
-    renames to PKG/engines/<name> afterwards; the entry always records the final paths (and a
-    source inside `out_dir` as the file it will be in PKG/engines/<name>).
-    Returns {"name", "dir", "timing_cache", "modules": {module: {"source", "plan", "plan_rel",
-    "profiles", "profile_names", "strip_gswa_function"}}, "entry"}.
+    `out_dir`: where the plans are written (default PKG/engines/<name>); build-engine builds in a
+    staging folder that it renames to PKG/engines/<name> once the engine passes its gate, and moves
+    the entry's paths with it. Every path in the entry is relative to the package.
+    Returns {"name", "dir", "timing_cache", "plugin": {"library", "copy", "rel"} or None,
+    "modules": {module: {"source", "plan", "plan_rel", "profiles", "profile_names", "strip_gswa_function"}},
+    "entry": {"modules", "sources", "profiles", "timing_cache", "gswa", "versions", "source_checks", "files"}}.
     """
     pkg = Path(pkg)
-    name = name or default_engine_name(opts)
-    if not ENGINE_NAME.match(name):
-        raise SleighError(f"--name {name!r}", "not a usable engine name", "letters, digits, '.', '_' and '-' (a folder name)")
-    existing = manifest.get("engines", {}).get(name)
-    if existing is not None and existing.get("backend") != "tensorrt":
-        raise SleighError(f"--name {name}", f"the package already has a {existing.get('backend')!r} engine of that name",
-                          f"another name (default {default_engine_name(opts)})")
+    opts = opts.for_package(manifest)
+    name = opts.name
     missing = [m for m in MODULE_NAMES if m not in sources]
     unknown = sorted(set(sources) - set(MODULE_NAMES))
     if missing or unknown:
@@ -268,37 +179,45 @@ def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Tenso
                 "decoder": decoder_profiles(manifest, opts)}
     names = {"vision": ["default"], "embed": ["default"], "decoder": list(DECODER_PROFILES)}
     engine_dir = Path(out_dir) if out_dir is not None else pkg / "engines" / name
-    timing_cache = Path(opts.timing_cache) if opts.timing_cache is not None else pkg / "engines" / "timing.cache"
-    has_gswa = manifest.get("gswa") is not None
+    timing_cache = pkg / "engines" / "timing.cache"  # shared by every engine of the package, outside the staging folder
+    use_plugin = opts.plugin_library is not None
     modules = {}
     for m in MODULE_NAMES:
-        plan_rel = f"engines/{name}/{m}.plan"
-        modules[m] = {"source": resolved[m], "plan": engine_dir / f"{m}.plan", "plan_rel": plan_rel, "profiles": profiles[m],
-                      "profile_names": names[m], "strip_gswa_function": opts.use_plugin and has_gswa and m == "vision"}
-    if not has_gswa:
+        plan = engine_dir / f"{m}.plan"
+        modules[m] = {"source": resolved[m], "plan": plan, "plan_rel": _rel(pkg, plan), "profiles": profiles[m],
+                      "profile_names": names[m], "strip_gswa_function": use_plugin and m == "vision"}
+    plugin = None
+    if manifest.get("gswa") is None:
         gswa = None
-    elif opts.use_plugin:
+    elif use_plugin:
+        library = Path(opts.plugin_library)
+        plugin = {"library": library, "copy": engine_dir / PLUGIN_DIR / library.name,
+                  "rel": _rel(pkg, engine_dir / PLUGIN_DIR / library.name)}
         gswa = {"via": "plugin", "op": f"{GSWA_DOMAIN}::{GSWA_OP}", "plugin_namespace": GSWA_PLUGIN_NAMESPACE,
-                "plugin_version": GSWA_PLUGIN_VERSION,
-                "plugin_library": None if opts.plugin_library is None else str(Path(opts.plugin_library).resolve())}
+                "plugin_version": GSWA_PLUGIN_VERSION, "plugin_library": plugin["rel"]}
     else:
         gswa = {"via": "function", "op": f"{GSWA_DOMAIN}::{GSWA_OP}"}
     entry = {
-        "backend": "tensorrt",
-        "precision": opts.precision,
         "modules": {m: modules[m]["plan_rel"] for m in MODULE_NAMES},
-        "sources": {m: _final_rel(pkg, engine_dir, name, resolved[m]) for m in MODULE_NAMES},
+        "sources": {m: _rel(pkg, resolved[m]) for m in MODULE_NAMES},
         "profiles": {m: [{"name": n, "shapes": profile_to_json(p)} for n, p in zip(names[m], profiles[m])] for m in MODULE_NAMES},
         "timing_cache": _rel(pkg, timing_cache),
         "gswa": gswa,
-        "build_options": opts.to_json(),
-        "versions": {"sleigh": __version__, "tensorrt": None, "compute_capability": None, "device": None},
+        "versions": {"tensorrt": None, "compute_capability": None, "device": None},
         "source_checks": None,
-        "files": {},
-        "files_bytes": None,
-        "build_seconds": None,
+        "files": [],  # what the build wrote, relative to the package: the plans and the plugin's copy
     }
-    return {"name": name, "dir": engine_dir, "timing_cache": timing_cache, "modules": modules, "entry": entry}
+    return {"name": name, "dir": engine_dir, "timing_cache": timing_cache, "plugin": plugin, "modules": modules, "entry": entry}
+
+
+def copy_plugin(plan: dict) -> None:
+    """Copy --plugin-library into the engine folder (PLUGIN_DIR): the build registers that copy, the
+    entry lists it with its sha256, and the runtime loads nothing else."""
+    plugin = plan["plugin"]
+    if plugin is None:
+        return
+    write_bytes_atomic(plugin["copy"], Path(plugin["library"]).read_bytes())
+    plan["entry"]["files"].append(plugin["rel"])
 
 
 # -- source checks and the plugin copy of vision.onnx (need onnx, imported lazily) ------------------
@@ -367,7 +286,7 @@ def source_problems(module: str, path: Path, precision: str, manifest: dict, *, 
     gswa_nodes = [n for n in model.graph.node if n.domain == GSWA_DOMAIN and n.op_type == GSWA_OP]
     if gswa_nodes and not use_plugin and GSWA_OP not in function_names:
         problems.append("has the sleigh::GSWA node without its function body, so TensorRT would need the plugin "
-                        "(use --use-plugin, or the package's vision.onnx)")
+                        "(use --plugin-library, or the package's vision.onnx)")
     return problems
 
 
@@ -397,7 +316,7 @@ def strip_gswa_function(src: Path, dst: Path) -> int:
     model = onnx.load(str(src), load_external_data=False)
     nodes = [n for n in model.graph.node if n.domain == GSWA_DOMAIN and n.op_type == GSWA_OP]
     if not nodes:
-        raise SleighError(str(src), "has no sleigh::GSWA node", "the vision module of a package with GSWA (or no --use-plugin)")
+        raise SleighError(str(src), "has no sleigh::GSWA node", "the vision module of a package with GSWA (or no --plugin-library)")
     for n in nodes:
         ns = next((a.s.decode() for a in n.attribute if a.name == "plugin_namespace"), None)
         if ns != GSWA_PLUGIN_NAMESPACE:
@@ -451,20 +370,16 @@ def parser_errors(parser, limit: int = 3) -> str:
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
 
 
-def _register_plugin(trt, logger, opts: TensorRTOptions) -> None:
-    trt.init_libnvinfer_plugins(logger, "")
-    registry = trt.get_plugin_registry()
-    if opts.plugin_library is not None:
-        if not Path(opts.plugin_library).is_file() or registry.load_library(str(opts.plugin_library)) is None:
-            raise SleighError(f"--plugin-library {opts.plugin_library}", f"TensorRT cannot load it ({logger.last_error()})",
-                              "a shared library built for this TensorRT version that registers the sleigh::GSWA plugin")
-    if registry.get_creator(GSWA_OP, GSWA_PLUGIN_VERSION, GSWA_PLUGIN_NAMESPACE) is None:
-        raise SleighError("--use-plugin", f"no {GSWA_OP} plugin (version {GSWA_PLUGIN_VERSION}, namespace "
-                          f"{GSWA_PLUGIN_NAMESPACE!r}) is registered with TensorRT",
-                          "--plugin-library PATH of the library that registers it, or no --use-plugin (the GSWA function is parsed)")
+def _register_plugin(trt, logger, library: Path) -> None:
+    """Register the engine folder's copy of the plugin library and check that it provides sleigh::GSWA."""
+    load_plugin_library(trt, logger, library)
+    if trt.get_plugin_registry().get_creator(GSWA_OP, GSWA_PLUGIN_VERSION, GSWA_PLUGIN_NAMESPACE) is None:
+        raise SleighError("--plugin-library", f"the library registers no {GSWA_OP} plugin (version {GSWA_PLUGIN_VERSION}, "
+                          f"namespace {GSWA_PLUGIN_NAMESPACE!r}) with TensorRT",
+                          "the library that registers it, or no --plugin-library (the GSWA function is parsed)")
 
 
-def _build_module(trt, logger, module: str, spec: dict, opts: TensorRTOptions, cache_bytes: bytes):
+def _build_module(trt, logger, module: str, spec: dict, opts: EngineOptions, cache_bytes: bytes):
     """Parse, profile and build one module; returns (serialized engine, serialized timing cache)."""
     try:
         builder = trt.Builder(logger)
@@ -504,19 +419,16 @@ def _build_module(trt, logger, module: str, spec: dict, opts: TensorRTOptions, c
         return serialized, config.get_timing_cache().serialize()
 
 
-def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: TensorRTOptions, *,
-                  name: str | None = None, quiet: bool = False, out_dir: Path | None = None,
-                  module_precisions: dict[str, str] | None = None) -> dict:
+def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: EngineOptions, *,
+                  quiet: bool = False, out_dir: Path | None = None) -> dict:
     """Build vision, embed and decoder plans into PKG/engines/<name>/ (or `out_dir`, see
-    `engine_plan`) and return the manifest entry (the caller writes it to manifest["engines"][name],
-    merges entry["files"] into manifest["files"], and writes the manifest last). Never writes a
-    plan without TensorRT."""
-    t0 = time.perf_counter()
+    `engine_plan`) and return the TensorRT part of the manifest entry, with "files": the files it
+    wrote (the caller lists them with their sha256 and writes the manifest last). Never writes a
+    plan without TensorRT. Each source is checked as what `opts.module_precisions` says it holds."""
     pkg = Path(pkg)
-    plan = engine_plan(pkg, manifest, sources, opts, name=name, out_dir=out_dir)
-    ok, problem = tensorrt_available()
-    if not ok:
-        raise SleighError("tensorrt", problem, TENSORRT_EXPECTED)
+    opts = opts.for_package(manifest)
+    plan = engine_plan(pkg, manifest, sources, opts, out_dir=out_dir)
+    require_tensorrt()
     entry = copy.deepcopy(plan["entry"])
     try:
         import onnx  # noqa: F401  (the export extra; a Jetson may build without it)
@@ -524,9 +436,8 @@ def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Ten
         entry["source_checks"] = "skipped: onnx is not installed"
     else:
         for m, spec in plan["modules"].items():
-            # an INT8 engine has a Q/DQ vision but an FP16 embed and decoder: check each as what it is
-            want = (module_precisions or {}).get(m, opts.precision)
-            problems = source_problems(m, spec["source"], want, manifest, use_plugin=opts.use_plugin)
+            want = opts.module_precisions[m]
+            problems = source_problems(m, spec["source"], want, manifest, use_plugin=plan["plugin"] is not None)
             if problems:
                 raise SleighError(f"{m} source {spec['source']}", "; ".join(problems[:3]),
                                   f"an {want.upper()} ONNX of the {m} module that TensorRT can parse")
@@ -534,8 +445,9 @@ def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Ten
     import tensorrt as trt
 
     logger = make_logger(trt, echo=not quiet)
-    if opts.use_plugin:
-        _register_plugin(trt, logger, opts)
+    if plan["plugin"] is not None:
+        copy_plugin(plan)
+        _register_plugin(trt, logger, plan["plugin"]["copy"])
     cache_path = plan["timing_cache"]
     cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
     with progress("build-engine", len(plan["modules"]), quiet) as bar:
@@ -547,6 +459,7 @@ def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Ten
             cache_bytes = bytes(memoryview(cache))
             del serialized
             bar.advance()
+            entry["files"].append(spec["plan_rel"])
     entry["versions"]["tensorrt"] = trt.__version__
     try:
         cudart = import_cudart()
@@ -554,8 +467,4 @@ def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Ten
         entry["versions"]["device"] = device_name(cudart)
     except Exception:  # cuda-python missing: the runtime then checks the TensorRT version only
         pass
-    entry["files"] = {spec["plan_rel"]: {"sha256": sha256_file(spec["plan"]), "bytes": spec["plan"].stat().st_size}
-                      for spec in plan["modules"].values()}
-    entry["files_bytes"] = sum(f["bytes"] for f in entry["files"].values())
-    entry["build_seconds"] = round(time.perf_counter() - t0, 2)
     return entry

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from sleigh import __version__
 from sleigh.errors import SleighError, first_line
-from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io, save_onnx
+from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
 from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
 

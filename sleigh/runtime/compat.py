@@ -1,4 +1,5 @@
-"""The onnxruntime versions Sleigh runs on: the range CI tests, checked before a session opens.
+"""The onnxruntime versions Sleigh runs on (the range CI tests, checked before a session opens), and
+the session settings every ONNX Runtime session of Sleigh uses: the backend's, calibration's, parity's.
 
 CI (`.ci/run`) runs the runtime and engine tests with the newest onnxruntime, with 1.31.1 (the newest
 onnxruntime-gpu, what CUDA users get) and with ONNXRUNTIME_MIN, the oldest Sleigh supports. An older
@@ -47,3 +48,17 @@ def import_onnxruntime():
 
     check_onnxruntime(onnxruntime.__version__)
     return onnxruntime
+
+
+def session_options(threads: int | None = None, *, arena: bool = True):
+    """Sleigh's ONNX Runtime session settings: quiet logs, `threads` intra-op threads when given,
+    and no CPU memory arena where a caller opens large modules one after another (an arena keeps its peak)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = arena
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts

@@ -2,7 +2,7 @@
 
 ONNX Runtime picks its int8 kernels by instruction set: on x86 with AVX2 but no VNNI the u8s8 kernels
 sum pairs of products in int16 (VPMADDUBSW) and saturate with full-range 8-bit weights, which is why
-ONNX Runtime INT8 engines use 7-bit weights (calibration/qdq.py, ORT_WEIGHT_MAX). A gate passed on
+ONNX Runtime INT8 engines use 7-bit weights (engines/calibration/int8.py, ORT_WEIGHT_MAX). A gate passed on
 one set of kernels says nothing certain about another, so build-engine records the features below
 that the building CPU has, and the runtime says so (one line, not an error) when one is missing.
 

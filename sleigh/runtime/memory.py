@@ -130,8 +130,8 @@ class MemoryBudget:
         if BASE_BYTES + weights > limit:
             raise SleighError(f"{label} {gb(limit)}", f"the model alone needs {gb(BASE_BYTES + weights)} "
                               f"({gb(weights)} of weights + {gb(BASE_BYTES)} of runtime)",
-                              f"a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
-                              f"--llm-weights int4)")
+                              "a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
+                              "--llm-weights int4)")
 
     def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int) -> int:
         """The model's peak (bytes) for one generation run with these chunks."""

@@ -33,7 +33,7 @@ from sleigh.data.synth import COLOURS, SHAPES, SynthSpec, cell_needs, questions,
 from sleigh.errors import SleighError
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.prompt import PromptTokenizer
-from sleigh.sleighvl.checkpoint import TOKENIZER, GenerationConfig, load_checkpoint, save_checkpoint
+from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
 
 PARTS = ("gswa", "projector", "vision", "llm")
 STATE = "train_state.safetensors"

@@ -21,7 +21,8 @@ from sleigh.engines.calibration.collect import calibrate_package
 from sleigh.engines.calibration.qdq import check_symmetric, scale_activation_scales
 from sleigh.errors import SleighError
 from sleigh.engines.accuracy import run_gate
-from sleigh.engines.build_engine import EngineOptions, build_engine, int8_weight_max
+from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
+from sleigh.engines.options import EngineOptions
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
 from sleigh.runtime.package import file_entry, read_manifest, verify_files, write_json_atomic
 from sleigh.runtime.pipeline import Pipeline
@@ -70,6 +71,10 @@ def test_every_onnxruntime_precision_builds_registers_and_runs(engine_pkg):
         assert name in res.backend and len(res.token_ids) == 6
         np.testing.assert_allclose(res.gswa_weights, ref.gswa_weights, atol=0.25)  # INT8 vision moves them most
     assert manifest["engines"]["onnxruntime-fp16"]["accuracy_passed"]  # FP16 must pass its gate outright
+    fp16 = manifest["engines"]["onnxruntime-fp16"]
+    assert fp16["build_options"] == EngineOptions(precision="fp16").to_json()  # as given, recorded once
+    assert set(fp16["versions"]) == {"sleigh", "onnx", "onnxruntime"}
+    assert fp16["shapes"] == {"max_views": 13, "max_context": manifest["generation"]["context_length"]}  # 12 tiles + thumbnail
     for name in ENGINES:
         assert manifest["engines"][name]["degraded"] == (not manifest["engines"][name]["accuracy"]["passed"])
 
@@ -163,6 +168,30 @@ def test_a_failed_gate_registers_nothing(tiny_pkg, tmp_path, monkeypatch):
     assert read_manifest(pkg)["engines"] == {}
     assert not (pkg / "engines" / "onnxruntime-fp16").exists()
     assert not [p for p in (pkg / "engines").iterdir()] if (pkg / "engines").exists() else True
+
+
+def test_install_moves_every_staged_path_and_lists_the_plugin_library(tiny_pkg, tmp_path):
+    """A TensorRT entry names its plans, sources and GSWA plugin library in the staging folder while it
+    is gated; once installed, each is under engines/<name>/ and listed with its sha256."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    tmp = pkg / "engines" / ".trt.tmp-1"
+    (tmp / "plugin").mkdir(parents=True)
+    for rel, data in (("vision.plan", b"plan"), ("vision.onnx", b"onnx"), ("plugin/libgswa.so", b"\x7fELF")):
+        (tmp / rel).write_bytes(data)
+    staged = "engines/.trt.tmp-1"
+    entry = {"name": "trt", "backend": "tensorrt", "precision": "fp16", "dir": staged,
+             "modules": {"vision": f"{staged}/vision.plan"},
+             "sources": {"vision": f"{staged}/vision.onnx", "embed": "embed.onnx"},
+             "gswa": {"via": "plugin", "plugin_library": f"{staged}/plugin/libgswa.so"}}
+    files = [f"{staged}/vision.plan", f"{staged}/vision.onnx", f"{staged}/plugin/libgswa.so"]
+    _install(pkg, tmp, pkg / "engines" / "trt", "trt", entry, staged, files)
+    installed = read_manifest(pkg)["engines"]["trt"]
+    assert installed["modules"] == {"vision": "engines/trt/vision.plan"}
+    assert installed["sources"] == {"vision": "engines/trt/vision.onnx", "embed": "embed.onnx"}  # outside: unchanged
+    assert installed["gswa"]["plugin_library"] == "engines/trt/plugin/libgswa.so"
+    assert installed["files"]["engines/trt/plugin/libgswa.so"] == file_entry(pkg, "engines/trt/plugin/libgswa.so")
+    assert verify_files(pkg, read_manifest(pkg)) == [] and not tmp.exists()
 
 
 def test_int8_without_calibration_and_bad_options_are_clear(tiny_pkg, tmp_path):

@@ -1,6 +1,7 @@
-"""TensorRT engine building, everything that needs no libnvinfer: options, optimisation profiles from
-a real package's manifest, the file plan and manifest entry, source checks, the GSWA plugin copy of
-vision.onnx, and the one-line error where TensorRT is not installed.
+"""TensorRT engine building, everything that needs no libnvinfer: optimisation profiles from a real
+package's manifest, the file plan and the manifest entry's TensorRT part, source checks, the GSWA
+plugin (the copy of vision.onnx without the function, the library copied into the engine), and the
+one-line error where TensorRT is not installed. The options are tested in test_options.py.
 
 Nothing here imitates TensorRT: building and running engines is unverified on these machines.
 """
@@ -19,12 +20,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from sleigh.engines.options import EngineOptions
 from sleigh.errors import SleighError
 from sleigh.engines.tensorrt_build import (
-    GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, TensorRTOptions, _parse_path, build_engines, decoder_profiles,
-    default_engine_name, embed_profile, engine_plan, parser_errors, source_problems, strip_gswa_function,
-    tensorrt_available, vision_profile)
-from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED, profile_from_json
+    GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, _parse_path, build_engines, copy_plugin, decoder_profiles, embed_profile,
+    engine_plan, parser_errors, profile_to_json, require_tensorrt, source_problems, strip_gswa_function, vision_profile)
+from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 
 MODULES = ("vision", "embed", "decoder")
@@ -35,6 +36,15 @@ TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 def trt_pkg(tiny_pkg) -> tuple[Path, dict]:
     """The shared tiny package and its manifest. Read-only for the tests."""
     return tiny_pkg, json.loads((tiny_pkg / "manifest.json").read_text())
+
+
+def TRT(**kwargs) -> EngineOptions:
+    return EngineOptions(backend="tensorrt", **kwargs)
+
+
+def profile_from_json(data: dict):
+    """The reverse of profile_to_json, written here from the entry's documented layout."""
+    return {name: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for name, v in data.items()}
 
 
 def package_sources(pkg: Path) -> dict[str, Path]:
@@ -56,48 +66,10 @@ def assert_one_line_error(err: SleighError):
     assert "\n" not in text and " | " in text and ". Expected: " in text, text
 
 
-# -- options ------------------------------------------------------------------------------------
-
-
-def test_options_defaults():
-    opts = TensorRTOptions()
-    assert (opts.precision, opts.max_tiles, opts.max_batch, opts.builder_optimization_level, opts.use_plugin) == \
-        ("fp16", 12, 1, 3, False)
-    assert default_engine_name(opts) == "tensorrt-fp16"
-    json.dumps(TensorRTOptions(timing_cache=Path("/x/t.cache")).to_json())  # manifest-ready: no Path objects
-
-
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"precision": "best"}, "fp16, int8, fp32"),
-    ({"precision": "FP16"}, "fp16, int8, fp32"),
-    ({"max_tiles": 0}, "1..40"),
-    ({"max_tiles": 41}, "1..40"),
-    ({"max_tiles": 4, "opt_tiles": 5}, "1..4"),
-    ({"max_context": 1}, "--max-context"),
-    ({"max_context": 1024, "opt_context": 2048}, "1..1024"),
-    ({"max_batch": 0}, "1..64"),
-    ({"max_batch": 65}, "1..64"),
-    ({"max_batch": True}, "1..64"),
-    ({"workspace_gb": 0}, "(0, 1024]"),
-    ({"builder_optimization_level": 6}, "0..5"),
-    ({"builder_optimization_level": -1}, "0..5"),
-    ({"plugin_library": Path("libgswa.so")}, "--use-plugin"),
-])
-def test_options_validation(kwargs, needle):
-    with pytest.raises(SleighError) as e:
-        TensorRTOptions(**kwargs)
-    assert_one_line_error(e.value)
-    assert needle in str(e.value)
-
-
-def test_opt_tiles_follow_small_max_tiles():
-    assert TensorRTOptions(max_tiles=4).opt_tiles is None  # resolved to min(6, max_tiles) in the profiles
-
-
 # -- profiles -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opts", [TensorRTOptions(), TensorRTOptions(precision="int8", max_tiles=4, max_batch=2,
+@pytest.mark.parametrize("opts", [TRT(), TRT(precision="int8", max_tiles=4, max_batch=2,
                                                                      max_context=2048, opt_context=300)])
 def test_profiles_name_every_input_with_ordered_ranges(trt_pkg, opts):
     pkg, manifest = trt_pkg
@@ -120,19 +92,19 @@ def test_profiles_name_every_input_with_ordered_ranges(trt_pkg, opts):
 def test_vision_profile_views(trt_pkg):
     _, manifest = trt_pkg
     size = manifest["image"]["size"]
-    prof = vision_profile(manifest, TensorRTOptions())
+    prof = vision_profile(manifest, TRT())
     assert prof == {"pixel_values": ((1, 3, size, size), (7, 3, size, size), (13, 3, size, size))}
-    assert vision_profile(manifest, TensorRTOptions(max_tiles=12))["pixel_values"][2][0] == 12 + 1  # + thumbnail
-    assert vision_profile(manifest, TensorRTOptions(max_tiles=4))["pixel_values"] == \
+    assert vision_profile(manifest, TRT(max_tiles=12))["pixel_values"][2][0] == 12 + 1  # + thumbnail
+    assert vision_profile(manifest, TRT(max_tiles=4))["pixel_values"] == \
         ((1, 3, size, size), (5, 3, size, size), (5, 3, size, size))
     # one tile: InternVL tiling appends no thumbnail
-    assert vision_profile(manifest, TensorRTOptions(max_tiles=1))["pixel_values"][2][0] == 1
+    assert vision_profile(manifest, TRT(max_tiles=1))["pixel_values"][2][0] == 1
 
 
 def test_embed_profile_holds_all_image_rows_and_one_token_steps(trt_pkg):
     _, manifest = trt_pkg
     tpv, D = manifest["prompt"]["tokens_per_view"], manifest["model_config"]["llm"]["hidden_size"]
-    prof = embed_profile(manifest, TensorRTOptions(max_batch=2))
+    prof = embed_profile(manifest, TRT(max_batch=2))
     assert prof["input_ids"][0] == (1, 1)  # decode steps embed one token with a dummy image row
     assert prof["image_embeds"][0] == (1, D)
     assert prof["image_embeds"][2] == (tpv * 13 * 2, D)
@@ -144,7 +116,7 @@ def test_decoder_profiles(trt_pkg):
     llm = manifest["model_config"]["llm"]
     kv, hd = llm["num_kv_heads"], llm["hidden_size"] // llm["num_heads"]
     C = 4096
-    prefill, decode = decoder_profiles(manifest, TensorRTOptions(max_context=C, max_batch=3))
+    prefill, decode = decoder_profiles(manifest, TRT(max_context=C, max_batch=3))
     assert DECODER_PROFILES == ("prefill", "decode")
     past_names = [n for n in prefill if n.startswith("past_key_values.")]
     assert len(past_names) == 2 * llm["num_layers"]
@@ -170,14 +142,14 @@ def test_context_must_fit_the_model_and_the_image(trt_pkg):
     _, manifest = trt_pkg
     limit = manifest["generation"]["context_length"]
     with pytest.raises(SleighError) as e:
-        decoder_profiles(manifest, TensorRTOptions(max_context=limit + 1))
+        decoder_profiles(manifest, TRT(max_context=limit + 1))
     assert_one_line_error(e.value)
     assert str(limit) in str(e.value)
     with pytest.raises(SleighError) as e:  # 13 views x 256 tokens do not fit 2048 positions
-        vision_profile(manifest, TensorRTOptions(max_context=2048))
+        vision_profile(manifest, TRT(max_context=2048))
     assert_one_line_error(e.value)
     assert "--max-tiles <= 6" in str(e.value)  # 7 views x 256 = 1792 < 2048
-    vision_profile(manifest, TensorRTOptions(max_context=2048, max_tiles=6))
+    vision_profile(manifest, TRT(max_context=2048, max_tiles=6))
 
 
 def test_unknown_symbolic_dim_is_reported(trt_pkg):
@@ -185,20 +157,21 @@ def test_unknown_symbolic_dim_is_reported(trt_pkg):
     broken = json.loads(json.dumps(manifest))
     broken["modules"]["vision"]["inputs"][0]["shape"][0] = "num_images"
     with pytest.raises(SleighError) as e:
-        vision_profile(broken, TensorRTOptions())
+        vision_profile(broken, TRT())
     assert "num_images" in str(e.value) and "views" in str(e.value)
 
 
-# -- the plan and the manifest entry skeleton ------------------------------------------------------
+# -- the plan and the manifest entry's TensorRT part ------------------------------------------------
 
 
 def test_engine_plan_layout_and_entry(trt_pkg):
     pkg, manifest = trt_pkg
-    opts = TensorRTOptions(precision="int8")
+    opts = TRT(precision="int8")
     plan = engine_plan(pkg, manifest, package_sources(pkg), opts)
     assert plan["name"] == "tensorrt-int8"
     assert plan["dir"] == pkg / "engines" / "tensorrt-int8"
     assert plan["timing_cache"] == pkg / "engines" / "timing.cache"  # beside the engines, shared between builds
+    assert plan["plugin"] is None
     for m in MODULES:
         spec = plan["modules"][m]
         assert spec["plan_rel"] == f"engines/tensorrt-int8/{m}.plan"
@@ -210,34 +183,64 @@ def test_engine_plan_layout_and_entry(trt_pkg):
 
     entry = plan["entry"]
     json.dumps(entry)  # goes into manifest.json as is
-    assert entry["backend"] == "tensorrt" and entry["precision"] == "int8"
     assert entry["modules"] == {m: f"engines/tensorrt-int8/{m}.plan" for m in MODULES}
     assert entry["sources"] == {m: f"{m}.onnx" for m in MODULES}
     assert entry["timing_cache"] == "engines/timing.cache"
     assert entry["gswa"] == {"via": "function", "op": "sleigh::GSWA"}
-    assert entry["build_options"]["precision"] == "int8" and entry["build_options"]["max_tiles"] == 12
-    assert entry["versions"]["sleigh"] and entry["versions"]["tensorrt"] is None
-    assert entry["versions"]["compute_capability"] is None  # filled at build time, on the GPU
-    assert entry["files"] == {} and entry["files_bytes"] is None and entry["build_seconds"] is None
+    # build-engine writes the common fields (backend, precision, build_options, ...) once; this part adds its own
+    assert not {"backend", "precision", "build_options", "name", "dir", "shapes"} & set(entry)
+    assert entry["versions"] == {"tensorrt": None, "compute_capability": None, "device": None}  # filled on the GPU
+    assert entry["files"] == [] and entry["source_checks"] is None
     for m in MODULES:  # the entry's profiles are exactly the plan's
         assert [p["name"] for p in entry["profiles"][m]] == plan["modules"][m]["profile_names"]
         assert [profile_from_json(p["shapes"]) for p in entry["profiles"][m]] == plan["modules"][m]["profiles"]
 
 
-def test_engine_plan_options(trt_pkg, tmp_path):
+def test_profile_json_round_trip(trt_pkg):
+    _, manifest = trt_pkg
+    for prof in decoder_profiles(manifest, TRT(max_batch=2)):
+        data = profile_to_json(prof)
+        assert json.loads(json.dumps(data)) == data
+        assert profile_from_json(data) == prof
+
+
+def test_engine_plan_with_the_plugin_and_a_name(trt_pkg, tmp_path):
     pkg, manifest = trt_pkg
-    cache = tmp_path / "shared.cache"
+    lib = tmp_path / "build" / "libgswa_plugin.so"
+    lib.parent.mkdir()
+    lib.write_bytes(b"\x7fELF not really a library")
     plan = engine_plan(pkg, manifest, {m: f"{m}.onnx" for m in MODULES},  # relative to the package
-                       TensorRTOptions(timing_cache=cache, use_plugin=True), name="orin-fp16")
+                       TRT(plugin_library=lib, name="orin-fp16"))
     assert plan["modules"]["vision"]["plan_rel"] == "engines/orin-fp16/vision.plan"
-    assert plan["timing_cache"] == cache and plan["entry"]["timing_cache"] == str(cache.resolve())
     assert [m for m in MODULES if plan["modules"][m]["strip_gswa_function"]] == ["vision"]
     gswa = plan["entry"]["gswa"]
-    assert gswa["via"] == "plugin" and gswa["plugin_namespace"] == "sleigh" and gswa["plugin_version"] == "1"
+    assert gswa == {"via": "plugin", "op": "sleigh::GSWA", "plugin_namespace": "sleigh", "plugin_version": "1",
+                    "plugin_library": "engines/orin-fp16/plugin/libgswa_plugin.so"}  # in the engine, never the given path
+    assert plan["plugin"]["library"] == lib and plan["plugin"]["copy"] == pkg / gswa["plugin_library"]
+    assert not (pkg / "engines").exists()  # planning writes nothing
+
+
+def test_copy_plugin_puts_the_library_in_the_engine_folder(trt_pkg, tmp_path):
+    pkg, manifest = trt_pkg
+    work = tmp_path / "pkg"
+    shutil.copytree(pkg, work)
+    lib = tmp_path / "libgswa_plugin.so"
+    lib.write_bytes(b"\x7fELF not really a library")
+    staged = work / "engines" / ".tensorrt-fp16.tmp-1"
+    plan = engine_plan(work, manifest, package_sources(work), TRT(plugin_library=lib), out_dir=staged)
+    copy_plugin(plan)
+    rel = plan["entry"]["gswa"]["plugin_library"]
+    assert rel == "engines/.tensorrt-fp16.tmp-1/plugin/libgswa_plugin.so"  # moved with the folder by build-engine
+    assert (work / rel).read_bytes() == lib.read_bytes()
+    assert plan["entry"]["files"] == [rel]  # listed, so build-engine records its sha256
+    plain = engine_plan(work, manifest, package_sources(work), TRT(), out_dir=staged)
+    copy_plugin(plain)
+    assert plain["entry"]["files"] == []
 
 
 def test_engine_plan_into_a_temporary_folder(trt_pkg, tmp_path):
-    """A caller that builds in a temporary folder and renames it to engines/<name> afterwards."""
+    """build-engine builds in a staging folder that it renames to engines/<name> afterwards: the
+    entry names the files where they are (build-engine moves the paths with the folder)."""
     pkg, manifest = trt_pkg
     work = tmp_path / "pkg"
     shutil.copytree(pkg, work)
@@ -246,12 +249,12 @@ def test_engine_plan_into_a_temporary_folder(trt_pkg, tmp_path):
     sources = {m: tmp / f"{m}.onnx" for m in MODULES}
     for m in MODULES:
         shutil.copyfile(work / f"{m}.onnx", sources[m])
-    plan = engine_plan(work, manifest, sources, TensorRTOptions(), out_dir=tmp)
+    plan = engine_plan(work, manifest, sources, TRT(), out_dir=tmp)
     assert plan["dir"] == tmp
     for m in MODULES:
-        assert plan["modules"][m]["plan"] == tmp / f"{m}.plan"  # written here...
-        assert plan["entry"]["modules"][m] == f"engines/tensorrt-fp16/{m}.plan"  # ...recorded where it will be
-        assert plan["entry"]["sources"][m] == f"engines/tensorrt-fp16/{m}.onnx"
+        assert plan["modules"][m]["plan"] == tmp / f"{m}.plan"
+        assert plan["entry"]["modules"][m] == f"engines/.tensorrt-fp16.tmp-1/{m}.plan"
+        assert plan["entry"]["sources"][m] == f"engines/.tensorrt-fp16.tmp-1/{m}.onnx"
     assert plan["timing_cache"] == work / "engines" / "timing.cache"  # outside the folder that gets renamed
 
 
@@ -261,26 +264,27 @@ def test_engine_plan_errors(trt_pkg, tmp_path):
     cases = [
         ({k: v for k, v in sources.items() if k != "decoder"}, {}, "decoder"),
         ({**sources, "vision": tmp_path / "absent.onnx"}, {}, "does not exist"),
-        (sources, {"name": "../escape"}, "engine name"),
+        (sources, {"plugin_library": tmp_path / "absent.so"}, "--plugin-library"),
     ]
     for srcs, kw, needle in cases:
         with pytest.raises(SleighError) as e:
-            engine_plan(pkg, manifest, srcs, TensorRTOptions(), **kw)
+            engine_plan(pkg, manifest, srcs, TRT(**kw))
         assert_one_line_error(e.value)
         assert needle in str(e.value)
     taken = {**manifest, "engines": {"tensorrt-fp16": {"backend": "onnxruntime"}}}
     with pytest.raises(SleighError, match="onnxruntime"):
-        engine_plan(pkg, taken, sources, TensorRTOptions())
+        engine_plan(pkg, taken, sources, TRT())
 
 
 # -- TensorRT missing ---------------------------------------------------------------------------
 
 
 @pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="tensorrt is importable here")
-def test_tensorrt_available_says_why():
-    ok, why = tensorrt_available()
-    assert not ok and "\n" not in why
-    assert why.startswith("the TensorRT Python package is not installed (")
+def test_require_tensorrt_says_why():
+    with pytest.raises(SleighError) as e:
+        require_tensorrt()
+    assert_one_line_error(e.value)
+    assert str(e.value).startswith("tensorrt | the TensorRT Python package is not installed (")
 
 
 @pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="tensorrt is importable here")
@@ -289,7 +293,7 @@ def test_build_engines_without_tensorrt_is_one_line_and_writes_nothing(trt_pkg, 
     work = tmp_path / "pkg"
     shutil.copytree(pkg, work)
     with pytest.raises(SleighError) as e:
-        build_engines(work, manifest, package_sources(work), TensorRTOptions(), quiet=True)
+        build_engines(work, manifest, package_sources(work), TRT(), quiet=True)
     assert_one_line_error(e.value)
     assert str(e.value).startswith("tensorrt | the TensorRT Python package is not installed (")
     assert str(e.value).endswith(f". Expected: {TENSORRT_EXPECTED}")
@@ -301,7 +305,7 @@ def test_build_engines_without_tensorrt_is_one_line_and_writes_nothing(trt_pkg, 
 def test_build_engines_checks_arguments_before_tensorrt(trt_pkg):
     pkg, manifest = trt_pkg
     with pytest.raises(SleighError, match="sources"):
-        build_engines(pkg, manifest, {"vision": pkg / "vision.onnx"}, TensorRTOptions(), quiet=True)
+        build_engines(pkg, manifest, {"vision": pkg / "vision.onnx"}, TRT(), quiet=True)
 
 
 # -- source checks ------------------------------------------------------------------------------
@@ -410,12 +414,12 @@ def test_parse_path_default_keeps_function_and_plugin_uses_a_temporary_copy(trt_
     pkg, manifest = trt_pkg
     work = tmp_path / "pkg"
     shutil.copytree(pkg, work)
-    default = engine_plan(work, manifest, package_sources(work), TensorRTOptions())["modules"]["vision"]
+    default = engine_plan(work, manifest, package_sources(work), TRT())["modules"]["vision"]
     with _parse_path(default) as path:
         assert path == work / "vision.onnx"
         assert [f.name for f in onnx.load(str(path)).functions] == [GSWA_OP]
 
-    plugin = engine_plan(work, manifest, package_sources(work), TensorRTOptions(use_plugin=True))["modules"]["vision"]
+    plugin = engine_plan(work, manifest, package_sources(work), TRT(plugin_library=Path(__file__)))["modules"]["vision"]
     with _parse_path(plugin) as path:
         assert path.parent == work and path != work / "vision.onnx"  # beside the source: .onnx.data still resolves
         model = onnx.load(str(path))

@@ -13,8 +13,8 @@ import pytest
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.tensorrt_backend import (
-    DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, parse_version,
-    profile_error, profile_from_json, profile_to_json, runtime_status, select_profile)
+    DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, gswa_plugin_path,
+    parse_version, profile_error, runtime_status, select_profile)
 
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 LAYERS, KV, HD, D = 2, 2, 16, 64
@@ -33,7 +33,7 @@ def decoder_inputs() -> list[dict]:
 MANIFEST = {  # the parts of a package manifest the decoder profiles read
     "model_config": {"llm": {"hidden_size": D, "num_heads": 4, "num_kv_heads": KV, "num_layers": LAYERS}},
     "modules": {"decoder": {"inputs": decoder_inputs()}},
-    "image": {"size": 448, "thumbnail": True},
+    "image": {"size": 448, "thumbnail": True, "max_tiles": 12},
     "prompt": {"tokens_per_view": 256},
     "generation": {"context_length": 8192},
 }
@@ -48,9 +48,10 @@ def shapes(B, S, C) -> dict:
 
 @pytest.fixture(scope="module")
 def profiles():
-    from sleigh.engines.tensorrt_build import TensorRTOptions, decoder_profiles
+    from sleigh.engines.options import EngineOptions
+    from sleigh.engines.tensorrt_build import decoder_profiles
 
-    return decoder_profiles(MANIFEST, TensorRTOptions(max_context=4096, max_batch=2))
+    return decoder_profiles(MANIFEST, EngineOptions(backend="tensorrt", max_context=4096, max_batch=2))
 
 
 @pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="tensorrt is importable here")
@@ -104,9 +105,32 @@ def test_profile_error_names_the_ranges(profiles):
         "pixel_values (1..13, 3, 448, 448)"
 
 
-def test_profile_json_round_trip(profiles):
-    for prof in profiles:
-        assert profile_from_json(profile_to_json(prof)) == prof
+def test_gswa_plugin_is_loaded_only_from_the_engine_folder(tmp_path):
+    """A manifest names the plugin library; the runtime loads it only from inside the package and
+    only when the entry lists it among its (sha256-checked) files."""
+    lib = tmp_path / "engines" / "trt" / "plugin" / "libgswa.so"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"\x7fELF")
+    outside = tmp_path.parent / f"{tmp_path.name}-libevil.so"
+    outside.write_bytes(b"\x7fELF")
+    rel = "engines/trt/plugin/libgswa.so"
+
+    def entry(path, files=(rel,)):
+        return {"gswa": {"via": "plugin", "plugin_library": path}, "files": dict.fromkeys(files, {})}
+
+    assert gswa_plugin_path(tmp_path, {"gswa": {"via": "function"}}) is None
+    assert gswa_plugin_path(tmp_path, {"gswa": None}) is None
+    assert gswa_plugin_path(tmp_path, entry(rel)) == tmp_path / rel
+    gating = {"gswa": {"via": "plugin", "plugin_library": rel}}  # an entry being gated lists no files yet
+    assert gswa_plugin_path(tmp_path, gating) == tmp_path / rel
+    for bad, needle in [(entry(str(outside), files=(rel, str(outside))), "absolute path"),
+                        (entry(f"../{outside.name}", files=(f"../{outside.name}",)), "outside"),
+                        (entry(rel, files=()), "lists no library"),
+                        (entry(None), "lists no library"),
+                        (entry("engines/trt/plugin/gone.so", files=("engines/trt/plugin/gone.so",)), "missing")]:
+        with pytest.raises(SleighError) as e:
+            gswa_plugin_path(tmp_path, bad)
+        assert needle in str(e.value) and "\n" not in str(e.value), bad
 
 
 def test_check_engine_compat():

@@ -26,22 +26,17 @@ from pathlib import Path
 import numpy as np
 
 from sleigh import __version__
+from sleigh.engines.calibration.int8 import CACHE_FILE, CALIBRATION_DIR, INT8_MAX, RANGES_FILE, activation_tensors
 from sleigh.engines.calibration.stats import METHODS, RunningStats, compute_amax
 from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
 from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
-from sleigh.runtime.backends.onnxruntime_backend import session_options
+from sleigh.runtime.compat import session_options
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
-from sleigh.runtime.multimodal import GSWA_NODE_PREFIX  # GSWA stays in float
 from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
 from sleigh.staging import check_apart
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
-CALIBRATION_DIR = "calibration"
-RANGES_FILE = f"{CALIBRATION_DIR}/vision_ranges.json"
-CACHE_FILE = f"{CALIBRATION_DIR}/vision.calib.cache"
-INT8_MAX = 127  # symmetric int8: scale = amax / 127, zero point 0
 VIEWS_PER_RUN = 1  # bounds memory: the full-size encoder's attention probabilities are ~67 MB per view per layer
 VISION_INPUT = "pixel_values"
 
@@ -53,27 +48,6 @@ def list_images(folder: Path) -> list[Path]:
         what = "no such folder" if not folder.exists() else "not a folder"
         raise SleighError(str(folder), what, "a folder of calibration images")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def is_quantized_op(node) -> bool:
-    """Whether a main-graph node gets Q/DQ inputs (and so needs calibrated ranges)."""
-    return (node.op_type in QUANTIZED_OP_TYPES and node.domain in ("", "ai.onnx")
-            and not node.name.startswith(GSWA_NODE_PREFIX))
-
-
-def activation_tensors(model) -> list[str]:
-    """Names of the activations (not initializers, not constants) that feed MatMul/Gemm/Conv in the
-    main graph, in graph order: the tensors that get Q/DQ and therefore need a range."""
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    names: dict[str, None] = {}
-    for node in model.graph.node:
-        if is_quantized_op(node):
-            inputs = node.input[:2] if node.op_type != "MatMul" else node.input  # Gemm/Conv input 2 is the bias
-            for name in inputs:
-                if name and name not in constants:
-                    names[name] = None
-    return list(names)
 
 
 class VisionCollector:

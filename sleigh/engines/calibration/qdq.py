@@ -12,7 +12,7 @@ GELU (Erf) and the sleigh::GSWA node with its function body all run in floating 
 
 s_x = amax / 127 from the ranges (`calibration/vision_ranges.json`); s_w = max|W| over the other axes
 / weight_max per output channel: 127 for TensorRT, ORT_WEIGHT_MAX (63, 7 bits) for ONNX Runtime,
-whose int8 kernels on x86 CPUs without VNNI saturate with full-range weights (see ORT_WEIGHT_MAX).
+whose int8 kernels on x86 CPUs without VNNI saturate with full-range weights (see int8.py, ORT_WEIGHT_MAX).
 Written with onnx directly: onnxruntime.quantization's QDQQuantizer rewires
 every consumer of a quantized tensor (Shape, residual Add) to the DequantizeLinear output and leaves
 the graph unsorted for the checker.
@@ -25,20 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.engines.calibration.collect import INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, is_quantized_op
+from sleigh.engines.calibration.int8 import INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, is_quantized_op
 from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 
 _ACTIVATION_OP = "QuantizeLinear"
-# ONNX Runtime's x86 int8 GEMM (MLAS u8s8: int8 activations shifted to uint8) on AVX2 without VNNI
-# multiplies with VPMADDUBSW, which adds two uint8 x int8 products in int16: 2 x 255 x 127 = 64770
-# overflows 32767 and saturates. |w| <= 63 keeps every pair within it (2 x 255 x 63 = 32130), so the
-# fused kernels compute exactly on any CPU (onnxruntime's quantization docs: `reduce_range`, 7-bit
-# weights for CPUs without VNNI). Tiny preset, entropy, held-out photo, on an AVX2-only EPYC:
-# image_embeds cosine vs FP32 0.99663 with 127 (0.99971 with the fusions off), 0.99945 with 63, fused
-# or not (tests/engines/calibration/test_qdq.py). Turning the fusions off instead cost about 1.6x in
-# vision latency (benchmarks/RESULTS.md). Still symmetric int8 with zero point 0.
-ORT_WEIGHT_MAX = 63
 
 
 def weight_axis(node, input_index: int, ndim: int) -> int | None:

@@ -48,7 +48,8 @@ def rebuild_command(pkg: Path, entry: dict) -> str:
     """The command that builds this engine again, from the options it was built with."""
     opts = entry.get("build_options") or {}
     args = [f"--backend {opts.get('backend') or entry.get('backend')}", f"--precision {opts.get('precision') or entry.get('precision')}"]
-    args += [f"--{k.replace('_', '-')} {opts[k]}" for k in ("llm_weights", "max_tiles", "max_context") if opts.get(k) is not None]
+    args += [f"--{k.replace('_', '-')} {v}" for k, v in opts.items()  # the shape options, as given (None: the default)
+             if k not in ("backend", "precision", "gate_images", "allow_degraded") and v is not None and not isinstance(v, bool)]
     return f"sleigh build-engine {pkg} {' '.join(args)} --force"
 
 

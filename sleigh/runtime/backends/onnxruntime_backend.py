@@ -27,7 +27,7 @@ import numpy as np
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
-from sleigh.runtime.compat import import_onnxruntime
+from sleigh.runtime.compat import import_onnxruntime, session_options
 from sleigh.runtime.kv_cache import NEW, DeviceSlots, HostSlots, SlotCache, past_name
 from sleigh.runtime.package import check_module_io, inside, module_path
 
@@ -43,20 +43,6 @@ def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return ort.get_available_providers()
-
-
-def session_options(threads: int | None = None, *, arena: bool = True):
-    """Sleigh's ONNX Runtime session settings: quiet logs, `threads` intra-op threads when given,
-    and no CPU memory arena where a caller opens large modules one after another (an arena keeps its peak)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = arena
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    return opts
 
 
 class OnnxRuntimeBackend(Backend):

@@ -36,6 +36,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
 from sleigh.runtime.kv_cache import NEW, PAST, DeviceSlots, SlotCache
+from sleigh.runtime.package import inside
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
@@ -139,14 +140,6 @@ def profile_error(module: str, profiles: list[Profile], shapes: dict[str, Shape]
                        f"shapes within {ranges} (rebuild with a larger --max-tiles / --max-context / --max-batch)")
 
 
-def profile_to_json(profile: Profile) -> dict:
-    return {name: {"min": list(lo), "opt": list(opt), "max": list(hi)} for name, (lo, opt, hi) in profile.items()}
-
-
-def profile_from_json(data: dict) -> Profile:
-    return {name: (tuple(v["min"]), tuple(v["opt"]), tuple(v["max"])) for name, v in data.items()}
-
-
 def check_engine_compat(entry: dict, tensorrt_version: str, compute_capability: str | None) -> None:
     """A plan runs only on the TensorRT version and GPU architecture that built it: say so before
     TensorRT fails to deserialize it with a long log."""
@@ -205,6 +198,34 @@ def make_logger(trt, echo: bool):
             return _one_line(self.errors[-1]) if self.errors else "no message from TensorRT"
 
     return _Logger()
+
+
+def load_plugin_library(trt, logger, library: Path) -> None:
+    """Register TensorRT's own plugins and the ones `library` provides (the sleigh::GSWA IPluginV3),
+    before a network that uses them is parsed or a plan deserialized."""
+    trt.init_libnvinfer_plugins(logger, "")
+    if trt.get_plugin_registry().load_library(str(library)) is None:
+        raise SleighError(str(library), f"TensorRT cannot load the plugin library ({logger.last_error()})",
+                          "a shared library built for this TensorRT version that registers the sleigh::GSWA plugin")
+
+
+def gswa_plugin_path(pkg: Path, engine_entry: dict) -> Path | None:
+    """The engine folder's copy of the GSWA plugin library when the vision plan calls the plugin, else
+    None. Only a file inside the package that the entry lists (with its sha256) is ever loaded: a
+    manifest must not make the runtime load an arbitrary shared library."""
+    gswa = engine_entry.get("gswa") or {}
+    if gswa.get("via") != "plugin":
+        return None
+    rel = gswa.get("plugin_library")
+    if not rel or ("files" in engine_entry and rel not in engine_entry["files"]):
+        raise SleighError("engine", "the vision plan calls the sleigh::GSWA TensorRT plugin and the entry lists no "
+                          "library for it among its files", "an engine built with `sleigh build-engine --plugin-library`, "
+                          "or one built without it")
+    path = inside(pkg, rel, "manifest.json: gswa.plugin_library")
+    if not path.is_file():
+        raise SleighError(str(path), "the GSWA plugin library of the engine is missing",
+                          "the engine's files as built (rebuild it with `sleigh build-engine`)")
+    return path
 
 
 class _Scratch:
@@ -281,18 +302,15 @@ class TensorRTBackend(Backend):
     def _open(self, trt, plans, plugin_library, device, verbose) -> None:
         self.logger = make_logger(trt, echo=verbose)
         if plugin_library is not None:  # the sleigh::GSWA IPluginV3 must be registered before deserializing
-            trt.init_libnvinfer_plugins(self.logger, "")
-            if trt.get_plugin_registry().load_library(str(plugin_library)) is None:
-                raise SleighError(str(plugin_library), f"TensorRT cannot load the plugin library ({self.logger.last_error()})",
-                                  "the library that provides the sleigh::GSWA plugin for this TensorRT version")
+            load_plugin_library(trt, self.logger, plugin_library)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {m: _Engine(trt, self.runtime, Path(p), self.logger, m) for m, p in plans.items()}
         self.device_name = device_name(self.cuda.rt, device)
         self._init_decoder()
 
     @classmethod
-    def from_package(cls, pkg: Path, manifest: dict, engine_entry: dict, *, plugin_library: Path | None = None,
-                     device: int = 0, verbose: bool = False) -> TensorRTBackend:
+    def from_package(cls, pkg: Path, manifest: dict, engine_entry: dict, *, device: int = 0,
+                     verbose: bool = False) -> TensorRTBackend:
         """Open the plans of one `manifest["engines"][name]` entry; one-line SleighError when TensorRT,
         cuda-python or a GPU is missing, or when the plan was built for another TensorRT or GPU."""
         ok, what, problem, expected = runtime_status()
@@ -308,16 +326,8 @@ class TensorRTBackend(Backend):
                 raise SleighError(str(Path(pkg) / (rel or f"<{module}>")), "engine plan missing",
                                   "the .plan files listed in the manifest (rebuild with `sleigh build-engine`)")
             plans[module] = Path(pkg) / rel
-        gswa = engine_entry.get("gswa") or {}
-        if gswa.get("via") == "plugin" and plugin_library is None:
-            recorded = gswa.get("plugin_library")
-            if not recorded or not Path(recorded).is_file():
-                raise SleighError("engine", f"the vision plan calls the sleigh::GSWA TensorRT plugin and its library "
-                                  f"({recorded or 'not recorded'}) is not found",
-                                  "the plugin library path, or an engine built without --use-plugin")
-            plugin_library = Path(recorded)
-        return cls(plans, label=engine_entry.get("precision", "?"), plugin_library=plugin_library, device=device,
-                   verbose=verbose)
+        return cls(plans, label=engine_entry.get("precision", "?"), plugin_library=gswa_plugin_path(pkg, engine_entry),
+                   device=device, verbose=verbose)
 
     # -- generic execution -------------------------------------------------------------------------
 
@@ -454,7 +464,7 @@ class TensorRTBackend(Backend):
         B, S, _ = inputs_embeds.shape
         with self._lock:
             self._check_open()  # closed by another thread while this one waited
-            P, C = cache.length, cache.capacity
+            C = cache.capacity
             device = {n: (cache.slots[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                     **cache.attention(attention_mask, attention_bias)}

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 
-from sleigh.engines.calibration.collect import (CACHE_FILE, RANGES_FILE, activation_tensors, calibrate_package,
-                                        ranges_from_stats)
+from sleigh.engines.calibration.collect import calibrate_package, ranges_from_stats
+from sleigh.engines.calibration.int8 import CACHE_FILE, RANGES_FILE, activation_tensors
 from sleigh.engines.calibration.stats import RunningStats, amax_percentile, entropy_clip_bin, entropy_divergences
 from sleigh.engines.calibration.trt_cache import (TRT_CACHE_VERSION, format_calibration_cache, read_calibration_cache,
                                           write_calibration_cache)

@@ -32,7 +32,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from sleigh.engines.calibration.collect import INT8_MAX, RANGES_FILE, ranges_from_stats
+from sleigh.engines.calibration.collect import ranges_from_stats
+from sleigh.engines.calibration.int8 import INT8_MAX, RANGES_FILE
 from sleigh.engines.calibration.qdq import check_symmetric, quantize_vision_qdq, scale_activation_scales
 from sleigh.errors import SleighError
 from sleigh.engines.accuracy import VISION_GATES
