@@ -17,7 +17,6 @@ fails (nothing is registered) unless --allow-degraded.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import platform
 import shutil
@@ -31,7 +30,9 @@ from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_manifest, write_json_atomic
+from sleigh.runtime.image import max_views
+from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -185,7 +186,7 @@ def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int
     if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
         raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
                           f"run `sleigh calibrate {pkg} --images DIR` first")
-    quantize_vision_qdq(src, dst, json.loads((pkg / RANGES_FILE).read_text()), weight_max=weight_max)
+    quantize_vision_qdq(src, dst, read_json(pkg / RANGES_FILE, "calibration ranges from `sleigh calibrate`"), weight_max=weight_max)
     data = dst.with_name(dst.name + ".data")
     return [dst.name] + ([data.name] if data.exists() else [])
 
@@ -283,14 +284,10 @@ def _check_against_package(opts: EngineOptions, manifest: dict) -> None:
         raise SleighError(f"--max-context {opts.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
 
 
-def _max_views(max_tiles: int, thumbnail: bool) -> int:
-    return max_tiles + (1 if thumbnail and max_tiles > 1 else 0)  # the thumbnail comes only with several tiles
-
-
 def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     """Build, gate and register one engine; returns its manifest entry."""
     pkg = Path(pkg)
-    manifest = read_manifest(pkg)
+    manifest = read_manifest(pkg).json  # checked; the builder reads the JSON object
     _check_against_package(opts, manifest)
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import tensorrt_available
@@ -326,7 +323,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 "build_options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()
                                   if k not in ("quiet", "force")},
                 "versions": _versions(),
-                "shapes": {"max_views": _max_views(opts.max_tiles or manifest["image"]["max_tiles"], manifest["image"]["thumbnail"]),
+                "shapes": {"max_views": max_views(opts.max_tiles or manifest["image"]["max_tiles"], manifest["image"]["thumbnail"]),
                            "max_context": opts.max_context or manifest["generation"]["context_length"]},
                 "offline_optimization": "ORT_ENABLE_BASIC" if opts.backend == "onnxruntime" else None,
                 # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
@@ -383,12 +380,13 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
         entry["modules"] = {m: relocate(rel) for m, rel in entry["modules"].items()}
         entry["files"] = {relocate(rel): file_entry(pkg, relocate(rel)) for rel in staged_files}
         entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
-        manifest = read_manifest(pkg)  # re-read: keep what others (calibrate) wrote meanwhile
-        previous = manifest.get("engines", {}).get(name, {})
-        files = {k: v for k, v in manifest.get("files", {}).items() if k not in previous.get("files", {})}
-        manifest["engines"] = {**manifest.get("engines", {}), name: entry}
-        manifest["files"] = {**files, **entry["files"]}
-        write_json_atomic(pkg / "manifest.json", manifest)  # last: the engine exists once it is listed
+        def register(manifest: dict) -> None:  # on the manifest as it is now: keep what others (calibrate) wrote
+            previous = manifest.get("engines", {}).get(name, {})
+            files = {k: v for k, v in manifest["files"].items() if k not in previous.get("files", {})}
+            manifest["engines"] = {**manifest.get("engines", {}), name: entry}
+            manifest["files"] = {**files, **entry["files"]}
+
+        update_manifest(pkg, register)  # last: the engine exists once it is listed
     except BaseException:
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)

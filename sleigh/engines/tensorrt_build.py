@@ -40,7 +40,8 @@ from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, import_cudart,
     make_logger, profile_to_json, tensorrt_status)
 from sleigh.runtime.multimodal import GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION
-from sleigh.runtime.kv_cache import KV_CHUNK, PAST, grown_capacity
+from sleigh.runtime.image import max_views as image_max_views
+from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 from sleigh.runtime.package import MODULE_NAMES, sha256_file, write_bytes_atomic
 
 PRECISIONS = ("fp16", "int8", "fp32")  # fp32: a GPU reference engine from the FP32 modules
@@ -114,7 +115,7 @@ def default_engine_name(opts: TensorRTOptions) -> str:
 
 def max_views(manifest: dict, tiles: int) -> int:
     """Views for `tiles` tiles: a thumbnail is appended when there is more than one tile."""
-    return tiles + (1 if manifest["image"].get("thumbnail", True) and tiles > 1 else 0)
+    return image_max_views(tiles, manifest["image"]["thumbnail"])
 
 
 def opt_tiles(opts: TensorRTOptions) -> int:
@@ -200,10 +201,10 @@ def decoder_profiles(manifest: dict, opts: TensorRTOptions) -> list[Profile]:
     A multi-token step on a non-empty cache fits neither; the runtime feeds it one token at a time.
     """
     check_against_manifest(manifest, opts)
-    llm = manifest["model_config"]["llm"]
-    for name in (n for n in (i["name"] for i in manifest["modules"]["decoder"]["inputs"]) if n.startswith(PAST + ".")):
-        _expect_static(manifest, "decoder", name, 1, llm["num_kv_heads"], "the KV-head dim")
-        _expect_static(manifest, "decoder", name, 3, llm["hidden_size"] // llm["num_heads"], "the head dim")
+    kv = manifest["kv_cache"]
+    for name in kv["past"]:
+        _expect_static(manifest, "decoder", name, 1, kv["num_kv_heads"], "the KV-head dim")
+        _expect_static(manifest, "decoder", name, 3, kv["head_dim"], "the head dim")
     C, opt_seq = opts.max_context, opt_context(manifest, opts)
     batch = (1, 1, opts.max_batch)
     max_slots = grown_capacity(C, KV_CHUNK)  # the runtime grows its slots in chunks (runtime/kv_cache.py)

@@ -34,7 +34,8 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
-from sleigh.runtime.kv_cache import KV_CHUNK, NEW, PAST, SlotCache, grown_capacity
+from sleigh.runtime.kv_cache import KV_CHUNK, SlotCache, grown_capacity
+from sleigh.runtime.manifest import KVCacheSection, Manifest
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
@@ -256,11 +257,12 @@ class _Engine:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, plans: dict[str, Path], *, label: str = "tensorrt", plugin_library: Path | None = None,
-                 device: int = 0, verbose: bool = False):
+    def __init__(self, plans: dict[str, Path], *, kv: KVCacheSection, label: str = "tensorrt",
+                 plugin_library: Path | None = None, device: int = 0, verbose: bool = False):
         import tensorrt as trt
 
         self.trt = trt
+        self.kv = kv  # the decoder's cache names, from the manifest
         self.label = label
         self.cuda = Cuda(import_cudart(), device)
         self.scratch = _Scratch(self.cuda)
@@ -286,7 +288,7 @@ class TensorRTBackend(Backend):
         self._init_decoder()
 
     @classmethod
-    def from_package(cls, pkg: Path, manifest: dict, engine_entry: dict, *, plugin_library: Path | None = None,
+    def from_package(cls, pkg: Path, manifest: Manifest, engine_entry: dict, *, plugin_library: Path | None = None,
                      device: int = 0, verbose: bool = False) -> TensorRTBackend:
         """Open the plans of one `manifest["engines"][name]` entry; one-line SleighError when TensorRT,
         cuda-python or a GPU is missing, or when the plan was built for another TensorRT or GPU."""
@@ -311,8 +313,8 @@ class TensorRTBackend(Backend):
                                   f"({recorded or 'not recorded'}) is not found",
                                   "the plugin library path, or an engine built without --use-plugin")
             plugin_library = Path(recorded)
-        return cls(plans, label=engine_entry.get("precision", "?"), plugin_library=plugin_library, device=device,
-                   verbose=verbose)
+        return cls(plans, kv=manifest.contract.kv_cache, label=engine_entry.get("precision", "?"),
+                   plugin_library=plugin_library, device=device, verbose=verbose)
 
     # -- generic execution -------------------------------------------------------------------------
 
@@ -390,11 +392,11 @@ class TensorRTBackend(Backend):
 
     def _init_decoder(self) -> None:
         eng = self.engines["decoder"]
-        self.kv_names = [n for n in eng.inputs if n.startswith(PAST + ".")]
-        self.new_names = {n: NEW + n[len(PAST):] for n in self.kv_names}
-        if not self.kv_names or not set(self.new_names.values()) <= set(eng.outputs):
-            raise SleighError(str(eng.path), f"the decoder engine lacks {PAST}.* inputs or {NEW}.* outputs",
-                              "a plan built by this sleigh from a schema-2 package (`sleigh build-engine` again)")
+        self.kv_names = list(self.kv.past)
+        self.new_names = dict(zip(self.kv.past, self.kv.new))  # the slot input each new output is written into
+        if not set(self.kv_names) <= set(eng.inputs) or not set(self.new_names.values()) <= set(eng.outputs):
+            raise SleighError(str(eng.path), "the decoder engine lacks the cache inputs or outputs the manifest names",
+                              "a plan built by this sleigh from this package (`sleigh build-engine` again)")
         first = self.kv_names[0]
         _, self.num_kv_heads, _, self.head_dim = eng.static[first]
         self.max_batch = max(p["inputs_embeds"][2][0] for p in eng.profiles)
