@@ -19,7 +19,8 @@ import pytest
 from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import ExportOptions, export_package, failed_dir
-from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.manifest import read_manifest
+from sleigh.runtime.package import verify_files
 from tests.conftest import cli_env, one_error_line, run_sleigh
 from tests.test_staging import dead_pid, owned
 
@@ -98,7 +99,7 @@ def test_force_export_replaces_the_old_package_once_the_new_one_is_complete(fast
     result = export_package(tiny_ckpt, pkg, ExportOptions(quiet=True, force=True))
     manifest = read_manifest(pkg)
     assert manifest["parity"]["passed"] and "old_marker" not in manifest and result.package == pkg
-    assert not (pkg / ENGINE).exists() and manifest["engines"] == {}  # the old engines went with the old modules
+    assert not (pkg / ENGINE).exists() and manifest.engines == {}  # the old engines went with the old modules
     assert verify_files(pkg, manifest) == []
     assert hidden_staging(pkg.parent) == []
 

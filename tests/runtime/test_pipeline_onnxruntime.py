@@ -82,7 +82,7 @@ def test_decode_steps_write_the_kv_cache_in_place(pipelines):
     same buffers; growing adds one chunk and keeps what was cached."""
     _, pipe = pipelines
     backend, rng = pipe.backend, np.random.default_rng(0)
-    D = pipe.info.hidden_size
+    D = pipe.contract.model.hidden_size
 
     cache = backend.new_cache(1)
 
@@ -131,7 +131,7 @@ def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines, monkeypatch)
 def test_context_overflow_and_bad_options_are_clear(pipelines):
     _, pipe = pipelines
     with pytest.raises(SleighError, match="exceed the context"):
-        pipe.generate(None, "hi", max_new_tokens=pipe.info.context_length).result
+        pipe.generate(None, "hi", max_new_tokens=pipe.contract.generation.context_length).result
     with pytest.raises(SleighError, match="max-new-tokens"):
         pipe.generate(None, "hi", max_new_tokens=0)
     with pytest.raises(SleighError, match="top_p"):
