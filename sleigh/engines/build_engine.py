@@ -380,6 +380,7 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
         entry["modules"] = {m: relocate(rel) for m, rel in entry["modules"].items()}
         entry["files"] = {relocate(rel): file_entry(pkg, relocate(rel)) for rel in staged_files}
         entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
+
         def register(manifest: dict) -> None:  # on the manifest as it is now: keep what others (calibrate) wrote
             previous = manifest.get("engines", {}).get(name, {})
             files = {k: v for k, v in manifest["files"].items() if k not in previous.get("files", {})}

@@ -384,9 +384,6 @@ def _check_engine(engines: dict, name: str, in_pkg, listed, where: str) -> None:
 
 # -- writing ---------------------------------------------------------------------------------------
 
-LOCK = ".manifest.lock"  # in the package: one writer at a time (calibrate and build-engine may overlap)
-
-
 def write_manifest(pkg: Path, data: dict, *, before_replace: Callable[[], None] | None = None) -> Manifest:
     """Check `data` as a manifest of `pkg` and write it atomically (temporary file, fsync, rename).
     `before_replace` runs once the new manifest is on disk beside the old one, just before it takes
@@ -430,7 +427,9 @@ def _locked(pkg: Path):
     except ImportError:  # not POSIX: no lock between processes; each write is still atomic
         yield
         return
-    fd = os.open(pkg / LOCK, os.O_RDWR | os.O_CREAT, ordinary_mode())
+    # The package folder itself is the lock: it is never replaced (as manifest.json is by each write)
+    # and locking it leaves no file behind. One writer at a time: calibrate and build-engine may overlap.
+    fd = os.open(pkg, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
