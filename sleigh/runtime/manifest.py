@@ -124,7 +124,8 @@ class Contract:
         _one_of(f, prompt, "template", "prompt", (TEMPLATE,))
         system = prompt.get("system_message")
         if not isinstance(system, str):  # "" is a valid (empty) system message
-            raise f.fail("prompt.system_message", "is missing" if system is None else f"is {describe(system)}", "a string")
+            problem = "is missing" if "system_message" not in prompt else f"is {describe(system)}"
+            raise f.fail("prompt.system_message", problem, "a string")
         gswa_section = None
         if gswa is not None:
             min_weight = f.get(gswa, "min_weight", "number", "gswa")
