@@ -13,7 +13,7 @@ import pytest
 
 from sleigh.errors import SleighError
 from sleigh.runtime.manifest import (
-    Contract, FileEntry, Manifest, ModuleEntry, TensorInfo, contract_from_config, read_manifest, update_manifest)
+    Contract, FileEntry, Manifest, ModuleEntry, TensorInfo, read_manifest, update_manifest)
 from sleigh.runtime.package import MANIFEST, SCHEMA_VERSION, read_json
 from sleigh.runtime.pipeline import Pipeline
 from tests.conftest import one_error_line, run_sleigh
