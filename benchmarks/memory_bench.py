@@ -103,9 +103,9 @@ def _prompt(pipe, image, context: int) -> str:
 
 def _shapes(pkg: str):
     from sleigh.runtime.memory import Shapes
-    from sleigh.runtime.package import read_manifest
+    from sleigh.runtime.manifest import read_manifest
 
-    return Shapes.from_config(read_manifest(Path(pkg))["model_config"])
+    return Shapes.from_contract(read_manifest(Path(pkg)).contract)
 
 
 def main() -> None:

@@ -67,11 +67,11 @@ step cuda-vs-cpu python3 - "$work/tiny-pkg" <<'PY'
 import sys
 from pathlib import Path
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
-from sleigh.runtime.package import read_manifest
+from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.pipeline import Pipeline
 pkg = Path(sys.argv[1]); m = read_manifest(pkg)
 cpu = Pipeline.from_package(pkg, engine="package", backend="onnxruntime")
-cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), cpu.info, cpu.tokenizer)
+cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), cpu.contract, cpu.tokenizer)
 ok = True
 for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (None, "Tell me a story.", 300)]:
     a = cpu.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result

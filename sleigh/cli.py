@@ -549,9 +549,9 @@ def _check_model(path: Path, engine: str | None) -> None:
         return
     if (path / "manifest.json").is_file():
         from sleigh.runtime.backends import PACKAGE_MODULES
-        from sleigh.runtime.package import read_manifest
+        from sleigh.runtime.manifest import read_manifest
 
-        names = [PACKAGE_MODULES, *read_manifest(path).get("engines", {})]
+        names = [PACKAGE_MODULES, *read_manifest(path).engines]
         if engine not in names:
             raise SleighError(f"--engine {engine}", f"no such engine in {path}", ", ".join(names))
     elif (path / "config.json").is_file():

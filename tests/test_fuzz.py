@@ -6,7 +6,7 @@ oracle's astronaut.png, examples/chelsea.jpg and the manifest.json of an exporte
 mutations are the ones file fuzzers use (byte flips, interesting 32-bit values such as image
 dimensions, insertions, deletions, truncation) plus, for the manifest, JSON-aware ones (a key
 removed, a value of another type or a path outside the package), so most cases get past the parser;
-a manifest that read_manifest accepts must then give ModelInfo what it needs.
+a manifest that read_manifest accepts holds a contract the runtime can use.
 
 Run size: FUZZ_EXAMPLES below, 3,400 cases (about 25 s of CPU: 12 s for the images, 13 s for the
 manifest, imports included).
@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 
 from sleigh.errors import SleighError
 from sleigh.runtime.image import load_image
-from sleigh.runtime.model_info import ModelInfo
-from sleigh.runtime.package import MANIFEST, read_manifest
+from sleigh.runtime.manifest import Manifest, read_manifest
+from sleigh.runtime.package import MANIFEST
 from tests.helpers import ASTRONAUT, EXAMPLES
 
 CHELSEA = EXAMPLES / "chelsea.jpg"
@@ -162,12 +162,10 @@ def _edit(tree, path, action, value):
 
 
 def _read(pkg: Path) -> None:
-    """read_manifest, then what Pipeline.from_package reads first: a manifest it accepts must hold a
-    model config the runtime can use (or be refused by a SleighError there too)."""
+    """read_manifest: a manifest it accepts holds a typed contract; anything else is a SleighError."""
     try:
         manifest = read_manifest(pkg)
-        assert isinstance(manifest, dict)
-        ModelInfo.from_config(manifest["model_config"], str(pkg / MANIFEST))
+        assert isinstance(manifest, Manifest) and manifest.contract.kv_cache.num_layers >= 1
     except SleighError as e:
         assert_user_error(e)
 

@@ -150,15 +150,15 @@ def shipped_variants() -> list[Path]:
 def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_pairs: int = 5, progress=None) -> dict:
     """`engine` is a name in the manifest or an entry not yet registered (during a build)."""
     from sleigh.runtime.pipeline import Pipeline
-    from sleigh.runtime.package import read_manifest
+    from sleigh.runtime.manifest import read_manifest
 
     manifest = read_manifest(pkg)
-    entry = manifest.get("engines", {}).get(engine) if isinstance(engine, str) else engine
+    entry = manifest.engines.get(engine) if isinstance(engine, str) else engine
     if entry is None:
         raise SleighError(f"--engine {engine}", "no such engine in the package",
-                          ", ".join(manifest.get("engines", {})) or "build one with `sleigh build-engine`")
+                          ", ".join(manifest.engines) or "build one with `sleigh build-engine`")
     backend = entry["backend"]
-    used = set((manifest.get("calibration") or {}).get("images", []))
+    used = set((manifest.calibration or {}).get("images", []))
     imgs = gate_images(images, used)
     try:
         with (Pipeline.from_package(pkg, backend="onnxruntime", engine="package") as ref,  # the FP32 modules

@@ -19,7 +19,6 @@ fails (nothing is registered) unless --allow-degraded.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import platform
 import shutil
@@ -36,7 +35,8 @@ from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_manifest, write_json_atomic
+from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json
 
 WEIGHT_ONLY_BLOCK = 32
 # MatMulNBits' accuracy level 4 computes with int8 activations on the CPU: measured on the small
@@ -139,7 +139,7 @@ def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int
     if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
         raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
                           f"run `sleigh calibrate {pkg} --images DIR` first")
-    quantize_vision_qdq(src, dst, json.loads((pkg / RANGES_FILE).read_text()), weight_max=weight_max)
+    quantize_vision_qdq(src, dst, read_json(pkg / RANGES_FILE, "calibration ranges from `sleigh calibrate`"), weight_max=weight_max)
     data = dst.with_name(dst.name + ".data")
     return [dst.name] + ([data.name] if data.exists() else [])
 
@@ -235,7 +235,7 @@ def _versions() -> dict:
 def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     """Build, gate and register one engine; returns its manifest entry."""
     pkg = Path(pkg)
-    manifest = read_manifest(pkg)
+    manifest = read_manifest(pkg).json  # checked; the builder reads the JSON object
     given, opts = opts, opts.for_package(manifest)
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import require_tensorrt
@@ -327,12 +327,14 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
             entry["gswa"]["plugin_library"] = relocate(entry["gswa"]["plugin_library"])
         entry["files"] = {relocate(rel): file_entry(pkg, relocate(rel)) for rel in staged_files}
         entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
-        manifest = read_manifest(pkg)  # re-read: keep what others (calibrate) wrote meanwhile
-        previous = manifest.get("engines", {}).get(name, {})
-        files = {k: v for k, v in manifest.get("files", {}).items() if k not in previous.get("files", {})}
-        manifest["engines"] = {**manifest.get("engines", {}), name: entry}
-        manifest["files"] = {**files, **entry["files"]}
-        write_json_atomic(pkg / "manifest.json", manifest)  # last: the engine exists once it is listed
+
+        def register(manifest: dict) -> None:  # on the manifest as it is now: keep what others (calibrate) wrote
+            previous = manifest.get("engines", {}).get(name, {})
+            files = {k: v for k, v in manifest["files"].items() if k not in previous.get("files", {})}
+            manifest["engines"] = {**manifest.get("engines", {}), name: entry}
+            manifest["files"] = {**files, **entry["files"]}
+
+        update_manifest(pkg, register)  # last: the engine exists once it is listed
     except BaseException:
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.package import inside, read_manifest, verify_files
+from sleigh.runtime.manifest import read_manifest
+from sleigh.runtime.package import verify_files
 
 
 def inspect_package(pkg: Path, verify: bool = False) -> dict:
@@ -16,8 +18,8 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
     pkg = Path(pkg)
     manifest = read_manifest(pkg)
     modules = {}
-    for name, entry in manifest["modules"].items():
-        path = inside(pkg, entry["file"], f"manifest.json: modules.{name}.file")
+    for name, entry in manifest.modules.items():
+        path = manifest.path(entry.file, f"manifest.json: modules.{name}.file")
         io = {"inputs": [], "outputs": [], "opset": {}, "custom_ops": [], "nodes": 0}
         if not path.is_file():
             io["error"] = "file missing"
@@ -29,24 +31,24 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
                                   "pip install 'sleigh[export]'") from None
             except Exception as e:  # a damaged file: report it, keep inspecting the rest
                 io["error"] = f"unreadable ({type(e).__name__})"
-        present = [p for p in (inside(pkg, f, "manifest.json") for f in [entry["file"], *entry.get("data_files", [])]) if p.is_file()]
+        present = [p for p in (manifest.path(f) for f in [entry.file, *entry.data_files]) if p.is_file()]
         size = sum(p.stat().st_size for p in present)
-        modules[name] = {"file": entry["file"], "bytes": size, "precision": entry.get("precision", "fp32"), **io}
+        modules[name] = {"file": entry.file, "bytes": size, "precision": entry.precision, **io}
     report = {
         "package": str(pkg),
-        "created_by": manifest.get("created_by"),
-        "opset": manifest.get("opset"),
-        "gswa": manifest.get("gswa"),
-        "parity_passed": (manifest.get("parity") or {}).get("passed"),
+        "created_by": manifest.created_by,
+        "opset": manifest.opset,
+        "gswa": None if manifest.contract.gswa is None else asdict(manifest.contract.gswa),
+        "parity_passed": (manifest.parity or {}).get("passed"),
         "modules": modules,
         "engines": {name: {**{k: e.get(k) for k in ("backend", "precision", "llm_weights", "files_bytes", "accuracy_passed",
                                                     "degraded")},
                            "missing_files": missing_files(pkg, manifest, name)}
-                    for name, e in manifest.get("engines", {}).items()},
+                    for name, e in manifest.engines.items()},
     }
     report["stale_staging"] = stale_staging(pkg)
     if verify:
-        report["verify"] = {"problems": verify_files(pkg, manifest), "files": len(manifest.get("files", {}))}
+        report["verify"] = {"problems": verify_files(pkg, manifest), "files": len(manifest.files)}
     return report
 
 

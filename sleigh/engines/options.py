@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.runtime.image import max_views as image_max_views
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -45,7 +46,7 @@ def flag(field: str) -> str:
 
 def max_views(manifest: dict, tiles: int) -> int:
     """Views for `tiles` tiles: a thumbnail is appended when there is more than one tile."""
-    return tiles + (1 if manifest["image"].get("thumbnail", True) and tiles > 1 else 0)
+    return image_max_views(tiles, manifest["image"]["thumbnail"])
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, GPU_EXPECTED, TENSORRT_EXPECTED, Profile, compute_capability, device_name, load_plugin_library,
     make_logger, tensorrt_status)
 from sleigh.runtime.multimodal import GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION
-from sleigh.runtime.kv_cache import KV_CHUNK, PAST, grown_capacity
+from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 from sleigh.runtime.package import MODULE_NAMES, write_bytes_atomic
 
 PLUGIN_DIR = "plugin"  # in the engine folder: the copy of --plugin-library that the runtime loads
@@ -119,10 +119,10 @@ def decoder_profiles(manifest: dict, opts: EngineOptions) -> list[Profile]:
     A multi-token step on a non-empty cache fits neither; the runtime feeds it one token at a time.
     """
     opts = opts.for_package(manifest)
-    llm = manifest["model_config"]["llm"]
-    for name in (n for n in (i["name"] for i in manifest["modules"]["decoder"]["inputs"]) if n.startswith(PAST + ".")):
-        _expect_static(manifest, "decoder", name, 1, llm["num_kv_heads"], "the KV-head dim")
-        _expect_static(manifest, "decoder", name, 3, llm["hidden_size"] // llm["num_heads"], "the head dim")
+    kv = manifest["kv_cache"]
+    for name in kv["past"]:
+        _expect_static(manifest, "decoder", name, 1, kv["num_kv_heads"], "the KV-head dim")
+        _expect_static(manifest, "decoder", name, 3, kv["head_dim"], "the head dim")
     C, opt_seq = opts.max_context, opts.opt_context
     batch = (1, 1, opts.max_batch)
     max_slots = grown_capacity(C, KV_CHUNK)  # the runtime grows its slots in chunks (runtime/kv_cache.py)

@@ -9,6 +9,7 @@ failure leaves the output as it was and the failed export, with parity_report.js
 from __future__ import annotations
 
 import io
+import json
 import logging
 import platform
 import shutil
@@ -22,6 +23,7 @@ from sleigh import __version__
 from sleigh.errors import SleighError, first_line
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
+from sleigh.runtime.manifest import contract_from_config, write_manifest
 from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
@@ -110,44 +112,27 @@ def versions() -> dict:
 
 
 def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
-    from sleigh.export.modules import NEW, PAST, kv_names
-
-    cfg = model.cfg
+    """The new package's manifest (runtime/manifest.py reads it): the contract derived from the model's
+    config.json by the function the runtime uses for checkpoints, then the modules and their files."""
     files = {}
     mod_entries = {}
     for name, written in modules.items():
         for f in written:
             files[f] = file_entry(pkg, f)
         mod_entries[name] = {"file": written[0], "data_files": written[1:], "precision": "fp32",
-                             **describe_io(pkg / written[0])}
+                             **{k: v for k, v in describe_io(pkg / written[0]).items() if k in ("inputs", "outputs")}}
     files["tokenizer.json"] = file_entry(pkg, "tokenizer.json")
-    cfg_dict = cfg.to_dict()
-    cfg_dict["image"] = {**cfg_dict["image"], "max_tiles": opts.max_tiles}
-    from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
-
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_by": versions(),
         "opset": opts.opset,
-        "model_config": cfg_dict,
-        "image": {"size": cfg.vision.image_size, "min_tiles": cfg.image.min_tiles, "max_tiles": opts.max_tiles,
-                  "thumbnail": cfg.image.thumbnail, "mean": list(cfg.image.mean), "std": list(cfg.image.std),
-                  "resample": cfg.image.resample, "max_views": opts.max_tiles + (1 if cfg.image.thumbnail and opts.max_tiles > 1 else 0)},
-        "prompt": {"template": cfg.prompt.template, "system_message": DEFAULT_SYSTEM_MESSAGE,
-                   "bos_token_id": cfg.prompt.bos_token_id, "eos_token_id": cfg.prompt.eos_token_id,
-                   "img_context_token_id": cfg.prompt.img_context_token_id,
-                   "tokens_per_view": cfg.vision.tokens_per_view},
-        "generation": {"stop_token_ids": list(cfg.prompt.stop_token_ids), "context_length": cfg.llm.max_position_embeddings},
-        "gswa": None if cfg.gswa is None else {"apply": cfg.gswa.apply, "min_weight": cfg.gswa.min_weight,
-                                               "op": "sleigh::GSWA", "custom_node": True},
+        **contract_from_config(json.loads(json.dumps(model.cfg.to_dict())), max_tiles=opts.max_tiles),  # as config.json holds it
         "tokenizer": {"file": "tokenizer.json"},
         "modules": mod_entries,
-        "kv_cache": {"layout": "slots", "past": kv_names(cfg.llm.num_layers, PAST), "new": kv_names(cfg.llm.num_layers, NEW),
-                     "shape": ["batch", cfg.llm.num_kv_heads, "cache_slots", cfg.llm.head_dim],
-                     "new_shape": ["batch", cfg.llm.num_kv_heads, "sequence", cfg.llm.head_dim]},
         "files": files,
         "parity": parity,
+        "calibration": None,
         "engines": {},
     }
 
@@ -216,9 +201,8 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                                       f"ONNX Runtime to match PyTorch within the fp32 table; {out} is left as it was "
                                       f"and the failed export, with its parity_report.json, is in {failed}")
         manifest = build_manifest(tmp, model, opts, written, parity)
-        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         ordinary_modes(tmp)  # the staging folder is private and onnx writes external data 0600: a package is not
-        write_json_atomic(tmp / MANIFEST, manifest)  # last: only a verified package has a manifest
+        write_manifest(tmp, manifest)  # last: only a verified package has a manifest
         staging.install(tmp, out.resolve())  # the previous package, if any, goes only now (a link to it stays)
     finally:
         if tmp.exists():

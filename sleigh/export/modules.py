@@ -16,6 +16,7 @@ from torch.export import Dim
 
 from sleigh.export import gswa_op
 from sleigh.runtime.kv_cache import NEW, PAST
+from sleigh.runtime.manifest import kv_names
 from sleigh.sleighvl.model import SleighVL
 from sleigh.sleighvl.vision import pixel_shuffle
 
@@ -73,10 +74,6 @@ class DecoderModule(nn.Module):
         cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         logits, new = self.llm(inputs_embeds, attention_mask, attention_bias, position_ids, cache)
         return (logits, *[t for kv in new for t in kv])
-
-
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 def vision_spec(model: SleighVL, views: int = 2) -> ModuleSpec:

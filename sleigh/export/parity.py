@@ -98,7 +98,8 @@ def _compare_all(case, got: dict, ref: dict, precision) -> list[Comparison]:
 def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", seed: int = 0,
                    progress=None) -> list[Comparison]:
     """Run vision, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL)."""
-    from sleigh.export.modules import DecoderModule, EmbedModule, VisionModule, kv_names
+    from sleigh.export.modules import DecoderModule, EmbedModule, VisionModule
+    from sleigh.runtime.manifest import kv_names
 
     pkg = Path(pkg)
     cfg = model.cfg

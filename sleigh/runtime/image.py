@@ -75,6 +75,11 @@ class TiledImage:
         return self.num_views == self.grid[0] * self.grid[1] + 1
 
 
+def max_views(max_tiles: int, thumbnail: bool) -> int:
+    """The most views tiling gives: the tiles, and the thumbnail, which comes only with several tiles."""
+    return max_tiles + (1 if thumbnail and max_tiles > 1 else 0)
+
+
 def default_max_pixels(max_tiles: int = INTERNVL_MAX_TILES, size: int = 448) -> int:
     """The largest image (width·height) tiling for `max_tiles` views of `size` pixels accepts by
     default: PIXEL_HEADROOM times the largest grid (of at least 12 tiles), at most MAX_PIXELS."""

@@ -80,12 +80,11 @@ class Shapes:
     head_dim: int
 
     @classmethod
-    def from_config(cls, cfg: dict) -> Shapes:
-        v, llm = cfg["vision"], cfg["llm"]
-        return cls(vision_tokens=(v["image_size"] // v["patch_size"]) ** 2 + 1, vision_hidden=v["hidden_size"],
-                   vision_heads=v["num_heads"], vision_mlp=v["intermediate_size"], llm_hidden=llm["hidden_size"],
-                   llm_heads=llm["num_heads"], llm_mlp=llm["intermediate_size"], layers=llm["num_layers"],
-                   kv_heads=llm["num_kv_heads"], head_dim=llm["hidden_size"] // llm["num_heads"])
+    def from_contract(cls, contract) -> Shapes:
+        m, kv = contract.model, contract.kv_cache
+        return cls(vision_tokens=m.vision_tokens, vision_hidden=m.vision_hidden_size, vision_heads=m.vision_num_heads,
+                   vision_mlp=m.vision_intermediate_size, llm_hidden=m.hidden_size, llm_heads=m.num_heads,
+                   llm_mlp=m.intermediate_size, layers=kv.num_layers, kv_heads=kv.num_kv_heads, head_dim=kv.head_dim)
 
     def kv_bytes(self, positions: int) -> int:
         """The slot cache holding `positions`, at its peak (a growth holds the old and the new slots)."""

@@ -7,6 +7,8 @@ import numpy as np
 # How GSWA's tile weights act on the LLM (DESIGN.md, "GSWA"): log-weights added to the attention logits
 # of each view's image tokens, or the projected image features scaled.
 GSWA_APPLY_MODES = ("attention", "scale")
+MIN_WEIGHT = 1e-4  # the default floor of a view's weight before log(w) in `attention` mode
+PIXEL_SHUFFLE_TOKENS = 4  # patches packed into one image token by the 0.5 pixel shuffle (2 x 2)
 
 # The GSWA node in vision.onnx (sleigh/export/gswa_op.py writes it): a `sleigh::GSWA` custom op with an
 # ONNX function body; TensorRT can map it to a plugin of this name, version and namespace instead.
@@ -15,8 +17,13 @@ GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION = "sleigh", "1"
 GSWA_NODE_PREFIX = "/gswa/"  # the function body's node names, kept where a tool inlines it
 
 
+def tokens_per_view(image_size: int, patch_size: int) -> int:
+    """Image tokens per view: the (image_size / patch_size)² patches after the 0.5 pixel shuffle."""
+    return (image_size // patch_size) ** 2 // PIXEL_SHUFFLE_TOKENS
+
+
 def image_attention_bias(input_ids: np.ndarray, gswa_weights: np.ndarray, img_context_id: int,
-                         tokens_per_view: int, min_weight: float = 1e-4) -> np.ndarray:
+                         tokens_per_view: int, min_weight: float = MIN_WEIGHT) -> np.ndarray:
     """GSWA's `attention` mode: log(w_t) on every <IMG_CONTEXT> position of view t, 0 elsewhere.
 
     input_ids (B, S) int64; gswa_weights (T,) for the image rows in order (views of row 0 first).

@@ -11,13 +11,14 @@ import tempfile
 from pathlib import Path
 
 from sleigh.errors import SleighError, first_line
-from sleigh.runtime.fields import Fields, describe
 
 MANIFEST = "manifest.json"
 SCHEMA = "sleigh.package"
-SCHEMA_VERSION = 3  # 2: the decoder takes cache slots and returns only the new keys/values; 3: logits of the
-# last position only, and no reduction over an empty axis (schema-2 decoders fail on onnxruntime <= 1.31)
+SCHEMA_VERSION = 4  # 2: the decoder takes cache slots and returns only the new keys/values; 3: logits of the
+# last position only, and no reduction over an empty axis (schema-2 decoders fail on onnxruntime <= 1.31);
+# 4: the contract sections (model, image, prompt, generation, gswa, kv_cache) replace model_config
 MODULE_NAMES = ("vision", "embed", "decoder")
+REEXPORT = "re-export the package with this sleigh (`sleigh export CKPT -o PKG --force`)"
 
 
 def shipped_photo() -> Path:
@@ -103,123 +104,40 @@ def inside(root: Path, rel, what: str) -> Path:
     return path
 
 
-# -- reading and validating the manifest -----------------------------------------------------------
+# -- JSON files -------------------------------------------------------------------------------------
 
-REEXPORT = "re-export the package with this sleigh (`sleigh export CKPT -o PKG --force`)"
-
-
-def read_manifest(pkg: Path) -> dict:
-    """The package's manifest, validated: every field the runtime, build-engine and inspect read is
-    there with its type, and every path in it stays inside the package. Whatever the file holds,
-    the only exception is a SleighError."""
-    pkg = Path(pkg)
+def read_json(path: Path, expected: str) -> dict:
+    """A JSON object from a file (a manifest, a checkpoint's config.json, a calibration file): a
+    missing, unreadable or malformed file is one SleighError line; `expected` says what it should be."""
+    path = Path(path)
     try:
-        is_dir = pkg.is_dir()
-        path = pkg / MANIFEST
-        if not is_dir:
-            raise SleighError(str(pkg), "not a folder", "a model package folder written by `sleigh export`")
-        if not path.is_file():
-            hint = " (an interrupted or failed export leaves no manifest)" if any(pkg.glob("*.onnx")) else ""
-            raise SleighError(str(pkg), f"no manifest.json{hint}", "a complete package from `sleigh export`")
         raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SleighError(str(path), "file not found", expected) from None
     except OSError as e:
-        raise SleighError(str(pkg), f"cannot be read ({e.strerror or e})", "a readable package folder") from None
+        raise SleighError(str(path), f"cannot be read ({e.strerror or e})", expected) from None
     try:
-        manifest = json.loads(raw)  # bytes: UTF-8 (or -16/-32, as JSON allows)
+        data = json.loads(raw)  # bytes: UTF-8 (or -16/-32, as JSON allows)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits, deep nesting
-        raise SleighError(str(path), f"not valid JSON ({first_line(e, 120)})", "a manifest written by `sleigh export`") from None
-    validate_manifest(manifest, pkg, str(path))
-    return manifest
-
-
-def validate_manifest(manifest, pkg: Path, where: str) -> None:
-    """Raise a SleighError naming the first missing field, wrong type or escaping path."""
-    from sleigh.runtime.model_info import ModelInfo
-
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise SleighError(where, "not a Sleigh package manifest", f"schema {SCHEMA!r}")
-    version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise SleighError(where, f"schema_version is {describe(version)}", f"the integer {SCHEMA_VERSION}; {REEXPORT}")
-    if version > SCHEMA_VERSION:
-        raise SleighError(where, f"schema_version {version} is newer than this sleigh reads ({SCHEMA_VERSION})",
-                          "upgrade sleigh (`pip install -U sleigh`) to run this package")
-    if version < SCHEMA_VERSION:
-        raise SleighError(where, f"schema_version {version} is from an older sleigh",
-                          f"{SCHEMA_VERSION}; {REEXPORT}")
-    f = Fields(where, REEXPORT)
-    ModelInfo.from_config(f.get(manifest, "model_config", "object"), where, "model_config")
-    in_pkg = lambda rel, field: inside(pkg, rel, f"{where}: {field}")  # noqa: E731
-
-    files = f.get(manifest, "files", "object")
-    for rel in files:
-        in_pkg(rel, "files")
-        entry = f.get(files, rel, "object", "files")
-        f.get(entry, "sha256", "sha256", f"files.{rel}")
-        f.get(entry, "bytes", "count", f"files.{rel}")
-
-    def listed(rel: str, field: str, f: Fields = f) -> None:  # a file the runtime opens has a size and sha256 to check
-        in_pkg(rel, field)
-        if rel not in files:
-            raise f.fail(field, f"{rel!r:.100} is not listed in files", "every file the package uses, with its sha256")
-
-    listed(f.get(f.get(manifest, "tokenizer", "object"), "file", "string", "tokenizer"), "tokenizer.file")
-    modules = f.get(manifest, "modules", "object")
-    missing = [m for m in MODULE_NAMES if m not in modules]
-    if missing:
-        raise SleighError(where, f"modules {missing} are missing", f"all of {list(MODULE_NAMES)}; {REEXPORT}")
-    for name in modules:  # the three, and any other a newer sleigh may list
-        path = f"modules.{name}"
-        entry = f.get(modules, name, "object", "modules")
-        listed(f.get(entry, "file", "string", path), f"{path}.file")
-        for i, rel in enumerate(f.items(f.get(entry, "data_files", "list", path, default=[]), "string", f"{path}.data_files")):
-            listed(rel, f"{path}.data_files[{i}]")
-        for side in ("inputs", "outputs"):
-            for i, io in enumerate(f.items(f.get(entry, side, "list", path), "object", f"{path}.{side}")):
-                f.get(io, "name", "string", f"{path}.{side}[{i}]")
-                f.get(io, "shape", "list", f"{path}.{side}[{i}]", default=[])
-    image = f.get(manifest, "image", "object")
-    for key in ("size", "min_tiles", "max_tiles"):
-        f.get(image, key, "positive", "image")
-    f.get(image, "thumbnail", "bool", "image")
-    f.get(f.get(manifest, "prompt", "object"), "tokens_per_view", "positive", "prompt")
-    f.get(f.get(manifest, "generation", "object"), "context_length", "positive", "generation")
-    for key in ("parity", "created_by", "gswa", "calibration"):
-        f.get(manifest, key, "object", null=True, default=None)
-
-    engines = f.get(manifest, "engines", "object", default={})
-    f = Fields(where, "an entry as `sleigh build-engine` writes it: rebuild the engine with --force")
-    for name in engines:
-        path = f"engines.{name}"
-        entry = f.get(engines, name, "object", "engines")
-        for key in ("backend", "precision"):
-            f.get(entry, key, "string", path)
-        f.get(entry, "llm_weights", "string", path, null=True, default=None)
-        for key in ("accuracy_passed", "degraded"):
-            f.get(entry, key, "bool", path, null=True, default=None)
-        for key in ("build_options", "accuracy", "versions"):
-            f.get(entry, key, "object", path, null=True, default=None)
-        if (d := f.get(entry, "dir", "string", path, default=None)) is not None:
-            in_pkg(d, f"{path}.dir")
-        engine_modules = f.get(entry, "modules", "object", path)
-        for module in engine_modules:
-            listed(f.get(engine_modules, module, "string", f"{path}.modules"), f"{path}.modules.{module}", f)
-        for rel in f.get(entry, "files", "object", path, default={}):
-            listed(rel, f"{path}.files", f)
+        raise SleighError(str(path), f"not valid JSON ({first_line(e, 120)})", expected) from None
+    if not isinstance(data, dict):
+        raise SleighError(str(path), "not a JSON object", expected)
+    return data
 
 
 # -- integrity -------------------------------------------------------------------------------------
 
-def verify_files(pkg: Path, manifest: dict) -> list[str]:
-    """Problems with the package's files against the manifest's sha256 and sizes (empty = all good)."""
+def verify_files(pkg: Path, manifest) -> list[str]:
+    """Problems with the package's files against the manifest's (a runtime.manifest.Manifest) sha256
+    and sizes (empty = all good)."""
     problems = []
-    for rel, entry in sorted(manifest.get("files", {}).items()):
+    for rel, entry in sorted(manifest.files.items()):
         p = inside(pkg, rel, "manifest.json: files")
         if not p.is_file():
             problems.append(f"{rel}: missing")
-        elif p.stat().st_size != entry["bytes"]:
-            problems.append(f"{rel}: size {p.stat().st_size} != {entry['bytes']}")
-        elif sha256_file(p) != entry["sha256"]:
+        elif p.stat().st_size != entry.bytes:
+            problems.append(f"{rel}: size {p.stat().st_size} != {entry.bytes}")
+        elif sha256_file(p) != entry.sha256:
             problems.append(f"{rel}: sha256 differs")
     return problems
 
@@ -227,7 +145,7 @@ def verify_files(pkg: Path, manifest: dict) -> list[str]:
 VERIFIED = ".sleigh-verified.json"  # in the package: sha256 already computed, by file version
 
 
-def check_files(pkg: Path, manifest: dict, files: dict[str, str], *, verify: bool = True) -> None:
+def check_files(pkg: Path, manifest, files: dict[str, str], *, verify: bool = True) -> None:
     """Check `files` ({relative path: what to do if it is wrong}) against the manifest before a run:
     every size always, and the sha256 unless `verify` is False. A file's sha256 is computed once per
     version of the file, (size, mtime_ns, ctime_ns, inode), and remembered in a small cache (the
@@ -238,15 +156,15 @@ def check_files(pkg: Path, manifest: dict, files: dict[str, str], *, verify: boo
     try:
         for rel, remedy in files.items():
             path = inside(pkg, rel, "manifest.json")
-            entry = manifest["files"][rel]  # validate_manifest: every file the runtime opens is listed
+            entry = manifest.files[rel]  # read_manifest: every file the runtime opens is listed
             try:
                 st = path.stat()
                 if not stat.S_ISREG(st.st_mode):
                     raise SleighError(str(path), "is not a regular file", remedy)
-                if st.st_size != entry["bytes"]:
-                    raise SleighError(str(path), f"is {st.st_size} bytes and the manifest lists {entry['bytes']} "
+                if st.st_size != entry.bytes:
+                    raise SleighError(str(path), f"is {st.st_size} bytes and the manifest lists {entry.bytes} "
                                       "(truncated or replaced)", remedy)
-                if cache is not None and cache.sha256(rel, path, st) != entry["sha256"]:
+                if cache is not None and cache.sha256(rel, path, st) != entry.sha256:
                     raise SleighError(str(path), "its sha256 differs from the manifest's (damaged or changed since it "
                                       "was written)", remedy)
             except FileNotFoundError:
@@ -299,18 +217,11 @@ class _HashCache:
                 continue
 
 
-def module_path(pkg: Path, manifest: dict, module: str) -> Path:
-    p = inside(pkg, manifest["modules"][module]["file"], f"manifest.json: modules.{module}.file")
-    if not p.is_file():
-        raise SleighError(str(p), "module file missing", f"the files listed in manifest.json; {REEXPORT}")
-    return p
-
-
 def check_module_io(modules: dict, module: str, path: Path, inputs: list[str], outputs: list[str]) -> None:
     """A module file opened for `module` must have the input and output names `modules` (the
-    manifest's `modules`) lists for it: another valid ONNX file copied over it must not run."""
+    manifest's ModuleEntry by name) lists for it: another valid ONNX file copied over it must not run."""
     for side, got in (("inputs", inputs), ("outputs", outputs)):
-        want = {io["name"] for io in modules[module][side]}
+        want = set(modules[module].names(side))
         if set(got) != want:
             missing, extra = sorted(want - set(got)), sorted(set(got) - want)
             diff = "; ".join(f"{label} {names[:4]}{' ...' if len(names) > 4 else ''}"

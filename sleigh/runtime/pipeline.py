@@ -15,7 +15,6 @@ several callers: threads, or generations interleaved in one thread (see `Pipelin
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
+from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, parse_size, weights_bytes
-from sleigh.runtime.model_info import ModelInfo
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions
@@ -116,8 +115,8 @@ class Pipeline:
     generating afterwards raises a SleighError.
     """
 
-    def __init__(self, backend: Backend, info: ModelInfo, tokenizer: PromptTokenizer):
-        self.backend, self.info, self.tokenizer = backend, info, tokenizer
+    def __init__(self, backend: Backend, contract: Contract, tokenizer: PromptTokenizer):
+        self.backend, self.contract, self.tokenizer = backend, contract, tokenizer
         # Special tokens typed in a prompt or system message stay text (what a server needs); True lets
         # trusted callers write control tokens such as <|im_end|> into the prompt.
         self.allow_special_tokens = False
@@ -137,7 +136,7 @@ class Pipeline:
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify)
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
-            pipe.budget = _budget(Path(path), pipe.backend, limit)
+            pipe.budget = _budget(Path(path), pipe.backend, pipe.contract, limit)
         return pipe
 
     @classmethod
@@ -163,21 +162,23 @@ class Pipeline:
         if importlib.util.find_spec("torch") is None:
             raise SleighError(str(path), "a checkpoint runs on the PyTorch reference and torch is not installed",
                               "a package from `sleigh export`, or pip install torch and 'sleigh[export]'")
-        info = ModelInfo.from_config(_read_json(Path(path) / "config.json"), str(path))
+        from sleigh.runtime.package import read_json
+
+        config = Path(path) / "config.json"
+        contract = Contract.from_config(read_json(config, "a Sleigh checkpoint's config.json"), str(config))
         tok = PromptTokenizer.from_file(Path(path) / "tokenizer.json")
-        return cls(_checkpoint_backend("torch").from_checkpoint(path, threads), info, tok)
+        return cls(_checkpoint_backend("torch").from_checkpoint(path, threads), contract, tok)
 
     @classmethod
     def from_package(cls, path: Path, backend: str = "auto", threads: int | None = None,
                      engine: str | None = None, verify: bool = True) -> Pipeline:
         from sleigh.runtime.backends import open_package_backend
-        from sleigh.runtime.package import inside, read_manifest
+        from sleigh.runtime.manifest import read_manifest
 
         manifest = read_manifest(path)
-        info = ModelInfo.from_config(manifest["model_config"], str(path / "manifest.json"))
         backend = open_package_backend(path, manifest, backend, threads=threads, engine=engine, verify=verify)
-        tok = PromptTokenizer.from_file(inside(path, manifest["tokenizer"]["file"], "manifest.json: tokenizer.file"))
-        return cls(backend, info, tok)
+        tok = PromptTokenizer.from_file(manifest.path(manifest.tokenizer, "manifest.json: tokenizer.file"))
+        return cls(backend, manifest.contract, tok)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -212,17 +213,17 @@ class Pipeline:
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
                                       "text without image placeholder tokens (the image is given as IMAGE)")
-        if max_tiles is not None and max_tiles > self.info.max_tiles:  # more views than the package was built for
-            raise SleighError("max_tiles", f"got {max_tiles}, above this model's maximum of {self.info.max_tiles}",
-                              f"1 to {self.info.max_tiles}")
+        img = self.contract.image
+        if max_tiles is not None and max_tiles > img.max_tiles:  # more views than the package was built for
+            raise SleighError("max_tiles", f"got {max_tiles}, above this model's maximum of {img.max_tiles}",
+                              f"1 to {img.max_tiles}")
         tiled = None
         if image is not None:
-            tiled = tile_image(image, min_tiles=self.info.min_tiles,
-                               max_tiles=self.info.max_tiles if max_tiles is None else max_tiles,
-                               size=self.info.image_size, thumbnail=self.info.thumbnail,
-                               mean=self.info.mean, std=self.info.std)
+            tiled = tile_image(image, min_tiles=img.min_tiles, max_tiles=img.max_tiles if max_tiles is None else max_tiles,
+                               size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std)
+        system = self.contract.prompt.system_message if system is None else system  # the model's own default
         return tiled, self.tokenizer.encode_chat(turns, tiled.num_views if tiled else 0, system=system,
-                                                 tokens_per_view=self.info.tokens_per_view,
+                                                 tokens_per_view=self.contract.prompt.tokens_per_view,
                                                  allow_special_tokens=self.allow_special_tokens)
 
     def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
@@ -256,10 +257,11 @@ class Pipeline:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
         Also what the accuracy gate compares between engines."""
         self._check_open()
-        info, backend = self.info, self.backend
+        contract, backend = self.contract, self.backend
+        tpv, hidden = contract.prompt.tokens_per_view, contract.model.hidden_size
         t_start = time.perf_counter()
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles)
-        context = min(info.context_length, backend.max_context or info.context_length)
+        context = min(contract.generation.context_length, backend.max_context or contract.generation.context_length)
         if len(ids) + max_new_tokens > context:
             raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
                               f"{context}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
@@ -269,10 +271,10 @@ class Pipeline:
         t = time.perf_counter()
         if tiled is not None:
             image_embeds, weights = self._vision(tiled.pixel_values, vision_chunk)
-            image_rows = image_embeds.reshape(-1, info.hidden_size)
+            image_rows = image_embeds.reshape(-1, hidden)
         else:
-            image_embeds = np.zeros((0, info.tokens_per_view, info.hidden_size), np.float32)
-            image_rows = np.zeros((1, info.hidden_size), np.float32)  # never read: no <IMG_CONTEXT> in the prompt
+            image_embeds = np.zeros((0, tpv, hidden), np.float32)
+            image_rows = np.zeros((1, hidden), np.float32)  # never read: no <IMG_CONTEXT> in the prompt
             weights = np.zeros((0,), np.float32)
         timings.vision_s = time.perf_counter() - t
 
@@ -280,9 +282,9 @@ class Pipeline:
         input_ids = np.asarray([ids], dtype=np.int64)  # (1, P)
         inputs_embeds = backend.run("embed", {"input_ids": input_ids, "image_embeds": image_rows})["inputs_embeds"]
         bias = np.zeros(input_ids.shape, np.float32)
-        if tiled is not None and info.gswa_apply == "attention":
-            bias = image_attention_bias(input_ids, weights, info.img_context_token_id, info.tokens_per_view,
-                                        info.gswa_min_weight)
+        gswa = contract.gswa
+        if tiled is not None and gswa is not None and gswa.apply == "attention":
+            bias = image_attention_bias(input_ids, weights, contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
         logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
         timings.prefill_s = time.perf_counter() - t
@@ -290,7 +292,7 @@ class Pipeline:
 
     def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
         """(views per vision call, prompt tokens per decoder call) for this generation."""
-        split_views = self.info.gswa_apply is None
+        split_views = self.contract.gswa is None
         if self.budget is not None:
             plan = self.budget.plan(views, prompt_tokens, new_tokens, split_views=split_views)
             return plan.vision_chunk, plan.prefill_chunk
@@ -334,15 +336,15 @@ class Pipeline:
             state.cache.close()
 
     def _decode_steps(self, state: Prefill, max_new_tokens, sampling, ignore_eos, stop=()):
-        info, backend, cache = self.info, self.backend, state.cache
+        contract, backend, cache = self.contract, self.backend, state.cache
         tiled, ids, weights, logits, timings = state.tiled, state.ids, state.gswa_weights, state.logits, state.timings
         t_start = state.t_start
 
         sampler = Sampler(sampling)
         stream = StreamDecoder(self.tokenizer)
         stops_text = StopStrings(stop)
-        dummy_rows = np.zeros((1, info.hidden_size), np.float32)
-        stops = set(info.stop_token_ids)
+        dummy_rows = np.zeros((1, contract.model.hidden_size), np.float32)
+        stops = set(contract.generation.stop_token_ids)
         history = list(ids)
         generated: list[int] = []
         stop_reason = "length"
@@ -380,27 +382,14 @@ class Pipeline:
             backend=backend.describe())
 
 
-def _budget(path: Path, backend: Backend, limit: int) -> MemoryBudget:
-    """The budget for a loaded model: its shapes from the manifest or config.json, its weights from
-    the files its backend opened (a checkpoint: its safetensors)."""
-    from sleigh.runtime.package import read_manifest
-
+def _budget(path: Path, backend: Backend, contract: Contract, limit: int) -> MemoryBudget:
+    """The budget for a loaded model: its shapes from its contract, its weights from the files its
+    backend opened (a checkpoint: its safetensors)."""
     if (path / "manifest.json").is_file():
-        cfg = read_manifest(path)["model_config"]
         files = list(getattr(backend, "files", {}).values())
     else:
-        cfg = _read_json(path / "config.json")
         files = sorted(path.glob("*.safetensors"))
-    return MemoryBudget(limit, Shapes.from_config(cfg), weights_bytes(files), label="--max-memory")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SleighError(str(path), "file not found", "a JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SleighError(str(path), f"not valid JSON ({e})", "a JSON file") from None
+    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files), label="--max-memory")
 
 
 def _checkpoint_backend(name: str):

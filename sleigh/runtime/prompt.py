@@ -20,6 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime.multimodal import tokens_per_view as view_tokens
 
 # The internlm2-chat default system message as InternVL2 sets it.
 DEFAULT_SYSTEM_MESSAGE = "你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, 是一个有用无害的人工智能助手。"
@@ -27,7 +28,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 BOS, EOS = "<s>", "</s>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"  # where InternVL's chat() puts the image block when a question names it
-TOKENS_PER_VIEW = 256  # 1024 patches of a 448x448 view after pixel shuffle 0.5
+TOKENS_PER_VIEW = view_tokens(448, 14)  # InternVL2's 448x448 views of 14-px patches: 256
 TEMPLATE = "internlm2-chat"
 
 REQUIRED_TOKENS = (BOS, EOS, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT)
@@ -55,7 +56,8 @@ def chat_parts(turns: Sequence[Turn], num_views: int = 0, *, system: str | None 
     as plain text however it looks. Joined, the parts are the prompt string InternVL2's `chat()`
     builds (MPT separator style): system, then each turn, then the assistant header. With views and
     no turn marked `image`, the first user turn holds the image, as InternVL's `<image>` in the first
-    question. `system=None` uses DEFAULT_SYSTEM_MESSAGE; `system=""` keeps an empty system block.
+    question. `system=None` uses DEFAULT_SYSTEM_MESSAGE (a Pipeline passes its model's own, the
+    manifest's `prompt.system_message`); `system=""` keeps an empty system block.
     """
     if num_views < 0:
         raise SleighError("num_views", f"{num_views} is negative", "0 (text only) or the number of image views")

@@ -151,8 +151,8 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     worker = state.worker
     if worker is None:
         raise APIError(503, "the model is still loading", retry_after=settings.retry_after_s)
-    if req.max_tiles is not None and req.max_tiles > worker.pipeline.info.max_tiles:
-        raise APIError(400, f"max_tiles: {req.max_tiles} is above the model's {worker.pipeline.info.max_tiles}",
+    if req.max_tiles is not None and req.max_tiles > worker.pipeline.contract.image.max_tiles:
+        raise APIError(400, f"max_tiles: {req.max_tiles} is above the model's {worker.pipeline.contract.image.max_tiles}",
                        param="max_tiles")
     if worker.full:  # before decoding an image that would wait nowhere
         raise _busy(worker, settings)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime.package import read_json
 from sleigh.sleighvl.config import SleighVLConfig
 
 CONFIG = "config.json"
@@ -37,10 +38,7 @@ class GenerationConfig:
     def load(cls, path: Path) -> GenerationConfig:
         if not path.exists():
             return cls()
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SleighError(str(path), f"not valid JSON ({e})", "a generation_config.json") from None
+        d = read_json(path, "a generation_config.json")
         known = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from sleigh.errors import SleighError
-from sleigh.runtime.multimodal import GSWA_APPLY_MODES
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD
+from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
+from sleigh.runtime.package import read_json
+from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
 
 SCHEMA = "sleigh.sleighvl"
 SCHEMA_VERSION = 1
@@ -49,7 +52,7 @@ class VisionConfig:
 
     @property
     def tokens_per_view(self) -> int:  # after pixel shuffle with ratio 0.5
-        return self.num_patches // 4
+        return tokens_per_view(self.image_size, self.patch_size)
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,14 @@ class LLMConfig:
 
 @dataclass(frozen=True)
 class GSWAConfig:
-    """Global Semantic-guided Weight Allocator (see DESIGN.md). hidden_size 0 means 2 x vision hidden."""
+    """Global Semantic-guided Weight Allocator (see DESIGN.md). hidden_size 0 means 2 x vision hidden (`width`)."""
 
     hidden_size: int = 0
     num_layers: int = 2
     num_heads: int = 8
     layer_norm_eps: float = 1e-6
     apply: str = "attention"
-    min_weight: float = 1e-4  # clamp before log(w) in attention mode
+    min_weight: float = MIN_WEIGHT  # clamp before log(w) in attention mode
 
     def __post_init__(self):
         _positive(self, "num_layers", "num_heads")
@@ -99,14 +102,18 @@ class GSWAConfig:
         if not 0 < self.min_weight < 1:
             raise SleighError("gswa.min_weight", f"got {self.min_weight}", "a value in (0, 1)")
 
+    def width(self, vision_hidden: int) -> int:
+        """Dg, GSWA's hidden size: `hidden_size`, or by default twice the vision hidden size (Dg > Cv)."""
+        return self.hidden_size or 2 * vision_hidden
+
 
 @dataclass(frozen=True)
 class ImageConfig:
     min_tiles: int = 1
     max_tiles: int = 12
     thumbnail: bool = True
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     resample: str = "bicubic"
 
     def __post_init__(self):
@@ -122,6 +129,7 @@ class PromptConfig:
     eos_token_id: int = 2
     img_context_token_id: int = 92546
     stop_token_ids: tuple[int, ...] = (92542,)
+    system_message: str = DEFAULT_SYSTEM_MESSAGE  # the prompt's system block when the caller gives none
 
     def __post_init__(self):
         if self.template != "internlm2-chat":
@@ -141,8 +149,8 @@ class SleighVLConfig:
         if self.gswa is not None and not self.image.thumbnail:
             raise SleighError("config", "GSWA weights tiles by the thumbnail's attention, and thumbnails are off",
                               "image.thumbnail true, or gswa null")
-        if self.gswa is not None and (self.gswa.hidden_size or 2 * self.vision.hidden_size) % self.gswa.num_heads:
-            raise SleighError("gswa", f"hidden size {self.gswa.hidden_size or 2 * self.vision.hidden_size} is not "
+        if self.gswa is not None and self.gswa.width(self.vision.hidden_size) % self.gswa.num_heads:
+            raise SleighError("gswa", f"hidden size {self.gswa.width(self.vision.hidden_size)} is not "
                               f"divisible by num_heads={self.gswa.num_heads}", "a head count that divides it")
         if self.image.resample != "bicubic":
             raise SleighError("image.resample", f"got {self.image.resample!r}", "bicubic (InternVL's resize)")
@@ -153,9 +161,7 @@ class SleighVLConfig:
 
     @property
     def gswa_hidden(self) -> int:
-        if self.gswa is None:
-            return 0
-        return self.gswa.hidden_size or 2 * self.vision.hidden_size
+        return 0 if self.gswa is None else self.gswa.width(self.vision.hidden_size)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -183,16 +189,7 @@ class SleighVLConfig:
 
     @classmethod
     def load(cls, path: Path) -> SleighVLConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SleighError(str(path), "file not found", "a Sleigh checkpoint folder with config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SleighError(str(path), f"not valid JSON ({e})", "a Sleigh config.json") from None
-        if not isinstance(d, dict):
-            raise SleighError(str(path), "not a JSON object", "a Sleigh config.json")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path, "a Sleigh checkpoint folder with config.json"))
 
 
 def _section(cls, d: dict, name: str):

@@ -11,14 +11,13 @@ checkpoint's remote code. The key map is explicit and strict. What it changes on
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from sleigh.errors import SleighError, first_line
-from sleigh.runtime.package import inside
+from sleigh.errors import SleighError
+from sleigh.runtime.package import inside, read_json
 from sleigh.sleighvl.checkpoint import (GenerationConfig, build_model, check_state_dict, prepare_output_dir, read_safetensors,
                                         save_checkpoint)
 from sleigh.sleighvl.config import GSWAConfig, ImageConfig, LLMConfig, PromptConfig, SleighVLConfig, VisionConfig
@@ -63,10 +62,7 @@ def read_internvl_config(src: Path) -> dict:
     path = src / "config.json"
     _require(src.is_dir(), str(src), "not a folder", "an InternVL2 checkpoint folder")
     _require(path.is_file(), str(src), "no config.json", "an InternVL2 checkpoint folder (config.json, safetensors, tokenizer.model)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SleighError(str(path), f"not valid JSON ({e})", "an InternVL2 config.json") from None
+    raw = read_json(path, "an InternVL2 config.json")
     arch = raw.get("architectures") or []
     _require(raw.get("model_type") == "internvl_chat" or "InternVLChatModel" in arch, str(path),
              f"model_type {raw.get('model_type')!r}, architectures {arch} is not InternVL2",
@@ -134,12 +130,10 @@ def prompt_config(tokenizer) -> PromptConfig:
 def read_internvl_weights(src: Path) -> dict[str, torch.Tensor]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_bytes())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not an object of file names")
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
-            raise SleighError(str(index), f"bad safetensors index ({first_line(e)})", "a JSON object with a weight_map") from None
+        weight_map = read_json(index, "a JSON object with a weight_map").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SleighError(str(index), "bad safetensors index (weight_map is not an object of file names)",
+                              "a JSON object with a weight_map")
         shards = [inside(src, shard, f"{index.name}: weight_map") for shard in sorted(set(weight_map.values()))]
         state: dict[str, torch.Tensor] = {}
         for shard in shards:  # every shard confined to the source folder before any is read
@@ -215,7 +209,8 @@ def gswa_state(mode: str, cfg: SleighVLConfig, seed: int = 0) -> tuple[GSWAConfi
     if mode == "none":
         return None, {}
     if mode == "identity":
-        gcfg = GSWAConfig(hidden_size=2 * cfg.vision.hidden_size, num_heads=_default_heads(2 * cfg.vision.hidden_size))
+        width = GSWAConfig().width(cfg.vision.hidden_size)
+        gcfg = GSWAConfig(hidden_size=width, num_heads=_default_heads(width))
         from sleigh.sleighvl.gswa import GSWA
 
         torch.manual_seed(seed)

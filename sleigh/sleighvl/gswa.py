@@ -73,7 +73,7 @@ class GSWA(nn.Module):
     def __init__(self, cfg: GSWAConfig, vision_hidden: int):
         super().__init__()
         self.cfg = cfg
-        D = cfg.hidden_size or 2 * vision_hidden
+        D = cfg.width(vision_hidden)
         self.heads = cfg.num_heads
         self.norm = nn.LayerNorm(vision_hidden, eps=cfg.layer_norm_eps)
         self.proj = nn.Linear(vision_hidden, D)

@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from sleigh.engines.accuracy import run_gate
 from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
 from sleigh.engines.options import EngineOptions
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
-from sleigh.runtime.package import file_entry, read_manifest, verify_files, write_json_atomic
+from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.package import file_entry, verify_files
 from sleigh.runtime.pipeline import Pipeline
 
 from .conftest import EXAMPLES, ORACLE, is_root, run_cli, snapshot
@@ -60,47 +62,47 @@ ENGINES = ("onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-fp32-llm-int8", 
 
 def test_every_onnxruntime_precision_builds_registers_and_runs(engine_pkg):
     manifest = read_manifest(engine_pkg)
-    assert set(ENGINES) <= set(manifest["engines"])
+    assert set(ENGINES) <= set(manifest.engines)
     assert verify_files(engine_pkg, manifest) == []
     ref = Pipeline.load(engine_pkg, engine="package").generate(EXAMPLES / "coffee.jpg", max_new_tokens=6, ignore_eos=True).result
     for name in ENGINES:
-        entry = manifest["engines"][name]
+        entry = manifest.engines[name]
         assert entry["accuracy"]["pairs"] and len(entry["accuracy"]["pairs"]) >= 5
         assert {"versions", "build_options", "shapes", "files"} <= set(entry)
         res = Pipeline.load(engine_pkg, engine=name).generate(EXAMPLES / "coffee.jpg", max_new_tokens=6, ignore_eos=True).result
         assert name in res.backend and len(res.token_ids) == 6
         np.testing.assert_allclose(res.gswa_weights, ref.gswa_weights, atol=0.25)  # INT8 vision moves them most
-    assert manifest["engines"]["onnxruntime-fp16"]["accuracy_passed"]  # FP16 must pass its gate outright
-    fp16 = manifest["engines"]["onnxruntime-fp16"]
+    assert manifest.engines["onnxruntime-fp16"]["accuracy_passed"]  # FP16 must pass its gate outright
+    fp16 = manifest.engines["onnxruntime-fp16"]
     assert fp16["build_options"] == EngineOptions(precision="fp16").to_json()  # as given, recorded once
     assert set(fp16["versions"]) == {"sleigh", "onnx", "onnxruntime"}
-    assert fp16["shapes"] == {"max_views": 13, "max_context": manifest["generation"]["context_length"]}  # 12 tiles + thumbnail
+    assert fp16["shapes"] == {"max_views": 13, "max_context": manifest.contract.generation.context_length}  # 12 tiles + thumbnail
     for name in ENGINES:
-        assert manifest["engines"][name]["degraded"] == (not manifest["engines"][name]["accuracy"]["passed"])
+        assert manifest.engines[name]["degraded"] == (not manifest.engines[name]["accuracy"]["passed"])
 
 
 def test_precision_really_changes_the_files(engine_pkg):
     manifest = read_manifest(engine_pkg)
     ops = lambda rel: {n.op_type for n in onnx.load(str(engine_pkg / rel), load_external_data=False).graph.node}  # noqa: E731
-    fp16 = onnx.load(str(engine_pkg / manifest["engines"]["onnxruntime-fp16"]["modules"]["vision"]))
+    fp16 = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp16"]["modules"]["vision"]))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # FP32 I/O
     # the FP16 decoder keeps FP32 I/O except the KV cache, FP16 in and out (no cast of the cache per step)
-    dec = onnx.load(str(engine_pkg / manifest["engines"]["onnxruntime-fp16"]["modules"]["decoder"]), load_external_data=False)
+    dec = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp16"]["modules"]["decoder"]), load_external_data=False)
     io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
     kv = {n: t for n, t in io.items() if n.startswith(("past_key_values.", "new_key_values."))}
     assert kv and set(kv.values()) == {onnx.TensorProto.FLOAT16}
     assert io["inputs_embeds"] == io["attention_bias"] == io["logits"] == onnx.TensorProto.FLOAT
     assert not [n for n in dec.graph.node if n.op_type == "Cast" and set(n.input) & set(kv)]
-    assert "MatMulNBits" in ops(manifest["engines"]["onnxruntime-fp32-llm-int4"]["modules"]["decoder"])
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest["engines"]["onnxruntime-int8"]["modules"]["vision"])
-    sizes = {n: manifest["engines"][n]["files_bytes"] for n in ENGINES}
+    assert "MatMulNBits" in ops(manifest.engines["onnxruntime-fp32-llm-int4"]["modules"]["decoder"])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest.engines["onnxruntime-int8"]["modules"]["vision"])
+    sizes = {n: manifest.engines[n]["files_bytes"] for n in ENGINES}
     assert sizes["onnxruntime-fp32-llm-int4"] < sizes["onnxruntime-fp32-llm-int8"]
 
 
 def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
     manifest = read_manifest(engine_pkg)
-    path = engine_pkg / manifest["engines"]["onnxruntime-int8"]["modules"]["vision"]
+    path = engine_pkg / manifest.engines["onnxruntime-int8"]["modules"]["vision"]
     assert check_symmetric(path) == []
     model = onnx.load(str(path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -118,7 +120,7 @@ def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
 def test_calibration_cache_is_in_the_manifest(engine_pkg):
     from sleigh.engines.calibration.trt_cache import read_calibration_cache
 
-    cal = read_manifest(engine_pkg)["calibration"]
+    cal = read_manifest(engine_pkg).calibration
     assert cal["skipped"] == 1 and cal["num_images"] == 6
     header, scales = read_calibration_cache(engine_pkg / "calibration" / "vision.calib.cache")
     assert header.startswith("TRT-") and header.endswith("EntropyCalibration2") and scales
@@ -130,17 +132,18 @@ def test_the_gate_trips_on_a_broken_engine(engine_pkg, tmp_path):
 
     pkg = tmp_path / "pkg"
     shutil.copytree(engine_pkg, pkg)
-    manifest = read_manifest(pkg)
-    vision = pkg / manifest["engines"]["onnxruntime-int8"]["modules"]["vision"]
-    scale_activation_scales(vision, vision, 1 / 100)
-    rel = manifest["engines"]["onnxruntime-int8"]["modules"]["vision"]  # as if the build had written it so:
-    manifest["files"][rel] = manifest["engines"]["onnxruntime-int8"]["files"][rel] = file_entry(pkg, rel)  # runs pass the integrity check
-    write_json_atomic(pkg / "manifest.json", manifest)
+    rel = read_manifest(pkg).engines["onnxruntime-int8"]["modules"]["vision"]
+    scale_activation_scales(pkg / rel, pkg / rel, 1 / 100)
+
+    def as_built(manifest: dict) -> None:  # as if the build had written it so: runs pass the integrity check
+        manifest["files"][rel] = manifest["engines"]["onnxruntime-int8"]["files"][rel] = file_entry(pkg, rel)
+
+    update_manifest(pkg, as_built)
     report = run_gate(pkg, "onnxruntime-int8", num_pairs=1)  # broken on any image; `compare` below runs all pairs
     assert not report["passed"]
     failed = {c["metric"] for c in report["checks"] if not c["ok"]}
     assert "embeddings_cos_min" in failed
-    good = read_manifest(engine_pkg)["engines"]["onnxruntime-int8"]["accuracy"]  # its build's gate run
+    good = read_manifest(engine_pkg).engines["onnxruntime-int8"]["accuracy"]  # its build's gate run
     assert good["metrics"]["embeddings_cos_min"] >= VISION_GATES["int8"]["embeddings_cos_min"]  # within the INT8 gate
     assert report["metrics"]["embeddings_cos_min"] < good["metrics"]["embeddings_cos_min"] - 0.05
     proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "compare", str(pkg), "--engine", "onnxruntime-int8"],
@@ -165,7 +168,7 @@ def test_a_failed_gate_registers_nothing(tiny_pkg, tmp_path, monkeypatch):
     one_pair_gate(monkeypatch)
     with pytest.raises(SleighError, match="accuracy gate failed"):
         build_engine(pkg, EngineOptions(precision="fp16", quiet=True))
-    assert read_manifest(pkg)["engines"] == {}
+    assert read_manifest(pkg).engines == {}
     assert not (pkg / "engines" / "onnxruntime-fp16").exists()
     assert not [p for p in (pkg / "engines").iterdir()] if (pkg / "engines").exists() else True
 
@@ -186,7 +189,7 @@ def test_install_moves_every_staged_path_and_lists_the_plugin_library(tiny_pkg, 
              "gswa": {"via": "plugin", "plugin_library": f"{staged}/plugin/libgswa.so"}}
     files = [f"{staged}/vision.plan", f"{staged}/vision.onnx", f"{staged}/plugin/libgswa.so"]
     _install(pkg, tmp, pkg / "engines" / "trt", "trt", entry, staged, files)
-    installed = read_manifest(pkg)["engines"]["trt"]
+    installed = read_manifest(pkg).engines["trt"]
     assert installed["modules"] == {"vision": "engines/trt/vision.plan"}
     assert installed["sources"] == {"vision": "engines/trt/vision.onnx", "embed": "embed.onnx"}  # outside: unchanged
     assert installed["gswa"]["plugin_library"] == "engines/trt/plugin/libgswa.so"
@@ -209,12 +212,12 @@ def test_auto_picks_the_best_gated_engine(engine_pkg):
     from sleigh.runtime.backends import best_engine
 
     manifest = read_manifest(engine_pkg)
-    passed = {**manifest, "engines": {n: {**e, "accuracy_passed": True} for n, e in manifest["engines"].items()}}
+    passed = replace(manifest, engines={n: {**e, "accuracy_passed": True} for n, e in manifest.engines.items()})
     assert best_engine(passed, "onnxruntime", "cpu") == "onnxruntime-int8"
     assert best_engine(passed, "onnxruntime", "cuda") == "onnxruntime-fp16"
-    only_fp16 = {**manifest, "engines": {n: {**e, "accuracy_passed": n == "onnxruntime-fp16"} for n, e in manifest["engines"].items()}}
+    only_fp16 = replace(manifest, engines={n: {**e, "accuracy_passed": n == "onnxruntime-fp16"} for n, e in manifest.engines.items()})
     assert best_engine(only_fp16, "onnxruntime", "cpu") == "onnxruntime-fp16"  # degraded engines are never picked
-    assert best_engine({**manifest, "engines": {}}, "onnxruntime", "cpu") is None
+    assert best_engine(replace(manifest, engines={}), "onnxruntime", "cpu") is None
     expected = best_engine(manifest, "onnxruntime", "cpu")
     assert expected in Pipeline.load(engine_pkg).backend.describe()
 
@@ -245,14 +248,14 @@ def test_a_failed_rebuild_keeps_the_engine_that_was_there(engine_pkg, tmp_path, 
 
     pkg = tmp_path / "pkg"
     shutil.copytree(engine_pkg, pkg)  # its FP16 engine passed its gate when it was built
-    first = read_manifest(pkg)["engines"]["onnxruntime-fp16"]
+    first = read_manifest(pkg).engines["onnxruntime-fp16"]
     engines = sorted(p.name for p in (pkg / "engines").iterdir())
     monkeypatch.setitem(accuracy.VISION_GATES, "fp16", {"embeddings_cos_min": 1.01, "gswa_max_abs": 0.0})
     one_pair_gate(monkeypatch)
     with pytest.raises(SleighError, match="accuracy gate failed"):
         build_engine(pkg, EngineOptions(precision="fp16", force=True, quiet=True))
     manifest = read_manifest(pkg)
-    assert manifest["engines"]["onnxruntime-fp16"]["files"] == first["files"]
+    assert manifest.engines["onnxruntime-fp16"]["files"] == first["files"]
     assert verify_files(pkg, manifest) == []
     assert sorted(p.name for p in (pkg / "engines").iterdir()) == engines
 
@@ -263,7 +266,7 @@ def test_int8_passes_its_gate_and_says_what_it_assumes(engine_pkg):
     GSWA's weights are left out: on this random model (seed 1) they move by up to 0.14 from FP32
     even with exact 8-bit arithmetic (measured with the fusions off), over the gate's 0.1, because
     the views' CLS features are nearly alike; on the README's model (seed 0) the gate passes whole."""
-    entry = read_manifest(engine_pkg)["engines"]["onnxruntime-int8"]
+    entry = read_manifest(engine_pkg).engines["onnxruntime-int8"]
     failed = [c for c in entry["accuracy"]["checks"] if not c["ok"]]
     assert {c["metric"] for c in failed} <= {"gswa_max_abs"}, failed
     assert entry["cpu"] == {"machine": platform.machine(), "features": cpu_features()}
@@ -326,7 +329,7 @@ def test_engine_files_get_the_umask_mode_external_data_included(external_pkg):
 def test_an_unreadable_module_is_a_permission_error_not_corruption(external_pkg, monkeypatch):
     import onnxruntime as ort
 
-    entry = read_manifest(external_pkg)["engines"]["onnxruntime-fp16"]
+    entry = read_manifest(external_pkg).engines["onnxruntime-fp16"]
     module = external_pkg / entry["modules"]["vision"]
     data = module.with_name(module.name + ".data")
     assert data.is_file()

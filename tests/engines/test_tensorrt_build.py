@@ -101,9 +101,14 @@ def test_vision_profile_views(trt_pkg):
     assert vision_profile(manifest, TRT(max_tiles=1))["pixel_values"][2][0] == 1
 
 
+def _image_row_width(manifest: dict) -> int:
+    """D, as the exported embed module declares its image_embeds input [image_rows, D]."""
+    return next(i["shape"][1] for i in manifest["modules"]["embed"]["inputs"] if i["name"] == "image_embeds")
+
+
 def test_embed_profile_holds_all_image_rows_and_one_token_steps(trt_pkg):
     _, manifest = trt_pkg
-    tpv, D = manifest["prompt"]["tokens_per_view"], manifest["model_config"]["llm"]["hidden_size"]
+    tpv, D = manifest["prompt"]["tokens_per_view"], _image_row_width(manifest)
     prof = embed_profile(manifest, TRT(max_batch=2))
     assert prof["input_ids"][0] == (1, 1)  # decode steps embed one token with a dummy image row
     assert prof["image_embeds"][0] == (1, D)
@@ -113,13 +118,12 @@ def test_embed_profile_holds_all_image_rows_and_one_token_steps(trt_pkg):
 
 def test_decoder_profiles(trt_pkg):
     _, manifest = trt_pkg
-    llm = manifest["model_config"]["llm"]
-    kv, hd = llm["num_kv_heads"], llm["hidden_size"] // llm["num_heads"]
+    _, kv, _, hd = next(i["shape"] for i in manifest["modules"]["decoder"]["inputs"] if i["name"] == "past_key_values.0.key")
     C = 4096
     prefill, decode = decoder_profiles(manifest, TRT(max_context=C, max_batch=3))
     assert DECODER_PROFILES == ("prefill", "decode")
     past_names = [n for n in prefill if n.startswith("past_key_values.")]
-    assert len(past_names) == 2 * llm["num_layers"]
+    assert past_names == manifest["kv_cache"]["past"]
     for point in range(3):  # min, opt, max each satisfy the graph: total = slots + new, one batch
         for prof in (prefill, decode):
             B, S, _ = prof["inputs_embeds"][point]
@@ -347,7 +351,7 @@ def _qdq_model(tmp_path, name, zero_point: int, hidden: int) -> Path:
 
 def test_source_checks_on_small_graphs(trt_pkg, tmp_path):
     _, manifest = trt_pkg
-    D = manifest["model_config"]["llm"]["hidden_size"]
+    D = _image_row_width(manifest)
     assert source_problems("embed", _qdq_model(tmp_path, "sym", 0, D), "int8", manifest) == []
     asym = source_problems("embed", _qdq_model(tmp_path, "asym", 3, D), "int8", manifest)
     assert any("not 0" in p and "symmetric" in p for p in asym)

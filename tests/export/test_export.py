@@ -15,9 +15,11 @@ from sleigh.errors import SleighError
 from sleigh.export import gswa_op
 from sleigh.export.exporter import ExportOptions, export_package
 from sleigh.export.parity import verify_package
-from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.manifest import read_manifest
+from sleigh.runtime.package import verify_files
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.sleighvl.checkpoint import load_checkpoint
+from sleigh.sleighvl.config import SleighVLConfig
 from tests.conftest import one_error_line
 
 from .conftest import EXAMPLES, ORACLE
@@ -30,22 +32,25 @@ def test_every_module_passes_the_full_onnx_checker(tiny_pkg):
         onnx.checker.check_model(str(tiny_pkg / f"{m}.onnx"), full_check=True)
 
 
-def test_io_names_and_symbolic_shapes_match_the_design(tiny_pkg):
+def test_io_names_and_symbolic_shapes_match_the_design(tiny_ckpt, tiny_pkg):
     manifest = read_manifest(tiny_pkg)
-    dec = manifest["modules"]["decoder"]
-    names = [i["name"] for i in dec["inputs"]]
+    dec = manifest.modules["decoder"]
+    names = dec.names("inputs")
     assert names[:4] == ["inputs_embeds", "attention_mask", "attention_bias", "position_ids"]
     assert names[4:6] == ["past_key_values.0.key", "past_key_values.0.value"]
-    ins = {i["name"]: i["shape"] for i in dec["inputs"]}
+    ins = {i.name: i.shape for i in dec.inputs}
     assert ins["past_key_values.0.key"][2] == "cache_slots"
-    outs = {o["name"]: o["shape"] for o in dec["outputs"]}
-    assert outs["logits"] == ["batch", 1, manifest["model_config"]["llm"]["vocab_size"]]  # the last position only
+    outs = {o.name: o.shape for o in dec.outputs}
+    vocab = SleighVLConfig.load(tiny_ckpt / "config.json").llm.vocab_size
+    assert outs["logits"] == ("batch", 1, vocab)  # the last position only
     assert outs["new_key_values.0.key"][2] == "sequence"  # the new positions only, never the whole cache
-    assert manifest["kv_cache"]["layout"] == "slots" and manifest["schema_version"] == 3
-    vis = manifest["modules"]["vision"]
-    assert vis["inputs"][0]["shape"][0] == "views"
-    assert [o["name"] for o in vis["outputs"]] == ["image_embeds", "gswa_weights"]
-    assert manifest["modules"]["embed"]["inputs"][1]["shape"][0] == "image_rows"
+    kv = manifest.contract.kv_cache
+    assert kv.past == tuple(names[4:]) and kv.new == tuple(dec.names("outputs")[1:])  # new[i] goes into past[i]
+    assert manifest.schema_version == 4
+    vis = manifest.modules["vision"]
+    assert vis.inputs[0].shape[0] == "views"
+    assert vis.names("outputs") == ["image_embeds", "gswa_weights"]
+    assert manifest.modules["embed"].inputs[1].shape[0] == "image_rows"
 
 
 def test_gswa_is_one_custom_node_with_a_standard_function(tiny_pkg):
@@ -107,7 +112,7 @@ def test_gswa_function_alone_matches_torch(tmp_path):
 
 
 def test_parity_report_covers_the_required_cases_and_passes(tiny_pkg):
-    parity = read_manifest(tiny_pkg)["parity"]
+    parity = read_manifest(tiny_pkg).parity
     assert parity["passed"]
     cases = {c["case"] for c in parity["checks"]}
     assert {"vision random T=1", "vision random T=13", "decoder prefill (no cache)", "decoder decode step 1 (slots)",
@@ -132,11 +137,11 @@ def test_parity_fails_when_the_onnx_and_torch_disagree(tiny_ckpt, tiny_pkg):
 
 def test_manifest_lists_versions_hashes_and_settings(tiny_pkg):
     m = read_manifest(tiny_pkg)
-    assert {"sleigh", "torch", "onnx"} <= set(m["created_by"])
-    assert m["opset"] == 18
-    assert m["image"]["max_tiles"] == 12 and m["image"]["size"] == 448
-    assert m["prompt"]["tokens_per_view"] == 256
-    assert set(m["files"]) == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
+    assert {"sleigh", "torch", "onnx"} <= set(m.created_by)
+    assert m.opset == 18
+    assert m.contract.image.max_tiles == 12 and m.contract.image.size == 448
+    assert m.contract.prompt.tokens_per_view == 256
+    assert set(m.files) == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
     assert verify_files(tiny_pkg, m) == []
 
 

@@ -19,7 +19,8 @@ import pytest
 from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import ExportOptions, export_package, failed_dir
-from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.package import verify_files
 from tests.helpers import cli_env, one_error_line, run_sleigh
 from tests.test_staging import dead_pid, owned
 
@@ -94,11 +95,11 @@ def test_force_export_interrupted_after_the_modules_are_written_keeps_the_old_pa
 
 def test_force_export_replaces_the_old_package_once_the_new_one_is_complete(fast_export, tiny_ckpt, tiny_pkg, old_pkg):
     pkg, _ = old_pkg
-    (pkg / "manifest.json").write_text((pkg / "manifest.json").read_text().replace('"export_seconds"', '"old_marker"'))
+    update_manifest(pkg, lambda m: m["parity"].update(old_marker=True))
     result = export_package(tiny_ckpt, pkg, ExportOptions(quiet=True, force=True))
     manifest = read_manifest(pkg)
-    assert manifest["parity"]["passed"] and "old_marker" not in manifest and result.package == pkg
-    assert not (pkg / ENGINE).exists() and manifest["engines"] == {}  # the old engines went with the old modules
+    assert manifest.parity["passed"] and "old_marker" not in manifest.parity and result.package == pkg
+    assert not (pkg / ENGINE).exists() and manifest.engines == {}  # the old engines went with the old modules
     assert verify_files(pkg, manifest) == []
     assert hidden_staging(pkg.parent) == []
 

@@ -61,7 +61,7 @@ def test_prefill_in_chunks_equals_one_call_on_torch(tiny_ckpt, tmp_path):
 def test_vision_in_chunks_of_views_equals_one_call_without_gswa(oracle_ckpts, tmp_path):
     """A model without GSWA: its views are independent, so the pipeline may run them in chunks."""
     pipe = Pipeline.load(oracle_ckpts["none"])
-    assert pipe.info.gswa_apply is None
+    assert pipe.contract.gswa is None
     whole, ws, chunked, cs = _whole_and_chunked(pipe, _photo(tmp_path), vision_chunk=4, prefill_chunk=512)
     assert whole.views == 13
     assert np.abs(cs.image_embeds - ws.image_embeds).max() < 1e-5
@@ -75,7 +75,7 @@ def test_gswa_needs_all_views_in_one_call(ort_pipe, tmp_path):
     pixels = ort_pipe.prepare(_photo(tmp_path), PROMPT)[0].pixel_values
     whole = ort_pipe.backend.run("vision", {"pixel_values": pixels})
     parts = [ort_pipe.backend.run("vision", {"pixel_values": pixels[i:i + 5]}) for i in range(0, len(pixels), 5)]
-    assert ort_pipe.info.gswa_apply == "attention"
+    assert ort_pipe.contract.gswa.apply == "attention"
     np.testing.assert_allclose(np.concatenate([p["image_embeds"] for p in parts]), whole["image_embeds"], atol=1e-5)
     assert not np.allclose(np.concatenate([p["gswa_weights"] for p in parts]), whole["gswa_weights"], atol=1e-3)
     ort_pipe.vision_chunk = 5  # asked for, but not applied to a GSWA model
@@ -116,10 +116,10 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
     for bad in ("", "-1G", "2.5X", "0"):
         with pytest.raises(SleighError, match="not a memory size"):
             parse_size(bad)
-    full = Shapes.from_config({"vision": {"image_size": 448, "patch_size": 14, "hidden_size": 1024, "num_heads": 16,
-                                          "intermediate_size": 4096},
-                               "llm": {"hidden_size": 2048, "num_heads": 16, "num_kv_heads": 8, "num_layers": 24,
-                                       "intermediate_size": 8192}})
+    from sleigh.runtime.manifest import Contract
+    from sleigh.sleighvl.config import PRESETS
+
+    full = Shapes.from_contract(Contract.from_config(PRESETS["internvl2-2b"].to_dict(), "internvl2-2b preset"))
     # The full-size KV cache: 2 x 24 layers x 8 heads x 128 x 4 bytes = 196,608 bytes per slot (DESIGN.md).
     assert full.kv_bytes(4096) == 2 * 196_608 * 4096
     budget = MemoryBudget(int(2.5 * GB), full, weights=int(2.0 * GB))

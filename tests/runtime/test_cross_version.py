@@ -28,8 +28,8 @@ PROMPT, NEW_TOKENS = "Describe the image.", 8
 LOGITS_COS_MIN = 0.999
 
 
-def _engines(manifest: dict) -> list[str]:
-    return ["package", *sorted(manifest["engines"])]
+def _engines(manifest) -> list[str]:
+    return ["package", *sorted(manifest.engines)]
 
 
 def _run(pkg: Path, engine: str) -> tuple[list[int], np.ndarray]:
@@ -48,7 +48,7 @@ def make(root: Path) -> None:
     from sleigh.engines.calibration.collect import calibrate_package
     from sleigh.engines.build_engine import EngineOptions, build_engine
     from sleigh.export.exporter import ExportOptions, export_package
-    from sleigh.runtime.package import read_manifest
+    from sleigh.runtime.manifest import read_manifest
     from sleigh.sleighvl.init import init_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
@@ -74,7 +74,7 @@ pytestmark = pytest.mark.skipif(ROOT is None, reason="SLEIGH_CROSS_PKG not set (
 def test_every_engine_made_under_another_onnxruntime_runs_alike():
     import onnxruntime
 
-    from sleigh.runtime.package import read_manifest
+    from sleigh.runtime.manifest import read_manifest
 
     record = json.loads((ROOT / RECORD).read_text())
     manifest = read_manifest(ROOT / "pkg")

@@ -12,7 +12,8 @@ import pytest
 
 import sleigh.runtime.package as package
 from sleigh.errors import SleighError
-from sleigh.runtime.package import MANIFEST, VERIFIED, read_manifest
+from sleigh.runtime.manifest import read_manifest
+from sleigh.runtime.package import MANIFEST, VERIFIED
 from sleigh.runtime.pipeline import Pipeline
 from tests.conftest import one_error_line, run_sleigh
 from tests.runtime.package_copies import add_engine, copy_package, load, save
@@ -43,23 +44,28 @@ def edited(pkg, path: tuple, value):
 # (field path, new value, words the one error line must hold). Each used to pass read_manifest and fail
 # later as KeyError/TypeError/IndexError ("unexpected"), or to run with a wrong value.
 BAD_FIELDS = [
-    (("model_config",), DELETE, "model_config is missing"),
+    (("model",), DELETE, "model is missing"),
     (("tokenizer",), DELETE, "tokenizer is missing"),
-    (("model_config", "llm", "num_kv_heads"), DELETE, "model_config.llm.num_kv_heads is missing"),
-    (("model_config", "llm", "num_layers"), "2", "model_config.llm.num_layers is the string '2'"),
-    (("model_config", "llm", "hidden_size"), 65, "do not divide"),
-    (("model_config", "vision", "patch_size"), 0, "model_config.vision.patch_size is the integer 0"),
-    (("model_config", "vision", "image_size"), 450, "not an even whole number"),
-    (("model_config", "image", "max_tiles"), True, "model_config.image.max_tiles is the boolean True"),
-    (("model_config", "image", "min_tiles"), 13, "min_tiles 13 > max_tiles 12"),
-    (("model_config", "image", "mean"), [0.5, 0.5], "three numbers each"),
-    (("model_config", "image", "std"), [0.2, "x", 0.2], "model_config.image.std[1]"),
-    (("model_config", "image", "thumbnail"), "yes", "model_config.image.thumbnail"),
-    (("model_config", "prompt", "stop_token_ids"), "2", "model_config.prompt.stop_token_ids is the string"),
-    (("model_config", "prompt", "img_context_token_id"), -1, "img_context_token_id is the integer -1"),
-    (("model_config", "gswa", "apply"), "mystery", "model_config.gswa.apply is 'mystery'"),
-    (("model_config", "gswa", "min_weight"), 2, "min_weight is 2"),
-    (("model_config",), [], "model_config is a list"),
+    (("kv_cache", "num_kv_heads"), DELETE, "kv_cache.num_kv_heads is missing"),
+    (("kv_cache", "head_dim"), "2", "kv_cache.head_dim is the string '2'"),
+    (("kv_cache", "past"), ["past_key_values.0.key"], "lists 1 past and 4 new names"),
+    (("kv_cache", "new", 0), "new_key_values.9.key", "['new_key_values.9.key'] that are not among modules.decoder.outputs"),
+    (("model", "hidden_size"), 0, "model.hidden_size is the integer 0"),
+    (("image", "max_tiles"), True, "image.max_tiles is the boolean True"),
+    (("image", "min_tiles"), 13, "min_tiles 13 > max_tiles 12"),
+    (("image", "mean"), [0.5, 0.5], "three numbers each"),
+    (("image", "std"), [0.2, "x", 0.2], "image.std[1]"),
+    (("image", "thumbnail"), "yes", "image.thumbnail"),
+    (("image", "resample"), "nearest", "image.resample is 'nearest'"),
+    (("prompt", "template"), "chatml", "prompt.template is 'chatml'"),
+    (("prompt", "system_message"), 3, "prompt.system_message is the integer 3"),
+    (("prompt", "system_message"), DELETE, "prompt.system_message is missing"),
+    (("generation", "stop_token_ids"), "2", "generation.stop_token_ids is the string"),
+    (("prompt", "img_context_token_id"), -1, "img_context_token_id is the integer -1"),
+    (("gswa", "apply"), "mystery", "gswa.apply is 'mystery'"),
+    (("gswa", "min_weight"), 2, "min_weight is 2"),
+    (("model",), [], "model is a list"),
+    (("modules", "decoder", "inputs", 0, "shape"), [1.5], "modules.decoder.inputs[0].shape[0] is the number 1.5"),
     (("files",), [], "files is a list"),
     (("files", "vision.onnx", "bytes"), "734976", "files.vision.onnx.bytes is the string"),
     (("files", "vision.onnx", "sha256"), "xyz", "files.vision.onnx.sha256"),
@@ -355,8 +361,8 @@ def test_a_module_swapped_for_another_valid_onnx_is_one_error_line(pkg):
         Pipeline.load(pkg, verify=False)
 
 
-@pytest.mark.parametrize("path, value", [(("model_config", "llm", "num_kv_heads"), DELETE), (("tokenizer",), DELETE),
-                                         (("model_config",), DELETE), (("files", "decoder.onnx", "bytes"), "big")])
+@pytest.mark.parametrize("path, value", [(("kv_cache", "num_kv_heads"), DELETE), (("tokenizer",), DELETE),
+                                         (("model",), DELETE), (("files", "decoder.onnx", "bytes"), "big")])
 def test_cli_bad_manifest_is_one_user_error_line(pkg, path, value):
     proc = run_sleigh("run", "--model", edited(pkg, path, value), "--max-new-tokens", "2")
     line = one_error_line(proc)

@@ -84,7 +84,7 @@ def test_decode_steps_write_the_kv_cache_in_place(pipelines):
     same buffers; growing adds one chunk and keeps what was cached."""
     _, pipe = pipelines
     backend, rng = pipe.backend, np.random.default_rng(0)
-    D = pipe.info.hidden_size
+    D = pipe.contract.model.hidden_size
 
     cache = backend.new_cache(1)
 
@@ -133,7 +133,7 @@ def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines, monkeypatch)
 def test_context_overflow_and_bad_options_are_clear(pipelines):
     _, pipe = pipelines
     with pytest.raises(SleighError, match="exceed the context"):
-        pipe.generate(None, "hi", max_new_tokens=pipe.info.context_length).result
+        pipe.generate(None, "hi", max_new_tokens=pipe.contract.generation.context_length).result
     with pytest.raises(SleighError, match="max-new-tokens"):
         pipe.generate(None, "hi", max_new_tokens=0)
     with pytest.raises(SleighError, match="top_p"):
@@ -358,14 +358,14 @@ def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypa
     from sleigh.cli import app
     from sleigh.engines.accuracy import run_gate
     from sleigh.evaluate import evaluate
-    from sleigh.runtime.package import read_manifest
+    from sleigh.runtime.manifest import read_manifest
     from sleigh.serve.worker import ModelWorker
 
     opened: list[Pipeline] = []
     init = Pipeline.__init__
     monkeypatch.setattr(Pipeline, "__init__", lambda self, *a, **k: (opened.append(self), init(self, *a, **k))[1])
 
-    modules = {m: e["file"] for m, e in read_manifest(tiny_pkg)["modules"].items()}
+    modules = {m: e["file"] for m, e in read_manifest(tiny_pkg).json["modules"].items()}
     run_gate(tiny_pkg, {"backend": "onnxruntime", "precision": "fp32", "modules": modules}, num_pairs=1)
     run_bench([("pkg", tiny_pkg, "onnxruntime", None)], None, "hi", runs=1, max_new_tokens=2, quiet=True)
     data = tmp_path / "qa.jsonl"

@@ -31,7 +31,7 @@ def decoder_inputs() -> list[dict]:
 
 
 MANIFEST = {  # the parts of a package manifest the decoder profiles read
-    "model_config": {"llm": {"hidden_size": D, "num_heads": 4, "num_kv_heads": KV, "num_layers": LAYERS}},
+    "kv_cache": {"num_kv_heads": KV, "head_dim": HD, "past": [f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]},
     "modules": {"decoder": {"inputs": decoder_inputs()}},
     "image": {"size": 448, "thumbnail": True, "max_tiles": 12},
     "prompt": {"tokens_per_view": 256},

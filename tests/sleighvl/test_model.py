@@ -335,9 +335,9 @@ class _ForceStop(Backend):
 def test_stop_token_ends_generation(init_pipe):
     """A stop id is not emitted and ends generation, unless ignore_eos."""
     stop = init_pipe.tokenizer.im_end_id
-    assert stop in init_pipe.info.stop_token_ids
+    assert stop in init_pipe.contract.generation.stop_token_ids
     prompt_len = len(init_pipe.prepare(None, "Hi")[1])
-    pipe = Pipeline(_ForceStop(init_pipe.backend, stop, prompt_len), init_pipe.info, init_pipe.tokenizer)
+    pipe = Pipeline(_ForceStop(init_pipe.backend, stop, prompt_len), init_pipe.contract, init_pipe.tokenizer)
     r = pipe.generate(None, "Hi", max_new_tokens=10).result
     assert r.stop_reason == "stop" and len(r.token_ids) == 2 and stop not in r.token_ids
     r = pipe.generate(None, "Hi", max_new_tokens=10, ignore_eos=True).result
@@ -346,7 +346,7 @@ def test_stop_token_ends_generation(init_pipe):
 
 def test_context_limit(init_ckpt, tmp_path):
     pipe = Pipeline.load(init_ckpt)
-    context = pipe.info.context_length
+    context = pipe.contract.generation.context_length
     with pytest.raises(SleighError, match=f"exceed the context of {context}"):
         pipe.generate(None, "Hi", max_new_tokens=context).result
 

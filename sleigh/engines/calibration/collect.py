@@ -32,8 +32,9 @@ from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, header, writ
 from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
 from sleigh.runtime.compat import session_options
-from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, tile_image
-from sleigh.runtime.package import MANIFEST, file_entry, module_path, read_manifest, write_json_atomic
+from sleigh.runtime.image import tile_image
+from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.package import file_entry, write_json_atomic
 from sleigh.staging import check_apart
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -139,15 +140,10 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
     pkg = Path(pkg)
     check_apart(pkg / CALIBRATION_DIR, {"--images": images})  # the calibration files are written there
     manifest = read_manifest(pkg)
-    vision = module_path(pkg, manifest, "vision")
-    try:
-        img = manifest["image"]
-        tiling = {"min_tiles": img["min_tiles"], "max_tiles": img["max_tiles"] if max_tiles is None else max_tiles,
-                  "size": img["size"], "thumbnail": img["thumbnail"],
-                  "mean": tuple(img.get("mean", IMAGENET_MEAN)), "std": tuple(img.get("std", IMAGENET_STD))}
-    except (KeyError, TypeError) as e:
-        raise SleighError(str(pkg / MANIFEST), f"image settings are incomplete ({e!r})",
-                          "a manifest written by `sleigh export`") from None
+    vision = manifest.module_path("vision")
+    img = manifest.contract.image
+    tiling = {"min_tiles": img.min_tiles, "max_tiles": img.max_tiles if max_tiles is None else max_tiles,
+              "size": img.size, "thumbnail": img.thumbnail, "mean": img.mean, "std": img.std}
     if tiling["max_tiles"] < tiling["min_tiles"]:
         raise SleighError(f"--max-tiles {tiling['max_tiles']}", f"below the package's min_tiles {tiling['min_tiles']}",
                           f"at least {tiling['min_tiles']}")
@@ -205,17 +201,15 @@ def _commit(pkg: Path, staged: dict[str, Path], files: dict, calibration: dict) 
     """Rename the staged files into place and write the manifest (last). Everything that can fail for
     a full disk or a read-only folder (writing the bytes) has happened by now: a failure before this
     point leaves the previous calibration and manifest as they were."""
-    manifest = read_manifest(pkg)  # re-read: keep whatever else changed it meanwhile
-    manifest["calibration"] = calibration
-    manifest.setdefault("files", {}).update(files)
-    manifest_staged = _stage(pkg / MANIFEST)
-    try:
-        write_json_atomic(manifest_staged, manifest)
+    def add(manifest: dict) -> None:  # on the manifest as it is now: keep whatever else changed it meanwhile
+        manifest["calibration"] = calibration
+        manifest["files"].update(files)
+
+    def move_in() -> None:  # the new manifest is on disk; the files it lists go in place just before it
         for rel, path in staged.items():
             path.replace(pkg / rel)
-        manifest_staged.replace(pkg / MANIFEST)  # last
-    finally:
-        manifest_staged.unlink(missing_ok=True)
+
+    update_manifest(pkg, add, before_replace=move_in)
 
 
 def _calibration_entry(method: str, used: list[str], skipped: list[dict], views: int, tiling: dict, ranges: dict,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.manifest import Manifest
 from sleigh.runtime.package import REEXPORT, check_files, inside
 
 PACKAGE_BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -21,16 +22,16 @@ ENGINE_PREFERENCE = {"cpu": ("int8", "fp32", "fp16"), "cuda": ("fp16", "int8", "
 WEIGHT_PREFERENCE = ("int4", "int8", "fp16", "fp32")
 
 
-def ranked_engines(manifest: dict, backend: str, device: str) -> list[str]:
+def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
     """The engines that passed their accuracy gate for this backend and device, best first."""
     order = ENGINE_PREFERENCE[device]
     rank = lambda item: (_index(order, item[1]["precision"]), _index(WEIGHT_PREFERENCE, item[1].get("llm_weights") or "fp32"))  # noqa: E731
-    candidates = [(name, e) for name, e in manifest.get("engines", {}).items()
+    candidates = [(name, e) for name, e in manifest.engines.items()
                   if e.get("backend") == backend and e.get("accuracy_passed")]
     return [name for name, _ in sorted(candidates, key=rank)]
 
 
-def best_engine(manifest: dict, backend: str, device: str) -> str | None:
+def best_engine(manifest: Manifest, backend: str, device: str) -> str | None:
     """The best engine that passed its accuracy gate for this backend and device, or None."""
     return next(iter(ranked_engines(manifest, backend, device)), None)
 
@@ -53,29 +54,29 @@ def rebuild_command(pkg: Path, entry: dict) -> str:
     return f"sleigh build-engine {pkg} {' '.join(args)} --force"
 
 
-def engine_files(manifest: dict, name: str) -> list[str]:
-    entry = manifest["engines"][name]
+def engine_files(manifest: Manifest, name: str) -> list[str]:
+    entry = manifest.engines[name]
     return list(dict.fromkeys([*entry["modules"].values(), *entry.get("files", {})]))
 
 
-def run_files(pkg: Path, manifest: dict, name: str | None) -> dict[str, str]:
+def run_files(pkg: Path, manifest: Manifest, name: str | None) -> dict[str, str]:
     """The files a run on engine `name` (None: the package's own modules) reads, tokenizer included,
     each with what to do when it is missing or damaged: re-export a package file, rebuild an engine's."""
     reexport = f"the file as exported: {REEXPORT}"
     if name is None:
-        files = {rel: reexport for m in manifest["modules"].values() for rel in [m["file"], *m.get("data_files", [])]}
+        files = dict.fromkeys(manifest.module_files(), reexport)
     else:
-        rebuild = f"the engine's file as built: rebuild the engine (`{rebuild_command(pkg, manifest['engines'][name])}`)"
+        rebuild = f"the engine's file as built: rebuild the engine (`{rebuild_command(pkg, manifest.engines[name])}`)"
         files = dict.fromkeys(engine_files(manifest, name), rebuild)
-    return {**files, manifest["tokenizer"]["file"]: reexport}
+    return {**files, manifest.tokenizer: reexport}
 
 
-def missing_files(pkg: Path, manifest: dict, name: str) -> list[str]:
+def missing_files(pkg: Path, manifest: Manifest, name: str) -> list[str]:
     """The files of engine `name` that are not there (a deleted engine folder)."""
     return [rel for rel in engine_files(manifest, name) if not inside(pkg, rel, "manifest.json").is_file()]
 
 
-def open_package_backend(pkg: Path, manifest: dict, backend: str = "auto", *, threads: int | None = None,
+def open_package_backend(pkg: Path, manifest: Manifest, backend: str = "auto", *, threads: int | None = None,
                          engine: str | dict | None = None, verify: bool = True) -> Backend:
     """`engine`: a name from the manifest, an unregistered entry (during a build, opened unchecked),
     or None for the best gated engine whose files are there (falling back to the package's FP32
@@ -91,14 +92,14 @@ def open_package_backend(pkg: Path, manifest: dict, backend: str = "auto", *, th
     check_files(pkg, manifest, run_files(pkg, manifest, name), verify=verify)
     if name is None:
         return _open(pkg, manifest, None, threads)
-    entry = manifest["engines"][name]
+    entry = manifest.engines[name]
     if entry.get("degraded") or not entry.get("accuracy_passed"):
         warn(f"engine {name} did not pass its accuracy gate (kept with --allow-degraded): its answers may differ "
              "from the FP32 modules' (`sleigh compare` shows by how much)")
     return _open(pkg, manifest, {**entry, "name": name}, threads)
 
 
-def _open(pkg: Path, manifest: dict, entry: dict | None, threads: int | None) -> Backend:
+def _open(pkg: Path, manifest: Manifest, entry: dict | None, threads: int | None) -> Backend:
     if entry is not None and entry.get("backend") == "tensorrt":
         from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
 
@@ -108,9 +109,9 @@ def _open(pkg: Path, manifest: dict, entry: dict | None, threads: int | None) ->
     return OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry)
 
 
-def _choose(pkg: Path, manifest: dict, backend: str, engine: str | None) -> str | None:
+def _choose(pkg: Path, manifest: Manifest, backend: str, engine: str | None) -> str | None:
     """The engine to run by name (None: the package's modules), as --backend and --engine ask."""
-    engines = manifest.get("engines", {})
+    engines = manifest.engines
     if engine == PACKAGE_MODULES:
         if backend == "tensorrt":
             raise SleighError("--engine package", "the exported modules run on ONNX Runtime", "--backend onnxruntime or auto")
@@ -154,7 +155,7 @@ def _choose(pkg: Path, manifest: dict, backend: str, engine: str | None) -> str 
     return name
 
 
-def _first_present(pkg: Path, manifest: dict, names: list[str], skipped: list[str]) -> str | None:
+def _first_present(pkg: Path, manifest: Manifest, names: list[str], skipped: list[str]) -> str | None:
     for name in names:
         if not missing_files(pkg, manifest, name):
             return name
@@ -162,9 +163,9 @@ def _first_present(pkg: Path, manifest: dict, names: list[str], skipped: list[st
     return None
 
 
-def _warn_skipped(pkg: Path, manifest: dict, skipped: list[str], chosen: str | None) -> None:
+def _warn_skipped(pkg: Path, manifest: Manifest, skipped: list[str], chosen: str | None) -> None:
     if skipped:
         first = missing_files(pkg, manifest, skipped[0])[0]
         warn(f"engine{'s' if len(skipped) > 1 else ''} {', '.join(skipped)}: files missing ({first}); running "
              f"{f'engine {chosen}' if chosen else 'the package modules'} instead "
-             f"(rebuild with `{rebuild_command(pkg, manifest['engines'][skipped[0]])}`)")
+             f"(rebuild with `{rebuild_command(pkg, manifest.engines[skipped[0]])}`)")

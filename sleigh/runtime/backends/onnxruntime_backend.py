@@ -28,8 +28,9 @@ import numpy as np
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.compat import import_onnxruntime, session_options
-from sleigh.runtime.kv_cache import NEW, DeviceSlots, HostSlots, SlotCache, past_name
-from sleigh.runtime.package import check_module_io, inside, module_path
+from sleigh.runtime.kv_cache import DeviceSlots, HostSlots, SlotCache
+from sleigh.runtime.manifest import KVCacheSection, Manifest
+from sleigh.runtime.package import MODULE_NAMES, REEXPORT, check_module_io
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -48,8 +49,7 @@ def available_providers() -> list[str]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, files: dict[str, Path], num_layers: int, num_kv_heads: int, head_dim: int,
-                 threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
+    def __init__(self, files: dict[str, Path], kv: KVCacheSection, threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
                  manifest_modules: dict | None = None):
         ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
@@ -71,15 +71,15 @@ class OnnxRuntimeBackend(Backend):
                 sess = self.sessions[module]
                 check_module_io(manifest_modules, module, path, [i.name for i in sess.get_inputs()],
                                 [o.name for o in sess.get_outputs()])
-        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self.label = label
         decoder = self.sessions["decoder"]
-        self._new_names = [o.name for o in decoder.get_outputs() if o.name.startswith(NEW + ".")]
-        self._past_names = [past_name(n) for n in self._new_names]
-        if not self._new_names or len(self._new_names) != 2 * num_layers:
-            raise SleighError(str(files["decoder"]), f"the decoder has no {NEW}.* outputs for {num_layers} layers "
-                              "(a decoder from an older sleigh returns the whole cache instead)",
-                              "a package exported by this version of sleigh (`sleigh export` again)")
+        self._new_names, self._past_names = list(kv.new), list(kv.past)  # new[i] is written into past[i]
+        absent = sorted(set(self._past_names) - {i.name for i in decoder.get_inputs()}) + \
+            sorted(set(self._new_names) - {o.name for o in decoder.get_outputs()})
+        if absent:
+            raise SleighError(str(files["decoder"]), f"the decoder lacks the cache tensors {absent[:2]} the manifest names",
+                              f"the package's own decoder; {REEXPORT}")
         self._kv_dtype = self._input_dtype("decoder", self._past_names[0])
         new_dtypes = {self._output_dtype("decoder", n) for n in self._new_names}
         if new_dtypes != {self._kv_dtype}:
@@ -95,17 +95,16 @@ class OnnxRuntimeBackend(Backend):
             self._shrink.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
 
     @classmethod
-    def from_package(cls, pkg: Path, manifest: dict, threads: int | None = None, providers: list[str] | None = None,
+    def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
                      engine: dict | None = None) -> OnnxRuntimeBackend:
-        cfg = manifest["model_config"]["llm"]
         if engine is None:
-            files = {m: module_path(pkg, manifest, m) for m in ("vision", "embed", "decoder")}
+            files = {m: manifest.module_path(m) for m in MODULE_NAMES}
             label = "package fp32"
         else:
-            files = {m: inside(pkg, f, f"manifest.json: engine modules.{m}") for m, f in engine["modules"].items()}
+            files = {m: manifest.path(f, f"manifest.json: engine modules.{m}") for m, f in engine["modules"].items()}
             label = engine.get("name") or engine["precision"]
-        backend = cls(files, cfg["num_layers"], cfg["num_kv_heads"], cfg["hidden_size"] // cfg["num_heads"],
-                      threads=threads, providers=providers, label=label, manifest_modules=manifest["modules"])
+        backend = cls(files, manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
+                      manifest_modules=manifest.modules)
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
 

@@ -35,7 +35,8 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
-from sleigh.runtime.kv_cache import NEW, PAST, DeviceSlots, SlotCache
+from sleigh.runtime.kv_cache import DeviceSlots, SlotCache
+from sleigh.runtime.manifest import KVCacheSection, Manifest
 from sleigh.runtime.package import inside
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
@@ -282,11 +283,12 @@ class _Engine:
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, plans: dict[str, Path], *, label: str = "tensorrt", plugin_library: Path | None = None,
-                 device: int = 0, verbose: bool = False):
+    def __init__(self, plans: dict[str, Path], *, kv: KVCacheSection, label: str = "tensorrt",
+                 plugin_library: Path | None = None, device: int = 0, verbose: bool = False):
         import tensorrt as trt
 
         self.trt = trt
+        self.kv = kv  # the decoder's cache names, from the manifest
         self.label = label
         self._lock = threading.RLock()  # one execution context per engine, one stream, shared scratch
         self.engines: dict = {}
@@ -309,7 +311,7 @@ class TensorRTBackend(Backend):
         self._init_decoder()
 
     @classmethod
-    def from_package(cls, pkg: Path, manifest: dict, engine_entry: dict, *, device: int = 0,
+    def from_package(cls, pkg: Path, manifest: Manifest, engine_entry: dict, *, device: int = 0,
                      verbose: bool = False) -> TensorRTBackend:
         """Open the plans of one `manifest["engines"][name]` entry; one-line SleighError when TensorRT,
         cuda-python or a GPU is missing, or when the plan was built for another TensorRT or GPU."""
@@ -326,8 +328,8 @@ class TensorRTBackend(Backend):
                 raise SleighError(str(Path(pkg) / (rel or f"<{module}>")), "engine plan missing",
                                   "the .plan files listed in the manifest (rebuild with `sleigh build-engine`)")
             plans[module] = Path(pkg) / rel
-        return cls(plans, label=engine_entry.get("precision", "?"), plugin_library=gswa_plugin_path(pkg, engine_entry),
-                   device=device, verbose=verbose)
+        return cls(plans, kv=manifest.contract.kv_cache, label=engine_entry.get("precision", "?"),
+                   plugin_library=gswa_plugin_path(pkg, engine_entry), device=device, verbose=verbose)
 
     # -- generic execution -------------------------------------------------------------------------
 
@@ -407,11 +409,11 @@ class TensorRTBackend(Backend):
 
     def _init_decoder(self) -> None:
         eng = self.engines["decoder"]
-        self.kv_names = [n for n in eng.inputs if n.startswith(PAST + ".")]
-        self.new_names = {n: NEW + n[len(PAST):] for n in self.kv_names}
-        if not self.kv_names or not set(self.new_names.values()) <= set(eng.outputs):
-            raise SleighError(str(eng.path), f"the decoder engine lacks {PAST}.* inputs or {NEW}.* outputs",
-                              "a plan built by this sleigh from a schema-2 package (`sleigh build-engine` again)")
+        self.kv_names = list(self.kv.past)
+        self.new_names = dict(zip(self.kv.past, self.kv.new))  # the slot input each new output is written into
+        if not set(self.kv_names) <= set(eng.inputs) or not set(self.new_names.values()) <= set(eng.outputs):
+            raise SleighError(str(eng.path), "the decoder engine lacks the cache inputs or outputs the manifest names",
+                              "a plan built by this sleigh from this package (`sleigh build-engine` again)")
         first = self.kv_names[0]
         _, self.num_kv_heads, _, self.head_dim = eng.static[first]
         self.max_batch = max(p["inputs_embeds"][2][0] for p in eng.profiles)

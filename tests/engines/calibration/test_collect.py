@@ -21,7 +21,8 @@ from sleigh.engines.calibration.stats import RunningStats, amax_percentile, entr
 from sleigh.engines.calibration.trt_cache import (TRT_CACHE_VERSION, format_calibration_cache, read_calibration_cache,
                                           write_calibration_cache)
 from sleigh.errors import SleighError
-from sleigh.runtime.package import read_manifest, verify_files
+from sleigh.runtime.manifest import read_manifest
+from sleigh.runtime.package import verify_files
 
 from tests.engines.helpers import NUM_CALIBRATION_IMAGES, make_variants
 from tests.helpers import is_root, run_cli, snapshot
@@ -38,8 +39,8 @@ def test_calibration_stores_ranges_cache_and_manifest_entry(calibrated, calib_im
     assert set(result["files"]) == {RANGES_FILE, CACHE_FILE}
 
     manifest = read_manifest(pkg)
-    assert manifest["calibration"] == result
-    assert {RANGES_FILE, CACHE_FILE} <= manifest["files"].keys()
+    assert manifest.calibration == json.loads(json.dumps(result))  # as JSON holds it
+    assert {RANGES_FILE, CACHE_FILE} <= manifest.files.keys()
     assert verify_files(pkg, manifest) == []  # hashes of the new files (and all the old ones) hold
 
     ranges = json.loads((pkg / RANGES_FILE).read_text())
@@ -105,7 +106,7 @@ def test_unreadable_images_are_skipped_and_counted(pkg_copy, tmp_path):
     assert sorted(s["file"] for s in result["skipped_files"]) == ["empty.jpg", "text.png", "truncated.jpg"]
     ranges = json.loads((pkg_copy / RANGES_FILE).read_text())
     assert ranges["method"] == "minmax" and ranges["skipped"] == 3
-    assert read_manifest(pkg_copy)["calibration"]["max_tiles"] == 2
+    assert read_manifest(pkg_copy).calibration["max_tiles"] == 2
 
 
 def test_num_images_stops_at_the_first_usable_ones(pkg_copy, calib_images):
@@ -113,11 +114,11 @@ def test_num_images_stops_at_the_first_usable_ones(pkg_copy, calib_images):
     assert result["images"] == sorted(p.name for p in calib_images.iterdir())[:2]
     assert result["views"] == 2  # max_tiles 1: one view per image, no thumbnail
     manifest = read_manifest(pkg_copy)
-    assert manifest["calibration"]["method"] == "percentile" and verify_files(pkg_copy, manifest) == []
+    assert manifest.calibration["method"] == "percentile" and verify_files(pkg_copy, manifest) == []
 
 
 def _assert_uncalibrated(pkg):
-    assert "calibration" not in read_manifest(pkg)
+    assert read_manifest(pkg).calibration is None
     assert not (pkg / RANGES_FILE).exists() and not (pkg / CACHE_FILE).exists()
 
 
@@ -148,7 +149,7 @@ def test_too_few_usable_images(pkg_copy, tmp_path):
         calibrate_package(pkg_copy, folder, max_tiles=1, quiet=True)
     _assert_uncalibrated(pkg_copy)
     calibrate_package(pkg_copy, folder, max_tiles=1, quiet=True, min_images=1)  # a single image when allowed
-    assert read_manifest(pkg_copy)["calibration"]["num_images"] == 1
+    assert read_manifest(pkg_copy).calibration["num_images"] == 1
 
 
 def test_methods_clip_at_most_to_max_abs(collected):
@@ -242,11 +243,11 @@ def test_non_finite_activations_are_refused():
 
 def test_calibrating_again_replaces_the_previous_calibration(pkg_copy, calib_images):
     calibrate_package(pkg_copy, calib_images, num_images=2, max_tiles=1, method="minmax", quiet=True)
-    first = read_manifest(pkg_copy)["files"][CACHE_FILE]
+    first = read_manifest(pkg_copy).files[CACHE_FILE]
     calibrate_package(pkg_copy, calib_images, num_images=3, max_tiles=1, method="entropy", quiet=True)
     manifest = read_manifest(pkg_copy)
-    assert manifest["calibration"]["method"] == "entropy" and manifest["calibration"]["num_images"] == 3
-    assert manifest["files"][CACHE_FILE] != first and verify_files(pkg_copy, manifest) == []
+    assert manifest.calibration["method"] == "entropy" and manifest.calibration["num_images"] == 3
+    assert manifest.files[CACHE_FILE] != first and verify_files(pkg_copy, manifest) == []
     assert not [p for p in pkg_copy.rglob(".*")], "no temporary files left behind"
 
 
@@ -318,7 +319,7 @@ def test_a_full_disk_or_a_read_only_package_is_one_user_error_and_changes_nothin
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {pkg_copy / 'calibration'} | ") and DISK_ERRORS[code] in lines[0]
     assert snapshot(pkg_copy) == before
-    assert read_manifest(pkg_copy)["calibration"]["method"] == "entropy"
+    assert read_manifest(pkg_copy).calibration["method"] == "entropy"
 
 
 def test_a_full_disk_while_preparing_the_collector_is_named(pkg_copy, calib_images, monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends import best_engine, ranked_engines
-from sleigh.runtime.package import read_manifest
+from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
 from tests.runtime.package_copies import add_engine, copy_package, load, save

@@ -1,0 +1,449 @@
+"""`manifest.json`, typed: the one contract between export, build-engine and the runtime (DESIGN.md,
+"The model package"). One reader (`read_manifest`), one writer (`write_manifest`, and
+`update_manifest` for every change after export).
+
+The contract (model, image, prompt, generation, gswa, kv_cache) is what the runtime needs to run the
+modules: each fact has one home here, and nothing is written that nothing reads (tests compare these
+dataclasses to the keys `sleigh export` writes). A checkpoint folder gets the same contract from its
+config.json through `contract_from_config`, the function the exporter writes it with.
+
+Whatever a manifest holds, reading it raises nothing but a SleighError naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sleigh.errors import SleighError
+from sleigh.runtime.fields import Fields, describe
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, max_views
+from sleigh.runtime.kv_cache import NEW, PAST
+from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
+from sleigh.runtime.package import MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, ordinary_mode, read_json
+from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
+
+RESAMPLE = "bicubic"  # InternVL's resize, the one runtime/image.py implements
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """The decoder's cache inputs (`PAST`) or new-position outputs (`NEW`), layer by layer, key then value."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+# -- the contract ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSection:
+    hidden_size: int  # the LLM's width: image rows and token embeddings
+    # the sizes that set activation memory (runtime/memory.py's budget)
+    num_heads: int
+    intermediate_size: int
+    vision_tokens: int  # patches + CLS per view
+    vision_hidden_size: int
+    vision_num_heads: int
+    vision_intermediate_size: int
+
+
+@dataclass(frozen=True)
+class ImageSection:
+    size: int
+    min_tiles: int
+    max_tiles: int
+    thumbnail: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str
+
+    @property
+    def max_views(self) -> int:
+        return max_views(self.max_tiles, self.thumbnail)
+
+
+@dataclass(frozen=True)
+class PromptSection:
+    template: str
+    system_message: str  # used when the caller gives none
+    img_context_token_id: int
+    tokens_per_view: int
+
+
+@dataclass(frozen=True)
+class GenerationSection:
+    stop_token_ids: tuple[int, ...]
+    context_length: int
+
+
+@dataclass(frozen=True)
+class GSWASection:
+    apply: str  # one of GSWA_APPLY_MODES
+    min_weight: float  # w is clamped to this before log(w) in `attention` mode
+
+
+@dataclass(frozen=True)
+class KVCacheSection:
+    """The decoder's cache: `past[i]` is the slot input that `new[i]` (an output) is written into."""
+
+    num_kv_heads: int
+    head_dim: int
+    past: tuple[str, ...]
+    new: tuple[str, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.past) // 2
+
+
+@dataclass(frozen=True)
+class Contract:
+    """Everything the runtime's loop and backends need to know about the model."""
+
+    model: ModelSection
+    image: ImageSection
+    prompt: PromptSection
+    generation: GenerationSection
+    gswa: GSWASection | None  # None: no GSWA
+    kv_cache: KVCacheSection
+
+    SECTIONS = ("model", "image", "prompt", "generation", "gswa", "kv_cache")
+
+    @classmethod
+    def from_json(cls, obj: dict, f: Fields) -> Contract:
+        """The contract sections of `obj` (a manifest, or `contract_from_config`'s output), checked."""
+        model = f.get(obj, "model", "object")
+        img, prompt, gen, kv = (f.get(obj, s, "object") for s in ("image", "prompt", "generation", "kv_cache"))
+        gswa = f.get(obj, "gswa", "object", null=True)
+
+        min_tiles, max_tiles = f.get(img, "min_tiles", "positive", "image"), f.get(img, "max_tiles", "positive", "image")
+        if min_tiles > max_tiles:
+            raise f.fail("image", f"min_tiles {min_tiles} > max_tiles {max_tiles}", "1 <= min_tiles <= max_tiles")
+        mean, std = (tuple(float(x) for x in f.items(f.get(img, k, "list", "image"), "number", f"image.{k}"))
+                     for k in ("mean", "std"))
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise f.fail("image", f"mean {list(mean)} / std {list(std)}", "three numbers each, std > 0")
+        _one_of(f, img, "resample", "image", (RESAMPLE,))
+        _one_of(f, prompt, "template", "prompt", (TEMPLATE,))
+        system = prompt.get("system_message")
+        if not isinstance(system, str):  # "" is a valid (empty) system message
+            problem = "is missing" if "system_message" not in prompt else f"is {describe(system)}"
+            raise f.fail("prompt.system_message", problem, "a string")
+        gswa_section = None
+        if gswa is not None:
+            min_weight = f.get(gswa, "min_weight", "number", "gswa")
+            if not 0 < min_weight < 1:
+                raise f.fail("gswa.min_weight", f"is {min_weight}", "a value in (0, 1)")
+            gswa_section = GSWASection(_one_of(f, gswa, "apply", "gswa", GSWA_APPLY_MODES), float(min_weight))
+        past, new = (tuple(f.items(f.get(kv, k, "list", "kv_cache"), "string", f"kv_cache.{k}")) for k in ("past", "new"))
+        if not past or len(past) != len(new) or len(past) % 2:
+            raise f.fail("kv_cache", f"lists {len(past)} past and {len(new)} new names",
+                         "a key and a value per layer, as many new names as past ones")
+        return cls(
+            model=ModelSection(**{k: f.get(model, k, "positive", "model") for k in ModelSection.__dataclass_fields__}),
+            image=ImageSection(size=f.get(img, "size", "positive", "image"), min_tiles=min_tiles, max_tiles=max_tiles,
+                               thumbnail=f.get(img, "thumbnail", "bool", "image"), mean=mean, std=std, resample=RESAMPLE),
+            prompt=PromptSection(template=TEMPLATE, system_message=system,
+                                 img_context_token_id=f.get(prompt, "img_context_token_id", "count", "prompt"),
+                                 tokens_per_view=f.get(prompt, "tokens_per_view", "positive", "prompt")),
+            generation=GenerationSection(
+                stop_token_ids=tuple(f.items(f.get(gen, "stop_token_ids", "list", "generation"), "count",
+                                             "generation.stop_token_ids")),
+                context_length=f.get(gen, "context_length", "positive", "generation")),
+            gswa=gswa_section,
+            kv_cache=KVCacheSection(f.get(kv, "num_kv_heads", "positive", "kv_cache"),
+                                    f.get(kv, "head_dim", "positive", "kv_cache"), past, new),
+        )
+
+    @classmethod
+    def from_config(cls, cfg, where: str) -> Contract:
+        """A checkpoint's contract, from its config.json (already parsed)."""
+        return cls.from_json(contract_from_config(cfg, where), Fields(where, "a config.json written by this sleigh"))
+
+
+def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | None = None) -> dict:
+    """The contract sections (JSON) of a model with this config.json: what `sleigh export` writes into
+    the manifest, and what the runtime reads from a checkpoint folder. `max_tiles`: export's --max-tiles."""
+    f = Fields(where, "a config written by this version of sleigh")
+    if not isinstance(cfg, dict):
+        raise f.fail("config", "is not an object", "the model config")
+    v, llm, img, prompt = (f.get(cfg, s, "object") for s in ("vision", "llm", "image", "prompt"))
+    gswa = f.get(cfg, "gswa", "object", null=True, default=None)
+    size, patch = f.get(v, "image_size", "positive", "vision"), f.get(v, "patch_size", "positive", "vision")
+    if size % patch or (size // patch) % 2:
+        raise f.fail("vision", f"image_size {size} / patch_size {patch} is not an even whole number", "e.g. 448 / 14 = 32")
+    hidden, heads, kv_heads, layers = (f.get(llm, k, "positive", "llm")
+                                       for k in ("hidden_size", "num_heads", "num_kv_heads", "num_layers"))
+    if hidden % heads or heads % kv_heads:
+        raise f.fail("llm", f"hidden_size {hidden}, num_heads {heads}, num_kv_heads {kv_heads} do not divide",
+                     "num_heads | hidden_size and num_kv_heads | num_heads")
+    min_tiles, max_tiles_cfg = (f.get(img, k, "positive", "image") for k in ("min_tiles", "max_tiles"))
+    gswa_section = None
+    if gswa is not None:
+        gswa_section = {"apply": f.get(gswa, "apply", "string", "gswa"),
+                        "min_weight": f.get(gswa, "min_weight", "number", "gswa", default=MIN_WEIGHT)}
+    return {
+        "model": {"hidden_size": hidden, "num_heads": heads,
+                  "intermediate_size": f.get(llm, "intermediate_size", "positive", "llm"),
+                  "vision_tokens": (size // patch) ** 2 + 1,
+                  **{f"vision_{k}": f.get(v, k, "positive", "vision")
+                     for k in ("hidden_size", "num_heads", "intermediate_size")}},
+        "image": {"size": size, "min_tiles": min_tiles, "max_tiles": max_tiles_cfg if max_tiles is None else max_tiles,
+                  "thumbnail": f.get(img, "thumbnail", "bool", "image"),
+                  "mean": f.get(img, "mean", "list", "image", default=list(IMAGENET_MEAN)),
+                  "std": f.get(img, "std", "list", "image", default=list(IMAGENET_STD)),
+                  "resample": f.get(img, "resample", "string", "image", default=RESAMPLE)},
+        "prompt": {"template": f.get(prompt, "template", "string", "prompt", default=TEMPLATE),
+                   "system_message": prompt.get("system_message", DEFAULT_SYSTEM_MESSAGE),
+                   "img_context_token_id": f.get(prompt, "img_context_token_id", "count", "prompt"),
+                   "tokens_per_view": tokens_per_view(size, patch)},
+        "generation": {"stop_token_ids": list(f.items(f.get(prompt, "stop_token_ids", "list", "prompt"), "count",
+                                                      "prompt.stop_token_ids")),
+                       "context_length": f.get(llm, "max_position_embeddings", "positive", "llm")},
+        "gswa": gswa_section,
+        "kv_cache": {"num_kv_heads": kv_heads, "head_dim": hidden // heads,
+                     "past": kv_names(layers, PAST), "new": kv_names(layers, NEW)},
+    }
+
+
+def _one_of(f: Fields, obj: dict, key: str, path: str, allowed: tuple[str, ...]) -> str:
+    value = f.get(obj, key, "string", path)
+    if value not in allowed:
+        raise f.fail(f"{path}.{key}", f"is {value!r:.60}", " or ".join(allowed))
+    return value
+
+
+# -- the package: modules, files, engines ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple  # ints and symbolic names ("batch", "sequence", ...)
+
+
+@dataclass(frozen=True)
+class ModuleEntry:
+    file: str
+    data_files: tuple[str, ...]
+    precision: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    def names(self, side: str) -> list[str]:
+        return [t.name for t in getattr(self, side)]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A package's manifest, read and checked. `root`: the package folder every path is inside.
+    `engines` and `calibration` are the entries build-engine and calibrate write, checked field by
+    field as dicts (their writers own their shape). `json`: the object as on disk, for tools that
+    show it and for `update_manifest`'s functions."""
+
+    root: Path
+    schema_version: int
+    created_by: dict | None
+    opset: int | None
+    contract: Contract
+    tokenizer: str  # the tokenizer file
+    modules: dict[str, ModuleEntry]
+    files: dict[str, FileEntry]
+    parity: dict | None
+    calibration: dict | None
+    engines: dict[str, dict]
+    json: dict
+
+    TOP_LEVEL = ("schema", "schema_version", "created_by", "opset", *Contract.SECTIONS, "tokenizer", "modules",
+                 "files", "parity", "calibration", "engines")
+
+    def path(self, rel: str, what: str = "manifest.json") -> Path:
+        """A package file named in the manifest (checked to stay inside the package when read, and again here)."""
+        return inside(self.root, rel, what)
+
+    def module_path(self, module: str) -> Path:
+        """The package's own ONNX file of `module`, which must exist."""
+        p = self.path(self.modules[module].file, f"manifest.json: modules.{module}.file")
+        if not p.is_file():
+            raise SleighError(str(p), "module file missing", f"the files listed in manifest.json; {REEXPORT}")
+        return p
+
+    def module_files(self) -> list[str]:
+        """Every file of the package's own modules, external data included."""
+        return [rel for m in self.modules.values() for rel in (m.file, *m.data_files)]
+
+
+def read_manifest(pkg: Path) -> Manifest:
+    """The package's manifest, checked: every field with its type, every path inside the package.
+    Whatever the file holds, the only exception is a SleighError."""
+    pkg = Path(pkg)
+    path = pkg / MANIFEST
+    try:
+        if not pkg.is_dir():
+            raise SleighError(str(pkg), "not a folder", "a model package folder written by `sleigh export`")
+        if not path.is_file():
+            hint = " (an interrupted or failed export leaves no manifest)" if any(pkg.glob("*.onnx")) else ""
+            raise SleighError(str(pkg), f"no manifest.json{hint}", "a complete package from `sleigh export`")
+    except OSError as e:
+        raise SleighError(str(pkg), f"cannot be read ({e.strerror or e})", "a readable package folder") from None
+    return parse_manifest(read_json(path, "a manifest written by `sleigh export`"), pkg, str(path))
+
+
+def parse_manifest(data, pkg: Path, where: str) -> Manifest:
+    """`data` (a manifest's JSON) as a Manifest; a SleighError naming the first missing field, wrong
+    type or path that leaves the package."""
+    pkg = Path(pkg)
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise SleighError(where, "not a Sleigh package manifest", f"schema {SCHEMA!r}")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise SleighError(where, f"schema_version is {describe(version)}", f"the integer {SCHEMA_VERSION}; {REEXPORT}")
+    if version > SCHEMA_VERSION:
+        raise SleighError(where, f"schema_version {version} is newer than this sleigh reads ({SCHEMA_VERSION})",
+                          "upgrade sleigh (`pip install -U sleigh`) to run this package")
+    if version < SCHEMA_VERSION:
+        raise SleighError(where, f"schema_version {version} is from an older sleigh", f"{SCHEMA_VERSION}; {REEXPORT}")
+    f = Fields(where, REEXPORT)
+    in_pkg = lambda rel, field: inside(pkg, rel, f"{where}: {field}")  # noqa: E731
+
+    files = {}
+    raw_files = f.get(data, "files", "object")
+    for rel in raw_files:
+        in_pkg(rel, "files")
+        entry = f.get(raw_files, rel, "object", "files")
+        files[rel] = FileEntry(f.get(entry, "sha256", "sha256", f"files.{rel}"), f.get(entry, "bytes", "count", f"files.{rel}"))
+
+    def listed(rel: str, field: str, f: Fields = f) -> str:  # a file the runtime opens has a size and sha256 to check
+        in_pkg(rel, field)
+        if rel not in files:
+            raise f.fail(field, f"{rel!r:.100} is not listed in files", "every file the package uses, with its sha256")
+        return rel
+
+    tokenizer = listed(f.get(f.get(data, "tokenizer", "object"), "file", "string", "tokenizer"), "tokenizer.file")
+    raw_modules = f.get(data, "modules", "object")
+    missing = [m for m in MODULE_NAMES if m not in raw_modules]
+    if missing:
+        raise SleighError(where, f"modules {missing} are missing", f"all of {list(MODULE_NAMES)}; {REEXPORT}")
+    modules = {name: _module(f, raw_modules, name, listed) for name in raw_modules}  # any other a newer sleigh may list
+    contract = Contract.from_json(data, f)
+    decoder = modules["decoder"]
+    for side, names in (("inputs", contract.kv_cache.past), ("outputs", contract.kv_cache.new)):
+        absent = sorted(set(names) - set(decoder.names(side)))
+        if absent:
+            raise f.fail("kv_cache", f"names {absent[:2]} that are not among modules.decoder.{side}",
+                         "the decoder's own cache names")
+    created_by = f.get(data, "created_by", "object", null=True, default=None)
+    opset = f.get(data, "opset", "positive", null=True, default=None)
+    parity, calibration = (f.get(data, k, "object", null=True, default=None) for k in ("parity", "calibration"))
+    engines = f.get(data, "engines", "object", default={})
+    for name in engines:
+        _check_engine(engines, name, in_pkg, listed, where)
+    return Manifest(root=pkg, schema_version=version, created_by=created_by, opset=opset, contract=contract,
+                    tokenizer=tokenizer, modules=modules, files=files, parity=parity, calibration=calibration,
+                    engines=engines, json=data)
+
+
+def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:
+    path = f"modules.{name}"
+    entry = f.get(modules, name, "object", "modules")
+    file = listed(f.get(entry, "file", "string", path), f"{path}.file")
+    data_files = f.items(f.get(entry, "data_files", "list", path, default=[]), "string", f"{path}.data_files")
+    for i, rel in enumerate(data_files):
+        listed(rel, f"{path}.data_files[{i}]")
+    io = {}
+    for side in ("inputs", "outputs"):
+        tensors = []
+        for i, t in enumerate(f.items(f.get(entry, side, "list", path), "object", f"{path}.{side}")):
+            at = f"{path}.{side}[{i}]"
+            shape = f.get(t, "shape", "list", at, default=[])
+            for j, d in enumerate(shape):
+                if not (isinstance(d, str) and d) and not (isinstance(d, int) and not isinstance(d, bool) and d >= 0):
+                    raise f.fail(f"{at}.shape[{j}]", f"is {describe(d)}", "a size >= 0 or a dimension's name")
+            tensors.append(TensorInfo(f.get(t, "name", "string", at), f.get(t, "dtype", "string", at, default="?"), tuple(shape)))
+        io[side] = tuple(tensors)
+    return ModuleEntry(file, tuple(data_files), f.get(entry, "precision", "string", path, default="fp32"), **io)
+
+
+def _check_engine(engines: dict, name: str, in_pkg, listed, where: str) -> None:
+    f = Fields(where, "an entry as `sleigh build-engine` writes it: rebuild the engine with --force")
+    path = f"engines.{name}"
+    entry = f.get(engines, name, "object", "engines")
+    for key in ("backend", "precision"):
+        f.get(entry, key, "string", path)
+    f.get(entry, "llm_weights", "string", path, null=True, default=None)
+    for key in ("accuracy_passed", "degraded"):
+        f.get(entry, key, "bool", path, null=True, default=None)
+    for key in ("build_options", "accuracy", "versions"):
+        f.get(entry, key, "object", path, null=True, default=None)
+    if (d := f.get(entry, "dir", "string", path, default=None)) is not None:
+        in_pkg(d, f"{path}.dir")
+    engine_modules = f.get(entry, "modules", "object", path)
+    for module in engine_modules:
+        listed(f.get(engine_modules, module, "string", f"{path}.modules"), f"{path}.modules.{module}", f)
+    for rel in f.get(entry, "files", "object", path, default={}):
+        listed(rel, f"{path}.files", f)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+def write_manifest(pkg: Path, data: dict, *, before_replace: Callable[[], None] | None = None) -> Manifest:
+    """Check `data` as a manifest of `pkg` and write it atomically (temporary file, fsync, rename).
+    `before_replace` runs once the new manifest is on disk beside the old one, just before it takes
+    its place: where a writer moves in the files the new manifest lists (a failure there leaves the
+    old manifest). Returns the manifest as written."""
+    pkg = Path(pkg)
+    manifest = parse_manifest(data, pkg, str(pkg / MANIFEST))  # nothing unreadable is ever written
+    payload = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=pkg)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, ordinary_mode())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, pkg / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return manifest
+
+
+def update_manifest(pkg: Path, fn: Callable[[dict], dict | None], *,
+                    before_replace: Callable[[], None] | None = None) -> Manifest:
+    """Read the package's manifest, apply `fn` to (a copy of) its JSON object (it changes it in place or
+    returns a new one), and write the result (`write_manifest`). Writers in other processes wait for
+    each other, so none loses another's change."""
+    pkg = Path(pkg)
+    with _locked(pkg):
+        data = copy.deepcopy(read_manifest(pkg).json)
+        changed = fn(data)
+        return write_manifest(pkg, data if changed is None else changed, before_replace=before_replace)
+
+
+@contextmanager
+def _locked(pkg: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock between processes; each write is still atomic
+        yield
+        return
+    # The package folder itself is the lock: it is never replaced (as manifest.json is by each write)
+    # and locking it leaves no file behind. One writer at a time: calibrate and build-engine may overlap.
+    fd = os.open(pkg, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
