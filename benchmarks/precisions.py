@@ -23,7 +23,7 @@ from sleigh.engines.calibration.collect import calibrate_package
 from sleigh.engines.build_engine import build_engine
 from sleigh.engines.options import EngineOptions
 from sleigh.runtime.package import shipped_photo
-from sleigh.runtime.package import read_manifest
+from sleigh.runtime.manifest import read_manifest
 
 ROOT = Path(__file__).parents[1]
 ENGINES = [EngineOptions(precision="fp16"), EngineOptions(precision="int8"),
@@ -58,7 +58,7 @@ def main() -> None:
     for opts in ENGINES:
         opts = EngineOptions(precision=opts.precision, llm_weights=opts.llm_weights, allow_degraded=True, quiet=True)
         built[opts.engine_name] = build_engine(pkg, opts)
-    manifest = read_manifest(pkg)
+    manifest = read_manifest(pkg).json
     targets = [("fp32 (package)", pkg, "onnxruntime", "package")]
     targets += [(name, pkg, "onnxruntime", name) for name in built]
     if args.reference:
