@@ -1,6 +1,7 @@
 """Bounded peaks: vision in chunks of views, the prompt in chunks of tokens, and a memory budget that
 picks both. Every chunked run is compared with the same run in one call (the reference)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,8 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
     from sleigh.runtime.manifest import Contract
     from sleigh.sleighvl.config import PRESETS
 
-    full = Shapes.from_contract(Contract.from_config(PRESETS["internvl2-2b"].to_dict(), "internvl2-2b preset"))
+    config = json.loads(json.dumps(PRESETS["internvl2-2b"].to_dict()))  # as config.json holds it
+    full = Shapes.from_contract(Contract.from_config(config, "internvl2-2b preset"))
     # The full-size KV cache: 2 x 24 layers x 8 heads x 128 x 4 bytes = 196,608 bytes per slot (DESIGN.md).
     assert full.kv_bytes(4096) == 2 * 196_608 * 4096
     budget = MemoryBudget(int(2.5 * GB), full, weights=int(2.0 * GB))
