@@ -44,14 +44,18 @@ def free_port() -> int:
 class ServerProcess:
     """`sleigh serve` in a subprocess, healthy on return; stopped with SIGINT (Ray shuts down cleanly)."""
 
-    def __init__(self, package: Path, threads: int, replicas: int = 1, max_queue: int = 256):
+    def __init__(self, package: Path, threads: int, replicas: int = 1, max_queue: int = 256,
+                 source: Path | None = None):
+        """`source`: run the sleigh found in this folder (say, a checkout of an older commit) instead."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sleigh.cli", "serve", "--model", str(package), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "sleigh.cli", "serve", "--model", str(package.resolve()), "--port", str(self.port),
                "--threads", str(threads), "--max-queue", str(max_queue), "--log-level", "warning"]
         if replicas > 1:
             cmd += ["--ray", "--replicas", str(replicas), "--replica-cpus", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env = None if source is None else {**os.environ, "PYTHONPATH": str(source.resolve())}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                     cwd=source)  # `python -m` puts the working folder first on the path
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -196,8 +200,9 @@ class HttpxSSEClient:
 
 
 def cmd_ttft(args) -> dict:
-    """Pipeline and server alternated request by request (Pipeline, raw client, httpx client, ...), so
-    all see the same load on a shared machine; medians after one warm-up round."""
+    """Pipeline and server alternated request by request (Pipeline, raw client, httpx client, in an
+    order that rotates each round), so all see the same load on a shared machine; medians after one
+    warm-up round."""
     from sleigh.runtime.pipeline import Pipeline
     from sleigh.runtime.sampling import SamplingOptions
 
@@ -213,22 +218,33 @@ def cmd_ttft(args) -> dict:
             pass
         return first
 
-    server = ServerProcess(args.package, args.threads)
+    servers = [ServerProcess(args.package, args.threads)]
     try:
-        body = request_body(server.model, args.prompt, image, 2, stream=True)
-        sides = {"pipeline": pipeline_first_token_s, "server": RawSSEClient(server, body).first_token_s,
-                 "server_httpx": HttpxSSEClient(server, body).first_token_s}
+        if args.compare_source:
+            servers.append(ServerProcess(args.package, args.threads, source=args.compare_source))
+        body = request_body(servers[0].model, args.prompt, image, 2, stream=True)
+        sides = {"pipeline": pipeline_first_token_s, "server": RawSSEClient(servers[0], body).first_token_s,
+                 "server_httpx": HttpxSSEClient(servers[0], body).first_token_s}
+        if args.compare_source:
+            sides["compared_server"] = RawSSEClient(servers[1], body).first_token_s
         times: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(args.repeats + 1):
-            for name, first_token_s in sides.items():
-                times[name].append(first_token_s())
+        order = list(sides)
+        for i in range(args.repeats + 1):
+            for name in order[i % len(order):] + order[:i % len(order)]:  # each side first in turn
+                times[name].append(sides[name]())
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
     ms = {name: 1e3 * statistics.median(values[1:]) for name, values in times.items()}  # the first warms up
     out = {"pipeline_ttft_ms_median": ms["pipeline"], "server_ttft_ms_median": ms["server"],
            "added_ms_median": ms["server"] - ms["pipeline"], "server_httpx_ttft_ms_median": ms["server_httpx"],
            "added_httpx_ms_median": ms["server_httpx"] - ms["pipeline"], "repeats": args.repeats,
-           "image": str(image) if image else None}
+           "image": str(image) if image else None, "load_average": os.getloadavg()}
+    if args.compare_source:
+        out.update(compare_source=str(args.compare_source), compared_server_ttft_ms_median=ms["compared_server"],
+                   compared_added_ms_median=ms["compared_server"] - ms["pipeline"])
+        print(f"the server from {args.compare_source}: {ms['compared_server']:.2f} ms, "
+              f"+{out['compared_added_ms_median']:.2f} ms")
     print(f"first token: Pipeline {ms['pipeline']:.2f} ms, server (streamed) {ms['server']:.2f} ms: the server "
           f"adds {out['added_ms_median']:.2f} ms (http.client; with httpx as the client {ms['server_httpx']:.2f} ms, "
           f"+{out['added_httpx_ms_median']:.2f} ms); medians of {args.repeats} alternated rounds")
@@ -275,6 +291,9 @@ def main() -> None:
             q.add_argument("--max-tokens", type=int, default=32)
         elif name == "ttft":
             q.add_argument("--repeats", type=int, default=50)
+            q.add_argument("--compare-source", type=Path,
+                           help="also time a server run from this source folder (e.g. `git worktree add` of an "
+                                "older commit), alternated with the others")
         else:
             q.add_argument("--requests", type=int, default=1000)
             q.add_argument("--max-tokens", type=int, default=8)
