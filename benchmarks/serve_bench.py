@@ -5,6 +5,8 @@ to the first token over `Pipeline`, and memory over many sequential requests.
     python benchmarks/serve_bench.py throughput --package runs/small-pkg --replicas 1,2 --concurrency 1,4,16
     # the server's added time to first token over Pipeline (streamed, same prompt, same threads, alternated)
     python benchmarks/serve_bench.py ttft --package runs/tiny-pkg --repeats 50
+    # ... and in the same rounds a server run from another source tree (git worktree add ../old <commit>)
+    python benchmarks/serve_bench.py ttft --package runs/tiny-pkg --repeats 50 --compare-source ../old
     # 1,000 sequential requests: the server's resident memory along the way
     python benchmarks/serve_bench.py soak --package runs/tiny-pkg --requests 1000
 
