@@ -3,8 +3,10 @@ to the first token over `Pipeline`, and memory over many sequential requests.
 
     # requests/s and latency p50/p90/p99 at 1, 4 and 16 clients, for 1 replica (uvicorn) and 2 (Ray Serve)
     python benchmarks/serve_bench.py throughput --package runs/small-pkg --replicas 1,2 --concurrency 1,4,16
-    # the server's added time to first token over Pipeline (streamed, same prompt, same threads)
+    # the server's added time to first token over Pipeline (streamed, same prompt, same threads, alternated)
     python benchmarks/serve_bench.py ttft --package runs/tiny-pkg --repeats 50
+    # ... and in the same rounds a server run from another source tree (git worktree add ../old <commit>)
+    python benchmarks/serve_bench.py ttft --package runs/tiny-pkg --repeats 50 --compare-source ../old
     # 1,000 sequential requests: the server's resident memory along the way
     python benchmarks/serve_bench.py soak --package runs/tiny-pkg --requests 1000
 
@@ -44,14 +46,18 @@ def free_port() -> int:
 class ServerProcess:
     """`sleigh serve` in a subprocess, healthy on return; stopped with SIGINT (Ray shuts down cleanly)."""
 
-    def __init__(self, package: Path, threads: int, replicas: int = 1, max_queue: int = 256):
+    def __init__(self, package: Path, threads: int, replicas: int = 1, max_queue: int = 256,
+                 source: Path | None = None):
+        """`source`: run the sleigh found in this folder (say, a checkout of an older commit) instead."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sleigh.cli", "serve", "--model", str(package), "--port", str(self.port),
+        cmd = [sys.executable, "-m", "sleigh.cli", "serve", "--model", str(package.resolve()), "--port", str(self.port),
                "--threads", str(threads), "--max-queue", str(max_queue), "--log-level", "warning"]
         if replicas > 1:
             cmd += ["--ray", "--replicas", str(replicas), "--replica-cpus", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env = None if source is None else {**os.environ, "PYTHONPATH": str(source.resolve())}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                     cwd=source)  # `python -m` puts the working folder first on the path
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -154,44 +160,96 @@ def cmd_throughput(args) -> dict:
 
 # -- time to first token ----------------------------------------------------------------------------
 
+def is_first_content(line: str) -> bool:
+    """An SSE line carrying answer text (not the opening role chunk's empty content)."""
+    return '"content": "' in line and '"content": ""' not in line
+
+
+class RawSSEClient:
+    """The leanest client: one kept-alive `http.client` connection and a body encoded once, so the
+    figure is the server's time and not a client library's (httpx's own parsing is measured apart)."""
+
+    def __init__(self, server: ServerProcess, body: dict):
+        import http.client
+
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+        self.body = json.dumps(body).encode()
+
+    def first_token_s(self) -> float:
+        t = time.perf_counter()
+        first = None
+        self.conn.request("POST", "/v1/chat/completions", body=self.body, headers={"Content-Type": "application/json"})
+        response = self.conn.getresponse()
+        assert response.status == 200, response.read()
+        for line in response:  # read to the end: the next request finds the model free
+            if first is None and is_first_content(line.decode()):
+                first = time.perf_counter() - t
+        return first
+
+
+class HttpxSSEClient:
+    def __init__(self, server: ServerProcess, body: dict):
+        self.client, self.url, self.body = httpx.Client(timeout=600), server.base + "/v1/chat/completions", body
+
+    def first_token_s(self) -> float:
+        t = time.perf_counter()
+        first = None
+        with self.client.stream("POST", self.url, json=self.body) as r:
+            for line in r.iter_lines():
+                if first is None and is_first_content(line):
+                    first = time.perf_counter() - t
+        return first
+
+
 def cmd_ttft(args) -> dict:
+    """Pipeline and server alternated request by request (Pipeline, raw client, httpx client, in an
+    order that rotates each round), so all see the same load on a shared machine; medians after one
+    warm-up round."""
     from sleigh.runtime.pipeline import Pipeline
     from sleigh.runtime.sampling import SamplingOptions
 
     image = None if args.no_image else args.image
     pipe = Pipeline.load(args.package, threads=args.threads)
-    direct = []
-    for _ in range(args.repeats + 1):
+
+    def pipeline_first_token_s() -> float:
         t = time.perf_counter()
         gen = pipe.generate(image, args.prompt, max_new_tokens=2, sampling=SamplingOptions(), ignore_eos=True)
         next(iter(gen))
-        direct.append(time.perf_counter() - t)
+        first = time.perf_counter() - t
         for _ in gen:
             pass
-    del pipe
-    server = ServerProcess(args.package, args.threads)
+        return first
+
+    servers = [ServerProcess(args.package, args.threads)]
     try:
-        body = request_body(server.model, args.prompt, image, 2, stream=True)
-        served = []
-        with httpx.Client(timeout=600) as c:
-            for _ in range(args.repeats + 1):
-                t = time.perf_counter()
-                first = None
-                with c.stream("POST", server.base + "/v1/chat/completions", json=body) as r:
-                    for line in r.iter_lines():  # read to the end: the next request finds the model free
-                        if first is None and '"content": "' in line and '"content": ""' not in line:
-                            first = time.perf_counter() - t
-                served.append(first)
+        if args.compare_source:
+            servers.append(ServerProcess(args.package, args.threads, source=args.compare_source))
+        body = request_body(servers[0].model, args.prompt, image, 2, stream=True)
+        sides = {"pipeline": pipeline_first_token_s, "server": RawSSEClient(servers[0], body).first_token_s,
+                 "server_httpx": HttpxSSEClient(servers[0], body).first_token_s}
+        if args.compare_source:
+            sides["compared_server"] = RawSSEClient(servers[1], body).first_token_s
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        order = list(sides)
+        for i in range(args.repeats + 1):
+            for name in order[i % len(order):] + order[:i % len(order)]:  # each side first in turn
+                times[name].append(sides[name]())
     finally:
-        server.stop()
-    direct, served = direct[1:], served[1:]  # the first of each warms up
-    out = {"pipeline_ttft_ms_median": 1e3 * statistics.median(direct),
-           "server_ttft_ms_median": 1e3 * statistics.median(served),
-           "added_ms_median": 1e3 * (statistics.median(served) - statistics.median(direct)),
-           "repeats": args.repeats, "image": str(image) if image else None}
-    print(f"first token: Pipeline {out['pipeline_ttft_ms_median']:.2f} ms, server (streamed) "
-          f"{out['server_ttft_ms_median']:.2f} ms: the server adds {out['added_ms_median']:.2f} ms (medians of "
-          f"{args.repeats})")
+        for server in servers:
+            server.stop()
+    ms = {name: 1e3 * statistics.median(values[1:]) for name, values in times.items()}  # the first warms up
+    out = {"pipeline_ttft_ms_median": ms["pipeline"], "server_ttft_ms_median": ms["server"],
+           "added_ms_median": ms["server"] - ms["pipeline"], "server_httpx_ttft_ms_median": ms["server_httpx"],
+           "added_httpx_ms_median": ms["server_httpx"] - ms["pipeline"], "repeats": args.repeats,
+           "image": str(image) if image else None, "load_average": os.getloadavg()}
+    if args.compare_source:
+        out.update(compare_source=str(args.compare_source), compared_server_ttft_ms_median=ms["compared_server"],
+                   compared_added_ms_median=ms["compared_server"] - ms["pipeline"])
+        print(f"the server from {args.compare_source}: {ms['compared_server']:.2f} ms, "
+              f"+{out['compared_added_ms_median']:.2f} ms")
+    print(f"first token: Pipeline {ms['pipeline']:.2f} ms, server (streamed) {ms['server']:.2f} ms: the server "
+          f"adds {out['added_ms_median']:.2f} ms (http.client; with httpx as the client {ms['server_httpx']:.2f} ms, "
+          f"+{out['added_httpx_ms_median']:.2f} ms); medians of {args.repeats} alternated rounds")
     return out
 
 
@@ -235,6 +293,9 @@ def main() -> None:
             q.add_argument("--max-tokens", type=int, default=32)
         elif name == "ttft":
             q.add_argument("--repeats", type=int, default=50)
+            q.add_argument("--compare-source", type=Path,
+                           help="also time a server run from this source folder (e.g. `git worktree add` of an "
+                                "older commit), alternated with the others")
         else:
             q.add_argument("--requests", type=int, default=1000)
             q.add_argument("--max-tokens", type=int, default=8)

@@ -40,6 +40,10 @@ def test_two_replicas_answer_concurrent_requests(tiny_pkg):
         assert len({a.id for a in answers}) == 8
         assert all(a.choices[0].message.content == alone.choices[0].message.content for a in answers)
         assert len({a.model_extra["sleigh"]["replica"] for a in [alone, *answers]}) == 2  # both replicas served
+        stream = client.chat.completions.create(model=settings.name, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=8, temperature=0, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == alone.choices[0].message.content  # server-sent events through Ray's proxy
         bad = httpx.post(base + "/v1/chat/completions", content=b"{not json", timeout=30)
         assert bad.status_code == 400 and "error" in bad.json()
     finally:

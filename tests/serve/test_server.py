@@ -275,6 +275,52 @@ def test_queue_limit_answers_503_with_retry_after(probe):
     assert httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=3), timeout=60).status_code == 200
 
 
+def test_a_bug_on_the_chat_route_is_an_error_object(probe, monkeypatch):
+    """The chat route is answered before FastAPI's middleware (app._App): a bug there still gets
+    OpenAI's error object with one line, never a traceback."""
+    from sleigh.serve import protocol
+
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(protocol, "completion_id", broken)
+    r = httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=2), timeout=60)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text[:300]
+    error = r.json()["error"]
+    assert error["type"] == "server_error" and "RuntimeError" in error["message"] and "Traceback" not in r.text
+
+
+def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(probe):
+    """After the first piece the worker waits until the event loop has sent it (worker.py); a loop that
+    never says so costs at most FIRST_PIECE_WAIT_S, and the answer is Pipeline's."""
+    import asyncio
+
+    from sleigh.runtime.prompt import Turn
+    from sleigh.runtime.sampling import SamplingOptions
+    from sleigh.serve.worker import FIRST_PIECE_WAIT_S, GenerationRequest, ModelWorker
+
+    pipeline = probe.worker.pipeline
+    request = GenerationRequest([Turn("user", "Go on.")], None, None, 5, SamplingOptions(), ignore_eos=True)
+    worker = ModelWorker(pipeline, max_queue=0)
+
+    async def events():
+        job = worker.submit(request)  # its first_piece_sent is never set
+        seen = [await asyncio.wait_for(job.events.get(), timeout=10)]
+        while seen[-1][0] == "piece":
+            seen.append(await asyncio.wait_for(job.events.get(), timeout=10))
+        return seen
+
+    try:
+        t = time.perf_counter()
+        seen = asyncio.run(events())
+        elapsed = time.perf_counter() - t
+    finally:
+        worker.close()
+    assert seen[-1][0] == "done" and elapsed < FIRST_PIECE_WAIT_S + 5
+    direct = pipeline.generate(None, [Turn("user", "Go on.")], max_new_tokens=5, ignore_eos=True)
+    assert seen[-1][1].token_ids == direct.result.token_ids and len(direct.result.token_ids) == 5
+
+
 def test_health_is_503_until_the_model_is_loaded(tiny_pkg):
     from starlette.testclient import TestClient
 
