@@ -433,6 +433,12 @@ def test_generated_control_bytes_reach_a_terminal_escaped(terminal, stream, monk
                                 gswa_weights=[], stop_reason="length", backend="fake")
 
     class FakePipeline:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
         def generate(self, *args, **kwargs):
             return Generation(steps())
 

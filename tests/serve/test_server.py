@@ -290,7 +290,7 @@ def test_a_bug_on_the_chat_route_is_an_error_object(probe, monkeypatch):
     assert error["type"] == "server_error" and "RuntimeError" in error["message"] and "Traceback" not in r.text
 
 
-def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(probe):
+def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(tiny_pkg):
     """After the first piece the worker waits until the event loop has sent it (worker.py); a loop that
     never says so costs at most FIRST_PIECE_WAIT_S, and the answer is Pipeline's."""
     import asyncio
@@ -299,7 +299,9 @@ def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(probe):
     from sleigh.runtime.sampling import SamplingOptions
     from sleigh.serve.worker import FIRST_PIECE_WAIT_S, GenerationRequest, ModelWorker
 
-    pipeline = probe.worker.pipeline
+    from sleigh.runtime.pipeline import Pipeline
+
+    pipeline = Pipeline.load(tiny_pkg)  # its own: closing the worker closes the pipeline it serves
     request = GenerationRequest([Turn("user", "Go on.")], None, None, 5, SamplingOptions(), ignore_eos=True)
     worker = ModelWorker(pipeline, max_queue=0)
 
@@ -317,8 +319,9 @@ def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(probe):
     finally:
         worker.close()
     assert seen[-1][0] == "done" and elapsed < FIRST_PIECE_WAIT_S + 5
-    direct = pipeline.generate(None, [Turn("user", "Go on.")], max_new_tokens=5, ignore_eos=True)
-    assert seen[-1][1].token_ids == direct.result.token_ids and len(direct.result.token_ids) == 5
+    with Pipeline.load(tiny_pkg) as fresh:
+        direct = fresh.generate(None, [Turn("user", "Go on.")], max_new_tokens=5, ignore_eos=True).result
+    assert seen[-1][1].token_ids == direct.token_ids and len(direct.token_ids) == 5
 
 
 def test_health_is_503_until_the_model_is_loaded(tiny_pkg):
