@@ -66,9 +66,9 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
     from sleigh.runtime.pipeline import Pipeline
 
     if runs < 1:
-        raise SleighError("--runs", f"got {runs}", "an integer >= 1")
+        raise SleighError("runs", f"got {runs}", "an integer >= 1")
     if max_new_tokens < 1:
-        raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+        raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
     rows = []
     t0 = time.time()
     with progress("bench", runs * len(targets), quiet) as bar:

@@ -199,7 +199,7 @@ def run(
         output_format(show_weights)
     _check_model(model, engine)
     with Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
-                       max_memory=budget) as pipe:
+                       max_memory=budget) as pipe, _as_flags("prompt", "system", "max_new_tokens", "max_tiles"):
         pipe.allow_special_tokens = allow_special_tokens
         gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                             ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
@@ -408,7 +408,8 @@ def eval_(
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
-    report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
+    with _as_flags("limit"):
+        report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -484,8 +485,9 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
-    report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
-                       threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
+    with _as_flags("runs", "max_new_tokens"):
+        report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
+                           threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
     typer.echo(json.dumps(report) if as_json else markdown(report))
 
 

@@ -48,7 +48,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | No
     from sleigh.runtime.pipeline import Pipeline
 
     if limit is not None and limit < 1:
-        raise SleighError("--limit", f"got {limit}", "a number of questions >= 1")
+        raise SleighError("limit", f"got {limit}", "a number of questions >= 1")
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
     hits: dict[str, list[int]] = defaultdict(list)

@@ -208,7 +208,7 @@ class Pipeline:
         question or a conversation (`Turn`s ending with a user turn; the image goes to the turn marked
         `image`, else the first user turn)."""
         turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
-        for what, text in [("--prompt", t.text) for t in turns] + [("--system", system or "")]:
+        for what, text in [("prompt", t.text) for t in turns] + [("system", system or "")]:
             for token in (IMG_CONTEXT, IMG_START, IMG_END) if self.allow_special_tokens else ():
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
@@ -233,9 +233,9 @@ class Pipeline:
         the tokens generated up to the one that completed it)."""
         self._check_open()
         if max_new_tokens < 1:
-            raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+            raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
         if max_tiles is not None and max_tiles < 1:
-            raise SleighError("--max-tiles", f"got {max_tiles}", "an integer >= 1")
+            raise SleighError("max_tiles", f"got {max_tiles}", "an integer >= 1")
         StopStrings(stop)  # checks them now, not at the first token
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
                                       ignore_eos, max_tiles, stop))
@@ -245,7 +245,7 @@ class Pipeline:
         """Continue from a `prefill()` state (it carries its own cache; each state can be continued once)."""
         self._check_open()
         if max_new_tokens < 1:
-            raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+            raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
         if state.continued or state.cache.length != len(state.ids):
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
