@@ -16,7 +16,9 @@ import typer
 from typer.core import TyperGroup
 
 from sleigh import __version__
+from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
@@ -148,7 +150,7 @@ def run(
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
-    max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Most tokens to generate."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past stop tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
@@ -464,7 +466,7 @@ def bench(
     engine: list[str] = typer.Option([], "--engine", help="Also time these engines of the package (repeatable)."),
     prompt: str = typer.Option("Describe the image in detail.", help="The question."),
     runs: int = typer.Option(3, help="Timed runs per target (after one warm-up)."),
-    max_new_tokens: int = typer.Option(64, help="Tokens generated per run (EOS ignored)."),
+    max_new_tokens: int = typer.Option(BENCH_NEW_TOKENS, help="Tokens generated per run (EOS ignored)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
@@ -502,7 +504,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the package folder's name)."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the model (per replica); more get 503 + Retry-After."),
-    max_tokens: int = typer.Option(512, help="max_tokens when a request gives none."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="max_tokens when a request gives none."),
     max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
     allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),

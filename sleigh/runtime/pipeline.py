@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from sleigh.errors import SleighError
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
@@ -227,7 +228,7 @@ class Pipeline:
                                                  allow_special_tokens=self.allow_special_tokens)
 
     def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
-                 max_new_tokens: int = 512, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
                  max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = ()) -> Generation:
         """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
         the tokens generated up to the one that completed it)."""
@@ -240,7 +241,7 @@ class Pipeline:
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
                                       ignore_eos, max_tiles, stop))
 
-    def generate_from(self, state: Prefill, *, max_new_tokens: int = 512, sampling: SamplingOptions | None = None,
+    def generate_from(self, state: Prefill, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
         """Continue from a `prefill()` state (it carries its own cache; each state can be continued once)."""
         self._check_open()
