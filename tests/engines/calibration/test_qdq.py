@@ -34,13 +34,13 @@ from onnx import numpy_helper
 
 from sleigh.engines.calibration.collect import ranges_from_stats
 from sleigh.engines.calibration.int8 import INT8_MAX, RANGES_FILE
-from sleigh.engines.calibration.qdq import check_symmetric, quantize_vision_qdq, scale_activation_scales
+from sleigh.engines.calibration.qdq import quantize_vision_qdq
 from sleigh.errors import SleighError
 from sleigh.engines.accuracy import VISION_GATES
 from sleigh.engines.build_engine import int8_weight_max
 from sleigh.runtime.cpu_features import cpu_features
 
-from tests.engines.helpers import cosine, run_vision
+from tests.engines.helpers import check_symmetric, cosine, run_vision, scale_activation_scales
 
 COSINE_MIN = VISION_GATES["int8"]["embeddings_cos_min"]  # what build-engine's gate asks of an INT8 engine
 # ONNX Runtime's fused int8 kernels against the same Q/DQ model computed in float (no fusion): they
