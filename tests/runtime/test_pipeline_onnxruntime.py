@@ -15,7 +15,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.runtime.sampling import SamplingOptions
-from tests.conftest import one_error_line
+from tests.helpers import one_error_line
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 HEAVY = ("torch", "transformers", "onnx", "onnxscript", "tensorrt")
