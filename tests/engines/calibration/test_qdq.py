@@ -17,7 +17,7 @@ ORT_WEIGHT_MAX), so ONNX Runtime engines use 7-bit weights: fused and unfused th
 cosine of 0.99999 or better. minmax is the weak method, and only because of the attention
 probabilities (the Softmax output that feeds P·V): one probability of 0.41 sets the scale while
 almost all are near 1/1025, so they round to 0 or 1 step. The threshold is the accuracy gate's
-(export/accuracy.py VISION_GATES["int8"]); a broken model sits far below it.
+(sleigh/engines/accuracy.py VISION_GATES["int8"]); a broken model sits far below it.
 gswa_weights are not gated here: GSWA runs in float, but on a random model the CLS features it
 compares are nearly alike, so small input changes move its weights; judge them on real weights.
 """
