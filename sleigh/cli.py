@@ -183,7 +183,8 @@ def run(
     if system is not None:
         _check_text("--system", system)
     _check_threads(threads)
-    budget = None if max_memory is None else parse_size(max_memory)
+    with _as_flags("max_memory"):
+        budget = None if max_memory is None else parse_size(max_memory)
     with _as_flags("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
@@ -200,8 +201,9 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    with Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
-                       max_memory=budget) as pipe, _as_flags("prompt", "system", "max_new_tokens", "max_tiles"):
+    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory"), \
+            Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
+                          max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
         gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                             ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
@@ -410,7 +412,7 @@ def eval_(
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
-    with _as_flags("limit"):
+    with _as_flags("backend", "engine", "limit"):
         report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
     if as_json:
         typer.echo(json.dumps(report))
@@ -487,7 +489,7 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
-    with _as_flags("runs", "max_new_tokens"):
+    with _as_flags("engine", "runs", "max_new_tokens", "max_memory"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                            threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
     typer.echo(json.dumps(report) if as_json else markdown(report))
@@ -523,12 +525,13 @@ def serve(
 
     _check_threads(threads)  # as on run and bench
     from sleigh.runtime.memory import parse_size
-    launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
-           max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
-           allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
-           min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
-           replica_cpus=replica_cpus, ray_address=ray_address,
-           max_memory=None if max_memory is None else parse_size(max_memory))
+    with _as_flags("backend", "engine", "max_memory"):
+        launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
+               max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
+               allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
+               min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
+               replica_cpus=replica_cpus, ray_address=ray_address,
+               max_memory=None if max_memory is None else parse_size(max_memory))
 
 
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:
@@ -584,13 +587,15 @@ def _check_text(flag: str, text: str) -> None:
 
 @contextmanager
 def _as_flags(*params: str):
-    """The library's errors name a parameter (`top_p`); on the command line, name its flag (`--top-p`)."""
+    """The library's errors name a parameter (`top_p`, `engine=int8`); on the command line, name its
+    flag (`--top-p`, `--engine int8`)."""
     try:
         yield
     except SleighError as e:
-        if e.what not in params:
+        param, given, value = e.what.partition("=")
+        if param not in params:
             raise
-        raise SleighError("--" + e.what.replace("_", "-"), e.problem, e.expected) from None
+        raise SleighError("--" + param.replace("_", "-") + (f" {value}" if given else ""), e.problem, e.expected) from None
 
 
 def _stdout_is_terminal() -> bool:

@@ -156,8 +156,8 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: Path, backend: str = "auto", threads: int | None = None) -> Pipeline:
         if backend not in ("auto", "torch"):
-            raise SleighError(f"--backend {backend}", "a checkpoint folder runs on the PyTorch reference only",
-                              "--backend torch, or export a package with `sleigh export` first")
+            raise SleighError(f"backend={backend}", "a checkpoint folder runs on the PyTorch reference only",
+                              "backend torch, or a package made with `sleigh export`")
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
@@ -390,7 +390,7 @@ def _budget(path: Path, backend: Backend, contract: Contract, limit: int) -> Mem
         files = list(getattr(backend, "files", {}).values())
     else:
         files = sorted(path.glob("*.safetensors"))
-    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files), label="--max-memory")
+    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files))
 
 
 def _checkpoint_backend(name: str):
@@ -400,6 +400,6 @@ def _checkpoint_backend(name: str):
 
     found = entry_points(group="sleigh.checkpoint_backends", name=name)
     if not found:
-        raise SleighError(f"--backend {name}", "no backend of that name is installed for checkpoint folders",
+        raise SleighError(f"backend={name}", "no backend of that name is installed for checkpoint folders",
                           "Sleigh installed with pip (its entry points), or a package from `sleigh export`")
     return next(iter(found)).load()
