@@ -14,7 +14,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from sleigh.runtime.kv_cache import NEW, SlotCache, past_name
+from sleigh.runtime.kv_cache import NEW, PAST, SlotCache
 
 
 def session(path: str):
@@ -69,7 +69,7 @@ class Slots:
         P = self.cache.length
         feeds = {"inputs_embeds": x, "position_ids": np.array([[P]], np.int64), **self.cache.feeds(self.one_mask, self.one_bias)}
         _, *new = self.sess.run(["logits", *self.new_names], feeds)
-        self.cache.append({past_name(n): a for n, a in zip(self.new_names, new)}, self.one_mask, self.one_bias)
+        self.cache.append({PAST + n[len(NEW):]: a for n, a in zip(self.new_names, new)}, self.one_mask, self.one_bias)
 
 
 def main() -> None:

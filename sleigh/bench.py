@@ -12,6 +12,10 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 
+# Not the generation default (sleigh.runtime.DEFAULT_MAX_NEW_TOKENS): timed runs have a fixed length (EOS ignored),
+# long enough for a steady decode rate and short enough that a CPU run of a real model takes seconds.
+BENCH_NEW_TOKENS = 64
+
 
 @dataclass
 class BenchRow:
@@ -59,16 +63,16 @@ def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_t
 
 
 def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: str, *, runs: int = 3,
-              max_new_tokens: int = 64, threads: int | None = None, quiet: bool = False,
+              max_new_tokens: int = BENCH_NEW_TOKENS, threads: int | None = None, quiet: bool = False,
               max_memory: int | None = None) -> dict:
     """targets: (label, model path, backend, engine)."""
     from sleigh.progress import progress
     from sleigh.runtime.pipeline import Pipeline
 
     if runs < 1:
-        raise SleighError("--runs", f"got {runs}", "an integer >= 1")
+        raise SleighError("runs", f"got {runs}", "an integer >= 1")
     if max_new_tokens < 1:
-        raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+        raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
     rows = []
     t0 = time.time()
     with progress("bench", runs * len(targets), quiet) as bar:

@@ -16,7 +16,9 @@ import typer
 from typer.core import TyperGroup
 
 from sleigh import __version__
+from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
@@ -148,7 +150,7 @@ def run(
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
-    max_new_tokens: int = typer.Option(128, help="Most tokens to generate."),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Most tokens to generate."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past stop tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
@@ -181,7 +183,8 @@ def run(
     if system is not None:
         _check_text("--system", system)
     _check_threads(threads)
-    budget = None if max_memory is None else parse_size(max_memory)
+    with _as_flags("max_memory"):
+        budget = None if max_memory is None else parse_size(max_memory)
     with _as_flags("temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         sampling = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p,
                                    repetition_penalty=repetition_penalty, seed=seed)
@@ -198,8 +201,9 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    with Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
-                       max_memory=budget) as pipe:
+    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory"), \
+            Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
+                          max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
         gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
                             ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
@@ -408,7 +412,8 @@ def eval_(
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
-    report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
+    with _as_flags("backend", "engine", "limit"):
+        report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -463,7 +468,7 @@ def bench(
     engine: list[str] = typer.Option([], "--engine", help="Also time these engines of the package (repeatable)."),
     prompt: str = typer.Option("Describe the image in detail.", help="The question."),
     runs: int = typer.Option(3, help="Timed runs per target (after one warm-up)."),
-    max_new_tokens: int = typer.Option(64, help="Tokens generated per run (EOS ignored)."),
+    max_new_tokens: int = typer.Option(BENCH_NEW_TOKENS, help="Tokens generated per run (EOS ignored)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
@@ -484,8 +489,9 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
-    report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
-                       threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
+    with _as_flags("engine", "runs", "max_new_tokens", "max_memory"):
+        report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
+                           threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
     typer.echo(json.dumps(report) if as_json else markdown(report))
 
 
@@ -500,7 +506,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the package folder's name)."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the model (per replica); more get 503 + Retry-After."),
-    max_tokens: int = typer.Option(512, help="max_tokens when a request gives none."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="max_tokens when a request gives none."),
     max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
     allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),
@@ -519,12 +525,13 @@ def serve(
 
     _check_threads(threads)  # as on run and bench
     from sleigh.runtime.memory import parse_size
-    launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
-           max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
-           allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
-           min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
-           replica_cpus=replica_cpus, ray_address=ray_address,
-           max_memory=None if max_memory is None else parse_size(max_memory))
+    with _as_flags("backend", "engine", "max_memory"):
+        launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
+               max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,
+               allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
+               min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
+               replica_cpus=replica_cpus, ray_address=ray_address,
+               max_memory=None if max_memory is None else parse_size(max_memory))
 
 
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:
@@ -580,13 +587,15 @@ def _check_text(flag: str, text: str) -> None:
 
 @contextmanager
 def _as_flags(*params: str):
-    """The library's errors name a parameter (`top_p`); on the command line, name its flag (`--top-p`)."""
+    """The library's errors name a parameter (`top_p`, `engine=int8`); on the command line, name its
+    flag (`--top-p`, `--engine int8`)."""
     try:
         yield
     except SleighError as e:
-        if e.what not in params:
+        param, given, value = e.what.partition("=")
+        if param not in params:
             raise
-        raise SleighError("--" + e.what.replace("_", "-"), e.problem, e.expected) from None
+        raise SleighError("--" + param.replace("_", "-") + (f" {value}" if given else ""), e.problem, e.expected) from None
 
 
 def _stdout_is_terminal() -> bool:

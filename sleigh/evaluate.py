@@ -45,10 +45,12 @@ def top_tile_holds_object(weights: list[float], grid: tuple[int, int], image_siz
 
 def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | None = None, threads: int | None = None,
              limit: int | None = None, max_new_tokens: int = 8, quiet: bool = False) -> dict:
+    """`max_new_tokens` is not the generation default: answers are matched exactly and are a word or two
+    (a colour, a shape, a position), so 8 tokens hold any right answer and keep a wrong one from running on."""
     from sleigh.runtime.pipeline import Pipeline
 
     if limit is not None and limit < 1:
-        raise SleighError("--limit", f"got {limit}", "a number of questions >= 1")
+        raise SleighError("limit", f"got {limit}", "a number of questions >= 1")
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
     hits: dict[str, list[int]] = defaultdict(list)

@@ -10,9 +10,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import INIT_SEED, ORACLE, ORACLE_CKPT, run_sleigh
-# Re-exported for test files that still import them from here (being edited on other branches when
-# tests/helpers.py was made); import them from tests.helpers.
-from tests.helpers import ASTRONAUT, cli_env, one_error_line  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -188,7 +188,7 @@ def hardening_cases(root: Path, ckpt: Path, pkg: Path, run: list) -> dict[str, C
                                                 words=("512x512", "at most 1,000 pixels")),
         "run_max_pixels_zero": image_run(ASTRONAUT, "--max-pixels", "0", words=("--max-pixels", "got 0")),
         "run_max_tiles_above_model": image_run(ASTRONAUT, "--max-tiles", "20",
-                                               words=("max_tiles", "got 20", "maximum of 12")),
+                                               words=("--max-tiles", "got 20", "maximum of 12")),
         "run_engine_with_checkpoint": Case([*run, "--engine", "int8"], ("--engine int8", "checkpoint", "no engines")),
         "run_unknown_engine": Case(["run", "--model", pkg, "--engine", "nope"],
                                    ("--engine nope", "no such engine", "package")),

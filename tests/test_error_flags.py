@@ -68,3 +68,27 @@ def test_the_scan_sees_a_flag_in_an_error(tmp_path):
                    'HELP = "--not-a-message"\n')
     assert sorted(f for _, f in message_flags(bad)) == ["--no-such-flag", "--nor-that", "--nor-this"]
     assert not {"--no-such-flag", "--nor-this", "--nor-that"} & cli_flags()
+
+
+LIBRARY = [*sorted((SLEIGH / "runtime").rglob("*.py")), SLEIGH / "bench.py", SLEIGH / "evaluate.py"]
+
+
+def what_flags(path: Path) -> list[tuple[int, str]]:
+    """(line, flag) for each --flag in the first argument (`what`) of a SleighError raised in `path`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        name = isinstance(node, ast.Call) and (getattr(node.func, "id", None) or getattr(node.func, "attr", None))
+        if name == "SleighError" and node.args:
+            found += [(sub.lineno, f) for sub in ast.walk(node.args[0])
+                      if isinstance(sub, ast.Constant) and isinstance(sub.value, str) for f in FLAG.findall(sub.value)]
+    return found
+
+
+def test_library_errors_name_parameters_not_flags(tmp_path):
+    """A library caller (or the server's client) passes `max_new_tokens=`, not `--max-new-tokens`: the
+    runtime, bench and eval name the parameter, and the CLI maps it to its flag (cli._as_flags)."""
+    flagged = [f"{p.relative_to(SLEIGH.parent)}:{line} {f}" for p in LIBRARY for line, f in what_flags(p)]
+    assert not flagged, "library errors that name a CLI flag:\n" + "\n".join(flagged)
+    bad = tmp_path / "bad.py"  # negative control: the scan sees a flag in `what`, f-string parts included
+    bad.write_text('def f(x):\n    raise SleighError(f"--backend {x}", "problem", "--not-what")\n')
+    assert what_flags(bad) == [(2, "--backend")]

@@ -37,11 +37,6 @@ PAST, NEW = "past_key_values", "new_key_values"  # the decoder's cache-slot inpu
 KV_CHUNK = 256
 
 
-def past_name(new_name: str) -> str:
-    """new_key_values.3.key -> past_key_values.3.key: the slots an output is written into."""
-    return PAST + new_name[len(NEW):]
-
-
 def grown_capacity(needed: int, chunk: int = KV_CHUNK) -> int:
     """The capacity to grow to so that `needed` slots fit: the next multiple of `chunk`."""
     return -(-needed // chunk) * chunk

@@ -52,11 +52,11 @@ HOW_TO_FIT = ("fewer tiles (--max-tiles), a shorter prompt or --max-new-tokens, 
               "(sleigh build-engine --precision int8 --llm-weights int4)")
 
 
-def parse_size(text: str, what: str = "--max-memory") -> int:
+def parse_size(text: str) -> int:
     """'2.5G', '900M', '2GiB', '3000000000' -> bytes (K, M, G, T are powers of 1024, as in `free -h`)."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([KMGT]?)(?:i?B)?\s*", str(text), re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
-        raise SleighError(f"{what} {text}", "not a memory size", "a positive size such as 2.5G, 900M or 3000000000")
+        raise SleighError(f"max_memory={text}", "not a memory size", "a positive size such as 2.5G, 900M or 3000000000")
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
@@ -122,12 +122,12 @@ def weights_bytes(files) -> int:
 
 
 class MemoryBudget:
-    """`--max-memory`: the bytes a run may use, and the loaded model's fixed part."""
+    """`max_memory`: the bytes a run may use, and the loaded model's fixed part."""
 
-    def __init__(self, limit: int, shapes: Shapes, weights: int, label: str = "--max-memory"):
-        self.limit, self.shapes, self.weights, self.label = limit, shapes, weights, label
+    def __init__(self, limit: int, shapes: Shapes, weights: int):
+        self.limit, self.shapes, self.weights = limit, shapes, weights
         if BASE_BYTES + weights > limit:
-            raise SleighError(f"{label} {gb(limit)}", f"the model alone needs {gb(BASE_BYTES + weights)} "
+            raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(BASE_BYTES + weights)} "
                               f"({gb(weights)} of weights + {gb(BASE_BYTES)} of runtime)",
                               "a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
                               "--llm-weights int4)")
@@ -156,7 +156,7 @@ class MemoryBudget:
                 s = max(s_min, s // 2)
             else:
                 raise SleighError(
-                    f"{self.label} {gb(self.limit)}",
+                    f"max_memory={gb(self.limit)}",
                     f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
                     f"{gb(total(v, s))} at the smallest chunks (model {gb(BASE_BYTES + self.weights)}, KV cache "
                     f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, vision at {v} view{'s' if v != 1 else ''} at once"

@@ -23,6 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from sleigh.errors import SleighError
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
@@ -155,8 +156,8 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: Path, backend: str = "auto", threads: int | None = None) -> Pipeline:
         if backend not in ("auto", "torch"):
-            raise SleighError(f"--backend {backend}", "a checkpoint folder runs on the PyTorch reference only",
-                              "--backend torch, or export a package with `sleigh export` first")
+            raise SleighError(f"backend={backend}", "a checkpoint folder runs on the PyTorch reference only",
+                              "backend torch, or a package made with `sleigh export`")
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
@@ -208,7 +209,7 @@ class Pipeline:
         question or a conversation (`Turn`s ending with a user turn; the image goes to the turn marked
         `image`, else the first user turn)."""
         turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
-        for what, text in [("--prompt", t.text) for t in turns] + [("--system", system or "")]:
+        for what, text in [("prompt", t.text) for t in turns] + [("system", system or "")]:
             for token in (IMG_CONTEXT, IMG_START, IMG_END) if self.allow_special_tokens else ():
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
@@ -227,25 +228,25 @@ class Pipeline:
                                                  allow_special_tokens=self.allow_special_tokens)
 
     def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
-                 max_new_tokens: int = 512, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
                  max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = ()) -> Generation:
         """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
         the tokens generated up to the one that completed it)."""
         self._check_open()
         if max_new_tokens < 1:
-            raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+            raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
         if max_tiles is not None and max_tiles < 1:
-            raise SleighError("--max-tiles", f"got {max_tiles}", "an integer >= 1")
+            raise SleighError("max_tiles", f"got {max_tiles}", "an integer >= 1")
         StopStrings(stop)  # checks them now, not at the first token
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
                                       ignore_eos, max_tiles, stop))
 
-    def generate_from(self, state: Prefill, *, max_new_tokens: int = 512, sampling: SamplingOptions | None = None,
+    def generate_from(self, state: Prefill, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
         """Continue from a `prefill()` state (it carries its own cache; each state can be continued once)."""
         self._check_open()
         if max_new_tokens < 1:
-            raise SleighError("--max-new-tokens", f"got {max_new_tokens}", "an integer >= 1")
+            raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
         if state.continued or state.cache.length != len(state.ids):
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
@@ -389,7 +390,7 @@ def _budget(path: Path, backend: Backend, contract: Contract, limit: int) -> Mem
         files = list(getattr(backend, "files", {}).values())
     else:
         files = sorted(path.glob("*.safetensors"))
-    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files), label="--max-memory")
+    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files))
 
 
 def _checkpoint_backend(name: str):
@@ -399,6 +400,6 @@ def _checkpoint_backend(name: str):
 
     found = entry_points(group="sleigh.checkpoint_backends", name=name)
     if not found:
-        raise SleighError(f"--backend {name}", "no backend of that name is installed for checkpoint folders",
+        raise SleighError(f"backend={name}", "no backend of that name is installed for checkpoint folders",
                           "Sleigh installed with pip (its entry points), or a package from `sleigh export`")
     return next(iter(found)).load()

@@ -199,11 +199,6 @@ class PromptTokenizer:
         return self._vocab[IMG_CONTEXT]
 
     @property
-    def stop_ids(self) -> tuple[int, ...]:
-        """Generation stops on `<|im_end|>` (what the chat model emits) or `</s>`."""
-        return (self.im_end_id, self.eos_id)
-
-    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 

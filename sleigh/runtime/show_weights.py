@@ -38,7 +38,7 @@ def draw_weights(image: ImageSource, grid: tuple[int, int], weights: list[float]
     cols, rows = grid
     n = cols * rows
     if len(weights) < n:
-        raise SleighError("--show-weights", f"{len(weights)} weights for a {cols}x{rows} grid", "one weight per tile")
+        raise SleighError("weights", f"{len(weights)} weights for a {cols}x{rows} grid", "one weight per tile")
     rgb = load_image(image)
     scale = min(1.0, MAX_SIDE / max(rgb.size))
     base = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))) if scale < 1 else rgb.copy()

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.serve import protocol
 from sleigh.serve.metrics import CONTENT_TYPE, Metrics
 from sleigh.serve.protocol import APIError
@@ -49,7 +50,7 @@ class ServeSettings:
     max_body_bytes: int = 20 * MiB
     max_image_pixels: int = 40_000_000  # a 12-tile grid is 2.4 Mpx; the rest is downscaled away
     allow_local_files: Path | None = None
-    default_max_tokens: int = 512
+    default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     retry_after_s: int = 1
     max_memory: int | None = None  # bytes: --max-memory (runtime/memory.py)
 

@@ -17,6 +17,7 @@ import torch
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.package import read_json
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.sleighvl.config import SleighVLConfig
 
 CONFIG = "config.json"
@@ -28,7 +29,7 @@ GENERATION = "generation_config.json"
 @dataclass(frozen=True)
 class GenerationConfig:
     stop_token_ids: tuple[int, ...] = ()
-    max_new_tokens: int = 512
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0

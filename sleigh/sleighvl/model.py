@@ -70,9 +70,4 @@ class SleighVL(nn.Module):
                                     self.cfg.gswa.min_weight)
         return torch.from_numpy(bias)
 
-    @staticmethod
-    def image_rows(vision_out: VisionOutput | None, hidden: int) -> torch.Tensor:
-        if vision_out is None:
-            return torch.zeros(1, hidden)
-        return vision_out.image_embeds.reshape(-1, hidden)
 

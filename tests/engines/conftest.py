@@ -13,10 +13,6 @@ import numpy as np
 import pytest
 
 from tests.engines.helpers import HELD_OUT, make_variants
-# Re-exported for test files that still import them from here (being edited on other branches when
-# the helpers moved out); import them from tests.helpers / tests.engines.helpers.
-from tests.engines.helpers import NUM_CALIBRATION_IMAGES, cosine, run_vision  # noqa: F401
-from tests.helpers import EXAMPLES, ORACLE, is_root, run_cli, snapshot  # noqa: F401
 
 
 @pytest.fixture(scope="session")

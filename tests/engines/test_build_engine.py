@@ -19,7 +19,6 @@ import pytest
 from PIL import Image, ImageOps
 
 from sleigh.engines.calibration.collect import calibrate_package
-from sleigh.engines.calibration.qdq import check_symmetric, scale_activation_scales
 from sleigh.errors import SleighError
 from sleigh.engines.accuracy import run_gate
 from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
@@ -29,7 +28,8 @@ from sleigh.runtime.manifest import read_manifest, update_manifest
 from sleigh.runtime.package import file_entry, verify_files
 from sleigh.runtime.pipeline import Pipeline
 
-from .conftest import EXAMPLES, ORACLE, is_root, run_cli, snapshot
+from tests.engines.helpers import check_symmetric, read_calibration_cache, scale_activation_scales
+from tests.helpers import EXAMPLES, ORACLE, is_root, run_cli, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,6 @@ def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
 
 
 def test_calibration_cache_is_in_the_manifest(engine_pkg):
-    from sleigh.engines.calibration.trt_cache import read_calibration_cache
 
     cal = read_manifest(engine_pkg).calibration
     assert cal["skipped"] == 1 and cal["num_images"] == 6

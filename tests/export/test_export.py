@@ -20,9 +20,8 @@ from sleigh.runtime.package import verify_files
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.sleighvl.checkpoint import load_checkpoint
 from sleigh.sleighvl.config import SleighVLConfig
-from tests.conftest import one_error_line
 
-from .conftest import EXAMPLES, ORACLE
+from tests.helpers import EXAMPLES, ORACLE, one_error_line
 
 MODULES = ("vision", "embed", "decoder")
 

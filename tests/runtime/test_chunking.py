@@ -11,7 +11,7 @@ from PIL import Image
 from sleigh.errors import SleighError
 from sleigh.runtime.memory import GB, MemoryBudget, Shapes, parse_size
 from sleigh.runtime.pipeline import Pipeline
-from tests.conftest import one_error_line, run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 PROMPT = "What is in the picture, and where?"

@@ -2,16 +2,12 @@
 
 import numpy as np
 
-from sleigh.runtime.kv_cache import KV_CHUNK, NEW, PAST, SlotCache, grown_capacity, past_name
+from sleigh.runtime.kv_cache import KV_CHUNK, PAST, SlotCache, grown_capacity
 
 
 def test_grown_capacity_rounds_up_to_chunks():
     assert [grown_capacity(n) for n in (1, KV_CHUNK, KV_CHUNK + 1, 3 * KV_CHUNK)] == [KV_CHUNK, KV_CHUNK, 2 * KV_CHUNK, 3 * KV_CHUNK]
     assert grown_capacity(0) == 0 and grown_capacity(5, chunk=4) == 8
-
-
-def test_past_name_maps_outputs_to_inputs():
-    assert past_name(f"{NEW}.3.value") == f"{PAST}.3.value"
 
 
 def test_slots_are_written_in_place_and_grow_by_chunks():

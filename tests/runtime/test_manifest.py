@@ -16,7 +16,7 @@ from sleigh.runtime.manifest import (
     Contract, FileEntry, Manifest, ModuleEntry, TensorInfo, read_manifest, update_manifest)
 from sleigh.runtime.package import MANIFEST, SCHEMA_VERSION, read_json
 from sleigh.runtime.pipeline import Pipeline
-from tests.conftest import one_error_line, run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 from tests.runtime.package_copies import copy_package, load, save
 
 

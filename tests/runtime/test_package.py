@@ -15,7 +15,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.package import MANIFEST, VERIFIED
 from sleigh.runtime.pipeline import Pipeline
-from tests.conftest import one_error_line, run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 from tests.runtime.package_copies import add_engine, copy_package, load, save
 
 DELETE = object()

@@ -77,7 +77,7 @@ def test_negative_views_is_a_user_error():
 
 def test_ids_and_encode(ptok):
     assert (ptok.bos_id, ptok.eos_id) == (1, 2)
-    assert ptok.stop_ids == (ptok.token_to_id("<|im_end|>"), 2)
+    assert ptok.im_end_id == ptok.token_to_id("<|im_end|>")
     assert ptok.img_context_id == ptok.token_to_id("<IMG_CONTEXT>") == ptok.vocab_size - 1
     assert ptok.encode("hello", add_bos=False) == [ptok.token_to_id(p) for p in ["he", "ll", "o"]]
     assert ptok.encode("hello")[0] == ptok.bos_id

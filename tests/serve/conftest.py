@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cli_env
+from tests.helpers import cli_env
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import one_error_line
+from tests.helpers import one_error_line
 
 
 @pytest.mark.parametrize("args, words", [

@@ -185,7 +185,7 @@ def test_init_checkpoint_loads_strictly_and_config_round_trips(init_ckpt, tmp_pa
     tok = PromptTokenizer.from_file(init_ckpt / "tokenizer.json")
     assert cfg.prompt.img_context_token_id == tok.img_context_id
     assert cfg.prompt.bos_token_id == tok.bos_id
-    assert set(cfg.prompt.stop_token_ids) == set(tok.stop_ids) == set(gen.stop_token_ids)
+    assert set(cfg.prompt.stop_token_ids) == {tok.im_end_id, tok.eos_id} == set(gen.stop_token_ids)  # <|im_end|>, </s>
 
     raw = json.loads((init_ckpt / "config.json").read_text())
     assert SleighVLConfig.from_dict(raw) == cfg

@@ -56,7 +56,6 @@ def test_special_ids(oracle_tok):
     assert oracle_tok.img_context_id == EXPECTED["img_context_token_id"] == 502
     assert oracle_tok.im_end_id == EXPECTED["eos_token_id"] == 498
     assert (oracle_tok.bos_id, oracle_tok.eos_id) == (1, 2)
-    assert oracle_tok.stop_ids == (498, 2)
     assert oracle_tok.vocab_size == 509
     added = oracle_tok.tokenizer.get_added_tokens_decoder()
     config = json.loads((CKPT / "tokenizer_config.json").read_text())["added_tokens_decoder"]

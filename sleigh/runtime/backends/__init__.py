@@ -82,10 +82,10 @@ def open_package_backend(pkg: Path, manifest: Manifest, backend: str = "auto", *
     or None for the best gated engine whose files are there (falling back to the package's FP32
     modules). The files the run reads are checked first: sizes always, sha256 unless `verify` is False."""
     if backend not in PACKAGE_BACKENDS:
-        raise SleighError(f"--backend {backend}", "unknown backend", ", ".join(PACKAGE_BACKENDS))
+        raise SleighError(f"backend={backend}", "unknown backend", ", ".join(PACKAGE_BACKENDS))
     if backend == "torch":
-        raise SleighError("--backend torch", "the torch backend runs Sleigh checkpoints, not packages",
-                          "--model CHECKPOINT_DIR with --backend torch, or --backend onnxruntime for a package")
+        raise SleighError("backend=torch", "the torch backend runs Sleigh checkpoints, not packages",
+                          "a checkpoint folder for backend torch, or backend onnxruntime for a package")
     if isinstance(engine, dict):  # an entry being gated by build-engine: just written, not registered yet
         return _open(pkg, manifest, engine, threads)
     name = _choose(pkg, manifest, backend, engine)
@@ -110,25 +110,25 @@ def _open(pkg: Path, manifest: Manifest, entry: dict | None, threads: int | None
 
 
 def _choose(pkg: Path, manifest: Manifest, backend: str, engine: str | None) -> str | None:
-    """The engine to run by name (None: the package's modules), as --backend and --engine ask."""
+    """The engine to run by name (None: the package's modules), as `backend` and `engine` ask."""
     engines = manifest.engines
     if engine == PACKAGE_MODULES:
         if backend == "tensorrt":
-            raise SleighError("--engine package", "the exported modules run on ONNX Runtime", "--backend onnxruntime or auto")
+            raise SleighError(f"engine={PACKAGE_MODULES}", "the exported modules run on ONNX Runtime", "backend onnxruntime or auto")
         return None
     if engine is not None:
         entry = engines.get(engine)
         if entry is None:
-            raise SleighError(f"--engine {engine}", "no such engine in the package", ", ".join([PACKAGE_MODULES, *engines]))
+            raise SleighError(f"engine={engine}", "no such engine in the package", ", ".join([PACKAGE_MODULES, *engines]))
         if backend == "tensorrt" and entry.get("backend") != "tensorrt":
-            raise SleighError(f"--engine {engine}", "not a TensorRT engine of this package",
+            raise SleighError(f"engine={engine}", "not a TensorRT engine of this package",
                               ", ".join(n for n, e in engines.items() if e.get("backend") == "tensorrt") or
                               "build one with `sleigh build-engine --backend tensorrt`")
         if backend == "onnxruntime" and entry.get("backend") != "onnxruntime":
-            raise SleighError(f"--engine {engine}", f"built for {entry.get('backend')}",
-                              "an onnxruntime engine, or --backend tensorrt on a machine with TensorRT")
+            raise SleighError(f"engine={engine}", f"built for {entry.get('backend')}",
+                              "an onnxruntime engine, or backend tensorrt on a machine with TensorRT")
         if entry.get("backend") not in ("onnxruntime", "tensorrt"):
-            raise SleighError(f"--engine {engine}", f"built for {entry.get('backend')!r}", "an onnxruntime or tensorrt engine")
+            raise SleighError(f"engine={engine}", f"built for {entry.get('backend')!r}", "an onnxruntime or tensorrt engine")
         return engine
     skipped: list[str] = []
     if backend in ("auto", "tensorrt"):
@@ -145,7 +145,7 @@ def _choose(pkg: Path, manifest: Manifest, backend: str, engine: str | None) -> 
             if skipped:
                 raise SleighError(f"engine {skipped[0]}", f"its file {missing_files(pkg, manifest, skipped[0])[0]} is missing",
                                   f"rebuild the engine (`{rebuild_command(pkg, engines[skipped[0]])}`)")
-            raise SleighError("--backend tensorrt", "the package has no TensorRT engine that passed its gate",
+            raise SleighError("backend=tensorrt", "the package has no TensorRT engine that passed its gate",
                               "`sleigh build-engine PKG --backend tensorrt` on the target machine")
     from sleigh.runtime.backends.onnxruntime_backend import CUDA, available_providers
 

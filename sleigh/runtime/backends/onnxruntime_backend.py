@@ -210,6 +210,6 @@ def _device_copier():
 
     cudart = any_cudart()
     if cudart is None:
-        raise SleighError("--backend onnxruntime (CUDA provider)", "writing the KV cache in place on the GPU needs "
+        raise SleighError("backend=onnxruntime (CUDA provider)", "writing the KV cache in place on the GPU needs "
                           "the CUDA runtime (libcudart) or cuda-python, and neither is found", CUDA_PYTHON_EXPECTED)
     return Cuda(cudart, 0)

@@ -43,7 +43,7 @@ MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
                      "JetPack 6 ships 10.3)")
 GPU_EXPECTED = ("an NVIDIA GPU with its driver (TensorRT engines run on the GPU only; "
-                "--backend onnxruntime runs on the CPU)")
+                "the onnxruntime backend runs on the CPU)")
 DECODER_PROFILES = ("prefill", "decode")  # the decoder engine's optimisation profiles, in this order
 
 # A profile maps each input name to (min, opt, max) shapes.

@@ -18,13 +18,12 @@ import pytest
 from sleigh.engines.calibration.collect import calibrate_package, ranges_from_stats
 from sleigh.engines.calibration.int8 import CACHE_FILE, RANGES_FILE, activation_tensors
 from sleigh.engines.calibration.stats import RunningStats, amax_percentile, entropy_clip_bin, entropy_divergences
-from sleigh.engines.calibration.trt_cache import (TRT_CACHE_VERSION, format_calibration_cache, read_calibration_cache,
-                                          write_calibration_cache)
+from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, format_calibration_cache, write_calibration_cache
 from sleigh.errors import SleighError
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.package import verify_files
 
-from tests.engines.helpers import NUM_CALIBRATION_IMAGES, make_variants
+from tests.engines.helpers import NUM_CALIBRATION_IMAGES, make_variants, read_calibration_cache
 from tests.helpers import is_root, run_cli, snapshot
 
 CALIBRATION_KEYS = {"method", "num_images", "skipped", "images", "files", "created_by"}

@@ -17,7 +17,7 @@ ORT_WEIGHT_MAX), so ONNX Runtime engines use 7-bit weights: fused and unfused th
 cosine of 0.99999 or better. minmax is the weak method, and only because of the attention
 probabilities (the Softmax output that feeds P·V): one probability of 0.41 sets the scale while
 almost all are near 1/1025, so they round to 0 or 1 step. The threshold is the accuracy gate's
-(export/accuracy.py VISION_GATES["int8"]); a broken model sits far below it.
+(sleigh/engines/accuracy.py VISION_GATES["int8"]); a broken model sits far below it.
 gswa_weights are not gated here: GSWA runs in float, but on a random model the CLS features it
 compares are nearly alike, so small input changes move its weights; judge them on real weights.
 """
@@ -34,13 +34,13 @@ from onnx import numpy_helper
 
 from sleigh.engines.calibration.collect import ranges_from_stats
 from sleigh.engines.calibration.int8 import INT8_MAX, RANGES_FILE
-from sleigh.engines.calibration.qdq import check_symmetric, quantize_vision_qdq, scale_activation_scales
+from sleigh.engines.calibration.qdq import quantize_vision_qdq
 from sleigh.errors import SleighError
 from sleigh.engines.accuracy import VISION_GATES
 from sleigh.engines.build_engine import int8_weight_max
 from sleigh.runtime.cpu_features import cpu_features
 
-from tests.engines.helpers import cosine, run_vision
+from tests.engines.helpers import check_symmetric, cosine, run_vision, scale_activation_scales
 
 COSINE_MIN = VISION_GATES["int8"]["embeddings_cos_min"]  # what build-engine's gate asks of an INT8 engine
 # ONNX Runtime's fused int8 kernels against the same Q/DQ model computed in float (no fusion): they
