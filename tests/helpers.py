@@ -65,3 +65,16 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0  # root writes through any chmod
+
+
+HEAVY = ("tensorrt", "cuda", "torch", "onnx", "transformers")
+
+
+def heavy_imports(module: str) -> list[str]:
+    """The heavy packages that importing `module` pulls in, in a fresh interpreter."""
+    code = (f"import sys, {module}; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return eval(proc.stdout.strip())  # a list literal printed by the child
+
