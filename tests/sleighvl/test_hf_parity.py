@@ -39,6 +39,7 @@ from sleigh.sleighvl.init import init_weights  # noqa: E402
 from sleigh.sleighvl.llm import extend_cache  # noqa: E402
 from sleigh.sleighvl.model import SleighVL  # noqa: E402
 from sleigh.sleighvl.vision import pixel_shuffle  # noqa: E402
+from tests.sleighvl.helpers import image_rows
 
 TOL = 1e-4
 SEED = 1234
@@ -232,7 +233,7 @@ def test_prefill_and_decode_logits(pair, T):
     vis = ours.encode_images(pv)
     bias = ours.attention_bias(ids, vis.gswa_weights)
     assert torch.equal(bias, torch.zeros(1, S))  # identity / no GSWA: the decoder sees no bias
-    embeds = ours.embed(ids, SleighVL.image_rows(vis, D))
+    embeds = ours.embed(ids, image_rows(vis, D))
     logits, new = ours.llm(embeds, torch.ones(1, S, dtype=torch.int64), bias,
                            torch.arange(S)[None], past=ours.llm.empty_cache(1))
 
@@ -245,7 +246,7 @@ def test_prefill_and_decode_logits(pair, T):
 
     # One decode step on each side's own cache: greedy next token (never <IMG_CONTEXT>).
     nxt = logits[:, -1, :IMG_ID].argmax(-1, keepdim=True)  # (1, 1)
-    step, _ = ours.llm(ours.embed(nxt, SleighVL.image_rows(None, D)), torch.ones(1, S + 1, dtype=torch.int64),
+    step, _ = ours.llm(ours.embed(nxt, image_rows(None, D)), torch.ones(1, S + 1, dtype=torch.int64),
                        torch.zeros(1, S + 1), torch.tensor([[S]]), past=extend_cache(ours.llm.empty_cache(1), new))
     ref_step = hf(input_ids=nxt, cache=ref.cache, use_cache=True)
     assert maxdiff(step, ref_step.logits) < TOL
@@ -254,7 +255,7 @@ def test_prefill_and_decode_logits(pair, T):
     g = torch.Generator().manual_seed(T)
     slots = [tuple(torch.cat([t, 50 * torch.randn(1, t.shape[1], 5, t.shape[3], generator=g)], dim=2) for t in kv) for kv in new]
     mask = torch.cat([torch.ones(1, S, dtype=torch.int64), torch.zeros(1, 5, dtype=torch.int64), torch.ones(1, 1, dtype=torch.int64)], 1)
-    slot_step, _ = ours.llm(ours.embed(nxt, SleighVL.image_rows(None, D)), mask, torch.zeros(1, S + 6),
+    slot_step, _ = ours.llm(ours.embed(nxt, image_rows(None, D)), mask, torch.zeros(1, S + 6),
                             torch.tensor([[S]]), past=slots)
     assert maxdiff(slot_step, ref_step.logits) < TOL
     assert ref.cache.get_seq_length() == S + 1
@@ -287,7 +288,7 @@ def test_comparison_has_power(damage, monkeypatch):
     pv, ids = pixel_values(1, seed=11), prompt_ids(1, cfg, seed=21)
     S = ids.shape[1]
     vis = ours.encode_images(pv)
-    logits, _ = ours.llm(ours.embed(ids, SleighVL.image_rows(vis, cfg.llm.hidden_size)),
+    logits, _ = ours.llm(ours.embed(ids, image_rows(vis, cfg.llm.hidden_size)),
                          torch.ones(1, S, dtype=torch.int64), torch.zeros(1, S), torch.arange(S)[None],
                          past=ours.llm.empty_cache(1))
     assert maxdiff(logits, hf(input_ids=ids, pixel_values=pv).logits[:, -1:]) > 100 * TOL
