@@ -137,7 +137,7 @@ class Pipeline:
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify)
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
-            pipe.budget = _budget(Path(path), pipe.backend, pipe.contract, limit)
+            pipe.budget = MemoryBudget(limit, Shapes.from_contract(pipe.contract), weights_bytes(pipe.backend.files.values()))
         return pipe
 
     @classmethod
@@ -381,16 +381,6 @@ class Pipeline:
             grid=tiled.grid if tiled else None, views=tiled.num_views if tiled else 0,
             gswa_weights=[float(w) for w in weights], stop_reason=stop_reason, timings=timings,
             backend=backend.describe())
-
-
-def _budget(path: Path, backend: Backend, contract: Contract, limit: int) -> MemoryBudget:
-    """The budget for a loaded model: its shapes from its contract, its weights from the files its
-    backend opened (a checkpoint: its safetensors)."""
-    if (path / "manifest.json").is_file():
-        files = list(getattr(backend, "files", {}).values())
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files))
 
 
 def _checkpoint_backend(name: str):

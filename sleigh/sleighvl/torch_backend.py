@@ -40,10 +40,12 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> TorchBackend:
-        from sleigh.sleighvl.checkpoint import load_checkpoint
+        from sleigh.sleighvl.checkpoint import WEIGHTS, load_checkpoint
 
         model, _, _ = load_checkpoint(path)
-        return cls(model, threads)
+        backend = cls(model, threads)
+        backend.files = {"model": Path(path) / WEIGHTS}  # what a memory budget counts as weights
+        return backend
 
     def run(self, module, feeds):
         self._check_open()

@@ -131,6 +131,23 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
     assert plan.vision_chunk < 13 and plan.prefill_chunk < 4064 and plan.estimate <= 8 * GB
 
 
+def test_the_budget_counts_the_weights_the_backend_opened(tiny_ckpt, tiny_pkg, tmp_path):
+    """Package or checkpoint, the budget's weights are the files the loaded backend read (its `files`),
+    not whatever else lies in the folder."""
+    import shutil
+
+    from sleigh.runtime.manifest import read_manifest
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "old-weights.safetensors").write_bytes(bytes(2**20))  # left there, never read
+    with Pipeline.load(ckpt, max_memory=64 * GB) as pipe:
+        assert pipe.budget.weights == (ckpt / "model.safetensors").stat().st_size
+    with Pipeline.load(tiny_pkg, engine="package", max_memory=64 * GB) as pipe:
+        listed = read_manifest(tiny_pkg).module_files()  # the modules with their external data
+        assert pipe.budget.weights == sum((tiny_pkg / rel).stat().st_size for rel in listed) > 0
+
+
 def test_serve_and_bench_load_with_the_budget(tiny_pkg):
     pytest.importorskip("fastapi")
     from sleigh.bench import run_bench

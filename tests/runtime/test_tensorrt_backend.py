@@ -240,3 +240,25 @@ def test_closing_the_device_storage_frees_every_cache():
     with pytest.raises(SleighError, match="backend was closed"):
         SlotCache(names, 1, KV, HD, storage=storage)
     assert not cuda.buffers
+
+
+def test_the_plans_count_as_weights_in_a_memory_budget(tmp_path, monkeypatch):
+    """TensorRTBackend keeps the plans it opened as `files`, as the ONNX Runtime backend keeps its
+    modules, so `max_memory` counts them (TensorRT and the GPU are stand-ins: only __init__ runs)."""
+    import sys
+    import types
+
+    from sleigh.runtime.backends import tensorrt_backend
+    from sleigh.runtime.memory import weights_bytes
+
+    plans = {}
+    for i, module in enumerate(("vision", "embed", "decoder")):
+        plans[module] = tmp_path / f"{module}.plan"
+        plans[module].write_bytes(bytes(1000 * (i + 1)))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(tensorrt_backend, "import_cudart", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "Cuda", lambda rt, device: HostCuda())
+    monkeypatch.setattr(TensorRTBackend, "_open", lambda self, *args: None)  # deserializing needs TensorRT
+    backend = TensorRTBackend(plans, kv=None)
+    assert {m: str(p) for m, p in backend.files.items()} == {m: str(p) for m, p in plans.items()}
+    assert weights_bytes(backend.files.values()) == 6000

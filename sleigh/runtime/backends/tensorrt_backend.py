@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from sleigh.errors import SleighError
-from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
 from sleigh.runtime.kv_cache import DeviceSlots, SlotCache
 from sleigh.runtime.manifest import KVCacheSection, Manifest
-from sleigh.runtime.package import inside
+from sleigh.runtime.package import MODULE_NAMES, inside
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
@@ -288,6 +288,7 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         self.trt = trt
+        self.files = dict(plans)  # what a memory budget counts as weights (runtime/memory.py)
         self.kv = kv  # the decoder's cache names, from the manifest
         self.label = label
         self._lock = threading.RLock()  # one execution context per engine, one stream, shared scratch
@@ -321,13 +322,11 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         check_engine_compat(engine_entry, trt.__version__, compute_capability(import_cudart(), device))
-        plans = {}
-        for module in ("vision", "embed", "decoder"):
-            rel = engine_entry.get("modules", {}).get(module)
-            if rel is None or not (Path(pkg) / rel).is_file():
-                raise SleighError(str(Path(pkg) / (rel or f"<{module}>")), "engine plan missing",
+        plans = module_files(manifest, engine_entry)
+        for module in MODULE_NAMES:
+            if module not in plans or not plans[module].is_file():
+                raise SleighError(str(plans.get(module, Path(pkg) / f"<{module}>")), "engine plan missing",
                                   "the .plan files listed in the manifest (rebuild with `sleigh build-engine`)")
-            plans[module] = Path(pkg) / rel
         return cls(plans, kv=manifest.contract.kv_cache, label=engine_entry.get("precision", "?"),
                    plugin_library=gswa_plugin_path(pkg, engine_entry), device=device, verbose=verbose)
 
