@@ -48,7 +48,7 @@ VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see t
 PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
 MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-HOW_TO_FIT = ("fewer tiles (--max-tiles), a shorter prompt or --max-new-tokens, or a smaller engine "
+HOW_TO_FIT = ("fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or a smaller engine "
               "(sleigh build-engine --precision int8 --llm-weights int4)")
 
 

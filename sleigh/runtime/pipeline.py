@@ -265,7 +265,7 @@ class Pipeline:
         context = min(contract.generation.context_length, backend.max_context or contract.generation.context_length)
         if len(ids) + max_new_tokens > context:
             raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
-                              f"{context}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
+                              f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
         vision_chunk, prefill_chunk = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)

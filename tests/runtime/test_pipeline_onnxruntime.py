@@ -132,8 +132,9 @@ def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines, monkeypatch)
 
 def test_context_overflow_and_bad_options_are_clear(pipelines):
     _, pipe = pipelines
-    with pytest.raises(SleighError, match="exceed the context"):
+    with pytest.raises(SleighError, match="exceed the context") as e:
         pipe.generate(None, "hi", max_new_tokens=pipe.contract.generation.context_length).result
+    assert "smaller max_new_tokens" in str(e.value) and "--" not in str(e.value)  # a library error names parameters
     with pytest.raises(SleighError, match=r"^max_new_tokens \|"):
         pipe.generate(None, "hi", max_new_tokens=0)
     with pytest.raises(SleighError, match="top_p"):
@@ -176,7 +177,8 @@ def test_run_bad_input(tiny_pkg, tmp_path):
     shutil.copytree(tiny_pkg, broken)
     (broken / "decoder.onnx").unlink()
     assert "decoder.onnx" in one_error_line(_sleigh("run", "--model", str(broken)))
-    assert "exceed the context" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    line = one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    assert "exceed the context" in line and "(--max-tiles)" in line and "smaller --max-new-tokens" in line  # the CLI's flags
     assert "max-new-tokens" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "0"))
     assert "unknown backend" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--backend", "tpu"))
     env = {k: v for k, v in __import__("os").environ.items() if k != "SLEIGH_MODEL"}

@@ -146,7 +146,7 @@ def check_engine_compat(entry: dict, tensorrt_version: str, compute_capability: 
     TensorRT fails to deserialize it with a long log."""
     if entry.get("backend") != "tensorrt":
         raise SleighError("engine", f"backend {entry.get('backend')!r} is not a TensorRT engine",
-                          "an engine entry with backend 'tensorrt' (or --backend onnxruntime for this one)")
+                          "an engine entry with backend 'tensorrt' (or backend onnxruntime for this one)")
     versions = entry.get("versions") or {}
     built_trt, built_cc = versions.get("tensorrt"), versions.get("compute_capability")
     if not built_trt:
