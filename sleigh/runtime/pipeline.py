@@ -258,6 +258,10 @@ class Pipeline:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
         Also what the accuracy gate compares between engines."""
         self._check_open()
+        return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens)
+
+    def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens) -> Prefill:
+        """`prefill()` without the open check (`generate()` made it when called)."""
         contract, backend = self.contract, self.backend
         tpv, hidden = contract.prompt.tokens_per_view, contract.model.hidden_size
         t_start = time.perf_counter()
@@ -326,7 +330,7 @@ class Pipeline:
         return logits
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=()):
-        state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens)
         state.continued = True
         return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos, stop))
 

@@ -351,6 +351,17 @@ def test_close_releases_the_backend_once_and_refuses_later_use(tiny_ckpt, tiny_p
     assert want  # what it said while open
 
 
+def test_a_generation_checks_once_that_the_pipeline_is_open(pipelines, monkeypatch):
+    _, pipe = pipelines
+    calls = []
+    check = Pipeline._check_open
+    monkeypatch.setattr(Pipeline, "_check_open", lambda self: (calls.append(self), check(self))[1])
+    assert pipe.generate(None, "hi", max_new_tokens=2, ignore_eos=True).result.token_ids
+    assert len(calls) == 1
+    pipe.prefill(None, "hi")
+    assert len(calls) == 2
+
+
 def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypatch):
     """The accuracy gate, bench, eval, the serve worker and `sleigh run` (also when it fails) leave no
     Pipeline open."""
