@@ -251,6 +251,8 @@ class Pipeline:
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
         state.continued = True
+        context = min(self.contract.generation.context_length, self.backend.max_context or self.contract.generation.context_length)
+        state.cache.reserve(min(len(state.ids) + max_new_tokens, context))  # one growth now, none while decoding
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
@@ -291,6 +293,7 @@ class Pipeline:
         if tiled is not None and gswa is not None and gswa.apply == "attention":
             bias = image_attention_bias(input_ids, weights, contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
+        cache.reserve(len(ids) + max_new_tokens)  # the whole generation's slots: decoding within it never grows them
         logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from sleigh.errors import SleighError
+from sleigh.runtime.kv_cache import KV_CHUNK
 from sleigh.runtime.memory import GB, MemoryBudget, Shapes, parse_size
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
@@ -122,8 +123,9 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
 
     config = json.loads(json.dumps(PRESETS["internvl2-2b"].to_dict()))  # as config.json holds it
     full = Shapes.from_contract(Contract.from_config(config, "internvl2-2b preset"))
-    # The full-size KV cache: 2 x 24 layers x 8 heads x 128 x 4 bytes = 196,608 bytes per slot (DESIGN.md).
-    assert full.kv_bytes(4096) == 2 * 196_608 * 4096
+    # The full-size KV cache: 2 x 24 layers x 8 heads x 128 x 4 bytes = 196,608 bytes per slot (DESIGN.md),
+    # counted once: the Pipeline reserves the slots before the prefill, so no growth holds two copies.
+    assert full.kv_bytes(4096) == 196_608 * 4096 and full.kv_bytes(4097) == 196_608 * (4096 + KV_CHUNK)
     budget = MemoryBudget(int(2.5 * GB), full, weights=int(2.0 * GB))
     with pytest.raises(SleighError, match="fewer tiles"):  # 13 views in one call (GSWA) do not fit 0.3 GB
         budget.plan(13, 4064, 32, split_views=False)

@@ -13,7 +13,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, gswa_plugin_path,
     parse_version, profile_error, runtime_status, select_profile)
-from tests.helpers import heavy_imports
+from tests.helpers import HostCuda, heavy_imports
 
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 LAYERS, KV, HD, D = 2, 2, 16, 64
@@ -157,32 +157,6 @@ def test_parse_version():
 
 def test_import_is_light():
     assert heavy_imports("sleigh.runtime.backends.tensorrt_backend") == []
-
-
-class HostCuda:
-    """runtime/backends/cuda.Cuda's malloc/free/zero/copy_rows/sync on host memory: runs the TensorRT
-    cache's device bookkeeping (allocation, pitches, growth) on the CPU, where it can be checked."""
-
-    def __init__(self):
-        self.buffers: dict[int, ctypes.Array] = {}
-
-    def malloc(self, nbytes):
-        buf = ctypes.create_string_buffer(max(int(nbytes), 256))
-        self.buffers[ctypes.addressof(buf)] = buf
-        return ctypes.addressof(buf)
-
-    def free(self, ptr):
-        del self.buffers[ptr]
-
-    def zero(self, ptr, nbytes):
-        ctypes.memset(ptr, 0, nbytes)
-
-    def copy_rows(self, dst, dst_pitch, src, src_pitch, width, rows):
-        for r in range(rows):
-            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
-
-    def sync(self):
-        pass
 
 
 def test_each_cache_keeps_its_own_device_slots_across_a_growth():

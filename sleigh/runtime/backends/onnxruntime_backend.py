@@ -142,7 +142,7 @@ class OnnxRuntimeBackend(Backend):
         feeds.update(cache.attention(attention_mask, attention_bias))  # mask and bias: small, from the host
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
-        for name, value in cache.slots.items():
+        for name, value in cache.past().items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")  # the sampler reads logits on the host
         for name in self._new_names:
@@ -173,6 +173,10 @@ class OrtValueSlots(DeviceSlots):
 
     def pointer(self, buffer) -> int:
         return buffer.data_ptr()
+
+    def none_of(self, layout, buffer):
+        """An OrtValue's shape is its own: zero slots are a new (empty) OrtValue."""
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(layout.shape(0)), layout.dtype, self.device, 0)
 
     def alloc(self, layout, capacity):
         self._check_open()

@@ -9,10 +9,11 @@ The decoder reads C cache slots and returns only the new positions' keys and val
 2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a SlotCache on `DeviceSlots`):
 device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at
 slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
-per layer, never the cache. C grows in chunks of KV_CHUNK slots; a growth allocates the larger
-buffers and re-lays the used slots into them (once per chunk). Nothing is copied back to the host but
-the last position's logits. The decoder engine has two optimisation profiles (prefill: no slots;
-decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
+per layer, never the cache. The Pipeline reserves C for the whole generation before the prefill;
+past it, C grows in chunks of KV_CHUNK slots (a growth allocates the larger buffers and re-lays the
+used slots into them). Nothing is copied back to the host but the last position's logits. The decoder
+engine has two optimisation profiles (prefill: no slots, which an empty cache feeds however many it
+reserved; decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
 
 The execution contexts, the scratch buffers and the stream are shared by every generation and are
 not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
@@ -440,7 +441,7 @@ class TensorRTBackend(Backend):
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
         self._check_open()
         B, S, D = inputs_embeds.shape
-        P, C = cache.length, cache.capacity
+        P, C = cache.length, cache.fed
         if B != cache.batch:
             raise SleighError("step", f"batch {B} differs from the cache's ({cache.batch})", "the batch given to new_cache()")
         if attention_mask.shape != (B, S) or attention_bias.shape != (B, S):
@@ -465,8 +466,8 @@ class TensorRTBackend(Backend):
         B, S, _ = inputs_embeds.shape
         with self._lock:
             self._check_open()  # closed by another thread while this one waited
-            C = cache.capacity
-            device = {n: (cache.slots[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
+            C, past = cache.fed, cache.past()  # no slots while the cache is empty: the prefill profile
+            device = {n: (past[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                     **cache.attention(attention_mask, attention_bias)}
             bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
