@@ -322,8 +322,8 @@ class Pipeline:
         return np.concatenate(embeds), np.concatenate(weights)
 
     def _prefill(self, cache, inputs_embeds: np.ndarray, bias: np.ndarray, chunk: int) -> np.ndarray:
-        """The prompt into the cache, `chunk` positions per decoder call (each against the slots the
-        earlier calls wrote: attention activations chunk x context, not context^2) -> the last
+        """The prompt into the cache, `chunk` positions per decoder call (each after the first against
+        the cache's reserved slots: attention activations chunk x slots, not context^2) -> the last
         position's logits (1, V)."""
         P = inputs_embeds.shape[1]
         for start in range(0, P, chunk):

@@ -417,7 +417,7 @@ def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypa
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"image": str(EXAMPLES / "coffee.jpg"), "question": "What?", "answer": "x"}) + "\n")
     evaluate(tiny_pkg, data, max_new_tokens=2, quiet=True)
-    ModelWorker(Pipeline.load(tiny_pkg), max_queue=1).close()
+    ModelWorker(Pipeline.load(tiny_pkg), max_queue=1, owns_pipeline=True).close()
     cli = CliRunner()
     assert cli.invoke(app, ["run", "--model", str(tiny_pkg), "-p", "hi", "--max-new-tokens", "2", "--json"]).exit_code == 0
     assert cli.invoke(app, ["run", "--model", str(tiny_pkg), "-p", "hi", "--max-new-tokens", "100000"]).exit_code != 0
