@@ -18,9 +18,10 @@ account of every allocation. For one generation with T views, P prompt tokens an
   +3.9 GB at 13).
 - prefill(s, C): s new tokens in one decoder call against C positions: C = P for the whole prompt in
   one call (an empty cache feeds no slots), C = K + s for a chunk after the first (it attends over
-  every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and
-  PREFILL_HIDDEN hidden-wide tensors of s tokens, and the slots repeated from KV heads to heads
-  (grouped-query attention) for C positions. The logits are the last position's only (schema 3).
+  every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer
+  PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and PREFILL_HIDDEN hidden-wide
+  tensors of s tokens, and the slots repeated from KV heads to heads (grouped-query attention) for C
+  positions. The logits are the last position's only (schema 3).
   Fit to the full-size prefill of 4,064 tokens in one call (issue 14: +4.4 GB besides its logits and
   KV) and to the small preset's (benchmarks/RESULTS.md, memory).
 
