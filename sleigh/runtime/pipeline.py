@@ -251,7 +251,8 @@ class Pipeline:
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
         state.continued = True
-        context = min(self.contract.generation.context_length, self.backend.max_context or self.contract.generation.context_length)
+        generation = self.contract.generation
+        context = min(generation.context_length, self.backend.max_context or generation.context_length)
         state.cache.reserve(min(len(state.ids) + max_new_tokens, context))  # one growth now, none while decoding
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
