@@ -588,14 +588,25 @@ def _check_text(flag: str, text: str) -> None:
 @contextmanager
 def _as_flags(*params: str):
     """The library's errors name a parameter (`top_p`, `engine=int8`); on the command line, name its
-    flag (`--top-p`, `--engine int8`)."""
+    flag (`--top-p`, `--engine int8`), in what the error is about and in its remedy ("fewer tiles
+    (max_tiles)" -> "(--max-tiles)"). In the remedy only snake_case names are flags: `prompt` or
+    `engine` there is a word of the sentence."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
     try:
         yield
     except SleighError as e:
         param, given, value = e.what.partition("=")
-        if param not in params:
-            raise
-        raise SleighError("--" + param.replace("_", "-") + (f" {value}" if given else ""), e.problem, e.expected) from None
+        expected = e.expected and _SNAKE_CASE.sub(lambda m: flag(m.group()) if m.group() in params else m.group(), e.expected)
+        if param in params:
+            raise SleighError(flag(param) + (f" {value}" if given else ""), e.problem, expected) from None
+        if expected != e.expected:
+            raise SleighError(e.what, e.problem, expected) from None
+        raise
+
+
+_SNAKE_CASE = re.compile(r"(?<![\w-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w-])")
 
 
 def _stdout_is_terminal() -> bool:

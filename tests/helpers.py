@@ -3,6 +3,8 @@ subprocess or in this process with its user-error contract. Fixtures live in the
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import subprocess
 import sys
@@ -72,9 +74,34 @@ HEAVY = ("tensorrt", "cuda", "torch", "onnx", "transformers")
 
 def heavy_imports(module: str) -> list[str]:
     """The heavy packages that importing `module` pulls in, in a fresh interpreter."""
-    code = (f"import sys, {module}; "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    code = (f"import json, sys, {module}; "
+            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return eval(proc.stdout.strip())  # a list literal printed by the child
+    return json.loads(proc.stdout)
 
+
+class HostCuda:
+    """runtime/backends/cuda.Cuda's malloc/free/zero/copy_rows/sync on host memory: runs the TensorRT
+    cache's device bookkeeping (allocation, pitches, growth) on the CPU, where it can be checked."""
+
+    def __init__(self):
+        self.buffers: dict[int, ctypes.Array] = {}
+
+    def malloc(self, nbytes):
+        buf = ctypes.create_string_buffer(max(int(nbytes), 256))
+        self.buffers[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def free(self, ptr):
+        del self.buffers[ptr]
+
+    def zero(self, ptr, nbytes):
+        ctypes.memset(ptr, 0, nbytes)
+
+    def copy_rows(self, dst, dst_pitch, src, src_pitch, width, rows):
+        for r in range(rows):
+            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
+
+    def sync(self):
+        pass

@@ -12,6 +12,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 SLEIGH = Path(__file__).parents[1] / "sleigh"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 MESSAGE_CALLS = re.compile(r"(Error|^GateFailed|^__init__|^warn|^warning|^_err)$")
@@ -73,22 +75,61 @@ def test_the_scan_sees_a_flag_in_an_error(tmp_path):
 LIBRARY = [*sorted((SLEIGH / "runtime").rglob("*.py")), SLEIGH / "bench.py", SLEIGH / "evaluate.py"]
 
 
-def what_flags(path: Path) -> list[tuple[int, str]]:
-    """(line, flag) for each --flag in the first argument (`what`) of a SleighError raised in `path`."""
+# A clause that names another command to run may name that command's flags: "(sleigh build-engine
+# --precision int8)", "rebuild with a larger --max-context", "an engine built with a larger --max-batch".
+OTHER_COMMAND = re.compile(r"(sleigh [a-z-]+|rebuil[dt]|built with)[^,;()]*$")
+
+
+def library_flags(path: Path) -> list[tuple[int, str]]:
+    """(line, flag) for each --flag that a SleighError raised in `path` asks its caller to pass: in any
+    part of the message (f-string parts and the module's string constants it names included), except
+    in a clause that names another command to run."""
+    tree = ast.parse(path.read_text(), str(path))
+    constants = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                 for t in node.targets if isinstance(t, ast.Name)}
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         name = isinstance(node, ast.Call) and (getattr(node.func, "id", None) or getattr(node.func, "attr", None))
-        if name == "SleighError" and node.args:
-            found += [(sub.lineno, f) for sub in ast.walk(node.args[0])
-                      if isinstance(sub, ast.Constant) and isinstance(sub.value, str) for f in FLAG.findall(sub.value)]
+        if name != "SleighError":
+            continue
+        for sub in ast.walk(node):
+            text = sub.value if isinstance(sub, ast.Constant) else constants.get(getattr(sub, "id", None))
+            if isinstance(text, str):
+                found += [(sub.lineno, m.group()) for m in FLAG.finditer(text)
+                          if not OTHER_COMMAND.search(text[:m.start()])]
     return found
 
 
 def test_library_errors_name_parameters_not_flags(tmp_path):
     """A library caller (or the server's client) passes `max_new_tokens=`, not `--max-new-tokens`: the
-    runtime, bench and eval name the parameter, and the CLI maps it to its flag (cli._as_flags)."""
-    flagged = [f"{p.relative_to(SLEIGH.parent)}:{line} {f}" for p in LIBRARY for line, f in what_flags(p)]
+    runtime, bench and eval name the parameter, in what the error is about and in its remedy, and the
+    CLI maps it to its flag (cli._as_flags)."""
+    flagged = [f"{p.relative_to(SLEIGH.parent)}:{line} {f}" for p in LIBRARY for line, f in library_flags(p)]
     assert not flagged, "library errors that name a CLI flag:\n" + "\n".join(flagged)
-    bad = tmp_path / "bad.py"  # negative control: the scan sees a flag in `what`, f-string parts included
-    bad.write_text('def f(x):\n    raise SleighError(f"--backend {x}", "problem", "--not-what")\n')
-    assert what_flags(bad) == [(2, "--backend")]
+    bad = tmp_path / "bad.py"  # negative control: flags in `what`, in f-string parts, in a named constant
+    bad.write_text('HOW = "fewer tiles (--max-tiles), or a smaller engine (sleigh build-engine --precision int8)"\n'
+                   'def f(x):\n'
+                   '    raise SleighError(f"--backend {x}", "problem", f"{x} or --max-new-tokens, or {HOW}")\n'
+                   'def g():\n'
+                   '    raise SleighError("x", "p", "rebuild with a larger --max-context, an engine built with --max-batch")\n')
+    assert sorted(library_flags(bad)) == [(3, "--backend"), (3, "--max-new-tokens"), (3, "--max-tiles")]  # HOW where named
+
+
+def test_the_cli_names_the_flags_a_library_remedy_names_as_parameters():
+    """`sleigh run` maps the parameters in a library error's remedy to its flags (snake_case names
+    only: "a shorter prompt" stays a phrase), and leaves other errors as they are."""
+    from sleigh.cli import _as_flags
+    from sleigh.errors import SleighError
+
+    with pytest.raises(SleighError) as e, _as_flags("prompt", "max_tiles", "max_new_tokens"):
+        raise SleighError("prompt", "too long", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
+    assert str(e.value).startswith("--prompt | too long")
+    assert e.value.expected == "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens"
+    with pytest.raises(SleighError) as e, _as_flags("max_tiles"):  # `what` not a parameter: the remedy still maps
+        raise SleighError("max_memory=2.00 GB", "too small", "fewer tiles (max_tiles) or top_p")
+    assert e.value.what == "max_memory=2.00 GB" and e.value.expected == "fewer tiles (--max-tiles) or top_p"
+    error = SleighError("engine", "missing", "an engine built with `sleigh build-engine`")
+    with pytest.raises(SleighError) as e, _as_flags("max_tiles"):
+        raise error
+    assert e.value is error

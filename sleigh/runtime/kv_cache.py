@@ -3,8 +3,12 @@
 The decoder (package schema 2+, sleighvl/llm.py) reads C cache slots, uses a slot only where its
 attention mask is 1, and returns the keys and values of the S new positions alone. A `SlotCache`
 holds one sequence's slots (B, KV, C, hd) per past_key_values name, and writes each step's new
-positions into the next free slots. Capacity grows in chunks of `KV_CHUNK` slots, with one copy of
-the used slots per growth: a decode step copies one position per layer, never the cache.
+positions into the next free slots: a decode step copies one position per layer, never the cache.
+`reserve(n)` sizes the slots before the prefill for the whole generation (the Pipeline reserves
+prompt + max_new_tokens), so a generation within its budget never grows; past the capacity the
+cache grows in chunks of `KV_CHUNK` slots, each growth holding the old and the new slots while it
+copies the used ones. While the cache is empty a step reads no slots at all, however many are
+reserved: a prefill attends over its own positions only (what TensorRT's prefill profile takes).
 
 The per-slot mask and bias (GSWA's log-weights of image positions) live beside the slots, always on
 the host (they are small, and every backend feeds them from there), so a step is given the mask and
@@ -83,6 +87,10 @@ class HostSlots:
         self._check_open()
         return np.zeros(layout.shape(capacity), layout.dtype)
 
+    def none_of(self, layout: Layout, buffer):
+        """`buffer` as zero slots (B, KV, 0, hd): what a step on an empty cache reads."""
+        return buffer[:, :, :0]
+
     def copy(self, layout: Layout, dst, dst_capacity: int, dst_slot: int, src, src_capacity: int, src_slot: int,
              count: int) -> None:
         """Positions src_slot.. of `src` into dst_slot.. of `dst`, `count` of them, in every row."""
@@ -112,6 +120,10 @@ class DeviceSlots(HostSlots):
 
     def pointer(self, buffer) -> int:
         return int(buffer)
+
+    def none_of(self, layout, buffer):
+        """A pointer carries no shape: the backend binds it with the cache's `fed` slots (0)."""
+        return buffer
 
     def alloc(self, layout: Layout, capacity: int):
         self._check_open()
@@ -164,40 +176,62 @@ class SlotCache:
     def capacity(self) -> int:
         return self.mask.shape[1]
 
+    @property
+    def fed(self) -> int:
+        """The slots a step reads: none while the cache is empty (however many are reserved), else all."""
+        return self.capacity if self.length else 0
+
     def attention(self, new_mask: np.ndarray, new_bias: np.ndarray) -> dict[str, np.ndarray]:
-        """The decoder's attention_mask and attention_bias (B, C+S): the slots', then the new positions'."""
+        """The decoder's attention_mask and attention_bias (B, fed + S): the slots', then the new positions'."""
         self._check_open()
         if new_mask.ndim != 2 or new_mask.shape[0] != self.batch or new_bias.shape != new_mask.shape:
             raise SleighError("step", f"attention_mask {new_mask.shape} / attention_bias {new_bias.shape} do not match "
                               f"the cache's batch of {self.batch}", "both (batch, new positions), batch as given to new_cache()")
-        return {"attention_mask": np.concatenate([self.mask, new_mask.astype(np.int64, copy=False)], axis=1),
-                "attention_bias": np.concatenate([self.bias, new_bias.astype(np.float32, copy=False)], axis=1)}
+        C = self.fed
+        return {"attention_mask": np.concatenate([self.mask[:, :C], new_mask.astype(np.int64, copy=False)], axis=1),
+                "attention_bias": np.concatenate([self.bias[:, :C], new_bias.astype(np.float32, copy=False)], axis=1)}
+
+    def past(self) -> dict:
+        """The slots by past_key_values name as a step reads them (`fed` of them)."""
+        if self.length:
+            return dict(self.slots)
+        return {name: self.storage.none_of(self.layout, buffer) for name, buffer in self.slots.items()}
 
     def feeds(self, new_mask: np.ndarray, new_bias: np.ndarray) -> dict:
-        """`attention(...)` and the slots by name: every cache input of one decoder step."""
-        return {**self.attention(new_mask, new_bias), **self.slots}
+        """`attention(...)` and `past()`: every cache input of one decoder step."""
+        return {**self.attention(new_mask, new_bias), **self.past()}
+
+    def reserve(self, positions: int) -> None:
+        """Slots for `positions` in all, in whole chunks; nothing moves when they are there already.
+        Otherwise the used slots are copied into larger buffers (old and new are held meanwhile)."""
+        self._check_open()
+        P, C = self.length, self.capacity
+        if positions <= C:
+            return
+        grown = grown_capacity(positions, self.chunk)
+        st, layout = self.storage, self.layout
+        with st.lock:
+            old = {}
+            for name, buffer in self.slots.items():  # re-lay the used slots for the larger C
+                old[name], self.slots[name] = buffer, st.alloc(layout, grown)
+                st.copy(layout, self.slots[name], grown, 0, buffer, C, 0, P)
+            st.sync()  # the copies have read the old slots
+            for buffer in old.values():
+                st.free(buffer)
+        mask, bias = np.zeros((self.batch, grown), np.int64), np.zeros((self.batch, grown), np.float32)
+        mask[:, :P], bias[:, :P] = self.mask[:, :P], self.bias[:, :P]
+        self.mask, self.bias = mask, bias
 
     def append(self, new: dict, new_mask: np.ndarray, new_bias: np.ndarray) -> None:
         """Write the new positions' keys/values (by past_key_values name, in the storage's kind of
         buffer, (B, KV, S, hd)) into the next free slots, growing by whole chunks where they do not fit."""
-        self._check_open()
-        S, P, C = new_mask.shape[1], self.length, self.capacity
-        st, layout = self.storage, self.layout
+        S, P = new_mask.shape[1], self.length
+        self.reserve(P + S)
+        st, layout, C = self.storage, self.layout, self.capacity
         with st.lock:
-            old = {}
-            if P + S > C:
-                grown = grown_capacity(P + S, self.chunk)
-                for name, buffer in self.slots.items():  # re-lay the used slots for the larger C
-                    old[name], self.slots[name] = buffer, st.alloc(layout, grown)
-                    st.copy(layout, self.slots[name], grown, 0, buffer, C, 0, P)
-                mask, bias = np.zeros((self.batch, grown), np.int64), np.zeros((self.batch, grown), np.float32)
-                mask[:, :P], bias[:, :P] = self.mask[:, :P], self.bias[:, :P]
-                self.mask, self.bias, C = mask, bias, grown
             for name, buffer in new.items():
                 st.copy(layout, self.slots[name], C, P, buffer, S, 0, S)
-            st.sync()  # the copies have read the old slots and the new positions; the next step reads these
-            for buffer in old.values():
-                st.free(buffer)
+            st.sync()  # the copies have read the new positions; the next step reads these slots
         self.mask[:, P:P + S] = new_mask
         self.bias[:, P:P + S] = new_bias
         self.length = P + S

@@ -3,23 +3,25 @@
 The model is a planning estimate from the model's shapes (the config in the manifest), not an
 account of every allocation. For one generation with T views, P prompt tokens and N new tokens:
 
-    peak = BASE + weights + kv(P + N) + vision(v) + prefill(s, P)
+    peak = BASE + weights + kv(P + N) + vision(v) + max(prefill(s, C), prefill(1, K + 1))
 
 - BASE: the interpreter with numpy, onnxruntime and the tokenizer loaded.
 - weights: the bytes of the files the backend opened (external data included). ONNX Runtime reads
   them into its heap (or maps them), about one byte resident per byte of file.
 - kv(n): 2 (key, value) x layers x KV heads x head dim x 4 bytes (fp32 slots) per cache slot, for the
-  slots the cache grows to (multiples of KV_CHUNK), twice: a growth copies the used slots into a new
-  buffer while the old one is still alive.
+  K slots the Pipeline reserves before the prefill (P + N rounded up to KV_CHUNK), once: a generation
+  within its N never grows the cache, so no growth holds old and new slots at once.
 - vision(v): v views in one call of the vision module; per view and layer (ONNX Runtime frees a
   layer's intermediates before the next) VISION_ATTENTION attention-score matrices heads x N x N,
   two MLP-wide and VISION_HIDDEN hidden-wide tensors of N = (image/patch)^2 + 1 tokens, fp32.
   Fit to the full-size INT8 vision on the CPU: about 290 MB per view (issue 14: +2.0 GB at 7 views,
   +3.9 GB at 13).
-- prefill(s, C): s new tokens in one decoder call against C positions (the last chunk's context is
-  the widest: C = P); per layer PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and
-  PREFILL_HIDDEN hidden-wide tensors of s tokens, and the slots repeated from KV heads to heads
-  (grouped-query attention) for C positions. The logits are the last position's only (schema 3).
+- prefill(s, C): s new tokens in one decoder call against C positions: C = P for the whole prompt in
+  one call (an empty cache feeds no slots), C = K + s for a chunk after the first (it attends over
+  every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer
+  PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and PREFILL_HIDDEN hidden-wide
+  tensors of s tokens, and the slots repeated from KV heads to heads (grouped-query attention) for C
+  positions. The logits are the last position's only (schema 3).
   Fit to the full-size prefill of 4,064 tokens in one call (issue 14: +4.4 GB besides its logits and
   KV) and to the small preset's (benchmarks/RESULTS.md, memory).
 
@@ -48,7 +50,7 @@ VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see t
 PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
 MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-HOW_TO_FIT = ("fewer tiles (--max-tiles), a shorter prompt or --max-new-tokens, or a smaller engine "
+HOW_TO_FIT = ("fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or a smaller engine "
               "(sleigh build-engine --precision int8 --llm-weights int4)")
 
 
@@ -62,6 +64,11 @@ def parse_size(text: str) -> int:
 
 def gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
+
+
+def kv_slots(positions: int) -> int:
+    """The slots a cache reserved for `positions` holds (runtime/kv_cache.SlotCache.reserve)."""
+    return grown_capacity(max(positions, 1), KV_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -87,9 +94,9 @@ class Shapes:
                    llm_mlp=m.intermediate_size, layers=kv.num_layers, kv_heads=kv.num_kv_heads, head_dim=kv.head_dim)
 
     def kv_bytes(self, positions: int) -> int:
-        """The slot cache holding `positions`, at its peak (a growth holds the old and the new slots)."""
+        """The slot cache reserved for `positions` (Pipeline reserves them before the prefill: no growth)."""
         per_slot = 2 * self.layers * self.kv_heads * self.head_dim * FLOAT_BYTES
-        return 2 * per_slot * grown_capacity(max(positions, 1), KV_CHUNK)
+        return per_slot * kv_slots(positions)
 
     def vision_bytes(self, views: int) -> int:
         N = self.vision_tokens
@@ -135,9 +142,15 @@ class MemoryBudget:
     def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int) -> int:
         """The model's peak (bytes) for one generation run with these chunks."""
         sh = self.shapes
-        decode = sh.prefill_bytes(1, prompt_tokens + new_tokens)
+        decode = sh.prefill_bytes(1, kv_slots(prompt_tokens + new_tokens) + 1)
         return (BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens) + sh.vision_bytes(vision_chunk)
-                + max(sh.prefill_bytes(prefill_chunk, prompt_tokens), decode))
+                + max(self.prefill_bytes(prompt_tokens, new_tokens, prefill_chunk), decode))
+
+    def prefill_bytes(self, prompt_tokens: int, new_tokens: int, chunk: int) -> int:
+        """The widest decoder call of a prefill in chunks of `chunk` tokens (see the module docstring)."""
+        if chunk >= prompt_tokens:
+            return self.shapes.prefill_bytes(prompt_tokens, prompt_tokens)
+        return self.shapes.prefill_bytes(chunk, kv_slots(prompt_tokens + new_tokens) + chunk)
 
     def plan(self, views: int, prompt_tokens: int, new_tokens: int, *, split_views: bool) -> Plan:
         """Chunk sizes for one generation; `split_views`: whether the vision module may take the
@@ -149,7 +162,7 @@ class MemoryBudget:
 
         v, s = views, prompt_tokens
         while total(v, s) > self.limit:
-            vision_larger = sh.vision_bytes(v) >= sh.prefill_bytes(s, prompt_tokens)
+            vision_larger = sh.vision_bytes(v) >= self.prefill_bytes(prompt_tokens, new_tokens, s)
             if v > v_min and (vision_larger or s <= s_min):
                 v = max(v_min, math.ceil(v / 2))
             elif s > s_min:
@@ -161,6 +174,6 @@ class MemoryBudget:
                     f"{gb(total(v, s))} at the smallest chunks (model {gb(BASE_BYTES + self.weights)}, KV cache "
                     f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, vision at {v} view{'s' if v != 1 else ''} at once"
                     f"{'' if split_views or v == 1 else ' (GSWA weighs them in one call)'} "
-                    f"{gb(sh.vision_bytes(v))}, prefill in chunks of {s} tokens {gb(sh.prefill_bytes(s, prompt_tokens))})",
+                    f"{gb(sh.vision_bytes(v))}, prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
                     f"a budget of at least {gb(total(v, s))}, or {HOW_TO_FIT}")
         return Plan(v, s, total(v, s))

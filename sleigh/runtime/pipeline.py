@@ -137,7 +137,7 @@ class Pipeline:
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify)
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
-            pipe.budget = _budget(Path(path), pipe.backend, pipe.contract, limit)
+            pipe.budget = MemoryBudget(limit, Shapes.from_contract(pipe.contract), weights_bytes(pipe.backend.files.values()))
         return pipe
 
     @classmethod
@@ -251,6 +251,9 @@ class Pipeline:
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
         state.continued = True
+        generation = self.contract.generation
+        context = min(generation.context_length, self.backend.max_context or generation.context_length)
+        state.cache.reserve(min(len(state.ids) + max_new_tokens, context))  # one growth now, none while decoding
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
@@ -258,6 +261,10 @@ class Pipeline:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
         Also what the accuracy gate compares between engines."""
         self._check_open()
+        return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens)
+
+    def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens) -> Prefill:
+        """`prefill()` without the open check (`generate()` made it when called)."""
         contract, backend = self.contract, self.backend
         tpv, hidden = contract.prompt.tokens_per_view, contract.model.hidden_size
         t_start = time.perf_counter()
@@ -265,7 +272,7 @@ class Pipeline:
         context = min(contract.generation.context_length, backend.max_context or contract.generation.context_length)
         if len(ids) + max_new_tokens > context:
             raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
-                              f"{context}", "fewer tiles (--max-tiles), a shorter prompt or a smaller --max-new-tokens")
+                              f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
         vision_chunk, prefill_chunk = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
@@ -287,6 +294,7 @@ class Pipeline:
         if tiled is not None and gswa is not None and gswa.apply == "attention":
             bias = image_attention_bias(input_ids, weights, contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
+        cache.reserve(len(ids) + max_new_tokens)  # the whole generation's slots: decoding within it never grows them
         logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)
@@ -315,8 +323,8 @@ class Pipeline:
         return np.concatenate(embeds), np.concatenate(weights)
 
     def _prefill(self, cache, inputs_embeds: np.ndarray, bias: np.ndarray, chunk: int) -> np.ndarray:
-        """The prompt into the cache, `chunk` positions per decoder call (each against the slots the
-        earlier calls wrote: attention activations chunk x context, not context^2) -> the last
+        """The prompt into the cache, `chunk` positions per decoder call (each after the first against
+        the cache's reserved slots: attention activations chunk x slots, not context^2) -> the last
         position's logits (1, V)."""
         P = inputs_embeds.shape[1]
         for start in range(0, P, chunk):
@@ -326,7 +334,7 @@ class Pipeline:
         return logits
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=()):
-        state = self.prefill(image, prompt, system=system, max_tiles=max_tiles, max_new_tokens=max_new_tokens)
+        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens)
         state.continued = True
         return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos, stop))
 
@@ -381,16 +389,6 @@ class Pipeline:
             grid=tiled.grid if tiled else None, views=tiled.num_views if tiled else 0,
             gswa_weights=[float(w) for w in weights], stop_reason=stop_reason, timings=timings,
             backend=backend.describe())
-
-
-def _budget(path: Path, backend: Backend, contract: Contract, limit: int) -> MemoryBudget:
-    """The budget for a loaded model: its shapes from its contract, its weights from the files its
-    backend opened (a checkpoint: its safetensors)."""
-    if (path / "manifest.json").is_file():
-        files = list(getattr(backend, "files", {}).values())
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    return MemoryBudget(limit, Shapes.from_contract(contract), weights_bytes(files))
 
 
 def _checkpoint_backend(name: str):

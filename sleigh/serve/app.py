@@ -65,7 +65,7 @@ def load_worker(settings: ServeSettings) -> ModelWorker:
 
     pipe = Pipeline.load(settings.model, backend=settings.backend, threads=settings.threads, engine=settings.engine,
                          max_memory=settings.max_memory)
-    return ModelWorker(pipe, max_queue=settings.max_queue)
+    return ModelWorker(pipe, max_queue=settings.max_queue, owns_pipeline=True)
 
 
 class _State:

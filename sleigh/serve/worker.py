@@ -5,7 +5,9 @@ Each generation owns its KV cache, so a `Pipeline` could run several at once, bu
 they would only share the replica's cores; the worker runs them one after another (one thread), and
 the event loop never runs model work. A request's events (text
 pieces, then the result or an error) cross to the event loop through `loop.call_soon_threadsafe`.
-A cancelled job (its client went away) stops between two tokens and frees the slot.
+A cancelled job (its client went away) stops between two tokens and frees the slot. `close()` ends
+every job that way: a queued one before it starts, a running one at its next token (its client sees
+a cancelled request, not an error), and only then closes the pipeline, if the worker opened it.
 
 After the first piece the worker waits (at most `FIRST_PIECE_WAIT_S`) until the event loop has passed
 it on to the client: the two threads then do not take turns on the GIL while the first token goes out,
@@ -49,7 +51,7 @@ class QueueFull(Exception):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself: the worker keeps the live ones in a set
 class Job:
     """A request's life in the worker. Events on `events`: ("piece", str)..., then one of
     ("done", GenerationResult), ("error", exception) or ("cancelled", None)."""
@@ -73,13 +75,17 @@ class Job:
 
 
 class ModelWorker:
-    """`pipeline` run by one thread; `submit` refuses (QueueFull) once `max_queue` requests wait."""
+    """`pipeline` run by one thread; `submit` refuses (QueueFull) once `max_queue` requests wait.
+    `owns_pipeline`: the worker opened the pipeline (app.load_worker) and closes it with itself; a
+    pipeline lent to it stays open for its lender."""
 
-    def __init__(self, pipeline: Pipeline, *, max_queue: int):
+    def __init__(self, pipeline: Pipeline, *, max_queue: int, owns_pipeline: bool = False):
         self.pipeline = pipeline
+        self.owns_pipeline = owns_pipeline
         self.max_queue = max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleigh-generate")
         self._lock = threading.Lock()
+        self._jobs: set[Job] = set()  # submitted and not yet over: what close() cancels
         self.waiting = 0
         self.running = 0
 
@@ -93,7 +99,8 @@ class ModelWorker:
             if self.full:
                 raise QueueFull
             self.waiting += 1
-        job = Job(request, asyncio.get_running_loop())
+            job = Job(request, asyncio.get_running_loop())
+            self._jobs.add(job)
         self._executor.submit(self._run, job)
         return job
 
@@ -111,6 +118,7 @@ class ModelWorker:
         finally:
             with self._lock:
                 self.running -= 1
+                self._jobs.discard(job)
 
     def _generate(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -130,5 +138,12 @@ class ModelWorker:
         job.emit("done", gen.result)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self.pipeline.close()  # a generation still running ends with the pipeline's "used after close()" error
+        """Cancel every job (each ends with its "cancelled" event), wait until the thread has stopped
+        (a running generation stops at its next token), then close the pipeline if the worker owns it."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        self._executor.shutdown(wait=True)  # queued jobs run too, to say "cancelled" to whoever waits
+        if self.owns_pipeline:
+            self.pipeline.close()

@@ -2,8 +2,9 @@
 
 The model is only read (inference mode, no module state changes in forward), so generations in
 several threads share it; each one's cache is its own SlotCache (runtime/kv_cache.py) whose slots are
-torch tensors (`TorchSlots`). The reference grows it one step at a time (chunk 1: every slot in use,
-no masked slot), which is the plain concatenated cache the other backends' slots are checked against."""
+torch tensors (`TorchSlots`). Chunk 1: a cache the Pipeline reserved holds exactly prompt +
+max_new_tokens slots, and one that grows past it grows by exactly the positions added (a plain
+concatenated cache)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,12 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_checkpoint(cls, path: Path, threads: int | None = None) -> TorchBackend:
-        from sleigh.sleighvl.checkpoint import load_checkpoint
+        from sleigh.sleighvl.checkpoint import WEIGHTS, load_checkpoint
 
         model, _, _ = load_checkpoint(path)
-        return cls(model, threads)
+        backend = cls(model, threads)
+        backend.files = {"model": Path(path) / WEIGHTS}  # what a memory budget counts as weights
+        return backend
 
     def run(self, module, feeds):
         self._check_open()
@@ -69,7 +72,8 @@ class TorchBackend(Backend):
         torch = self.torch
         with torch.inference_mode():
             attn = cache.attention(attention_mask, attention_bias)
-            past = [(cache.slots[k], cache.slots[v]) for k, v in self._layers]
+            slots = cache.past()
+            past = [(slots[k], slots[v]) for k, v in self._layers]
             logits, new = self.model.llm(torch.from_numpy(inputs_embeds), torch.from_numpy(attn["attention_mask"]),
                                          torch.from_numpy(attn["attention_bias"]), torch.from_numpy(position_ids), past)
             cache.append({name: t for names, kv in zip(self._layers, new) for name, t in zip(names, kv)},

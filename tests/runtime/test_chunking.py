@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from sleigh.errors import SleighError
+from sleigh.runtime.kv_cache import KV_CHUNK
 from sleigh.runtime.memory import GB, MemoryBudget, Shapes, parse_size
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
@@ -122,13 +123,31 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
 
     config = json.loads(json.dumps(PRESETS["internvl2-2b"].to_dict()))  # as config.json holds it
     full = Shapes.from_contract(Contract.from_config(config, "internvl2-2b preset"))
-    # The full-size KV cache: 2 x 24 layers x 8 heads x 128 x 4 bytes = 196,608 bytes per slot (DESIGN.md).
-    assert full.kv_bytes(4096) == 2 * 196_608 * 4096
+    # The full-size KV cache: 2 x 24 layers x 8 heads x 128 x 4 bytes = 196,608 bytes per slot (DESIGN.md),
+    # counted once: the Pipeline reserves the slots before the prefill, so no growth holds two copies.
+    assert full.kv_bytes(4096) == 196_608 * 4096 and full.kv_bytes(4097) == 196_608 * (4096 + KV_CHUNK)
     budget = MemoryBudget(int(2.5 * GB), full, weights=int(2.0 * GB))
     with pytest.raises(SleighError, match="fewer tiles"):  # 13 views in one call (GSWA) do not fit 0.3 GB
         budget.plan(13, 4064, 32, split_views=False)
     plan = MemoryBudget(int(8 * GB), full, weights=int(2.0 * GB)).plan(13, 4064, 32, split_views=True)
     assert plan.vision_chunk < 13 and plan.prefill_chunk < 4064 and plan.estimate <= 8 * GB
+
+
+def test_the_budget_counts_the_weights_the_backend_opened(tiny_ckpt, tiny_pkg, tmp_path):
+    """Package or checkpoint, the budget's weights are the files the loaded backend read (its `files`),
+    not whatever else lies in the folder."""
+    import shutil
+
+    from sleigh.runtime.manifest import read_manifest
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (ckpt / "old-weights.safetensors").write_bytes(bytes(2**20))  # left there, never read
+    with Pipeline.load(ckpt, max_memory=64 * GB) as pipe:
+        assert pipe.budget.weights == (ckpt / "model.safetensors").stat().st_size
+    with Pipeline.load(tiny_pkg, engine="package", max_memory=64 * GB) as pipe:
+        listed = read_manifest(tiny_pkg).module_files()  # the modules with their external data
+        assert pipe.budget.weights == sum((tiny_pkg / rel).stat().st_size for rel in listed) > 0
 
 
 def test_serve_and_bench_load_with_the_budget(tiny_pkg):

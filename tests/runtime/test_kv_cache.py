@@ -1,8 +1,12 @@
 """The runtime's slot KV cache: in-place writes, growth in chunks, mask and bias kept per slot."""
 
-import numpy as np
+import ctypes
 
-from sleigh.runtime.kv_cache import KV_CHUNK, PAST, SlotCache, grown_capacity
+import numpy as np
+import pytest
+
+from sleigh.runtime.kv_cache import KV_CHUNK, PAST, DeviceSlots, HostSlots, SlotCache, grown_capacity
+from tests.helpers import HostCuda
 
 
 def test_grown_capacity_rounds_up_to_chunks():
@@ -75,3 +79,67 @@ def test_chunk_of_one_keeps_every_slot_in_use_and_close_is_final():
     assert cache.slots == {}
     with pytest.raises(SleighError, match=r"^kv cache \| used after close\(\)"):
         cache.feeds(np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))
+
+
+def _storages():
+    """Every storage adapter, with a reader of its slots as numpy: numpy, device pointers (TensorRT) and
+    OrtValues (ONNX Runtime's CUDA provider), the last two on host memory through the CUDA stand-in."""
+    def device_reader(cache, name):
+        shape = cache.layout.shape(cache.capacity)
+        raw = (ctypes.c_float * int(np.prod(shape))).from_address(cache.slots[name])
+        return np.ctypeslib.as_array(raw).reshape(shape)
+
+    yield "numpy", HostSlots(), lambda cache, name: cache.slots[name]
+    yield "device", DeviceSlots(HostCuda()), device_reader
+    ort = pytest.importorskip("onnxruntime")
+    from sleigh.runtime.backends.onnxruntime_backend import OrtValueSlots
+
+    yield "ortvalue", OrtValueSlots(ort, HostCuda(), device="cpu"), lambda cache, name: cache.slots[name].numpy()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "device", "ortvalue"])
+def test_reserved_slots_never_move_and_growth_past_them_keeps_what_was_written(kind):
+    """reserve() sizes the slots once, on every storage: an empty cache still feeds no slots (a
+    prefill attends over its own positions only), appends within the reservation write in place into
+    the same buffers, and an append past it grows by whole chunks and keeps every written position."""
+    storage, read = next((s, r) for k, s, r in _storages() if k == kind)
+    names, B, KVH, hd = [f"{PAST}.0.key", f"{PAST}.0.value"], 2, 3, 4
+    new_buffer = (lambda a: a.ctypes.data) if kind == "device" else \
+        (lambda a: storage.ort.OrtValue.ortvalue_from_numpy(a)) if kind == "ortvalue" else (lambda a: a)
+    cache = SlotCache(names, B, KVH, hd, chunk=8, storage=storage)
+    cache.reserve(10)
+    assert (cache.length, cache.capacity, cache.fed) == (0, 16, 0)
+    feeds = cache.feeds(np.ones((B, 5), np.int64), np.zeros((B, 5), np.float32))
+    assert feeds["attention_mask"].shape == (B, 5)
+    if kind != "device":  # a pointer has no shape: the backend binds it with `fed` slots
+        assert all(tuple(getattr(v, "shape", lambda: None)() if kind == "ortvalue" else v.shape) == (B, KVH, 0, hd)
+                   for v in cache.past().values())
+    rng, written, reserved = np.random.default_rng(0), {n: [] for n in names}, dict(cache.slots)
+    keep = []  # the new positions' arrays stay alive until their copy is read back
+
+    def append(S):
+        new = {n: rng.standard_normal((B, KVH, S, hd)).astype(np.float32) for n in names}
+        keep.append(new)
+        for n in names:
+            written[n].append(new[n])
+        cache.append({n: new_buffer(new[n]) for n in names}, np.ones((B, S), np.int64), np.full((B, S), 0.5, np.float32))
+
+    append(5)
+    for _ in range(11):
+        append(1)
+    assert (cache.length, cache.capacity, cache.fed) == (16, 16, 16)
+    assert all(cache.slots[n] is reserved[n] for n in names)  # written in place: never reallocated
+    cache.reserve(12)  # already there: nothing moves
+    assert all(cache.slots[n] is reserved[n] for n in names)
+    append(3)  # past the reservation: one growth
+    assert (cache.length, cache.capacity) == (19, 24) and all(cache.slots[n] is not reserved[n] for n in names)
+    for n in names:
+        slots = read(cache, n)
+        np.testing.assert_array_equal(slots[:, :, :19], np.concatenate(written[n], axis=2))
+        assert not slots[:, :, 19:].any()
+    feeds = cache.attention(np.ones((B, 1), np.int64), np.zeros((B, 1), np.float32))
+    assert feeds["attention_mask"].shape == (B, 25) and feeds["attention_mask"][:, :19].all()
+    assert not feeds["attention_mask"][:, 19:24].any()
+    cache.close()
+    if kind == "device":
+        assert not storage.cuda.buffers  # the reserved and the grown buffers were freed

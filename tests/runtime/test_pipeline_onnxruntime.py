@@ -119,21 +119,54 @@ def _record_caches(backend, monkeypatch, make=None) -> list:
     return made
 
 
-def test_greedy_tokens_equal_torch_across_a_cache_growth(pipelines, monkeypatch):
+def _generate_watching_the_slots(pipe, n: int, *, reserved: bool = True):
+    """(token ids, the slot buffers each decoder step read, the cache) of one greedy generation.
+    `reserved=False`: the cache as it was before pre-sizing, ignoring the Pipeline's reservation
+    (the first `reserve` call) so that it grows while decoding."""
+    backend, made, seen = pipe.backend, [], []
+
+    def new_cache(batch=1):
+        cache = type(backend).new_cache(backend, batch)
+        if not reserved:
+            grow, calls = cache.reserve, []
+            cache.reserve = lambda positions: calls.append(positions) or (grow(positions) if len(calls) > 1 else None)
+        made.append(cache)
+        return cache
+
+    def step(cache, *args):
+        seen.append(tuple(cache.slots.values()))
+        return type(backend).step(backend, cache, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(backend, "new_cache", new_cache)
+        mp.setattr(backend, "step", step)
+        tokens = pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result.token_ids
+    assert len(made) == 1
+    return tokens, seen, made[0]
+
+
+def test_a_generation_within_max_new_tokens_never_reallocates_its_slots(pipelines):
+    """The Pipeline reserves prompt + max_new_tokens slots before the prefill: every decoder step of the
+    generation reads the same buffers, on ONNX Runtime and on the torch reference, and the tokens
+    are those of a cache that grows while decoding (the torch one: a plain concatenated cache)."""
     ref_pipe, ort_pipe = pipelines
-    caches = _record_caches(ort_pipe.backend, monkeypatch)
     prompt_tokens = len(ort_pipe.prepare(None, "Tell me a story.")[1])
-    n = KV_CHUNK - prompt_tokens + 8  # the slots grow from one chunk to two while decoding
-    ref = ref_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
-    got = ort_pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result
-    assert len(caches) == 1 and caches[0].capacity == 2 * KV_CHUNK
-    assert got.token_ids == ref.token_ids
+    n = KV_CHUNK - prompt_tokens + 8  # past one chunk: a cache that was not reserved grows while decoding
+    want, grown_seen, grown = _generate_watching_the_slots(ref_pipe, n, reserved=False)
+    assert len({id(s[0]) for s in grown_seen}) > 1 and grown.capacity == prompt_tokens + n - 1  # it grew, one slot a step
+    for pipe, capacity in ((ref_pipe, prompt_tokens + n), (ort_pipe, 2 * KV_CHUNK)):
+        tokens, seen, cache = _generate_watching_the_slots(pipe, n)
+        assert tokens == want and cache.capacity == capacity and cache.closed
+        assert len(seen) == n and all(all(a is b for a, b in zip(s, seen[0])) for s in seen)  # never reallocated
+    tokens, seen, cache = _generate_watching_the_slots(ort_pipe, n, reserved=False)  # growth still works
+    assert tokens == want and len({id(s[0]) for s in seen}) == 3  # the prefill's chunk, then two
 
 
 def test_context_overflow_and_bad_options_are_clear(pipelines):
     _, pipe = pipelines
-    with pytest.raises(SleighError, match="exceed the context"):
+    with pytest.raises(SleighError, match="exceed the context") as e:
         pipe.generate(None, "hi", max_new_tokens=pipe.contract.generation.context_length).result
+    assert "smaller max_new_tokens" in str(e.value) and "--" not in str(e.value)  # a library error names parameters
     with pytest.raises(SleighError, match=r"^max_new_tokens \|"):
         pipe.generate(None, "hi", max_new_tokens=0)
     with pytest.raises(SleighError, match="top_p"):
@@ -176,7 +209,8 @@ def test_run_bad_input(tiny_pkg, tmp_path):
     shutil.copytree(tiny_pkg, broken)
     (broken / "decoder.onnx").unlink()
     assert "decoder.onnx" in one_error_line(_sleigh("run", "--model", str(broken)))
-    assert "exceed the context" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    line = one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    assert "exceed the context" in line and "(--max-tiles)" in line and "smaller --max-new-tokens" in line  # the CLI's flags
     assert "max-new-tokens" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "0"))
     assert "unknown backend" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--backend", "tpu"))
     env = {k: v for k, v in __import__("os").environ.items() if k != "SLEIGH_MODEL"}
@@ -247,9 +281,10 @@ class HostCopier:
         pass
 
 
-def test_device_slot_path_equals_torch_across_a_growth(pipelines, monkeypatch):
-    """The CUDA provider's path (IOBinding, OrtValue slots, pitched copies of the new keys/values)
-    run on CPU OrtValues: the same greedy tokens as the torch reference, across a cache growth."""
+def test_device_slot_path_equals_torch_across_a_chunk(pipelines, monkeypatch):
+    """The CUDA provider's path (IOBinding, OrtValue slots reserved for the generation, pitched copies
+    of the new keys/values) run on CPU OrtValues: the same greedy tokens as the torch reference, past
+    one chunk of slots (growth on this storage: tests/runtime/test_kv_cache.py)."""
     import onnxruntime as ort
 
     from sleigh.runtime.backends.onnxruntime_backend import OrtValueSlots
@@ -349,6 +384,17 @@ def test_close_releases_the_backend_once_and_refuses_later_use(tiny_ckpt, tiny_p
     assert want  # what it said while open
 
 
+def test_a_generation_checks_once_that_the_pipeline_is_open(pipelines, monkeypatch):
+    _, pipe = pipelines
+    calls = []
+    check = Pipeline._check_open
+    monkeypatch.setattr(Pipeline, "_check_open", lambda self: (calls.append(self), check(self))[1])
+    assert pipe.generate(None, "hi", max_new_tokens=2, ignore_eos=True).result.token_ids
+    assert len(calls) == 1
+    pipe.prefill(None, "hi")
+    assert len(calls) == 2
+
+
 def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypatch):
     """The accuracy gate, bench, eval, the serve worker and `sleigh run` (also when it fails) leave no
     Pipeline open."""
@@ -371,7 +417,7 @@ def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypa
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"image": str(EXAMPLES / "coffee.jpg"), "question": "What?", "answer": "x"}) + "\n")
     evaluate(tiny_pkg, data, max_new_tokens=2, quiet=True)
-    ModelWorker(Pipeline.load(tiny_pkg), max_queue=1).close()
+    ModelWorker(Pipeline.load(tiny_pkg), max_queue=1, owns_pipeline=True).close()
     cli = CliRunner()
     assert cli.invoke(app, ["run", "--model", str(tiny_pkg), "-p", "hi", "--max-new-tokens", "2", "--json"]).exit_code == 0
     assert cli.invoke(app, ["run", "--model", str(tiny_pkg), "-p", "hi", "--max-new-tokens", "100000"]).exit_code != 0

@@ -13,7 +13,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, gswa_plugin_path,
     parse_version, profile_error, runtime_status, select_profile)
-from tests.helpers import heavy_imports
+from tests.helpers import HostCuda, heavy_imports
 
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 LAYERS, KV, HD, D = 2, 2, 16, 64
@@ -159,32 +159,6 @@ def test_import_is_light():
     assert heavy_imports("sleigh.runtime.backends.tensorrt_backend") == []
 
 
-class HostCuda:
-    """runtime/backends/cuda.Cuda's malloc/free/zero/copy_rows/sync on host memory: runs the TensorRT
-    cache's device bookkeeping (allocation, pitches, growth) on the CPU, where it can be checked."""
-
-    def __init__(self):
-        self.buffers: dict[int, ctypes.Array] = {}
-
-    def malloc(self, nbytes):
-        buf = ctypes.create_string_buffer(max(int(nbytes), 256))
-        self.buffers[ctypes.addressof(buf)] = buf
-        return ctypes.addressof(buf)
-
-    def free(self, ptr):
-        del self.buffers[ptr]
-
-    def zero(self, ptr, nbytes):
-        ctypes.memset(ptr, 0, nbytes)
-
-    def copy_rows(self, dst, dst_pitch, src, src_pitch, width, rows):
-        for r in range(rows):
-            ctypes.memmove(dst + r * dst_pitch, src + r * src_pitch, width)
-
-    def sync(self):
-        pass
-
-
 def test_each_cache_keeps_its_own_device_slots_across_a_growth():
     """Two TensorRT caches written alternately (host stand-in for the device): each holds exactly its
     own keys in slots 0..P-1 after growing past a chunk, zeros after, and frees what it allocated."""
@@ -240,3 +214,25 @@ def test_closing_the_device_storage_frees_every_cache():
     with pytest.raises(SleighError, match="backend was closed"):
         SlotCache(names, 1, KV, HD, storage=storage)
     assert not cuda.buffers
+
+
+def test_the_plans_count_as_weights_in_a_memory_budget(tmp_path, monkeypatch):
+    """TensorRTBackend keeps the plans it opened as `files`, as the ONNX Runtime backend keeps its
+    modules, so `max_memory` counts them (TensorRT and the GPU are stand-ins: only __init__ runs)."""
+    import sys
+    import types
+
+    from sleigh.runtime.backends import tensorrt_backend
+    from sleigh.runtime.memory import weights_bytes
+
+    plans = {}
+    for i, module in enumerate(("vision", "embed", "decoder")):
+        plans[module] = tmp_path / f"{module}.plan"
+        plans[module].write_bytes(bytes(1000 * (i + 1)))
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setattr(tensorrt_backend, "import_cudart", lambda: None)
+    monkeypatch.setattr(tensorrt_backend, "Cuda", lambda rt, device: HostCuda())
+    monkeypatch.setattr(TensorRTBackend, "_open", lambda self, *args: None)  # deserializing needs TensorRT
+    backend = TensorRTBackend(plans, kv=None)
+    assert {m: str(p) for m, p in backend.files.items()} == {m: str(p) for m, p in plans.items()}
+    assert weights_bytes(backend.files.values()) == 6000

@@ -301,9 +301,9 @@ def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(tiny_pkg):
 
     from sleigh.runtime.pipeline import Pipeline
 
-    pipeline = Pipeline.load(tiny_pkg)  # its own: closing the worker closes the pipeline it serves
+    pipeline = Pipeline.load(tiny_pkg)
     request = GenerationRequest([Turn("user", "Go on.")], None, None, 5, SamplingOptions(), ignore_eos=True)
-    worker = ModelWorker(pipeline, max_queue=0)
+    worker = ModelWorker(pipeline, max_queue=0, owns_pipeline=True)
 
     async def events():
         job = worker.submit(request)  # its first_piece_sent is never set

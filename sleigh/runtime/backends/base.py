@@ -22,17 +22,24 @@ releases them. Closing twice is harmless; any other call after it raises one Sle
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import numpy as np
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import SlotCache
+from sleigh.runtime.package import MODULE_NAMES
 
 
 class Backend(ABC):
     name: str = "?"
     max_context: int | None = None  # longest prompt + answer the backend was built for (None: the model's)
     closed: bool = False  # set by close()
+    # The files the backend read its modules' weights from, by module (external data lies beside a file
+    # as FILE.data): what a memory budget counts as weights (runtime/memory.py). Each backend sets its own.
+    files: Mapping[str, Path] = MappingProxyType({})
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,3 +78,11 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def module_files(manifest, entry: dict | None = None) -> dict[str, Path]:
+    """The file each module runs from: the package's own ONNX modules (`entry` None), or those an
+    engine entry of the manifest lists (ONNX or TensorRT plans). What a backend keeps as `files`."""
+    if entry is None:
+        return {m: manifest.module_path(m) for m in MODULE_NAMES}
+    return {m: manifest.path(rel, f"manifest.json: engine modules.{m}") for m, rel in entry.get("modules", {}).items()}

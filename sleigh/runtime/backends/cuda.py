@@ -130,7 +130,7 @@ class Cuda:
         err, ptr = self.rt.cudaMalloc(max(int(nbytes), 256))  # never 0 bytes: TensorRT wants a real address
         if int(err) != 0:
             raise SleighError("cuda", f"cudaMalloc of {nbytes / 2**20:.1f} MiB failed ({err})",
-                              "enough free GPU memory (a smaller --max-context or --max-batch engine)")
+                              "enough free GPU memory (an engine rebuilt with a smaller --max-context or --max-batch)")
         return int(ptr)
 
     def free(self, ptr: int) -> None:

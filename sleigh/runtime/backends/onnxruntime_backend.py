@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from sleigh.errors import SleighError, first_line
-from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.compat import import_onnxruntime, session_options
 from sleigh.runtime.kv_cache import DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import KVCacheSection, Manifest
-from sleigh.runtime.package import MODULE_NAMES, REEXPORT, check_module_io
+from sleigh.runtime.package import REEXPORT, check_module_io
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -97,13 +97,8 @@ class OnnxRuntimeBackend(Backend):
     @classmethod
     def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
                      engine: dict | None = None) -> OnnxRuntimeBackend:
-        if engine is None:
-            files = {m: manifest.module_path(m) for m in MODULE_NAMES}
-            label = "package fp32"
-        else:
-            files = {m: manifest.path(f, f"manifest.json: engine modules.{m}") for m, f in engine["modules"].items()}
-            label = engine.get("name") or engine["precision"]
-        backend = cls(files, manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
+        label = "package fp32" if engine is None else engine.get("name") or engine["precision"]
+        backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
                       manifest_modules=manifest.modules)
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
@@ -147,7 +142,7 @@ class OnnxRuntimeBackend(Backend):
         feeds.update(cache.attention(attention_mask, attention_bias))  # mask and bias: small, from the host
         for name, array in feeds.items():
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
-        for name, value in cache.slots.items():
+        for name, value in cache.past().items():
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")  # the sampler reads logits on the host
         for name in self._new_names:
@@ -178,6 +173,10 @@ class OrtValueSlots(DeviceSlots):
 
     def pointer(self, buffer) -> int:
         return buffer.data_ptr()
+
+    def none_of(self, layout, buffer):
+        """An OrtValue's shape is its own: zero slots are a new (empty) OrtValue."""
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(list(layout.shape(0)), layout.dtype, self.device, 0)
 
     def alloc(self, layout, capacity):
         self._check_open()

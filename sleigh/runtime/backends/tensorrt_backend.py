@@ -9,10 +9,11 @@ The decoder reads C cache slots and returns only the new positions' keys and val
 2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a SlotCache on `DeviceSlots`):
 device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at
 slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
-per layer, never the cache. C grows in chunks of KV_CHUNK slots; a growth allocates the larger
-buffers and re-lays the used slots into them (once per chunk). Nothing is copied back to the host but
-the last position's logits. The decoder engine has two optimisation profiles (prefill: no slots;
-decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
+per layer, never the cache. The Pipeline reserves C for the whole generation before the prefill;
+past it, C grows in chunks of KV_CHUNK slots (a growth allocates the larger buffers and re-lays the
+used slots into them). Nothing is copied back to the host but the last position's logits. The decoder
+engine has two optimisation profiles (prefill: no slots, which an empty cache feeds however many it
+reserved; decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
 
 The execution contexts, the scratch buffers and the stream are shared by every generation and are
 not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
@@ -33,11 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from sleigh.errors import SleighError
-from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
 from sleigh.runtime.kv_cache import DeviceSlots, SlotCache
 from sleigh.runtime.manifest import KVCacheSection, Manifest
-from sleigh.runtime.package import inside
+from sleigh.runtime.package import MODULE_NAMES, inside
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
 TENSORRT_EXPECTED = ("TensorRT 10.3+ (pip install 'sleigh[tensorrt]' on a machine with an NVIDIA GPU; "
@@ -146,7 +147,7 @@ def check_engine_compat(entry: dict, tensorrt_version: str, compute_capability: 
     TensorRT fails to deserialize it with a long log."""
     if entry.get("backend") != "tensorrt":
         raise SleighError("engine", f"backend {entry.get('backend')!r} is not a TensorRT engine",
-                          "an engine entry with backend 'tensorrt' (or --backend onnxruntime for this one)")
+                          "an engine entry with backend 'tensorrt' (or backend onnxruntime for this one)")
     versions = entry.get("versions") or {}
     built_trt, built_cc = versions.get("tensorrt"), versions.get("compute_capability")
     if not built_trt:
@@ -288,6 +289,7 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         self.trt = trt
+        self.files = dict(plans)  # what a memory budget counts as weights (runtime/memory.py)
         self.kv = kv  # the decoder's cache names, from the manifest
         self.label = label
         self._lock = threading.RLock()  # one execution context per engine, one stream, shared scratch
@@ -321,13 +323,11 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         check_engine_compat(engine_entry, trt.__version__, compute_capability(import_cudart(), device))
-        plans = {}
-        for module in ("vision", "embed", "decoder"):
-            rel = engine_entry.get("modules", {}).get(module)
-            if rel is None or not (Path(pkg) / rel).is_file():
-                raise SleighError(str(Path(pkg) / (rel or f"<{module}>")), "engine plan missing",
+        plans = module_files(manifest, engine_entry)
+        for module in MODULE_NAMES:
+            if module not in plans or not plans[module].is_file():
+                raise SleighError(str(plans.get(module, Path(pkg) / f"<{module}>")), "engine plan missing",
                                   "the .plan files listed in the manifest (rebuild with `sleigh build-engine`)")
-            plans[module] = Path(pkg) / rel
         return cls(plans, kv=manifest.contract.kv_cache, label=engine_entry.get("precision", "?"),
                    plugin_library=gswa_plugin_path(pkg, engine_entry), device=device, verbose=verbose)
 
@@ -441,7 +441,7 @@ class TensorRTBackend(Backend):
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
         self._check_open()
         B, S, D = inputs_embeds.shape
-        P, C = cache.length, cache.capacity
+        P, C = cache.length, cache.fed
         if B != cache.batch:
             raise SleighError("step", f"batch {B} differs from the cache's ({cache.batch})", "the batch given to new_cache()")
         if attention_mask.shape != (B, S) or attention_bias.shape != (B, S):
@@ -466,8 +466,8 @@ class TensorRTBackend(Backend):
         B, S, _ = inputs_embeds.shape
         with self._lock:
             self._check_open()  # closed by another thread while this one waited
-            C = cache.capacity
-            device = {n: (cache.slots[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
+            C, past = cache.fed, cache.past()  # no slots while the cache is empty: the prefill profile
+            device = {n: (past[n], (B, self.num_kv_heads, C, self.head_dim)) for n in self.kv_names}
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                     **cache.attention(attention_mask, attention_bias)}
             bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers

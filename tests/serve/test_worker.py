@@ -1,0 +1,53 @@
+"""The model worker's lifecycle: it closes only the pipeline it opened, and closing it ends every
+request cleanly (a cancelled request, never the pipeline's "used after close()" error)."""
+
+import asyncio
+
+from sleigh.runtime.pipeline import Pipeline
+from sleigh.runtime.prompt import Turn
+from sleigh.runtime.sampling import SamplingOptions
+from sleigh.serve.worker import GenerationRequest, ModelWorker
+
+TIMEOUT_S = 60
+
+
+def _request(max_new_tokens: int) -> GenerationRequest:
+    return GenerationRequest([Turn("user", "Go on.")], None, None, max_new_tokens, SamplingOptions(), ignore_eos=True)
+
+
+def test_a_worker_closes_only_the_pipeline_it_owns(tiny_pkg):
+    with Pipeline.load(tiny_pkg) as lent:
+        ModelWorker(lent, max_queue=0).close()
+        assert not lent.closed  # still the lender's, and it still answers
+        assert lent.generate(None, "hi", max_new_tokens=2, ignore_eos=True).result.token_ids
+    owned = Pipeline.load(tiny_pkg)
+    ModelWorker(owned, max_queue=0, owns_pipeline=True).close()
+    assert owned.closed
+
+
+def test_closing_the_worker_ends_running_and_queued_requests_as_cancelled(tiny_pkg):
+    """close() while one request is generating and another waits: the running one stops at its next
+    token, the waiting one never starts; both end with "cancelled" (no error, nothing left hanging),
+    and the pipeline the worker owns is closed after its thread has stopped."""
+    pipeline = Pipeline.load(tiny_pkg)
+    worker = ModelWorker(pipeline, max_queue=1, owns_pipeline=True)
+
+    async def scenario():
+        running, queued = worker.submit(_request(1000)), worker.submit(_request(1000))
+        first = await asyncio.wait_for(running.events.get(), TIMEOUT_S)
+        running.first_piece_sent.set()
+        await asyncio.to_thread(worker.close)
+        ends = []
+        for job, event in ((running, first), (queued, None)):
+            event = event or await asyncio.wait_for(job.events.get(), TIMEOUT_S)
+            pieces = 0
+            while event[0] == "piece":
+                pieces += 1
+                event = await asyncio.wait_for(job.events.get(), TIMEOUT_S)
+            ends.append((event, pieces))
+        return ends
+
+    (running_end, pieces), (queued_end, queued_pieces) = asyncio.run(scenario())
+    assert running_end == ("cancelled", None) and 1 <= pieces < 1000
+    assert queued_end == ("cancelled", None) and queued_pieces == 0
+    assert pipeline.closed and worker.running == worker.waiting == 0
