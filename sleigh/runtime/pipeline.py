@@ -126,6 +126,10 @@ class Pipeline:
         self.vision_chunk: int | None = None
         self.prefill_chunk: int | None = None
         self.budget: MemoryBudget | None = None
+        # Reserve the whole generation's KV slots (prompt + max_new_tokens) before the prefill, so no
+        # growth holds old and new slots at once (what a budget counts on); left off, the cache grows
+        # by KV_CHUNK while decoding, since every decoder step reads all reserved slots, masked or not.
+        self.reserve_generation = False
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,
@@ -138,6 +142,7 @@ class Pipeline:
         pipe = cls._load(Path(path), backend, threads, engine, verify)
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
             pipe.budget = MemoryBudget(limit, Shapes.from_contract(pipe.contract), weights_bytes(pipe.backend.files.values()))
+            pipe.reserve_generation = True
         return pipe
 
     @classmethod
@@ -253,7 +258,8 @@ class Pipeline:
         state.continued = True
         generation = self.contract.generation
         context = min(generation.context_length, self.backend.max_context or generation.context_length)
-        state.cache.reserve(min(len(state.ids) + max_new_tokens, context))  # one growth now, none while decoding
+        if self.reserve_generation:
+            state.cache.reserve(min(len(state.ids) + max_new_tokens, context))  # one growth now, none while decoding
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
@@ -294,7 +300,7 @@ class Pipeline:
         if tiled is not None and gswa is not None and gswa.apply == "attention":
             bias = image_attention_bias(input_ids, weights, contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
-        cache.reserve(len(ids) + max_new_tokens)  # the whole generation's slots: decoding within it never grows them
+        cache.reserve(len(ids) + (max_new_tokens if self.reserve_generation else 0))  # with it, decoding never grows them
         logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)

@@ -92,6 +92,7 @@ def test_a_budget_that_forces_chunks_gives_the_tokens_of_no_budget(tiny_pkg, ort
     image = _photo(tmp_path, (896, 448))
     reference = ort_pipe.generate(image, PROMPT, max_new_tokens=10, ignore_eos=True).result
     roomy = Pipeline.load(tiny_pkg, max_memory=64 * GB)
+    assert roomy.reserve_generation and not ort_pipe.reserve_generation  # a budget counts the KV once: no growth copy
     views, tokens = reference.views, reference.prompt_tokens
     whole = roomy.budget.plan(views, tokens, 10, split_views=False)
     assert (whole.vision_chunk, whole.prefill_chunk) == (views, tokens)

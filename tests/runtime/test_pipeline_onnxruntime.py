@@ -140,13 +140,15 @@ def _generate_watching_the_slots(pipe, n: int, *, reserved: bool = True):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(backend, "new_cache", new_cache)
         mp.setattr(backend, "step", step)
+        mp.setattr(pipe, "reserve_generation", reserved)
         tokens = pipe.generate(None, "Tell me a story.", max_new_tokens=n, ignore_eos=True).result.token_ids
     assert len(made) == 1
     return tokens, seen, made[0]
 
 
 def test_a_generation_within_max_new_tokens_never_reallocates_its_slots(pipelines):
-    """The Pipeline reserves prompt + max_new_tokens slots before the prefill: every decoder step of the
+    """With `reserve_generation` (set by a memory budget) the Pipeline reserves prompt + max_new_tokens
+    slots before the prefill: every decoder step of the
     generation reads the same buffers, on ONNX Runtime and on the torch reference, and the tokens
     are those of a cache that grows while decoding (the torch one: a plain concatenated cache)."""
     ref_pipe, ort_pipe = pipelines
