@@ -9,8 +9,9 @@ account of every allocation. For one generation with T views, P prompt tokens an
 - weights: the bytes of the files the backend opened (external data included). ONNX Runtime reads
   them into its heap (or maps them), about one byte resident per byte of file.
 - kv(n): 2 (key, value) x layers x KV heads x head dim x 4 bytes (fp32 slots) per cache slot, for the
-  K slots the Pipeline reserves before the prefill (P + N rounded up to KV_CHUNK), once: a generation
-  within its N never grows the cache, so no growth holds old and new slots at once.
+  K slots the Pipeline reserves before the prefill under a budget (P + N rounded up to KV_CHUNK,
+  `Pipeline.reserve_generation`), once: a generation within its N never grows the cache, so no growth
+  holds old and new slots at once.
 - vision(v): v views in one call of the vision module; per view and layer (ONNX Runtime frees a
   layer's intermediates before the next) VISION_ATTENTION attention-score matrices heads x N x N,
   two MLP-wide and VISION_HIDDEN hidden-wide tensors of N = (image/patch)^2 + 1 tokens, fp32.
