@@ -169,6 +169,7 @@ def run(
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
     show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
+    tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail (fewer image tokens)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
@@ -201,12 +202,12 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory"), \
+    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory", "tile_budget"), \
             Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
                           max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
         gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                            ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
+                            ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or (), tile_budget=tile_budget)
         if as_json:
             typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
             _show_weights(image, gen.result, show_weights)
@@ -222,6 +223,8 @@ def run(
         r = gen.result
         t = r.timings
         grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
+        if r.kept_views is not None:
+            grid += f"{len(r.kept_views)} read, "
         typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
                    f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
         _show_weights(image, r, show_weights)
@@ -407,13 +410,15 @@ def eval_(
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
+    tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
-    with _as_flags("backend", "engine", "limit"):
-        report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
+    with _as_flags("backend", "engine", "limit", "tile_budget"):
+        report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json,
+                          tile_budget=tile_budget)
     if as_json:
         typer.echo(json.dumps(report))
         return
