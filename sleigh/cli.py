@@ -328,29 +328,38 @@ def build_engine(
     plugin_library: Optional[Path] = typer.Option(None, help="TensorRT: a shared library that registers the "
                                                   "sleigh::GSWA plugin; GSWA runs through it (copied into the engine)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Held-out images for the accuracy gate (default: shipped photo variants)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="JSONL (sleigh data synth): also refuse the engine when a question type's "
+                                             "accuracy falls below FP32's by more than --eval-tolerance."),
+    eval_tolerance: Optional[float] = typer.Option(None, "--eval-tolerance", help="Points of accuracy per question type the engine may lose against FP32 (default: 1.0)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep the engine even if it fails the accuracy gate."),
     force: bool = typer.Option(False, "--force", help="Rebuild an engine of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the engine's manifest entry as JSON."),
 ):
     """Build an FP32/FP16/INT8 engine for ONNX Runtime or TensorRT, gated by an accuracy check."""
-    from sleigh.engines.build_engine import GateFailed, build_engine as build
+    from sleigh.engines.build_engine import GateFailed, TaskGateFailed, build_engine as build
     from sleigh.engines.options import EngineOptions
 
     opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, name=name, max_tiles=max_tiles,
                          max_context=max_context, opt_tiles=opt_tiles, opt_context=opt_context, max_batch=max_batch,
                          workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
                          plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,
-                         quiet=as_json)
+                         quiet=as_json, eval_data=eval_data, eval_tolerance=eval_tolerance)
     try:
         entry = build(package, opts)
     except GateFailed as e:
         if not as_json:
             _print_gate(e.report, f"accuracy gate: {opts.engine_name} vs FP32")
         raise
+    except TaskGateFailed as e:
+        if not as_json:
+            _print_task_gate(e.report, opts.engine_name)
+        raise
     if as_json:
         typer.echo(json.dumps(entry))
         return
     _print_gate(entry["accuracy"], f"accuracy gate: {entry['name']} vs FP32")
+    if "task_accuracy" in entry:
+        _print_task_gate(entry["task_accuracy"], entry["name"])
     typer.echo(f"built {entry['name']}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
                + (" (DEGRADED: kept with --allow-degraded)" if entry.get("degraded") else ""))
 
@@ -463,6 +472,13 @@ def _print_gate(report: dict, title: str) -> None:
 
     _print_table(["metric", "value", "threshold", ""], report_rows(report), title=title)
     typer.echo(f"{len(report['pairs'])} image/prompt pairs on held-out images: {', '.join(report.get('images_held_out', []))}")
+
+
+def _print_task_gate(report: dict, name: str) -> None:
+    from sleigh.engines.accuracy import task_rows
+
+    _print_table(["question type", "n", "FP32", name, ""], task_rows(report),
+                 title=f"task accuracy on {report['data']}: at most {report['tolerance_points']:g} points below FP32")
 
 
 @app.command()
