@@ -493,6 +493,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
+    tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
@@ -510,9 +511,10 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
-    with _as_flags("engine", "runs", "max_new_tokens", "max_memory"):
+    with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
-                           threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
+                           threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),
+                           tile_budget=tile_budget)
     typer.echo(json.dumps(report) if as_json else markdown(report))
 
 
