@@ -437,6 +437,10 @@ def eval_(
     if top:
         typer.echo(f"GSWA's top tile holds the object in {top['holds_object']}/{top['images']} multi-tile images "
                    f"({100 * top['fraction']:.1f} %)")
+    if report["median_first_token_s"] is not None:
+        budget = "" if tile_budget is None else f", tile budget {tile_budget}"
+        typer.echo(f"median first token {1e3 * report['median_first_token_s']:.1f} ms, {report['mean_views_read']:.2f} "
+                   f"views read on average{budget}")
     if report["skipped"]:
         typer.echo(f"skipped lines: {report['skipped']}")
 
