@@ -84,8 +84,8 @@ def markdown(rows: list[tuple[str, dict]]) -> str:
         lines.append("| " + " | ".join([label, *(accuracy_cell(r, t) for t in TYPES),
                                         f"{100 * top['fraction']:.1f} % of {top['images']}" if top else "-"]) + " |")
     r0 = rows[0][1]
-    lines.append(f"\nAccuracy in % ± standard error; {r0['overall']['n']} questions of {r0['data']}; ONNX Runtime, "
-                 f"{r0['backend']}.")
+    lines.append(f"\nAccuracy in % ± standard error; {r0['overall']['n']} questions of {r0['data']}; ONNX Runtime "
+                 "(each row: `sleigh eval PKG --engine NAME --json`).")
     return "\n".join(lines)
 
 
