@@ -169,6 +169,7 @@ def run(
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
     show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
+    tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail (fewer image tokens)."),
 ):
     """Answer a question about an image (or chat without one) on a package or checkpoint."""
     from sleigh.runtime.image import check_image_path, load_image
@@ -201,12 +202,12 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory"), \
+    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory", "tile_budget"), \
             Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
                           max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
         gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                            ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or ())
+                            ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or (), tile_budget=tile_budget)
         if as_json:
             typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
             _show_weights(image, gen.result, show_weights)
@@ -222,6 +223,8 @@ def run(
         r = gen.result
         t = r.timings
         grid = f"grid {r.grid[0]}x{r.grid[1]}, {r.views} views, " if r.grid else ""
+        if r.kept_views is not None:
+            grid += f"{len(r.kept_views)} read, "
         typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
                    f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
         _show_weights(image, r, show_weights)
@@ -325,29 +328,38 @@ def build_engine(
     plugin_library: Optional[Path] = typer.Option(None, help="TensorRT: a shared library that registers the "
                                                   "sleigh::GSWA plugin; GSWA runs through it (copied into the engine)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Held-out images for the accuracy gate (default: shipped photo variants)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="JSONL (sleigh data synth): also refuse the engine when a question type's "
+                                             "accuracy falls below FP32's by more than --eval-tolerance."),
+    eval_tolerance: Optional[float] = typer.Option(None, "--eval-tolerance", help="Points of accuracy per question type the engine may lose against FP32 (default: 1.0)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep the engine even if it fails the accuracy gate."),
     force: bool = typer.Option(False, "--force", help="Rebuild an engine of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the engine's manifest entry as JSON."),
 ):
     """Build an FP32/FP16/INT8 engine for ONNX Runtime or TensorRT, gated by an accuracy check."""
-    from sleigh.engines.build_engine import GateFailed, build_engine as build
+    from sleigh.engines.build_engine import GateFailed, TaskGateFailed, build_engine as build
     from sleigh.engines.options import EngineOptions
 
     opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, name=name, max_tiles=max_tiles,
                          max_context=max_context, opt_tiles=opt_tiles, opt_context=opt_context, max_batch=max_batch,
                          workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
                          plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,
-                         quiet=as_json)
+                         quiet=as_json, eval_data=eval_data, eval_tolerance=eval_tolerance)
     try:
         entry = build(package, opts)
     except GateFailed as e:
         if not as_json:
             _print_gate(e.report, f"accuracy gate: {opts.engine_name} vs FP32")
         raise
+    except TaskGateFailed as e:
+        if not as_json:
+            _print_task_gate(e.report, opts.engine_name)
+        raise
     if as_json:
         typer.echo(json.dumps(entry))
         return
     _print_gate(entry["accuracy"], f"accuracy gate: {entry['name']} vs FP32")
+    if "task_accuracy" in entry:
+        _print_task_gate(entry["task_accuracy"], entry["name"])
     typer.echo(f"built {entry['name']}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
                + (" (DEGRADED: kept with --allow-degraded)" if entry.get("degraded") else ""))
 
@@ -407,13 +419,15 @@ def eval_(
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
+    tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
-    with _as_flags("backend", "engine", "limit"):
-        report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json)
+    with _as_flags("backend", "engine", "limit", "tile_budget"):
+        report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json,
+                          tile_budget=tile_budget)
     if as_json:
         typer.echo(json.dumps(report))
         return
@@ -423,6 +437,10 @@ def eval_(
     if top:
         typer.echo(f"GSWA's top tile holds the object in {top['holds_object']}/{top['images']} multi-tile images "
                    f"({100 * top['fraction']:.1f} %)")
+    if report["median_first_token_s"] is not None:
+        budget = "" if tile_budget is None else f", tile budget {tile_budget}"
+        typer.echo(f"median first token {1e3 * report['median_first_token_s']:.1f} ms, {report['mean_views_read']:.2f} "
+                   f"views read on average{budget}")
     if report["skipped"]:
         typer.echo(f"skipped lines: {report['skipped']}")
 
@@ -460,6 +478,13 @@ def _print_gate(report: dict, title: str) -> None:
     typer.echo(f"{len(report['pairs'])} image/prompt pairs on held-out images: {', '.join(report.get('images_held_out', []))}")
 
 
+def _print_task_gate(report: dict, name: str) -> None:
+    from sleigh.engines.accuracy import task_rows
+
+    _print_table(["question type", "n", "FP32", name, ""], task_rows(report),
+                 title=f"task accuracy on {report['data']}: at most {report['tolerance_points']:g} points below FP32")
+
+
 @app.command()
 def bench(
     model: Path = typer.Argument(..., help="Model package (or checkpoint) to time."),
@@ -472,6 +497,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
+    tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
@@ -489,9 +515,10 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
-    with _as_flags("engine", "runs", "max_new_tokens", "max_memory"):
+    with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
-                           threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory))
+                           threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),
+                           tile_budget=tile_budget)
     typer.echo(json.dumps(report) if as_json else markdown(report))
 
 

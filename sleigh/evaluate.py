@@ -10,6 +10,7 @@ with more than one tile.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,10 +44,13 @@ def top_tile_holds_object(weights: list[float], grid: tuple[int, int], image_siz
     return c * w / cols <= cx < (c + 1) * w / cols and r * h / rows <= cy < (r + 1) * h / rows
 
 
-def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | None = None, threads: int | None = None,
-             limit: int | None = None, max_new_tokens: int = 8, quiet: bool = False) -> dict:
+def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | dict | None = None,
+             threads: int | None = None, limit: int | None = None, max_new_tokens: int = 8, quiet: bool = False,
+             tile_budget: int | None = None) -> dict:
     """`max_new_tokens` is not the generation default: answers are matched exactly and are a word or two
-    (a colour, a shape, a position), so 8 tokens hold any right answer and keep a wrong one from running on."""
+    (a colour, a shape, a position), so 8 tokens hold any right answer and keep a wrong one from running on.
+    `engine`: a name, or an entry build-engine has not registered yet (its task-accuracy gate).
+    `tile_budget`: the LLM reads the K tiles GSWA weighs highest and the thumbnail (Pipeline.generate)."""
     from sleigh.runtime.pipeline import Pipeline
 
     if limit is not None and limit < 1:
@@ -55,12 +59,16 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | No
     items = qa.items[:limit] if limit else qa.items
     hits: dict[str, list[int]] = defaultdict(list)
     top_tile: dict[Path, bool] = {}
+    first_token_s: list[float] = []
+    views_read: list[int] = []  # image views in the LLM's prompt
     described = ""
     t0 = time.perf_counter()
     with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe, progress("eval", len(items), quiet) as bar:
         for item in items:
-            result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens).result
+            result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget).result
             described = result.backend
+            first_token_s.append(result.timings.time_to_first_token_s)
+            views_read.append(result.views if result.kept_views is None else len(result.kept_views))
             hits[item.type].append(int(normalize(result.text) == normalize(item.answer)))
             box, grid = item.meta.get("box"), result.grid
             if box and grid and grid[0] * grid[1] > 1 and item.image not in top_tile:
@@ -69,10 +77,13 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | No
                 top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
             bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
     report = {
-        "model": str(model), "data": str(qa.path), "backend": described, "engine": engine,
+        "model": str(model), "data": str(qa.path), "backend": described,
+        "engine": engine["name"] if isinstance(engine, dict) else engine, "tile_budget": tile_budget,
         "types": {t: proportion(sum(v), len(v)) for t, v in sorted(hits.items())},
         "overall": proportion(sum(map(sum, hits.values())), sum(map(len, hits.values()))),
         "skipped": dict(qa.skipped), "seconds": time.perf_counter() - t0,
+        "median_first_token_s": statistics.median(first_token_s) if first_token_s else None,
+        "mean_views_read": statistics.mean(views_read) if views_read else None,
     }
     if top_tile:
         report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
@@ -85,3 +96,16 @@ def report_rows(report: dict) -> list[tuple]:
     o = report["overall"]
     rows.append(("all", o["n"], f"{100 * o['accuracy']:.1f} %", f"± {100 * o['se']:.1f}"))
     return rows
+
+
+def accuracy_cell(report: dict, question_type: str) -> str:
+    """`72.4 ± 2.0` (percent) for one question type of a report, `-` where the data has none."""
+    r = report["types"].get(question_type)
+    return f"{100 * r['accuracy']:.1f} ± {100 * r['se']:.1f}" if r else "-"
+
+
+def questions_of_first_images(data: Path, images: int) -> int:
+    """How many questions the first `images` images of a JSONL hold: the `limit` that evaluates those
+    images only (for a JSONL whose lines are grouped by image, as `sleigh data synth` writes them)."""
+    groups = read_qa(data).by_image()
+    return sum(len(items) for _, items in groups[:images])

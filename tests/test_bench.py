@@ -33,9 +33,9 @@ def bench_json(tiny_pkg) -> dict:
 
 def test_json_report_has_every_claimed_field(bench_json, tiny_pkg):
     r = bench_json
-    assert set(r) == {"machine", "threads", "image", "prompt", "max_new_tokens", "rows", "seconds"}
+    assert set(r) == {"machine", "threads", "image", "prompt", "max_new_tokens", "tile_budget", "rows", "seconds"}
     assert set(r["machine"]) == {"cpu", "cores", "python", "system"}
-    assert r["threads"] == 1 and r["max_new_tokens"] == NEW_TOKENS and r["prompt"]
+    assert r["threads"] == 1 and r["max_new_tokens"] == NEW_TOKENS and r["prompt"] and r["tile_budget"] is None
     assert [row["target"] for row in r["rows"]] == [str(tiny_pkg), f"{tiny_pkg} [package]"]
     for row in r["rows"]:
         assert list(row) == [f.name for f in fields(BenchRow)]

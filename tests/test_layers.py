@@ -6,8 +6,9 @@
     data      synthetic data, JSONL                    runtime
     sleighvl  the PyTorch reference and its backend    data, runtime
     export    torch -> ONNX, parity                    sleighvl, data, runtime
-    engines   conversions, calibration, TensorRT, gate runtime, data   (torch-free, beside export)
-    serve, bench, evaluate                             runtime, data
+    evaluate  task accuracy (sleigh eval)              runtime, data
+    engines   conversions, calibration, TensorRT, gate runtime, data, evaluate   (torch-free, beside export)
+    serve, bench                                       runtime, data
     cli       composes them all
 """
 
@@ -28,7 +29,7 @@ LAYERS = {  # layer -> the layers it may import (besides itself and the ground)
     "data": {"runtime"},
     "sleighvl": {"data", "runtime"},
     "export": {"sleighvl", "data", "runtime"},
-    "engines": {"data", "runtime"},
+    "engines": {"data", "runtime", "evaluate"},  # the task-accuracy gate runs `sleigh eval`
     "serve": {"runtime"},
     "bench": {"runtime"},
     "evaluate": {"runtime", "data"},

@@ -4,6 +4,9 @@ calibration did not see. Quantized engines are judged by cosine and agreement, n
 Per pair: cosine of every view's image embeddings, max abs difference of the GSWA weights, cosine
 and top-1 agreement of the last prompt logits, and how many of the first 32 greedy tokens agree
 before the two diverge. Thresholds sit in one table per precision (`GATES`).
+
+With eval data (`build-engine --eval-data`), a second gate judges the task itself: exact-match
+accuracy per question type (`sleigh eval`) of the engine against the FP32 modules (`run_task_gate`).
 """
 
 from __future__ import annotations
@@ -174,6 +177,29 @@ def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_p
     report = summarize(pairs, entry["precision"], entry.get("llm_weights") or entry["precision"])
     report["images_held_out"] = sorted({p.image for p in pairs})
     return report
+
+
+def run_task_gate(pkg: Path, entry: dict, data: Path, tolerance: float) -> dict:
+    """Task accuracy (`sleigh eval`) of the package's FP32 modules and of engine `entry` on `data`:
+    passed when no question type's accuracy falls more than `tolerance` points below FP32's. One
+    pipeline is open at a time."""
+    from sleigh.evaluate import evaluate
+
+    ref = evaluate(pkg, data, backend="onnxruntime", engine="package", quiet=True)
+    got = evaluate(pkg, data, backend=entry["backend"], engine=entry, quiet=True)
+    types = {}
+    for t, r in ref["types"].items():
+        drop = 100 * (r["accuracy"] - got["types"][t]["accuracy"])
+        types[t] = {"n": r["n"], "fp32": r["accuracy"], "engine": got["types"][t]["accuracy"], "drop_points": drop,
+                    "ok": drop <= tolerance}
+    return {"data": ref["data"], "tolerance_points": tolerance, "passed": all(v["ok"] for v in types.values()),
+            "types": types, "skipped": ref["skipped"]}
+
+
+def task_rows(report: dict) -> list[tuple[str, ...]]:
+    return [(t, str(v["n"]), f"{100 * v['fp32']:.1f} %", f"{100 * v['engine']:.1f} %",
+             "ok" if v["ok"] else f"FAIL: {v['drop_points']:.1f} points below (at most {report['tolerance_points']})")
+            for t, v in report["types"].items()]
 
 
 def report_rows(report: dict) -> list[tuple[str, ...]]:

@@ -12,8 +12,8 @@ engines/options.py, `module_precisions`, says what each module of an engine is c
     int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.engines.calibration.qdq);
           decoder weight-only INT8 through MatMulNBits (int4 likewise); an INT8 engine's embed is FP16
 
-Every build ends with the accuracy gate against the FP32 modules; below its thresholds the build
-fails (nothing is registered) unless --allow-degraded.
+Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
+gate (engines/accuracy.py); failing either, the build fails (nothing is registered) unless --allow-degraded.
 """
 
 from __future__ import annotations
@@ -245,7 +245,11 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
     final = pkg / "engines" / name
     if name in manifest.get("engines", {}) and not opts.force:
         raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
-    staging.check_apart(final, {"--images": opts.gate_images})
+    staging.check_apart(final, {"--images": opts.gate_images, "--eval-data": opts.eval_data})
+    if opts.eval_data is not None:  # a missing or empty JSONL fails before the build, not after it
+        from sleigh.data.qa import read_qa
+
+        read_qa(opts.eval_data)
     t0 = time.perf_counter()
     (pkg / "engines").mkdir(exist_ok=True)
     staging.clean_stale(pkg / "engines")  # what killed builds left behind (never a running build's)
@@ -290,10 +294,19 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
 
             report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
             entry["accuracy"] = report
-            entry["accuracy_passed"] = report["passed"]
-            entry["degraded"] = not report["passed"]
             if not report["passed"] and not opts.allow_degraded:
                 raise GateFailed(name, report)  # the staged folder goes; an older engine of this name stays
+            passed = report["passed"]
+            if opts.eval_data is not None:
+                from sleigh.engines.accuracy import run_task_gate
+
+                bar.advance(0, description=f"{name}: task accuracy vs FP32")
+                task = entry["task_accuracy"] = run_task_gate(pkg, entry, opts.eval_data, opts.task_tolerance)
+                if not task["passed"] and not opts.allow_degraded:
+                    raise TaskGateFailed(name, task)
+                passed = passed and task["passed"]
+            entry["accuracy_passed"] = passed
+            entry["degraded"] = not passed
             _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
             tmp = None
             entry["build_seconds"] = round(time.perf_counter() - t0, 2)
@@ -352,6 +365,17 @@ class GateFailed(SleighError):
                for c in report["checks"] if not c["ok"]]
         super().__init__(f"engine {name}", "accuracy gate failed: " + "; ".join(bad),
                          "the thresholds of the precision's gate, or --allow-degraded to keep it anyway")
+
+
+class TaskGateFailed(SleighError):
+    def __init__(self, name: str, report: dict):
+        self.report = report
+        tol = report["tolerance_points"]
+        bad = [f"{t} {100 * v['engine']:.1f} % vs FP32 {100 * v['fp32']:.1f} % ({v['drop_points']:.1f} points below)"
+               for t, v in report["types"].items() if not v["ok"]]
+        super().__init__(f"engine {name}", f"task accuracy fell more than {tol:g} points below FP32's: " + "; ".join(bad),
+                         f"at most {tol:g} points below FP32 on every question type (--eval-tolerance), "
+                         "or --allow-degraded to keep it anyway")
 
 
 

@@ -9,6 +9,7 @@ repeats); what they resolved to is in the entry's `shapes` and, for TensorRT, it
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +37,9 @@ BUILDER_OPTIMIZATION_LEVELS = range(0, 6)  # TensorRT's 0..5
 DEFAULT_BUILDER_OPTIMIZATION_LEVEL = 3  # TensorRT's default
 TENSORRT_ONLY = ("opt_tiles", "opt_context", "max_batch", "workspace_gb", "builder_optimization_level", "plugin_library")
 NOT_RECORDED = ("force", "quiet")  # how to build, not what was built
+# The task-accuracy gate (--eval-data): an engine may lose at most this many points of exact-match
+# accuracy against FP32 on any question type (issue 10's target for INT8 vision + INT4 decoder).
+DEFAULT_EVAL_TOLERANCE = 1.0
 
 FLAGS = {"gate_images": "--images"}  # fields whose flag is not their name with dashes
 
@@ -67,6 +71,8 @@ class EngineOptions:
     # the build
     allow_degraded: bool = False
     gate_images: Path | None = None
+    eval_data: Path | None = None  # a JSONL (sleigh data synth): also gate on task accuracy against FP32
+    eval_tolerance: float | None = None  # points an engine may lose per question type; None: DEFAULT_EVAL_TOLERANCE
     force: bool = False
     quiet: bool = False
 
@@ -95,9 +101,20 @@ class EngineOptions:
             _need_int(self, "opt_context", 1, self.max_context)
         _need_int(self, "max_batch", 1, MAX_BATCH)
         _need_int(self, "builder_optimization_level", BUILDER_OPTIMIZATION_LEVELS.start, BUILDER_OPTIMIZATION_LEVELS.stop - 1)
+        tol = self.eval_tolerance
+        if tol is not None:
+            if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol):
+                raise SleighError(f"--eval-tolerance {tol!r}", "not a number", "points of accuracy, e.g. 1.0")
+            if self.eval_data is None:
+                raise SleighError("--eval-tolerance", "applies to the task-accuracy gate only", "--eval-data JSONL with it")
         gb = self.workspace_gb
         if gb is not None and (isinstance(gb, bool) or not isinstance(gb, (int, float)) or not 0 < gb <= MAX_WORKSPACE_GB):
             raise SleighError(f"--workspace-gb {gb!r}", "out of range", f"a number of GiB in (0, {MAX_WORKSPACE_GB}]")
+
+    @property
+    def task_tolerance(self) -> float:
+        """Points of accuracy per question type the engine may lose against FP32 (--eval-data)."""
+        return DEFAULT_EVAL_TOLERANCE if self.eval_tolerance is None else float(self.eval_tolerance)
 
     @property
     def weights(self) -> str:

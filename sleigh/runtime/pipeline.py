@@ -57,6 +57,7 @@ class GenerationResult:
     stop_reason: str  # "stop" (a stop id or stop string) or "length" (max_new_tokens)
     timings: Timings = field(default_factory=Timings)
     backend: str = ""
+    kept_views: list[int] | None = None  # with a tile budget: the views the LLM read (gswa_weights covers all)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -75,6 +76,7 @@ class Prefill:
     t_start: float
     cache: SlotCache  # the prompt's keys and values; the generation continuing from this state owns it
     continued: bool = False
+    kept_views: list[int] | None = None  # with a tile budget: the views in image_embeds; gswa_weights covers all
 
 
 class Generation:
@@ -209,10 +211,12 @@ class Pipeline:
     # -- the loop ---------------------------------------------------------------------------------
 
     def prepare(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
-                max_tiles: int | None = None):
+                max_tiles: int | None = None, tile_budget: int | None = None):
         """Tiling and prompt ids (no model work): (tiled image or None, input ids). `prompt` is one
         question or a conversation (`Turn`s ending with a user turn; the image goes to the turn marked
-        `image`, else the first user turn)."""
+        `image`, else the first user turn). With `tile_budget` the ids hold the image blocks of the
+        views that budget keeps (`budget_views`); the tiled image holds every view."""
+        self._check_tile_budget(tile_budget)
         turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
         for what, text in [("prompt", t.text) for t in turns] + [("system", system or "")]:
             for token in (IMG_CONTEXT, IMG_START, IMG_END) if self.allow_special_tokens else ():
@@ -228,23 +232,29 @@ class Pipeline:
             tiled = tile_image(image, min_tiles=img.min_tiles, max_tiles=img.max_tiles if max_tiles is None else max_tiles,
                                size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std)
         system = self.contract.prompt.system_message if system is None else system  # the model's own default
-        return tiled, self.tokenizer.encode_chat(turns, tiled.num_views if tiled else 0, system=system,
+        views = tiled.num_views if tiled else 0
+        if tiled is not None and tile_budget is not None:
+            views = min(tile_budget, tiled.grid[0] * tiled.grid[1]) + int(tiled.has_thumbnail)
+        return tiled, self.tokenizer.encode_chat(turns, views, system=system,
                                                  tokens_per_view=self.contract.prompt.tokens_per_view,
                                                  allow_special_tokens=self.allow_special_tokens)
 
     def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
-                 max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = ()) -> Generation:
+                 max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = (),
+                 tile_budget: int | None = None) -> Generation:
         """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
-        the tokens generated up to the one that completed it)."""
+        the tokens generated up to the one that completed it). `tile_budget`: the LLM reads only the
+        K tiles GSWA weighs highest, and the thumbnail (`budget_views`)."""
         self._check_open()
+        self._check_tile_budget(tile_budget)
         if max_new_tokens < 1:
             raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
         if max_tiles is not None and max_tiles < 1:
             raise SleighError("max_tiles", f"got {max_tiles}", "an integer >= 1")
         StopStrings(stop)  # checks them now, not at the first token
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
-                                      ignore_eos, max_tiles, stop))
+                                      ignore_eos, max_tiles, stop, tile_budget))
 
     def generate_from(self, state: Prefill, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
@@ -263,18 +273,18 @@ class Pipeline:
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
-                max_tiles: int | None = None, max_new_tokens: int = 0) -> Prefill:
+                max_tiles: int | None = None, max_new_tokens: int = 0, tile_budget: int | None = None) -> Prefill:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
         Also what the accuracy gate compares between engines."""
         self._check_open()
-        return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens)
+        return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget)
 
-    def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens) -> Prefill:
+    def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens, tile_budget=None) -> Prefill:
         """`prefill()` without the open check (`generate()` made it when called)."""
         contract, backend = self.contract, self.backend
         tpv, hidden = contract.prompt.tokens_per_view, contract.model.hidden_size
         t_start = time.perf_counter()
-        tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles)
+        tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles, tile_budget=tile_budget)
         context = min(contract.generation.context_length, backend.max_context or contract.generation.context_length)
         if len(ids) + max_new_tokens > context:
             raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
@@ -283,8 +293,12 @@ class Pipeline:
 
         vision_chunk, prefill_chunk = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
         t = time.perf_counter()
+        kept = None
         if tiled is not None:
             image_embeds, weights = self._vision(tiled.pixel_values, vision_chunk)
+            if tile_budget is not None:  # GSWA weighed every view; the LLM reads the kept ones
+                kept = budget_views(weights, tiled.has_thumbnail, tile_budget)
+                image_embeds = image_embeds[kept]
             image_rows = image_embeds.reshape(-1, hidden)
         else:
             image_embeds = np.zeros((0, tpv, hidden), np.float32)
@@ -298,12 +312,22 @@ class Pipeline:
         bias = np.zeros(input_ids.shape, np.float32)
         gswa = contract.gswa
         if tiled is not None and gswa is not None and gswa.apply == "attention":
-            bias = image_attention_bias(input_ids, weights, contract.prompt.img_context_token_id, tpv, gswa.min_weight)
+            bias = image_attention_bias(input_ids, weights if kept is None else weights[kept],
+                                        contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
         cache.reserve(len(ids) + (max_new_tokens if self.reserve_generation else 0))  # with it, decoding never grows them
         logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
         timings.prefill_s = time.perf_counter() - t
-        return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache)
+        return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache, kept_views=kept)
+
+    def _check_tile_budget(self, tile_budget: int | None) -> None:
+        if tile_budget is None:
+            return
+        if isinstance(tile_budget, bool) or not isinstance(tile_budget, int) or tile_budget < 1:
+            raise SleighError("tile_budget", f"got {tile_budget!r}", "an integer >= 1 (tiles kept besides the thumbnail)")
+        if self.contract.gswa is None:
+            raise SleighError("tile_budget", "this model has no GSWA to weigh its tiles",
+                              "a model with GSWA (sleigh convert --gswa identity or PATH), or no tile budget")
 
     def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
         """(views per vision call, prompt tokens per decoder call) for this generation."""
@@ -339,8 +363,8 @@ class Pipeline:
                                        bias[:, start:end], np.arange(start, end, dtype=np.int64)[None])
         return logits
 
-    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=()):
-        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens)
+    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=(), tile_budget=None):
+        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget)
         state.continued = True
         return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos, stop))
 
@@ -394,7 +418,16 @@ class Pipeline:
             text=stops_text.text, token_ids=generated, prompt_tokens=len(ids),
             grid=tiled.grid if tiled else None, views=tiled.num_views if tiled else 0,
             gswa_weights=[float(w) for w in weights], stop_reason=stop_reason, timings=timings,
-            backend=backend.describe())
+            backend=backend.describe(), kept_views=state.kept_views)
+
+
+def budget_views(gswa_weights: np.ndarray, has_thumbnail: bool, tile_budget: int) -> list[int]:
+    """The views a tile budget keeps, in their order: the `tile_budget` tiles GSWA weighs highest
+    (the earlier tile on a tie) and the thumbnail (last), which carries the whole image."""
+    views = len(gswa_weights)
+    tiles = views - int(has_thumbnail)
+    top = np.argsort(-np.asarray(gswa_weights[:tiles]), kind="stable")[:tile_budget]
+    return sorted(int(i) for i in top) + list(range(tiles, views))
 
 
 def _checkpoint_backend(name: str):

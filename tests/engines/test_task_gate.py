@@ -1,0 +1,83 @@
+"""build-engine --eval-data: the task-accuracy gate (per question type, engine vs FP32, in points).
+
+The tiny model answers at random, so these tests check the mechanics on an FP32 engine (whose answers
+are the package's): a tolerance that must pass, a negative one that must refuse (nothing registered,
+nothing left behind), and the options' own errors. The reference numbers are `sleigh eval`'s on the
+installed engine and on the package's modules.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sleigh.engines.build_engine import build_engine
+from sleigh.engines.options import EngineOptions
+from sleigh.errors import SleighError
+from sleigh.evaluate import evaluate
+from sleigh.runtime.manifest import read_manifest
+from tests.helpers import run_cli
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory) -> Path:
+    from sleigh.data.synth import SynthSpec, write_split
+
+    return write_split(tmp_path_factory.mktemp("task-data"), 1, seed=5, spec=SynthSpec(min_size=224, max_size=448))
+
+
+def _agreement_gate_passes(monkeypatch):
+    """The agreement gate has its own tests (test_build_engine.py); here it passes at no cost."""
+    import sleigh.engines.accuracy as accuracy
+
+    monkeypatch.setattr(accuracy, "run_gate", lambda *args, **kwargs: {"passed": True, "checks": [], "pairs": []})
+
+
+@pytest.mark.slow
+def test_an_engine_within_tolerance_passes_and_records_both_accuracies(tiny_pkg, tmp_path, eval_data, monkeypatch):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    _agreement_gate_passes(monkeypatch)
+    entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, quiet=True))
+    task = read_manifest(pkg).engines["onnxruntime-fp32"]["task_accuracy"]
+    assert entry["accuracy_passed"] and task["passed"] and task["tolerance_points"] == 1.0
+    assert entry["build_options"]["eval_data"] == str(eval_data) and entry["build_options"]["eval_tolerance"] is None
+    fp32 = evaluate(pkg, eval_data, engine="package", quiet=True)["types"]
+    engine = evaluate(pkg, eval_data, engine="onnxruntime-fp32", quiet=True)["types"]
+    assert set(task["types"]) == set(fp32) == {"colour", "shape", "position"}
+    for t, v in task["types"].items():
+        assert (v["n"], v["fp32"], v["engine"]) == (fp32[t]["n"], fp32[t]["accuracy"], engine[t]["accuracy"])
+        drop = 100 * (fp32[t]["accuracy"] - engine[t]["accuracy"])
+        assert v["drop_points"] == drop and v["ok"]
+
+
+@pytest.mark.slow
+def test_a_drop_beyond_tolerance_refuses_in_one_line_and_registers_nothing(tiny_pkg, tmp_path, eval_data, monkeypatch,
+                                                                          capsys):
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    _agreement_gate_passes(monkeypatch)
+    # identical answers are a drop of 0 points, which a negative tolerance does not allow
+    code, err = run_cli(monkeypatch, capsys, "build-engine", pkg, "--precision", "fp32", "--eval-data", eval_data,
+                        "--eval-tolerance", "-0.5")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: engine onnxruntime-fp32 | task accuracy fell more than -0.5 points below FP32's: colour")
+    assert "--eval-tolerance" in err[0] and "--allow-degraded" in err[0]
+    assert read_manifest(pkg).engines == {}
+    assert list((pkg / "engines").iterdir()) == []
+
+    entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, eval_tolerance=-0.5,
+                                            allow_degraded=True, quiet=True))
+    assert entry["degraded"] and not entry["accuracy_passed"] and not entry["task_accuracy"]["passed"]
+
+
+def test_bad_task_gate_options_are_one_line(tiny_pkg, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SleighError, match="^--eval-tolerance .*--eval-data"):
+        EngineOptions(eval_tolerance=1.0)
+    with pytest.raises(SleighError, match="^--eval-tolerance nan"):
+        EngineOptions(eval_data=tmp_path / "x.jsonl", eval_tolerance=float("nan"))
+    code, err = run_cli(monkeypatch, capsys, "build-engine", tiny_pkg, "--eval-data", tmp_path / "none.jsonl")
+    assert code == 2 and len(err) == 1 and "none.jsonl" in err[0] and "not found" in err[0], err
+    assert not (tiny_pkg / "engines").exists()  # refused before anything was built
