@@ -328,8 +328,9 @@ def build_engine(
     plugin_library: Optional[Path] = typer.Option(None, help="TensorRT: a shared library that registers the "
                                                   "sleigh::GSWA plugin; GSWA runs through it (copied into the engine)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Held-out images for the accuracy gate (default: shipped photo variants)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="JSONL (sleigh data synth): also refuse the engine when a question type's "
-                                             "accuracy falls below FP32's by more than --eval-tolerance."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="JSONL (sleigh data synth): the gate becomes task accuracy: refuse the engine when a "
+                                             "question type's accuracy falls below FP32's by more than --eval-tolerance (the "
+                                             "agreement numbers are then recorded, not enforced)."),
     eval_tolerance: Optional[float] = typer.Option(None, "--eval-tolerance", help="Points of accuracy per question type the engine may lose against FP32 (default: 1.0)."),
     allow_degraded: bool = typer.Option(False, "--allow-degraded", help="Keep the engine even if it fails the accuracy gate."),
     force: bool = typer.Option(False, "--force", help="Rebuild an engine of the same name."),

@@ -294,7 +294,10 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
 
             report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
             entry["accuracy"] = report
-            if not report["passed"] and not opts.allow_degraded:
+            # With eval data the task accuracy is the gate's own check and the agreement numbers are a
+            # record: their thresholds are set for random weights, and a trained model's quantized
+            # GSWA weights and embeddings can move past them while every answer stays (issue 10).
+            if not report["passed"] and not opts.allow_degraded and opts.eval_data is None:
                 raise GateFailed(name, report)  # the staged folder goes; an older engine of this name stays
             passed = report["passed"]
             if opts.eval_data is not None:
@@ -304,7 +307,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 task = entry["task_accuracy"] = run_task_gate(pkg, entry, opts.eval_data, opts.task_tolerance)
                 if not task["passed"] and not opts.allow_degraded:
                     raise TaskGateFailed(name, task)
-                passed = passed and task["passed"]
+                passed = task["passed"]
             entry["accuracy_passed"] = passed
             entry["degraded"] = not passed
             _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))

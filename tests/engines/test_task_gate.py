@@ -73,6 +73,26 @@ def test_a_drop_beyond_tolerance_refuses_in_one_line_and_registers_nothing(tiny_
     assert entry["degraded"] and not entry["accuracy_passed"] and not entry["task_accuracy"]["passed"]
 
 
+@pytest.mark.slow
+def test_with_eval_data_the_task_accuracy_decides_and_the_agreement_gate_is_a_record(tiny_pkg, tmp_path, eval_data,
+                                                                                   monkeypatch):
+    """An agreement gate that fails (as INT8 vision of a trained model does on its random-weight
+    thresholds) refuses without eval data and is kept as a record with it, the task gate deciding."""
+    import sleigh.engines.accuracy as accuracy
+    from sleigh.engines.build_engine import GateFailed
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    failed = {"passed": False, "checks": [{"metric": "gswa_weight_max_abs", "value": 0.9, "threshold": 0.1,
+                                           "margin": -0.8, "ok": False}], "pairs": []}
+    monkeypatch.setattr(accuracy, "run_gate", lambda *args, **kwargs: failed)
+    with pytest.raises(GateFailed):
+        build_engine(pkg, EngineOptions(precision="fp32", quiet=True))
+    entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, quiet=True))
+    assert entry["accuracy_passed"] and not entry["degraded"] and not entry["accuracy"]["passed"]
+    assert read_manifest(pkg).engines["onnxruntime-fp32"]["task_accuracy"]["passed"]
+
+
 def test_bad_task_gate_options_are_one_line(tiny_pkg, tmp_path, monkeypatch, capsys):
     with pytest.raises(SleighError, match="^--eval-tolerance .*--eval-data"):
         EngineOptions(eval_tolerance=1.0)
