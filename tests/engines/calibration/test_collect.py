@@ -10,6 +10,7 @@ import os
 import stat
 import struct
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from sleigh.engines.calibration.stats import RunningStats, amax_percentile, entr
 from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, format_calibration_cache, write_calibration_cache
 from sleigh.errors import SleighError
 from sleigh.runtime.manifest import read_manifest
-from sleigh.runtime.package import verify_files
+from sleigh.runtime.package import VERIFIED, verify_files
 
 from tests.engines.helpers import NUM_CALIBRATION_IMAGES, make_variants, read_calibration_cache
 from tests.helpers import is_root, run_cli, snapshot
@@ -247,7 +248,7 @@ def test_calibrating_again_replaces_the_previous_calibration(pkg_copy, calib_ima
     manifest = read_manifest(pkg_copy)
     assert manifest.calibration["method"] == "entropy" and manifest.calibration["num_images"] == 3
     assert manifest.files[CACHE_FILE] != first and verify_files(pkg_copy, manifest) == []
-    assert not [p for p in pkg_copy.rglob(".*")], "no temporary files left behind"
+    assert not _hidden(pkg_copy), "no temporary files left behind"
 
 
 def test_one_view_at_a_time_equals_all_views_at_once(tiny_pkg, calib_images, monkeypatch):
@@ -356,4 +357,10 @@ def test_calibration_files_get_the_umask_mode(pkg_copy, calib_images):
         os.umask(old)
     for rel in (RANGES_FILE, CACHE_FILE, "manifest.json"):
         assert stat.S_IMODE((pkg_copy / rel).stat().st_mode) == 0o640, rel
-    assert not [p.name for p in pkg_copy.rglob(".*")]  # no staged file left behind
+    assert not _hidden(pkg_copy)  # no staged file left behind
+
+
+def _hidden(pkg: Path) -> list[str]:
+    """Hidden files in a package but the runtime's record of verified hashes (written whenever a test
+    before this one, on the same worker, loaded the shared tiny package)."""
+    return [p.name for p in pkg.rglob(".*") if p.name != VERIFIED]
