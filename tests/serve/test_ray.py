@@ -15,10 +15,14 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.mark.slow
-def test_two_replicas_answer_concurrent_requests(tiny_pkg):
+def test_two_replicas_answer_concurrent_requests(tiny_pkg, monkeypatch):
     from sleigh.serve.app import ServeSettings
     from sleigh.serve.ray_app import Scaling, build_app
 
+    # Ray Serve kills a proxy that misses its 5 s ready / 10 s health checks: on two cores shared with
+    # another test worker it can (seen twice under load), so the cluster started below gets 60 s.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        monkeypatch.setenv(name, "60")
     settings = ServeSettings(model=tiny_pkg, threads=1)
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
