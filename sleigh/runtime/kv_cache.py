@@ -4,8 +4,8 @@ The decoder (package schema 2+, sleighvl/llm.py) reads C cache slots, uses a slo
 attention mask is 1, and returns the keys and values of the S new positions alone. A `SlotCache`
 holds one sequence's slots (B, KV, C, hd) per past_key_values name, and writes each step's new
 positions into the next free slots: a decode step copies one position per layer, never the cache.
-`reserve(n)` sizes the slots before the prefill for the whole generation (the Pipeline reserves
-prompt + max_new_tokens), so a generation within its budget never grows; past the capacity the
+`reserve(n)` sizes the slots before the prefill (the Pipeline reserves the prompt, or under a
+memory budget prompt + max_new_tokens, so that generation never grows); past the capacity the
 cache grows in chunks of `KV_CHUNK` slots, each growth holding the old and the new slots while it
 copies the used ones. While the cache is empty a step reads no slots at all, however many are
 reserved: a prefill attends over its own positions only (what TensorRT's prefill profile takes).

@@ -95,7 +95,7 @@ class Shapes:
                    llm_mlp=m.intermediate_size, layers=kv.num_layers, kv_heads=kv.num_kv_heads, head_dim=kv.head_dim)
 
     def kv_bytes(self, positions: int) -> int:
-        """The slot cache reserved for `positions` (Pipeline reserves them before the prefill: no growth)."""
+        """The slot cache reserved for `positions` (under a budget the Pipeline reserves them before the prefill: no growth)."""
         per_slot = 2 * self.layers * self.kv_heads * self.head_dim * FLOAT_BYTES
         return per_slot * kv_slots(positions)
 
