@@ -10,8 +10,8 @@ The decoder reads C cache slots and returns only the new positions' keys and val
 device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at
 slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
 per layer, never the cache. Under a memory budget the Pipeline reserves C for the whole generation
-before the prefill; past the reservation, C grows in chunks of KV_CHUNK slots (a growth allocates the larger buffers and re-lays the
-used slots into them). Nothing is copied back to the host but the last position's logits. The decoder
+before the prefill; past the reservation, C grows in chunks of KV_CHUNK slots (a growth allocates
+the larger buffers and re-lays the used slots into them). Nothing is copied back to the host but the last position's logits. The decoder
 engine has two optimisation profiles (prefill: no slots, which an empty cache feeds however many it
 reserved; decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
 
