@@ -37,7 +37,11 @@ class SleighVL(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> VisionOutput:
         """pixel_values (T, 3, S, S), one image's views with the thumbnail last."""
-        hidden = self.vision(pixel_values)  # (T, 1 + g*g, Cv)
+        return self.encode_hidden(self.vision(pixel_values))
+
+    def encode_hidden(self, hidden: torch.Tensor) -> VisionOutput:
+        """The ViT's output for one image's views (T, 1 + g*g, Cv) -> mlp1 and GSWA. The ViT reads
+        each view alone, so a batch of several images' views can share one ViT call (training)."""
         projected = self.projector(pixel_shuffle(hidden[:, 1:], self.cfg.vision.grid))  # (T, g*g/4, D)
         if self.gswa is None:
             weights = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)

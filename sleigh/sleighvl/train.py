@@ -124,6 +124,67 @@ class AuxHead(nn.Module):
         return self.head(self.norm(last_hidden[:, 1:].amax(dim=(0, 1))))
 
 
+@dataclass(frozen=True)
+class Row:
+    """One question about one image: its prompt ids, then the answer's ids (the loss reads these)."""
+    image: int
+    prompt: list[int]
+    reply: list[int]
+
+
+def shared_prefixes(rows: list[Row], images: int) -> list[int]:
+    """Per image, how many leading ids all its rows share (system, image tokens, ...), stopping
+    before each row's last prompt id, whose logits predict the first answer id."""
+    out = []
+    for i in range(images):
+        mine = [r.prompt for r in rows if r.image == i]
+        limit = min(len(p) for p in mine) - 1
+        n = 0
+        while n < limit and all(p[n] == mine[0][n] for p in mine):
+            n += 1
+        out.append(n)
+    return out
+
+
+def answer_logits(model, rows: list[Row], vis: list, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) for every row's answer, equal to running each row's whole sequence through
+    the LLM (right-padded) but reading an image's shared prefix once: the prefixes run first (their
+    keys and values kept, padding masked), then every row's rest attends over its image's prefix as
+    cache slots. An image's 3 questions cost its ~100 image tokens once instead of three times.
+
+    -> pred (R, S-1, V), gold (R, S-1): position s of a row's rest predicts its id s + 1."""
+    cfg, dev = model.cfg, next(model.parameters()).device
+    img, D = cfg.prompt.img_context_token_id, cfg.llm.hidden_size
+    P = shared_prefixes(rows, len(vis))
+    if any(img in r.prompt[P[r.image]:] for r in rows):
+        raise SleighError("training prompt", "an image token follows the question", "the image before the question")
+    longest = max(P)
+    ids = torch.tensor([next(r.prompt for r in rows if r.image == i)[:n] + [pad] * (longest - n) for i, n in enumerate(P)],
+                       device=dev)  # (I, P)
+    mask = (torch.arange(longest, device=dev)[None] < torch.tensor(P, device=dev)[:, None]).long()
+    bias = torch.zeros(ids.shape, device=dev)
+    if cfg.gswa is not None and cfg.gswa.apply == "attention":
+        bias = attention_bias_rows(ids, [v.gswa_weights for v in vis], img, cfg.vision.tokens_per_view,
+                                   cfg.gswa.min_weight, list(range(len(vis))))
+    embeds = model.embed(ids, torch.cat([v.image_embeds.reshape(-1, D) for v in vis]))
+    positions = torch.arange(longest, device=dev)[None].expand_as(ids)
+    _, kv = model.llm(embeds, mask, bias, positions, model.llm.empty_cache(len(vis), device=dev))
+
+    of = torch.tensor([r.image for r in rows], device=dev)
+    rest = [r.prompt[P[r.image]:] + r.reply for r in rows]
+    labels = [[IGNORE] * (len(r.prompt) - P[r.image]) + r.reply for r in rows]
+    S = max(map(len, rest))
+    ids = torch.tensor([x + [pad] * (S - len(x)) for x in rest], device=dev)  # right padding: never attended by real ids
+    gold = torch.tensor([x + [IGNORE] * (S - len(x)) for x in labels], device=dev)
+    past = [(k.index_select(0, of), v.index_select(0, of)) for k, v in kv]
+    mask = torch.cat([mask.index_select(0, of), torch.ones_like(ids)], dim=1)
+    bias = torch.cat([bias.index_select(0, of), torch.zeros(ids.shape, device=dev)], dim=1)
+    positions = torch.tensor(P, device=dev).index_select(0, of)[:, None] + torch.arange(S, device=dev)[None]
+    logits, _ = model.llm(model.embed(ids, torch.zeros(1, D, device=dev)), mask, bias, positions, past,
+                          all_positions=True)  # (R, S, V)
+    return logits[:, :-1], gold[:, 1:]
+
+
 # -- data ------------------------------------------------------------------------------------------
 
 
@@ -212,40 +273,26 @@ class Trainer:
     def step(self, examples: list[Example], lr: float) -> dict:
         model, cfg, tok, dev = self.model, self.cfg, self.tok, self.device
         model.train()
-        weights, rows_embeds, seqs, targets, image_of_row, aux_losses = [], [], [], [], [], []
-        tpv = cfg.vision.tokens_per_view
-        for i, ex in enumerate(examples):
-            tiled = tile_image(ex.image, min_tiles=cfg.image.min_tiles,
-                               max_tiles=ex.max_tiles or cfg.image.max_tiles, size=cfg.vision.image_size,
-                               thumbnail=cfg.image.thumbnail, mean=cfg.image.mean, std=cfg.image.std)
-            vis = model.encode_images(torch.from_numpy(tiled.pixel_values).to(dev))
-            weights.append(vis.gswa_weights)
-            if self.aux is not None and ex.labels is not None:
-                logits = self.aux(vis.last_hidden)
-                aux_losses.append(F.cross_entropy(logits[:len(COLOURS)][None], torch.tensor([ex.labels[0]], device=dev))
-                                  + F.cross_entropy(logits[len(COLOURS):][None], torch.tensor([ex.labels[1]], device=dev)))
+        tiled = [tile_image(ex.image, min_tiles=cfg.image.min_tiles, max_tiles=ex.max_tiles or cfg.image.max_tiles,
+                            size=cfg.vision.image_size, thumbnail=cfg.image.thumbnail, mean=cfg.image.mean,
+                            std=cfg.image.std) for ex in examples]
+        # one ViT call for every view of the batch (each view is encoded alone), then mlp1 and GSWA per image
+        hidden = model.vision(torch.from_numpy(np.concatenate([t.pixel_values for t in tiled])).to(dev))
+        vis = [model.encode_hidden(h) for h in torch.split(hidden, [t.num_views for t in tiled])]
+        aux_losses = []
+        if self.aux is not None:
+            for v, ex in zip(vis, examples, strict=True):
+                if ex.labels is not None:
+                    logits = self.aux(v.last_hidden)
+                    aux_losses.append(
+                        F.cross_entropy(logits[:len(COLOURS)][None], torch.tensor([ex.labels[0]], device=dev))
+                        + F.cross_entropy(logits[len(COLOURS):][None], torch.tensor([ex.labels[1]], device=dev)))
+        rows = []
+        for i, (ex, t) in enumerate(zip(examples, tiled, strict=True)):
             for question, answer in ex.qas:
-                prompt = tok.encode_prompt(question, tiled.num_views, tokens_per_view=tpv)
-                reply = tok.encode(answer, add_bos=False) + [tok.im_end_id]
-                seqs.append(prompt + reply)
-                targets.append([IGNORE] * len(prompt) + reply)
-                image_of_row.append(i)
-                rows_embeds.append(vis.image_embeds.reshape(-1, cfg.llm.hidden_size))
-
-        S = max(map(len, seqs))
-        pad = tok.eos_id  # right padding: causal attention keeps real positions blind to it
-        ids = torch.tensor([s + [pad] * (S - len(s)) for s in seqs], device=dev)  # (B, S)
-        labels = torch.tensor([t + [IGNORE] * (S - len(t)) for t in targets], device=dev)  # (B, S)
-        embeds = model.embed(ids, torch.cat(rows_embeds))  # (B, S, D)
-        bias = torch.zeros(ids.shape, device=dev)
-        if cfg.gswa is not None and cfg.gswa.apply == "attention":
-            bias = attention_bias_rows(ids, weights, cfg.prompt.img_context_token_id, tpv, cfg.gswa.min_weight,
-                                       image_of_row)
-        mask = torch.ones_like(ids)
-        positions = torch.arange(S, device=dev)[None].expand_as(ids)
-        logits, _ = model.llm(embeds, mask, bias, positions, model.llm.empty_cache(ids.shape[0], device=dev),
-                              all_positions=True)  # (B, S, V): the loss reads every answer position
-        pred, gold = logits[:, :-1], labels[:, 1:]  # position s predicts token s + 1
+                prompt = tok.encode_prompt(question, t.num_views, tokens_per_view=cfg.vision.tokens_per_view)
+                rows.append(Row(i, prompt, tok.encode(answer, add_bos=False) + [tok.im_end_id]))
+        pred, gold = answer_logits(model, rows, vis, pad=tok.eos_id)
         lm_loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=IGNORE)
         loss = lm_loss
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None

@@ -54,6 +54,58 @@ def test_gswa_bias_rows_match_the_runtime_and_carry_a_gradient():
     assert w0.grad is not None and float(w0.grad.abs().sum()) > 0
 
 
+def test_shared_prefix_loss_and_gradients_equal_whole_sequences(demo_ckpt):
+    """The trainer reads an image's prefix once (train.answer_logits); the reference is each row's
+    whole sequence through the LLM, right-padded, as a plain causal LM would run it."""
+    import torch.nn.functional as F
+
+    from sleigh.data.synth import SynthSpec as Spec, questions, render
+    from sleigh.runtime.image import tile_image
+    from sleigh.runtime.prompt import PromptTokenizer
+    from sleigh.sleighvl.checkpoint import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(demo_ckpt)
+    tok = PromptTokenizer.from_file(demo_ckpt / "tokenizer.json")
+    rng = np.random.default_rng(3)
+    samples = [render(rng, Spec(min_size=224, max_size=560)) for _ in range(3)]
+    tiled = [tile_image(s.image, max_tiles=cfg.image.max_tiles, size=cfg.vision.image_size, mean=cfg.image.mean,
+                        std=cfg.image.std) for s in samples]
+    assert len({t.num_views for t in tiled}) > 1  # prefixes of different lengths: padding is exercised
+    rows = [train_mod.Row(i, tok.encode_prompt(q, t.num_views, tokens_per_view=cfg.vision.tokens_per_view),
+                          tok.encode(a, add_bos=False) + [tok.im_end_id])
+            for i, (s, t) in enumerate(zip(samples, tiled)) for _, q, a in questions(s, rng)][:-1]  # 3, 3, 2 rows
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        vis = [model.encode_images(torch.from_numpy(t.pixel_values)) for t in tiled]
+        pred, gold = fn(vis)
+        loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=train_mod.IGNORE)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def whole(vis):
+        seqs = [r.prompt + r.reply for r in rows]
+        S = max(map(len, seqs))
+        ids = torch.tensor([x + [tok.eos_id] * (S - len(x)) for x in seqs])
+        gold = torch.tensor([[train_mod.IGNORE] * len(r.prompt) + r.reply + [train_mod.IGNORE] * (S - len(x))
+                             for r, x in zip(rows, seqs)])
+        embeds = model.embed(ids, torch.cat([vis[r.image].image_embeds.reshape(-1, cfg.llm.hidden_size) for r in rows]))
+        bias = attention_bias_rows(ids, [v.gswa_weights for v in vis], cfg.prompt.img_context_token_id,
+                                   cfg.vision.tokens_per_view, cfg.gswa.min_weight, [r.image for r in rows])
+        positions = torch.arange(S)[None].expand_as(ids)
+        logits, _ = model.llm(embeds, torch.ones_like(ids), bias, positions, model.llm.empty_cache(len(rows)),
+                              all_positions=True)
+        return logits[:, :-1], gold[:, 1:]
+
+    ref_loss, ref_grads = loss_and_grads(whole)
+    got_loss, got_grads = loss_and_grads(lambda vis: train_mod.answer_logits(model, rows, vis, tok.eos_id))
+    assert got_loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(got_grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert train_mod.shared_prefixes(rows, 3)[0] > cfg.vision.tokens_per_view * tiled[0].num_views
+
+
 def test_same_seed_same_weights_other_seed_other_weights(demo_ckpt, data, tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
         train(demo_ckpt, data, tmp_path / name, TrainOptions(train="all", seed=seed, **FEW), log=lambda m: None)
