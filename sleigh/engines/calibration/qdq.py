@@ -1,7 +1,8 @@
 """A symmetric Q/DQ INT8 copy of vision.onnx from calibration ranges: one ONNX for ONNX Runtime and
 TensorRT 10.x / 11.x (explicit quantization; TensorRT needs every zero point to be 0).
 
-Only the inputs of MatMul / Gemm / Conv in the main graph are quantized, each consumer with its own
+Only the inputs of MatMul / Gemm / Conv in the main graph are quantized (not attention's
+probabilities x values MatMul: int8.is_quantized_op), each consumer with its own
 Q/DQ pair (TensorRT fuses a DQ into the op that follows it; a shared pair would also quantize every
 other consumer of the tensor). Outputs stay float, so LayerNormalization, Softmax, residual Adds,
 GELU (Erf) and the sleigh::GSWA node with its function body all run in floating point.
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.engines.calibration.int8 import INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, is_quantized_op
+from sleigh.engines.calibration.int8 import (INT8_MAX, QUANTIZED_OP_TYPES, activation_tensors, attention_probabilities,
+                                             is_quantized_op)
 from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 
@@ -131,10 +133,11 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
             weight_scales.append(s.ravel())
         return weight_params[key]
 
+    probabilities = attention_probabilities(model)
     for original in graph.node:
         node = onnx.NodeProto()
         node.CopyFrom(original)  # the graph's node list is rebuilt below
-        if not is_quantized_op(node):
+        if not is_quantized_op(node, probabilities):
             if node.op_type in QUANTIZED_OP_TYPES:
                 not_quantized.append(node.name)
             nodes.append(node)
