@@ -400,12 +400,14 @@ def train(
     save_every: int = typer.Option(200, help="Save the checkpoint every this many steps."),
     strict: bool = typer.Option(False, "--strict", help="Refuse bad JSONL lines instead of skipping them."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
+    save_dtype: str = typer.Option("float32", help="float32 or float16: the checkpoint's weights (--resume keeps float32)."),
 ):
     """Train GSWA (or more) on image/question/answer data; loss on the answer tokens only."""
     from sleigh.sleighvl.train import TrainOptions, train as do_train
 
     opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
-                        curriculum=curriculum, save_every=save_every, strict=strict, threads=threads)
+                        curriculum=curriculum, save_every=save_every, strict=strict, threads=threads,
+                        save_dtype=save_dtype)
     r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
     skipped = f", skipped {r.skipped}" if r.skipped else ""
     typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "

@@ -143,13 +143,16 @@ def atomic_dir(dst: Path, force: bool = False):
 
 
 def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False,
-                    extra=None) -> None:
+                    extra=None, dtype=None) -> None:
     """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`; `extra(folder)`
-    may add files (a training state) that then appear together with the weights or not at all."""
+    may add files (a training state) that then appear together with the weights or not at all.
+    `dtype` (e.g. torch.float16) stores the float weights in it; they load as float32."""
     from safetensors.torch import save_file
 
     with atomic_dir(dst, force) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         # one metadata key: safetensors keeps metadata in a hash map, so several keys make the header's
         # byte order (and the file's sha256) vary from save to save
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})

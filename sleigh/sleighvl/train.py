@@ -37,6 +37,7 @@ from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoi
 
 PARTS = ("gswa", "projector", "vision", "llm")
 STATE = "train_state.safetensors"
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 GSWA_FILE = "gswa.safetensors"
 IGNORE = -100
 WARMUP_STEPS = 50
@@ -61,6 +62,7 @@ class TrainOptions:
     questions_per_image: int = 3
     threads: int | None = None
     quiet: bool = False
+    save_dtype: str = "float32"  # the checkpoint's float weights; the training state keeps float32 for --resume
 
 
 def parse_parts(train: str) -> tuple[str, ...]:
@@ -86,6 +88,8 @@ def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
         raise SleighError("--lr", f"got {opts.lr}", "a positive learning rate, e.g. 1e-3")
     if opts.curriculum not in ("auto", "on", "off"):
         raise SleighError("--curriculum", f"got {opts.curriculum!r}", "auto, on or off")
+    if opts.save_dtype not in SAVE_DTYPES:
+        raise SleighError("--save-dtype", f"got {opts.save_dtype!r}", " or ".join(SAVE_DTYPES))
     out = Path(out)
     if opts.resume:
         if not (out / STATE).is_file():
@@ -318,9 +322,13 @@ class Trainer:
         return named
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The auxiliary head and AdamW's moments, by parameter name (safetensors, never pickle)."""
+        """The auxiliary head and AdamW's moments, by parameter name (safetensors, never pickle), and
+        with --save-dtype float16 the model's float32 weights (so --resume continues exactly)."""
         named = self._named()
         out = {n: p.detach().cpu().contiguous() for n, p in named.items() if n.startswith("aux.")}
+        if self.opts.save_dtype != "float32":
+            out.update({f"weights.{n}": t.detach().cpu().contiguous() for n, t in self.model.state_dict().items()
+                        if t.is_floating_point()})
         for name, p in named.items():
             st = self.optimizer.state.get(p)
             if st:
@@ -335,6 +343,9 @@ class Trainer:
             for name, p in named.items():
                 if name.startswith("aux."):
                     p.copy_(state[name])
+            for name, t in self.model.state_dict().items():
+                if f"weights.{name}" in state:  # the float32 weights behind a float16 checkpoint
+                    t.copy_(state[f"weights.{name}"])
         for name, p in named.items():
             if f"opt.{name}.exp_avg" in state and p.requires_grad:
                 self.optimizer.state[p] = {
@@ -408,7 +419,8 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                           str(folder / GSWA_FILE), metadata={"num_heads": str(g.num_heads), "apply": g.apply,
                                                              "layer_norm_eps": str(g.layer_norm_eps)})
 
-        save_checkpoint(out, model, tok.tokenizer, generation, force=True, extra=write_state)
+        save_checkpoint(out, model, tok.tokenizer, generation, force=True, extra=write_state,
+                        dtype=SAVE_DTYPES[opts.save_dtype])
 
     total = opts.steps if opts.steps is not None else None
     budget_s = None if opts.minutes is None else 60.0 * opts.minutes

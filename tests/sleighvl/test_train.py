@@ -135,10 +135,13 @@ def test_train_gswa_changes_only_gswa(demo_ckpt, data, tmp_path):
     assert pipe.generate(None, "Hi", max_new_tokens=2).result.token_ids
 
 
+@pytest.mark.parametrize("save_dtype", ["float32", "float16"])
 def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_run_ends(demo_ckpt, data, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, save_dtype):
+    """float16: the weights are the float32 run's, cast (the state keeps float32 for --resume)."""
     opts = TrainOptions(train="all", steps=4, batch=2, threads=1, quiet=True, save_every=2)
     train(demo_ckpt, data, tmp_path / "straight", opts, log=lambda m: None)
+    opts = TrainOptions(**{**opts.__dict__, "save_dtype": save_dtype})
 
     real_step, calls = train_mod.Trainer.step, []
 
@@ -160,7 +163,9 @@ def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_ru
 
     train(demo_ckpt, data, tmp_path / "cut", TrainOptions(**{**opts.__dict__, "resume": True}), log=lambda m: None)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    dtype = getattr(torch, save_dtype)
+    assert {v.dtype for v in b.values() if v.is_floating_point()} == {dtype}
+    assert set(a) == set(b) and all(torch.equal(a[k].to(dtype) if a[k].is_floating_point() else a[k], b[k]) for k in a)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -221,6 +226,7 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
     (dict(train="gswa,teeth", steps=1), "--train"),
     (dict(steps=1, minutes=1.0), "--steps/--minutes"),
     (dict(), "--steps/--minutes"),
+    (dict(steps=1, save_dtype="int8"), "--save-dtype"),
     (dict(steps=1, resume=True), "train_state"),
 ])
 def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
