@@ -35,8 +35,13 @@ PROMPTS = ("Describe the image in detail.", "What is the main object in this pic
 VISION_GATES: dict[str, dict[str, float]] = {
     "fp32": {"embeddings_cos_min": 0.9999, "gswa_max_abs": 1e-3},
     "fp16": {"embeddings_cos_min": 0.999, "gswa_max_abs": 0.02},
-    "int8": {"embeddings_cos_min": 0.99, "gswa_max_abs": 0.1},
+    "int8": {"embeddings_cos_min": 0.99, "gswa_max_abs": 0.5},
 }
+# INT8 vision's floors are set on the trained demo model (examples/demo-ckpt, the five gate images;
+# held-out task accuracy from `sleigh eval`, benchmarks/RESULTS.md "The demo model"): with attention's
+# P·V in int8 the engine lost 2.0-3.4 points per question type and the gate read embeddings cosine
+# 0.987 and GSWA weights off by 0.88-1.52; with P·V in float (calibration/int8.py) it is within
+# 0.2 points of FP32 and reads 0.9989 and 0.33. Trained GSWA weights span ~0-3, so 0.5 separates the two.
 LLM_GATES: dict[str, dict[str, float]] = {
     "fp32": {"logits_cos_min": 0.9999, "top1": 1.0, "tokens": 0.9},
     "fp16": {"logits_cos_min": 0.999, "top1": 0.8, "tokens": 0.25},

@@ -262,9 +262,9 @@ def test_a_failed_rebuild_keeps_the_engine_that_was_there(engine_pkg, tmp_path, 
 def test_int8_passes_its_gate_and_says_what_it_assumes(engine_pkg):
     """calibrate, then build-engine --precision int8: its embeddings and LLM checks pass on any x86
     CPU with AVX2 (7-bit weights keep ONNX Runtime's u8s8 kernels from saturating without VNNI).
-    GSWA's weights are left out: on this random model (seed 1) they move by up to 0.14 from FP32
-    even with exact 8-bit arithmetic (measured with the fusions off), over the gate's 0.1, because
-    the views' CLS features are nearly alike; on the README's model (seed 0) the gate passes whole."""
+    GSWA's weights may fail it: on this random model (seed 1) they moved by up to 0.14 from FP32 even
+    with exact 8-bit arithmetic (measured with the fusions off, against the gate's earlier 0.1),
+    because the views' CLS features are nearly alike; the floor is now set on the trained demo model."""
     entry = read_manifest(engine_pkg).engines["onnxruntime-int8"]
     failed = [c for c in entry["accuracy"]["checks"] if not c["ok"]]
     assert {c["metric"] for c in failed} <= {"gswa_max_abs"}, failed
