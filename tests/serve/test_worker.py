@@ -3,6 +3,10 @@ request cleanly (a cancelled request, never the pipeline's "used after close()" 
 
 import asyncio
 
+import pytest
+
+from sleigh.errors import SleighError
+
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.runtime.prompt import Turn
 from sleigh.runtime.sampling import SamplingOptions
@@ -21,8 +25,15 @@ def test_a_worker_closes_only_the_pipeline_it_owns(tiny_pkg):
         assert not lent.closed  # still the lender's, and it still answers
         assert lent.generate(None, "hi", max_new_tokens=2, ignore_eos=True).result.token_ids
     owned = Pipeline.load(tiny_pkg)
-    ModelWorker(owned, max_queue=0, owns_pipeline=True).close()
+    worker = ModelWorker(owned, max_queue=0, owns_pipeline=True)
+    worker.close()
     assert owned.closed
+
+    async def submit_after_close():
+        with pytest.raises(SleighError, match=r"^model worker \| closed: it takes no more requests\. Expected: "):
+            worker.submit(_request(1))
+    asyncio.run(submit_after_close())
+    assert worker.waiting == 0  # the refused request left no count behind
 
 
 def test_closing_the_worker_ends_running_and_queued_requests_as_cancelled(tiny_pkg):
