@@ -49,10 +49,6 @@ LLM_GATES: dict[str, dict[str, float]] = {
 }
 
 
-def gate_for(precision: str, llm_weights: str) -> dict[str, float]:
-    return {**VISION_GATES[precision], **LLM_GATES[llm_weights]}
-
-
 HIGHER_IS_BETTER = {"embeddings_cos_min": True, "gswa_max_abs": False, "logits_cos_min": True, "top1": True, "tokens": True}
 
 
@@ -93,7 +89,7 @@ def compare_pair(ref_pipe, eng_pipe, image, prompt: str, num_tokens: int = NUM_T
 
 
 def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tokens: int = NUM_TOKENS) -> dict:
-    gate = gate_for(precision, llm_weights)
+    gate = {**VISION_GATES[precision], **LLM_GATES[llm_weights]}
     metrics = {
         "embeddings_cos_mean": float(np.mean([p.embeddings_cos_mean for p in pairs])),
         "embeddings_cos_min": float(np.min([p.embeddings_cos_min for p in pairs])),

@@ -4,15 +4,8 @@
     PKG/engines/<name>/*.plan                         TensorRT: built from the same converted ONNX
     PKG/engines/<name>/plugin/<library>               TensorRT with --plugin-library: the GSWA plugin
 
-Conversions (one function per module and what it is converted to, chosen through `CONVERSIONS`;
-engines/options.py, `module_precisions`, says what each module of an engine is converted to):
-    fp32  copy
-    fp16  ONNX-level float16 with FP32 inputs/outputs (the decoder's KV cache in FP16); LayerNorm,
-          RMSNorm's reductions, Softmax, the slots' log-sum-exp and the GSWA node stay FP32
-    int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.engines.calibration.qdq);
-          decoder weight-only INT8 through MatMulNBits (int4 likewise); an INT8 engine's embed is FP16
-
-Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
+Each module is converted by the function `CONVERSIONS` holds for it and its precision
+(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
 gate (engines/accuracy.py); failing either, the build fails (nothing is registered) unless --allow-degraded.
 """
 
