@@ -34,6 +34,14 @@ def test_a_worker_closes_only_the_pipeline_it_owns(tiny_pkg):
             worker.submit(_request(1))
     asyncio.run(submit_after_close())
     assert worker.waiting == 0  # the refused request left no count behind
+    # a request that reaches the server as it shuts down is told so (503), not a server error
+    from starlette.testclient import TestClient
+
+    from sleigh.serve.app import ServeSettings, create_app
+
+    response = TestClient(create_app(ServeSettings(model=tiny_pkg), worker)).post(
+        "/v1/chat/completions", json={"model": tiny_pkg.name, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503 and "closed" in response.json()["error"]["message"], response.text
 
 
 def test_closing_the_worker_ends_running_and_queued_requests_as_cancelled(tiny_pkg):
