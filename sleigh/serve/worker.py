@@ -8,8 +8,8 @@ pieces, then the result or an error) cross to the event loop through `loop.call_
 A cancelled job (its client went away) stops between two tokens and frees the slot. `close()` ends
 every job that way: a queued one before it starts, a running one at its next token (its client sees
 a cancelled request, not an error), and only then closes the pipeline, if the worker opened it.
-A prefill (the image and the prompt in one backend call) cannot be interrupted: `close()` waits for
-a running one to end, up to seconds for many tiles on a CPU.
+A prefill (vision and the prompt, up to the first token) cannot be interrupted: `close()` waits for
+a running one to end, seconds for many tiles on a CPU.
 
 After the first piece the worker waits (at most `FIRST_PIECE_WAIT_S`) until the event loop has passed
 it on to the client: the two threads then do not take turns on the GIL while the first token goes out,
