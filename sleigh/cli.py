@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,7 @@ from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
 # C0 and C1 control characters but tab and newline: an ESC in generated text must not drive the terminal
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -345,6 +345,7 @@ def build_engine(
                          workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
                          plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,
                          quiet=as_json, eval_data=eval_data, eval_tolerance=eval_tolerance)
+    t0 = time.perf_counter()
     try:
         entry = build(package, opts)
     except GateFailed as e:
@@ -355,14 +356,15 @@ def build_engine(
         if not as_json:
             _print_task_gate(e.report, opts.engine_name)
         raise
+    seconds = round(time.perf_counter() - t0, 2)
     if as_json:
-        typer.echo(json.dumps(entry))
+        typer.echo(json.dumps({**entry.json, "build_seconds": seconds}))
         return
-    _print_gate(entry["accuracy"], f"accuracy gate: {entry['name']} vs FP32")
-    if "task_accuracy" in entry:
-        _print_task_gate(entry["task_accuracy"], entry["name"])
-    typer.echo(f"built {entry['name']}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
-               + (" (DEGRADED: kept with --allow-degraded)" if entry.get("degraded") else ""))
+    _print_gate(entry.accuracy, f"accuracy gate: {entry.name} vs FP32")
+    if entry.task_accuracy is not None:
+        _print_task_gate(entry.task_accuracy, entry.name)
+    typer.echo(f"built {entry.name}: {entry.files_bytes / 1e6:.1f} MB in {seconds:.1f} s"
+               + (" (DEGRADED: kept with --allow-degraded)" if entry.degraded else ""))
 
 
 @app.command()

@@ -4,15 +4,8 @@
     PKG/engines/<name>/*.plan                         TensorRT: built from the same converted ONNX
     PKG/engines/<name>/plugin/<library>               TensorRT with --plugin-library: the GSWA plugin
 
-Conversions (one function per module and what it is converted to, chosen through `CONVERSIONS`;
-engines/options.py, `module_precisions`, says what each module of an engine is converted to):
-    fp32  copy
-    fp16  ONNX-level float16 with FP32 inputs/outputs (the decoder's KV cache in FP16); LayerNorm,
-          RMSNorm's reductions, Softmax, the slots' log-sum-exp and the GSWA node stay FP32
-    int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.engines.calibration.qdq);
-          decoder weight-only INT8 through MatMulNBits (int4 likewise); an INT8 engine's embed is FP16
-
-Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
+Each module is converted by the function `CONVERSIONS` holds for it and its precision
+(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
 gate (engines/accuracy.py); failing either, the build fails (nothing is registered) unless --allow-degraded.
 """
 
@@ -22,7 +15,6 @@ import errno
 import os
 import platform
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +27,7 @@ from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.manifest import EngineEntry, Manifest, parse_engine, read_manifest, update_manifest
 from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json
 
 WEIGHT_ONLY_BLOCK = 32
@@ -232,25 +224,29 @@ def _versions() -> dict:
     return {"sleigh": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def build_engine(pkg: Path, opts: EngineOptions) -> dict:
-    """Build, gate and register one engine; returns its manifest entry."""
+def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
+    """Build, gate and register one engine; returns its entry as listed in the manifest."""
     pkg = Path(pkg)
-    manifest = read_manifest(pkg).json  # checked; the builder reads the JSON object
+    checked = read_manifest(pkg)
+    manifest = checked.json  # the conversions and the TensorRT plan read the JSON object
     given, opts = opts, opts.for_package(manifest)
+    name = opts.name
+    existing = checked.engines.get(name)
+    if existing is not None and existing.backend != opts.backend:
+        raise SleighError(f"--name {name}", f"the package already has a {existing.backend!r} engine of that name",
+                          "another --name")
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import require_tensorrt
 
         require_tensorrt()
-    name = opts.name
     final = pkg / "engines" / name
-    if name in manifest.get("engines", {}) and not opts.force:
+    if existing is not None and not opts.force:
         raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
     staging.check_apart(final, {"--images": opts.gate_images, "--eval-data": opts.eval_data})
     if opts.eval_data is not None:  # a missing or empty JSONL fails before the build, not after it
         from sleigh.data.qa import read_qa
 
         read_qa(opts.eval_data)
-    t0 = time.perf_counter()
     (pkg / "engines").mkdir(exist_ok=True)
     staging.clean_stale(pkg / "engines")  # what killed builds left behind (never a running build's)
     tmp = staging.make(pkg / "engines", name)
@@ -292,7 +288,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             bar.advance(0, description=f"{name}: accuracy gate")
             from sleigh.engines.accuracy import run_gate
 
-            report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
+            staged_entry = parse_engine(pkg, name, entry)
+            report = run_gate(pkg, staged_entry, images=opts.gate_images, progress=bar)
             entry["accuracy"] = report
             # With eval data the task accuracy is the gate's own check and the agreement numbers are a
             # record: their thresholds are set for random weights, and a trained model's quantized
@@ -304,16 +301,15 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 from sleigh.engines.accuracy import run_task_gate
 
                 bar.advance(0, description=f"{name}: task accuracy vs FP32")
-                task = entry["task_accuracy"] = run_task_gate(pkg, entry, opts.eval_data, opts.task_tolerance)
+                task = entry["task_accuracy"] = run_task_gate(pkg, staged_entry, opts.eval_data, opts.task_tolerance)
                 if not task["passed"] and not opts.allow_degraded:
                     raise TaskGateFailed(name, task)
                 passed = task["passed"]
             entry["accuracy_passed"] = passed
             entry["degraded"] = not passed
-            _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
+            installed = _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
             tmp = None
-            entry["build_seconds"] = round(time.perf_counter() - t0, 2)
-            return entry
+            return installed.engines[name]
     except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
         e.filename = e.filename or str(pkg / "engines")
         raise
@@ -322,7 +318,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:
+def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> Manifest:
     """Move the gated folder into place and list it in the manifest (last). An older engine of the
     same name is moved aside first and put back if anything fails before the manifest is written.
     Every path of the entry that points into the staging folder moves with it."""
@@ -350,7 +346,7 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
             manifest["engines"] = {**manifest.get("engines", {}), name: entry}
             manifest["files"] = {**files, **entry["files"]}
 
-        update_manifest(pkg, register)  # last: the engine exists once it is listed
+        installed = update_manifest(pkg, register)  # last: the engine exists once it is listed
     except BaseException:
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)
@@ -359,6 +355,7 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return installed
 
 
 class GateFailed(SleighError):

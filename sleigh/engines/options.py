@@ -146,10 +146,6 @@ class EngineOptions:
                               f"1..{image['max_tiles']}")
         if self.max_context is not None and not 1 <= self.max_context <= ctx:
             raise SleighError(f"--max-context {self.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
-        existing = manifest.get("engines", {}).get(self.engine_name)
-        if existing is not None and existing.get("backend") != self.backend:
-            raise SleighError(f"--name {self.engine_name}", f"the package already has a {existing.get('backend')!r} "
-                              "engine of that name", "another --name")
         resolved = replace(self, name=self.engine_name, llm_weights=self.weights, max_tiles=tiles,
                            max_context=self.max_context or (min(TENSORRT_DEFAULT_CONTEXT, ctx) if self.backend == "tensorrt" else ctx))
         if self.backend != "tensorrt":

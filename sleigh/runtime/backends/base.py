@@ -80,9 +80,9 @@ class Backend(ABC):
         self.close()
 
 
-def module_files(manifest, entry: dict | None = None) -> dict[str, Path]:
+def module_files(manifest, entry=None) -> dict[str, Path]:
     """The file each module runs from: the package's own ONNX modules (`entry` None), or those an
     engine entry of the manifest lists (ONNX or TensorRT plans). What a backend keeps as `files`."""
     if entry is None:
         return {m: manifest.module_path(m) for m in MODULE_NAMES}
-    return {m: manifest.path(rel, f"manifest.json: engine modules.{m}") for m, rel in entry.get("modules", {}).items()}
+    return {m: manifest.path(rel, f"manifest.json: engine modules.{m}") for m, rel in entry.modules.items()}

@@ -29,7 +29,7 @@ from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.compat import import_onnxruntime, session_options
 from sleigh.runtime.kv_cache import DeviceSlots, HostSlots, SlotCache
-from sleigh.runtime.manifest import KVCacheSection, Manifest
+from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import REEXPORT, check_module_io
 
 CPU = "CPUExecutionProvider"
@@ -96,8 +96,8 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
-                     engine: dict | None = None) -> OnnxRuntimeBackend:
-        label = "package fp32" if engine is None else engine.get("name") or engine["precision"]
+                     engine: EngineEntry | None = None) -> OnnxRuntimeBackend:
+        label = "package fp32" if engine is None else engine.name
         backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
                       manifest_modules=manifest.modules)
         if engine is not None and backend.device == "cpu":
