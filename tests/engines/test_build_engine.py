@@ -141,6 +141,8 @@ def test_kv_dtype_float16_halves_the_slots_and_keeps_the_fp32_tokens(engine_pkg)
         assert np.abs(got.logits - want.logits).max() > 0  # the slots really were rounded
         tokens = [p.generate(image, prompt, max_new_tokens=12, ignore_eos=True).result.token_ids for p in (ref, eng)]
         assert tokens[0] == tokens[1]
+    with Pipeline.load(engine_pkg, engine=name, max_memory="64G") as budgeted:  # the memory model counts these slots
+        assert budgeted.budget.shapes.kv_bytes(len(got.ids)) == sum(b.nbytes for b in got.cache.slots.values())
 
 
 def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
