@@ -211,13 +211,13 @@ def _dtype(values, name: str):
 def manifest_kv_dtype(manifest: Manifest, engine: dict | None) -> str | None:
     """The decoder's cache-slot dtype as the manifest states it: an engine entry's `kv_dtype`
     (build-engine), or the dtype of the package decoder's first cache input (modules.decoder.inputs).
-    None where it states none (an engine built before entries carried it)."""
+    None where it states none (an engine built before entries carried it, a tensor listed without dtype)."""
     if engine is not None:
         dtype = engine.get("kv_dtype")
         where = f"engines.{engine.get('name')}.kv_dtype"
     else:
         first = manifest.contract.kv_cache.past[0]
-        dtype = next((t.dtype for t in manifest.modules["decoder"].inputs if t.name == first), None)
+        dtype = next((t.dtype for t in manifest.modules["decoder"].inputs if t.name == first and t.dtype != "?"), None)
         where = f"modules.decoder.inputs.{first}.dtype"
     if dtype is not None and dtype not in KV_DTYPES:
         raise SleighError(f"manifest.json: {where}", f"is {dtype!r:.40}", " or ".join(KV_DTYPES))
