@@ -314,6 +314,8 @@ def build_engine(
     backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8 (int8 needs `sleigh calibrate` first)."),
     llm_weights: Optional[str] = typer.Option(None, help="Decoder weights: fp16, int8 or int4 (default: follows --precision)."),
+    kv_dtype: Optional[str] = typer.Option(None, help="ONNX Runtime: the decoder's KV cache slots, float32 or float16 "
+                                           "(half the bytes, attention still float32; default: float16 for an FP16 decoder, else float32)."),
     name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, e.g. onnxruntime-fp16)."),
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image the engine takes (default: the package's)."),
     max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer (default: the model's context; "
@@ -340,7 +342,7 @@ def build_engine(
     from sleigh.engines.build_engine import GateFailed, TaskGateFailed, build_engine as build
     from sleigh.engines.options import EngineOptions
 
-    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, name=name, max_tiles=max_tiles,
+    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, kv_dtype=kv_dtype, name=name, max_tiles=max_tiles,
                          max_context=max_context, opt_tiles=opt_tiles, opt_context=opt_context, max_batch=max_batch,
                          workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
                          plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,

@@ -5,7 +5,9 @@
     PKG/engines/<name>/plugin/<library>               TensorRT with --plugin-library: the GSWA plugin
 
 Each module is converted by the function `CONVERSIONS` holds for it and its precision
-(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
+(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). With --kv-dtype float16 on a decoder that is not FP16, float16 cache slots around its float32
+attention (`kv_slots_fp16`); the entry's `kv_dtype` says what the decoder's slots are.
+Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
 gate (engines/accuracy.py); failing either, the build fails (nothing is registered) unless --allow-degraded.
 """
 
@@ -28,7 +30,7 @@ from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.manifest import EngineEntry, Manifest, parse_engine, read_manifest, update_manifest
-from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json, write_bytes_atomic
 
 WEIGHT_ONLY_BLOCK = 32
 # MatMulNBits' accuracy level 4 computes with int8 activations on the CPU: measured on the small
@@ -109,6 +111,50 @@ def weight_only(src: Path, dst: Path, bits: int) -> list[str]:
                              accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, algo_config=cfg)
     q.process()
     return save_onnx(q.model.model, dst)
+
+
+def kv_slots_fp16(path: Path) -> None:
+    """Float16 KV cache slots for a float32 decoder, in place: the cache inputs and new-position outputs
+    become float16, with a Cast at each, so the attention still computes in float32 and the runtime's
+    slots take half the bytes. Only the graph is rewritten (external weights stay where they are).
+
+        past_key_values.i.key (fp16) -> Cast(to fp32) -> past_key_values.i.key_fp32 -> [layer i as before]
+        [layer i as before] -> new_key_values.i.key_fp32 -> Cast(to fp16) -> new_key_values.i.key (fp16)
+
+    Each input Cast is placed just before the first node that reads it, so that ONNX Runtime, which
+    frees a tensor after its last reader, holds one layer's float32 slots at a time, not the cache's
+    (measured: benchmarks/RESULTS.md, FP16 KV slots)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    past = {v.name: v for v in g.input if v.name.startswith(PAST + ".")}
+    new = {v.name: v for v in g.output if v.name.startswith(NEW + ".")}
+    for v in (*past.values(), *new.values()):
+        if v.type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise SleighError(str(path), f"its cache tensor {v.name} is not float32", "a float32 decoder for --kv-dtype float16")
+    fp32 = {name: f"{name}_fp32" for name in (*past, *new)}  # what the attention reads and writes now
+    nodes, cast = [], set()
+    for node in g.node:
+        for name in node.input:
+            if name in past and name not in cast:
+                cast.add(name)
+                nodes.append(helper.make_node("Cast", [name], [fp32[name]], to=TensorProto.FLOAT, name=f"/kv/{name}/Cast"))
+        node.input[:] = [fp32.get(n, n) for n in node.input]
+        produced = [o for o in node.output if o in new]
+        node.output[:] = [fp32.get(o, o) for o in node.output]
+        nodes.append(node)
+        nodes += [helper.make_node("Cast", [fp32[o]], [o], to=TensorProto.FLOAT16, name=f"/kv/{o}/Cast") for o in produced]
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [v for v in g.value_info if v.name not in fp32]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    for v in (*past.values(), *new.values()):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model)  # the graph alone: its weights may lie in external data
+    write_bytes_atomic(path, model.SerializeToString())
 
 
 def copy(src: Path, dst: Path) -> list[str]:
@@ -257,6 +303,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
                 bar.advance(0, description=f"{name}: {module}")
                 src = pkg / manifest["modules"][module]["file"]
                 files[module] = convert_module(module, opts, src, tmp / f"{module}.onnx", pkg, manifest)
+                if module == "decoder" and opts.kv_cast:
+                    kv_slots_fp16(tmp / "decoder.onnx")
                 if opts.backend == "onnxruntime":
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
@@ -264,6 +312,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
             entry = {
                 "name": name, "backend": opts.backend, "precision": opts.precision, "llm_weights": opts.weights,
+                "kv_dtype": opts.kv,  # the decoder's cache slots (the runtime allocates them so)
                 "dir": staged,
                 "modules": {m: f"{staged}/{f[0]}" for m, f in files.items()},
                 "build_options": given.to_json(),

@@ -393,6 +393,7 @@ class EngineEntry:
     versions: dict | None = None
     cpu_features: tuple[str, ...] | None = None  # the kernels' CPU features the gate ran with (ONNX Runtime)
     plugin_library: str | None = None  # TensorRT: the GSWA plugin's copy the vision plan calls
+    kv_dtype: str | None = None  # ONNX Runtime: the decoder's cache slots (None: built before entries said)
     json: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -435,7 +436,7 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
         build_options=opt("build_options", "object"), accuracy=opt("accuracy", "object"),
         task_accuracy=opt("task_accuracy", "object"), versions=opt("versions", "object"),
         cpu_features=None if features is None else tuple(f.items(features, "string", f"{path}.cpu.features")),
-        plugin_library=plugin, json=e)
+        plugin_library=plugin, kv_dtype=opt("kv_dtype", "string"), json=e)
 
 
 # -- writing ---------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ from PIL import Image, ImageOps
 
 from sleigh.engines.calibration.collect import calibrate_package
 from sleigh.errors import SleighError
-from sleigh.engines.accuracy import run_gate
+from sleigh.engines.accuracy import LLM_GATES, run_gate
 from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
 from sleigh.engines.options import EngineOptions
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
+from sleigh.runtime.kv_cache import HostSlots, SlotCache
 from sleigh.runtime.manifest import read_manifest, update_manifest
 from sleigh.runtime.package import file_entry, verify_files
 from sleigh.runtime.pipeline import Pipeline
@@ -52,7 +53,8 @@ def engine_pkg(tiny_pkg, tmp_path_factory, calib_images) -> Path:
     # call those engines degraded; they are kept (allow_degraded) so every precision is built and run.
     for opts in (EngineOptions(precision="fp16", quiet=True), EngineOptions(precision="int8", allow_degraded=True, quiet=True),
                  EngineOptions(precision="fp32", llm_weights="int8", allow_degraded=True, quiet=True),
-                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True)):
+                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True),
+                 EngineOptions(precision="fp32", kv_dtype="float16", allow_degraded=True, quiet=True)):
         build_engine(pkg, opts)
     return pkg
 
@@ -98,6 +100,49 @@ def test_precision_really_changes_the_files(engine_pkg):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest.engines["onnxruntime-int8"].modules["vision"])
     sizes = {n: manifest.engines[n].files_bytes for n in ENGINES}
     assert sizes["onnxruntime-fp32-llm-int4"] < sizes["onnxruntime-fp32-llm-int8"]
+
+
+class Float16RoundedSlots(HostSlots):
+    """float32 slots that hold each key/value rounded to float16: the FP32 package computing on what
+    float16 slots keep (the reference for an engine with --kv-dtype float16)."""
+
+    def copy(self, layout, dst, dst_capacity, dst_slot, src, src_capacity, src_slot, count):
+        dst[:, :, dst_slot:dst_slot + count] = src[:, :, src_slot:src_slot + count].astype(np.float16)
+
+
+def test_kv_dtype_float16_halves_the_slots_and_keeps_the_fp32_tokens(engine_pkg):
+    manifest, name = read_manifest(engine_pkg), "onnxruntime-fp32-kv-fp16"
+    kv_dtypes = {n: manifest.engines[n].kv_dtype for n in (name, "onnxruntime-fp16", "onnxruntime-fp32-llm-int8")}
+    assert kv_dtypes == {name: "float16", "onnxruntime-fp16": "float16", "onnxruntime-fp32-llm-int8": "float32"}
+    dec = onnx.load(str(engine_pkg / manifest.engines[name].modules["decoder"]), load_external_data=False)
+    io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
+    kv = {n for n in io if n.startswith(("past_key_values.", "new_key_values."))}
+    assert kv and {io[n] for n in kv} == {onnx.TensorProto.FLOAT16}
+    assert {t for n, t in io.items() if n not in kv} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert not [t for t in dec.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]  # weights stay float32
+
+    image, prompt, chunk = EXAMPLES / "coffee.jpg", "Describe the image in detail.", 40  # later chunks read the slots
+    with Pipeline.load(engine_pkg, engine="package") as ref, Pipeline.load(engine_pkg, engine=name) as eng:
+        ref.prefill_chunk = eng.prefill_chunk = chunk
+        got = eng.prefill(image, prompt)
+        assert len(got.ids) > 2 * chunk
+        assert {b.dtype for b in got.cache.slots.values()} == {np.dtype(np.float16)}  # the slots hold half the bytes
+        want = ref.prefill(image, prompt)
+        kv_cache = manifest.contract.kv_cache
+        ref.backend.new_cache = lambda batch=1: SlotCache(list(kv_cache.past), batch, kv_cache.num_kv_heads,
+                                                          kv_cache.head_dim, storage=Float16RoundedSlots())
+        rounded = ref.prefill(image, prompt)
+        del ref.backend.new_cache
+        # the same float32 arithmetic on the same float16-rounded slots: equal up to float32 reordering
+        np.testing.assert_allclose(got.logits, rounded.logits, rtol=1e-4, atol=1e-4 * np.abs(rounded.logits).max())
+        # against the float32 slots: the FP32 gate's own logits threshold, and the same top-1
+        cos = float((got.logits.ravel() @ want.logits.ravel()) / (np.linalg.norm(got.logits) * np.linalg.norm(want.logits)))
+        assert cos >= LLM_GATES["fp32"]["logits_cos_min"] and got.logits.argmax() == want.logits.argmax()
+        assert np.abs(got.logits - want.logits).max() > 0  # the slots really were rounded
+        tokens = [p.generate(image, prompt, max_new_tokens=12, ignore_eos=True).result.token_ids for p in (ref, eng)]
+        assert tokens[0] == tokens[1]
+    with Pipeline.load(engine_pkg, engine=name, max_memory="64G") as budgeted:  # the memory model counts these slots
+        assert budgeted.budget.shapes.kv_bytes(len(got.ids)) == sum(b.nbytes for b in got.cache.slots.values())
 
 
 def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):

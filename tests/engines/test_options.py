@@ -32,6 +32,9 @@ def one_line(err: SleighError) -> str:
     ({"llm_weights": "int2"}, ("--llm-weights int2",)),
     ({"precision": "fp32", "llm_weights": "fp16"}, ("--llm-weights fp16", "--precision fp16")),
     ({"backend": "tensorrt", "llm_weights": "int4"}, ("--llm-weights int4", "MatMulNBits")),
+    ({"kv_dtype": "int8"}, ("--kv-dtype int8", "float32 | float16")),
+    ({"kv_dtype": "float32"}, ("--kv-dtype float32", "FP16 decoder")),  # the default precision is fp16
+    ({"backend": "tensorrt", "kv_dtype": "float16"}, ("--kv-dtype float16", "ONNX Runtime engines")),
     ({"name": "../escape"}, ("--name '../escape'", "folder name")),
     ({"name": ""}, ("--name ''",)),
     ({"max_tiles": 0}, ("--max-tiles 0", ">= 1")),
@@ -65,6 +68,10 @@ def test_names():
     assert EngineOptions(backend="tensorrt", precision="int8").weights == "fp16"
     assert EngineOptions(backend="tensorrt", precision="fp16", llm_weights="fp32").engine_name == "tensorrt-fp16-llm-fp32"
     assert EngineOptions(name="orin.fp16_v2", backend="tensorrt").engine_name == "orin.fp16_v2"
+    assert EngineOptions(precision="int8", llm_weights="int4", kv_dtype="float16").engine_name == \
+        "onnxruntime-int8-llm-int4-kv-fp16"
+    assert EngineOptions(kv_dtype="float16").engine_name == "onnxruntime-fp16"  # an FP16 decoder's slots are float16 anyway
+    assert (EngineOptions().kv, EngineOptions(precision="int8").kv) == ("float16", "float32")
 
 
 def test_module_precisions():

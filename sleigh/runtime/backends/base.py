@@ -40,6 +40,9 @@ class Backend(ABC):
     # The files the backend read its modules' weights from, by module (external data lies beside a file
     # as FILE.data): what a memory budget counts as weights (runtime/memory.py). Each backend sets its own.
     files: Mapping[str, Path] = MappingProxyType({})
+    # The dtype of the KV cache slots `new_cache` allocates (what a memory budget counts): the ONNX Runtime
+    # and TensorRT backends set their decoder's.
+    kv_dtype: np.dtype = np.dtype(np.float32)
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
