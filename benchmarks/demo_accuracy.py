@@ -123,7 +123,7 @@ def main() -> None:
     for label, options in ENGINES:
         name = "package"
         if options is not None:
-            name = build_engine(pkg, EngineOptions(**options, allow_degraded=True, force=True, quiet=True))["name"]
+            name = build_engine(pkg, EngineOptions(**options, allow_degraded=True, force=True, quiet=True)).name
         rows.append((label, sleigh_eval(pkg, args.data, name, limit)))
         print(f"{label}: {rows[-1][1]['overall']['accuracy']:.3f}", file=sys.stderr)
     if ckpt is not None:

@@ -4,7 +4,7 @@ and 13 views at two prompt lengths, the whole prompt in one call against chunks,
 kept at its peak against shrunk after each large call (runtime/backends/onnxruntime_backend.py).
 Every configuration runs in a fresh interpreter, so no run inherits another's heap.
 
-    PYTHONPATH=. python benchmarks/memory_bench.py runs/small-pkg [--decode 16] [--json out.json]
+    PYTHONPATH=. python benchmarks/memory_bench.py runs/small-pkg [--decode 16] [--engine NAME] [--json out.json]
 
 Also prints the memory model's estimate (runtime/memory.py) beside the measured peak. Linux only.
 """
@@ -41,7 +41,7 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
-def one(pkg: str, views: int, context: int, variant: str, decode: int) -> dict:
+def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: str | None = None) -> dict:
     """One configuration, in this process (the parent starts a fresh one per configuration)."""
     import functools
 
@@ -62,7 +62,7 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int) -> dict:
         reset_peak()
 
     reset_peak()
-    pipe = Pipeline.load(pkg, verify=False)
+    pipe = Pipeline.load(pkg, verify=False, engine=engine)
     if not shrink:
         pipe.backend._shrink = None
     pipe.prefill_chunk = chunk
@@ -85,9 +85,9 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int) -> dict:
     mark("prefill")
     result = pipe.generate_from(state, max_new_tokens=decode, ignore_eos=True).result
     mark("decode")
-    budget = MemoryBudget(1 << 50, _shapes(pkg), weights_bytes(pipe.backend.files.values()))
+    budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))
     estimate = budget.estimate(len(state.ids), decode, views, chunk or len(state.ids))
-    return {"views": result.views, "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
+    return {"engine": pipe.backend.describe(), "kv_dtype": str(pipe.backend.kv_dtype), "views": result.views, "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
             "peak_mb": max(s["peak_mb"] for s in stages.values()), "estimate_mb": estimate / MB,
             "vision_s": result.timings.vision_s, "prefill_s": result.timings.prefill_s,
             "first_token_s": result.timings.time_to_first_token_s, "decode_tokens_per_s": result.timings.decode_tokens_per_s}
@@ -102,11 +102,11 @@ def _prompt(pipe, image, context: int) -> str:
     return "Describe it." + words
 
 
-def _shapes(pkg: str):
+def _shapes(pkg: str, kv_dtype):
     from sleigh.runtime.memory import Shapes
     from sleigh.runtime.manifest import read_manifest
 
-    return Shapes.from_contract(read_manifest(Path(pkg)).contract)
+    return Shapes.from_contract(read_manifest(Path(pkg)).contract, kv_dtype=kv_dtype)
 
 
 def main() -> None:
@@ -116,12 +116,13 @@ def main() -> None:
     ap.add_argument("--views", type=int, nargs="*", default=sorted(SIZES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--engine", help="an engine of the package, or 'package' (default: the runtime's choice)")
     ap.add_argument("--json", type=Path, help="write every row here as well")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a configuration as JSON: run it here, print its row
     args = ap.parse_args()
     if args.one:
         cfg = json.loads(args.one)
-        print(json.dumps(one(args.package, cfg["views"], cfg["context"], cfg["variant"], args.decode)))
+        print(json.dumps(one(args.package, cfg["views"], cfg["context"], cfg["variant"], args.decode, args.engine)))
         return
     rows = []
     for views in args.views:
@@ -129,7 +130,8 @@ def main() -> None:
             for variant in args.variants:
                 t = time.perf_counter()
                 cfg = json.dumps({"views": views, "context": context, "variant": variant})
-                proc = subprocess.run([sys.executable, __file__, args.package, "--decode", str(args.decode), "--one", cfg],
+                engine = ["--engine", args.engine] if args.engine else []
+                proc = subprocess.run([sys.executable, __file__, args.package, "--decode", str(args.decode), *engine, "--one", cfg],
                                       capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"{cfg}: {proc.stderr.strip().splitlines()[-1]}")

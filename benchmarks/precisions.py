@@ -57,7 +57,7 @@ def main() -> None:
     built = {}
     for opts in ENGINES:
         opts = EngineOptions(precision=opts.precision, llm_weights=opts.llm_weights, allow_degraded=True, quiet=True)
-        built[opts.engine_name] = build_engine(pkg, opts)
+        built[opts.engine_name] = build_engine(pkg, opts).json  # the entry as listed in the manifest
     manifest = read_manifest(pkg).json
     targets = [("fp32 (package)", pkg, "onnxruntime", "package")]
     targets += [(name, pkg, "onnxruntime", name) for name in built]

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +20,7 @@ from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
 # C0 and C1 control characters but tab and newline: an ESC in generated text must not drive the terminal
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -314,6 +314,8 @@ def build_engine(
     backend: str = typer.Option("onnxruntime", help="onnxruntime or tensorrt."),
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8 (int8 needs `sleigh calibrate` first)."),
     llm_weights: Optional[str] = typer.Option(None, help="Decoder weights: fp16, int8 or int4 (default: follows --precision)."),
+    kv_dtype: Optional[str] = typer.Option(None, help="ONNX Runtime: the decoder's KV cache slots, float32 or float16 "
+                                           "(half the bytes, attention still float32; default: float16 for an FP16 decoder, else float32)."),
     name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, e.g. onnxruntime-fp16)."),
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image the engine takes (default: the package's)."),
     max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer (default: the model's context; "
@@ -340,11 +342,12 @@ def build_engine(
     from sleigh.engines.build_engine import GateFailed, TaskGateFailed, build_engine as build
     from sleigh.engines.options import EngineOptions
 
-    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, name=name, max_tiles=max_tiles,
+    opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, kv_dtype=kv_dtype, name=name, max_tiles=max_tiles,
                          max_context=max_context, opt_tiles=opt_tiles, opt_context=opt_context, max_batch=max_batch,
                          workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
                          plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,
                          quiet=as_json, eval_data=eval_data, eval_tolerance=eval_tolerance)
+    t0 = time.perf_counter()
     try:
         entry = build(package, opts)
     except GateFailed as e:
@@ -355,14 +358,15 @@ def build_engine(
         if not as_json:
             _print_task_gate(e.report, opts.engine_name)
         raise
+    seconds = round(time.perf_counter() - t0, 2)
     if as_json:
-        typer.echo(json.dumps(entry))
+        typer.echo(json.dumps({**entry.json, "build_seconds": seconds}))
         return
-    _print_gate(entry["accuracy"], f"accuracy gate: {entry['name']} vs FP32")
-    if "task_accuracy" in entry:
-        _print_task_gate(entry["task_accuracy"], entry["name"])
-    typer.echo(f"built {entry['name']}: {entry['files_bytes'] / 1e6:.1f} MB in {entry['build_seconds']:.1f} s"
-               + (" (DEGRADED: kept with --allow-degraded)" if entry.get("degraded") else ""))
+    _print_gate(entry.accuracy, f"accuracy gate: {entry.name} vs FP32")
+    if entry.task_accuracy is not None:
+        _print_task_gate(entry.task_accuracy, entry.name)
+    typer.echo(f"built {entry.name}: {entry.files_bytes / 1e6:.1f} MB in {seconds:.1f} s"
+               + (" (DEGRADED: kept with --allow-degraded)" if entry.degraded else ""))
 
 
 @app.command()

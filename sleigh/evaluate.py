@@ -44,12 +44,12 @@ def top_tile_holds_object(weights: list[float], grid: tuple[int, int], image_siz
     return c * w / cols <= cx < (c + 1) * w / cols and r * h / rows <= cy < (r + 1) * h / rows
 
 
-def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | dict | None = None,
+def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
              threads: int | None = None, limit: int | None = None, max_new_tokens: int = 8, quiet: bool = False,
              tile_budget: int | None = None) -> dict:
     """`max_new_tokens` is not the generation default: answers are matched exactly and are a word or two
     (a colour, a shape, a position), so 8 tokens hold any right answer and keep a wrong one from running on.
-    `engine`: a name, or an entry build-engine has not registered yet (its task-accuracy gate).
+    `engine`: a name, or an EngineEntry build-engine has not registered yet (its task-accuracy gate).
     `tile_budget`: the LLM reads the K tiles GSWA weighs highest and the thumbnail (Pipeline.generate)."""
     from sleigh.runtime.pipeline import Pipeline
 
@@ -78,7 +78,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine: str | di
             bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
     report = {
         "model": str(model), "data": str(qa.path), "backend": described,
-        "engine": engine["name"] if isinstance(engine, dict) else engine, "tile_budget": tile_budget,
+        "engine": getattr(engine, "name", engine), "tile_budget": tile_budget,
         "types": {t: proportion(sum(v), len(v)) for t, v in sorted(hits.items())},
         "overall": proportion(sum(map(sum, hits.values())), sum(map(len, hits.values()))),
         "skipped": dict(qa.skipped), "seconds": time.perf_counter() - t0,

@@ -6,11 +6,13 @@ and top-1 agreement of the last prompt logits, and how many of the first 32 gree
 before the two diverge. Thresholds sit in one table per precision (`GATES`).
 
 With eval data (`build-engine --eval-data`), a second gate judges the task itself: exact-match
-accuracy per question type (`sleigh eval`) of the engine against the FP32 modules (`run_task_gate`).
+accuracy per question type (`sleigh eval`) of the engine against the FP32 modules (`run_task_gate`),
+whose numbers are measured once per eval data and kept in the package (`fp32_task_accuracy`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ import numpy as np
 
 from sleigh.engines.calibration.collect import list_images
 from sleigh.errors import SleighError
+from sleigh.runtime.manifest import EngineEntry, read_manifest, update_manifest
+from sleigh.runtime.package import sha256_file
 
 NUM_TOKENS = 32
 PROMPTS = ("Describe the image in detail.", "What is the main object in this picture?",
@@ -50,10 +54,6 @@ LLM_GATES: dict[str, dict[str, float]] = {
 }
 
 
-def gate_for(precision: str, llm_weights: str) -> dict[str, float]:
-    return {**VISION_GATES[precision], **LLM_GATES[llm_weights]}
-
-
 HIGHER_IS_BETTER = {"embeddings_cos_min": True, "gswa_max_abs": False, "logits_cos_min": True, "top1": True, "tokens": True}
 
 
@@ -77,12 +77,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def compare_pair(ref_pipe, eng_pipe, image, prompt: str, num_tokens: int = NUM_TOKENS) -> PairResult:
@@ -99,7 +94,7 @@ def compare_pair(ref_pipe, eng_pipe, image, prompt: str, num_tokens: int = NUM_T
 
 
 def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tokens: int = NUM_TOKENS) -> dict:
-    gate = gate_for(precision, llm_weights)
+    gate = {**VISION_GATES[precision], **LLM_GATES[llm_weights]}
     metrics = {
         "embeddings_cos_mean": float(np.mean([p.embeddings_cos_mean for p in pairs])),
         "embeddings_cos_min": float(np.min([p.embeddings_cos_min for p in pairs])),
@@ -155,17 +150,16 @@ def shipped_variants() -> list[Path]:
     return paths
 
 
-def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_pairs: int = 5, progress=None) -> dict:
+def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None, num_pairs: int = 5, progress=None) -> dict:
     """`engine` is a name in the manifest or an entry not yet registered (during a build)."""
     from sleigh.runtime.pipeline import Pipeline
-    from sleigh.runtime.manifest import read_manifest
 
     manifest = read_manifest(pkg)
     entry = manifest.engines.get(engine) if isinstance(engine, str) else engine
     if entry is None:
         raise SleighError(f"--engine {engine}", "no such engine in the package",
                           ", ".join(manifest.engines) or "build one with `sleigh build-engine`")
-    backend = entry["backend"]
+    backend = entry.backend
     used = set((manifest.calibration or {}).get("images", []))
     imgs = gate_images(images, used)
     try:
@@ -179,19 +173,19 @@ def run_gate(pkg: Path, engine: str | dict, *, images: Path | None = None, num_p
     finally:
         if images is None:
             shutil.rmtree(imgs[0].parent, ignore_errors=True)
-    report = summarize(pairs, entry["precision"], entry.get("llm_weights") or entry["precision"])
+    report = summarize(pairs, entry.precision, entry.llm_weights or entry.precision)
     report["images_held_out"] = sorted({p.image for p in pairs})
     return report
 
 
-def run_task_gate(pkg: Path, entry: dict, data: Path, tolerance: float) -> dict:
+def run_task_gate(pkg: Path, entry: EngineEntry, data: Path, tolerance: float) -> dict:
     """Task accuracy (`sleigh eval`) of the package's FP32 modules and of engine `entry` on `data`:
     passed when no question type's accuracy falls more than `tolerance` points below FP32's. One
     pipeline is open at a time."""
     from sleigh.evaluate import evaluate
 
-    ref = evaluate(pkg, data, backend="onnxruntime", engine="package", quiet=True)
-    got = evaluate(pkg, data, backend=entry["backend"], engine=entry, quiet=True)
+    ref = fp32_task_accuracy(pkg, data)
+    got = evaluate(pkg, data, backend=entry.backend, engine=entry, quiet=True)
     types = {}
     for t, r in ref["types"].items():
         drop = 100 * (r["accuracy"] - got["types"][t]["accuracy"])
@@ -199,6 +193,33 @@ def run_task_gate(pkg: Path, entry: dict, data: Path, tolerance: float) -> dict:
                     "ok": drop <= tolerance}
     return {"data": ref["data"], "tolerance_points": tolerance, "passed": all(v["ok"] for v in types.values()),
             "types": types, "skipped": ref["skipped"]}
+
+
+def fp32_task_accuracy(pkg: Path, data: Path) -> dict:
+    """`sleigh eval` of the package's FP32 modules on `data` ("data", "types", "skipped"), evaluated once
+    per data and modules: kept in the manifest's parity section (`task_accuracy`) by the sha256 of the
+    JSONL and its images, with the modules' sha256s it was measured on."""
+    from sleigh.data.qa import read_qa
+    from sleigh.evaluate import evaluate
+
+    manifest, qa = read_manifest(pkg), read_qa(data)
+    digest = hashlib.sha256(qa.path.read_bytes())
+    for image in sorted({str(item.image) for item in qa.items}):
+        digest.update(sha256_file(Path(image)).encode())
+    key = digest.hexdigest()
+    modules = {rel: manifest.files[rel].sha256 for rel in manifest.module_files()}
+    cached = ((manifest.parity or {}).get("task_accuracy") or {}).get(key)
+    if isinstance(cached, dict) and cached.get("fp32_modules") == modules:
+        return {**cached, "data": str(qa.path)}
+    ref = evaluate(pkg, data, backend="onnxruntime", engine="package", quiet=True)
+    record = {"fp32_modules": modules, "data": ref["data"], "types": ref["types"], "skipped": ref["skipped"]}
+
+    def store(m: dict) -> None:
+        parity = m.get("parity") or {}
+        m["parity"] = {**parity, "task_accuracy": {**(parity.get("task_accuracy") or {}), key: record}}
+
+    update_manifest(pkg, store)
+    return record
 
 
 def task_rows(report: dict) -> list[tuple[str, ...]]:

@@ -4,14 +4,9 @@
     PKG/engines/<name>/*.plan                         TensorRT: built from the same converted ONNX
     PKG/engines/<name>/plugin/<library>               TensorRT with --plugin-library: the GSWA plugin
 
-Conversions (one function per module and what it is converted to, chosen through `CONVERSIONS`;
-engines/options.py, `module_precisions`, says what each module of an engine is converted to):
-    fp32  copy
-    fp16  ONNX-level float16 with FP32 inputs/outputs (the decoder's KV cache in FP16); LayerNorm,
-          RMSNorm's reductions, Softmax, the slots' log-sum-exp and the GSWA node stay FP32
-    int8  vision as symmetric Q/DQ from `sleigh calibrate`'s ranges (sleigh.engines.calibration.qdq);
-          decoder weight-only INT8 through MatMulNBits (int4 likewise); an INT8 engine's embed is FP16
-
+Each module is converted by the function `CONVERSIONS` holds for it and its precision
+(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). With --kv-dtype float16 on a decoder that is not FP16, float16 cache slots around its float32
+attention (`kv_slots_fp16`); the entry's `kv_dtype` says what the decoder's slots are.
 Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
 gate (engines/accuracy.py); failing either, the build fails (nothing is registered) unless --allow-degraded.
 """
@@ -22,7 +17,6 @@ import errno
 import os
 import platform
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,8 +29,8 @@ from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.manifest import read_manifest, update_manifest
-from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json
+from sleigh.runtime.manifest import EngineEntry, Manifest, parse_engine, read_manifest, update_manifest
+from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json, write_bytes_atomic
 
 WEIGHT_ONLY_BLOCK = 32
 # MatMulNBits' accuracy level 4 computes with int8 activations on the CPU: measured on the small
@@ -117,6 +111,50 @@ def weight_only(src: Path, dst: Path, bits: int) -> list[str]:
                              accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, algo_config=cfg)
     q.process()
     return save_onnx(q.model.model, dst)
+
+
+def kv_slots_fp16(path: Path) -> None:
+    """Float16 KV cache slots for a float32 decoder, in place: the cache inputs and new-position outputs
+    become float16, with a Cast at each, so the attention still computes in float32 and the runtime's
+    slots take half the bytes. Only the graph is rewritten (external weights stay where they are).
+
+        past_key_values.i.key (fp16) -> Cast(to fp32) -> past_key_values.i.key_fp32 -> [layer i as before]
+        [layer i as before] -> new_key_values.i.key_fp32 -> Cast(to fp16) -> new_key_values.i.key (fp16)
+
+    Each input Cast is placed just before the first node that reads it, so that ONNX Runtime, which
+    frees a tensor after its last reader, holds one layer's float32 slots at a time, not the cache's
+    (measured: benchmarks/RESULTS.md, FP16 KV slots)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    past = {v.name: v for v in g.input if v.name.startswith(PAST + ".")}
+    new = {v.name: v for v in g.output if v.name.startswith(NEW + ".")}
+    for v in (*past.values(), *new.values()):
+        if v.type.tensor_type.elem_type != TensorProto.FLOAT:
+            raise SleighError(str(path), f"its cache tensor {v.name} is not float32", "a float32 decoder for --kv-dtype float16")
+    fp32 = {name: f"{name}_fp32" for name in (*past, *new)}  # what the attention reads and writes now
+    nodes, cast = [], set()
+    for node in g.node:
+        for name in node.input:
+            if name in past and name not in cast:
+                cast.add(name)
+                nodes.append(helper.make_node("Cast", [name], [fp32[name]], to=TensorProto.FLOAT, name=f"/kv/{name}/Cast"))
+        node.input[:] = [fp32.get(n, n) for n in node.input]
+        produced = [o for o in node.output if o in new]
+        node.output[:] = [fp32.get(o, o) for o in node.output]
+        nodes.append(node)
+        nodes += [helper.make_node("Cast", [fp32[o]], [o], to=TensorProto.FLOAT16, name=f"/kv/{o}/Cast") for o in produced]
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [v for v in g.value_info if v.name not in fp32]
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    for v in (*past.values(), *new.values()):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    onnx.checker.check_model(model)  # the graph alone: its weights may lie in external data
+    write_bytes_atomic(path, model.SerializeToString())
 
 
 def copy(src: Path, dst: Path) -> list[str]:
@@ -232,25 +270,29 @@ def _versions() -> dict:
     return {"sleigh": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def build_engine(pkg: Path, opts: EngineOptions) -> dict:
-    """Build, gate and register one engine; returns its manifest entry."""
+def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
+    """Build, gate and register one engine; returns its entry as listed in the manifest."""
     pkg = Path(pkg)
-    manifest = read_manifest(pkg).json  # checked; the builder reads the JSON object
+    checked = read_manifest(pkg)
+    manifest = checked.json  # the conversions and the TensorRT plan read the JSON object
     given, opts = opts, opts.for_package(manifest)
+    name = opts.name
+    existing = checked.engines.get(name)
+    if existing is not None and existing.backend != opts.backend:
+        raise SleighError(f"--name {name}", f"the package already has a {existing.backend!r} engine of that name",
+                          "another --name")
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import require_tensorrt
 
         require_tensorrt()
-    name = opts.name
     final = pkg / "engines" / name
-    if name in manifest.get("engines", {}) and not opts.force:
+    if existing is not None and not opts.force:
         raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
     staging.check_apart(final, {"--images": opts.gate_images, "--eval-data": opts.eval_data})
     if opts.eval_data is not None:  # a missing or empty JSONL fails before the build, not after it
         from sleigh.data.qa import read_qa
 
         read_qa(opts.eval_data)
-    t0 = time.perf_counter()
     (pkg / "engines").mkdir(exist_ok=True)
     staging.clean_stale(pkg / "engines")  # what killed builds left behind (never a running build's)
     tmp = staging.make(pkg / "engines", name)
@@ -261,6 +303,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 bar.advance(0, description=f"{name}: {module}")
                 src = pkg / manifest["modules"][module]["file"]
                 files[module] = convert_module(module, opts, src, tmp / f"{module}.onnx", pkg, manifest)
+                if module == "decoder" and opts.kv_cast:
+                    kv_slots_fp16(tmp / "decoder.onnx")
                 if opts.backend == "onnxruntime":
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
@@ -268,6 +312,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
             entry = {
                 "name": name, "backend": opts.backend, "precision": opts.precision, "llm_weights": opts.weights,
+                "kv_dtype": opts.kv,  # the decoder's cache slots (the runtime allocates them so)
                 "dir": staged,
                 "modules": {m: f"{staged}/{f[0]}" for m, f in files.items()},
                 "build_options": given.to_json(),
@@ -292,7 +337,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             bar.advance(0, description=f"{name}: accuracy gate")
             from sleigh.engines.accuracy import run_gate
 
-            report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
+            staged_entry = parse_engine(pkg, name, entry)
+            report = run_gate(pkg, staged_entry, images=opts.gate_images, progress=bar)
             entry["accuracy"] = report
             # With eval data the task accuracy is the gate's own check and the agreement numbers are a
             # record: their thresholds are set for random weights, and a trained model's quantized
@@ -304,16 +350,15 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
                 from sleigh.engines.accuracy import run_task_gate
 
                 bar.advance(0, description=f"{name}: task accuracy vs FP32")
-                task = entry["task_accuracy"] = run_task_gate(pkg, entry, opts.eval_data, opts.task_tolerance)
+                task = entry["task_accuracy"] = run_task_gate(pkg, staged_entry, opts.eval_data, opts.task_tolerance)
                 if not task["passed"] and not opts.allow_degraded:
                     raise TaskGateFailed(name, task)
                 passed = task["passed"]
             entry["accuracy_passed"] = passed
             entry["degraded"] = not passed
-            _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
+            installed = _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
             tmp = None
-            entry["build_seconds"] = round(time.perf_counter() - t0, 2)
-            return entry
+            return installed.engines[name]
     except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
         e.filename = e.filename or str(pkg / "engines")
         raise
@@ -322,7 +367,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> dict:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> None:
+def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> Manifest:
     """Move the gated folder into place and list it in the manifest (last). An older engine of the
     same name is moved aside first and put back if anything fails before the manifest is written.
     Every path of the entry that points into the staging folder moves with it."""
@@ -350,7 +395,7 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
             manifest["engines"] = {**manifest.get("engines", {}), name: entry}
             manifest["files"] = {**files, **entry["files"]}
 
-        update_manifest(pkg, register)  # last: the engine exists once it is listed
+        installed = update_manifest(pkg, register)  # last: the engine exists once it is listed
     except BaseException:
         if final.exists():
             shutil.rmtree(final, ignore_errors=True)
@@ -359,6 +404,7 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return installed
 
 
 class GateFailed(SleighError):

@@ -41,8 +41,8 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "gswa": None if manifest.contract.gswa is None else asdict(manifest.contract.gswa),
         "parity_passed": (manifest.parity or {}).get("passed"),
         "modules": modules,
-        "engines": {name: {**{k: e.get(k) for k in ("backend", "precision", "llm_weights", "files_bytes", "accuracy_passed",
-                                                    "degraded")},
+        "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "files_bytes",
+                                                          "accuracy_passed", "degraded")},
                            "missing_files": missing_files(pkg, manifest, name)}
                     for name, e in manifest.engines.items()},
     }

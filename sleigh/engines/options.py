@@ -16,10 +16,14 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.image import max_views as image_max_views
+from sleigh.runtime.kv_cache import KV_DTYPES
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
+# The decoder's KV cache slots (runtime/kv_cache.KV_DTYPES): an FP16 decoder's are float16; any other
+# decoder's are float32 unless --kv-dtype float16 (casts inside the graph: half the slot bytes, the
+# attention still in float32).
 # The decoder's weights when --llm-weights is not given, per backend and precision. TensorRT parses no
 # MatMulNBits (an ONNX Runtime contrib op): its decoder is FP16 or FP32.
 DEFAULT_LLM_WEIGHTS = {"onnxruntime": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},
@@ -58,6 +62,7 @@ class EngineOptions:
     backend: str = "onnxruntime"
     precision: str = "fp16"  # TensorRT: what the source ONNX holds (TensorRT 11 has no precision flags)
     llm_weights: str | None = None  # None: the backend's default for the precision
+    kv_dtype: str | None = None  # None: float16 for an FP16 decoder, else float32 (`kv`)
     name: str | None = None  # None: `default_name`
     max_tiles: int | None = None  # None: the package's
     max_context: int | None = None  # None: the model's context (TensorRT: at most TENSORRT_DEFAULT_CONTEXT)
@@ -80,12 +85,20 @@ class EngineOptions:
         for key, allowed in (("backend", BACKENDS), ("precision", PRECISIONS), ("llm_weights", LLM_WEIGHTS + (None,))):
             if getattr(self, key) not in allowed:
                 raise SleighError(f"{flag(key)} {getattr(self, key)}", "not supported", " | ".join(a for a in allowed if a))
+        if self.kv_dtype not in KV_DTYPES + (None,):
+            raise SleighError(f"--kv-dtype {self.kv_dtype}", "not supported", " | ".join(KV_DTYPES))
         if self.llm_weights == "fp16" and self.precision == "fp32":
             raise SleighError("--llm-weights fp16", "an fp32 engine keeps the decoder's activations in fp32",
                               "--precision fp16 for an FP16 decoder, or --llm-weights int8/int4")
         if self.backend == "tensorrt" and self.llm_weights in ("int8", "int4"):
             raise SleighError(f"--llm-weights {self.llm_weights}", "weight-only decoders use MatMulNBits, which "
                               "TensorRT's ONNX parser does not read", "--llm-weights fp16 or fp32 with --backend tensorrt")
+        if self.kv_dtype is not None and self.backend == "tensorrt":
+            raise SleighError(f"--kv-dtype {self.kv_dtype}", "applies to ONNX Runtime engines (a TensorRT engine's cache "
+                              "follows its decoder: float16 with --llm-weights fp16)", "--backend onnxruntime, or leave it out")
+        if self.kv_dtype == "float32" and self.weights == "fp16":
+            raise SleighError("--kv-dtype float32", "an FP16 decoder keeps its KV cache in float16",
+                              "--kv-dtype float16 or leave it out, or --llm-weights fp32/int8/int4")
         if self.name is not None and not (isinstance(self.name, str) and ENGINE_NAME.match(self.name)):
             raise SleighError(f"--name {self.name!r}", "not a usable engine name", "letters, digits, '.', '_' and '-' (a folder name)")
         if self.backend != "tensorrt":
@@ -122,9 +135,20 @@ class EngineOptions:
         return self.llm_weights or DEFAULT_LLM_WEIGHTS[self.backend][self.precision]
 
     @property
+    def kv(self) -> str:
+        """The KV cache slots' dtype: float16 for an FP16 decoder, else --kv-dtype or float32."""
+        return "float16" if self.weights == "fp16" else self.kv_dtype or "float32"
+
+    @property
+    def kv_cast(self) -> bool:
+        """Whether the decoder gets casts between float16 slots and its float32 attention."""
+        return self.kv == "float16" and self.weights != "fp16"
+
+    @property
     def default_name(self) -> str:
         default = DEFAULT_LLM_WEIGHTS[self.backend][self.precision]
-        return f"{self.backend}-{self.precision}" + ("" if self.weights == default else f"-llm-{self.weights}")
+        return (f"{self.backend}-{self.precision}" + ("" if self.weights == default else f"-llm-{self.weights}")
+                + ("-kv-fp16" if self.kv_cast else ""))
 
     @property
     def engine_name(self) -> str:
@@ -146,10 +170,6 @@ class EngineOptions:
                               f"1..{image['max_tiles']}")
         if self.max_context is not None and not 1 <= self.max_context <= ctx:
             raise SleighError(f"--max-context {self.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
-        existing = manifest.get("engines", {}).get(self.engine_name)
-        if existing is not None and existing.get("backend") != self.backend:
-            raise SleighError(f"--name {self.engine_name}", f"the package already has a {existing.get('backend')!r} "
-                              "engine of that name", "another --name")
         resolved = replace(self, name=self.engine_name, llm_weights=self.weights, max_tiles=tiles,
                            max_context=self.max_context or (min(TENSORRT_DEFAULT_CONTEXT, ctx) if self.backend == "tensorrt" else ctx))
         if self.backend != "tensorrt":

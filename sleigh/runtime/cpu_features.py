@@ -42,17 +42,12 @@ def missing_features(gated: list[str] | None, current: list[str] | None) -> list
     return sorted(set(gated) - set(current))
 
 
-def warn_if_missing(entry: dict, current: list[str] | None = None, stream=None) -> list[str]:
-    """One warning line (logged; written to `stream` when given) when this CPU lacks a feature that `entry` (an engine's
-    manifest entry) was gated with; returns the missing features."""
-    gated = (entry.get("cpu") or {}).get("features")
-    missing = missing_features(gated, cpu_features() if current is None else current)
+def warn_if_missing(entry, current: list[str] | None = None) -> list[str]:
+    """One warning line (logged: the CLI prints `warning: ...`) when this CPU lacks a feature that `entry`
+    (an engine's EngineEntry) was gated with; returns the missing features."""
+    missing = missing_features(entry.cpu_features, cpu_features() if current is None else current)
     if missing:
-        name = entry.get("name") or entry.get("precision", "engine")
-        text = (f"engine {name} passed its accuracy gate on a CPU with {', '.join(missing)}, which this CPU "
-                f"lacks: its accuracy here is unchecked (`sleigh compare PKG --engine {name}` measures it)")
-        if stream is None:
-            logging.getLogger("sleigh").warning("%s", text)  # as every runtime warning: the CLI prints `warning: ...`
-        else:
-            stream.write(f"warning: {text}\n")
+        logging.getLogger("sleigh").warning(
+            "engine %s passed its accuracy gate on a CPU with %s, which this CPU lacks: its accuracy here is "
+            "unchecked (`sleigh compare PKG --engine %s` measures it)", entry.name, ", ".join(missing), entry.name)
     return missing

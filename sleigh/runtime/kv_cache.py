@@ -35,6 +35,9 @@ import numpy as np
 from sleigh.errors import SleighError
 
 PAST, NEW = "past_key_values", "new_key_values"  # the decoder's cache-slot inputs and new-position outputs
+# The slots' dtypes a decoder may take (its manifest says which: an engine entry's kv_dtype, or the
+# package decoder's inputs); float16 halves the cache, the attention stays float32 (build-engine --kv-dtype).
+KV_DTYPES = ("float32", "float16")
 
 # Slots added per growth: few enough that attention over unused (masked) slots costs little, many
 # enough that the copy made at each growth is rare (once per 256 decoded tokens).

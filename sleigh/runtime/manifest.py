@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -247,9 +247,8 @@ class FileEntry:
 @dataclass(frozen=True)
 class Manifest:
     """A package's manifest, read and checked. `root`: the package folder every path is inside.
-    `engines` and `calibration` are the entries build-engine and calibrate write, checked field by
-    field as dicts (their writers own their shape). `json`: the object as on disk, for tools that
-    show it and for `update_manifest`'s functions."""
+    `calibration` is the entry calibrate writes, checked as a dict (its writer owns its shape).
+    `json`: the object as on disk, for tools that show it and for `update_manifest`'s functions."""
 
     root: Path
     schema_version: int
@@ -261,7 +260,7 @@ class Manifest:
     files: dict[str, FileEntry]
     parity: dict | None
     calibration: dict | None
-    engines: dict[str, dict]
+    engines: dict[str, EngineEntry]
     json: dict
 
     TOP_LEVEL = ("schema", "schema_version", "created_by", "opset", *Contract.SECTIONS, "tokenizer", "modules",
@@ -345,9 +344,8 @@ def parse_manifest(data, pkg: Path, where: str) -> Manifest:
     created_by = f.get(data, "created_by", "object", null=True, default=None)
     opset = f.get(data, "opset", "positive", null=True, default=None)
     parity, calibration = (f.get(data, k, "object", null=True, default=None) for k in ("parity", "calibration"))
-    engines = f.get(data, "engines", "object", default={})
-    for name in engines:
-        _check_engine(engines, name, in_pkg, listed, where)
+    raw_engines = f.get(data, "engines", "object", default={})
+    engines = {name: _engine(raw_engines, name, in_pkg, listed, where) for name in raw_engines}
     return Manifest(root=pkg, schema_version=version, created_by=created_by, opset=opset, contract=contract,
                     tokenizer=tokenizer, modules=modules, files=files, parity=parity, calibration=calibration,
                     engines=engines, json=data)
@@ -374,24 +372,71 @@ def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:
     return ModuleEntry(file, tuple(data_files), f.get(entry, "precision", "string", path, default="fp32"), **io)
 
 
-def _check_engine(engines: dict, name: str, in_pkg, listed, where: str) -> None:
+@dataclass(frozen=True)
+class EngineEntry:
+    """One engine `sleigh build-engine` listed: what the runtime and the tools read of it, checked.
+    `json`: the entry as on disk, with the build's record (shapes, profiles, sources, ...)."""
+
+    name: str
+    backend: str
+    precision: str
+    modules: dict[str, str]  # module -> the file it runs from (ONNX or a TensorRT plan)
+    llm_weights: str | None = None
+    dir: str | None = None
+    files: tuple[str, ...] | None = None  # every file the build wrote; None: not listed yet (being gated)
+    files_bytes: int | None = None
+    accuracy_passed: bool | None = None
+    degraded: bool | None = None
+    build_options: dict | None = None  # EngineOptions as given (what a rebuild repeats)
+    accuracy: dict | None = None  # the agreement gate's report
+    task_accuracy: dict | None = None  # the task gate's report (--eval-data)
+    versions: dict | None = None
+    cpu_features: tuple[str, ...] | None = None  # the kernels' CPU features the gate ran with (ONNX Runtime)
+    plugin_library: str | None = None  # TensorRT: the GSWA plugin's copy the vision plan calls
+    kv_dtype: str | None = None  # ONNX Runtime: the decoder's cache slots (None: built before entries said)
+    json: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def gated(self) -> bool:
+        """Passed its gate outright (not kept with --allow-degraded): what `auto` may pick."""
+        return bool(self.accuracy_passed) and not self.degraded
+
+
+def parse_engine(pkg: Path, name: str, data) -> EngineEntry:
+    """An entry build-engine has written and not yet listed (its files are checked when it is)."""
+    where = f"engine {name}"
+
+    def in_pkg(rel, at: str, f=None):
+        inside(Path(pkg), rel, f"{where}: {at}")
+        return rel
+
+    return _engine({name: data}, name, in_pkg, in_pkg, where)
+
+
+def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry:
     f = Fields(where, "an entry as `sleigh build-engine` writes it: rebuild the engine with --force")
     path = f"engines.{name}"
-    entry = f.get(engines, name, "object", "engines")
-    for key in ("backend", "precision"):
-        f.get(entry, key, "string", path)
-    f.get(entry, "llm_weights", "string", path, null=True, default=None)
-    for key in ("accuracy_passed", "degraded"):
-        f.get(entry, key, "bool", path, null=True, default=None)
-    for key in ("build_options", "accuracy", "versions"):
-        f.get(entry, key, "object", path, null=True, default=None)
-    if (d := f.get(entry, "dir", "string", path, default=None)) is not None:
+    e = f.get(engines, name, "object", "engines")
+    opt = lambda key, kind, obj=e, at=path: f.get(obj, key, kind, at, null=True, default=None)  # noqa: E731
+    if (d := opt("dir", "string")) is not None:
         in_pkg(d, f"{path}.dir")
-    engine_modules = f.get(entry, "modules", "object", path)
-    for module in engine_modules:
-        listed(f.get(engine_modules, module, "string", f"{path}.modules"), f"{path}.modules.{module}", f)
-    for rel in f.get(entry, "files", "object", path, default={}):
-        listed(rel, f"{path}.files", f)
+    raw = f.get(e, "modules", "object", path)
+    modules = {m: listed(f.get(raw, m, "string", f"{path}.modules"), f"{path}.modules.{m}", f) for m in raw}
+    files = None if "files" not in e else tuple(listed(rel, f"{path}.files", f) for rel in f.get(e, "files", "object", path))
+    features = opt("features", "list", opt("cpu", "object") or {}, f"{path}.cpu")
+    plugin, gswa = None, opt("gswa", "object") or {}
+    if gswa.get("via") == "plugin":
+        plugin = listed(f.get(gswa, "plugin_library", "string", f"{path}.gswa"), f"{path}.gswa.plugin_library", f)
+        if files is not None and plugin not in files:
+            raise f.fail(f"{path}.gswa.plugin_library", "is not among the entry's files", "the library the build copied")
+    return EngineEntry(
+        name=name, backend=f.get(e, "backend", "string", path), precision=f.get(e, "precision", "string", path),
+        modules=modules, llm_weights=opt("llm_weights", "string"), dir=d, files=files, files_bytes=opt("files_bytes", "count"),
+        accuracy_passed=opt("accuracy_passed", "bool"), degraded=opt("degraded", "bool"),
+        build_options=opt("build_options", "object"), accuracy=opt("accuracy", "object"),
+        task_accuracy=opt("task_accuracy", "object"), versions=opt("versions", "object"),
+        cpu_features=None if features is None else tuple(f.items(features, "string", f"{path}.cpu.features")),
+        plugin_library=plugin, kv_dtype=opt("kv_dtype", "string"), json=e)
 
 
 # -- writing ---------------------------------------------------------------------------------------

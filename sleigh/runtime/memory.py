@@ -8,7 +8,8 @@ account of every allocation. For one generation with T views, P prompt tokens an
 - BASE: the interpreter with numpy, onnxruntime and the tokenizer loaded.
 - weights: the bytes of the files the backend opened (external data included). ONNX Runtime reads
   them into its heap (or maps them), about one byte resident per byte of file.
-- kv(n): 2 (key, value) x layers x KV heads x head dim x 4 bytes (fp32 slots) per cache slot, for the
+- kv(n): 2 (key, value) x layers x KV heads x head dim x the slots' bytes (4 for float32, 2 for
+  float16: the backend's `kv_dtype`, from the manifest) per cache slot, for the
   K slots the Pipeline reserves before the prefill under a budget (P + N rounded up to KV_CHUNK,
   `Pipeline.reserve_generation`), once: a generation within its N never grows the cache, so no growth
   holds old and new slots at once.
@@ -22,7 +23,8 @@ account of every allocation. For one generation with T views, P prompt tokens an
   every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer
   PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and PREFILL_HIDDEN hidden-wide
   tensors of s tokens, and the slots repeated from KV heads to heads (grouped-query attention) for C
-  positions. The logits are the last position's only (schema 3).
+  positions; with float16 slots, also one layer's slots cast to float32 (build-engine --kv-dtype).
+  The logits are the last position's only (schema 3).
   Fit to the full-size prefill of 4,064 tokens in one call (issue 14: +4.4 GB besides its logits and
   KV) and to the small preset's (benchmarks/RESULTS.md, memory).
 
@@ -41,12 +43,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 
 GB = 1024**3
 BASE_BYTES = 160 * 1024**2  # python + numpy + onnxruntime + tokenizers, measured (benchmarks/RESULTS.md, memory)
-FLOAT_BYTES = 4  # activations and KV slots are fp32 on the CPU today
+FLOAT_BYTES = 4  # activations are fp32 on the CPU (KV slots: `Shapes.kv_itemsize`)
 VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see the module docstring)
 PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
 MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
@@ -86,17 +90,20 @@ class Shapes:
     layers: int
     kv_heads: int
     head_dim: int
+    kv_itemsize: int = FLOAT_BYTES  # bytes per element of the cache slots (2: float16 slots)
 
     @classmethod
-    def from_contract(cls, contract) -> Shapes:
+    def from_contract(cls, contract, kv_dtype="float32") -> Shapes:
+        """`kv_dtype`: the slots' dtype, as the backend allocates them (`backend.kv_dtype`)."""
         m, kv = contract.model, contract.kv_cache
         return cls(vision_tokens=m.vision_tokens, vision_hidden=m.vision_hidden_size, vision_heads=m.vision_num_heads,
                    vision_mlp=m.vision_intermediate_size, llm_hidden=m.hidden_size, llm_heads=m.num_heads,
-                   llm_mlp=m.intermediate_size, layers=kv.num_layers, kv_heads=kv.num_kv_heads, head_dim=kv.head_dim)
+                   llm_mlp=m.intermediate_size, layers=kv.num_layers, kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
+                   kv_itemsize=np.dtype(kv_dtype).itemsize)
 
     def kv_bytes(self, positions: int) -> int:
         """The slot cache reserved for `positions` (under a budget the Pipeline reserves them before the prefill: no growth)."""
-        per_slot = 2 * self.layers * self.kv_heads * self.head_dim * FLOAT_BYTES
+        per_slot = 2 * self.layers * self.kv_heads * self.head_dim * self.kv_itemsize
         return per_slot * kv_slots(positions)
 
     def vision_bytes(self, views: int) -> int:
@@ -108,6 +115,8 @@ class Shapes:
         s, C = tokens, max(context, tokens)
         per_layer = (PREFILL_ATTENTION * self.llm_heads * s * C + s * (3 * self.llm_mlp + PREFILL_HIDDEN * self.llm_hidden)
                      + 2 * self.llm_heads * C * self.head_dim)
+        if self.kv_itemsize < FLOAT_BYTES:  # one layer's key and value slots cast to float32
+            per_layer += 2 * self.kv_heads * C * self.head_dim
         return per_layer * FLOAT_BYTES
 
 

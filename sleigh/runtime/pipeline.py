@@ -143,7 +143,8 @@ class Pipeline:
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify)
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
-            pipe.budget = MemoryBudget(limit, Shapes.from_contract(pipe.contract), weights_bytes(pipe.backend.files.values()))
+            shapes = Shapes.from_contract(pipe.contract, kv_dtype=pipe.backend.kv_dtype)
+            pipe.budget = MemoryBudget(limit, shapes, weights_bytes(pipe.backend.files.values()))
             pipe.reserve_generation = True
         return pipe
 

@@ -193,6 +193,8 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
         job = worker.submit(gen_request)
     except QueueFull:
         raise _busy(worker, settings) from None
+    except SleighError as e:  # the worker has closed: the server is shutting down
+        raise APIError(503, first_line(e)) from None
     watcher = _DisconnectWatch(request, job, state)
     try:
         first = await job.events.get()

@@ -8,6 +8,8 @@ pieces, then the result or an error) cross to the event loop through `loop.call_
 A cancelled job (its client went away) stops between two tokens and frees the slot. `close()` ends
 every job that way: a queued one before it starts, a running one at its next token (its client sees
 a cancelled request, not an error), and only then closes the pipeline, if the worker opened it.
+A prefill (vision and the prompt, up to the first token) cannot be interrupted: `close()` waits for
+a running one to end, seconds for many tiles on a CPU.
 
 After the first piece the worker waits (at most `FIRST_PIECE_WAIT_S`) until the event loop has passed
 it on to the client: the two threads then do not take turns on the GIL while the first token goes out,
@@ -86,6 +88,7 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleigh-generate")
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()  # submitted and not yet over: what close() cancels
+        self.closed = False
         self.waiting = 0
         self.running = 0
 
@@ -96,6 +99,9 @@ class ModelWorker:
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request; called on the event loop."""
         with self._lock:
+            if self.closed:
+                raise SleighError("model worker", "closed: it takes no more requests",
+                                  "requests before the server shuts down, or a new worker")
             if self.full:
                 raise QueueFull
             self.waiting += 1
@@ -139,8 +145,10 @@ class ModelWorker:
 
     def close(self) -> None:
         """Cancel every job (each ends with its "cancelled" event), wait until the thread has stopped
-        (a running generation stops at its next token), then close the pipeline if the worker owns it."""
+        (a running generation stops at its next token, a prefill first runs to its end), then close the
+        pipeline if the worker owns it. Later `submit` calls raise a SleighError."""
         with self._lock:
+            self.closed = True
             jobs = list(self._jobs)
         for job in jobs:
             job.cancel()

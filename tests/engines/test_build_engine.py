@@ -20,10 +20,11 @@ from PIL import Image, ImageOps
 
 from sleigh.engines.calibration.collect import calibrate_package
 from sleigh.errors import SleighError
-from sleigh.engines.accuracy import run_gate
+from sleigh.engines.accuracy import LLM_GATES, run_gate
 from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
 from sleigh.engines.options import EngineOptions
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
+from sleigh.runtime.kv_cache import HostSlots, SlotCache
 from sleigh.runtime.manifest import read_manifest, update_manifest
 from sleigh.runtime.package import file_entry, verify_files
 from sleigh.runtime.pipeline import Pipeline
@@ -52,7 +53,8 @@ def engine_pkg(tiny_pkg, tmp_path_factory, calib_images) -> Path:
     # call those engines degraded; they are kept (allow_degraded) so every precision is built and run.
     for opts in (EngineOptions(precision="fp16", quiet=True), EngineOptions(precision="int8", allow_degraded=True, quiet=True),
                  EngineOptions(precision="fp32", llm_weights="int8", allow_degraded=True, quiet=True),
-                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True)):
+                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True),
+                 EngineOptions(precision="fp32", kv_dtype="float16", allow_degraded=True, quiet=True)):
         build_engine(pkg, opts)
     return pkg
 
@@ -67,42 +69,85 @@ def test_every_onnxruntime_precision_builds_registers_and_runs(engine_pkg):
     ref = Pipeline.load(engine_pkg, engine="package").generate(EXAMPLES / "coffee.jpg", max_new_tokens=6, ignore_eos=True).result
     for name in ENGINES:
         entry = manifest.engines[name]
-        assert entry["accuracy"]["pairs"] and len(entry["accuracy"]["pairs"]) >= 5
-        assert {"versions", "build_options", "shapes", "files"} <= set(entry)
+        assert entry.accuracy["pairs"] and len(entry.accuracy["pairs"]) >= 5
+        assert {"versions", "build_options", "shapes", "files"} <= set(entry.json)
         res = Pipeline.load(engine_pkg, engine=name).generate(EXAMPLES / "coffee.jpg", max_new_tokens=6, ignore_eos=True).result
         assert name in res.backend and len(res.token_ids) == 6
         np.testing.assert_allclose(res.gswa_weights, ref.gswa_weights, atol=0.25)  # INT8 vision moves them most
-    assert manifest.engines["onnxruntime-fp16"]["accuracy_passed"]  # FP16 must pass its gate outright
+    assert manifest.engines["onnxruntime-fp16"].accuracy_passed  # FP16 must pass its gate outright
     fp16 = manifest.engines["onnxruntime-fp16"]
-    assert fp16["build_options"] == EngineOptions(precision="fp16").to_json()  # as given, recorded once
-    assert set(fp16["versions"]) == {"sleigh", "onnx", "onnxruntime"}
-    assert fp16["shapes"] == {"max_views": 13, "max_context": manifest.contract.generation.context_length}  # 12 tiles + thumbnail
+    assert fp16.build_options == EngineOptions(precision="fp16").to_json()  # as given, recorded once
+    assert set(fp16.versions) == {"sleigh", "onnx", "onnxruntime"}
+    assert fp16.json["shapes"] == {"max_views": 13, "max_context": manifest.contract.generation.context_length}  # 12 tiles + thumbnail
     for name in ENGINES:
-        assert manifest.engines[name]["degraded"] == (not manifest.engines[name]["accuracy"]["passed"])
+        assert manifest.engines[name].degraded == (not manifest.engines[name].accuracy["passed"])
 
 
 def test_precision_really_changes_the_files(engine_pkg):
     manifest = read_manifest(engine_pkg)
     ops = lambda rel: {n.op_type for n in onnx.load(str(engine_pkg / rel), load_external_data=False).graph.node}  # noqa: E731
-    fp16 = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp16"]["modules"]["vision"]))
+    fp16 = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp16"].modules["vision"]))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
     assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [onnx.TensorProto.FLOAT]  # FP32 I/O
     # the FP16 decoder keeps FP32 I/O except the KV cache, FP16 in and out (no cast of the cache per step)
-    dec = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp16"]["modules"]["decoder"]), load_external_data=False)
+    dec = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp16"].modules["decoder"]), load_external_data=False)
     io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
     kv = {n: t for n, t in io.items() if n.startswith(("past_key_values.", "new_key_values."))}
     assert kv and set(kv.values()) == {onnx.TensorProto.FLOAT16}
     assert io["inputs_embeds"] == io["attention_bias"] == io["logits"] == onnx.TensorProto.FLOAT
     assert not [n for n in dec.graph.node if n.op_type == "Cast" and set(n.input) & set(kv)]
-    assert "MatMulNBits" in ops(manifest.engines["onnxruntime-fp32-llm-int4"]["modules"]["decoder"])
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest.engines["onnxruntime-int8"]["modules"]["vision"])
-    sizes = {n: manifest.engines[n]["files_bytes"] for n in ENGINES}
+    assert "MatMulNBits" in ops(manifest.engines["onnxruntime-fp32-llm-int4"].modules["decoder"])
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest.engines["onnxruntime-int8"].modules["vision"])
+    sizes = {n: manifest.engines[n].files_bytes for n in ENGINES}
     assert sizes["onnxruntime-fp32-llm-int4"] < sizes["onnxruntime-fp32-llm-int8"]
+
+
+class Float16RoundedSlots(HostSlots):
+    """float32 slots that hold each key/value rounded to float16: the FP32 package computing on what
+    float16 slots keep (the reference for an engine with --kv-dtype float16)."""
+
+    def copy(self, layout, dst, dst_capacity, dst_slot, src, src_capacity, src_slot, count):
+        dst[:, :, dst_slot:dst_slot + count] = src[:, :, src_slot:src_slot + count].astype(np.float16)
+
+
+def test_kv_dtype_float16_halves_the_slots_and_keeps_the_fp32_tokens(engine_pkg):
+    manifest, name = read_manifest(engine_pkg), "onnxruntime-fp32-kv-fp16"
+    kv_dtypes = {n: manifest.engines[n].kv_dtype for n in (name, "onnxruntime-fp16", "onnxruntime-fp32-llm-int8")}
+    assert kv_dtypes == {name: "float16", "onnxruntime-fp16": "float16", "onnxruntime-fp32-llm-int8": "float32"}
+    dec = onnx.load(str(engine_pkg / manifest.engines[name].modules["decoder"]), load_external_data=False)
+    io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
+    kv = {n for n in io if n.startswith(("past_key_values.", "new_key_values."))}
+    assert kv and {io[n] for n in kv} == {onnx.TensorProto.FLOAT16}
+    assert {t for n, t in io.items() if n not in kv} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert not [t for t in dec.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]  # weights stay float32
+
+    image, prompt, chunk = EXAMPLES / "coffee.jpg", "Describe the image in detail.", 40  # later chunks read the slots
+    with Pipeline.load(engine_pkg, engine="package") as ref, Pipeline.load(engine_pkg, engine=name) as eng:
+        ref.prefill_chunk = eng.prefill_chunk = chunk
+        got = eng.prefill(image, prompt)
+        assert len(got.ids) > 2 * chunk
+        assert {b.dtype for b in got.cache.slots.values()} == {np.dtype(np.float16)}  # the slots hold half the bytes
+        want = ref.prefill(image, prompt)
+        kv_cache = manifest.contract.kv_cache
+        ref.backend.new_cache = lambda batch=1: SlotCache(list(kv_cache.past), batch, kv_cache.num_kv_heads,
+                                                          kv_cache.head_dim, storage=Float16RoundedSlots())
+        rounded = ref.prefill(image, prompt)
+        del ref.backend.new_cache
+        # the same float32 arithmetic on the same float16-rounded slots: equal up to float32 reordering
+        np.testing.assert_allclose(got.logits, rounded.logits, rtol=1e-4, atol=1e-4 * np.abs(rounded.logits).max())
+        # against the float32 slots: the FP32 gate's own logits threshold, and the same top-1
+        cos = float((got.logits.ravel() @ want.logits.ravel()) / (np.linalg.norm(got.logits) * np.linalg.norm(want.logits)))
+        assert cos >= LLM_GATES["fp32"]["logits_cos_min"] and got.logits.argmax() == want.logits.argmax()
+        assert np.abs(got.logits - want.logits).max() > 0  # the slots really were rounded
+        tokens = [p.generate(image, prompt, max_new_tokens=12, ignore_eos=True).result.token_ids for p in (ref, eng)]
+        assert tokens[0] == tokens[1]
+    with Pipeline.load(engine_pkg, engine=name, max_memory="64G") as budgeted:  # the memory model counts these slots
+        assert budgeted.budget.shapes.kv_bytes(len(got.ids)) == sum(b.nbytes for b in got.cache.slots.values())
 
 
 def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
     manifest = read_manifest(engine_pkg)
-    path = engine_pkg / manifest.engines["onnxruntime-int8"]["modules"]["vision"]
+    path = engine_pkg / manifest.engines["onnxruntime-int8"].modules["vision"]
     assert check_symmetric(path) == []
     model = onnx.load(str(path))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -131,7 +176,7 @@ def test_the_gate_trips_on_a_broken_engine(engine_pkg, tmp_path):
 
     pkg = tmp_path / "pkg"
     shutil.copytree(engine_pkg, pkg)
-    rel = read_manifest(pkg).engines["onnxruntime-int8"]["modules"]["vision"]
+    rel = read_manifest(pkg).engines["onnxruntime-int8"].modules["vision"]
     scale_activation_scales(pkg / rel, pkg / rel, 1 / 100)
 
     def as_built(manifest: dict) -> None:  # as if the build had written it so: runs pass the integrity check
@@ -142,7 +187,7 @@ def test_the_gate_trips_on_a_broken_engine(engine_pkg, tmp_path):
     assert not report["passed"]
     failed = {c["metric"] for c in report["checks"] if not c["ok"]}
     assert "embeddings_cos_min" in failed
-    good = read_manifest(engine_pkg).engines["onnxruntime-int8"]["accuracy"]  # its build's gate run
+    good = read_manifest(engine_pkg).engines["onnxruntime-int8"].accuracy  # its build's gate run
     assert good["metrics"]["embeddings_cos_min"] >= VISION_GATES["int8"]["embeddings_cos_min"]  # within the INT8 gate
     assert report["metrics"]["embeddings_cos_min"] < good["metrics"]["embeddings_cos_min"] - 0.05
     proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "compare", str(pkg), "--engine", "onnxruntime-int8"],
@@ -189,10 +234,10 @@ def test_install_moves_every_staged_path_and_lists_the_plugin_library(tiny_pkg, 
     files = [f"{staged}/vision.plan", f"{staged}/vision.onnx", f"{staged}/plugin/libgswa.so"]
     _install(pkg, tmp, pkg / "engines" / "trt", "trt", entry, staged, files)
     installed = read_manifest(pkg).engines["trt"]
-    assert installed["modules"] == {"vision": "engines/trt/vision.plan"}
-    assert installed["sources"] == {"vision": "engines/trt/vision.onnx", "embed": "embed.onnx"}  # outside: unchanged
-    assert installed["gswa"]["plugin_library"] == "engines/trt/plugin/libgswa.so"
-    assert installed["files"]["engines/trt/plugin/libgswa.so"] == file_entry(pkg, "engines/trt/plugin/libgswa.so")
+    assert installed.modules == {"vision": "engines/trt/vision.plan"}
+    assert installed.json["sources"] == {"vision": "engines/trt/vision.onnx", "embed": "embed.onnx"}  # outside: unchanged
+    assert installed.plugin_library == "engines/trt/plugin/libgswa.so"
+    assert installed.json["files"]["engines/trt/plugin/libgswa.so"] == file_entry(pkg, "engines/trt/plugin/libgswa.so")
     assert verify_files(pkg, read_manifest(pkg)) == [] and not tmp.exists()
 
 
@@ -208,17 +253,22 @@ def test_int8_without_calibration_and_bad_options_are_clear(tiny_pkg, tmp_path):
 
 
 def test_auto_picks_the_best_gated_engine(engine_pkg):
-    from sleigh.runtime.backends import best_engine
+    from sleigh.runtime.backends import ranked_engines
+
+    best_engine = lambda m, backend, device: next(iter(ranked_engines(m, backend, device)), None)  # noqa: E731
 
     manifest = read_manifest(engine_pkg)
-    passed = replace(manifest, engines={n: {**e, "accuracy_passed": True} for n, e in manifest.engines.items()})
+    passed = replace(manifest, engines={n: replace(e, accuracy_passed=True) for n, e in manifest.engines.items()})
     assert best_engine(passed, "onnxruntime", "cpu") == "onnxruntime-int8"
     assert best_engine(passed, "onnxruntime", "cuda") == "onnxruntime-fp16"
-    only_fp16 = replace(manifest, engines={n: {**e, "accuracy_passed": n == "onnxruntime-fp16"} for n, e in manifest.engines.items()})
+    only_fp16 = replace(manifest, engines={n: replace(e, accuracy_passed=n == "onnxruntime-fp16")
+                                           for n, e in manifest.engines.items()})
     assert best_engine(only_fp16, "onnxruntime", "cpu") == "onnxruntime-fp16"  # degraded engines are never picked
     assert best_engine(replace(manifest, engines={}), "onnxruntime", "cpu") is None
     expected = best_engine(manifest, "onnxruntime", "cpu")
     assert expected in Pipeline.load(engine_pkg).backend.describe()
+    with pytest.raises(SleighError, match="^--name onnxruntime-fp16 .* 'onnxruntime' engine of that name"):
+        build_engine(engine_pkg, EngineOptions(backend="tensorrt", name="onnxruntime-fp16"))  # refused before building
 
 
 def test_tensorrt_missing_is_one_line(tiny_pkg, tmp_path):
@@ -254,7 +304,7 @@ def test_a_failed_rebuild_keeps_the_engine_that_was_there(engine_pkg, tmp_path, 
     with pytest.raises(SleighError, match="accuracy gate failed"):
         build_engine(pkg, EngineOptions(precision="fp16", force=True, quiet=True))
     manifest = read_manifest(pkg)
-    assert manifest.engines["onnxruntime-fp16"]["files"] == first["files"]
+    assert manifest.engines["onnxruntime-fp16"].json["files"] == first.json["files"]
     assert verify_files(pkg, manifest) == []
     assert sorted(p.name for p in (pkg / "engines").iterdir()) == engines
 
@@ -266,11 +316,11 @@ def test_int8_passes_its_gate_and_says_what_it_assumes(engine_pkg):
     with exact 8-bit arithmetic (measured with the fusions off, against the gate's earlier 0.1),
     because the views' CLS features are nearly alike; the floor is now set on the trained demo model."""
     entry = read_manifest(engine_pkg).engines["onnxruntime-int8"]
-    failed = [c for c in entry["accuracy"]["checks"] if not c["ok"]]
+    failed = [c for c in entry.accuracy["checks"] if not c["ok"]]
     assert {c["metric"] for c in failed} <= {"gswa_max_abs"}, failed
-    assert entry["cpu"] == {"machine": platform.machine(), "features": cpu_features()}
-    assert entry["int8_weight_max"] == int8_weight_max("onnxruntime") == 63
-    model = onnx.load(str(engine_pkg / entry["modules"]["vision"]))
+    assert entry.json["cpu"] == {"machine": platform.machine(), "features": cpu_features()}
+    assert entry.json["int8_weight_max"] == int8_weight_max("onnxruntime") == 63
+    model = onnx.load(str(engine_pkg / entry.modules["vision"]))
     weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8
                and t.dims]  # the quantized weights (zero points are scalars or int8 zeros)
     assert weights and max(int(abs(w.astype(int)).max()) for w in weights) == 63
@@ -329,7 +379,7 @@ def test_an_unreadable_module_is_a_permission_error_not_corruption(external_pkg,
     import onnxruntime as ort
 
     entry = read_manifest(external_pkg).engines["onnxruntime-fp16"]
-    module = external_pkg / entry["modules"]["vision"]
+    module = external_pkg / entry.modules["vision"]
     data = module.with_name(module.name + ".data")
     assert data.is_file()
     if is_root():  # root reads through chmod: make ONNX Runtime fail as it does for another user

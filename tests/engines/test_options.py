@@ -32,6 +32,9 @@ def one_line(err: SleighError) -> str:
     ({"llm_weights": "int2"}, ("--llm-weights int2",)),
     ({"precision": "fp32", "llm_weights": "fp16"}, ("--llm-weights fp16", "--precision fp16")),
     ({"backend": "tensorrt", "llm_weights": "int4"}, ("--llm-weights int4", "MatMulNBits")),
+    ({"kv_dtype": "int8"}, ("--kv-dtype int8", "float32 | float16")),
+    ({"kv_dtype": "float32"}, ("--kv-dtype float32", "FP16 decoder")),  # the default precision is fp16
+    ({"backend": "tensorrt", "kv_dtype": "float16"}, ("--kv-dtype float16", "ONNX Runtime engines")),
     ({"name": "../escape"}, ("--name '../escape'", "folder name")),
     ({"name": ""}, ("--name ''",)),
     ({"max_tiles": 0}, ("--max-tiles 0", ">= 1")),
@@ -65,6 +68,10 @@ def test_names():
     assert EngineOptions(backend="tensorrt", precision="int8").weights == "fp16"
     assert EngineOptions(backend="tensorrt", precision="fp16", llm_weights="fp32").engine_name == "tensorrt-fp16-llm-fp32"
     assert EngineOptions(name="orin.fp16_v2", backend="tensorrt").engine_name == "orin.fp16_v2"
+    assert EngineOptions(precision="int8", llm_weights="int4", kv_dtype="float16").engine_name == \
+        "onnxruntime-int8-llm-int4-kv-fp16"
+    assert EngineOptions(kv_dtype="float16").engine_name == "onnxruntime-fp16"  # an FP16 decoder's slots are float16 anyway
+    assert (EngineOptions().kv, EngineOptions(precision="int8").kv) == ("float16", "float32")
 
 
 def test_module_precisions():
@@ -110,9 +117,6 @@ def test_for_package_checks_against_the_package(manifest, tmp_path):
     lib.write_bytes(b"")
     with pytest.raises(SleighError, match="no GSWA node"):
         EngineOptions(backend="tensorrt", plugin_library=lib).for_package({**manifest, "gswa": None})
-    taken = {**manifest, "engines": {"mine": {"backend": "tensorrt"}}}
-    with pytest.raises(SleighError, match="'tensorrt' engine of that name"):
-        EngineOptions(name="mine").for_package(taken)
 
 
 def test_recorded_as_given(tmp_path):
@@ -161,10 +165,11 @@ def test_the_rebuild_command_repeats_the_options_as_given(tmp_path):
     import shlex
 
     from sleigh.runtime.backends import rebuild_command
+    from sleigh.runtime.manifest import EngineEntry
 
     opts = EngineOptions(backend="tensorrt", precision="int8", name="orin", max_batch=2, workspace_gb=8.0,
                          allow_degraded=True, gate_images=tmp_path)
-    command = shlex.split(rebuild_command(Path("pkg"), {"backend": "tensorrt", "build_options": opts.to_json()}))
+    command = shlex.split(rebuild_command(Path("pkg"), EngineEntry("orin", "tensorrt", "int8", {}, build_options=opts.to_json())))
     assert command[:3] == ["sleigh", "build-engine", "pkg"] and command[-1] == "--force"
     args = dict(zip(command[3:-1:2], command[4:-1:2]))
     assert args == {"--backend": "tensorrt", "--precision": "int8", "--name": "orin", "--max-batch": "2", "--workspace-gb": "8.0"}

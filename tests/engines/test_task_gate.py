@@ -8,6 +8,7 @@ installed engine and on the package's modules.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -37,13 +38,19 @@ def _agreement_gate_passes(monkeypatch):
 
 @pytest.mark.slow
 def test_an_engine_within_tolerance_passes_and_records_both_accuracies(tiny_pkg, tmp_path, eval_data, monkeypatch):
+    import sleigh.evaluate
+
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_pkg, pkg)
     _agreement_gate_passes(monkeypatch)
+    evaluated = []  # the engine each `sleigh eval` ran: "package" is the FP32 modules
+    real = sleigh.evaluate.evaluate
+    monkeypatch.setattr(sleigh.evaluate, "evaluate", lambda *a, **k: (evaluated.append(k["engine"]), real(*a, **k))[1])
     entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, quiet=True))
-    task = read_manifest(pkg).engines["onnxruntime-fp32"]["task_accuracy"]
-    assert entry["accuracy_passed"] and task["passed"] and task["tolerance_points"] == 1.0
-    assert entry["build_options"]["eval_data"] == str(eval_data) and entry["build_options"]["eval_tolerance"] is None
+    assert evaluated.count("package") == 1
+    task = read_manifest(pkg).engines["onnxruntime-fp32"].task_accuracy
+    assert entry.accuracy_passed and task["passed"] and task["tolerance_points"] == 1.0
+    assert entry.build_options["eval_data"] == str(eval_data) and entry.build_options["eval_tolerance"] is None
     fp32 = evaluate(pkg, eval_data, engine="package", quiet=True)["types"]
     engine = evaluate(pkg, eval_data, engine="onnxruntime-fp32", quiet=True)["types"]
     assert set(task["types"]) == set(fp32) == {"colour", "shape", "position"}
@@ -51,6 +58,20 @@ def test_an_engine_within_tolerance_passes_and_records_both_accuracies(tiny_pkg,
         assert (v["n"], v["fp32"], v["engine"]) == (fp32[t]["n"], fp32[t]["accuracy"], engine[t]["accuracy"])
         drop = 100 * (fp32[t]["accuracy"] - engine[t]["accuracy"])
         assert v["drop_points"] == drop and v["ok"]
+
+    # FP32's numbers are measured once per data: a second engine on the same data reuses them...
+    evaluated.clear()
+    again = build_engine(pkg, EngineOptions(precision="fp32", name="again", eval_data=eval_data, quiet=True))
+    assert "package" not in evaluated and len(evaluated) == 1  # the engine's own run only
+    assert again.task_accuracy["types"] == task["types"]
+    # ...and data that changed (one answer) is evaluated again
+    lines = [json.loads(line) for line in eval_data.read_text().splitlines()]
+    lines[0]["answer"] += " indeed"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps({**q, "image": str(eval_data.parent / q["image"])}) + "\n" for q in lines))
+    evaluated.clear()
+    build_engine(pkg, EngineOptions(precision="fp32", name="changed", eval_data=changed, quiet=True))
+    assert evaluated.count("package") == 1
 
 
 @pytest.mark.slow
@@ -70,7 +91,7 @@ def test_a_drop_beyond_tolerance_refuses_in_one_line_and_registers_nothing(tiny_
 
     entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, eval_tolerance=-0.5,
                                             allow_degraded=True, quiet=True))
-    assert entry["degraded"] and not entry["accuracy_passed"] and not entry["task_accuracy"]["passed"]
+    assert entry.degraded and not entry.accuracy_passed and not entry.task_accuracy["passed"]
 
 
 @pytest.mark.slow
@@ -89,8 +110,8 @@ def test_with_eval_data_the_task_accuracy_decides_and_the_agreement_gate_is_a_re
     with pytest.raises(GateFailed):
         build_engine(pkg, EngineOptions(precision="fp32", quiet=True))
     entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, quiet=True))
-    assert entry["accuracy_passed"] and not entry["degraded"] and not entry["accuracy"]["passed"]
-    assert read_manifest(pkg).engines["onnxruntime-fp32"]["task_accuracy"]["passed"]
+    assert entry.accuracy_passed and not entry.degraded and not entry.accuracy["passed"]
+    assert read_manifest(pkg).engines["onnxruntime-fp32"].task_accuracy["passed"]
 
 
 def test_bad_task_gate_options_are_one_line(tiny_pkg, tmp_path, monkeypatch, capsys):

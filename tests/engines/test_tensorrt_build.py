@@ -274,9 +274,6 @@ def test_engine_plan_errors(trt_pkg, tmp_path):
             engine_plan(pkg, manifest, srcs, TRT(**kw))
         assert_one_line_error(e.value)
         assert needle in str(e.value)
-    taken = {**manifest, "engines": {"tensorrt-fp16": {"backend": "onnxruntime"}}}
-    with pytest.raises(SleighError, match="onnxruntime"):
-        engine_plan(pkg, taken, sources, TRT())
 
 
 # -- TensorRT missing ---------------------------------------------------------------------------

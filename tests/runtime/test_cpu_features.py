@@ -4,12 +4,13 @@ line per processor; ARM64: `Features`)."""
 
 from __future__ import annotations
 
-import io
 import platform
+from dataclasses import replace
 
 import pytest
 
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features, missing_features, warn_if_missing
+from sleigh.runtime.manifest import EngineEntry
 
 EPYC_AVX2 = """processor\t: 0
 vendor_id\t: AuthenticAMD
@@ -54,12 +55,12 @@ def test_missing_features():
     assert missing_features(None, ["avx2"]) == [] and missing_features([], ["avx2"]) == []
 
 
-def test_warning_is_one_line_and_only_when_a_feature_is_missing():
-    entry = {"name": "onnxruntime-int8", "cpu": {"machine": "x86_64", "features": ["avx2", "avx512_vnni"]}}
-    out = io.StringIO()
-    assert warn_if_missing(entry, current=["avx2"], stream=out) == ["avx512_vnni"]
-    lines = out.getvalue().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: engine onnxruntime-int8") and "avx512_vnni" in lines[0]
-    for quiet in ({**entry, "cpu": {"features": ["avx2"]}}, {"name": "old", "cpu": None}, {"name": "older"}):
-        out = io.StringIO()
-        assert warn_if_missing(quiet, current=["avx2"], stream=out) == [] and out.getvalue() == ""
+def test_warning_is_one_line_and_only_when_a_feature_is_missing(caplog):
+    entry = EngineEntry("onnxruntime-int8", "onnxruntime", "int8", {}, cpu_features=("avx2", "avx512_vnni"))
+    assert warn_if_missing(entry, current=["avx2"]) == ["avx512_vnni"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
+    assert len(lines) == 1 and lines[0].startswith("engine onnxruntime-int8") and "avx512_vnni" in lines[0]
+    assert "\n" not in lines[0]
+    caplog.clear()
+    for quiet in (replace(entry, cpu_features=("avx2",)), replace(entry, cpu_features=None)):
+        assert warn_if_missing(quiet, current=["avx2"]) == [] and caplog.records == []

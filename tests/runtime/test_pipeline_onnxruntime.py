@@ -406,7 +406,7 @@ def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypa
     from sleigh.cli import app
     from sleigh.engines.accuracy import run_gate
     from sleigh.evaluate import evaluate
-    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.manifest import EngineEntry, read_manifest
     from sleigh.serve.worker import ModelWorker
 
     opened: list[Pipeline] = []
@@ -414,7 +414,7 @@ def test_every_caller_closes_the_pipelines_it_opens(tiny_pkg, tmp_path, monkeypa
     monkeypatch.setattr(Pipeline, "__init__", lambda self, *a, **k: (opened.append(self), init(self, *a, **k))[1])
 
     modules = {m: e["file"] for m, e in read_manifest(tiny_pkg).json["modules"].items()}
-    run_gate(tiny_pkg, {"backend": "onnxruntime", "precision": "fp32", "modules": modules}, num_pairs=1)
+    run_gate(tiny_pkg, EngineEntry("fp32", "onnxruntime", "fp32", modules), num_pairs=1)
     run_bench([("pkg", tiny_pkg, "onnxruntime", None)], None, "hi", runs=1, max_new_tokens=2, quiet=True)
     data = tmp_path / "qa.jsonl"
     data.write_text(json.dumps({"image": str(EXAMPLES / "coffee.jpg"), "question": "What?", "answer": "x"}) + "\n")

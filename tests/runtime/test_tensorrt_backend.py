@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, gswa_plugin_path,
     parse_version, profile_error, runtime_status, select_profile)
+from sleigh.runtime.manifest import EngineEntry, parse_engine
 from tests.helpers import HostCuda, heavy_imports
 
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
@@ -114,31 +116,31 @@ def test_gswa_plugin_is_loaded_only_from_the_engine_folder(tmp_path):
     outside.write_bytes(b"\x7fELF")
     rel = "engines/trt/plugin/libgswa.so"
 
-    def entry(path, files=(rel,)):
-        return {"gswa": {"via": "plugin", "plugin_library": path}, "files": dict.fromkeys(files, {})}
+    def entry(path, files=(rel,), via="plugin"):
+        data = {"backend": "tensorrt", "precision": "fp16", "modules": {}, "gswa": {"via": via, "plugin_library": path}}
+        return parse_engine(tmp_path, "trt", data if files is None else {**data, "files": dict.fromkeys(files, {})})
 
-    assert gswa_plugin_path(tmp_path, {"gswa": {"via": "function"}}) is None
-    assert gswa_plugin_path(tmp_path, {"gswa": None}) is None
+    assert gswa_plugin_path(tmp_path, entry(None, via="function")) is None
     assert gswa_plugin_path(tmp_path, entry(rel)) == tmp_path / rel
-    gating = {"gswa": {"via": "plugin", "plugin_library": rel}}  # an entry being gated lists no files yet
-    assert gswa_plugin_path(tmp_path, gating) == tmp_path / rel
-    for bad, needle in [(entry(str(outside), files=(rel, str(outside))), "absolute path"),
-                        (entry(f"../{outside.name}", files=(f"../{outside.name}",)), "outside"),
-                        (entry(rel, files=()), "lists no library"),
-                        (entry(None), "lists no library"),
-                        (entry("engines/trt/plugin/gone.so", files=("engines/trt/plugin/gone.so",)), "missing")]:
+    assert gswa_plugin_path(tmp_path, entry(rel, files=None)) == tmp_path / rel  # an entry being gated lists no files yet
+    for make, needle in [(lambda: entry(str(outside), files=(rel, str(outside))), "absolute path"),
+                         (lambda: entry(f"../{outside.name}", files=(f"../{outside.name}",)), "outside"),
+                         (lambda: entry(rel, files=()), "not among the entry's files"),
+                         (lambda: entry(None), "gswa.plugin_library is null"),
+                         (lambda: gswa_plugin_path(tmp_path, entry("engines/trt/plugin/gone.so",
+                                                                   files=("engines/trt/plugin/gone.so",))), "missing")]:
         with pytest.raises(SleighError) as e:
-            gswa_plugin_path(tmp_path, bad)
-        assert needle in str(e.value) and "\n" not in str(e.value), bad
+            make()
+        assert needle in str(e.value) and "\n" not in str(e.value), needle
 
 
 def test_check_engine_compat():
-    entry = {"backend": "tensorrt", "versions": {"tensorrt": "10.3.0.26", "compute_capability": "8.7"}}
+    entry = EngineEntry("trt", "tensorrt", "fp16", {}, versions={"tensorrt": "10.3.0.26", "compute_capability": "8.7"})
     check_engine_compat(entry, "10.3.0.26", "8.7")
     check_engine_compat(entry, "10.3.0.26", None)  # compute capability unknown: TensorRT checks it itself
     cases = [
-        ({**entry, "backend": "onnxruntime"}, "10.3.0.26", "8.7", "not a TensorRT engine"),
-        ({**entry, "versions": {"tensorrt": None}}, "10.3.0.26", "8.7", "no TensorRT version"),
+        (replace(entry, backend="onnxruntime"), "10.3.0.26", "8.7", "not a TensorRT engine"),
+        (replace(entry, versions={"tensorrt": None}), "10.3.0.26", "8.7", "no TensorRT version"),
         (entry, "10.8.0.43", "8.7", "built with TensorRT 10.3.0.26, this machine has TensorRT 10.8.0.43"),
         (entry, "10.3.0.26", "9.0", "compute capability 8.7, this GPU is 9.0"),
     ]

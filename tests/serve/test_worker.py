@@ -3,6 +3,10 @@ request cleanly (a cancelled request, never the pipeline's "used after close()" 
 
 import asyncio
 
+import pytest
+
+from sleigh.errors import SleighError
+
 from sleigh.runtime.pipeline import Pipeline
 from sleigh.runtime.prompt import Turn
 from sleigh.runtime.sampling import SamplingOptions
@@ -21,8 +25,23 @@ def test_a_worker_closes_only_the_pipeline_it_owns(tiny_pkg):
         assert not lent.closed  # still the lender's, and it still answers
         assert lent.generate(None, "hi", max_new_tokens=2, ignore_eos=True).result.token_ids
     owned = Pipeline.load(tiny_pkg)
-    ModelWorker(owned, max_queue=0, owns_pipeline=True).close()
+    worker = ModelWorker(owned, max_queue=0, owns_pipeline=True)
+    worker.close()
     assert owned.closed
+
+    async def submit_after_close():
+        with pytest.raises(SleighError, match=r"^model worker \| closed: it takes no more requests\. Expected: "):
+            worker.submit(_request(1))
+    asyncio.run(submit_after_close())
+    assert worker.waiting == 0  # the refused request left no count behind
+    # a request that reaches the server as it shuts down is told so (503), not a server error
+    from starlette.testclient import TestClient
+
+    from sleigh.serve.app import ServeSettings, create_app
+
+    response = TestClient(create_app(ServeSettings(model=tiny_pkg), worker)).post(
+        "/v1/chat/completions", json={"model": tiny_pkg.name, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 503 and "closed" in response.json()["error"]["message"], response.text
 
 
 def test_closing_the_worker_ends_running_and_queued_requests_as_cancelled(tiny_pkg):

@@ -31,8 +31,6 @@ from sleigh.engines.calibration.int8 import (INT8_MAX, QUANTIZED_OP_TYPES, activ
 from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 
-_ACTIVATION_OP = "QuantizeLinear"
-
 
 def weight_axis(node, input_index: int, ndim: int) -> int | None:
     """The output-channel axis of a constant weight input, or None where per-channel does not apply.

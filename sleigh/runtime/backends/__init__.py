@@ -9,7 +9,7 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
-from sleigh.runtime.manifest import Manifest
+from sleigh.runtime.manifest import EngineEntry, Manifest
 from sleigh.runtime.package import REEXPORT, check_files, inside
 
 PACKAGE_BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -25,15 +25,8 @@ WEIGHT_PREFERENCE = ("int4", "int8", "fp16", "fp32")
 def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
     """The engines that passed their accuracy gate for this backend and device, best first."""
     order = ENGINE_PREFERENCE[device]
-    rank = lambda item: (_index(order, item[1]["precision"]), _index(WEIGHT_PREFERENCE, item[1].get("llm_weights") or "fp32"))  # noqa: E731
-    candidates = [(name, e) for name, e in manifest.engines.items()
-                  if e.get("backend") == backend and e.get("accuracy_passed")]
-    return [name for name, _ in sorted(candidates, key=rank)]
-
-
-def best_engine(manifest: Manifest, backend: str, device: str) -> str | None:
-    """The best engine that passed its accuracy gate for this backend and device, or None."""
-    return next(iter(ranked_engines(manifest, backend, device)), None)
+    rank = lambda e: (_index(order, e.precision), _index(WEIGHT_PREFERENCE, e.llm_weights or "fp32"))  # noqa: E731
+    return [e.name for e in sorted((e for e in manifest.engines.values() if e.backend == backend and e.accuracy_passed), key=rank)]
 
 
 def _index(order: tuple, value) -> int:
@@ -45,10 +38,10 @@ def warn(message: str) -> None:
     logging.getLogger("sleigh").warning("%s", message)
 
 
-def rebuild_command(pkg: Path, entry: dict) -> str:
+def rebuild_command(pkg: Path, entry: EngineEntry) -> str:
     """The command that builds this engine again, from the options it was built with."""
-    opts = entry.get("build_options") or {}
-    args = [f"--backend {opts.get('backend') or entry.get('backend')}", f"--precision {opts.get('precision') or entry.get('precision')}"]
+    opts = entry.build_options or {}
+    args = [f"--backend {opts.get('backend') or entry.backend}", f"--precision {opts.get('precision') or entry.precision}"]
     args += [f"--{k.replace('_', '-')} {v}" for k, v in opts.items()  # the shape options, as given (None: the default)
              if k not in ("backend", "precision", "gate_images", "allow_degraded") and v is not None and not isinstance(v, bool)]
     return f"sleigh build-engine {pkg} {' '.join(args)} --force"
@@ -56,7 +49,7 @@ def rebuild_command(pkg: Path, entry: dict) -> str:
 
 def engine_files(manifest: Manifest, name: str) -> list[str]:
     entry = manifest.engines[name]
-    return list(dict.fromkeys([*entry["modules"].values(), *entry.get("files", {})]))
+    return list(dict.fromkeys([*entry.modules.values(), *(entry.files or ())]))
 
 
 def run_files(pkg: Path, manifest: Manifest, name: str | None) -> dict[str, str]:
@@ -77,7 +70,7 @@ def missing_files(pkg: Path, manifest: Manifest, name: str) -> list[str]:
 
 
 def open_package_backend(pkg: Path, manifest: Manifest, backend: str = "auto", *, threads: int | None = None,
-                         engine: str | dict | None = None, verify: bool = True) -> Backend:
+                         engine: str | EngineEntry | None = None, verify: bool = True) -> Backend:
     """`engine`: a name from the manifest, an unregistered entry (during a build, opened unchecked),
     or None for the best gated engine whose files are there (falling back to the package's FP32
     modules). The files the run reads are checked first: sizes always, sha256 unless `verify` is False."""
@@ -86,21 +79,21 @@ def open_package_backend(pkg: Path, manifest: Manifest, backend: str = "auto", *
     if backend == "torch":
         raise SleighError("backend=torch", "the torch backend runs Sleigh checkpoints, not packages",
                           "a checkpoint folder for backend torch, or backend onnxruntime for a package")
-    if isinstance(engine, dict):  # an entry being gated by build-engine: just written, not registered yet
+    if isinstance(engine, EngineEntry):  # an entry being gated by build-engine: just written, not registered yet
         return _open(pkg, manifest, engine, threads)
     name = _choose(pkg, manifest, backend, engine)
     check_files(pkg, manifest, run_files(pkg, manifest, name), verify=verify)
     if name is None:
         return _open(pkg, manifest, None, threads)
     entry = manifest.engines[name]
-    if entry.get("degraded") or not entry.get("accuracy_passed"):
+    if not entry.gated:
         warn(f"engine {name} did not pass its accuracy gate (kept with --allow-degraded): its answers may differ "
              "from the FP32 modules' (`sleigh compare` shows by how much)")
-    return _open(pkg, manifest, {**entry, "name": name}, threads)
+    return _open(pkg, manifest, entry, threads)
 
 
-def _open(pkg: Path, manifest: Manifest, entry: dict | None, threads: int | None) -> Backend:
-    if entry is not None and entry.get("backend") == "tensorrt":
+def _open(pkg: Path, manifest: Manifest, entry: EngineEntry | None, threads: int | None) -> Backend:
+    if entry is not None and entry.backend == "tensorrt":
         from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend.from_package(pkg, manifest, entry)
@@ -120,15 +113,15 @@ def _choose(pkg: Path, manifest: Manifest, backend: str, engine: str | None) -> 
         entry = engines.get(engine)
         if entry is None:
             raise SleighError(f"engine={engine}", "no such engine in the package", ", ".join([PACKAGE_MODULES, *engines]))
-        if backend == "tensorrt" and entry.get("backend") != "tensorrt":
+        if backend == "tensorrt" and entry.backend != "tensorrt":
             raise SleighError(f"engine={engine}", "not a TensorRT engine of this package",
-                              ", ".join(n for n, e in engines.items() if e.get("backend") == "tensorrt") or
+                              ", ".join(n for n, e in engines.items() if e.backend == "tensorrt") or
                               "build one with `sleigh build-engine --backend tensorrt`")
-        if backend == "onnxruntime" and entry.get("backend") != "onnxruntime":
-            raise SleighError(f"engine={engine}", f"built for {entry.get('backend')}",
+        if backend == "onnxruntime" and entry.backend != "onnxruntime":
+            raise SleighError(f"engine={engine}", f"built for {entry.backend}",
                               "an onnxruntime engine, or backend tensorrt on a machine with TensorRT")
-        if entry.get("backend") not in ("onnxruntime", "tensorrt"):
-            raise SleighError(f"engine={engine}", f"built for {entry.get('backend')!r}", "an onnxruntime or tensorrt engine")
+        if entry.backend not in ("onnxruntime", "tensorrt"):
+            raise SleighError(f"engine={engine}", f"built for {entry.backend!r}", "an onnxruntime or tensorrt engine")
         return engine
     skipped: list[str] = []
     if backend in ("auto", "tensorrt"):

@@ -40,6 +40,9 @@ class Backend(ABC):
     # The files the backend read its modules' weights from, by module (external data lies beside a file
     # as FILE.data): what a memory budget counts as weights (runtime/memory.py). Each backend sets its own.
     files: Mapping[str, Path] = MappingProxyType({})
+    # The dtype of the KV cache slots `new_cache` allocates (what a memory budget counts): the ONNX Runtime
+    # and TensorRT backends set their decoder's.
+    kv_dtype: np.dtype = np.dtype(np.float32)
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,9 +83,9 @@ class Backend(ABC):
         self.close()
 
 
-def module_files(manifest, entry: dict | None = None) -> dict[str, Path]:
+def module_files(manifest, entry=None) -> dict[str, Path]:
     """The file each module runs from: the package's own ONNX modules (`entry` None), or those an
     engine entry of the manifest lists (ONNX or TensorRT plans). What a backend keeps as `files`."""
     if entry is None:
         return {m: manifest.module_path(m) for m in MODULE_NAMES}
-    return {m: manifest.path(rel, f"manifest.json: engine modules.{m}") for m, rel in entry.get("modules", {}).items()}
+    return {m: manifest.path(rel, f"manifest.json: engine modules.{m}") for m, rel in entry.modules.items()}

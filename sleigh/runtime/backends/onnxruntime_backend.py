@@ -28,8 +28,8 @@ import numpy as np
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.compat import import_onnxruntime, session_options
-from sleigh.runtime.kv_cache import DeviceSlots, HostSlots, SlotCache
-from sleigh.runtime.manifest import KVCacheSection, Manifest
+from sleigh.runtime.kv_cache import KV_DTYPES, DeviceSlots, HostSlots, SlotCache
+from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import REEXPORT, check_module_io
 
 CPU = "CPUExecutionProvider"
@@ -50,7 +50,9 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, files: dict[str, Path], kv: KVCacheSection, threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
-                 manifest_modules: dict | None = None):
+                 manifest_modules: dict | None = None, kv_dtype: str | None = None):
+        """`kv_dtype`: the cache slots' dtype as the manifest gives it (`manifest_kv_dtype`), checked
+        against the decoder's graph; None (a decoder opened without a manifest): the graph's."""
         ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
         self.ort = ort
@@ -80,11 +82,14 @@ class OnnxRuntimeBackend(Backend):
         if absent:
             raise SleighError(str(files["decoder"]), f"the decoder lacks the cache tensors {absent[:2]} the manifest names",
                               f"the package's own decoder; {REEXPORT}")
-        self._kv_dtype = self._input_dtype("decoder", self._past_names[0])
-        new_dtypes = {self._output_dtype("decoder", n) for n in self._new_names}
-        if new_dtypes != {self._kv_dtype}:
+        self.kv_dtype = np.dtype(self._input_dtype("decoder", self._past_names[0]))
+        new_dtypes = {np.dtype(self._output_dtype("decoder", n)) for n in self._new_names}
+        if new_dtypes != {self.kv_dtype}:
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
-                              f"slots {np.dtype(self._kv_dtype)}", "one float dtype for the KV cache in and out")
+                              f"slots {self.kv_dtype}", "one float dtype for the KV cache in and out")
+        if kv_dtype is not None and np.dtype(kv_dtype) != self.kv_dtype:
+            raise SleighError(str(files["decoder"]), f"its cache slots are {self.kv_dtype}, the manifest says {kv_dtype}",
+                              f"the decoder the manifest lists; rebuild the engine (sleigh build-engine --force) or {REEXPORT}")
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
         self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
@@ -96,10 +101,10 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
-                     engine: dict | None = None) -> OnnxRuntimeBackend:
-        label = "package fp32" if engine is None else engine.get("name") or engine["precision"]
+                     engine: EngineEntry | None = None) -> OnnxRuntimeBackend:
+        label = "package fp32" if engine is None else engine.name
         backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
-                      manifest_modules=manifest.modules)
+                      manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine))
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
 
@@ -126,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
 
     def new_cache(self, batch=1) -> SlotCache:
         self._check_open()
-        return SlotCache(self._past_names, batch, self.num_kv_heads, self.head_dim, self._kv_dtype,
+        return SlotCache(self._past_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype,
                          storage=self.slot_storage)
 
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
@@ -201,6 +206,21 @@ def _dtype(values, name: str):
         if v.name == name:
             return np.float16 if "float16" in v.type else np.float32
     return np.float32
+
+
+def manifest_kv_dtype(manifest: Manifest, engine: EngineEntry | None) -> str | None:
+    """The decoder's cache-slot dtype as the manifest states it: an engine entry's `kv_dtype`
+    (build-engine), or the dtype of the package decoder's first cache input (modules.decoder.inputs).
+    None where it states none (an engine built before entries carried it, a tensor listed without dtype)."""
+    if engine is not None:
+        dtype, where = engine.kv_dtype, f"engines.{engine.name}.kv_dtype"
+    else:
+        first = manifest.contract.kv_cache.past[0]
+        dtype = next((t.dtype for t in manifest.modules["decoder"].inputs if t.name == first and t.dtype != "?"), None)
+        where = f"modules.decoder.inputs.{first}.dtype"
+    if dtype is not None and dtype not in KV_DTYPES:
+        raise SleighError(f"manifest.json: {where}", f"is {dtype!r:.40}", " or ".join(KV_DTYPES))
+    return dtype
 
 
 def _device_copier():

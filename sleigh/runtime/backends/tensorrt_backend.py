@@ -37,7 +37,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
 from sleigh.runtime.kv_cache import DeviceSlots, SlotCache
-from sleigh.runtime.manifest import KVCacheSection, Manifest
+from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import MODULE_NAMES, inside
 
 MIN_TENSORRT = (10, 3)  # JetPack 6 ships TensorRT 10.3
@@ -142,13 +142,13 @@ def profile_error(module: str, profiles: list[Profile], shapes: dict[str, Shape]
                        f"shapes within {ranges} (rebuild with a larger --max-tiles / --max-context / --max-batch)")
 
 
-def check_engine_compat(entry: dict, tensorrt_version: str, compute_capability: str | None) -> None:
+def check_engine_compat(entry: EngineEntry, tensorrt_version: str, compute_capability: str | None) -> None:
     """A plan runs only on the TensorRT version and GPU architecture that built it: say so before
     TensorRT fails to deserialize it with a long log."""
-    if entry.get("backend") != "tensorrt":
-        raise SleighError("engine", f"backend {entry.get('backend')!r} is not a TensorRT engine",
+    if entry.backend != "tensorrt":
+        raise SleighError("engine", f"backend {entry.backend!r} is not a TensorRT engine",
                           "an engine entry with backend 'tensorrt' (or backend onnxruntime for this one)")
-    versions = entry.get("versions") or {}
+    versions = entry.versions or {}
     built_trt, built_cc = versions.get("tensorrt"), versions.get("compute_capability")
     if not built_trt:
         raise SleighError("engine", "the manifest entry has no TensorRT version (the build did not finish)",
@@ -211,19 +211,13 @@ def load_plugin_library(trt, logger, library: Path) -> None:
                           "a shared library built for this TensorRT version that registers the sleigh::GSWA plugin")
 
 
-def gswa_plugin_path(pkg: Path, engine_entry: dict) -> Path | None:
+def gswa_plugin_path(pkg: Path, engine_entry: EngineEntry) -> Path | None:
     """The engine folder's copy of the GSWA plugin library when the vision plan calls the plugin, else
-    None. Only a file inside the package that the entry lists (with its sha256) is ever loaded: a
-    manifest must not make the runtime load an arbitrary shared library."""
-    gswa = engine_entry.get("gswa") or {}
-    if gswa.get("via") != "plugin":
+    None. Only a file inside the package that the entry lists (with its sha256; manifest.py checks it)
+    is ever loaded: a manifest must not make the runtime load an arbitrary shared library."""
+    if engine_entry.plugin_library is None:
         return None
-    rel = gswa.get("plugin_library")
-    if not rel or ("files" in engine_entry and rel not in engine_entry["files"]):
-        raise SleighError("engine", "the vision plan calls the sleigh::GSWA TensorRT plugin and the entry lists no "
-                          "library for it among its files", "an engine built with `sleigh build-engine --plugin-library`, "
-                          "or one built without it")
-    path = inside(pkg, rel, "manifest.json: gswa.plugin_library")
+    path = inside(pkg, engine_entry.plugin_library, "manifest.json: gswa.plugin_library")
     if not path.is_file():
         raise SleighError(str(path), "the GSWA plugin library of the engine is missing",
                           "the engine's files as built (rebuild it with `sleigh build-engine`)")
@@ -313,9 +307,9 @@ class TensorRTBackend(Backend):
         self._init_decoder()
 
     @classmethod
-    def from_package(cls, pkg: Path, manifest: Manifest, engine_entry: dict, *, device: int = 0,
+    def from_package(cls, pkg: Path, manifest: Manifest, engine_entry: EngineEntry, *, device: int = 0,
                      verbose: bool = False) -> TensorRTBackend:
-        """Open the plans of one `manifest["engines"][name]` entry; one-line SleighError when TensorRT,
+        """Open the plans of one engine entry of the manifest; one-line SleighError when TensorRT,
         cuda-python or a GPU is missing, or when the plan was built for another TensorRT or GPU."""
         ok, what, problem, expected = runtime_status()
         if not ok:
@@ -328,7 +322,7 @@ class TensorRTBackend(Backend):
             if module not in plans or not plans[module].is_file():
                 raise SleighError(str(plans.get(module, Path(pkg) / f"<{module}>")), "engine plan missing",
                                   "the .plan files listed in the manifest (rebuild with `sleigh build-engine`)")
-        return cls(plans, kv=manifest.contract.kv_cache, label=engine_entry.get("precision", "?"),
+        return cls(plans, kv=manifest.contract.kv_cache, label=engine_entry.precision,
                    plugin_library=gswa_plugin_path(pkg, engine_entry), device=device, verbose=verbose)
 
     # -- generic execution -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from sleigh.errors import SleighError
-from sleigh.runtime.backends import best_engine, ranked_engines
+from sleigh.runtime.backends import ranked_engines
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
@@ -85,7 +85,7 @@ def test_a_degraded_engine_runs_with_one_warning(pkg, caplog):
     manifest = load(pkg)
     manifest["engines"]["onnxruntime-int8"].update(accuracy_passed=False, degraded=True)
     save(pkg, manifest)
-    assert best_engine(read_manifest(pkg), "onnxruntime", "cpu") == "onnxruntime-fp32"  # never picked by auto
+    assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == ["onnxruntime-fp32"]  # never picked by auto
     Pipeline.load(pkg)
     assert _warnings(caplog) == []
     pipe = Pipeline.load(pkg, engine="onnxruntime-int8")
