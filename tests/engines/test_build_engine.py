@@ -96,7 +96,16 @@ def test_precision_really_changes_the_files(engine_pkg):
     assert kv and set(kv.values()) == {onnx.TensorProto.FLOAT16}
     assert io["inputs_embeds"] == io["attention_bias"] == io["logits"] == onnx.TensorProto.FLOAT
     assert not [n for n in dec.graph.node if n.op_type == "Cast" and set(n.input) & set(kv)]
-    assert "MatMulNBits" in ops(manifest.engines["onnxruntime-fp32-llm-int4"].modules["decoder"])
+    # INT4 decoder: every weight MatMul 4-bit but the one producing the logits, 8-bit (LM_HEAD_BITS)
+    int4 = onnx.load(str(engine_pkg / manifest.engines["onnxruntime-fp32-llm-int4"].modules["decoder"]),
+                     load_external_data=False)
+    producers = {o: n for n in int4.graph.node for o in n.output}
+    head = producers["logits"]
+    while head.op_type != "MatMulNBits":
+        head = producers[head.input[0]]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in int4.graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop(head.name) == 8 and bits and set(bits.values()) == {4}
+    assert not [n for n in int4.graph.node if n.op_type == "MatMul" and n.input[1] in {i.name for i in int4.graph.initializer}]
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops(manifest.engines["onnxruntime-int8"].modules["vision"])
     sizes = {n: manifest.engines[n].files_bytes for n in ENGINES}
     assert sizes["onnxruntime-fp32-llm-int4"] < sizes["onnxruntime-fp32-llm-int8"]
