@@ -22,15 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-MB = 1024**2
-
-
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from memory_bench import MB, status as _status  # a sibling script: the same /proc reader
 
 
 def _open(pkg: Path, engine: str, context: int, arena: bool = True):
