@@ -5,8 +5,9 @@
     PKG/engines/<name>/plugin/<library>               TensorRT with --plugin-library: the GSWA plugin
 
 Each module is converted by the function `CONVERSIONS` holds for it and its precision
-(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). With --kv-dtype float16 on a decoder that is not FP16, float16 cache slots around its float32
-attention (`kv_slots_fp16`); the entry's `kv_dtype` says what the decoder's slots are.
+(`EngineOptions.module_precisions`; what each precision means: DESIGN.md, "Precision"). With
+--kv-dtype float16 on a decoder that is not FP16, float16 cache slots around its float32 attention
+(`kv_slots_fp16`); the entry's `kv_dtype` says what the decoder's slots are.
 Every build ends with the accuracy gate against the FP32 modules, and with --eval-data a task-accuracy
 gate (engines/accuracy.py); failing either, the build fails (nothing is registered) unless --allow-degraded.
 """
