@@ -29,7 +29,7 @@ from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
-from sleigh.runtime.kv_cache import NEW, PAST
+from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import EngineEntry, Manifest, parse_engine, read_manifest, update_manifest
 from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json, write_bytes_atomic
 
@@ -109,7 +109,7 @@ LM_HEAD_BITS = 8
 def lm_head(model) -> str:
     """The name of the MatMul that produces the decoder's `logits` (through its Reshape/Cast, if any)."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    node = producers.get("logits")
+    node = producers.get(LOGITS)
     while node is not None and node.op_type != "MatMul":
         node = producers.get(node.input[0]) if node.input else None
     if node is None:

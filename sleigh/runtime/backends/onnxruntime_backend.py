@@ -28,7 +28,7 @@ import numpy as np
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.compat import import_onnxruntime, session_options
-from sleigh.runtime.kv_cache import KV_DTYPES, DeviceSlots, HostSlots, SlotCache
+from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import REEXPORT, check_module_io
 
@@ -140,7 +140,7 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
             large = inputs_embeds.shape[1] > 1  # a prefill chunk; a decode step's arena is small and kept
-            logits, *new = sess.run(["logits", *self._new_names], feeds, self._shrink if large else None)
+            logits, *new = sess.run([LOGITS, *self._new_names], feeds, self._shrink if large else None)
             cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
             return logits[:, -1].astype(np.float32)
         binding = sess.io_binding()
@@ -149,7 +149,7 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
         for name, value in cache.past().items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # the sampler reads logits on the host
+        binding.bind_output(LOGITS, "cpu")  # the sampler reads logits on the host
         for name in self._new_names:
             binding.bind_output(name, self.device)  # the new keys/values stay on the device
         sess.run_with_iobinding(binding)

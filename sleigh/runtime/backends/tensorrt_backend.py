@@ -36,7 +36,7 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
-from sleigh.runtime.kv_cache import DeviceSlots, SlotCache
+from sleigh.runtime.kv_cache import LOGITS, DeviceSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import MODULE_NAMES, inside
 
@@ -465,8 +465,8 @@ class TensorRTBackend(Backend):
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                     **cache.attention(attention_mask, attention_bias)}
             bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
-            ptr, shape = bound["logits"]  # (B, 1, V): the last position's (schema 3); copy back each row's last
-            rows, V, dtype = shape[1], shape[2], eng.dtypes["logits"]
+            ptr, shape = bound[LOGITS]  # (B, 1, V): the last position's (schema 3); copy back each row's last
+            rows, V, dtype = shape[1], shape[2], eng.dtypes[LOGITS]
             last = np.empty((B, V), dtype)
             for b in range(B):
                 offset = ((b * rows) + rows - 1) * V * dtype.itemsize
