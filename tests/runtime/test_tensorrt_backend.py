@@ -118,7 +118,7 @@ def test_gswa_plugin_is_loaded_only_from_the_engine_folder(tmp_path):
 
     def entry(path, files=(rel,), via="plugin"):
         data = {"backend": "tensorrt", "precision": "fp16", "modules": {}, "gswa": {"via": via, "plugin_library": path}}
-        return parse_engine(tmp_path, "trt", data if files is None else {**data, "files": dict.fromkeys(files, {})})
+        return parse_engine(tmp_path, "trt", data if files is None else {**data, "files": dict.fromkeys(files, {"sha256": "0" * 64, "bytes": 4})})
 
     assert gswa_plugin_path(tmp_path, entry(None, via="function")) is None
     assert gswa_plugin_path(tmp_path, entry(rel)) == tmp_path / rel

@@ -1,16 +1,10 @@
 """ONNX Runtime backend: one session per module, named feeds, the KV cache kept in slots.
 
 CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`providers` in order of
-preference). The decoder reads preallocated cache slots and returns only the new positions' keys
-and values, which are written into the next free slots in place (runtime/kv_cache.py):
-
-- CPU: the slots are numpy arrays that the session reads where they lie; a step writes one
-  position per layer with a slice assignment.
-- CUDA: the slots are device OrtValues (`OrtValueSlots`) bound through IOBinding; the new
-  keys/values stay on the device and one cudaMemcpy2DAsync per tensor writes them into the slots
-  (cuda-python, or the CUDA runtime that onnxruntime-gpu loaded, through ctypes). Only the logits
-  come back to the host. UNVERIFIED: this path has not run on a GPU yet (scripts/gpu_check.sh is
-  the prepared check).
+preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, and on CUDA device
+OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
+(cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). UNVERIFIED: the CUDA path has not
+run on a GPU yet (scripts/gpu_check.sh is the prepared check).
 
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
 sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots

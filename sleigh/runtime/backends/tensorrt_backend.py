@@ -5,15 +5,10 @@ and each module runs through the TensorRT 10 tensor API (`set_input_shape`, `set
 `execute_async_v3` on a non-default stream). `tensorrt` and `cuda` are imported only when a backend
 is opened, so `sleigh --help` and the ONNX Runtime path never need them.
 
-The decoder reads C cache slots and returns only the new positions' keys and values (package schema
-2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a SlotCache on `DeviceSlots`):
-device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at
-slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
-per layer, never the cache. Under a memory budget the Pipeline reserves C for the whole generation
-before the prefill; past the reservation, C grows in chunks of KV_CHUNK slots (a growth allocates
-the larger buffers and re-lays the used slots into them). Nothing is copied back to the host but the last position's logits. The decoder
-engine has two optimisation profiles (prefill: no slots, which an empty cache feeds however many it
-reserved; decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
+Each generation owns its cache (`new_cache`: a SlotCache on `DeviceSlots`, runtime/kv_cache.py and
+README "The decoder's KV cache"); nothing comes back to the host but the last position's logits. The
+decoder engine has two optimisation profiles (prefill: no slots; decode: one new token), chosen per
+step with `set_optimization_profile_async` on one execution context.
 
 The execution contexts, the scratch buffers and the stream are shared by every generation and are
 not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
