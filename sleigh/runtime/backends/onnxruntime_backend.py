@@ -76,8 +76,8 @@ class OnnxRuntimeBackend(Backend):
         if absent:
             raise SleighError(str(files["decoder"]), f"the decoder lacks the cache tensors {absent[:2]} the manifest names",
                               f"the package's own decoder; {REEXPORT}")
-        self.kv_dtype = np.dtype(self._input_dtype("decoder", self._past_names[0]))
-        new_dtypes = {np.dtype(self._output_dtype("decoder", n)) for n in self._new_names}
+        self.kv_dtype = np.dtype(_dtype(decoder.get_inputs(), self._past_names[0]))
+        new_dtypes = {np.dtype(_dtype(decoder.get_outputs(), n)) for n in self._new_names}
         if new_dtypes != {self.kv_dtype}:
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
                               f"slots {self.kv_dtype}", "one float dtype for the KV cache in and out")
@@ -104,12 +104,6 @@ class OnnxRuntimeBackend(Backend):
 
             warn_if_missing(engine)  # its gate ran on another CPU's kernels
         return backend
-
-    def _input_dtype(self, module: str, name: str):
-        return _dtype(self.sessions[module].get_inputs(), name)
-
-    def _output_dtype(self, module: str, name: str):
-        return _dtype(self.sessions[module].get_outputs(), name)
 
     def _session(self, module: str):
         sess = self.sessions.get(module)
