@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from sleigh.runtime.fields import Fields, describe
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, max_views
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
-from sleigh.runtime.package import MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, ordinary_mode, read_json
+from sleigh.runtime.package import (MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
+                                    write_bytes_atomic)
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
 
 RESAMPLE = "bicubic"  # InternVL's resize, the one runtime/image.py implements
@@ -411,9 +411,7 @@ class EngineEntry:
         return self.to_json()
 
     def to_json(self) -> dict:
-        out = {**self.record, **{k: getattr(self, k) for k in ("name", "backend", "precision", "llm_weights", "kv_dtype",
-                                                               "dir", "modules", "build_options", "versions", "accuracy",
-                                                               "task_accuracy", "accuracy_passed", "degraded")}}
+        out = {**self.record, **{k: getattr(self, k) for k in _AS_IS}}
         if self.files is not None:
             out["files"] = {rel: asdict(f) for rel, f in self.files.items()}
             out["files_bytes"] = self.files_bytes
@@ -435,9 +433,11 @@ def parse_engine(pkg: Path, name: str, data) -> EngineEntry:
     return _engine({name: data}, name, in_pkg, in_pkg, where)
 
 
-# what `to_json` writes from the typed fields; the rest of an entry is its record
-_TYPED = ("name", "backend", "precision", "llm_weights", "kv_dtype", "dir", "modules", "build_options", "versions",
-          "accuracy", "task_accuracy", "accuracy_passed", "degraded", "files", "files_bytes", "cpu")
+# The keys `to_json` writes from the typed fields (as they are, or in their on-disk form); the rest
+# of an entry is its record.
+_AS_IS = ("name", "backend", "precision", "llm_weights", "kv_dtype", "dir", "modules", "build_options", "versions",
+          "accuracy", "task_accuracy", "accuracy_passed", "degraded")
+_TYPED = (*_AS_IS, "files", "files_bytes", "cpu")
 
 
 def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry:
@@ -476,26 +476,13 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
 # -- writing ---------------------------------------------------------------------------------------
 
 def write_manifest(pkg: Path, data: dict, *, before_replace: Callable[[], None] | None = None) -> Manifest:
-    """Check `data` as a manifest of `pkg` and write it atomically (temporary file, fsync, rename).
-    `before_replace` runs once the new manifest is on disk beside the old one, just before it takes
-    its place: where a writer moves in the files the new manifest lists (a failure there leaves the
-    old manifest). Returns the manifest as written."""
+    """Check `data` as a manifest of `pkg` and write it atomically; returns the manifest as written.
+    `before_replace`: where a writer moves in the files the new manifest lists (a failure there leaves
+    the old manifest)."""
     pkg = Path(pkg)
     manifest = parse_manifest(data, pkg, str(pkg / MANIFEST))  # nothing unreadable is ever written
-    payload = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=pkg)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, ordinary_mode())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, pkg / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(pkg / MANIFEST, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(),
+                       before_replace=before_replace)
     return manifest
 
 
