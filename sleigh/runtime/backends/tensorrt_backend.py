@@ -31,6 +31,7 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
+from sleigh.runtime.compat import parse_version
 from sleigh.runtime.kv_cache import LOGITS, DeviceSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import MODULE_NAMES, inside
@@ -52,16 +53,6 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text[:limit]
 
 
-def parse_version(version: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); stops at the first part that is not a number."""
-    parts = []
-    for p in str(version).split("."):
-        if not p.isdigit():
-            break
-        parts.append(int(p))
-    return tuple(parts)
-
-
 def tensorrt_status() -> tuple[bool, str]:
     """(True, version) when a usable TensorRT Python package imports; else (False, one-line problem)."""
     try:
@@ -71,7 +62,11 @@ def tensorrt_status() -> tuple[bool, str]:
     version = getattr(trt, "__version__", "")
     if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
         return False, f"the TensorRT Python package is not installed (`import tensorrt` found a stub, version {version or '?'})"
-    if parse_version(version)[:2] < MIN_TENSORRT:
+    try:
+        too_old = parse_version(version)[:2] < MIN_TENSORRT
+    except ValueError:  # no version at all
+        too_old = True
+    if too_old:
         return False, f"TensorRT {version} is too old"
     return True, version
 
