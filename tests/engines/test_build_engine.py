@@ -299,6 +299,10 @@ def test_inspect_lists_engines(engine_pkg):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(ENGINES) <= set(report["engines"])
+    # the slots `auto` weighs (DESIGN, "Precision"): float16 in an FP16 decoder, float32 in the others
+    assert {n: report["engines"][n]["kv_dtype"] for n in ENGINES} == {
+        "onnxruntime-fp16": "float16", "onnxruntime-int8": "float32", "onnxruntime-fp32-llm-int8": "float32",
+        "onnxruntime-fp32-llm-int4": "float32"}
 
 
 def test_a_failed_rebuild_keeps_the_engine_that_was_there(engine_pkg, tmp_path, monkeypatch):
