@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sleigh.errors import SleighError
@@ -89,8 +89,7 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
 
 
 def markdown(report: dict) -> str:
-    cols = ["target", "backend", "views", "prompt_tokens", "new_tokens", "preprocess_ms", "vision_ms_per_view",
-            "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s"]
+    cols = [f.name for f in fields(BenchRow) if f.name != "runs"]  # runs: in the line below the table
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in report["rows"]:
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")

@@ -92,10 +92,8 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
 
 
 def report_rows(report: dict) -> list[tuple]:
-    rows = [(t, r["n"], f"{100 * r['accuracy']:.1f} %", f"± {100 * r['se']:.1f}") for t, r in report["types"].items()]
-    o = report["overall"]
-    rows.append(("all", o["n"], f"{100 * o['accuracy']:.1f} %", f"± {100 * o['se']:.1f}"))
-    return rows
+    return [(t, r["n"], f"{100 * r['accuracy']:.1f} %", f"± {100 * r['se']:.1f}")
+            for t, r in [*report["types"].items(), ("all", report["overall"])]]
 
 
 def accuracy_cell(report: dict, question_type: str) -> str:

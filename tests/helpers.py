@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sleigh.runtime.prompt import TOKENS_PER_VIEW, Turn, chat_parts
+
 ROOT = Path(__file__).parents[1]
 EXAMPLES = ROOT / "examples"
 ORACLE = ROOT / "tests" / "fixtures" / "oracle"  # the original InternVL code's outputs (see its README.md)
@@ -105,3 +107,11 @@ class HostCuda:
 
     def sync(self):
         pass
+
+
+def build_prompt(question: str, num_views: int = 0, *, system: str | None = None, tokens_per_view: int = TOKENS_PER_VIEW) -> str:
+    """The internlm2-chat prompt of one user turn as text (`chat_parts` joined): the image block where
+    the question says `<image>`, else on its own line before it; `system=None`: the default message."""
+    parts = chat_parts([Turn("user", question, image=num_views > 0)], num_views, system=system,
+                       tokens_per_view=tokens_per_view)
+    return "".join(text for text, _ in parts)

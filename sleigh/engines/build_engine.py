@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from sleigh import staging
@@ -29,8 +30,8 @@ from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
 from sleigh.runtime.cpu_features import cpu_features
-from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.manifest import EngineEntry, Manifest, parse_engine, read_manifest, update_manifest
+from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
+from sleigh.runtime.manifest import EngineEntry, FileEntry, Manifest, parse_engine, read_manifest, update_manifest
 from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json, write_bytes_atomic
 
 WEIGHT_ONLY_BLOCK = 32
@@ -109,7 +110,7 @@ LM_HEAD_BITS = 8
 def lm_head(model) -> str:
     """The name of the MatMul that produces the decoder's `logits` (through its Reshape/Cast, if any)."""
     producers = {o: n for n in model.graph.node for o in n.output}
-    node = producers.get("logits")
+    node = producers.get(LOGITS)
     while node is not None and node.op_type != "MatMul":
         node = producers.get(node.input[0]) if node.input else None
     if node is None:
@@ -337,36 +338,36 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
                 bar.advance()
             staged = f"engines/{tmp.name}"  # gated from here; renamed to engines/<name> only once it passes
             staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
-            entry = {
-                "name": name, "backend": opts.backend, "precision": opts.precision, "llm_weights": opts.weights,
-                "kv_dtype": opts.kv,  # the decoder's cache slots (the runtime allocates them so)
-                "dir": staged,
-                "modules": {m: f"{staged}/{f[0]}" for m, f in files.items()},
-                "build_options": given.to_json(),
-                "versions": _versions(),
-                "shapes": {"max_views": max_views(manifest, opts.max_tiles), "max_context": opts.max_context},
-                "offline_optimization": "ORT_ENABLE_BASIC" if opts.backend == "onnxruntime" else None,
+            ort = opts.backend == "onnxruntime"
+            features = cpu_features() if ort else None
+            entry = EngineEntry(
+                name=name, backend=opts.backend, precision=opts.precision, llm_weights=opts.weights,
+                kv_dtype=opts.kv,  # the decoder's cache slots (the runtime allocates them so)
+                dir=staged, modules={m: f"{staged}/{f[0]}" for m, f in files.items()},
+                build_options=given.to_json(), versions=_versions(),
                 # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
-                "cpu": {"machine": platform.machine(), "features": cpu_features()} if opts.backend == "onnxruntime" else None,
-                "int8_weight_max": int8_weight_max(opts.backend) if opts.precision == "int8" else None,
-            }
+                cpu_machine=platform.machine() if ort else None, cpu_features=None if features is None else tuple(features),
+                record={"shapes": {"max_views": max_views(manifest, opts.max_tiles), "max_context": opts.max_context},
+                        "offline_optimization": "ORT_ENABLE_BASIC" if ort else None,
+                        "int8_weight_max": int8_weight_max(opts.backend) if opts.precision == "int8" else None})
             if opts.backend == "tensorrt":
                 from sleigh.engines.tensorrt_build import build_engines
 
                 trt = build_engines(pkg, manifest, {m: tmp / f[0] for m, f in files.items()}, opts, quiet=opts.quiet, out_dir=tmp)
-                entry["modules"] = trt["modules"]  # the plans, not the converted ONNX they were built from
-                entry["versions"] |= trt["versions"]  # tensorrt, compute_capability, device: keys of their own
-                for key in ("sources", "profiles", "timing_cache", "gswa", "source_checks"):
-                    entry[key] = trt[key]
+                entry = replace(entry, modules=trt["modules"],  # the plans, not the converted ONNX they were built from
+                                versions=entry.versions | trt["versions"],  # tensorrt, compute_capability, device
+                                plugin_library=(trt["gswa"] or {}).get("plugin_library"),
+                                record={**entry.record, **{k: trt[k] for k in ("sources", "profiles", "timing_cache", "gswa",
+                                                                               "source_checks")}})
                 staged_files |= set(trt["files"])
             ordinary_modes(tmp)
 
             bar.advance(0, description=f"{name}: accuracy gate")
             from sleigh.engines.accuracy import run_gate
 
-            staged_entry = parse_engine(pkg, name, entry)
-            report = run_gate(pkg, staged_entry, images=opts.gate_images, progress=bar)
-            entry["accuracy"] = report
+            entry = parse_engine(pkg, name, entry.to_json())  # checked as the runtime will read it
+            report = run_gate(pkg, entry, images=opts.gate_images, progress=bar)
+            entry = replace(entry, accuracy=report)
             # With eval data the task accuracy is the gate's own check and the agreement numbers are a
             # record: their thresholds are set for random weights, and a trained model's quantized
             # GSWA weights and embeddings can move past them while every answer stays (issue 10).
@@ -377,12 +378,12 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
                 from sleigh.engines.accuracy import run_task_gate
 
                 bar.advance(0, description=f"{name}: task accuracy vs FP32")
-                task = entry["task_accuracy"] = run_task_gate(pkg, staged_entry, opts.eval_data, opts.task_tolerance)
+                task = run_task_gate(pkg, entry, opts.eval_data, opts.task_tolerance)
+                entry = replace(entry, task_accuracy=task)
                 if not task["passed"] and not opts.allow_degraded:
                     raise TaskGateFailed(name, task)
                 passed = task["passed"]
-            entry["accuracy_passed"] = passed
-            entry["degraded"] = not passed
+            entry = replace(entry, accuracy_passed=passed, degraded=not passed)
             installed = _install(pkg, tmp, final, name, entry, staged, sorted(staged_files))
             tmp = None
             return installed.engines[name]
@@ -394,7 +395,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: str, staged_files: list[str]) -> Manifest:
+def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: EngineEntry, staged: str,
+             staged_files: list[str]) -> Manifest:
     """Move the gated folder into place and list it in the manifest (last). An older engine of the
     same name is moved aside first and put back if anything fails before the manifest is written.
     Every path of the entry that points into the staging folder moves with it."""
@@ -407,20 +409,19 @@ def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: dict, staged: 
         def relocate(rel: str) -> str:
             return f"engines/{name}/" + rel[len(staged) + 1:] if rel.startswith(staged + "/") else rel
 
-        entry["dir"] = f"engines/{name}"
-        entry["modules"] = {m: relocate(rel) for m, rel in entry["modules"].items()}
-        if "sources" in entry:
-            entry["sources"] = {m: relocate(rel) for m, rel in entry["sources"].items()}
-        if (entry.get("gswa") or {}).get("plugin_library"):
-            entry["gswa"]["plugin_library"] = relocate(entry["gswa"]["plugin_library"])
-        entry["files"] = {relocate(rel): file_entry(pkg, relocate(rel)) for rel in staged_files}
-        entry["files_bytes"] = sum(e["bytes"] for e in entry["files"].values())
+        record = dict(entry.record)
+        if "sources" in record:
+            record["sources"] = {m: relocate(rel) for m, rel in record["sources"].items()}
+        entry = replace(entry, dir=f"engines/{name}", modules={m: relocate(rel) for m, rel in entry.modules.items()},
+                        plugin_library=entry.plugin_library and relocate(entry.plugin_library), record=record,
+                        files={relocate(rel): FileEntry(**file_entry(pkg, relocate(rel))) for rel in staged_files})
+        written = entry.to_json()
 
         def register(manifest: dict) -> None:  # on the manifest as it is now: keep what others (calibrate) wrote
             previous = manifest.get("engines", {}).get(name, {})
             files = {k: v for k, v in manifest["files"].items() if k not in previous.get("files", {})}
-            manifest["engines"] = {**manifest.get("engines", {}), name: entry}
-            manifest["files"] = {**files, **entry["files"]}
+            manifest["engines"] = {**manifest.get("engines", {}), name: written}
+            manifest["files"] = {**files, **written["files"]}
 
         installed = update_manifest(pkg, register)  # last: the engine exists once it is listed
     except BaseException:

@@ -41,7 +41,7 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "gswa": None if manifest.contract.gswa is None else asdict(manifest.contract.gswa),
         "parity_passed": (manifest.parity or {}).get("passed"),
         "modules": modules,
-        "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "files_bytes",
+        "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "kv_dtype", "files_bytes",
                                                           "accuracy_passed", "degraded")},
                            "missing_files": missing_files(pkg, manifest, name)}
                     for name, e in manifest.engines.items()},
@@ -99,12 +99,13 @@ def print_report(report: dict) -> None:
         console.print(table)
     if report["engines"]:
         et = Table(title="engines")
-        for h in ("name", "backend", "precision", "LLM weights", "MB", "accuracy", "files"):
+        for h in ("name", "backend", "precision", "LLM weights", "KV slots", "MB", "accuracy", "files"):
             et.add_column(h)
         for name, e in report["engines"].items():
             accuracy = {True: "passed", False: "FAILED", None: "-"}[e.get("accuracy_passed")]
             missing = e.get("missing_files") or []
             et.add_row(name, str(e["backend"]), str(e["precision"]), str(e.get("llm_weights") or "-"),
+                       str(e.get("kv_dtype") or "-"),
                        f"{(e.get('files_bytes') or 0) / 1e6:.1f}", accuracy + (" (degraded, kept)" if e.get("degraded") else ""),
                        f"[red]MISSING {len(missing)}[/] (rebuild)" if missing else "present")
         console.print(et)

@@ -21,9 +21,6 @@ from sleigh.runtime.kv_cache import KV_DTYPES
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
-# The decoder's KV cache slots (runtime/kv_cache.KV_DTYPES): an FP16 decoder's are float16; any other
-# decoder's are float32 unless --kv-dtype float16 (casts inside the graph: half the slot bytes, the
-# attention still in float32).
 # The decoder's weights when --llm-weights is not given, per backend and precision. TensorRT parses no
 # MatMulNBits (an ONNX Runtime contrib op): its decoder is FP16 or FP32.
 DEFAULT_LLM_WEIGHTS = {"onnxruntime": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},

@@ -1,28 +1,14 @@
 """TensorRT engines from a package's ONNX modules: `sleigh build-engine --backend tensorrt`.
 
-Precision comes from the ONNX, never from builder flags: TensorRT 11 removed the FP16/INT8 flags,
-weak typing and implicit calibration, and JetPack 6 (TensorRT 10.3) already builds strongly typed
-networks. So the sources are an FP16 ONNX or a symmetric Q/DQ ONNX (for example the ones an ONNX
-Runtime engine folder of the package holds), or the FP32 modules for a GPU reference engine, and
-the network is created STRONGLY_TYPED. `precision` labels what the sources hold and is checked.
+Precision comes from the ONNX (an FP16 or symmetric Q/DQ ONNX, or the FP32 modules), never from
+builder flags, which TensorRT 11 removed: the network is STRONGLY_TYPED (README, "TensorRT").
+Everything that does not need libnvinfer is pure and tested on CPU; `build_engines` imports
+`tensorrt` when it runs, and has never run (UNVERIFIED, README "TensorRT").
 
-Everything that does not need libnvinfer is pure and tested on CPU: optimisation profiles (from the
-manifest's input names and symbolic dims), the file plan, the manifest entry's TensorRT part, source
-checks, the GSWA-function stripping and the plugin copy. The options are engines/options.py's.
-`build_engines` imports `tensorrt` when it runs.
-
-GSWA: the vision ONNX holds one `sleigh::GSWA` node (with `plugin_namespace="sleigh"`) and a local
-function of the same name. TensorRT's ONNX parser inlines local functions, matching by name only.
-From 10.7 it prefers a plugin over the function when one is registered under the node's name,
-version and namespace; in 10.1-10.6 (JetPack 6's 10.3 included) the local function always wins.
-So by default the parser reads the function body (standard ops, no extra library; on 10.7+ this
-holds as long as no sleigh::GSWA plugin is registered in the process, and the builder registers
-none). With `--plugin-library LIB` it parses a copy of vision.onnx without the function, so every
-parser version maps the node to the IPluginV3 that LIB registers under namespace "sleigh"; LIB is
-copied into the engine folder and listed with its sha256, and the runtime loads only that copy.
-
-UNVERIFIED: TensorRT could not be installed where this was written; `build_engines` follows the
-TensorRT 10.3 and 11.1 Python bindings but has never run.
+GSWA: TensorRT's ONNX parser inlines the vision graph's `sleigh::GSWA` local function, matching by
+name only; from 10.7 it prefers a plugin registered under the node's name, version and namespace
+(the builder registers none, so the function body is parsed). With `--plugin-library LIB` it parses a
+copy of vision.onnx without the function, so every parser version maps the node to LIB's IPluginV3.
 """
 
 from __future__ import annotations
@@ -150,16 +136,10 @@ def _rel(pkg: Path, path: Path) -> str:
 
 def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: EngineOptions, *,
                 out_dir: Path | None = None) -> dict:
-    """What a build will read and write, and the TensorRT part of the manifest entry (no TensorRT needed).
-
-    `sources`: the ONNX per module, FP16 or Q/DQ (absolute, or relative to the package).
-    `out_dir`: where the plans are written (default PKG/engines/<name>); build-engine builds in a
-    staging folder that it renames to PKG/engines/<name> once the engine passes its gate, and moves
-    the entry's paths with it. Every path in the entry is relative to the package.
-    Returns {"name", "dir", "timing_cache", "plugin": {"library", "copy", "rel"} or None,
-    "modules": {module: {"source", "plan", "plan_rel", "profiles", "profile_names", "strip_gswa_function"}},
-    "entry": {"modules", "sources", "profiles", "timing_cache", "gswa", "versions", "source_checks", "files"}}.
-    """
+    """What a build will read and write, and the TensorRT part of the manifest entry (no TensorRT
+    needed). `sources`: the ONNX per module (absolute, or relative to the package). `out_dir`: where
+    the plans go (default PKG/engines/<name>; build-engine's staging folder). Entry paths are relative
+    to the package."""
     pkg = Path(pkg)
     opts = opts.for_package(manifest)
     name = opts.name

@@ -15,7 +15,7 @@ from torch import nn
 from torch.export import Dim
 
 from sleigh.export import gswa_op
-from sleigh.runtime.kv_cache import NEW, PAST
+from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import kv_names
 from sleigh.sleighvl.model import SleighVL
 from sleigh.sleighvl.vision import pixel_shuffle
@@ -105,7 +105,7 @@ def decoder_spec(model: SleighVL) -> ModuleSpec:
     dyn = ({0: B, 1: S}, {0: B, 1: total}, {0: B, 1: total}, {0: B, 1: S}, tuple({0: B, 2: C} for _ in kv))  # *past is one tuple
     return ModuleSpec("decoder", DecoderModule(model), example,
                       ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *kv_names(cfg.num_layers, PAST)],
-                      ["logits", *kv_names(cfg.num_layers, NEW)], dyn)
+                      [LOGITS, *kv_names(cfg.num_layers, NEW)], dyn)
 
 
 MODULES: dict[str, Callable[[SleighVL], ModuleSpec]] = {

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sleigh.runtime.image import tile_image
-from sleigh.runtime.kv_cache import NEW, PAST, SlotCache
+from sleigh.runtime.kv_cache import LOGITS, NEW, PAST, SlotCache
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import PromptTokenizer
 
@@ -22,7 +22,7 @@ COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
 
 # (atol, rtol) per output-name prefix; "*" is the default.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
-    "fp32": {"gswa_weights": (1e-4, 1e-4), "logits": (1e-3, 1e-3), "new_key_values.": (1e-3, 1e-3),
+    "fp32": {"gswa_weights": (1e-4, 1e-4), LOGITS: (1e-3, 1e-3), NEW + ".": (1e-3, 1e-3),
              "image_embeds": (1e-3, 1e-3), "*": (1e-4, 1e-4)},
 }
 
@@ -158,9 +158,9 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
         feeds = {"inputs_embeds": inputs, "position_ids": np.arange(P, P + S, dtype=np.int64)[None], **cache.feeds(mask, bias)}
         got = _run(s_dec, feeds)
         ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
-        ref = dict(zip(["logits", *new_names], [t.numpy() for t in ref_out]))
+        ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out]))
         results += _compare_all(case, got, ref, precision)
-        token = int(ref["logits"][0, -1].argmax())
+        token = int(ref[LOGITS][0, -1].argmax())
         cache.append({p: ref[n] for p, n in zip(past_names, new_names)}, mask, bias)  # continue from the reference's keys
         for slots in cache.slots.values():
             slots[:, :, cache.length:] = 10 * rng.standard_normal(slots[:, :, cache.length:].shape)
@@ -178,7 +178,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
                  "position_ids": np.tile(np.arange(6, 6 + S, dtype=np.int64), (B, 1)),
                  **{n: rng.standard_normal((B, KV, C, hd)).astype(np.float32) for n in past_names}}
         ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
-        results += _compare_all(case, _run(s_dec, feeds), dict(zip(["logits", *new_names], [t.numpy() for t in ref_out])), precision)
+        results += _compare_all(case, _run(s_dec, feeds), dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out])), precision)
     step()
     return results
 

@@ -26,10 +26,6 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return tuple(int(p or 0) for p in parts.groups())  # type: ignore[return-value]
 
 
-def version_text(version: tuple[int, ...]) -> str:
-    return ".".join(map(str, version))
-
-
 def check_onnxruntime(installed: str) -> None:
     """Refuse an onnxruntime older than the oldest one CI tests (one SleighError line)."""
     try:
@@ -37,7 +33,7 @@ def check_onnxruntime(installed: str) -> None:
     except ValueError:
         return  # a local build with an odd version string: let it try
     if found < ONNXRUNTIME_MIN:
-        floor = version_text(ONNXRUNTIME_MIN)
+        floor = ".".join(map(str, ONNXRUNTIME_MIN))
         raise SleighError(f"onnxruntime {installed}", f"older than {floor}, the oldest version Sleigh is tested with",
                           f"pip install 'onnxruntime>={floor}' (or 'onnxruntime-gpu>={floor}' for CUDA)")
 

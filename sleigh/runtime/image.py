@@ -132,9 +132,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         except Exception as exc:  # a lazily opened PIL image can still fail to decode here
             raise SleighError(what, f"cannot be decoded ({_reason(exc)})", "a readable image") from exc
     if not isinstance(source, (str, os.PathLike)):
-        raise SleighError(
-            "image", f"got a {type(source).__name__}", "a file path (str or pathlib.Path) or a PIL.Image.Image"
-        )
+        raise SleighError("image", f"got a {type(source).__name__}", "a file path (str or pathlib.Path) or a PIL.Image.Image")
     path = check_image_path(source)
     what = f"image {str(source)!r}"
     try:
@@ -153,10 +151,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
     except Image.DecompressionBombError as exc:
         raise SleighError(what, f"is too large to decode safely ({_reason(exc)})", _max_pixels_text(max_pixels)) from exc
     except UnidentifiedImageError as exc:
-        raise SleighError(
-            what, "is not an image Pillow can identify (corrupt or unsupported format)",
-            "an image file (PNG, JPEG, WebP, BMP, GIF, TIFF, ...)",
-        ) from exc
+        raise SleighError(what, "is not an image Pillow can identify (corrupt or unsupported format)",
+                          "an image file (PNG, JPEG, WebP, BMP, GIF, TIFF, ...)") from exc
     except PermissionError as exc:
         raise SleighError(what, "cannot be read (permission denied)", "a readable image file") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data
@@ -178,13 +174,8 @@ def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
     width, height = int(width), int(height)
     aspect_ratio = width / height
     # InternVL iterates a set sorted by area; equal areas keep CPython's (deterministic) set order.
-    target_ratios = set(
-        (i, j)
-        for n in range(min_tiles, max_tiles + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_tiles <= i * j <= max_tiles
-    )
+    target_ratios = set((i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                        if min_tiles <= i * j <= max_tiles)
     target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
     best_ratio_diff = float("inf")
     best_ratio = (1, 1)
@@ -201,11 +192,9 @@ def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
     return best_ratio
 
 
-def tile_image(
-    image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True,
-    mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
-    max_pixels: int | None = None,
-) -> TiledImage:
+def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True,
+               mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
+               max_pixels: int | None = None) -> TiledImage:
     """Tile `image` (a path or PIL image) as InternVL does and normalise it for the vision module.
 
     The image is resized (bicubic) to (size·cols, size·rows) and cut row-major into size x size tiles;
@@ -226,9 +215,8 @@ def tile_image(
     if thumbnail and cols * rows > 1:
         thumb = np.asarray(rgb.resize((size, size), _RESAMPLE))  # (size, size, 3)
         views = np.concatenate([views, thumb[None]], axis=0)
-    return TiledImage(
-        pixel_values=_normalize(views, mean, std), grid=(cols, rows), num_views=views.shape[0], image_size=(width, height)
-    )
+    return TiledImage(pixel_values=_normalize(views, mean, std), grid=(cols, rows), num_views=views.shape[0],
+                      image_size=(width, height))
 
 
 def _normalize(views: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -259,9 +247,7 @@ def _to_rgb(image: Image.Image, what: str) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as exc:
-        raise SleighError(
-            what, f"has pixel mode {mode!r}, which cannot be converted to RGB", "an RGB-convertible image"
-        ) from exc
+        raise SleighError(what, f"has pixel mode {mode!r}, which cannot be converted to RGB", "an RGB-convertible image") from exc
 
 
 def _check_tiling_args(min_tiles: int, max_tiles: int, size: int) -> None:

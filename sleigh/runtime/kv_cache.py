@@ -1,14 +1,8 @@
 """The decoder's KV cache, one abstraction for every backend: preallocated slots, written in place.
 
-The decoder (package schema 2+, sleighvl/llm.py) reads C cache slots, uses a slot only where its
-attention mask is 1, and returns the keys and values of the S new positions alone. A `SlotCache`
-holds one sequence's slots (B, KV, C, hd) per past_key_values name, and writes each step's new
-positions into the next free slots: a decode step copies one position per layer, never the cache.
-`reserve(n)` sizes the slots before the prefill (the Pipeline reserves the prompt, or under a
-memory budget prompt + max_new_tokens, so that generation never grows); past the capacity the
-cache grows in chunks of `KV_CHUNK` slots, each growth holding the old and the new slots while it
-copies the used ones. While the cache is empty a step reads no slots at all, however many are
-reserved: a prefill attends over its own positions only (what TensorRT's prefill profile takes).
+What the decoder reads and returns, and how the slots are reserved and grown: README, "The decoder's
+KV cache". A `SlotCache` holds one sequence's slots (B, KV, C, hd) per past_key_values name and
+writes each step's new positions into the next free ones; `reserve(n)` sizes them before the prefill.
 
 The per-slot mask and bias (GSWA's log-weights of image positions) live beside the slots, always on
 the host (they are small, and every backend feeds them from there), so a step is given the mask and
@@ -35,6 +29,7 @@ import numpy as np
 from sleigh.errors import SleighError
 
 PAST, NEW = "past_key_values", "new_key_values"  # the decoder's cache-slot inputs and new-position outputs
+LOGITS = "logits"  # the decoder's first output: next-token scores
 # The slots' dtypes a decoder may take (its manifest says which: an engine entry's kv_dtype, or the
 # package decoder's inputs); float16 halves the cache, the attention stays float32 (build-engine --kv-dtype).
 KV_DTYPES = ("float32", "float16")

@@ -15,9 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +25,8 @@ from sleigh.runtime.fields import Fields, describe
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, max_views
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
-from sleigh.runtime.package import MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, ordinary_mode, read_json
+from sleigh.runtime.package import (MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
+                                    write_bytes_atomic)
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
 
 RESAMPLE = "bicubic"  # InternVL's resize, the one runtime/image.py implements
@@ -374,8 +374,9 @@ def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:
 
 @dataclass(frozen=True)
 class EngineEntry:
-    """One engine `sleigh build-engine` listed: what the runtime and the tools read of it, checked.
-    `json`: the entry as on disk, with the build's record (shapes, profiles, sources, ...)."""
+    """One engine of `sleigh build-engine`: what the runtime and the tools read of it, checked, and
+    `record`, the rest of the build's record as written (shapes, profiles, sources, ...). `to_json`
+    is its one form on disk, the one `_engine` reads back."""
 
     name: str
     backend: str
@@ -383,8 +384,7 @@ class EngineEntry:
     modules: dict[str, str]  # module -> the file it runs from (ONNX or a TensorRT plan)
     llm_weights: str | None = None
     dir: str | None = None
-    files: tuple[str, ...] | None = None  # every file the build wrote; None: not listed yet (being gated)
-    files_bytes: int | None = None
+    files: dict[str, FileEntry] | None = None  # every file the build wrote; None: not listed yet (being gated)
     accuracy_passed: bool | None = None
     degraded: bool | None = None
     build_options: dict | None = None  # EngineOptions as given (what a rebuild repeats)
@@ -392,14 +392,34 @@ class EngineEntry:
     task_accuracy: dict | None = None  # the task gate's report (--eval-data)
     versions: dict | None = None
     cpu_features: tuple[str, ...] | None = None  # the kernels' CPU features the gate ran with (ONNX Runtime)
+    cpu_machine: str | None = None
     plugin_library: str | None = None  # TensorRT: the GSWA plugin's copy the vision plan calls
     kv_dtype: str | None = None  # ONNX Runtime: the decoder's cache slots (None: built before entries said)
-    json: dict = field(default_factory=dict, compare=False, repr=False)
+    record: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def gated(self) -> bool:
         """Passed its gate outright (not kept with --allow-degraded): what `auto` may pick."""
         return bool(self.accuracy_passed) and not self.degraded
+
+    @property
+    def files_bytes(self) -> int | None:
+        return None if self.files is None else sum(f.bytes for f in self.files.values())
+
+    @property
+    def json(self) -> dict:
+        return self.to_json()
+
+    def to_json(self) -> dict:
+        out = {**self.record, **{k: getattr(self, k) for k in _AS_IS}}
+        if self.files is not None:
+            out["files"] = {rel: asdict(f) for rel, f in self.files.items()}
+            out["files_bytes"] = self.files_bytes
+        if self.cpu_machine is not None or self.cpu_features is not None:
+            out["cpu"] = {"machine": self.cpu_machine, "features": self.cpu_features and list(self.cpu_features)}
+        if self.plugin_library is not None:
+            out["gswa"] = {**out.get("gswa", {}), "via": "plugin", "plugin_library": self.plugin_library}
+        return out
 
 
 def parse_engine(pkg: Path, name: str, data) -> EngineEntry:
@@ -413,6 +433,13 @@ def parse_engine(pkg: Path, name: str, data) -> EngineEntry:
     return _engine({name: data}, name, in_pkg, in_pkg, where)
 
 
+# The keys `to_json` writes from the typed fields (as they are, or in their on-disk form); the rest
+# of an entry is its record.
+_AS_IS = ("name", "backend", "precision", "llm_weights", "kv_dtype", "dir", "modules", "build_options", "versions",
+          "accuracy", "task_accuracy", "accuracy_passed", "degraded")
+_TYPED = (*_AS_IS, "files", "files_bytes", "cpu")
+
+
 def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry:
     f = Fields(where, "an entry as `sleigh build-engine` writes it: rebuild the engine with --force")
     path = f"engines.{name}"
@@ -422,8 +449,14 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
         in_pkg(d, f"{path}.dir")
     raw = f.get(e, "modules", "object", path)
     modules = {m: listed(f.get(raw, m, "string", f"{path}.modules"), f"{path}.modules.{m}", f) for m in raw}
-    files = None if "files" not in e else tuple(listed(rel, f"{path}.files", f) for rel in f.get(e, "files", "object", path))
-    features = opt("features", "list", opt("cpu", "object") or {}, f"{path}.cpu")
+    files = None
+    if "files" in e:
+        files, raw_files = {}, f.get(e, "files", "object", path)
+        for rel in raw_files:
+            entry, at = f.get(raw_files, listed(rel, f"{path}.files", f), "object", f"{path}.files"), f"{path}.files.{rel}"
+            files[rel] = FileEntry(f.get(entry, "sha256", "sha256", at), f.get(entry, "bytes", "count", at))
+    cpu = opt("cpu", "object") or {}
+    features = opt("features", "list", cpu, f"{path}.cpu")
     plugin, gswa = None, opt("gswa", "object") or {}
     if gswa.get("via") == "plugin":
         plugin = listed(f.get(gswa, "plugin_library", "string", f"{path}.gswa"), f"{path}.gswa.plugin_library", f)
@@ -431,37 +464,25 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
             raise f.fail(f"{path}.gswa.plugin_library", "is not among the entry's files", "the library the build copied")
     return EngineEntry(
         name=name, backend=f.get(e, "backend", "string", path), precision=f.get(e, "precision", "string", path),
-        modules=modules, llm_weights=opt("llm_weights", "string"), dir=d, files=files, files_bytes=opt("files_bytes", "count"),
+        modules=modules, llm_weights=opt("llm_weights", "string"), dir=d, files=files,
         accuracy_passed=opt("accuracy_passed", "bool"), degraded=opt("degraded", "bool"),
         build_options=opt("build_options", "object"), accuracy=opt("accuracy", "object"),
         task_accuracy=opt("task_accuracy", "object"), versions=opt("versions", "object"),
         cpu_features=None if features is None else tuple(f.items(features, "string", f"{path}.cpu.features")),
-        plugin_library=plugin, kv_dtype=opt("kv_dtype", "string"), json=e)
+        cpu_machine=opt("machine", "string", cpu, f"{path}.cpu"), plugin_library=plugin, kv_dtype=opt("kv_dtype", "string"),
+        record={k: v for k, v in e.items() if k not in _TYPED})
 
 
 # -- writing ---------------------------------------------------------------------------------------
 
 def write_manifest(pkg: Path, data: dict, *, before_replace: Callable[[], None] | None = None) -> Manifest:
-    """Check `data` as a manifest of `pkg` and write it atomically (temporary file, fsync, rename).
-    `before_replace` runs once the new manifest is on disk beside the old one, just before it takes
-    its place: where a writer moves in the files the new manifest lists (a failure there leaves the
-    old manifest). Returns the manifest as written."""
+    """Check `data` as a manifest of `pkg` and write it atomically; returns the manifest as written.
+    `before_replace`: where a writer moves in the files the new manifest lists (a failure there leaves
+    the old manifest)."""
     pkg = Path(pkg)
     manifest = parse_manifest(data, pkg, str(pkg / MANIFEST))  # nothing unreadable is ever written
-    payload = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=pkg)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, ordinary_mode())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, pkg / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(pkg / MANIFEST, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode(),
+                       before_replace=before_replace)
     return manifest
 
 

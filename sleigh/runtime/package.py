@@ -8,6 +8,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from sleigh.errors import SleighError, first_line
@@ -58,8 +59,9 @@ def ordinary_modes(folder: Path) -> None:
             path.chmod(ordinary_mode(path.is_dir()))
 
 
-def write_bytes_atomic(path: Path, data) -> None:
-    """Write `data` (bytes or any buffer) to a temporary file beside `path`, then rename it into place."""
+def write_bytes_atomic(path: Path, data, *, before_replace: Callable[[], None] | None = None) -> None:
+    """Write `data` (bytes or any buffer) to a temporary file beside `path`, then rename it into place.
+    `before_replace` runs once the new file is on disk, just before it takes the old one's place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -69,6 +71,8 @@ def write_bytes_atomic(path: Path, data) -> None:
             f.flush()
             os.fsync(f.fileno())  # a power cut on a device must not leave an empty file
         os.chmod(tmp, ordinary_mode())  # mkstemp makes it 0600
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

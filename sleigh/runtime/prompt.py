@@ -106,19 +106,6 @@ def _merge_text(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     return merged
 
 
-def build_prompt(question: str, num_views: int = 0, *, system: str | None = None,
-                 tokens_per_view: int = TOKENS_PER_VIEW) -> str:
-    """The internlm2-chat prompt for one user turn, exactly as InternVL2's `chat()` builds it.
-
-    With views, the image block goes where the question says `<image>` (first one), else on its own
-    line before the question. `system=None` uses DEFAULT_SYSTEM_MESSAGE; `system=""` keeps an empty
-    system block (`<|im_start|>system\\n<|im_end|>`), which is what InternVL's template renders too.
-    """
-    parts = chat_parts([Turn("user", question, image=num_views > 0)], num_views, system=system,
-                       tokens_per_view=tokens_per_view)
-    return "".join(text for text, _ in parts)
-
-
 def _plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     """A copy of `tokenizer` that encodes every added token's text as ordinary text: all added tokens
     marked special (tokenizers leaves non-special ones matched) and `encode_special_tokens` set."""

@@ -2,18 +2,10 @@
 queue in front of it.
 
 Each generation owns its KV cache, so a `Pipeline` could run several at once, but without batching
-they would only share the replica's cores; the worker runs them one after another (one thread), and
-the event loop never runs model work. A request's events (text
-pieces, then the result or an error) cross to the event loop through `loop.call_soon_threadsafe`.
-A cancelled job (its client went away) stops between two tokens and frees the slot. `close()` ends
-every job that way: a queued one before it starts, a running one at its next token (its client sees
-a cancelled request, not an error), and only then closes the pipeline, if the worker opened it.
-A prefill (vision and the prompt, up to the first token) cannot be interrupted: `close()` waits for
-a running one to end, seconds for many tiles on a CPU.
-
-After the first piece the worker waits (at most `FIRST_PIECE_WAIT_S`) until the event loop has passed
-it on to the client: the two threads then do not take turns on the GIL while the first token goes out,
-which would add thread wake-ups to the time to first token. The next token waits one event-loop turn.
+they would only share the replica's cores: one thread runs them in turn, and the event loop never
+runs model work. A request's events (text pieces, then the result or an error) cross to the event
+loop through `loop.call_soon_threadsafe`. A cancelled job (its client went away) stops between two
+tokens and frees the slot; a prefill cannot be interrupted (`ModelWorker.close`).
 """
 
 from __future__ import annotations
@@ -34,6 +26,8 @@ from sleigh.runtime.sampling import SamplingOptions
 
 log = logging.getLogger("sleigh.serve")
 
+# After the first piece the worker waits (at most this) until the event loop has passed it on: the two
+# threads then do not take turns on the GIL while it goes out (thread wake-ups in the time to first token).
 FIRST_PIECE_WAIT_S = 0.05
 
 

@@ -159,13 +159,8 @@ class SleighVLConfig:
     def projector_in(self) -> int:  # pixel shuffle 0.5 packs 4 patches into one token
         return self.vision.hidden_size * 4
 
-    @property
-    def gswa_hidden(self) -> int:
-        return 0 if self.gswa is None else self.gswa.width(self.vision.hidden_size)
-
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **d}
+        return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SleighVLConfig:

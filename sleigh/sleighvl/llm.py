@@ -7,15 +7,9 @@ cache"), so the reference and `decoder.onnx` are one function:
     position_ids (B, S), past [(key, value) (B, KV, C, hd)] * L
     -> logits (B, 1, V) of the last position, new [(key, value) (B, KV, S, hd)] * L
 
-Only the last position's logits are computed: a prefill needs no others (it samples the next token
-after the prompt), and all of them were (S x V) floats, 0.73 GB at 1,980 tokens in full size. With
-left padding the last position is a real token in every row of a batch.
-
-`past` is a cache of C slots: slot c takes part only where attention_mask[:, c] is 1, so a runtime
-can preallocate C slots, leave the unused ones masked, and write the returned keys and values of the
-S new positions into free slots in place. Nothing in the decoder concatenates the cache with the
-new keys (that concatenation copies the whole cache on every step). A plain growing cache is the
-special case of every slot in use (`extend_cache`).
+Why only the last position's logits, and why `past` is C slots that take part only where
+attention_mask[:, c] is 1 (never concatenated with the new keys): README, "The decoder's KV cache".
+A plain growing cache is the special case of every slot in use (`extend_cache`).
 
 `attention_bias` is added to the attention logits of every key, in every layer: it carries GSWA's
 log-weights for image positions (0 elsewhere).

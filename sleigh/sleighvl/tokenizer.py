@@ -27,6 +27,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from sleigh.errors import SleighError
+from sleigh.runtime.package import read_json
 
 SPIECE_UNDERLINE = "▁"
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -129,22 +130,20 @@ def _read_added_tokens(src_dir: Path, user_defined: dict[int, str]) -> dict[int,
     """id -> (content, special): tokenizer_config.json's added_tokens_decoder, then added_tokens.json,
     then the proto's user-defined pieces (SentencePiece itself never splits those)."""
     added: dict[int, tuple[str, bool]] = {}
-    cfg_path = src_dir / "tokenizer_config.json"
+    cfg_path, extra_path = src_dir / "tokenizer_config.json", src_dir / "added_tokens.json"
     if cfg_path.is_file():
+        cfg = read_json(cfg_path, "a tokenizer_config.json")
         try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
             for i, spec in cfg.get("added_tokens_decoder", {}).items():
                 added[int(i)] = (spec["content"], bool(spec.get("special", True)))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SleighError(str(cfg_path), f"unreadable added_tokens_decoder ({e})",
                               "a JSON object of id -> {content, special}") from None
-    extra_path = src_dir / "added_tokens.json"
     if extra_path.is_file():
         try:
-            extra = json.loads(extra_path.read_text(encoding="utf-8"))
-            for content, i in extra.items():
+            for content, i in read_json(extra_path, "a JSON object of token -> id").items():
                 added.setdefault(int(i), (str(content), True))
-        except (ValueError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError) as e:
             raise SleighError(str(extra_path), f"unreadable ({e})", "a JSON object of token -> id") from None
     for i, content in user_defined.items():
         added.setdefault(i, (content, False))

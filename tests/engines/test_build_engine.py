@@ -25,7 +25,7 @@ from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
 from sleigh.engines.options import EngineOptions
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
 from sleigh.runtime.kv_cache import HostSlots, SlotCache
-from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.manifest import parse_engine, read_manifest, update_manifest
 from sleigh.runtime.package import file_entry, verify_files
 from sleigh.runtime.pipeline import Pipeline
 
@@ -236,10 +236,10 @@ def test_install_moves_every_staged_path_and_lists_the_plugin_library(tiny_pkg, 
     for rel, data in (("vision.plan", b"plan"), ("vision.onnx", b"onnx"), ("plugin/libgswa.so", b"\x7fELF")):
         (tmp / rel).write_bytes(data)
     staged = "engines/.trt.tmp-1"
-    entry = {"name": "trt", "backend": "tensorrt", "precision": "fp16", "dir": staged,
-             "modules": {"vision": f"{staged}/vision.plan"},
-             "sources": {"vision": f"{staged}/vision.onnx", "embed": "embed.onnx"},
-             "gswa": {"via": "plugin", "plugin_library": f"{staged}/plugin/libgswa.so"}}
+    entry = parse_engine(pkg, "trt", {"name": "trt", "backend": "tensorrt", "precision": "fp16", "dir": staged,
+                                      "modules": {"vision": f"{staged}/vision.plan"},
+                                      "sources": {"vision": f"{staged}/vision.onnx", "embed": "embed.onnx"},
+                                      "gswa": {"via": "plugin", "plugin_library": f"{staged}/plugin/libgswa.so"}})
     files = [f"{staged}/vision.plan", f"{staged}/vision.onnx", f"{staged}/plugin/libgswa.so"]
     _install(pkg, tmp, pkg / "engines" / "trt", "trt", entry, staged, files)
     installed = read_manifest(pkg).engines["trt"]
@@ -299,6 +299,10 @@ def test_inspect_lists_engines(engine_pkg):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert set(ENGINES) <= set(report["engines"])
+    # the slots `auto` weighs (DESIGN, "Precision"): float16 in an FP16 decoder, float32 in the others
+    assert {n: report["engines"][n]["kv_dtype"] for n in ENGINES} == {
+        "onnxruntime-fp16": "float16", "onnxruntime-int8": "float32", "onnxruntime-fp32-llm-int8": "float32",
+        "onnxruntime-fp32-llm-int4": "float32"}
 
 
 def test_a_failed_rebuild_keeps_the_engine_that_was_there(engine_pkg, tmp_path, monkeypatch):

@@ -15,9 +15,8 @@ from sleigh.runtime.prompt import (
     PromptTokenizer,
     StopStrings,
     Turn,
-    build_prompt,
 )
-from tests.helpers import ORACLE
+from tests.helpers import ORACLE, build_prompt
 
 EXPECTED = json.loads((ORACLE / "expected.json").read_text(encoding="utf-8"))
 SPECIALS = ["<|im_end|>", "<|im_start|>", "<img>", "</img>", "<IMG_CONTEXT>"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import sys
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, gswa_plugin_path,
-    parse_version, profile_error, runtime_status, select_profile)
+    profile_error, runtime_status, select_profile)
 from sleigh.runtime.manifest import EngineEntry, parse_engine
 from tests.helpers import HostCuda, heavy_imports
 
@@ -118,7 +119,7 @@ def test_gswa_plugin_is_loaded_only_from_the_engine_folder(tmp_path):
 
     def entry(path, files=(rel,), via="plugin"):
         data = {"backend": "tensorrt", "precision": "fp16", "modules": {}, "gswa": {"via": via, "plugin_library": path}}
-        return parse_engine(tmp_path, "trt", data if files is None else {**data, "files": dict.fromkeys(files, {})})
+        return parse_engine(tmp_path, "trt", data if files is None else {**data, "files": dict.fromkeys(files, {"sha256": "0" * 64, "bytes": 4})})
 
     assert gswa_plugin_path(tmp_path, entry(None, via="function")) is None
     assert gswa_plugin_path(tmp_path, entry(rel)) == tmp_path / rel
@@ -148,13 +149,6 @@ def test_check_engine_compat():
         with pytest.raises(SleighError) as err:
             check_engine_compat(e, trt_version, cc)
         assert needle in str(err.value) and "\n" not in str(err.value) and ". Expected: " in str(err.value)
-
-
-def test_parse_version():
-    assert parse_version("10.3.0.26") == (10, 3, 0, 26)
-    assert parse_version("11.1.0") == (11, 1, 0)
-    assert parse_version("10.3.0.post1") == (10, 3, 0)
-    assert parse_version("") == ()
 
 
 def test_import_is_light():
@@ -238,3 +232,14 @@ def test_the_plans_count_as_weights_in_a_memory_budget(tmp_path, monkeypatch):
     backend = TensorRTBackend(plans, kv=None)
     assert {m: str(p) for m, p in backend.files.items()} == {m: str(p) for m, p in plans.items()}
     assert weights_bytes(backend.files.values()) == 6000
+
+
+@pytest.mark.parametrize("version, ok", [("10.3.0.26", True), ("11.1.0", True), ("10.2.1", False), ("", False)])
+def test_tensorrt_status_reads_the_version(monkeypatch, version, ok):
+    import types
+
+    from sleigh.runtime.backends.tensorrt_backend import tensorrt_status
+
+    fake = types.SimpleNamespace(__version__=version, Builder=object, Runtime=object)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    assert tensorrt_status() == ((True, version) if ok else (False, f"TensorRT {version} is too old"))

@@ -141,7 +141,7 @@ def test_gswa_modes_in_the_config(oracle_ckpts):
     none = SleighVLConfig.load(oracle_ckpts["none"] / "config.json")
     assert none.gswa is None
     assert identity.gswa is not None and identity.gswa.apply == "attention"
-    assert identity.gswa_hidden > identity.vision.hidden_size  # DESIGN: Dg > Cv
+    assert identity.gswa.width(identity.vision.hidden_size) > identity.vision.hidden_size  # DESIGN: Dg > Cv
     assert json.loads((oracle_ckpts["none"] / "config.json").read_text())["gswa"] is None
 
 

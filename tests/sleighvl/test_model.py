@@ -25,12 +25,12 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.pipeline import Pipeline
-from sleigh.runtime.prompt import PromptTokenizer, build_prompt
+from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.runtime.sampling import SamplingOptions
 from sleigh.sleighvl.checkpoint import load_checkpoint, read_safetensors
 from sleigh.sleighvl.config import PRESETS, GSWAConfig, LLMConfig, SleighVLConfig, VisionConfig
 from sleigh.sleighvl.model import SleighVL
-from tests.helpers import ASTRONAUT, ORACLE
+from tests.helpers import ASTRONAUT, ORACLE, build_prompt
 from tests.sleighvl.helpers import image_rows
 
 ORACLE_TOL = 1e-4  # float32 against the original code, max abs

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
 from sleigh.errors import SleighError
-from sleigh.runtime.prompt import PromptTokenizer, build_prompt
+from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.tokenizer import (
     BYTE_TOKENS,
     INTERNLM2_SPECIALS,
@@ -19,7 +19,7 @@ from sleigh.sleighvl.tokenizer import (
     convert_sentencepiece,
     train_tiny_tokenizer,
 )
-from tests.helpers import ORACLE
+from tests.helpers import ORACLE, build_prompt
 
 CKPT = ORACLE / "internvl2-tiny"
 EXPECTED = json.loads((ORACLE / "expected.json").read_text(encoding="utf-8"))

@@ -20,12 +20,18 @@ PACKAGE_MODULES = "package"  # --engine package: the exported FP32 modules thems
 # strength; on a CPU they mostly add casts, while INT8 and weight-only INT8/INT4 cut memory traffic.
 ENGINE_PREFERENCE = {"cpu": ("int8", "fp32", "fp16"), "cuda": ("fp16", "int8", "fp32")}
 WEIGHT_PREFERENCE = ("int4", "int8", "fp16", "fp32")
+# Between engines of one precision and decoder weights, float32 KV slots first: they are exact, and the
+# memory budget that might want float16 ones (--max-memory) is not known when the engine is chosen;
+# `--engine NAME` runs the other. An entry without kv_dtype predates --kv-dtype: its slots were float32
+# unless its decoder is FP16, and then every engine it ties with has float16 slots too.
+KV_PREFERENCE = ("float32", "float16")
 
 
 def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
     """The engines that passed their accuracy gate for this backend and device, best first."""
     order = ENGINE_PREFERENCE[device]
-    rank = lambda e: (_index(order, e.precision), _index(WEIGHT_PREFERENCE, e.llm_weights or "fp32"))  # noqa: E731
+    rank = lambda e: (_index(order, e.precision), _index(WEIGHT_PREFERENCE, e.llm_weights or "fp32"),  # noqa: E731
+                      _index(KV_PREFERENCE, e.kv_dtype or "float32"))
     return [e.name for e in sorted((e for e in manifest.engines.values() if e.backend == backend and e.accuracy_passed), key=rank)]
 
 

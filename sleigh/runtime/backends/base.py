@@ -8,12 +8,8 @@ cache and returns the logits of the last one. The cache keeps each position's at
 bias with its keys and values, so a step is given the mask and bias of its new positions only.
 
 A backend is shared by every generation of a Pipeline, from any thread: `run` and `step` may be
-called concurrently on different caches. A backend whose execution is not thread-safe (TensorRT's
-execution contexts and scratch buffers, the CUDA stream that writes cache slots) serialises its
-calls inside with a lock. One cache is used by one caller at a time.
-
-Every cache is a `runtime/kv_cache.SlotCache` (one layout, mask, bias and growth); a backend chooses
-only where its slots live (numpy arrays, device buffers, torch tensors).
+called concurrently on different caches (a backend whose execution is not thread-safe takes a lock
+inside). Every cache is a `runtime/kv_cache.SlotCache`; a backend chooses only where its slots live.
 
 A backend holds sessions, engines or device memory until `close()` (or the end of a `with` block)
 releases them. Closing twice is harmless; any other call after it raises one SleighError.

@@ -53,34 +53,20 @@ class _CtypesRuntime:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, ctypes.c_int
 
-    def cudaSetDevice(self, device):
-        return (self.lib.cudaSetDevice(device),)
+    def __getattr__(self, name: str):
+        """The calls whose only result is the error code, returned as cuda-python does: `(err,)`."""
+        if not name.startswith("cuda"):
+            raise AttributeError(name)
+        fn = getattr(self.lib, name)
+        return lambda *args: (fn(*args),)
 
     def cudaStreamCreateWithFlags(self, flags):
         stream = ctypes.c_void_p()
         return self.lib.cudaStreamCreateWithFlags(ctypes.byref(stream), flags), stream.value or 0
 
-    def cudaStreamSynchronize(self, stream):
-        return (self.lib.cudaStreamSynchronize(stream),)
-
-    def cudaStreamDestroy(self, stream):
-        return (self.lib.cudaStreamDestroy(stream),)
-
-    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
-        return (self.lib.cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height, kind, stream),)
-
-    def cudaMemcpyAsync(self, dst, src, count, kind, stream):
-        return (self.lib.cudaMemcpyAsync(dst, src, count, kind, stream),)
-
-    def cudaMemsetAsync(self, ptr, value, count, stream):
-        return (self.lib.cudaMemsetAsync(ptr, value, count, stream),)
-
     def cudaMalloc(self, nbytes):
         ptr = ctypes.c_void_p()
         return self.lib.cudaMalloc(ctypes.byref(ptr), nbytes), ptr.value or 0
-
-    def cudaFree(self, ptr):
-        return (self.lib.cudaFree(ptr),)
 
 
 CUDART_SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so", "cudart64_13.dll", "cudart64_12.dll")

@@ -1,16 +1,10 @@
 """ONNX Runtime backend: one session per module, named feeds, the KV cache kept in slots.
 
 CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`providers` in order of
-preference). The decoder reads preallocated cache slots and returns only the new positions' keys
-and values, which are written into the next free slots in place (runtime/kv_cache.py):
-
-- CPU: the slots are numpy arrays that the session reads where they lie; a step writes one
-  position per layer with a slice assignment.
-- CUDA: the slots are device OrtValues (`OrtValueSlots`) bound through IOBinding; the new
-  keys/values stay on the device and one cudaMemcpy2DAsync per tensor writes them into the slots
-  (cuda-python, or the CUDA runtime that onnxruntime-gpu loaded, through ctypes). Only the logits
-  come back to the host. UNVERIFIED: this path has not run on a GPU yet (scripts/gpu_check.sh is
-  the prepared check).
+preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, and on CUDA device
+OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
+(cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). UNVERIFIED: the CUDA path has not
+run on a GPU yet (scripts/gpu_check.sh is the prepared check).
 
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
 sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots
@@ -28,7 +22,7 @@ import numpy as np
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.compat import import_onnxruntime, session_options
-from sleigh.runtime.kv_cache import KV_DTYPES, DeviceSlots, HostSlots, SlotCache
+from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import REEXPORT, check_module_io
 
@@ -82,8 +76,8 @@ class OnnxRuntimeBackend(Backend):
         if absent:
             raise SleighError(str(files["decoder"]), f"the decoder lacks the cache tensors {absent[:2]} the manifest names",
                               f"the package's own decoder; {REEXPORT}")
-        self.kv_dtype = np.dtype(self._input_dtype("decoder", self._past_names[0]))
-        new_dtypes = {np.dtype(self._output_dtype("decoder", n)) for n in self._new_names}
+        self.kv_dtype = np.dtype(_dtype(decoder.get_inputs(), self._past_names[0]))
+        new_dtypes = {np.dtype(_dtype(decoder.get_outputs(), n)) for n in self._new_names}
         if new_dtypes != {self.kv_dtype}:
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
                               f"slots {self.kv_dtype}", "one float dtype for the KV cache in and out")
@@ -111,12 +105,6 @@ class OnnxRuntimeBackend(Backend):
             warn_if_missing(engine)  # its gate ran on another CPU's kernels
         return backend
 
-    def _input_dtype(self, module: str, name: str):
-        return _dtype(self.sessions[module].get_inputs(), name)
-
-    def _output_dtype(self, module: str, name: str):
-        return _dtype(self.sessions[module].get_outputs(), name)
-
     def _session(self, module: str):
         sess = self.sessions.get(module)
         if sess is None:
@@ -140,7 +128,7 @@ class OnnxRuntimeBackend(Backend):
         if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
             large = inputs_embeds.shape[1] > 1  # a prefill chunk; a decode step's arena is small and kept
-            logits, *new = sess.run(["logits", *self._new_names], feeds, self._shrink if large else None)
+            logits, *new = sess.run([LOGITS, *self._new_names], feeds, self._shrink if large else None)
             cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
             return logits[:, -1].astype(np.float32)
         binding = sess.io_binding()
@@ -149,7 +137,7 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_ortvalue_input(name, self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, 0))
         for name, value in cache.past().items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")  # the sampler reads logits on the host
+        binding.bind_output(LOGITS, "cpu")  # the sampler reads logits on the host
         for name in self._new_names:
             binding.bind_output(name, self.device)  # the new keys/values stay on the device
         sess.run_with_iobinding(binding)

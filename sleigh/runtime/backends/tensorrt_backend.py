@@ -5,15 +5,10 @@ and each module runs through the TensorRT 10 tensor API (`set_input_shape`, `set
 `execute_async_v3` on a non-default stream). `tensorrt` and `cuda` are imported only when a backend
 is opened, so `sleigh --help` and the ONNX Runtime path never need them.
 
-The decoder reads C cache slots and returns only the new positions' keys and values (package schema
-2, runtime/kv_cache.py). Each generation owns its cache (`new_cache`, a SlotCache on `DeviceSlots`):
-device slots (B, KV, C, hd) per KV tensor, into which each step's new keys/values are written at
-slots P..P+S-1 with one pitched device-to-device copy per tensor: a decode step copies one position
-per layer, never the cache. Under a memory budget the Pipeline reserves C for the whole generation
-before the prefill; past the reservation, C grows in chunks of KV_CHUNK slots (a growth allocates
-the larger buffers and re-lays the used slots into them). Nothing is copied back to the host but the last position's logits. The decoder
-engine has two optimisation profiles (prefill: no slots, which an empty cache feeds however many it
-reserved; decode: one new token), chosen per step with `set_optimization_profile_async` on one execution context.
+Each generation owns its cache (`new_cache`: a SlotCache on `DeviceSlots`, runtime/kv_cache.py and
+README "The decoder's KV cache"); nothing comes back to the host but the last position's logits. The
+decoder engine has two optimisation profiles (prefill: no slots; decode: one new token), chosen per
+step with `set_optimization_profile_async` on one execution context.
 
 The execution contexts, the scratch buffers and the stream are shared by every generation and are
 not thread-safe: `run` and `step` hold the backend's lock, so concurrent generations take turns per
@@ -36,7 +31,8 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
-from sleigh.runtime.kv_cache import DeviceSlots, SlotCache
+from sleigh.runtime.compat import parse_version
+from sleigh.runtime.kv_cache import LOGITS, DeviceSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import MODULE_NAMES, inside
 
@@ -57,16 +53,6 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text[:limit]
 
 
-def parse_version(version: str) -> tuple[int, ...]:
-    """'10.3.0.26' -> (10, 3, 0, 26); stops at the first part that is not a number."""
-    parts = []
-    for p in str(version).split("."):
-        if not p.isdigit():
-            break
-        parts.append(int(p))
-    return tuple(parts)
-
-
 def tensorrt_status() -> tuple[bool, str]:
     """(True, version) when a usable TensorRT Python package imports; else (False, one-line problem)."""
     try:
@@ -76,7 +62,11 @@ def tensorrt_status() -> tuple[bool, str]:
     version = getattr(trt, "__version__", "")
     if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
         return False, f"the TensorRT Python package is not installed (`import tensorrt` found a stub, version {version or '?'})"
-    if parse_version(version)[:2] < MIN_TENSORRT:
+    try:
+        too_old = parse_version(version)[:2] < MIN_TENSORRT
+    except ValueError:  # no version at all
+        too_old = True
+    if too_old:
         return False, f"TensorRT {version} is too old"
     return True, version
 
@@ -465,8 +455,8 @@ class TensorRTBackend(Backend):
             host = {"inputs_embeds": inputs_embeds, "position_ids": position_ids,
                     **cache.attention(attention_mask, attention_bias)}
             bound = self._enqueue(eng, host, device, {})  # the new keys/values land in scratch buffers
-            ptr, shape = bound["logits"]  # (B, 1, V): the last position's (schema 3); copy back each row's last
-            rows, V, dtype = shape[1], shape[2], eng.dtypes["logits"]
+            ptr, shape = bound[LOGITS]  # (B, 1, V): the last position's (schema 3); copy back each row's last
+            rows, V, dtype = shape[1], shape[2], eng.dtypes[LOGITS]
             last = np.empty((B, V), dtype)
             for b in range(B):
                 offset = ((b * rows) + rows - 1) * V * dtype.itemsize

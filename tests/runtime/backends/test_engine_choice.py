@@ -110,3 +110,16 @@ def test_the_package_modules_missing_say_re_export(pkg):
     with pytest.raises(SleighError, match="decoder.onnx") as err:
         Pipeline.load(pkg, engine="package")
     assert "is missing" in str(err.value) and "sleigh export" in str(err.value)
+
+
+def test_between_equal_engines_auto_prefers_float32_kv_slots(tiny_pkg, tmp_path):
+    pkg = copy_package(tiny_pkg, tmp_path)
+    add_engine(pkg, "fp32-kv-fp16", "fp32")  # listed first: the manifest's order would pick it
+    add_engine(pkg, "fp32", "fp32")
+    manifest = load(pkg)
+    manifest["engines"]["fp32-kv-fp16"]["kv_dtype"] = "float16"
+    save(pkg, manifest)
+    assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == ["fp32", "fp32-kv-fp16"]
+    manifest["engines"]["fp32-kv-fp16"]["kv_dtype"] = "float32"  # control: no difference in slots, the order stands
+    save(pkg, manifest)
+    assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == ["fp32-kv-fp16", "fp32"]
