@@ -253,20 +253,3 @@ def test_missing_ranges_are_a_user_error(calibrated, ranges, tmp_path):
         quantize_vision_qdq(calibrated[0] / "vision.onnx", tmp_path / "v.onnx",
                             {**ranges["tensors"], "layer_norm": {"scale": 0.0}})
     assert not (tmp_path / "v.onnx").exists()
-
-
-def test_an_inlined_gswa_stays_in_float(calibrated, ranges, held_out_views, fp32_held_out, tmp_path):
-    """Where a tool inlines the GSWA function first (its nodes keep the `/gswa/` prefix), its
-    Gemm/MatMul nodes still get no Q/DQ, and the model runs."""
-    import onnx.inliner
-
-    inlined = onnx.inliner.inline_local_functions(onnx.load(str(calibrated[0] / "vision.onnx")))
-    src = tmp_path / "inlined.onnx"
-    onnx.save(inlined, str(src))
-    gswa_ops = [n.name for n in inlined.graph.node if n.name.startswith("/gswa/") and n.op_type in ("Gemm", "MatMul")]
-    assert gswa_ops
-    summary = quantize_vision_qdq(src, tmp_path / "q.onnx", ranges, weight_max=WEIGHT_MAX)
-    assert sorted(summary["not_quantized"]) == sorted(set(gswa_ops) | set(_reads_probabilities(inlined)))
-    assert summary["activations"] == len(ranges["tensors"])
-    out = run_vision(tmp_path / "q.onnx", held_out_views)
-    assert cosine(out["image_embeds"], fp32_held_out["image_embeds"]) >= COSINE_MIN
