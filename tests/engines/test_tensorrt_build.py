@@ -22,8 +22,8 @@ from sleigh.engines.options import EngineOptions
 from sleigh.errors import SleighError
 from sleigh.engines.tensorrt_build import (
     GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, _parse_path, build_engines, copy_plugin, decoder_profiles, embed_profile,
-    engine_plan, parser_errors, profile_to_json, require_tensorrt, source_problems, strip_gswa_function, vision_profile,
-    gswa_profile)
+    engine_plan, gswa_profile, parser_errors, profile_to_json, require_tensorrt, source_problems, strip_gswa_function,
+    vision_profile)
 from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 from tests.helpers import heavy_imports

@@ -84,6 +84,7 @@ def _run_in_chunks(pipe, image, chunk):
         pipe.vision_chunk = None
 
 
+@pytest.mark.slow
 def test_vision_in_chunks_of_views_equals_one_call_with_gswa(ort_pipe, tiny_ckpt, four_views):
     """GSWA is its own module (schema 5): the vision module reads each view alone, so the views go in
     chunks of any size, and GSWA then weighs all of them at once: the same embeddings, weights and
