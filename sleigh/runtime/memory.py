@@ -19,8 +19,9 @@ account of every allocation. For one generation with T views, P prompt tokens an
   Fit to the full-size INT8 vision on the CPU: about 290 MB per view (issue 14: +2.0 GB at 7 views,
   +3.9 GB at 13). The vision module reads each view alone and GSWA (its own module, a few small
   tensors per view) runs once after it on every view's CLS token, so v may be any chunk of the views.
-- image(T): every view's image embeddings, held from vision through the embed call (and concatenated
-  once from the chunks): 2 x T x tokens per view x hidden, fp32.
+- image(T): every view's image embeddings, held from vision through the embed call: T x tokens per
+  view x hidden, fp32, counted twice: a margin for the heap the vision chunks leave behind (the
+  prefill after vision in chunks peaked ~55 MB higher: benchmarks/RESULTS.md, "Vision in chunks of views").
 - prefill(s, C): s new tokens in one decoder call against C positions: C = P for the whole prompt in
   one call (an empty cache feeds no slots), C = K + s for a chunk after the first (it attends over
   every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer
@@ -114,7 +115,7 @@ class Shapes:
         return views * per_view * FLOAT_BYTES
 
     def image_bytes(self, views: int) -> int:
-        """Every view's image embeddings, and their concatenation from the vision chunks."""
+        """Every view's image embeddings, counted twice (see the module docstring)."""
         return 2 * views * ((self.vision_tokens - 1) // 4) * self.llm_hidden * FLOAT_BYTES
 
     def prefill_bytes(self, tokens: int, context: int) -> int:

@@ -342,13 +342,15 @@ class Pipeline:
         vision module reads each view alone, so it runs in calls of `chunk` views; GSWA attends over
         every view's CLS token, so the gswa module then runs once on all of them. With
         gswa.apply == "scale" the embeddings are scaled by the weights here (the model's encode_hidden)."""
-        embeds, cls = [], []
-        for start in range(0, pixel_values.shape[0], chunk):
+        views = pixel_values.shape[0]
+        image_embeds = cls_tokens = None  # every view's, written chunk by chunk (no concatenated copy)
+        for start in range(0, views, chunk):
             vis = self.backend.run("vision", {"pixel_values": pixel_values[start:start + chunk]})
-            embeds.append(vis["image_embeds"].astype(np.float32, copy=False))
-            cls.append(vis["cls_tokens"].astype(np.float32, copy=False))
-        image_embeds = embeds[0] if len(embeds) == 1 else np.concatenate(embeds)
-        cls_tokens = cls[0] if len(cls) == 1 else np.concatenate(cls)
+            if image_embeds is None:
+                image_embeds = np.empty((views, *vis["image_embeds"].shape[1:]), np.float32)
+                cls_tokens = np.empty((views, *vis["cls_tokens"].shape[1:]), np.float32)
+            image_embeds[start:start + chunk] = vis["image_embeds"]
+            cls_tokens[start:start + chunk] = vis["cls_tokens"]
         weights = self.backend.run("gswa", {"cls_tokens": cls_tokens})["gswa_weights"].astype(np.float32)
         gswa = self.contract.gswa
         if gswa is not None and gswa.apply == "scale":
