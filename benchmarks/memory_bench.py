@@ -1,8 +1,10 @@
 """Per-stage memory of one generation on the CPU: RSS after load, vision, prefill and N decode steps,
 and the peak of each stage (VmHWM, reset between stages through /proc/self/clear_refs), for 1, 7
-and 13 views at two prompt lengths, the whole prompt in one call against chunks, and the CPU arena
-kept at its peak against shrunk after each large call (runtime/backends/onnxruntime_backend.py).
-Every configuration runs in a fresh interpreter, so no run inherits another's heap.
+and 13 views at two prompt lengths, the whole prompt in one call against chunks, the CPU arena
+kept at its peak against shrunk after each large call (runtime/backends/onnxruntime_backend.py), and
+the views in one vision call against chunks of views (`--vision-chunks 0 1 2`; 0: all in one call).
+"vision" is measured after GSWA, which runs once after the last chunk. Every configuration runs in a
+fresh interpreter, so no run inherits another's heap.
 
     PYTHONPATH=. python benchmarks/memory_bench.py runs/small-pkg [--decode 16] [--engine NAME] [--json out.json]
 
@@ -41,7 +43,8 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
-def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: str | None = None) -> dict:
+def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: str | None = None,
+        vision_chunk: int = 0) -> dict:
     """One configuration, in this process (the parent starts a fresh one per configuration)."""
     import functools
 
@@ -66,6 +69,7 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     if not shrink:
         pipe.backend._shrink = None
     pipe.prefill_chunk = chunk
+    pipe.vision_chunk = vision_chunk or None
     pipe.reserve_generation = True  # the KV reserved up front, as under --max-memory (what the model counts)
     mark("load")
     image = f"/tmp/memory_bench_{views}.png"
@@ -73,9 +77,9 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     prompt = _prompt(pipe, image, context)
     run = pipe.backend.run
 
-    def run_and_mark(module, feeds):  # RSS right after the vision call, before embed and prefill
+    def run_and_mark(module, feeds):  # RSS right after the vision calls and GSWA, before embed and prefill
         out = run(module, feeds)
-        if module == "vision":
+        if module == "gswa":
             mark("vision")
         return out
 
@@ -86,8 +90,9 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     result = pipe.generate_from(state, max_new_tokens=decode, ignore_eos=True).result
     mark("decode")
     budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))
-    estimate = budget.estimate(len(state.ids), decode, views, chunk or len(state.ids))
-    return {"engine": pipe.backend.describe(), "kv_dtype": str(pipe.backend.kv_dtype), "views": result.views, "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
+    estimate = budget.estimate(len(state.ids), decode, min(vision_chunk or views, views), chunk or len(state.ids), views)
+    return {"engine": pipe.backend.describe(), "kv_dtype": str(pipe.backend.kv_dtype), "views": result.views,
+            "vision_chunk": vision_chunk or result.views, "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
             "peak_mb": max(s["peak_mb"] for s in stages.values()), "estimate_mb": estimate / MB,
             "vision_s": result.timings.vision_s, "prefill_s": result.timings.prefill_s,
             "first_token_s": result.timings.time_to_first_token_s, "decode_tokens_per_s": result.timings.decode_tokens_per_s}
@@ -116,20 +121,22 @@ def main() -> None:
     ap.add_argument("--views", type=int, nargs="*", default=sorted(SIZES))
     ap.add_argument("--contexts", type=int, nargs="*", default=list(CONTEXTS))
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--vision-chunks", type=int, nargs="*", default=[0], help="views per vision call (0: all)")
     ap.add_argument("--engine", help="an engine of the package, or 'package' (default: the runtime's choice)")
     ap.add_argument("--json", type=Path, help="write every row here as well")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a configuration as JSON: run it here, print its row
     args = ap.parse_args()
     if args.one:
         cfg = json.loads(args.one)
-        print(json.dumps(one(args.package, cfg["views"], cfg["context"], cfg["variant"], args.decode, args.engine)))
+        print(json.dumps(one(args.package, cfg["views"], cfg["context"], cfg["variant"], args.decode, args.engine,
+                             cfg.get("vision_chunk", 0))))
         return
     rows = []
     for views in args.views:
         for context in args.contexts:
-            for variant in args.variants:
+            for variant, vision_chunk in [(v, c) for v in args.variants for c in args.vision_chunks]:
                 t = time.perf_counter()
-                cfg = json.dumps({"views": views, "context": context, "variant": variant})
+                cfg = json.dumps({"views": views, "context": context, "variant": variant, "vision_chunk": vision_chunk})
                 engine = ["--engine", args.engine] if args.engine else []
                 proc = subprocess.run([sys.executable, __file__, args.package, "--decode", str(args.decode), *engine, "--one", cfg],
                                       capture_output=True, text=True)
@@ -138,7 +145,7 @@ def main() -> None:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 s = row["stages"]
-                print(f"| {row['views']} | {row['prompt_tokens']:,} | {variant} | "
+                print(f"| {row['views']} | {row['vision_chunk']} | {row['prompt_tokens']:,} | {variant} | "
                       + " | ".join(f"{s[k]['rss_mb']:.0f} ({s[k]['peak_mb']:.0f})" for k in ("load", "vision", "prefill", "decode"))
                       + f" | **{row['peak_mb']:.0f}** | {row['estimate_mb']:.0f} | {row['first_token_s']:.2f} | "
                       f"{row['decode_tokens_per_s']:.1f} |  ({time.perf_counter() - t:.0f} s)", flush=True)

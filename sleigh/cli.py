@@ -249,7 +249,7 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's parity report as JSON."),
 ):
-    """Export a checkpoint to an ONNX package (vision with the GSWA op, embed, decoder) and check parity."""
+    """Export a checkpoint to an ONNX package (vision, gswa with the GSWA op, embed, decoder) and check parity."""
     from sleigh.export.exporter import ExportOptions, export_package
 
     opts = ExportOptions(opset=opset, max_tiles=max_tiles, verify=not no_verify, force=force, quiet=as_json)

@@ -154,8 +154,10 @@ class EngineOptions:
     @property
     def module_precisions(self) -> dict[str, str]:
         """What each module is converted to: an INT8 engine has a Q/DQ vision but keeps embed (a table
-        lookup) in FP16, and its decoder's weights follow --llm-weights."""
-        return {"vision": self.precision, "embed": "fp32" if self.precision == "fp32" else "fp16", "decoder": self.weights}
+        lookup) in FP16, and its decoder's weights follow --llm-weights. GSWA (small matrices over the
+        views' CLS tokens, whose weights steer the answer) stays FP32 in every engine."""
+        return {"vision": self.precision, "gswa": "fp32", "embed": "fp32" if self.precision == "fp32" else "fp16",
+                "decoder": self.weights}
 
     def for_package(self, manifest: dict) -> EngineOptions:
         """These options with every default filled in from the package, checked against it (one-line

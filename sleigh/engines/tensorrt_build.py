@@ -5,10 +5,10 @@ builder flags, which TensorRT 11 removed: the network is STRONGLY_TYPED (README,
 Everything that does not need libnvinfer is pure and tested on CPU; `build_engines` imports
 `tensorrt` when it runs, and has never run (UNVERIFIED, README "TensorRT").
 
-GSWA: TensorRT's ONNX parser inlines the vision graph's `sleigh::GSWA` local function, matching by
-name only; from 10.7 it prefers a plugin registered under the node's name, version and namespace
-(the builder registers none, so the function body is parsed). With `--plugin-library LIB` it parses a
-copy of vision.onnx without the function, so every parser version maps the node to LIB's IPluginV3.
+GSWA: TensorRT's ONNX parser inlines gswa.onnx's `sleigh::GSWA` local function, matching by name
+only; from 10.7 it prefers a plugin registered under the node's name, version and namespace (the
+builder registers none, so the function body is parsed). With `--plugin-library LIB` it parses a copy
+of gswa.onnx without the function, so every parser version maps the node to LIB's IPluginV3.
 """
 
 from __future__ import annotations
@@ -79,8 +79,17 @@ def vision_profile(manifest: dict, opts: EngineOptions) -> Profile:
     size = manifest["image"]["size"]
     _expect_static(manifest, "vision", "pixel_values", 2, size, "image height")
     _expect_static(manifest, "vision", "pixel_values", 3, size, "image width")
-    views = (1, max_views(manifest, opts.opt_tiles), max_views(manifest, opts.max_tiles))
-    return _profile(manifest, "vision", {"views": views})
+    return _profile(manifest, "vision", {"views": _views(manifest, opts)})
+
+
+def gswa_profile(manifest: dict, opts: EngineOptions) -> Profile:
+    """cls_tokens (views, Cv): every view of one image at once, as many as the vision profile's."""
+    opts = opts.for_package(manifest)
+    return _profile(manifest, "gswa", {"views": _views(manifest, opts)})
+
+
+def _views(manifest: dict, opts: EngineOptions) -> tuple[int, int, int]:
+    return 1, max_views(manifest, opts.opt_tiles), max_views(manifest, opts.max_tiles)
 
 
 def embed_profile(manifest: dict, opts: EngineOptions) -> Profile:
@@ -155,9 +164,9 @@ def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Engin
             raise SleighError(str(src), f"the {m} source ONNX does not exist",
                               f"an {opts.precision.upper()} ONNX of the {m} module (e.g. from an ONNX Runtime engine folder of the package)")
         resolved[m] = src
-    profiles = {"vision": [vision_profile(manifest, opts)], "embed": [embed_profile(manifest, opts)],
-                "decoder": decoder_profiles(manifest, opts)}
-    names = {"vision": ["default"], "embed": ["default"], "decoder": list(DECODER_PROFILES)}
+    profiles = {"vision": [vision_profile(manifest, opts)], "gswa": [gswa_profile(manifest, opts)],
+                "embed": [embed_profile(manifest, opts)], "decoder": decoder_profiles(manifest, opts)}
+    names = {"vision": ["default"], "gswa": ["default"], "embed": ["default"], "decoder": list(DECODER_PROFILES)}
     engine_dir = Path(out_dir) if out_dir is not None else pkg / "engines" / name
     timing_cache = pkg / "engines" / "timing.cache"  # shared by every engine of the package, outside the staging folder
     use_plugin = opts.plugin_library is not None
@@ -165,7 +174,7 @@ def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Engin
     for m in MODULE_NAMES:
         plan = engine_dir / f"{m}.plan"
         modules[m] = {"source": resolved[m], "plan": plan, "plan_rel": _rel(pkg, plan), "profiles": profiles[m],
-                      "profile_names": names[m], "strip_gswa_function": use_plugin and m == "vision"}
+                      "profile_names": names[m], "strip_gswa_function": use_plugin and m == "gswa"}
     plugin = None
     if manifest.get("gswa") is None:
         gswa = None
@@ -200,7 +209,7 @@ def copy_plugin(plan: dict) -> None:
     plan["entry"]["files"].append(plugin["rel"])
 
 
-# -- source checks and the plugin copy of vision.onnx (need onnx, imported lazily) ------------------
+# -- source checks and the plugin copy of gswa.onnx (need onnx, imported lazily) ------------------
 
 
 def _all_nodes(model):
@@ -266,7 +275,7 @@ def source_problems(module: str, path: Path, precision: str, manifest: dict, *, 
     gswa_nodes = [n for n in model.graph.node if n.domain == GSWA_DOMAIN and n.op_type == GSWA_OP]
     if gswa_nodes and not use_plugin and GSWA_OP not in function_names:
         problems.append("has the sleigh::GSWA node without its function body, so TensorRT would need the plugin "
-                        "(use --plugin-library, or the package's vision.onnx)")
+                        "(use --plugin-library, or the package's gswa.onnx)")
     return problems
 
 
@@ -296,7 +305,7 @@ def strip_gswa_function(src: Path, dst: Path) -> int:
     model = onnx.load(str(src), load_external_data=False)
     nodes = [n for n in model.graph.node if n.domain == GSWA_DOMAIN and n.op_type == GSWA_OP]
     if not nodes:
-        raise SleighError(str(src), "has no sleigh::GSWA node", "the vision module of a package with GSWA (or no --plugin-library)")
+        raise SleighError(str(src), "has no sleigh::GSWA node", "the gswa module of a package with GSWA (or no --plugin-library)")
     for n in nodes:
         ns = next((a.s.decode() for a in n.attribute if a.name == "plugin_namespace"), None)
         if ns != GSWA_PLUGIN_NAMESPACE:
@@ -401,7 +410,7 @@ def _build_module(trt, logger, module: str, spec: dict, opts: EngineOptions, cac
 
 def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: EngineOptions, *,
                   quiet: bool = False, out_dir: Path | None = None) -> dict:
-    """Build vision, embed and decoder plans into PKG/engines/<name>/ (or `out_dir`, see
+    """Build the vision, gswa, embed and decoder plans into PKG/engines/<name>/ (or `out_dir`, see
     `engine_plan`) and return the TensorRT part of the manifest entry, with "files": the files it
     wrote (the caller lists them with their sha256 and writes the manifest last). Never writes a
     plan without TensorRT. Each source is checked as what `opts.module_precisions` says it holds."""

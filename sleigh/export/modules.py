@@ -18,7 +18,6 @@ from sleigh.export import gswa_op
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import kv_names
 from sleigh.sleighvl.model import SleighVL
-from sleigh.sleighvl.vision import pixel_shuffle
 
 
 @dataclass
@@ -33,22 +32,31 @@ class ModuleSpec:
 
 
 class VisionModule(nn.Module):
-    """pixel_values (T, 3, S, S) -> image_embeds (T, 256, D), gswa_weights (T,)."""
+    """pixel_values (T, 3, S, S) -> image_embeds (T, 256, D), cls_tokens (T, Cv). Each view alone, so
+    the runtime may run the views in chunks; GSWA, which reads every view's CLS token, is `GswaModule`.
+    The embeddings are mlp1's: with gswa.apply == "scale" the runtime scales them by the weights."""
 
     def __init__(self, model: SleighVL):
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values):
-        m = self.model
-        hidden = m.vision(pixel_values)  # (T, 1 + g*g, Cv)
-        projected = m.projector(pixel_shuffle(hidden[:, 1:], m.cfg.vision.grid))  # (T, g*g/4, D)
-        if m.gswa is None:
-            return projected, torch.ones_like(hidden[:, 0, 0])
-        weights = gswa_op.gswa_call(m.gswa, hidden[:, 0])  # (T,)
-        if m.cfg.gswa.apply == "scale":
-            projected = weights[:, None, None] * projected
-        return projected, weights
+        hidden = self.model.vision(pixel_values)  # (T, 1 + g*g, Cv)
+        return self.model.project(hidden), hidden[:, 0]
+
+
+class GswaModule(nn.Module):
+    """cls_tokens (T, Cv), all views of one image with the thumbnail last -> gswa_weights (T,): one
+    `sleigh::GSWA` node (export/gswa_op.py), or ones for a model without GSWA."""
+
+    def __init__(self, model: SleighVL):
+        super().__init__()
+        self.model = model
+
+    def forward(self, cls_tokens):
+        if self.model.gswa is None:
+            return torch.ones_like(cls_tokens[:, 0])
+        return gswa_op.gswa_call(self.model.gswa, cls_tokens)
 
 
 class EmbedModule(nn.Module):
@@ -80,7 +88,13 @@ def vision_spec(model: SleighVL, views: int = 2) -> ModuleSpec:
     s = model.cfg.vision.image_size
     T = Dim("views", min=1, max=64)
     return ModuleSpec("vision", VisionModule(model), (torch.randn(views, 3, s, s),), ["pixel_values"],
-                      ["image_embeds", "gswa_weights"], ({0: T},), has_gswa_node=model.gswa is not None)
+                      ["image_embeds", "cls_tokens"], ({0: T},))
+
+
+def gswa_spec(model: SleighVL, views: int = 3) -> ModuleSpec:
+    T = Dim("views", min=1, max=64)
+    return ModuleSpec("gswa", GswaModule(model), (torch.randn(views, model.cfg.vision.hidden_size),), ["cls_tokens"],
+                      ["gswa_weights"], ({0: T},), has_gswa_node=model.gswa is not None)
 
 
 def embed_spec(model: SleighVL) -> ModuleSpec:
@@ -110,6 +124,7 @@ def decoder_spec(model: SleighVL) -> ModuleSpec:
 
 MODULES: dict[str, Callable[[SleighVL], ModuleSpec]] = {
     "vision": vision_spec,
+    "gswa": gswa_spec,
     "embed": embed_spec,
     "decoder": decoder_spec,
 }

@@ -23,7 +23,7 @@ COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
 # (atol, rtol) per output-name prefix; "*" is the default.
 TOLERANCES: dict[str, dict[str, tuple[float, float]]] = {
     "fp32": {"gswa_weights": (1e-4, 1e-4), LOGITS: (1e-3, 1e-3), NEW + ".": (1e-3, 1e-3),
-             "image_embeds": (1e-3, 1e-3), "*": (1e-4, 1e-4)},
+             "image_embeds": (1e-3, 1e-3), "cls_tokens": (1e-3, 1e-3), "*": (1e-4, 1e-4)},
 }
 
 
@@ -97,8 +97,8 @@ def _compare_all(case, got: dict, ref: dict, precision) -> list[Comparison]:
 @torch.inference_mode()
 def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", seed: int = 0,
                    progress=None) -> list[Comparison]:
-    """Run vision, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL)."""
-    from sleigh.export.modules import DecoderModule, EmbedModule, VisionModule
+    """Run vision, gswa, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL)."""
+    from sleigh.export.modules import DecoderModule, EmbedModule, GswaModule, VisionModule
     from sleigh.runtime.manifest import kv_names
 
     pkg = Path(pkg)
@@ -106,9 +106,10 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     rng = np.random.default_rng(seed)
     results: list[Comparison] = []
     step = progress.advance if progress else (lambda *a, **k: None)
-    vision, embed, decoder = (VisionModule(model), EmbedModule(model), DecoderModule(model))
+    vision, gswa, embed, decoder = VisionModule(model), GswaModule(model), EmbedModule(model), DecoderModule(model)
 
-    # vision: random views at T = 1 and T = 13, then a real image
+    # vision: random views at T = 1 and T = 13, then a real image; gswa on each case's reference CLS tokens
+    s_vis, s_gswa = _ort(pkg / "vision.onnx"), _ort(pkg / "gswa.onnx")
     s_vis = _ort(pkg / "vision.onnx")
     size = cfg.vision.image_size
     tiled = tile_image(real_image, min_tiles=cfg.image.min_tiles, max_tiles=cfg.image.max_tiles, size=size,
@@ -117,9 +118,11 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
              ("vision random T=13", rng.standard_normal((13, 3, size, size)).astype(np.float32)),
              (f"vision image T={tiled.num_views}", tiled.pixel_values)]
     for case, pv in cases:
-        emb, w = vision(torch.from_numpy(pv))
+        emb, cls = vision(torch.from_numpy(pv))
         results += _compare_all(case, _run(s_vis, {"pixel_values": pv}),
-                                {"image_embeds": emb.numpy(), "gswa_weights": w.numpy()}, precision)
+                                {"image_embeds": emb.numpy(), "cls_tokens": cls.numpy()}, precision)
+        results += _compare_all(case.replace("vision", "gswa"), _run(s_gswa, {"cls_tokens": cls.numpy()}),
+                                {"gswa_weights": gswa(cls).numpy()}, precision)
     step()
 
     # embed: a real prompt with the image's rows, and a random batch of 2 with text only
@@ -128,7 +131,8 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     ids = np.asarray([tok.encode_prompt("Describe the image in detail.", tiled.num_views,
                                         tokens_per_view=cfg.vision.tokens_per_view)], np.int64)
     img_out = _run(s_vis, {"pixel_values": tiled.pixel_values})
-    del s_vis  # one module's session at a time: full-size modules are gigabytes each
+    img_out |= _run(s_gswa, {"cls_tokens": img_out["cls_tokens"]})
+    del s_vis, s_gswa  # one module's session at a time: full-size modules are gigabytes each
     rows = img_out["image_embeds"].reshape(-1, cfg.llm.hidden_size)
     rand_ids = rng.integers(0, cfg.llm.vocab_size, (2, 9)).astype(np.int64)
     for case, feeds in [("embed image prompt", {"input_ids": ids, "image_embeds": rows}),

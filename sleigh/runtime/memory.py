@@ -3,7 +3,7 @@
 The model is a planning estimate from the model's shapes (the config in the manifest), not an
 account of every allocation. For one generation with T views, P prompt tokens and N new tokens:
 
-    peak = BASE + weights + kv(P + N) + vision(v) + max(prefill(s, C), prefill(1, K + 1))
+    peak = BASE + weights + kv(P + N) + image(T) + vision(v) + max(prefill(s, C), prefill(1, K + 1))
 
 - BASE: the interpreter with numpy, onnxruntime and the tokenizer loaded.
 - weights: the bytes of the files the backend opened (external data included). ONNX Runtime reads
@@ -17,7 +17,11 @@ account of every allocation. For one generation with T views, P prompt tokens an
   layer's intermediates before the next) VISION_ATTENTION attention-score matrices heads x N x N,
   two MLP-wide and VISION_HIDDEN hidden-wide tensors of N = (image/patch)^2 + 1 tokens, fp32.
   Fit to the full-size INT8 vision on the CPU: about 290 MB per view (issue 14: +2.0 GB at 7 views,
-  +3.9 GB at 13).
+  +3.9 GB at 13). The vision module reads each view alone and GSWA (its own module, a few small
+  tensors per view) runs once after it on every view's CLS token, so v may be any chunk of the views.
+- image(T): every view's image embeddings, held from vision through the embed call: T x tokens per
+  view x hidden, fp32, counted twice: a margin for the heap the vision chunks leave behind (the
+  prefill after vision in chunks peaked ~55 MB higher: benchmarks/RESULTS.md, "Vision in chunks of views").
 - prefill(s, C): s new tokens in one decoder call against C positions: C = P for the whole prompt in
   one call (an empty cache feeds no slots), C = K + s for a chunk after the first (it attends over
   every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer
@@ -32,8 +36,7 @@ Each ONNX Runtime session keeps its arena at its own peak unless it is shrunk af
 (backends/onnxruntime_backend.py does so on the CPU), so the model adds vision and prefill rather
 than taking the larger: an overestimate where the arena is shrunk. `plan()` starts from the whole
 image and the whole prompt in one call each and halves the larger of the two activations until the
-estimate fits; when even one view (one call for all views when GSWA needs them together, see
-`Pipeline`) and MIN_PREFILL_CHUNK tokens do not fit, it refuses in one line.
+estimate fits; when even one view and MIN_PREFILL_CHUNK tokens do not fit, it refuses in one line.
 """
 
 from __future__ import annotations
@@ -111,6 +114,10 @@ class Shapes:
         per_view = VISION_ATTENTION * self.vision_heads * N * N + N * (2 * self.vision_mlp + VISION_HIDDEN * self.vision_hidden)
         return views * per_view * FLOAT_BYTES
 
+    def image_bytes(self, views: int) -> int:
+        """Every view's image embeddings, counted twice (see the module docstring)."""
+        return 2 * views * ((self.vision_tokens - 1) // 4) * self.llm_hidden * FLOAT_BYTES
+
     def prefill_bytes(self, tokens: int, context: int) -> int:
         s, C = tokens, max(context, tokens)
         per_layer = (PREFILL_ATTENTION * self.llm_heads * s * C + s * (3 * self.llm_mlp + PREFILL_HIDDEN * self.llm_hidden)
@@ -149,11 +156,12 @@ class MemoryBudget:
                               "a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
                               "--llm-weights int4)")
 
-    def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int) -> int:
-        """The model's peak (bytes) for one generation run with these chunks."""
+    def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int, views: int = 0) -> int:
+        """The model's peak (bytes) for one generation with `views` views run with these chunks."""
         sh = self.shapes
         decode = sh.prefill_bytes(1, kv_slots(prompt_tokens + new_tokens) + 1)
-        return (BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens) + sh.vision_bytes(vision_chunk)
+        return (BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens) + sh.image_bytes(views)
+                + sh.vision_bytes(vision_chunk)
                 + max(self.prefill_bytes(prompt_tokens, new_tokens, prefill_chunk), decode))
 
     def prefill_bytes(self, prompt_tokens: int, new_tokens: int, chunk: int) -> int:
@@ -162,13 +170,12 @@ class MemoryBudget:
             return self.shapes.prefill_bytes(prompt_tokens, prompt_tokens)
         return self.shapes.prefill_bytes(chunk, kv_slots(prompt_tokens + new_tokens) + chunk)
 
-    def plan(self, views: int, prompt_tokens: int, new_tokens: int, *, split_views: bool) -> Plan:
-        """Chunk sizes for one generation; `split_views`: whether the vision module may take the
-        views in several calls (GSWA needs all views in one)."""
+    def plan(self, views: int, prompt_tokens: int, new_tokens: int) -> Plan:
+        """Chunk sizes for one generation of `views` views and `prompt_tokens` + `new_tokens` tokens."""
         sh = self.shapes
-        v_min = 1 if split_views else views
+        v_min = min(views, 1)
         s_min = min(prompt_tokens, MIN_PREFILL_CHUNK)
-        total = lambda v, s: self.estimate(prompt_tokens, new_tokens, v, s)  # noqa: E731
+        total = lambda v, s: self.estimate(prompt_tokens, new_tokens, v, s, views)  # noqa: E731
 
         v, s = views, prompt_tokens
         while total(v, s) > self.limit:
@@ -182,8 +189,8 @@ class MemoryBudget:
                     f"max_memory={gb(self.limit)}",
                     f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
                     f"{gb(total(v, s))} at the smallest chunks (model {gb(BASE_BYTES + self.weights)}, KV cache "
-                    f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, vision at {v} view{'s' if v != 1 else ''} at once"
-                    f"{'' if split_views or v == 1 else ' (GSWA weighs them in one call)'} "
-                    f"{gb(sh.vision_bytes(v))}, prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
+                    f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, image embeddings {gb(sh.image_bytes(views))}, "
+                    f"vision at {v} view{'s' if v != 1 else ''} at once {gb(sh.vision_bytes(v))}, "
+                    f"prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
                     f"a budget of at least {gb(total(v, s))}, or {HOW_TO_FIT}")
         return Plan(v, s, total(v, s))

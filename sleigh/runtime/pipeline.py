@@ -332,26 +332,30 @@ class Pipeline:
 
     def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
         """(views per vision call, prompt tokens per decoder call) for this generation."""
-        split_views = self.contract.gswa is None
         if self.budget is not None:
-            plan = self.budget.plan(views, prompt_tokens, new_tokens, split_views=split_views)
+            plan = self.budget.plan(views, prompt_tokens, new_tokens)
             return plan.vision_chunk, plan.prefill_chunk
-        vision_chunk = self.vision_chunk if split_views and self.vision_chunk else views
-        return max(vision_chunk, 1), self.prefill_chunk or prompt_tokens
+        return max(self.vision_chunk or views, 1), self.prefill_chunk or prompt_tokens
 
     def _vision(self, pixel_values: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-        """pixel_values (T, 3, S, S) -> image_embeds (T, tokens per view, D), gswa_weights (T,), in
-        calls of `chunk` views. The views are independent through the ViT and the projector, but GSWA
-        attends over all views' CLS tokens inside vision.onnx, so a model with GSWA takes them in one
-        call (`_chunks` never splits them there)."""
-        embeds, weights = [], []
-        for start in range(0, pixel_values.shape[0], chunk):
+        """pixel_values (T, 3, S, S) -> image_embeds (T, tokens per view, D), gswa_weights (T,). The
+        vision module reads each view alone, so it runs in calls of `chunk` views; GSWA attends over
+        every view's CLS token, so the gswa module then runs once on all of them. With
+        gswa.apply == "scale" the embeddings are scaled by the weights here (the model's encode_hidden)."""
+        views = pixel_values.shape[0]
+        image_embeds = cls_tokens = None  # every view's, written chunk by chunk (no concatenated copy)
+        for start in range(0, views, chunk):
             vis = self.backend.run("vision", {"pixel_values": pixel_values[start:start + chunk]})
-            embeds.append(vis["image_embeds"].astype(np.float32, copy=False))
-            weights.append(vis["gswa_weights"].astype(np.float32))
-        if len(embeds) == 1:
-            return embeds[0], weights[0]
-        return np.concatenate(embeds), np.concatenate(weights)
+            if image_embeds is None:
+                image_embeds = np.empty((views, *vis["image_embeds"].shape[1:]), np.float32)
+                cls_tokens = np.empty((views, *vis["cls_tokens"].shape[1:]), np.float32)
+            image_embeds[start:start + chunk] = vis["image_embeds"]
+            cls_tokens[start:start + chunk] = vis["cls_tokens"]
+        weights = self.backend.run("gswa", {"cls_tokens": cls_tokens})["gswa_weights"].astype(np.float32)
+        gswa = self.contract.gswa
+        if gswa is not None and gswa.apply == "scale":
+            image_embeds = weights[:, None, None] * image_embeds
+        return image_embeds, weights
 
     def _prefill(self, cache, inputs_embeds: np.ndarray, bias: np.ndarray, chunk: int) -> np.ndarray:
         """The prompt into the cache, `chunk` positions per decoder call (each after the first against

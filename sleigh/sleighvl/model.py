@@ -1,7 +1,8 @@
 """SleighVL: InternViT -> pixel shuffle -> mlp1 -> GSWA, and the InternLM2 LLM.
 
-The three top-level pieces mirror the exported modules: `encode_images` is `vision.onnx`,
-`embed` is `embed.onnx`, `llm` (its forward) is `decoder.onnx`.
+The top-level pieces mirror the exported modules: `vision` then `project` is `vision.onnx` (per view,
+so it runs in chunks of views), `weigh_views` is `gswa.onnx` (all views at once), `embed` is
+`embed.onnx`, `llm` (its forward) is `decoder.onnx`. `encode_images` is vision, project and GSWA.
 """
 
 from __future__ import annotations
@@ -42,15 +43,22 @@ class SleighVL(nn.Module):
     def encode_hidden(self, hidden: torch.Tensor) -> VisionOutput:
         """The ViT's output for one image's views (T, 1 + g*g, Cv) -> mlp1 and GSWA. The ViT reads
         each view alone, so a batch of several images' views can share one ViT call (training)."""
-        projected = self.projector(pixel_shuffle(hidden[:, 1:], self.cfg.vision.grid))  # (T, g*g/4, D)
-        if self.gswa is None:
-            weights = torch.ones(hidden.shape[0], dtype=hidden.dtype, device=hidden.device)
-        else:
-            weights = self.gswa(hidden[:, 0])
+        projected = self.project(hidden)
+        weights = self.weigh_views(hidden[:, 0])
         embeds = projected
         if self.gswa is not None and self.cfg.gswa.apply == "scale":
             embeds = weights[:, None, None] * projected
         return VisionOutput(embeds, weights, hidden, projected)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The ViT's output (T, 1 + g*g, Cv) -> mlp1's image embeddings (T, g*g/4, D), per view."""
+        return self.projector(pixel_shuffle(hidden[:, 1:], self.cfg.vision.grid))
+
+    def weigh_views(self, cls: torch.Tensor) -> torch.Tensor:
+        """All views' CLS tokens (T, Cv) -> GSWA's weights (T,); ones without GSWA."""
+        if self.gswa is None:
+            return torch.ones(cls.shape[0], dtype=cls.dtype, device=cls.device)
+        return self.gswa(cls)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """input_ids (B, S), image_embeds (M, D) -> inputs_embeds (B, S, D).

@@ -52,9 +52,11 @@ class TorchBackend(Backend):
         self._check_open()
         torch = self.torch
         with torch.inference_mode():
-            if module == "vision":
-                out = self.model.encode_images(torch.from_numpy(feeds["pixel_values"]))
-                return {"image_embeds": out.image_embeds.numpy(), "gswa_weights": out.gswa_weights.numpy()}
+            if module == "vision":  # the exported modules' split (export/modules.py)
+                hidden = self.model.vision(torch.from_numpy(feeds["pixel_values"]))
+                return {"image_embeds": self.model.project(hidden).numpy(), "cls_tokens": hidden[:, 0].numpy()}
+            if module == "gswa":
+                return {"gswa_weights": self.model.weigh_views(torch.from_numpy(feeds["cls_tokens"])).numpy()}
             if module == "embed":
                 emb = self.model.embed(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["image_embeds"]))
                 return {"inputs_embeds": emb.numpy()}

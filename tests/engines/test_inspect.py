@@ -27,10 +27,10 @@ def test_a_deleted_engine_is_listed_as_missing(pkg, capsys):
     shutil.rmtree(pkg / "engines" / "onnxruntime-int8")
     report = inspect_package(pkg)
     entry = report["engines"]["onnxruntime-int8"]
-    assert entry["accuracy_passed"] and len(entry["missing_files"]) == 3  # vision, embed, decoder
+    assert entry["accuracy_passed"] and len(entry["missing_files"]) == 4  # vision, gswa, embed, decoder
     print_report(report)
     row = next(line for line in capsys.readouterr().out.splitlines() if "onnxruntime-int8" in line)
-    assert "MISSING 3" in row and "rebuild" in row
+    assert "MISSING 4" in row and "rebuild" in row
 
 
 def test_inspect_json_shows_missing_engine_files(pkg):

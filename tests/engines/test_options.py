@@ -75,11 +75,11 @@ def test_names():
 
 
 def test_module_precisions():
-    assert EngineOptions(precision="int8").module_precisions == {"vision": "int8", "embed": "fp16", "decoder": "int8"}
+    assert EngineOptions(precision="int8").module_precisions == {"vision": "int8", "gswa": "fp32", "embed": "fp16", "decoder": "int8"}
     assert EngineOptions(backend="tensorrt", precision="int8").module_precisions == \
-        {"vision": "int8", "embed": "fp16", "decoder": "fp16"}
+        {"vision": "int8", "gswa": "fp32", "embed": "fp16", "decoder": "fp16"}
     assert EngineOptions(precision="fp32", llm_weights="int4").module_precisions == \
-        {"vision": "fp32", "embed": "fp32", "decoder": "int4"}
+        {"vision": "fp32", "gswa": "fp32", "embed": "fp32", "decoder": "int4"}
 
 
 def test_for_package_fills_the_defaults(manifest):

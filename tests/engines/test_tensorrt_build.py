@@ -1,6 +1,6 @@
 """TensorRT engine building, everything that needs no libnvinfer: optimisation profiles from a real
 package's manifest, the file plan and the manifest entry's TensorRT part, source checks, the GSWA
-plugin (the copy of vision.onnx without the function, the library copied into the engine), and the
+plugin (the copy of gswa.onnx without the function, the library copied into the engine), and the
 one-line error where TensorRT is not installed. The options are tested in test_options.py.
 
 Nothing here imitates TensorRT: building and running engines is unverified on these machines.
@@ -22,12 +22,13 @@ from sleigh.engines.options import EngineOptions
 from sleigh.errors import SleighError
 from sleigh.engines.tensorrt_build import (
     GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, _parse_path, build_engines, copy_plugin, decoder_profiles, embed_profile,
-    engine_plan, parser_errors, profile_to_json, require_tensorrt, source_problems, strip_gswa_function, vision_profile)
+    engine_plan, gswa_profile, parser_errors, profile_to_json, require_tensorrt, source_problems, strip_gswa_function,
+    vision_profile)
 from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
 from tests.helpers import heavy_imports
 
-MODULES = ("vision", "embed", "decoder")
+MODULES = ("vision", "gswa", "embed", "decoder")
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 
 
@@ -51,8 +52,8 @@ def package_sources(pkg: Path) -> dict[str, Path]:
 
 
 def all_profiles(manifest, opts) -> dict[str, list]:
-    return {"vision": [vision_profile(manifest, opts)], "embed": [embed_profile(manifest, opts)],
-            "decoder": decoder_profiles(manifest, opts)}
+    return {"vision": [vision_profile(manifest, opts)], "gswa": [gswa_profile(manifest, opts)],
+            "embed": [embed_profile(manifest, opts)], "decoder": decoder_profiles(manifest, opts)}
 
 
 def onnx_inputs(path: Path) -> dict[str, list]:
@@ -98,6 +99,8 @@ def test_vision_profile_views(trt_pkg):
         ((1, 3, size, size), (5, 3, size, size), (5, 3, size, size))
     # one tile: InternVL tiling appends no thumbnail
     assert vision_profile(manifest, TRT(max_tiles=1))["pixel_values"][2][0] == 1
+    hidden = manifest["model"]["vision_hidden_size"]  # GSWA: every view's CLS token at once
+    assert gswa_profile(manifest, TRT(max_tiles=4)) == {"cls_tokens": ((1, hidden), (5, hidden), (5, hidden))}
 
 
 def _image_row_width(manifest: dict) -> int:
@@ -215,7 +218,7 @@ def test_engine_plan_with_the_plugin_and_a_name(trt_pkg, tmp_path):
     plan = engine_plan(pkg, manifest, {m: f"{m}.onnx" for m in MODULES},  # relative to the package
                        TRT(plugin_library=lib, name="orin-fp16"))
     assert plan["modules"]["vision"]["plan_rel"] == "engines/orin-fp16/vision.plan"
-    assert [m for m in MODULES if plan["modules"][m]["strip_gswa_function"]] == ["vision"]
+    assert [m for m in MODULES if plan["modules"][m]["strip_gswa_function"]] == ["gswa"]
     gswa = plan["entry"]["gswa"]
     assert gswa == {"via": "plugin", "op": "sleigh::GSWA", "plugin_namespace": "sleigh", "plugin_version": "1",
                     "plugin_library": "engines/orin-fp16/plugin/libgswa_plugin.so"}  # in the engine, never the given path
@@ -387,12 +390,12 @@ def _gswa_nodes(model):
 
 def test_use_plugin_strips_the_function_and_keeps_the_node(trt_pkg, tmp_path):
     pkg, manifest = trt_pkg
-    src = tmp_path / "vision.onnx"
-    shutil.copyfile(pkg / "vision.onnx", src)
+    src = tmp_path / "gswa.onnx"
+    shutil.copyfile(pkg / "gswa.onnx", src)
     before = onnx.load(str(src))
     assert [f.name for f in before.functions] == [GSWA_OP] and len(_gswa_nodes(before)) == 1
 
-    dst = tmp_path / "vision.plugin.onnx"
+    dst = tmp_path / "gswa.plugin.onnx"
     assert strip_gswa_function(src, dst) == 1
     after = onnx.load(str(dst))
     assert [f.name for f in after.functions] == []
@@ -405,23 +408,23 @@ def test_use_plugin_strips_the_function_and_keeps_the_node(trt_pkg, tmp_path):
     assert onnx.load(str(src)).functions  # the source is untouched
 
     # without the function, the GSWA node needs a plugin: flagged unless the build uses one
-    assert any("without its function body" in p for p in source_problems("vision", dst, "fp16", manifest))
-    assert not any("function body" in p for p in source_problems("vision", dst, "fp16", manifest, use_plugin=True))
-    assert not any("function body" in p for p in source_problems("vision", src, "fp16", manifest))
+    assert any("without its function body" in p for p in source_problems("gswa", dst, "fp16", manifest))
+    assert not any("function body" in p for p in source_problems("gswa", dst, "fp16", manifest, use_plugin=True))
+    assert not any("function body" in p for p in source_problems("gswa", src, "fp16", manifest))
 
 
 def test_parse_path_default_keeps_function_and_plugin_uses_a_temporary_copy(trt_pkg, tmp_path):
     pkg, manifest = trt_pkg
     work = tmp_path / "pkg"
     shutil.copytree(pkg, work)
-    default = engine_plan(work, manifest, package_sources(work), TRT())["modules"]["vision"]
+    default = engine_plan(work, manifest, package_sources(work), TRT())["modules"]["gswa"]
     with _parse_path(default) as path:
-        assert path == work / "vision.onnx"
+        assert path == work / "gswa.onnx"
         assert [f.name for f in onnx.load(str(path)).functions] == [GSWA_OP]
 
-    plugin = engine_plan(work, manifest, package_sources(work), TRT(plugin_library=Path(__file__)))["modules"]["vision"]
+    plugin = engine_plan(work, manifest, package_sources(work), TRT(plugin_library=Path(__file__)))["modules"]["gswa"]
     with _parse_path(plugin) as path:
-        assert path.parent == work and path != work / "vision.onnx"  # beside the source: .onnx.data still resolves
+        assert path.parent == work and path != work / "gswa.onnx"  # beside the source: .onnx.data still resolves
         model = onnx.load(str(path))
         assert len(model.functions) == 0
         assert len(_gswa_nodes(model)) == 1
@@ -431,14 +434,14 @@ def test_parse_path_default_keeps_function_and_plugin_uses_a_temporary_copy(trt_
 
 def test_strip_keeps_external_weights_readable(trt_pkg, tmp_path):
     pkg, _ = trt_pkg
-    model = onnx.load(str(pkg / "vision.onnx"))
+    model = onnx.load(str(pkg / "gswa.onnx"))
     original = {t.name: numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
-    src = tmp_path / "vision.onnx"
-    onnx.save(model, str(src), save_as_external_data=True, location="vision.onnx.data", size_threshold=0)
-    dst = tmp_path / ".vision.plugin.onnx"
+    src = tmp_path / "gswa.onnx"
+    onnx.save(model, str(src), save_as_external_data=True, location="gswa.onnx.data", size_threshold=0)
+    dst = tmp_path / ".gswa.plugin.onnx"
     strip_gswa_function(src, dst)
     assert dst.stat().st_size <= src.stat().st_size  # the weights were not copied into the stripped file
-    stripped = onnx.load(str(dst))  # loads weights from vision.onnx.data beside it
+    stripped = onnx.load(str(dst))  # loads weights from gswa.onnx.data beside it
     assert {t.name: numpy_helper.to_array(t).tobytes() for t in stripped.graph.initializer} == original
     with pytest.raises(ValueError):
         strip_gswa_function(src, tmp_path / "elsewhere" / "v.onnx")

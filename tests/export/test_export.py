@@ -23,7 +23,7 @@ from sleigh.sleighvl.config import SleighVLConfig
 
 from tests.helpers import EXAMPLES, ORACLE, one_error_line
 
-MODULES = ("vision", "embed", "decoder")
+MODULES = ("vision", "gswa", "embed", "decoder")
 
 
 def test_every_module_passes_the_full_onnx_checker(tiny_pkg):
@@ -45,15 +45,18 @@ def test_io_names_and_symbolic_shapes_match_the_design(tiny_ckpt, tiny_pkg):
     assert outs["new_key_values.0.key"][2] == "sequence"  # the new positions only, never the whole cache
     kv = manifest.contract.kv_cache
     assert kv.past == tuple(names[4:]) and kv.new == tuple(dec.names("outputs")[1:])  # new[i] goes into past[i]
-    assert manifest.schema_version == 4
-    vis = manifest.modules["vision"]
+    assert manifest.schema_version == 5
+    vis, gswa = manifest.modules["vision"], manifest.modules["gswa"]
     assert vis.inputs[0].shape[0] == "views"
-    assert vis.names("outputs") == ["image_embeds", "gswa_weights"]
+    assert vis.names("outputs") == ["image_embeds", "cls_tokens"]  # per view: the runtime may chunk the views
+    assert gswa.names("inputs") == ["cls_tokens"] and gswa.names("outputs") == ["gswa_weights"]
+    assert gswa.inputs[0].shape[0] == "views"
     assert manifest.modules["embed"].inputs[1].shape[0] == "image_rows"
 
 
 def test_gswa_is_one_custom_node_with_a_standard_function(tiny_pkg):
-    model = onnx.load(str(tiny_pkg / "vision.onnx"))
+    assert not [n for n in onnx.load(str(tiny_pkg / "vision.onnx")).graph.node if n.op_type == "GSWA"]
+    model = onnx.load(str(tiny_pkg / "gswa.onnx"))
     nodes = [n for n in model.graph.node if n.op_type == "GSWA"]
     assert len(nodes) == 1
     node = nodes[0]
@@ -69,7 +72,7 @@ def test_gswa_is_one_custom_node_with_a_standard_function(tiny_pkg):
     model_opset = {o.domain: o.version for o in model.opset_import}
     assert {o.domain: o.version for o in fn.opset_import}[""] == model_opset[""]
     assert model_opset["sleigh"] == 1
-    # no other node of the main graph is custom: the rest of vision is standard ONNX
+    # no other node of the main graph is custom
     assert {n.domain for n in model.graph.node if n.op_type != "GSWA"} <= {""}
 
 
@@ -114,7 +117,7 @@ def test_parity_report_covers_the_required_cases_and_passes(tiny_pkg):
     parity = read_manifest(tiny_pkg).parity
     assert parity["passed"]
     cases = {c["case"] for c in parity["checks"]}
-    assert {"vision random T=1", "vision random T=13", "decoder prefill (no cache)", "decoder decode step 1 (slots)",
+    assert {"vision random T=1", "vision random T=13", "gswa random T=1", "gswa random T=13", "decoder prefill (no cache)", "decoder decode step 1 (slots)",
             "decoder decode step 2 (slots)", "decoder prefill B=2 left padding (no cache)", "decoder random B=2 slots 8"} <= cases
     outputs = {(c["case"], c["output"]) for c in parity["checks"]}
     assert ("decoder decode step 2 (slots)", "new_key_values.1.value") in outputs
@@ -130,7 +133,8 @@ def test_parity_fails_when_the_onnx_and_torch_disagree(tiny_ckpt, tiny_pkg):
     results = verify_package(tiny_pkg, model, EXAMPLES / "chelsea.jpg")
     bad = {(r.case, r.output) for r in results if not r.ok}
     assert ("decoder prefill (no cache)", "logits") in bad
-    assert ("vision random T=13", "gswa_weights") in bad
+    assert ("gswa random T=13", "gswa_weights") in bad
+    assert ("vision random T=13", "image_embeds") not in bad
     assert ("embed random B=2", "inputs_embeds") not in bad
 
 
@@ -140,7 +144,7 @@ def test_manifest_lists_versions_hashes_and_settings(tiny_pkg):
     assert m.opset == 18
     assert m.contract.image.max_tiles == 12 and m.contract.image.size == 448
     assert m.contract.prompt.tokens_per_view == 256
-    assert set(m.files) == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
+    assert set(m.files) == {"vision.onnx", "gswa.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json"}
     assert verify_files(tiny_pkg, m) == []
 
 

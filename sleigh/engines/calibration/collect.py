@@ -12,8 +12,8 @@ its activations stay in floating point and need no ranges.
 
 Memory: only the tensors that get quantized are exposed (not every intermediate: `quantize_static`
 peaked near 20 GB on the full-size encoder, FACTS.md), and views run one at a time. That is exact,
-because every quantized op works on one view; the only op that mixes views is GSWA, which stays in
-float and is not calibrated.
+because the vision module reads each view alone; GSWA, the one op that mixes views, is a module of
+its own (gswa.onnx), FP32 in every engine and not calibrated.
 """
 
 from __future__ import annotations

@@ -7,8 +7,6 @@ and the imports inside engines/ run one way.
 
 from __future__ import annotations
 
-from sleigh.runtime.multimodal import GSWA_NODE_PREFIX  # GSWA stays in float
-
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
 CALIBRATION_DIR = "calibration"
 RANGES_FILE = f"{CALIBRATION_DIR}/vision_ranges.json"
@@ -37,8 +35,7 @@ def is_quantized_op(node, probabilities: frozenset[str] = frozenset()) -> bool:
     So attention's probabilities x values product stays float; QK^T (activations of ordinary range) is int8."""
     if node.op_type == "MatMul" and node.input and node.input[0] in probabilities:
         return False
-    return (node.op_type in QUANTIZED_OP_TYPES and node.domain in ("", "ai.onnx")
-            and not node.name.startswith(GSWA_NODE_PREFIX))
+    return node.op_type in QUANTIZED_OP_TYPES and node.domain in ("", "ai.onnx")  # GSWA is gswa.onnx: FP32
 
 
 def attention_probabilities(model) -> frozenset[str]:

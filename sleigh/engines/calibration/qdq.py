@@ -5,7 +5,7 @@ Only the inputs of MatMul / Gemm / Conv in the main graph are quantized (not att
 probabilities x values MatMul: int8.is_quantized_op), each consumer with its own
 Q/DQ pair (TensorRT fuses a DQ into the op that follows it; a shared pair would also quantize every
 other consumer of the tensor). Outputs stay float, so LayerNormalization, Softmax, residual Adds,
-GELU (Erf) and the sleigh::GSWA node with its function body all run in floating point.
+and GELU (Erf) run in floating point (GSWA is gswa.onnx, FP32 in every engine).
 
     x ─QuantizeLinear(s_x, 0)─► int8 ─DequantizeLinear(s_x, 0)─────────────────┐
     W_int8 (initializer) ─DequantizeLinear(s_w[C], 0[C], axis = output channel)─┴─► MatMul/Gemm/Conv ─► y (float)
@@ -83,7 +83,7 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
 
     `ranges` is the content of calibration/vision_ranges.json (or its "tensors" dict): a "scale" for
     every activation input of a MatMul/Gemm/Conv. Weights use integers in [-weight_max, weight_max]
-    (ORT_WEIGHT_MAX for ONNX Runtime engines). The local functions (GSWA) are kept as they are.
+    (ORT_WEIGHT_MAX for ONNX Runtime engines). Local functions, if any, are kept as they are.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -185,7 +185,7 @@ def quantize_vision_qdq(src_onnx: Path, dst_onnx: Path, ranges: dict, *, per_cha
         "weight_max": weight_max,
         "not_quantized": not_quantized,
         "kept_float": {op: n for op, n in Counter(n.op_type for n in nodes).items()
-                       if op in ("LayerNormalization", "Softmax", "Add", "Erf", "GSWA")},
+                       if op in ("LayerNormalization", "Softmax", "Add", "Erf")},
         "activation_scale": _describe(act),
         "weight_scale": _describe(wsc),
         "files": files,

@@ -202,7 +202,7 @@ def load_plugin_library(trt, logger, library: Path) -> None:
 
 
 def gswa_plugin_path(pkg: Path, engine_entry: EngineEntry) -> Path | None:
-    """The engine folder's copy of the GSWA plugin library when the vision plan calls the plugin, else
+    """The engine folder's copy of the GSWA plugin library when the gswa plan calls the plugin, else
     None. Only a file inside the package that the entry lists (with its sha256; manifest.py checks it)
     is ever loaded: a manifest must not make the runtime load an arbitrary shared library."""
     if engine_entry.plugin_library is None:
