@@ -20,7 +20,7 @@ from sleigh import staging
 from sleigh.errors import SleighError
 from sleigh.export.exporter import ExportOptions, export_package, failed_dir
 from sleigh.runtime.manifest import read_manifest, update_manifest
-from sleigh.runtime.package import verify_files
+from sleigh.runtime.package import MODULE_NAMES, verify_files
 from tests.helpers import cli_env, one_error_line, run_sleigh
 from tests.test_staging import dead_pid, owned
 
@@ -71,8 +71,7 @@ def test_force_export_with_a_parity_failure_keeps_the_old_package(fast_export, t
     assert str(failed) in str(e.value) and "parity_report.json" in str(e.value) and "\n" not in str(e.value)
     assert snapshot(pkg) == before  # the old package, its engine included, untouched
     assert json.loads((failed / "parity_report.json").read_text())["passed"] is False
-    assert {p.name for p in failed.iterdir()} == {"vision.onnx", "embed.onnx", "decoder.onnx", "tokenizer.json",
-                                                  "parity_report.json"}
+    assert {p.name for p in failed.iterdir()} == {*(f"{m}.onnx" for m in MODULE_NAMES), "tokenizer.json", "parity_report.json"}
     assert hidden_staging(pkg.parent) == []
 
 
