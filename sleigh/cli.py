@@ -318,6 +318,8 @@ def build_engine(
                                            "(half the bytes, attention still float32; default: float16 for an FP16 decoder, else float32)."),
     name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, e.g. onnxruntime-fp16)."),
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image the engine takes (default: the package's)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget runs on this engine keep unless they "
+                                             "give their own, e.g. 2.5G; an engine that cannot load within it is refused."),
     max_context: Optional[int] = typer.Option(None, help="Longest prompt + answer (default: the model's context; "
                                               "TensorRT: 4096 or the model's context if shorter)."),
     opt_tiles: Optional[int] = typer.Option(None, help="TensorRT: the tiles its kernels are tuned for (default: 6 or --max-tiles)."),
@@ -341,8 +343,12 @@ def build_engine(
     """Build an FP32/FP16/INT8 engine for ONNX Runtime or TensorRT, gated by an accuracy check."""
     from sleigh.engines.build_engine import GateFailed, TaskGateFailed, build_engine as build
     from sleigh.engines.options import EngineOptions
+    from sleigh.runtime.memory import parse_size
 
+    with _as_flags("max_memory"):
+        budget = None if max_memory is None else parse_size(max_memory)
     opts = EngineOptions(backend=backend, precision=precision, llm_weights=llm_weights, kv_dtype=kv_dtype, name=name, max_tiles=max_tiles,
+                         max_memory=budget,
                          max_context=max_context, opt_tiles=opt_tiles, opt_context=opt_context, max_batch=max_batch,
                          workspace_gb=workspace_gb, builder_optimization_level=builder_optimization_level,
                          plugin_library=plugin_library, allow_degraded=allow_degraded, gate_images=images, force=force,

@@ -336,6 +336,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
                 if opts.backend == "onnxruntime":
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
+            if opts.max_memory is not None:  # an engine its own budget cannot load is refused before the gate
+                _check_fits(opts.max_memory, checked, opts.kv, [tmp / f[0] for f in files.values()])
             staged = f"engines/{tmp.name}"  # gated from here; renamed to engines/<name> only once it passes
             staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
             ort = opts.backend == "onnxruntime"
@@ -343,6 +345,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             entry = EngineEntry(
                 name=name, backend=opts.backend, precision=opts.precision, llm_weights=opts.weights,
                 kv_dtype=opts.kv,  # the decoder's cache slots (the runtime allocates them so)
+                max_memory=opts.max_memory,
                 dir=staged, modules={m: f"{staged}/{f[0]}" for m, f in files.items()},
                 build_options=given.to_json(), versions=_versions(),
                 # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
@@ -393,6 +396,17 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_fits(limit: int, checked, kv_dtype: str, module_files: list[Path]) -> None:
+    """--max-memory: the engine's weights and the runtime must fit in it (runtime/memory.py); a
+    generation's chunks are planned per run."""
+    from sleigh.runtime.memory import MemoryBudget, Shapes, weights_bytes
+
+    try:
+        MemoryBudget(limit, Shapes.from_contract(checked.contract, kv_dtype), weights_bytes(module_files))
+    except SleighError as e:
+        raise SleighError(f"--max-memory {limit}", e.problem, e.expected) from None
 
 
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: EngineEntry, staged: str,

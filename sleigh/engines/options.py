@@ -63,6 +63,7 @@ class EngineOptions:
     name: str | None = None  # None: `default_name`
     max_tiles: int | None = None  # None: the package's
     max_context: int | None = None  # None: the model's context (TensorRT: at most TENSORRT_DEFAULT_CONTEXT)
+    max_memory: int | None = None  # bytes: the budget runs on this engine keep by default (run --max-memory overrides)
     # TensorRT only
     opt_tiles: int | None = None  # the shape TensorRT tunes kernels for; None: min(DEFAULT_OPT_TILES, max_tiles)
     opt_context: int | None = None  # None: the tokens of opt_tiles views + OPT_TEXT_TOKENS
@@ -110,6 +111,7 @@ class EngineOptions:
         if self.opt_context is not None and self.max_context is not None:
             _need_int(self, "opt_context", 1, self.max_context)
         _need_int(self, "max_batch", 1, MAX_BATCH)
+        _need_int(self, "max_memory", 1, None)
         _need_int(self, "builder_optimization_level", BUILDER_OPTIMIZATION_LEVELS.start, BUILDER_OPTIMIZATION_LEVELS.stop - 1)
         tol = self.eval_tolerance
         if tol is not None:

@@ -395,6 +395,7 @@ class EngineEntry:
     cpu_machine: str | None = None
     plugin_library: str | None = None  # TensorRT: the GSWA plugin's copy the vision plan calls
     kv_dtype: str | None = None  # ONNX Runtime: the decoder's cache slots (None: built before entries said)
+    max_memory: int | None = None  # bytes: the memory budget of a run on this engine unless the run gives one
     record: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -436,7 +437,7 @@ def parse_engine(pkg: Path, name: str, data) -> EngineEntry:
 # The keys `to_json` writes from the typed fields (as they are, or in their on-disk form); the rest
 # of an entry is its record.
 _AS_IS = ("name", "backend", "precision", "llm_weights", "kv_dtype", "dir", "modules", "build_options", "versions",
-          "accuracy", "task_accuracy", "accuracy_passed", "degraded")
+          "accuracy", "task_accuracy", "accuracy_passed", "degraded", "max_memory")
 _TYPED = (*_AS_IS, "files", "files_bytes", "cpu")
 
 
@@ -470,6 +471,7 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
         task_accuracy=opt("task_accuracy", "object"), versions=opt("versions", "object"),
         cpu_features=None if features is None else tuple(f.items(features, "string", f"{path}.cpu.features")),
         cpu_machine=opt("machine", "string", cpu, f"{path}.cpu"), plugin_library=plugin, kv_dtype=opt("kv_dtype", "string"),
+        max_memory=opt("max_memory", "count"),
         record={k: v for k, v in e.items() if k not in _TYPED})
 
 

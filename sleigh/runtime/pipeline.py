@@ -139,9 +139,12 @@ class Pipeline:
         """A package folder (manifest.json) or a Sleigh checkpoint folder (config.json). A package's
         files are checked against its manifest (sha256 on first use; `verify=False`: sizes only).
         `max_memory` (bytes, or a size such as "2.5G"): chunk vision and prefill to stay within it, and
-        refuse in one line what cannot fit (runtime/memory.py)."""
+        refuse in one line what cannot fit (runtime/memory.py); None: the engine's own budget
+        (`build-engine --max-memory`), if it has one."""
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify)
+        if limit is None and pipe.backend.entry is not None:
+            limit = pipe.backend.entry.max_memory
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
             shapes = Shapes.from_contract(pipe.contract, kv_dtype=pipe.backend.kv_dtype)
             pipe.budget = MemoryBudget(limit, shapes, weights_bytes(pipe.backend.files.values()))

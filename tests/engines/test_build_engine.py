@@ -53,12 +53,13 @@ def engine_pkg(tiny_pkg, tmp_path_factory, calib_images) -> Path:
     # call those engines degraded; they are kept (allow_degraded) so every precision is built and run.
     for opts in (EngineOptions(precision="fp16", quiet=True), EngineOptions(precision="int8", allow_degraded=True, quiet=True),
                  EngineOptions(precision="fp32", llm_weights="int8", allow_degraded=True, quiet=True),
-                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True),
+                 EngineOptions(precision="fp32", llm_weights="int4", allow_degraded=True, quiet=True, max_memory=8 * GiB),
                  EngineOptions(precision="fp32", kv_dtype="float16", allow_degraded=True, quiet=True)):
         build_engine(pkg, opts)
     return pkg
 
 
+GiB = 1024**3
 ENGINES = ("onnxruntime-fp16", "onnxruntime-int8", "onnxruntime-fp32-llm-int8", "onnxruntime-fp32-llm-int4")
 
 
@@ -81,6 +82,25 @@ def test_every_onnxruntime_precision_builds_registers_and_runs(engine_pkg):
     assert fp16.json["shapes"] == {"max_views": 13, "max_context": manifest.contract.generation.context_length}  # 12 tiles + thumbnail
     for name in ENGINES:
         assert manifest.engines[name].degraded == (not manifest.engines[name].accuracy["passed"])
+
+
+def test_an_engine_keeps_its_memory_budget_and_refuses_one_it_cannot_load(engine_pkg, tiny_pkg, tmp_path, monkeypatch,
+                                                                          capsys):
+    from sleigh.runtime.backends import rebuild_command
+
+    name = "onnxruntime-fp32-llm-int4"
+    entry = read_manifest(engine_pkg).engines[name]
+    assert entry.max_memory == 8 * GiB and json.loads(json.dumps(entry.to_json()))["max_memory"] == 8 * GiB
+    assert f"--max-memory {8 * GiB}" in rebuild_command(engine_pkg, entry)
+    with Pipeline.load(engine_pkg, engine=name) as own, Pipeline.load(engine_pkg, engine=name, max_memory="64G") as given, \
+            Pipeline.load(engine_pkg, engine="onnxruntime-fp32-llm-int8") as without:
+        assert (own.budget.limit, given.budget.limit, without.budget) == (8 * GiB, 64 * GiB, None)
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    before = snapshot(pkg)
+    code, err = run_cli(monkeypatch, capsys, "build-engine", pkg, "--precision", "fp32", "--max-memory", "100M")
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --max-memory 104857600 | the model alone needs"), err
+    assert snapshot(pkg) == before  # nothing registered, nothing left behind
 
 
 def test_precision_really_changes_the_files(engine_pkg):

@@ -102,10 +102,13 @@ def _open(pkg: Path, manifest: Manifest, entry: EngineEntry | None, threads: int
     if entry is not None and entry.backend == "tensorrt":
         from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend.from_package(pkg, manifest, entry)
-    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+        backend = TensorRTBackend.from_package(pkg, manifest, entry)
+    else:
+        from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry)
+        backend = OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry)
+    backend.entry = entry
+    return backend
 
 
 def _choose(pkg: Path, manifest: Manifest, backend: str, engine: str | None) -> str | None:

@@ -39,6 +39,9 @@ class Backend(ABC):
     # The dtype of the KV cache slots `new_cache` allocates (what a memory budget counts): the ONNX Runtime
     # and TensorRT backends set their decoder's.
     kv_dtype: np.dtype = np.dtype(np.float32)
+    # The engine entry the backend runs (None: a package's FP32 modules, or a checkpoint): set by
+    # open_package_backend; its defaults (max_memory) apply to runs that do not give their own.
+    entry = None
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
