@@ -50,6 +50,7 @@ import numpy as np
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
+from sleigh.runtime.multimodal import PIXEL_SHUFFLE_TOKENS
 
 GB = 1024**3
 BASE_BYTES = 160 * 1024**2  # python + numpy + onnxruntime + tokenizers, measured (benchmarks/RESULTS.md, memory)
@@ -116,7 +117,7 @@ class Shapes:
 
     def image_bytes(self, views: int) -> int:
         """Every view's image embeddings, counted twice (see the module docstring)."""
-        return 2 * views * ((self.vision_tokens - 1) // 4) * self.llm_hidden * FLOAT_BYTES
+        return 2 * views * ((self.vision_tokens - 1) // PIXEL_SHUFFLE_TOKENS) * self.llm_hidden * FLOAT_BYTES
 
     def prefill_bytes(self, tokens: int, context: int) -> int:
         s, C = tokens, max(context, tokens)

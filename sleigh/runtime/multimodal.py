@@ -10,7 +10,7 @@ GSWA_APPLY_MODES = ("attention", "scale")
 MIN_WEIGHT = 1e-4  # the default floor of a view's weight before log(w) in `attention` mode
 PIXEL_SHUFFLE_TOKENS = 4  # patches packed into one image token by the 0.5 pixel shuffle (2 x 2)
 
-# The GSWA node in vision.onnx (sleigh/export/gswa_op.py writes it): a `sleigh::GSWA` custom op with an
+# The GSWA node in gswa.onnx (sleigh/export/gswa_op.py writes it): a `sleigh::GSWA` custom op with an
 # ONNX function body; TensorRT can map it to a plugin of this name, version and namespace instead.
 GSWA_DOMAIN, GSWA_OP, GSWA_OP_VERSION = "sleigh", "GSWA", 1
 GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION = "sleigh", "1"
@@ -20,6 +20,12 @@ GSWA_NODE_PREFIX = "/gswa/"  # the function body's node names, kept where a tool
 def tokens_per_view(image_size: int, patch_size: int) -> int:
     """Image tokens per view: the (image_size / patch_size)² patches after the 0.5 pixel shuffle."""
     return (image_size // patch_size) ** 2 // PIXEL_SHUFFLE_TOKENS
+
+
+def scaled_embeds(image_embeds, gswa_weights, apply: str):
+    """GSWA's `scale` mode: each view's image embeddings (T, tokens, D) times its weight (T,); in
+    `attention` mode they stay as they are. numpy or torch alike."""
+    return gswa_weights[:, None, None] * image_embeds if apply == "scale" else image_embeds
 
 
 def image_attention_bias(input_ids: np.ndarray, gswa_weights: np.ndarray, img_context_id: int,

@@ -29,7 +29,7 @@ from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, parse_size, weights_bytes
-from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.runtime.multimodal import image_attention_bias, scaled_embeds
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions
 
@@ -344,7 +344,7 @@ class Pipeline:
         """pixel_values (T, 3, S, S) -> image_embeds (T, tokens per view, D), gswa_weights (T,). The
         vision module reads each view alone, so it runs in calls of `chunk` views; GSWA attends over
         every view's CLS token, so the gswa module then runs once on all of them. With
-        gswa.apply == "scale" the embeddings are scaled by the weights here (the model's encode_hidden)."""
+        gswa.apply == "scale" the embeddings are scaled by the weights (multimodal.scaled_embeds)."""
         views = pixel_values.shape[0]
         image_embeds = cls_tokens = None  # every view's, written chunk by chunk (no concatenated copy)
         for start in range(0, views, chunk):
@@ -356,9 +356,7 @@ class Pipeline:
             cls_tokens[start:start + chunk] = vis["cls_tokens"]
         weights = self.backend.run("gswa", {"cls_tokens": cls_tokens})["gswa_weights"].astype(np.float32)
         gswa = self.contract.gswa
-        if gswa is not None and gswa.apply == "scale":
-            image_embeds = weights[:, None, None] * image_embeds
-        return image_embeds, weights
+        return (image_embeds if gswa is None else scaled_embeds(image_embeds, weights, gswa.apply)), weights
 
     def _prefill(self, cache, inputs_embeds: np.ndarray, bias: np.ndarray, chunk: int) -> np.ndarray:
         """The prompt into the cache, `chunk` positions per decoder call (each after the first against

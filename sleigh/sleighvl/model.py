@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.runtime.multimodal import image_attention_bias, scaled_embeds
 from sleigh.sleighvl.config import SleighVLConfig
 from sleigh.sleighvl.gswa import GSWA
 from sleigh.sleighvl.llm import LLM
@@ -45,9 +45,7 @@ class SleighVL(nn.Module):
         each view alone, so a batch of several images' views can share one ViT call (training)."""
         projected = self.project(hidden)
         weights = self.weigh_views(hidden[:, 0])
-        embeds = projected
-        if self.gswa is not None and self.cfg.gswa.apply == "scale":
-            embeds = weights[:, None, None] * projected
+        embeds = projected if self.gswa is None else scaled_embeds(projected, weights, self.cfg.gswa.apply)
         return VisionOutput(embeds, weights, hidden, projected)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
