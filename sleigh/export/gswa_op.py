@@ -1,4 +1,4 @@
-"""The GSWA custom op: one `sleigh::GSWA` node in `vision.onnx`, plus an ONNX local function of the
+"""The GSWA custom op: one `sleigh::GSWA` node in `gswa.onnx`, plus an ONNX local function of the
 same name and domain whose body is standard ONNX, so ONNX Runtime and TensorRT's parser inline it.
 
 Export emits an opaque node with `torch.onnx.ops.symbolic` (the exporter's inliner would erase a
