@@ -245,6 +245,8 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output package folder."),
     opset: int = typer.Option(18, help="ONNX opset, 18..20."),
     max_tiles: int = typer.Option(12, help="Most tiles per image the package is built and profiled for."),
+    decoder: str = typer.Option("standard", help="Decoder form: standard (standard ops, every backend) or fused "
+                                "(ONNX Runtime's fused operators: faster there, not for TensorRT)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's parity report as JSON."),
@@ -252,7 +254,7 @@ def export(
     """Export a checkpoint to an ONNX package (vision, gswa with the GSWA op, embed, decoder) and check parity."""
     from sleigh.export.exporter import ExportOptions, export_package
 
-    opts = ExportOptions(opset=opset, max_tiles=max_tiles, verify=not no_verify, force=force, quiet=as_json)
+    opts = ExportOptions(opset=opset, max_tiles=max_tiles, decoder=decoder, verify=not no_verify, force=force, quiet=as_json)
     result = export_package(checkpoint, out, opts)
     if as_json:
         typer.echo(json.dumps({"package": str(out), "seconds": round(result.seconds, 2),

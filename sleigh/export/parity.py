@@ -96,8 +96,9 @@ def _compare_all(case, got: dict, ref: dict, precision) -> list[Comparison]:
 
 @torch.inference_mode()
 def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", seed: int = 0,
-                   progress=None) -> list[Comparison]:
-    """Run vision, gswa, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL)."""
+                   progress=None, kv_form: str = "slots") -> list[Comparison]:
+    """Run vision, gswa, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL).
+    `kv_form`: the decoder's (manifest kv_cache.form); a "shared" one runs through the runtime's backend."""
     from sleigh.export.modules import DecoderModule, EmbedModule, GswaModule, VisionModule
     from sleigh.runtime.manifest import kv_names
 
@@ -155,6 +156,10 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
                                     cfg.vision.tokens_per_view, cfg.gswa.min_weight)
     inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
     del s_emb
+    if kv_form == "shared":
+        results += _shared_decoder_cases(pkg / "decoder.onnx", decoder, embed, inputs, bias, cfg, rng, precision)
+        step()
+        return results
     cache = SlotCache(past_names, 1, KV, hd)
     mask, P = np.ones(ids.shape, np.int64), 0
     for case in ["decoder prefill (no cache)", "decoder decode step 1 (slots)", "decoder decode step 2 (slots)"]:
@@ -184,6 +189,63 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
         ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
         results += _compare_all(case, _run(s_dec, feeds), dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out])), precision)
     step()
+    return results
+
+
+def _shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision) -> list[Comparison]:
+    """A fused decoder (kv_cache.form "shared", export/fused_decoder.py) through the runtime's ONNX
+    Runtime backend, which binds each cache buffer as the input and the output of its layer, against
+    the reference on the positions in use (a plain growing cache: every slot in use). The cases of
+    the standard form: the real prompt's prefill and two greedy steps (each continuing from the
+    reference's keys, written over the decoder's), then random batches of 2 with left padding, a
+    prefill and a prompt after 8 positions (two of them masked: GroupQueryAttention runs it row by row)."""
+    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from sleigh.runtime.manifest import KVCacheSection, kv_names
+
+    L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
+    results = []
+    with OnnxRuntimeBackend({"decoder": path}, KVCacheSection(KV, hd, tuple(past_names), tuple(new_names), "shared")) as backend:
+        def case(name, cache, x, mask, bias_new, pos):
+            P = cache.length
+            attention = cache.attention(mask, bias_new, shared=True)
+            used = [torch.from_numpy(np.ascontiguousarray(cache.slots[n][:, :, :P])) for n in past_names]
+            got = backend.step(cache, x, mask, bias_new, pos)[:, None]
+            ref_out = decoder(*[torch.from_numpy(a) for a in (x, attention["attention_mask"], attention["attention_bias"], pos)], *used)
+            ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out]))
+            # a padded position's keys are never read, and its fully masked query averages other keys than
+            # the reference's (GroupQueryAttention leaves out the later ones): compared where mask is 1
+            real = mask[:, None, :, None]
+            written = {n: cache.slots[p][:, :, P:P + x.shape[1]] * real for p, n in zip(past_names, new_names)}
+            results.extend(_compare_all(name, {LOGITS: got, **written}, {LOGITS: ref[LOGITS], **{n: ref[n] * real for n in new_names}},
+                                        precision))
+            for p, n in zip(past_names, new_names):
+                cache.slots[p][:, :, P:P + x.shape[1]] = ref[n]  # continue from the reference's keys
+            return ref[LOGITS]
+
+        cache = backend.new_cache(1)
+        mask, P = np.ones((1, inputs.shape[1]), np.int64), 0
+        for name in ["decoder prefill (no cache)", "decoder decode step 1 (shared)", "decoder decode step 2 (shared)"]:
+            S = inputs.shape[1]
+            logits = case(name, cache, inputs, mask, bias, np.arange(P, P + S, dtype=np.int64)[None])
+            P += S
+            inputs = embed(torch.tensor([[int(logits[0, -1].argmax())]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+            mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
+        B, S = 2, 5
+        for name, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random B=2 after 8 (shared)", 8, 3)]:
+            cache = backend.new_cache(B)
+            if C:
+                cache.reserve(C + S)
+                for n in past_names:
+                    cache.slots[n][:, :, :C] = rng.standard_normal((B, KV, C, hd))
+                past_mask = np.ones((B, C), np.int64)
+                past_mask[:, 6:] = 0  # two masked positions in the cache
+                cache.advance(past_mask, (0.1 * rng.standard_normal((B, C))).astype(np.float32))
+            mask = np.ones((B, S), np.int64)
+            if not C:
+                mask[1, :pad] = 0  # left padding in row 1
+            case(name, cache, rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32), mask,
+                 (0.1 * rng.standard_normal((B, S))).astype(np.float32), np.tile(np.arange(C, C + S, dtype=np.int64), (B, 1)))
     return results
 
 

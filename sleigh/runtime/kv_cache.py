@@ -179,13 +179,14 @@ class SlotCache:
         """The slots a step reads: none while the cache is empty (however many are reserved), else all."""
         return self.capacity if self.length else 0
 
-    def attention(self, new_mask: np.ndarray, new_bias: np.ndarray) -> dict[str, np.ndarray]:
-        """The decoder's attention_mask and attention_bias (B, fed + S): the slots', then the new positions'."""
+    def attention(self, new_mask: np.ndarray, new_bias: np.ndarray, shared: bool = False) -> dict[str, np.ndarray]:
+        """The decoder's attention_mask and attention_bias (B, fed + S): the slots', then the new positions'.
+        `shared` (a decoder that writes into the slots itself, kv_cache.form "shared"): the slots in use only."""
         self._check_open()
         if new_mask.ndim != 2 or new_mask.shape[0] != self.batch or new_bias.shape != new_mask.shape:
             raise SleighError("step", f"attention_mask {new_mask.shape} / attention_bias {new_bias.shape} do not match "
                               f"the cache's batch of {self.batch}", "both (batch, new positions), batch as given to new_cache()")
-        C = self.fed
+        C = self.length if shared else self.fed
         return {"attention_mask": np.concatenate([self.mask[:, :C], new_mask.astype(np.int64, copy=False)], axis=1),
                 "attention_bias": np.concatenate([self.bias[:, :C], new_bias.astype(np.float32, copy=False)], axis=1)}
 
@@ -230,6 +231,12 @@ class SlotCache:
             for name, buffer in new.items():
                 st.copy(layout, self.slots[name], C, P, buffer, S, 0, S)
             st.sync()  # the copies have read the new positions; the next step reads these slots
+        self.advance(new_mask, new_bias)
+
+    def advance(self, new_mask: np.ndarray, new_bias: np.ndarray) -> None:
+        """Count S new positions that the decoder wrote into slots length.. itself (kv_cache.form
+        "shared"; `reserve` made room for them before the step)."""
+        P, S = self.length, new_mask.shape[1]
         self.mask[:, P:P + S] = new_mask
         self.bias[:, P:P + S] = new_bias
         self.length = P + S

@@ -86,6 +86,12 @@ class GSWASection:
     min_weight: float  # w is clamped to this before log(w) in `attention` mode
 
 
+# How the decoder takes its cache (README, "The decoder's KV cache"): "slots", the standard-op form
+# (reads C masked slots, returns the new positions alone); "shared", the fused form of ONNX Runtime's
+# operators (export --decoder fused: reads the buffer's positions in use, writes the new ones into it).
+KV_FORMS = ("slots", "shared")
+
+
 @dataclass(frozen=True)
 class KVCacheSection:
     """The decoder's cache: `past[i]` is the slot input that `new[i]` (an output) is written into."""
@@ -94,6 +100,7 @@ class KVCacheSection:
     head_dim: int
     past: tuple[str, ...]
     new: tuple[str, ...]
+    form: str = "slots"  # one of KV_FORMS
 
     @property
     def num_layers(self) -> int:
@@ -156,7 +163,8 @@ class Contract:
                 context_length=f.get(gen, "context_length", "positive", "generation")),
             gswa=gswa_section,
             kv_cache=KVCacheSection(f.get(kv, "num_kv_heads", "positive", "kv_cache"),
-                                    f.get(kv, "head_dim", "positive", "kv_cache"), past, new),
+                                    f.get(kv, "head_dim", "positive", "kv_cache"), past, new,
+                                    _one_of(f, kv, "form", "kv_cache", KV_FORMS, default="slots")),  # absent before the fused form
         )
 
     @classmethod
@@ -210,8 +218,8 @@ def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | No
     }
 
 
-def _one_of(f: Fields, obj: dict, key: str, path: str, allowed: tuple[str, ...]) -> str:
-    value = f.get(obj, key, "string", path)
+def _one_of(f: Fields, obj: dict, key: str, path: str, allowed: tuple[str, ...], **default) -> str:
+    value = f.get(obj, key, "string", path, **default)
     if value not in allowed:
         raise f.fail(f"{path}.{key}", f"is {value!r:.60}", " or ".join(allowed))
     return value

@@ -68,6 +68,7 @@ class OnnxRuntimeBackend(Backend):
                 check_module_io(manifest_modules, module, path, [i.name for i in sess.get_inputs()],
                                 [o.name for o in sess.get_outputs()])
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
+        self.kv_form = kv.form
         self.label = label
         decoder = self.sessions["decoder"]
         self._new_names, self._past_names = list(kv.new), list(kv.past)  # new[i] is written into past[i]
@@ -125,6 +126,8 @@ class OnnxRuntimeBackend(Backend):
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
         sess = self._session("decoder")
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
+        if self.kv_form == "shared":
+            return self._step_shared(sess, cache, feeds, attention_mask, attention_bias)
         if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
             large = inputs_embeds.shape[1] > 1  # a prefill chunk; a decode step's arena is small and kept
@@ -145,6 +148,33 @@ class OnnxRuntimeBackend(Backend):
         logits, *new = binding.get_outputs()
         cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
         return logits.numpy()[:, -1].astype(np.float32)
+
+    def _step_shared(self, sess, cache, feeds, attention_mask, attention_bias):
+        """A fused decoder (kv_cache.form "shared") reads the slots in use and writes the new positions
+        into the same buffers: each slot tensor is bound as its input and as its output, so nothing is
+        copied. GroupQueryAttention takes a prompt after a cache one row at a time
+        (export/fused_decoder.py), so on the CPU such a step runs row by row, each row bound to its own
+        part of the slots. UNVERIFIED on CUDA (device OrtValues are bound whole)."""
+        S = attention_mask.shape[1]
+        cache.reserve(cache.length + S)
+        feeds.update(cache.attention(attention_mask, attention_bias, shared=True))
+        on_device = isinstance(cache.storage, OrtValueSlots)
+        by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
+        logits = []
+        for rows in ([slice(b, b + 1) for b in range(cache.batch)] if by_row else [slice(None)]):
+            binding = sess.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
+            binding.bind_output(LOGITS)  # on the host: the sampler reads it there
+            for past, new in zip(self._past_names, self._new_names):
+                slots = cache.slots[past]
+                value = slots if on_device else self.ort.OrtValue.ortvalue_from_numpy(slots[rows])  # the array's memory
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(new, value)
+            sess.run_with_iobinding(binding, self._shrink if S > 1 else None)
+            logits.append(binding.get_outputs()[0].numpy())  # bound first: logits
+        cache.advance(attention_mask, attention_bias)
+        return np.concatenate(logits)[:, -1].astype(np.float32)
 
     def describe(self):
         return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"

@@ -1,0 +1,162 @@
+"""The decoder as ONNX Runtime's fused operators, written node by node from the reference's weights
+(`sleigh export --decoder fused`): the form that runs fastest on ONNX Runtime (benchmarks/RESULTS.md,
+"A fused decoder"). TensorRT reads only the standard form (`modules.decoder_spec`).
+
+Per layer: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one node), one MatMul
+for q, k and v, RotaryEmbedding on q and k (rotate-half, at the given position_ids), one
+GroupQueryAttention, the output MatMul, and the MLP with one MatMul for gate and up. The LM head
+reads the last position only.
+
+The decoder's inputs and outputs keep the standard form's names (package schema 5), with one change
+of meaning (manifest `kv_cache.form` "shared", README "The decoder's KV cache"): each
+`past_key_values.*` input is the cache's whole buffer (B, KV, capacity, hd), positions 0..P-1 in
+use, and the `new_key_values.*` output of the same index is that same buffer with the S new
+positions written at P..P+S-1, in place when the caller binds one array to both (the runtime does).
+attention_mask and attention_bias cover exactly the P+S positions in use, so the graph takes P+S
+from attention_mask's width, as GroupQueryAttention's total_sequence_length, with seqlens_k = P+S-1
+for every row: every row has the same length, and padding is masked through the bias, as in the
+standard form (MASKED_LOGIT where attention_mask is 0, GSWA's log-weights elsewhere).
+
+GroupQueryAttention refuses a prompt of more than one position after a cache when the batch is
+larger than one (onnxruntime 1.22-1.32); the runtime feeds such a step row by row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pathlib import Path
+
+from sleigh.onnx_files import EXTERNAL_DATA_BYTES
+from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
+from sleigh.runtime.manifest import kv_names
+from sleigh.sleighvl.llm import LLM, MASKED_LOGIT
+
+MS = "com.microsoft"
+# onnxruntime 1.22 (the oldest tested) reads IR version 10 at most
+IR_VERSION = 10
+
+
+def rope_caches(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (positions, hd/2) of the rotate-half RoPE (llm.rope_cos_sin's angles, one half)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def build(llm: LLM, opset: int):
+    """-> the fused decoder's onnx.ModelProto, weights inside (the caller saves them as external data)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    cfg = llm.cfg
+    L, nh, nkv, hd, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    nodes, inits = [], []
+
+    def weight(name: str, array: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def linear_t(*modules) -> np.ndarray:
+        """nn.Linear weights (out, in) -> one (in, sum of outs) MatMul operand."""
+        return np.concatenate([m.weight.detach().float().numpy().T for m in modules], axis=1)
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"/{outputs[0]}", domain=domain, **attrs))
+        return outputs
+
+    # P+S (the positions in use after this step), seqlens_k, and the additive bias (B, 1, 1, P+S)
+    node("Shape", ["attention_mask"], ["total_1d"], start=1, end=2)
+    node("Cast", ["total_1d"], ["total_1d_i32"], to=TensorProto.INT32)
+    node("Squeeze", ["total_1d_i32"], ["total_sequence_length"])
+    node("Shape", ["inputs_embeds"], ["batch_1d"], start=0, end=1)
+    inits.append(numpy_helper.from_array(np.array(1, np.int32), "one_i32"))
+    node("Sub", ["total_sequence_length", "one_i32"], ["last_index"])
+    node("Expand", ["last_index", "batch_1d"], ["seqlens_k"])
+    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero_i64"))
+    inits.append(numpy_helper.from_array(np.array(MASKED_LOGIT, np.float32), "masked_logit"))
+    inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes_1_2"))
+    node("Greater", ["attention_mask", "zero_i64"], ["in_use"])
+    node("Where", ["in_use", "attention_bias", "masked_logit"], ["key_bias"])
+    node("Unsqueeze", ["key_bias", "axes_1_2"], ["key_bias_4d"])
+    node("Shape", ["inputs_embeds"], ["seq_1d"], start=1, end=2)
+    node("Concat", ["batch_1d", "one_i64_1d", "seq_1d", "total_1d"], ["bias_shape"], axis=0)
+    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one_i64_1d"))
+    node("Expand", ["key_bias_4d", "bias_shape"], ["attention_bias_4d"])  # (B, 1, S, P+S)
+
+    cos, sin = rope_caches(hd, cfg.rope_theta, cfg.max_position_embeddings)
+    weight("cos_cache", cos)
+    weight("sin_cache", sin)
+    eps = float(cfg.rms_norm_eps)
+    past, new = kv_names(L, PAST), kv_names(L, NEW)
+
+    x, residual = "inputs_embeds", None
+    for i, layer in enumerate(llm.layers):
+        p = f"layers.{i}"
+        attn, mlp = layer.self_attn, layer.mlp
+        w_in = weight(f"{p}.input_layernorm.weight", layer.input_layernorm.weight.detach().numpy())
+        if residual is None:
+            h = node("SimplifiedLayerNormalization", [x, w_in], [f"{p}.attn_in"], axis=-1, epsilon=eps)[0]
+            residual = x
+        else:
+            h, _, _, residual = node("SkipSimplifiedLayerNormalization", [x, residual, w_in],
+                                     [f"{p}.attn_in", "", "", f"{p}.residual_a"], domain=MS, epsilon=eps)
+        qkv = node("MatMul", [h, weight(f"{p}.qkv_proj.weight", linear_t(attn.q_proj, attn.k_proj, attn.v_proj))], [f"{p}.qkv"])[0]
+        split = f"{p}.qkv_split"
+        inits.append(numpy_helper.from_array(np.array([nh * hd, nkv * hd, nkv * hd], np.int64), split))
+        q, k, v = node("Split", [qkv, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
+        q = node("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], [f"{p}.q_rot"], domain=MS,
+                 interleaved=0, num_heads=nh)[0]
+        k = node("RotaryEmbedding", [k, "position_ids", "cos_cache", "sin_cache"], [f"{p}.k_rot"], domain=MS,
+                 interleaved=0, num_heads=nkv)[0]
+        o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
+                                         "", "", "", "attention_bias_4d"],
+                 [f"{p}.attn", new[2 * i], new[2 * i + 1]], domain=MS, num_heads=nh, kv_num_heads=nkv)[0]
+        o = node("MatMul", [o, weight(f"{p}.o_proj.weight", linear_t(attn.o_proj))], [f"{p}.attn_out"])[0]
+        w_post = weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.detach().numpy())
+        h, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, w_post],
+                                 [f"{p}.mlp_in", "", "", f"{p}.residual_m"], domain=MS, epsilon=eps)
+        gu = node("MatMul", [h, weight(f"{p}.gate_up_proj.weight", linear_t(mlp.gate_proj, mlp.up_proj))], [f"{p}.gate_up"])[0]
+        inter = cfg.intermediate_size
+        inits.append(numpy_helper.from_array(np.array([inter, inter], np.int64), f"{p}.gate_up_split"))
+        g, u = node("Split", [gu, f"{p}.gate_up_split"], [f"{p}.gate", f"{p}.up"], axis=-1)
+        s = node("Sigmoid", [g], [f"{p}.gate_sigmoid"])[0]
+        g = node("Mul", [g, s], [f"{p}.gate_silu"])[0]
+        a = node("Mul", [g, u], [f"{p}.mlp_act"])[0]
+        x = node("MatMul", [a, weight(f"{p}.down_proj.weight", linear_t(mlp.down_proj))], [f"{p}.mlp_out"])[0]
+
+    # the last position only: (B, 1, D) of the MLP's output and of the residual, then the final norm and head
+    for name, value in (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("seq_axis", 1)):
+        inits.append(numpy_helper.from_array(np.array([value], np.int64), name))
+    x = node("Slice", [x, "last_start", "last_end", "seq_axis"], ["last_mlp_out"])[0]
+    residual = node("Slice", [residual, "last_start", "last_end", "seq_axis"], ["last_residual"])[0]
+    h = node("SkipSimplifiedLayerNormalization", [x, residual, weight("norm.weight", llm.norm.weight.detach().numpy())],
+             ["final_norm"], domain=MS, epsilon=eps)[0]
+    node("MatMul", [h, weight("lm_head.weight", linear_t(llm.lm_head))], [LOGITS])
+
+    f32 = TensorProto.FLOAT
+    kv_in = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hd]) for n in past]
+    kv_out = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hd]) for n in new]
+    graph = helper.make_graph(
+        nodes, "decoder",
+        [helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "sequence", D]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+         helper.make_tensor_value_info("attention_bias", f32, ["batch", "total_sequence"]),
+         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]), *kv_in],
+        [helper.make_tensor_value_info(LOGITS, f32, ["batch", 1, cfg.vocab_size]), *kv_out],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(MS, 1)],
+                              ir_version=IR_VERSION, producer_name="sleigh")
+    return model
+
+
+def write(llm: LLM, out_dir: Path, opset: int) -> list[str]:
+    """`decoder.onnx` (+ `decoder.onnx.data` when its weights are large) in `out_dir` -> the files written."""
+    import onnx
+
+    model = build(llm, opset)
+    path = Path(out_dir) / "decoder.onnx"
+    external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data", size_threshold=1024)
+    return [path.name, f"{path.name}.data"] if external else [path.name]
