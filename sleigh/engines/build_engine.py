@@ -298,6 +298,19 @@ def _versions() -> dict:
     return {"sleigh": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _check_decoder_form(form: str, opts: EngineOptions) -> None:
+    """A fused decoder (kv_cache.form "shared", export --decoder fused) is ONNX Runtime's alone, and its
+    GroupQueryAttention keeps the cache in the attention's own dtype."""
+    if form != "shared":
+        return
+    if opts.backend == "tensorrt":
+        raise SleighError("--backend tensorrt", "this package's decoder is the fused form (ONNX Runtime's operators)",
+                          "a package exported with --decoder standard for TensorRT")
+    if opts.kv_cast:
+        raise SleighError(f"--kv-dtype {opts.kv}", "a fused decoder keeps its cache in the dtype of its attention",
+                          "no --kv-dtype (or --precision fp16, whose cache is float16)")
+
+
 def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     """Build, gate and register one engine; returns its entry as listed in the manifest."""
     pkg = Path(pkg)
@@ -309,6 +322,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     if existing is not None and existing.backend != opts.backend:
         raise SleighError(f"--name {name}", f"the package already has a {existing.backend!r} engine of that name",
                           "another --name")
+    _check_decoder_form(checked.contract.kv_cache.form, opts)
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import require_tensorrt
 

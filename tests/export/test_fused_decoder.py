@@ -1,0 +1,91 @@
+"""The fused decoder (export --decoder fused, kv_cache.form "shared") against the reference, and a
+package holding it against the standard package: the same greedy tokens through the runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sleigh.errors import SleighError
+from sleigh.export import fused_decoder
+from sleigh.export.modules import DecoderModule, EmbedModule
+from sleigh.export.parity import _shared_decoder_cases
+from sleigh.onnx_files import describe_io
+from sleigh.runtime.package import file_entry
+from sleigh.sleighvl.checkpoint import load_checkpoint
+from tests.runtime.package_copies import copy_package, load, save
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    return load_checkpoint(tiny_ckpt)[0].eval()
+
+
+@pytest.fixture(scope="module")
+def fused_pkg(tiny_pkg, tiny_model, tmp_path_factory):
+    """A copy of the tiny package whose decoder is the fused form, listed as export would list it."""
+    pkg = copy_package(tiny_pkg, tmp_path_factory.mktemp("fused"))
+    assert fused_decoder.write(tiny_model.llm, pkg, 18) == ["decoder.onnx"]
+    manifest = load(pkg)
+    manifest["kv_cache"]["form"] = "shared"
+    manifest["modules"]["decoder"].update(describe_io(pkg / "decoder.onnx"))
+    manifest["files"]["decoder.onnx"] = file_entry(pkg, "decoder.onnx")
+    save(pkg, manifest)
+    return pkg
+
+
+def _cases(path, model, seed=0):
+    cfg = model.cfg
+    rng = np.random.default_rng(seed)
+    inputs = rng.standard_normal((1, 11, cfg.llm.hidden_size)).astype(np.float32)
+    bias = (0.5 * rng.standard_normal((1, 11))).astype(np.float32)  # GSWA-like log-weights
+    with torch.inference_mode():
+        return _shared_decoder_cases(path, DecoderModule(model), EmbedModule(model), inputs, bias, cfg, rng, "fp32")
+
+
+def test_the_fused_decoder_matches_the_reference(fused_pkg, tiny_model):
+    """Prefill, two decode steps, a left-padded batch of 2, and a batch-of-2 prompt after a cache with
+    masked positions (run row by row): logits and the keys/values written into the cache buffers."""
+    results = _cases(fused_pkg / "decoder.onnx", tiny_model)
+    assert {r.case for r in results} >= {"decoder prefill (no cache)", "decoder decode step 2 (shared)",
+                                         "decoder random B=2 after 8 (shared)"}
+    assert all(r.ok for r in results), [(r.case, r.output, r.needed_atol) for r in results if not r.ok]
+
+
+def test_a_fused_decoder_with_another_rope_fails_parity(tiny_model, tmp_path):
+    """Negative control: the same weights with RoPE at another base must not pass."""
+    import copy
+    import dataclasses
+
+    llm = copy.deepcopy(tiny_model.llm)
+    llm.cfg = dataclasses.replace(llm.cfg, rope_theta=llm.cfg.rope_theta / 10)
+    fused_decoder.write(llm, tmp_path, 18)
+    assert not all(r.ok for r in _cases(tmp_path / "decoder.onnx", tiny_model))
+
+
+def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_pkg):
+    """Through Pipeline: the prompt in one call and in chunks of 5 (later chunks after a cache), and
+    past a growth of the cache (256 slots)."""
+    from sleigh.runtime.pipeline import Pipeline
+
+    image = fused_pkg.parent / "photo.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(image)
+    with Pipeline.load(tiny_pkg) as standard, Pipeline.load(fused_pkg) as fused:
+        assert fused.contract.kv_cache.form == "shared" and standard.contract.kv_cache.form == "slots"
+        want = standard.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids
+        assert fused.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids == want
+        fused.prefill_chunk = 5
+        assert fused.generate(image, max_new_tokens=8, ignore_eos=True).result.token_ids == want[:8]
+
+
+def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):
+    from sleigh.engines.build_engine import build_engine
+    from sleigh.engines.options import EngineOptions
+
+    with pytest.raises(SleighError, match="--kv-dtype float16 .*dtype of its attention"):
+        build_engine(fused_pkg, EngineOptions(precision="fp32", kv_dtype="float16", quiet=True))
+    with pytest.raises(SleighError, match="--backend tensorrt .*fused form"):
+        build_engine(fused_pkg, EngineOptions(backend="tensorrt", precision="fp16", quiet=True))
