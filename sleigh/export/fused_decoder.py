@@ -44,9 +44,14 @@ def rope_caches(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
 
 
-def build(llm: LLM, opset: int):
-    """-> the fused decoder's onnx.ModelProto, weights inside (the caller saves them as external data)."""
-    import onnx
+# Weights are written to the external data file at offsets aligned like this (page-aligned tensors can be mapped)
+DATA_ALIGN = 4096
+
+
+def build(llm: LLM, opset: int, data=None, data_name: str = ""):
+    """-> the fused decoder's onnx.ModelProto. Its weights are inside it, or, given `data` (a binary
+    file open for writing, named `data_name` beside the model), written there one tensor at a time
+    as they are made, so at full size no copy of all the weights is ever held."""
     from onnx import TensorProto, helper, numpy_helper
 
     cfg = llm.cfg
@@ -54,7 +59,17 @@ def build(llm: LLM, opset: int):
     nodes, inits = [], []
 
     def weight(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if data is None or array.size < 1024:
+            inits.append(numpy_helper.from_array(array, name))
+            return name
+        data.write(b"\0" * (-data.tell() % DATA_ALIGN))
+        offset = data.tell()
+        data.write(array.tobytes())
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape, data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(array.nbytes))):
+            t.external_data.add(key=key, value=value)
+        inits.append(t)
         return name
 
     def linear_t(*modules) -> np.ndarray:
@@ -151,12 +166,16 @@ def build(llm: LLM, opset: int):
 
 
 def write(llm: LLM, out_dir: Path, opset: int) -> list[str]:
-    """`decoder.onnx` (+ `decoder.onnx.data` when its weights are large) in `out_dir` -> the files written."""
+    """`decoder.onnx` (+ `decoder.onnx.data` when its weights are over EXTERNAL_DATA_BYTES) in `out_dir`
+    -> the files written."""
     import onnx
 
-    model = build(llm, opset)
     path = Path(out_dir) / "decoder.onnx"
-    external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data", size_threshold=1024)
-    return [path.name, f"{path.name}.data"] if external else [path.name]
+    if sum(p.numel() * 4 for p in llm.parameters()) <= EXTERNAL_DATA_BYTES:
+        onnx.save_model(build(llm, opset), str(path))
+        return [path.name]
+    data_name = f"{path.name}.data"
+    with open(path.parent / data_name, "wb") as data:
+        model = build(llm, opset, data, data_name)
+    onnx.save_model(model, str(path))
+    return [path.name, data_name]

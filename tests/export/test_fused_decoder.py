@@ -89,3 +89,25 @@ def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):
         build_engine(fused_pkg, EngineOptions(precision="fp32", kv_dtype="float16", quiet=True))
     with pytest.raises(SleighError, match="--backend tensorrt .*fused form"):
         build_engine(fused_pkg, EngineOptions(backend="tensorrt", precision="fp16", quiet=True))
+
+
+def test_large_weights_stream_into_external_data(tiny_model, tmp_path, monkeypatch):
+    """Over EXTERNAL_DATA_BYTES the weights go to decoder.onnx.data, written tensor by tensor at aligned
+    offsets; ONNX Runtime reads the same logits as from the self-contained file."""
+    import onnxruntime as ort
+
+    inline, external = tmp_path / "inline", tmp_path / "external"
+    inline.mkdir(), external.mkdir()
+    fused_decoder.write(tiny_model.llm, inline, 18)
+    monkeypatch.setattr(fused_decoder, "EXTERNAL_DATA_BYTES", 1024)
+    assert fused_decoder.write(tiny_model.llm, external, 18) == ["decoder.onnx", "decoder.onnx.data"]
+    assert (external / "decoder.onnx").stat().st_size < 100_000 < (external / "decoder.onnx.data").stat().st_size
+    cfg = tiny_model.cfg.llm
+    rng = np.random.default_rng(0)
+    feeds = {"inputs_embeds": rng.standard_normal((1, 5, cfg.hidden_size)).astype(np.float32),
+             "attention_mask": np.ones((1, 5), np.int64), "attention_bias": np.zeros((1, 5), np.float32),
+             "position_ids": np.arange(5)[None],
+             **{f"past_key_values.{i}.{t}": np.zeros((1, cfg.num_kv_heads, 8, cfg.head_dim), np.float32)
+                for i in range(cfg.num_layers) for t in ("key", "value")}}
+    got, want = (ort.InferenceSession(str(d / "decoder.onnx")).run(["logits"], feeds)[0] for d in (external, inline))
+    np.testing.assert_array_equal(got, want)
