@@ -1,8 +1,9 @@
 """The one exception type for user mistakes: the CLI prints it as one line, without a traceback."""
 
 
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """The first line of an exception's message (its type name when empty), for one-line errors."""
+def first_line(exc: BaseException | str, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty) or of a library's log
+    message, for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0][:limit] if text else type(exc).__name__
 

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sleigh import staging
+from sleigh.engines import versions
 from sleigh.engines.calibration.int8 import INT8_MAX, ORT_WEIGHT_MAX, RANGES_FILE
 from sleigh.engines.calibration.qdq import quantize_vision_qdq
 from sleigh.engines.options import EngineOptions, max_views
@@ -201,8 +202,9 @@ def int8_weight_max(backend: str) -> int:
     return ORT_WEIGHT_MAX if backend == "onnxruntime" else INT8_MAX
 
 
-def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int) -> list[str]:
-    if not manifest.get("calibration") or not (pkg / RANGES_FILE).is_file():
+def vision_int8(src: Path, dst: Path, manifest: Manifest, weight_max: int) -> list[str]:
+    pkg = manifest.root
+    if not manifest.calibration or not (pkg / RANGES_FILE).is_file():
         raise SleighError(str(pkg), "INT8 needs calibration ranges and the package has none",
                           f"run `sleigh calibrate {pkg} --images DIR` first")
     quantize_vision_qdq(src, dst, read_json(pkg / RANGES_FILE, "calibration ranges from `sleigh calibrate`"), weight_max=weight_max)
@@ -210,20 +212,22 @@ def vision_int8(src: Path, dst: Path, pkg: Path, manifest: dict, weight_max: int
     return [dst.name] + ([data.name] if data.exists() else [])
 
 
-# (module, what it is converted to: EngineOptions.module_precisions) -> conversion(src, dst, pkg, manifest, opts),
+# (module, what it is converted to: EngineOptions.module_precisions) -> conversion(src, dst, manifest, opts),
 # which returns the files it wrote. "int8" means Q/DQ for vision, weight-only MatMulNBits for the decoder.
-Conversion = Callable[[Path, Path, Path, dict, EngineOptions], list[str]]
+Conversion = Callable[[Path, Path, Manifest, EngineOptions], list[str]]
 CONVERSIONS: dict[tuple[str, str], Conversion] = {
-    **{(m, "fp32"): lambda src, dst, pkg, manifest, opts: copy(src, dst) for m in MODULE_NAMES},
-    **{(m, "fp16"): lambda src, dst, pkg, manifest, opts: to_fp16(src, dst) for m in MODULE_NAMES},
-    ("vision", "int8"): lambda src, dst, pkg, manifest, opts: vision_int8(src, dst, pkg, manifest, int8_weight_max(opts.backend)),
-    ("decoder", "int8"): lambda src, dst, pkg, manifest, opts: weight_only(src, dst, 8),
-    ("decoder", "int4"): lambda src, dst, pkg, manifest, opts: weight_only(src, dst, 4),
+    **{(m, "fp32"): lambda src, dst, manifest, opts: copy(src, dst) for m in MODULE_NAMES},
+    **{(m, "fp16"): lambda src, dst, manifest, opts: to_fp16(src, dst) for m in MODULE_NAMES},
+    ("vision", "int8"): lambda src, dst, manifest, opts: vision_int8(src, dst, manifest, int8_weight_max(opts.backend)),
+    ("decoder", "int8"): lambda src, dst, manifest, opts: weight_only(src, dst, 8),
+    ("decoder", "int4"): lambda src, dst, manifest, opts: weight_only(src, dst, 4),
 }
 
 
-def convert_module(module: str, opts: EngineOptions, src: Path, dst: Path, pkg: Path, manifest: dict) -> list[str]:
-    return CONVERSIONS[module, opts.module_precisions[module]](src, dst, pkg, manifest, opts)
+def convert_module(module: str, opts: EngineOptions, dst: Path, manifest: Manifest) -> list[str]:
+    """Convert the package's `module` into `dst`; returns the files written."""
+    src = manifest.module_path(module)
+    return CONVERSIONS[module, opts.module_precisions[module]](src, dst, manifest, opts)
 
 
 def optimize_offline(path: Path) -> None:
@@ -289,15 +293,6 @@ def _without_new_default_attributes(model):
 
 # -- the build -----------------------------------------------------------------------------------------
 
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-
-    from sleigh import __version__
-
-    return {"sleigh": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
 def _check_decoder_form(form: str, opts: EngineOptions) -> None:
     """A fused decoder (kv_cache.form "shared", export --decoder fused) is ONNX Runtime's alone, and its
     GroupQueryAttention keeps the cache in the attention's own dtype."""
@@ -314,15 +309,14 @@ def _check_decoder_form(form: str, opts: EngineOptions) -> None:
 def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     """Build, gate and register one engine; returns its entry as listed in the manifest."""
     pkg = Path(pkg)
-    checked = read_manifest(pkg)
-    manifest = checked.json  # the conversions and the TensorRT plan read the JSON object
+    manifest = read_manifest(pkg)
     given, opts = opts, opts.for_package(manifest)
     name = opts.name
-    existing = checked.engines.get(name)
+    existing = manifest.engines.get(name)
     if existing is not None and existing.backend != opts.backend:
         raise SleighError(f"--name {name}", f"the package already has a {existing.backend!r} engine of that name",
                           "another --name")
-    _check_decoder_form(checked.contract.kv_cache.form, opts)
+    _check_decoder_form(manifest.contract.kv_cache.form, opts)
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import require_tensorrt
 
@@ -343,15 +337,14 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             files: dict[str, list[str]] = {}
             for module in MODULE_NAMES:
                 bar.advance(0, description=f"{name}: {module}")
-                src = pkg / manifest["modules"][module]["file"]
-                files[module] = convert_module(module, opts, src, tmp / f"{module}.onnx", pkg, manifest)
+                files[module] = convert_module(module, opts, tmp / f"{module}.onnx", manifest)
                 if module == "decoder" and opts.kv_cast:
                     kv_slots_fp16(tmp / "decoder.onnx")
                 if opts.backend == "onnxruntime":
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
             if opts.max_memory is not None:  # an engine its own budget cannot load is refused before the gate
-                _check_fits(opts.max_memory, checked, opts.kv, [tmp / f[0] for f in files.values()])
+                _check_fits(opts.max_memory, manifest, opts.kv, [tmp / f[0] for f in files.values()])
             staged = f"engines/{tmp.name}"  # gated from here; renamed to engines/<name> only once it passes
             staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
             ort = opts.backend == "onnxruntime"
@@ -361,7 +354,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
                 kv_dtype=opts.kv,  # the decoder's cache slots (the runtime allocates them so)
                 max_memory=opts.max_memory,
                 dir=staged, modules={m: f"{staged}/{f[0]}" for m, f in files.items()},
-                build_options=given.to_json(), versions=_versions(),
+                build_options=given.to_json(), versions=versions(),
                 # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
                 cpu_machine=platform.machine() if ort else None, cpu_features=None if features is None else tuple(features),
                 record={"shapes": {"max_views": max_views(manifest, opts.max_tiles), "max_context": opts.max_context},
@@ -412,13 +405,13 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_fits(limit: int, checked, kv_dtype: str, module_files: list[Path]) -> None:
+def _check_fits(limit: int, manifest: Manifest, kv_dtype: str, module_files: list[Path]) -> None:
     """--max-memory: the engine's weights and the runtime must fit in it (runtime/memory.py); a
     generation's chunks are planned per run."""
     from sleigh.runtime.memory import MemoryBudget, Shapes, weights_bytes
 
     try:
-        MemoryBudget(limit, Shapes.from_contract(checked.contract, kv_dtype), weights_bytes(module_files))
+        MemoryBudget(limit, Shapes.from_contract(manifest.contract, kv_dtype), weights_bytes(module_files))
     except SleighError as e:
         raise SleighError(f"--max-memory {limit}", e.problem, e.expected) from None
 

@@ -6,7 +6,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sleigh.errors import SleighError
-from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.package import verify_files
 
@@ -39,6 +38,7 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "created_by": manifest.created_by,
         "opset": manifest.opset,
         "gswa": None if manifest.contract.gswa is None else asdict(manifest.contract.gswa),
+        "kv_cache": {"past": list(manifest.contract.kv_cache.past), "new": list(manifest.contract.kv_cache.new)},
         "parity_passed": (manifest.parity or {}).get("passed"),
         "modules": modules,
         "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "kv_dtype", "files_bytes",
@@ -86,15 +86,15 @@ def print_report(report: dict) -> None:
         table = Table(show_header=True, box=None, padding=(0, 2))
         for h in ("", "name", "dtype", "shape"):
             table.add_column(h)
-        kv = lambda n: n.startswith((PAST + ".", NEW + "."))  # noqa: E731
-        for kind, items in (("in", m["inputs"]), ("out", m["outputs"])):
-            shown = [i for i in items if not kv(i["name"])]
-            folded = [i for i in items if kv(i["name"])]
-            for i in shown:
-                table.add_row(kind, i["name"], i["dtype"], _shape(i["shape"]))
+        for kind, items, side in (("in", m["inputs"], "past"), ("out", m["outputs"], "new")):
+            kv = set(report["kv_cache"][side])  # the decoder's cache tensors: one row for all
+            folded = [i for i in items if i["name"] in kv]
+            for i in items:
+                if i["name"] not in kv:
+                    table.add_row(kind, i["name"], i["dtype"], _shape(i["shape"]))
             if folded:
                 first = folded[0]
-                table.add_row(kind, f"{first['name'].rsplit('.', 2)[0]}.*.key|value ({len(folded)} tensors)",
+                table.add_row(kind, f"kv_cache.{side} ({len(folded)} tensors, {first['name']} ..)",
                               first["dtype"], _shape(first["shape"]))
         console.print(table)
     if report["engines"]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from sleigh.errors import SleighError
 from sleigh.runtime.image import max_views as image_max_views
 from sleigh.runtime.kv_cache import KV_DTYPES
+from sleigh.runtime.manifest import Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -49,9 +50,9 @@ def flag(field: str) -> str:
     return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
-def max_views(manifest: dict, tiles: int) -> int:
+def max_views(manifest: Manifest, tiles: int) -> int:
     """Views for `tiles` tiles: a thumbnail is appended when there is more than one tile."""
-    return image_max_views(tiles, manifest["image"]["thumbnail"])
+    return image_max_views(tiles, manifest.contract.image.thumbnail)
 
 
 @dataclass(frozen=True)
@@ -161,14 +162,13 @@ class EngineOptions:
         return {"vision": self.precision, "gswa": "fp32", "embed": "fp32" if self.precision == "fp32" else "fp16",
                 "decoder": self.weights}
 
-    def for_package(self, manifest: dict) -> EngineOptions:
+    def for_package(self, manifest: Manifest) -> EngineOptions:
         """These options with every default filled in from the package, checked against it (one-line
         SleighErrors naming the flag). Resolving resolved options changes nothing."""
-        image, ctx = manifest["image"], manifest["generation"]["context_length"]
-        tiles = self.max_tiles or image["max_tiles"]
-        if not 1 <= tiles <= image["max_tiles"]:
-            raise SleighError(f"--max-tiles {tiles}", f"the package was exported for at most {image['max_tiles']}",
-                              f"1..{image['max_tiles']}")
+        exported, ctx = manifest.contract.image.max_tiles, manifest.contract.generation.context_length
+        tiles = self.max_tiles or exported
+        if not 1 <= tiles <= exported:
+            raise SleighError(f"--max-tiles {tiles}", f"the package was exported for at most {exported}", f"1..{exported}")
         if self.max_context is not None and not 1 <= self.max_context <= ctx:
             raise SleighError(f"--max-context {self.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
         resolved = replace(self, name=self.engine_name, llm_weights=self.weights, max_tiles=tiles,
@@ -176,7 +176,7 @@ class EngineOptions:
         if self.backend != "tensorrt":
             return resolved
         if self.plugin_library is not None:
-            if manifest.get("gswa") is None:
+            if manifest.contract.gswa is None:
                 raise SleighError(f"--plugin-library {self.plugin_library}", "the package has no GSWA node for the plugin",
                                   "no --plugin-library for a model without GSWA")
             if not Path(self.plugin_library).is_file():
@@ -184,7 +184,7 @@ class EngineOptions:
                                   "the shared library that registers the sleigh::GSWA TensorRT plugin")
         _check_image_tokens(manifest, resolved.max_tiles, resolved.max_context)
         opt_tiles = min(DEFAULT_OPT_TILES, tiles) if self.opt_tiles is None else self.opt_tiles
-        tokens = manifest["prompt"]["tokens_per_view"] * max_views(manifest, opt_tiles) + OPT_TEXT_TOKENS
+        tokens = manifest.contract.prompt.tokens_per_view * max_views(manifest, opt_tiles) + OPT_TEXT_TOKENS
         resolved = replace(resolved, opt_tiles=opt_tiles,
                            opt_context=min(tokens, resolved.max_context) if self.opt_context is None else self.opt_context,
                            max_batch=self.max_batch or 1,
@@ -209,9 +209,9 @@ def _need_int(opts: EngineOptions, field: str, lo: int, hi: int | None) -> None:
         raise SleighError(f"{flag(field)} {v!r}", "out of range", expected)
 
 
-def _check_image_tokens(manifest: dict, tiles: int, context: int) -> None:
+def _check_image_tokens(manifest: Manifest, tiles: int, context: int) -> None:
     """A TensorRT profile must hold the image tokens of `tiles` tiles plus some text."""
-    tpv = manifest["prompt"]["tokens_per_view"]
+    tpv = manifest.contract.prompt.tokens_per_view
     image_tokens = tpv * max_views(manifest, tiles)
     if image_tokens >= context:
         fit = max((t for t in range(1, tiles + 1) if tpv * max_views(manifest, t) < context), default=0)

@@ -27,6 +27,7 @@ from sleigh.runtime.backends.tensorrt_backend import (
     make_logger, tensorrt_status)
 from sleigh.runtime.multimodal import GSWA_DOMAIN, GSWA_OP, GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
+from sleigh.runtime.manifest import Manifest
 from sleigh.runtime.package import MODULE_NAMES, write_bytes_atomic
 
 PLUGIN_DIR = "plugin"  # in the engine folder: the copy of --plugin-library that the runtime loads
@@ -47,63 +48,63 @@ def require_tensorrt() -> None:
 # -- profiles -----------------------------------------------------------------------------------
 
 
-def _profile(manifest: dict, module: str, dims: dict[str, tuple[int, int, int]]) -> Profile:
+def _profile(manifest: Manifest, module: str, dims: dict[str, tuple[int, int, int]]) -> Profile:
     """(min, opt, max) for every input of `module`, by name: symbolic dims from `dims`, static dims as exported."""
     prof: Profile = {}
-    for inp in manifest["modules"][module]["inputs"]:
+    for inp in manifest.modules[module].inputs:
         lo, opt, hi = [], [], []
-        for d in inp["shape"]:
+        for d in inp.shape:
             if isinstance(d, int) and d > 0:
                 rng = (d, d, d)
             elif isinstance(d, str) and d in dims:
                 rng = dims[d]
             else:
-                raise SleighError(f"{module}.onnx input {inp['name']}", f"dimension {d!r} has no range in the TensorRT profiles",
+                raise SleighError(f"{module}.onnx input {inp.name}", f"dimension {d!r} has no range in the TensorRT profiles",
                                   f"static dims or one of {', '.join(sorted(dims))} (a package from this version of sleigh)")
             for acc, v in zip((lo, opt, hi), rng):
                 acc.append(v)
-        prof[inp["name"]] = (tuple(lo), tuple(opt), tuple(hi))
+        prof[inp.name] = (tuple(lo), tuple(opt), tuple(hi))
     return prof
 
 
-def _expect_static(manifest: dict, module: str, name: str, axis: int, value: int, what: str) -> None:
-    shape = next((i["shape"] for i in manifest["modules"][module]["inputs"] if i["name"] == name), None)
+def _expect_static(manifest: Manifest, module: str, name: str, axis: int, value: int, what: str) -> None:
+    shape = next((i.shape for i in manifest.modules[module].inputs if i.name == name), None)
     if shape is None or shape[axis] != value:
         raise SleighError(f"{module}.onnx input {name}", f"{what} is {None if shape is None else shape[axis]!r}, "
                           f"the model config says {value}", "a package whose modules match its manifest (re-export it)")
 
 
-def vision_profile(manifest: dict, opts: EngineOptions) -> Profile:
+def vision_profile(manifest: Manifest, opts: EngineOptions) -> Profile:
     """pixel_values (views, 3, S, S): 1 .. max_tiles + thumbnail views, tuned for opt_tiles + thumbnail."""
     opts = opts.for_package(manifest)
-    size = manifest["image"]["size"]
+    size = manifest.contract.image.size
     _expect_static(manifest, "vision", "pixel_values", 2, size, "image height")
     _expect_static(manifest, "vision", "pixel_values", 3, size, "image width")
     return _profile(manifest, "vision", {"views": _views(manifest, opts)})
 
 
-def gswa_profile(manifest: dict, opts: EngineOptions) -> Profile:
+def gswa_profile(manifest: Manifest, opts: EngineOptions) -> Profile:
     """cls_tokens (views, Cv): every view of one image at once, as many as the vision profile's."""
     opts = opts.for_package(manifest)
     return _profile(manifest, "gswa", {"views": _views(manifest, opts)})
 
 
-def _views(manifest: dict, opts: EngineOptions) -> tuple[int, int, int]:
+def _views(manifest: Manifest, opts: EngineOptions) -> tuple[int, int, int]:
     return 1, max_views(manifest, opts.opt_tiles), max_views(manifest, opts.max_tiles)
 
 
-def embed_profile(manifest: dict, opts: EngineOptions) -> Profile:
+def embed_profile(manifest: Manifest, opts: EngineOptions) -> Profile:
     """input_ids (B, S), image_embeds (M, D). One profile for prefill and the one-token steps: the
     module is a gather, whose kernels hardly depend on the shape."""
     opts = opts.for_package(manifest)
-    tpv = manifest["prompt"]["tokens_per_view"]
+    tpv = manifest.contract.prompt.tokens_per_view
     dims = {"batch": (1, 1, opts.max_batch),
             "sequence": (1, opts.opt_context, opts.max_context),
             "image_rows": (1, tpv * max_views(manifest, opts.opt_tiles), tpv * max_views(manifest, opts.max_tiles) * opts.max_batch)}
     return _profile(manifest, "embed", dims)
 
 
-def decoder_profiles(manifest: dict, opts: EngineOptions) -> list[Profile]:
+def decoder_profiles(manifest: Manifest, opts: EngineOptions) -> list[Profile]:
     """[prefill, decode] (DECODER_PROFILES order).
 
     TensorRT checks that min, opt and max each satisfy the graph's shape constraints, and the
@@ -114,10 +115,10 @@ def decoder_profiles(manifest: dict, opts: EngineOptions) -> list[Profile]:
     A multi-token step on a non-empty cache fits neither; the runtime feeds it one token at a time.
     """
     opts = opts.for_package(manifest)
-    kv = manifest["kv_cache"]
-    for name in kv["past"]:
-        _expect_static(manifest, "decoder", name, 1, kv["num_kv_heads"], "the KV-head dim")
-        _expect_static(manifest, "decoder", name, 3, kv["head_dim"], "the head dim")
+    kv = manifest.contract.kv_cache
+    for name in kv.past:
+        _expect_static(manifest, "decoder", name, 1, kv.num_kv_heads, "the KV-head dim")
+        _expect_static(manifest, "decoder", name, 3, kv.head_dim, "the head dim")
     C, opt_seq = opts.max_context, opts.opt_context
     batch = (1, 1, opts.max_batch)
     max_slots = grown_capacity(C, KV_CHUNK)  # the runtime grows its slots in chunks (runtime/kv_cache.py)
@@ -143,7 +144,7 @@ def _rel(pkg: Path, path: Path) -> str:
         return str(Path(path).resolve())
 
 
-def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: EngineOptions, *,
+def engine_plan(pkg: Path, manifest: Manifest, sources: dict[str, Path], opts: EngineOptions, *,
                 out_dir: Path | None = None) -> dict:
     """What a build will read and write, and the TensorRT part of the manifest entry (no TensorRT
     needed). `sources`: the ONNX per module (absolute, or relative to the package). `out_dir`: where
@@ -176,7 +177,7 @@ def engine_plan(pkg: Path, manifest: dict, sources: dict[str, Path], opts: Engin
         modules[m] = {"source": resolved[m], "plan": plan, "plan_rel": _rel(pkg, plan), "profiles": profiles[m],
                       "profile_names": names[m], "strip_gswa_function": use_plugin and m == "gswa"}
     plugin = None
-    if manifest.get("gswa") is None:
+    if manifest.contract.gswa is None:
         gswa = None
     elif use_plugin:
         library = Path(opts.plugin_library)
@@ -231,7 +232,7 @@ def _constant_values(model, base_dir: Path) -> dict:
     return {k: (lambda t=t: numpy_helper.to_array(t, base_dir=str(base_dir))) for k, t in values.items()}
 
 
-def source_problems(module: str, path: Path, precision: str, manifest: dict, *, use_plugin: bool = False) -> list[str]:
+def source_problems(module: str, path: Path, precision: str, manifest: Manifest, *, use_plugin: bool = False) -> list[str]:
     """What would make TensorRT parse `path` into something other than a `precision` engine of `module`
     (an empty list: none found). Reads the graph; loads external data only for Q/DQ zero points."""
     import onnx
@@ -241,7 +242,7 @@ def source_problems(module: str, path: Path, precision: str, manifest: dict, *, 
     problems = []
     inits = {t.name for t in model.graph.initializer}
     got = sorted(i.name for i in model.graph.input if i.name not in inits)
-    expected = sorted(i["name"] for i in manifest["modules"][module]["inputs"])
+    expected = sorted(manifest.modules[module].names("inputs"))
     if got != expected:
         problems.append(f"inputs {got} differ from the manifest's {expected}")
     nodes = list(_all_nodes(model))
@@ -408,7 +409,7 @@ def _build_module(trt, logger, module: str, spec: dict, opts: EngineOptions, cac
         return serialized, config.get_timing_cache().serialize()
 
 
-def build_engines(pkg: Path, manifest: dict, sources: dict[str, Path], opts: EngineOptions, *,
+def build_engines(pkg: Path, manifest: Manifest, sources: dict[str, Path], opts: EngineOptions, *,
                   quiet: bool = False, out_dir: Path | None = None) -> dict:
     """Build the vision, gswa, embed and decoder plans into PKG/engines/<name>/ (or `out_dir`, see
     `engine_plan`) and return the TensorRT part of the manifest entry, with "files": the files it

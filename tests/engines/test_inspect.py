@@ -33,6 +33,17 @@ def test_a_deleted_engine_is_listed_as_missing(pkg, capsys):
     assert "MISSING 4" in row and "rebuild" in row
 
 
+def test_the_decoder_cache_is_one_row_per_side(tiny_pkg, capsys):
+    """The KV tensors are the manifest's kv_cache names, folded into one row each way."""
+    pytest.importorskip("onnx")
+    kv = load(tiny_pkg)["kv_cache"]
+    print_report(inspect_package(tiny_pkg))
+    out = capsys.readouterr().out
+    for side in ("past", "new"):
+        assert out.count(f"kv_cache.{side} ({len(kv[side])} tensors, {kv[side][0]} ..)") == 1, out
+        assert not any(name in out for name in kv[side][1:])  # no row of their own
+
+
 def test_inspect_json_shows_missing_engine_files(pkg):
     shutil.rmtree(pkg / "engines" / "onnxruntime-int8")
     proc = run_sleigh("inspect", pkg, "--json")

@@ -12,11 +12,12 @@ import pytest
 
 from sleigh.engines.options import EngineOptions, flag
 from sleigh.errors import SleighError
+from sleigh.runtime.manifest import Manifest, read_manifest
 
 
 @pytest.fixture(scope="module")
-def manifest(tiny_pkg) -> dict:
-    return json.loads((tiny_pkg / "manifest.json").read_text())
+def manifest(tiny_pkg) -> Manifest:
+    return read_manifest(tiny_pkg)  # .json: as on disk, the tests' reference
 
 
 def one_line(err: SleighError) -> str:
@@ -83,8 +84,8 @@ def test_module_precisions():
 
 
 def test_for_package_fills_the_defaults(manifest):
-    tiles, ctx = manifest["image"]["max_tiles"], manifest["generation"]["context_length"]
-    tpv = manifest["prompt"]["tokens_per_view"]
+    tiles, ctx = manifest.json["image"]["max_tiles"], manifest.json["generation"]["context_length"]
+    tpv = manifest.json["prompt"]["tokens_per_view"]
     ort = EngineOptions().for_package(manifest)
     assert (ort.name, ort.llm_weights, ort.max_tiles, ort.max_context) == ("onnxruntime-fp16", "fp16", tiles, ctx)
     assert all(getattr(ort, k) is None for k in ("opt_tiles", "opt_context", "max_batch", "workspace_gb",
@@ -98,7 +99,7 @@ def test_for_package_fills_the_defaults(manifest):
 
 
 def test_for_package_checks_against_the_package(manifest, tmp_path):
-    tiles, ctx = manifest["image"]["max_tiles"], manifest["generation"]["context_length"]
+    tiles, ctx = manifest.json["image"]["max_tiles"], manifest.json["generation"]["context_length"]
     cases = [
         (EngineOptions(max_tiles=tiles + 1), (f"--max-tiles {tiles + 1}", f"1..{tiles}")),
         (EngineOptions(max_context=ctx + 1), (f"--max-context {ctx + 1}", f"1..{ctx}")),
@@ -116,7 +117,8 @@ def test_for_package_checks_against_the_package(manifest, tmp_path):
     lib = tmp_path / "libgswa.so"
     lib.write_bytes(b"")
     with pytest.raises(SleighError, match="no GSWA node"):
-        EngineOptions(backend="tensorrt", plugin_library=lib).for_package({**manifest, "gswa": None})
+        EngineOptions(backend="tensorrt", plugin_library=lib).for_package(
+            dataclasses.replace(manifest, contract=dataclasses.replace(manifest.contract, gswa=None)))
 
 
 def test_recorded_as_given(tmp_path):

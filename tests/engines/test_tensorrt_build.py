@@ -26,6 +26,7 @@ from sleigh.engines.tensorrt_build import (
     vision_profile)
 from sleigh.runtime.backends.tensorrt_backend import DECODER_PROFILES, TENSORRT_EXPECTED
 from sleigh.runtime.kv_cache import KV_CHUNK, grown_capacity
+from sleigh.runtime.manifest import Manifest, parse_manifest, read_manifest
 from tests.helpers import heavy_imports
 
 MODULES = ("vision", "gswa", "embed", "decoder")
@@ -33,9 +34,9 @@ TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
 
 
 @pytest.fixture(scope="session")
-def trt_pkg(tiny_pkg) -> tuple[Path, dict]:
-    """The shared tiny package and its manifest. Read-only for the tests."""
-    return tiny_pkg, json.loads((tiny_pkg / "manifest.json").read_text())
+def trt_pkg(tiny_pkg) -> tuple[Path, Manifest]:
+    """The shared tiny package and its manifest (`.json`: as on disk, the tests' reference). Read-only."""
+    return tiny_pkg, read_manifest(tiny_pkg)
 
 
 def TRT(**kwargs) -> EngineOptions:
@@ -74,8 +75,8 @@ def assert_one_line_error(err: SleighError):
 def test_profiles_name_every_input_with_ordered_ranges(trt_pkg, opts):
     pkg, manifest = trt_pkg
     for module, profiles in all_profiles(manifest, opts).items():
-        declared = {i["name"]: i["shape"] for i in manifest["modules"][module]["inputs"]}
-        assert onnx_inputs(pkg / manifest["modules"][module]["file"]) == declared  # the manifest tells the truth
+        declared = {i["name"]: i["shape"] for i in manifest.json["modules"][module]["inputs"]}
+        assert onnx_inputs(pkg / manifest.json["modules"][module]["file"]) == declared  # the manifest tells the truth
         for prof in profiles:
             assert list(prof) == list(declared), module  # every input, by its exact name, nothing else
             for name, (lo, opt, hi) in prof.items():
@@ -91,7 +92,7 @@ def test_profiles_name_every_input_with_ordered_ranges(trt_pkg, opts):
 
 def test_vision_profile_views(trt_pkg):
     _, manifest = trt_pkg
-    size = manifest["image"]["size"]
+    size = manifest.json["image"]["size"]
     prof = vision_profile(manifest, TRT())
     assert prof == {"pixel_values": ((1, 3, size, size), (7, 3, size, size), (13, 3, size, size))}
     assert vision_profile(manifest, TRT(max_tiles=12))["pixel_values"][2][0] == 12 + 1  # + thumbnail
@@ -99,18 +100,18 @@ def test_vision_profile_views(trt_pkg):
         ((1, 3, size, size), (5, 3, size, size), (5, 3, size, size))
     # one tile: InternVL tiling appends no thumbnail
     assert vision_profile(manifest, TRT(max_tiles=1))["pixel_values"][2][0] == 1
-    hidden = manifest["model"]["vision_hidden_size"]  # GSWA: every view's CLS token at once
+    hidden = manifest.json["model"]["vision_hidden_size"]  # GSWA: every view's CLS token at once
     assert gswa_profile(manifest, TRT(max_tiles=4)) == {"cls_tokens": ((1, hidden), (5, hidden), (5, hidden))}
 
 
-def _image_row_width(manifest: dict) -> int:
+def _image_row_width(manifest: Manifest) -> int:
     """D, as the exported embed module declares its image_embeds input [image_rows, D]."""
-    return next(i["shape"][1] for i in manifest["modules"]["embed"]["inputs"] if i["name"] == "image_embeds")
+    return next(i["shape"][1] for i in manifest.json["modules"]["embed"]["inputs"] if i["name"] == "image_embeds")
 
 
 def test_embed_profile_holds_all_image_rows_and_one_token_steps(trt_pkg):
     _, manifest = trt_pkg
-    tpv, D = manifest["prompt"]["tokens_per_view"], _image_row_width(manifest)
+    tpv, D = manifest.json["prompt"]["tokens_per_view"], _image_row_width(manifest)
     prof = embed_profile(manifest, TRT(max_batch=2))
     assert prof["input_ids"][0] == (1, 1)  # decode steps embed one token with a dummy image row
     assert prof["image_embeds"][0] == (1, D)
@@ -120,12 +121,12 @@ def test_embed_profile_holds_all_image_rows_and_one_token_steps(trt_pkg):
 
 def test_decoder_profiles(trt_pkg):
     _, manifest = trt_pkg
-    _, kv, _, hd = next(i["shape"] for i in manifest["modules"]["decoder"]["inputs"] if i["name"] == "past_key_values.0.key")
+    _, kv, _, hd = next(i["shape"] for i in manifest.json["modules"]["decoder"]["inputs"] if i["name"] == "past_key_values.0.key")
     C = 4096
     prefill, decode = decoder_profiles(manifest, TRT(max_context=C, max_batch=3))
     assert DECODER_PROFILES == ("prefill", "decode")
     past_names = [n for n in prefill if n.startswith("past_key_values.")]
-    assert past_names == manifest["kv_cache"]["past"]
+    assert past_names == manifest.json["kv_cache"]["past"]
     for point in range(3):  # min, opt, max each satisfy the graph: total = slots + new, one batch
         for prof in (prefill, decode):
             B, S, _ = prof["inputs_embeds"][point]
@@ -146,7 +147,7 @@ def test_decoder_profiles(trt_pkg):
 
 def test_context_must_fit_the_model_and_the_image(trt_pkg):
     _, manifest = trt_pkg
-    limit = manifest["generation"]["context_length"]
+    limit = manifest.json["generation"]["context_length"]
     with pytest.raises(SleighError) as e:
         decoder_profiles(manifest, TRT(max_context=limit + 1))
     assert_one_line_error(e.value)
@@ -159,11 +160,11 @@ def test_context_must_fit_the_model_and_the_image(trt_pkg):
 
 
 def test_unknown_symbolic_dim_is_reported(trt_pkg):
-    _, manifest = trt_pkg
-    broken = json.loads(json.dumps(manifest))
+    pkg, manifest = trt_pkg
+    broken = json.loads(json.dumps(manifest.json))
     broken["modules"]["vision"]["inputs"][0]["shape"][0] = "num_images"
     with pytest.raises(SleighError) as e:
-        vision_profile(broken, TRT())
+        vision_profile(parse_manifest(broken, pkg, "manifest.json"), TRT())
     assert "num_images" in str(e.value) and "views" in str(e.value)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,10 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends.tensorrt_backend import (
     DECODER_PROFILES, TENSORRT_EXPECTED, TensorRTBackend, check_engine_compat, describe_ranges, fits, gswa_plugin_path,
     profile_error, runtime_status, select_profile)
-from sleigh.runtime.manifest import EngineEntry, parse_engine
+from sleigh.runtime.kv_cache import NEW, PAST
+from sleigh.runtime.manifest import (Contract, EngineEntry, KVCacheSection, Manifest, ModuleEntry, TensorInfo, kv_names,
+                                    parse_engine)
+from sleigh.runtime.package import SCHEMA_VERSION
 from tests.helpers import HostCuda, heavy_imports
 
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
@@ -32,13 +37,19 @@ def decoder_inputs() -> list[dict]:
             {"name": "position_ids", "dtype": "int64", "shape": ["batch", "sequence"]}, *kv]
 
 
-MANIFEST = {  # the parts of a package manifest the decoder profiles read
-    "kv_cache": {"num_kv_heads": KV, "head_dim": HD, "past": [f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]},
-    "modules": {"decoder": {"inputs": decoder_inputs()}},
-    "image": {"size": 448, "thumbnail": True, "max_tiles": 12},
-    "prompt": {"tokens_per_view": 256},
-    "generation": {"context_length": 8192},
-}
+def decoder_manifest() -> Manifest:
+    """A manifest, typed as `read_manifest` returns it, with the decoder above and the full-size model's
+    image and prompt: the parts the decoder profiles read."""
+    from sleigh.sleighvl.config import PRESETS
+
+    config = json.loads(json.dumps(PRESETS["internvl2-2b"].to_dict()))  # as config.json holds it
+    contract = Contract.from_config(config, "internvl2-2b preset")
+    inputs = tuple(TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in decoder_inputs())
+    kv = KVCacheSection(KV, HD, tuple(kv_names(LAYERS, PAST)), tuple(kv_names(LAYERS, NEW)))
+    return Manifest(root=Path("pkg"), schema_version=SCHEMA_VERSION, created_by=None, opset=None,
+                    contract=replace(contract, kv_cache=kv), tokenizer="tokenizer.json",
+                    modules={"decoder": ModuleEntry("decoder.onnx", (), "fp32", inputs, ())}, files={}, parity=None,
+                    calibration=None, engines={}, json={})
 
 
 def shapes(B, S, C) -> dict:
@@ -53,14 +64,14 @@ def profiles():
     from sleigh.engines.options import EngineOptions
     from sleigh.engines.tensorrt_build import decoder_profiles
 
-    return decoder_profiles(MANIFEST, EngineOptions(backend="tensorrt", max_context=4096, max_batch=2))
+    return decoder_profiles(decoder_manifest(), EngineOptions(backend="tensorrt", max_context=4096, max_batch=2))
 
 
 @pytest.mark.skipif(TENSORRT_IMPORTABLE, reason="tensorrt is importable here")
 def test_from_package_without_tensorrt_is_one_line(tmp_path):
     entry = {"backend": "tensorrt", "precision": "fp16", "modules": {}, "versions": {"tensorrt": "10.3.0.26"}}
     with pytest.raises(SleighError) as e:
-        TensorRTBackend.from_package(tmp_path, MANIFEST, entry)
+        TensorRTBackend.from_package(tmp_path, decoder_manifest(), entry)
     text = str(e.value)
     assert "\n" not in text
     assert text.startswith("tensorrt | the TensorRT Python package is not installed (")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh import __version__
+from sleigh.engines import versions
 from sleigh.engines.calibration.int8 import CACHE_FILE, CALIBRATION_DIR, INT8_MAX, RANGES_FILE, activation_tensors
 from sleigh.engines.calibration.stats import METHODS, RunningStats, compute_amax
 from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
@@ -228,13 +228,5 @@ def _calibration_entry(method: str, used: list[str], skipped: list[dict], views:
         "trt_cache_header": header(TRT_CACHE_VERSION),
         "files": files,
         "seconds": round(seconds, 2),
-        "created_by": _versions(),
+        "created_by": {**versions(), "numpy": np.__version__},
     }
-
-
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-
-    return {"sleigh": __version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.backends.cuda import CUDA_PYTHON_EXPECTED, Cuda, check as _check, import_cudart
 from sleigh.runtime.compat import parse_version
@@ -48,17 +48,12 @@ Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text[:limit]
-
-
 def tensorrt_status() -> tuple[bool, str]:
     """(True, version) when a usable TensorRT Python package imports; else (False, one-line problem)."""
     try:
         import tensorrt as trt
     except Exception as e:  # ImportError, or an OSError from a missing libnvinfer
-        return False, f"the TensorRT Python package is not installed ({_one_line(e) or type(e).__name__})"
+        return False, f"the TensorRT Python package is not installed ({first_line(e)})"
     version = getattr(trt, "__version__", "")
     if not hasattr(trt, "Builder") or not hasattr(trt, "Runtime"):
         return False, f"the TensorRT Python package is not installed (`import tensorrt` found a stub, version {version or '?'})"
@@ -79,13 +74,13 @@ def runtime_status() -> tuple[bool, str, str, str]:
     try:
         cudart = import_cudart()
     except Exception as e:
-        return False, "cuda-python", f"the cuda-python package is not installed ({_one_line(e)})", CUDA_PYTHON_EXPECTED
+        return False, "cuda-python", f"the cuda-python package is not installed ({first_line(e)})", CUDA_PYTHON_EXPECTED
     try:
         err, count = cudart.cudaGetDeviceCount()
     except Exception as e:  # a missing libcudart raises here, not at import
-        return False, "GPU", f"the CUDA runtime cannot be loaded ({_one_line(e)})", GPU_EXPECTED
+        return False, "GPU", f"the CUDA runtime cannot be loaded ({first_line(e)})", GPU_EXPECTED
     if int(err) != 0 or count < 1:
-        return False, "GPU", f"no CUDA device is visible (cudaGetDeviceCount: {_one_line(err)}, {count} devices)", GPU_EXPECTED
+        return False, "GPU", f"no CUDA device is visible (cudaGetDeviceCount: {err}, {count} devices)", GPU_EXPECTED
     return True, "", "", ""
 
 
@@ -187,7 +182,7 @@ def make_logger(trt, echo: bool):
                 sys.stderr.write(f"[TensorRT] {msg}\n")
 
         def last_error(self) -> str:
-            return _one_line(self.errors[-1]) if self.errors else "no message from TensorRT"
+            return first_line(self.errors[-1]) if self.errors else "no message from TensorRT"
 
     return _Logger()
 
