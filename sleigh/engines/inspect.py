@@ -38,7 +38,8 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "created_by": manifest.created_by,
         "opset": manifest.opset,
         "gswa": None if manifest.contract.gswa is None else asdict(manifest.contract.gswa),
-        "kv_cache": {"past": list(manifest.contract.kv_cache.past), "new": list(manifest.contract.kv_cache.new)},
+        "kv_cache": {"form": manifest.contract.kv_cache.form, "past": list(manifest.contract.kv_cache.past),
+                     "new": list(manifest.contract.kv_cache.new)},
         "parity_passed": (manifest.parity or {}).get("passed"),
         "modules": modules,
         "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "kv_dtype", "files_bytes",
@@ -94,7 +95,7 @@ def print_report(report: dict) -> None:
                     table.add_row(kind, i["name"], i["dtype"], _shape(i["shape"]))
             if folded:
                 first = folded[0]
-                table.add_row(kind, f"kv_cache.{side} ({len(folded)} tensors, {first['name']} ..)",
+                table.add_row(kind, f"kv_cache.{side} ({len(folded)} tensors, {first['name']} .., form {report['kv_cache']['form']})",
                               first["dtype"], _shape(first["shape"]))
         console.print(table)
     if report["engines"]:

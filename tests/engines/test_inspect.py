@@ -40,7 +40,7 @@ def test_the_decoder_cache_is_one_row_per_side(tiny_pkg, capsys):
     print_report(inspect_package(tiny_pkg))
     out = capsys.readouterr().out
     for side in ("past", "new"):
-        assert out.count(f"kv_cache.{side} ({len(kv[side])} tensors, {kv[side][0]} ..)") == 1, out
+        assert out.count(f"kv_cache.{side} ({len(kv[side])} tensors, {kv[side][0]} .., form slots)") == 1, out
         assert not any(name in out for name in kv[side][1:])  # no row of their own
 
 

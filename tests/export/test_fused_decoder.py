@@ -111,3 +111,9 @@ def test_large_weights_stream_into_external_data(tiny_model, tmp_path, monkeypat
                 for i in range(cfg.num_layers) for t in ("key", "value")}}
     got, want = (ort.InferenceSession(str(d / "decoder.onnx")).run(["logits"], feeds)[0] for d in (external, inline))
     np.testing.assert_array_equal(got, want)
+
+
+def test_inspect_names_the_decoder_form(fused_pkg):
+    from sleigh.engines.inspect import inspect_package
+
+    assert inspect_package(fused_pkg)["kv_cache"]["form"] == "shared"
