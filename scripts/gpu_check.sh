@@ -11,11 +11,13 @@
 # install gets what is left of the budget (timeout); a step that fails or runs out leaves its row
 # marked in the table and the script goes on. Steps:
 #   1. onnxruntime-gpu from the carried parts; CUDAExecutionProvider must be listed (else one line, exit 2)
-#   2. tiny package (export with parity): CUDA greedy tokens == CPU greedy tokens on a multi-tile image,
-#      starting from an empty cache (0 slots, the case onnxruntime <= 1.31 used to fail), and across a
-#      256-slot growth; the CUDA copy helpers' tests (-m gpu)
-#   3. full size (internvl2-2b, random weights): init, export --no-verify
-#   4. sleigh bench of the FP32 package on CUDA, GPU memory sampled with nvidia-smi
+#   2. tiny packages (export with parity), the standard and the fused decoder: CUDA greedy tokens == CPU
+#      greedy tokens on a multi-tile image, starting from an empty cache (0 slots, the case onnxruntime
+#      <= 1.31 used to fail), and across a 256-slot growth; the CUDA copy helpers' tests (-m gpu)
+#   3. full size (internvl2-2b, random weights): init, export --no-verify --decoder $DECODER (default
+#      fused: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other form)
+#   4. sleigh bench of the FP32 package on CUDA, GPU memory sampled with nvidia-smi (UNVERIFIED for the
+#      fused decoder: ONNX Runtime's CUDA GroupQueryAttention may take float16 only; its row then says so)
 #   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
 #   6. build-engine --precision fp16, then sleigh bench of it on CUDA (auto picks FP16 on a GPU)
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
@@ -23,6 +25,7 @@ set -uo pipefail
 out=${OUT:-gpu-out}
 parts=${PARTS:-/tmp/parts}
 budget=${BUDGET_S:-530}
+decoder=${DECODER:-fused}
 work=${WORK:-/tmp/g}
 mkdir -p "$out" "$work"
 left() { echo $((budget - SECONDS > 5 ? budget - SECONDS : 5)); }
@@ -63,29 +66,35 @@ echo "device: $device" | tee -a "$out/providers.txt"
 # 2. tiny: CUDA == CPU, from an empty cache and across a growth
 step tiny-init python3 -m sleigh.cli init "$work/tiny" --preset tiny --force
 step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" --force --json
-step cuda-vs-cpu python3 - "$work/tiny-pkg" <<'PY'
+step tiny-export-fused python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-fused" --decoder fused --force --json
+step cuda-vs-cpu python3 - "$work/tiny-pkg" "$work/tiny-fused" <<'PY'
 import sys
 from pathlib import Path
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.pipeline import Pipeline
-pkg = Path(sys.argv[1]); m = read_manifest(pkg)
-cpu = Pipeline.from_package(pkg, engine="package", backend="onnxruntime")
-cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), cpu.contract, cpu.tokenizer)
 ok = True
-for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (None, "Tell me a story.", 300)]:
-    a = cpu.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
-    b = cuda.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
-    same = a.token_ids == b.token_ids
-    ok &= same
-    print(f"{image or 'text only'}, {n} tokens on {b.backend}: same tokens {same}")
+for pkg in map(Path, sys.argv[1:]):
+    m = read_manifest(pkg)
+    cpu = Pipeline.from_package(pkg, engine="package", backend="onnxruntime")
+    try:
+        cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), cpu.contract, cpu.tokenizer)
+        for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (None, "Tell me a story.", 300)]:
+            a = cpu.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
+            b = cuda.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
+            same = a.token_ids == b.token_ids
+            ok &= same
+            print(f"{pkg.name} ({m.contract.kv_cache.form}): {image or 'text only'}, {n} tokens on {b.backend}: same tokens {same}")
+    except Exception as e:  # one package failing must not hide the other's result
+        ok = False
+        print(f"{pkg.name} ({m.contract.kv_cache.form}): FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 sys.exit(0 if ok else 1)
 PY
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
 
 # 3. full size
 step full-init python3 -m sleigh.cli init "$work/full" --preset internvl2-2b --force
-step full-export python3 -m sleigh.cli export "$work/full" -o "$work/full-pkg" --no-verify --force --json
+step full-export python3 -m sleigh.cli export "$work/full" -o "$work/full-pkg" --decoder "$decoder" --no-verify --force --json
 
 # 4. FP32 package on CUDA
 pid=$(mem_start bench-fp32)
@@ -111,6 +120,6 @@ mem_stop "$pid"
 # 7. one table
 python3 benchmarks/gpu_table.py --device "$device, onnxruntime-gpu $(python3 -c 'import onnxruntime as o; print(o.__version__)')" \
   --floor-tokens-per-s 1230 \
-  "FP32 package (CUDA)=$out/bench-fp32.log@$out/bench-fp32.mem" "$out/hf-anchor.log" \
-  "FP16 engine (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" | tee "$out/table.md"
+  "FP32 package, $decoder decoder (CUDA)=$out/bench-fp32.log@$out/bench-fp32.mem" "$out/hf-anchor.log" \
+  "FP16 engine, $decoder decoder (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" | tee "$out/table.md"
 echo "total $SECONDS s" | tee -a "$out/steps.txt"
