@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators: not custom ops (ONNX Runtime has their kernels)
 EXTERNAL_DATA_BYTES = 256 << 20  # modules with more weights than this keep them in <name>.onnx.data
 
 
@@ -40,9 +41,13 @@ def describe_io(path: Path) -> dict:
     custom = [{"domain": n.domain, "op_type": n.op_type,
                "attributes": {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute},
                "function": any(f.domain == n.domain and f.name == n.op_type for f in model.functions)}
-              for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+              for n in model.graph.node if n.domain not in ("", "ai.onnx", ORT_DOMAIN)]
+    contrib: dict[str, int] = {}  # ONNX Runtime's own operators (the fused decoder's, MatMulNBits): counted by type
+    for n in model.graph.node:
+        if n.domain == ORT_DOMAIN:
+            contrib[n.op_type] = contrib.get(n.op_type, 0) + 1
     for c in custom:
         c["attributes"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in c["attributes"].items()}
     return {"inputs": [one(v) for v in model.graph.input], "outputs": [one(v) for v in model.graph.output],
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}, "custom_ops": custom,
-            "nodes": len(model.graph.node)}
+            "onnxruntime_ops": contrib, "nodes": len(model.graph.node)}

@@ -19,7 +19,7 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
     modules = {}
     for name, entry in manifest.modules.items():
         path = manifest.path(entry.file, f"manifest.json: modules.{name}.file")
-        io = {"inputs": [], "outputs": [], "opset": {}, "custom_ops": [], "nodes": 0}
+        io = {"inputs": [], "outputs": [], "opset": {}, "custom_ops": [], "onnxruntime_ops": {}, "nodes": 0}
         if not path.is_file():
             io["error"] = "file missing"
         else:
@@ -80,7 +80,8 @@ def print_report(report: dict) -> None:
                            + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["attributes"].items()) + ")"
                            for c in m["custom_ops"]) or "none"
         console.print(f"[bold]{name}[/]  {m['file']}  {m['bytes'] / 1e6:.1f} MB  {m['precision']}  "
-                      f"opset {m.get('opset', {}).get('ai.onnx', '?')}  {m.get('nodes', 0)} nodes  custom ops: {custom}")
+                      f"opset {m.get('opset', {}).get('ai.onnx', '?')}  {m.get('nodes', 0)} nodes  custom ops: {custom}"
+                      + "".join(f"  {op} x{n}" for op, n in m.get("onnxruntime_ops", {}).items()))
         if m.get("error"):
             console.print(f"  [red]{m['error']}[/]")
             continue

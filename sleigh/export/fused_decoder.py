@@ -27,12 +27,11 @@ import numpy as np
 
 from pathlib import Path
 
-from sleigh.onnx_files import EXTERNAL_DATA_BYTES
+from sleigh.onnx_files import EXTERNAL_DATA_BYTES, ORT_DOMAIN as MS
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import kv_names
 from sleigh.sleighvl.llm import LLM, MASKED_LOGIT
 
-MS = "com.microsoft"
 # onnxruntime 1.22 (the oldest tested) reads IR version 10 at most
 IR_VERSION = 10
 

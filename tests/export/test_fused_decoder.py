@@ -113,7 +113,11 @@ def test_large_weights_stream_into_external_data(tiny_model, tmp_path, monkeypat
     np.testing.assert_array_equal(got, want)
 
 
-def test_inspect_names_the_decoder_form(fused_pkg):
+def test_inspect_names_the_decoder_form_and_counts_onnxruntime_ops(fused_pkg, tiny_model):
+    """ONNX Runtime's contrib operators are counted by type, not listed as custom ops."""
     from sleigh.engines.inspect import inspect_package
 
-    assert inspect_package(fused_pkg)["kv_cache"]["form"] == "shared"
+    report = inspect_package(fused_pkg)
+    decoder = report["modules"]["decoder"]
+    assert report["kv_cache"]["form"] == "shared" and decoder["custom_ops"] == []
+    assert decoder["onnxruntime_ops"]["GroupQueryAttention"] == tiny_model.cfg.llm.num_layers
