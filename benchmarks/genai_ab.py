@@ -1,7 +1,8 @@
 """Sleigh's decoder against onnxruntime-genai on the CPU: the same weights, alternated in one process.
 
     python benchmarks/genai_ab.py PKG CKPT [--engine NAME] [--genai-precision fp32|int4]
-        [--prompt-tokens 2000 3500] [--rounds 7] [--new-tokens 32] [--threads N] [--work DIR]
+        [--prompt-tokens 2000 3500] [--rounds 7] [--new-tokens 32] [--threads N] [--seed 0]
+        [--genai-option KEY=VALUE ...] [--work DIR]
 
 PKG is a package exported from the checkpoint CKPT (`sleigh export CKPT -o PKG`). The checkpoint's
 LLM is written as a Hugging Face `LlamaForCausalLM` folder (InternLM2 in Llama form: the config and
@@ -21,17 +22,23 @@ genai: Generator creation, append_tokens, the first generate_next_token). Decode
 M - 1 steps after the first token. Both sides allocate the cache for N + M positions up front (genai
 sizes its buffers by max_length; Sleigh's slots are reserved for N + M, as `--max-memory` runs do).
 
-Printed: the greedy tokens of both sides (identical, or how many match), then a markdown table of
-medians and the per-round ratios sleigh/genai (median, min-max). Exit code 1 if the tokens differ.
+INT4: genai's builder quantizes as Sleigh's `--llm-weights int4` does (RTN, symmetric, blocks of 32,
+accuracy level 4, INT8 LM head: `builder_options`), so the greedy tokens are identical there too.
+`--genai-option KEY=VALUE` passes more builder options (e.g. prune_lm_head=true: genai's prefill then
+computes the last position's logits only, as Sleigh's does; its default computes all of them).
+
+Printed: the settings of both decoders (node count, quantized MatMuls), the greedy tokens of both
+sides (identical, or how many match), then a markdown table of medians and the per-round ratios
+sleigh/genai (median, min-max). Exit code 1 if the tokens differ.
 
 Needs `onnxruntime-genai` (0.18.0 measured) and `transformers` (5.x), which Sleigh itself does not:
 `pip install onnxruntime-genai transformers`. Timings need a quiet CPU.
 
-FP32 against FP32:
+FP32 against FP32 (the package's own decoder):
     python benchmarks/genai_ab.py PKG CKPT --genai-precision fp32
-INT4 decoder weights against genai's INT4 (its builder's default int4 settings):
-    sleigh build-engine PKG --precision fp32 --llm-weights int4 --name cpu-int4
-    python benchmarks/genai_ab.py PKG CKPT --engine cpu-int4 --genai-precision int4
+INT4 decoder weights against genai's INT4 (random weights fail the INT4 gate: --allow-degraded):
+    sleigh build-engine PKG --precision fp32 --llm-weights int4 --allow-degraded   # engine onnxruntime-fp32-llm-int4
+    python benchmarks/genai_ab.py PKG CKPT --engine onnxruntime-fp32-llm-int4 --genai-precision int4
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +119,9 @@ def mapping_error(model, hf_dir: Path, ids: list[int]) -> tuple[float, float]:
     transformers' LlamaForCausalLM loaded from `hf_dir`, eager attention, float32."""
     import torch
     from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     hf = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     x = torch.tensor([ids])
     S = x.shape[1]
@@ -122,10 +132,20 @@ def mapping_error(model, hf_dir: Path, ids: list[int]) -> tuple[float, float]:
     return (ours - theirs).abs().max().item(), ours.std().item()
 
 
-def build_genai(hf_dir: Path, out: Path, precision: str) -> None:
+def builder_options(precision: str, extra: list[str]) -> list[str]:
+    """The builder's --extra_options: for INT4, Sleigh's weight-only scheme (sleigh/engines/build_engine.py
+    weight_only: RTN, symmetric, blocks of 32, accuracy level 4, which are genai's defaults too, and an
+    INT8 LM head, which is not), then `extra` (KEY=VALUE, later ones win)."""
+    same_scheme = ["matmul_mixed_precision=last_matmul:int8"] if precision == "int4" else []
+    return same_scheme + extra
+
+
+def build_genai(hf_dir: Path, out: Path, precision: str, options: list[str]) -> None:
     """genai's model builder on the HF folder: out/model.onnx + genai_config.json."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out),
            "-p", precision, "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")]
+    if options:
+        cmd += ["--extra_options", *options]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not (out / "genai_config.json").is_file():
         sys.exit(f"genai's builder failed ({' '.join(cmd)}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -149,8 +169,11 @@ class SleighSide:
         manifest = read_manifest(pkg)
         self.backend = open_package_backend(pkg, manifest, "onnxruntime", threads=threads, engine=engine or PACKAGE_MODULES)
         self.hidden = manifest.contract.model.hidden_size
-        self.context = manifest.contract.generation.context_length
+        context = manifest.contract.generation.context_length
+        self.context = min(context, self.backend.max_context or context)  # an engine may be built for less
         self.files = {m: Path(p) for m, p in self.backend.files.items()}
+        entry = self.backend.entry
+        self.weights = "fp32" if entry is None else entry.llm_weights or entry.precision
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> Run:
         backend, P = self.backend, len(ids)
@@ -229,13 +252,13 @@ def describe_decoder(path: Path) -> str:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
-    text = f"{len(graph.node)} nodes"
-    if nbits:
-        attrs = {(a.name, onnx.helper.get_attribute_value(a)) for n in nbits for a in n.attribute
-                 if a.name in ("bits", "block_size", "accuracy_level")}
-        text += f", {len(nbits)} MatMulNBits ({', '.join(f'{k}={v}' for k, v in sorted(attrs))})"
-    return text
+    kinds = Counter()
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            kinds[f"bits={attrs.get('bits', 4)} block_size={attrs.get('block_size')} "
+                  f"accuracy_level={attrs.get('accuracy_level', 0)}"] += 1
+    return ", ".join([f"{len(graph.node)} nodes", *(f"{c} MatMulNBits {k}" for k, c in sorted(kinds.items()))])
 
 
 # --- the measurement --------------------------------------------------------------------------------
@@ -270,6 +293,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads, both sides (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--genai-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more --extra_options for genai's builder (e.g. prune_lm_head=true); repeatable")
     ap.add_argument("--work", type=Path, default=None, help="where the HF folder and genai's model go (default: a temporary folder)")
     args = ap.parse_args()
     if args.new_tokens < 2:
@@ -290,8 +315,10 @@ def main() -> int:
             sys.exit(f"the HF Llama folder does not reproduce Sleigh's LLM (tolerance {MAPPING_TOL})")
         del model
         t = time.perf_counter()
-        build_genai(hf_dir, genai_dir, args.genai_precision)
-        print(f"genai {args.genai_precision} model built in {time.perf_counter() - t:.0f} s: {genai_dir}", flush=True)
+        options = builder_options(args.genai_precision, args.genai_option)
+        build_genai(hf_dir, genai_dir, args.genai_precision, options)
+        print(f"genai {args.genai_precision} model built in {time.perf_counter() - t:.0f} s "
+              f"(builder options: {' '.join(options) or 'none'}): {genai_dir}", flush=True)
         return measure(args, cfg, genai_dir)
     finally:
         if args.work is None:
@@ -303,9 +330,11 @@ def measure(args, cfg, genai_dir: Path) -> int:
     sides = [SleighSide(args.pkg, args.engine, args.threads, eos), GenaiSide(genai_dir, args.threads)]
     longest = max(args.prompt_tokens) + args.new_tokens
     if longest > sides[0].context:
-        sys.exit(f"{longest} positions exceed the package's context of {sides[0].context}")
+        sys.exit(f"{longest} positions exceed the context of {sides[0].context} of Sleigh's {args.engine or PACKAGE_MODULES}")
     for side in sides:
         print(f"{side.name}: decoder {describe_decoder(side.files['decoder'])}", flush=True)
+    if sides[0].weights != args.genai_precision:
+        print(f"warning: Sleigh's decoder weights are {sides[0].weights}, genai's {args.genai_precision}", flush=True)
     print(f"threads {args.threads}, {args.new_tokens} new tokens, {args.rounds} rounds, "
           f"sleigh {args.engine or PACKAGE_MODULES}, genai {args.genai_precision}", flush=True)
 
