@@ -333,6 +333,8 @@ def main() -> int:
                     help="one more --extra_options for genai's builder (e.g. prune_lm_head=true); repeatable")
     ap.add_argument("--work", type=Path, default=None, help="where the HF folder and genai's model go (default: a temporary folder)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
 
