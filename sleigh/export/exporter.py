@@ -197,7 +197,8 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                     spec = make_spec(model)
                     written[name] = export_module(spec, tmp, opts.opset, len(model.gswa.blocks) if model.gswa else None)
                 except Exception as e:  # torch.export errors are long; keep the first line
-                    raise SleighError(f"export {name}", f"torch.onnx.export failed ({first_line(e)})",
+                    how = "writing the fused decoder" if name == "decoder" and opts.decoder == "fused" else "torch.onnx.export"
+                    raise SleighError(f"export {name}", f"{how} failed ({first_line(e)})",
                                       "a checkpoint of a supported architecture") from e
                 bar.advance()
             shutil.copyfile(checkpoint / TOKENIZER, tmp / "tokenizer.json")
