@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from sleigh import staging
 from sleigh.engines import versions
 from sleigh.engines.calibration.int8 import INT8_MAX, ORT_WEIGHT_MAX, RANGES_FILE
@@ -186,6 +188,38 @@ def kv_slots_fp16(path: Path) -> None:
     write_bytes_atomic(path, model.SerializeToString())
 
 
+def embed_int8(src: Path, dst: Path) -> list[str]:
+    """The embedding table as INT8 rows with one float32 scale per row (symmetric: max |w| / 127): the
+    float Gather becomes a Gather of the int8 rows and one of their scales, a Cast and a Mul, with the
+    same output. A quarter of the FP32 table's bytes, half of FP16's (0.19 GB against 0.38 GB at full
+    size), and the table is what an INT4 decoder's engine holds most of besides the decoder itself."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = _load(src)
+    graph = model.graph
+    tables = {t.name: t for t in graph.initializer if len(t.dims) == 2}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    if len(gathers) != 1:
+        raise SleighError(str(src), f"{len(gathers)} Gathers read a weight table (one expected: the token embedding)",
+                          "an embed module exported by `sleigh export`")
+    gather = gathers[0]
+    name, ids, out = gather.input[0], gather.input[1], gather.output[0]
+    table = numpy_helper.to_array(tables[name]).astype(np.float32)
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    scale[scale == 0] = 1.0  # an all-zero row stays zero
+    rows = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
+    graph.initializer.remove(tables[name])
+    graph.initializer.extend([numpy_helper.from_array(rows, f"{name}_int8"), numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
+    at = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for i, node in enumerate([helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_int8"], name=f"{gather.name}_int8"),
+                              helper.make_node("Cast", [f"{out}_int8"], [f"{out}_float"], name=f"{gather.name}_cast", to=TensorProto.FLOAT),
+                              helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"], name=f"{gather.name}_scale"),
+                              helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{gather.name}_dequantize")]):
+        graph.node.insert(at + i, node)
+    return save_onnx(model, dst)
+
+
 def copy(src: Path, dst: Path) -> list[str]:
     written = [dst.name]
     shutil.copyfile(src, dst)
@@ -219,6 +253,7 @@ CONVERSIONS: dict[tuple[str, str], Conversion] = {
     **{(m, "fp32"): lambda src, dst, manifest, opts: copy(src, dst) for m in MODULE_NAMES},
     **{(m, "fp16"): lambda src, dst, manifest, opts: to_fp16(src, dst) for m in MODULE_NAMES},
     ("vision", "int8"): lambda src, dst, manifest, opts: vision_int8(src, dst, manifest, int8_weight_max(opts.backend)),
+    ("embed", "int8"): lambda src, dst, manifest, opts: embed_int8(src, dst),
     ("decoder", "int8"): lambda src, dst, manifest, opts: weight_only(src, dst, 8),
     ("decoder", "int4"): lambda src, dst, manifest, opts: weight_only(src, dst, 4),
 }

@@ -156,11 +156,15 @@ class EngineOptions:
 
     @property
     def module_precisions(self) -> dict[str, str]:
-        """What each module is converted to: an INT8 engine has a Q/DQ vision but keeps embed (a table
-        lookup) in FP16, and its decoder's weights follow --llm-weights. GSWA (small matrices over the
-        views' CLS tokens, whose weights steer the answer) stays FP32 in every engine."""
-        return {"vision": self.precision, "gswa": "fp32", "embed": "fp32" if self.precision == "fp32" else "fp16",
-                "decoder": self.weights}
+        """What each module is converted to: an INT8 engine has a Q/DQ vision, and its decoder's weights
+        follow --llm-weights. The embedding table (a lookup) follows the decoder's weights on ONNX Runtime:
+        INT8 rows where they are INT8/INT4 (build_engine.embed_int8), else the engine's float precision
+        (FP16 in an INT8 engine). GSWA (small matrices over the views' CLS tokens, whose weights steer the
+        answer) stays FP32 in every engine."""
+        embed = "fp32" if self.precision == "fp32" else "fp16"
+        if self.backend == "onnxruntime" and self.weights in ("int8", "int4"):
+            embed = "int8"
+        return {"vision": self.precision, "gswa": "fp32", "embed": embed, "decoder": self.weights}
 
     def for_package(self, manifest: Manifest) -> EngineOptions:
         """These options with every default filled in from the package, checked against it (one-line

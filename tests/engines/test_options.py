@@ -76,11 +76,12 @@ def test_names():
 
 
 def test_module_precisions():
-    assert EngineOptions(precision="int8").module_precisions == {"vision": "int8", "gswa": "fp32", "embed": "fp16", "decoder": "int8"}
+    assert EngineOptions(precision="int8").module_precisions == {"vision": "int8", "gswa": "fp32", "embed": "int8", "decoder": "int8"}
     assert EngineOptions(backend="tensorrt", precision="int8").module_precisions == \
         {"vision": "int8", "gswa": "fp32", "embed": "fp16", "decoder": "fp16"}
     assert EngineOptions(precision="fp32", llm_weights="int4").module_precisions == \
-        {"vision": "fp32", "gswa": "fp32", "embed": "fp32", "decoder": "int4"}
+        {"vision": "fp32", "gswa": "fp32", "embed": "int8", "decoder": "int4"}
+    assert EngineOptions(precision="fp16").module_precisions == {"vision": "fp16", "gswa": "fp32", "embed": "fp16", "decoder": "fp16"}
 
 
 def test_for_package_fills_the_defaults(manifest):
@@ -159,7 +160,7 @@ def test_every_valid_option_set_has_its_conversions():
                 built += 1
                 assert [m for m, p in opts.module_precisions.items() if (m, p) not in CONVERSIONS] == [], opts
     assert built >= 12
-    assert ("embed", "int8") not in CONVERSIONS  # a table lookup: INT8 engines keep it in FP16
+    assert ("gswa", "int8") not in CONVERSIONS  # GSWA stays FP32 in every engine
 
 
 def test_the_rebuild_command_repeats_the_options_as_given(tmp_path):
