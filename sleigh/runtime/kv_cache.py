@@ -161,6 +161,9 @@ class SlotCache:
         self.layout = Layout(batch, kv_heads, head_dim, np.dtype(dtype))
         self.length = 0  # slots in use: 0 .. length-1
         self.closed = False
+        # what a backend bound to these slots and may reuse while they stay where they are (the ONNX
+        # Runtime backend's IOBinding for a fused decoder); None after a growth moves them
+        self.binding = None
         with storage.lock:
             self.slots = {n: storage.alloc(self.layout, 0) for n in names}
         self.mask = np.zeros((batch, 0), np.int64)  # per slot, capacity wide
@@ -217,6 +220,7 @@ class SlotCache:
             st.sync()  # the copies have read the old slots
             for buffer in old.values():
                 st.free(buffer)
+        self.binding = None  # the slots moved
         mask, bias = np.zeros((self.batch, grown), np.int64), np.zeros((self.batch, grown), np.float32)
         mask[:, :P], bias[:, :P] = self.mask[:, :P], self.bias[:, :P]
         self.mask, self.bias = mask, bias

@@ -162,19 +162,31 @@ class OnnxRuntimeBackend(Backend):
         by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
         logits = []
         for rows in ([slice(b, b + 1) for b in range(cache.batch)] if by_row else [slice(None)]):
-            binding = sess.io_binding()
+            if by_row:
+                binding, values = self._bind_slots(sess, cache, rows, on_device)
+            else:  # the slots stay bound from step to step until a growth moves them (the cache forgets it)
+                if cache.binding is None or cache.binding[0] is not sess:
+                    cache.binding = (sess, *self._bind_slots(sess, cache, rows, on_device))
+                binding = cache.binding[1]
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
-            binding.bind_output(LOGITS)  # on the host: the sampler reads it there
-            for past, new in zip(self._past_names, self._new_names):
-                slots = cache.slots[past]
-                value = slots if on_device else self.ort.OrtValue.ortvalue_from_numpy(slots[rows])  # the array's memory
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(new, value)
             sess.run_with_iobinding(binding, self._shrink if S > 1 else None)
             logits.append(binding.get_outputs()[0].numpy())  # bound first: logits
         cache.advance(attention_mask, attention_bias)
         return np.concatenate(logits)[:, -1].astype(np.float32)
+
+    def _bind_slots(self, sess, cache, rows, on_device: bool):
+        """(an IOBinding with `logits` to the host and each slot tensor (its `rows`) bound as the input
+        and the output of its layer, the OrtValues bound: over the arrays' own memory on the CPU)."""
+        binding = sess.io_binding()
+        binding.bind_output(LOGITS)  # on the host: the sampler reads it there
+        values = []
+        for past, new in zip(self._past_names, self._new_names):
+            slots = cache.slots[past]
+            values.append(slots if on_device else self.ort.OrtValue.ortvalue_from_numpy(slots[rows]))
+            binding.bind_ortvalue_input(past, values[-1])
+            binding.bind_ortvalue_output(new, values[-1])
+        return binding, values
 
     def describe(self):
         return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"
