@@ -79,9 +79,10 @@ def demo_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pkg(tiny_ckpt, tmp_path_factory) -> Path:
-    """`tiny_ckpt` exported with parity checked (read-only use: copy it before changing it)."""
+    """`tiny_ckpt` exported with parity checked, the standard decoder (every backend's; read-only use:
+    copy it before changing it). The fused form's own tests: tests/export/test_fused_decoder.py."""
     from sleigh.export.exporter import ExportOptions, export_package
 
     out = tmp_path_factory.mktemp("tiny") / "tiny-pkg"
-    export_package(tiny_ckpt, out, ExportOptions(quiet=True))
+    export_package(tiny_ckpt, out, ExportOptions(quiet=True, decoder="standard"))
     return out

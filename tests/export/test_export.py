@@ -220,8 +220,10 @@ def test_bad_input_gives_one_line_and_no_partial_package(case, tiny_ckpt, tmp_pa
     assert not list(tmp_path.glob(".pkg.tmp-*"))
 
 
-def test_a_failed_export_leaves_no_manifest(tiny_ckpt, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoder", ["standard", "fused"])
+def test_a_failed_export_leaves_no_manifest(tiny_ckpt, tmp_path, monkeypatch, decoder):
     import sleigh.export.exporter as exporter
+    import sleigh.export.fused_decoder as fused_decoder
 
     real = exporter.export_module
 
@@ -230,9 +232,13 @@ def test_a_failed_export_leaves_no_manifest(tiny_ckpt, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(spec, *a, **k)
 
+    def fail(*a, **k):
+        raise KeyboardInterrupt
+
     monkeypatch.setattr(exporter, "export_module", fail_on_decoder)
+    monkeypatch.setattr(fused_decoder, "write", fail)
     with pytest.raises(KeyboardInterrupt):
-        export_package(tiny_ckpt, tmp_path / "pkg", ExportOptions(quiet=True))
+        export_package(tiny_ckpt, tmp_path / "pkg", ExportOptions(quiet=True, decoder=decoder))
     assert not (tmp_path / "pkg").exists()
     assert not list(tmp_path.glob(".pkg.tmp-*"))
 
