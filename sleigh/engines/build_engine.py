@@ -312,14 +312,30 @@ def optimize_offline(path: Path) -> None:
 
 # Attributes that newer onnxruntimes write at their default value and older ones reject as unknown
 # ("Unrecognized attribute: weight_prepacked for operator MatMulNBits" on 1.20-1.23 for an engine
-# optimised by 1.32): dropped, so an engine runs on every supported onnxruntime (README "Tested versions").
-NEW_DEFAULT_ATTRIBUTES = {("com.microsoft", "MatMulNBits"): {"weight_prepacked": 0}}
+# optimised by 1.32; the fused decoder's GroupQueryAttention gains six on 1.32 that 1.22 lacks):
+# dropped, so an engine runs on every supported onnxruntime (README "Tested versions").
+NEW_DEFAULT_ATTRIBUTES = {
+    ("com.microsoft", "MatMulNBits"): {"weight_prepacked": 0},
+    ("com.microsoft", "GroupQueryAttention"): {"k_quant_type": "NONE", "v_quant_type": "NONE", "qk_output": 0,
+                                               "sliding_window_cache": 0, "causal": 1, "qk_norm_epsilon": 1e-6},
+}
+
+
+def _is_default(attribute, default) -> bool:
+    from onnx.helper import get_attribute_value
+
+    value = get_attribute_value(attribute)
+    if isinstance(value, bytes):
+        return value.decode() == default
+    if isinstance(value, float):
+        return bool(np.isclose(value, default, rtol=1e-6, atol=0.0))
+    return value == default
 
 
 def _without_new_default_attributes(model):
     for node in model.graph.node:
         defaults = NEW_DEFAULT_ATTRIBUTES.get((node.domain, node.op_type), {})
-        keep = [a for a in node.attribute if not (a.name in defaults and a.i == defaults[a.name])]
+        keep = [a for a in node.attribute if not (a.name in defaults and _is_default(a, defaults[a.name]))]
         if len(keep) < len(node.attribute):
             del node.attribute[:]
             node.attribute.extend(keep)
