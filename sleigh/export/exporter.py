@@ -49,7 +49,7 @@ class ExportResult:
 
 
 # `--decoder` -> the manifest's kv_cache.form: "fused" (the default), ONNX Runtime's fused operators
-# (export/fused_decoder.py: 1.2-1.6x faster prefill and 1.2-1.4x faster decode than the standard form
+# (export/fused_decoder.py: 1.2-1.6x faster prefill and 1.3-1.4x faster decode than the standard form
 # on the CPU, benchmarks/RESULTS.md, "A fused decoder"; ONNX Runtime only); "standard", standard ops
 # (every backend: TensorRT reads only this form).
 DECODER_FORMS = {"standard": "slots", "fused": "shared"}
