@@ -23,24 +23,26 @@ larger than one (onnxruntime 1.22-1.32); the runtime feeds such a step row by ro
 
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
+
+import numpy as np
 
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, ORT_DOMAIN as MS
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import kv_names
-from sleigh.sleighvl.llm import LLM, MASKED_LOGIT
+from sleigh.sleighvl.llm import LLM, MASKED_LOGIT, rope_cos_sin
 
 # onnxruntime 1.22 (the oldest tested) reads IR version 10 at most
 IR_VERSION = 10
 
 
 def rope_caches(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (positions, hd/2) of the rotate-half RoPE (llm.rope_cos_sin's angles, one half)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    freqs = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    """cos, sin (positions, hd/2): the reference's rotate-half angles (llm.rope_cos_sin) at every
+    position, one half (the other repeats it), as RotaryEmbedding's caches take them."""
+    import torch
+
+    cos, sin = rope_cos_sin(torch.arange(positions)[None], head_dim, theta, torch.float32)  # (1, 1, P, hd)
+    return cos[0, 0, :, :head_dim // 2].numpy(), sin[0, 0, :, :head_dim // 2].numpy()
 
 
 # Weights are written to the external data file at offsets aligned like this (page-aligned tensors can be mapped)
@@ -71,6 +73,10 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
         inits.append(t)
         return name
 
+    def const(name: str, value, dtype) -> str:
+        inits.append(numpy_helper.from_array(np.array(value, dtype), name))
+        return name
+
     def linear_t(*modules) -> np.ndarray:
         """nn.Linear weights (out, in) -> one (in, sum of outs) MatMul operand."""
         return np.concatenate([m.weight.detach().float().numpy().T for m in modules], axis=1)
@@ -84,19 +90,16 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     node("Cast", ["total_1d"], ["total_1d_i32"], to=TensorProto.INT32)
     node("Squeeze", ["total_1d_i32"], ["total_sequence_length"])
     node("Shape", ["inputs_embeds"], ["batch_1d"], start=0, end=1)
-    inits.append(numpy_helper.from_array(np.array(1, np.int32), "one_i32"))
-    node("Sub", ["total_sequence_length", "one_i32"], ["last_index"])
+    node("Sub", ["total_sequence_length", const("one_i32", 1, np.int32)], ["last_index"])
     node("Expand", ["last_index", "batch_1d"], ["seqlens_k"])
-    inits.append(numpy_helper.from_array(np.array(0, np.int64), "zero_i64"))
-    inits.append(numpy_helper.from_array(np.array(MASKED_LOGIT, np.float32), "masked_logit"))
-    inits.append(numpy_helper.from_array(np.array([1, 2], np.int64), "axes_1_2"))
-    node("Greater", ["attention_mask", "zero_i64"], ["in_use"])
-    node("Where", ["in_use", "attention_bias", "masked_logit"], ["key_bias"])
-    node("Unsqueeze", ["key_bias", "axes_1_2"], ["key_bias_4d"])
+    node("Greater", ["attention_mask", const("zero_i64", 0, np.int64)], ["in_use"])
+    node("Where", ["in_use", "attention_bias", const("masked_logit", MASKED_LOGIT, np.float32)], ["key_bias"])
+    node("Unsqueeze", ["key_bias", const("axes_1_2", [1, 2], np.int64)], ["key_bias_4d"])
     node("Shape", ["inputs_embeds"], ["seq_1d"], start=1, end=2)
-    node("Concat", ["batch_1d", "one_i64_1d", "seq_1d", "total_1d"], ["bias_shape"], axis=0)
-    inits.append(numpy_helper.from_array(np.array([1], np.int64), "one_i64_1d"))
-    node("Expand", ["key_bias_4d", "bias_shape"], ["attention_bias_4d"])  # (B, 1, S, P+S)
+    node("Concat", ["batch_1d", const("one_i64_1d", [1], np.int64), "seq_1d", "total_1d"], ["bias_shape"], axis=0)
+    # (B, 1, S, P+S): GroupQueryAttention takes no bias broadcast over the queries ("dimension 2 must be
+    # equal to the sequence length")
+    node("Expand", ["key_bias_4d", "bias_shape"], ["attention_bias_4d"])
 
     cos, sin = rope_caches(hd, cfg.rope_theta, cfg.max_position_embeddings)
     weight("cos_cache", cos)
@@ -116,8 +119,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
             h, _, _, residual = node("SkipSimplifiedLayerNormalization", [x, residual, w_in],
                                      [f"{p}.attn_in", "", "", f"{p}.residual_a"], domain=MS, epsilon=eps)
         qkv = node("MatMul", [h, weight(f"{p}.qkv_proj.weight", linear_t(attn.q_proj, attn.k_proj, attn.v_proj))], [f"{p}.qkv"])[0]
-        split = f"{p}.qkv_split"
-        inits.append(numpy_helper.from_array(np.array([nh * hd, nkv * hd, nkv * hd], np.int64), split))
+        split = const(f"{p}.qkv_split", [nh * hd, nkv * hd, nkv * hd], np.int64)
         q, k, v = node("Split", [qkv, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
         q = node("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], [f"{p}.q_rot"], domain=MS,
                  interleaved=0, num_heads=nh)[0]
@@ -132,8 +134,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
                                  [f"{p}.mlp_in", "", "", f"{p}.residual_m"], domain=MS, epsilon=eps)
         gu = node("MatMul", [h, weight(f"{p}.gate_up_proj.weight", linear_t(mlp.gate_proj, mlp.up_proj))], [f"{p}.gate_up"])[0]
         inter = cfg.intermediate_size
-        inits.append(numpy_helper.from_array(np.array([inter, inter], np.int64), f"{p}.gate_up_split"))
-        g, u = node("Split", [gu, f"{p}.gate_up_split"], [f"{p}.gate", f"{p}.up"], axis=-1)
+        g, u = node("Split", [gu, const(f"{p}.gate_up_split", [inter, inter], np.int64)], [f"{p}.gate", f"{p}.up"], axis=-1)
         s = node("Sigmoid", [g], [f"{p}.gate_sigmoid"])[0]
         g = node("Mul", [g, s], [f"{p}.gate_silu"])[0]
         a = node("Mul", [g, u], [f"{p}.mlp_act"])[0]
@@ -141,7 +142,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
 
     # the last position only: (B, 1, D) of the MLP's output and of the residual, then the final norm and head
     for name, value in (("last_start", -1), ("last_end", np.iinfo(np.int64).max), ("seq_axis", 1)):
-        inits.append(numpy_helper.from_array(np.array([value], np.int64), name))
+        const(name, [value], np.int64)
     x = node("Slice", [x, "last_start", "last_end", "seq_axis"], ["last_mlp_out"])[0]
     residual = node("Slice", [residual, "last_start", "last_end", "seq_axis"], ["last_residual"])[0]
     h = node("SkipSimplifiedLayerNormalization", [x, residual, weight("norm.weight", llm.norm.weight.detach().numpy())],
