@@ -157,7 +157,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
     del s_emb
     if kv_form == "shared":
-        results += _shared_decoder_cases(pkg / "decoder.onnx", decoder, embed, inputs, bias, cfg, rng, precision)
+        results += shared_decoder_cases(pkg / "decoder.onnx", decoder, embed, inputs, bias, cfg, rng, precision)
         step()
         return results
     cache = SlotCache(past_names, 1, KV, hd)
@@ -192,7 +192,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     return results
 
 
-def _shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision) -> list[Comparison]:
+def shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision) -> list[Comparison]:
     """A fused decoder (kv_cache.form "shared", export/fused_decoder.py) through the runtime's ONNX
     Runtime backend, which binds each cache buffer as the input and the output of its layer, against
     the reference on the positions in use (a plain growing cache: every slot in use). The cases of

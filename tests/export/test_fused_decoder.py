@@ -10,7 +10,7 @@ import torch
 from sleigh.errors import SleighError
 from sleigh.export import fused_decoder
 from sleigh.export.modules import DecoderModule, EmbedModule
-from sleigh.export.parity import _shared_decoder_cases
+from sleigh.export.parity import shared_decoder_cases
 from sleigh.onnx_files import describe_io
 from sleigh.runtime.package import file_entry
 from sleigh.sleighvl.checkpoint import load_checkpoint
@@ -41,7 +41,7 @@ def _cases(path, model, seed=0):
     inputs = rng.standard_normal((1, 11, cfg.llm.hidden_size)).astype(np.float32)
     bias = (0.5 * rng.standard_normal((1, 11))).astype(np.float32)  # GSWA-like log-weights
     with torch.inference_mode():
-        return _shared_decoder_cases(path, DecoderModule(model), EmbedModule(model), inputs, bias, cfg, rng, "fp32")
+        return shared_decoder_cases(path, DecoderModule(model), EmbedModule(model), inputs, bias, cfg, rng, "fp32")
 
 
 def test_the_fused_decoder_matches_the_reference(fused_pkg, tiny_model):
