@@ -85,7 +85,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
         nodes.append(helper.make_node(op, inputs, outputs, name=f"/{outputs[0]}", domain=domain, **attrs))
         return outputs
 
-    # P+S (the positions in use after this step), seqlens_k, and the additive bias (B, 1, 1, P+S)
+    # P+S (the positions in use after this step), seqlens_k, and the additive bias (B, 1, S, P+S)
     node("Shape", ["attention_mask"], ["total_1d"], start=1, end=2)
     node("Cast", ["total_1d"], ["total_1d_i32"], to=TensorProto.INT32)
     node("Squeeze", ["total_1d_i32"], ["total_sequence_length"])

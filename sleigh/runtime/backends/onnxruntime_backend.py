@@ -4,7 +4,9 @@ CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`prov
 preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, and on CUDA device
 OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
 (cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). UNVERIFIED: the CUDA path has not
-run on a GPU yet (scripts/gpu_check.sh is the prepared check).
+run on a GPU yet (scripts/gpu_check.sh is the prepared check). A fused decoder (kv_cache.form "shared")
+writes its new positions into those slots itself: each slot tensor is bound as its layer's input and
+output (`_step_shared`), nothing is copied.
 
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
 sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots
