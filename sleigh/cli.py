@@ -191,10 +191,8 @@ def run(
                                    repetition_penalty=repetition_penalty, seed=seed)
     source = None
     if image is not None:
-        source = check_image_path(image)
-        if max_pixels is not None:  # decoded here under the given limit; the pipeline tiles the decoded image
-            with _as_flags("max_pixels"):
-                source = load_image(source, max_pixels=max_pixels)
+        with _as_flags("max_pixels"):  # decoded before the model loads (a bad image costs nothing); the pipeline tiles it
+            source = load_image(check_image_path(image), max_pixels=max_pixels)
     if show_weights is not None:
         from sleigh.runtime.show_weights import output_format
 

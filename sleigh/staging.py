@@ -31,6 +31,22 @@ _OWNED = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<start>
 _LEGACY = re.compile(r"^\.(?P<name>.+)\.tmp-[A-Za-z0-9_]{8}$")  # tempfile.mkdtemp's suffix
 
 
+def prepare_output_dir(dst: Path, force: bool) -> None:
+    """Refuse a non-empty destination unless force; check that its parent is writable."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise SleighError(str(dst), "exists and is not a folder", "a new or empty folder")
+    if dst.is_dir() and any(dst.iterdir()) and not force:
+        raise SleighError(str(dst), "folder is not empty", "an empty folder, or --force to replace it")
+    parent = dst.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SleighError(str(dst), f"cannot create parent folder {parent} ({e.strerror})", "a writable location") from None
+    if not os.access(parent, os.W_OK):
+        raise SleighError(str(dst), f"parent folder {parent} is not writable", "a writable location")
+
+
 def process_start(pid: int) -> int | None:
     """A process's start time in clock ticks since boot (/proc/PID/stat field 22), None where unknown."""
     try:

@@ -4,7 +4,10 @@ Paths and helpers that are not fixtures are in tests/helpers.py."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -77,12 +80,34 @@ def demo_ckpt(tmp_path_factory) -> Path:
     return dst
 
 
+def _tree_state(root: Path) -> list[tuple[str, int, int]]:
+    """Each file's name, size and mtime, but the runtime's own checksum cache (written on load)."""
+    from sleigh.runtime.package import VERIFIED
+
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+                  if p.name != VERIFIED)
+
+
 @pytest.fixture(scope="session")
-def tiny_pkg(tiny_ckpt, tmp_path_factory) -> Path:
+def tiny_pkg(tiny_ckpt, tmp_path_factory):
     """`tiny_ckpt` exported with parity checked, the standard decoder (every backend's; read-only use:
-    copy it before changing it). The fused form's own tests: tests/export/test_fused_decoder.py."""
+    copy it before changing it; the session fails if a test changed it). The fused form's own tests:
+    tests/export/test_fused_decoder.py. Under pytest-xdist the workers share one export (the first to
+    take the lock builds it), since tiny_ckpt is the same seed everywhere."""
     from sleigh.export.exporter import ExportOptions, export_package
 
-    out = tmp_path_factory.mktemp("tiny") / "tiny-pkg"
-    export_package(tiny_ckpt, out, ExportOptions(quiet=True, decoder="standard"))
-    return out
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "shared"  # pytest-N/: one per run, every worker's parent
+    else:
+        root = tmp_path_factory.mktemp("shared")
+    root.mkdir(exist_ok=True)
+    out, done = root / "tiny-pkg", root / "tiny-pkg.done"
+    with open(root / "tiny-pkg.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed half-way
+            export_package(tiny_ckpt, out, ExportOptions(quiet=True, decoder="standard"))
+            done.touch()
+    before = _tree_state(out)
+    yield out
+    assert _tree_state(out) == before, f"a test changed the shared package {out}: copy it first (package_copies)"

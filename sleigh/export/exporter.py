@@ -166,20 +166,22 @@ def _keep_failed(tmp: Path, out: Path) -> Path:
 
 
 def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportResult:
-    import torch
-
     from sleigh import staging
-    from sleigh.export import fused_decoder
-    from sleigh.export.modules import MODULES
-    from sleigh.export.parity import summarize, verify_package
-    from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, prepare_output_dir
 
     check_options(opts)
     t0 = time.perf_counter()
     checkpoint, out = Path(checkpoint), Path(out)
     staging.check_apart(out, {"checkpoint": checkpoint})
     staging.clean_stale(out.resolve().parent, out.name)  # what killed exports to this output left behind
-    prepare_output_dir(out, opts.force)  # before the checkpoint is loaded: a refusal costs nothing
+    staging.prepare_output_dir(out, opts.force)  # before torch is imported or the checkpoint loaded: a refusal costs nothing
+
+    import torch
+
+    from sleigh.export import fused_decoder
+    from sleigh.export.modules import MODULES
+    from sleigh.export.parity import summarize, verify_package
+    from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
+
     model, cfg, _ = load_checkpoint(checkpoint)
     if not (checkpoint / TOKENIZER).is_file():
         raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")

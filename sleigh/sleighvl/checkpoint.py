@@ -7,7 +7,6 @@ only. Saving writes into a temporary folder beside the destination and renames i
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -108,22 +107,6 @@ def load_checkpoint(path: Path):
     return model, cfg, GenerationConfig.load(path / GENERATION)
 
 
-def prepare_output_dir(dst: Path, force: bool) -> None:
-    """Refuse a non-empty destination unless force; check that its parent is writable."""
-    dst = Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise SleighError(str(dst), "exists and is not a folder", "a new or empty folder")
-    if dst.is_dir() and any(dst.iterdir()) and not force:
-        raise SleighError(str(dst), "folder is not empty", "an empty folder, or --force to replace it")
-    parent = dst.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SleighError(str(dst), f"cannot create parent folder {parent} ({e.strerror})", "a writable location") from None
-    if not os.access(parent, os.W_OK):
-        raise SleighError(str(dst), f"parent folder {parent} is not writable", "a writable location")
-
-
 @contextmanager
 def atomic_dir(dst: Path, force: bool = False):
     """Yield a staging folder beside `dst` (sleigh/staging.py); on success it replaces `dst`, whose old
@@ -132,7 +115,7 @@ def atomic_dir(dst: Path, force: bool = False):
 
     dst = Path(dst)
     staging.clean_stale(dst.resolve().parent, dst.name)
-    prepare_output_dir(dst, force)
+    staging.prepare_output_dir(dst, force)
     tmp = staging.make(dst.resolve().parent, dst.name)
     try:
         yield tmp

@@ -14,14 +14,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from sleigh.errors import SleighError
 from sleigh.runtime.package import inside, read_json
-from sleigh.sleighvl.checkpoint import (GenerationConfig, build_model, check_state_dict, prepare_output_dir, read_safetensors,
-                                        save_checkpoint)
 from sleigh.sleighvl.config import GSWAConfig, ImageConfig, LLMConfig, PromptConfig, SleighVLConfig, VisionConfig
-from sleigh.staging import check_apart
+from sleigh.staging import check_apart, prepare_output_dir
+
+if TYPE_CHECKING:  # torch is imported where weights are read: the path and config checks come first, in 0.5 s
+    import torch
 
 _VISION_LAYER = re.compile(r"vision_model\.encoder\.layers\.(\d+)\.(.+)")
 _LLM_LAYER = re.compile(r"language_model\.model\.layers\.(\d+)\.(.+)")
@@ -128,6 +129,8 @@ def prompt_config(tokenizer) -> PromptConfig:
 
 
 def read_internvl_weights(src: Path) -> dict[str, torch.Tensor]:
+    from sleigh.sleighvl.checkpoint import read_safetensors
+
     index = src / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index, "a JSON object with a weight_map").get("weight_map")
@@ -193,6 +196,8 @@ def internvl_name(key: str) -> str:
 
 def _check_source_keys(state: dict[str, torch.Tensor], cfg: SleighVLConfig, src: Path) -> None:
     """Strict check in InternVL2's own names, before the Sleigh-side check."""
+    import torch
+
     from sleigh.sleighvl.model import SleighVL
 
     with torch.device("meta"):
@@ -211,6 +216,8 @@ def gswa_state(mode: str, cfg: SleighVLConfig, seed: int = 0) -> tuple[GSWAConfi
     if mode == "identity":
         width = GSWAConfig().width(cfg.vision.hidden_size)
         gcfg = GSWAConfig(hidden_size=width, num_heads=_default_heads(width))
+        import torch
+
         from sleigh.sleighvl.gswa import GSWA
 
         torch.manual_seed(seed)
@@ -234,6 +241,8 @@ def load_gswa_file(path: Path, cfg: SleighVLConfig) -> tuple[GSWAConfig, dict[st
     safetensors metadata may carry `num_heads`, `apply` and `layer_norm_eps` (defaults otherwise)."""
     from safetensors import safe_open
 
+    from sleigh.sleighvl.checkpoint import read_safetensors
+
     state = read_safetensors(path)
     state = {k.removeprefix("gswa."): v for k, v in state.items()}
     with safe_open(str(path), "pt") as f:
@@ -254,6 +263,8 @@ def load_gswa_file(path: Path, cfg: SleighVLConfig) -> tuple[GSWAConfig, dict[st
 
 def init_gswa(module) -> None:
     """Small random init for GSWA (LayerNorms at identity)."""
+    import torch
+
     for name, p in module.named_parameters():
         if name.endswith("norm.weight") or ".norm1.weight" in name or ".norm2.weight" in name or name == "norm.weight":
             torch.nn.init.ones_(p)
@@ -265,12 +276,14 @@ def init_gswa(module) -> None:
 
 def convert(src: Path, dst: Path, *, gswa: str = "identity", force: bool = False) -> SleighVLConfig:
     """Convert an InternVL2 folder into a Sleigh checkpoint folder; returns the new config."""
-    from sleigh.sleighvl.tokenizer import convert_sentencepiece
-
     src, dst = Path(src), Path(dst)
     check_apart(dst, {"source checkpoint": src, "--gswa file": Path(gswa) if gswa not in ("identity", "none") else None})
-    prepare_output_dir(dst, force)  # before reading gigabytes of weights: a refusal costs nothing
+    prepare_output_dir(dst, force)  # before torch is imported or gigabytes of weights read: a refusal costs nothing
     raw = read_internvl_config(src)
+
+    from sleigh.sleighvl.checkpoint import GenerationConfig, build_model, save_checkpoint
+    from sleigh.sleighvl.tokenizer import convert_sentencepiece
+
     tokenizer = convert_sentencepiece(src)
     base = sleigh_config(raw, tokenizer, gswa=None)
     gcfg, gswa_weights = gswa_state(gswa, base)
@@ -288,4 +301,4 @@ def convert(src: Path, dst: Path, *, gswa: str = "identity", force: bool = False
     return cfg
 
 
-__all__ = ["convert", "map_weights", "read_internvl_config", "gswa_state", "init_gswa", "check_state_dict"]
+__all__ = ["convert", "map_weights", "read_internvl_config", "gswa_state", "init_gswa"]
