@@ -68,8 +68,8 @@ def main() -> None:
 
     fp32_bytes = sum(e["bytes"] for rel, e in manifest["files"].items() if rel.endswith((".onnx", ".onnx.data"))
                      and not rel.startswith("engines/"))
-    print(f"Machine: {machine()['cpu']}, {machine()['cores']} cores. Calibration: {cal['num_images']} images "
-          f"({cal['method']}). Gate: {len(next(iter(built.values()))['accuracy']['pairs'])} held-out pairs.\n")
+    print(f"Machine: {machine()['cpu']}, {machine()['cores']} cores. Calibration: {cal.num_images} images "
+          f"({cal.method}). Gate: {len(next(iter(built.values()))['accuracy']['pairs'])} held-out pairs.\n")
     cols = ["engine", "MB", "vision ms/view", "prefill ms", "TTFT ms", "decode tok/s", "emb cos min", "gswa max abs",
             "logits cos min", "top-1", "tokens (32)", "gate"]
     print("| " + " | ".join(cols) + " |")

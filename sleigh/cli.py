@@ -299,13 +299,15 @@ def calibrate(
 ):
     """Record INT8 activation ranges of the vision module from images (and a TensorRT calibration cache)."""
     from sleigh.engines.calibration.collect import calibrate_package
+    from sleigh.engines.calibration.int8 import CACHE_FILE, RANGES_FILE
 
     result = calibrate_package(package, images, num_images=num_images, method=method, quiet=as_json)
+    files = [RANGES_FILE, CACHE_FILE]
     if as_json:
-        typer.echo(json.dumps(result))
+        typer.echo(json.dumps({**result.to_json(), "files": files}))
         return
-    typer.echo(f"calibrated {package}: {result['num_images']} images ({result['skipped']} skipped), method {result['method']}, "
-               f"files {', '.join(result['files'])}")
+    typer.echo(f"calibrated {package}: {result.num_images} images ({result.skipped} skipped), method {result.method}, "
+               f"files {', '.join(files)}")
 
 
 @app.command("build-engine")

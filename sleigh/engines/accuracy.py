@@ -160,7 +160,7 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
         raise SleighError(f"--engine {engine}", "no such engine in the package",
                           ", ".join(manifest.engines) or "build one with `sleigh build-engine`")
     backend = entry.backend
-    used = set((manifest.calibration or {}).get("images", []))
+    used = set(manifest.calibration.images if manifest.calibration else ())
     imgs = gate_images(images, used)
     try:
         with (Pipeline.from_package(pkg, backend="onnxruntime", engine="package") as ref,  # the FP32 modules

@@ -41,9 +41,12 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "kv_cache": {"form": manifest.contract.kv_cache.form, "past": list(manifest.contract.kv_cache.past),
                      "new": list(manifest.contract.kv_cache.new)},
         "parity_passed": (manifest.parity or {}).get("passed"),
+        "calibration": None if (c := manifest.calibration) is None else {
+            "method": c.method, "num_images": c.num_images, "skipped": c.skipped, "views": c.views, "max_tiles": c.max_tiles},
         "modules": modules,
         "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "kv_dtype", "files_bytes",
                                                           "accuracy_passed", "degraded")},
+                           "built_for": e.record.get("shapes"), "max_memory": e.max_memory,  # what a run may give it
                            "missing_files": missing_files(pkg, manifest, name)}
                     for name, e in manifest.engines.items()},
     }
@@ -65,6 +68,15 @@ def _shape(s: list) -> str:
     from rich.markup import escape
 
     return escape("[" + ", ".join(str(d) for d in s) + "]")  # brackets would read as rich markup
+
+
+def _built_for(engine: dict) -> str:
+    """The shapes an engine was built for, and its memory budget: `13 views, 4,096 tokens, 2.5 GB`."""
+    shapes = engine.get("built_for") or {}
+    parts = [f"{shapes['max_views']} views" if shapes.get("max_views") else "",
+             f"{shapes['max_context']:,} tokens" if shapes.get("max_context") else "",
+             f"{engine['max_memory'] / 1e9:.1f} GB" if engine.get("max_memory") else ""]
+    return ", ".join(p for p in parts if p) or "-"
 
 
 def print_report(report: dict) -> None:
@@ -99,15 +111,18 @@ def print_report(report: dict) -> None:
                 table.add_row(kind, f"kv_cache.{side} ({len(folded)} tensors, {first['name']} .., form {report['kv_cache']['form']})",
                               first["dtype"], _shape(first["shape"]))
         console.print(table)
+    if c := report.get("calibration"):
+        console.print(f"calibration: {c['method']} on {c['num_images']} images ({c['skipped']} skipped), "
+                      f"{c['views']} views, up to {c['max_tiles']} tiles each (sleigh calibrate)")
     if report["engines"]:
         et = Table(title="engines")
-        for h in ("name", "backend", "precision", "LLM weights", "KV slots", "MB", "accuracy", "files"):
+        for h in ("name", "backend", "precision", "LLM weights", "KV slots", "built for", "MB", "accuracy", "files"):
             et.add_column(h)
         for name, e in report["engines"].items():
             accuracy = {True: "passed", False: "FAILED", None: "-"}[e.get("accuracy_passed")]
             missing = e.get("missing_files") or []
             et.add_row(name, str(e["backend"]), str(e["precision"]), str(e.get("llm_weights") or "-"),
-                       str(e.get("kv_dtype") or "-"),
+                       str(e.get("kv_dtype") or "-"), _built_for(e),
                        f"{(e.get('files_bytes') or 0) / 1e6:.1f}", accuracy + (" (degraded, kept)" if e.get("degraded") else ""),
                        f"[red]MISSING {len(missing)}[/] (rebuild)" if missing else "present")
         console.print(et)

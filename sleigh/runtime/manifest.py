@@ -253,9 +253,54 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """`sleigh calibrate`'s entry: the vision module's activation ranges (its files have fixed names,
+    engines/calibration/int8.py, and their hashes are in the manifest's `files`), from which images,
+    tiled how. `to_json` is its one form on disk; `record` is the rest (timing, versions, the cache header)."""
+
+    method: str
+    images: tuple[str, ...]  # the images the ranges came from (the accuracy gate takes others)
+    skipped_files: tuple[dict, ...]  # {"file", "reason"} of each unreadable image
+    views: int  # the views the ranges saw
+    max_tiles: int
+    tensors: int  # activation tensors with a range
+    module: str = "vision"
+    record: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def to_json(self) -> dict:
+        return {**self.record, "module": self.module, "method": self.method, "num_images": self.num_images,
+                "skipped": self.skipped, "images": list(self.images), "skipped_files": list(self.skipped_files),
+                "views": self.views, "max_tiles": self.max_tiles, "tensors": self.tensors}
+
+
+_CALIBRATION_TYPED = ("module", "method", "num_images", "skipped", "images", "skipped_files", "views", "max_tiles",
+                      "tensors", "files")  # files: written by sleigh <= 0.8 (the manifest's files hold them)
+
+
+def _calibration(f: Fields, data: dict) -> Calibration | None:
+    c = f.get(data, "calibration", "object", null=True, default=None)
+    if c is None:
+        return None
+    opt = lambda key, kind, default: f.get(c, key, kind, "calibration", default=default)  # noqa: E731
+    return Calibration(
+        method=f.get(c, "method", "string", "calibration"),
+        images=tuple(f.items(f.get(c, "images", "list", "calibration"), "string", "calibration.images")),
+        skipped_files=tuple(f.items(opt("skipped_files", "list", []), "object", "calibration.skipped_files")),
+        views=opt("views", "count", 0), max_tiles=opt("max_tiles", "count", 0), tensors=opt("tensors", "count", 0),
+        module=opt("module", "string", "vision"), record={k: v for k, v in c.items() if k not in _CALIBRATION_TYPED})
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A package's manifest, read and checked. `root`: the package folder every path is inside.
-    `calibration` is the entry calibrate writes, checked as a dict (its writer owns its shape).
     `json`: the object as on disk, for tools that show it and for `update_manifest`'s functions."""
 
     root: Path
@@ -267,7 +312,7 @@ class Manifest:
     modules: dict[str, ModuleEntry]
     files: dict[str, FileEntry]
     parity: dict | None
-    calibration: dict | None
+    calibration: Calibration | None
     engines: dict[str, EngineEntry]
     json: dict
 
@@ -351,7 +396,8 @@ def parse_manifest(data, pkg: Path, where: str) -> Manifest:
                          "the decoder's own cache names")
     created_by = f.get(data, "created_by", "object", null=True, default=None)
     opset = f.get(data, "opset", "positive", null=True, default=None)
-    parity, calibration = (f.get(data, k, "object", null=True, default=None) for k in ("parity", "calibration"))
+    parity = f.get(data, "parity", "object", null=True, default=None)
+    calibration = _calibration(f, data)
     raw_engines = f.get(data, "engines", "object", default={})
     engines = {name: _engine(raw_engines, name, in_pkg, listed, where) for name in raw_engines}
     return Manifest(root=pkg, schema_version=version, created_by=created_by, opset=opset, contract=contract,

@@ -194,9 +194,26 @@ def test_int8_vision_is_symmetric_per_channel_qdq(engine_pkg):
 def test_calibration_cache_is_in_the_manifest(engine_pkg):
 
     cal = read_manifest(engine_pkg).calibration
-    assert cal["skipped"] == 1 and cal["num_images"] == 6
+    assert cal.skipped == 1 and cal.num_images == 6
     header, scales = read_calibration_cache(engine_pkg / "calibration" / "vision.calib.cache")
     assert header.startswith("TRT-") and header.endswith("EntropyCalibration2") and scales
+
+
+def test_inspect_shows_the_calibration_and_what_each_engine_was_built_for(engine_pkg, capsys):
+    from sleigh.engines.inspect import inspect_package, print_report
+    from sleigh.runtime.image import max_views
+
+    image = read_manifest(engine_pkg).contract.image
+    report = inspect_package(engine_pkg)
+    assert report["calibration"]["method"] == "entropy"
+    assert (report["calibration"]["num_images"], report["calibration"]["skipped"]) == (6, 1)  # calib_images: one is broken
+    int4 = report["engines"]["onnxruntime-fp32-llm-int4"]
+    assert int4["max_memory"] == 8 * GiB and int4["built_for"]["max_views"] == max_views(image.max_tiles, image.thumbnail)
+    assert report["engines"]["onnxruntime-fp16"]["max_memory"] is None
+    print_report(report)
+    out = capsys.readouterr().out
+    assert "calibration: entropy on 6 images (1 skipped)" in out
+    assert out.count("8.6 GB") == 1, out  # 8 GiB: the one engine with a budget (rich may wrap the rest of the cell)
 
 
 @pytest.mark.slow

@@ -140,8 +140,10 @@ def test_update_manifest_leaves_the_manifest_as_it_was_on_any_failure(pkg):
 
 
 def test_update_manifest_writes_the_change_and_returns_it(pkg):
-    written = update_manifest(pkg, lambda m: {**m, "calibration": {"method": "entropy"}})  # a new object works too
-    assert written.calibration == {"method": "entropy"} == read_manifest(pkg).calibration
+    entry = {"method": "entropy", "images": ["a.jpg"]}
+    written = update_manifest(pkg, lambda m: {**m, "calibration": entry})  # a new object works too
+    assert written.calibration == read_manifest(pkg).calibration
+    assert written.calibration.method == "entropy" and written.calibration.images == ("a.jpg",)
     assert written.contract == read_manifest(pkg).contract
 
 

@@ -33,7 +33,7 @@ from sleigh.errors import SleighError, first_line
 from sleigh.progress import progress
 from sleigh.runtime.compat import session_options
 from sleigh.runtime.image import tile_image
-from sleigh.runtime.manifest import read_manifest, update_manifest
+from sleigh.runtime.manifest import Calibration, read_manifest, update_manifest
 from sleigh.runtime.package import file_entry, write_json_atomic
 from sleigh.staging import check_apart
 
@@ -128,8 +128,8 @@ def _check_args(method: str, num_images: int | None, max_tiles: int | None, min_
 
 
 def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None, method: str = "entropy",
-                      max_tiles: int | None = None, quiet: bool = False, min_images: int = 2) -> dict:
-    """Calibrate the package's vision module on the images in `images`; returns manifest["calibration"].
+                      max_tiles: int | None = None, quiet: bool = False, min_images: int = 2) -> Calibration:
+    """Calibrate the package's vision module on the images in `images`; returns the manifest's new entry.
 
     Images are tiled as the runtime tiles them (the manifest's size, min/max tiles, thumbnail;
     `max_tiles` overrides the maximum). Unreadable images are skipped and counted; the first
@@ -181,7 +181,7 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
                                                 "skipped": len(skipped), "views": collector.views, "tensors": ranges})
         write_calibration_cache(staged[CACHE_FILE], {n: r["scale"] for n, r in ranges.items()})
         files = {rel: file_entry(pkg, str(path.relative_to(pkg))) for rel, path in staged.items()}
-        calibration = _calibration_entry(method, used, skipped, collector.views, tiling, ranges, files, t0)
+        calibration = _calibration_entry(method, used, skipped, collector.views, tiling, ranges, t0)
         _commit(pkg, staged, files, calibration)
     except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
         e.filename = e.filename or str(pkg / CALIBRATION_DIR)
@@ -197,12 +197,12 @@ def _stage(path: Path) -> Path:
     return path.with_name(f".{path.name}.staged-{os.getpid()}")
 
 
-def _commit(pkg: Path, staged: dict[str, Path], files: dict, calibration: dict) -> None:
+def _commit(pkg: Path, staged: dict[str, Path], files: dict, calibration: Calibration) -> None:
     """Rename the staged files into place and write the manifest (last). Everything that can fail for
     a full disk or a read-only folder (writing the bytes) has happened by now: a failure before this
     point leaves the previous calibration and manifest as they were."""
     def add(manifest: dict) -> None:  # on the manifest as it is now: keep whatever else changed it meanwhile
-        manifest["calibration"] = calibration
+        manifest["calibration"] = calibration.to_json()
         manifest["files"].update(files)
 
     def move_in() -> None:  # the new manifest is on disk; the files it lists go in place just before it
@@ -213,20 +213,8 @@ def _commit(pkg: Path, staged: dict[str, Path], files: dict, calibration: dict) 
 
 
 def _calibration_entry(method: str, used: list[str], skipped: list[dict], views: int, tiling: dict, ranges: dict,
-                       files: dict, t0: float) -> dict:
-    seconds = time.perf_counter() - t0
-    return {
-        "module": "vision",
-        "method": method,
-        "num_images": len(used),
-        "skipped": len(skipped),
-        "images": used,
-        "skipped_files": skipped,
-        "views": views,
-        "max_tiles": tiling["max_tiles"],
-        "tensors": len(ranges),
-        "trt_cache_header": header(TRT_CACHE_VERSION),
-        "files": files,
-        "seconds": round(seconds, 2),
-        "created_by": {**versions(), "numpy": np.__version__},
-    }
+                       t0: float) -> Calibration:
+    return Calibration(method=method, images=tuple(used), skipped_files=tuple(skipped), views=views,
+                       max_tiles=tiling["max_tiles"], tensors=len(ranges),
+                       record={"trt_cache_header": header(TRT_CACHE_VERSION), "seconds": round(time.perf_counter() - t0, 2),
+                               "created_by": {**versions(), "numpy": np.__version__}})

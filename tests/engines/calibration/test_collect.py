@@ -27,19 +27,16 @@ from sleigh.runtime.package import VERIFIED, verify_files
 from tests.engines.helpers import NUM_CALIBRATION_IMAGES, make_variants, read_calibration_cache
 from tests.helpers import is_root, run_cli, snapshot
 
-CALIBRATION_KEYS = {"method", "num_images", "skipped", "images", "files", "created_by"}
-
-
 def test_calibration_stores_ranges_cache_and_manifest_entry(calibrated, calib_images):
     pkg, result = calibrated
-    assert CALIBRATION_KEYS <= result.keys()
-    assert result["method"] == "entropy"
-    assert result["num_images"] == NUM_CALIBRATION_IMAGES and result["skipped"] == 0
-    assert result["images"] == sorted(p.name for p in calib_images.iterdir())
-    assert set(result["files"]) == {RANGES_FILE, CACHE_FILE}
+    assert result.method == "entropy"
+    assert result.num_images == NUM_CALIBRATION_IMAGES and result.skipped == 0
+    assert list(result.images) == sorted(p.name for p in calib_images.iterdir())
+    assert {"created_by", "seconds"} <= result.record.keys()
 
     manifest = read_manifest(pkg)
-    assert manifest.calibration == json.loads(json.dumps(result))  # as JSON holds it
+    assert manifest.calibration == result  # read back as written
+    assert manifest.json["calibration"] == json.loads(json.dumps(result.to_json()))
     assert {RANGES_FILE, CACHE_FILE} <= manifest.files.keys()
     assert verify_files(pkg, manifest) == []  # hashes of the new files (and all the old ones) hold
 
@@ -101,20 +98,20 @@ def test_unreadable_images_are_skipped_and_counted(pkg_copy, tmp_path):
     (folder / "truncated.jpg").write_bytes(good[0].read_bytes()[:300])
     (folder / "notes.txt").write_text("ignored: not an image extension")
     result = calibrate_package(pkg_copy, folder, method="minmax", max_tiles=2, quiet=True)
-    assert result["num_images"] == 3 and result["images"] == [p.name for p in good]
-    assert result["skipped"] == 3
-    assert sorted(s["file"] for s in result["skipped_files"]) == ["empty.jpg", "text.png", "truncated.jpg"]
+    assert result.num_images == 3 and list(result.images) == [p.name for p in good]
+    assert result.skipped == 3
+    assert sorted(s["file"] for s in result.skipped_files) == ["empty.jpg", "text.png", "truncated.jpg"]
     ranges = json.loads((pkg_copy / RANGES_FILE).read_text())
     assert ranges["method"] == "minmax" and ranges["skipped"] == 3
-    assert read_manifest(pkg_copy).calibration["max_tiles"] == 2
+    assert read_manifest(pkg_copy).calibration.max_tiles == 2
 
 
 def test_num_images_stops_at_the_first_usable_ones(pkg_copy, calib_images):
     result = calibrate_package(pkg_copy, calib_images, num_images=2, max_tiles=1, method="percentile", quiet=True)
-    assert result["images"] == sorted(p.name for p in calib_images.iterdir())[:2]
-    assert result["views"] == 2  # max_tiles 1: one view per image, no thumbnail
+    assert list(result.images) == sorted(p.name for p in calib_images.iterdir())[:2]
+    assert result.views == 2  # max_tiles 1: one view per image, no thumbnail
     manifest = read_manifest(pkg_copy)
-    assert manifest.calibration["method"] == "percentile" and verify_files(pkg_copy, manifest) == []
+    assert manifest.calibration.method == "percentile" and verify_files(pkg_copy, manifest) == []
 
 
 def _assert_uncalibrated(pkg):
@@ -149,7 +146,7 @@ def test_too_few_usable_images(pkg_copy, tmp_path):
         calibrate_package(pkg_copy, folder, max_tiles=1, quiet=True)
     _assert_uncalibrated(pkg_copy)
     calibrate_package(pkg_copy, folder, max_tiles=1, quiet=True, min_images=1)  # a single image when allowed
-    assert read_manifest(pkg_copy).calibration["num_images"] == 1
+    assert read_manifest(pkg_copy).calibration.num_images == 1
 
 
 def test_methods_clip_at_most_to_max_abs(collected):
@@ -246,7 +243,7 @@ def test_calibrating_again_replaces_the_previous_calibration(pkg_copy, calib_ima
     first = read_manifest(pkg_copy).files[CACHE_FILE]
     calibrate_package(pkg_copy, calib_images, num_images=3, max_tiles=1, method="entropy", quiet=True)
     manifest = read_manifest(pkg_copy)
-    assert manifest.calibration["method"] == "entropy" and manifest.calibration["num_images"] == 3
+    assert manifest.calibration.method == "entropy" and manifest.calibration.num_images == 3
     assert manifest.files[CACHE_FILE] != first and verify_files(pkg_copy, manifest) == []
     assert not _hidden(pkg_copy), "no temporary files left behind"
 
@@ -319,7 +316,7 @@ def test_a_full_disk_or_a_read_only_package_is_one_user_error_and_changes_nothin
     assert rc == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {pkg_copy / 'calibration'} | ") and DISK_ERRORS[code] in lines[0]
     assert snapshot(pkg_copy) == before
-    assert read_manifest(pkg_copy).calibration["method"] == "entropy"
+    assert read_manifest(pkg_copy).calibration.method == "entropy"
 
 
 def test_a_full_disk_while_preparing_the_collector_is_named(pkg_copy, calib_images, monkeypatch, capsys):
