@@ -47,6 +47,7 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
         "engines": {name: {**{k: getattr(e, k) for k in ("backend", "precision", "llm_weights", "kv_dtype", "files_bytes",
                                                           "accuracy_passed", "degraded")},
                            "built_for": e.record.get("shapes"), "max_memory": e.max_memory,  # what a run may give it
+                           "build_record": e.record,  # the rest of what the build wrote (--json only)
                            "missing_files": missing_files(pkg, manifest, name)}
                     for name, e in manifest.engines.items()},
     }
@@ -83,7 +84,7 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(120, Console().width))
+    console = Console(width=max(140, Console().width))
     cb = report.get("created_by") or {}
     console.print(f"[bold]{report['package']}[/]  opset {report['opset']}  sleigh {cb.get('sleigh')}  "
                   f"torch {cb.get('torch')}  onnx {cb.get('onnx')}  parity {'passed' if report['parity_passed'] else 'not checked' if report['parity_passed'] is None else 'FAILED'}")

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from sleigh.engines.calibration.collect import calibrate_package
+from sleigh.engines.calibration.int8 import ORT_WEIGHT_MAX
 from sleigh.errors import SleighError
 from sleigh.engines.accuracy import LLM_GATES, run_gate
 from sleigh.engines.build_engine import _install, build_engine, int8_weight_max
@@ -210,6 +211,7 @@ def test_inspect_shows_the_calibration_and_what_each_engine_was_built_for(engine
     int4 = report["engines"]["onnxruntime-fp32-llm-int4"]
     assert int4["max_memory"] == 8 * GiB and int4["built_for"]["max_views"] == max_views(image.max_tiles, image.thumbnail)
     assert report["engines"]["onnxruntime-fp16"]["max_memory"] is None
+    assert report["engines"]["onnxruntime-int8"]["build_record"]["int8_weight_max"] == ORT_WEIGHT_MAX
     print_report(report)
     out = capsys.readouterr().out
     assert "calibration: entropy on 6 images (1 skipped)" in out
