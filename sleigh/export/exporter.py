@@ -121,7 +121,7 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
+def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
     """The new package's manifest (runtime/manifest.py reads it): the contract derived from the model's
     config.json by the function the runtime uses for checkpoints, then the modules and their files."""
     files = {}
@@ -132,7 +132,7 @@ def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, lis
         mod_entries[name] = {"file": written[0], "data_files": written[1:], "precision": "fp32",
                              **{k: v for k, v in describe_io(pkg / written[0]).items() if k in ("inputs", "outputs")}}
     files["tokenizer.json"] = file_entry(pkg, "tokenizer.json")
-    contract = contract_from_config(json.loads(json.dumps(model.cfg.to_dict())), max_tiles=opts.max_tiles)  # as config.json holds it
+    contract = contract_from_config(json.loads(json.dumps(cfg.to_dict())), max_tiles=opts.max_tiles)  # as config.json holds it
     contract["kv_cache"]["form"] = DECODER_FORMS[opts.decoder]
     return {
         "schema": SCHEMA,
@@ -147,6 +147,21 @@ def build_manifest(pkg: Path, model, opts: ExportOptions, modules: dict[str, lis
         "calibration": None,
         "engines": {},
     }
+
+
+def _free_weights(model) -> None:
+    """Drop the model's weights once parity has its references (only the config is used after it),
+    and hand the freed heap back to the OS: at full size the decoder's session then opens beside
+    no torch weights."""
+    import ctypes
+    import gc
+
+    model.to("meta")
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed blocks under its mmap threshold otherwise
+    except (OSError, AttributeError):  # not glibc: whatever the allocator returns by itself
+        pass
 
 
 def failed_dir(out: Path) -> Path:
@@ -210,7 +225,8 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
             results = []
             if opts.verify:
                 bar.advance(0, description="parity")
-                results = verify_package(tmp, model, parity_image, progress=bar, kv_form=DECODER_FORMS[opts.decoder])
+                results = verify_package(tmp, model, parity_image, progress=bar, kv_form=DECODER_FORMS[opts.decoder],
+                                         release=lambda: _free_weights(model))
                 parity = {"precision": "fp32", "backend": "onnxruntime CPUExecutionProvider", "image": parity_image.name,
                           **summarize(results)}
                 if not parity["passed"]:
@@ -220,7 +236,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                     raise SleighError(f"export {out}", f"parity failed for {len(bad)} outputs: {', '.join(bad[:4])}",
                                       f"ONNX Runtime to match PyTorch within the fp32 table; {out} is left as it was "
                                       f"and the failed export, with its parity_report.json, is in {failed}")
-        manifest = build_manifest(tmp, model, opts, written, parity)
+        manifest = build_manifest(tmp, cfg, opts, written, parity)
         ordinary_modes(tmp)  # the staging folder is private and onnx writes external data 0600: a package is not
         write_manifest(tmp, manifest)  # last: only a verified package has a manifest
         staging.install(tmp, out.resolve())  # the previous package, if any, goes only now (a link to it stays)

@@ -15,6 +15,7 @@ import torch
 
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST, SlotCache
+from sleigh.runtime.manifest import KVCacheSection, kv_names
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import PromptTokenizer
 
@@ -96,11 +97,13 @@ def _compare_all(case, got: dict, ref: dict, precision) -> list[Comparison]:
 
 @torch.inference_mode()
 def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", seed: int = 0,
-                   progress=None, kv_form: str = "slots") -> list[Comparison]:
+                   progress=None, kv_form: str = "slots", release=None) -> list[Comparison]:
     """Run vision, gswa, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL).
-    `kv_form`: the decoder's (manifest kv_cache.form); a "shared" one runs through the runtime's backend."""
+    `kv_form`: the decoder's (manifest kv_cache.form); a "shared" one runs through the runtime's backend.
+    The decoder's references are all computed before its session opens; `release()`, when given, is
+    called in between, so a caller that needs the model no more frees its weights before the decoder
+    (full size: 8.8 GB of torch weights and a 7 GB session would otherwise be held at once)."""
     from sleigh.export.modules import DecoderModule, EmbedModule, GswaModule, VisionModule
-    from sleigh.runtime.manifest import kv_names
 
     pkg = Path(pkg)
     cfg = model.cfg
@@ -147,9 +150,6 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     # of 2 with left padding: a prefill (no cache) and a step on 8 slots, two of them unused. The
     # decoder returns the last position's logits alone, (B, 1, V); with left padding that position
     # is a real token in every row, so every row's logits are compared.
-    s_dec = _ort(pkg / "decoder.onnx")
-    L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
-    past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
     bias = np.zeros(ids.shape, np.float32)
     if model.gswa is not None and cfg.gswa.apply == "attention":
         bias = image_attention_bias(ids, img_out["gswa_weights"], cfg.prompt.img_context_token_id,
@@ -157,24 +157,41 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
     del s_emb
     if kv_form == "shared":
-        results += shared_decoder_cases(pkg / "decoder.onnx", decoder, embed, inputs, bias, cfg, rng, precision)
-        step()
-        return results
+        cases = _shared_references(decoder, embed, inputs, bias, cfg, rng)
+    else:
+        cases = _slot_references(decoder, embed, inputs, bias, cfg, rng)
+    del model, vision, gswa, embed, decoder
+    if release is not None:
+        release()
+    if kv_form == "shared":
+        results += _shared_cases(pkg / "decoder.onnx", cases, cfg, precision)
+    else:
+        s_dec = _ort(pkg / "decoder.onnx")
+        for case, feeds, ref in cases:
+            results += _compare_all(case, _run(s_dec, feeds), ref, precision)
+    step()
+    return results
+
+
+def _slot_references(decoder, embed, inputs, bias, cfg, rng) -> list[tuple[str, dict, dict]]:
+    """(case, feeds, reference outputs) of the standard decoder's cases."""
+    L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
+    order = ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]
+    cases = []
     cache = SlotCache(past_names, 1, KV, hd)
-    mask, P = np.ones(ids.shape, np.int64), 0
+    mask, P = np.ones(inputs.shape[:2], np.int64), 0
     for case in ["decoder prefill (no cache)", "decoder decode step 1 (slots)", "decoder decode step 2 (slots)"]:
         S = inputs.shape[1]
         feeds = {"inputs_embeds": inputs, "position_ids": np.arange(P, P + S, dtype=np.int64)[None], **cache.feeds(mask, bias)}
-        got = _run(s_dec, feeds)
-        ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
-        ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out]))
-        results += _compare_all(case, got, ref, precision)
-        token = int(ref[LOGITS][0, -1].argmax())
+        feeds = {n: np.array(a) for n, a in feeds.items()}  # a copy: the slots change below
+        ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in decoder(*[torch.from_numpy(feeds[n]) for n in order])]))
+        cases.append((case, feeds, ref))
         cache.append({p: ref[n] for p, n in zip(past_names, new_names)}, mask, bias)  # continue from the reference's keys
         for slots in cache.slots.values():
-            slots[:, :, cache.length:] = 10 * rng.standard_normal(slots[:, :, cache.length:].shape)
-        del got, ref, ref_out
+            slots[:, :, cache.length:] = 10 * rng.standard_normal(slots[:, :, cache.length:].shape)  # unused: must be masked out
         P += S
+        token = int(ref[LOGITS][0, -1].argmax())
         inputs = embed(torch.tensor([[token]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
         mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
     B, S = 2, 5
@@ -186,67 +203,104 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
                  "attention_mask": mask, "attention_bias": (0.1 * rng.standard_normal((B, C + S))).astype(np.float32),
                  "position_ids": np.tile(np.arange(6, 6 + S, dtype=np.int64), (B, 1)),
                  **{n: rng.standard_normal((B, KV, C, hd)).astype(np.float32) for n in past_names}}
-        ref_out = decoder(*[torch.from_numpy(feeds[n]) for n in ["inputs_embeds", "attention_mask", "attention_bias", "position_ids", *past_names]])
-        results += _compare_all(case, _run(s_dec, feeds), dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out])), precision)
-    step()
-    return results
+        cases.append((case, feeds, dict(zip([LOGITS, *new_names], [t.numpy() for t in decoder(*[torch.from_numpy(feeds[n]) for n in order])]))))
+    return cases
 
 
-def shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision) -> list[Comparison]:
+@dataclass
+class SharedCase:
+    """One step of a fused decoder's parity: the cache as the step finds it (its slots in use, their
+    mask and bias), the step's inputs and the reference's outputs."""
+    name: str
+    slots: dict  # past_key_values name -> (B, KV, P, hd)
+    past_mask: np.ndarray
+    past_bias: np.ndarray
+    x: np.ndarray
+    mask: np.ndarray
+    bias: np.ndarray
+    pos: np.ndarray
+    ref: dict
+
+
+def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCase]:
+    """The fused form's cases (those of the standard form), on the reference alone: the real prompt's
+    prefill and two greedy steps (each continuing from the reference's keys), then random batches of
+    2 with left padding, a prefill and a prompt after 8 positions (two of them masked: GroupQueryAttention
+    runs it row by row)."""
+    L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
+    cases = []
+
+    def case(name, cache, x, mask, bias_new, pos):
+        P = cache.length
+        attention = cache.attention(mask, bias_new, shared=True)
+        used = {n: np.array(cache.slots[n][:, :, :P]) for n in past_names}
+        ref_out = decoder(*[torch.from_numpy(a) for a in (x, attention["attention_mask"], attention["attention_bias"], pos)],
+                          *[torch.from_numpy(used[n]) for n in past_names])
+        ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out]))
+        cases.append(SharedCase(name, used, cache.mask[:, :P].copy(), cache.bias[:, :P].copy(), x, mask, bias_new, pos, ref))
+        cache.append({p: ref[n] for p, n in zip(past_names, new_names)}, mask, bias_new)
+        return ref[LOGITS]
+
+    cache = SlotCache(past_names, 1, KV, hd)
+    mask, P = np.ones((1, inputs.shape[1]), np.int64), 0
+    for name in ["decoder prefill (no cache)", "decoder decode step 1 (shared)", "decoder decode step 2 (shared)"]:
+        S = inputs.shape[1]
+        logits = case(name, cache, inputs, mask, bias, np.arange(P, P + S, dtype=np.int64)[None])
+        P += S
+        inputs = embed(torch.tensor([[int(logits[0, -1].argmax())]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+        mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
+    B, S = 2, 5
+    for name, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random B=2 after 8 (shared)", 8, 3)]:
+        cache = SlotCache(past_names, B, KV, hd)
+        if C:
+            cache.reserve(C + S)
+            for n in past_names:
+                cache.slots[n][:, :, :C] = rng.standard_normal((B, KV, C, hd))
+            past_mask = np.ones((B, C), np.int64)
+            past_mask[:, 6:] = 0  # two masked positions in the cache
+            cache.advance(past_mask, (0.1 * rng.standard_normal((B, C))).astype(np.float32))
+        mask = np.ones((B, S), np.int64)
+        if not C:
+            mask[1, :pad] = 0  # left padding in row 1
+        case(name, cache, rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32), mask,
+             (0.1 * rng.standard_normal((B, S))).astype(np.float32), np.tile(np.arange(C, C + S, dtype=np.int64), (B, 1)))
+    return cases
+
+
+def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision) -> list[Comparison]:
     """A fused decoder (kv_cache.form "shared", export/fused_decoder.py) through the runtime's ONNX
-    Runtime backend, which binds each cache buffer as the input and the output of its layer, against
-    the reference on the positions in use (a plain growing cache: every slot in use). The cases of
-    the standard form: the real prompt's prefill and two greedy steps (each continuing from the
-    reference's keys, written over the decoder's), then random batches of 2 with left padding, a
-    prefill and a prompt after 8 positions (two of them masked: GroupQueryAttention runs it row by row)."""
+    Runtime backend, which binds each cache buffer as the input and the output of its layer, on
+    `_shared_references`' cases. A step that continues the previous one's sequence keeps its cache
+    (and the binding on it), with the slots in use set to the reference's keys; new keys are
+    compared where the mask is 1 (a padded position's keys are never read, and its fully masked query
+    averages other keys than the reference's: GroupQueryAttention leaves out the later ones)."""
     from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from sleigh.runtime.manifest import KVCacheSection, kv_names
 
     L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
     past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
     results = []
     with OnnxRuntimeBackend({"decoder": path}, KVCacheSection(KV, hd, tuple(past_names), tuple(new_names), "shared")) as backend:
-        def case(name, cache, x, mask, bias_new, pos):
-            P = cache.length
-            attention = cache.attention(mask, bias_new, shared=True)
-            used = [torch.from_numpy(np.ascontiguousarray(cache.slots[n][:, :, :P])) for n in past_names]
-            got = backend.step(cache, x, mask, bias_new, pos)[:, None]
-            ref_out = decoder(*[torch.from_numpy(a) for a in (x, attention["attention_mask"], attention["attention_bias"], pos)], *used)
-            ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out]))
-            # a padded position's keys are never read, and its fully masked query averages other keys than
-            # the reference's (GroupQueryAttention leaves out the later ones): compared where mask is 1
-            real = mask[:, None, :, None]
-            written = {n: cache.slots[p][:, :, P:P + x.shape[1]] * real for p, n in zip(past_names, new_names)}
-            results.extend(_compare_all(name, {LOGITS: got, **written}, {LOGITS: ref[LOGITS], **{n: ref[n] * real for n in new_names}},
+        cache = None
+        for c in cases:
+            (B, P), S = c.past_mask.shape, c.x.shape[1]
+            if cache is None or cache.batch != B or cache.length != P:
+                cache = backend.new_cache(B)
+                cache.reserve(P + S)
+                cache.advance(c.past_mask, c.past_bias)
+            for n in past_names:
+                cache.slots[n][:, :, :P] = c.slots[n]
+            got = backend.step(cache, c.x, c.mask, c.bias, c.pos)[:, None]
+            real = c.mask[:, None, :, None]
+            written = {n: cache.slots[p][:, :, P:P + S] * real for p, n in zip(past_names, new_names)}
+            results.extend(_compare_all(c.name, {LOGITS: got, **written}, {LOGITS: c.ref[LOGITS], **{n: c.ref[n] * real for n in new_names}},
                                         precision))
-            for p, n in zip(past_names, new_names):
-                cache.slots[p][:, :, P:P + x.shape[1]] = ref[n]  # continue from the reference's keys
-            return ref[LOGITS]
-
-        cache = backend.new_cache(1)
-        mask, P = np.ones((1, inputs.shape[1]), np.int64), 0
-        for name in ["decoder prefill (no cache)", "decoder decode step 1 (shared)", "decoder decode step 2 (shared)"]:
-            S = inputs.shape[1]
-            logits = case(name, cache, inputs, mask, bias, np.arange(P, P + S, dtype=np.int64)[None])
-            P += S
-            inputs = embed(torch.tensor([[int(logits[0, -1].argmax())]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
-            mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
-        B, S = 2, 5
-        for name, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random B=2 after 8 (shared)", 8, 3)]:
-            cache = backend.new_cache(B)
-            if C:
-                cache.reserve(C + S)
-                for n in past_names:
-                    cache.slots[n][:, :, :C] = rng.standard_normal((B, KV, C, hd))
-                past_mask = np.ones((B, C), np.int64)
-                past_mask[:, 6:] = 0  # two masked positions in the cache
-                cache.advance(past_mask, (0.1 * rng.standard_normal((B, C))).astype(np.float32))
-            mask = np.ones((B, S), np.int64)
-            if not C:
-                mask[1, :pad] = 0  # left padding in row 1
-            case(name, cache, rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32), mask,
-                 (0.1 * rng.standard_normal((B, S))).astype(np.float32), np.tile(np.arange(C, C + S, dtype=np.int64), (B, 1)))
     return results
+
+
+def shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision) -> list[Comparison]:
+    """The fused form's parity cases (`_shared_references`, then `_shared_cases`)."""
+    return _shared_cases(path, _shared_references(decoder, embed, inputs, bias, cfg, rng), cfg, precision)
 
 
 def summarize(results: list[Comparison]) -> dict:
