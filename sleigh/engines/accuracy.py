@@ -80,17 +80,28 @@ def _prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def compare_pair(ref_pipe, eng_pipe, image, prompt: str, num_tokens: int = NUM_TOKENS) -> PairResult:
-    ref = ref_pipe.prefill(image, prompt, max_new_tokens=num_tokens)
-    got = eng_pipe.prefill(image, prompt, max_new_tokens=num_tokens)
+@dataclass
+class Side:
+    """What one pipeline gives for an image and a prompt: the gate compares two of these."""
+    image_embeds: np.ndarray
+    gswa_weights: np.ndarray
+    logits: np.ndarray
+    token_ids: list[int]
+
+
+def run_side(pipe, image, prompt: str, num_tokens: int = NUM_TOKENS) -> Side:
+    state = pipe.prefill(image, prompt, max_new_tokens=num_tokens)
+    tokens = pipe.generate_from(state, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
+    return Side(state.image_embeds, state.gswa_weights, state.logits, tokens)
+
+
+def compare_pair(ref: Side, got: Side, image, prompt: str) -> PairResult:
     views = ref.image_embeds.shape[0]
     per_view = [_cos(got.image_embeds[t], ref.image_embeds[t]) for t in range(views)] or [1.0]
     gswa = float(np.abs(got.gswa_weights - ref.gswa_weights).max()) if views else 0.0
-    t_ref = ref_pipe.generate_from(ref, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
-    t_got = eng_pipe.generate_from(got, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
     return PairResult(Path(str(image)).name, prompt, views, float(np.mean(per_view)), float(np.min(per_view)), gswa,
                       _cos(got.logits, ref.logits), int(got.logits.argmax()) == int(ref.logits.argmax()),
-                      _prefix(t_ref, t_got))
+                      _prefix(ref.token_ids, got.token_ids))
 
 
 def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tokens: int = NUM_TOKENS) -> dict:
@@ -163,13 +174,19 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
     used = set(manifest.calibration.images if manifest.calibration else ())
     imgs = gate_images(images, used)
     try:
-        with (Pipeline.from_package(pkg, backend="onnxruntime", engine="package") as ref,  # the FP32 modules
-              Pipeline.from_package(pkg, backend=backend, engine=engine) as eng):  # released before the build goes on
-            pairs = []
-            for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs):
-                pairs.append(compare_pair(ref, eng, imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)]))
-                if progress:
-                    progress.advance()
+        cases = [(imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)])
+                 for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs)]
+        sides = []
+        # one pipeline open at a time (full size: the FP32 modules alone are 8 GB), each released
+        # before the next opens and before the build goes on
+        for kind, which in (("onnxruntime", "package"), (backend, engine)):  # the FP32 modules, then the engine
+            with Pipeline.from_package(pkg, backend=kind, engine=which) as pipe:
+                sides.append([])
+                for image, prompt in cases:
+                    sides[-1].append(run_side(pipe, image, prompt))
+                    if progress:
+                        progress.advance(0.5)  # a pair is two runs
+        pairs = [compare_pair(r, g, image, prompt) for (image, prompt), r, g in zip(cases, *sides)]
     finally:
         if images is None:
             shutil.rmtree(imgs[0].parent, ignore_errors=True)
