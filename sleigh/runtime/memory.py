@@ -59,8 +59,9 @@ VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see t
 PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
 MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-HOW_TO_FIT = ("fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or a smaller engine "
-              "(sleigh build-engine --precision int8 --llm-weights int4)")
+SMALLEST_ENGINE = ("an engine with INT8 vision and INT4 decoder weights, the smallest "
+                   "(sleigh build-engine --precision int8 --llm-weights int4), unless this is one")
+HOW_TO_FIT = f"fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or {SMALLEST_ENGINE}"
 
 
 def parse_size(text: str) -> int:
@@ -154,8 +155,7 @@ class MemoryBudget:
         if BASE_BYTES + weights > limit:
             raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(BASE_BYTES + weights)} "
                               f"({gb(weights)} of weights + {gb(BASE_BYTES)} of runtime)",
-                              "a budget above that, or a smaller engine (sleigh build-engine --precision int8 "
-                              "--llm-weights int4)")
+                              f"a budget above that, or {SMALLEST_ENGINE}")
 
     def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int, views: int = 0) -> int:
         """The model's peak (bytes) for one generation with `views` views run with these chunks."""
