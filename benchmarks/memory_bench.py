@@ -2,11 +2,13 @@
 and the peak of each stage (VmHWM, reset between stages through /proc/self/clear_refs), for 1, 7
 and 13 views at two prompt lengths, the whole prompt in one call against chunks, the CPU arena
 kept at its peak against shrunk after each large call (runtime/backends/onnxruntime_backend.py), and
-the views in one vision call against chunks of views (`--vision-chunks 0 1 2`; 0: all in one call).
+the views in one vision call against chunks of views (`--vision-chunks 0 1 2`; 0: all in one call),
+or a memory budget (`--max-memory 2.5G`: `Pipeline.load(max_memory=...)`, the runtime picks both chunks
+and refuses in one line what cannot fit; the variant then sets only the arena).
 "vision" is measured after GSWA, which runs once after the last chunk. Every configuration runs in a
 fresh interpreter, so no run inherits another's heap.
 
-    PYTHONPATH=. python benchmarks/memory_bench.py runs/small-pkg [--decode 16] [--engine NAME] [--json out.json]
+    PYTHONPATH=. python benchmarks/memory_bench.py runs/small-pkg [--decode 16] [--engine NAME] [--max-memory 2.5G] [--json out.json]
 
 Also prints the memory model's estimate (runtime/memory.py) beside the measured peak. Linux only.
 """
@@ -44,7 +46,7 @@ def reset_peak() -> None:
 
 
 def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: str | None = None,
-        vision_chunk: int = 0) -> dict:
+        vision_chunk: int = 0, max_memory: str | None = None) -> dict:
     """One configuration, in this process (the parent starts a fresh one per configuration)."""
     import functools
 
@@ -65,7 +67,7 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
         reset_peak()
 
     reset_peak()
-    pipe = Pipeline.load(pkg, verify=False, engine=engine)
+    pipe = Pipeline.load(pkg, verify=False, engine=engine, max_memory=max_memory)
     if not shrink:
         pipe.backend._shrink = None
     pipe.prefill_chunk = chunk
@@ -89,10 +91,16 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     mark("prefill")
     result = pipe.generate_from(state, max_new_tokens=decode, ignore_eos=True).result
     mark("decode")
-    budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))
-    estimate = budget.estimate(len(state.ids), decode, min(vision_chunk or views, views), chunk or len(state.ids), views)
+    if pipe.budget is not None:  # the chunks the runtime picked for this generation
+        plan = pipe.budget.plan(result.views, len(state.ids), decode)
+        vision_chunk, chunk, estimate = plan.vision_chunk, plan.prefill_chunk, plan.estimate
+    else:
+        budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))
+        estimate = budget.estimate(len(state.ids), decode, min(vision_chunk or views, views), chunk or len(state.ids), views)
     return {"engine": pipe.backend.describe(), "kv_dtype": str(pipe.backend.kv_dtype), "views": result.views,
-            "vision_chunk": vision_chunk or result.views, "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
+            "max_memory": max_memory, "vision_chunk": vision_chunk or result.views,
+            "prefill_chunk": min(chunk or len(state.ids), len(state.ids)),
+            "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
             "peak_mb": max(s["peak_mb"] for s in stages.values()), "estimate_mb": estimate / MB,
             "vision_s": result.timings.vision_s, "prefill_s": result.timings.prefill_s,
             "first_token_s": result.timings.time_to_first_token_s, "decode_tokens_per_s": result.timings.decode_tokens_per_s}
@@ -123,13 +131,15 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--vision-chunks", type=int, nargs="*", default=[0], help="views per vision call (0: all)")
     ap.add_argument("--engine", help="an engine of the package, or 'package' (default: the runtime's choice)")
+    ap.add_argument("--max-memory", help="a budget such as 2.5G: the runtime picks the chunks (overrides the variant's "
+                    "prefill chunk and --vision-chunks)")
     ap.add_argument("--json", type=Path, help="write every row here as well")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # a configuration as JSON: run it here, print its row
     args = ap.parse_args()
     if args.one:
         cfg = json.loads(args.one)
         print(json.dumps(one(args.package, cfg["views"], cfg["context"], cfg["variant"], args.decode, args.engine,
-                             cfg.get("vision_chunk", 0))))
+                             cfg.get("vision_chunk", 0), args.max_memory)))
         return
     rows = []
     for views in args.views:
@@ -138,14 +148,23 @@ def main() -> None:
                 t = time.perf_counter()
                 cfg = json.dumps({"views": views, "context": context, "variant": variant, "vision_chunk": vision_chunk})
                 engine = ["--engine", args.engine] if args.engine else []
-                proc = subprocess.run([sys.executable, __file__, args.package, "--decode", str(args.decode), *engine, "--one", cfg],
+                budget = ["--max-memory", args.max_memory] if args.max_memory else []
+                proc = subprocess.run([sys.executable, __file__, args.package, "--decode", str(args.decode), *engine, *budget,
+                                       "--one", cfg],
                                       capture_output=True, text=True)
+                if proc.returncode and args.max_memory:  # a budget the runtime refuses: its one line is the result
+                    print(f"| {views} views, context {context}, {variant}, max {args.max_memory}: "
+                          f"{proc.stderr.strip().splitlines()[-1]} |", flush=True)
+                    rows.append({"views": views, "context": context, "variant": variant, "max_memory": args.max_memory,
+                                 "refused": proc.stderr.strip().splitlines()[-1]})
+                    continue
                 if proc.returncode:
                     sys.exit(f"{cfg}: {proc.stderr.strip().splitlines()[-1]}")
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 s = row["stages"]
-                print(f"| {row['views']} | {row['vision_chunk']} | {row['prompt_tokens']:,} | {variant} | "
+                label = variant if not args.max_memory else f"{variant}, max {args.max_memory}, prefill chunks of {row['prefill_chunk']}"
+                print(f"| {row['views']} | {row['vision_chunk']} | {row['prompt_tokens']:,} | {label} | "
                       + " | ".join(f"{s[k]['rss_mb']:.0f} ({s[k]['peak_mb']:.0f})" for k in ("load", "vision", "prefill", "decode"))
                       + f" | **{row['peak_mb']:.0f}** | {row['estimate_mb']:.0f} | {row['first_token_s']:.2f} | "
                       f"{row['decode_tokens_per_s']:.1f} |  ({time.perf_counter() - t:.0f} s)", flush=True)
