@@ -282,7 +282,7 @@ class Calibration:
 
 
 _CALIBRATION_TYPED = ("module", "method", "num_images", "skipped", "images", "skipped_files", "views", "max_tiles",
-                      "tensors", "files")  # files: written by sleigh <= 0.8 (the manifest's files hold them)
+                      "tensors", "files")  # files: in earlier entries (the manifest's files hold them)
 
 
 def _calibration(f: Fields, data: dict) -> Calibration | None:
