@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import INIT_SEED, ORACLE, ORACLE_CKPT, run_sleigh
+from tests.helpers import INIT_SEED, ORACLE, ORACLE_CKPT, run_sleigh, snapshot
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +80,11 @@ def demo_ckpt(tmp_path_factory) -> Path:
     return dst
 
 
-def _tree_state(root: Path) -> list[tuple[str, int, int]]:
-    """Each file's name, size and mtime, but the runtime's own checksum cache (written on load)."""
+def _contents(pkg: Path) -> dict[str, bytes]:
+    """`snapshot` of a package but the runtime's own checksum cache (written on load)."""
     from sleigh.runtime.package import VERIFIED
 
-    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
-                  if p.name != VERIFIED)
+    return {rel: data for rel, data in snapshot(pkg).items() if Path(rel).name != VERIFIED}
 
 
 @pytest.fixture(scope="session")
@@ -108,6 +107,6 @@ def tiny_pkg(tiny_ckpt, tmp_path_factory):
             shutil.rmtree(out, ignore_errors=True)  # a worker that failed half-way
             export_package(tiny_ckpt, out, ExportOptions(quiet=True, decoder="standard"))
             done.touch()
-    before = _tree_state(out)
+    before = _contents(out)
     yield out
-    assert _tree_state(out) == before, f"a test changed the shared package {out}: copy it first (package_copies)"
+    assert _contents(out) == before, f"a test changed the shared package {out}: copy it first (package_copies)"

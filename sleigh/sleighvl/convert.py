@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from sleigh.errors import SleighError
