@@ -154,9 +154,12 @@ def kv_slots_fp16(path: Path) -> None:
 
     Each input Cast is placed just before the first node that reads it, so that ONNX Runtime, which
     frees a tensor after its last reader, holds one layer's float32 slots at a time, not the cache's
-    (measured: benchmarks/RESULTS.md, FP16 KV slots)."""
+    (measured: benchmarks/RESULTS.md, FP16 KV slots).
+
+    A fused decoder's GroupQueryAttention writes into the cache buffer itself and takes the cache in
+    its own dtype, so there the attention itself computes in float16 (`_attention_fp16`)."""
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     model = onnx.load(str(path), load_external_data=False)
     g = model.graph
@@ -165,9 +168,28 @@ def kv_slots_fp16(path: Path) -> None:
     for v in (*past.values(), *new.values()):
         if v.type.tensor_type.elem_type != TensorProto.FLOAT:
             raise SleighError(str(path), f"its cache tensor {v.name} is not float32", "a float32 decoder for --kv-dtype float16")
+    fused = any(n.op_type == "GroupQueryAttention" for n in g.node)
+    nodes = _attention_fp16(g.node) if fused else _slot_casts(g.node, past, new)
+    del g.node[:]
+    g.node.extend(nodes)
+    kept = [v for v in g.value_info if not v.name.startswith(KV_PREFIXES)]  # types the rewrite changed
+    del g.value_info[:]
+    g.value_info.extend(kept)
+    for v in (*past.values(), *new.values()):
+        v.type.tensor_type.elem_type = TensorProto.FLOAT16
+    if not fused:  # ONNX's checker knows no SimplifiedLayerNormalization (ONNX Runtime's, in the default domain)
+        onnx.checker.check_model(model)  # the graph alone: its weights may lie in external data
+    write_bytes_atomic(path, model.SerializeToString())
+
+
+def _slot_casts(graph_nodes, past: dict, new: dict) -> list:
+    """The standard form: a Cast from each float16 slot to float32 before its first reader, and from
+    each new key/value to float16 after its producer."""
+    from onnx import TensorProto, helper
+
     fp32 = {name: f"{name}_fp32" for name in (*past, *new)}  # what the attention reads and writes now
     nodes, cast = [], set()
-    for node in g.node:
+    for node in graph_nodes:
         for name in node.input:
             if name in past and name not in cast:
                 cast.add(name)
@@ -177,15 +199,35 @@ def kv_slots_fp16(path: Path) -> None:
         node.output[:] = [fp32.get(o, o) for o in node.output]
         nodes.append(node)
         nodes += [helper.make_node("Cast", [fp32[o]], [o], to=TensorProto.FLOAT16, name=f"/kv/{o}/Cast") for o in produced]
-    del g.node[:]
-    g.node.extend(nodes)
-    kept = [v for v in g.value_info if v.name not in fp32]
-    del g.value_info[:]
-    g.value_info.extend(kept)
-    for v in (*past.values(), *new.values()):
-        v.type.tensor_type.elem_type = TensorProto.FLOAT16
-    onnx.checker.check_model(model)  # the graph alone: its weights may lie in external data
-    write_bytes_atomic(path, model.SerializeToString())
+    return nodes
+
+
+# GroupQueryAttention's float inputs besides its cache: query, key, value (0-2) and attention_bias (10)
+GQA_FLOAT_INPUTS = (0, 1, 2, 10)
+
+
+def _attention_fp16(graph_nodes) -> list:
+    """The fused form: each GroupQueryAttention takes query, key, value and bias cast to float16 and
+    its output is cast back to float32; the cache buffers pass through as float16 (measured on the dev
+    CPU, a float16 GroupQueryAttention runs no slower than a float32 one: benchmarks/RESULTS.md)."""
+    from onnx import TensorProto, helper
+
+    nodes, fp16 = [], {}
+    for node in graph_nodes:
+        if node.op_type == "GroupQueryAttention":
+            for i in GQA_FLOAT_INPUTS:
+                name = node.input[i] if i < len(node.input) else ""
+                if name and name not in fp16:  # the bias is one tensor for every layer: cast once
+                    fp16[name] = f"{name}_fp16"
+                    nodes.append(helper.make_node("Cast", [name], [fp16[name]], to=TensorProto.FLOAT16, name=f"/kv/{name}/Cast"))
+                if name:
+                    node.input[i] = fp16[name]
+            out = node.output[0]
+            node.output[0] = f"{out}_fp16"
+            nodes += [node, helper.make_node("Cast", [node.output[0]], [out], to=TensorProto.FLOAT, name=f"/kv/{out}/Cast")]
+        else:
+            nodes.append(node)
+    return nodes
 
 
 def embed_int8(src: Path, dst: Path) -> list[str]:
@@ -345,16 +387,12 @@ def _without_new_default_attributes(model):
 # -- the build -----------------------------------------------------------------------------------------
 
 def _check_decoder_form(form: str, opts: EngineOptions) -> None:
-    """A fused decoder (kv_cache.form "shared", export --decoder fused) is ONNX Runtime's alone, and its
-    GroupQueryAttention keeps the cache in the attention's own dtype."""
+    """A fused decoder (kv_cache.form "shared", export --decoder fused) is ONNX Runtime's alone."""
     if form != "shared":
         return
     if opts.backend == "tensorrt":
         raise SleighError("--backend tensorrt", "this package's decoder is the fused form (ONNX Runtime's operators)",
                           "a package exported with --decoder standard for TensorRT")
-    if opts.kv_cast:
-        raise SleighError(f"--kv-dtype {opts.kv}", "a fused decoder keeps its cache in the dtype of its attention",
-                          "no --kv-dtype (or --precision fp16, whose cache is float16)")
 
 
 def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:

@@ -31,7 +31,8 @@ from sleigh.errors import SleighError
 PAST, NEW = "past_key_values", "new_key_values"  # the decoder's cache-slot inputs and new-position outputs
 LOGITS = "logits"  # the decoder's first output: next-token scores
 # The slots' dtypes a decoder may take (its manifest says which: an engine entry's kv_dtype, or the
-# package decoder's inputs); float16 halves the cache, the attention stays float32 (build-engine --kv-dtype).
+# package decoder's inputs); float16 halves the cache (build-engine --kv-dtype: the standard form's attention
+# stays float32, a fused decoder's GroupQueryAttention computes in float16).
 KV_DTYPES = ("float32", "float16")
 
 # Slots added per growth: few enough that attention over unused (masked) slots costs little, many

@@ -81,12 +81,41 @@ def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_
         assert fused.generate(image, max_new_tokens=8, ignore_eos=True).result.token_ids == want[:8]
 
 
+def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_tokens(fused_pkg):
+    """--kv-dtype float16 on an FP32 fused decoder: GroupQueryAttention computes in float16 on float16
+    cache buffers (casts around it, the weights stay float32). It passes the FP32 gate on its own, and
+    generates the FP32 package's greedy tokens, the prompt in chunks that read the cache included."""
+    import onnx
+
+    from sleigh.engines.build_engine import build_engine
+    from sleigh.engines.options import EngineOptions
+    from sleigh.runtime.pipeline import Pipeline
+    from tests.helpers import EXAMPLES
+
+    entry = build_engine(fused_pkg, EngineOptions(precision="fp32", kv_dtype="float16", quiet=True))
+    assert entry.name == "onnxruntime-fp32-kv-fp16" and entry.kv_dtype == "float16" and entry.accuracy_passed
+    dec = onnx.load(str(fused_pkg / entry.modules["decoder"]), load_external_data=False)
+    io = {v.name: v.type.tensor_type.elem_type for v in (*dec.graph.input, *dec.graph.output)}
+    kv = {n for n in io if n.startswith(("past_key_values.", "new_key_values."))}
+    assert kv and {io[n] for n in kv} == {onnx.TensorProto.FLOAT16}
+    assert {t for n, t in io.items() if n not in kv} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert not [t for t in dec.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]  # weights stay float32
+    assert not [n for n in dec.graph.node if n.op_type == "Cast" and set(n.input) & kv]  # the cache is never cast
+
+    image, prompt = EXAMPLES / "coffee.jpg", "Describe the image in detail."
+    with Pipeline.load(fused_pkg, engine="package") as ref, Pipeline.load(fused_pkg, engine=entry.name) as eng:
+        ref.prefill_chunk = eng.prefill_chunk = 40
+        got, want = eng.prefill(image, prompt), ref.prefill(image, prompt)
+        assert len(got.ids) > 80 and {b.dtype for b in got.cache.slots.values()} == {np.dtype(np.float16)}
+        assert 0 < np.abs(got.logits - want.logits).max() < 1e-2 * np.abs(want.logits).max()
+        tokens = [p.generate(image, prompt, max_new_tokens=40, ignore_eos=True).result.token_ids for p in (ref, eng)]
+        assert tokens[0] == tokens[1]
+
+
 def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):
     from sleigh.engines.build_engine import build_engine
     from sleigh.engines.options import EngineOptions
 
-    with pytest.raises(SleighError, match="--kv-dtype float16 .*dtype of its attention"):
-        build_engine(fused_pkg, EngineOptions(precision="fp32", kv_dtype="float16", quiet=True))
     with pytest.raises(SleighError, match="--backend tensorrt .*fused form"):
         build_engine(fused_pkg, EngineOptions(backend="tensorrt", precision="fp16", quiet=True))
 
