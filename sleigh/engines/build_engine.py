@@ -433,7 +433,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
                     optimize_offline(tmp / f"{module}.onnx")
                 bar.advance()
             if opts.max_memory is not None:  # an engine its own budget cannot load is refused before the gate
-                _check_fits(opts.max_memory, manifest, opts.kv, [tmp / f[0] for f in files.values()])
+                _check_fits(opts.max_memory, manifest, opts.kv, {m: tmp / f[0] for m, f in files.items()},
+                            stages=opts.backend == "onnxruntime")
             staged = f"engines/{tmp.name}"  # gated from here; renamed to engines/<name> only once it passes
             staged_files = {f"{staged}/{f}" for fs in files.values() for f in fs}
             ort = opts.backend == "onnxruntime"
@@ -494,13 +495,15 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_fits(limit: int, manifest: Manifest, kv_dtype: str, module_files: list[Path]) -> None:
-    """--max-memory: the engine's weights and the runtime must fit in it (runtime/memory.py); a
-    generation's chunks are planned per run."""
-    from sleigh.runtime.memory import MemoryBudget, Shapes, weights_bytes
+def _check_fits(limit: int, manifest: Manifest, kv_dtype: str, module_files: dict[str, Path], stages: bool) -> None:
+    """--max-memory: the engine's weights (its largest stage, where the runtime can hold its modules a
+    stage at a time) and the runtime must fit in it (runtime/memory.py); a generation's chunks are
+    planned per run."""
+    from sleigh.runtime.memory import MemoryBudget, Shapes, stage_bytes, weights_bytes
 
     try:
-        MemoryBudget(limit, Shapes.from_contract(manifest.contract, kv_dtype), weights_bytes(module_files))
+        MemoryBudget(limit, Shapes.from_contract(manifest.contract, kv_dtype), weights_bytes(module_files.values()),
+                     stage_bytes(module_files) if stages else None)
     except SleighError as e:
         raise SleighError(f"--max-memory {limit}", e.problem, e.expected) from None
 

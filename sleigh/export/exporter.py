@@ -153,15 +153,13 @@ def _free_weights(model) -> None:
     """Drop the model's weights once parity has its references (only the config is used after it),
     and hand the freed heap back to the OS: at full size the decoder's session then opens beside
     no torch weights."""
-    import ctypes
     import gc
+
+    from sleigh.runtime.compat import trim_heap
 
     model.to("meta")
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed blocks under its mmap threshold otherwise
-    except (OSError, AttributeError):  # not glibc: whatever the allocator returns by itself
-        pass
+    trim_heap()
 
 
 def failed_dir(out: Path) -> Path:

@@ -58,3 +58,14 @@ def session_options(threads: int | None = None, *, arena: bool = True):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
     return opts
+
+
+def trim_heap() -> None:
+    """Hand the heap's freed blocks back to the OS: glibc keeps blocks under its mmap threshold
+    otherwise, so the resident size stays at its peak after large tensors are freed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: whatever the allocator returns by itself
+        pass

@@ -36,7 +36,20 @@ Each ONNX Runtime session keeps its arena at its own peak unless it is shrunk af
 (backends/onnxruntime_backend.py does so on the CPU), so the model adds vision and prefill rather
 than taking the larger: an overestimate where the arena is shrunk. `plan()` starts from the whole
 image and the whole prompt in one call each and halves the larger of the two activations until the
-estimate fits; when even one view and MIN_PREFILL_CHUNK tokens do not fit, it refuses in one line.
+estimate fits.
+
+A backend that can close a module's session and open it again when next used (`Backend.release`,
+ONNX Runtime's) may also hold its modules a stage at a time (`Plan.staged`, `STAGES`): vision and
+GSWA while the image is encoded, the decoder while the prompt is read and the answer decoded, the
+embedding in both. Then the peak is the larger stage's, not the sum:
+
+    staged peak = BASE + image(T) + max(weights(vision stage) + vision(v),
+                                        weights(decoder stage) + kv(P + N) + max(prefill, decode))
+
+at the cost of opening the decoder again per generation (3.6 s at full size on the dev CPU, against a
+first token of minutes there; benchmarks/RESULTS.md). The plan holds every module when that fits, and
+stages only when it does not; when even one view and MIN_PREFILL_CHUNK tokens do not fit, it
+refuses in one line.
 """
 
 from __future__ import annotations
@@ -62,6 +75,8 @@ SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 SMALLEST_ENGINE = ("an engine with INT8 vision, INT4 decoder weights and float16 KV slots, the smallest "
                    "(sleigh build-engine --precision int8 --llm-weights int4 --kv-dtype float16), unless this is one")
 HOW_TO_FIT = f"fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or {SMALLEST_ENGINE}"
+# The modules each stage holds when a plan holds them a stage at a time (the module docstring)
+STAGES = (("vision", "gswa", "embed"), ("decoder", "embed"))
 
 
 def parse_size(text: str) -> int:
@@ -134,6 +149,12 @@ class Plan:
     vision_chunk: int  # views per vision call
     prefill_chunk: int  # prompt tokens per decoder call
     estimate: int  # bytes, the model's peak with these chunks
+    staged: bool = False  # the modules are held a stage at a time (STAGES)
+
+
+def stage_bytes(files: dict) -> tuple[int, ...]:
+    """The weights each of STAGES holds, from the backend's files by module (`Backend.files`)."""
+    return tuple(weights_bytes(files[m] for m in stage if m in files) for stage in STAGES)
 
 
 def weights_bytes(files) -> int:
@@ -148,22 +169,27 @@ def weights_bytes(files) -> int:
 
 
 class MemoryBudget:
-    """`max_memory`: the bytes a run may use, and the loaded model's fixed part."""
+    """`max_memory`: the bytes a run may use, and the loaded model's fixed part. `stages`: the weights
+    of each of STAGES (`stage_bytes`) when the backend can hold its modules a stage at a time."""
 
-    def __init__(self, limit: int, shapes: Shapes, weights: int):
-        self.limit, self.shapes, self.weights = limit, shapes, weights
-        if BASE_BYTES + weights > limit:
-            raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(BASE_BYTES + weights)} "
-                              f"({gb(weights)} of weights + {gb(BASE_BYTES)} of runtime)",
+    def __init__(self, limit: int, shapes: Shapes, weights: int, stages: tuple[int, ...] | None = None):
+        self.limit, self.shapes, self.weights, self.stages = limit, shapes, weights, stages
+        held = weights if stages is None else min(weights, max(stages))  # the least the model can hold at once
+        if BASE_BYTES + held > limit:
+            what = f"{gb(held)} of weights{'' if held == weights else ' (its largest stage)'} + {gb(BASE_BYTES)} of runtime"
+            raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(BASE_BYTES + held)} ({what})",
                               f"a budget above that, or {SMALLEST_ENGINE}")
 
-    def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int, views: int = 0) -> int:
+    def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int, views: int = 0,
+                 staged: bool = False) -> int:
         """The model's peak (bytes) for one generation with `views` views run with these chunks."""
         sh = self.shapes
         decode = sh.prefill_bytes(1, kv_slots(prompt_tokens + new_tokens) + 1)
-        return (BASE_BYTES + self.weights + sh.kv_bytes(prompt_tokens + new_tokens) + sh.image_bytes(views)
-                + sh.vision_bytes(vision_chunk)
-                + max(self.prefill_bytes(prompt_tokens, new_tokens, prefill_chunk), decode))
+        vision = sh.vision_bytes(vision_chunk)
+        decoder = sh.kv_bytes(prompt_tokens + new_tokens) + max(self.prefill_bytes(prompt_tokens, new_tokens, prefill_chunk), decode)
+        if staged:
+            return BASE_BYTES + sh.image_bytes(views) + max(self.stages[0] + vision, self.stages[1] + decoder)
+        return BASE_BYTES + self.weights + sh.image_bytes(views) + vision + decoder
 
     def prefill_bytes(self, prompt_tokens: int, new_tokens: int, chunk: int) -> int:
         """The widest decoder call of a prefill in chunks of `chunk` tokens (see the module docstring)."""
@@ -172,26 +198,42 @@ class MemoryBudget:
         return self.shapes.prefill_bytes(chunk, kv_slots(prompt_tokens + new_tokens) + chunk)
 
     def plan(self, views: int, prompt_tokens: int, new_tokens: int) -> Plan:
-        """Chunk sizes for one generation of `views` views and `prompt_tokens` + `new_tokens` tokens."""
-        sh = self.shapes
-        v_min = min(views, 1)
-        s_min = min(prompt_tokens, MIN_PREFILL_CHUNK)
-        total = lambda v, s: self.estimate(prompt_tokens, new_tokens, v, s, views)  # noqa: E731
+        """Chunk sizes for one generation of `views` views and `prompt_tokens` + `new_tokens` tokens:
+        every module held if that fits, else (where the backend can) a stage at a time."""
+        plan = self._fit(views, prompt_tokens, new_tokens, staged=False)
+        if plan is None and self.stages is not None:
+            plan = self._fit(views, prompt_tokens, new_tokens, staged=True)
+        if plan is None:
+            self._refuse(views, prompt_tokens, new_tokens, self.stages is not None)
+        return plan
 
+    def _fit(self, views: int, prompt_tokens: int, new_tokens: int, staged: bool) -> Plan | None:
+        """Halve the larger activation (views per vision call, tokens per decoder call) until the
+        estimate fits; None when the smallest chunks do not."""
+        sh = self.shapes
         v, s = views, prompt_tokens
-        while total(v, s) > self.limit:
+        v_min, s_min = min(views, 1), min(prompt_tokens, MIN_PREFILL_CHUNK)
+        while (estimate := self.estimate(prompt_tokens, new_tokens, v, s, views, staged)) > self.limit:
             vision_larger = sh.vision_bytes(v) >= self.prefill_bytes(prompt_tokens, new_tokens, s)
             if v > v_min and (vision_larger or s <= s_min):
                 v = max(v_min, math.ceil(v / 2))
             elif s > s_min:
                 s = max(s_min, s // 2)
             else:
-                raise SleighError(
-                    f"max_memory={gb(self.limit)}",
-                    f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
-                    f"{gb(total(v, s))} at the smallest chunks (model {gb(BASE_BYTES + self.weights)}, KV cache "
-                    f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, image embeddings {gb(sh.image_bytes(views))}, "
-                    f"vision at {v} view{'s' if v != 1 else ''} at once {gb(sh.vision_bytes(v))}, "
-                    f"prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
-                    f"a budget of at least {gb(total(v, s))}, or {HOW_TO_FIT}")
-        return Plan(v, s, total(v, s))
+                return None
+        return Plan(v, s, estimate, staged)
+
+    def _refuse(self, views: int, prompt_tokens: int, new_tokens: int, staged: bool):
+        sh = self.shapes
+        v, s = min(views, 1), min(prompt_tokens, MIN_PREFILL_CHUNK)
+        need = self.estimate(prompt_tokens, new_tokens, v, s, views, staged)
+        model = (f"model {gb(BASE_BYTES + self.weights)}" if not staged else
+                 f"model {gb(BASE_BYTES + self.stages[1])} while decoding, its modules held a stage at a time")
+        raise SleighError(
+            f"max_memory={gb(self.limit)}",
+            f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
+            f"{gb(need)} at the smallest chunks ({model}, KV cache "
+            f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, image embeddings {gb(sh.image_bytes(views))}, "
+            f"vision at {v} view{'s' if v != 1 else ''} at once {gb(sh.vision_bytes(v))}, "
+            f"prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
+            f"a budget of at least {gb(need)}, or {HOW_TO_FIT}")

@@ -28,7 +28,7 @@ from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
-from sleigh.runtime.memory import MemoryBudget, Shapes, parse_size, weights_bytes
+from sleigh.runtime.memory import MemoryBudget, Shapes, parse_size, stage_bytes, weights_bytes
 from sleigh.runtime.multimodal import image_attention_bias, scaled_embeds
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions
@@ -147,7 +147,9 @@ class Pipeline:
             limit = pipe.backend.entry.max_memory
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
             shapes = Shapes.from_contract(pipe.contract, kv_dtype=pipe.backend.kv_dtype)
-            pipe.budget = MemoryBudget(limit, shapes, weights_bytes(pipe.backend.files.values()))
+            files = pipe.backend.files
+            pipe.budget = MemoryBudget(limit, shapes, weights_bytes(files.values()),
+                                       stage_bytes(files) if pipe.backend.releases_modules else None)
             pipe.reserve_generation = True
         return pipe
 
@@ -295,11 +297,15 @@ class Pipeline:
                               f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
-        vision_chunk, prefill_chunk = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
+        vision_chunk, prefill_chunk, staged = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
         t = time.perf_counter()
         kept = None
         if tiled is not None:
+            if staged:  # the image's stage alone (runtime/memory.py); the decoder opens again at its first step
+                backend.release("decoder")
             image_embeds, weights = self._vision(tiled.pixel_values, vision_chunk)
+            if staged:
+                backend.release("vision", "gswa")
             if tile_budget is not None:  # GSWA weighed every view; the LLM reads the kept ones
                 kept = budget_views(weights, tiled.has_thumbnail, tile_budget)
                 image_embeds = image_embeds[kept]
@@ -333,12 +339,13 @@ class Pipeline:
             raise SleighError("tile_budget", "this model has no GSWA to weigh its tiles",
                               "a model with GSWA (sleigh convert --gswa identity or PATH), or no tile budget")
 
-    def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int]:
-        """(views per vision call, prompt tokens per decoder call) for this generation."""
+    def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int, bool]:
+        """(views per vision call, prompt tokens per decoder call, whether the modules are held a
+        stage at a time) for this generation."""
         if self.budget is not None:
             plan = self.budget.plan(views, prompt_tokens, new_tokens)
-            return plan.vision_chunk, plan.prefill_chunk
-        return max(self.vision_chunk or views, 1), self.prefill_chunk or prompt_tokens
+            return plan.vision_chunk, plan.prefill_chunk, plan.staged
+        return max(self.vision_chunk or views, 1), self.prefill_chunk or prompt_tokens, False
 
     def _vision(self, pixel_values: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """pixel_values (T, 3, S, S) -> image_embeds (T, tokens per view, D), gswa_weights (T,). The

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK
-from sleigh.runtime.memory import GB, MemoryBudget, Shapes, parse_size
+from sleigh.runtime.memory import GB, MIN_PREFILL_CHUNK, MemoryBudget, Shapes, parse_size
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
 
@@ -149,6 +149,28 @@ def test_a_budget_that_forces_chunks_gives_the_tokens_of_no_budget(tiny_pkg, ort
     assert got.token_ids == reference.token_ids
 
 
+def test_a_budget_below_every_module_holds_them_a_stage_at_a_time(tiny_pkg, ort_pipe, tmp_path):
+    """Between the largest stage and all modules together: vision and GSWA close before the prompt is
+    read, the decoder before the next image, each opening again when next run; the tokens stay."""
+    image = _photo(tmp_path, (896, 448))
+    reference = ort_pipe.generate(image, PROMPT, max_new_tokens=10, ignore_eos=True).result
+    with Pipeline.load(tiny_pkg, max_memory=64 * GB) as roomy:
+        budget = roomy.budget
+        views, tokens = reference.views, reference.prompt_tokens
+        # just under what every module held needs at the smallest chunks
+        limit = budget.estimate(tokens, 10, 1, min(tokens, MIN_PREFILL_CHUNK), views, staged=False) - 1
+    with Pipeline.load(tiny_pkg, max_memory=limit) as pipe:
+        plan = pipe.budget.plan(views, tokens, 10)
+        assert plan.staged and plan.estimate <= limit
+        decoder = pipe.backend.sessions["decoder"]
+        got = pipe.generate(image, PROMPT, max_new_tokens=10, ignore_eos=True).result
+        assert got.token_ids == reference.token_ids
+        assert set(pipe.backend.sessions) == {"embed", "decoder"} and pipe.backend.sessions["decoder"] is not decoder
+        assert pipe.generate(image, PROMPT, max_new_tokens=10, ignore_eos=True).result.token_ids == reference.token_ids
+    with pytest.raises(SleighError, match="at the smallest chunks"):  # the same limit, every module held
+        MemoryBudget(limit, budget.shapes, budget.weights).plan(views, tokens, 10)
+
+
 def test_a_budget_too_small_is_refused_in_one_line(tiny_pkg):
     proc = run_sleigh("run", EXAMPLES / "chelsea.jpg", "--model", tiny_pkg, "--max-memory", "180M",
                       "--max-new-tokens", "2")
@@ -176,7 +198,17 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
     with pytest.raises(SleighError, match="fewer tiles"):  # the 4K-slot FP32 KV cache alone leaves no room
         budget.plan(13, 4064, 32)
     plan = MemoryBudget(int(8 * GB), full, weights=int(2.0 * GB)).plan(13, 4064, 32)
-    assert plan.vision_chunk < 13 and plan.prefill_chunk < 4064 and plan.estimate <= 8 * GB
+    assert plan.vision_chunk < 13 and plan.prefill_chunk < 4064 and plan.estimate <= 8 * GB and not plan.staged
+    # The full-size INT8/INT4 engine's files (vision + GSWA + embedding, decoder + embedding) with
+    # float16 slots: refused with every module held, planned a stage at a time
+    fp16 = Shapes.from_contract(Contract.from_config(config, "internvl2-2b preset"), kv_dtype="float16")
+    stages = (int(0.73 * GB), int(1.28 * GB))
+    with pytest.raises(SleighError, match="at the smallest chunks"):
+        MemoryBudget(int(2.5 * GB), fp16, weights=int(1.8 * GB)).plan(13, 4064, 32)
+    plan = MemoryBudget(int(2.5 * GB), fp16, weights=int(1.8 * GB), stages=stages).plan(13, 4064, 32)
+    assert plan.staged and plan.estimate <= 2.5 * GB
+    with pytest.raises(SleighError, match="a stage at a time"):  # the same, past even the staged floor
+        MemoryBudget(int(1.6 * GB), fp16, weights=int(1.8 * GB), stages=stages).plan(13, 4064, 32)
 
 
 def test_the_budget_counts_the_weights_the_backend_opened(tiny_ckpt, tiny_pkg, tmp_path):

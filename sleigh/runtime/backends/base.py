@@ -42,6 +42,8 @@ class Backend(ABC):
     # The engine entry the backend runs (None: a package's FP32 modules, or a checkpoint): set by
     # open_package_backend; its defaults (max_memory) apply to runs that do not give their own.
     entry = None
+    # Whether `release` closes modules (ONNX Runtime): a memory budget may then hold them a stage at a time
+    releases_modules: bool = False
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -60,6 +62,10 @@ class Backend(ABC):
 
     def describe(self) -> str:
         return self.name
+
+    def release(self, *modules: str) -> None:
+        """Free these modules until they are next run (they open again then); a backend that cannot
+        (`releases_modules` False) keeps them."""
 
     def close(self) -> None:
         """Release what the backend holds (idempotent); any later run/new_cache/step raises a SleighError."""

@@ -16,14 +16,16 @@ destroys that stream.
 
 from __future__ import annotations
 
+import gc
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files
-from sleigh.runtime.compat import import_onnxruntime, session_options
+from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.package import REEXPORT, check_module_io
@@ -44,6 +46,7 @@ def available_providers() -> list[str]:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    releases_modules = True
 
     def __init__(self, files: dict[str, Path], kv: KVCacheSection, threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
                  manifest_modules: dict | None = None, kv_dtype: str | None = None):
@@ -53,22 +56,12 @@ class OnnxRuntimeBackend(Backend):
 
         self.ort = ort
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
-        opts = session_options(threads)
+        self._options, self._manifest_modules = session_options(threads), manifest_modules
+        self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
         self.sessions = {}
-        for module, path in files.items():
-            try:
-                self.sessions[module] = ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
-            except Exception as e:  # onnxruntime raises its own exception types
-                denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
-                if denied:  # not corruption: say so
-                    raise SleighError(str(denied[0]), "permission denied: this user may not read it",
-                                      "read permission for this user (e.g. chmod a+r on the package's files)") from None
-                raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
-                                  "an intact package module (check with `sleigh inspect --verify`)") from None
-            if manifest_modules is not None:  # names as the manifest lists them: a swapped file stops here
-                sess = self.sessions[module]
-                check_module_io(manifest_modules, module, path, [i.name for i in sess.get_inputs()],
-                                [o.name for o in sess.get_outputs()])
+        self._lock = threading.Lock()  # a module opened again on first use after `release`: once
+        for module in files:
+            self._open(module)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self.kv_form = kv.form
         self.label = label
@@ -90,7 +83,6 @@ class OnnxRuntimeBackend(Backend):
         self.device = "cuda" if self.providers[0] == CUDA else "cpu"
         # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
         self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
-        self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
         self._shrink = None  # after a large call on the CPU the arena hands back what it grew for it
         if self.device == "cpu":
             self._shrink = ort.RunOptions()
@@ -108,11 +100,39 @@ class OnnxRuntimeBackend(Backend):
             warn_if_missing(engine)  # its gate ran on another CPU's kernels
         return backend
 
+    def _open(self, module: str):
+        path = self.files[module]
+        try:
+            sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
+            if denied:  # not corruption: say so
+                raise SleighError(str(denied[0]), "permission denied: this user may not read it",
+                                  "read permission for this user (e.g. chmod a+r on the package's files)") from None
+            raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
+                              "an intact package module (check with `sleigh inspect --verify`)") from None
+        if self._manifest_modules is not None:  # names as the manifest lists them: a swapped file stops here
+            check_module_io(self._manifest_modules, module, path, [i.name for i in sess.get_inputs()],
+                            [o.name for o in sess.get_outputs()])
+        self.sessions[module] = sess
+        return sess
+
+    def release(self, *modules: str) -> None:
+        """Close these modules' sessions (their weights and arenas go back to the system); each opens
+        again when next run (a memory budget's stages: runtime/memory.py)."""
+        with self._lock:
+            if [m for m in modules if self.sessions.pop(m, None) is not None]:  # every one popped
+                gc.collect()
+                trim_heap()
+
     def _session(self, module: str):
         sess = self.sessions.get(module)
         if sess is None:
             self._check_open()  # closed (also by another thread, as this call began)
-            raise KeyError(module)
+            if module not in self.files:
+                raise KeyError(module)
+            with self._lock:
+                sess = self.sessions.get(module) or self._open(module)
         return sess
 
     def run(self, module, feeds):
