@@ -93,14 +93,15 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     mark("decode")
     if pipe.budget is not None:  # the chunks the runtime picked for this generation
         plan = pipe.budget.plan(result.views, len(state.ids), decode)
-        vision_chunk, chunk, estimate = plan.vision_chunk, plan.prefill_chunk, plan.estimate
+        vision_chunk, chunk, estimate, staged = plan.vision_chunk, plan.prefill_chunk, plan.estimate, plan.staged
     else:
+        staged = False
         budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))
         estimate = budget.estimate(len(state.ids), decode, min(vision_chunk or views, views), chunk or len(state.ids), views)
     return {"engine": pipe.backend.describe(), "kv_dtype": str(pipe.backend.kv_dtype), "views": result.views,
             "max_memory": max_memory, "vision_chunk": vision_chunk or result.views,
             "prefill_chunk": min(chunk or len(state.ids), len(state.ids)),
-            "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages,
+            "prompt_tokens": result.prompt_tokens, "variant": variant, "stages": stages, "modules_staged": staged,
             "peak_mb": max(s["peak_mb"] for s in stages.values()), "estimate_mb": estimate / MB,
             "vision_s": result.timings.vision_s, "prefill_s": result.timings.prefill_s,
             "first_token_s": result.timings.time_to_first_token_s, "decode_tokens_per_s": result.timings.decode_tokens_per_s}
@@ -163,7 +164,8 @@ def main() -> None:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 s = row["stages"]
-                label = variant if not args.max_memory else f"{variant}, max {args.max_memory}, prefill chunks of {row['prefill_chunk']}"
+                label = variant if not args.max_memory else (f"{variant}, max {args.max_memory}, prefill chunks of {row['prefill_chunk']}"
+                                                             + (", modules a stage at a time" if row["modules_staged"] else ""))
                 print(f"| {row['views']} | {row['vision_chunk']} | {row['prompt_tokens']:,} | {label} | "
                       + " | ".join(f"{s[k]['rss_mb']:.0f} ({s[k]['peak_mb']:.0f})" for k in ("load", "vision", "prefill", "decode"))
                       + f" | **{row['peak_mb']:.0f}** | {row['estimate_mb']:.0f} | {row['first_token_s']:.2f} | "

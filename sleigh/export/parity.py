@@ -114,7 +114,6 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
 
     # vision: random views at T = 1 and T = 13, then a real image; gswa on each case's reference CLS tokens
     s_vis, s_gswa = _ort(pkg / "vision.onnx"), _ort(pkg / "gswa.onnx")
-    s_vis = _ort(pkg / "vision.onnx")
     size = cfg.vision.image_size
     tiled = tile_image(real_image, min_tiles=cfg.image.min_tiles, max_tiles=cfg.image.max_tiles, size=size,
                        thumbnail=cfg.image.thumbnail, mean=cfg.image.mean, std=cfg.image.std)
