@@ -6,8 +6,9 @@ account of every allocation. For one generation with T views, P prompt tokens an
     peak = BASE + weights + kv(P + N) + image(T) + vision(v) + max(prefill(s, C), prefill(1, K + 1))
 
 - BASE: the interpreter with numpy, onnxruntime and the tokenizer loaded.
-- weights: the bytes of the files the backend opened (external data included). ONNX Runtime reads
-  them into its heap (or maps them), about one byte resident per byte of file.
+- weights: the bytes of the module files the backend opened (external data included), or what
+  opening each added to the process where the backend measured more (ONNX Runtime on Linux:
+  prepacked INT4 weights take more than their file; `module_sizes`).
 - kv(n): 2 (key, value) x layers x KV heads x head dim x the slots' bytes (4 for float32, 2 for
   float16: the backend's `kv_dtype`, from the manifest) per cache slot, for the
   K slots the Pipeline reserves before the prefill under a budget (P + N rounded up to KV_CHUNK,
@@ -152,9 +153,32 @@ class Plan:
     staged: bool = False  # the modules are held a stage at a time (STAGES)
 
 
-def stage_bytes(files: dict) -> tuple[int, ...]:
-    """The weights each of STAGES holds, from the backend's files by module (`Backend.files`)."""
-    return tuple(weights_bytes(files[m] for m in stage if m in files) for stage in STAGES)
+def stage_bytes(sizes: dict[str, int]) -> tuple[int, ...]:
+    """The weights each of STAGES holds, from each module's bytes (`module_sizes`)."""
+    return tuple(sum(sizes.get(m, 0) for m in stage) for stage in STAGES)
+
+
+def module_sizes(files: dict, resident: dict | None = None) -> dict[str, int]:
+    """Each module's weights: its files' bytes, or what opening it added to the process where the
+    backend measured that (`Backend.resident`) and found more. At full size (benchmarks/RESULTS.md,
+    issue 14; GB as this module counts them) the INT4 decoder's 1.09 GB file is 1.51 GB resident once
+    ONNX Runtime has prepacked its weights. Less than the files is not taken: a heap that earlier work
+    left free serves a module without growing the process (a 0-byte measurement), and a mapped
+    embedding table's rows become resident as prompts read them."""
+    resident = resident or {}
+    return {m: max(weights_bytes([f]), resident.get(m, 0)) for m, f in files.items()}
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set (Linux: /proc/self/status VmRSS), None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def weights_bytes(files) -> int:

@@ -28,7 +28,7 @@ from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
-from sleigh.runtime.memory import MemoryBudget, Shapes, parse_size, stage_bytes, weights_bytes
+from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, parse_size, stage_bytes
 from sleigh.runtime.multimodal import image_attention_bias, scaled_embeds
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions
@@ -147,9 +147,9 @@ class Pipeline:
             limit = pipe.backend.entry.max_memory
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
             shapes = Shapes.from_contract(pipe.contract, kv_dtype=pipe.backend.kv_dtype)
-            files = pipe.backend.files
-            pipe.budget = MemoryBudget(limit, shapes, weights_bytes(files.values()),
-                                       stage_bytes(files) if pipe.backend.releases_modules else None)
+            sizes = module_sizes(pipe.backend.files, pipe.backend.resident)
+            pipe.budget = MemoryBudget(limit, shapes, sum(sizes.values()),
+                                       stage_bytes(sizes) if pipe.backend.releases_modules else None)
             pipe.reserve_generation = True
         return pipe
 

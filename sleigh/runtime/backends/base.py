@@ -36,6 +36,9 @@ class Backend(ABC):
     # The files the backend read its modules' weights from, by module (external data lies beside a file
     # as FILE.data): what a memory budget counts as weights (runtime/memory.py). Each backend sets its own.
     files: Mapping[str, Path] = MappingProxyType({})
+    # The bytes opening each module added to the process, where the backend measures them (ONNX Runtime
+    # on Linux): what a memory budget counts for it instead of its files' size (runtime/memory.module_sizes).
+    resident: Mapping[str, int] = MappingProxyType({})
     # The dtype of the KV cache slots `new_cache` allocates (what a memory budget counts): the ONNX Runtime
     # and TensorRT backends set their decoder's.
     kv_dtype: np.dtype = np.dtype(np.float32)

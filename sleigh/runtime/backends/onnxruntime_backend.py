@@ -28,6 +28,7 @@ from sleigh.runtime.backends.base import Backend, module_files
 from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
+from sleigh.runtime.memory import resident_bytes
 from sleigh.runtime.package import REEXPORT, check_module_io
 
 CPU = "CPUExecutionProvider"
@@ -58,7 +59,7 @@ class OnnxRuntimeBackend(Backend):
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
         self._options, self._manifest_modules = session_options(threads), manifest_modules
         self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
-        self.sessions = {}
+        self.sessions, self.resident = {}, {}
         self._lock = threading.Lock()  # a module opened again on first use after `release`: once
         for module in files:
             self._open(module)
@@ -102,6 +103,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _open(self, module: str):
         path = self.files[module]
+        before = resident_bytes()
         try:
             sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types
@@ -114,6 +116,9 @@ class OnnxRuntimeBackend(Backend):
         if self._manifest_modules is not None:  # names as the manifest lists them: a swapped file stops here
             check_module_io(self._manifest_modules, module, path, [i.name for i in sess.get_inputs()],
                             [o.name for o in sess.get_outputs()])
+        after = resident_bytes()
+        if module not in self.resident and before is not None and after is not None:  # first open: a fresh heap
+            self.resident[module] = max(after - before, 0)
         self.sessions[module] = sess
         return sess
 
