@@ -11,7 +11,8 @@ output (`_step_shared`), nothing is copied.
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
 sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots
 is shared too, so its copies take turns (the storage's lock). `close()` drops the sessions and
-destroys that stream.
+destroys that stream. `release()` closes some sessions (a memory budget's stages): each opens again
+when next run; a run already under way keeps its session until it returns.
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ class OnnxRuntimeBackend(Backend):
             if module not in self.files:
                 raise KeyError(module)
             with self._lock:
-                sess = self.sessions.get(module) or self._open(module)
+                sess = self.sessions.get(module)
+                if sess is None:  # not reopened by another thread meanwhile
+                    sess = self._open(module)
         return sess
 
     def run(self, module, feeds):
