@@ -5,7 +5,9 @@ def first_line(exc: BaseException | str, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when empty) or of a library's log
     message, for one-line errors."""
     text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    return text.splitlines()[0].rstrip()[:limit]
 
 
 class SleighError(Exception):
