@@ -304,8 +304,6 @@ class Pipeline:
             if staged:  # the image's stage alone (runtime/memory.py); the decoder opens again at its first step
                 backend.release("decoder")
             image_embeds, weights = self._vision(tiled.pixel_values, vision_chunk)
-            if staged:
-                backend.release("vision", "gswa")
             if tile_budget is not None:  # GSWA weighed every view; the LLM reads the kept ones
                 kept = budget_views(weights, tiled.has_thumbnail, tile_budget)
                 image_embeds = image_embeds[kept]
@@ -315,6 +313,8 @@ class Pipeline:
             image_rows = np.zeros((1, hidden), np.float32)  # never read: no <IMG_CONTEXT> in the prompt
             weights = np.zeros((0,), np.float32)
         timings.vision_s = time.perf_counter() - t
+        if staged:  # the prompt's stage: no vision or GSWA beside the decoder (a text-only prompt included)
+            backend.release("vision", "gswa")
 
         t = time.perf_counter()
         input_ids = np.asarray([ids], dtype=np.int64)  # (1, P)
