@@ -35,10 +35,12 @@ MB = 1024**2
 
 
 def status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+    from sleigh.runtime.memory import resident_bytes
+
+    value = resident_bytes(field)
+    if value is None:
+        raise KeyError(field)
+    return value
 
 
 def reset_peak() -> None:

@@ -169,12 +169,13 @@ def module_sizes(files: dict, resident: dict | None = None) -> dict[str, int]:
     return {m: max(weights_bytes([f]), resident.get(m, 0)) for m, f in files.items()}
 
 
-def resident_bytes() -> int | None:
-    """This process's resident set (Linux: /proc/self/status VmRSS), None where it cannot be read."""
+def resident_bytes(field: str = "VmRSS") -> int | None:
+    """This process's resident set (Linux: /proc/self/status VmRSS; `field` VmHWM: its peak), None
+    where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
