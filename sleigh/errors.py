@@ -19,3 +19,6 @@ class SleighError(Exception):
         if expected:
             msg += f". Expected: {expected}"
         super().__init__(msg)
+
+    def __reduce__(self):  # raised in a child process (an isolated export), it crosses back whole
+        return SleighError, (self.what, self.problem, self.expected)

@@ -10,3 +10,11 @@ def test_first_line_of_exceptions_and_messages():
     assert first_line("") == first_line("   \n") == ""  # an empty log message is empty, not "str"
     assert first_line("x" * 500, limit=10) == "x" * 10
     assert first_line(SleighError("a.onnx", "unreadable", "a model")) == "a.onnx | unreadable. Expected: a model"
+
+
+def test_a_sleigh_error_pickles_whole():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(SleighError("a.onnx", "unreadable", "a model")))
+    assert (type(e), e.what, e.problem, e.expected, str(e)) == (SleighError, "a.onnx", "unreadable", "a model",
+                                                                 "a.onnx | unreadable. Expected: a model")

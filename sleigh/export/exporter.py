@@ -38,6 +38,14 @@ class ExportOptions:
     force: bool = False
     quiet: bool = False
     parity_image: Path | None = None  # default: the photo shipped with sleigh
+    isolate: bool | None = None  # modules exported in a child process; None: when the weights pass ISOLATE_BYTES
+
+
+# A checkpoint with more weights than this exports its modules in a child process. torch's exporter
+# keeps tensors alive from C++ after it returns, and they pin the whole mapped checkpoint: at full size
+# 9 GB stayed resident through parity beside the FP32 decoder's session (17.5 GB peak, RESULTS.md,
+# "Session 10"). A child gives everything back when it exits; it costs a torch import and a load (~5 s).
+ISOLATE_BYTES = 1 << 30
 
 
 @dataclass
@@ -162,6 +170,65 @@ def _free_weights(model) -> None:
     trim_heap()
 
 
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _export_one(model, name: str, out_dir: Path, opts: ExportOptions) -> list[str]:
+    """Module `name` of `model` into `out_dir`; returns the files written."""
+    from sleigh.export import fused_decoder
+    from sleigh.export.modules import MODULES
+
+    fused = name == "decoder" and opts.decoder == "fused"
+    try:
+        if fused:
+            return fused_decoder.write(model.llm, out_dir, opts.opset)
+        return export_module(MODULES[name](model), out_dir, opts.opset, len(model.gswa.blocks) if model.gswa else None)
+    except Exception as e:  # torch.export errors are long; keep the first line
+        how = "writing the fused decoder" if fused else "torch.onnx.export"
+        raise SleighError(f"export {name}", f"{how} failed ({first_line(e)})",
+                          "a checkpoint of a supported architecture") from e
+
+
+_child_model = None  # the checkpoint, as the export's child process holds it between modules
+
+
+def _export_in_child(checkpoint: Path, name: str, out_dir: Path, opts: ExportOptions) -> list[str]:
+    """`_export_one` in the child process: the checkpoint is loaded on its first module, and the seed
+    set as the parent sets it, so the files equal those of an export in one process."""
+    global _child_model
+    if _child_model is None:
+        import torch
+
+        from sleigh.sleighvl.checkpoint import load_checkpoint
+
+        _child_model = load_checkpoint(checkpoint)[0]
+        torch.manual_seed(0)
+    return _export_one(_child_model, name, out_dir, opts)
+
+
+@contextmanager
+def _module_writer(model, checkpoint: Path, out_dir: Path, opts: ExportOptions, isolate: bool):
+    """A function module name -> files written: in this process, or, with `isolate`, in one child
+    process (spawned: a fork would share torch's state) that exits, and frees all it held, at the end."""
+    if not isolate:
+        yield lambda name: _export_one(model, name, out_dir, opts)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    def write(name: str) -> list[str]:
+        try:
+            return pool.submit(_export_in_child, checkpoint, name, out_dir, opts).result()
+        except BrokenProcessPool as e:
+            raise SleighError(f"export {name}", "the export's child process died (killed, out of memory?)",
+                              "a machine with the memory the export of this checkpoint needs") from e
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield write
+
+
 def failed_dir(out: Path) -> Path:
     """Where an export that failed its parity check is left: beside the output, visible."""
     return out.with_name(f"{out.name}.parity-failed")
@@ -190,7 +257,6 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
 
     import torch
 
-    from sleigh.export import fused_decoder
     from sleigh.export.modules import MODULES
     from sleigh.export.parity import summarize, verify_package
     from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
@@ -204,20 +270,12 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
     tmp = staging.make(out.resolve().parent, out.name)
     try:
         with progress("export", len(MODULES) + (3 if opts.verify else 0), opts.quiet) as bar:
-            for name, make_spec in MODULES.items():
-                bar.advance(0, description=f"export {name}")
-                try:
-                    if name == "decoder" and opts.decoder == "fused":
-                        written[name] = fused_decoder.write(model.llm, tmp, opts.opset)
-                        bar.advance()
-                        continue
-                    spec = make_spec(model)
-                    written[name] = export_module(spec, tmp, opts.opset, len(model.gswa.blocks) if model.gswa else None)
-                except Exception as e:  # torch.export errors are long; keep the first line
-                    how = "writing the fused decoder" if name == "decoder" and opts.decoder == "fused" else "torch.onnx.export"
-                    raise SleighError(f"export {name}", f"{how} failed ({first_line(e)})",
-                                      "a checkpoint of a supported architecture") from e
-                bar.advance()
+            isolate = opts.isolate if opts.isolate is not None else _weight_bytes(model) > ISOLATE_BYTES
+            with _module_writer(model, checkpoint, tmp, opts, isolate) as write:
+                for name in MODULES:
+                    bar.advance(0, description=f"export {name}")
+                    written[name] = write(name)
+                    bar.advance()
             shutil.copyfile(checkpoint / TOKENIZER, tmp / "tokenizer.json")
             parity = None
             results = []

@@ -275,3 +275,21 @@ def test_decoder_reads_the_cache_slots_without_copying_them(tiny_pkg, tmp_path):
     outputs = {o.name: o for o in exported.graph.output}
     new = [n for n in outputs if n.startswith("new_key_values.")]
     assert len(new) == len(past)
+
+
+@pytest.mark.slow
+def test_an_isolated_export_writes_the_same_files_and_its_errors_cross_back_whole(tiny_ckpt, tiny_pkg, tmp_path):
+    """Modules exported in a child process (what a checkpoint over ISOLATE_BYTES gets) are byte for
+    byte those of an export in one process, and a user error raised in the child is the same error
+    here. Two modules (GSWA's custom node among them): the decoder alone takes 20 s there."""
+    from sleigh.export.exporter import _module_writer
+
+    opts = ExportOptions(decoder="standard")
+    with _module_writer(None, tiny_ckpt, tmp_path, opts, isolate=True) as write:
+        files = write("gswa") + write("embed")
+    assert files == ["gswa.onnx", "embed.onnx"]
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (tiny_pkg / name).read_bytes(), name
+    with pytest.raises(SleighError) as err, _module_writer(None, tmp_path / "nope", tmp_path, opts, True) as write:
+        write("vision")
+    assert (err.value.what, err.value.problem) == (str(tmp_path / "nope"), "not a folder")
