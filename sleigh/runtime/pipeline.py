@@ -142,7 +142,7 @@ class Pipeline:
         refuse in one line what cannot fit (runtime/memory.py); None: the engine's own budget
         (`build-engine --max-memory`), if it has one."""
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
-        pipe = cls._load(Path(path), backend, threads, engine, verify)
+        pipe = cls._load(Path(path), backend, threads, engine, verify, budgeted=limit is not None)
         if limit is None and pipe.backend.entry is not None:
             limit = pipe.backend.entry.max_memory
         if limit is not None:  # checked once the backend is open: the engine it chose sets the weights
@@ -154,13 +154,14 @@ class Pipeline:
         return pipe
 
     @classmethod
-    def _load(cls, path: Path, backend: str, threads: int | None, engine: str | None, verify: bool) -> Pipeline:
+    def _load(cls, path: Path, backend: str, threads: int | None, engine: str | None, verify: bool,
+              budgeted: bool = False) -> Pipeline:
         if not path.exists():
             raise SleighError(str(path), "not found", "a model package (sleigh export) or a Sleigh checkpoint folder")
         if not path.is_dir():
             raise SleighError(str(path), "not a folder", "a model package (sleigh export) or a Sleigh checkpoint folder")
         if (path / "manifest.json").is_file() or any(path.glob("*.onnx")):  # an .onnx without manifest: incomplete export
-            return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify)
+            return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify, budgeted=budgeted)
         if (path / "config.json").is_file():
             return cls.from_checkpoint(path, backend=backend, threads=threads)
         raise SleighError(str(path), "neither manifest.json nor config.json found",
@@ -185,12 +186,13 @@ class Pipeline:
 
     @classmethod
     def from_package(cls, path: Path, backend: str = "auto", threads: int | None = None,
-                     engine: str | None = None, verify: bool = True) -> Pipeline:
+                     engine: str | None = None, verify: bool = True, budgeted: bool = False) -> Pipeline:
         from sleigh.runtime.backends import open_package_backend
         from sleigh.runtime.manifest import read_manifest
 
         manifest = read_manifest(path)
-        backend = open_package_backend(path, manifest, backend, threads=threads, engine=engine, verify=verify)
+        backend = open_package_backend(path, manifest, backend, threads=threads, engine=engine, verify=verify,
+                                       budgeted=budgeted)
         tok = PromptTokenizer.from_file(manifest.path(manifest.tokenizer, "manifest.json: tokenizer.file"))
         return cls(backend, manifest.contract, tok)
 

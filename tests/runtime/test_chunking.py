@@ -162,6 +162,8 @@ def test_a_budget_below_every_module_holds_them_a_stage_at_a_time(tiny_pkg, ort_
     with Pipeline.load(tiny_pkg, max_memory=limit) as pipe:
         plan = pipe.budget.plan(views, tokens, 10)
         assert plan.staged and plan.estimate <= limit
+        # under a budget the load opened (and measured) one module at a time and kept the decoder
+        assert set(pipe.backend.sessions) == {"decoder"} and set(pipe.backend.resident) == set(pipe.backend.files)
         decoder = pipe.backend.sessions["decoder"]
         got = pipe.generate(image, PROMPT, max_new_tokens=10, ignore_eos=True).result
         assert got.token_ids == reference.token_ids

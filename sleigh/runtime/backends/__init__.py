@@ -76,29 +76,31 @@ def missing_files(pkg: Path, manifest: Manifest, name: str) -> list[str]:
 
 
 def open_package_backend(pkg: Path, manifest: Manifest, backend: str = "auto", *, threads: int | None = None,
-                         engine: str | EngineEntry | None = None, verify: bool = True) -> Backend:
+                         engine: str | EngineEntry | None = None, verify: bool = True, budgeted: bool = False) -> Backend:
     """`engine`: a name from the manifest, an unregistered entry (during a build, opened unchecked),
     or None for the best gated engine whose files are there (falling back to the package's FP32
-    modules). The files the run reads are checked first: sizes always, sha256 unless `verify` is False."""
+    modules). The files the run reads are checked first: sizes always, sha256 unless `verify` is False.
+    `budgeted`: runs under a memory budget (an engine with a budget of its own is too), so a backend
+    that can opens its modules one at a time."""
     if backend not in PACKAGE_BACKENDS:
         raise SleighError(f"backend={backend}", "unknown backend", ", ".join(PACKAGE_BACKENDS))
     if backend == "torch":
         raise SleighError("backend=torch", "the torch backend runs Sleigh checkpoints, not packages",
                           "a checkpoint folder for backend torch, or backend onnxruntime for a package")
     if isinstance(engine, EngineEntry):  # an entry being gated by build-engine: just written, not registered yet
-        return _open(pkg, manifest, engine, threads)
+        return _open(pkg, manifest, engine, threads, budgeted)
     name = _choose(pkg, manifest, backend, engine)
     check_files(pkg, manifest, run_files(pkg, manifest, name), verify=verify)
     if name is None:
-        return _open(pkg, manifest, None, threads)
+        return _open(pkg, manifest, None, threads, budgeted)
     entry = manifest.engines[name]
     if not entry.gated:
         warn(f"engine {name} did not pass its accuracy gate (kept with --allow-degraded): its answers may differ "
              "from the FP32 modules' (`sleigh compare` shows by how much)")
-    return _open(pkg, manifest, entry, threads)
+    return _open(pkg, manifest, entry, threads, budgeted)
 
 
-def _open(pkg: Path, manifest: Manifest, entry: EngineEntry | None, threads: int | None) -> Backend:
+def _open(pkg: Path, manifest: Manifest, entry: EngineEntry | None, threads: int | None, budgeted: bool) -> Backend:
     if entry is not None and entry.backend == "tensorrt":
         from sleigh.runtime.backends.tensorrt_backend import TensorRTBackend
 
@@ -106,7 +108,8 @@ def _open(pkg: Path, manifest: Manifest, entry: EngineEntry | None, threads: int
     else:
         from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry)
+        lazy = budgeted or (entry is not None and entry.max_memory is not None)
+        backend = OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry, lazy=lazy)
     backend.entry = entry
     return backend
 

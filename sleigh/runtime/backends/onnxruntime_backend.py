@@ -51,9 +51,12 @@ class OnnxRuntimeBackend(Backend):
     releases_modules = True
 
     def __init__(self, files: dict[str, Path], kv: KVCacheSection, threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
-                 manifest_modules: dict | None = None, kv_dtype: str | None = None):
+                 manifest_modules: dict | None = None, kv_dtype: str | None = None, lazy: bool = False):
         """`kv_dtype`: the cache slots' dtype as the manifest gives it (`manifest_kv_dtype`), checked
-        against the decoder's graph; None (a decoder opened without a manifest): the graph's."""
+        against the decoder's graph; None (a decoder opened without a manifest): the graph's. `lazy`:
+        every module is opened once here (checked, and measured), but only the decoder stays open: the
+        others open again at their first run, so a load under a memory budget never holds every
+        module at once (at full size that was a staged run's peak: benchmarks/RESULTS.md, "Session 11")."""
         ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
         self.ort = ort
@@ -62,8 +65,10 @@ class OnnxRuntimeBackend(Backend):
         self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
         self.sessions, self.resident = {}, {}
         self._lock = threading.Lock()  # a module opened again on first use after `release`: once
-        for module in files:
+        for module in sorted(files, key=lambda m: m == "decoder"):  # the decoder last: it stays open
             self._open(module)
+            if lazy and module != "decoder":
+                self.release(module)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self.kv_form = kv.form
         self.label = label
@@ -92,10 +97,10 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
-                     engine: EngineEntry | None = None) -> OnnxRuntimeBackend:
+                     engine: EngineEntry | None = None, lazy: bool = False) -> OnnxRuntimeBackend:
         label = "package fp32" if engine is None else engine.name
         backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
-                      manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine))
+                      manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine), lazy=lazy)
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
 
