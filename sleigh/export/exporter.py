@@ -96,8 +96,7 @@ def export_module(spec, out_dir: Path, opset: int, gswa_blocks: int | None) -> l
 
     from sleigh.export import gswa_op
 
-    param_bytes = sum(p.numel() * p.element_size() for p in spec.wrapper.parameters())
-    external = param_bytes > EXTERNAL_DATA_BYTES
+    external = _weight_bytes(spec.wrapper) > EXTERNAL_DATA_BYTES
     with _quiet_exporter():
         program = torch.onnx.export(spec.wrapper, spec.example, input_names=spec.input_names,
                                     output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
@@ -171,6 +170,7 @@ def _free_weights(model) -> None:
 
 
 def _weight_bytes(model) -> int:
+    """A module's parameters' bytes."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
