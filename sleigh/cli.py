@@ -409,6 +409,7 @@ def train(
     seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
     curriculum: str = typer.Option("auto", help="auto (synthetic data with the ViT trained), on or off."),
+    curriculum_steps: Optional[int] = typer.Option(None, help="The curriculum's length in steps (default: the run's first half)."),
     save_every: int = typer.Option(200, help="Save the checkpoint every this many steps."),
     strict: bool = typer.Option(False, "--strict", help="Refuse bad JSONL lines instead of skipping them."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
@@ -418,8 +419,8 @@ def train(
     from sleigh.sleighvl.train import TrainOptions, train as do_train
 
     opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
-                        curriculum=curriculum, save_every=save_every, strict=strict, threads=threads,
-                        save_dtype=save_dtype)
+                        curriculum=curriculum, curriculum_steps=curriculum_steps, save_every=save_every, strict=strict,
+                        threads=threads, save_dtype=save_dtype)
     r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
     skipped = f", skipped {r.skipped}" if r.skipped else ""
     typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "

@@ -10,6 +10,7 @@ the tiling. It must never import torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -220,10 +221,20 @@ def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, s
 
 
 def _normalize(views: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
-    """uint8 (T, H, W, 3) → float32 (T, 3, H, W), in torchvision's order: x/255, then (x − mean)/std."""
-    x = views.astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # (T, 3, H, W)
+    """uint8 (T, H, W, 3) → float32 (T, 3, H, W), in torchvision's order: x/255, then (x − mean)/std.
+    Each channel looks its 256 values up in a table computed by those float32 operations (the same
+    bits, 2.6x faster than computing every pixel: 1.1 against 2.8 ms for 7 views of 112 px)."""
+    table = _normalized_values(tuple(mean), tuple(std))  # (256, 3)
+    out = np.empty((views.shape[0], 3) + views.shape[1:3], np.float32)
+    for c in range(3):
+        out[:, c] = table[:, c][views[..., c]]
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _normalized_values(mean: tuple, std: tuple) -> np.ndarray:
+    x = np.arange(256, dtype=np.float32)[:, None] / np.float32(255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def _to_rgb(image: Image.Image, what: str) -> Image.Image:

@@ -469,3 +469,14 @@ def test_fifo_is_not_read(tmp_path):
 def test_dev_null_is_not_an_empty_image():
     message = _assert_user_error("/dev/null", "/dev/null", "not a regular file", "character device")
     assert "0 bytes" not in message
+
+
+def test_the_normalisation_table_gives_the_bits_of_the_per_pixel_arithmetic():
+    """Every uint8 value of every channel, in torchvision's order (x/255, then (x - mean)/std) in float32."""
+    views = np.random.default_rng(0).integers(0, 256, size=(3, 16, 16, 3), dtype=np.uint8)
+    views[0] = np.arange(256, dtype=np.uint8).reshape(16, 16)[:, :, None]  # all 256 values in every channel
+    for mean, std in ((IMAGENET_MEAN, IMAGENET_STD), ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))):
+        x = views.astype(np.float32) / np.float32(255)
+        want = ((x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).transpose(0, 3, 1, 2)
+        got = image_mod._normalize(views, mean, std)
+        assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)

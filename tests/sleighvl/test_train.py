@@ -115,6 +115,20 @@ def test_same_seed_same_weights_other_seed_other_weights(demo_ckpt, data, tmp_pa
     assert any(not torch.equal(a[k], weights(demo_ckpt)[k]) for k in a)
 
 
+def test_curriculum_phases_by_fraction_or_by_steps():
+    from sleigh.sleighvl.batches import Batches
+
+    def phases(steps, **opts):
+        b = Batches.__new__(Batches)
+        b.curriculum, b.opts = True, TrainOptions(steps=steps, **opts)
+        return [b.phase(k, k / steps) for k in range(steps)]
+
+    # by default the run's first half, in phases of 20 / 15 / 15 % of the run
+    assert phases(20) == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 10
+    # --curriculum-steps 10 of 17: 40 / 30 / 30 % of the curriculum, then the data
+    assert phases(17, curriculum_steps=10) == [0] * 4 + [1] * 3 + [2] * 3 + [3] * 7
+
+
 def test_train_gswa_changes_only_gswa(demo_ckpt, data, tmp_path):
     train(demo_ckpt, data, tmp_path / "g", TrainOptions(train="gswa", **FEW), log=lambda m: None)
     before, after = weights(demo_ckpt), weights(tmp_path / "g")
@@ -145,11 +159,11 @@ def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_ru
 
     real_step, calls = train_mod.Trainer.step, []
 
-    def interrupted(self, examples, lr):
+    def interrupted(self, batch, lr):
         if len(calls) == 3:
             raise KeyboardInterrupt
         calls.append(1)
-        return real_step(self, examples, lr)
+        return real_step(self, batch, lr)
 
     monkeypatch.setattr(train_mod.Trainer, "step", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -228,6 +242,8 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
     (dict(), "--steps/--minutes"),
     (dict(steps=1, save_dtype="int8"), "--save-dtype"),
     (dict(steps=1, resume=True), "train_state"),
+    (dict(steps=10, curriculum_steps=10), "--curriculum-steps"),
+    (dict(minutes=1.0, curriculum_steps=10), "--curriculum-steps"),
 ])
 def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
     with pytest.raises(SleighError, match=needle):

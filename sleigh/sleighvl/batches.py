@@ -1,0 +1,112 @@
+"""`sleigh train`'s batches: step k's images and questions, tiled exactly as the runtime tiles them, a
+pure function of (seed, k). No torch here: making a batch is numpy and Pillow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sleigh.data.qa import QA, QAData
+from sleigh.data.synth import COLOURS, SHAPES, SynthSpec, cell_needs, questions, render
+from sleigh.runtime.image import TiledImage, tile_image
+
+# The curriculum's phases: (end as a fraction of the curriculum, most tiles, object side range in canvas px);
+# then the data. By default the curriculum is the run's first CURRICULUM_SHARE (or --curriculum-steps).
+CURRICULUM = ((0.4, 1, (40, 80)), (0.7, 2, (24, 60)), (1.0, 4, (16, 40)))
+CURRICULUM_SHARE = 0.5
+
+
+@dataclass
+class Example:
+    image: object  # a path or a PIL image (None once tiled)
+    qas: list[tuple[str, str]]  # (question, answer)
+    labels: tuple[int, int] | None  # (colour index, shape index) for the auxiliary loss
+    max_tiles: int | None = None  # a curriculum phase's tile limit
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The model's tiling (config.json): what `tile_image` needs besides the image."""
+    size: int
+    min_tiles: int
+    max_tiles: int
+    thumbnail: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, cfg) -> "Tiling":
+        return cls(cfg.vision.image_size, cfg.image.min_tiles, cfg.image.max_tiles, cfg.image.thumbnail,
+                   tuple(cfg.image.mean), tuple(cfg.image.std))
+
+
+@dataclass
+class Batch:
+    examples: list[Example]
+    tiled: list[TiledImage]
+
+
+def labels_of(qa: QA) -> tuple[int, int] | None:
+    colour, shape = qa.meta.get("colour"), qa.meta.get("shape")
+    if colour in COLOURS and shape in SHAPES:
+        return list(COLOURS).index(colour), SHAPES.index(shape)
+    return None
+
+
+class Batches:
+    """Step k's examples, a pure function of (seed, k): the JSONL's images in a per-epoch shuffle,
+    or during a curriculum phase, synthetic samples drawn on the fly."""
+
+    def __init__(self, data: QAData, opts, curriculum: bool, tiling: Tiling):
+        self.groups = data.by_image()
+        self.opts, self.curriculum, self.tiling = opts, curriculum, tiling
+        sizes = [qa.meta.get("size") for _, qas in self.groups for qa in qas[:1]]
+        sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
+        self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
+
+    def phase(self, step: int, frac: float) -> int:
+        """0, 1, 2 for the curriculum's phases, 3 for the data: by step when the curriculum's length is
+        given in steps, else by the run's fraction `frac` (of its steps, or of its minutes)."""
+        if not self.curriculum:
+            return len(CURRICULUM)
+        steps = self.opts.curriculum_steps
+        c = step / steps if steps else frac / CURRICULUM_SHARE
+        return next((i for i, (end, _, _) in enumerate(CURRICULUM) if c < end), len(CURRICULUM))
+
+    def get(self, step: int, phase: int) -> list[Example]:
+        rng = np.random.default_rng([self.opts.seed, step])
+        if phase < len(CURRICULUM):
+            return [self._synthetic(rng, phase) for _ in range(self.opts.batch)]
+        n = len(self.groups)
+        out = []
+        for j in range(self.opts.batch):
+            k = step * self.opts.batch + j
+            order = np.random.default_rng([self.opts.seed, 1_000_003, k // n]).permutation(n)
+            image, qas = self.groups[int(order[k % n])]
+            if len(qas) > self.opts.questions_per_image:
+                qas = [qas[int(i)] for i in sorted(rng.choice(len(qas), self.opts.questions_per_image, replace=False))]
+            out.append(Example(image, [(qa.question, qa.answer) for qa in qas], labels_of(qas[0]), None,
+                               f"{qas[0].image} (line {qas[0].line})"))
+        return out
+
+    def make(self, step: int, phase: int) -> Batch:
+        """Step `step`'s examples, tiled (a SleighError for an image that cannot be decoded)."""
+        t = self.tiling
+        examples = self.get(step, phase)
+        tiled = [tile_image(ex.image, min_tiles=t.min_tiles, max_tiles=ex.max_tiles or t.max_tiles, size=t.size,
+                            thumbnail=t.thumbnail, mean=t.mean, std=t.std) for ex in examples]
+        for ex in examples:
+            ex.image = None  # tiled: the pixels travel once
+        return Batch(examples, tiled)
+
+    def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:
+        _, tiles, (lo, hi) = CURRICULUM[phase]
+        smallest = 3 * cell_needs(hi)
+        spec = SynthSpec(min_size=max(self.canvas[0], smallest), max_size=max(self.canvas[1], smallest),
+                         min_object=lo, max_object=hi)
+        sample = render(rng, spec)
+        qas = [(q, a) for _, q, a in questions(sample, rng)]
+        return Example(sample.image, qas, (list(COLOURS).index(sample.colour), SHAPES.index(sample.shape)), tiles,
+                       "curriculum sample")
