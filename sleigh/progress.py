@@ -1,10 +1,15 @@
-"""Progress bars for long work: shown on a terminal (stderr), silent in --json mode, pipes and CI."""
+"""Progress for long work: a bar on a terminal (stderr); where no bar can be drawn (a pipe, a log
+file, `nohup`), a plain line on stderr every LINE_EVERY_S seconds of work that runs that long, and one
+at its end. Short work prints nothing; --json / quiet mode and CI (the `CI` variable) print nothing."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
+
+LINE_EVERY_S = 30.0
 
 
 def bars_enabled(quiet: bool = False) -> bool:
@@ -21,11 +26,41 @@ class _Task:
             self._progress.update(self._id, advance=n, **kw)
 
 
+class _Lines:
+    """The bar's information as lines: `export: 4/10 (40 %), 1:02 elapsed`."""
+
+    def __init__(self, description: str, total: float | None):
+        self.description, self.total, self.done = description, total, 0.0
+        self.start = self.last = time.monotonic()
+        self.printed = False
+
+    def advance(self, n: float = 1, description: str | None = None) -> None:
+        self.done += n
+        if description:
+            self.description = description
+        if time.monotonic() - self.last >= LINE_EVERY_S:
+            self.line()
+
+    def line(self) -> None:
+        now = time.monotonic()
+        self.last, self.printed = now, True
+        done = f"{self.done:g}/{self.total:g} ({100 * self.done / self.total:.0f} %)" if self.total else f"{self.done:g}"
+        minutes, seconds = divmod(int(now - self.start), 60)
+        print(f"{self.description}: {done}, {minutes}:{seconds:02d} elapsed", file=sys.stderr, flush=True)
+
+
 @contextmanager
-def progress(description: str, total: float | None, quiet: bool = False):
-    """`with progress("export", 3) as bar: ...; bar.advance()`."""
+def progress(description: str, total: float | None, quiet: bool = False, lines: bool = True):
+    """`with progress("export", 3) as bar: ...; bar.advance()`. `lines=False`: no plain lines where no
+    bar can be drawn (for a caller that logs its own, as `sleigh train` does)."""
     if not bars_enabled(quiet):
-        yield _Task(None, None)
+        if quiet or not lines or os.environ.get("CI"):
+            yield _Task(None, None)
+            return
+        task = _Lines(description, total)
+        yield task
+        if task.printed:  # the end of work long enough to have reported on the way
+            task.line()
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -371,7 +371,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     last: dict = {}
     bad_images = 0
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
-    with progress("train", total if total else budget_s, opts.quiet) as bar:
+    with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar:  # logs its own lines
         while True:
             seconds = elapsed_before + time.perf_counter() - t0
             frac = step / total if total else seconds / budget_s
