@@ -19,7 +19,7 @@ CURRICULUM_SHARE = 0.5
 
 @dataclass
 class Example:
-    image: object  # a path or a PIL image (None once tiled)
+    image: object  # a path or a PIL image
     qas: list[tuple[str, str]]  # (question, answer)
     labels: tuple[int, int] | None  # (colour index, shape index) for the auxiliary loss
     max_tiles: int | None = None  # a curriculum phase's tile limit
@@ -97,8 +97,6 @@ class Batches:
         examples = self.get(step, phase)
         tiled = [tile_image(ex.image, min_tiles=t.min_tiles, max_tiles=ex.max_tiles or t.max_tiles, size=t.size,
                             thumbnail=t.thumbnail, mean=t.mean, std=t.std) for ex in examples]
-        for ex in examples:
-            ex.image = None  # tiled: the pixels travel once
         return Batch(examples, tiled)
 
     def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:
