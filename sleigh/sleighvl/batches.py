@@ -10,6 +10,7 @@ import numpy as np
 from sleigh.data.qa import QA, QAData
 from sleigh.data.synth import COLOURS, SHAPES, SynthSpec, cell_needs, questions, render
 from sleigh.runtime.image import TiledImage, tile_image
+from sleigh.sleighvl.config import SleighVLConfig
 
 # The curriculum's phases: (end as a fraction of the curriculum, most tiles, object side range in canvas px);
 # then the data. By default the curriculum is the run's first CURRICULUM_SHARE (or --curriculum-steps).
@@ -24,22 +25,6 @@ class Example:
     labels: tuple[int, int] | None  # (colour index, shape index) for the auxiliary loss
     max_tiles: int | None = None  # a curriculum phase's tile limit
     source: str = ""
-
-
-@dataclass(frozen=True)
-class Tiling:
-    """The model's tiling (config.json): what `tile_image` needs besides the image."""
-    size: int
-    min_tiles: int
-    max_tiles: int
-    thumbnail: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def of(cls, cfg) -> "Tiling":
-        return cls(cfg.vision.image_size, cfg.image.min_tiles, cfg.image.max_tiles, cfg.image.thumbnail,
-                   tuple(cfg.image.mean), tuple(cfg.image.std))
 
 
 @dataclass
@@ -59,9 +44,9 @@ class Batches:
     """Step k's examples, a pure function of (seed, k): the JSONL's images in a per-epoch shuffle,
     or during a curriculum phase, synthetic samples drawn on the fly."""
 
-    def __init__(self, data: QAData, opts, curriculum: bool, tiling: Tiling):
+    def __init__(self, data: QAData, opts, curriculum: bool, cfg: SleighVLConfig):
         self.groups = data.by_image()
-        self.opts, self.curriculum, self.tiling = opts, curriculum, tiling
+        self.opts, self.curriculum, self.cfg = opts, curriculum, cfg
         sizes = [qa.meta.get("size") for _, qas in self.groups for qa in qas[:1]]
         sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
         self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
@@ -93,10 +78,10 @@ class Batches:
 
     def make(self, step: int, phase: int) -> Batch:
         """Step `step`'s examples, tiled (a SleighError for an image that cannot be decoded)."""
-        t = self.tiling
+        img, size = self.cfg.image, self.cfg.vision.image_size
         examples = self.get(step, phase)
-        tiled = [tile_image(ex.image, min_tiles=t.min_tiles, max_tiles=ex.max_tiles or t.max_tiles, size=t.size,
-                            thumbnail=t.thumbnail, mean=t.mean, std=t.std) for ex in examples]
+        tiled = [tile_image(ex.image, min_tiles=img.min_tiles, max_tiles=ex.max_tiles or img.max_tiles, size=size,
+                            thumbnail=img.thumbnail, mean=img.mean, std=img.std) for ex in examples]
         return Batch(examples, tiled)
 
     def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:

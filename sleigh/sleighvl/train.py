@@ -32,7 +32,7 @@ from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
 from sleigh.errors import SleighError
 from sleigh.runtime.prompt import PromptTokenizer
-from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, Tiling, labels_of
+from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
 
 PARTS = ("gswa", "projector", "vision", "llm")
@@ -337,7 +337,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     synthetic = any(labels_of(x) is not None for x in qa.items[:50])
     curriculum = opts.curriculum == "on" or (opts.curriculum == "auto" and synthetic and "vision" in parts)
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
-    batches = Batches(qa, opts, curriculum, Tiling.of(cfg))
+    batches = Batches(qa, opts, curriculum, cfg)
 
     step, elapsed_before = 0, 0.0
     if opts.resume:
@@ -346,7 +346,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         step, elapsed_before = int(meta["step"]), float(meta["seconds"])
         for key in ("train", "batch", "seed", "steps", "minutes", "curriculum_steps"):
             if meta["options"].get(key) != getattr(opts, key):
-                raise SleighError(f"--resume {out}", f"--{key} {getattr(opts, key)} differs from the saved run's "
+                raise SleighError(f"--resume {out}", f"--{key.replace('_', '-')} {getattr(opts, key)} differs from the saved run's "
                                   f"{meta['options'].get(key)}", "the options of the run being resumed")
         trainer.load_state(state)
         log(f"resuming {out} at step {step}")
