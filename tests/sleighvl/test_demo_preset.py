@@ -29,6 +29,13 @@ def test_tokenizer_keeps_task_words_and_prompt_short(demo_ckpt):
             assert len(text_ids) <= 40, len(text_ids)  # the default system message is a few pieces, not bytes
 
 
+def test_the_shipped_demo_model_is_the_demo_preset(demo_ckpt):
+    """examples/demo-ckpt/TRAINING.md trains it from `sleigh init --preset demo`: same shapes, same tokenizer."""
+    shipped = SleighVLConfig.load(EXAMPLES / "demo-ckpt" / "config.json")
+    assert shipped == SleighVLConfig.load(demo_ckpt / "config.json")
+    assert (EXAMPLES / "demo-ckpt" / "tokenizer.json").read_bytes() == (demo_ckpt / "tokenizer.json").read_bytes()
+
+
 def test_the_shipped_demo_model_answers_the_shipped_image():
     """examples/shapes.jpg shows an orange circle (its `sleigh data synth` labels); README's demo."""
     from sleigh.runtime.pipeline import Pipeline
