@@ -12,8 +12,13 @@ from contextlib import contextmanager
 LINE_EVERY_S = 30.0
 
 
+def _silent(quiet: bool) -> bool:
+    """Nothing at all is printed: --json / quiet mode, or CI."""
+    return quiet or bool(os.environ.get("CI"))
+
+
 def bars_enabled(quiet: bool = False) -> bool:
-    return not quiet and sys.stderr.isatty() and not os.environ.get("CI")
+    return not _silent(quiet) and sys.stderr.isatty()
 
 
 class _Task:
@@ -54,7 +59,7 @@ def progress(description: str, total: float | None, quiet: bool = False, lines: 
     """`with progress("export", 3) as bar: ...; bar.advance()`. `lines=False`: no plain lines where no
     bar can be drawn (for a caller that logs its own, as `sleigh train` does)."""
     if not bars_enabled(quiet):
-        if quiet or not lines or os.environ.get("CI"):
+        if _silent(quiet) or not lines:
             yield _Task(None, None)
             return
         task = _Lines(description, total)
