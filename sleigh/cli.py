@@ -414,13 +414,14 @@ def train(
     strict: bool = typer.Option(False, "--strict", help="Refuse bad JSONL lines instead of skipping them."),
     threads: Optional[int] = typer.Option(None, help="CPU threads."),
     save_dtype: str = typer.Option("float32", help="float32 or float16: the checkpoint's weights (--resume keeps float32)."),
+    gswa_hint: float = typer.Option(0.0, help="Curriculum only: weight of a loss on whether GSWA looks at the tile with the object (0: off)."),
 ):
     """Train GSWA (or more) on image/question/answer data; loss on the answer tokens only."""
     from sleigh.sleighvl.train import TrainOptions, train as do_train
 
     opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
                         curriculum=curriculum, curriculum_steps=curriculum_steps, save_every=save_every, strict=strict,
-                        threads=threads, save_dtype=save_dtype)
+                        threads=threads, save_dtype=save_dtype, gswa_hint=gswa_hint)
     r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
     skipped = f", skipped {r.skipped}" if r.skipped else ""
     typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "

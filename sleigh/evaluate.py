@@ -20,6 +20,7 @@ from PIL import Image
 from sleigh.data.qa import read_qa
 from sleigh.errors import SleighError
 from sleigh.progress import progress
+from sleigh.runtime.image import object_tile
 
 
 def normalize(text: str) -> str:
@@ -33,15 +34,9 @@ def proportion(hits: int, n: int) -> dict:
 
 
 def top_tile_holds_object(weights: list[float], grid: tuple[int, int], image_size: tuple[int, int], box) -> bool:
-    """Whether the centre of `box` (x0, y0, x1, y1; image px) lies in the tile GSWA weighs highest.
-    Tiles are row-major over a (cols, rows) grid stretched over the whole image (runtime tiling)."""
-    cols, rows = grid
-    tiles = weights[:cols * rows]
-    top = max(range(len(tiles)), key=tiles.__getitem__)
-    r, c = divmod(top, cols)
-    w, h = image_size
-    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-    return c * w / cols <= cx < (c + 1) * w / cols and r * h / rows <= cy < (r + 1) * h / rows
+    """Whether the centre of `box` (x0, y0, x1, y1; image px) lies in the tile GSWA weighs highest."""
+    tiles = weights[:grid[0] * grid[1]]
+    return max(range(len(tiles)), key=tiles.__getitem__) == object_tile(grid, image_size, box)
 
 
 def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,

@@ -193,6 +193,17 @@ def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 1
     return best_ratio
 
 
+def object_tile(grid: tuple[int, int], image_size: tuple[int, int], box) -> int:
+    """The row-major index of the tile holding the centre of `box` (x0, y0, x1, y1; image px), for a
+    (cols, rows) grid stretched over the whole image as `tile_image` cuts it."""
+    cols, rows = grid
+    w, h = image_size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    c = next((c for c in range(cols) if cx < (c + 1) * w / cols), cols - 1)
+    r = next((r for r in range(rows) if cy < (r + 1) * h / rows), rows - 1)
+    return r * cols + c
+
+
 def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True,
                mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
                max_pixels: int | None = None) -> TiledImage:

@@ -25,12 +25,14 @@ class Example:
     labels: tuple[int, int] | None  # (colour index, shape index) for the auxiliary loss
     max_tiles: int | None = None  # a curriculum phase's tile limit
     source: str = ""
+    box: tuple[int, int, int, int] | None = None  # the object's box (image px), for --gswa-hint
 
 
 @dataclass
 class Batch:
     examples: list[Example]
     tiled: list[TiledImage]
+    curriculum: bool = False  # drawn by a curriculum phase (not from the data)
 
 
 def labels_of(qa: QA) -> tuple[int, int] | None:
@@ -38,6 +40,12 @@ def labels_of(qa: QA) -> tuple[int, int] | None:
     if colour in COLOURS and shape in SHAPES:
         return list(COLOURS).index(colour), SHAPES.index(shape)
     return None
+
+
+def box_of(qa: QA) -> tuple[int, int, int, int] | None:
+    box = qa.meta.get("box")
+    ok = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+    return tuple(box) if ok else None
 
 
 class Batches:
@@ -73,7 +81,7 @@ class Batches:
             if len(qas) > self.opts.questions_per_image:
                 qas = [qas[int(i)] for i in sorted(rng.choice(len(qas), self.opts.questions_per_image, replace=False))]
             out.append(Example(image, [(qa.question, qa.answer) for qa in qas], labels_of(qas[0]), None,
-                               f"{qas[0].image} (line {qas[0].line})"))
+                               f"{qas[0].image} (line {qas[0].line})", box_of(qas[0])))
         return out
 
     def make(self, step: int, phase: int) -> Batch:
@@ -82,7 +90,7 @@ class Batches:
         examples = self.get(step, phase)
         tiled = [tile_image(ex.image, min_tiles=img.min_tiles, max_tiles=ex.max_tiles or img.max_tiles, size=size,
                             thumbnail=img.thumbnail, mean=img.mean, std=img.std) for ex in examples]
-        return Batch(examples, tiled)
+        return Batch(examples, tiled, phase < len(CURRICULUM))
 
     def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:
         _, tiles, (lo, hi) = CURRICULUM[phase]
@@ -92,4 +100,4 @@ class Batches:
         sample = render(rng, spec)
         qas = [(q, a) for _, q, a in questions(sample, rng)]
         return Example(sample.image, qas, (list(COLOURS).index(sample.colour), SHAPES.index(sample.shape)), tiles,
-                       "curriculum sample")
+                       "curriculum sample", sample.box)

@@ -42,6 +42,21 @@ def _attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tens
 def gswa_weights(cls: torch.Tensor, params: dict[str, torch.Tensor], *, heads: int, eps: float) -> torch.Tensor:
     """cls (T, Cv) -> weights (T,). `params` is keyed as GSWA.state_dict()."""
     T = cls.shape[0]
+    a = thumbnail_attention(cls, params, heads=heads, eps=eps)
+    # Branch-free so one exported graph serves T = 1 and T > 1: tiles are views 0..T-2.
+    is_tile = torch.arange(T, device=cls.device) < (T - 1)
+    a_tiles = torch.where(is_tile, a, torch.zeros_like(a))
+    total = a_tiles.sum()
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    w = (T - 1) * a_tiles / total  # mean 1 over the tiles
+    w = 1 + params["alpha"] * (w - 1)
+    return torch.where(is_tile, w, torch.ones_like(w))
+
+
+def thumbnail_attention(cls: torch.Tensor, params: dict[str, torch.Tensor], *, heads: int, eps: float) -> torch.Tensor:
+    """cls (T, Cv) -> (T,): the last block's attention of the thumbnail (the last view) to every view,
+    averaged over heads; the weights before the gate. Training reads it too (`sleigh train --gswa-hint`)."""
+    T = cls.shape[0]
     h = F.linear(F.layer_norm(cls, cls.shape[-1:], params["norm.weight"], params["norm.bias"], eps),
                  params["proj.weight"], params["proj.bias"])  # (T, Dg)
     D = h.shape[-1]
@@ -57,16 +72,7 @@ def gswa_weights(cls: torch.Tensor, params: dict[str, torch.Tensor], *, heads: i
         i += 1
     x = F.layer_norm(h, (D,), params["final_norm.weight"], params["final_norm.bias"], eps)
     q, k = F.linear(x, params["final_qk.weight"], params["final_qk.bias"]).chunk(2, dim=-1)
-    probs = _attention_probs(q, k, heads)  # (H, T, T)
-    a = probs[:, -1, :].mean(0)  # (T,) the thumbnail (last view) attending to every view
-    # Branch-free so one exported graph serves T = 1 and T > 1: tiles are views 0..T-2.
-    is_tile = torch.arange(T, device=cls.device) < (T - 1)
-    a_tiles = torch.where(is_tile, a, torch.zeros_like(a))
-    total = a_tiles.sum()
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    w = (T - 1) * a_tiles / total  # mean 1 over the tiles
-    w = 1 + params["alpha"] * (w - 1)
-    return torch.where(is_tile, w, torch.ones_like(w))
+    return _attention_probs(q, k, heads)[:, -1, :].mean(0)  # (T,)
 
 
 class GSWA(nn.Module):
@@ -86,6 +92,10 @@ class GSWA(nn.Module):
         """cls (T, Cv) -> weights (T,)."""
         params = dict(self.named_parameters())
         return gswa_weights(cls, params, heads=self.heads, eps=self.cfg.layer_norm_eps)
+
+    def thumbnail_attention(self, cls: torch.Tensor) -> torch.Tensor:
+        """cls (T, Cv) -> (T,): where the thumbnail looks, before normalising and gating."""
+        return thumbnail_attention(cls, dict(self.named_parameters()), heads=self.heads, eps=self.cfg.layer_norm_eps)
 
 
 class _Block(nn.Module):

@@ -3,7 +3,8 @@
     JSONL ─group by image─► batch of B images ─tile_image (as the runtime)─► encode_images (ViT, mlp1, GSWA)
       each image's questions ─internlm2-chat prompt + answer + <|im_end|>─► one sequence each (right-padded)
       ─embed─► LLM with GSWA's log-weights as a differentiable attention bias ─► loss on answer tokens only
-      (+ for synthetic data and a trained ViT: an auxiliary colour/shape loss on max-pooled patch tokens)
+      (+ for synthetic data and a trained ViT: an auxiliary colour/shape loss on max-pooled patch tokens;
+       + with --gswa-hint, in the curriculum: a loss on which tile GSWA's thumbnail attends to)
 
 Why the curriculum and the auxiliary loss (FACTS.md, "Training a toy SleighVL on 2 CPU cores"): from
 scratch, an LLM that reads ~100 image tokens with near-uniform attention never finds one small object
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from torch import nn
 from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
 from sleigh.errors import SleighError
+from sleigh.runtime.image import object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
@@ -55,6 +58,7 @@ class TrainOptions:
     curriculum: str = "auto"  # auto (on for synthetic data when the ViT trains), on, off
     curriculum_steps: int | None = None  # the curriculum's length in steps (None: the run's first half)
     aux_weight: float = 1.0
+    gswa_hint: float = 0.0  # weight of the curriculum's loss on where GSWA's thumbnail looks (0: off)
     save_every: int = 200
     log_every: int = 25
     strict: bool = False
@@ -94,6 +98,10 @@ def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
         if not 0 < opts.curriculum_steps < opts.steps:
             raise SleighError("--curriculum-steps", f"got {opts.curriculum_steps} for {opts.steps} steps",
                               "a number of steps between 1 and --steps - 1")
+    if not opts.gswa_hint >= 0:
+        raise SleighError("--gswa-hint", f"got {opts.gswa_hint}", "a weight >= 0 (0: off; e.g. 1)")
+    if opts.gswa_hint and "gswa" not in parts:
+        raise SleighError("--gswa-hint", f"needs GSWA trained, got --train {opts.train}", "--train all, or a list with gswa")
     if opts.save_dtype not in SAVE_DTYPES:
         raise SleighError("--save-dtype", f"got {opts.save_dtype!r}", " or ".join(SAVE_DTYPES))
     out = Path(out)
@@ -226,6 +234,7 @@ class Trainer:
         # one ViT call for every view of the batch (each view is encoded alone), then mlp1 and GSWA per image
         hidden = model.vision(torch.from_numpy(np.concatenate([t.pixel_values for t in tiled])).to(dev))
         vis = [model.encode_hidden(h) for h in torch.split(hidden, [t.num_views for t in tiled])]
+        hint = self._hint_loss(batch, vis) if self.opts.gswa_hint and batch.curriculum else None
         aux_losses = []
         if self.aux is not None:
             for v, ex in zip(vis, examples, strict=True):
@@ -245,6 +254,8 @@ class Trainer:
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         if aux_loss is not None:
             loss = loss + self.opts.aux_weight * aux_loss
+        if hint is not None:
+            loss = loss + self.opts.gswa_hint * hint
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -254,7 +265,20 @@ class Trainer:
         with torch.no_grad():
             scored = gold != IGNORE
             token_acc = float((pred.argmax(-1)[scored] == gold[scored]).float().mean())
-        return {"loss": lm_loss.item(), "aux": None if aux_loss is None else aux_loss.item(), "token_acc": token_acc}
+        return {"loss": lm_loss.item(), "aux": None if aux_loss is None else aux_loss.item(),
+                "hint": None if hint is None else hint.item(), "token_acc": token_acc}
+
+    def _hint_loss(self, batch: Batch, vis: list) -> torch.Tensor | None:
+        """--gswa-hint: cross-entropy of where GSWA's thumbnail looks among the tiles (its attention,
+        before the gate alpha) against the tile holding the object's centre, for the curriculum's
+        multi-tile samples. It breaks GSWA's symmetry at start (alpha = 0 passes no gradient to the
+        attention); how much the LLM leans on those weights (alpha) is still learned from the answers."""
+        losses = []
+        for v, ex, t in zip(vis, batch.examples, batch.tiled, strict=True):
+            if ex.box is not None and t.num_views > 1:
+                a = self.model.gswa.thumbnail_attention(v.last_hidden[:, 0])[:-1]  # the tiles
+                losses.append(-torch.log(a[object_tile(t.grid, t.image_size, ex.box)] / a.sum()))
+        return torch.stack(losses).mean() if losses else None
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -336,6 +360,9 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     model = model.to(device)
     synthetic = any(labels_of(x) is not None for x in qa.items[:50])
     curriculum = opts.curriculum == "on" or (opts.curriculum == "auto" and synthetic and "vision" in parts)
+    if opts.gswa_hint and not curriculum:
+        raise SleighError("--gswa-hint", "acts only during the curriculum, which is off for this run",
+                          "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
     batches = Batches(qa, opts, curriculum, cfg)
 
@@ -344,10 +371,11 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         state = read_safetensors(out / STATE)
         meta = json.loads(_metadata(out / STATE)["train"])
         step, elapsed_before = int(meta["step"]), float(meta["seconds"])
-        for key in ("train", "batch", "seed", "steps", "minutes", "curriculum_steps"):
-            if meta["options"].get(key) != getattr(opts, key):
+        for key in ("train", "batch", "seed", "steps", "minutes", "curriculum_steps", "gswa_hint"):
+            saved = meta["options"].get(key, getattr(TrainOptions(), key))  # runs saved before the option existed
+            if saved != getattr(opts, key):
                 raise SleighError(f"--resume {out}", f"--{key.replace('_', '-')} {getattr(opts, key)} differs from the saved run's "
-                                  f"{meta['options'].get(key)}", "the options of the run being resumed")
+                                  f"{saved}", "the options of the run being resumed")
         trainer.load_state(state)
         log(f"resuming {out} at step {step}")
 
@@ -371,15 +399,23 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     last: dict = {}
     bad_images = 0
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
-    with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar:  # logs its own lines
+    # The next step's batch is made in a thread while this step trains (Pillow and numpy release the GIL):
+    # batches are a pure function of (seed, step, phase), so the weights are those of making them in turn.
+    with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="sleigh-batches") as pool:
+        ahead = None  # ((step, phase), future)
         while True:
             seconds = elapsed_before + time.perf_counter() - t0
             frac = step / total if total else seconds / budget_s
             if frac >= 1:
                 break
             phase = batches.phase(step, frac)
+            made = ahead[1] if ahead and ahead[0] == (step, phase) else pool.submit(batches.make, step, phase)
+            if total is None or step + 1 < total:  # with --minutes, guess the next phase from this step's clock
+                key = (step + 1, batches.phase(step + 1, (step + 1) / total if total else frac))
+                ahead = (key, pool.submit(batches.make, *key))
             try:
-                last = trainer.step(batches.make(step, phase), trainer.lr_at(step, frac))
+                last = trainer.step(made.result(), trainer.lr_at(step, frac))
             except SleighError as e:  # an image that passed the header check but cannot be decoded
                 if opts.strict:
                     raise
@@ -391,6 +427,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
             now = elapsed_before + time.perf_counter() - t0
             speed = step / max(now, 1e-9)
             aux = "" if last["aux"] is None else f" aux {last['aux']:.3f}"
+            aux += "" if last["hint"] is None else f" hint {last['hint']:.3f}"
             text = (f"train [{_phase_name(phase)}] loss {last['loss']:.3f}{aux} answer-token acc {last['token_acc']:.2f}"
                     f" {speed:.2f} steps/s")
             bar.advance(1 if total else now - seconds, description=text)

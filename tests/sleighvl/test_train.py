@@ -115,6 +115,81 @@ def test_same_seed_same_weights_other_seed_other_weights(demo_ckpt, data, tmp_pa
     assert any(not torch.equal(a[k], weights(demo_ckpt)[k]) for k in a)
 
 
+def test_batches_made_ahead_in_a_thread_give_the_weights_of_making_them_in_turn(demo_ckpt, data, tmp_path, monkeypatch):
+    opts = TrainOptions(train="all", steps=4, batch=2, threads=1, quiet=True)
+    train(demo_ckpt, data, tmp_path / "ahead", opts, log=lambda m: None)
+
+    class InTurn:  # an executor that makes each batch when asked, in the training thread
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, *args):
+            from concurrent.futures import Future
+
+            done = Future()
+            done.set_result(fn(*args))
+            return done
+
+    monkeypatch.setattr(train_mod, "ThreadPoolExecutor", InTurn)
+    train(demo_ckpt, data, tmp_path / "in-turn", opts, log=lambda m: None)
+    a, b = weights(tmp_path / "ahead"), weights(tmp_path / "in-turn")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gswa_hint_is_minus_log_of_the_object_tiles_share_and_pulls_gswa_towards_it(demo_ckpt, data, tmp_path):
+    """--gswa-hint: -log of the share of the thumbnail's attention that goes to the tile holding the
+    object (the tile `sleigh eval` checks GSWA's top weight against); a step down its gradient raises it."""
+    from sleigh.data.qa import read_qa
+    from sleigh.evaluate import top_tile_holds_object
+    from sleigh.runtime.prompt import PromptTokenizer
+    from sleigh.sleighvl.batches import Batches
+    from sleigh.sleighvl.checkpoint import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(demo_ckpt)
+    tok = PromptTokenizer.from_file(demo_ckpt / "tokenizer.json")
+    opts = TrainOptions(train="all", steps=10, batch=4, gswa_hint=1.0)
+    batch = Batches(read_qa(data), opts, True, cfg).make(7, 2)  # the four-tile phase
+    assert batch.curriculum and all(ex.box for ex in batch.examples)
+    assert any(t.num_views > 1 for t in batch.tiled)
+    trainer = train_mod.Trainer(model, tok, train_mod.PARTS, opts, torch.device("cpu"), use_aux=True)
+
+    def hint_loss():
+        model.zero_grad()
+        return trainer._hint_loss(batch, [model.encode_images(torch.from_numpy(t.pixel_values)) for t in batch.tiled])
+
+    hint = hint_loss()
+    with torch.no_grad():  # the reference: the object's tile found by `sleigh eval`'s rule, its share by hand
+        ref = []
+        for ex, t in zip(batch.examples, batch.tiled):
+            if t.num_views > 1:
+                a = model.gswa.thumbnail_attention(model.encode_images(torch.from_numpy(t.pixel_values)).last_hidden[:, 0])
+                share = (a[:-1] / a[:-1].sum()).tolist()
+                hit = [i for i in range(len(share))
+                       if top_tile_holds_object([float(i == j) for j in range(len(share))] + [1.0], t.grid, t.image_size, ex.box)]
+                ref.append(-np.log(share[hit[0]]))
+    assert hint.item() == pytest.approx(float(np.mean(ref)), rel=1e-5)
+    hint.backward()
+    with torch.no_grad():
+        for p in model.gswa.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+    assert hint_loss().item() < hint.item()
+    # in a run, the hint acts in the curriculum's multi-tile steps only (of 10 steps, 2 to 4) and moves GSWA
+    runs = {}
+    for hint in (0.0, 1.0):
+        opts = TrainOptions(train="all", steps=10, batch=2, threads=1, quiet=True, gswa_hint=hint)
+        runs[hint] = train(demo_ckpt, data, tmp_path / f"hint-{hint}", opts, log=lambda m: None)
+    assert runs[1.0].last["hint"] is None  # the last step reads the data
+    a, b = weights(tmp_path / "hint-0.0"), weights(tmp_path / "hint-1.0")
+    assert not torch.equal(a["gswa.final_qk.weight"], b["gswa.final_qk.weight"])
+
+
 def test_curriculum_phases_by_fraction_or_by_steps():
     from sleigh.sleighvl.batches import Batches
 
@@ -244,6 +319,9 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
     (dict(steps=1, resume=True), "train_state"),
     (dict(steps=10, curriculum_steps=10), "--curriculum-steps"),
     (dict(minutes=1.0, curriculum_steps=10), "--curriculum-steps"),
+    (dict(steps=1, train="all", gswa_hint=-1.0), "--gswa-hint"),
+    (dict(steps=1, train="projector", gswa_hint=1.0), "--gswa-hint"),
+    (dict(steps=1, train="gswa", gswa_hint=1.0), "--gswa-hint"),  # no curriculum without the ViT trained
 ])
 def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
     with pytest.raises(SleighError, match=needle):
