@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -41,20 +40,16 @@ def main() -> None:
     opts = TrainOptions(train="all", steps=2000, batch=16, seed=0, threads=args.threads)
     trainer = Trainer(model, tok, PARTS, opts, torch.device("cpu"), use_aux=True)
     batches = Batches(read_qa(args.data), opts, True, cfg)
-    with ThreadPoolExecutor(1) as pool:
+    with batches:
         for phase, start in PHASE_STARTS:
             steps = range(start, start + args.steps)
             t0 = time.perf_counter()
-            if args.mode == "in-turn":
-                for k in steps:
-                    trainer.step(batches.make(k, phase), 1e-4)
-            else:
-                made = pool.submit(batches.make, start, phase)
-                for k in steps:
-                    batch = made.result()
-                    if k + 1 < steps.stop:
-                        made = pool.submit(batches.make, k + 1, phase)
-                    trainer.step(batch, 1e-4)
+            for k in steps:
+                if args.mode == "in-turn":
+                    batch = batches.make(k, phase)
+                else:  # as `sleigh train` does
+                    batch = batches.fetch((k, phase), (k + 1, phase) if k + 1 < steps.stop else None)
+                trainer.step(batch, 1e-4)
             print(f"{args.mode} phase {phase}: {(time.perf_counter() - t0) / args.steps:.3f} s/step", flush=True)
 
 

@@ -3,6 +3,7 @@ pure function of (seed, k). No torch here: making a batch is numpy and Pillow.""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,6 +59,15 @@ class Batches:
         sizes = [qa.meta.get("size") for _, qas in self.groups for qa in qas[:1]]
         sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
         self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
+        self._pool, self._ahead = None, None  # fetch's thread and its look-ahead ((step, phase), future)
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
 
     def phase(self, step: int, frac: float) -> int:
         """0, 1, 2 for the curriculum's phases, 3 for the data: by step when the curriculum's length is
@@ -91,6 +101,16 @@ class Batches:
         tiled = [tile_image(ex.image, min_tiles=img.min_tiles, max_tiles=ex.max_tiles or img.max_tiles, size=size,
                             thumbnail=img.thumbnail, mean=img.mean, std=img.std) for ex in examples]
         return Batch(examples, tiled, phase < len(CURRICULUM))
+
+    def fetch(self, key: tuple[int, int], next_key: tuple[int, int] | None) -> Batch:
+        """make(*key), taken from the last call's look-ahead when that was `key`; then starts making
+        `next_key` in a thread while the caller trains on this batch (Pillow and numpy release the GIL).
+        Batches are a pure function of (seed, step, phase), so this changes when they are made, not what."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sleigh-batches")
+        made = self._ahead[1] if self._ahead and self._ahead[0] == key else self._pool.submit(self.make, *key)
+        self._ahead = (next_key, self._pool.submit(self.make, *next_key)) if next_key else None
+        return made.result()
 
     def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:
         _, tiles, (lo, hi) = CURRICULUM[phase]

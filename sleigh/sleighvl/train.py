@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -399,23 +398,19 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     last: dict = {}
     bad_images = 0
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
-    # The next step's batch is made in a thread while this step trains (Pillow and numpy release the GIL):
-    # batches are a pure function of (seed, step, phase), so the weights are those of making them in turn.
-    with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, \
-            ThreadPoolExecutor(1, thread_name_prefix="sleigh-batches") as pool:
-        ahead = None  # ((step, phase), future)
+    with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, batches:
         while True:
             seconds = elapsed_before + time.perf_counter() - t0
             frac = step / total if total else seconds / budget_s
             if frac >= 1:
                 break
             phase = batches.phase(step, frac)
-            made = ahead[1] if ahead and ahead[0] == (step, phase) else pool.submit(batches.make, step, phase)
-            if total is None or step + 1 < total:  # with --minutes, guess the next phase from this step's clock
-                key = (step + 1, batches.phase(step + 1, (step + 1) / total if total else frac))
-                ahead = (key, pool.submit(batches.make, *key))
+            # the next step's batch is made while this one trains; with --minutes its phase is a guess from the clock
+            ahead = (step + 1, batches.phase(step + 1, (step + 1) / total if total else frac))
+            if total and ahead[0] >= total:
+                ahead = None
             try:
-                last = trainer.step(made.result(), trainer.lr_at(step, frac))
+                last = trainer.step(batches.fetch((step, phase), ahead), trainer.lr_at(step, frac))
             except SleighError as e:  # an image that passed the header check but cannot be decoded
                 if opts.strict:
                     raise

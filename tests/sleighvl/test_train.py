@@ -123,11 +123,8 @@ def test_batches_made_ahead_in_a_thread_give_the_weights_of_making_them_in_turn(
         def __init__(self, *a, **k):
             pass
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+        def shutdown(self, *a, **k):
+            pass
 
         def submit(self, fn, *args):
             from concurrent.futures import Future
@@ -136,7 +133,9 @@ def test_batches_made_ahead_in_a_thread_give_the_weights_of_making_them_in_turn(
             done.set_result(fn(*args))
             return done
 
-    monkeypatch.setattr(train_mod, "ThreadPoolExecutor", InTurn)
+    from sleigh.sleighvl import batches as batches_mod
+
+    monkeypatch.setattr(batches_mod, "ThreadPoolExecutor", InTurn)
     train(demo_ckpt, data, tmp_path / "in-turn", opts, log=lambda m: None)
     a, b = weights(tmp_path / "ahead"), weights(tmp_path / "in-turn")
     assert all(torch.equal(a[k], b[k]) for k in a)
