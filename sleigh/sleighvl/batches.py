@@ -17,6 +17,10 @@ from sleigh.sleighvl.config import SleighVLConfig
 # then the data. By default the curriculum is the run's first CURRICULUM_SHARE (or --curriculum-steps).
 CURRICULUM = ((0.4, 1, (40, 80)), (0.7, 2, (24, 60)), (1.0, 4, (16, 40)))
 CURRICULUM_SHARE = 0.5
+# Threads that tile a batch between training steps, not during one: a batch made in a thread while a
+# step trains (session 14) fought torch's two threads for the 2-core CPU and made steps up to 1.7x
+# slower on some days (benchmarks/RESULTS.md, "Making the batches").
+TILE_THREADS = 2
 
 
 @dataclass
@@ -59,15 +63,16 @@ class Batches:
         sizes = [qa.meta.get("size") for _, qas in self.groups for qa in qas[:1]]
         sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
         self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
-        self._pool, self._ahead = None, None  # fetch's thread and its look-ahead ((step, phase), future)
+        self._pool = None  # inside `with`: the threads that tile a batch's images
 
     def __enter__(self) -> Batches:
+        self._pool = ThreadPoolExecutor(TILE_THREADS, thread_name_prefix="sleigh-tiles")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool, self._ahead = None, None
+            self._pool = None
 
     def phase(self, step: int, frac: float) -> int:
         """0, 1, 2 for the curriculum's phases, 3 for the data: by step when the curriculum's length is
@@ -95,22 +100,17 @@ class Batches:
         return out
 
     def make(self, step: int, phase: int) -> Batch:
-        """Step `step`'s examples, tiled (a SleighError for an image that cannot be decoded)."""
-        img, size = self.cfg.image, self.cfg.vision.image_size
+        """Step `step`'s examples, tiled (a SleighError for an image that cannot be decoded). Inside
+        `with`, the images are tiled on TILE_THREADS threads (Pillow and numpy release the GIL) while
+        the training step waits: each image's views are its own, so the batch is the same either way."""
         examples = self.get(step, phase)
-        tiled = [tile_image(ex.image, min_tiles=img.min_tiles, max_tiles=ex.max_tiles or img.max_tiles, size=size,
-                            thumbnail=img.thumbnail, mean=img.mean, std=img.std) for ex in examples]
+        tiled = list((self._pool.map if self._pool else map)(self._tile, examples))
         return Batch(examples, tiled, phase < len(CURRICULUM))
 
-    def fetch(self, key: tuple[int, int], next_key: tuple[int, int] | None) -> Batch:
-        """make(*key), taken from the last call's look-ahead when that was `key`; then starts making
-        `next_key` in a thread while the caller trains on this batch (Pillow and numpy release the GIL).
-        Batches are a pure function of (seed, step, phase), so this changes when they are made, not what."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sleigh-batches")
-        made = self._ahead[1] if self._ahead and self._ahead[0] == key else self._pool.submit(self.make, *key)
-        self._ahead = (next_key, self._pool.submit(self.make, *next_key)) if next_key else None
-        return made.result()
+    def _tile(self, ex: Example) -> TiledImage:
+        img, size = self.cfg.image, self.cfg.vision.image_size
+        return tile_image(ex.image, min_tiles=img.min_tiles, max_tiles=ex.max_tiles or img.max_tiles, size=size,
+                          thumbnail=img.thumbnail, mean=img.mean, std=img.std)
 
     def _synthetic(self, rng: np.random.Generator, phase: int) -> Example:
         _, tiles, (lo, hi) = CURRICULUM[phase]

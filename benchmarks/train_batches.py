@@ -1,9 +1,14 @@
-"""Seconds per training step with each batch made in turn, or the next one made in a thread while a step
-trains (what `sleigh train` does), per phase of the demo recipe. Run the two modes one after the other,
-alone on the machine:
+"""Seconds per training step of the demo recipe, per phase, with each batch made one of three ways:
 
-    python benchmarks/train_prefetch.py in-turn CKPT --data runs/demo-data/train.jsonl
-    python benchmarks/train_prefetch.py ahead CKPT --data runs/demo-data/train.jsonl
+- `serial`: in the training thread, one image after another;
+- `threads`: between steps, its images tiled on `batches.TILE_THREADS` threads (what `sleigh train` does);
+- `ahead`: the next step's batch made in a thread while this step trains (session 14's way, since dropped).
+
+Run the modes one after the other, alone on the machine, and alternate them: the VM's speed drifts.
+
+    python benchmarks/train_batches.py serial CKPT --data runs/demo-data/train.jsonl
+    python benchmarks/train_batches.py threads CKPT --data runs/demo-data/train.jsonl
+    python benchmarks/train_batches.py ahead CKPT --data runs/demo-data/train.jsonl
 
 CKPT is a `sleigh init --preset demo` checkpoint; steps are taken at the start of each phase of a
 2,000-step run (batch 16, seed 0, 2 threads), at a small learning rate.
@@ -12,7 +17,9 @@ CKPT is a `sleigh init --preset demo` checkpoint; steps are taken at the start o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,7 +35,7 @@ PHASE_STARTS = ((0, 0), (1, 500), (2, 800), (3, 1000))  # (phase, first step) in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=("in-turn", "ahead"))
+    ap.add_argument("mode", choices=("serial", "threads", "ahead"))
     ap.add_argument("checkpoint", type=Path)
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=20, help="steps per phase")
@@ -40,16 +47,18 @@ def main() -> None:
     opts = TrainOptions(train="all", steps=2000, batch=16, seed=0, threads=args.threads)
     trainer = Trainer(model, tok, PARTS, opts, torch.device("cpu"), use_aux=True)
     batches = Batches(read_qa(args.data), opts, True, cfg)
-    with batches:
+    with batches if args.mode == "threads" else contextlib.nullcontext(), ThreadPoolExecutor(1) as ahead:
         for phase, start in PHASE_STARTS:
-            steps = range(start, start + args.steps)
             t0 = time.perf_counter()
-            for k in steps:
-                if args.mode == "in-turn":
-                    batch = batches.make(k, phase)
-                else:  # as `sleigh train` does
-                    batch = batches.fetch((k, phase), (k + 1, phase) if k + 1 < steps.stop else None)
+            made = ahead.submit(batches.make, start, phase)
+            for k in range(start, start + args.steps):
+                if args.mode == "ahead":
+                    batch = made.result()
+                    made = ahead.submit(batches.make, k + 1, phase)
+                else:
+                    batch = made.result() if k == start else batches.make(k, phase)
                 trainer.step(batch, 1e-4)
+            made.result()
             print(f"{args.mode} phase {phase}: {(time.perf_counter() - t0) / args.steps:.3f} s/step", flush=True)
 
 
