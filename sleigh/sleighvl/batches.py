@@ -18,8 +18,8 @@ from sleigh.sleighvl.config import SleighVLConfig
 CURRICULUM = ((0.4, 1, (40, 80)), (0.7, 2, (24, 60)), (1.0, 4, (16, 40)))
 CURRICULUM_SHARE = 0.5
 # Threads that tile a batch between training steps, not during one: a batch made in a thread while a
-# step trains (session 14) fought torch's two threads for the 2-core CPU and made steps up to 1.7x
-# slower on some days (benchmarks/RESULTS.md, "Making the batches").
+# step trains (session 14) fought torch's two threads for the 2-core CPU, and on one day made steps up
+# to 1.7x slower (benchmarks/RESULTS.md, "A shorter recipe for 20 minutes").
 TILE_THREADS = 2
 
 
