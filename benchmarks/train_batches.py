@@ -54,11 +54,11 @@ def main() -> None:
             for k in range(start, start + args.steps):
                 if args.mode == "ahead":
                     batch = made.result()
-                    made = ahead.submit(batches.make, k + 1, phase)
+                    if k + 1 < start + args.steps:
+                        made = ahead.submit(batches.make, k + 1, phase)
                 else:
                     batch = made.result() if k == start else batches.make(k, phase)
                 trainer.step(batch, 1e-4)
-            made.result()
             print(f"{args.mode} phase {phase}: {(time.perf_counter() - t0) / args.steps:.3f} s/step", flush=True)
 
 

@@ -321,4 +321,3 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
 def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
     with pytest.raises(SleighError, match=needle):
         train(demo_ckpt, data, tmp_path / "out", TrainOptions(**opts), log=lambda m: None)
-
