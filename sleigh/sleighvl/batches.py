@@ -83,10 +83,12 @@ class Batches:
         c = step / steps if steps else frac / CURRICULUM_SHARE
         return next((i for i, (end, _, _) in enumerate(CURRICULUM) if c < end), len(CURRICULUM))
 
-    def get(self, step: int, phase: int) -> list[Example]:
+    def _jobs(self, step: int, phase: int) -> list:
+        """Step `step`'s examples, or for a curriculum phase, each sample's own random stream (drawn
+        from the step's, so samples can be rendered on any thread in any order)."""
         rng = np.random.default_rng([self.opts.seed, step])
         if phase < len(CURRICULUM):
-            return [self._synthetic(rng, phase) for _ in range(self.opts.batch)]
+            return [(np.random.default_rng(seed), phase) for seed in rng.integers(0, 2**63, size=self.opts.batch)]
         n = len(self.groups)
         out = []
         for j in range(self.opts.batch):
@@ -101,11 +103,15 @@ class Batches:
 
     def make(self, step: int, phase: int) -> Batch:
         """Step `step`'s examples, tiled (a SleighError for an image that cannot be decoded). Inside
-        `with`, the images are tiled on TILE_THREADS threads (Pillow and numpy release the GIL) while
-        the training step waits: each image's views are its own, so the batch is the same either way."""
-        examples = self.get(step, phase)
-        tiled = list((self._pool.map if self._pool else map)(self._tile, examples))
-        return Batch(examples, tiled, phase < len(CURRICULUM))
+        `with`, the images are drawn (curriculum) and tiled on TILE_THREADS threads (Pillow and numpy
+        release the GIL) while the training step waits: each image has its own random stream and its
+        own views, so the batch is the same either way."""
+        made = list((self._pool.map if self._pool else map)(self._tiled, self._jobs(step, phase)))
+        return Batch([ex for ex, _ in made], [t for _, t in made], phase < len(CURRICULUM))
+
+    def _tiled(self, job) -> tuple[Example, TiledImage]:
+        ex = self._synthetic(*job) if isinstance(job, tuple) else job
+        return ex, self._tile(ex)
 
     def _tile(self, ex: Example) -> TiledImage:
         img, size = self.cfg.image, self.cfg.vision.image_size

@@ -229,7 +229,7 @@ PRESETS: dict[str, SleighVLConfig] = {
     # Trains from scratch on 2 CPU cores in minutes (`sleigh train --train all`, FACTS.md "Training a toy
     # SleighVL"): 112-px views (16 image tokens each), at most 6 tiles, a GSWA no wider than the LLM.
     "demo": SleighVLConfig(
-        vision=VisionConfig(image_size=112, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512),
+        vision=VisionConfig(image_size=112, hidden_size=128, num_layers=3, num_heads=4, intermediate_size=256),
         llm=LLMConfig(vocab_size=1000, hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=2,
                       intermediate_size=384, max_position_embeddings=2048),
         gswa=GSWAConfig(hidden_size=128, num_layers=2, num_heads=4),

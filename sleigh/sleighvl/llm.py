@@ -214,9 +214,10 @@ class LLM(nn.Module):
                 for _ in range(self.cfg.num_layers)]
 
     def forward(self, inputs_embeds, attention_mask, attention_bias, position_ids, past: KVCache,
-                all_positions: bool = False):
-        """-> logits (B, 1, V) of the last position (B, S, V with `all_positions`, which training
-        needs) and the new positions' (key, value) per layer (module docstring)."""
+                logits_at: torch.Tensor | None = None):
+        """-> logits (B, 1, V) of the last position, or with `logits_at` (B, S) bool, which training
+        passes, those positions' logits (N, V) in row-major order; and the new positions' (key, value)
+        per layer (module docstring)."""
         S = inputs_embeds.shape[1]
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
         x = inputs_embeds
@@ -227,4 +228,4 @@ class LLM(nn.Module):
         for layer, (pk, pv) in zip(self.layers, past):
             x, k, v = layer(x, cos, sin, terms, pk, pv)
             new.append((k, v))
-        return self.lm_head(self.norm(x if all_positions else x[:, -1:])), new  # (B, 1, V): the last position only
+        return self.lm_head(self.norm(x[:, -1:] if logits_at is None else x[logits_at])), new

@@ -41,12 +41,19 @@ class SleighVL(nn.Module):
         return self.encode_hidden(self.vision(pixel_values))
 
     def encode_hidden(self, hidden: torch.Tensor) -> VisionOutput:
-        """The ViT's output for one image's views (T, 1 + g*g, Cv) -> mlp1 and GSWA. The ViT reads
-        each view alone, so a batch of several images' views can share one ViT call (training)."""
-        projected = self.project(hidden)
-        weights = self.weigh_views(hidden[:, 0])
-        embeds = projected if self.gswa is None else scaled_embeds(projected, weights, self.cfg.gswa.apply)
-        return VisionOutput(embeds, weights, hidden, projected)
+        """The ViT's output for one image's views (T, 1 + g*g, Cv) -> mlp1 and GSWA."""
+        return self.encode_batch(hidden, [hidden.shape[0]])[0]
+
+    def encode_batch(self, hidden: torch.Tensor, views: list[int]) -> list[VisionOutput]:
+        """Several images' views from one ViT call (training), `views[i]` of them for image i, in
+        order -> per image, mlp1 and GSWA. The ViT and mlp1 read each view alone, so every view goes
+        through mlp1 at once; GSWA weighs each image's views among themselves."""
+        out = []
+        for h, projected in zip(torch.split(hidden, views), torch.split(self.project(hidden), views), strict=True):
+            weights = self.weigh_views(h[:, 0])
+            embeds = projected if self.gswa is None else scaled_embeds(projected, weights, self.cfg.gswa.apply)
+            out.append(VisionOutput(embeds, weights, h, projected))
+        return out
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """The ViT's output (T, 1 + g*g, Cv) -> mlp1's image embeddings (T, g*g/4, D), per view."""

@@ -169,7 +169,8 @@ def answer_logits(model, rows: list[Row], vis: list, pad: int) -> tuple[torch.Te
     keys and values kept, padding masked), then every row's rest attends over its image's prefix as
     cache slots. An image's 3 questions cost its ~100 image tokens once instead of three times.
 
-    -> pred (R, S-1, V), gold (R, S-1): position s of a row's rest predicts its id s + 1."""
+    -> pred (N, V), gold (N,): the N positions of the rows' rests whose next id is an answer id, row
+    by row (the LM head reads only those)."""
     cfg, dev = model.cfg, next(model.parameters()).device
     img, D = cfg.prompt.img_context_token_id, cfg.llm.hidden_size
     P = shared_prefixes(rows, len(vis))
@@ -197,9 +198,9 @@ def answer_logits(model, rows: list[Row], vis: list, pad: int) -> tuple[torch.Te
     mask = torch.cat([mask.index_select(0, of), torch.ones_like(ids)], dim=1)
     bias = torch.cat([bias.index_select(0, of), torch.zeros(ids.shape, device=dev)], dim=1)
     positions = torch.tensor(P, device=dev).index_select(0, of)[:, None] + torch.arange(S, device=dev)[None]
-    logits, _ = model.llm(model.embed(ids, torch.zeros(1, D, device=dev)), mask, bias, positions, past,
-                          all_positions=True)  # (R, S, V)
-    return logits[:, :-1], gold[:, 1:]
+    scored = torch.cat([gold[:, 1:] != IGNORE, torch.zeros_like(gold[:, :1], dtype=torch.bool)], dim=1)  # (R, S)
+    logits, _ = model.llm(model.embed(ids, torch.zeros(1, D, device=dev)), mask, bias, positions, past, logits_at=scored)
+    return logits, gold[:, 1:][scored[:, :-1]]
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -218,11 +219,9 @@ class Trainer:
         if self.aux is not None:
             params += list(self.aux.parameters())
         self.params = params
-        # Not fused: fused=True is 11 ms a step faster for the demo preset (4 against 16 ms) but rounds
-        # differently, so the shipped demo checkpoint's command (TRAINING.md) would no longer give its weights
-        # (benchmarks/RESULTS.md, "A shorter recipe"; so would one mlp1 call per batch and an LM head on
-        # answer positions only, 14 and 8 ms a step: for the next retrained demo model).
-        self.optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01)
+        # fused: one kernel for every parameter, 4 against 16 ms a step for the demo preset (benchmarks/RESULTS.md,
+        # "A 20-minute demo model"); CUDA and CPU both have it
+        self.optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01, fused=True)
 
     def lr_at(self, step: int, frac: float) -> float:
         warm = min(1.0, (step + 1) / WARMUP_STEPS)
@@ -234,7 +233,7 @@ class Trainer:
         examples, tiled = batch.examples, batch.tiled
         # one ViT call for every view of the batch (each view is encoded alone), then mlp1 and GSWA per image
         hidden = model.vision(torch.from_numpy(np.concatenate([t.pixel_values for t in tiled])).to(dev))
-        vis = [model.encode_hidden(h) for h in torch.split(hidden, [t.num_views for t in tiled])]
+        vis = model.encode_batch(hidden, [t.num_views for t in tiled])
         hint = self._hint_loss(batch, vis) if self.opts.gswa_hint and batch.curriculum else None
         aux_losses = []
         if self.aux is not None:
@@ -250,7 +249,7 @@ class Trainer:
                 prompt = tok.encode_prompt(question, t.num_views, tokens_per_view=cfg.vision.tokens_per_view)
                 rows.append(Row(i, prompt, tok.encode(answer, add_bos=False) + [tok.im_end_id]))
         pred, gold = answer_logits(model, rows, vis, pad=tok.eos_id)
-        lm_loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), gold.reshape(-1), ignore_index=IGNORE)
+        lm_loss = F.cross_entropy(pred, gold)
         loss = lm_loss
         aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
         if aux_loss is not None:
@@ -264,8 +263,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         with torch.no_grad():
-            scored = gold != IGNORE
-            token_acc = float((pred.argmax(-1)[scored] == gold[scored]).float().mean())
+            token_acc = float((pred.argmax(-1) == gold).float().mean())
         return {"loss": lm_loss.item(), "aux": None if aux_loss is None else aux_loss.item(),
                 "hint": None if hint is None else hint.item(), "token_acc": token_acc}
 

@@ -94,8 +94,8 @@ def test_shared_prefix_loss_and_gradients_equal_whole_sequences(demo_ckpt):
                                    cfg.vision.tokens_per_view, cfg.gswa.min_weight, [r.image for r in rows])
         positions = torch.arange(S)[None].expand_as(ids)
         logits, _ = model.llm(embeds, torch.ones_like(ids), bias, positions, model.llm.empty_cache(len(rows)),
-                              all_positions=True)
-        return logits[:, :-1], gold[:, 1:]
+                              logits_at=torch.ones(ids.shape, dtype=torch.bool))
+        return logits.reshape(*ids.shape, -1)[:, :-1], gold[:, 1:]
 
     ref_loss, ref_grads = loss_and_grads(whole)
     got_loss, got_grads = loss_and_grads(lambda vis: train_mod.answer_logits(model, rows, vis, tok.eos_id))
@@ -321,3 +321,19 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
 def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
     with pytest.raises(SleighError, match=needle):
         train(demo_ckpt, data, tmp_path / "out", TrainOptions(**opts), log=lambda m: None)
+
+
+def test_encode_batch_equals_each_image_encoded_alone(demo_ckpt):
+    """The trainer's one mlp1 call over every view of a batch gives each image's encode_images."""
+    from sleigh.sleighvl.checkpoint import load_checkpoint
+
+    model, _, _ = load_checkpoint(demo_ckpt)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(n, 3, 112, 112, generator=g) for n in (3, 1, 7)]
+    with torch.no_grad():
+        batch = model.encode_batch(model.vision(torch.cat(images)), [3, 1, 7])
+        for got, pixels in zip(batch, images, strict=True):
+            alone = model.encode_images(pixels)
+            for field in ("image_embeds", "gswa_weights", "last_hidden", "projected"):
+                torch.testing.assert_close(getattr(got, field), getattr(alone, field), rtol=1e-5, atol=1e-5)
