@@ -1,7 +1,8 @@
 """Seconds per training step of the demo recipe, per phase, with each batch made one of three ways:
 
 - `serial`: in the training thread, one image after another;
-- `threads`: between steps, its images tiled on `batches.TILE_THREADS` threads (what `sleigh train` does);
+- `threads`: between steps, its images drawn (curriculum) and tiled on `batches.TILE_THREADS` threads
+  (what `sleigh train` does);
 - `ahead`: the next step's batch made in a thread while this step trains (session 14's way, since dropped).
 
 Run the modes one after the other, alone on the machine, and alternate them: the VM's speed drifts.

@@ -46,6 +46,8 @@ VISION_GATES: dict[str, dict[str, float]] = {
 # P·V in int8 the engine lost 2.0-3.4 points per question type and the gate read embeddings cosine
 # 0.987 and GSWA weights off by 0.88-1.52; with P·V in float (calibration/int8.py) it is within
 # 0.2 points of FP32 and reads 0.9989 and 0.33. Trained GSWA weights span ~0-3, so 0.5 separates the two.
+# (Those readings are from the previous demo model, 4-layer ViT; the one shipped since reads 0.9993-0.9996
+# and 0.05-0.24 over three seeds, and its task accuracy stays within 0.6 points of FP32.)
 LLM_GATES: dict[str, dict[str, float]] = {
     "fp32": {"logits_cos_min": 0.9999, "top1": 1.0, "tokens": 0.9},
     "fp16": {"logits_cos_min": 0.999, "top1": 0.8, "tokens": 0.25},
@@ -104,8 +106,17 @@ def compare_pair(ref: Side, got: Side, image, prompt: str) -> PairResult:
                       _prefix(ref.token_ids, got.token_ids))
 
 
+def llm_gate(precision: str, llm_weights: str) -> dict[str, float]:
+    """The LLM metrics' floors: the looser of the decoder weights' and the vision precision's table, since
+    the decoder reads the vision engine's embeddings. (INT8 vision with an FP32 decoder on the trained demo
+    model: logits cosine 0.99998 but greedy tokens 0.74-0.83 agreeing, against FP32's floor of 0.9, while
+    its task accuracy stayed within 0.6 points of FP32; benchmarks/RESULTS.md, "The demo model".)"""
+    own, upstream = LLM_GATES[llm_weights], LLM_GATES[precision]
+    return {k: min(v, upstream[k]) if HIGHER_IS_BETTER[k] else max(v, upstream[k]) for k, v in own.items()}
+
+
 def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tokens: int = NUM_TOKENS) -> dict:
-    gate = {**VISION_GATES[precision], **LLM_GATES[llm_weights]}
+    gate = {**VISION_GATES[precision], **llm_gate(precision, llm_weights)}
     metrics = {
         "embeddings_cos_mean": float(np.mean([p.embeddings_cos_mean for p in pairs])),
         "embeddings_cos_min": float(np.min([p.embeddings_cos_min for p in pairs])),

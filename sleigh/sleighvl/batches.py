@@ -17,9 +17,10 @@ from sleigh.sleighvl.config import SleighVLConfig
 # then the data. By default the curriculum is the run's first CURRICULUM_SHARE (or --curriculum-steps).
 CURRICULUM = ((0.4, 1, (40, 80)), (0.7, 2, (24, 60)), (1.0, 4, (16, 40)))
 CURRICULUM_SHARE = 0.5
-# Threads that tile a batch between training steps, not during one: a batch made in a thread while a
-# step trains (session 14) fought torch's two threads for the 2-core CPU, and on one day made steps up
-# to 1.7x slower (benchmarks/RESULTS.md, "A shorter recipe for 20 minutes").
+# Threads that draw (curriculum) and tile a batch's images between training steps, not during one: a
+# batch made in a thread while a step trains (session 14) fought torch's two threads for the 2-core CPU,
+# and on one day made steps up to 1.7x slower (benchmarks/RESULTS.md, "A shorter recipe for 20 minutes").
+# Drawing the curriculum's samples on them too takes a one-tile batch from 0.21-0.28 to 0.13-0.17 s.
 TILE_THREADS = 2
 
 

@@ -220,7 +220,7 @@ class Trainer:
             params += list(self.aux.parameters())
         self.params = params
         # fused: one kernel for every parameter, 4 against 16 ms a step for the demo preset (benchmarks/RESULTS.md,
-        # "A 20-minute demo model"); CUDA and CPU both have it
+        # "A shorter recipe for 20 minutes"); CUDA and CPU both have it
         self.optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.01, fused=True)
 
     def lr_at(self, step: int, frac: float) -> float:

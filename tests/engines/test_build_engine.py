@@ -243,6 +243,19 @@ def test_the_gate_trips_on_a_broken_engine(engine_pkg, tmp_path):
     assert proc.returncode != 0 and "FAIL" in proc.stdout
 
 
+def test_the_decoder_is_judged_no_tighter_than_the_vision_engine_it_reads():
+    """INT8 vision with FP32 decoder weights: the decoder's outputs carry INT8 vision's drift, so its
+    token floor is INT8's, not FP32's; an FP32 engine keeps FP32's."""
+    from sleigh.engines.accuracy import LLM_GATES, PairResult, summarize
+
+    pair = PairResult("a.jpg", "hi", 3, 0.9995, 0.9995, 0.2, 0.99998, True, 12)  # 12 of NUM_TOKENS (32) agree
+    tokens = {(p, w): next(c for c in summarize([pair], p, w)["checks"] if c["metric"] == "tokens")
+              for p, w in (("int8", "fp32"), ("fp32", "fp32"), ("int8", "int4"))}
+    assert tokens["int8", "fp32"]["threshold"] == LLM_GATES["int8"]["tokens"] and tokens["int8", "fp32"]["ok"]
+    assert tokens["fp32", "fp32"]["threshold"] == LLM_GATES["fp32"]["tokens"] and not tokens["fp32", "fp32"]["ok"]
+    assert tokens["int8", "int4"]["threshold"] == min(LLM_GATES["int8"]["tokens"], LLM_GATES["int4"]["tokens"])
+
+
 def one_pair_gate(monkeypatch):
     """The gate on one image/prompt pair: enough to fail it on purpose, a fifth of its time."""
     import sleigh.engines.accuracy as accuracy
