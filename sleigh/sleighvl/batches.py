@@ -84,9 +84,9 @@ class Batches:
         c = step / steps if steps else frac / CURRICULUM_SHARE
         return next((i for i, (end, _, _) in enumerate(CURRICULUM) if c < end), len(CURRICULUM))
 
-    def _jobs(self, step: int, phase: int) -> list:
-        """Step `step`'s examples, or for a curriculum phase, each sample's own random stream (drawn
-        from the step's, so samples can be rendered on any thread in any order)."""
+    def _jobs(self, step: int, phase: int) -> list[Example | tuple[np.random.Generator, int]]:
+        """Step `step`'s examples, or for a curriculum phase, each sample's own random stream and the
+        phase (the streams drawn from the step's, so samples can be rendered on any thread in any order)."""
         rng = np.random.default_rng([self.opts.seed, step])
         if phase < len(CURRICULUM):
             return [(np.random.default_rng(seed), phase) for seed in rng.integers(0, 2**63, size=self.opts.batch)]
@@ -110,7 +110,7 @@ class Batches:
         made = list((self._pool.map if self._pool else map)(self._tiled, self._jobs(step, phase)))
         return Batch([ex for ex, _ in made], [t for _, t in made], phase < len(CURRICULUM))
 
-    def _tiled(self, job) -> tuple[Example, TiledImage]:
+    def _tiled(self, job: Example | tuple[np.random.Generator, int]) -> tuple[Example, TiledImage]:
         ex = self._synthetic(*job) if isinstance(job, tuple) else job
         return ex, self._tile(ex)
 
