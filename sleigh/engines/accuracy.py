@@ -29,13 +29,14 @@ PROMPTS = ("Describe the image in detail.", "What is the main object in this pic
            "What colours do you see?", "Is there any text in the image?", "Where could this photo have been taken?")
 
 # Thresholds, one table per precision: the vision metrics follow the engine's precision, the LLM
-# metrics its decoder weights (--llm-weights). embeddings_cos_min and logits_cos_min are minima over
-# all pairs; top1 and tokens are fractions (top-1 agreement of the last logits; mean common greedy
-# prefix / NUM_TOKENS). Token agreement is a weak signal on random weights (near-flat logits flip on
-# tiny changes), so its floor is low; the cosines carry the gate. INT8's floor is measured: FP32 vision
-# with a weight-only INT8 decoder (logits cosine 0.9998) scored 0.13 on the small preset and the full
-# INT8 engine 0.17 to 0.33 on the tiny one (entropy, percentile, minmax; on an AVX2 EPYC), where the
-# prefix ends at the first near-tie; 0.1 still fails an engine whose first tokens already differ.
+# metrics the looser of its decoder weights' (--llm-weights) and its precision's (`llm_gate`).
+# embeddings_cos_min and logits_cos_min are minima over all pairs; top1 and tokens are fractions
+# (top-1 agreement of the last logits; mean common greedy prefix / NUM_TOKENS). Token agreement is a
+# weak signal on random weights (near-flat logits flip on tiny changes), so its floor is low; the
+# cosines carry the gate. INT8's floor is measured: FP32 vision with a weight-only INT8 decoder
+# (logits cosine 0.9998) scored 0.13 on the small preset and the full INT8 engine 0.17 to 0.33 on the
+# tiny one (entropy, percentile, minmax; on an AVX2 EPYC), where the prefix ends at the first
+# near-tie; 0.1 still fails an engine whose first tokens already differ.
 VISION_GATES: dict[str, dict[str, float]] = {
     "fp32": {"embeddings_cos_min": 0.9999, "gswa_max_abs": 1e-3},
     "fp16": {"embeddings_cos_min": 0.999, "gswa_max_abs": 0.02},
