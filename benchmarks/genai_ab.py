@@ -10,8 +10,9 @@ key map of tests/sleighvl/test_hf_parity.py, the one place that maps Sleigh onto
 Sleigh's torch LLM through transformers' own Llama (last-position logits of a short prompt within
 1e-4), and built by genai's model builder (`python -m onnxruntime_genai.models.builder -i HF -o OUT
 -p fp32|int4 -e cpu`). Sleigh runs the package's embed + decoder (or engine NAME's) through the
-runtime's backend API, as the Pipeline does for a text prompt: one prefill call, then one embed and
-one decoder step per token.
+runtime's backend API, as the Pipeline does for a text prompt: one embed and one prefill call, then
+one `step_tokens` per token (a fused decoder of package schema 6 embeds the token itself; an older
+form runs the embed module first).
 
 Both sides get the same N random token ids (never a special id or <IMG_CONTEXT>; `--seed`), decode
 M new tokens greedily over the whole vocabulary but EOS and <IMG_CONTEXT> (so EOS is ignored), and
@@ -197,8 +198,8 @@ class SleighSide:
         t1 = time.perf_counter()
         one_mask, one_bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
         for pos in range(P, P + new_tokens - 1):
-            step = backend.run("embed", {"input_ids": np.asarray([[tokens[-1]]], np.int64), "image_embeds": no_image})
-            logits = backend.step(cache, step["inputs_embeds"], one_mask, one_bias, np.asarray([[pos]], np.int64))
+            logits = backend.step_tokens(cache, np.asarray([[tokens[-1]]], np.int64), one_mask, one_bias,
+                                         np.asarray([[pos]], np.int64), no_image)
             tokens.append(self.pick(logits, seen))
         t2 = time.perf_counter()
         cache.close()

@@ -141,6 +141,8 @@ def weight_only(src: Path, dst: Path, bits: int) -> list[str]:
                                  accuracy_level=WEIGHT_ONLY_ACCURACY_LEVEL, nodes_to_exclude=exclude, algo_config=cfg)
         q.process()
         model = q.model.model
+    if "input_ids" in {i.name for i in model.graph.input}:  # a fused decoder's table: as the embed module's
+        table_int8(model, str(src))
     return save_onnx(model, dst)
 
 
@@ -231,19 +233,27 @@ def _attention_fp16(graph_nodes) -> list:
 
 
 def embed_int8(src: Path, dst: Path) -> list[str]:
-    """The embedding table as INT8 rows with one float32 scale per row (symmetric: max |w| / 127): the
-    float Gather becomes a Gather of the int8 rows and one of their scales, a Cast and a Mul, with the
-    same output. A quarter of the FP32 table's bytes, half of FP16's (0.19 GB against 0.38 GB at full
-    size), and the table is what an INT4 decoder's engine holds most of besides the decoder itself."""
+    """The embed module with its table as INT8 rows (`table_int8`)."""
+    model = _load(src)
+    table_int8(model, str(src))
+    return save_onnx(model, dst)
+
+
+def table_int8(model, where: str) -> None:
+    """The embedding table, in place, as INT8 rows with one float32 scale per row (symmetric: max |w|
+    / 127): the float Gather becomes a Gather of the int8 rows and one of their scales, a Cast and a
+    Mul, with the same output. A quarter of the FP32 table's bytes, half of FP16's (0.19 GB against
+    0.38 GB at full size), and the table is what an INT4 decoder's engine holds most of besides the
+    decoder itself. The embed module's table, and a fused decoder's copy of it (schema 6), are
+    quantized alike, so a token's embedding is the same in a prefill and in a decode step."""
     from onnx import TensorProto, helper, numpy_helper
 
-    model = _load(src)
     graph = model.graph
     tables = {t.name: t for t in graph.initializer if len(t.dims) == 2}
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
     if len(gathers) != 1:
-        raise SleighError(str(src), f"{len(gathers)} Gathers read a weight table (one expected: the token embedding)",
-                          "an embed module exported by `sleigh export`")
+        raise SleighError(where, f"{len(gathers)} Gathers read a weight table (one expected: the token embedding)",
+                          "a module exported by `sleigh export`")
     gather = gathers[0]
     name, ids, out = gather.input[0], gather.input[1], gather.output[0]
     table = numpy_helper.to_array(tables[name]).astype(np.float32)
@@ -259,7 +269,6 @@ def embed_int8(src: Path, dst: Path) -> list[str]:
                               helper.make_node("Gather", [f"{name}_scale", ids], [f"{out}_scale"], name=f"{gather.name}_scale"),
                               helper.make_node("Mul", [f"{out}_float", f"{out}_scale"], [out], name=f"{gather.name}_dequantize")]):
         graph.node.insert(at + i, node)
-    return save_onnx(model, dst)
 
 
 def copy(src: Path, dst: Path) -> list[str]:

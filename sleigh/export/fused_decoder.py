@@ -7,8 +7,12 @@ for q, k and v, RotaryEmbedding on q and k (rotate-half, at the given position_i
 GroupQueryAttention, the output MatMul, and the MLP with one MatMul for gate and up. The LM head
 reads the last position only.
 
-The decoder's inputs and outputs keep the standard form's names (package schema 5), with one change
-of meaning (manifest `kv_cache.form` "shared", README "The decoder's KV cache"): each
+The decoder's inputs and outputs keep the standard form's names, with one input more and one change
+of meaning (package schema 6). `input_ids` (B, S) brings the token embedding into the decoder: a
+decode step gives its token ids and a (1, 1, D) row of zeros as `inputs_embeds`, so no embed session
+runs per token and on a GPU the token's embedding never crosses to the host; a prefill gives the embed
+module's `inputs_embeds` (image rows merged) and `input_ids` [[-1]] ("no token here"). The change of
+meaning (manifest `kv_cache.form` "shared", README "The decoder's KV cache"): each
 `past_key_values.*` input is the cache's whole buffer (B, KV, capacity, hd), positions 0..P-1 in
 use, and the `new_key_values.*` output of the same index is that same buffer with the S new
 positions written at P..P+S-1, in place when the caller binds one array to both (the runtime does).
@@ -86,16 +90,26 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
         return outputs
 
     # P+S (the positions in use after this step), seqlens_k, and the additive bias (B, 1, S, P+S)
+    # The hidden states in (B, S, D): the table's rows where input_ids holds a token id (a decode step:
+    # token ids in, inputs_embeds one row of zeros (1, 1, D)), inputs_embeds where it holds -1 (a prefill:
+    # the embed module's rows, input_ids [[-1]]); the two broadcast against each other.
+    table = weight("embed_tokens.weight", llm.embed_tokens.weight.detach().numpy())
+    node("GreaterOrEqual", ["input_ids", const("zero_i64", 0, np.int64)], ["is_token"])
+    node("Max", ["input_ids", "zero_i64"], ["token_row"])
+    node("Gather", [table, "token_row"], ["token_embeds"], axis=0)
+    node("Unsqueeze", ["is_token", const("axis_last", [-1], np.int64)], ["is_token_3d"])
+    x = node("Where", ["is_token_3d", "token_embeds", "inputs_embeds"], ["hidden_in"])[0]
+
     node("Shape", ["attention_mask"], ["total_1d"], start=1, end=2)
     node("Cast", ["total_1d"], ["total_1d_i32"], to=TensorProto.INT32)
     node("Squeeze", ["total_1d_i32"], ["total_sequence_length"])
-    node("Shape", ["inputs_embeds"], ["batch_1d"], start=0, end=1)
+    node("Shape", [x], ["batch_1d"], start=0, end=1)
     node("Sub", ["total_sequence_length", const("one_i32", 1, np.int32)], ["last_index"])
     node("Expand", ["last_index", "batch_1d"], ["seqlens_k"])
-    node("Greater", ["attention_mask", const("zero_i64", 0, np.int64)], ["in_use"])
+    node("Greater", ["attention_mask", "zero_i64"], ["in_use"])
     node("Where", ["in_use", "attention_bias", const("masked_logit", MASKED_LOGIT, np.float32)], ["key_bias"])
     node("Unsqueeze", ["key_bias", const("axes_1_2", [1, 2], np.int64)], ["key_bias_4d"])
-    node("Shape", ["inputs_embeds"], ["seq_1d"], start=1, end=2)
+    node("Shape", [x], ["seq_1d"], start=1, end=2)
     node("Concat", ["batch_1d", const("one_i64_1d", [1], np.int64), "seq_1d", "total_1d"], ["bias_shape"], axis=0)
     # (B, 1, S, P+S): GroupQueryAttention takes no bias broadcast over the queries ("dimension 2 must be
     # equal to the sequence length")
@@ -107,7 +121,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     eps = float(cfg.rms_norm_eps)
     past, new = kv_names(L, PAST), kv_names(L, NEW)
 
-    x, residual = "inputs_embeds", None
+    residual = None
     for i, layer in enumerate(llm.layers):
         p = f"layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
@@ -154,7 +168,8 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     kv_out = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hd]) for n in new]
     graph = helper.make_graph(
         nodes, "decoder",
-        [helper.make_tensor_value_info("inputs_embeds", f32, ["batch", "sequence", D]),
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["ids_batch", "ids_sequence"]),
+         helper.make_tensor_value_info("inputs_embeds", f32, ["embeds_batch", "embeds_sequence", D]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
          helper.make_tensor_value_info("attention_bias", f32, ["batch", "total_sequence"]),
          helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]), *kv_in],

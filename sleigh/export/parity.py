@@ -219,6 +219,7 @@ class SharedCase:
     bias: np.ndarray
     pos: np.ndarray
     ref: dict
+    ids: np.ndarray | None = None  # a decode step's token ids (x is their embedding): fed as ids where the decoder takes them
 
 
 def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCase]:
@@ -230,27 +231,28 @@ def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCas
     past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
     cases = []
 
-    def case(name, cache, x, mask, bias_new, pos):
+    def case(name, cache, x, mask, bias_new, pos, ids=None):
         P = cache.length
         attention = cache.attention(mask, bias_new, shared=True)
         used = {n: np.array(cache.slots[n][:, :, :P]) for n in past_names}
         ref_out = decoder(*[torch.from_numpy(a) for a in (x, attention["attention_mask"], attention["attention_bias"], pos)],
                           *[torch.from_numpy(used[n]) for n in past_names])
         ref = dict(zip([LOGITS, *new_names], [t.numpy() for t in ref_out]))
-        cases.append(SharedCase(name, used, cache.mask[:, :P].copy(), cache.bias[:, :P].copy(), x, mask, bias_new, pos, ref))
+        cases.append(SharedCase(name, used, cache.mask[:, :P].copy(), cache.bias[:, :P].copy(), x, mask, bias_new, pos, ref, ids))
         cache.append({p: ref[n] for p, n in zip(past_names, new_names)}, mask, bias_new)
         return ref[LOGITS]
 
     cache = SlotCache(past_names, 1, KV, hd)
-    mask, P = np.ones((1, inputs.shape[1]), np.int64), 0
+    mask, P, ids = np.ones((1, inputs.shape[1]), np.int64), 0, None
     for name in ["decoder prefill (no cache)", "decoder decode step 1 (shared)", "decoder decode step 2 (shared)"]:
         S = inputs.shape[1]
-        logits = case(name, cache, inputs, mask, bias, np.arange(P, P + S, dtype=np.int64)[None])
+        logits = case(name, cache, inputs, mask, bias, np.arange(P, P + S, dtype=np.int64)[None], ids)
         P += S
-        inputs = embed(torch.tensor([[int(logits[0, -1].argmax())]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+        ids = np.array([[int(logits[0, -1].argmax())]], np.int64)
+        inputs = embed(torch.from_numpy(ids), torch.zeros(1, cfg.llm.hidden_size)).numpy()
         mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
     B, S = 2, 5
-    for name, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random B=2 after 8 (shared)", 8, 3)]:
+    for name, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random tokens B=2 after 8 (shared)", 8, 3)]:
         cache = SlotCache(past_names, B, KV, hd)
         if C:
             cache.reserve(C + S)
@@ -262,8 +264,12 @@ def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCas
         mask = np.ones((B, S), np.int64)
         if not C:
             mask[1, :pad] = 0  # left padding in row 1
-        case(name, cache, rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32), mask,
-             (0.1 * rng.standard_normal((B, S))).astype(np.float32), np.tile(np.arange(C, C + S, dtype=np.int64), (B, 1)))
+        x, ids = rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32), None
+        if C:  # random tokens: their ids where the decoder takes them, their embeddings elsewhere
+            ids = rng.integers(0, cfg.llm.vocab_size, (B, S)).astype(np.int64)
+            x = embed(torch.from_numpy(ids), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+        case(name, cache, x, mask, (0.1 * rng.standard_normal((B, S))).astype(np.float32),
+             np.tile(np.arange(C, C + S, dtype=np.int64), (B, 1)), ids)
     return cases
 
 
@@ -289,7 +295,10 @@ def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision) -> list[C
                 cache.advance(c.past_mask, c.past_bias)
             for n in past_names:
                 cache.slots[n][:, :, :P] = c.slots[n]
-            got = backend.step(cache, c.x, c.mask, c.bias, c.pos)[:, None]
+            if c.ids is not None and backend.reads_ids:  # the token's embedding inside the decoder
+                got = backend.step_tokens(cache, c.ids, c.mask, c.bias, c.pos, np.zeros((1, c.x.shape[-1]), np.float32))[:, None]
+            else:
+                got = backend.step(cache, c.x, c.mask, c.bias, c.pos)[:, None]
             real = c.mask[:, None, :, None]
             written = {n: cache.slots[p][:, :, P:P + S] * real for p, n in zip(past_names, new_names)}
             results.extend(_compare_all(c.name, {LOGITS: got, **written}, {LOGITS: c.ref[LOGITS], **{n: c.ref[n] * real for n in new_names}},

@@ -397,7 +397,7 @@ class Pipeline:
         sampler = Sampler(sampling)
         stream = StreamDecoder(self.tokenizer)
         stops_text = StopStrings(stop)
-        dummy_rows = np.zeros((1, contract.model.hidden_size), np.float32)
+        no_image = np.zeros((1, contract.model.hidden_size), np.float32)
         stops = set(contract.generation.stop_token_ids)
         history = list(ids)
         generated: list[int] = []
@@ -422,9 +422,8 @@ class Pipeline:
             if len(generated) >= max_new_tokens:
                 break
             pos = len(ids) + len(generated) - 1
-            step_embeds = backend.run("embed", {"input_ids": np.asarray([[token]], np.int64),
-                                                "image_embeds": dummy_rows})["inputs_embeds"]
-            logits = backend.step(cache, step_embeds, one_mask, one_bias, np.asarray([[pos]], np.int64))
+            logits = backend.step_tokens(cache, np.asarray([[token]], np.int64), one_mask, one_bias,
+                                         np.asarray([[pos]], np.int64), no_image)
         yield stops_text.push(stream.flush()) + stops_text.flush()
         timings.decode_s = time.perf_counter() - t_first
         if len(generated) > 1 and timings.decode_s > 0:

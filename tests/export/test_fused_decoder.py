@@ -49,7 +49,7 @@ def test_the_fused_decoder_matches_the_reference(fused_pkg, tiny_model):
     masked positions (run row by row): logits and the keys/values written into the cache buffers."""
     results = _cases(fused_pkg / "decoder.onnx", tiny_model)
     assert {r.case for r in results} >= {"decoder prefill (no cache)", "decoder decode step 2 (shared)",
-                                         "decoder random B=2 after 8 (shared)"}
+                                         "decoder random tokens B=2 after 8 (shared)"}
     assert all(r.ok for r in results), [(r.case, r.output, r.needed_atol) for r in results if not r.ok]
 
 
@@ -133,7 +133,7 @@ def test_large_weights_stream_into_external_data(tiny_model, tmp_path, monkeypat
     assert (external / "decoder.onnx").stat().st_size < 100_000 < (external / "decoder.onnx.data").stat().st_size
     cfg = tiny_model.cfg.llm
     rng = np.random.default_rng(0)
-    feeds = {"inputs_embeds": rng.standard_normal((1, 5, cfg.hidden_size)).astype(np.float32),
+    feeds = {"input_ids": rng.integers(0, cfg.vocab_size, (1, 5)), "inputs_embeds": np.zeros((1, 1, cfg.hidden_size), np.float32),
              "attention_mask": np.ones((1, 5), np.int64), "attention_bias": np.zeros((1, 5), np.float32),
              "position_ids": np.arange(5)[None],
              **{f"past_key_values.{i}.{t}": np.zeros((1, cfg.num_kv_heads, 8, cfg.head_dim), np.float32)
@@ -150,3 +150,65 @@ def test_inspect_names_the_decoder_form_and_counts_onnxruntime_ops(fused_pkg, ti
     decoder = report["modules"]["decoder"]
     assert report["kv_cache"]["form"] == "shared" and decoder["custom_ops"] == []
     assert decoder["onnxruntime_ops"]["GroupQueryAttention"] == tiny_model.cfg.llm.num_layers
+
+
+def _one_step_both_ways(backend, hidden: int, vocab: int):
+    """(logits of a decode step fed token ids, logits of the same step fed the embed module's rows),
+    each after the same 6-token prefill."""
+    rng = np.random.default_rng(3)
+    no_image = np.zeros((1, hidden), np.float32)
+    prompt, token = rng.integers(0, vocab, (1, 6)), rng.integers(0, vocab, (1, 1))
+    got = []
+    for by_ids in (True, False):
+        cache = backend.new_cache(1)
+        embeds = backend.run("embed", {"input_ids": prompt, "image_embeds": no_image})["inputs_embeds"]
+        backend.step(cache, embeds, np.ones((1, 6), np.int64), np.zeros((1, 6), np.float32), np.arange(6)[None])
+        args = (cache, np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32), np.array([[6]]))
+        if by_ids:
+            got.append(backend.step_tokens(args[0], token, *args[1:], no_image))
+        else:
+            embeds = backend.run("embed", {"input_ids": token, "image_embeds": no_image})["inputs_embeds"]
+            got.append(backend.step(args[0], embeds, *args[1:]))
+        cache.close()
+    return got
+
+
+def test_a_decode_step_embeds_its_token_inside_the_decoder(fused_pkg, tiny_model, monkeypatch):
+    """Schema 6: a decode step feeds the fused decoder its token id, and gets the logits that the embed
+    module's row for that token gives; a generation runs the embed module once (the prompt), not once
+    per token."""
+    from sleigh.runtime.pipeline import Pipeline
+
+    cfg = tiny_model.cfg.llm
+    with Pipeline.load(fused_pkg, engine="package") as pipe:
+        backend = pipe.backend
+        assert backend.reads_ids
+        by_ids, by_embeds = _one_step_both_ways(backend, cfg.hidden_size, cfg.vocab_size)
+        np.testing.assert_array_equal(by_ids, by_embeds)
+        runs, run = [], backend.run
+        monkeypatch.setattr(backend, "run", lambda module, feeds: runs.append(module) or run(module, feeds))
+        assert len(pipe.generate(None, "Hello", max_new_tokens=12, ignore_eos=True).result.token_ids) == 12
+        assert runs == ["embed"]
+
+
+@pytest.mark.parametrize("options", [dict(precision="fp32", llm_weights="int4", allow_degraded=True),
+                                     dict(precision="fp16")], ids=["int4", "fp16"])
+def test_an_engines_decoder_embeds_a_token_as_its_embed_module_does(fused_pkg, tiny_model, options):
+    """build-engine converts the fused decoder's copy of the table as the embed module's (INT8 rows
+    beside INT4/INT8 weights, float16 in an FP16 engine), so a token's embedding is the same in a
+    prefill and in a decode step."""
+    import onnx
+
+    from sleigh.engines.build_engine import build_engine
+    from sleigh.engines.options import EngineOptions
+    from sleigh.runtime.pipeline import Pipeline
+
+    entry = build_engine(fused_pkg, EngineOptions(quiet=True, **options))
+    dec = onnx.load(str(fused_pkg / entry.modules["decoder"]), load_external_data=False)
+    tables = {t.name: t.data_type for t in dec.graph.initializer if t.name.startswith("embed_tokens.weight")}
+    want = onnx.TensorProto.INT8 if "llm_weights" in options else onnx.TensorProto.FLOAT16
+    assert want in tables.values(), tables
+    cfg = tiny_model.cfg.llm
+    with Pipeline.load(fused_pkg, engine=entry.name) as pipe:
+        by_ids, by_embeds = _one_step_both_ways(pipe.backend, cfg.hidden_size, cfg.vocab_size)
+    np.testing.assert_allclose(by_ids, by_embeds, rtol=0, atol=1e-5 * np.abs(by_embeds).max())

@@ -63,6 +63,14 @@ class Backend(ABC):
         int64 and attention_bias (B, S) float32 of the new positions, position_ids (B, S) -> last logits
         (B, V) float32. The new positions' keys and values are added to `cache`."""
 
+    def step_tokens(self, cache: SlotCache, input_ids: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
+                    position_ids: np.ndarray, no_image: np.ndarray) -> np.ndarray:
+        """`step` on token ids (B, S) int64, text alone (a decode step): here the embed module, then
+        `step`; a backend whose decoder embeds tokens itself feeds the ids straight in. `no_image`
+        (1, D) float32 zeros: the embed module's image rows, which text tokens do not read."""
+        inputs_embeds = self.run("embed", {"input_ids": input_ids, "image_embeds": no_image})["inputs_embeds"]
+        return self.step(cache, inputs_embeds, attention_mask, attention_bias, position_ids)
+
     def describe(self) -> str:
         return self.name
 

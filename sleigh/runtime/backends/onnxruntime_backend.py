@@ -79,6 +79,13 @@ class OnnxRuntimeBackend(Backend):
         if absent:
             raise SleighError(str(files["decoder"]), f"the decoder lacks the cache tensors {absent[:2]} the manifest names",
                               f"the package's own decoder; {REEXPORT}")
+        # a fused decoder (schema 6) embeds a decode step's token ids itself: `step_tokens` feeds them
+        # with a row of zeros as inputs_embeds, `step` its embeddings with [[-1]] as input_ids
+        embeds = next((i for i in decoder.get_inputs() if i.name == "inputs_embeds"), None)
+        self.reads_ids = embeds is not None and "input_ids" in {i.name for i in decoder.get_inputs()}
+        if self.reads_ids:
+            self._no_ids = {"input_ids": np.full((1, 1), -1, np.int64)}
+            self._no_embeds = {"inputs_embeds": np.zeros((1, 1, embeds.shape[-1]), np.float32)}
         self.kv_dtype = np.dtype(_dtype(decoder.get_inputs(), self._past_names[0]))
         new_dtypes = {np.dtype(_dtype(decoder.get_outputs(), n)) for n in self._new_names}
         if new_dtypes != {self.kv_dtype}:
@@ -162,7 +169,7 @@ class OnnxRuntimeBackend(Backend):
         sess = self._session("decoder")
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
         if self.kv_form == "shared":
-            return self._step_shared(sess, cache, feeds, attention_mask, attention_bias)
+            return self._step_shared(sess, cache, feeds, attention_mask, attention_bias, self._no_ids if self.reads_ids else {})
         if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
             large = inputs_embeds.shape[1] > 1  # a prefill chunk; a decode step's arena is small and kept
@@ -184,12 +191,19 @@ class OnnxRuntimeBackend(Backend):
         cache.append(dict(zip(self._past_names, new)), attention_mask, attention_bias)
         return logits.numpy()[:, -1].astype(np.float32)
 
-    def _step_shared(self, sess, cache, feeds, attention_mask, attention_bias):
+    def step_tokens(self, cache, input_ids, attention_mask, attention_bias, position_ids, no_image):
+        if not self.reads_ids:
+            return super().step_tokens(cache, input_ids, attention_mask, attention_bias, position_ids, no_image)
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "position_ids": position_ids}
+        return self._step_shared(self._session("decoder"), cache, feeds, attention_mask, attention_bias, self._no_embeds)
+
+    def _step_shared(self, sess, cache, feeds, attention_mask, attention_bias, unused: dict):
         """A fused decoder (kv_cache.form "shared") reads the slots in use and writes the new positions
         into the same buffers: each slot tensor is bound as its input and as its output, so nothing is
         copied. GroupQueryAttention takes a prompt after a cache one row at a time
         (export/fused_decoder.py), so on the CPU such a step runs row by row, each row bound to its own
-        part of the slots. UNVERIFIED on CUDA (device OrtValues are bound whole)."""
+        part of the slots. `unused`: the input the step does not read (embeddings or token ids), bound
+        whole as its (1, 1) placeholder. UNVERIFIED on CUDA (device OrtValues are bound whole)."""
         S = attention_mask.shape[1]
         cache.reserve(cache.length + S)
         feeds.update(cache.attention(attention_mask, attention_bias, shared=True))
@@ -205,6 +219,8 @@ class OnnxRuntimeBackend(Backend):
                 binding = cache.binding[1]
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
+            for name, array in unused.items():
+                binding.bind_cpu_input(name, array)
             sess.run_with_iobinding(binding, self._shrink if S > 1 else None)
             logits.append(binding.get_outputs()[0].numpy())  # bound first: logits
         cache.advance(attention_mask, attention_bias)
