@@ -32,6 +32,7 @@ from sleigh.engines.options import EngineOptions, max_views
 from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
+from sleigh.runtime.compat import parse_version
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import EngineEntry, FileEntry, Manifest, parse_engine, read_manifest, update_manifest
@@ -404,6 +405,21 @@ def _check_decoder_form(form: str, opts: EngineOptions) -> None:
                           "a package exported with --decoder standard for TensorRT")
 
 
+# The oldest onnxruntime whose weight-only quantizer build-engine is tested with (README "Tested
+# versions"); 1.22's MatMulNBitsQuantizer takes other arguments.
+WEIGHT_ONLY_ORT_MIN = (1, 31, 0)
+
+
+def _check_weight_only_quantizer() -> None:
+    import onnxruntime
+
+    if parse_version(onnxruntime.__version__) < WEIGHT_ONLY_ORT_MIN:
+        floor = ".".join(map(str, WEIGHT_ONLY_ORT_MIN))
+        raise SleighError(f"onnxruntime {onnxruntime.__version__}", f"INT8/INT4 decoder weights are built with "
+                          f"onnxruntime's weight-only quantizer, tested from {floor} on",
+                          f"pip install 'onnxruntime>={floor}' to build (the engine then runs on onnxruntime 1.22 and newer)")
+
+
 def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     """Build, gate and register one engine; returns its entry as listed in the manifest."""
     pkg = Path(pkg)
@@ -415,6 +431,8 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
         raise SleighError(f"--name {name}", f"the package already has a {existing.backend!r} engine of that name",
                           "another --name")
     _check_decoder_form(manifest.contract.kv_cache.form, opts)
+    if opts.module_precisions["decoder"] in ("int8", "int4"):
+        _check_weight_only_quantizer()
     if opts.backend == "tensorrt":  # fail before converting anything
         from sleigh.engines.tensorrt_build import require_tensorrt
 

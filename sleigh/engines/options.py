@@ -158,7 +158,7 @@ class EngineOptions:
     def module_precisions(self) -> dict[str, str]:
         """What each module is converted to: an INT8 engine has a Q/DQ vision, and its decoder's weights
         follow --llm-weights. The embedding table (a lookup) follows the decoder's weights on ONNX Runtime:
-        INT8 rows where they are INT8/INT4 (build_engine.embed_int8), else the engine's float precision
+        INT8 rows where they are INT8/INT4 (build_engine.table_int8), else the engine's float precision
         (FP16 in an INT8 engine). GSWA (small matrices over the views' CLS tokens, whose weights steer the
         answer) stays FP32 in every engine."""
         embed = "fp32" if self.precision == "fp32" else "fp16"

@@ -345,6 +345,21 @@ def test_tensorrt_missing_is_one_line(tiny_pkg, tmp_path):
     assert proc.returncode != 0 and len(lines) == 1 and "TensorRT" in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_weight_only_under_an_onnxruntime_too_old_to_build_them_is_one_line(tiny_pkg, monkeypatch):
+    """INT8/INT4 decoder weights need the quantizer of onnxruntime >= 1.31 (1.22's takes other
+    arguments and failed with a TypeError deep inside); an FP16 build is not refused."""
+    import onnxruntime
+
+    from sleigh.engines import build_engine as be
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    for weights in ("int4", "int8"):
+        with pytest.raises(SleighError, match=r"onnxruntime 1\.22\.1 \| INT8/INT4 decoder weights .* pip install 'onnxruntime>=1\.31\.0'"):
+            be.build_engine(tiny_pkg, EngineOptions(precision="fp32", llm_weights=weights, quiet=True))
+    monkeypatch.setattr(onnxruntime, "__version__", "1.31.1")
+    be._check_weight_only_quantizer()  # the floor itself builds
+
+
 def test_inspect_lists_engines(engine_pkg):
     proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "inspect", str(engine_pkg), "--json"],
                           capture_output=True, text=True, timeout=300)
