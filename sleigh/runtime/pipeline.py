@@ -320,7 +320,10 @@ class Pipeline:
 
         t = time.perf_counter()
         input_ids = np.asarray([ids], dtype=np.int64)  # (1, P)
-        inputs_embeds = backend.run("embed", {"input_ids": input_ids, "image_embeds": image_rows})["inputs_embeds"]
+        if tiled is None:  # text alone: token ids in (a decoder that embeds them itself runs no embed session)
+            inputs = input_ids
+        else:
+            inputs = backend.run("embed", {"input_ids": input_ids, "image_embeds": image_rows})["inputs_embeds"]
         bias = np.zeros(input_ids.shape, np.float32)
         gswa = contract.gswa
         if tiled is not None and gswa is not None and gswa.apply == "attention":
@@ -328,7 +331,7 @@ class Pipeline:
                                         contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
         cache.reserve(len(ids) + (max_new_tokens if self.reserve_generation else 0))  # with it, decoding never grows them
-        logits = self._prefill(cache, inputs_embeds, bias, prefill_chunk)
+        logits = self._prefill(cache, inputs, bias, prefill_chunk, image_rows if tiled is None else None)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache, kept_views=kept)
 
@@ -367,15 +370,17 @@ class Pipeline:
         gswa = self.contract.gswa
         return (image_embeds if gswa is None else scaled_embeds(image_embeds, weights, gswa.apply)), weights
 
-    def _prefill(self, cache, inputs_embeds: np.ndarray, bias: np.ndarray, chunk: int) -> np.ndarray:
+    def _prefill(self, cache, inputs: np.ndarray, bias: np.ndarray, chunk: int, no_image: np.ndarray | None) -> np.ndarray:
         """The prompt into the cache, `chunk` positions per decoder call (each after the first against
         the cache's reserved slots: attention activations chunk x slots, not context^2) -> the last
-        position's logits (1, V)."""
-        P = inputs_embeds.shape[1]
+        position's logits (1, V). `inputs`: inputs_embeds (1, P, D), or with `no_image` given (the
+        embed module's image rows for text), token ids (1, P) through `Backend.step_tokens`."""
+        P = inputs.shape[1]
         for start in range(0, P, chunk):
             end = min(start + chunk, P)
-            logits = self.backend.step(cache, inputs_embeds[:, start:end], np.ones((1, end - start), np.int64),
-                                       bias[:, start:end], np.arange(start, end, dtype=np.int64)[None])
+            args = (cache, inputs[:, start:end], np.ones((1, end - start), np.int64), bias[:, start:end],
+                    np.arange(start, end, dtype=np.int64)[None])
+            logits = self.backend.step(*args) if no_image is None else self.backend.step_tokens(*args, no_image)
         return logits
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=(), tile_budget=None):

@@ -175,9 +175,10 @@ def _one_step_both_ways(backend, hidden: int, vocab: int):
 
 def test_a_decode_step_embeds_its_token_inside_the_decoder(fused_pkg, tiny_model, monkeypatch):
     """Schema 6: a decode step feeds the fused decoder its token id, and gets the logits that the embed
-    module's row for that token gives; a generation runs the embed module once (the prompt), not once
-    per token."""
+    module's row for that token gives; a generation runs the embed module once for an image prompt (to
+    merge the image rows), never for a text prompt, and never per token."""
     from sleigh.runtime.pipeline import Pipeline
+    from tests.helpers import EXAMPLES
 
     cfg = tiny_model.cfg.llm
     with Pipeline.load(fused_pkg, engine="package") as pipe:
@@ -188,7 +189,9 @@ def test_a_decode_step_embeds_its_token_inside_the_decoder(fused_pkg, tiny_model
         runs, run = [], backend.run
         monkeypatch.setattr(backend, "run", lambda module, feeds: runs.append(module) or run(module, feeds))
         assert len(pipe.generate(None, "Hello", max_new_tokens=12, ignore_eos=True).result.token_ids) == 12
-        assert runs == ["embed"]
+        assert runs == []
+        assert len(pipe.generate(EXAMPLES / "coffee.jpg", max_new_tokens=12, ignore_eos=True).result.token_ids) == 12
+        assert runs == ["vision", "gswa", "embed"]
 
 
 @pytest.mark.parametrize("options", [dict(precision="fp32", llm_weights="int4", allow_degraded=True),
