@@ -10,16 +10,16 @@ key map of tests/sleighvl/test_hf_parity.py, the one place that maps Sleigh onto
 Sleigh's torch LLM through transformers' own Llama (last-position logits of a short prompt within
 1e-4), and built by genai's model builder (`python -m onnxruntime_genai.models.builder -i HF -o OUT
 -p fp32|int4 -e cpu`). Sleigh runs the package's embed + decoder (or engine NAME's) through the
-runtime's backend API, as the Pipeline does for a text prompt: one embed and one prefill call, then
-one `step_tokens` per token (a fused decoder of package schema 6 embeds the token itself; an older
-form runs the embed module first).
+runtime's backend API, as the Pipeline does for a text prompt: one prefill call, then one call per
+token, each through `step_tokens` (a fused decoder of package schema 6 embeds the token ids itself;
+the standard form runs the embed module first).
 
 Both sides get the same N random token ids (never a special id or <IMG_CONTEXT>; `--seed`), decode
 M new tokens greedily over the whole vocabulary but EOS and <IMG_CONTEXT> (so EOS is ignored), and
 run with the same intra-op thread count (genai: the decoder's `session_options` through
 `Config.overlay`). Each round runs every prompt length on
 both sides, the side that goes first alternating from round to round, after one untimed warm-up
-per side and length. Prefill = prompt in to first token (embedding, cache allocation, decoder, argmax;
+per side and length. Prefill = prompt in to first token (cache allocation, decoder with its embedding, argmax;
 genai: Generator creation, append_tokens, the first generate_next_token). Decode = tokens/s of the
 M - 1 steps after the first token. Both sides allocate the cache for N + M positions up front (genai
 sizes its buffers by max_length; Sleigh's slots are reserved for N + M, as `--max-memory` runs do).
@@ -189,11 +189,10 @@ class SleighSide:
         seen = [] if record else None
         no_image = np.zeros((1, self.hidden), np.float32)  # never read: no <IMG_CONTEXT> among the ids
         t0 = time.perf_counter()
-        embeds = backend.run("embed", {"input_ids": ids[None], "image_embeds": no_image})["inputs_embeds"]
         cache = backend.new_cache(1)
         cache.reserve(P + new_tokens)
-        logits = backend.step(cache, embeds, np.ones((1, P), np.int64), np.zeros((1, P), np.float32),
-                              np.arange(P, dtype=np.int64)[None])
+        logits = backend.step_tokens(cache, ids[None], np.ones((1, P), np.int64), np.zeros((1, P), np.float32),
+                                     np.arange(P, dtype=np.int64)[None], no_image)
         tokens = [self.pick(logits, seen)]
         t1 = time.perf_counter()
         one_mask, one_bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
