@@ -89,7 +89,6 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
         nodes.append(helper.make_node(op, inputs, outputs, name=f"/{outputs[0]}", domain=domain, **attrs))
         return outputs
 
-    # P+S (the positions in use after this step), seqlens_k, and the additive bias (B, 1, S, P+S)
     # The hidden states in (B, S, D): the table's rows where input_ids holds a token id (a decode step:
     # token ids in, inputs_embeds one row of zeros (1, 1, D)), inputs_embeds where it holds -1 (a prefill:
     # the embed module's rows, input_ids [[-1]]); the two broadcast against each other.
@@ -100,6 +99,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     node("Unsqueeze", ["is_token", const("axis_last", [-1], np.int64)], ["is_token_3d"])
     x = node("Where", ["is_token_3d", "token_embeds", "inputs_embeds"], ["hidden_in"])[0]
 
+    # P+S (the positions in use after this step), seqlens_k, and the additive bias (B, 1, S, P+S)
     node("Shape", ["attention_mask"], ["total_1d"], start=1, end=2)
     node("Cast", ["total_1d"], ["total_1d_i32"], to=TensorProto.INT32)
     node("Squeeze", ["total_1d_i32"], ["total_sequence_length"])

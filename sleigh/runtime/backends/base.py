@@ -4,7 +4,7 @@
 named arrays. The decoder's KV cache belongs to the caller, not to the backend: `new_cache(batch)`
 makes an empty one for one sequence (one per generation, as onnxruntime-genai keeps one Generator
 per request over a shared Model), and `step(cache, ...)` feeds new positions, adds them to that
-cache and returns the logits of the last one. The cache keeps each position's attention mask and
+cache and returns the logits of the last one; `step_tokens` does the same from token ids of text. The cache keeps each position's attention mask and
 bias with its keys and values, so a step is given the mask and bias of its new positions only.
 
 A backend is shared by every generation of a Pipeline, from any thread: `run` and `step` may be
@@ -65,9 +65,10 @@ class Backend(ABC):
 
     def step_tokens(self, cache: SlotCache, input_ids: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
                     position_ids: np.ndarray, no_image: np.ndarray) -> np.ndarray:
-        """`step` on token ids (B, S) int64, text alone (a decode step): here the embed module, then
-        `step`; a backend whose decoder embeds tokens itself feeds the ids straight in. `no_image`
-        (1, D) float32 zeros: the embed module's image rows, which text tokens do not read."""
+        """`step` on token ids (B, S) int64, text alone (a decode step, or a text prompt's prefill):
+        here the embed module, then `step`; a backend whose decoder embeds tokens itself (a fused
+        decoder of package schema 6) feeds the ids straight in. `no_image` (1, D) float32 zeros: the
+        embed module's image rows, which text tokens do not read."""
         inputs_embeds = self.run("embed", {"input_ids": input_ids, "image_embeds": no_image})["inputs_embeds"]
         return self.step(cache, inputs_embeds, attention_mask, attention_bias, position_ids)
 
