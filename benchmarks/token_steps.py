@@ -11,7 +11,9 @@
     python benchmarks/token_steps.py PKG [--engine NAME] [--positions 2000] [--rounds 15] [--steps 32]
         [--genai DIR] [--threads 2]
 
-Each side starts from the same P random cached positions (no prefill) and decodes the same token,
+Sleigh's sides start from a prefill of the same P random token ids (so the script runs on any
+provider the backend picks: the CUDA provider first where onnxruntime-gpu has it); genai's from P
+random cached positions. Every side decodes the same token,
 `--steps` steps a round, sides in turns whose order alternates from round to round. Printed: the first
 step's logits of `ids` against `embed` (they must be equal: the same table rows), then each side's
 median ms per step over every step, and the speed of `ids` against each other side per round (its
@@ -35,15 +37,16 @@ TOKEN = 5  # any text token: every step decodes it again
 
 
 class SleighSide:
-    def __init__(self, backend, positions: int, capacity: int, fill: dict, hidden: int, by_ids: bool):
-        self.backend, self.position, self.by_ids = backend, positions, by_ids
+    def __init__(self, backend, prompt: np.ndarray, capacity: int, hidden: int, by_ids: bool):
+        """The cache filled by a prefill of `prompt` (1, P) (on any provider: CPU slots or device buffers)."""
+        P = prompt.shape[1]
+        self.backend, self.position, self.by_ids = backend, P, by_ids
         self.cache = backend.new_cache(1)
         self.cache.reserve(capacity)
-        for name, slots in self.cache.slots.items():
-            slots[:, :, :positions] = fill[name]
-        self.cache.advance(np.ones((1, positions), np.int64), np.zeros((1, positions), np.float32))
-        self.args = (np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))
         self.no_image = np.zeros((1, hidden), np.float32)
+        backend.step_tokens(self.cache, prompt, np.ones((1, P), np.int64), np.zeros((1, P), np.float32),
+                            np.arange(P, dtype=np.int64)[None], self.no_image)
+        self.args = (np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))
 
     def step(self) -> np.ndarray:
         run = self.backend.step_tokens if self.by_ids else lambda *a: Backend.step_tokens(self.backend, *a)
@@ -103,12 +106,10 @@ def main() -> None:
     P, hidden = args.positions, manifest.contract.model.hidden_size
     capacity = P + args.steps * (args.rounds + 1) + 8
     rng = np.random.default_rng(0)
-    probe = backend.new_cache(1)
-    probe.reserve(P)
-    fill = {n: (0.5 * rng.standard_normal(s[:, :, :P].shape)).astype(s.dtype) for n, s in probe.slots.items()}
-    probe.close()
-    sides = {"ids": SleighSide(backend, P, capacity, fill, hidden, True),
-             "embed": SleighSide(backend, P, capacity, fill, hidden, False)}
+    prompt = rng.integers(10, 1000, (1, P))  # text ids of every preset's vocabulary, never <IMG_CONTEXT>
+    prompt[prompt == manifest.contract.prompt.img_context_token_id] = TOKEN
+    sides = {"ids": SleighSide(backend, prompt, capacity, hidden, True),
+             "embed": SleighSide(backend, prompt, capacity, hidden, False)}
     if args.genai:
         kv = manifest.contract.kv_cache  # the same model: genai's cache has Sleigh's heads and head size
         sides["genai"] = GenaiSide(args.genai, P, capacity, args.threads, rng, kv.num_kv_heads, kv.head_dim)
