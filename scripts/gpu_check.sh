@@ -21,6 +21,7 @@
 #   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
 #   6. build-engine --precision fp16, then sleigh bench of it on CUDA (auto picks FP16 on a GPU)
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
+#   8. with what time is left: the FP16 engine's decode steps alone (benchmarks/token_steps.py)
 set -uo pipefail
 out=${OUT:-gpu-out}
 parts=${PARTS:-/tmp/parts}
@@ -122,4 +123,9 @@ python3 benchmarks/gpu_table.py --device "$device, onnxruntime-gpu $(python3 -c 
   --floor-tokens-per-s 1230 \
   "FP32 package, $decoder decoder (CUDA)=$out/bench-fp32.log@$out/bench-fp32.mem" "$out/hf-anchor.log" \
   "FP16 engine, $decoder decoder (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" | tee "$out/table.md"
+# 8. if time is left: the FP16 engine's decode steps alone on CUDA at 2,000 cached positions, token ids
+#    into the decoder against the embed module first (benchmarks/token_steps.py; after the table, so
+#    running out of budget here costs nothing above)
+step token-steps-fp16 python3 benchmarks/token_steps.py "$work/full-pkg" --engine onnxruntime-fp16 --positions 2000 \
+  --rounds 3 --steps 32
 echo "total $SECONDS s" | tee -a "$out/steps.txt"
