@@ -219,3 +219,18 @@ def test_an_engines_decoder_embeds_a_token_as_its_embed_module_does(fused_pkg, t
     with Pipeline.load(fused_pkg, engine=entry.name) as pipe:
         by_ids, by_embeds = _one_step_both_ways(pipe.backend, cfg.hidden_size, cfg.vocab_size)
     np.testing.assert_allclose(by_ids, by_embeds, rtol=0, atol=1e-5 * np.abs(by_embeds).max())
+
+
+def test_the_token_steps_benchmark_runs_and_finds_both_ways_equal(fused_pkg):
+    """benchmarks/token_steps.py (RESULTS.md's decode-step numbers) on the tiny fused package: its
+    first step's logits through ids and through the embed module agree, and it prints both sides."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "token_steps.py"), str(fused_pkg), "--positions", "20",
+                           "--rounds", "2", "--steps", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "ids against embed: max abs difference 0\n" in proc.stdout
+    assert [line.split()[0] for line in proc.stdout.splitlines()[-2:]] == ["ids", "embed"]
