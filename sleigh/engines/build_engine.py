@@ -32,7 +32,7 @@ from sleigh.engines.options import EngineOptions, max_views
 from sleigh.errors import SleighError
 from sleigh.onnx_files import save_onnx
 from sleigh.progress import progress
-from sleigh.runtime.compat import parse_version
+from sleigh.runtime.compat import older_than
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import EngineEntry, FileEntry, Manifest, parse_engine, read_manifest, update_manifest
@@ -413,7 +413,7 @@ WEIGHT_ONLY_ORT_MIN = (1, 31, 0)
 def _check_weight_only_quantizer() -> None:
     import onnxruntime
 
-    if parse_version(onnxruntime.__version__) < WEIGHT_ONLY_ORT_MIN:
+    if older_than(onnxruntime.__version__, WEIGHT_ONLY_ORT_MIN):
         floor = ".".join(map(str, WEIGHT_ONLY_ORT_MIN))
         raise SleighError(f"onnxruntime {onnxruntime.__version__}", f"INT8/INT4 decoder weights are built with "
                           f"onnxruntime's weight-only quantizer, tested from {floor} on",

@@ -26,13 +26,18 @@ def parse_version(text: str) -> tuple[int, int, int]:
     return tuple(int(p or 0) for p in parts.groups())  # type: ignore[return-value]
 
 
+def older_than(installed: str, floor: tuple[int, int, int]) -> bool:
+    """Whether version `installed` is older than `floor`; a local build with an odd version string
+    is not (let it try)."""
+    try:
+        return parse_version(installed) < floor
+    except ValueError:
+        return False
+
+
 def check_onnxruntime(installed: str) -> None:
     """Refuse an onnxruntime older than the oldest one CI tests (one SleighError line)."""
-    try:
-        found = parse_version(installed)
-    except ValueError:
-        return  # a local build with an odd version string: let it try
-    if found < ONNXRUNTIME_MIN:
+    if older_than(installed, ONNXRUNTIME_MIN):
         floor = ".".join(map(str, ONNXRUNTIME_MIN))
         raise SleighError(f"onnxruntime {installed}", f"older than {floor}, the oldest version Sleigh is tested with",
                           f"pip install 'onnxruntime>={floor}' (or 'onnxruntime-gpu>={floor}' for CUDA)")
