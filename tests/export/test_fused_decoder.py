@@ -112,6 +112,37 @@ def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_token
         assert tokens[0] == tokens[1]
 
 
+def test_where_cuda_comes_first_a_fused_decoder_opens_on_the_cpu_and_says_so(fused_pkg, tiny_pkg, caplog):
+    """ONNX Runtime's CUDA GroupQueryAttention takes no attention_bias and no float32
+    (onnxruntime_backend.FUSED_NOT_ON_CUDA), so with CUDA first the fused decoder's session opens on the
+    CPU provider, its slots stay numpy arrays, and one warning says why and what to export instead. The
+    CUDA provider is absent here: ONNX Runtime falls back to the CPU for the other modules by itself,
+    so what is checked is what the backend asks for and the tokens it then gives."""
+    import logging
+
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend, decoder_providers
+    from sleigh.runtime.kv_cache import HostSlots
+    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.pipeline import Pipeline
+
+    with Pipeline.load(fused_pkg, engine="package") as ref:
+        want = ref.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids
+        manifest = read_manifest(fused_pkg)
+        with caplog.at_level(logging.WARNING, logger="sleigh"):
+            backend = OnnxRuntimeBackend.from_package(fused_pkg, manifest, providers=[CUDA, CPU])
+        assert backend.providers == [CUDA, CPU] and backend.decoder_providers == [CPU]
+        assert backend.device == "cpu" and isinstance(backend.slot_storage, HostSlots)
+        assert backend.describe().endswith("(CUDA, decoder on CPU)")
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
+        assert "decoder runs on the CPU" in warning and "--decoder standard" in warning
+        with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
+            assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
+    # the standard decoder is asked to open on CUDA as the other modules are
+    standard = read_manifest(tiny_pkg).contract.kv_cache.form
+    assert standard == "slots" and decoder_providers([CUDA, CPU], standard) == [CUDA, CPU]
+    assert decoder_providers([CPU], "shared") == [CPU]
+
+
 def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):
     from sleigh.engines.build_engine import build_engine
     from sleigh.engines.options import EngineOptions

@@ -5,7 +5,8 @@ preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, 
 OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
 (cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). UNVERIFIED: the CUDA path has not
 run on a GPU yet (scripts/gpu_check.sh is the prepared check). A fused decoder (kv_cache.form "shared")
-writes its new positions into those slots itself: each slot tensor is bound as its layer's input and
+runs on the CPU provider only, also where CUDA is there for the other modules (FUSED_NOT_ON_CUDA); it
+writes its new positions into the slots itself: each slot tensor is bound as its layer's input and
 output (`_step_shared`), nothing is copied.
 
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
@@ -40,6 +41,24 @@ CUDA = "CUDAExecutionProvider"
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 
 
+# Why a fused decoder (kv_cache.form "shared") never runs on the CUDA provider. Read in ONNX Runtime's
+# source (contrib_ops/cuda/bert/group_query_attention.cc; two versions: the one with head_sink beside
+# attention_bias, and 2026's main with quantized KV): its CUDA kernel is registered for float16 and
+# bfloat16 only, and returns INVALID_ARGUMENT whenever attention_bias is given; GSWA's log-weights and
+# the padding mask enter the fused decoder through attention_bias. Not yet seen on a GPU
+# (scripts/gpu_check.sh step 2 runs the tiny fused package on CUDA).
+FUSED_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention takes no attention bias (which carries GSWA's "
+                     "weights and the mask) and no float32")
+
+
+def decoder_providers(providers: list[str], kv_form: str) -> list[str]:
+    """The providers the decoder's session opens with: `providers`, except that a fused decoder runs on
+    the CPU provider where CUDA comes first (FUSED_NOT_ON_CUDA; the other modules stay on CUDA)."""
+    if kv_form == "shared" and providers and providers[0] == CUDA:
+        return [CPU]
+    return list(providers)
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -61,6 +80,12 @@ class OnnxRuntimeBackend(Backend):
 
         self.ort = ort
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
+        self.decoder_providers = decoder_providers(self.providers, kv.form)
+        if self.decoder_providers != self.providers:
+            from sleigh.runtime.backends import warn
+
+            warn(f"the decoder runs on the CPU, the other modules on CUDA: {FUSED_NOT_ON_CUDA}; for a decoder on "
+                 "the GPU, export with `sleigh export --decoder standard`")
         self._options, self._manifest_modules = session_options(threads), manifest_modules
         self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
         self.sessions, self.resident = {}, {}
@@ -94,7 +119,7 @@ class OnnxRuntimeBackend(Backend):
         if kv_dtype is not None and np.dtype(kv_dtype) != self.kv_dtype:
             raise SleighError(str(files["decoder"]), f"its cache slots are {self.kv_dtype}, the manifest says {kv_dtype}",
                               f"the decoder the manifest lists; rebuild the engine (sleigh build-engine --force) or {REEXPORT}")
-        self.device = "cuda" if self.providers[0] == CUDA else "cpu"
+        self.device = "cuda" if self.decoder_providers[0] == CUDA else "cpu"  # where the decoder runs and its slots live
         # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
         self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
         self._shrink = None  # after a large call on the CPU the arena hands back what it grew for it
@@ -118,7 +143,8 @@ class OnnxRuntimeBackend(Backend):
         path = self.files[module]
         before = resident_bytes()
         try:
-            sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=self.providers)
+            providers = self.decoder_providers if module == "decoder" else self.providers
+            sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
             if denied:  # not corruption: say so
@@ -203,19 +229,19 @@ class OnnxRuntimeBackend(Backend):
         copied. GroupQueryAttention takes a prompt after a cache one row at a time
         (export/fused_decoder.py), so on the CPU such a step runs row by row, each row bound to its own
         part of the slots. `unused`: the input the step does not read (embeddings or token ids), bound
-        whole as its (1, 1) placeholder. UNVERIFIED on CUDA (device OrtValues are bound whole)."""
+        whole as its (1, 1) placeholder. The slots are numpy arrays: a fused decoder runs on the CPU
+        provider only (FUSED_NOT_ON_CUDA)."""
         S = attention_mask.shape[1]
         cache.reserve(cache.length + S)
         feeds.update(cache.attention(attention_mask, attention_bias, shared=True))
-        on_device = isinstance(cache.storage, OrtValueSlots)
-        by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
+        by_row = cache.batch > 1 and S > 1 and cache.length > 0
         logits = []
         for rows in ([slice(b, b + 1) for b in range(cache.batch)] if by_row else [slice(None)]):
             if by_row:
-                binding, values = self._bind_slots(sess, cache, rows, on_device)
+                binding, values = self._bind_slots(sess, cache, rows)
             else:  # the slots stay bound from step to step until a growth moves them (the cache forgets it)
                 if cache.binding is None or cache.binding[0] is not sess:
-                    cache.binding = (sess, *self._bind_slots(sess, cache, rows, on_device))
+                    cache.binding = (sess, *self._bind_slots(sess, cache, rows))
                 binding = cache.binding[1]
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
@@ -226,21 +252,24 @@ class OnnxRuntimeBackend(Backend):
         cache.advance(attention_mask, attention_bias)
         return np.concatenate(logits)[:, -1].astype(np.float32)
 
-    def _bind_slots(self, sess, cache, rows, on_device: bool):
+    def _bind_slots(self, sess, cache, rows):
         """(an IOBinding with `logits` to the host and each slot tensor (its `rows`) bound as the input
-        and the output of its layer, the OrtValues bound: over the arrays' own memory on the CPU)."""
+        and the output of its layer, the OrtValues bound: over the arrays' own memory)."""
         binding = sess.io_binding()
         binding.bind_output(LOGITS)  # on the host: the sampler reads it there
         values = []
         for past, new in zip(self._past_names, self._new_names):
             slots = cache.slots[past]
-            values.append(slots if on_device else self.ort.OrtValue.ortvalue_from_numpy(slots[rows]))
+            values.append(self.ort.OrtValue.ortvalue_from_numpy(slots[rows]))
             binding.bind_ortvalue_input(past, values[-1])
             binding.bind_ortvalue_output(new, values[-1])
         return binding, values
 
     def describe(self):
-        return f"onnxruntime [{self.label}] ({self.providers[0].removesuffix('ExecutionProvider')})"
+        where = self.providers[0].removesuffix("ExecutionProvider")
+        if self.decoder_providers != self.providers:
+            where += ", decoder on CPU"
+        return f"onnxruntime [{self.label}] ({where})"
 
     def _release(self) -> None:
         """Drop the sessions (ONNX Runtime frees a session with its last reference) and the copy stream."""
