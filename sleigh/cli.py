@@ -243,8 +243,9 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output package folder."),
     opset: int = typer.Option(18, help="ONNX opset, 18..20."),
     max_tiles: int = typer.Option(12, help="Most tiles per image the package is built and profiled for."),
-    decoder: str = typer.Option("fused", help="Decoder form: fused (ONNX Runtime's fused operators, faster there) or "
-                                "standard (standard ops: what TensorRT needs)."),
+    decoder: str = typer.Option("fused", help="Decoder form: fused (ONNX Runtime's fused operators, fastest on the "
+                                "CPU), fused-cuda (the fused form that ONNX Runtime's CUDA provider runs) or standard "
+                                "(standard ops: what TensorRT needs)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity check against PyTorch."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output folder."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's parity report as JSON."),

@@ -397,8 +397,9 @@ def _without_new_default_attributes(model):
 # -- the build -----------------------------------------------------------------------------------------
 
 def _check_decoder_form(form: str, opts: EngineOptions) -> None:
-    """A fused decoder (kv_cache.form "shared", export --decoder fused) is ONNX Runtime's alone."""
-    if form != "shared":
+    """A fused decoder (kv_cache.form "shared" or "weighted", export --decoder fused / fused-cuda) is ONNX
+    Runtime's alone."""
+    if form == "slots":
         return
     if opts.backend == "tensorrt":
         raise SleighError("--backend tensorrt", "this package's decoder is the fused form (ONNX Runtime's operators)",

@@ -59,9 +59,11 @@ class ExportResult:
 
 # `--decoder` -> the manifest's kv_cache.form: "fused" (the default), ONNX Runtime's fused operators
 # (export/fused_decoder.py: 1.2-1.6x faster prefill and 1.3-1.4x faster decode than the standard form
-# on the CPU, benchmarks/RESULTS.md, "A fused decoder"; ONNX Runtime only); "standard", standard ops
-# (every backend: TensorRT reads only this form).
-DECODER_FORMS = {"standard": "slots", "fused": "shared"}
+# on the CPU, benchmarks/RESULTS.md, "A fused decoder"; ONNX Runtime only, and its decoder runs on the
+# CPU provider); "fused-cuda", the same without an attention bias, which ONNX Runtime's CUDA provider
+# can run (weighted values; about 5 % slower decode on the CPU); "standard", standard ops (every
+# backend: TensorRT reads only this form).
+DECODER_FORMS = {"standard": "slots", "fused": "shared", "fused-cuda": "weighted"}
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -142,6 +144,10 @@ def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[
     files["tokenizer.json"] = file_entry(pkg, "tokenizer.json")
     contract = contract_from_config(json.loads(json.dumps(cfg.to_dict())), max_tiles=opts.max_tiles)  # as config.json holds it
     contract["kv_cache"]["form"] = DECODER_FORMS[opts.decoder]
+    if opts.decoder == "fused-cuda":  # its cache's heads are padded (export/fused_decoder.py)
+        from sleigh.export.fused_decoder import padded_head_dim
+
+        contract["kv_cache"]["head_dim"] = padded_head_dim(contract["kv_cache"]["head_dim"])
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -180,10 +186,10 @@ def _export_one(model, name: str, out_dir: Path, opts: ExportOptions) -> list[st
     from sleigh.export import fused_decoder
     from sleigh.export.modules import MODULES
 
-    fused = name == "decoder" and opts.decoder == "fused"
+    fused = name == "decoder" and opts.decoder != "standard"
     try:
         if fused:
-            return fused_decoder.write(model.llm, out_dir, opts.opset)
+            return fused_decoder.write(model.llm, out_dir, opts.opset, weighted_values=opts.decoder == "fused-cuda")
         return export_module(MODULES[name](model), out_dir, opts.opset, len(model.gswa.blocks) if model.gswa else None)
     except Exception as e:  # torch.export errors are long; keep the first line
         how = "writing the fused decoder" if fused else "torch.onnx.export"

@@ -23,6 +23,19 @@ standard form (MASKED_LOGIT where attention_mask is 0, GSWA's log-weights elsewh
 
 GroupQueryAttention refuses a prompt of more than one position after a cache when the batch is
 larger than one (onnxruntime 1.22-1.32); the runtime feeds such a step row by row.
+
+The weighted-values variant (`sleigh export --decoder fused-cuda`, kv_cache.form "weighted") is the
+one that can run on ONNX Runtime's CUDA provider, whose GroupQueryAttention takes no attention_bias
+(runtime/backends/onnxruntime_backend.FUSED_NOT_ON_CUDA). It gives the same logits without a bias:
+softmax(s + log w) v = sum(p w v) / sum(p w) with p = softmax(s), so each position's value row is
+kept as (w v, w, 0...) in a head padded to `padded_head_dim` (queries and keys padded with zeros in
+each rotate-half half, which leaves every q.k unchanged), and the attention's output is divided by its
+weight column. w is exp(attention_bias) where attention_mask is 1 and 0 where it is 0, fixed when
+the position is written. Its seqlens_k comes from the mask's contents (the last position in use) and
+the new positions' weights are gathered there, so a decode step may also be given a mask and bias
+as wide as the buffers (zeros past the positions in use): the static shapes of a CUDA graph
+(onnxruntime_backend's replayed decode steps). On the CPU it decodes about 5 % slower than the bias
+form (benchmarks/RESULTS.md), so `fused` stays the CPU's form.
 """
 
 from __future__ import annotations
@@ -53,10 +66,47 @@ def rope_caches(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
 DATA_ALIGN = 4096
 
 
-def build(llm: LLM, opset: int, data=None, data_name: str = ""):
+def padded_head_dim(head_dim: int) -> int:
+    """The weighted-values form's head width: the head's own dims, one column for the weight, zeros to
+    the next multiple of 8 (the CUDA attention kernels' granularity)."""
+    return -(-(head_dim + 1) // 8) * 8
+
+
+def _is_key(name: str) -> bool:
+    return name.endswith(".key")
+
+
+def to_weighted_cache(name: str, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The reference's keys or values of the cache tensor `name` (B, KV, P, hd) as the weighted-values
+    form keeps them (B, KV, P, hp): keys with each rotate-half half padded with zeros, values as
+    (w v, w, 0...) with `weights` (B, P) the positions' w."""
+    B, KV, P, hd = rows.shape
+    hp = padded_head_dim(hd)
+    if _is_key(name):
+        out = np.zeros((B, KV, P, 2, hp // 2), rows.dtype)
+        out[..., :hd // 2] = rows.reshape(B, KV, P, 2, hd // 2)
+        return out.reshape(B, KV, P, hp)
+    out = np.zeros((B, KV, P, hp), rows.dtype)
+    w = weights[:, None, :, None].astype(rows.dtype)
+    out[..., :hd], out[..., hd:hd + 1] = rows * w, w
+    return out
+
+
+def from_weighted_cache(name: str, rows: np.ndarray, head_dim: int) -> np.ndarray:
+    """`to_weighted_cache` undone: (B, KV, P, hp) -> (B, KV, P, hd); a value row of weight 0 (a masked
+    position) comes back as zeros."""
+    B, KV, P, hp = rows.shape
+    if _is_key(name):
+        return np.ascontiguousarray(rows.reshape(B, KV, P, 2, hp // 2)[..., :head_dim // 2].reshape(B, KV, P, head_dim))
+    w = rows[..., head_dim:head_dim + 1]
+    return np.where(w != 0, rows[..., :head_dim] / np.where(w != 0, w, 1), 0).astype(rows.dtype)
+
+
+def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values: bool = False):
     """-> the fused decoder's onnx.ModelProto. Its weights are inside it, or, given `data` (a binary
     file open for writing, named `data_name` beside the model), written there one tensor at a time
-    as they are made, so at full size no copy of all the weights is ever held."""
+    as they are made, so at full size no copy of all the weights is ever held. `weighted_values`: the
+    variant without an attention bias (module docstring), kv_cache.form "weighted"."""
     from onnx import TensorProto, helper, numpy_helper
 
     cfg = llm.cfg
@@ -104,20 +154,74 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     node("Cast", ["total_1d"], ["total_1d_i32"], to=TensorProto.INT32)
     node("Squeeze", ["total_1d_i32"], ["total_sequence_length"])
     node("Shape", [x], ["batch_1d"], start=0, end=1)
-    node("Sub", ["total_sequence_length", const("one_i32", 1, np.int32)], ["last_index"])
-    node("Expand", ["last_index", "batch_1d"], ["seqlens_k"])
     node("Greater", ["attention_mask", "zero_i64"], ["in_use"])
-    node("Where", ["in_use", "attention_bias", const("masked_logit", MASKED_LOGIT, np.float32)], ["key_bias"])
-    node("Unsqueeze", ["key_bias", const("axes_1_2", [1, 2], np.int64)], ["key_bias_4d"])
-    node("Shape", [x], ["seq_1d"], start=1, end=2)
-    node("Concat", ["batch_1d", const("one_i64_1d", [1], np.int64), "seq_1d", "total_1d"], ["bias_shape"], axis=0)
-    # (B, 1, S, P+S): GroupQueryAttention takes no bias broadcast over the queries ("dimension 2 must be
-    # equal to the sequence length")
-    node("Expand", ["key_bias_4d", "bias_shape"], ["attention_bias_4d"])
+    if weighted_values:
+        # seqlens_k from the mask's contents (the last position in use, over every row), computed on the
+        # device: so a mask wider than the positions in use (static buffers) gives the same steps
+        node("Cast", ["in_use"], ["in_use_i32"], to=TensorProto.INT32)
+        node("Cast", [node("GreaterOrEqual", ["attention_mask", "zero_i64"], ["any_slot"])[0]], ["ones_i32"], to=TensorProto.INT32)
+        node("CumSum", ["ones_i32", const("axis_1_i64", 1, np.int64)], ["slot_number"])
+        node("Mul", ["slot_number", "in_use_i32"], ["used_number"])
+        node("ReduceMax", ["used_number"], ["used_length"], keepdims=0)
+        node("Sub", ["used_length", const("one_i32", 1, np.int32)], ["last_index"])
+        node("Expand", ["last_index", "batch_1d"], ["seqlens_k"])
+        # each new position's weight: exp(its bias) (GSWA's weight on image rows, 1 elsewhere), 0 where masked;
+        # the new positions are the S before used_length, gathered (the mask may be wider than that)
+        node("GreaterOrEqual", ["position_ids", "zero_i64"], ["any_position"])
+        node("Cast", ["any_position"], ["new_ones"], to=TensorProto.INT32)
+        node("CumSum", ["new_ones", "axis_1_i64"], ["new_from_end"], reverse=1)  # S .. 1
+        node("Cast", [node("Sub", ["used_length", "new_from_end"], ["new_slot_i32"])[0]], ["new_slot"], to=TensorProto.INT64)
+        node("GatherElements", ["attention_bias", "new_slot"], ["new_bias"], axis=1)
+        node("GatherElements", ["attention_mask", "new_slot"], ["new_mask"], axis=1)
+        node("Greater", ["new_mask", "zero_i64"], ["new_in_use"])
+        node("Where", ["new_in_use", node("Exp", ["new_bias"], ["new_weight_exp"])[0], const("zero_f", 0.0, np.float32)],
+             ["new_weight"])
+        node("Unsqueeze", ["new_weight", "axis_last"], ["value_weight"])
+    else:
+        node("Sub", ["total_sequence_length", const("one_i32", 1, np.int32)], ["last_index"])
+        node("Expand", ["last_index", "batch_1d"], ["seqlens_k"])
+        node("Where", ["in_use", "attention_bias", const("masked_logit", MASKED_LOGIT, np.float32)], ["key_bias"])
+        node("Unsqueeze", ["key_bias", const("axes_1_2", [1, 2], np.int64)], ["key_bias_4d"])
+        node("Shape", [x], ["seq_1d"], start=1, end=2)
+        node("Concat", ["batch_1d", const("one_i64_1d", [1], np.int64), "seq_1d", "total_1d"], ["bias_shape"], axis=0)
+        # (B, 1, S, P+S): GroupQueryAttention takes no bias broadcast over the queries ("dimension 2 must be
+        # equal to the sequence length")
+        node("Expand", ["key_bias_4d", "bias_shape"], ["attention_bias_4d"])
 
+    hp = padded_head_dim(hd) if weighted_values else hd  # the width of a head in the cache
     cos, sin = rope_caches(hd, cfg.rope_theta, cfg.max_position_embeddings)
+    if weighted_values:  # the padded columns turn by 0 (zeros stay zeros)
+        cos, sin = (np.pad(c, ((0, 0), (0, (hp - hd) // 2)), constant_values=fill) for c, fill in ((cos, 1.0), (sin, 0.0)))
     weight("cos_cache", cos)
     weight("sin_cache", sin)
+    if weighted_values:
+        ones = np.zeros((nkv, hp), np.float32)
+        ones[:, hd] = 1.0
+        const("weight_column", ones.reshape(-1), np.float32)
+        const("heads_padded", [0, 0, nh, hp], np.int64)
+        const("heads_joined", [0, 0, nh * hp], np.int64)
+        const("den_start", [hd], np.int64)
+        const("den_end", [hd + 1], np.int64)
+        const("axis_3", [3], np.int64)
+        # a query whose every key is masked (left padding) divides 0 by this, not by 0: 2^-24 is float16's
+        # smallest number, so an FP16 engine keeps it
+        const("smallest_den", 2.0 ** -24, np.float32)
+
+    def rope_heads(w_t: np.ndarray, heads: int) -> np.ndarray:
+        """(in, heads * hd) -> (in, heads * hp): each head's two rotate-half halves padded with zeros."""
+        if hp == hd:
+            return w_t
+        out = np.zeros((w_t.shape[0], heads, 2, hp // 2), np.float32)
+        out[..., :hd // 2] = w_t.reshape(w_t.shape[0], heads, 2, hd // 2)
+        return out.reshape(w_t.shape[0], heads * hp)
+
+    def value_heads(w_t: np.ndarray) -> np.ndarray:
+        """(in, nkv * hd) -> (in, nkv * hp): each value head's dims first, then zeros."""
+        if hp == hd:
+            return w_t
+        out = np.zeros((w_t.shape[0], nkv, hp), np.float32)
+        out[..., :hd] = w_t.reshape(w_t.shape[0], nkv, hd)
+        return out.reshape(w_t.shape[0], nkv * hp)
     eps = float(cfg.rms_norm_eps)
     past, new = kv_names(L, PAST), kv_names(L, NEW)
 
@@ -132,17 +236,36 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
         else:
             h, _, _, residual = node("SkipSimplifiedLayerNormalization", [x, residual, w_in],
                                      [f"{p}.attn_in", "", "", f"{p}.residual_a"], domain=MS, epsilon=eps)
-        qkv = node("MatMul", [h, weight(f"{p}.qkv_proj.weight", linear_t(attn.q_proj, attn.k_proj, attn.v_proj))], [f"{p}.qkv"])[0]
-        split = const(f"{p}.qkv_split", [nh * hd, nkv * hd, nkv * hd], np.int64)
+        w_qkv = np.concatenate([rope_heads(linear_t(attn.q_proj), nh), rope_heads(linear_t(attn.k_proj), nkv),
+                                value_heads(linear_t(attn.v_proj))], axis=1)
+        qkv = node("MatMul", [h, weight(f"{p}.qkv_proj.weight", w_qkv)], [f"{p}.qkv"])[0]
+        split = const(f"{p}.qkv_split", [nh * hp, nkv * hp, nkv * hp], np.int64)
         q, k, v = node("Split", [qkv, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
         q = node("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], [f"{p}.q_rot"], domain=MS,
                  interleaved=0, num_heads=nh)[0]
         k = node("RotaryEmbedding", [k, "position_ids", "cos_cache", "sin_cache"], [f"{p}.k_rot"], domain=MS,
                  interleaved=0, num_heads=nkv)[0]
-        o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
-                                         "", "", "", "attention_bias_4d"],
-                 [f"{p}.attn", new[2 * i], new[2 * i + 1]], domain=MS, num_heads=nh, kv_num_heads=nkv)[0]
-        o = node("MatMul", [o, weight(f"{p}.o_proj.weight", linear_t(attn.o_proj))], [f"{p}.attn_out"])[0]
+        if weighted_values:
+            # each value row as (w v, w, 0...): the attention's last columns then hold sum(p w v) and sum(p w),
+            # and their quotient is what softmax(s + log w) gives
+            v = node("Mul", [node("Add", [v, "weight_column"], [f"{p}.v_one"])[0], "value_weight"], [f"{p}.v_weighted"])[0]
+            o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length"],
+                     [f"{p}.attn_weighted", new[2 * i], new[2 * i + 1]], domain=MS, num_heads=nh, kv_num_heads=nkv,
+                     scale=float(hd) ** -0.5)[0]
+            o = node("Reshape", [o, "heads_padded"], [f"{p}.attn_heads"])[0]
+            den = node("Slice", [o, "den_start", "den_end", "axis_3"], [f"{p}.attn_den"])[0]
+            den = node("Max", [den, "smallest_den"], [f"{p}.attn_den_safe"])[0]
+            o = node("Div", [o, den], [f"{p}.attn_normed"])[0]
+            o = node("Reshape", [o, "heads_joined"], [f"{p}.attn"])[0]
+            w_o = np.zeros((nh, hp, D), np.float32)
+            w_o[:, :hd] = linear_t(attn.o_proj).reshape(nh, hd, D)
+            w_o = w_o.reshape(nh * hp, D)
+        else:
+            o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
+                                             "", "", "", "attention_bias_4d"],
+                     [f"{p}.attn", new[2 * i], new[2 * i + 1]], domain=MS, num_heads=nh, kv_num_heads=nkv)[0]
+            w_o = linear_t(attn.o_proj)
+        o = node("MatMul", [o, weight(f"{p}.o_proj.weight", w_o)], [f"{p}.attn_out"])[0]
         w_post = weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.detach().numpy())
         h, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, w_post],
                                  [f"{p}.mlp_in", "", "", f"{p}.residual_m"], domain=MS, epsilon=eps)
@@ -164,8 +287,8 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     node("MatMul", [h, weight("lm_head.weight", linear_t(llm.lm_head))], [LOGITS])
 
     f32 = TensorProto.FLOAT
-    kv_in = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hd]) for n in past]
-    kv_out = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hd]) for n in new]
+    kv_in = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hp]) for n in past]
+    kv_out = [helper.make_tensor_value_info(n, f32, ["batch", nkv, "capacity", hp]) for n in new]
     graph = helper.make_graph(
         nodes, "decoder",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["ids_batch", "ids_sequence"]),
@@ -180,17 +303,17 @@ def build(llm: LLM, opset: int, data=None, data_name: str = ""):
     return model
 
 
-def write(llm: LLM, out_dir: Path, opset: int) -> list[str]:
+def write(llm: LLM, out_dir: Path, opset: int, weighted_values: bool = False) -> list[str]:
     """`decoder.onnx` (+ `decoder.onnx.data` when its weights are over EXTERNAL_DATA_BYTES) in `out_dir`
     -> the files written."""
     import onnx
 
     path = Path(out_dir) / "decoder.onnx"
     if sum(p.numel() * 4 for p in llm.parameters()) <= EXTERNAL_DATA_BYTES:
-        onnx.save_model(build(llm, opset), str(path))
+        onnx.save_model(build(llm, opset, weighted_values=weighted_values), str(path))
         return [path.name]
     data_name = f"{path.name}.data"
     with open(path.parent / data_name, "wb") as data:
-        model = build(llm, opset, data, data_name)
+        model = build(llm, opset, data, data_name, weighted_values)
     onnx.save_model(model, str(path))
     return [path.name, data_name]

@@ -15,7 +15,7 @@ import torch
 
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST, SlotCache
-from sleigh.runtime.manifest import KVCacheSection, kv_names
+from sleigh.runtime.manifest import IN_PLACE_FORMS, KVCacheSection, kv_names
 from sleigh.runtime.multimodal import image_attention_bias
 from sleigh.runtime.prompt import PromptTokenizer
 
@@ -99,7 +99,8 @@ def _compare_all(case, got: dict, ref: dict, precision) -> list[Comparison]:
 def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", seed: int = 0,
                    progress=None, kv_form: str = "slots", release=None) -> list[Comparison]:
     """Run vision, gswa, embed and decoder in ONNX Runtime (CPU) against `model` (a SleighVL).
-    `kv_form`: the decoder's (manifest kv_cache.form); a "shared" one runs through the runtime's backend.
+    `kv_form`: the decoder's (manifest kv_cache.form); a fused one ("shared", "weighted") runs through the
+    runtime's backend.
     The decoder's references are all computed before its session opens; `release()`, when given, is
     called in between, so a caller that needs the model no more frees its weights before the decoder
     (full size: 8.8 GB of torch weights and a 7 GB session would otherwise be held at once)."""
@@ -155,15 +156,15 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
                                     cfg.vision.tokens_per_view, cfg.gswa.min_weight)
     inputs = _run(s_emb, {"input_ids": ids, "image_embeds": rows})["inputs_embeds"]
     del s_emb
-    if kv_form == "shared":
+    if kv_form in IN_PLACE_FORMS:
         cases = _shared_references(decoder, embed, inputs, bias, cfg, rng)
     else:
         cases = _slot_references(decoder, embed, inputs, bias, cfg, rng)
     del model, vision, gswa, embed, decoder
     if release is not None:
         release()
-    if kv_form == "shared":
-        results += _shared_cases(pkg / "decoder.onnx", cases, cfg, precision)
+    if kv_form in IN_PLACE_FORMS:
+        results += _shared_cases(pkg / "decoder.onnx", cases, cfg, precision, kv_form)
     else:
         s_dec = _ort(pkg / "decoder.onnx")
         for case, feeds, ref in cases:
@@ -273,19 +274,23 @@ def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCas
     return cases
 
 
-def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision) -> list[Comparison]:
-    """A fused decoder (kv_cache.form "shared", export/fused_decoder.py) through the runtime's ONNX
-    Runtime backend, which binds each cache buffer as the input and the output of its layer, on
-    `_shared_references`' cases. A step that continues the previous one's sequence keeps its cache
-    (and the binding on it), with the slots in use set to the reference's keys; new keys are
-    compared where the mask is 1 (a padded position's keys are never read, and its fully masked query
-    averages other keys than the reference's: GroupQueryAttention leaves out the later ones)."""
+def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision, form: str = "shared") -> list[Comparison]:
+    """A fused decoder (kv_cache.form "shared" or "weighted", export/fused_decoder.py) through the
+    runtime's ONNX Runtime backend, which binds each cache buffer as the input and the output of its
+    layer, on `_shared_references`' cases. A step that continues the previous one's sequence keeps its
+    cache (and the binding on it), with the slots in use set to the reference's keys (laid out as the
+    "weighted" form keeps them, for that form); new keys are compared where the mask is 1 (a padded
+    position's keys are never read, and its fully masked query averages other keys than the
+    reference's: GroupQueryAttention leaves out the later ones)."""
+    from sleigh.export.fused_decoder import from_weighted_cache, padded_head_dim, to_weighted_cache
     from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
+    weighted = form == "weighted"
     past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
     results = []
-    with OnnxRuntimeBackend({"decoder": path}, KVCacheSection(KV, hd, tuple(past_names), tuple(new_names), "shared")) as backend:
+    section = KVCacheSection(KV, padded_head_dim(hd) if weighted else hd, tuple(past_names), tuple(new_names), form)
+    with OnnxRuntimeBackend({"decoder": path}, section) as backend:
         cache = None
         for c in cases:
             (B, P), S = c.past_mask.shape, c.x.shape[1]
@@ -293,22 +298,24 @@ def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision) -> list[C
                 cache = backend.new_cache(B)
                 cache.reserve(P + S)
                 cache.advance(c.past_mask, c.past_bias)
+            weights = np.exp(c.past_bias) * (c.past_mask > 0)
             for n in past_names:
-                cache.slots[n][:, :, :P] = c.slots[n]
+                cache.slots[n][:, :, :P] = to_weighted_cache(n, c.slots[n], weights) if weighted else c.slots[n]
             if c.ids is not None and backend.reads_ids:  # the token's embedding inside the decoder
                 got = backend.step_tokens(cache, c.ids, c.mask, c.bias, c.pos, np.zeros((1, c.x.shape[-1]), np.float32))[:, None]
             else:
                 got = backend.step(cache, c.x, c.mask, c.bias, c.pos)[:, None]
             real = c.mask[:, None, :, None]
-            written = {n: cache.slots[p][:, :, P:P + S] * real for p, n in zip(past_names, new_names)}
+            written = {n: (from_weighted_cache(n, cache.slots[p][:, :, P:P + S], hd) if weighted else cache.slots[p][:, :, P:P + S])
+                       * real for p, n in zip(past_names, new_names)}
             results.extend(_compare_all(c.name, {LOGITS: got, **written}, {LOGITS: c.ref[LOGITS], **{n: c.ref[n] * real for n in new_names}},
                                         precision))
     return results
 
 
-def shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision) -> list[Comparison]:
-    """The fused form's parity cases (`_shared_references`, then `_shared_cases`)."""
-    return _shared_cases(path, _shared_references(decoder, embed, inputs, bias, cfg, rng), cfg, precision)
+def shared_decoder_cases(path: Path, decoder, embed, inputs, bias, cfg, rng, precision, form: str = "shared") -> list[Comparison]:
+    """The fused forms' parity cases (`_shared_references`, then `_shared_cases`)."""
+    return _shared_cases(path, _shared_references(decoder, embed, inputs, bias, cfg, rng), cfg, precision, form)
 
 
 def summarize(results: list[Comparison]) -> dict:

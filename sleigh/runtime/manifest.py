@@ -88,8 +88,11 @@ class GSWASection:
 
 # How the decoder takes its cache (README, "The decoder's KV cache"): "slots", the standard-op form
 # (reads C masked slots, returns the new positions alone); "shared", the fused form of ONNX Runtime's
-# operators (export --decoder fused: reads the buffer's positions in use, writes the new ones into it).
-KV_FORMS = ("slots", "shared")
+# operators (export --decoder fused: reads the buffer's positions in use, writes the new ones into it);
+# "weighted", the fused form that runs on CUDA (export --decoder fused-cuda: as "shared", its heads
+# padded to kv_cache.head_dim and each value row kept times its weight, export/fused_decoder.py).
+KV_FORMS = ("slots", "shared", "weighted")
+IN_PLACE_FORMS = ("shared", "weighted")  # the decoder writes its new positions into the buffers it is given
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,10 @@ class KVCacheSection:
     @property
     def num_layers(self) -> int:
         return len(self.past) // 2
+
+    @property
+    def in_place(self) -> bool:
+        return self.form in IN_PLACE_FORMS
 
 
 @dataclass(frozen=True)
