@@ -169,6 +169,7 @@ class SlotCache:
             self.slots = {n: storage.alloc(self.layout, 0) for n in names}
         self.mask = np.zeros((batch, 0), np.int64)  # per slot, capacity wide
         self.bias = np.zeros((batch, 0), np.float32)
+        self._on_close = None  # slots lent by their owner (`adopt`): given back, not freed, on close
 
     @property
     def batch(self) -> int:
@@ -185,7 +186,7 @@ class SlotCache:
 
     def attention(self, new_mask: np.ndarray, new_bias: np.ndarray, shared: bool = False) -> dict[str, np.ndarray]:
         """The decoder's attention_mask and attention_bias (B, fed + S): the slots', then the new positions'.
-        `shared` (a decoder that writes into the slots itself, kv_cache.form "shared"): the slots in use only."""
+        `shared` (a decoder that writes into the slots itself, kv_cache.form "shared" or "weighted"): the slots in use only."""
         self._check_open()
         if new_mask.ndim != 2 or new_mask.shape[0] != self.batch or new_bias.shape != new_mask.shape:
             raise SleighError("step", f"attention_mask {new_mask.shape} / attention_bias {new_bias.shape} do not match "
@@ -204,6 +205,19 @@ class SlotCache:
         """`attention(...)` and `past()`: every cache input of one decoder step."""
         return {**self.attention(new_mask, new_bias), **self.past()}
 
+    def adopt(self, slots: dict, capacity: int, on_close) -> None:
+        """Use `slots` (a buffer of `capacity` slots per name, owned by the caller: a backend's fixed
+        buffers, runtime/backends/static_steps.py) in place of this empty cache's own; `close()` calls
+        `on_close(self)` instead of freeing them. A growth past `capacity` would move to buffers of its own."""
+        self._check_open()
+        if self.length or set(slots) != set(self.slots):
+            raise SleighError("kv cache", "only an empty cache takes lent slots, one per cache tensor", "a new cache")
+        with self.storage.lock:
+            for buffer in self.slots.values():
+                self.storage.free(buffer)
+        self.slots, self.binding, self._on_close = dict(slots), None, on_close
+        self.mask, self.bias = np.zeros((self.batch, capacity), np.int64), np.zeros((self.batch, capacity), np.float32)
+
     def reserve(self, positions: int) -> None:
         """Slots for `positions` in all, in whole chunks; nothing moves when they are there already.
         Otherwise the used slots are copied into larger buffers (old and new are held meanwhile)."""
@@ -219,8 +233,12 @@ class SlotCache:
                 old[name], self.slots[name] = buffer, st.alloc(layout, grown)
                 st.copy(layout, self.slots[name], grown, 0, buffer, C, 0, P)
             st.sync()  # the copies have read the old slots
+            lent, self._on_close = self._on_close, None  # lent slots go back to their owner, not freed
             for buffer in old.values():
-                st.free(buffer)
+                if lent is None:
+                    st.free(buffer)
+            if lent is not None:
+                lent(self)
         self.binding = None  # the slots moved
         mask, bias = np.zeros((self.batch, grown), np.int64), np.zeros((self.batch, grown), np.float32)
         mask[:, :P], bias[:, :P] = self.mask[:, :P], self.bias[:, :P]
@@ -240,7 +258,7 @@ class SlotCache:
 
     def advance(self, new_mask: np.ndarray, new_bias: np.ndarray) -> None:
         """Count S new positions that the decoder wrote into slots length.. itself (kv_cache.form
-        "shared"; `reserve` made room for them before the step)."""
+        "shared" or "weighted"; `reserve` made room for them before the step)."""
         P, S = self.length, new_mask.shape[1]
         self.mask[:, P:P + S] = new_mask
         self.bias[:, P:P + S] = new_bias
@@ -253,6 +271,9 @@ class SlotCache:
         self.closed = True
         with self.storage.lock:
             slots, self.slots = self.slots, {}
+            if self._on_close is not None:
+                self._on_close(self)
+                return
             for buffer in slots.values():
                 self.storage.free(buffer)
 

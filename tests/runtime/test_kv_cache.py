@@ -5,6 +5,7 @@ import ctypes
 import numpy as np
 import pytest
 
+from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK, PAST, DeviceSlots, HostSlots, SlotCache, grown_capacity
 from tests.helpers import HostCuda
 
@@ -143,3 +144,41 @@ def test_reserved_slots_never_move_and_growth_past_them_keeps_what_was_written(k
     cache.close()
     if kind == "device":
         assert not storage.cuda.buffers  # the reserved and the grown buffers were freed
+
+
+def test_lent_slots_are_given_back_on_close_or_growth_and_never_freed():
+    """`adopt`: a backend's fixed buffers (runtime/backends/static_steps.py) lent to an empty cache.
+    Closing the cache gives them back instead of freeing them; a growth past them copies what was
+    written into buffers of the cache's own and gives the lent ones back then."""
+    storage = DeviceSlots(HostCuda())
+    names, returned = [f"{PAST}.0.key", f"{PAST}.0.value"], []
+
+    def lend(cache, capacity=8):
+        lent = {n: storage.alloc(cache.layout, capacity) for n in names}
+        cache.adopt(lent, capacity, on_close=returned.append)
+        return lent
+
+    cache = SlotCache(names, 1, 2, 4, chunk=8, storage=storage)
+    lent = lend(cache)
+    assert cache.slots == lent and cache.capacity == 8 and cache.length == 0
+    cache.close()
+    assert returned == [cache] and all(ptr in storage._live for ptr in lent.values())  # not freed
+
+    cache, returned[:] = SlotCache(names, 1, 2, 4, chunk=8, storage=storage), []
+    lent = lend(cache)
+    layout = cache.layout
+    ones = np.ones((1, 2, 8, 4), np.float32)
+    for n in names:
+        ctypes.memmove(lent[n], ones.ctypes.data, ones.nbytes)
+    cache.advance(np.ones((1, 8), np.int64), np.zeros((1, 8), np.float32))
+    cache.reserve(9)  # past the lent capacity
+    assert returned == [cache] and cache.capacity == 16 and set(cache.slots.values()).isdisjoint(lent.values())
+    raw = (ctypes.c_float * (2 * 16 * 4)).from_address(cache.slots[names[0]])
+    assert (np.ctypeslib.as_array(raw).reshape(layout.shape(16))[:, :, :8] == 1).all()
+    cache.close()
+    assert returned == [cache] and all(ptr in storage._live for ptr in lent.values())
+    filled = SlotCache(names, 1, 2, 4, storage=storage)
+    filled.reserve(1)
+    filled.advance(np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))
+    with pytest.raises(SleighError, match="only an empty cache takes lent slots"):
+        filled.adopt(lent, 8, on_close=returned.append)

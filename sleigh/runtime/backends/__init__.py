@@ -4,11 +4,10 @@ are checked against the manifest (runtime/package.check_files)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from sleigh.errors import SleighError
-from sleigh.runtime.backends.base import Backend
+from sleigh.runtime.backends.base import Backend, warn
 from sleigh.runtime.manifest import EngineEntry, Manifest
 from sleigh.runtime.package import REEXPORT, check_files, inside
 
@@ -37,11 +36,6 @@ def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
 
 def _index(order: tuple, value) -> int:
     return order.index(value) if value in order else len(order)  # a precision this sleigh does not rank: last
-
-
-def warn(message: str) -> None:
-    """One line on stderr through logging (the CLI prints it as `warning: ...`; a log level can silence it)."""
-    logging.getLogger("sleigh").warning("%s", message)
 
 
 def rebuild_command(pkg: Path, entry: EngineEntry) -> str:

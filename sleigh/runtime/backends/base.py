@@ -17,6 +17,7 @@ releases them. Closing twice is harmless; any other call after it raises one Sle
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import MappingProxyType
@@ -27,6 +28,11 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.package import MODULE_NAMES
+
+
+def warn(message: str) -> None:
+    """One line on stderr through logging (the CLI prints it as `warning: ...`; a log level can silence it)."""
+    logging.getLogger("sleigh").warning("%s", message)
 
 
 class Backend(ABC):

@@ -4,10 +4,11 @@ CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`prov
 preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, and on CUDA device
 OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
 (cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). UNVERIFIED: the CUDA path has not
-run on a GPU yet (scripts/gpu_check.sh is the prepared check). A fused decoder (kv_cache.form "shared")
-runs on the CPU provider only, also where CUDA is there for the other modules (FUSED_NOT_ON_CUDA); it
-writes its new positions into the slots itself: each slot tensor is bound as its layer's input and
-output (`_step_shared`), nothing is copied.
+run on a GPU yet (scripts/gpu_check.sh is the prepared check). A fused decoder writes its new positions
+into the slots itself: each slot tensor is bound as its layer's input and output (`_step_shared`),
+nothing is copied. Its bias form (kv_cache.form "shared") runs on the CPU provider only, also where
+CUDA is there for the other modules (FUSED_NOT_ON_CUDA); its weighted-values form ("weighted") runs on
+CUDA too.
 
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
 sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from sleigh.errors import SleighError, first_line
-from sleigh.runtime.backends.base import Backend, module_files
+from sleigh.runtime.backends.base import Backend, module_files, warn
+from sleigh.runtime.backends.static_steps import CUDA_GRAPH_ENV, NO_GRAPH, StaticSteps, graph_run_options
 from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
@@ -52,8 +54,10 @@ FUSED_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention takes no attention
 
 
 def decoder_providers(providers: list[str], kv_form: str) -> list[str]:
-    """The providers the decoder's session opens with: `providers`, except that a fused decoder runs on
-    the CPU provider where CUDA comes first (FUSED_NOT_ON_CUDA; the other modules stay on CUDA)."""
+    """The providers the decoder's session opens with: `providers`, except that a fused decoder with an
+    attention bias (kv_cache.form "shared") runs on the CPU provider where CUDA comes first
+    (FUSED_NOT_ON_CUDA; the other modules stay on CUDA). The weighted-values form ("weighted") has no
+    bias for it, and runs on CUDA."""
     if kv_form == "shared" and providers and providers[0] == CUDA:
         return [CPU]
     return list(providers)
@@ -70,22 +74,37 @@ class OnnxRuntimeBackend(Backend):
     releases_modules = True
 
     def __init__(self, files: dict[str, Path], kv: KVCacheSection, threads: int | None = None, providers: list[str] | None = None, label: str = "fp32",
-                 manifest_modules: dict | None = None, kv_dtype: str | None = None, lazy: bool = False):
+                 manifest_modules: dict | None = None, kv_dtype: str | None = None, lazy: bool = False,
+                 static_capacity: int | None = None):
         """`kv_dtype`: the cache slots' dtype as the manifest gives it (`manifest_kv_dtype`), checked
         against the decoder's graph; None (a decoder opened without a manifest): the graph's. `lazy`:
         every module is opened once here (checked, and measured), but only the decoder stays open: the
         others open again at their first run, so a load under a memory budget never holds every
-        module at once (at full size that was a staged run's peak: benchmarks/RESULTS.md, "Session 11")."""
+        module at once (at full size that was a staged run's peak: benchmarks/RESULTS.md, "Session 11").
+        `static_capacity`: for a "weighted" fused decoder, batch-1 decode steps run on fixed buffers of
+        this many slots (static_steps.py), captured as a CUDA graph on the CUDA provider; there
+        `from_package` sets it to the context length unless SLEIGH_CUDA_GRAPH=0."""
         ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
         self.ort = ort
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
         self.decoder_providers = decoder_providers(self.providers, kv.form)
+        on_cuda = self.decoder_providers[0] == CUDA
+        self.static_capacity = static_capacity if kv.form == "weighted" else None
+        # the decoder's decode steps captured and replayed: CUDA, fixed buffers, and float16 attention (the
+        # only kind CUDA's GroupQueryAttention has: with float32 slots ONNX Runtime puts it on the CPU)
+        self.cuda_graph = self.static_capacity is not None and on_cuda and kv_dtype == "float16"
+        if on_cuda and not self.cuda_graph:
+            self.static_capacity = None
+        if on_cuda and kv.form == "weighted" and kv_dtype != "float16":
+            warn("the decoder's attention runs on the CPU: ONNX Runtime's CUDA GroupQueryAttention computes in float16 "
+                 "only, and this decoder's KV cache is float32; build an FP16 engine (`sleigh build-engine --precision "
+                 "fp16`) for it to run on the GPU")
+        self._static: StaticSteps | None = None
+        self._graph_off = graph_run_options(ort, NO_GRAPH) if self.cuda_graph else None  # every other decoder run
         if self.decoder_providers != self.providers:
-            from sleigh.runtime.backends import warn
-
             warn(f"the decoder runs on the CPU, the other modules on CUDA: {FUSED_NOT_ON_CUDA}; for a decoder on "
-                 "the GPU, export with `sleigh export --decoder standard`")
+                 "the GPU, export with `sleigh export --decoder fused-cuda`")
         self._options, self._manifest_modules = session_options(threads), manifest_modules
         self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
         self.sessions, self.resident = {}, {}
@@ -95,7 +114,7 @@ class OnnxRuntimeBackend(Backend):
             if lazy and module != "decoder":
                 self.release(module)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
-        self.kv_form = kv.form
+        self.in_place = kv.in_place  # a fused decoder: it writes into the cache buffers itself
         self.label = label
         decoder = self.sessions["decoder"]
         self._new_names, self._past_names = list(kv.new), list(kv.past)  # new[i] is written into past[i]
@@ -131,8 +150,11 @@ class OnnxRuntimeBackend(Backend):
     def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
                      engine: EngineEntry | None = None, lazy: bool = False) -> OnnxRuntimeBackend:
         label = "package fp32" if engine is None else engine.name
+        providers = providers or ([CUDA, CPU] if CUDA in available_providers() else [CPU])
+        graphs = providers[0] == CUDA and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"  # cuda_graph's other terms: __init__
         backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
-                      manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine), lazy=lazy)
+                      manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine), lazy=lazy,
+                      static_capacity=manifest.contract.generation.context_length if graphs else None)
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
 
@@ -144,7 +166,11 @@ class OnnxRuntimeBackend(Backend):
         before = resident_bytes()
         try:
             providers = self.decoder_providers if module == "decoder" else self.providers
-            sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=providers)
+            sess = None
+            if module == "decoder" and self.cuda_graph:
+                sess = self._open_with_graphs(path, providers)
+            if sess is None:
+                sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types
             denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
             if denied:  # not corruption: say so
@@ -160,6 +186,17 @@ class OnnxRuntimeBackend(Backend):
             self.resident[module] = max(after - before, 0)
         self.sessions[module] = sess
         return sess
+
+    def _open_with_graphs(self, path: Path, providers: list[str]):
+        """The decoder's session with CUDA graphs on, or None (graphs then off for good, said once) where
+        ONNX Runtime refuses (it does when a node is not on the CUDA provider)."""
+        try:
+            return self.ort.InferenceSession(str(path), sess_options=self._options,
+                                             providers=[(CUDA, {"enable_cuda_graph": "1"}), *providers[1:]])
+        except Exception as e:  # onnxruntime's own exception types
+            warn(f"decode steps run without a CUDA graph: ONNX Runtime refused one for this decoder ({first_line(e)})")
+            self.cuda_graph, self.static_capacity, self._graph_off = False, None, None
+            return None
 
     def release(self, *modules: str) -> None:
         """Close these modules' sessions (their weights and arenas go back to the system); each opens
@@ -183,18 +220,29 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, module, feeds):
         sess = self._session(module)
-        outs = sess.run(None, feeds, self._shrink if module == "vision" else None)
+        options = self._shrink if module == "vision" else self._graph_off if module == "decoder" else None
+        outs = sess.run(None, feeds, options)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
     def new_cache(self, batch=1) -> SlotCache:
         self._check_open()
-        return SlotCache(self._past_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype,
-                         storage=self.slot_storage)
+        cache = SlotCache(self._past_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype,
+                          storage=self.slot_storage)
+        if batch == 1 and self.static_capacity is not None and self.reads_ids:
+            with self._lock:
+                if self._static is None:
+                    decoder = self._session("decoder")
+                    hidden = self._no_embeds["inputs_embeds"].shape[-1]
+                    vocab = next(o for o in decoder.get_outputs() if o.name == LOGITS).shape[-1]
+                    self._static = StaticSteps(self.ort, decoder, self.device, self.slot_storage, cache.layout,
+                                               self._past_names, self._new_names, self.static_capacity, hidden, vocab)
+                self._static.lend(cache)
+        return cache
 
     def step(self, cache, inputs_embeds, attention_mask, attention_bias, position_ids):
         sess = self._session("decoder")
         feeds = {"inputs_embeds": inputs_embeds.astype(np.float32, copy=False), "position_ids": position_ids}
-        if self.kv_form == "shared":
+        if self.in_place:
             return self._step_shared(sess, cache, feeds, attention_mask, attention_bias, self._no_ids if self.reads_ids else {})
         if not isinstance(cache.storage, OrtValueSlots):  # numpy slots: the session reads them where they lie
             feeds.update(cache.feeds(attention_mask, attention_bias))
@@ -220,47 +268,57 @@ class OnnxRuntimeBackend(Backend):
     def step_tokens(self, cache, input_ids, attention_mask, attention_bias, position_ids, no_image):
         if not self.reads_ids:
             return super().step_tokens(cache, input_ids, attention_mask, attention_bias, position_ids, no_image)
+        static = self._static
+        if static is not None and static.serves(cache, attention_mask.shape[1]):
+            try:
+                return static.step(cache, np.asarray(input_ids, np.int64), attention_mask, attention_bias, position_ids)
+            except Exception as e:  # onnxruntime's own exception types: a capture that fails
+                if not self.cuda_graph:
+                    raise
+                warn(f"decode steps run without a CUDA graph: capturing one failed ({first_line(e)})")
+                self._static, self.cuda_graph = None, False  # this step again, and every later one, the ordinary way
         feeds = {"input_ids": np.asarray(input_ids, np.int64), "position_ids": position_ids}
         return self._step_shared(self._session("decoder"), cache, feeds, attention_mask, attention_bias, self._no_embeds)
 
     def _step_shared(self, sess, cache, feeds, attention_mask, attention_bias, unused: dict):
-        """A fused decoder (kv_cache.form "shared") reads the slots in use and writes the new positions
-        into the same buffers: each slot tensor is bound as its input and as its output, so nothing is
-        copied. GroupQueryAttention takes a prompt after a cache one row at a time
+        """A fused decoder (kv_cache.form "shared" or "weighted") reads the slots in use and writes the
+        new positions into the same buffers: each slot tensor is bound as its input and as its output,
+        so nothing is copied. GroupQueryAttention takes a prompt after a cache one row at a time
         (export/fused_decoder.py), so on the CPU such a step runs row by row, each row bound to its own
         part of the slots. `unused`: the input the step does not read (embeddings or token ids), bound
-        whole as its (1, 1) placeholder. The slots are numpy arrays: a fused decoder runs on the CPU
-        provider only (FUSED_NOT_ON_CUDA)."""
+        whole as its (1, 1) placeholder. On CUDA (the "weighted" form) the device OrtValues are bound
+        whole, and such a step is not split (UNVERIFIED: whether CUDA's kernel takes it)."""
         S = attention_mask.shape[1]
         cache.reserve(cache.length + S)
         feeds.update(cache.attention(attention_mask, attention_bias, shared=True))
-        by_row = cache.batch > 1 and S > 1 and cache.length > 0
+        on_device = isinstance(cache.storage, OrtValueSlots)
+        by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
         logits = []
         for rows in ([slice(b, b + 1) for b in range(cache.batch)] if by_row else [slice(None)]):
             if by_row:
-                binding, values = self._bind_slots(sess, cache, rows)
+                binding, values = self._bind_slots(sess, cache, rows, on_device)
             else:  # the slots stay bound from step to step until a growth moves them (the cache forgets it)
                 if cache.binding is None or cache.binding[0] is not sess:
-                    cache.binding = (sess, *self._bind_slots(sess, cache, rows))
+                    cache.binding = (sess, *self._bind_slots(sess, cache, rows, on_device))
                 binding = cache.binding[1]
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
             for name, array in unused.items():
                 binding.bind_cpu_input(name, array)
-            sess.run_with_iobinding(binding, self._shrink if S > 1 else None)
+            sess.run_with_iobinding(binding, self._graph_off or (self._shrink if S > 1 else None))
             logits.append(binding.get_outputs()[0].numpy())  # bound first: logits
         cache.advance(attention_mask, attention_bias)
         return np.concatenate(logits)[:, -1].astype(np.float32)
 
-    def _bind_slots(self, sess, cache, rows):
+    def _bind_slots(self, sess, cache, rows, on_device: bool):
         """(an IOBinding with `logits` to the host and each slot tensor (its `rows`) bound as the input
-        and the output of its layer, the OrtValues bound: over the arrays' own memory)."""
+        and the output of its layer, the OrtValues bound: over the arrays' own memory on the CPU)."""
         binding = sess.io_binding()
         binding.bind_output(LOGITS)  # on the host: the sampler reads it there
         values = []
         for past, new in zip(self._past_names, self._new_names):
             slots = cache.slots[past]
-            values.append(self.ort.OrtValue.ortvalue_from_numpy(slots[rows]))
+            values.append(slots if on_device else self.ort.OrtValue.ortvalue_from_numpy(slots[rows]))
             binding.bind_ortvalue_input(past, values[-1])
             binding.bind_ortvalue_output(new, values[-1])
         return binding, values
