@@ -6,27 +6,30 @@
 #   bash scripts/gpu_check.sh          # results under $OUT (or ./gpu-out); table.md is the summary
 #
 # Finishes within $BUDGET_S seconds (default 530: under 9 minutes with the start), on an H200 about
-# (FACTS.md): install 10 s, tiny CUDA-vs-CPU check 30 s, full-size init 39 s + export --no-verify 188 s,
-# FP32 bench ~60 s, HF anchor ~20 s, FP16 engine ~120 s, FP16 bench ~40 s. Every step after the
-# install gets what is left of the budget (timeout); a step that fails or runs out leaves its row
-# marked in the table and the script goes on. Steps:
+# (FACTS.md): install 10 s, tiny checks ~60 s, full-size init 39 s + export --no-verify (the standard
+# form took 188 s; the fused forms are written directly, faster), FP32 bench ~60 s, HF anchor ~20 s,
+# FP16 engine ~120 s, two FP16 benches ~40 s each. Every step after the install gets what is left of
+# the budget (timeout); a step that fails or runs out leaves its row marked in the table and the
+# script goes on. Steps:
 #   1. onnxruntime-gpu from the carried parts; CUDAExecutionProvider must be listed (else one line, exit 2)
-#   2. tiny packages (export with parity), the standard and the fused decoder: CUDA greedy tokens == CPU
-#      greedy tokens on a multi-tile image, starting from an empty cache (0 slots, the case onnxruntime
-#      <= 1.31 used to fail), and across a 256-slot growth; the CUDA copy helpers' tests (-m gpu)
+#   2. what CUDA's GroupQueryAttention takes (benchmarks/gqa_cuda_probe.py: float16/float32, with and
+#      without attention_bias; the source says float16 only, no bias), then tiny packages (export with
+#      parity): the standard decoder, the fused one (its decoder opens on the CPU beside CUDA) and
+#      fused-cuda (FP16 engine, decode steps captured as a CUDA graph): CUDA greedy tokens == CPU greedy
+#      tokens on a multi-tile image and across a 256-slot growth; the CUDA copy helpers' tests (-m gpu)
 #   3. full size (internvl2-2b, random weights): init, export --no-verify --decoder $DECODER (default
-#      fused: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other form)
-#   4. sleigh bench of the FP32 package on CUDA, GPU memory sampled with nvidia-smi (UNVERIFIED for the
-#      fused decoder: ONNX Runtime's CUDA GroupQueryAttention may take float16 only; its row then says so)
+#      fused-cuda: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other)
+#   4. sleigh bench of the FP32 package on CUDA, GPU memory sampled with nvidia-smi (a fused-cuda
+#      decoder's float32 attention runs on the CPU there: the row shows what that costs)
 #   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
-#   6. build-engine --precision fp16, then sleigh bench of it on CUDA (auto picks FP16 on a GPU)
+#   6. build-engine --precision fp16, then sleigh bench of it on CUDA (auto picks FP16 on a GPU): with
+#      the decode steps replayed as a CUDA graph (fused-cuda), and again with SLEIGH_CUDA_GRAPH=0
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
-#   8. with what time is left: the FP16 engine's decode steps alone (benchmarks/token_steps.py)
 set -uo pipefail
 out=${OUT:-gpu-out}
 parts=${PARTS:-/tmp/parts}
 budget=${BUDGET_S:-530}
-decoder=${DECODER:-fused}
+decoder=${DECODER:-fused-cuda}
 work=${WORK:-/tmp/g}
 mkdir -p "$out" "$work"
 left() { echo $((budget - SECONDS > 5 ? budget - SECONDS : 5)); }
@@ -64,31 +67,43 @@ fi
 device=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
 echo "device: $device" | tee -a "$out/providers.txt"
 
-# 2. tiny: CUDA == CPU, from an empty cache and across a growth
+# 2. what CUDA's GroupQueryAttention takes; tiny: CUDA == CPU, from an empty cache and across a growth
+step gqa-probe python3 benchmarks/gqa_cuda_probe.py --provider CUDAExecutionProvider
 step tiny-init python3 -m sleigh.cli init "$work/tiny" --preset tiny --force
 step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" --force --json
 step tiny-export-fused python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-fused" --decoder fused --force --json
-step cuda-vs-cpu python3 - "$work/tiny-pkg" "$work/tiny-fused" <<'PY'
+step tiny-export-cuda python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-cuda" --decoder fused-cuda --force --json
+step tiny-fp16-cuda python3 -m sleigh.cli build-engine "$work/tiny-cuda" --precision fp16 --json
+step cuda-vs-cpu python3 - "$work/tiny-pkg" "$work/tiny-fused" "$work/tiny-cuda" "$work/tiny-cuda:onnxruntime-fp16" <<'PY'
 import sys
 from pathlib import Path
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.pipeline import Pipeline
+from sleigh.runtime.prompt import PromptTokenizer
 ok = True
-for pkg in map(Path, sys.argv[1:]):
+for arg in sys.argv[1:]:
+    pkg, _, engine = arg.partition(":")
+    pkg, engine = Path(pkg), engine or None
     m = read_manifest(pkg)
-    cpu = Pipeline.from_package(pkg, engine="package", backend="onnxruntime")
+    entry = m.engines[engine] if engine else None
+    cpu_backend = OnnxRuntimeBackend.from_package(pkg, m, providers=[CPU], engine=entry)  # not auto: it would take CUDA
+    cpu = Pipeline(cpu_backend, m.contract, PromptTokenizer.from_file(m.path(m.tokenizer, "tokenizer")))
     try:
-        cuda = Pipeline(OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU]), cpu.contract, cpu.tokenizer)
+        backend = OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU], engine=entry)
+        print(f"{arg}: decoder on {backend.decoder_providers[0]}, CUDA graph {backend.cuda_graph}")
+        cuda = Pipeline(backend, cpu.contract, cpu.tokenizer)
         for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (None, "Tell me a story.", 300)]:
             a = cpu.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
             b = cuda.generate(image, prompt, max_new_tokens=n, ignore_eos=True).result
             same = a.token_ids == b.token_ids
             ok &= same
-            print(f"{pkg.name} ({m.contract.kv_cache.form}): {image or 'text only'}, {n} tokens on {b.backend}: same tokens {same}")
-    except Exception as e:  # one package failing must not hide the other's result
+            static = backend._static.steps if backend._static else 0
+            print(f"{arg} ({m.contract.kv_cache.form}): {image or 'text only'}, {n} tokens on {b.backend}: same tokens {same}"
+                  f" (graph-replayed steps so far {static}, CUDA graph {backend.cuda_graph})")
+    except Exception as e:  # one package failing must not hide the others' results
         ok = False
-        print(f"{pkg.name} ({m.contract.kv_cache.form}): FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        print(f"{arg} ({m.contract.kv_cache.form}): FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 sys.exit(0 if ok else 1)
 PY
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
@@ -117,15 +132,14 @@ step fp16-engine python3 -m sleigh.cli build-engine "$work/full-pkg" --backend o
 pid=$(mem_start bench-fp16)
 step bench-fp16 python3 -m sleigh.cli bench "$work/full-pkg" --runs 2 --max-new-tokens 64 --json
 mem_stop "$pid"
+pid=$(mem_start bench-fp16-nograph)
+SLEIGH_CUDA_GRAPH=0 step bench-fp16-nograph python3 -m sleigh.cli bench "$work/full-pkg" --runs 2 --max-new-tokens 64 --json
+mem_stop "$pid"
 
 # 7. one table
 python3 benchmarks/gpu_table.py --device "$device, onnxruntime-gpu $(python3 -c 'import onnxruntime as o; print(o.__version__)')" \
   --floor-tokens-per-s 1230 \
   "FP32 package, $decoder decoder (CUDA)=$out/bench-fp32.log@$out/bench-fp32.mem" "$out/hf-anchor.log" \
-  "FP16 engine, $decoder decoder (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" | tee "$out/table.md"
-# 8. if time is left: the FP16 engine's decode steps alone on CUDA at 2,000 cached positions, token ids
-#    into the decoder against the embed module first (benchmarks/token_steps.py; after the table, so
-#    running out of budget here costs nothing above)
-step token-steps-fp16 python3 benchmarks/token_steps.py "$work/full-pkg" --engine onnxruntime-fp16 --positions 2000 \
-  --rounds 3 --steps 32
+  "FP16 engine, $decoder decoder (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" \
+  "FP16 engine, $decoder decoder, no CUDA graph=$out/bench-fp16-nograph.log@$out/bench-fp16-nograph.mem" | tee "$out/table.md"
 echo "total $SECONDS s" | tee -a "$out/steps.txt"

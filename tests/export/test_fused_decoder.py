@@ -35,13 +35,18 @@ def fused_pkg(tiny_pkg, tiny_model, tmp_path_factory):
     return pkg
 
 
-def _cases(path, model, seed=0):
+def _case_inputs(model, seed=0):
+    """(prompt embeddings (1, 11, D), a GSWA-like bias (1, 11), cfg, rng) for the parity cases."""
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     inputs = rng.standard_normal((1, 11, cfg.llm.hidden_size)).astype(np.float32)
     bias = (0.5 * rng.standard_normal((1, 11))).astype(np.float32)  # GSWA-like log-weights
+    return inputs, bias, cfg, rng
+
+
+def _cases(path, model, seed=0):
     with torch.inference_mode():
-        return shared_decoder_cases(path, DecoderModule(model), EmbedModule(model), inputs, bias, cfg, rng, "fp32")
+        return shared_decoder_cases(path, DecoderModule(model), EmbedModule(model), *_case_inputs(model, seed), "fp32")
 
 
 def test_the_fused_decoder_matches_the_reference(fused_pkg, tiny_model):
@@ -134,13 +139,104 @@ def test_where_cuda_comes_first_a_fused_decoder_opens_on_the_cpu_and_says_so(fus
         assert backend.device == "cpu" and isinstance(backend.slot_storage, HostSlots)
         assert backend.describe().endswith("(CUDA, decoder on CPU)")
         [warning] = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
-        assert "decoder runs on the CPU" in warning and "--decoder standard" in warning
+        assert "decoder runs on the CPU" in warning and "--decoder fused-cuda" in warning
         with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
             assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
-    # the standard decoder is asked to open on CUDA as the other modules are
+    # the standard decoder and the weighted-values one are asked to open on CUDA as the other modules are
     standard = read_manifest(tiny_pkg).contract.kv_cache.form
     assert standard == "slots" and decoder_providers([CUDA, CPU], standard) == [CUDA, CPU]
+    assert decoder_providers([CUDA, CPU], "weighted") == [CUDA, CPU]
     assert decoder_providers([CPU], "shared") == [CPU]
+
+
+@pytest.fixture(scope="module")
+def weighted_pkg(tiny_ckpt, tmp_path_factory):
+    """`sleigh export --decoder fused-cuda` of the tiny checkpoint, parity checked (kv_cache.form "weighted")."""
+    from sleigh.export.exporter import ExportOptions, export_package
+
+    out = tmp_path_factory.mktemp("weighted") / "pkg"
+    result = export_package(tiny_ckpt, out, ExportOptions(decoder="fused-cuda", quiet=True))
+    assert result.parity and all(r.ok for r in result.parity)
+    return out
+
+
+def test_the_weighted_values_form_matches_the_reference_and_the_bias_form(weighted_pkg, fused_pkg, tiny_model):
+    """export --decoder fused-cuda: no attention_bias into GroupQueryAttention (what CUDA's kernel
+    refuses), values kept as (w v, w) in padded heads; the reference's logits and keys/values (read back
+    out of that layout) on every parity case, and the bias form's greedy tokens through the runtime,
+    an image prompt (GSWA's weights in play) and text past a growth of the cache."""
+    import onnx
+
+    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.pipeline import Pipeline
+    from tests.helpers import EXAMPLES
+
+    kv = read_manifest(weighted_pkg).contract.kv_cache
+    cfg = tiny_model.cfg.llm
+    assert kv.form == "weighted" and kv.head_dim == fused_decoder.padded_head_dim(cfg.head_dim) > cfg.head_dim
+    graph = onnx.load(str(weighted_pkg / "decoder.onnx")).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == cfg.num_layers and all(len(n.input) == 7 for n in gqa)  # no attention_bias input
+    with torch.inference_mode():
+        results = shared_decoder_cases(weighted_pkg / "decoder.onnx", DecoderModule(tiny_model), EmbedModule(tiny_model),
+                                       *_case_inputs(tiny_model), "fp32", form="weighted")
+    assert all(r.ok for r in results), [(r.case, r.output, r.needed_atol) for r in results if not r.ok]
+    # 40 tokens each (a long greedy run on random weights meets near ties, where 1e-6 apart may pick
+    # either); the text prompt is long enough that its 40 tokens cross the 256-slot growth
+    long_text = "Tell me a story about " + "a cat, a dog and a cup of coffee; " * 3
+    with Pipeline.load(fused_pkg) as bias_form, Pipeline.load(weighted_pkg) as weighted:
+        assert 216 < len(weighted.prepare(None, long_text)[1]) < 256
+        for image, prompt in ((EXAMPLES / "coffee.jpg", "Describe it."), (None, long_text)):
+            want = bias_form.generate(image, prompt, max_new_tokens=40, ignore_eos=True).result
+            got = weighted.generate(image, prompt, max_new_tokens=40, ignore_eos=True).result
+            assert got.token_ids == want.token_ids
+
+
+def test_the_weighted_values_form_is_not_blind_to_the_bias(weighted_pkg, tiny_model):
+    """Negative control: the same prefill with GSWA's bias and without gives other logits (the weights
+    reach the attention), and the bias form's logits with it (parity above)."""
+    import onnxruntime as ort
+
+    cfg = tiny_model.cfg.llm
+    sess = ort.InferenceSession(str(weighted_pkg / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    x, bias = _case_inputs(tiny_model)[:2]
+    S, hp = x.shape[1], fused_decoder.padded_head_dim(cfg.head_dim)
+    feeds = {"input_ids": np.full((1, 1), -1, np.int64), "inputs_embeds": x, "attention_mask": np.ones((1, S), np.int64),
+             "position_ids": np.arange(S, dtype=np.int64)[None],
+             **{i.name: np.zeros((1, cfg.num_kv_heads, S, hp), np.float32) for i in sess.get_inputs() if i.name.startswith("past_")}}
+    with_bias = sess.run(["logits"], {**feeds, "attention_bias": bias})[0]
+    without = sess.run(["logits"], {**feeds, "attention_bias": np.zeros_like(bias)})[0]
+    assert np.abs(with_bias - without).max() > 1e-3 * np.abs(without).max()
+
+
+def test_decode_steps_on_fixed_buffers_give_the_ordinary_steps_tokens(weighted_pkg):
+    """What a CUDA graph replays (runtime/backends/static_steps.py), run on the CPU: a batch-1
+    generation borrows the backend's buffers of context-length slots and decodes with a mask and bias
+    as wide as them, bound once; the same tokens as the ordinary steps. A second generation while the
+    first holds them takes the ordinary path; a closed generation gives them back."""
+    from sleigh.runtime.backends.base import module_files
+    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.pipeline import Pipeline
+    from tests.helpers import EXAMPLES
+
+    m = read_manifest(weighted_pkg)
+    C = m.contract.generation.context_length
+    with Pipeline.load(weighted_pkg) as ref:
+        assert ref.backend.static_capacity is None  # the CPU provider: ordinary steps unless asked
+        prompts = [(EXAMPLES / "coffee.jpg", "What is in the cup?"), (None, "Tell me a story.")]
+        want = [ref.generate(i, p, max_new_tokens=30, ignore_eos=True).result.token_ids for i, p in prompts]
+        backend = OnnxRuntimeBackend(module_files(m, None), m.contract.kv_cache, manifest_modules=m.modules, static_capacity=C)
+        with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
+            assert pipe.generate(*prompts[0], max_new_tokens=30, ignore_eos=True).result.token_ids == want[0]
+            static = backend._static
+            assert static.steps == 29 and static.borrower is None and static.capacity == C
+            gens = [pipe.generate(i, p, max_new_tokens=30, ignore_eos=True) for i, p in prompts]
+            its = [iter(g) for g in gens]
+            while any([next(it, None) is not None for it in its]):
+                pass
+            assert [g.result.token_ids for g in gens] == want
+            assert static.steps == 29 + 29  # one of the two held the buffers, the other ran the ordinary way
 
 
 def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):
@@ -265,3 +361,19 @@ def test_the_token_steps_benchmark_runs_and_finds_both_ways_equal(fused_pkg):
     assert proc.returncode == 0, proc.stderr
     assert "ids against embed: max abs difference 0\n" in proc.stdout
     assert [line.split()[0] for line in proc.stdout.splitlines()[-2:]] == ["ids", "embed"]
+
+
+def test_the_weighted_decoder_benchmark_runs(tiny_ckpt):
+    """benchmarks/weighted_decoder.py (RESULTS.md's CPU numbers for --decoder fused-cuda) on the tiny
+    checkpoint: both forms run, and it prints their medians and ratios."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "weighted_decoder.py"), str(tiny_ckpt), "--positions", "16",
+                           "--rounds", "2", "--steps", "3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0].strip() for line in lines[:2]] == ["bias", "weighted"]
+    assert lines[2].startswith("weighted/bias over 2 rounds, 16 positions: prefill ")
