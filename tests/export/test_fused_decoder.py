@@ -237,6 +237,14 @@ def test_decode_steps_on_fixed_buffers_give_the_ordinary_steps_tokens(weighted_p
                 pass
             assert [g.result.token_ids for g in gens] == want
             assert static.steps == 29 + 29  # one of the two held the buffers, the other ran the ordinary way
+        # a generation longer than the fixed buffers moves to buffers of its own halfway, and goes on
+        prompt_tokens = len(ref.prepare(None, "Tell me a story.")[1])
+        want = ref.generate(None, "Tell me a story.", max_new_tokens=80, ignore_eos=True).result.token_ids
+        small = OnnxRuntimeBackend(module_files(m, None), m.contract.kv_cache, manifest_modules=m.modules,
+                                   static_capacity=prompt_tokens + 40)
+        with Pipeline(small, ref.contract, ref.tokenizer) as pipe:
+            assert pipe.generate(None, "Tell me a story.", max_new_tokens=80, ignore_eos=True).result.token_ids == want
+            assert small._static.steps == 40 and small._static.borrower is None
 
 
 def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):

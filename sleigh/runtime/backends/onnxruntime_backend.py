@@ -28,7 +28,7 @@ import numpy as np
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files, warn
-from sleigh.runtime.backends.static_steps import CUDA_GRAPH_ENV, NO_GRAPH, StaticSteps, graph_run_options
+from sleigh.runtime.backends.static_steps import CUDA_GRAPH_ENV, NO_GRAPH, STATIC_SLOTS, StaticSteps, graph_run_options
 from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
@@ -83,7 +83,8 @@ class OnnxRuntimeBackend(Backend):
         module at once (at full size that was a staged run's peak: benchmarks/RESULTS.md, "Session 11").
         `static_capacity`: for a "weighted" fused decoder, batch-1 decode steps run on fixed buffers of
         this many slots (static_steps.py), captured as a CUDA graph on the CUDA provider; there
-        `from_package` sets it to the context length unless SLEIGH_CUDA_GRAPH=0."""
+        `from_package` sets it to the context length or STATIC_SLOTS, the smaller, unless
+        SLEIGH_CUDA_GRAPH=0."""
         ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
         self.ort = ort
@@ -154,7 +155,7 @@ class OnnxRuntimeBackend(Backend):
         graphs = providers[0] == CUDA and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"  # cuda_graph's other terms: __init__
         backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
                       manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine), lazy=lazy,
-                      static_capacity=manifest.contract.generation.context_length if graphs else None)
+                      static_capacity=min(manifest.contract.generation.context_length, STATIC_SLOTS) if graphs else None)
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
 

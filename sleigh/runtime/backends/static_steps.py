@@ -25,6 +25,10 @@ GRAPH_ID = "gpu_graph_id"
 NO_GRAPH = "-1"
 # SLEIGH_CUDA_GRAPH=0 turns the captured decode steps off (the ordinary bound steps then run)
 CUDA_GRAPH_ENV = "SLEIGH_CUDA_GRAPH"
+# The fixed buffers' slots: a 4K-token context at most (issue 9's memory target: FP16 weights and a
+# 4K-token cache within 6 GB; InternVL2-2B's own context of 32,768 would hold 3.4 GB of float16 KV).
+# A generation that needs more moves to buffers of its own (SlotCache.reserve) and the ordinary steps.
+STATIC_SLOTS = 4096
 
 
 def graph_run_options(ort, graph_id: str):
