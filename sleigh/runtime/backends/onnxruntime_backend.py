@@ -270,7 +270,7 @@ class OnnxRuntimeBackend(Backend):
         if not self.reads_ids:
             return super().step_tokens(cache, input_ids, attention_mask, attention_bias, position_ids, no_image)
         static = self._static
-        if static is not None and static.serves(cache, attention_mask.shape[1]):
+        if static is not None and static.sess is self.sessions.get("decoder") and static.serves(cache, attention_mask.shape[1]):
             try:
                 return static.step(cache, np.asarray(input_ids, np.int64), attention_mask, attention_bias, position_ids)
             except Exception as e:  # onnxruntime's own exception types: a capture that fails
