@@ -61,7 +61,7 @@ class ExportResult:
 # (export/fused_decoder.py: 1.2-1.6x faster prefill and 1.3-1.4x faster decode than the standard form
 # on the CPU, benchmarks/RESULTS.md, "A fused decoder"; ONNX Runtime only, and its decoder runs on the
 # CPU provider); "fused-cuda", the same without an attention bias, which ONNX Runtime's CUDA provider
-# can run (weighted values; about 5 % slower decode on the CPU); "standard", standard ops (every
+# can run (weighted values; 6-11 % slower decode on the CPU); "standard", standard ops (every
 # backend: TensorRT reads only this form).
 DECODER_FORMS = {"standard": "slots", "fused": "shared", "fused-cuda": "weighted"}
 

@@ -34,8 +34,8 @@ weight column. w is exp(attention_bias) where attention_mask is 1 and 0 where it
 the position is written. Its seqlens_k comes from the mask's contents (the last position in use) and
 the new positions' weights are gathered there, so a decode step may also be given a mask and bias
 as wide as the buffers (zeros past the positions in use): the static shapes of a CUDA graph
-(onnxruntime_backend's replayed decode steps). On the CPU it decodes about 5 % slower than the bias
-form (benchmarks/RESULTS.md), so `fused` stays the CPU's form.
+(onnxruntime_backend's replayed decode steps). On the CPU it decodes 6-11 % slower than the bias form
+(benchmarks/RESULTS.md), so `fused` stays the CPU's form.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
         cos, sin = (np.pad(c, ((0, 0), (0, (hp - hd) // 2)), constant_values=fill) for c, fill in ((cos, 1.0), (sin, 0.0)))
     weight("cos_cache", cos)
     weight("sin_cache", sin)
-    if weighted_values:
+    if weighted_values:  # the value rows' weight column, and the heads' shapes around the division by it
         ones = np.zeros((nkv, hp), np.float32)
         ones[:, hd] = 1.0
         const("weight_column", ones.reshape(-1), np.float32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,9 @@ class OnnxRuntimeBackend(Backend):
                  "fp16`) for it to run on the GPU")
         self._static: StaticSteps | None = None
         self._graph_off = graph_run_options(ort, NO_GRAPH) if self.cuda_graph else None  # every other decoder run
+        # one decoder run at a time on a session with CUDA graphs (UNVERIFIED whether ONNX Runtime needs it;
+        # the GPU runs one after the other anyway)
+        self._decoder_lock = threading.Lock() if self.cuda_graph else nullcontext()
         if self.decoder_providers != self.providers:
             warn(f"the decoder runs on the CPU, the other modules on CUDA: {FUSED_NOT_ON_CUDA}; for a decoder on "
                  "the GPU, export with `sleigh export --decoder fused-cuda`")
@@ -272,7 +276,8 @@ class OnnxRuntimeBackend(Backend):
         static = self._static
         if static is not None and static.sess is self.sessions.get("decoder") and static.serves(cache, attention_mask.shape[1]):
             try:
-                return static.step(cache, np.asarray(input_ids, np.int64), attention_mask, attention_bias, position_ids)
+                with self._decoder_lock:
+                    return static.step(cache, np.asarray(input_ids, np.int64), attention_mask, attention_bias, position_ids)
             except Exception as e:  # onnxruntime's own exception types: a capture that fails
                 if not self.cuda_graph:
                     raise
@@ -306,7 +311,8 @@ class OnnxRuntimeBackend(Backend):
                 binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
             for name, array in unused.items():
                 binding.bind_cpu_input(name, array)
-            sess.run_with_iobinding(binding, self._graph_off or (self._shrink if S > 1 else None))
+            with self._decoder_lock:
+                sess.run_with_iobinding(binding, self._graph_off or (self._shrink if S > 1 else None))
             logits.append(binding.get_outputs()[0].numpy())  # bound first: logits
         cache.advance(attention_mask, attention_bias)
         return np.concatenate(logits)[:, -1].astype(np.float32)
@@ -328,6 +334,8 @@ class OnnxRuntimeBackend(Backend):
         where = self.providers[0].removesuffix("ExecutionProvider")
         if self.decoder_providers != self.providers:
             where += ", decoder on CPU"
+        if self.cuda_graph:
+            where += ", decode steps as a CUDA graph"
         return f"onnxruntime [{self.label}] ({where})"
 
     def _release(self) -> None:
