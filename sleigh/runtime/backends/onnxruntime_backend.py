@@ -234,9 +234,9 @@ class OnnxRuntimeBackend(Backend):
         cache = SlotCache(self._past_names, batch, self.num_kv_heads, self.head_dim, self.kv_dtype,
                           storage=self.slot_storage)
         if batch == 1 and self.static_capacity is not None and self.reads_ids:
+            decoder = self._session("decoder")  # outside the lock: reopening a session takes it
             with self._lock:
                 if self._static is None:
-                    decoder = self._session("decoder")
                     hidden = self._no_embeds["inputs_embeds"].shape[-1]
                     vocab = next(o for o in decoder.get_outputs() if o.name == LOGITS).shape[-1]
                     self._static = StaticSteps(self.ort, decoder, self.device, self.slot_storage, cache.layout,
