@@ -247,6 +247,58 @@ def test_decode_steps_on_fixed_buffers_give_the_ordinary_steps_tokens(weighted_p
             assert small._static.steps == 40 and small._static.borrower is None
 
 
+def test_which_decoders_take_fixed_buffers_and_a_cuda_graph():
+    from sleigh.runtime.backends.onnxruntime_backend import static_plan
+
+    assert static_plan(True, "weighted", "float16", 4096) == (4096, True)
+    assert static_plan(True, "weighted", "float32", 4096) == (None, False)  # CUDA's GQA: float16 only
+    assert static_plan(True, "weighted", "float16", None) == (None, False)  # SLEIGH_CUDA_GRAPH=0
+    assert static_plan(True, "shared", "float16", 4096) == (None, False)
+    assert static_plan(False, "weighted", "float32", 300) == (300, False)  # the CPU: fixed buffers as asked
+    assert static_plan(False, "slots", "float32", 300) == (None, False)
+
+
+def test_a_graph_that_onnxruntime_refuses_falls_back_with_one_warning(weighted_pkg, monkeypatch, caplog):
+    """The two fallbacks of the CUDA-graph path, run on the CPU: a session that ONNX Runtime will not open
+    with `enable_cuda_graph` opens without it, and a decode step whose capture fails runs again the
+    ordinary way, as does every later one; one warning each, and the same tokens."""
+    import logging
+
+    from sleigh.runtime.backends import static_steps
+    from sleigh.runtime.backends.base import module_files
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, OnnxRuntimeBackend
+    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.pipeline import Pipeline
+
+    m = read_manifest(weighted_pkg)
+    with Pipeline.load(weighted_pkg) as ref:
+        want = ref.generate(None, "Hello", max_new_tokens=12, ignore_eos=True).result.token_ids
+        backend = OnnxRuntimeBackend(module_files(m, None), m.contract.kv_cache, manifest_modules=m.modules, static_capacity=512)
+        ort = backend.ort
+        refused = lambda *a, providers, **k: (_ for _ in ()).throw(RuntimeError("graph capture needs every node on CUDA"))  # noqa: E731
+        monkeypatch.setattr(ort, "InferenceSession", refused)
+        backend.cuda_graph = True
+        with caplog.at_level(logging.WARNING, logger="sleigh"):
+            assert backend._open_with_graphs(backend.files["decoder"], [CPU]) is None
+        assert (backend.cuda_graph, backend.static_capacity, backend._graph_off) == (False, None, None)
+        monkeypatch.undo()
+
+        backend = OnnxRuntimeBackend(module_files(m, None), m.contract.kv_cache, manifest_modules=m.modules, static_capacity=512)
+        backend.cuda_graph = True  # as on CUDA: a failed step falls back instead of raising
+        calls = []
+
+        def capture_fails(self, *args):
+            calls.append(1)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(static_steps.StaticSteps, "step", capture_fails)
+        with caplog.at_level(logging.WARNING, logger="sleigh"), Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
+            assert pipe.generate(None, "Hello", max_new_tokens=12, ignore_eos=True).result.token_ids == want
+        assert calls == [1] and backend._static is None and not backend.cuda_graph
+    warnings = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
+    assert len(warnings) == 2 and all(w.startswith("decode steps run without a CUDA graph") for w in warnings)
+
+
 def test_build_engine_refuses_what_a_fused_decoder_cannot_be(fused_pkg):
     from sleigh.engines.build_engine import build_engine
     from sleigh.engines.options import EngineOptions

@@ -64,6 +64,16 @@ def decoder_providers(providers: list[str], kv_form: str) -> list[str]:
     return list(providers)
 
 
+def static_plan(on_cuda: bool, kv_form: str, kv_dtype: str | None, static_capacity: int | None) -> tuple[int | None, bool]:
+    """(the fixed buffers' slots or None, whether decode steps are captured as a CUDA graph). Only a
+    "weighted" decoder takes fixed buffers. On CUDA they are there for the graph alone, which needs
+    float16 attention (the only kind CUDA's GroupQueryAttention has: with float32 slots ONNX Runtime puts
+    it on the CPU); on the CPU they run as asked, uncaptured (what the tests check)."""
+    capacity = static_capacity if kv_form == "weighted" else None
+    graph = capacity is not None and on_cuda and kv_dtype == "float16"
+    return (capacity if graph or not on_cuda else None), graph
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -92,12 +102,7 @@ class OnnxRuntimeBackend(Backend):
         self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
         self.decoder_providers = decoder_providers(self.providers, kv.form)
         on_cuda = self.decoder_providers[0] == CUDA
-        self.static_capacity = static_capacity if kv.form == "weighted" else None
-        # the decoder's decode steps captured and replayed: CUDA, fixed buffers, and float16 attention (the
-        # only kind CUDA's GroupQueryAttention has: with float32 slots ONNX Runtime puts it on the CPU)
-        self.cuda_graph = self.static_capacity is not None and on_cuda and kv_dtype == "float16"
-        if on_cuda and not self.cuda_graph:
-            self.static_capacity = None
+        self.static_capacity, self.cuda_graph = static_plan(on_cuda, kv.form, kv_dtype, static_capacity)
         if on_cuda and kv.form == "weighted" and kv_dtype != "float16":
             warn("the decoder's attention runs on the CPU: ONNX Runtime's CUDA GroupQueryAttention computes in float16 "
                  "only, and this decoder's KV cache is float32; build an FP16 engine (`sleigh build-engine --precision "
