@@ -2,10 +2,15 @@
 cached positions, shared buffers), float16 and float32, with and without attention_bias. One line per
 case: it ran (and the largest output value), or the error's first line. scripts/gpu_check.sh runs it
 on CUDA, where ONNX Runtime's source says the kernel is float16/bfloat16 only and refuses
-attention_bias (runtime/backends/onnxruntime_backend.FUSED_NOT_ON_CUDA); on CUDA the CPU fallback is
-turned off, so a case the CUDA kernel cannot take fails instead of running on the CPU.
+attention_bias (runtime/backends/onnxruntime_backend.FUSED_NOT_ON_CUDA); there the session has the
+CUDA provider alone and the CPU fallback off, so a case the CUDA kernel cannot take fails instead of
+running on the CPU.
 
-    python benchmarks/gqa_cuda_probe.py [--provider CUDAExecutionProvider]
+    python benchmarks/gqa_cuda_probe.py [--provider CUDAExecutionProvider] [--model DECODER.onnx ...]
+
+`--model`: also open each of these models on the provider with CUDA graphs on, which ONNX Runtime
+refuses when a node (other than shape computations) is not on CUDA (gpu_check.sh passes the fused-cuda
+FP16 decoder, and the fused one for contrast).
 """
 
 from __future__ import annotations
@@ -56,10 +61,22 @@ def probe(provider: str, dtype_name: str, bias: bool) -> str:
     if bias:
         feeds["bias"] = (0.1 * rng.standard_normal((1, 1, 1, PAST + 1))).astype(np_dtype)
     try:
-        providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
-        sess = ort.InferenceSession(model(dtype, bias).SerializeToString(), opts, providers=providers)
+        sess = ort.InferenceSession(model(dtype, bias).SerializeToString(), opts, providers=[provider])
         out = sess.run(["out"], feeds)[0]
         return f"ran on {sess.get_providers()[0]}, max |out| {float(np.abs(out).max()):.3f}"
+    except Exception as e:  # onnxruntime's own exception types
+        return "error: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def opens_for_graphs(provider: str, path: str) -> str:
+    """Whether ONNX Runtime opens the model at `path` with CUDA graphs on (it refuses when a node other
+    than a shape computation is not on the CUDA provider); on another provider, whether it opens."""
+    import onnxruntime as ort
+
+    graphs = provider == "CUDAExecutionProvider"
+    try:
+        ort.InferenceSession(path, providers=[(provider, {"enable_cuda_graph": "1"}) if graphs else provider])
+        return "opens with enable_cuda_graph" if graphs else "opens"
     except Exception as e:  # onnxruntime's own exception types
         return "error: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
@@ -67,11 +84,14 @@ def probe(provider: str, dtype_name: str, bias: bool) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--provider", default="CPUExecutionProvider")
+    ap.add_argument("--model", nargs="*", default=[])
     args = ap.parse_args()
     for dtype_name in ("float16", "float32"):
         for bias in (False, True):
             print(f"GroupQueryAttention {dtype_name}, {'with' if bias else 'no'} attention_bias on {args.provider}: "
                   f"{probe(args.provider, dtype_name, bias)}", flush=True)
+    for path in args.model:
+        print(f"{path} on {args.provider}: {opens_for_graphs(args.provider, path)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" -
 step tiny-export-fused python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-fused" --decoder fused --force --json
 step tiny-export-cuda python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-cuda" --decoder fused-cuda --force --json
 step tiny-fp16-cuda python3 -m sleigh.cli build-engine "$work/tiny-cuda" --precision fp16 --json
+# does ONNX Runtime open that FP16 decoder with CUDA graphs on (every node but shape computations on CUDA)?
+step cuda-kernels python3 benchmarks/gqa_cuda_probe.py --provider CUDAExecutionProvider \
+  --model "$work/tiny-cuda/engines/onnxruntime-fp16/decoder.onnx" "$work/tiny-fused/decoder.onnx"
 step cuda-vs-cpu python3 - "$work/tiny-pkg" "$work/tiny-fused" "$work/tiny-cuda" "$work/tiny-cuda:onnxruntime-fp16" <<'PY'
 import sys
 from pathlib import Path

@@ -49,13 +49,15 @@ def test_peak_of_an_empty_log_is_unknown():
     assert gpu_table.peak_gb("") is None and gpu_table.peak_gb("[N/A]\n") is None
 
 
-def test_the_gqa_probe_runs_every_case_on_the_cpu():
+def test_the_gqa_probe_runs_every_case_on_the_cpu(tiny_pkg):
     """benchmarks/gqa_cuda_probe.py (gpu_check.sh records what CUDA's GroupQueryAttention refuses): on
-    the CPU provider its four cases all run, so a refusal it reports on CUDA is CUDA's."""
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gqa_cuda_probe.py")], capture_output=True, text=True,
-                          timeout=120)
+    the CPU provider its four cases all run, so a refusal it reports on CUDA is CUDA's; a model it is
+    given opens."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gqa_cuda_probe.py"), "--model",
+                           str(tiny_pkg / "decoder.onnx")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert len(lines) == 4 and all(": ran on CPUExecutionProvider, max |out| " in line for line in lines), lines
+    assert len(lines) == 5 and all(": ran on CPUExecutionProvider, max |out| " in line for line in lines[:4]), lines
+    assert lines[4] == f"{tiny_pkg / 'decoder.onnx'} on CPUExecutionProvider: opens"
     # with and without the bias: other outputs (the bias reaches the attention)
     assert lines[0].split("|out| ")[1] != lines[1].split("|out| ")[1]
