@@ -76,19 +76,30 @@ def _is_key(name: str) -> bool:
     return name.endswith(".key")
 
 
+def pad_rotary_head(x: np.ndarray) -> np.ndarray:
+    """(..., hd) -> (..., padded_head_dim(hd)): each rotate-half half followed by zeros (a query or key
+    head, or the columns of its projection), so RotaryEmbedding still pairs dim i with i + hd/2."""
+    hd = x.shape[-1]
+    out = np.zeros((*x.shape[:-1], 2, padded_head_dim(hd) // 2), x.dtype)
+    out[..., :hd // 2] = x.reshape(*x.shape[:-1], 2, hd // 2)
+    return out.reshape(*x.shape[:-1], padded_head_dim(hd))  # not -1: a cache of 0 positions has no size to divide
+
+
+def pad_value_head(x: np.ndarray) -> np.ndarray:
+    """(..., hd) -> (..., padded_head_dim(hd)): a value head's dims, then zeros (the weight column's place first)."""
+    hd = x.shape[-1]
+    return np.concatenate([x, np.zeros((*x.shape[:-1], padded_head_dim(hd) - hd), x.dtype)], axis=-1)
+
+
 def to_weighted_cache(name: str, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """The reference's keys or values of the cache tensor `name` (B, KV, P, hd) as the weighted-values
     form keeps them (B, KV, P, hp): keys with each rotate-half half padded with zeros, values as
     (w v, w, 0...) with `weights` (B, P) the positions' w."""
-    B, KV, P, hd = rows.shape
-    hp = padded_head_dim(hd)
     if _is_key(name):
-        out = np.zeros((B, KV, P, 2, hp // 2), rows.dtype)
-        out[..., :hd // 2] = rows.reshape(B, KV, P, 2, hd // 2)
-        return out.reshape(B, KV, P, hp)
-    out = np.zeros((B, KV, P, hp), rows.dtype)
+        return pad_rotary_head(rows)
     w = weights[:, None, :, None].astype(rows.dtype)
-    out[..., :hd], out[..., hd:hd + 1] = rows * w, w
+    out = pad_value_head(rows * w)
+    out[..., rows.shape[-1]:rows.shape[-1] + 1] = w
     return out
 
 
@@ -207,21 +218,9 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
         # smallest number, so an FP16 engine keeps it
         const("smallest_den", 2.0 ** -24, np.float32)
 
-    def rope_heads(w_t: np.ndarray, heads: int) -> np.ndarray:
-        """(in, heads * hd) -> (in, heads * hp): each head's two rotate-half halves padded with zeros."""
-        if hp == hd:
-            return w_t
-        out = np.zeros((w_t.shape[0], heads, 2, hp // 2), np.float32)
-        out[..., :hd // 2] = w_t.reshape(w_t.shape[0], heads, 2, hd // 2)
-        return out.reshape(w_t.shape[0], heads * hp)
-
-    def value_heads(w_t: np.ndarray) -> np.ndarray:
-        """(in, nkv * hd) -> (in, nkv * hp): each value head's dims first, then zeros."""
-        if hp == hd:
-            return w_t
-        out = np.zeros((w_t.shape[0], nkv, hp), np.float32)
-        out[..., :hd] = w_t.reshape(w_t.shape[0], nkv, hd)
-        return out.reshape(w_t.shape[0], nkv * hp)
+    def heads(w_t: np.ndarray, n: int, pad) -> np.ndarray:
+        """(in, n * hd) -> (in, n * hp): each of the n heads' columns laid out by `pad`."""
+        return pad(w_t.reshape(w_t.shape[0], n, hd)).reshape(w_t.shape[0], n * hp)
     eps = float(cfg.rms_norm_eps)
     past, new = kv_names(L, PAST), kv_names(L, NEW)
 
@@ -236,8 +235,11 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
         else:
             h, _, _, residual = node("SkipSimplifiedLayerNormalization", [x, residual, w_in],
                                      [f"{p}.attn_in", "", "", f"{p}.residual_a"], domain=MS, epsilon=eps)
-        w_qkv = np.concatenate([rope_heads(linear_t(attn.q_proj), nh), rope_heads(linear_t(attn.k_proj), nkv),
-                                value_heads(linear_t(attn.v_proj))], axis=1)
+        w_qkv = linear_t(attn.q_proj, attn.k_proj, attn.v_proj)
+        if weighted_values:
+            q_t, k_t, v_t = np.split(w_qkv, [nh * hd, (nh + nkv) * hd], axis=1)
+            w_qkv = np.concatenate([heads(q_t, nh, pad_rotary_head), heads(k_t, nkv, pad_rotary_head),
+                                    heads(v_t, nkv, pad_value_head)], axis=1)
         qkv = node("MatMul", [h, weight(f"{p}.qkv_proj.weight", w_qkv)], [f"{p}.qkv"])[0]
         split = const(f"{p}.qkv_split", [nh * hp, nkv * hp, nkv * hp], np.int64)
         q, k, v = node("Split", [qkv, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
@@ -257,9 +259,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
             den = node("Max", [den, "smallest_den"], [f"{p}.attn_den_safe"])[0]
             o = node("Div", [o, den], [f"{p}.attn_normed"])[0]
             o = node("Reshape", [o, "heads_joined"], [f"{p}.attn"])[0]
-            w_o = np.zeros((nh, hp, D), np.float32)
-            w_o[:, :hd] = linear_t(attn.o_proj).reshape(nh, hd, D)
-            w_o = w_o.reshape(nh * hp, D)
+            w_o = heads(linear_t(attn.o_proj).T, nh, pad_value_head).T  # zero rows for the padded columns
         else:
             o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
                                              "", "", "", "attention_bias_4d"],

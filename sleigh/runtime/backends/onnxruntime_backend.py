@@ -29,7 +29,8 @@ import numpy as np
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime.backends.base import Backend, module_files, warn
-from sleigh.runtime.backends.static_steps import CUDA_GRAPH_ENV, NO_GRAPH, STATIC_SLOTS, StaticSteps, graph_run_options
+from sleigh.runtime.backends.static_steps import (CUDA_GRAPH_ENV, NO_GRAPH, STATIC_SLOTS, StaticSteps, bind_in_place,
+                                                  graph_run_options)
 from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
 from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
@@ -80,6 +81,11 @@ def available_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def default_providers() -> list[str]:
+    """CUDA then the CPU where onnxruntime-gpu offers CUDA, else the CPU."""
+    return [CUDA, CPU] if CUDA in available_providers() else [CPU]
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     releases_modules = True
@@ -99,7 +105,7 @@ class OnnxRuntimeBackend(Backend):
         ort = import_onnxruntime()  # an onnxruntime older than the tested range: one line, here
 
         self.ort = ort
-        self.providers = providers or ([CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU])
+        self.providers = providers or default_providers()
         self.decoder_providers = decoder_providers(self.providers, kv.form)
         on_cuda = self.decoder_providers[0] == CUDA
         self.static_capacity, self.cuda_graph = static_plan(on_cuda, kv.form, kv_dtype, static_capacity)
@@ -160,7 +166,7 @@ class OnnxRuntimeBackend(Backend):
     def from_package(cls, pkg: Path, manifest: Manifest, threads: int | None = None, providers: list[str] | None = None,
                      engine: EngineEntry | None = None, lazy: bool = False) -> OnnxRuntimeBackend:
         label = "package fp32" if engine is None else engine.name
-        providers = providers or ([CUDA, CPU] if CUDA in available_providers() else [CPU])
+        providers = providers or default_providers()
         graphs = providers[0] == CUDA and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"  # cuda_graph's other terms: __init__
         backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
                       manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine), lazy=lazy,
@@ -327,13 +333,8 @@ class OnnxRuntimeBackend(Backend):
         and the output of its layer, the OrtValues bound: over the arrays' own memory on the CPU)."""
         binding = sess.io_binding()
         binding.bind_output(LOGITS)  # on the host: the sampler reads it there
-        values = []
-        for past, new in zip(self._past_names, self._new_names):
-            slots = cache.slots[past]
-            values.append(slots if on_device else self.ort.OrtValue.ortvalue_from_numpy(slots[rows]))
-            binding.bind_ortvalue_input(past, values[-1])
-            binding.bind_ortvalue_output(new, values[-1])
-        return binding, values
+        buffers = cache.slots if on_device else {name: slots[rows] for name, slots in cache.slots.items()}
+        return binding, bind_in_place(self.ort, binding, self._past_names, self._new_names, buffers, on_device)
 
     def describe(self):
         where = self.providers[0].removesuffix("ExecutionProvider")

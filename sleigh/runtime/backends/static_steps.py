@@ -31,6 +31,18 @@ CUDA_GRAPH_ENV = "SLEIGH_CUDA_GRAPH"
 STATIC_SLOTS = 4096
 
 
+def bind_in_place(ort, binding, past: list[str], new: list[str], buffers: dict, on_device: bool) -> list:
+    """Bind each cache buffer as its layer's input `past[i]` and output `new[i]`, so the decoder writes
+    the new positions into it (device OrtValues as they are, numpy arrays wrapped without a copy);
+    -> the OrtValues bound, which must outlive the binding."""
+    values = []
+    for p, n in zip(past, new):
+        values.append(buffers[p] if on_device else ort.OrtValue.ortvalue_from_numpy(buffers[p]))
+        binding.bind_ortvalue_input(p, values[-1])
+        binding.bind_ortvalue_output(n, values[-1])
+    return values
+
+
 def graph_run_options(ort, graph_id: str):
     options = ort.RunOptions()
     options.add_run_config_entry(GRAPH_ID, graph_id)
@@ -53,12 +65,7 @@ class StaticSteps:
         self.binding = sess.io_binding()
         for name, value in self.values.items():
             self.binding.bind_ortvalue_input(name, value)
-        self.bound = []  # the slots' OrtValues (numpy slots on the CPU are wrapped, not copied)
-        for p, n in zip(past, new):
-            value = self.slots[p] if device != "cpu" else ort.OrtValue.ortvalue_from_numpy(self.slots[p])
-            self.bound.append(value)
-            self.binding.bind_ortvalue_input(p, value)
-            self.binding.bind_ortvalue_output(n, value)
+        self.bound = bind_in_place(ort, self.binding, past, new, self.slots, device != "cpu")
         self.binding.bind_ortvalue_output(LOGITS, self.logits)
         self.run_options = graph_run_options(ort, graph_id)
         self.borrower: SlotCache | None = None
