@@ -186,12 +186,19 @@ class SlotCache:
 
     def attention(self, new_mask: np.ndarray, new_bias: np.ndarray, shared: bool = False) -> dict[str, np.ndarray]:
         """The decoder's attention_mask and attention_bias (B, fed + S): the slots', then the new positions'.
-        `shared` (a decoder that writes into the slots itself, kv_cache.form "shared" or "weighted"): the slots in use only."""
+        `shared` (a decoder that writes into the slots itself, kv_cache.form "shared" or "weighted"): the
+        slots in use only, and the new positions written ahead into their own slots' columns (room
+        reserved for them), so both are views of the cache's arrays; `advance` counts them after the step."""
         self._check_open()
         if new_mask.ndim != 2 or new_mask.shape[0] != self.batch or new_bias.shape != new_mask.shape:
             raise SleighError("step", f"attention_mask {new_mask.shape} / attention_bias {new_bias.shape} do not match "
                               f"the cache's batch of {self.batch}", "both (batch, new positions), batch as given to new_cache()")
-        C = self.length if shared else self.fed
+        if shared:  # the new positions written ahead into their slots' columns: views, no copy
+            P, S = self.length, new_mask.shape[1]
+            self.reserve(P + S)
+            self.mask[:, P:P + S], self.bias[:, P:P + S] = new_mask, new_bias
+            return {"attention_mask": self.mask[:, :P + S], "attention_bias": self.bias[:, :P + S]}
+        C = self.fed
         return {"attention_mask": np.concatenate([self.mask[:, :C], new_mask.astype(np.int64, copy=False)], axis=1),
                 "attention_bias": np.concatenate([self.bias[:, :C], new_bias.astype(np.float32, copy=False)], axis=1)}
 

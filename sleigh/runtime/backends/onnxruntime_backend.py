@@ -147,6 +147,8 @@ class OnnxRuntimeBackend(Backend):
             self._no_ids = {"input_ids": np.full((1, 1), -1, np.int64)}
             self._no_embeds = {"inputs_embeds": np.zeros((1, 1, embeds.shape[-1]), np.float32)}
         self.kv_dtype = np.dtype(_dtype(decoder.get_inputs(), self._past_names[0]))
+        self.vocab = next(o for o in decoder.get_outputs() if o.name == LOGITS).shape[-1]
+        self._logits_dtype = np.dtype(_dtype(decoder.get_outputs(), LOGITS))
         new_dtypes = {np.dtype(_dtype(decoder.get_outputs(), n)) for n in self._new_names}
         if new_dtypes != {self.kv_dtype}:
             raise SleighError(str(files["decoder"]), f"its new keys/values are {sorted(map(str, new_dtypes))} and its cache "
@@ -249,9 +251,8 @@ class OnnxRuntimeBackend(Backend):
             with self._lock:
                 if self._static is None:
                     hidden = self._no_embeds["inputs_embeds"].shape[-1]
-                    vocab = next(o for o in decoder.get_outputs() if o.name == LOGITS).shape[-1]
                     self._static = StaticSteps(self.ort, decoder, self.device, self.slot_storage, cache.layout,
-                                               self._past_names, self._new_names, self.static_capacity, hidden, vocab)
+                                               self._past_names, self._new_names, self.static_capacity, hidden, self.vocab)
                 self._static.lend(cache)
         return cache
 
@@ -306,35 +307,37 @@ class OnnxRuntimeBackend(Backend):
         whole as its (1, 1) placeholder. On CUDA (the "weighted" form) the device OrtValues are bound
         whole, and such a step is not split (UNVERIFIED: whether CUDA's kernel takes it)."""
         S = attention_mask.shape[1]
-        cache.reserve(cache.length + S)
-        feeds.update(cache.attention(attention_mask, attention_bias, shared=True))
+        feeds.update(cache.attention(attention_mask, attention_bias, shared=True))  # slots reserved for the S
         on_device = isinstance(cache.storage, OrtValueSlots)
         by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
         logits = []
         for rows in ([slice(b, b + 1) for b in range(cache.batch)] if by_row else [slice(None)]):
             if by_row:
-                binding, values = self._bind_slots(sess, cache, rows, on_device)
+                binding, _, out = self._bind_slots(sess, cache, rows, on_device)
             else:  # the slots stay bound from step to step until a growth moves them (the cache forgets it)
                 if cache.binding is None or cache.binding[0] is not sess:
                     cache.binding = (sess, *self._bind_slots(sess, cache, rows, on_device))
-                binding = cache.binding[1]
+                _, binding, _, out = cache.binding
             for name, array in feeds.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array[rows]))
             for name, array in unused.items():
                 binding.bind_cpu_input(name, array)
             with self._decoder_lock:
                 sess.run_with_iobinding(binding, self._graph_off or (self._shrink if S > 1 else None))
-            logits.append(binding.get_outputs()[0].numpy())  # bound first: logits
+            logits.append(out[:, -1].astype(np.float32))  # a copy: the next step writes `out` again
         cache.advance(attention_mask, attention_bias)
-        return np.concatenate(logits)[:, -1].astype(np.float32)
+        return logits[0] if len(logits) == 1 else np.concatenate(logits)
 
     def _bind_slots(self, sess, cache, rows, on_device: bool):
-        """(an IOBinding with `logits` to the host and each slot tensor (its `rows`) bound as the input
-        and the output of its layer, the OrtValues bound: over the arrays' own memory on the CPU)."""
+        """(an IOBinding with each slot tensor (its `rows`) bound as the input and the output of its
+        layer, the OrtValues bound (over the arrays' own memory on the CPU), and the host array that
+        `logits`, (rows, 1, vocab), is written into: bound once, so a step neither allocates it nor
+        wraps every output to find it)."""
         binding = sess.io_binding()
-        binding.bind_output(LOGITS)  # on the host: the sampler reads it there
+        out = np.empty((cache.mask[rows].shape[0], 1, self.vocab), self._logits_dtype)
+        binding.bind_ortvalue_output(LOGITS, self.ort.OrtValue.ortvalue_from_numpy(out))
         buffers = cache.slots if on_device else {name: slots[rows] for name, slots in cache.slots.items()}
-        return binding, bind_in_place(self.ort, binding, self._past_names, self._new_names, buffers, on_device)
+        return binding, bind_in_place(self.ort, binding, self._past_names, self._new_names, buffers, on_device), out
 
     def describe(self):
         where = self.providers[0].removesuffix("ExecutionProvider")
