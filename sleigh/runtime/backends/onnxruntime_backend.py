@@ -307,7 +307,7 @@ class OnnxRuntimeBackend(Backend):
         whole as its (1, 1) placeholder. On CUDA (the "weighted" form) the device OrtValues are bound
         whole, and such a step is not split (UNVERIFIED: whether CUDA's kernel takes it)."""
         S = attention_mask.shape[1]
-        feeds.update(cache.attention(attention_mask, attention_bias, shared=True))  # slots reserved for the S
+        feeds.update(cache.attention(attention_mask, attention_bias, shared=True))  # it reserves the S new slots
         on_device = isinstance(cache.storage, OrtValueSlots)
         by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
         logits = []
