@@ -182,3 +182,25 @@ def test_lent_slots_are_given_back_on_close_or_growth_and_never_freed():
     filled.advance(np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))
     with pytest.raises(SleighError, match="only an empty cache takes lent slots"):
         filled.adopt(lent, 8, on_close=returned.append)
+
+
+def test_a_shared_step_reads_the_slots_in_use_and_its_new_positions_as_views_of_the_cache():
+    """kv_cache.form "shared"/"weighted": `attention(shared=True)` reserves the new positions' slots,
+    writes their mask and bias ahead into the cache's columns and returns views of them (no copy per
+    step); the cache counts them only at `advance`, and a step that never ran leaves nothing counted."""
+    cache = SlotCache([f"{PAST}.0.key"], 2, 1, 4)
+    first_mask, first_bias = np.array([[0, 1, 1], [1, 1, 1]]), np.array([[0, 0.5, 0], [0, 0, -1]], np.float32)
+    feeds = cache.attention(first_mask, first_bias, shared=True)
+    assert cache.capacity == KV_CHUNK and cache.length == 0  # reserved, not counted
+    np.testing.assert_array_equal(feeds["attention_mask"], first_mask)
+    np.testing.assert_array_equal(feeds["attention_bias"], first_bias)
+    assert np.shares_memory(feeds["attention_mask"], cache.mask) and np.shares_memory(feeds["attention_bias"], cache.bias)
+    cache.advance(first_mask, first_bias)
+    abandoned = cache.attention(np.zeros((2, 1), np.int64), np.full((2, 1), 9, np.float32), shared=True)
+    assert abandoned["attention_mask"].shape == (2, 4) and cache.length == 3  # a step that failed: not counted
+    step_mask, step_bias = np.ones((2, 1), np.int64), np.full((2, 1), 0.25, np.float32)
+    feeds = cache.attention(step_mask, step_bias, shared=True)
+    np.testing.assert_array_equal(feeds["attention_mask"], np.concatenate([first_mask, step_mask], axis=1))
+    np.testing.assert_array_equal(feeds["attention_bias"], np.concatenate([first_bias, step_bias], axis=1))
+    cache.advance(step_mask, step_bias)
+    assert cache.length == 4 and not cache.mask[:, 4:].any()
