@@ -110,3 +110,16 @@ def tiny_pkg(tiny_ckpt, tmp_path_factory):
     before = _contents(out)
     yield out
     assert _contents(out) == before, f"a test changed the shared package {out}: copy it first (package_copies)"
+
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Test files in this order (each file's tests kept together, in their order): the first that needs
+    `tiny_pkg`, then every file that needs none, then the rest. The first worker to need the package
+    exports it (about 35 s) while any other that needs it waits on its lock; so one worker starts the
+    export at once, and the other has files of its own meanwhile."""
+    needs = {}
+    for item in items:
+        needs[item.path] = needs.get(item.path, False) or "tiny_pkg" in getattr(item, "fixturenames", ())
+    first = next((path for path, needed in needs.items() if needed), None)
+    items.sort(key=lambda item: 0 if item.path == first else 2 if needs[item.path] else 1)  # stable
