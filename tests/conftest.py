@@ -112,7 +112,6 @@ def tiny_pkg(tiny_ckpt, tmp_path_factory):
     assert _contents(out) == before, f"a test changed the shared package {out}: copy it first (package_copies)"
 
 
-
 def pytest_collection_modifyitems(session, config, items):
     """Test files in this order (each file's tests kept together, in their order): the first that needs
     `tiny_pkg`, then every file that needs none, then the rest. The first worker to need the package
