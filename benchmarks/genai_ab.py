@@ -2,7 +2,7 @@
 
     python benchmarks/genai_ab.py PKG CKPT [--engine NAME] [--genai-precision fp32|int4]
         [--prompt-tokens 2000 3500] [--rounds 7] [--new-tokens 32] [--threads N] [--seed 0]
-        [--genai-option KEY=VALUE ...] [--work DIR]
+        [--genai-option KEY=VALUE ...] [--work DIR] [--sleigh-chunk N] [--genai-chunk N]
 
 PKG is a package exported from the checkpoint CKPT (`sleigh export CKPT -o PKG`). The checkpoint's
 LLM is written as a Hugging Face `LlamaForCausalLM` folder (InternLM2 in Llama form: the config and
@@ -10,9 +10,11 @@ key map of tests/sleighvl/test_hf_parity.py, the one place that maps Sleigh onto
 Sleigh's torch LLM through transformers' own Llama (last-position logits of a short prompt within
 1e-4), and built by genai's model builder (`python -m onnxruntime_genai.models.builder -i HF -o OUT
 -p fp32|int4 -e cpu`). Sleigh runs the package's embed + decoder (or engine NAME's) through the
-runtime's backend API, as the Pipeline does for a text prompt: one prefill call, then one call per
-token, each through `step_tokens` (a fused decoder of package schema 6 embeds the token ids itself;
-the standard form runs the embed module first).
+runtime's backend API, as the Pipeline does for a text prompt: the prompt in calls of the backend's
+`prefill_chunk` (256 for a fused decoder on the CPU; `--sleigh-chunk N` for others, 0 for one call),
+then one call per token, each through `step_tokens` (a fused decoder of package schema 6 embeds the
+token ids itself; the standard form runs the embed module first). genai runs its prompt in one call,
+its default, or in chunks of N with `--genai-chunk N` (its `search.chunk_size`).
 
 Both sides get the same N random token ids (never a special id or <IMG_CONTEXT>; `--seed`), decode
 M new tokens greedily over the whole vocabulary but EOS and <IMG_CONTEXT> (so EOS is ignored), and
@@ -66,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sleigh.runtime.backends import PACKAGE_MODULES, open_package_backend  # noqa: E402
 from sleigh.runtime.manifest import read_manifest  # noqa: E402
+from sleigh.runtime.pipeline import prefill_in_chunks  # noqa: E402
 
 # Where greedy tokens part, both sides' logits of the two candidates closer than this is a near tie
 # (rounding decides it: INT4 decoders quantize activations to INT8 per block, at other points of two
@@ -173,10 +176,11 @@ class Run:
 class SleighSide:
     name = "sleigh"
 
-    def __init__(self, pkg: Path, engine: str | None, threads: int, never: list[int]):
+    def __init__(self, pkg: Path, engine: str | None, threads: int, never: list[int], chunk: int | None = None):
         self.never = never
         manifest = read_manifest(pkg)
         self.backend = open_package_backend(pkg, manifest, "onnxruntime", threads=threads, engine=engine or PACKAGE_MODULES)
+        self.chunk = self.backend.prefill_chunk if chunk is None else chunk  # as the Pipeline chunks a prompt; 0: one call
         self.hidden = manifest.contract.model.hidden_size
         context = manifest.contract.generation.context_length
         self.context = min(context, self.backend.max_context or context)  # an engine may be built for less
@@ -191,8 +195,7 @@ class SleighSide:
         t0 = time.perf_counter()
         cache = backend.new_cache(1)
         cache.reserve(P + new_tokens)
-        logits = backend.step_tokens(cache, ids[None], np.ones((1, P), np.int64), np.zeros((1, P), np.float32),
-                                     np.arange(P, dtype=np.int64)[None], no_image)
+        logits = prefill_in_chunks(backend, cache, ids[None], np.zeros((1, P), np.float32), self.chunk or P, no_image)
         tokens = [self.pick(logits, seen)]
         t1 = time.perf_counter()
         one_mask, one_bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
@@ -218,15 +221,18 @@ class SleighSide:
 class GenaiSide:
     name = "genai"
 
-    def __init__(self, model_dir: Path, threads: int, never: list[int]):
+    def __init__(self, model_dir: Path, threads: int, never: list[int], chunk: int = 0):
         import onnxruntime_genai as og
 
         self.og = og
         config = og.Config(str(model_dir))
         config.clear_providers()  # the CPU
         # `never` as the EOS ids, which min_length keeps greedy search from picking (generate())
-        config.overlay(json.dumps({"model": {"eos_token_id": never, "decoder": {"session_options": {
-            "intra_op_num_threads": threads, "inter_op_num_threads": 1, "log_severity_level": 3}}}}))
+        overlay = {"model": {"eos_token_id": never, "decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1, "log_severity_level": 3}}}}
+        if chunk:  # genai's own prefill in chunks (search.chunk_size); by default it runs the prompt in one call
+            overlay["search"] = {"chunk_size": chunk}
+        config.overlay(json.dumps(overlay))
         self.model = og.Model(config)
         self.files = {"decoder": model_dir / "model.onnx"}
 
@@ -332,6 +338,10 @@ def main() -> int:
     ap.add_argument("--genai-option", action="append", default=[], metavar="KEY=VALUE",
                     help="one more --extra_options for genai's builder (e.g. prune_lm_head=true); repeatable")
     ap.add_argument("--work", type=Path, default=None, help="where the HF folder and genai's model go (default: a temporary folder)")
+    ap.add_argument("--sleigh-chunk", type=int, default=None, metavar="N",
+                    help="Sleigh's prompt in calls of N positions (default: its backend's, as the Pipeline does; 0: one call)")
+    ap.add_argument("--genai-chunk", type=int, default=0, metavar="N",
+                    help="genai's prompt in chunks of N (its search.chunk_size; default 0: genai's default, one call)")
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
@@ -368,7 +378,8 @@ def measure(args, cfg, genai_dir: Path) -> int:
     # image row, not as its embedding (a real model never generates it)
     image_id = cfg.prompt.img_context_token_id
     never = sorted({*genai_ids(genai_dir, "eos_token_id"), image_id})
-    sides = [SleighSide(args.pkg, args.engine, args.threads, never), GenaiSide(genai_dir, args.threads, never)]
+    sides = [SleighSide(args.pkg, args.engine, args.threads, never, args.sleigh_chunk),
+             GenaiSide(genai_dir, args.threads, never, args.genai_chunk)]
     longest = max(args.prompt_tokens) + args.new_tokens
     if longest > sides[0].context:
         sys.exit(f"{longest} positions exceed the context of {sides[0].context} of Sleigh's {args.engine or PACKAGE_MODULES}")
@@ -377,7 +388,8 @@ def measure(args, cfg, genai_dir: Path) -> int:
     if sides[0].weights != args.genai_precision:
         print(f"warning: Sleigh's decoder weights are {sides[0].weights}, genai's {args.genai_precision}", flush=True)
     print(f"threads {args.threads}, {args.new_tokens} new tokens, {args.rounds} rounds, "
-          f"sleigh {args.engine or PACKAGE_MODULES}, genai {args.genai_precision}", flush=True)
+          f"sleigh {args.engine or PACKAGE_MODULES}, genai {args.genai_precision}; prompt in chunks of "
+          f"{sides[0].chunk or 'all'} (sleigh) and {args.genai_chunk or 'all'} (genai)", flush=True)
 
     specials = {image_id, *(i for key in ("bos_token_id", "eos_token_id", "pad_token_id") for i in genai_ids(genai_dir, key))}
     allowed = np.asarray([i for i in range(3, cfg.llm.vocab_size) if i not in specials], np.int64)

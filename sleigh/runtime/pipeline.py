@@ -124,7 +124,8 @@ class Pipeline:
         # trusted callers write control tokens such as <|im_end|> into the prompt.
         self.allow_special_tokens = False
         # Bounded peaks (runtime/memory.py): views per vision call and prompt tokens per decoder call
-        # (None: all at once), or a budget that picks both per generation (`load(max_memory=...)`).
+        # (None: all views at once, and the backend's fastest prefill calls, `Backend.prefill_chunk`), or a
+        # budget that picks both per generation (`load(max_memory=...)`; never above the backend's chunk).
         self.vision_chunk: int | None = None
         self.prefill_chunk: int | None = None
         self.budget: MemoryBudget | None = None
@@ -331,7 +332,7 @@ class Pipeline:
                                         contract.prompt.img_context_token_id, tpv, gswa.min_weight)
         cache = backend.new_cache(1)
         cache.reserve(len(ids) + (max_new_tokens if self.reserve_generation else 0))  # with it, decoding never grows them
-        logits = self._prefill(cache, inputs, bias, prefill_chunk, image_rows if tiled is None else None)
+        logits = prefill_in_chunks(backend, cache, inputs, bias, prefill_chunk, image_rows if tiled is None else None)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache, kept_views=kept)
 
@@ -347,10 +348,11 @@ class Pipeline:
     def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int, bool]:
         """(views per vision call, prompt tokens per decoder call, whether the modules are held a
         stage at a time) for this generation."""
+        fastest = self.backend.prefill_chunk or prompt_tokens  # the backend's fastest calls
         if self.budget is not None:
             plan = self.budget.plan(views, prompt_tokens, new_tokens)
-            return plan.vision_chunk, plan.prefill_chunk, plan.staged
-        return max(self.vision_chunk or views, 1), self.prefill_chunk or prompt_tokens, False
+            return plan.vision_chunk, min(plan.prefill_chunk, fastest), plan.staged  # smaller chunks peak lower
+        return max(self.vision_chunk or views, 1), self.prefill_chunk or fastest, False
 
     def _vision(self, pixel_values: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
         """pixel_values (T, 3, S, S) -> image_embeds (T, tokens per view, D), gswa_weights (T,). The
@@ -369,19 +371,6 @@ class Pipeline:
         weights = self.backend.run("gswa", {"cls_tokens": cls_tokens})["gswa_weights"].astype(np.float32)
         gswa = self.contract.gswa
         return (image_embeds if gswa is None else scaled_embeds(image_embeds, weights, gswa.apply)), weights
-
-    def _prefill(self, cache, inputs: np.ndarray, bias: np.ndarray, chunk: int, no_image: np.ndarray | None) -> np.ndarray:
-        """The prompt into the cache, `chunk` positions per decoder call (each after the first against
-        the cache's reserved slots: attention activations chunk x slots, not context^2) -> the last
-        position's logits (1, V). `inputs`: inputs_embeds (1, P, D), or with `no_image` given (the
-        embed module's image rows for text), token ids (1, P) through `Backend.step_tokens`."""
-        P = inputs.shape[1]
-        for start in range(0, P, chunk):
-            end = min(start + chunk, P)
-            args = (cache, inputs[:, start:end], np.ones((1, end - start), np.int64), bias[:, start:end],
-                    np.arange(start, end, dtype=np.int64)[None])
-            logits = self.backend.step(*args) if no_image is None else self.backend.step_tokens(*args, no_image)
-        return logits
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=(), tile_budget=None):
         state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget)
@@ -459,3 +448,18 @@ def _checkpoint_backend(name: str):
         raise SleighError(f"backend={name}", "no backend of that name is installed for checkpoint folders",
                           "Sleigh installed with pip (its entry points), or a package from `sleigh export`")
     return next(iter(found)).load()
+
+
+def prefill_in_chunks(backend: Backend, cache, inputs: np.ndarray, bias: np.ndarray, chunk: int,
+                      no_image: np.ndarray | None) -> np.ndarray:
+    """A batch-1 prompt into the cache, `chunk` positions per decoder call (each after the first against
+    the cache's reserved slots: attention activations chunk x slots, not context^2) -> the last
+    position's logits (1, V). `inputs`: inputs_embeds (1, P, D), or with `no_image` given (the
+    embed module's image rows for text), token ids (1, P) through `Backend.step_tokens`."""
+    P = inputs.shape[1]
+    for start in range(0, P, chunk):
+        end = min(start + chunk, P)
+        args = (cache, inputs[:, start:end], np.ones((1, end - start), np.int64), bias[:, start:end],
+                np.arange(start, end, dtype=np.int64)[None])
+        logits = backend.step(*args) if no_image is None else backend.step_tokens(*args, no_image)
+    return logits

@@ -69,21 +69,54 @@ def test_a_fused_decoder_with_another_rope_fails_parity(tiny_model, tmp_path):
     assert not all(r.ok for r in _cases(tmp_path / "decoder.onnx", tiny_model))
 
 
-def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_pkg):
-    """Through Pipeline: the prompt in one call and in chunks of 5 (later chunks after a cache), and
-    past a growth of the cache (256 slots)."""
-    from sleigh.runtime.pipeline import Pipeline
-
-    image = fused_pkg.parent / "photo.png"
+def _photo(folder):
     from PIL import Image
 
+    image = folder / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(image)
+    return image
+
+
+def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_pkg):
+    """Through Pipeline: the prompt (1,980 positions) in the backend's chunks of 256, in one call, and in
+    chunks of 5 (later chunks after a cache), and past a growth of the cache (256 slots)."""
+    from sleigh.runtime.pipeline import Pipeline
+
+    image = _photo(fused_pkg.parent)
     with Pipeline.load(tiny_pkg) as standard, Pipeline.load(fused_pkg) as fused:
         assert fused.contract.kv_cache.form == "shared" and standard.contract.kv_cache.form == "slots"
         want = standard.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids
         assert fused.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids == want
-        fused.prefill_chunk = 5
-        assert fused.generate(image, max_new_tokens=8, ignore_eos=True).result.token_ids == want[:8]
+        for chunk in (10**6, 5):
+            fused.prefill_chunk = chunk
+            assert fused.generate(image, max_new_tokens=8, ignore_eos=True).result.token_ids == want[:8]
+
+
+def test_a_fused_decoder_on_the_cpu_prefills_in_chunks_of_256_unless_told_otherwise(fused_pkg, tiny_pkg):
+    """GroupQueryAttention's CPU kernel scores a call's every query against all its keys, so the backend
+    asks for prompts in chunks of PREFILL_CHUNK (the standard decoder, whose calls attend over every
+    reserved slot anyway, for none). The Pipeline prefills so by default and under a memory budget that
+    would allow more; without a budget, a chunk the caller sets wins. The chunks give the one call's logits."""
+    from sleigh.runtime.backends.onnxruntime_backend import PREFILL_CHUNK
+    from sleigh.runtime.pipeline import Pipeline
+
+    image = _photo(fused_pkg.parent)
+    with Pipeline.load(tiny_pkg) as standard:
+        assert standard.backend.prefill_chunk is None
+    for budget in (None, "64G"):
+        with Pipeline.load(fused_pkg, max_memory=budget) as pipe:
+            assert pipe.backend.prefill_chunk == PREFILL_CHUNK == 256
+            calls, step = [], pipe.backend.step
+            pipe.backend.step = lambda cache, embeds, *a: calls.append(embeds.shape[1]) or step(cache, embeds, *a)
+            chunked = pipe.prefill(image)
+            P = len(chunked.ids)
+            in_chunks = [min(PREFILL_CHUNK, P - start) for start in range(0, P, PREFILL_CHUNK)]
+            assert P > 3 * PREFILL_CHUNK and calls == in_chunks
+            calls.clear()
+            pipe.prefill_chunk = P
+            whole = pipe.prefill(image)
+            assert calls == ([P] if budget is None else in_chunks)
+            np.testing.assert_allclose(chunked.logits, whole.logits, rtol=0, atol=1e-5)
 
 
 def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_tokens(fused_pkg):

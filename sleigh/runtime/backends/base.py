@@ -53,6 +53,9 @@ class Backend(ABC):
     entry = None
     # Whether `release` closes modules (ONNX Runtime): a memory budget may then hold them a stage at a time
     releases_modules: bool = False
+    # Prompt positions per decoder call that prefill fastest on this backend (None: the whole prompt in one
+    # call): the Pipeline prefills in chunks of it unless told otherwise (a memory budget may go smaller).
+    prefill_chunk: int | None = None
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

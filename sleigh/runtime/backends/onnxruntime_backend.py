@@ -43,6 +43,12 @@ CUDA = "CUDAExecutionProvider"
 # vision call or a prefill chunk does not stay resident for the rest of the generation (the arena
 # itself stays on: decode steps reuse it without going back to the system allocator).
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
+# A fused decoder on the CPU prefills fastest in calls of this many positions: GroupQueryAttention's CPU
+# kernel scores every query of a call against all of the call's keys (a square per head, the causal half
+# zeroed after), so a prompt in chunks scores about half as much and holds chunk x context scores, not
+# context^2. 16-22 % less prefill time at 2,000 and 3,500 tokens on the small preset, FP32 and INT4,
+# flat from 192 to 384, identical logits (benchmarks/RESULTS.md, "Prefill in chunks").
+PREFILL_CHUNK = 256
 
 
 # Why a fused decoder (kv_cache.form "shared") never runs on the CUDA provider. Read in ONNX Runtime's
@@ -157,6 +163,7 @@ class OnnxRuntimeBackend(Backend):
             raise SleighError(str(files["decoder"]), f"its cache slots are {self.kv_dtype}, the manifest says {kv_dtype}",
                               f"the decoder the manifest lists; rebuild the engine (sleigh build-engine --force) or {REEXPORT}")
         self.device = "cuda" if self.decoder_providers[0] == CUDA else "cpu"  # where the decoder runs and its slots live
+        self.prefill_chunk = PREFILL_CHUNK if self.in_place and self.device == "cpu" else None
         # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
         self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
         self._shrink = None  # after a large call on the CPU the arena hands back what it grew for it
