@@ -72,7 +72,7 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     pipe = Pipeline.load(pkg, verify=False, engine=engine, max_memory=max_memory)
     if not shrink:
         pipe.backend._shrink = None
-    pipe.prefill_chunk = chunk
+    pipe.prefill_chunk = chunk or pipe.contract.generation.context_length  # "whole": the prompt in one call
     pipe.vision_chunk = vision_chunk or None
     pipe.reserve_generation = True  # the KV reserved up front, as under --max-memory (what the model counts)
     mark("load")
@@ -94,8 +94,8 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     result = pipe.generate_from(state, max_new_tokens=decode, ignore_eos=True).result
     mark("decode")
     if pipe.budget is not None:  # the chunks the runtime picked for this generation
-        plan = pipe.budget.plan(result.views, len(state.ids), decode)
-        vision_chunk, chunk, estimate, staged = plan.vision_chunk, plan.prefill_chunk, plan.estimate, plan.staged
+        vision_chunk, chunk, staged = pipe.chunks(result.views, len(state.ids), decode)
+        estimate = pipe.budget.plan(result.views, len(state.ids), decode).estimate  # for the budget's chunk, if larger
     else:
         staged = False
         budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))

@@ -300,7 +300,7 @@ class Pipeline:
                               f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
-        vision_chunk, prefill_chunk, staged = self._chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
+        vision_chunk, prefill_chunk, staged = self.chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
         t = time.perf_counter()
         kept = None
         if tiled is not None:
@@ -345,9 +345,9 @@ class Pipeline:
             raise SleighError("tile_budget", "this model has no GSWA to weigh its tiles",
                               "a model with GSWA (sleigh convert --gswa identity or PATH), or no tile budget")
 
-    def _chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int, bool]:
+    def chunks(self, views: int, prompt_tokens: int, new_tokens: int) -> tuple[int, int, bool]:
         """(views per vision call, prompt tokens per decoder call, whether the modules are held a
-        stage at a time) for this generation."""
+        stage at a time) for a generation of these sizes: what a prefill runs with."""
         fastest = self.backend.prefill_chunk or prompt_tokens  # the backend's fastest calls
         if self.budget is not None:
             plan = self.budget.plan(views, prompt_tokens, new_tokens)
