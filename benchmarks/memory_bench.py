@@ -29,6 +29,7 @@ VARIANTS = {  # name: (prefill chunk or None, arena shrunk after large calls, ar
     "whole, arena kept": (None, False, True),
     "whole, arena shrunk": (None, True, True),
     "chunks of 512, arena shrunk": (512, True, True),
+    "chunks of 256, arena shrunk": (256, True, True),  # what a fused decoder on the CPU runs by default
     "chunks of 512, arena off": (512, False, False),
 }
 MB = 1024**2
