@@ -345,6 +345,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    if min(args.sleigh_chunk or 0, args.genai_chunk) < 0:
+        ap.error("--sleigh-chunk and --genai-chunk must be 0 or more")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode speed is measured after the first token)")
 

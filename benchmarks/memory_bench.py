@@ -96,7 +96,7 @@ def one(pkg: str, views: int, context: int, variant: str, decode: int, engine: s
     mark("decode")
     if pipe.budget is not None:  # the chunks the runtime picked for this generation
         vision_chunk, chunk, staged = pipe.chunks(result.views, len(state.ids), decode)
-        estimate = pipe.budget.plan(result.views, len(state.ids), decode).estimate  # for the budget's chunk, if larger
+        estimate = pipe.budget.plan(result.views, len(state.ids), decode).estimate  # the model's, for the budget's own chunk
     else:
         staged = False
         budget = MemoryBudget(1 << 50, _shapes(pkg, pipe.backend.kv_dtype), weights_bytes(pipe.backend.files.values()))

@@ -351,7 +351,9 @@ class Pipeline:
         fastest = self.backend.prefill_chunk or prompt_tokens  # the backend's fastest calls
         if self.budget is not None:
             plan = self.budget.plan(views, prompt_tokens, new_tokens)
-            return plan.vision_chunk, min(plan.prefill_chunk, fastest), plan.staged  # smaller chunks peak lower
+            # a backend's chunk never peaks higher than the plan's: it is set only for a fused decoder, whose calls
+            # hold chunk x reserved-slots scores (GroupQueryAttention sizes them by the cache buffer, in one call too)
+            return plan.vision_chunk, min(plan.prefill_chunk, fastest), plan.staged
         return max(self.vision_chunk or views, 1), self.prefill_chunk or fastest, False
 
     def _vision(self, pixel_values: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
