@@ -96,7 +96,8 @@ def test_a_fused_decoder_on_the_cpu_prefills_in_chunks_of_256_unless_told_otherw
     """GroupQueryAttention's CPU kernel scores a call's every query against all its keys, so the backend
     asks for prompts in chunks of PREFILL_CHUNK (the standard decoder, whose calls attend over every
     reserved slot anyway, for none). The Pipeline prefills so by default and under a memory budget that
-    would allow more; without a budget, a chunk the caller sets wins. The chunks give the one call's logits."""
+    would allow more; without a budget, a chunk the caller sets wins. The chunks give the one call's logits,
+    for an image prompt (embeddings in) and a text prompt (token ids in, `step_tokens`)."""
     from sleigh.runtime.backends.onnxruntime_backend import PREFILL_CHUNK
     from sleigh.runtime.pipeline import Pipeline
 
@@ -117,6 +118,14 @@ def test_a_fused_decoder_on_the_cpu_prefills_in_chunks_of_256_unless_told_otherw
             whole = pipe.prefill(image)
             assert calls == ([P] if budget is None else in_chunks)
             np.testing.assert_allclose(chunked.logits, whole.logits, rtol=0, atol=1e-5)
+            text = "Count the colours: " + "red green blue " * 120
+            pipe.prefill_chunk = None
+            calls, step_tokens = [], pipe.backend.step_tokens
+            pipe.backend.step_tokens = lambda cache, ids, *a: calls.append(ids.shape[1]) or step_tokens(cache, ids, *a)
+            chunked = pipe.prefill(None, text)
+            assert len(chunked.ids) > PREFILL_CHUNK and calls[0] == PREFILL_CHUNK and sum(calls) == len(chunked.ids)
+            pipe.prefill_chunk = len(chunked.ids)
+            np.testing.assert_allclose(chunked.logits, pipe.prefill(None, text).logits, rtol=0, atol=1e-5)
 
 
 def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_tokens(fused_pkg):
