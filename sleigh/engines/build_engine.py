@@ -205,12 +205,13 @@ def _slot_casts(graph_nodes, past: dict, new: dict) -> list:
     return nodes
 
 
-# GroupQueryAttention's float inputs besides its cache: query, key, value (0-2) and attention_bias (10)
-GQA_FLOAT_INPUTS = (0, 1, 2, 10)
+# GroupQueryAttention's float inputs besides its cache: query, key, value (0-2), the cos and sin caches
+# where it turns q and k itself (7, 8) and attention_bias (10)
+GQA_FLOAT_INPUTS = (0, 1, 2, 7, 8, 10)
 
 
 def _attention_fp16(graph_nodes) -> list:
-    """The fused form: each GroupQueryAttention takes query, key, value and bias cast to float16 and
+    """The fused form: each GroupQueryAttention takes its float inputs (GQA_FLOAT_INPUTS) cast to float16 and
     its output is cast back to float32; the cache buffers pass through as float16 (measured on the dev
     CPU, a float16 GroupQueryAttention runs no slower than a float32 one: benchmarks/RESULTS.md)."""
     from onnx import TensorProto, helper
@@ -220,7 +221,7 @@ def _attention_fp16(graph_nodes) -> list:
         if node.op_type == "GroupQueryAttention":
             for i in GQA_FLOAT_INPUTS:
                 name = node.input[i] if i < len(node.input) else ""
-                if name and name not in fp16:  # the bias is one tensor for every layer: cast once
+                if name and name not in fp16:  # the bias and the caches are one tensor for every layer: cast once
                     fp16[name] = f"{name}_fp16"
                     nodes.append(helper.make_node("Cast", [name], [fp16[name]], to=TensorProto.FLOAT16, name=f"/kv/{name}/Cast"))
                 if name:

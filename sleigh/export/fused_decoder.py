@@ -3,9 +3,10 @@
 "A fused decoder"). TensorRT reads only the standard form (`modules.decoder_spec`).
 
 Per layer: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one node), one MatMul
-for q, k and v, RotaryEmbedding on q and k (rotate-half, at the given position_ids), one
-GroupQueryAttention, the output MatMul, and the MLP with one MatMul for gate and up. The LM head
-reads the last position only.
+for q, k and v, one GroupQueryAttention that takes them packed and turns q and k itself (rotate-half,
+at the given position_ids; RotaryEmbedding nodes on split q and k where heads are not a multiple of
+16 wide, and in the weighted-values variant), the output MatMul, and the MLP with one MatMul for gate
+and up. The LM head reads the last position only.
 
 The decoder's inputs and outputs keep the standard form's names, with one input more and one change
 of meaning (package schema 6). `input_ids` (B, S) brings the token embedding into the decoder: a
@@ -22,7 +23,8 @@ for every row: every row has the same length, and padding is masked through the 
 standard form (MASKED_LOGIT where attention_mask is 0, GSWA's log-weights elsewhere).
 
 GroupQueryAttention refuses a prompt of more than one position after a cache when the batch is
-larger than one (onnxruntime 1.22-1.32); the runtime feeds such a step row by row.
+larger than one (onnxruntime 1.22-1.32); the runtime feeds such a step row by row. Where it turns q
+and k itself, a prompt into an empty cache must be at positions 0..S-1 (ROTARY_INSIDE_HEAD_MULTIPLE).
 
 The weighted-values variant (`sleigh export --decoder fused-cuda`, kv_cache.form "weighted") is the
 one that can run on ONNX Runtime's CUDA provider, whose GroupQueryAttention takes no attention_bias
@@ -61,6 +63,13 @@ def rope_caches(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     cos, sin = rope_cos_sin(torch.arange(positions)[None], head_dim, theta, torch.float32)  # (1, 1, P, hd)
     return cos[0, 0, :, :head_dim // 2].numpy(), sin[0, 0, :, :head_dim // 2].numpy()
 
+
+# GroupQueryAttention turns q and k itself (do_rotary: no Split, no RotaryEmbedding nodes; 3 % faster
+# decode steps, benchmarks/RESULTS.md) for heads whose size is a multiple of this (ONNX Runtime's CPU
+# kernel: "head_size shall be a multiple of 16"); other heads keep the RotaryEmbedding nodes. It turns
+# them at position_ids, except that a prompt into an empty cache is turned at 0..S-1 whatever
+# position_ids holds (onnxruntime 1.22-1.32): the runtime refuses other positions there.
+ROTARY_INSIDE_HEAD_MULTIPLE = 16
 
 # Weights are written to the external data file at offsets aligned like this (page-aligned tensors can be mapped)
 DATA_ALIGN = 4096
@@ -122,6 +131,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
 
     cfg = llm.cfg
     L, nh, nkv, hd, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    rotary_inside = not weighted_values and hd % ROTARY_INSIDE_HEAD_MULTIPLE == 0
     nodes, inits = [], []
 
     def weight(name: str, array: np.ndarray) -> str:
@@ -224,6 +234,37 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
     eps = float(cfg.rms_norm_eps)
     past, new = kv_names(L, PAST), kv_names(L, NEW)
 
+    def attention(i: int, p: str, attn, qkv: str) -> tuple[str, np.ndarray]:
+        """Layer i's attention on its q/k/v MatMul's output `qkv` -> (its output, the operand of the
+        o_proj MatMul that reads it)."""
+        attn_in = [past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length"]
+        outputs = [f"{p}.attn", new[2 * i], new[2 * i + 1]]
+        if rotary_inside:  # q, k and v packed, turned by GroupQueryAttention itself at position_ids
+            o = node("GroupQueryAttention", [qkv, "", "", *attn_in, "cos_cache", "sin_cache", "position_ids", "attention_bias_4d"],
+                     outputs, domain=MS, num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0)[0]
+            return o, linear_t(attn.o_proj)
+        split = const(f"{p}.qkv_split", [nh * hp, nkv * hp, nkv * hp], np.int64)
+        q, k, v = node("Split", [qkv, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
+        q = node("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], [f"{p}.q_rot"], domain=MS,
+                 interleaved=0, num_heads=nh)[0]
+        k = node("RotaryEmbedding", [k, "position_ids", "cos_cache", "sin_cache"], [f"{p}.k_rot"], domain=MS,
+                 interleaved=0, num_heads=nkv)[0]
+        if not weighted_values:
+            o = node("GroupQueryAttention", [q, k, v, *attn_in, "", "", "", "attention_bias_4d"], outputs, domain=MS,
+                     num_heads=nh, kv_num_heads=nkv)[0]
+            return o, linear_t(attn.o_proj)
+        # each value row as (w v, w, 0...): the attention's last columns then hold sum(p w v) and sum(p w),
+        # and their quotient is what softmax(s + log w) gives
+        v = node("Mul", [node("Add", [v, "weight_column"], [f"{p}.v_one"])[0], "value_weight"], [f"{p}.v_weighted"])[0]
+        o = node("GroupQueryAttention", [q, k, v, *attn_in], [f"{p}.attn_weighted", *outputs[1:]], domain=MS,
+                 num_heads=nh, kv_num_heads=nkv, scale=float(hd) ** -0.5)[0]
+        o = node("Reshape", [o, "heads_padded"], [f"{p}.attn_heads"])[0]
+        den = node("Slice", [o, "den_start", "den_end", "axis_3"], [f"{p}.attn_den"])[0]
+        den = node("Max", [den, "smallest_den"], [f"{p}.attn_den_safe"])[0]
+        o = node("Div", [o, den], [f"{p}.attn_normed"])[0]
+        o = node("Reshape", [o, "heads_joined"], [f"{p}.attn"])[0]
+        return o, heads(linear_t(attn.o_proj).T, nh, pad_value_head).T  # zero rows for the padded columns
+
     residual = None
     for i, layer in enumerate(llm.layers):
         p = f"layers.{i}"
@@ -241,30 +282,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
             w_qkv = np.concatenate([heads(q_t, nh, pad_rotary_head), heads(k_t, nkv, pad_rotary_head),
                                     heads(v_t, nkv, pad_value_head)], axis=1)
         qkv = node("MatMul", [h, weight(f"{p}.qkv_proj.weight", w_qkv)], [f"{p}.qkv"])[0]
-        split = const(f"{p}.qkv_split", [nh * hp, nkv * hp, nkv * hp], np.int64)
-        q, k, v = node("Split", [qkv, split], [f"{p}.q", f"{p}.k", f"{p}.v"], axis=-1)
-        q = node("RotaryEmbedding", [q, "position_ids", "cos_cache", "sin_cache"], [f"{p}.q_rot"], domain=MS,
-                 interleaved=0, num_heads=nh)[0]
-        k = node("RotaryEmbedding", [k, "position_ids", "cos_cache", "sin_cache"], [f"{p}.k_rot"], domain=MS,
-                 interleaved=0, num_heads=nkv)[0]
-        if weighted_values:
-            # each value row as (w v, w, 0...): the attention's last columns then hold sum(p w v) and sum(p w),
-            # and their quotient is what softmax(s + log w) gives
-            v = node("Mul", [node("Add", [v, "weight_column"], [f"{p}.v_one"])[0], "value_weight"], [f"{p}.v_weighted"])[0]
-            o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length"],
-                     [f"{p}.attn_weighted", new[2 * i], new[2 * i + 1]], domain=MS, num_heads=nh, kv_num_heads=nkv,
-                     scale=float(hd) ** -0.5)[0]
-            o = node("Reshape", [o, "heads_padded"], [f"{p}.attn_heads"])[0]
-            den = node("Slice", [o, "den_start", "den_end", "axis_3"], [f"{p}.attn_den"])[0]
-            den = node("Max", [den, "smallest_den"], [f"{p}.attn_den_safe"])[0]
-            o = node("Div", [o, den], [f"{p}.attn_normed"])[0]
-            o = node("Reshape", [o, "heads_joined"], [f"{p}.attn"])[0]
-            w_o = heads(linear_t(attn.o_proj).T, nh, pad_value_head).T  # zero rows for the padded columns
-        else:
-            o = node("GroupQueryAttention", [q, k, v, past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length",
-                                             "", "", "", "attention_bias_4d"],
-                     [f"{p}.attn", new[2 * i], new[2 * i + 1]], domain=MS, num_heads=nh, kv_num_heads=nkv)[0]
-            w_o = linear_t(attn.o_proj)
+        o, w_o = attention(i, p, attn, qkv)
         o = node("MatMul", [o, weight(f"{p}.o_proj.weight", w_o)], [f"{p}.attn_out"])[0]
         w_post = weight(f"{p}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.detach().numpy())
         h, _, _, residual = node("SkipSimplifiedLayerNormalization", [o, residual, w_post],

@@ -69,6 +69,63 @@ def test_a_fused_decoder_with_another_rope_fails_parity(tiny_model, tmp_path):
     assert not all(r.ok for r in _cases(tmp_path / "decoder.onnx", tiny_model))
 
 
+def _attention_nodes(path):
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n for n in graph.node if n.op_type in ("GroupQueryAttention", "RotaryEmbedding")]
+
+
+def test_attention_turns_q_and_k_at_the_given_positions_after_a_prompt_from_zero(fused_pkg, tiny_pkg):
+    """The fused decoder's GroupQueryAttention takes q, k and v packed and turns q and k itself, at
+    position_ids: a prompt at 0..S-1, a chunk after it at positions of the caller's choosing (gaps
+    included) and a decode step give the standard package's logits (its own RoPE). A prompt into an
+    empty cache at other positions is refused: the kernel would turn it at 0..S-1."""
+    from onnx.helper import get_attribute_value
+
+    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from sleigh.runtime.manifest import read_manifest
+
+    nodes = _attention_nodes(fused_pkg / "decoder.onnx")
+    assert {n.op_type for n in nodes} == {"GroupQueryAttention"}
+    assert all(n.input[1] == n.input[2] == "" and n.input[9] == "position_ids" for n in nodes)
+    assert all({a.name: get_attribute_value(a) for a in n.attribute}["do_rotary"] == 1 for n in nodes)
+
+    rng = np.random.default_rng(3)
+    pieces = [(np.arange(6), 6), (np.array([6, 7, 9, 12, 20]), 5), (np.array([31]), 1)]  # (positions, S)
+    logits = {}
+    for pkg in (tiny_pkg, fused_pkg):
+        with OnnxRuntimeBackend.from_package(pkg, read_manifest(pkg)) as backend:
+            cache, rng_pkg = backend.new_cache(1), np.random.default_rng(3)
+            D = read_manifest(pkg).contract.model.hidden_size
+            logits[pkg] = [backend.step(cache, rng_pkg.standard_normal((1, S, D)).astype(np.float32), np.ones((1, S), np.int64),
+                                        np.zeros((1, S), np.float32), pos[None]) for pos, S in pieces]
+            if pkg == fused_pkg:
+                with pytest.raises(SleighError, match="position_ids.*empty cache is at 3, 4, 5"):
+                    backend.step(backend.new_cache(1), rng.standard_normal((1, 3, D)).astype(np.float32),
+                                 np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32), np.arange(3, 6)[None])
+    for got, want in zip(logits[fused_pkg], logits[tiny_pkg]):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_heads_that_attention_cannot_turn_keep_rotary_nodes_and_match_the_reference(tiny_model, tmp_path):
+    """Heads of 8 dims (not a multiple of ROTARY_INSIDE_HEAD_MULTIPLE, which ONNX Runtime's CPU kernel
+    needs to turn q and k itself): RotaryEmbedding nodes on split q and k, and the reference's outputs."""
+    import dataclasses
+
+    from sleigh.sleighvl.model import SleighVL
+
+    cfg = tiny_model.cfg
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_heads=8, num_kv_heads=4))
+    assert cfg.llm.head_dim % fused_decoder.ROTARY_INSIDE_HEAD_MULTIPLE
+    torch.manual_seed(0)
+    model = SleighVL(cfg).eval()
+    fused_decoder.write(model.llm, tmp_path, 18)
+    assert {n.op_type for n in _attention_nodes(tmp_path / "decoder.onnx")} == {"GroupQueryAttention", "RotaryEmbedding"}
+    results = _cases(tmp_path / "decoder.onnx", model)
+    assert all(r.ok for r in results), [(r.case, r.output, r.needed_atol) for r in results if not r.ok]
+
+
 def _photo(folder):
     from PIL import Image
 
@@ -130,7 +187,8 @@ def test_a_fused_decoder_on_the_cpu_prefills_in_chunks_of_256_unless_told_otherw
 
 def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_tokens(fused_pkg):
     """--kv-dtype float16 on an FP32 fused decoder: GroupQueryAttention computes in float16 on float16
-    cache buffers (casts around it, the weights stay float32). It passes the FP32 gate on its own, and
+    cache buffers (casts around it, the weights stay float32; its cos and sin caches are float16, as
+    its query). It passes the FP32 gate on its own, and
     generates the FP32 package's greedy tokens, the prompt in chunks that read the cache included."""
     import onnx
 
@@ -146,7 +204,8 @@ def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_token
     kv = {n for n in io if n.startswith(("past_key_values.", "new_key_values."))}
     assert kv and {io[n] for n in kv} == {onnx.TensorProto.FLOAT16}
     assert {t for n, t in io.items() if n not in kv} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
-    assert not [t for t in dec.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]  # weights stay float32
+    fp16 = {t.name for t in dec.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    assert fp16 <= {"cos_cache_fp16", "sin_cache_fp16"}  # the weights stay float32
     assert not [n for n in dec.graph.node if n.op_type == "Cast" and set(n.input) & kv]  # the cache is never cast
 
     image, prompt = EXAMPLES / "coffee.jpg", "Describe the image in detail."

@@ -71,6 +71,15 @@ def decoder_providers(providers: list[str], kv_form: str) -> list[str]:
     return list(providers)
 
 
+def check_prompt_positions(position_ids: np.ndarray) -> None:
+    """A prompt into an empty cache of a "shared" fused decoder: at positions 0..S-1 in every row."""
+    position_ids = np.asarray(position_ids)
+    if position_ids.ndim != 2 or (position_ids != np.arange(position_ids.shape[-1])).any():
+        shown = ", ".join(str(int(p)) for p in position_ids.reshape(-1)[:4]) + (", ..." if position_ids.size > 4 else "")
+        raise SleighError("position_ids", f"a prompt into an empty cache is at {shown}, and this decoder's attention turns "
+                          "such a prompt at 0..S-1", "0, 1, ..., S-1 in every row (any positions after the first call)")
+
+
 def static_plan(on_cuda: bool, kv_form: str, kv_dtype: str | None, static_capacity: int | None) -> tuple[int | None, bool]:
     """(the fixed buffers' slots or None, whether decode steps are captured as a CUDA graph). Only a
     "weighted" decoder takes fixed buffers. On CUDA they are there for the graph alone, which needs
@@ -137,6 +146,9 @@ class OnnxRuntimeBackend(Backend):
                 self.release(module)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self.in_place = kv.in_place  # a fused decoder: it writes into the cache buffers itself
+        # the bias form's GroupQueryAttention turns a prompt into an empty cache at 0..S-1 whatever
+        # position_ids holds (export/fused_decoder.ROTARY_INSIDE_HEAD_MULTIPLE): other positions are refused there
+        self._prompt_from_zero = kv.form == "shared"
         self.label = label
         decoder = self.sessions["decoder"]
         self._new_names, self._past_names = list(kv.new), list(kv.past)  # new[i] is written into past[i]
@@ -314,6 +326,8 @@ class OnnxRuntimeBackend(Backend):
         whole as its (1, 1) placeholder. On CUDA (the "weighted" form) the device OrtValues are bound
         whole, and such a step is not split (UNVERIFIED: whether CUDA's kernel takes it)."""
         S = attention_mask.shape[1]
+        if self._prompt_from_zero and cache.length == 0:
+            check_prompt_positions(feeds["position_ids"])
         feeds.update(cache.attention(attention_mask, attention_bias, shared=True))  # it reserves the S new slots
         on_device = isinstance(cache.storage, OrtValueSlots)
         by_row = cache.batch > 1 and S > 1 and cache.length > 0 and not on_device
