@@ -9,12 +9,16 @@
   (past and present share one buffer per tensor, sized once), without genai's own generator loop.
 
     python benchmarks/token_steps.py PKG [--engine NAME] [--positions 2000] [--rounds 15] [--steps 32]
-        [--genai DIR] [--threads 2]
+        [--settle 0] [--genai DIR] [--threads 2]
 
 Sleigh's sides start from a prefill of the same P random token ids (so the script runs on any
 provider the backend picks: the CUDA provider first where onnxruntime-gpu has it); genai's from P
 random cached positions. Every side decodes the same token,
-`--steps` steps a round, sides in turns whose order alternates from round to round. Printed: the first
+`--steps` steps a round, sides in turns whose order alternates from round to round. A side's first
+steps in a turn run slower (the other side's weights and cache have just passed through the CPU's
+caches: about 4 against 2.5 ms for the first five after a switch, on the dev CPU); `--settle K` runs K
+untimed steps at the start of every turn, so that the timed ones are the steady ones a long answer
+spends most of its time in. Printed: the first
 step's logits of `ids` against `embed` (they must be equal: the same table rows), then each side's
 median ms per step over every step, and the speed of `ids` against each other side per round (its
 time / ids' time: median, min-max; against genai this is genai_ab's sleigh/genai decode ratio).
@@ -94,6 +98,7 @@ def main() -> None:
     ap.add_argument("--positions", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--settle", type=int, default=0, help="untimed steps at the start of every turn")
     ap.add_argument("--genai", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -104,7 +109,7 @@ def main() -> None:
     if not backend.reads_ids:
         raise SystemExit(f"{args.pkg}: its decoder takes no token ids (a fused decoder of package schema 6 does)")
     P, hidden = args.positions, manifest.contract.model.hidden_size
-    capacity = P + args.steps * (args.rounds + 1) + 8
+    capacity = P + (args.steps + args.settle) * (args.rounds + 1) + 8
     rng = np.random.default_rng(0)
     prompt = rng.integers(10, 1000, (1, P))  # text ids of every preset's vocabulary, never <IMG_CONTEXT>
     prompt[prompt == manifest.contract.prompt.img_context_token_id] = TOKEN
@@ -120,10 +125,12 @@ def main() -> None:
     names, times = list(sides), {name: [] for name in sides}
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
+            timed(sides[name], args.settle)
             times[name].append(timed(sides[name], args.steps))
     per_round = {name: np.array([np.median(t) for t in ts]) for name, ts in times.items()}
     label = f"{args.pkg.name}" + ("" if entry is None else f" [{entry.name}]")
-    print(f"{label}, {P} cached positions, {args.rounds} rounds x {args.steps} steps, {args.threads} threads")
+    settle = f" after {args.settle} untimed" if args.settle else ""
+    print(f"{label}, {P} cached positions, {args.rounds} rounds x {args.steps} steps{settle}, {args.threads} threads")
     for name in names:
         speed = per_round[name] / per_round["ids"] if name != "ids" else None
         against = "" if speed is None else f"; ids' speed against it {np.median(speed):.3f} ({speed.min():.3f}-{speed.max():.3f})"
