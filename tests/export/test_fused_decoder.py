@@ -518,9 +518,10 @@ def test_the_token_steps_benchmark_runs_and_finds_both_ways_equal(fused_pkg):
     from tests.helpers import ROOT
 
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "token_steps.py"), str(fused_pkg), "--positions", "20",
-                           "--rounds", "2", "--steps", "4"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--rounds", "2", "--steps", "4", "--settle", "3"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "ids against embed: max abs difference 0\n" in proc.stdout
+    assert "2 rounds x 4 steps after 3 untimed" in proc.stdout
     assert [line.split()[0] for line in proc.stdout.splitlines()[-2:]] == ["ids", "embed"]
 
 
