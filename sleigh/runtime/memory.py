@@ -24,8 +24,10 @@ account of every allocation. For one generation with T views, P prompt tokens an
   view x hidden, fp32, counted twice: a margin for the heap the vision chunks leave behind (the
   prefill after vision in chunks peaked ~55 MB higher: benchmarks/RESULTS.md, "Vision in chunks of views").
 - prefill(s, C): s new tokens in one decoder call against C positions: C = P for the whole prompt in
-  one call (an empty cache feeds no slots), C = K + s for a chunk after the first (it attends over
-  every reserved slot, used or masked); decode steps are prefill(1, K + 1). Per layer
+  one call (an empty cache feeds no slots; C = K for a fused decoder, whose GroupQueryAttention sizes
+  a call's scores by the whole buffer, the first call's too: `Shapes.scores_span_slots`), C = K + s
+  for a chunk after the first (it attends over every reserved slot, used or masked); decode steps are
+  prefill(1, K + 1). Per layer
   PREFILL_ATTENTION score matrices heads x s x C, three MLP-wide and PREFILL_HIDDEN hidden-wide
   tensors of s tokens, and the slots repeated from KV heads to heads (grouped-query attention) for C
   positions; with float16 slots, also one layer's slots cast to float32 (build-engine --kv-dtype).
@@ -112,6 +114,7 @@ class Shapes:
     kv_heads: int
     head_dim: int
     kv_itemsize: int = FLOAT_BYTES  # bytes per element of the cache slots (2: float16 slots)
+    scores_span_slots: bool = False  # a call scores against every reserved slot (a fused decoder, in_place)
 
     @classmethod
     def from_contract(cls, contract, kv_dtype="float32") -> Shapes:
@@ -120,7 +123,7 @@ class Shapes:
         return cls(vision_tokens=m.vision_tokens, vision_hidden=m.vision_hidden_size, vision_heads=m.vision_num_heads,
                    vision_mlp=m.vision_intermediate_size, llm_hidden=m.hidden_size, llm_heads=m.num_heads,
                    llm_mlp=m.intermediate_size, layers=kv.num_layers, kv_heads=kv.num_kv_heads, head_dim=kv.head_dim,
-                   kv_itemsize=np.dtype(kv_dtype).itemsize)
+                   kv_itemsize=np.dtype(kv_dtype).itemsize, scores_span_slots=kv.in_place)
 
     def kv_bytes(self, positions: int) -> int:
         """The slot cache reserved for `positions` (under a budget the Pipeline reserves them before the prefill: no growth)."""
@@ -218,8 +221,9 @@ class MemoryBudget:
 
     def prefill_bytes(self, prompt_tokens: int, new_tokens: int, chunk: int) -> int:
         """The widest decoder call of a prefill in chunks of `chunk` tokens (see the module docstring)."""
-        if chunk >= prompt_tokens:
-            return self.shapes.prefill_bytes(prompt_tokens, prompt_tokens)
+        if chunk >= prompt_tokens:  # one call, on an empty cache
+            slots = kv_slots(prompt_tokens + new_tokens) if self.shapes.scores_span_slots else prompt_tokens
+            return self.shapes.prefill_bytes(prompt_tokens, slots)
         return self.shapes.prefill_bytes(chunk, kv_slots(prompt_tokens + new_tokens) + chunk)
 
     def plan(self, views: int, prompt_tokens: int, new_tokens: int) -> Plan:

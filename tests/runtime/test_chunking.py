@@ -225,6 +225,26 @@ def test_budget_refuses_what_would_not_fit_and_parses_sizes():
         MemoryBudget(int(1.6 * GB), fp16, weights=int(1.8 * GB), stages=stages).plan(13, 4064, 32)
 
 
+def test_a_fused_decoders_prompt_in_one_call_is_counted_against_every_reserved_slot():
+    """GroupQueryAttention (a fused decoder, kv_cache.form "shared") sizes a call's scores by the whole
+    cache buffer, the first call's too; the standard decoder's first call scores the prompt alone.
+    Chunks after the first read every reserved slot in both."""
+    import dataclasses
+
+    from sleigh.runtime.manifest import Contract
+    from sleigh.sleighvl.config import PRESETS
+
+    contract = Contract.from_config(json.loads(json.dumps(PRESETS["small"].to_dict())), "small preset")
+    fused_contract = dataclasses.replace(contract, kv_cache=dataclasses.replace(contract.kv_cache, form="shared"))
+    standard, fused = Shapes.from_contract(contract), Shapes.from_contract(fused_contract)
+    assert not standard.scores_span_slots and fused.scores_span_slots
+    P, N, K = 300, 200, 512  # K: the slots reserved for P + N
+    on_standard, on_fused = (MemoryBudget(8 * GB, shapes, weights=GB) for shapes in (standard, fused))
+    assert on_standard.prefill_bytes(P, N, P) == standard.prefill_bytes(P, P)
+    assert on_fused.prefill_bytes(P, N, P) == standard.prefill_bytes(P, K) > on_standard.prefill_bytes(P, N, P)
+    assert on_fused.prefill_bytes(P, N, 64) == on_standard.prefill_bytes(P, N, 64) == standard.prefill_bytes(64, K + 64)
+
+
 def test_the_budget_counts_the_weights_the_backend_opened(tiny_ckpt, tiny_pkg, tmp_path):
     """Package or checkpoint, the budget's weights are those of the modules the loaded backend opened
     (its `files`, or what opening them measured), not whatever else lies in the folder."""
