@@ -16,7 +16,7 @@ provider the backend picks: the CUDA provider first where onnxruntime-gpu has it
 random cached positions. Every side decodes the same token,
 `--steps` steps a round, sides in turns whose order alternates from round to round. A side's first
 steps in a turn run slower (the other side's weights and cache have just passed through the CPU's
-caches: about 4 against 2.5 ms for the first five after a switch, on the dev CPU); `--settle K` runs K
+caches: RESULTS.md, "Rotary inside GroupQueryAttention"); `--settle K` runs K
 untimed steps at the start of every turn, so that the timed ones are the steady ones a long answer
 spends most of its time in. Printed: the first
 step's logits of `ids` against `embed` (they must be equal: the same table rows), then each side's
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--genai", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.settle < 0:
+        ap.error(f"--settle {args.settle}: a count of untimed steps, 0 or more")
 
     manifest = read_manifest(args.pkg)
     entry = None if args.engine == "package" else manifest.engines[args.engine]

@@ -5,7 +5,8 @@
 Per layer: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one node), one MatMul
 for q, k and v, one GroupQueryAttention that takes them packed and turns q and k itself (rotate-half,
 at the given position_ids; RotaryEmbedding nodes on split q and k where heads are not a multiple of
-16 wide, and in the weighted-values variant), the output MatMul, and the MLP with one MatMul for gate
+ROTARY_INSIDE_HEAD_MULTIPLE wide, and in the weighted-values variant), the output MatMul, and the MLP
+with one MatMul for gate
 and up. The LM head reads the last position only.
 
 The decoder's inputs and outputs keep the standard form's names, with one input more and one change
@@ -24,7 +25,8 @@ standard form (MASKED_LOGIT where attention_mask is 0, GSWA's log-weights elsewh
 
 GroupQueryAttention refuses a prompt of more than one position after a cache when the batch is
 larger than one (onnxruntime 1.22-1.32); the runtime feeds such a step row by row. Where it turns q
-and k itself, a prompt into an empty cache must be at positions 0..S-1 (ROTARY_INSIDE_HEAD_MULTIPLE).
+and k itself, it turns a prompt into an empty cache at contiguous positions from the first row's first
+(runtime/manifest.ROTARY_INSIDE_HEAD_MULTIPLE).
 
 The weighted-values variant (`sleigh export --decoder fused-cuda`, kv_cache.form "weighted") is the
 one that can run on ONNX Runtime's CUDA provider, whose GroupQueryAttention takes no attention_bias
@@ -48,7 +50,7 @@ import numpy as np
 
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, ORT_DOMAIN as MS
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
-from sleigh.runtime.manifest import kv_names
+from sleigh.runtime.manifest import ROTARY_INSIDE_HEAD_MULTIPLE, kv_names
 from sleigh.sleighvl.llm import LLM, MASKED_LOGIT, rope_cos_sin
 
 # onnxruntime 1.22 (the oldest tested) reads IR version 10 at most
@@ -63,13 +65,6 @@ def rope_caches(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray
     cos, sin = rope_cos_sin(torch.arange(positions)[None], head_dim, theta, torch.float32)  # (1, 1, P, hd)
     return cos[0, 0, :, :head_dim // 2].numpy(), sin[0, 0, :, :head_dim // 2].numpy()
 
-
-# GroupQueryAttention turns q and k itself (do_rotary: no Split, no RotaryEmbedding nodes; 3 % faster
-# decode steps, benchmarks/RESULTS.md) for heads whose size is a multiple of this (ONNX Runtime's CPU
-# kernel: "head_size shall be a multiple of 16"); other heads keep the RotaryEmbedding nodes. It turns
-# them at position_ids, except that a prompt into an empty cache is turned at 0..S-1 whatever
-# position_ids holds (onnxruntime 1.22-1.32): the runtime refuses other positions there.
-ROTARY_INSIDE_HEAD_MULTIPLE = 16
 
 # Weights are written to the external data file at offsets aligned like this (page-aligned tensors can be mapped)
 DATA_ALIGN = 4096
@@ -236,7 +231,16 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
 
     def attention(i: int, p: str, attn, qkv: str) -> tuple[str, np.ndarray]:
         """Layer i's attention on its q/k/v MatMul's output `qkv` -> (its output, the operand of the
-        o_proj MatMul that reads it)."""
+        o_proj MatMul that reads it). Three subgraphs:
+
+            rotary inside:  qkv ─> GroupQueryAttention(do_rotary, position_ids, bias) ─> out
+            heads not a multiple of 16:
+                            qkv ─> Split ─> q, k ─> RotaryEmbedding ─┐
+                                        └─> v ───────────────────────┴─> GroupQueryAttention(bias) ─> out
+            weighted values:
+                            as above, v ─> Add(weight column) ─> Mul(value weight) ─> GroupQueryAttention
+                            ─> Reshape ─> Div(by its weight column, Max'ed) ─> Reshape ─> out
+        """
         attn_in = [past[2 * i], past[2 * i + 1], "seqlens_k", "total_sequence_length"]
         outputs = [f"{p}.attn", new[2 * i], new[2 * i + 1]]
         if rotary_inside:  # q, k and v packed, turned by GroupQueryAttention itself at position_ids

@@ -94,6 +94,15 @@ class GSWASection:
 KV_FORMS = ("slots", "shared", "weighted")
 IN_PLACE_FORMS = ("shared", "weighted")  # the decoder writes its new positions into the buffers it is given
 
+# A "shared" decoder whose heads are a multiple of this wide (ONNX Runtime's CPU kernel turns no others:
+# "head_size shall be a multiple of 16") gives q, k and v packed to GroupQueryAttention, which turns q
+# and k itself at position_ids (export/fused_decoder.py; the faster form: benchmarks/RESULTS.md, "Rotary
+# inside GroupQueryAttention"); other heads keep RotaryEmbedding nodes. After a cache the kernel turns
+# them at any position_ids, but a prompt into an empty cache at position_ids[0, 0] + 0..S-1 in every
+# row, whatever the rest of position_ids holds (onnxruntime 1.22-1.32): the runtime refuses other
+# positions there (backends/onnxruntime_backend.check_prompt_positions).
+ROTARY_INSIDE_HEAD_MULTIPLE = 16
+
 
 @dataclass(frozen=True)
 class KVCacheSection:

@@ -76,11 +76,25 @@ def _attention_nodes(path):
     return [n for n in graph.node if n.op_type in ("GroupQueryAttention", "RotaryEmbedding")]
 
 
-def test_attention_turns_q_and_k_at_the_given_positions_after_a_prompt_from_zero(fused_pkg, tiny_pkg):
+def _raw_prompt(path, embeds: np.ndarray, positions: np.ndarray, kv_heads: int, head_dim: int) -> np.ndarray:
+    """A prompt into an empty cache through the decoder's own session (no runtime, no check) -> logits."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    B, S, _ = embeds.shape
+    feeds = {"input_ids": np.full((1, 1), -1, np.int64), "inputs_embeds": embeds, "attention_mask": np.ones((B, S), np.int64),
+             "attention_bias": np.zeros((B, S), np.float32), "position_ids": positions}
+    feeds.update({i.name: np.zeros((B, kv_heads, S, head_dim), np.float32)
+                  for i in session.get_inputs() if i.name.startswith("past_key_values.")})
+    return session.run(["logits"], feeds)[0][:, -1]
+
+
+def test_attention_turns_q_and_k_at_the_given_positions_and_a_first_prompt_from_its_first(fused_pkg, tiny_pkg):
     """The fused decoder's GroupQueryAttention takes q, k and v packed and turns q and k itself, at
-    position_ids: a prompt at 0..S-1, a chunk after it at positions of the caller's choosing (gaps
-    included) and a decode step give the standard package's logits (its own RoPE). A prompt into an
-    empty cache at other positions is refused: the kernel would turn it at 0..S-1."""
+    position_ids: a prompt from position 3, a chunk after it with gaps, and a decode step give the
+    standard package's logits (its own RoPE). ONNX Runtime turns a prompt into an empty cache at the
+    first row's first position and on, whatever else position_ids holds (seen through the session
+    itself: if that ever changes, the check can go), so the runtime refuses such positions there."""
     from onnx.helper import get_attribute_value
 
     from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -91,39 +105,61 @@ def test_attention_turns_q_and_k_at_the_given_positions_after_a_prompt_from_zero
     assert all(n.input[1] == n.input[2] == "" and n.input[9] == "position_ids" for n in nodes)
     assert all({a.name: get_attribute_value(a) for a in n.attribute}["do_rotary"] == 1 for n in nodes)
 
-    rng = np.random.default_rng(3)
-    pieces = [(np.arange(6), 6), (np.array([6, 7, 9, 12, 20]), 5), (np.array([31]), 1)]  # (positions, S)
-    logits = {}
+    contract = read_manifest(fused_pkg).contract
+    D, kv = contract.model.hidden_size, contract.kv_cache
+    pieces = [(np.arange(3, 9), 6), (np.array([9, 10, 12, 15, 23]), 5), (np.array([34]), 1)]  # (positions, S)
+    logits, gapped = {}, np.array([[0, 2, 4]])
     for pkg in (tiny_pkg, fused_pkg):
         with OnnxRuntimeBackend.from_package(pkg, read_manifest(pkg)) as backend:
-            cache, rng_pkg = backend.new_cache(1), np.random.default_rng(3)
-            D = read_manifest(pkg).contract.model.hidden_size
-            logits[pkg] = [backend.step(cache, rng_pkg.standard_normal((1, S, D)).astype(np.float32), np.ones((1, S), np.int64),
+            cache, rng = backend.new_cache(1), np.random.default_rng(3)
+            logits[pkg] = [backend.step(cache, rng.standard_normal((1, S, D)).astype(np.float32), np.ones((1, S), np.int64),
                                         np.zeros((1, S), np.float32), pos[None]) for pos, S in pieces]
-            if pkg == fused_pkg:
-                with pytest.raises(SleighError, match="position_ids.*empty cache is at 3, 4, 5"):
-                    backend.step(backend.new_cache(1), rng.standard_normal((1, 3, D)).astype(np.float32),
-                                 np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32), np.arange(3, 6)[None])
+            embeds = rng.standard_normal((2, 3, D)).astype(np.float32)
+            if pkg == tiny_pkg:
+                logits["gapped"] = backend.step(backend.new_cache(1), embeds[:1], np.ones((1, 3), np.int64),
+                                                np.zeros((1, 3), np.float32), gapped)
+            else:
+                for bad, shown in ((gapped, "0, 2, 4"), (np.array([[4, 5, 6], [0, 1, 2]]), "4, 5, 6, 0, 1, ...")):
+                    with pytest.raises(SleighError, match=f"position_ids.*empty cache is at {shown}.*turns such a prompt at {bad[0, 0]}"):
+                        backend.step(backend.new_cache(len(bad)), embeds[:len(bad)], np.ones(bad.shape, np.int64),
+                                     np.zeros(bad.shape, np.float32), bad)
     for got, want in zip(logits[fused_pkg], logits[tiny_pkg]):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    raw = {name: _raw_prompt(fused_pkg / "decoder.onnx", embeds[:1], positions, kv.num_kv_heads, kv.head_dim)
+           for name, positions in (("gapped", gapped), ("contiguous", np.arange(3)[None]))}
+    assert np.abs(raw["gapped"] - logits["gapped"]).max() > 1e-2  # not at 0, 2, 4 ...
+    np.testing.assert_allclose(raw["gapped"], raw["contiguous"], rtol=0, atol=1e-5)  # ... but at 0, 1, 2
 
 
 def test_heads_that_attention_cannot_turn_keep_rotary_nodes_and_match_the_reference(tiny_model, tmp_path):
     """Heads of 8 dims (not a multiple of ROTARY_INSIDE_HEAD_MULTIPLE, which ONNX Runtime's CPU kernel
-    needs to turn q and k itself): RotaryEmbedding nodes on split q and k, and the reference's outputs."""
+    needs to turn q and k itself): RotaryEmbedding nodes on split q and k, and the reference's outputs.
+    Such a decoder turns a prompt into an empty cache at any positions, and none is refused."""
     import dataclasses
 
+    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from sleigh.runtime.kv_cache import NEW, PAST
+    from sleigh.runtime.manifest import ROTARY_INSIDE_HEAD_MULTIPLE, KVCacheSection, kv_names
     from sleigh.sleighvl.model import SleighVL
 
     cfg = tiny_model.cfg
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_heads=8, num_kv_heads=4))
-    assert cfg.llm.head_dim % fused_decoder.ROTARY_INSIDE_HEAD_MULTIPLE
+    L, KV, hd, D = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim, cfg.llm.hidden_size
+    assert hd % ROTARY_INSIDE_HEAD_MULTIPLE
     torch.manual_seed(0)
     model = SleighVL(cfg).eval()
     fused_decoder.write(model.llm, tmp_path, 18)
-    assert {n.op_type for n in _attention_nodes(tmp_path / "decoder.onnx")} == {"GroupQueryAttention", "RotaryEmbedding"}
-    results = _cases(tmp_path / "decoder.onnx", model)
+    path = tmp_path / "decoder.onnx"
+    assert {n.op_type for n in _attention_nodes(path)} == {"GroupQueryAttention", "RotaryEmbedding"}
+    results = _cases(path, model)
     assert all(r.ok for r in results), [(r.case, r.output, r.needed_atol) for r in results if not r.ok]
+    embeds = np.random.default_rng(0).standard_normal((1, 3, D)).astype(np.float32)
+    section = KVCacheSection(KV, hd, tuple(kv_names(L, PAST)), tuple(kv_names(L, NEW)), "shared")
+    with OnnxRuntimeBackend({"decoder": path}, section) as backend:
+        gapped = backend.step(backend.new_cache(1), embeds, np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32),
+                              np.array([[0, 2, 4]]))
+    np.testing.assert_allclose(gapped, _raw_prompt(path, embeds, np.array([[0, 2, 4]]), KV, hd), rtol=0, atol=1e-5)
+    assert np.abs(gapped - _raw_prompt(path, embeds, np.arange(3)[None], KV, hd)).max() > 1e-2  # turned at 0, 2, 4
 
 
 def _photo(folder):

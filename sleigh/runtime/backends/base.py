@@ -70,7 +70,9 @@ class Backend(ABC):
              position_ids: np.ndarray) -> np.ndarray:
         """Decoder on S new positions after those in `cache`: inputs_embeds (B, S, D), attention_mask (B, S)
         int64 and attention_bias (B, S) float32 of the new positions, position_ids (B, S) -> last logits
-        (B, V) float32. The new positions' keys and values are added to `cache`."""
+        (B, V) float32. The new positions' keys and values are added to `cache`. Any positions, except
+        that a fused decoder whose attention turns q and k takes a prompt into an empty cache at
+        contiguous positions only (runtime/manifest.ROTARY_INSIDE_HEAD_MULTIPLE)."""
 
     def step_tokens(self, cache: SlotCache, input_ids: np.ndarray, attention_mask: np.ndarray, attention_bias: np.ndarray,
                     position_ids: np.ndarray, no_image: np.ndarray) -> np.ndarray:

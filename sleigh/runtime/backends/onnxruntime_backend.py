@@ -33,7 +33,7 @@ from sleigh.runtime.backends.static_steps import (CUDA_GRAPH_ENV, NO_GRAPH, STAT
                                                   graph_run_options)
 from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
-from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
+from sleigh.runtime.manifest import ROTARY_INSIDE_HEAD_MULTIPLE, EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.memory import resident_bytes
 from sleigh.runtime.package import REEXPORT, check_module_io
 
@@ -72,12 +72,17 @@ def decoder_providers(providers: list[str], kv_form: str) -> list[str]:
 
 
 def check_prompt_positions(position_ids: np.ndarray) -> None:
-    """A prompt into an empty cache of a "shared" fused decoder: at positions 0..S-1 in every row."""
+    """A prompt into an empty cache of a decoder whose GroupQueryAttention turns q and k itself: at
+    position_ids[0, 0] + 0..S-1 in every row, where the kernel turns it (manifest.ROTARY_INSIDE_HEAD_MULTIPLE)."""
     position_ids = np.asarray(position_ids)
-    if position_ids.ndim != 2 or (position_ids != np.arange(position_ids.shape[-1])).any():
-        shown = ", ".join(str(int(p)) for p in position_ids.reshape(-1)[:4]) + (", ..." if position_ids.size > 4 else "")
+    if position_ids.ndim != 2 or position_ids.size == 0:
+        raise SleighError("position_ids", f"has shape {position_ids.shape}", "(batch, new positions)")
+    start = int(position_ids[0, 0])
+    if (position_ids != start + np.arange(position_ids.shape[1])).any():
+        shown = ", ".join(str(int(p)) for p in position_ids.reshape(-1)[:5]) + (", ..." if position_ids.size > 5 else "")
         raise SleighError("position_ids", f"a prompt into an empty cache is at {shown}, and this decoder's attention turns "
-                          "such a prompt at 0..S-1", "0, 1, ..., S-1 in every row (any positions after the first call)")
+                          f"such a prompt at {start}, {start + 1}, ... in every row",
+                          "positions one apart from the first row's first, in every row (any positions after the first call)")
 
 
 def static_plan(on_cuda: bool, kv_form: str, kv_dtype: str | None, static_capacity: int | None) -> tuple[int | None, bool]:
@@ -146,9 +151,10 @@ class OnnxRuntimeBackend(Backend):
                 self.release(module)
         self.num_layers, self.num_kv_heads, self.head_dim = kv.num_layers, kv.num_kv_heads, kv.head_dim
         self.in_place = kv.in_place  # a fused decoder: it writes into the cache buffers itself
-        # the bias form's GroupQueryAttention turns a prompt into an empty cache at 0..S-1 whatever
-        # position_ids holds (export/fused_decoder.ROTARY_INSIDE_HEAD_MULTIPLE): other positions are refused there
-        self._prompt_from_zero = kv.form == "shared"
+        # a decoder whose GroupQueryAttention turns q and k takes a prompt into an empty cache at contiguous
+        # positions only (manifest.ROTARY_INSIDE_HEAD_MULTIPLE); a package exported before that form (schema 6
+        # either way) is held to the same rule
+        self._contiguous_prompt = kv.form == "shared" and kv.head_dim % ROTARY_INSIDE_HEAD_MULTIPLE == 0
         self.label = label
         decoder = self.sessions["decoder"]
         self._new_names, self._past_names = list(kv.new), list(kv.past)  # new[i] is written into past[i]
@@ -326,7 +332,7 @@ class OnnxRuntimeBackend(Backend):
         whole as its (1, 1) placeholder. On CUDA (the "weighted" form) the device OrtValues are bound
         whole, and such a step is not split (UNVERIFIED: whether CUDA's kernel takes it)."""
         S = attention_mask.shape[1]
-        if self._prompt_from_zero and cache.length == 0:
+        if self._contiguous_prompt and cache.length == 0:
             check_prompt_positions(feeds["position_ids"])
         feeds.update(cache.attention(attention_mask, attention_bias, shared=True))  # it reserves the S new slots
         on_device = isinstance(cache.storage, OrtValueSlots)
