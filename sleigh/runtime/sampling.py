@@ -62,7 +62,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, history: list[int] | np.ndarray = ()) -> int:
         """logits (V,) -> next token id. `history` holds the ids the repetition penalty applies to."""
         o = self.options
-        x = np.asarray(logits, dtype=np.float64).copy()
+        if o.greedy and o.repetition_penalty == 1.0:  # float32 logits order as their float64 copies would
+            return int(np.argmax(logits))  # no copy of the vocabulary per token (RESULTS.md, "Greedy picks")
+        x = np.array(logits, dtype=np.float64)  # a copy, which the penalty writes into
         if o.repetition_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[(seen >= 0) & (seen < x.shape[0])]

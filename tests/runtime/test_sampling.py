@@ -60,3 +60,14 @@ def test_every_accepted_option_gives_a_valid_token(logits, temperature, top_k, t
     assert token == Sampler(opts)(x, history)  # the same seed, the same token
     if temperature < 1e-200 and penalty == 1.0:
         assert x[token] == x.max()  # a vanishing temperature is greedy, not nan
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.floats(-3, 3, width=16), min_size=1, max_size=40), dtype=st.sampled_from([np.float16, np.float32]))
+def test_a_greedy_pick_reads_the_logits_as_they_are_and_picks_what_float64_would(logits, dtype):
+    """Greedy without a penalty takes the first largest logit of the array it is given, with no float64
+    copy: the same id as the float64 path (a penalty of 1 + 1e-12 takes it, and changes no logit of
+    this range), ties included (float16 values repeat often)."""
+    x = np.asarray(logits, dtype)
+    fast, copied = Sampler(SamplingOptions()), Sampler(SamplingOptions(repetition_penalty=1 + 1e-12))
+    assert fast(x) == copied(x, range(len(logits))) == int(np.argmax(x.astype(np.float64)))
