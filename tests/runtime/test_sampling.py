@@ -71,3 +71,35 @@ def test_a_greedy_pick_reads_the_logits_as_they_are_and_picks_what_float64_would
     x = np.asarray(logits, dtype)
     fast, copied = Sampler(SamplingOptions()), Sampler(SamplingOptions(repetition_penalty=1 + 1e-12))
     assert fast(x) == copied(x, range(len(logits))) == int(np.argmax(x.astype(np.float64)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(2, 3000), spread=st.sampled_from([0.01, 1.0, 8.0]), repeats=st.booleans(),
+       top_p=st.floats(0.01, 0.999), top_k=st.sampled_from([0, 5, 700]), temperature=st.sampled_from([0.3, 1.0, 2.5]),
+       seed=st.integers(0, 2**32))
+def test_top_p_on_a_part_of_the_vocabulary_samples_what_the_whole_sort_does(size, spread, repeats, top_p, top_k, temperature, seed):
+    """`nucleus` ranks only the top ids until they hold top_p of the mass: the same kept ids, the same
+    probabilities and the same seeded token as a stable sort of every id (NUCLEUS_GUESS past the
+    vocabulary), with ties (values repeated) and top-k's -inf among them."""
+    from sleigh.runtime import sampling
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(size) * spread
+    if repeats:
+        x = np.round(x, 1)
+    opts = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    part = sampling.nucleus(x, probs, top_p)
+    guess, sampling.NUCLEUS_GUESS = sampling.NUCLEUS_GUESS, size
+    try:
+        whole = sampling.nucleus(x, probs, top_p)
+        whole_tokens = [Sampler(opts)(x) for _ in range(3)]
+    finally:
+        sampling.NUCLEUS_GUESS = guess
+    assert len(whole[0]) == size and len(part[0]) <= size
+    n = len(part[0])
+    np.testing.assert_array_equal(part[0], whole[0][:n])
+    np.testing.assert_array_equal(part[1], whole[1][:n])
+    assert (whole[1][n:] - probs[whole[0][n:]] >= top_p).all()  # nothing past the part is kept
+    assert [Sampler(opts)(x) for _ in range(3)] == whole_tokens
