@@ -6,8 +6,7 @@ Per layer: SkipSimplifiedLayerNormalization (the residual add and RMSNorm in one
 for q, k and v, one GroupQueryAttention that takes them packed and turns q and k itself (rotate-half,
 at the given position_ids; RotaryEmbedding nodes on split q and k where heads are not a multiple of
 ROTARY_INSIDE_HEAD_MULTIPLE wide, and in the weighted-values variant), the output MatMul, and the MLP
-with one MatMul for gate
-and up. The LM head reads the last position only.
+with one MatMul for gate and up. The LM head reads the last position only.
 
 The decoder's inputs and outputs keep the standard form's names, with one input more and one change
 of meaning (package schema 6). `input_ids` (B, S) brings the token embedding into the decoder: a

@@ -111,9 +111,8 @@ def nucleus(ranked: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.nda
     92,553 ids took most of a sampled token's time: RESULTS.md, "Greedy picks")."""
     if not np.isnan(ranked).any():  # (NaN sorts last, and partitions as it likes)
         live = np.flatnonzero(ranked > -np.inf)  # top-k's -inf ids hold no mass, and slow a partition down
-        values, k = ranked[live], NUCLEUS_GUESS
-        while True:
-            n = len(live)
+        values, n, k = ranked[live], len(live), NUCLEUS_GUESS
+        while n:  # (none: every logit -inf, as the whole sort has it)
             ids = live if k >= n else live[values >= np.partition(values, n - k)[n - k]]  # the top k, ties of the k-th
             order = ids[np.argsort(-ranked[ids], kind="stable")]
             cum = np.cumsum(probs[order])  # in order, one by one: the whole sort's running sum, as far as it goes
