@@ -100,32 +100,41 @@ class Sampler:
             mask[order[keep]] = False
             probs[mask] = 0.0
             probs /= probs.sum()
-        return int(self.rng.choice(probs.shape[0], p=probs))
+        return draw(self.rng, probs, out=x)  # the logits are spent: their array takes the cumulative sum
 
 
-# The first guess of how many top tokens hold top_p of the mass, times NUCLEUS_GROWTH until they do;
-# past NUCLEUS_SHARE of the vocabulary the whole is sorted: on flat logits the guesses would cost more
-# than the sort they save (a review measured 18-37 ms against 11 ms with guesses up to the whole)
-NUCLEUS_GUESS, NUCLEUS_GROWTH, NUCLEUS_SHARE = 256, 8, 1 / 8
+def draw(rng: np.random.Generator, probs: np.ndarray, out: np.ndarray) -> int:
+    """`rng.choice(len(probs), p=probs)`'s inverse-CDF draw without its checks of `probs` (half of its
+    0.6 ms at InternVL2's 92,553 ids): the same id for the same generator state
+    (tests/runtime/test_sampling.py). No mass, or NaN, goes to `rng.choice`, which says what is wrong."""
+    cdf = np.cumsum(probs, out=out)
+    if not (np.isfinite(cdf[-1]) and cdf[-1] > 0):
+        return int(rng.choice(probs.shape[0], p=probs))
+    cdf /= cdf[-1]
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
+# How many top ids `nucleus` ranks before it sorts the whole vocabulary: a trained model's top-p
+# nucleus is mostly far smaller. One guess: on flat logits, where it falls short, further guesses cost
+# more than the sort they would save (a review measured 18-37 ms against 11 ms with guesses doubled).
+NUCLEUS_GUESS = 256
 
 
 def nucleus(ranked: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """The ids in descending order of `ranked` (ties: lower id first) and the running sum of their
     `probs`, far enough that no later id is within top_p: the same leading part as a stable sort of
-    the whole vocabulary gives, bit for bit, without sorting the whole of it (a sort of InternVL2's
-    92,553 ids took most of a sampled token's time: RESULTS.md, "Greedy picks")."""
-    if not np.isnan(ranked).any():  # (NaN sorts last, and partitions as it likes)
-        live = np.flatnonzero(ranked > -np.inf)  # top-k's -inf ids hold no mass, and slow a partition down
-        values, n, k = ranked[live], len(live), NUCLEUS_GUESS
-        while n:  # (none: every logit -inf, as the whole sort has it)
-            ids = live if k > NUCLEUS_SHARE * n else live[values >= np.partition(values, n - k)[n - k]]  # top k, ties
-            order = ids[np.argsort(-ranked[ids], kind="stable")]
-            cum = np.cumsum(probs[order])  # in order, one by one: the whole sort's running sum, as far as it goes
-            # every later id's running sum less its own prob is at least cum[-1] less a rounding or two
-            if cum[-1] > top_p + 1e-9:
-                return order, cum
-            if ids is live:
-                break
-            k *= NUCLEUS_GROWTH
+    the whole vocabulary gives, bit for bit, without sorting the whole of it where the top
+    NUCLEUS_GUESS ids hold top_p of the mass (a sort of InternVL2's 92,553 ids took most of a sampled
+    token's time: RESULTS.md, "Greedy picks")."""
+    live = np.flatnonzero(ranked > -np.inf)  # top-k's -inf ids hold no mass, and slow a partition down
+    n, k = len(live), NUCLEUS_GUESS
+    if n and not np.isnan(ranked).any():  # (none: every logit -inf; NaN sorts last and partitions as it likes)
+        values = ranked[live]
+        ids = live if n <= k else live[values >= np.partition(values, n - k)[n - k]]  # the top k, and ties of the k-th
+        order = ids[np.argsort(-ranked[ids], kind="stable")]
+        cum = np.cumsum(probs[order])  # in order, one by one: the whole sort's running sum, as far as it goes
+        # every later id's running sum less its own prob is at least cum[-1] less a rounding or two
+        if cum[-1] > top_p + 1e-9:
+            return order, cum
     order = np.argsort(-ranked, kind="stable")
     return order, np.cumsum(probs[order])

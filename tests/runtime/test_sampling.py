@@ -78,7 +78,7 @@ def test_a_greedy_pick_reads_the_logits_as_they_are_and_picks_what_float64_would
        masked=st.booleans(), boundary=st.sampled_from([0, 255, 256, 2047, 2048, 4999, -1]), nudge=st.sampled_from([-1, 0, 1]),
        seed=st.integers(0, 2**32))
 def test_nucleus_gives_the_whole_stable_sorts_order_and_running_sum(size, spread, repeats, masked, boundary, nudge, seed):
-    """`nucleus` ranks only the top ids until they hold top_p of the mass: a prefix of numpy's stable
+    """`nucleus` ranks only the top ids where they hold top_p of the mass: a prefix of numpy's stable
     sort of every id and of its running sum, bit for bit, and the same ids kept, with ties (values
     repeated), top-k's -inf ids, and top_p placed on a guess's boundary, one ulp either side."""
     from sleigh.runtime.sampling import nucleus
@@ -115,3 +115,18 @@ def test_a_sampler_used_again_on_another_vocabulary_or_dtype_picks_as_a_fresh_on
             fresh._logits = fresh._probs = np.empty(0)
             assert kept(x, [1, 2]) == fresh(x, [1, 2])
     assert Sampler(SamplingOptions())([1.0, 3.0, 2.0]) == 1  # a list, as the float64 path reads it
+
+
+def test_a_draw_is_the_id_numpys_choice_gives_and_no_mass_is_refused_as_it_refuses():
+    """`draw` skips `Generator.choice`'s checks of the probabilities but draws as it does: the same id
+    for the same generator state, over many draws and sizes; probabilities that are NaN (every logit
+    -inf) raise choice's own error, as the Sampler always did."""
+    from sleigh.runtime.sampling import draw
+
+    for size, seed in ((1, 0), (7, 1), (300, 2), (92553, 3)):
+        probs = np.random.default_rng(seed).random(size) ** 4
+        probs /= probs.sum()
+        ours, numpys, out = np.random.default_rng(seed), np.random.default_rng(seed), np.empty(size)
+        assert [draw(ours, probs, out) for _ in range(400)] == [int(numpys.choice(size, p=probs)) for _ in range(400)]
+    with np.errstate(invalid="ignore"), pytest.raises(ValueError, match="NaN"):  # -inf - -inf
+        Sampler(SamplingOptions(temperature=1.0, seed=0))(np.full(5, -np.inf))

@@ -21,29 +21,27 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sleigh.runtime import sampling
 from sleigh.runtime.sampling import Sampler, SamplingOptions
 
 torch = pytest.importorskip("torch")
 logits_process = pytest.importorskip("transformers.generation.logits_process")
 
 
-class _Spy:
-    """Stands in for the Sampler's generator: records the distribution it is asked to draw from."""
-
-    def __init__(self):
-        self.p = None
-
-    def choice(self, n, p):
-        self.p = np.asarray(p, dtype=np.float64)
-        assert self.p.shape == (n,)
-        return int(np.argmax(self.p))
-
-
 def sleigh_probs(opts: SamplingOptions, logits: np.ndarray, history) -> np.ndarray:
-    sampler = Sampler(opts)
-    sampler.rng = spy = _Spy()
-    sampler(logits, history)
-    return spy.p
+    """The distribution the Sampler draws from (what it hands `sampling.draw`, stood in for here)."""
+    seen = {}
+
+    def spy(rng, probs, out):
+        seen["p"] = np.array(probs, dtype=np.float64)
+        return int(np.argmax(probs))
+
+    real, sampling.draw = sampling.draw, spy
+    try:
+        Sampler(opts)(logits, history)
+    finally:
+        sampling.draw = real
+    return seen["p"]
 
 
 def hf_scores(opts: SamplingOptions, logits: np.ndarray, history) -> torch.Tensor:
