@@ -49,7 +49,7 @@ import numpy as np
 
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, ORT_DOMAIN as MS
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
-from sleigh.runtime.manifest import ROTARY_INSIDE_HEAD_MULTIPLE, kv_names
+from sleigh.runtime.manifest import kv_names, rotary_in_attention
 from sleigh.sleighvl.llm import LLM, MASKED_LOGIT, rope_cos_sin
 
 # onnxruntime 1.22 (the oldest tested) reads IR version 10 at most
@@ -125,7 +125,7 @@ def build(llm: LLM, opset: int, data=None, data_name: str = "", weighted_values:
 
     cfg = llm.cfg
     L, nh, nkv, hd, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    rotary_inside = not weighted_values and hd % ROTARY_INSIDE_HEAD_MULTIPLE == 0
+    rotary_inside = rotary_in_attention("weighted" if weighted_values else "shared", hd)
     nodes, inits = [], []
 
     def weight(name: str, array: np.ndarray) -> str:

@@ -104,6 +104,12 @@ IN_PLACE_FORMS = ("shared", "weighted")  # the decoder writes its new positions 
 ROTARY_INSIDE_HEAD_MULTIPLE = 16
 
 
+def rotary_in_attention(form: str, head_dim: int) -> bool:
+    """Whether a decoder of this kv_cache form and head size has GroupQueryAttention turn q and k itself
+    (ROTARY_INSIDE_HEAD_MULTIPLE): what the exporter writes and what the runtime checks positions for."""
+    return form == "shared" and head_dim % ROTARY_INSIDE_HEAD_MULTIPLE == 0
+
+
 @dataclass(frozen=True)
 class KVCacheSection:
     """The decoder's cache: `past[i]` is the slot input that `new[i]` (an output) is written into."""
@@ -121,6 +127,10 @@ class KVCacheSection:
     @property
     def in_place(self) -> bool:
         return self.form in IN_PLACE_FORMS
+
+    @property
+    def rotary_in_attention(self) -> bool:
+        return rotary_in_attention(self.form, self.head_dim)
 
 
 @dataclass(frozen=True)

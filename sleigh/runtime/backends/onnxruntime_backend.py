@@ -33,7 +33,7 @@ from sleigh.runtime.backends.static_steps import (CUDA_GRAPH_ENV, NO_GRAPH, STAT
                                                   graph_run_options)
 from sleigh.runtime.compat import import_onnxruntime, session_options, trim_heap
 from sleigh.runtime.kv_cache import KV_DTYPES, LOGITS, DeviceSlots, HostSlots, SlotCache
-from sleigh.runtime.manifest import ROTARY_INSIDE_HEAD_MULTIPLE, EngineEntry, KVCacheSection, Manifest
+from sleigh.runtime.manifest import EngineEntry, KVCacheSection, Manifest
 from sleigh.runtime.memory import resident_bytes
 from sleigh.runtime.package import REEXPORT, check_module_io
 
@@ -154,7 +154,7 @@ class OnnxRuntimeBackend(Backend):
         # a decoder whose GroupQueryAttention turns q and k takes a prompt into an empty cache at contiguous
         # positions only (manifest.ROTARY_INSIDE_HEAD_MULTIPLE); a package exported before that form (schema 6
         # either way) is held to the same rule
-        self._contiguous_prompt = kv.form == "shared" and kv.head_dim % ROTARY_INSIDE_HEAD_MULTIPLE == 0
+        self._contiguous_prompt = kv.rotary_in_attention
         self.label = label
         decoder = self.sessions["decoder"]
         self._new_names, self._past_names = list(kv.new), list(kv.past)  # new[i] is written into past[i]
