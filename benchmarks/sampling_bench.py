@@ -4,7 +4,9 @@ users pass (greedy, a repetition penalty, temperature, top-p, top-k), on flat an
     python benchmarks/sampling_bench.py [--vocab 8192 92553] [--picks 200]
 
 Logits: float32 normal draws times a spread, 2 (flat: a top-p of 0.9 keeps thousands of ids, the worst
-case) and 6 (peaked, as a trained model's mostly are); a history of 2,000 ids for the penalty. Printed:
+case) and 6 (peaked, as a trained model's mostly are). The penalty's history: 2,000 ids, one more
+appended before each pick, as the Pipeline gathers it (a TokenHistory), and the same as a plain list
+(what the Sampler took before TokenHistory; "list" in the setting's name). Printed:
 milliseconds per pick, the best of three runs of `--picks` picks. Run it against another checkout
 with `PYTHONPATH=OTHER python benchmarks/sampling_bench.py` (RESULTS.md, "Greedy picks").
 """
@@ -16,9 +18,10 @@ import timeit
 
 import numpy as np
 
-from sleigh.runtime.sampling import Sampler, SamplingOptions
+from sleigh.runtime.sampling import Sampler, SamplingOptions, TokenHistory
 
-SETTINGS = {"greedy": SamplingOptions(), "greedy, penalty 1.1": SamplingOptions(repetition_penalty=1.1),
+PENALTY = SamplingOptions(repetition_penalty=1.1)
+SETTINGS = {"greedy": SamplingOptions(), "greedy, penalty 1.1": PENALTY, "greedy, penalty 1.1, list": PENALTY,
             "T 0.7": SamplingOptions(temperature=0.7, seed=0),
             "T 0.7, top-p 0.9": SamplingOptions(temperature=0.7, top_p=0.9, seed=0),
             "T 1, top-p 0.95, top-k 50": SamplingOptions(temperature=1.0, top_p=0.95, top_k=50, seed=0)}
@@ -29,14 +32,20 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="+", default=[8192, 92553])
     ap.add_argument("--picks", type=int, default=200)
     args = ap.parse_args()
-    history = list(range(0, 4000, 2))
     print("| vocabulary | logits | setting | ms per pick |\n|---|---|---|---|")
     for V in args.vocab:
         for spread, shape in ((2.0, "flat"), (6.0, "peaked")):
             logits = (spread * np.random.default_rng(0).standard_normal(V)).astype(np.float32)
             for name, options in SETTINGS.items():
-                sampler = Sampler(options)
-                best = min(timeit.repeat(lambda: sampler(logits, history), number=args.picks, repeat=3))
+                sampler, prompt = Sampler(options), range(0, 4000, 2)
+                history = list(prompt) if name.endswith("list") else TokenHistory(prompt)
+                new = iter(range(4000, 10**9))  # a new id each pick: the history's costliest append
+
+                def pick():
+                    history.append(next(new))
+                    return sampler(logits, history)
+
+                best = min(timeit.repeat(pick, number=args.picks, repeat=3))
                 print(f"| {V:,} | {shape} | {name} | {1e3 * best / args.picks:.3f} |")
 
 

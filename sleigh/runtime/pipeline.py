@@ -31,7 +31,7 @@ from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, parse_size, stage_bytes
 from sleigh.runtime.multimodal import image_attention_bias, scaled_embeds
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
-from sleigh.runtime.sampling import Sampler, SamplingOptions
+from sleigh.runtime.sampling import Sampler, SamplingOptions, TokenHistory
 
 DEFAULT_PROMPT = "Describe the image in detail."
 
@@ -395,7 +395,7 @@ class Pipeline:
         stops_text = StopStrings(stop)
         no_image = np.zeros((1, contract.model.hidden_size), np.float32)
         stops = set(contract.generation.stop_token_ids)
-        history = list(ids)
+        history = TokenHistory(ids)  # what the repetition penalty applies to
         generated: list[int] = []
         stop_reason = "length"
         t_first = None

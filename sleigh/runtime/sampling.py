@@ -65,7 +65,8 @@ class Sampler:
         self._logits = self._probs = np.empty(0)
 
     def __call__(self, logits: np.ndarray, history: list[int] | np.ndarray = ()) -> int:
-        """logits (V,) -> next token id. `history` holds the ids the repetition penalty applies to."""
+        """logits (V,) -> next token id. `history` holds the ids the repetition penalty applies to: a
+        sequence of ids, or a TokenHistory (what a generation that appends to it should pass)."""
         o = self.options
         floats = isinstance(logits, np.ndarray) and logits.dtype.kind == "f"
         if o.greedy and o.repetition_penalty == 1.0 and floats:  # float32 orders as its float64 copy would
@@ -75,7 +76,7 @@ class Sampler:
         x = self._logits
         np.copyto(x, logits if floats else np.asarray(logits, np.float64))  # a float64 copy for the penalty and top-k
         if o.repetition_penalty != 1.0 and len(history):
-            seen = np.unique(np.asarray(history, dtype=np.int64))
+            seen = history.distinct if isinstance(history, TokenHistory) else np.unique(np.asarray(history, dtype=np.int64))
             seen = seen[(seen >= 0) & (seen < x.shape[0])]
             with np.errstate(over="ignore"):
                 penalised = np.where(x[seen] > 0, x[seen] / o.repetition_penalty, x[seen] * o.repetition_penalty)
@@ -101,6 +102,40 @@ class Sampler:
             probs[mask] = 0.0
             probs /= probs.sum()
         return draw(self.rng, probs, out=x)  # the logits are spent: their array takes the cumulative sum
+
+
+class TokenHistory:
+    """The ids a repetition penalty applies to, as a generation gathers them (its prompt's, then each
+    generated one). A pick reads their sorted distinct values (`distinct`), merged with the ids
+    appended since the last read: it does not convert and sort the whole history again (about 0.2 ms
+    a pick at 2,000 ids: RESULTS.md, "A repetition penalty's history"). Appending costs a list's append,
+    so a generation without a penalty pays nothing for it."""
+
+    def __init__(self, ids=()):
+        self._distinct = np.empty(0, np.int64)
+        self._pending = list(ids)
+        self._count = len(self._pending)
+
+    def append(self, token: int) -> None:
+        self._pending.append(token)
+        self._count += 1
+
+    @property
+    def distinct(self) -> np.ndarray:
+        """Every id gathered, sorted, each once (int64)."""
+        if len(self._pending) == 1:  # a decode step's: one id into its place
+            token, d = self._pending.pop(), self._distinct
+            i = int(d.searchsorted(token))
+            if i == len(d) or d[i] != token:
+                self._distinct = np.insert(d, i, token)
+        elif self._pending:
+            self._distinct = np.union1d(self._distinct, np.asarray(self._pending, dtype=np.int64))
+            self._pending = []
+        return self._distinct
+
+    def __len__(self) -> int:
+        """How many ids were gathered (repeats counted)."""
+        return self._count
 
 
 def draw(rng: np.random.Generator, probs: np.ndarray, out: np.ndarray) -> int:

@@ -130,3 +130,24 @@ def test_a_draw_is_the_id_numpys_choice_gives_and_no_mass_is_refused_as_it_refus
         assert [draw(ours, probs, out) for _ in range(400)] == [int(numpys.choice(size, p=probs)) for _ in range(400)]
     with np.errstate(invalid="ignore"), pytest.raises(ValueError, match="NaN"):  # -inf - -inf
         Sampler(SamplingOptions(temperature=1.0, seed=0))(np.full(5, -np.inf))
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompt=st.lists(st.integers(-2, 40), max_size=30), steps=st.lists(st.lists(st.integers(-2, 40), max_size=3), max_size=12),
+       penalty=st.sampled_from([0.5, 1.3, 2.0]), temperature=st.sampled_from([0.0, 0.9]), seed=st.integers(0, 2**32))
+def test_a_token_history_penalises_as_the_list_of_every_id_does(prompt, steps, penalty, temperature, seed):
+    """The Pipeline's TokenHistory (distinct ids merged as they come) gives the picks of the plain list
+    of every id, read after none, one or several appends (ids repeated, negative or past the vocabulary)."""
+    from sleigh.runtime.sampling import TokenHistory
+
+    options = SamplingOptions(temperature=temperature, repetition_penalty=penalty, seed=seed)
+    logits = np.random.default_rng(seed).standard_normal(37).astype(np.float32)
+    plain, kept = Sampler(options), Sampler(options)
+    ids, history = list(prompt), TokenHistory(prompt)
+    for appended in steps:
+        assert plain(logits, ids) == kept(logits, history)
+        np.testing.assert_array_equal(history.distinct, np.unique(np.asarray(ids, dtype=np.int64)))
+        for token in appended:
+            ids.append(token)
+            history.append(token)
+        assert len(history) == len(ids)
