@@ -384,6 +384,29 @@ def test_decode_steps_on_fixed_buffers_give_the_ordinary_steps_tokens(weighted_p
             assert small._static.steps == 40 and small._static.borrower is None
 
 
+def test_logits_of_a_step_on_fixed_buffers_stay_as_returned(weighted_pkg):
+    """A decode step on the fixed buffers returns the caller's own float32 logits (batch, vocab): on the
+    CPU the bound output is read back as a view, which the next step writes again."""
+    from sleigh.runtime.backends.base import module_files
+    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from sleigh.runtime.manifest import read_manifest
+
+    m = read_manifest(weighted_pkg)
+    backend = OnnxRuntimeBackend(module_files(m, None), m.contract.kv_cache, manifest_modules=m.modules, static_capacity=64)
+    no_image = np.zeros((1, m.contract.model.hidden_size), np.float32)
+    cache, one = backend.new_cache(1), np.ones((1, 1), np.int64)
+    backend.step_tokens(cache, np.array([[5, 6, 7]]), np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32),
+                        np.arange(3)[None], no_image)
+    first = backend.step_tokens(cache, np.array([[8]]), one, np.zeros((1, 1), np.float32), np.array([[3]]), no_image)
+    kept = first.copy()
+    second = backend.step_tokens(cache, np.array([[9]]), one, np.zeros((1, 1), np.float32), np.array([[4]]), no_image)
+    assert backend._static.steps == 2 and first.dtype == np.float32 and first.shape == (1, backend.vocab)
+    assert not np.shares_memory(first, second) and not np.array_equal(first, second)
+    np.testing.assert_array_equal(first, kept)
+    cache.close()
+    backend.close()
+
+
 def test_which_decoders_take_fixed_buffers_and_a_cuda_graph():
     from sleigh.runtime.backends.onnxruntime_backend import static_plan
 

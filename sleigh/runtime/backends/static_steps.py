@@ -56,6 +56,7 @@ class StaticSteps:
     def __init__(self, ort, sess, device: str, storage, layout: Layout, past: list[str], new: list[str],
                  capacity: int, hidden: int, vocab: int, graph_id: str = "1"):
         self.ort, self.sess, self.capacity = ort, sess, capacity
+        self.on_host = device == "cpu"
         self.slots = {name: storage.alloc(layout, capacity) for name in past}
         self.host = {"input_ids": np.zeros((1, 1), np.int64), "inputs_embeds": np.zeros((1, 1, hidden), np.float32),
                      "attention_mask": np.zeros((1, capacity), np.int64), "attention_bias": np.zeros((1, capacity), np.float32),
@@ -102,7 +103,9 @@ class StaticSteps:
         for name in ("input_ids", "attention_mask", "attention_bias", "position_ids"):
             self.values[name].update_inplace(self.host[name])
         self.sess.run_with_iobinding(self.binding, self.run_options)
-        logits = self.logits.numpy()
+        # float32 (1, V): on the CPU a view of the bound output, which the next step writes again, so a
+        # copy; from a device already a host copy of its own (one copy of the vocabulary a token, not two)
+        logits = self.logits.numpy()[:, -1]
         cache.advance(attention_mask, attention_bias)
         self.steps += 1
-        return logits[:, -1].astype(np.float32)
+        return logits.copy() if self.on_host else logits
