@@ -20,6 +20,7 @@ Each generation owns its cache (`Backend.new_cache`); `close()` frees its slots 
 
 from __future__ import annotations
 
+import mmap
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ KV_DTYPES = ("float32", "float16")
 # Slots added per growth: few enough that attention over unused (masked) slots costs little, many
 # enough that the copy made at each growth is rare (once per 256 decoded tokens).
 KV_CHUNK = 256
+
+
+# Lazy host slot buffers from this size on are mapped anonymously (HostSlots): the kernel hands out
+# zeroed pages as they are first written.
+LAZY_SLOTS_BYTES = 1 << 20
 
 
 def grown_capacity(needed: int, chunk: int = KV_CHUNK) -> int:
@@ -76,15 +82,27 @@ class HostSlots:
 
     lock = nullcontext()  # nothing is shared between caches
     closed = False  # set by close(): no cache of this storage may be written again
+    lazy = False
 
     def _check_open(self) -> None:
         if self.closed:
             raise SleighError("kv cache", "its backend was closed", "a cache made by an open backend (new_cache)")
 
+    def __init__(self, lazy: bool = False):
+        """`lazy`: large buffers are mapped anonymously, so slots reserved and not yet written take no
+        memory (np.zeros may take a recycled heap block and clear it, which makes all of it resident).
+        For caches reserved once for a whole generation: a fresh mapping faults its pages in as they
+        are first written, which made a cache that grows while decoding 9 % slower (RESULTS.md,
+        "Reserved ahead")."""
+        self.lazy = lazy
+
     def alloc(self, layout: Layout, capacity: int):
         """Zeroed slots: unused ones are masked, but must be finite (0 * NaN is NaN)."""
         self._check_open()
-        return np.zeros(layout.shape(capacity), layout.dtype)
+        shape, nbytes = layout.shape(capacity), layout.nbytes(capacity)
+        if not self.lazy or nbytes < LAZY_SLOTS_BYTES:
+            return np.zeros(shape, layout.dtype)
+        return np.frombuffer(mmap.mmap(-1, nbytes), layout.dtype).reshape(shape)  # unmapped with its last view
 
     def none_of(self, layout: Layout, buffer):
         """`buffer` as zero slots (B, KV, 0, hd): what a step on an empty cache reads."""

@@ -130,9 +130,11 @@ class Pipeline:
         self.prefill_chunk: int | None = None
         self.budget: MemoryBudget | None = None
         # Reserve the whole generation's KV slots (prompt + max_new_tokens) before the prefill, so no
-        # growth holds old and new slots at once (what a budget counts on); left off, the cache grows
-        # by KV_CHUNK while decoding, since every decoder step reads all reserved slots, masked or not.
-        self.reserve_generation = False
+        # growth holds old and new slots at once (what a budget counts on) or copies them: where that
+        # costs the backend nothing (`Backend.reserve_is_free`), or under a budget. Otherwise the cache
+        # grows by KV_CHUNK while decoding, since every step of a standard decoder reads all reserved
+        # slots, masked or not.
+        self.reserve_generation = backend.reserve_is_free
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None,

@@ -172,13 +172,24 @@ def _photo(folder):
 
 def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_pkg):
     """Through Pipeline: the prompt (1,980 positions) in the backend's chunks of 256, in one call, and in
-    chunks of 5 (later chunks after a cache), and past a growth of the cache (256 slots)."""
+    chunks of 5 (later chunks after a cache); its slots reserved for the whole generation before the
+    prefill (on the CPU, where that is free: the standard decoder's steps read every reserved slot, so
+    its cache grows instead), and past a growth of the cache (256 slots) where they are not."""
+    from sleigh.runtime.kv_cache import grown_capacity
     from sleigh.runtime.pipeline import Pipeline
 
     image = _photo(fused_pkg.parent)
     with Pipeline.load(tiny_pkg) as standard, Pipeline.load(fused_pkg) as fused:
         assert fused.contract.kv_cache.form == "shared" and standard.contract.kv_cache.form == "slots"
+        assert fused.reserve_generation and not standard.reserve_generation
         want = standard.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids
+        state = fused.prefill(image, max_new_tokens=300)
+        P = len(state.ids)
+        assert state.cache.capacity == grown_capacity(P + 300) > grown_capacity(P)
+        generation = fused.generate_from(state, max_new_tokens=300, ignore_eos=True)
+        cache = state.cache
+        assert list(generation) and generation.result.token_ids == want and cache.capacity == grown_capacity(P + 300)
+        fused.reserve_generation = False  # the prompt's slots only: the cache grows while decoding
         assert fused.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids == want
         for chunk in (10**6, 5):
             fused.prefill_chunk = chunk

@@ -1,12 +1,14 @@
 """The runtime's slot KV cache: in-place writes, growth in chunks, mask and bias kept per slot."""
 
 import ctypes
+import mmap
+import sys
 
 import numpy as np
 import pytest
 
 from sleigh.errors import SleighError
-from sleigh.runtime.kv_cache import KV_CHUNK, PAST, DeviceSlots, HostSlots, SlotCache, grown_capacity
+from sleigh.runtime.kv_cache import KV_CHUNK, LAZY_SLOTS_BYTES, PAST, DeviceSlots, HostSlots, SlotCache, grown_capacity
 from tests.helpers import HostCuda
 
 
@@ -204,3 +206,35 @@ def test_a_shared_step_reads_the_slots_in_use_and_its_new_positions_as_views_of_
     np.testing.assert_array_equal(feeds["attention_bias"], np.concatenate([first_bias, step_bias], axis=1))
     cache.advance(step_mask, step_bias)
     assert cache.length == 4 and not cache.mask[:, 4:].any()
+
+
+def _resident_pages(array: np.ndarray) -> np.ndarray:
+    """1 for each page of `array`'s memory that is resident (Linux mincore), else 0."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = -(-array.nbytes // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(array.nbytes), vec) == 0, ctypes.get_errno()
+    return np.frombuffer(vec, np.uint8) & 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore: Linux")
+def test_large_host_slots_take_memory_only_where_written():
+    """Lazy host slot buffers from LAZY_SLOTS_BYTES on are anonymous mappings (never a recycled heap
+    block that np.zeros clears), so slots reserved for a whole generation are resident only as they fill."""
+    names = [f"{PAST}.0.key", f"{PAST}.0.value"]
+    assert not HostSlots().lazy  # a cache that grows while decoding: np.zeros (a fresh mapping per growth faults)
+    cache = SlotCache(names, batch=1, kv_heads=2, head_dim=64, storage=HostSlots(lazy=True))  # 512 B a slot
+    cache.reserve(8192)
+    buffer = cache.slots[names[0]]
+    owner = buffer
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert buffer.nbytes >= LAZY_SLOTS_BYTES and isinstance(owner.obj, mmap.mmap)
+    assert _resident_pages(buffer).sum() == 0
+    buffer[:, :, :300] = 1.0  # 300 slots of each row: 75 KB of each 2 MB row
+    resident = _resident_pages(buffer)
+    assert 0 < resident.sum() <= 2 * (300 * 256 // mmap.PAGESIZE + 2)
+    assert buffer[:, :, 300:].max() == 0 and buffer.flags.writeable
+    small = SlotCache(names, batch=1, kv_heads=2, head_dim=64, storage=HostSlots(lazy=True))
+    small.reserve(256)  # 128 KB: an ordinary array
+    assert small.slots[names[0]].nbytes < LAZY_SLOTS_BYTES and not small.slots[names[0]].any()

@@ -56,6 +56,11 @@ class Backend(ABC):
     # Prompt positions per decoder call that prefill fastest on this backend (None: the whole prompt in one
     # call): the Pipeline prefills in chunks of it unless told otherwise (a memory budget may go smaller).
     prefill_chunk: int | None = None
+    # Whether reserving a generation's KV slots before its prefill costs this backend nothing: its decoder
+    # steps read the slots in use only (a fused decoder) and slots not yet written take no memory (host
+    # slots, kv_cache.HostSlots). The Pipeline then reserves them, and decoding never grows the cache
+    # (a growth copies every slot in use, and holds old and new slots at once).
+    reserve_is_free: bool = False
 
     @abstractmethod
     def run(self, module: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -182,8 +182,11 @@ class OnnxRuntimeBackend(Backend):
                               f"the decoder the manifest lists; rebuild the engine (sleigh build-engine --force) or {REEXPORT}")
         self.device = "cuda" if self.decoder_providers[0] == CUDA else "cpu"  # where the decoder runs and its slots live
         self.prefill_chunk = PREFILL_CHUNK if self.in_place and self.device == "cpu" else None
+        # (fixed buffers, where asked on the CPU, are lent to a cache its size: a reservation past them moves it off)
+        self.reserve_is_free = self.in_place and self.device == "cpu" and self.static_capacity is None
         # where every cache's slots live: numpy arrays the CPU provider reads in place, or device OrtValues
-        self.slot_storage = HostSlots() if self.device == "cpu" else OrtValueSlots(ort, _device_copier(), self.device)
+        self.slot_storage = HostSlots(lazy=self.reserve_is_free) if self.device == "cpu" else \
+            OrtValueSlots(ort, _device_copier(), self.device)
         self._shrink = None  # after a large call on the CPU the arena hands back what it grew for it
         if self.device == "cpu":
             self._shrink = ort.RunOptions()
