@@ -92,8 +92,7 @@ class HostSlots:
         """`lazy`: large buffers are mapped anonymously, so slots reserved and not yet written take no
         memory (np.zeros may take a recycled heap block and clear it, which makes all of it resident).
         For caches reserved once for a whole generation: a fresh mapping faults its pages in as they
-        are first written, which made a cache that grows while decoding 9 % slower (RESULTS.md,
-        "Reserved ahead")."""
+        are first written, which slows a cache that grows while decoding (RESULTS.md, "Reserved ahead")."""
         self.lazy = lazy
 
     def alloc(self, layout: Layout, capacity: int):
