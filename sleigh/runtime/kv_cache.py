@@ -42,8 +42,9 @@ KV_CHUNK = 256
 
 
 # Lazy host slot buffers from this size on are mapped anonymously (HostSlots): the kernel hands out
-# zeroed pages as they are first written.
+# zeroed pages as they are first written. Where mmap takes no flags (Windows), np.zeros.
 LAZY_SLOTS_BYTES = 1 << 20
+PRIVATE_MAP = getattr(mmap, "MAP_PRIVATE", None)
 
 
 def grown_capacity(needed: int, chunk: int = KV_CHUNK) -> int:
@@ -99,9 +100,10 @@ class HostSlots:
         """Zeroed slots: unused ones are masked, but must be finite (0 * NaN is NaN)."""
         self._check_open()
         shape, nbytes = layout.shape(capacity), layout.nbytes(capacity)
-        if not self.lazy or nbytes < LAZY_SLOTS_BYTES:
+        if not self.lazy or not nbytes or nbytes < LAZY_SLOTS_BYTES or PRIVATE_MAP is None:
             return np.zeros(shape, layout.dtype)
-        return np.frombuffer(mmap.mmap(-1, nbytes), layout.dtype).reshape(shape)  # unmapped with its last view
+        # private (the default is shared: a forked child would write the parent's slots); unmapped with its last view
+        return np.frombuffer(mmap.mmap(-1, nbytes, flags=PRIVATE_MAP), layout.dtype).reshape(shape)
 
     def none_of(self, layout: Layout, buffer):
         """`buffer` as zero slots (B, KV, 0, hd): what a step on an empty cache reads."""
@@ -293,6 +295,7 @@ class SlotCache:
         if self.closed:
             return
         self.closed = True
+        self.binding = None  # its OrtValues would keep the slots alive
         with self.storage.lock:
             slots, self.slots = self.slots, {}
             if self._on_close is not None:

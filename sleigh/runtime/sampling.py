@@ -107,13 +107,13 @@ class Sampler:
 class TokenHistory:
     """The ids a repetition penalty applies to, as a generation gathers them (its prompt's, then each
     generated one). A pick reads their sorted distinct values (`distinct`), merged with the ids
-    appended since the last read: it does not convert and sort the whole history again (about 0.2 ms
-    a pick at 2,000 ids: RESULTS.md, "A repetition penalty's history"). Appending costs a list's append,
-    so a generation without a penalty pays nothing for it."""
+    appended since the last read: it does not convert and sort the whole history again (RESULTS.md,
+    "A repetition penalty's history"). Appending costs a list's append, so a generation without a
+    penalty pays nothing for it."""
 
     def __init__(self, ids=()):
         self._distinct = np.empty(0, np.int64)
-        self._pending = list(ids)
+        self._pending = list(np.asarray(ids, dtype=np.int64).reshape(-1))
         self._count = len(self._pending)
 
     def append(self, token: int) -> None:
@@ -122,15 +122,16 @@ class TokenHistory:
 
     @property
     def distinct(self) -> np.ndarray:
-        """Every id gathered, sorted, each once (int64)."""
+        """Every id gathered, sorted, each once (int64, read-only)."""
         if len(self._pending) == 1:  # a decode step's: one id into its place
-            token, d = self._pending.pop(), self._distinct
+            token, d = int(self._pending.pop()), self._distinct
             i = int(d.searchsorted(token))
             if i == len(d) or d[i] != token:
                 self._distinct = np.insert(d, i, token)
         elif self._pending:
             self._distinct = np.union1d(self._distinct, np.asarray(self._pending, dtype=np.int64))
             self._pending = []
+        self._distinct.flags.writeable = False
         return self._distinct
 
     def __len__(self) -> int:

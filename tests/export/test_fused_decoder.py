@@ -170,14 +170,17 @@ def _photo(folder):
     return image
 
 
-def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_pkg):
+def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_pkg, monkeypatch):
     """Through Pipeline: the prompt (1,980 positions) in the backend's chunks of 256, in one call, and in
     chunks of 5 (later chunks after a cache); its slots reserved for the whole generation before the
     prefill (on the CPU, where that is free: the standard decoder's steps read every reserved slot, so
-    its cache grows instead), and past a growth of the cache (256 slots) where they are not."""
+    its cache grows instead) in lazily mapped buffers (every size, here), and past a growth of the
+    cache (256 slots) where they are not reserved."""
+    from sleigh.runtime import kv_cache
     from sleigh.runtime.kv_cache import grown_capacity
     from sleigh.runtime.pipeline import Pipeline
 
+    monkeypatch.setattr(kv_cache, "LAZY_SLOTS_BYTES", 0)
     image = _photo(fused_pkg.parent)
     with Pipeline.load(tiny_pkg) as standard, Pipeline.load(fused_pkg) as fused:
         assert fused.contract.kv_cache.form == "shared" and standard.contract.kv_cache.form == "slots"
@@ -186,14 +189,16 @@ def test_a_fused_package_generates_the_standard_packages_tokens(fused_pkg, tiny_
         state = fused.prefill(image, max_new_tokens=300)
         P = len(state.ids)
         assert state.cache.capacity == grown_capacity(P + 300) > grown_capacity(P)
+        assert isinstance(next(iter(state.cache.slots.values())).base.base.obj, kv_cache.mmap.mmap)
         generation = fused.generate_from(state, max_new_tokens=300, ignore_eos=True)
         cache = state.cache
         assert list(generation) and generation.result.token_ids == want and cache.capacity == grown_capacity(P + 300)
-        fused.reserve_generation = False  # the prompt's slots only: the cache grows while decoding
-        assert fused.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids == want
         for chunk in (10**6, 5):
             fused.prefill_chunk = chunk
             assert fused.generate(image, max_new_tokens=8, ignore_eos=True).result.token_ids == want[:8]
+        fused.prefill_chunk = None
+        fused.reserve_generation = False  # the prompt's slots only: the cache grows while decoding
+        assert fused.generate(image, max_new_tokens=300, ignore_eos=True).result.token_ids == want
 
 
 def test_a_fused_decoder_on_the_cpu_prefills_in_chunks_of_256_unless_told_otherwise(fused_pkg, tiny_pkg):

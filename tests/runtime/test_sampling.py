@@ -144,10 +144,12 @@ def test_a_token_history_penalises_as_the_list_of_every_id_does(prompt, steps, p
     logits = np.random.default_rng(seed).standard_normal(37).astype(np.float32)
     plain, kept = Sampler(options), Sampler(options)
     ids, history = list(prompt), TokenHistory(prompt)
-    for appended in steps:
+    for appended in [*steps, []]:
         assert plain(logits, ids) == kept(logits, history)
         np.testing.assert_array_equal(history.distinct, np.unique(np.asarray(ids, dtype=np.int64)))
         for token in appended:
             ids.append(token)
             history.append(token)
         assert len(history) == len(ids)
+    assert not history.distinct.flags.writeable
+    np.testing.assert_array_equal(TokenHistory(np.asarray([prompt], np.int64)).distinct, np.unique(np.asarray(prompt, np.int64)))

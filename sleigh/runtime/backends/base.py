@@ -57,9 +57,10 @@ class Backend(ABC):
     # call): the Pipeline prefills in chunks of it unless told otherwise (a memory budget may go smaller).
     prefill_chunk: int | None = None
     # Whether reserving a generation's KV slots before its prefill costs this backend nothing: its decoder
-    # steps read the slots in use only (a fused decoder) and slots not yet written take no memory (host
-    # slots, kv_cache.HostSlots). The Pipeline then reserves them, and decoding never grows the cache
-    # (a growth copies every slot in use, and holds old and new slots at once).
+    # steps read the slots in use only (a fused decoder) and its slot buffers are lazy host mappings
+    # (kv_cache.HostSlots(lazy=True): resident only where written; address space is still reserved, which
+    # a strict overcommit policy or RLIMIT_AS counts). The Pipeline then reserves them, and decoding never
+    # grows the cache (a growth copies every slot in use, and holds old and new slots at once).
     reserve_is_free: bool = False
 
     @abstractmethod
