@@ -12,8 +12,8 @@ account of every allocation. For one generation with T views, P prompt tokens an
 - kv(n): 2 (key, value) x layers x KV heads x head dim x the slots' bytes (4 for float32, 2 for
   float16: the backend's `kv_dtype`, from the manifest) per cache slot, for the
   K slots the Pipeline reserves before the prefill under a budget, and where that is free
-  (P + N rounded up to KV_CHUNK, `Pipeline.reserve_generation`), once: a generation within its N never grows the cache, so no growth
-  holds old and new slots at once.
+  (P + N rounded up to KV_CHUNK, `Pipeline.reserve_generation`), once: a generation within its N
+  never grows the cache, so no growth holds old and new slots at once.
 - vision(v): v views in one call of the vision module; per view and layer (ONNX Runtime frees a
   layer's intermediates before the next) VISION_ATTENTION attention-score matrices heads x N x N,
   two MLP-wide and VISION_HIDDEN hidden-wide tensors of N = (image/patch)^2 + 1 tokens, fp32.
