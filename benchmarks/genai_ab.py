@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sleigh.runtime.backends import PACKAGE_MODULES, open_package_backend  # noqa: E402
 from sleigh.runtime.manifest import read_manifest  # noqa: E402
+from sleigh.runtime.multimodal import no_image_rows  # noqa: E402
 from sleigh.runtime.pipeline import prefill_in_chunks  # noqa: E402
 
 # Where greedy tokens part, both sides' logits of the two candidates closer than this is a near tie
@@ -191,7 +192,7 @@ class SleighSide:
     def generate(self, ids: np.ndarray, new_tokens: int, record: bool = False) -> Run:
         backend, P = self.backend, len(ids)
         seen = [] if record else None
-        no_image = np.zeros((1, self.hidden), np.float32)  # never read: no <IMG_CONTEXT> among the ids
+        no_image = no_image_rows(self.hidden)
         t0 = time.perf_counter()
         cache = backend.new_cache(1)
         cache.reserve(P + new_tokens)

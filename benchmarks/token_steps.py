@@ -36,6 +36,7 @@ import numpy as np
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from sleigh.runtime.manifest import read_manifest
+from sleigh.runtime.multimodal import no_image_rows
 
 TOKEN = 5  # any text token: every step decodes it again
 
@@ -47,7 +48,7 @@ class SleighSide:
         self.backend, self.position, self.by_ids = backend, P, by_ids
         self.cache = backend.new_cache(1)
         self.cache.reserve(capacity)
-        self.no_image = np.zeros((1, hidden), np.float32)
+        self.no_image = no_image_rows(hidden)
         backend.step_tokens(self.cache, prompt, np.ones((1, P), np.int64), np.zeros((1, P), np.float32),
                             np.arange(P, dtype=np.int64)[None], self.no_image)
         self.args = (np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32))

@@ -18,9 +18,10 @@ def test_readme_links_design_in_the_repository():
 
 def test_design_describes_the_current_decoder_contract():
     design = (ROOT / "DESIGN.md").read_text()
-    assert SCHEMA_VERSION == 6, "update DESIGN.md's decoder contract with the schema"
+    assert SCHEMA_VERSION == 7, "update DESIGN.md's module contracts with the schema"
     assert "decoder.onnx         (schema 4)" in design and "logits[B,1,V]" in design
     assert "(schema 6) The fused form also takes input_ids[B,S]" in design
+    assert "(schema 7) text alone passes M = 0" in design and "`manifest.json` (schema 7)" in design
     assert "attention_bias[B,C+S]" in design and "[B, C+S]" in design
     assert "P+S" not in design  # schema 1's bias over past + new positions
 

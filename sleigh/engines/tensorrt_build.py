@@ -94,13 +94,13 @@ def _views(manifest: Manifest, opts: EngineOptions) -> tuple[int, int, int]:
 
 
 def embed_profile(manifest: Manifest, opts: EngineOptions) -> Profile:
-    """input_ids (B, S), image_embeds (M, D). One profile for prefill and the one-token steps: the
-    module is a gather, whose kernels hardly depend on the shape."""
+    """input_ids (B, S), image_embeds (M, D). One profile for prefill and the one-token steps (no
+    image rows): the module is a gather, whose kernels hardly depend on the shape."""
     opts = opts.for_package(manifest)
     tpv = manifest.contract.prompt.tokens_per_view
     dims = {"batch": (1, 1, opts.max_batch),
             "sequence": (1, opts.opt_context, opts.max_context),
-            "image_rows": (1, tpv * max_views(manifest, opts.opt_tiles), tpv * max_views(manifest, opts.max_tiles) * opts.max_batch)}
+            "image_rows": (0, tpv * max_views(manifest, opts.opt_tiles), tpv * max_views(manifest, opts.max_tiles) * opts.max_batch)}
     return _profile(manifest, "embed", dims)
 
 

@@ -99,7 +99,7 @@ def gswa_spec(model: SleighVL, views: int = 3) -> ModuleSpec:
 
 def embed_spec(model: SleighVL) -> ModuleSpec:
     cfg = model.cfg
-    B, S, M = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.llm.max_position_embeddings), Dim("image_rows", min=1)
+    B, S, M = Dim("batch", min=1, max=64), Dim("sequence", min=1, max=cfg.llm.max_position_embeddings), Dim("image_rows", min=0)
     ids = torch.randint(0, cfg.llm.vocab_size, (2, 7))
     ids[0, 2:4] = cfg.prompt.img_context_token_id
     return ModuleSpec("embed", EmbedModule(model), (ids, torch.randn(3, cfg.llm.hidden_size)),

@@ -16,7 +16,7 @@ import torch
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST, SlotCache
 from sleigh.runtime.manifest import IN_PLACE_FORMS, KVCacheSection, kv_names
-from sleigh.runtime.multimodal import image_attention_bias
+from sleigh.runtime.multimodal import image_attention_bias, no_image_rows
 from sleigh.runtime.prompt import PromptTokenizer
 
 COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
@@ -139,8 +139,9 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     del s_vis, s_gswa  # one module's session at a time: full-size modules are gigabytes each
     rows = img_out["image_embeds"].reshape(-1, cfg.llm.hidden_size)
     rand_ids = rng.integers(0, cfg.llm.vocab_size, (2, 9)).astype(np.int64)
+    rand_ids[1, 4] = cfg.prompt.img_context_token_id  # past the (no) image rows: its table row
     for case, feeds in [("embed image prompt", {"input_ids": ids, "image_embeds": rows}),
-                        ("embed random B=2", {"input_ids": rand_ids, "image_embeds": np.zeros((1, cfg.llm.hidden_size), np.float32)})]:
+                        ("embed random B=2", {"input_ids": rand_ids, "image_embeds": no_image_rows(cfg.llm.hidden_size)})]:
         ref = embed(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["image_embeds"])).numpy()
         results += _compare_all(case, _run(s_emb, feeds), {"inputs_embeds": ref}, precision)
     step()
@@ -192,7 +193,7 @@ def _slot_references(decoder, embed, inputs, bias, cfg, rng) -> list[tuple[str, 
             slots[:, :, cache.length:] = 10 * rng.standard_normal(slots[:, :, cache.length:].shape)  # unused: must be masked out
         P += S
         token = int(ref[LOGITS][0, -1].argmax())
-        inputs = embed(torch.tensor([[token]]), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+        inputs = embed(torch.tensor([[token]]), torch.zeros(0, cfg.llm.hidden_size)).numpy()
         mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
     B, S = 2, 5
     for case, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random B=2 slots 8", 8, 3)]:
@@ -250,7 +251,7 @@ def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCas
         logits = case(name, cache, inputs, mask, bias, np.arange(P, P + S, dtype=np.int64)[None], ids)
         P += S
         ids = np.array([[int(logits[0, -1].argmax())]], np.int64)
-        inputs = embed(torch.from_numpy(ids), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+        inputs = embed(torch.from_numpy(ids), torch.zeros(0, cfg.llm.hidden_size)).numpy()
         mask, bias = np.ones((1, 1), np.int64), np.zeros((1, 1), np.float32)
     B, S = 2, 5
     for name, C, pad in [("decoder prefill B=2 left padding (no cache)", 0, 2), ("decoder random tokens B=2 after 8 (shared)", 8, 3)]:
@@ -268,7 +269,7 @@ def _shared_references(decoder, embed, inputs, bias, cfg, rng) -> list[SharedCas
         x, ids = rng.standard_normal((B, S, cfg.llm.hidden_size)).astype(np.float32), None
         if C:  # random tokens: their ids where the decoder takes them, their embeddings elsewhere
             ids = rng.integers(0, cfg.llm.vocab_size, (B, S)).astype(np.int64)
-            x = embed(torch.from_numpy(ids), torch.zeros(1, cfg.llm.hidden_size)).numpy()
+            x = embed(torch.from_numpy(ids), torch.zeros(0, cfg.llm.hidden_size)).numpy()
         case(name, cache, x, mask, (0.1 * rng.standard_normal((B, S))).astype(np.float32),
              np.tile(np.arange(C, C + S, dtype=np.int64), (B, 1)), ids)
     return cases
@@ -302,7 +303,7 @@ def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision, form: str
             for n in past_names:
                 cache.slots[n][:, :, :P] = to_weighted_cache(n, c.slots[n], weights) if weighted else c.slots[n]
             if c.ids is not None and backend.reads_ids:  # the token's embedding inside the decoder
-                got = backend.step_tokens(cache, c.ids, c.mask, c.bias, c.pos, np.zeros((1, c.x.shape[-1]), np.float32))[:, None]
+                got = backend.step_tokens(cache, c.ids, c.mask, c.bias, c.pos, no_image_rows(c.x.shape[-1]))[:, None]
             else:
                 got = backend.step(cache, c.x, c.mask, c.bias, c.pos)[:, None]
             real = c.mask[:, None, :, None]

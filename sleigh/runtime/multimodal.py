@@ -17,6 +17,12 @@ GSWA_PLUGIN_NAMESPACE, GSWA_PLUGIN_VERSION = "sleigh", "1"
 GSWA_NODE_PREFIX = "/gswa/"  # the function body's node names, kept where a tool inlines it
 
 
+def no_image_rows(hidden: int) -> np.ndarray:
+    """The embed module's image_embeds for text alone (a decode step, a text prompt): no rows, so an
+    <IMG_CONTEXT> among the ids (a generated one) keeps its token-table row (package schema 7)."""
+    return np.zeros((0, hidden), np.float32)
+
+
 def tokens_per_view(image_size: int, patch_size: int) -> int:
     """Image tokens per view: the (image_size / patch_size)² patches after the 0.5 pixel shuffle."""
     return (image_size // patch_size) ** 2 // PIXEL_SHUFFLE_TOKENS

@@ -15,12 +15,14 @@ from sleigh.errors import SleighError, first_line
 
 MANIFEST = "manifest.json"
 SCHEMA = "sleigh.package"
-SCHEMA_VERSION = 6  # 2: the decoder takes cache slots and returns only the new keys/values; 3: logits of the
+SCHEMA_VERSION = 7  # 2: the decoder takes cache slots and returns only the new keys/values; 3: logits of the
 # last position only, and no reduction over an empty axis (schema-2 decoders fail on onnxruntime <= 1.31);
 # 4: the contract sections (model, image, prompt, generation, gswa, kv_cache) replace model_config;
 # 5: GSWA is a module of its own (gswa: cls_tokens -> gswa_weights) and vision returns mlp1's image_embeds
 # and the CLS tokens, so the runtime runs vision in chunks of views and GSWA once over all of them;
-# 6: a fused decoder takes input_ids beside inputs_embeds and embeds a decode step's tokens itself
+# 6: a fused decoder takes input_ids beside inputs_embeds and embeds a decode step's tokens itself;
+# 7: the embed module takes no image rows for text alone, and an <IMG_CONTEXT> past its image rows (a
+# generated one) keeps its token-table row, as in a fused decoder (schema-6 embed modules zeroed it)
 MODULE_NAMES = ("vision", "gswa", "embed", "decoder")
 REEXPORT = "re-export the package with this sleigh (`sleigh export CKPT -o PKG --force`)"
 

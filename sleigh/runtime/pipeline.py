@@ -29,7 +29,7 @@ from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, parse_size, stage_bytes
-from sleigh.runtime.multimodal import image_attention_bias, scaled_embeds
+from sleigh.runtime.multimodal import image_attention_bias, no_image_rows, scaled_embeds
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions, TokenHistory
 
@@ -315,7 +315,7 @@ class Pipeline:
             image_rows = image_embeds.reshape(-1, hidden)
         else:
             image_embeds = np.zeros((0, tpv, hidden), np.float32)
-            image_rows = np.zeros((1, hidden), np.float32)  # never read: no <IMG_CONTEXT> in the prompt
+            image_rows = no_image_rows(hidden)
             weights = np.zeros((0,), np.float32)
         timings.vision_s = time.perf_counter() - t
         if staged:  # the prompt's stage: no vision or GSWA beside the decoder (a text-only prompt included)
@@ -395,7 +395,7 @@ class Pipeline:
         sampler = Sampler(sampling)
         stream = StreamDecoder(self.tokenizer)
         stops_text = StopStrings(stop)
-        no_image = np.zeros((1, contract.model.hidden_size), np.float32)
+        no_image = no_image_rows(contract.model.hidden_size)
         stops = set(contract.generation.stop_token_ids)
         history = TokenHistory(ids)  # what the repetition penalty applies to
         generated: list[int] = []

@@ -66,17 +66,19 @@ class SleighVL(nn.Module):
         return self.gswa(cls)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, S), image_embeds (M, D) -> inputs_embeds (B, S, D).
+        """input_ids (B, S), image_embeds (M, D), M >= 0 -> inputs_embeds (B, S, D).
 
-        Image rows overwrite the <IMG_CONTEXT> embeddings in order (row-major over the batch).
-        Branch-free for export; with no image pass one dummy row (M = 1), it is never read.
+        The i-th <IMG_CONTEXT> (row-major over the batch) takes image row i; one past the M rows keeps
+        its token-table row, as in InternVL's generate, which embeds a generated <IMG_CONTEXT> from the
+        table. Text alone (a decode step) passes M = 0. Branch-free for export.
         """
         tok = self.llm.embed_tokens(input_ids)  # (B, S, D)
         is_img = input_ids == self.cfg.prompt.img_context_token_id  # (B, S)
-        idx = torch.cumsum(is_img.reshape(-1).to(torch.int64), 0) - 1  # (B*S,)
-        idx = idx.clamp(0, image_embeds.shape[0] - 1).reshape(input_ids.shape)
-        rows = image_embeds[idx]  # (B, S, D)
-        return torch.where(is_img[..., None], rows.to(tok.dtype), tok)
+        idx = (torch.cumsum(is_img.reshape(-1).to(torch.int64), 0) - 1).reshape(input_ids.shape)  # (B, S)
+        M = image_embeds.shape[0]
+        padded = torch.cat([image_embeds, image_embeds.new_zeros(1, image_embeds.shape[1])])  # (M + 1, D): M may be 0
+        rows = padded[idx.clamp(0, M)]  # (B, S, D)
+        return torch.where((is_img & (idx < M))[..., None], rows.to(tok.dtype), tok)
 
     def attention_bias(self, input_ids: torch.Tensor, gswa_weights: torch.Tensor) -> torch.Tensor:
         """The decoder's attention_bias row for a prompt (zeros unless GSWA acts in attention mode)."""

@@ -199,7 +199,7 @@ def answer_logits(model, rows: list[Row], vis: list, pad: int) -> tuple[torch.Te
     bias = torch.cat([bias.index_select(0, of), torch.zeros(ids.shape, device=dev)], dim=1)
     positions = torch.tensor(P, device=dev).index_select(0, of)[:, None] + torch.arange(S, device=dev)[None]
     scored = torch.cat([gold[:, 1:] != IGNORE, torch.zeros_like(gold[:, :1], dtype=torch.bool)], dim=1)  # (R, S)
-    logits, _ = model.llm(model.embed(ids, torch.zeros(1, D, device=dev)), mask, bias, positions, past, logits_at=scored)
+    logits, _ = model.llm(model.embed(ids, torch.zeros(0, D, device=dev)), mask, bias, positions, past, logits_at=scored)
     return logits, gold[:, 1:][scored[:, :-1]]
 
 

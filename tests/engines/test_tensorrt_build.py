@@ -113,8 +113,8 @@ def test_embed_profile_holds_all_image_rows_and_one_token_steps(trt_pkg):
     _, manifest = trt_pkg
     tpv, D = manifest.json["prompt"]["tokens_per_view"], _image_row_width(manifest)
     prof = embed_profile(manifest, TRT(max_batch=2))
-    assert prof["input_ids"][0] == (1, 1)  # decode steps embed one token with a dummy image row
-    assert prof["image_embeds"][0] == (1, D)
+    assert prof["input_ids"][0] == (1, 1)  # decode steps embed one token with no image rows
+    assert prof["image_embeds"][0] == (0, D)
     assert prof["image_embeds"][2] == (tpv * 13 * 2, D)
     assert prof["input_ids"][2] == (2, 4096)
 

@@ -45,7 +45,7 @@ def test_io_names_and_symbolic_shapes_match_the_design(tiny_ckpt, tiny_pkg):
     assert outs["new_key_values.0.key"][2] == "sequence"  # the new positions only, never the whole cache
     kv = manifest.contract.kv_cache
     assert kv.past == tuple(names[4:]) and kv.new == tuple(dec.names("outputs")[1:])  # new[i] goes into past[i]
-    assert manifest.schema_version == 6
+    assert manifest.schema_version == 7
     vis, gswa = manifest.modules["vision"], manifest.modules["gswa"]
     assert vis.inputs[0].shape[0] == "views"
     assert vis.names("outputs") == ["image_embeds", "cls_tokens"]  # per view: the runtime may chunk the views

@@ -12,6 +12,7 @@ from sleigh.export import fused_decoder
 from sleigh.export.modules import DecoderModule, EmbedModule
 from sleigh.export.parity import shared_decoder_cases
 from sleigh.onnx_files import describe_io
+from sleigh.runtime.multimodal import no_image_rows
 from sleigh.runtime.package import file_entry
 from sleigh.sleighvl.checkpoint import load_checkpoint
 from tests.runtime.package_copies import copy_package, load, save
@@ -409,7 +410,7 @@ def test_logits_of_a_step_on_fixed_buffers_stay_as_returned(weighted_pkg):
 
     m = read_manifest(weighted_pkg)
     backend = OnnxRuntimeBackend(module_files(m, None), m.contract.kv_cache, manifest_modules=m.modules, static_capacity=64)
-    no_image = np.zeros((1, m.contract.model.hidden_size), np.float32)
+    no_image = no_image_rows(m.contract.model.hidden_size)
     cache, one = backend.new_cache(1), np.ones((1, 1), np.int64)
     backend.step_tokens(cache, np.array([[5, 6, 7]]), np.ones((1, 3), np.int64), np.zeros((1, 3), np.float32),
                         np.arange(3)[None], no_image)
@@ -515,12 +516,12 @@ def test_inspect_names_the_decoder_form_and_counts_onnxruntime_ops(fused_pkg, ti
     assert decoder["onnxruntime_ops"]["GroupQueryAttention"] == tiny_model.cfg.llm.num_layers
 
 
-def _one_step_both_ways(backend, hidden: int, vocab: int):
+def _one_step_both_ways(backend, hidden: int, vocab: int, token: int | None = None):
     """(logits of a decode step fed token ids, logits of the same step fed the embed module's rows),
-    each after the same 6-token prefill."""
+    each after the same 6-token prefill; the step's token is `token`, else a random one."""
     rng = np.random.default_rng(3)
-    no_image = np.zeros((1, hidden), np.float32)
-    prompt, token = rng.integers(0, vocab, (1, 6)), rng.integers(0, vocab, (1, 1))
+    no_image = no_image_rows(hidden)
+    prompt, token = rng.integers(0, vocab, (1, 6)), rng.integers(0, vocab, (1, 1)) if token is None else np.array([[token]])
     got = []
     for by_ids in (True, False):
         cache = backend.new_cache(1)
@@ -548,6 +549,10 @@ def test_a_decode_step_embeds_its_token_inside_the_decoder(fused_pkg, tiny_model
         backend = pipe.backend
         assert backend.reads_ids
         by_ids, by_embeds = _one_step_both_ways(backend, cfg.hidden_size, cfg.vocab_size)
+        np.testing.assert_array_equal(by_ids, by_embeds)
+        # schema 7: a generated <IMG_CONTEXT> is its table row through the embed module too (it was zeros)
+        img = tiny_model.cfg.prompt.img_context_token_id
+        by_ids, by_embeds = _one_step_both_ways(backend, cfg.hidden_size, cfg.vocab_size, token=img)
         np.testing.assert_array_equal(by_ids, by_embeds)
         runs, run = [], backend.run
         monkeypatch.setattr(backend, "run", lambda module, feeds: runs.append(module) or run(module, feeds))
@@ -580,8 +585,9 @@ def test_an_engines_decoder_embeds_a_token_as_its_embed_module_does(fused_pkg, t
     assert want in tables.values(), tables
     cfg = tiny_model.cfg.llm
     with Pipeline.load(fused_pkg, engine=entry.name) as pipe:
-        by_ids, by_embeds = _one_step_both_ways(pipe.backend, cfg.hidden_size, cfg.vocab_size)
-    np.testing.assert_allclose(by_ids, by_embeds, rtol=0, atol=1e-5 * np.abs(by_embeds).max())
+        for token in (None, tiny_model.cfg.prompt.img_context_token_id):  # a random one, a generated <IMG_CONTEXT>
+            by_ids, by_embeds = _one_step_both_ways(pipe.backend, cfg.hidden_size, cfg.vocab_size, token)
+            np.testing.assert_allclose(by_ids, by_embeds, rtol=0, atol=1e-5 * np.abs(by_embeds).max())
 
 
 def test_the_token_steps_benchmark_runs_and_finds_both_ways_equal(fused_pkg):

@@ -30,7 +30,7 @@ from sleigh.runtime.sampling import SamplingOptions
 from sleigh.sleighvl.checkpoint import load_checkpoint, read_safetensors
 from sleigh.sleighvl.config import PRESETS, GSWAConfig, LLMConfig, SleighVLConfig, VisionConfig
 from sleigh.sleighvl.model import SleighVL
-from tests.helpers import ASTRONAUT, ORACLE, build_prompt
+from tests.helpers import ASTRONAUT, ORACLE, ORACLE_CKPT, build_prompt
 from tests.sleighvl.helpers import image_rows
 
 ORACLE_TOL = 1e-4  # float32 against the original code, max abs
@@ -151,6 +151,28 @@ def test_the_image_matters(oracle, oracle_expected, oracle_ids):
                               model.llm.empty_cache())
     oracle_last = oracle_array(oracle_expected["astronaut"]["last_logits_file"])
     assert np.abs(logits[0, -1].numpy() - oracle_last).max() > 100 * ORACLE_TOL
+
+
+def test_an_img_context_past_the_image_rows_keeps_its_table_row(oracle):
+    """InternVL's generate embeds a generated <IMG_CONTEXT> with language_model.get_input_embeddings(),
+    like any token: the i-th <IMG_CONTEXT> takes image row i, and one past the rows (or with none, as
+    a decode step passes) its row of the original checkpoint's tok_embeddings."""
+    from safetensors.numpy import load_file
+
+    _, _, model, cfg = oracle
+    table = load_file(str(ORACLE_CKPT / "model.safetensors"))["language_model.model.tok_embeddings.weight"]
+    img, D = cfg.prompt.img_context_token_id, cfg.llm.hidden_size
+    rows = torch.randn(2, D)
+    ids = torch.tensor([[5, img, 7, img], [img, 9, 11, 13]])  # three <IMG_CONTEXT>, two image rows
+    with torch.no_grad():
+        got = model.embed(ids, rows).numpy()
+        alone = model.embed(torch.tensor([[img]]), torch.zeros(0, D)).numpy()
+    np.testing.assert_array_equal(got[0, 1], rows[0].numpy())
+    np.testing.assert_array_equal(got[0, 3], rows[1].numpy())
+    np.testing.assert_allclose(got[1, 0], table[img], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got[1, 1:], table[[9, 11, 13]], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(alone[0, 0], table[img], rtol=0, atol=1e-6)
+    assert np.abs(table[img]).max() > 0  # the row is not zeros, which a schema-6 embed gave it
 
 
 def test_greedy_tokens_reference_loop(oracle, oracle_expected, oracle_ids):

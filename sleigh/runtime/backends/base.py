@@ -84,8 +84,8 @@ class Backend(ABC):
                     position_ids: np.ndarray, no_image: np.ndarray) -> np.ndarray:
         """`step` on token ids (B, S) int64, text alone (a decode step, or a text prompt's prefill):
         here the embed module, then `step`; a backend whose decoder embeds tokens itself (a fused
-        decoder of package schema 6) feeds the ids straight in. `no_image` (1, D) float32 zeros: the
-        embed module's image rows, which text tokens do not read."""
+        decoder of package schema 6) feeds the ids straight in. `no_image` (0, D) float32: the embed
+        module's image rows, none for text (multimodal.no_image_rows)."""
         inputs_embeds = self.run("embed", {"input_ids": input_ids, "image_embeds": no_image})["inputs_embeds"]
         return self.step(cache, inputs_embeds, attention_mask, attention_bias, position_ids)
 
