@@ -261,12 +261,29 @@ class StreamDecoder:
         return out
 
 
+def _prefix_function(s: str) -> list[int]:
+    """For each k, the length of the longest proper prefix of s[:k + 1] that is also its suffix (KMP)."""
+    pi = [0] * len(s)
+    for i in range(1, len(s)):
+        k = pi[i - 1]
+        while k and s[i] != s[k]:
+            k = pi[k - 1]
+        pi[i] = k + (s[i] == s[k])
+    return pi
+
+
 class StopStrings:
     """Ends streamed text before the first stop string: `push` returns the text that is safe to show,
     holding back a tail that could still begin a stop string; `hit` is the stop string once seen.
 
     The pieces returned by `push` and `flush`, joined, are `text`: the input up to (not including)
     the first occurrence of any stop string, or all of it.
+
+    The held tail is the longest end of the text that begins a stop string, followed through each
+    piece's characters as in Knuth-Morris-Pratt: in time linear in the piece, where comparing every
+    end of the tail with every beginning of a stop string took the stop's length squared a token (a
+    long stop string whose beginning the text matched stalled the server). Whole stop strings are
+    found by `str.find` over the held tail and the piece.
     """
 
     def __init__(self, stops: Iterable[str]):
@@ -276,6 +293,8 @@ class StopStrings:
         self.hit: str | None = None
         self.text = ""
         self._held = ""
+        self._fallback = [_prefix_function(s) for s in self.stops]
+        self._matched = [0] * len(self.stops)  # per stop: the longest end of the text that begins it
 
     def push(self, piece: str) -> str:
         if self.hit is not None:
@@ -285,9 +304,16 @@ class StopStrings:
         if found:
             start, self.hit = min(found)
             out, self._held = buf[:start], ""
-        else:
-            keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
-                        if buf.endswith(s[:k])), default=0)
+        else:  # no stop string in buf, so each one's match stays shorter than itself
+            for i, (s, fallback) in enumerate(zip(self.stops, self._fallback)):
+                k = self._matched[i]
+                for c in piece:
+                    while k and s[k] != c:
+                        k = fallback[k - 1]
+                    if s[k] == c:
+                        k += 1
+                self._matched[i] = k
+            keep = max(self._matched, default=0)  # within buf: the held tail was the longest match before
             out, self._held = buf[:len(buf) - keep], buf[len(buf) - keep:]
         self.text += out
         return out

@@ -274,3 +274,23 @@ def test_stop_strings_hold_back_only_what_may_start_a_stop():
 def test_empty_stop_string_is_a_user_error():
     with pytest.raises(SleighError, match="empty stop"):
         StopStrings(["ok", ""])
+
+
+def test_stop_strings_hold_back_the_longest_end_that_begins_a_stop():
+    """After every push, the held tail is the longest end of the text so far that is a proper
+    beginning of some stop string (found here by trying every length), and nothing else."""
+    import random
+
+    rng = random.Random(1)
+    alphabet = "aab"  # few letters: long partial matches and many fallbacks
+    for _ in range(1500):
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(rng.randint(1, 3))]
+        s, seen = StopStrings(stops), ""
+        for _ in range(rng.randint(1, 12)):
+            piece = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+            s.push(piece)
+            seen += piece
+            if s.hit is not None:
+                break
+            want = max((k for x in stops for k in range(1, min(len(x), len(seen) + 1)) if seen.endswith(x[:k])), default=0)
+            assert s.text == seen[:len(seen) - want], (stops, seen)
