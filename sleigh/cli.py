@@ -89,8 +89,14 @@ class _StderrHandler(logging.StreamHandler):
 
 
 class _LevelFormatter(logging.Formatter):
+    """`level: message`; a record logged with its exception (a bug caught by `sleigh serve`: user
+    errors are SleighErrors, printed as one line by `main`) keeps its traceback below."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"{record.levelname.lower()}: {record.getMessage()}"
+        line = f"{record.levelname.lower()}: {record.getMessage()}"
+        if record.exc_info:
+            return f"{line}\n{self.formatException(record.exc_info)}"
+        return line
 
 
 def _setup_logging(level: str) -> None:
@@ -551,7 +557,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the package folder's name)."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the model (per replica); more get 503 + Retry-After."),
-    max_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="max_tokens when a request gives none."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="max_tokens when a request gives none (cut to what the context leaves after the prompt)."),
     max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
     allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),

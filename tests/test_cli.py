@@ -408,6 +408,26 @@ def test_log_level_routes_python_warnings(level, shown, capsys, monkeypatch):
     assert err.splitlines() == expected
 
 
+def test_a_logged_exception_keeps_its_traceback(capsys, monkeypatch):
+    """`sleigh serve` logs a bug with log.exception and tells the client to see the log: the line
+    and the traceback are both there (a user error never reaches the log: it is one line from main)."""
+    import logging
+
+    from sleigh import cli
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    cli._setup_logging("warning")
+    try:
+        raise KeyError("slot")
+    except KeyError:
+        logging.getLogger("sleigh.serve").exception("generation failed")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: generation failed" and err[1] == "Traceback (most recent call last):"
+    assert err[-1] == "KeyError: 'slot'"
+
+
 def test_escape_controls():
     from sleigh.cli import _escape_controls
 

@@ -253,10 +253,12 @@ class Pipeline:
     def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
                  max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = (),
-                 tile_budget: int | None = None) -> Generation:
+                 tile_budget: int | None = None, fit_context: bool = False) -> Generation:
         """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
         the tokens generated up to the one that completed it). `tile_budget`: the LLM reads only the
-        K tiles GSWA weighs highest, and the thumbnail (`budget_views`)."""
+        K tiles GSWA weighs highest, and the thumbnail (`budget_views`). `fit_context`: max_new_tokens
+        is a default that the context may cut after the prompt (a server's, for a request that names
+        no limit), not a request refused where prompt + max_new_tokens exceed it."""
         self._check_open()
         self._check_tile_budget(tile_budget)
         if max_new_tokens < 1:
@@ -265,7 +267,7 @@ class Pipeline:
             raise SleighError("max_tiles", f"got {max_tiles}", "an integer >= 1")
         StopStrings(stop)  # checks them now, not at the first token
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
-                                      ignore_eos, max_tiles, stop, tile_budget))
+                                      ignore_eos, max_tiles, stop, tile_budget, fit_context))
 
     def generate_from(self, state: Prefill, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
@@ -277,10 +279,8 @@ class Pipeline:
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
         state.continued = True
-        generation = self.contract.generation
-        context = min(generation.context_length, self.backend.max_context or generation.context_length)
-        if self.reserve_generation:
-            state.cache.reserve(min(len(state.ids) + max_new_tokens, context))  # one growth now, none while decoding
+        if self.reserve_generation:  # one growth now, none while decoding
+            state.cache.reserve(min(len(state.ids) + max_new_tokens, self.context_length))
         return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
@@ -290,13 +290,26 @@ class Pipeline:
         self._check_open()
         return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget)
 
-    def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens, tile_budget=None) -> Prefill:
+    @property
+    def context_length(self) -> int:
+        """Prompt and answer tokens together: the model's context, or less where an engine was built for less."""
+        context = self.contract.generation.context_length
+        return min(context, self.backend.max_context or context)
+
+    def _fitted(self, max_new_tokens: int, prompt_tokens: int, fit_context: bool) -> int:
+        """max_new_tokens, cut to what the context leaves after the prompt where `fit_context` (at least
+        1: a prompt that fills the context alone is refused as ever)."""
+        return max(1, min(max_new_tokens, self.context_length - prompt_tokens)) if fit_context else max_new_tokens
+
+    def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens, tile_budget=None,
+                       fit_context: bool = False) -> Prefill:
         """`prefill()` without the open check (`generate()` made it when called)."""
         contract, backend = self.contract, self.backend
         tpv, hidden = contract.prompt.tokens_per_view, contract.model.hidden_size
         t_start = time.perf_counter()
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles, tile_budget=tile_budget)
-        context = min(contract.generation.context_length, backend.max_context or contract.generation.context_length)
+        context = self.context_length
+        max_new_tokens = self._fitted(max_new_tokens, len(ids), fit_context)
         if len(ids) + max_new_tokens > context:
             raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
                               f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
@@ -376,9 +389,11 @@ class Pipeline:
         gswa = self.contract.gswa
         return (image_embeds if gswa is None else scaled_embeds(image_embeds, weights, gswa.apply)), weights
 
-    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=(), tile_budget=None):
-        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget)
+    def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=(), tile_budget=None,
+               fit_context=False):
+        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget, fit_context)
         state.continued = True
+        max_new_tokens = self._fitted(max_new_tokens, len(state.ids), fit_context)
         return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos, stop))
 
     def _decode(self, state: Prefill, max_new_tokens, sampling, ignore_eos, stop=()):

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
@@ -187,8 +188,9 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     if conv.image_url is not None:
         image = await run_in_threadpool(protocol.decode_image, conv.image_url, conv.image_param,
                                         max_pixels=settings.max_image_pixels, local_root=settings.allow_local_files)
-    gen_request = GenerationRequest(conv.turns, conv.system, image, protocol.max_new_tokens(req, settings.default_max_tokens),
-                                    sampling, protocol.stop_strings(req), req.max_tiles, req.ignore_eos)
+    limit, asked = protocol.max_new_tokens(req, settings.default_max_tokens)
+    gen_request = GenerationRequest(conv.turns, conv.system, image, limit, sampling, protocol.stop_strings(req),
+                                    req.max_tiles, req.ignore_eos, fit_context=not asked)
     try:
         job = worker.submit(gen_request)
     except QueueFull:
@@ -336,11 +338,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise too_large
-        chunks.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_large
+            chunks.append(part)
+    except ClientDisconnect:  # gone before its request arrived: nobody to answer, and no bug to log
+        raise APIError(499, "the client disconnected while sending its request") from None
     return b"".join(chunks)
 
 

@@ -47,7 +47,10 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
                              max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
                              max_image_pixels=max_image_pixels, allow_local_files=allow_local_files,
                              default_max_tokens=max_tokens, max_memory=max_memory)
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # called from Python; the CLI has set up its `level: message` handler already
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(log_level.upper())  # basicConfig's level would not apply beside an existing handler
     if ray:
         _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,
                    ray_address)

@@ -22,7 +22,7 @@ from typing import Annotated, Literal, Union
 from urllib.parse import unquote, urlparse
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sleigh.errors import SleighError
 from sleigh.runtime.image import load_image
@@ -82,6 +82,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+# OpenAI's schema types these "number or null" ("boolean or null"), and clients send explicit nulls
+NULL_IS_DEFAULT = ("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "logprobs",
+                   "top_k", "repetition_penalty", "ignore_eos")
+
+
 class ChatRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -103,6 +108,13 @@ class ChatRequest(_Strict):
     repetition_penalty: float = Field(1.0, gt=0)
     max_tiles: int | None = Field(None, ge=1)
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT)}
+        return data
 
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -206,8 +218,12 @@ def stop_strings(req: ChatRequest) -> tuple[str, ...]:
     return (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
 
 
-def max_new_tokens(req: ChatRequest, default: int) -> int:
-    return req.max_completion_tokens or req.max_tokens or default
+def max_new_tokens(req: ChatRequest, default: int) -> tuple[int, bool]:
+    """(the answer's token limit, whether the request named it). A limit it does not name is the
+    server's default, cut to what the context leaves after the prompt (Pipeline.generate's
+    fit_context), as OpenAI's API does: only a limit asked for is refused where it does not fit."""
+    asked = req.max_completion_tokens or req.max_tokens
+    return (asked, True) if asked else (default, False)
 
 
 # -- images -----------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ queue in front of it.
 Each generation owns its KV cache, so a `Pipeline` could run several at once, but without batching
 they would only share the replica's cores: one thread runs them in turn, and the event loop never
 runs model work. A request's events (text pieces, then the result or an error) cross to the event
-loop through `loop.call_soon_threadsafe`. A cancelled job (its client went away) stops between two
-tokens and frees the slot; a prefill cannot be interrupted (`ModelWorker.close`).
+loop through `loop.call_soon_threadsafe`. A cancelled job (its client went away) frees its place in
+the queue at once, or, running, stops between two tokens; a prefill cannot be interrupted
+(`ModelWorker.close`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -41,6 +43,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     max_tiles: int | None = None
     ignore_eos: bool = False
+    fit_context: bool = False  # max_new_tokens is the server's default, which the context may cut
 
 
 class QueueFull(Exception):
@@ -58,10 +61,13 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_piece_sent: threading.Event = field(default_factory=threading.Event)  # set by the event loop
     submitted: float = field(default_factory=time.perf_counter)
+    withdraw: Callable[[Job], None] | None = None  # the worker's: a job still queued stops counting
 
     def cancel(self) -> None:
         self.cancelled.set()
         self.first_piece_sent.set()
+        if self.withdraw is not None:
+            self.withdraw(self)
 
     def emit(self, kind: str, value=None) -> None:
         try:
@@ -82,6 +88,7 @@ class ModelWorker:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleigh-generate")
         self._lock = threading.Lock()
         self._jobs: set[Job] = set()  # submitted and not yet over: what close() cancels
+        self._queued: set[Job] = set()  # submitted, not started, not withdrawn: what `waiting` counts
         self.closed = False
         self.waiting = 0
         self.running = 0
@@ -99,13 +106,27 @@ class ModelWorker:
             if self.full:
                 raise QueueFull
             self.waiting += 1
-            job = Job(request, asyncio.get_running_loop())
+            job = Job(request, asyncio.get_running_loop(), withdraw=self._withdraw)
             self._jobs.add(job)
+            self._queued.add(job)
         self._executor.submit(self._run, job)
         return job
 
+    def _withdraw(self, job: Job) -> None:
+        """A cancelled job that has not started leaves the queue now, not when the thread reaches it:
+        otherwise clients that gave up while waiting would keep new requests out (503) until then."""
+        with self._lock:
+            if job in self._queued:
+                self._queued.discard(job)
+                self.waiting -= 1
+
     def _run(self, job: Job) -> None:
         with self._lock:
+            if job not in self._queued:  # withdrawn while it waited: say so to whoever still listens
+                self._jobs.discard(job)
+                job.emit("cancelled")
+                return
+            self._queued.discard(job)
             self.waiting -= 1
             self.running += 1
         try:
@@ -127,7 +148,7 @@ class ModelWorker:
         r = job.request
         gen = self.pipeline.generate(r.image, r.turns, system=r.system, max_new_tokens=r.max_new_tokens,
                                      sampling=r.sampling, max_tiles=r.max_tiles, stop=r.stop,
-                                     ignore_eos=r.ignore_eos)
+                                     ignore_eos=r.ignore_eos, fit_context=r.fit_context)
         for i, piece in enumerate(gen):
             if job.cancelled.is_set():  # between two tokens: no further model work for this request
                 job.emit("cancelled")

@@ -29,3 +29,29 @@ def test_serve_option_errors(sleigh_cli, tmp_path, args, words):
 def test_run_with_an_empty_stop_string_is_a_user_error(sleigh_cli, tiny_pkg):
     line = one_error_line(sleigh_cli("run", "--model", tiny_pkg, "--stop", ""))
     assert "stop" in line
+
+
+@pytest.mark.parametrize("level, shown", [("info", True), ("warning", False)])
+def test_serve_log_level_applies_beside_the_clis_handler(tiny_pkg, capsys, monkeypatch, level, shown):
+    """`sleigh serve --log-level info` shows the "serving ..." line: the CLI has set up its handler
+    (at --log-level warning) by then, so the level must be set, not left to logging.basicConfig."""
+    import logging
+
+    import uvicorn
+
+    from sleigh import cli
+    from sleigh.serve.launch import launch
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    cli._setup_logging("warning")
+    ran = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
+    launch(model=tiny_pkg, engine=None, backend="auto", threads=1, host="127.0.0.1", port=8000, model_name=None,
+           max_queue=4, max_tokens=16, max_body_mb=1, max_image_pixels=10**6, allow_local_files=None,
+           log_level=level, ray=False, replicas=1, min_replicas=None, max_replicas=None,
+           target_ongoing_requests=2, replica_cpus=1, ray_address=None)
+    assert ran and ran[0]["log_level"] == level
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("info: serving ")]
+    assert bool(lines) == shown, lines

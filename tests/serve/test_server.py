@@ -135,6 +135,38 @@ def test_stop_strings(server, client, sleigh_cli):
     assert full.model_extra["sleigh"]["token_ids"][:len(ref["token_ids"])] == ref["token_ids"]
 
 
+def test_a_request_without_a_limit_gets_what_the_context_leaves(server, client):
+    """No max_tokens: the default (512) is cut to what the context leaves after the prompt, as OpenAI's
+    API does, and the answer ends by length there; the same limit asked for is refused."""
+    from sleigh.runtime.manifest import read_manifest
+
+    context = read_manifest(server.package).contract.generation.context_length
+
+    def ask(words: int, **kw):
+        return client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "apple " * words}],
+                                              temperature=0, **kw)
+
+    a, b = (ask(n, max_tokens=1).usage.prompt_tokens for n in (100, 200))
+    words = 200 + int((context - 200 - b) * 100 / (b - a))  # about 200 tokens short of the context
+    prompt = ask(words, max_tokens=1).usage.prompt_tokens
+    assert 1 < context - prompt < 512, (prompt, context)
+    r = ask(words, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt, context - prompt)
+    with pytest.raises(openai.BadRequestError, match="exceed the context"):
+        ask(words, max_tokens=512)
+
+
+def test_explicit_nulls_take_the_defaults(server):
+    """OpenAI's schema types temperature, top_p, n, stream, the penalties and logprobs "or null":
+    a client that sends null gets the defaults, the same answer as leaving them out."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty", "logprobs"])
+    body = {"model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 3}
+    plain, with_nulls = server.post(body), server.post({**body, **nulls})
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
 def test_seeded_sampling_is_reproducible(server, client):
     kw = dict(model=server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=1.0,
               top_p=0.9, seed=7)
@@ -288,6 +320,30 @@ def test_a_bug_on_the_chat_route_is_an_error_object(probe, monkeypatch):
     assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text[:300]
     error = r.json()["error"]
     assert error["type"] == "server_error" and "RuntimeError" in error["message"] and "Traceback" not in r.text
+
+
+def test_a_client_gone_while_sending_its_body_is_not_a_server_error(probe, caplog):
+    """The client sends part of its body and leaves: 499 (nobody reads it), counted as such, and no
+    "unexpected error" with a traceback in the server's log."""
+    import asyncio
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 80)}
+    messages = iter([{"type": "http.request", "body": b'{"model": ', "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    app = probe.server.config.app
+    with caplog.at_level("ERROR"):
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
 
 
 def test_the_worker_waits_for_the_first_piece_to_go_out_only_briefly(tiny_pkg):

@@ -70,3 +70,38 @@ def test_closing_the_worker_ends_running_and_queued_requests_as_cancelled(tiny_p
     assert running_end == ("cancelled", None) and 1 <= pieces < 1000
     assert queued_end == ("cancelled", None) and queued_pieces == 0
     assert pipeline.closed and worker.running == worker.waiting == 0
+
+
+def test_a_request_cancelled_while_it_waits_frees_its_place_at_once(tiny_pkg):
+    """A client that gives up while its request waits frees the queue place then, not when the thread
+    reaches the job: otherwise new requests would be refused (503) for as long as the running
+    generation lasts. The withdrawn job still ends with "cancelled" for whoever listens."""
+    async def drain(job) -> tuple:
+        event = await asyncio.wait_for(job.events.get(), TIMEOUT_S)
+        while event[0] == "piece":
+            job.first_piece_sent.set()
+            event = await asyncio.wait_for(job.events.get(), TIMEOUT_S)
+        return event
+
+    with Pipeline.load(tiny_pkg) as pipeline:
+        worker = ModelWorker(pipeline, max_queue=1)
+
+        async def scenario():
+            running = worker.submit(_request(1000))
+            assert (await asyncio.wait_for(running.events.get(), TIMEOUT_S))[0] == "piece"
+            running.first_piece_sent.set()
+            queued = worker.submit(_request(5))
+            assert worker.full and worker.waiting == 1
+            queued.cancel()
+            assert worker.waiting == 0 and not worker.full  # at once, while the first still generates
+            later = worker.submit(_request(5))  # QueueFull before
+            running.cancel()
+            return await drain(running), await drain(queued), await drain(later)
+
+        try:
+            running_end, queued_end, later_end = asyncio.run(scenario())
+        finally:
+            worker.close()
+        assert running_end == queued_end == ("cancelled", None)
+        assert later_end[0] == "done" and len(later_end[1].token_ids) == 5
+        assert worker.running == worker.waiting == 0
