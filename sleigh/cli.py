@@ -156,7 +156,8 @@ def run(
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
-    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="Most tokens to generate."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, help=f"Most tokens to generate [default: {DEFAULT_MAX_NEW_TOKENS}, cut to what the context leaves after the prompt]."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past stop tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
@@ -210,8 +211,9 @@ def run(
             Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
                           max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
-        gen = pipe.generate(source, prompt, system=system, max_new_tokens=max_new_tokens, sampling=sampling,
-                            ignore_eos=ignore_eos, max_tiles=max_tiles, stop=stop or (), tile_budget=tile_budget)
+        gen = pipe.generate(source, prompt, system=system, max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None
+                            else max_new_tokens, sampling=sampling, ignore_eos=ignore_eos, max_tiles=max_tiles,
+                            stop=stop or (), tile_budget=tile_budget, fit_context=max_new_tokens is None)
         if as_json:
             typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
             _show_weights(image, gen.result, show_weights)

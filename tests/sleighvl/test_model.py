@@ -30,7 +30,7 @@ from sleigh.runtime.sampling import SamplingOptions
 from sleigh.sleighvl.checkpoint import load_checkpoint, read_safetensors
 from sleigh.sleighvl.config import PRESETS, GSWAConfig, LLMConfig, SleighVLConfig, VisionConfig
 from sleigh.sleighvl.model import SleighVL
-from tests.helpers import ASTRONAUT, ORACLE, ORACLE_CKPT, build_prompt
+from tests.helpers import ASTRONAUT, ORACLE, ORACLE_CKPT, build_prompt, run_sleigh
 from tests.sleighvl.helpers import image_rows
 
 ORACLE_TOL = 1e-4  # float32 against the original code, max abs
@@ -386,3 +386,12 @@ def test_context_limit(init_ckpt, tmp_path):
         list(p.generate(None, "Hi", max_new_tokens=5, ignore_eos=True))
     with pytest.raises(SleighError, match="context"):  # an image adds 256 tokens per view
         p.generate(ASTRONAUT, "Hi", max_new_tokens=1).result
+    # a default limit (a server's, `sleigh run` without --max-new-tokens) is cut to the 4 left instead
+    fitted = p.generate(None, "Hi", max_new_tokens=512, ignore_eos=True, fit_context=True).result
+    assert len(fitted.token_ids) == 4 and fitted.stop_reason == "length"
+    with pytest.raises(SleighError, match="context"):  # the prompt alone past the context: refused as ever
+        p.generate(ASTRONAUT, "Hi", max_new_tokens=512, fit_context=True).result
+    cli = run_sleigh("run", "--model", small, "--prompt", "Hi", "--ignore-eos", "--json")
+    assert cli.returncode == 0 and len(json.loads(cli.stdout)["token_ids"]) == 4, cli.stderr
+    cli = run_sleigh("run", "--model", small, "--prompt", "Hi", "--max-new-tokens", "5")
+    assert cli.returncode != 0 and "exceed the context" in cli.stderr
