@@ -428,6 +428,7 @@ def train(
     """Train GSWA (or more) on image/question/answer data; loss on the answer tokens only."""
     from sleigh.sleighvl.train import TrainOptions, train as do_train
 
+    _check_threads(threads)  # as on run, bench, eval and serve
     opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
                         curriculum=curriculum, curriculum_steps=curriculum_steps, save_every=save_every, strict=strict,
                         threads=threads, save_dtype=save_dtype, gswa_hint=gswa_hint)
@@ -451,6 +452,7 @@ def eval_(
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
+    _check_threads(threads)
     with _as_flags("backend", "engine", "limit", "tile_budget"):
         report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json,
                           tile_budget=tile_budget)
@@ -541,6 +543,9 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
+    if reference is not None and (reference / "manifest.json").is_file():
+        raise SleighError(f"--reference {reference}", "is a package; the reference runs a checkpoint on PyTorch",
+                          "the Sleigh checkpoint the package was exported from")
     with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                            threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),

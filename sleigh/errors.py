@@ -22,3 +22,13 @@ class SleighError(Exception):
 
     def __reduce__(self):  # raised in a child process (an isolated export), it crosses back whole
         return SleighError, (self.what, self.problem, self.expected)
+
+
+SEED_MAX = 2**63 - 1  # what torch.manual_seed and numpy's generators both take
+
+
+def check_seed(what: str, seed) -> None:
+    """A seed for torch and numpy: an integer from 0 to SEED_MAX (numpy refuses negative ones and torch
+    overflows past 64 bits, each with an error that names neither the flag nor the range)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise SleighError(what, f"got {seed!r}", f"an integer from 0 to {SEED_MAX} (2**63 - 1)")

@@ -150,6 +150,7 @@ def build_cases(root: Path, ckpt: Path, pkg: Path) -> dict[str, Case]:
     cases["build_engine_missing_plugin_library"] = Case(
         ["build-engine", pkg, "--backend", "tensorrt", "--plugin-library", root / "libnone.so"], ("--plugin-library", "no such file"))
     cases.update(hardening_cases(root, ckpt, pkg, run))
+    cases.update(review_cases(root, ckpt, pkg, run))
     return cases
 
 
@@ -202,6 +203,34 @@ def hardening_cases(root: Path, ckpt: Path, pkg: Path, run: list) -> dict[str, C
         "log_level_unknown": Case(["--log-level", "loud", *run], ("--log-level loud", "debug, info, warning, error")),
     }
     return cases
+
+
+def review_cases(root: Path, ckpt: Path, pkg: Path, run: list) -> dict[str, Case]:
+    """Session 24's review of the CLI: each used to be accepted (a NaN checkpoint, a run that never
+    ends), refused only after minutes of work, or an `unexpected` line with rc 1."""
+    data = root / "no-data.jsonl"  # the options are checked before the data is read
+    (root / "a-file.png").write_bytes(b"not a folder")
+
+    def train(name, *more, words):
+        return Case(["train", ckpt, "--data", data, "-o", root / name, *more], words, dst=root / name)
+
+    return {
+        "train_minutes_nan": train("tr-nan", "--minutes", "nan", words=("--minutes", "nan", "finite")),
+        "train_lr_inf": train("tr-inf", "--steps", "2", "--lr", "inf", words=("--lr", "inf", "finite")),
+        "train_steps_zero": train("tr-zero", "--steps", "0", words=("--steps", "got 0")),
+        "train_seed_negative": train("tr-seed", "--steps", "2", "--seed", "-1", words=("--seed", "-1", "2**63 - 1")),
+        "train_threads_zero": train("tr-threads", "--steps", "2", "--threads", "0", words=("--threads", "got 0")),
+        "eval_threads_too_many": Case(["eval", pkg, "--data", data, "--threads", "100000"], ("--threads", "CPUs")),
+        "init_seed_huge": Case(["init", root / "init-huge", "--seed", str(10**20)], ("--seed", "2**63 - 1"),
+                               dst=root / "init-huge"),
+        "synth_seed_negative": Case(["data", "synth", root / "syn", "--n", "1", "--seed", "-5"], ("--seed", "-5")),
+        "synth_into_a_file": Case(["data", "synth", root / "a-file.png", "--n", "1"], ("a-file.png", "not a folder")),
+        "build_engine_reserved_name": Case(["build-engine", pkg, "--precision", "fp32", "--name", "package"],
+                                           ("--name package", "reserved")),
+        "run_show_weights_xbm": Case([run[0], ASTRONAUT, *run[1:], "--show-weights", root / "w.xbm"],
+                                     ("w.xbm", "XBM"), dst=root / "w.xbm"),
+        "bench_reference_package": Case(["bench", pkg, "--reference", pkg, "--runs", "30"], ("--reference", "is a package")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +331,10 @@ BAD_INPUT = ["convert_other_model", "convert_empty_folder", "convert_missing_ten
              "run_max_tiles_above_model", "run_engine_with_checkpoint", "run_unknown_engine", "bench_unknown_engine",
              "bench_engine_on_checkpoint", "bench_missing_reference", "bench_url_image", "bench_zero_new_tokens",
              "log_level_unknown", "build_engine_tensorrt_flag_on_onnxruntime", "build_engine_bad_name",
-             "build_engine_missing_plugin_library"]
+             "build_engine_missing_plugin_library", "train_minutes_nan", "train_lr_inf", "train_steps_zero",
+             "train_seed_negative", "train_threads_zero", "eval_threads_too_many", "init_seed_huge",
+             "synth_seed_negative", "synth_into_a_file", "build_engine_reserved_name", "run_show_weights_xbm",
+             "bench_reference_package"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUT)

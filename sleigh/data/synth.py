@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_seed
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -174,6 +174,9 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
     out = Path(out)
     if n < 1:
         raise SleighError("--n", f"got {n}", "a number of images >= 1")
+    check_seed("--seed", seed)
+    if out.exists() and not out.is_dir():
+        raise SleighError(str(out), "exists and is not a folder", "a folder for the split (new or existing)")
     if not split or any(c in split for c in "/\\") or split.startswith("."):
         raise SleighError("--split", f"got {split!r}", "a plain name such as train or heldout")
     jsonl, images = out / f"{split}.jsonl", out / split

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.runtime.backends import PACKAGE_MODULES
 from sleigh.runtime.image import max_views as image_max_views
 from sleigh.runtime.kv_cache import KV_DTYPES
 from sleigh.runtime.manifest import Manifest
@@ -100,6 +101,9 @@ class EngineOptions:
                               "--kv-dtype float16 or leave it out, or --llm-weights fp32/int8/int4")
         if self.name is not None and not (isinstance(self.name, str) and ENGINE_NAME.match(self.name)):
             raise SleighError(f"--name {self.name!r}", "not a usable engine name", "letters, digits, '.', '_' and '-' (a folder name)")
+        if self.name == PACKAGE_MODULES:  # `--engine package` would always pick the exported modules
+            raise SleighError(f"--name {self.name}", "is reserved for the exported modules (--engine package)",
+                              "another name, e.g. fp32-cpu")
         if self.backend != "tensorrt":
             given = [flag(k) for k in TENSORRT_ONLY if getattr(self, k) is not None]
             if given:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.runtime.image import ImageSource, load_image
 
 MAX_SIDE = 1600  # larger images are drawn scaled down, so the numbers stay readable
@@ -85,6 +85,11 @@ def output_format(out: Path) -> str:
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise SleighError(str(out), f"unknown image suffix {out.suffix!r}", "a .png, .jpg or .webp file name")
+    try:  # Pillow lists formats it cannot write a colour picture in (XBM, MSP, PALM) or has no encoder for
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
+    except (OSError, ValueError, KeyError) as e:
+        raise SleighError(str(out), f"Pillow cannot write a colour image as {fmt} ({first_line(e)})",
+                          "a .png, .jpg or .webp file name") from None
     return fmt
 
 

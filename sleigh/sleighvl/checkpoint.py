@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sleigh.errors import SleighError, first_line
-from sleigh.runtime.package import read_json
+from sleigh.runtime.package import ordinary_modes, read_json
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.sleighvl.config import SleighVLConfig
 
@@ -119,6 +119,7 @@ def atomic_dir(dst: Path, force: bool = False):
     tmp = staging.make(dst.resolve().parent, dst.name)
     try:
         yield tmp
+        ordinary_modes(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600: others could not read it
         staging.install(tmp, dst.resolve())
     finally:
         if tmp.exists():

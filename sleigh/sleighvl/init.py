@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_seed
 from sleigh.progress import progress
 from sleigh.sleighvl.checkpoint import GenerationConfig, save_checkpoint
 from sleigh.sleighvl.config import PRESETS, SleighVLConfig
@@ -59,6 +59,7 @@ def init_checkpoint(dst: Path, preset: str, seed: int = 0, *, force: bool = Fals
 
     if preset not in PRESETS:
         raise SleighError("--preset", f"unknown preset {preset!r}", ", ".join(PRESETS))
+    check_seed("--seed", seed)
     base = PRESETS[preset]
     tokenizer = train_tiny_tokenizer(vocab_size=min(1000, base.llm.vocab_size), corpus=tokenizer_corpus(preset))
     if tokenizer.get_vocab_size() > base.llm.vocab_size:

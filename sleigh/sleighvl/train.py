@@ -31,7 +31,7 @@ from torch import nn
 
 from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_seed
 from sleigh.runtime.image import object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
@@ -81,13 +81,18 @@ def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
     parts = parse_parts(opts.train)
     if (opts.steps is None) == (opts.minutes is None):
         raise SleighError("--steps/--minutes", "give exactly one", "e.g. --steps 2000 or --minutes 20")
-    if opts.steps is not None and opts.steps < 1 or opts.minutes is not None and opts.minutes <= 0:
-        raise SleighError("--steps/--minutes", f"got {opts.steps or opts.minutes}", "a positive number")
+    if opts.steps is not None and opts.steps < 1:
+        raise SleighError("--steps", f"got {opts.steps}", "a number of steps >= 1")
+    if opts.minutes is not None and not (math.isfinite(opts.minutes) and opts.minutes > 0):
+        raise SleighError("--minutes", f"got {opts.minutes}", "a positive, finite number of minutes")
     for name, value in (("--batch", opts.batch), ("--save-every", opts.save_every)):
         if value < 1:
             raise SleighError(name, f"got {value}", "an integer >= 1")
-    if not opts.lr > 0:
-        raise SleighError("--lr", f"got {opts.lr}", "a positive learning rate, e.g. 1e-3")
+    if not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise SleighError("--lr", f"got {opts.lr}", "a positive, finite learning rate, e.g. 1e-3")
+    check_seed("--seed", opts.seed)
+    if opts.threads is not None and opts.threads < 1:
+        raise SleighError("--threads", f"got {opts.threads}", "an integer >= 1")
     if opts.curriculum not in ("auto", "on", "off"):
         raise SleighError("--curriculum", f"got {opts.curriculum!r}", "auto, on or off")
     if opts.curriculum_steps is not None:

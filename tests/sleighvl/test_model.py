@@ -217,6 +217,25 @@ def test_init_checkpoint_loads_strictly_and_config_round_trips(init_ckpt, tmp_pa
     assert json.loads((tmp_path / "config.json").read_text()) == raw
 
 
+def test_checkpoint_files_get_the_umask_mode(tmp_path):
+    """A checkpoint is readable by whom the umask lets read it: the staging folder is 0700 and
+    safetensors writes 0600 by itself (as onnx's external data, which packages already mend)."""
+    import os
+    import stat
+
+    from sleigh.sleighvl.init import init_checkpoint
+
+    old = os.umask(0o027)
+    try:
+        init_checkpoint(tmp_path / "ck", "tiny", 3)
+    finally:
+        os.umask(old)
+    folder = tmp_path / "ck"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert set(modes.values()) == {0o640}, modes
+
+
 def test_load_rejects_a_wrong_shape(init_ckpt, tmp_path):
     from safetensors.torch import save_file
 
