@@ -207,7 +207,7 @@ def run(
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
         output_format(show_weights)
     _check_model(model, engine)
-    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory", "tile_budget"), \
+    with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory", "tile_budget", "stop"), \
             Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,
                           max_memory=budget) as pipe:
         pipe.allow_special_tokens = allow_special_tokens
@@ -664,7 +664,7 @@ def _as_flags(*params: str):
         raise
 
 
-_SNAKE_CASE = re.compile(r"(?<![\w-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w-])")
+_SNAKE_CASE = re.compile(r"(?<![\w-])[a-z][a-z0-9]*(?:_[a-z0-9]+)+(?![\w=-])")  # `name=`: Python's keyword
 
 
 def _stdout_is_terminal() -> bool:

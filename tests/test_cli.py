@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from sleigh.errors import SleighError
 from tests.helpers import ASTRONAUT, EXAMPLES, INIT_SEED, ORACLE_CKPT, cli_env, run_sleigh
 from tests.runtime.test_image import huge_png
 
@@ -458,6 +459,17 @@ def test_a_logged_exception_keeps_its_traceback(capsys, monkeypatch):
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "error: generation failed" and err[1] == "Traceback (most recent call last):"
     assert err[-1] == "KeyError: 'slot'"
+
+
+def test_as_flags_names_flags_but_not_python_keywords():
+    """In a remedy, `max_tiles` becomes `--max-tiles`; `max_pixels=` (how Python spells it) stays."""
+    from sleigh.cli import _as_flags
+    from sleigh.runtime.memory import gb
+
+    with pytest.raises(SleighError) as err, _as_flags("max_pixels", "max_tiles"):
+        raise SleighError("image.png", "too large", "fewer tiles (max_tiles), or `sleigh run --max-pixels N`, max_pixels= in Python")
+    assert err.value.expected == "fewer tiles (--max-tiles), or `sleigh run --max-pixels N`, max_pixels= in Python"
+    assert (gb(1024), gb(5 * 1024**2), gb(3 * 1024**3)) == ("1024 bytes", "5.00 MB", "3.00 GB")  # not 0.00 GB
 
 
 def test_escape_controls():

@@ -23,6 +23,7 @@ from sleigh import __version__
 from sleigh.errors import SleighError, first_line
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
+from sleigh.runtime.image import TILES_LIMIT
 from sleigh.runtime.manifest import contract_from_config, write_manifest
 from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
 
@@ -73,8 +74,8 @@ def check_options(opts: ExportOptions) -> None:
     if not lo <= opts.opset <= hi:
         raise SleighError(f"--opset {opts.opset}", "out of the supported range",
                           f"{lo}..{hi} (opset 23 fuses into ops TensorRT < 10.15 cannot parse)")
-    if not 1 <= opts.max_tiles <= 40:
-        raise SleighError(f"--max-tiles {opts.max_tiles}", "out of range", "1..40")
+    if not 1 <= opts.max_tiles <= TILES_LIMIT:
+        raise SleighError(f"--max-tiles {opts.max_tiles}", "out of range", f"1..{TILES_LIMIT}")
 
 
 @contextmanager

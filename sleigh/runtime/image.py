@@ -38,6 +38,7 @@ MAX_PIXELS = 178_956_970
 # camera photo. It is checked on the header, before any pixel is decoded.
 PIXEL_HEADROOM = 32
 INTERNVL_MAX_TILES = 12
+TILES_LIMIT = 40  # the most tiles any model here takes: export's --max-tiles range, checked in every config
 
 # Alpha is composited onto this colour: documents and screenshots with transparency are usually
 # meant to be seen on a white page, and InternVL's own `convert("RGB")` would show hidden colour.

@@ -22,7 +22,7 @@ from typing import Callable
 
 from sleigh.errors import SleighError
 from sleigh.runtime.fields import Fields, describe
-from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, max_views
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
 from sleigh.runtime.package import (MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
@@ -156,6 +156,8 @@ class Contract:
         min_tiles, max_tiles = f.get(img, "min_tiles", "positive", "image"), f.get(img, "max_tiles", "positive", "image")
         if min_tiles > max_tiles:
             raise f.fail("image", f"min_tiles {min_tiles} > max_tiles {max_tiles}", "1 <= min_tiles <= max_tiles")
+        if max_tiles > TILES_LIMIT:  # the grid search is cubic in it: a huge one would hang the run
+            raise f.fail("image.max_tiles", f"is {max_tiles}", f"at most {TILES_LIMIT}")
         mean, std = (tuple(float(x) for x in f.items(f.get(img, k, "list", "image"), "number", f"image.{k}"))
                      for k in ("mean", "std"))
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -420,6 +422,7 @@ def parse_manifest(data, pkg: Path, where: str) -> Manifest:
         if absent:
             raise f.fail("kv_cache", f"names {absent[:2]} that are not among modules.decoder.{side}",
                          "the decoder's own cache names")
+    _check_sizes(f, contract, modules)
     created_by = f.get(data, "created_by", "object", null=True, default=None)
     opset = f.get(data, "opset", "positive", null=True, default=None)
     parity = f.get(data, "parity", "object", null=True, default=None)
@@ -429,6 +432,27 @@ def parse_manifest(data, pkg: Path, where: str) -> Manifest:
     return Manifest(root=pkg, schema_version=version, created_by=created_by, opset=opset, contract=contract,
                     tokenizer=tokenizer, modules=modules, files=files, parity=parity, calibration=calibration,
                     engines=engines, json=data)
+
+
+def _check_sizes(f: Fields, contract: Contract, modules: dict[str, ModuleEntry]) -> None:
+    """The contract's sizes and cache form against the modules' recorded inputs, which the runtime checks
+    against the files (check_module_io): an edited size would otherwise fail inside ONNX Runtime."""
+    kv = contract.kv_cache
+    sizes = [("image.size", contract.image.size, [("vision", "pixel_values", 2), ("vision", "pixel_values", 3)]),
+             ("model.hidden_size", contract.model.hidden_size, [("embed", "image_embeds", 1), ("decoder", "inputs_embeds", 2)]),
+             ("kv_cache.num_kv_heads", kv.num_kv_heads, [("decoder", kv.past[0], 1)]),
+             ("kv_cache.head_dim", kv.head_dim, [("decoder", kv.past[0], 3)])]
+    for what, value, places in sizes:
+        for module, name, axis in places:
+            shape = next((t.shape for t in modules[module].inputs if t.name == name), ())
+            dim = shape[axis] if axis < len(shape) else None
+            if isinstance(dim, int) and dim != value:
+                raise f.fail(what, f"is {value}, but modules.{module} takes {name} with {dim} on axis {axis}",
+                             "the size the modules were exported with")
+    reads_ids = "input_ids" in modules["decoder"].names("inputs")  # the fused forms embed a step's tokens
+    if reads_ids != kv.in_place:
+        raise f.fail("kv_cache.form", f"is {kv.form!r}, but the decoder {'takes' if reads_ids else 'lacks'} input_ids",
+                     f"{' or '.join(map(repr, IN_PLACE_FORMS))} for a fused decoder (with input_ids), 'slots' for the standard one")
 
 
 def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:

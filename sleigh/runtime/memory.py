@@ -91,7 +91,10 @@ def parse_size(text: str) -> int:
 
 
 def gb(n: float) -> str:
-    return f"{n / GB:.2f} GB"
+    """Bytes in GB with two decimals; in MB or bytes where that would read 0.00 GB (`--max-memory 1K`)."""
+    if n >= GB / 100:
+        return f"{n / GB:.2f} GB"
+    return f"{n / 1024**2:.2f} MB" if n >= 1024**2 / 100 else f"{int(n)} bytes"
 
 
 def kv_slots(positions: int) -> int:

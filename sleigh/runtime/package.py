@@ -226,10 +226,11 @@ class _HashCache:
                 continue
 
 
-def check_module_io(modules: dict, module: str, path: Path, inputs: list[str], outputs: list[str]) -> None:
+def check_module_io(modules: dict, module: str, path: Path, inputs: dict[str, list], outputs: list[str]) -> None:
     """A module file opened for `module` must have the input and output names `modules` (the
-    manifest's ModuleEntry by name) lists for it: another valid ONNX file copied over it must not run."""
-    for side, got in (("inputs", inputs), ("outputs", outputs)):
+    manifest's ModuleEntry by name) lists for it, and its inputs (`inputs`: name -> shape) the fixed
+    sizes listed there: another valid ONNX file copied over it must not run."""
+    for side, got in (("inputs", list(inputs)), ("outputs", outputs)):
         want = set(modules[module].names(side))
         if set(got) != want:
             missing, extra = sorted(want - set(got)), sorted(set(got) - want)
@@ -237,3 +238,9 @@ def check_module_io(modules: dict, module: str, path: Path, inputs: list[str], o
                              for label, names in (("lacks", missing), ("has extra", extra)) if names)
             raise SleighError(str(path), f"is not a {module} module: its {side} differ from the manifest's ({diff})",
                               f"the package's own {module} module; {REEXPORT}, or rebuild the engine")
+    for t in modules[module].inputs:
+        got = list(inputs[t.name])
+        fixed = lambda d: isinstance(d, int) and not isinstance(d, bool)  # noqa: E731 - others are names
+        if len(got) != len(t.shape) or any(fixed(w) and fixed(g) and w != g for w, g in zip(t.shape, got)):
+            raise SleighError(str(path), f"is not the {module} module the manifest lists: its input {t.name} is "
+                              f"{got}, the manifest's {list(t.shape)}", f"the package's own {module} module; {REEXPORT}")

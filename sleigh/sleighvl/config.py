@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sleigh.errors import SleighError
-from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
 from sleigh.runtime.package import read_json
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
@@ -117,9 +117,9 @@ class ImageConfig:
     resample: str = "bicubic"
 
     def __post_init__(self):
-        if not 1 <= self.min_tiles <= self.max_tiles:
+        if not 1 <= self.min_tiles <= self.max_tiles <= TILES_LIMIT:
             raise SleighError("image config", f"min_tiles={self.min_tiles}, max_tiles={self.max_tiles}",
-                              "1 <= min_tiles <= max_tiles")
+                              f"1 <= min_tiles <= max_tiles <= {TILES_LIMIT}")
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,13 @@ BAD_FIELDS = [
     (("schema",), "other", "not a Sleigh package manifest"),
     (("schema_version",), "2", "schema_version is the string '2'"),
     (("schema_version",), True, "schema_version is the boolean"),
+    # the contract against the modules' recorded inputs (each ran into ONNX Runtime's own error)
+    (("image", "size"), 224, "image.size is 224, but modules.vision takes pixel_values with 448 on axis 2"),
+    (("model", "hidden_size"), 32, "model.hidden_size is 32, but modules.embed takes image_embeds with 64"),
+    (("kv_cache", "num_kv_heads"), 3, "kv_cache.num_kv_heads is 3, but modules.decoder takes past_key_values.0.key with 2"),
+    (("kv_cache", "head_dim"), 8, "kv_cache.head_dim is 8, but modules.decoder takes past_key_values.0.key with 16"),
+    (("kv_cache", "form"), "shared", "kv_cache.form is 'shared', but the decoder lacks input_ids"),
+    (("image", "max_tiles"), 10**18, "image.max_tiles is 1000000000000000000. Expected: at most 40"),
 ]
 
 
@@ -101,6 +108,22 @@ def test_a_bad_field_is_one_error_naming_it(pkg, path, value, words):
         read_manifest(edited(pkg, path, value))
     assert words in str(err.value)
     assert str(err.value).startswith(str(pkg / MANIFEST))
+
+
+def test_a_module_whose_fixed_sizes_differ_from_the_manifest_is_refused_when_opened(pkg):
+    """Contract and module entry edited alike (image.size 224 and vision's pixel_values [views, 3, 224,
+    224]) pass read_manifest; the vision file still takes 448, and opening it says so in one line."""
+    from sleigh.runtime.pipeline import Pipeline
+    from tests.helpers import ASTRONAUT
+
+    manifest = load(pkg)
+    manifest["image"]["size"] = 224
+    manifest["modules"]["vision"]["inputs"][0]["shape"] = ["views", 3, 224, 224]
+    save(pkg, manifest)
+    with pytest.raises(SleighError) as err, Pipeline.load(pkg) as pipe:  # vision opens with the pipeline or later
+        pipe.generate(ASTRONAUT, "Hi", max_new_tokens=1).result
+    assert "vision.onnx | is not the vision module the manifest lists: its input pixel_values is" in str(err.value)
+    assert "['views', 3, 224, 224]" in str(err.value)
 
 
 def test_engine_fields_are_checked(pkg):

@@ -225,7 +225,7 @@ class OnnxRuntimeBackend(Backend):
             raise SleighError(str(path), f"ONNX Runtime cannot load it ({first_line(e)})",
                               "an intact package module (check with `sleigh inspect --verify`)") from None
         if self._manifest_modules is not None:  # names as the manifest lists them: a swapped file stops here
-            check_module_io(self._manifest_modules, module, path, [i.name for i in sess.get_inputs()],
+            check_module_io(self._manifest_modules, module, path, {i.name: i.shape for i in sess.get_inputs()},
                             [o.name for o in sess.get_outputs()])
         after = resident_bytes()
         if module not in self.resident and before is not None and after is not None:  # first open: a fresh heap
