@@ -67,10 +67,14 @@ def _print_version(value: bool) -> None:
 def _app_options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print sleigh's version and exit."),
-    log_level: str = typer.Option("warning", "--log-level", envvar="SLEIGH_LOG_LEVEL",
-                                  help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)}."),
+    log_level: Optional[str] = typer.Option(None, "--log-level", envvar="SLEIGH_LOG_LEVEL",
+                                            help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)} [default: warning; serve: info]."),
 ):
-    _setup_logging(log_level)
+    _LOG_LEVEL_GIVEN[0] = log_level
+    _setup_logging(log_level or "warning")
+
+
+_LOG_LEVEL_GIVEN: list[str | None] = [None]  # `sleigh --log-level` (or $SLEIGH_LOG_LEVEL) as given: serve's default
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -568,7 +572,7 @@ def serve(
     max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
     allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),
-    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error [default: `sleigh --log-level`'s, else info]."),
     ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve (pip install 'sleigh[serve]'): one model per replica."),
     replicas: int = typer.Option(1, help="With --ray: number of replicas."),
     min_replicas: Optional[int] = typer.Option(None, help="With --ray and --max-replicas: autoscaling floor."),
@@ -583,6 +587,7 @@ def serve(
 
     _check_threads(threads)  # as on run and bench
     from sleigh.runtime.memory import parse_size
+    log_level = log_level or (_LOG_LEVEL_GIVEN[0] or "info").lower()  # `sleigh --log-level error serve` stays quiet
     with _as_flags("backend", "engine", "max_memory"):
         launch(model=model, engine=engine, backend=backend, threads=threads, host=host, port=port, model_name=model_name,
                max_queue=max_queue, max_tokens=max_tokens, max_body_mb=max_body_mb, max_image_pixels=max_image_pixels,

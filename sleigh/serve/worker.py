@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -79,19 +79,28 @@ class Job:
 class ModelWorker:
     """`pipeline` run by one thread; `submit` refuses (QueueFull) once `max_queue` requests wait.
     `owns_pipeline`: the worker opened the pipeline (app.load_worker) and closes it with itself; a
-    pipeline lent to it stays open for its lender."""
+    pipeline lent to it stays open for its lender.
+
+    The waiting jobs are the worker's own queue, which a cancelled job leaves at once (with its image
+    and prompt, its "cancelled" event sent): the server holds at most max_queue waiting requests,
+    however many clients give up while they wait."""
 
     def __init__(self, pipeline: Pipeline, *, max_queue: int, owns_pipeline: bool = False):
         self.pipeline = pipeline
         self.owns_pipeline = owns_pipeline
         self.max_queue = max_queue
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sleigh-generate")
         self._lock = threading.Lock()
-        self._jobs: set[Job] = set()  # submitted and not yet over: what close() cancels
-        self._queued: set[Job] = set()  # submitted, not started, not withdrawn: what `waiting` counts
+        self._ready = threading.Condition(self._lock)
+        self._queue: deque[Job] = deque()  # submitted, not started, not withdrawn
+        self._current: Job | None = None
         self.closed = False
-        self.waiting = 0
         self.running = 0
+        self._thread = threading.Thread(target=self._loop, name="sleigh-generate", daemon=True)
+        self._thread.start()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     @property
     def full(self) -> bool:
@@ -105,30 +114,38 @@ class ModelWorker:
                                   "requests before the server shuts down, or a new worker")
             if self.full:
                 raise QueueFull
-            self.waiting += 1
             job = Job(request, asyncio.get_running_loop(), withdraw=self._withdraw)
-            self._jobs.add(job)
-            self._queued.add(job)
-        self._executor.submit(self._run, job)
+            self._queue.append(job)
+            self._ready.notify()
         return job
 
     def _withdraw(self, job: Job) -> None:
         """A cancelled job that has not started leaves the queue now, not when the thread reaches it:
-        otherwise clients that gave up while waiting would keep new requests out (503) until then."""
+        otherwise clients that gave up while waiting would keep new requests out (503), and their
+        images in memory, until then."""
         with self._lock:
-            if job in self._queued:
-                self._queued.discard(job)
-                self.waiting -= 1
+            if job not in self._queue:  # running (it stops between two tokens) or over
+                return
+            self._queue.remove(job)
+        self._withdrawn(job)
+
+    @staticmethod
+    def _withdrawn(job: Job) -> None:
+        job.request = None  # its image may be large: nothing keeps it now
+        job.emit("cancelled")
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self.closed:
+                    self._ready.wait()
+                if not self._queue:  # closed, and nothing left
+                    return
+                job = self._queue.popleft()
+                self._current, self.running = job, 1
+            self._run(job)
 
     def _run(self, job: Job) -> None:
-        with self._lock:
-            if job not in self._queued:  # withdrawn while it waited: say so to whoever still listens
-                self._jobs.discard(job)
-                job.emit("cancelled")
-                return
-            self._queued.discard(job)
-            self.waiting -= 1
-            self.running += 1
         try:
             self._generate(job)
         except SleighError as e:  # the request's fault (a prompt past the context, ...)
@@ -138,8 +155,7 @@ class ModelWorker:
             job.emit("error", e)
         finally:
             with self._lock:
-                self.running -= 1
-                self._jobs.discard(job)
+                self._current, self.running = None, 0
 
     def _generate(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -162,11 +178,16 @@ class ModelWorker:
         """Cancel every job (each ends with its "cancelled" event), wait until the thread has stopped
         (a running generation stops at its next token, a prefill first runs to its end), then close the
         pipeline if the worker owns it. Later `submit` calls raise a SleighError."""
-        with self._lock:
+        with self._lock:  # the queue emptied at once: the thread must not start a job after this
             self.closed = True
-            jobs = list(self._jobs)
-        for job in jobs:
+            queued, current = list(self._queue), self._current
+            self._queue.clear()
+            self._ready.notify()
+        for job in queued:
             job.cancel()
-        self._executor.shutdown(wait=True)  # queued jobs run too, to say "cancelled" to whoever waits
+            self._withdrawn(job)
+        if current is not None:
+            current.cancel()
+        self._thread.join()
         if self.owns_pipeline:
             self.pipeline.close()

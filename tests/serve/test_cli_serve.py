@@ -55,3 +55,25 @@ def test_serve_log_level_applies_beside_the_clis_handler(tiny_pkg, capsys, monke
     assert ran and ran[0]["log_level"] == level
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("info: serving ")]
     assert bool(lines) == shown, lines
+
+
+@pytest.mark.parametrize("args, shown", [([], True), (["--log-level", "error"], False),
+                                         (["--log-level", "error", "serve", "--log-level", "info"], True)])
+def test_serve_takes_the_global_log_level_unless_given_its_own(tiny_pkg, monkeypatch, args, shown):
+    """`sleigh --log-level error serve` stays quiet (serve's own default, info, does not override it);
+    `sleigh serve` alone shows its info lines; serve's --log-level wins where given."""
+    import logging
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from sleigh.cli import app
+
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
+    argv = [*args, *([] if "serve" in args else ["serve"]), "--model", str(tiny_pkg), "--threads", "1"]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert ("info: serving " in result.output) == shown, result.output

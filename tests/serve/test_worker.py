@@ -74,8 +74,8 @@ def test_closing_the_worker_ends_running_and_queued_requests_as_cancelled(tiny_p
 
 def test_a_request_cancelled_while_it_waits_frees_its_place_at_once(tiny_pkg):
     """A client that gives up while its request waits frees the queue place then, not when the thread
-    reaches the job: otherwise new requests would be refused (503) for as long as the running
-    generation lasts. The withdrawn job still ends with "cancelled" for whoever listens."""
+    reaches the job: otherwise new requests would be refused (503), and its image held, for as long as
+    the running generation lasts. Its "cancelled" event comes at once too."""
     async def drain(job) -> tuple:
         event = await asyncio.wait_for(job.events.get(), TIMEOUT_S)
         while event[0] == "piece":
@@ -94,9 +94,12 @@ def test_a_request_cancelled_while_it_waits_frees_its_place_at_once(tiny_pkg):
             assert worker.full and worker.waiting == 1
             queued.cancel()
             assert worker.waiting == 0 and not worker.full  # at once, while the first still generates
+            assert queued.request is None  # nothing holds its prompt or image
+            queued_end = await asyncio.wait_for(queued.events.get(), TIMEOUT_S)
+            assert worker.running == 1  # the first still generates as the withdrawn one hears it
             later = worker.submit(_request(5))  # QueueFull before
             running.cancel()
-            return await drain(running), await drain(queued), await drain(later)
+            return await drain(running), queued_end, await drain(later)
 
         try:
             running_end, queued_end, later_end = asyncio.run(scenario())
