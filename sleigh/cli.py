@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import re
@@ -219,7 +220,7 @@ def run(
                             else max_new_tokens, sampling=sampling, ignore_eos=ignore_eos, max_tiles=max_tiles,
                             stop=stop or (), tile_budget=tile_budget, fit_context=max_new_tokens is None)
         if as_json:
-            typer.echo(json.dumps(gen.result.to_dict(), ensure_ascii=False))
+            typer.echo(_json_line(gen.result.to_dict(), ensure_ascii=False))
             _show_weights(image, gen.result, show_weights)
             return
         shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
@@ -268,7 +269,7 @@ def export(
     opts = ExportOptions(opset=opset, max_tiles=max_tiles, decoder=decoder, verify=not no_verify, force=force, quiet=as_json)
     result = export_package(checkpoint, out, opts)
     if as_json:
-        typer.echo(json.dumps({"package": str(out), "seconds": round(result.seconds, 2),
+        typer.echo(_json_line({"package": str(out), "seconds": round(result.seconds, 2),
                                "parity": result.manifest.get("parity")}))
         return
     if result.parity:
@@ -292,7 +293,7 @@ def inspect(
 
     report = inspect_package(package, verify=verify)
     if as_json:
-        typer.echo(json.dumps(report, ensure_ascii=False))
+        typer.echo(_json_line(report, ensure_ascii=False))
     else:
         from sleigh.engines.inspect import print_report
 
@@ -317,7 +318,7 @@ def calibrate(
     result = calibrate_package(package, images, num_images=num_images, method=method, quiet=as_json)
     files = [RANGES_FILE, CACHE_FILE]
     if as_json:
-        typer.echo(json.dumps({**result.to_json(), "files": files}))
+        typer.echo(_json_line({**result.to_json(), "files": files}))
         return
     typer.echo(f"calibrated {package}: {result.num_images} images ({result.skipped} skipped), method {result.method}, "
                f"files {', '.join(files)}")
@@ -381,7 +382,7 @@ def build_engine(
         raise
     seconds = round(time.perf_counter() - t0, 2)
     if as_json:
-        typer.echo(json.dumps({**entry.json, "build_seconds": seconds}))
+        typer.echo(_json_line({**entry.json, "build_seconds": seconds}))
         return
     _print_gate(entry.accuracy, f"accuracy gate: {entry.name} vs FP32")
     if entry.task_accuracy is not None:
@@ -402,7 +403,7 @@ def compare(
 
     report = run_gate(package, engine, images=images)
     if as_json:
-        typer.echo(json.dumps(report))
+        typer.echo(_json_line(report))
     else:
         _print_gate(report, f"{engine} vs FP32")
     if not report["passed"]:
@@ -461,7 +462,7 @@ def eval_(
         report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json,
                           tile_budget=tile_budget)
     if as_json:
-        typer.echo(json.dumps(report))
+        typer.echo(_json_line(report))
         return
     _print_table(["question type", "n", "accuracy", "standard error"], report_rows(report),
                  title=f"{model} ({report['backend']}) on {report['data']}")
@@ -554,7 +555,7 @@ def bench(
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                            threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),
                            tile_budget=tile_budget)
-    typer.echo(json.dumps(report) if as_json else markdown(report))
+    typer.echo(_json_line(report) if as_json else markdown(report))
 
 
 @app.command()
@@ -595,6 +596,21 @@ def serve(
                min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
                replica_cpus=replica_cpus, ray_address=ray_address,
                max_memory=None if max_memory is None else parse_size(max_memory))
+
+
+def _json_line(obj, **kw) -> str:
+    """One line of strict JSON for --json: a NaN or infinity (a broken model's GSWA weights, a rate
+    over no time) becomes null, which every JSON parser reads; Python would write NaN, which most do not."""
+    def finite(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(obj), allow_nan=False, **kw)
 
 
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:

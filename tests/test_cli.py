@@ -472,6 +472,16 @@ def test_as_flags_names_flags_but_not_python_keywords():
     assert (gb(1024), gb(5 * 1024**2), gb(3 * 1024**3)) == ("1024 bytes", "5.00 MB", "3.00 GB")  # not 0.00 GB
 
 
+def test_json_output_is_strict_json():
+    """--json writes null where Python would write NaN or Infinity (a NaN model's GSWA weights)."""
+    from sleigh.cli import _json_line
+
+    line = _json_line({"gswa_weights": [float("nan"), 1.5], "rate": float("inf"), "t": (1, -float("inf")), "s": "é"},
+                      ensure_ascii=False)
+    assert line == '{"gswa_weights": [null, 1.5], "rate": null, "t": [1, null], "s": "é"}'
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+
+
 def test_escape_controls():
     from sleigh.cli import _escape_controls
 
