@@ -76,7 +76,10 @@ class SleighVL(nn.Module):
         is_img = input_ids == self.cfg.prompt.img_context_token_id  # (B, S)
         idx = (torch.cumsum(is_img.reshape(-1).to(torch.int64), 0) - 1).reshape(input_ids.shape)  # (B, S)
         M = image_embeds.shape[0]
-        padded = torch.cat([image_embeds, image_embeds.new_zeros(1, image_embeds.shape[1])])  # (M + 1, D): M may be 0
+        # (M + 1, D), M may be 0: a row past the image rows, which no position reads (idx >= M takes tok).
+        # A token's row, not new_zeros: onnxruntime <= 1.22's float16 converter leaves ConstantOfShape's
+        # value float32, and the FP16 embed module then fails to load
+        padded = torch.cat([image_embeds, tok.reshape(-1, tok.shape[-1])[:1].to(image_embeds.dtype)])
         rows = padded[idx.clamp(0, M)]  # (B, S, D)
         return torch.where((is_img & (idx < M))[..., None], rows.to(tok.dtype), tok)
 
