@@ -400,8 +400,10 @@ def compare(
 ):
     """Compare an engine against the package's FP32 modules (the accuracy gate, as a report)."""
     from sleigh.engines.accuracy import run_gate
+    from sleigh.progress import progress
 
-    report = run_gate(package, engine, images=images)
+    with progress(f"compare {engine}", None, as_json) as bar:  # pairs of runs, both sides: seconds to minutes
+        report = run_gate(package, engine, images=images, progress=bar)
     if as_json:
         typer.echo(_json_line(report))
     else:

@@ -2,8 +2,10 @@
 
 Torch-free: it runs through `runtime.pipeline.Pipeline` (greedy, as `sleigh run`), so a package's
 engines and a checkpoint on the torch backend are judged by the same code. Answers match after
-trimming, lower-casing and dropping a final full stop. For data with object boxes (`sleigh data
-synth`), it also counts how often GSWA's highest-weighted tile holds the object, over the images
+trimming, lower-casing and dropping a final full stop; the model answers in at most 8 tokens
+(`evaluate`'s max_new_tokens). A line whose image cannot be loaded or whose prompt exceeds the
+context is skipped and counted, as the JSONL's bad lines are. For data with object boxes (`sleigh
+data synth`), it also counts how often GSWA's highest-weighted tile holds the object, over the images
 with more than one tile.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from PIL import Image
@@ -52,6 +54,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         raise SleighError("limit", f"got {limit}", "a number of questions >= 1")
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
+    skipped = Counter(qa.skipped)
     hits: dict[str, list[int]] = defaultdict(list)
     top_tile: dict[Path, bool] = {}
     first_token_s: list[float] = []
@@ -60,7 +63,15 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     t0 = time.perf_counter()
     with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe, progress("eval", len(items), quiet) as bar:
         for item in items:
-            result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget).result
+            try:
+                result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget).result
+            except SleighError as e:  # this line's image or prompt, not the model: skipped as read_qa skips
+                kind = _skipped_kind(e)
+                if kind is None:
+                    raise
+                skipped[kind] += 1
+                bar.advance(1)
+                continue
             described = result.backend
             first_token_s.append(result.timings.time_to_first_token_s)
             views_read.append(result.views if result.kept_views is None else len(result.kept_views))
@@ -71,12 +82,15 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
                     size = im.size
                 top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
             bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
+    if not hits:
+        raise SleighError(str(qa.path), f"no line could be evaluated (skipped: {dict(skipped)})",
+                          "lines whose images load and whose questions fit the model's context")
     report = {
         "model": str(model), "data": str(qa.path), "backend": described,
         "engine": getattr(engine, "name", engine), "tile_budget": tile_budget,
         "types": {t: proportion(sum(v), len(v)) for t, v in sorted(hits.items())},
         "overall": proportion(sum(map(sum, hits.values())), sum(map(len, hits.values()))),
-        "skipped": dict(qa.skipped), "seconds": time.perf_counter() - t0,
+        "skipped": dict(skipped), "seconds": time.perf_counter() - t0,
         "median_first_token_s": statistics.median(first_token_s) if first_token_s else None,
         "mean_views_read": statistics.mean(views_read) if views_read else None,
     }
@@ -84,6 +98,15 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
                                    "fraction": sum(top_tile.values()) / len(top_tile)}
     return report
+
+
+def _skipped_kind(e: SleighError) -> str | None:
+    """The skip reason for a line whose generation refused its own input, None for any other error."""
+    if e.what.startswith("image "):  # runtime/image.py names the file: truncated, past --max-pixels, ...
+        return "image not loaded"
+    if e.what == "prompt" and "exceed the context" in e.problem:
+        return "prompt past the context"
+    return None
 
 
 def report_rows(report: dict) -> list[tuple]:

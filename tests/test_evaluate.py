@@ -62,3 +62,27 @@ def test_cli_bad_data_one_line(tmp_path, demo_ckpt):
     (tmp_path / "b.jsonl").write_text("")
     line = one_error_line(run_sleigh("eval", demo_ckpt, "--data", tmp_path))
     assert "2 .jsonl files" in line
+
+
+def test_a_line_whose_image_or_prompt_fails_is_skipped_not_the_run(demo_ckpt, tmp_path):
+    """A truncated image passes read_qa's header check and fails where the pipeline decodes it; a
+    question past the context fails in the prefill's check: each is one skipped line, the rest scored."""
+    from PIL import Image
+
+    from sleigh.runtime.pipeline import Pipeline
+
+    import numpy as np
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "ok.jpg")
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.jpg")
+    full = (tmp_path / "noise.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(full[:len(full) * 2 // 3])  # the header whole, the scan cut
+    context = Pipeline.load(demo_ckpt).contract.generation.context_length
+    lines = [{"image": "ok.jpg", "question": "What colour?", "answer": "red", "type": "colour"},
+             {"image": "cut.jpg", "question": "What colour?", "answer": "red", "type": "colour"},
+             {"image": "ok.jpg", "question": "apple " * context, "answer": "red", "type": "colour"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    report = evaluate(demo_ckpt, tmp_path / "d.jsonl", quiet=True)
+    assert report["overall"]["n"] == 1
+    assert report["skipped"] == {"image not loaded": 1, "prompt past the context": 1}

@@ -3,13 +3,17 @@
     {"image": "path/to.jpg", "question": "...", "answer": "...", "type": "colour", "meta": {...}}
 
 `image` is relative to the JSONL's folder (or absolute). `type` (the question type, for per-type
-accuracy) and `meta` (labels the synthetic task adds: colour, shape, position, box) are optional.
-Bad lines are skipped and counted by reason, or refused with their line number (`strict`).
+accuracy; "untyped" where absent) and `meta` (labels the synthetic task adds: colour, shape, position,
+box, size) are optional; a label of the wrong type is dropped, as if absent. Lines end at "\n" alone
+(JSON strings may hold U+2028 and the like), a BOM is ignored. Bad lines are skipped and counted by
+reason, or refused with their line number (`strict`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,9 @@ from PIL import Image, UnidentifiedImageError
 
 from sleigh.errors import SleighError
 
-EXPECTED_LINE = 'one JSON object per line: {"image": path, "question": str, "answer": str}'
+EXPECTED_LINE = ('one JSON object per line: {"image": path, "question": str, "answer": str}, '
+                 "image paths relative to the JSONL's folder or absolute")
+UNTYPED = "untyped"  # a line without a question type (not "all": that is the report's total)
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,7 @@ class QA:
     image: Path
     question: str
     answer: str
-    type: str = "all"
+    type: str = UNTYPED
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -37,6 +43,7 @@ class QAData:
     items: list[QA]
     skipped: Counter  # reason -> count
     first_skipped: dict  # reason -> first line number
+    first_detail: dict = field(default_factory=dict)  # reason -> the first such line's whole reason
 
     def by_image(self) -> list[tuple[Path, list[QA]]]:
         """The items grouped by image, in order of first appearance (one vision pass per image)."""
@@ -65,22 +72,29 @@ def resolve_jsonl(data: Path) -> Path:
 
 
 def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> QAData:
-    """Parse and check every line. Skipped reasons: bad JSON, missing field, empty answer, missing
-    image, unreadable image (its header; a file that breaks later is skipped where it is read)."""
+    """Parse and check every line. Skipped reasons: not UTF-8, bad JSON, missing field, wrong type,
+    empty answer or question, missing image, image not a file, unreadable image (its header; a file
+    that breaks later is skipped where it is read)."""
     path = resolve_jsonl(data)
     root = path.parent
     items: list[QA] = []
     skipped: Counter = Counter()
     first: dict[str, int] = {}
     image_ok: dict[Path, str | None] = {}
+    detail: dict[str, str] = {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SleighError(str(path), f"cannot be read ({e})", "a UTF-8 JSONL file") from None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        qa, reason = _parse(raw, number, root)
+        data_bytes = path.read_bytes()
+    except OSError as e:
+        raise SleighError(str(path), f"cannot be read ({e})", "a readable UTF-8 JSONL file") from None
+    for number, line in enumerate(data_bytes.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            raw = line.removesuffix(b"\r").decode("utf-8")
+        except UnicodeDecodeError as e:
+            qa, reason = None, f"not UTF-8 ({e.reason} at byte {e.start})"
+        else:
+            if not raw.strip():
+                continue
+            qa, reason = _parse(raw, number, root)
         if qa is not None and check_images:
             if qa.image not in image_ok:
                 image_ok[qa.image] = _image_problem(qa.image)
@@ -90,12 +104,16 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
             continue
         if strict:
             raise SleighError(f"{path}:{number}", reason, EXPECTED_LINE + " with an existing, readable image")
-        skipped[reason.split(" (")[0]] += 1
-        first.setdefault(reason.split(" (")[0], number)
+        kind = reason.split(" (")[0]
+        skipped[kind] += 1
+        first.setdefault(kind, number)
+        detail.setdefault(kind, f"line {number}: {reason}")
     if not items:
-        detail = f" ({', '.join(f'{n} {r}' for r, n in sorted(skipped.items()))})" if skipped else ""
-        raise SleighError(str(path), f"has no usable lines{detail}", EXPECTED_LINE)
-    return QAData(path, items, skipped, first)
+        counts = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+        firsts = "; ".join(detail[r] for r in sorted(skipped))
+        raise SleighError(str(path), f"has no usable lines ({counts}; {firsts})" if skipped else "has no usable lines",
+                          EXPECTED_LINE)
+    return QAData(path, items, skipped, first, detail)
 
 
 def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
@@ -106,24 +124,50 @@ def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
     if not isinstance(d, dict):
         return None, "bad JSON (not an object)"
     for key in ("image", "question", "answer"):
-        if not isinstance(d.get(key), str):
-            return None, f"missing field ({key!r} is not a string)"
+        if key not in d:
+            return None, f"missing field ({key!r})"
+        if not isinstance(d[key], str):
+            return None, f"wrong type ({key!r} is {type(d[key]).__name__}, not a string)"
+    if not isinstance(d.get("type", ""), str):
+        return None, f"wrong type ('type' is {type(d['type']).__name__}, not a string)"
     if not d["answer"].strip():
         return None, "empty answer"
     if not d["question"].strip():
         return None, "empty question"
     image = Path(d["image"])
-    meta = d.get("meta") if isinstance(d.get("meta"), dict) else {}
     return QA(number, image if image.is_absolute() else root / image, d["question"], d["answer"].strip(),
-              str(d.get("type") or "all"), meta), None
+              d.get("type") or UNTYPED, _labels(d.get("meta"))), None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+META_LABELS = {  # what train and eval read from `meta`, and the form each must have
+    "colour": lambda v: isinstance(v, str), "shape": lambda v: isinstance(v, str), "position": lambda v: isinstance(v, str),
+    "box": lambda v: isinstance(v, list) and len(v) == 4 and all(map(_finite, v)),
+    "size": lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+}
+
+
+def _labels(meta) -> dict:
+    """`meta` without the known labels of the wrong form (a box of strings would fail in eval's tile
+    count, a list colour in training's label lookup)."""
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if k not in META_LABELS or META_LABELS[k](v)}
 
 
 def _image_problem(path: Path) -> str | None:
-    if not path.is_file():
+    if not path.exists():
         return f"missing image ({path})"
+    if not path.is_file():
+        return f"image not a file ({path})"
     try:
-        with Image.open(path) as im:
-            im.size  # the header parsed
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():  # a large header: the run's own pixel limit judges it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.size  # the header parsed
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"unreadable image ({path}: {type(e).__name__})"
     return None

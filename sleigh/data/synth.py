@@ -198,8 +198,10 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
             if progress is not None:
                 progress.advance(1)
         tmp.chmod(0o755)
-        if images.exists():
+        if images.is_dir() and not images.is_symlink():
             shutil.rmtree(images)
+        elif images.exists() or images.is_symlink():  # --force over a file (or a link) of the split's name
+            images.unlink()
         tmp.rename(images)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,7 +31,7 @@ from torch import nn
 
 from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
-from sleigh.errors import SleighError, check_seed
+from sleigh.errors import SleighError, check_seed, first_line
 from sleigh.runtime.image import object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
@@ -401,7 +401,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     budget_s = None if opts.minutes is None else 60.0 * opts.minutes
     t0 = time.perf_counter()
     last: dict = {}
-    bad_images = 0
+    bad_images, first_bad = 0, None
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
     with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, batches:
         while True:
@@ -416,6 +416,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                 if opts.strict:
                     raise
                 bad_images += 1
+                first_bad = first_bad or first_line(e)
                 log(f"step {step}: skipped a batch ({e})")
                 step += 1
                 continue
@@ -432,6 +433,9 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
             if step % opts.save_every == 0:
                 save(step, now)
     seconds = elapsed_before + time.perf_counter() - t0
+    if not last and bad_images:  # every batch was skipped: saving would call unchanged weights trained
+        raise SleighError(str(data), f"no step trained: all {bad_images} batches held an image that cannot be decoded "
+                          f"(first: {first_bad})", "images that decode (--strict stops at the first bad one)")
     save(step, seconds)
     skipped = dict(qa.skipped)
     if bad_images:

@@ -86,6 +86,9 @@ def test_existing_split_is_refused_and_left_alone(tmp_path):
     assert path.read_bytes() == before
     write_split(tmp_path, 2, seed=1, spec=SMALL, force=True)
     assert len(lines(path)) == 6
+    (tmp_path / "x").write_text("a file where the split's images go")  # --force replaces it too
+    assert len(lines(write_split(tmp_path, 1, seed=0, split="x", spec=SMALL, force=True))) == 3
+    assert (tmp_path / "x").is_dir()
 
 
 @pytest.mark.parametrize("args, needle", [

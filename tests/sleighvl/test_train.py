@@ -297,6 +297,23 @@ def test_checkpoint_without_gswa_is_refused_for_train_gswa(demo_ckpt, data, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_run_whose_every_batch_was_skipped_is_an_error_not_a_checkpoint(demo_ckpt, data, tmp_path):
+    """Images that pass the header check and fail to decode skip their batches; where that is every
+    batch, nothing was trained, and no output is written that would say it was."""
+    import numpy as np
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.jpg")
+    full = (tmp_path / "noise.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(full[:len(full) * 2 // 3])  # the header whole, the scan cut
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": "cut.jpg", "question": q, "answer": "red"}) + "\n"
+                                              for q in ("What colour?", "Which colour?")))
+    with pytest.raises(SleighError, match="no step trained: all 2 batches held an image that cannot be decoded"):
+        train(demo_ckpt, tmp_path / "d.jsonl", tmp_path / "out", TrainOptions(**FEW), log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

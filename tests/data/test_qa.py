@@ -1,0 +1,76 @@
+"""Question/answer JSONL as other tools write it: lines end at "\\n" alone, a BOM or CRLF changes
+nothing, one bad line is one skipped line, and labels of the wrong form are dropped (sleigh/data/qa.py)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from PIL import Image
+
+from sleigh.data.qa import UNTYPED, read_qa
+from sleigh.errors import SleighError
+from tests.runtime.test_image import huge_png
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(tmp_path / "img.png")
+    return tmp_path
+
+
+def line(**fields) -> str:
+    return json.dumps({"image": "img.png", "question": "What colour?", "answer": "red", **fields}, ensure_ascii=False)
+
+
+def test_lines_end_at_newline_alone_and_a_bom_and_crlf_change_nothing(folder):
+    text = line(question="Line\u2028separator and\u0085next line?") + "\r\n" + line() + "\r\n" + '{"image": "img.png"}\n'
+    (folder / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    qa = read_qa(folder / "d.jsonl")
+    assert [q.line for q in qa.items] == [1, 2]
+    assert qa.items[0].question == "Line\u2028separator and\u0085next line?"
+    assert qa.skipped == {"missing field": 1} and qa.first_skipped == {"missing field": 3}
+
+
+def test_a_line_that_is_not_utf8_is_one_skipped_line(folder):
+    (folder / "d.jsonl").write_bytes(line().encode() + b"\n" + line(answer="caf\u00e9").encode("latin-1") + b"\n" + line().encode())
+    qa = read_qa(folder / "d.jsonl")
+    assert [q.line for q in qa.items] == [1, 3] and qa.skipped == {"not UTF-8": 1} and qa.first_skipped == {"not UTF-8": 2}
+    with pytest.raises(SleighError, match=r"d\.jsonl:2 \| not UTF-8"):
+        read_qa(folder / "d.jsonl", strict=True)
+
+
+def test_types_are_checked_and_labels_of_the_wrong_form_dropped(folder):
+    (folder / "sub").mkdir()
+    lines = [line(type="colour", meta={"colour": "red", "box": [1, 2, 3, 4.5], "size": [32, 24], "extra": {"x": 1}}),
+             line(meta={"colour": ["red"], "shape": 3, "box": "abc", "size": [1, "a"], "position": "left"}),
+             line(meta={"box": [1, 2], "size": [0, 3]}),
+             line(answer=5), line(type=0), line(image="sub")]
+    (folder / "d.jsonl").write_text("\n".join(lines) + "\n")
+    qa = read_qa(folder / "d.jsonl")
+    assert [q.line for q in qa.items] == [1, 2, 3]
+    assert qa.items[0].type == "colour" and qa.items[1].type == UNTYPED
+    assert qa.items[0].meta == {"colour": "red", "box": [1, 2, 3, 4.5], "size": [32, 24], "extra": {"x": 1}}
+    assert qa.items[1].meta == {"position": "left"} and qa.items[2].meta == {}
+    assert qa.skipped == {"wrong type": 2, "image not a file": 1}
+
+
+def test_an_image_past_pillows_limit_is_skipped_quietly(folder):
+    huge_png(folder / "bomb.png", 15000, 15000)  # past Pillow's error limit: DecompressionBombError
+    huge_png(folder / "large.png", 10000, 10000)  # between its warning and error limits
+    (folder / "d.jsonl").write_text("\n".join([line(image="bomb.png"), line(image="large.png"), line()]) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would be a stray `warning:` line
+        qa = read_qa(folder / "d.jsonl")
+    assert [q.line for q in qa.items] == [2, 3] and qa.skipped == {"unreadable image": 1}
+
+
+def test_no_usable_lines_says_where_the_first_image_was_looked_for(folder):
+    (folder / "data").mkdir()
+    (folder / "data" / "d.jsonl").write_text(line(image="cases/img.png") + "\n")
+    with pytest.raises(SleighError) as err:
+        read_qa(folder / "data" / "d.jsonl")
+    message = str(err.value)
+    assert f"line 1: missing image ({folder / 'data' / 'cases' / 'img.png'})" in message
+    assert "relative to the JSONL's folder" in message
