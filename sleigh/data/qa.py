@@ -63,7 +63,7 @@ def resolve_jsonl(data: Path) -> Path:
     if data.is_file():
         return data
     if data.is_dir():
-        found = sorted(data.glob("*.jsonl"))
+        found = sorted(p for p in data.glob("*.jsonl") if p.is_file())
         if len(found) == 1:
             return found[0]
         problem = "holds no .jsonl file" if not found else f"holds {len(found)} .jsonl files ({', '.join(p.name for p in found)})"

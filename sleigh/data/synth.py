@@ -177,7 +177,7 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
     check_seed("--seed", seed)
     if out.exists() and not out.is_dir():
         raise SleighError(str(out), "exists and is not a folder", "a folder for the split (new or existing)")
-    if not split or any(c in split for c in "/\\") or split.startswith("."):
+    if not split or any(c in split for c in "/\\") or split.startswith(".") or split.endswith(".jsonl"):
         raise SleighError("--split", f"got {split!r}", "a plain name such as train or heldout")
     jsonl, images = out / f"{split}.jsonl", out / split
     if (jsonl.exists() or images.exists()) and not force:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.engines.calibration.collect import list_images
+from sleigh.engines.calibration.collect import IMAGE_EXTENSIONS, list_images
 from sleigh.errors import SleighError
-from sleigh.runtime.manifest import EngineEntry, read_manifest, update_manifest
+from sleigh.runtime.manifest import Calibration, EngineEntry, read_manifest, update_manifest
 from sleigh.runtime.package import sha256_file
 
 NUM_TOKENS = 32
@@ -137,13 +137,22 @@ def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tok
             "pairs": [asdict(p) for p in pairs], "num_tokens": num_tokens}
 
 
-def gate_images(images: Path | None, exclude: set[str]) -> list[Path]:
-    """Images for the gate: a folder's images not used for calibration, else the photo shipped with
-    sleigh plus mirrored and cropped versions of it (written to a temporary folder)."""
+def gate_images(images: Path | None, calibration: Calibration | None) -> list[Path]:
+    """Images for the gate: a folder's images that calibration did not use (by content; by name for a
+    calibration made before it recorded sha256), else the photo shipped with sleigh plus mirrored and
+    cropped versions of it (written to a temporary folder)."""
     if images is not None:
-        found = [p for p in list_images(Path(images)) if p.name not in exclude]
+        listed = list_images(Path(images))
+        if not listed:
+            raise SleighError(str(images), "holds no images", f"a folder of images ({', '.join(IMAGE_EXTENSIONS)})")
+        if calibration is not None and calibration.image_sha256:
+            used = set(calibration.image_sha256)
+            found = [p for p in listed if sha256_file(p) not in used]
+        else:
+            used = set(calibration.images if calibration else ())
+            found = [p for p in listed if p.name not in used]
         if not found:
-            raise SleighError(str(images), "no images left that calibration did not use",
+            raise SleighError(str(images), f"all {len(listed)} images were used for calibration",
                               "a folder of images held out from calibration")
         return found
     return shipped_variants()
@@ -183,8 +192,7 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
         raise SleighError(f"--engine {engine}", "no such engine in the package",
                           ", ".join(manifest.engines) or "build one with `sleigh build-engine`")
     backend = entry.backend
-    used = set(manifest.calibration.images if manifest.calibration else ())
-    imgs = gate_images(images, used)
+    imgs = gate_images(images, manifest.calibration)
     try:
         cases = [(imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)])
                  for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs)]

@@ -293,6 +293,9 @@ class Calibration:
     max_tiles: int
     tensors: int  # activation tensors with a range
     module: str = "vision"
+    # the images' sha256, in `images` order: what the gate holds out (names repeat across folders:
+    # every `sleigh data synth` split is 000000.jpg, ...); absent in calibrations made before it
+    image_sha256: tuple[str, ...] = ()
     record: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -306,11 +309,12 @@ class Calibration:
     def to_json(self) -> dict:
         return {**self.record, "module": self.module, "method": self.method, "num_images": self.num_images,
                 "skipped": self.skipped, "images": list(self.images), "skipped_files": list(self.skipped_files),
-                "views": self.views, "max_tiles": self.max_tiles, "tensors": self.tensors}
+                "views": self.views, "max_tiles": self.max_tiles, "tensors": self.tensors,
+                **({"image_sha256": list(self.image_sha256)} if self.image_sha256 else {})}
 
 
 _CALIBRATION_TYPED = ("module", "method", "num_images", "skipped", "images", "skipped_files", "views", "max_tiles",
-                      "tensors", "files")  # files: in earlier entries (the manifest's files hold them)
+                      "tensors", "image_sha256", "files")  # files: in earlier entries (the manifest's files hold them)
 
 
 def _calibration(f: Fields, data: dict) -> Calibration | None:
@@ -323,7 +327,9 @@ def _calibration(f: Fields, data: dict) -> Calibration | None:
         images=tuple(f.items(f.get(c, "images", "list", "calibration"), "string", "calibration.images")),
         skipped_files=tuple(f.items(opt("skipped_files", "list", []), "object", "calibration.skipped_files")),
         views=opt("views", "count", 0), max_tiles=opt("max_tiles", "count", 0), tensors=opt("tensors", "count", 0),
-        module=opt("module", "string", "vision"), record={k: v for k, v in c.items() if k not in _CALIBRATION_TYPED})
+        module=opt("module", "string", "vision"),
+        image_sha256=tuple(f.items(opt("image_sha256", "list", []), "sha256", "calibration.image_sha256")),
+        record={k: v for k, v in c.items() if k not in _CALIBRATION_TYPED})
 
 
 @dataclass(frozen=True)

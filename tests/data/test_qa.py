@@ -74,3 +74,9 @@ def test_no_usable_lines_says_where_the_first_image_was_looked_for(folder):
     message = str(err.value)
     assert f"line 1: missing image ({folder / 'data' / 'cases' / 'img.png'})" in message
     assert "relative to the JSONL's folder" in message
+
+
+def test_a_folder_named_like_a_jsonl_file_is_not_one(folder):
+    (folder / "d.jsonl").write_text(line() + "\n")
+    (folder / "images.jsonl").mkdir()
+    assert read_qa(folder).path == folder / "d.jsonl"

@@ -94,6 +94,7 @@ def test_existing_split_is_refused_and_left_alone(tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--n", "0"], "--n"),
     (["--n", "2", "--split", "../x"], "--split"),
+    (["--n", "2", "--split", "ev.jsonl"], "--split"),  # it would write ev.jsonl.jsonl
     (["--n", "2", "--min-size", "600", "--max-size", "500"], "image size range"),
     (["--n", "2", "--max-object", "300"], "object size range"),
 ])

@@ -34,7 +34,7 @@ from sleigh.progress import progress
 from sleigh.runtime.compat import session_options
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.manifest import Calibration, read_manifest, update_manifest
-from sleigh.runtime.package import file_entry, write_json_atomic
+from sleigh.runtime.package import file_entry, sha256_file, write_json_atomic
 from sleigh.staging import check_apart
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -47,7 +47,7 @@ def list_images(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         what = "no such folder" if not folder.exists() else "not a folder"
-        raise SleighError(str(folder), what, "a folder of calibration images")
+        raise SleighError(str(folder), what, "a folder of images")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -154,6 +154,7 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
 
     collector = VisionCollector(vision)
     used: list[str] = []
+    hashes: list[str] = []  # what the accuracy gate holds out: names repeat across folders
     skipped: list[dict] = []
     with progress("calibrate", wanted, quiet) as bar:
         for path in candidates:
@@ -166,6 +167,7 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
                 continue
             collector.add(tiled.pixel_values)
             used.append(path.name)
+            hashes.append(sha256_file(path))
             bar.advance()
     if len(used) < min_images:
         problem = f"only {len(used)} usable image{'s' * (len(used) != 1)}"
@@ -181,7 +183,7 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
                                                 "skipped": len(skipped), "views": collector.views, "tensors": ranges})
         write_calibration_cache(staged[CACHE_FILE], {n: r["scale"] for n, r in ranges.items()})
         files = {rel: file_entry(pkg, str(path.relative_to(pkg))) for rel, path in staged.items()}
-        calibration = _calibration_entry(method, used, skipped, collector.views, tiling, ranges, t0)
+        calibration = _calibration_entry(method, used, hashes, skipped, collector.views, tiling, ranges, t0)
         _commit(pkg, staged, files, calibration)
     except OSError as e:  # a full disk or a read-only package: the CLI names it; say where
         e.filename = e.filename or str(pkg / CALIBRATION_DIR)
@@ -212,9 +214,9 @@ def _commit(pkg: Path, staged: dict[str, Path], files: dict, calibration: Calibr
     update_manifest(pkg, add, before_replace=move_in)
 
 
-def _calibration_entry(method: str, used: list[str], skipped: list[dict], views: int, tiling: dict, ranges: dict,
-                       t0: float) -> Calibration:
+def _calibration_entry(method: str, used: list[str], hashes: list[str], skipped: list[dict], views: int, tiling: dict,
+                       ranges: dict, t0: float) -> Calibration:
     return Calibration(method=method, images=tuple(used), skipped_files=tuple(skipped), views=views,
-                       max_tiles=tiling["max_tiles"], tensors=len(ranges),
+                       max_tiles=tiling["max_tiles"], tensors=len(ranges), image_sha256=tuple(hashes),
                        record={"trt_cache_header": header(TRT_CACHE_VERSION), "seconds": round(time.perf_counter() - t0, 2),
                                "created_by": {**versions(), "numpy": np.__version__}})
