@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sleigh.data.qa import QA, QAData
+from sleigh.errors import SleighError, first_line
 from sleigh.data.synth import COLOURS, SHAPES, SynthSpec, cell_needs, questions, render
 from sleigh.runtime.image import TiledImage, tile_image
 from sleigh.sleighvl.config import SleighVLConfig
@@ -65,6 +66,7 @@ class Batches:
         sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
         self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
         self._pool = None  # inside `with`: the threads that tile a batch's images
+        self.undecodable: dict[str, str] = {}  # an image that passed the header check and failed to decode -> why
 
     def __enter__(self) -> Batches:
         self._pool = ThreadPoolExecutor(TILE_THREADS, thread_name_prefix="sleigh-tiles")
@@ -103,16 +105,25 @@ class Batches:
         return out
 
     def make(self, step: int, phase: int) -> Batch:
-        """Step `step`'s examples, tiled (a SleighError for an image that cannot be decoded). Inside
-        `with`, the images are drawn (curriculum) and tiled on TILE_THREADS threads (Pillow and numpy
-        release the GIL) while the training step waits: each image has its own random stream and its
-        own views, so the batch is the same either way."""
-        made = list((self._pool.map if self._pool else map)(self._tiled, self._jobs(step, phase)))
+        """Step `step`'s examples, tiled. An image that cannot be decoded leaves the batch (noted in
+        `undecodable`; under `strict`, its SleighError); a batch left with none is a SleighError.
+        Inside `with`, the images are drawn (curriculum) and tiled on TILE_THREADS threads (Pillow
+        and numpy release the GIL) while the training step waits: each image has its own random
+        stream and its own views, so the batch is the same either way."""
+        made = [m for m in (self._pool.map if self._pool else map)(self._tiled, self._jobs(step, phase)) if m is not None]
+        if not made:
+            raise SleighError(f"step {step}", "no image of its batch could be decoded", "images that decode")
         return Batch([ex for ex, _ in made], [t for _, t in made], phase < len(CURRICULUM))
 
-    def _tiled(self, job: Example | tuple[np.random.Generator, int]) -> tuple[Example, TiledImage]:
+    def _tiled(self, job: Example | tuple[np.random.Generator, int]) -> tuple[Example, TiledImage] | None:
         ex = self._synthetic(*job) if isinstance(job, tuple) else job
-        return ex, self._tile(ex)
+        try:
+            return ex, self._tile(ex)
+        except SleighError as e:  # from the JSONL's images only: a curriculum sample is drawn, not read
+            if self.opts.strict or isinstance(job, tuple):
+                raise
+            self.undecodable.setdefault(ex.source, first_line(e))
+            return None
 
     def _tile(self, ex: Example) -> TiledImage:
         img, size = self.cfg.image, self.cfg.vision.image_size

@@ -31,7 +31,7 @@ from torch import nn
 
 from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
-from sleigh.errors import SleighError, check_seed, first_line
+from sleigh.errors import SleighError, check_seed
 from sleigh.runtime.image import object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
@@ -401,7 +401,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     budget_s = None if opts.minutes is None else 60.0 * opts.minutes
     t0 = time.perf_counter()
     last: dict = {}
-    bad_images, first_bad = 0, None
+    bad_batches = 0
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
     with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, batches:
         while True:
@@ -410,16 +410,20 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
             if frac >= 1:
                 break
             phase = batches.phase(step, frac)
+            known = len(batches.undecodable)
             try:
-                last = trainer.step(batches.make(step, phase), trainer.lr_at(step, frac))
-            except SleighError as e:  # an image that passed the header check but cannot be decoded
+                batch = batches.make(step, phase)
+            except SleighError as e:  # every image of the batch passed the header check but cannot be decoded
                 if opts.strict:
                     raise
-                bad_images += 1
-                first_bad = first_bad or first_line(e)
+                bad_batches += 1
                 log(f"step {step}: skipped a batch ({e})")
                 step += 1
                 continue
+            finally:
+                for source in list(batches.undecodable)[known:]:  # each image once: it leaves every batch it is drawn in
+                    log(f"step {step}: left out {source}: {batches.undecodable[source]}")
+            last = trainer.step(batch, trainer.lr_at(step, frac))
             step += 1
             now = elapsed_before + time.perf_counter() - t0
             speed = step / max(now, 1e-9)
@@ -433,13 +437,14 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
             if step % opts.save_every == 0:
                 save(step, now)
     seconds = elapsed_before + time.perf_counter() - t0
-    if not last and bad_images:  # every batch was skipped: saving would call unchanged weights trained
-        raise SleighError(str(data), f"no step trained: all {bad_images} batches held an image that cannot be decoded "
-                          f"(first: {first_bad})", "images that decode (--strict stops at the first bad one)")
+    if not last and bad_batches:  # every batch was skipped: saving would call unchanged weights trained
+        first = next(iter(batches.undecodable.items()), ("", ""))
+        raise SleighError(str(data), f"no step trained: no image of any batch could be decoded ({len(batches.undecodable)} "
+                          f"images; first {first[0]}: {first[1]})", "images that decode (--strict stops at the first bad one)")
     save(step, seconds)
     skipped = dict(qa.skipped)
-    if bad_images:
-        skipped["undecodable image batches"] = bad_images
+    if batches.undecodable:
+        skipped["undecodable images"] = len(batches.undecodable)
     return TrainResult(step, seconds, last, skipped, len(qa.items), len(batches.groups), curriculum, str(device))
 
 

@@ -297,21 +297,42 @@ def test_checkpoint_without_gswa_is_refused_for_train_gswa(demo_ckpt, data, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_a_run_whose_every_batch_was_skipped_is_an_error_not_a_checkpoint(demo_ckpt, data, tmp_path):
-    """Images that pass the header check and fail to decode skip their batches; where that is every
-    batch, nothing was trained, and no output is written that would say it was."""
+def _cut_jpeg(path: Path) -> Path:
+    """A JPEG whose header is whole and whose scan is cut: it passes read_qa's check, fails to decode."""
+    import io
+
     import numpy as np
     from PIL import Image
 
-    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    Image.fromarray(noise).save(tmp_path / "noise.jpg")
-    full = (tmp_path / "noise.jpg").read_bytes()
-    (tmp_path / "cut.jpg").write_bytes(full[:len(full) * 2 // 3])  # the header whole, the scan cut
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": "cut.jpg", "question": q, "answer": "red"}) + "\n"
-                                              for q in ("What colour?", "Which colour?")))
-    with pytest.raises(SleighError, match="no step trained: all 2 batches held an image that cannot be decoded"):
-        train(demo_ckpt, tmp_path / "d.jsonl", tmp_path / "out", TrainOptions(**FEW), log=lambda m: None)
-    assert not (tmp_path / "out").exists()
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[:len(buf.getvalue()) * 2 // 3])
+    return path
+
+
+def test_an_undecodable_image_leaves_its_batches_and_the_rest_trains(demo_ckpt, data, tmp_path):
+    """One image that fails to decode leaves the batches it is drawn in, the others in them train;
+    where that leaves a batch empty the step is skipped; where no step trained, it is an error and no
+    output is written that would say otherwise."""
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    root = tmp_path / "d"
+    shutil.copytree(data.parent, root)
+    _cut_jpeg(root / "cut.jpg")
+    lines[0]["image"] = "cut.jpg"  # the first image's first question; its other lines still show it whole
+    (root / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    said = []
+    r = train(demo_ckpt, root / "d.jsonl", tmp_path / "out", TrainOptions(**{**FEW, "steps": 4}), log=said.append)
+    assert r.skipped == {"undecodable images": 1} and r.steps == 4, (r.skipped, said)
+    assert sum("left out" in m and "cut.jpg" in m for m in said) == 1, said
+    changed = [k for k, v in weights(tmp_path / "out").items() if not torch.equal(v, weights(demo_ckpt)[k])]
+    assert changed
+
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("".join(json.dumps({"image": str(root / "cut.jpg"), "question": q, "answer": "red"}) + "\n"
+                                for q in ("What colour?", "Which colour?")))
+    with pytest.raises(SleighError, match="no step trained: no image of any batch could be decoded"):
+        train(demo_ckpt, only_bad, tmp_path / "none", TrainOptions(**FEW), log=lambda m: None)
+    assert not (tmp_path / "none").exists()
 
 
 def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_path):
