@@ -128,7 +128,7 @@ def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
             return None, f"missing field ({key!r})"
         if not isinstance(d[key], str):
             return None, f"wrong type ({key!r} is {type(d[key]).__name__}, not a string)"
-    if not isinstance(d.get("type", ""), str):
+    if d.get("type") is not None and not isinstance(d["type"], str):  # null: absent, as pandas writes a gap
         return None, f"wrong type ('type' is {type(d['type']).__name__}, not a string)"
     if not d["answer"].strip():
         return None, "empty answer"

@@ -591,7 +591,8 @@ class TaskGateFailed(SleighError):
     def __init__(self, name: str, report: dict):
         self.report = report
         tol = report["tolerance_points"]
-        bad = [f"{t} {100 * v['engine']:.1f} % vs FP32 {100 * v['fp32']:.1f} % ({v['drop_points']:.1f} points below)"
+        bad = [f"{t}: the engine scored {v['engine_n']} of {v['n']} lines (it skipped the others)" if v["drop_points"] is None
+               else f"{t} {100 * v['engine']:.1f} % vs FP32 {100 * v['fp32']:.1f} % ({v['drop_points']:.1f} points below)"
                for t, v in report["types"].items() if not v["ok"]]
         super().__init__(f"engine {name}", f"task accuracy fell more than {tol:g} points below FP32's: " + "; ".join(bad),
                          f"at most {tol:g} points below FP32 on every question type (--eval-tolerance), "

@@ -50,7 +50,7 @@ class QueueFull(Exception):
     pass
 
 
-@dataclass(eq=False)  # a job is itself: the worker keeps the live ones in a set
+@dataclass(eq=False)  # a job is itself: the worker finds it in its queue by identity
 class Job:
     """A request's life in the worker. Events on `events`: ("piece", str)..., then one of
     ("done", GenerationResult), ("error", exception) or ("cancelled", None)."""

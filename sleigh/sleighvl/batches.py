@@ -66,7 +66,7 @@ class Batches:
         sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
         self.canvas = (min(min(s) for s in sizes), max(max(s) for s in sizes)) if sizes else (224, 560)
         self._pool = None  # inside `with`: the threads that tile a batch's images
-        self.undecodable: dict[str, str] = {}  # an image that passed the header check and failed to decode -> why
+        self.undecodable: dict[str, str] = {}  # an image (path) that passed the header check and failed to decode -> why
 
     def __enter__(self) -> Batches:
         self._pool = ThreadPoolExecutor(TILE_THREADS, thread_name_prefix="sleigh-tiles")
@@ -122,7 +122,7 @@ class Batches:
         except SleighError as e:  # from the JSONL's images only: a curriculum sample is drawn, not read
             if self.opts.strict or isinstance(job, tuple):
                 raise
-            self.undecodable.setdefault(ex.source, first_line(e))
+            self.undecodable.setdefault(str(ex.image), first_line(e))  # the image: its questions are drawn anew
             return None
 
     def _tile(self, ex: Example) -> TiledImage:

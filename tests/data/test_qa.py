@@ -46,11 +46,11 @@ def test_types_are_checked_and_labels_of_the_wrong_form_dropped(folder):
     lines = [line(type="colour", meta={"colour": "red", "box": [1, 2, 3, 4.5], "size": [32, 24], "extra": {"x": 1}}),
              line(meta={"colour": ["red"], "shape": 3, "box": "abc", "size": [1, "a"], "position": "left"}),
              line(meta={"box": [1, 2], "size": [0, 3]}),
-             line(answer=5), line(type=0), line(image="sub")]
+             line(answer=5), line(type=0), line(image="sub"), line(type=None)]
     (folder / "d.jsonl").write_text("\n".join(lines) + "\n")
     qa = read_qa(folder / "d.jsonl")
-    assert [q.line for q in qa.items] == [1, 2, 3]
-    assert qa.items[0].type == "colour" and qa.items[1].type == UNTYPED
+    assert [q.line for q in qa.items] == [1, 2, 3, 7]
+    assert qa.items[0].type == "colour" and qa.items[1].type == qa.items[3].type == UNTYPED  # null: as absent
     assert qa.items[0].meta == {"colour": "red", "box": [1, 2, 3, 4.5], "size": [32, 24], "extra": {"x": 1}}
     assert qa.items[1].meta == {"position": "left"} and qa.items[2].meta == {}
     assert qa.skipped == {"wrong type": 2, "image not a file": 1}

@@ -122,3 +122,50 @@ def test_bad_task_gate_options_are_one_line(tiny_pkg, tmp_path, monkeypatch, cap
     code, err = run_cli(monkeypatch, capsys, "build-engine", tiny_pkg, "--eval-data", tmp_path / "none.jsonl")
     assert code == 2 and len(err) == 1 and "none.jsonl" in err[0] and "not found" in err[0], err
     assert not (tiny_pkg / "engines").exists()  # refused before anything was built
+
+
+def test_an_engine_that_skips_lines_fp32_scored_fails_and_says_so(monkeypatch):
+    """A TensorRT engine's shorter context makes `sleigh eval` skip lines the FP32 modules scored:
+    the accuracies are then over different lines, so the type fails, naming how many it scored."""
+    from types import SimpleNamespace
+
+    import sleigh.engines.accuracy as accuracy
+    import sleigh.evaluate
+    from sleigh.engines.build_engine import TaskGateFailed
+
+    ref = {"data": "d.jsonl", "types": {"colour": {"n": 4, "accuracy": 0.5}, "shape": {"n": 4, "accuracy": 0.5}},
+           "skipped": {}}
+    got = {"types": {"colour": {"n": 2, "accuracy": 0.5}, "shape": {"n": 4, "accuracy": 0.5}},
+           "skipped": {"prompt past the context": 2}}
+    monkeypatch.setattr(accuracy, "fp32_task_accuracy", lambda pkg, data: ref)
+    monkeypatch.setattr(sleigh.evaluate, "evaluate", lambda *args, **kwargs: got)
+    report = accuracy.run_task_gate(Path("pkg"), SimpleNamespace(backend="tensorrt"), Path("d.jsonl"), 5.0)
+    assert not report["passed"] and report["types"]["shape"]["ok"]
+    assert report["types"]["colour"]["engine_n"] == 2 and report["engine_skipped"] == got["skipped"]
+    rows = dict((t, verdict) for t, *_, verdict in accuracy.task_rows(report))
+    assert rows["colour"] == "FAIL: the engine scored 2 of these 4 lines (it skipped the others)"
+    assert "colour: the engine scored 2 of 4 lines" in str(TaskGateFailed("trt-fp16", report))
+
+
+def test_a_cached_fp32_record_of_an_older_scoring_is_measured_again(tiny_pkg, tmp_path, eval_data, monkeypatch):
+    """The FP32 task accuracy is kept in the manifest; one from before untyped lines were 'untyped'
+    (they were 'all') and refused lines were skipped is measured again, not compared to a new one."""
+    import sleigh.evaluate
+    from sleigh.engines.accuracy import fp32_task_accuracy
+    from sleigh.runtime.manifest import update_manifest
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    calls = []
+    fake = {"data": str(eval_data), "types": {"colour": {"n": 1, "accuracy": 1.0}}, "skipped": {}}
+    monkeypatch.setattr(sleigh.evaluate, "evaluate", lambda *args, **kwargs: calls.append(1) or fake)
+    fp32_task_accuracy(pkg, eval_data)
+    fp32_task_accuracy(pkg, eval_data)
+    assert len(calls) == 1  # kept
+
+    def as_older(manifest: dict) -> None:
+        for record in manifest["parity"]["task_accuracy"].values():
+            del record["version"]
+    update_manifest(pkg, as_older)
+    fp32_task_accuracy(pkg, eval_data)
+    assert len(calls) == 2

@@ -275,7 +275,11 @@ def test_serve_and_bench_load_with_the_budget(tiny_pkg):
     from sleigh.bench import run_bench
     from sleigh.serve.app import ServeSettings, load_worker
 
-    assert load_worker(ServeSettings(model=tiny_pkg, max_memory=64 * GB)).pipeline.budget.limit == 64 * GB
+    worker = load_worker(ServeSettings(model=tiny_pkg, max_memory=64 * GB))
+    try:
+        assert worker.pipeline.budget.limit == 64 * GB
+    finally:
+        worker.close()
     with pytest.raises(SleighError, match="the model alone needs"):
         run_bench([("tiny", tiny_pkg, "auto", None)], None, "Hi", runs=1, max_new_tokens=1, quiet=True,
                   max_memory=50 * 1024**2)

@@ -319,6 +319,7 @@ def test_an_undecodable_image_leaves_its_batches_and_the_rest_trains(demo_ckpt, 
     shutil.copytree(data.parent, root)
     _cut_jpeg(root / "cut.jpg")
     lines[0]["image"] = "cut.jpg"  # the first image's first question; its other lines still show it whole
+    lines += [{**lines[0], "question": f"Question {i}?"} for i in range(4)]  # 5 questions: drawn 3 at a time
     (root / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     said = []
     r = train(demo_ckpt, root / "d.jsonl", tmp_path / "out", TrainOptions(**{**FEW, "steps": 4}), log=said.append)
