@@ -43,7 +43,6 @@ class QAData:
     items: list[QA]
     skipped: Counter  # reason -> count
     first_skipped: dict  # reason -> first line number
-    first_detail: dict = field(default_factory=dict)  # reason -> the first such line's whole reason
 
     def by_image(self) -> list[tuple[Path, list[QA]]]:
         """The items grouped by image, in order of first appearance (one vision pass per image)."""
@@ -113,7 +112,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
         firsts = "; ".join(detail[r] for r in sorted(skipped))
         raise SleighError(str(path), f"has no usable lines ({counts}; {firsts})" if skipped else "has no usable lines",
                           EXPECTED_LINE)
-    return QAData(path, items, skipped, first, detail)
+    return QAData(path, items, skipped, first)
 
 
 def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
