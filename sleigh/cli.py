@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
+from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
@@ -454,15 +455,16 @@ def eval_(
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
     tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
+    max_new_tokens: int = typer.Option(EVAL_NEW_TOKENS, help="The answer's token limit: answers longer than it can never match."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
     from sleigh.evaluate import evaluate, report_rows
 
     _check_threads(threads)
-    with _as_flags("backend", "engine", "limit", "tile_budget"):
+    with _as_flags("backend", "engine", "limit", "tile_budget", "max_new_tokens"):
         report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json,
-                          tile_budget=tile_budget)
+                          tile_budget=tile_budget, max_new_tokens=max_new_tokens)
     if as_json:
         typer.echo(_json_line(report))
         return

@@ -3,7 +3,7 @@
 Torch-free: it runs through `runtime.pipeline.Pipeline` (greedy, as `sleigh run`), so a package's
 engines and a checkpoint on the torch backend are judged by the same code. Answers match after
 trimming, lower-casing and dropping a final full stop; the model answers in at most 8 tokens
-(`evaluate`'s max_new_tokens). A line whose image cannot be loaded or whose prompt exceeds the
+(EVAL_NEW_TOKENS, `--max-new-tokens`). A line whose image cannot be loaded or whose prompt exceeds the
 context is skipped and counted, as the JSONL's bad lines are. For data with object boxes (`sleigh
 data synth`), it also counts how often GSWA's highest-weighted tile holds the object, over the images
 with more than one tile.
@@ -17,12 +17,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from PIL import Image
-
-from sleigh.data.qa import read_qa
 from sleigh.errors import SleighError
 from sleigh.progress import progress
-from sleigh.runtime.image import object_tile
 
 
 def normalize(text: str) -> str:
@@ -37,21 +33,32 @@ def proportion(hits: int, n: int) -> dict:
 
 def top_tile_holds_object(weights: list[float], grid: tuple[int, int], image_size: tuple[int, int], box) -> bool:
     """Whether the centre of `box` (x0, y0, x1, y1; image px) lies in the tile GSWA weighs highest."""
+    from sleigh.runtime.image import object_tile
+
     tiles = weights[:grid[0] * grid[1]]
     return max(range(len(tiles)), key=tiles.__getitem__) == object_tile(grid, image_size, box)
 
 
+# Not the generation default: answers are matched exactly and are a word or two (a colour, a shape, a
+# position), so 8 tokens hold any right answer and keep a wrong one from running on (`eval --max-new-tokens`).
+EVAL_NEW_TOKENS = 8
+
+
 def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
-             threads: int | None = None, limit: int | None = None, max_new_tokens: int = 8, quiet: bool = False,
-             tile_budget: int | None = None) -> dict:
-    """`max_new_tokens` is not the generation default: answers are matched exactly and are a word or two
-    (a colour, a shape, a position), so 8 tokens hold any right answer and keep a wrong one from running on.
+             threads: int | None = None, limit: int | None = None, max_new_tokens: int = EVAL_NEW_TOKENS,
+             quiet: bool = False, tile_budget: int | None = None) -> dict:
+    """`max_new_tokens`: the answer's token limit (EVAL_NEW_TOKENS; more for data with longer answers).
     `engine`: a name, or an EngineEntry build-engine has not registered yet (its task-accuracy gate).
     `tile_budget`: the LLM reads the K tiles GSWA weighs highest and the thumbnail (Pipeline.generate)."""
+    from PIL import Image
+
+    from sleigh.data.qa import read_qa
     from sleigh.runtime.pipeline import Pipeline
 
     if limit is not None and limit < 1:
         raise SleighError("limit", f"got {limit}", "a number of questions >= 1")
+    if max_new_tokens < 1:
+        raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an answer's token limit >= 1")
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
     skipped = Counter(qa.skipped)
@@ -123,5 +130,7 @@ def accuracy_cell(report: dict, question_type: str) -> str:
 def questions_of_first_images(data: Path, images: int) -> int:
     """How many questions the first `images` images of a JSONL hold: the `limit` that evaluates those
     images only (for a JSONL whose lines are grouped by image, as `sleigh data synth` writes them)."""
+    from sleigh.data.qa import read_qa
+
     groups = read_qa(data).by_image()
     return sum(len(items) for _, items in groups[:images])

@@ -222,6 +222,7 @@ def review_cases(root: Path, ckpt: Path, pkg: Path, run: list) -> dict[str, Case
         "train_seed_negative": train("tr-seed", "--steps", "2", "--seed", "-1", words=("--seed", "-1", "2**63 - 1")),
         "train_threads_zero": train("tr-threads", "--steps", "2", "--threads", "0", words=("--threads", "got 0")),
         "eval_threads_too_many": Case(["eval", pkg, "--data", data, "--threads", "100000"], ("--threads", "CPUs")),
+        "eval_max_new_tokens_zero": Case(["eval", pkg, "--data", data, "--max-new-tokens", "0"], ("--max-new-tokens", "got 0")),
         "init_seed_huge": Case(["init", root / "init-huge", "--seed", str(10**20)], ("--seed", "2**63 - 1"),
                                dst=root / "init-huge"),
         "synth_seed_negative": Case(["data", "synth", root / "syn", "--n", "1", "--seed", "-5"], ("--seed", "-5")),
@@ -335,7 +336,7 @@ BAD_INPUT = ["convert_other_model", "convert_empty_folder", "convert_missing_ten
              "build_engine_missing_plugin_library", "train_minutes_nan", "train_lr_inf", "train_steps_zero",
              "train_seed_negative", "train_threads_zero", "eval_threads_too_many", "init_seed_huge",
              "synth_seed_negative", "synth_into_a_file", "build_engine_reserved_name", "run_show_weights_xbm",
-             "bench_reference_package"]
+             "bench_reference_package", "eval_max_new_tokens_zero"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUT)
