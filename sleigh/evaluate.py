@@ -53,7 +53,8 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     from PIL import Image
 
     from sleigh.data.qa import read_qa
-    from sleigh.runtime.pipeline import Pipeline
+    from sleigh.runtime.image import ImageError
+    from sleigh.runtime.pipeline import ContextExceeded, Pipeline
 
     if limit is not None and limit < 1:
         raise SleighError("limit", f"got {limit}", "a number of questions >= 1")
@@ -72,11 +73,8 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         for item in items:
             try:
                 result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget).result
-            except SleighError as e:  # this line's image or prompt, not the model: skipped as read_qa skips
-                kind = _skipped_kind(e)
-                if kind is None:
-                    raise
-                skipped[kind] += 1
+            except (ImageError, ContextExceeded) as e:  # this line's image or prompt: skipped as read_qa skips
+                skipped["image not loaded" if isinstance(e, ImageError) else "prompt past the context"] += 1
                 bar.advance(1)
                 continue
             described = result.backend
@@ -105,15 +103,6 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
                                    "fraction": sum(top_tile.values()) / len(top_tile)}
     return report
-
-
-def _skipped_kind(e: SleighError) -> str | None:
-    """The skip reason for a line whose generation refused its own input, None for any other error."""
-    if e.what.startswith("image "):  # runtime/image.py names the file: truncated, past --max-pixels, ...
-        return "image not loaded"
-    if e.what == "prompt" and "exceed the context" in e.problem:
-        return "prompt past the context"
-    return None
 
 
 def report_rows(report: dict) -> list[tuple]:

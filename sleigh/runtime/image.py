@@ -40,6 +40,12 @@ PIXEL_HEADROOM = 32
 INTERNVL_MAX_TILES = 12
 TILES_LIMIT = 40  # the most tiles any model here takes: export's --max-tiles range, checked in every config
 
+
+class ImageError(SleighError):
+    """An image that cannot be used as given (its file, format, size or pixels), as opposed to a bad
+    argument: what `sleigh eval` skips a line for."""
+
+
 # Alpha is composited onto this colour: documents and screenshots with transparency are usually
 # meant to be seen on a white page, and InternVL's own `convert("RGB")` would show hidden colour.
 BACKGROUND = (255, 255, 255)
@@ -98,18 +104,18 @@ def check_image_path(source: str | os.PathLike) -> Path:
         info = path.stat()
     except FileNotFoundError:
         if _URL.match(str(source)):
-            raise SleighError(what, "is a URL, and URLs are not supported",
+            raise ImageError(what, "is a URL, and URLs are not supported",
                               "a local image file (download it first, e.g. `curl -O URL`)") from None
-        raise SleighError(what, "no such file", "an existing image file") from None
+        raise ImageError(what, "no such file", "an existing image file") from None
     except OSError as exc:
-        raise SleighError(what, f"cannot be read ({_reason(exc)})", "a readable image file") from exc
+        raise ImageError(what, f"cannot be read ({_reason(exc)})", "a readable image file") from exc
     if stat.S_ISDIR(info.st_mode):
-        raise SleighError(what, "is a directory", "an image file")
+        raise ImageError(what, "is a directory", "an image file")
     if not stat.S_ISREG(info.st_mode):
-        raise SleighError(what, f"is not a regular file (a {_file_kind(info.st_mode)})",
+        raise ImageError(what, f"is not a regular file (a {_file_kind(info.st_mode)})",
                           "an image file (PNG, JPEG, WebP, ...)")
     if info.st_size == 0:
-        raise SleighError(what, "is an empty file (0 bytes)", "an image file (PNG, JPEG, WebP, ...)")
+        raise ImageError(what, "is an empty file (0 bytes)", "an image file (PNG, JPEG, WebP, ...)")
     return path
 
 
@@ -132,7 +138,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         except SleighError:
             raise
         except Exception as exc:  # a lazily opened PIL image can still fail to decode here
-            raise SleighError(what, f"cannot be decoded ({_reason(exc)})", "a readable image") from exc
+            raise ImageError(what, f"cannot be decoded ({_reason(exc)})", "a readable image") from exc
     if not isinstance(source, (str, os.PathLike)):
         raise SleighError("image", f"got a {type(source).__name__}", "a file path (str or pathlib.Path) or a PIL.Image.Image")
     path = check_image_path(source)
@@ -151,14 +157,14 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
     except SleighError:
         raise
     except Image.DecompressionBombError as exc:
-        raise SleighError(what, f"is too large to decode safely ({_reason(exc)})", _max_pixels_text(max_pixels)) from exc
+        raise ImageError(what, f"is too large to decode safely ({_reason(exc)})", _max_pixels_text(max_pixels)) from exc
     except UnidentifiedImageError as exc:
-        raise SleighError(what, "is not an image Pillow can identify (corrupt or unsupported format)",
+        raise ImageError(what, "is not an image Pillow can identify (corrupt or unsupported format)",
                           "an image file (PNG, JPEG, WebP, BMP, GIF, TIFF, ...)") from exc
     except PermissionError as exc:
-        raise SleighError(what, "cannot be read (permission denied)", "a readable image file") from exc
+        raise ImageError(what, "cannot be read (permission denied)", "a readable image file") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data
-        raise SleighError(what, f"is corrupt or truncated ({_reason(exc)})", "a complete, valid image file") from exc
+        raise ImageError(what, f"is corrupt or truncated ({_reason(exc)})", "a complete, valid image file") from exc
 
 
 def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448) -> tuple[int, int]:
@@ -270,7 +276,7 @@ def _to_rgb(image: Image.Image, what: str) -> Image.Image:
     try:
         return image.convert("RGB")
     except ValueError as exc:
-        raise SleighError(what, f"has pixel mode {mode!r}, which cannot be converted to RGB", "an RGB-convertible image") from exc
+        raise ImageError(what, f"has pixel mode {mode!r}, which cannot be converted to RGB", "an RGB-convertible image") from exc
 
 
 def _check_tiling_args(min_tiles: int, max_tiles: int, size: int) -> None:
@@ -293,9 +299,9 @@ def _check_max_pixels(max_pixels: int | None) -> int:
     return int(max_pixels)
 
 
-def _bomb(what: str, width: int, height: int, max_pixels: int) -> SleighError:
+def _bomb(what: str, width: int, height: int, max_pixels: int) -> ImageError:
     problem = f"is {width}x{height} = {width * height:,} pixels, more than tiling needs and too large to decode safely"
-    return SleighError(what, problem, _max_pixels_text(max_pixels))
+    return ImageError(what, problem, _max_pixels_text(max_pixels))
 
 
 def _max_pixels_text(max_pixels: int) -> str:

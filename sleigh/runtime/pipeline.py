@@ -36,6 +36,11 @@ from sleigh.runtime.sampling import Sampler, SamplingOptions, TokenHistory
 DEFAULT_PROMPT = "Describe the image in detail."
 
 
+class ContextExceeded(SleighError):
+    """A prompt (with the answer's token limit) longer than the model's context: what `sleigh eval`
+    skips a line for."""
+
+
 @dataclass
 class Timings:
     preprocess_s: float = 0.0
@@ -311,7 +316,7 @@ class Pipeline:
         context = self.context_length
         max_new_tokens = self._fitted(max_new_tokens, len(ids), fit_context)
         if len(ids) + max_new_tokens > context:
-            raise SleighError("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
+            raise ContextExceeded("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
                               f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
