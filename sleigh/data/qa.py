@@ -12,7 +12,6 @@ reason, or refused with their line number (`strict`).
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from sleigh.errors import SleighError
+from sleigh.runtime.fields import KINDS
 
 EXPECTED_LINE = ('one JSON object per line: {"image": path, "question": str, "answer": str}, '
                  "image paths relative to the JSONL's folder or absolute")
@@ -138,14 +138,11 @@ def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
               d.get("type") or UNTYPED, _labels(d.get("meta"))), None
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
+_STRING, _NUMBER, _POSITIVE = (KINDS[k][0] for k in ("string", "number", "positive"))
 META_LABELS = {  # what train and eval read from `meta`, and the form each must have
-    "colour": lambda v: isinstance(v, str), "shape": lambda v: isinstance(v, str), "position": lambda v: isinstance(v, str),
-    "box": lambda v: isinstance(v, list) and len(v) == 4 and all(map(_finite, v)),
-    "size": lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v),
+    "colour": _STRING, "shape": _STRING, "position": _STRING,
+    "box": lambda v: isinstance(v, list) and len(v) == 4 and all(map(_NUMBER, v)),
+    "size": lambda v: isinstance(v, list) and len(v) == 2 and all(map(_POSITIVE, v)),
 }
 
 

@@ -12,7 +12,7 @@ _MISSING = object()
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not a count
 
 
@@ -21,8 +21,8 @@ KINDS = {
     "list": (lambda v: isinstance(v, list), "a list"),
     "string": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "count": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
-    "positive": (lambda v: _is_int(v) and v > 0, "an integer >= 1"),
+    "count": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "positive": (lambda v: is_int(v) and v > 0, "an integer >= 1"),
     "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
     "sha256": (lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None, "64 lowercase hex digits"),
 }

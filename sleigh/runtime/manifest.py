@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from sleigh.errors import SleighError
-from sleigh.runtime.fields import Fields, describe
+from sleigh.runtime.fields import Fields, describe, is_int
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
@@ -452,7 +452,7 @@ def _check_sizes(f: Fields, contract: Contract, modules: dict[str, ModuleEntry])
         for module, name, axis in places:
             shape = next((t.shape for t in modules[module].inputs if t.name == name), ())
             dim = shape[axis] if axis < len(shape) else None
-            if isinstance(dim, int) and dim != value:
+            if is_int(dim) and dim != value:
                 raise f.fail(what, f"is {value}, but modules.{module} takes {name} with {dim} on axis {axis}",
                              "the size the modules were exported with")
     reads_ids = "input_ids" in modules["decoder"].names("inputs")  # the fused forms embed a step's tokens

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime.fields import is_int
 
 MANIFEST = "manifest.json"
 SCHEMA = "sleigh.package"
@@ -238,9 +239,8 @@ def check_module_io(modules: dict, module: str, path: Path, inputs: dict[str, li
                              for label, names in (("lacks", missing), ("has extra", extra)) if names)
             raise SleighError(str(path), f"is not a {module} module: its {side} differ from the manifest's ({diff})",
                               f"the package's own {module} module; {REEXPORT}, or rebuild the engine")
-    for t in modules[module].inputs:
+    for t in modules[module].inputs:  # fixed sizes are ints; the others are names (or None)
         got = list(inputs[t.name])
-        fixed = lambda d: isinstance(d, int) and not isinstance(d, bool)  # noqa: E731 - others are names
-        if len(got) != len(t.shape) or any(fixed(w) and fixed(g) and w != g for w, g in zip(t.shape, got)):
+        if len(got) != len(t.shape) or any(is_int(w) and is_int(g) and w != g for w, g in zip(t.shape, got)):
             raise SleighError(str(path), f"is not the {module} module the manifest lists: its input {t.name} is "
                               f"{got}, the manifest's {list(t.shape)}", f"the package's own {module} module; {REEXPORT}")

@@ -92,15 +92,18 @@ class ModelWorker:
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._queue: deque[Job] = deque()  # submitted, not started, not withdrawn
-        self._current: Job | None = None
+        self._current: Job | None = None  # the one generating
         self.closed = False
-        self.running = 0
         self._thread = threading.Thread(target=self._loop, name="sleigh-generate", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
         return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return int(self._current is not None)
 
     @property
     def full(self) -> bool:
@@ -142,7 +145,7 @@ class ModelWorker:
                 if not self._queue:  # closed, and nothing left
                     return
                 job = self._queue.popleft()
-                self._current, self.running = job, 1
+                self._current = job
             self._run(job)
 
     def _run(self, job: Job) -> None:
@@ -155,7 +158,7 @@ class ModelWorker:
             job.emit("error", e)
         finally:
             with self._lock:
-                self._current, self.running = None, 0
+                self._current = None
 
     def _generate(self, job: Job) -> None:
         if job.cancelled.is_set():
