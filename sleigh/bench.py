@@ -45,13 +45,13 @@ def machine() -> dict:
 
 
 def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_tokens: int, progress=None,
-                   tile_budget: int | None = None) -> BenchRow:
+                   tile_budget: int | None = None, max_tiles: int | None = None) -> BenchRow:
     """One warm-up, then `runs` timed generations with a fixed number of new tokens (EOS ignored)."""
-    pipe.generate(image, prompt, max_new_tokens=min(4, max_new_tokens), ignore_eos=True, tile_budget=tile_budget).result
+    options = dict(ignore_eos=True, tile_budget=tile_budget, max_tiles=max_tiles)
+    pipe.generate(image, prompt, max_new_tokens=min(4, max_new_tokens), **options).result
     results = []
     for _ in range(runs):
-        results.append(pipe.generate(image, prompt, max_new_tokens=max_new_tokens, ignore_eos=True,
-                                     tile_budget=tile_budget).result)
+        results.append(pipe.generate(image, prompt, max_new_tokens=max_new_tokens, **options).result)
         if progress:
             progress.advance()
     med = lambda f: statistics.median(f(r) for r in results)  # noqa: E731
@@ -66,9 +66,10 @@ def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_t
 
 def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: str, *, runs: int = 3,
               max_new_tokens: int = BENCH_NEW_TOKENS, threads: int | None = None, quiet: bool = False,
-              max_memory: int | None = None, tile_budget: int | None = None) -> dict:
+              max_memory: int | None = None, tile_budget: int | None = None, max_tiles: int | None = None) -> dict:
     """targets: (label, model path, backend, engine). `tile_budget`: the LLM reads the K tiles GSWA
-    weighs highest and the thumbnail (vision still runs on every view)."""
+    weighs highest and the thumbnail (vision still runs on every view). `max_tiles`: the image is cut
+    into at most this many tiles (default: the model's), so fewer views are timed."""
     from sleigh.progress import progress
     from sleigh.runtime.pipeline import Pipeline
 
@@ -83,9 +84,9 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
             with Pipeline.load(path, backend=backend, threads=threads, engine=engine,
                                max_memory=max_memory) as pipe:  # one target in memory at a time
                 rows.append(bench_pipeline(label, pipe, image, prompt, runs=runs, max_new_tokens=max_new_tokens, progress=bar,
-                                           tile_budget=tile_budget))
+                                           tile_budget=tile_budget, max_tiles=max_tiles))
     return {"machine": machine(), "threads": threads, "image": str(image) if image else None, "prompt": prompt,
-            "max_new_tokens": max_new_tokens, "tile_budget": tile_budget, "rows": [asdict(r) for r in rows], "seconds": round(time.time() - t0, 1)}
+            "max_new_tokens": max_new_tokens, "tile_budget": tile_budget, "max_tiles": max_tiles, "rows": [asdict(r) for r in rows], "seconds": round(time.time() - t0, 1)}
 
 
 def markdown(report: dict) -> str:

@@ -535,6 +535,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
     tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's): time fewer views."),
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
@@ -555,10 +556,10 @@ def bench(
     if reference is not None and (reference / "manifest.json").is_file():
         raise SleighError(f"--reference {reference}", "is a package; the reference runs a checkpoint on PyTorch",
                           "the Sleigh checkpoint the package was exported from")
-    with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget"):
+    with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget", "max_tiles"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                            threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),
-                           tile_budget=tile_budget)
+                           tile_budget=tile_budget, max_tiles=max_tiles)
     typer.echo(_json_line(report) if as_json else markdown(report))
 
 

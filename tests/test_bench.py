@@ -33,9 +33,10 @@ def bench_json(tiny_pkg) -> dict:
 
 def test_json_report_has_every_claimed_field(bench_json, tiny_pkg):
     r = bench_json
-    assert set(r) == {"machine", "threads", "image", "prompt", "max_new_tokens", "tile_budget", "rows", "seconds"}
+    assert set(r) == {"machine", "threads", "image", "prompt", "max_new_tokens", "tile_budget", "max_tiles", "rows", "seconds"}
     assert set(r["machine"]) == {"cpu", "cores", "python", "system"}
     assert r["threads"] == 1 and r["max_new_tokens"] == NEW_TOKENS and r["prompt"] and r["tile_budget"] is None
+    assert r["max_tiles"] is None
     assert [row["target"] for row in r["rows"]] == [str(tiny_pkg), f"{tiny_pkg} [package]"]
     for row in r["rows"]:
         assert list(row) == [f.name for f in fields(BenchRow)]
@@ -118,7 +119,20 @@ def test_a_row_is_the_median_of_the_pipelines_own_timings(tiny_pkg):
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--threads", "0"], "--threads"),
     (["--image", "no-such-image.png"], "no-such-image.png"),
+    (["--max-tiles", "0"], "--max-tiles"),
+    # the remedy names flags bench has (it once named `max_tiles`, a flag of `run` only)
+    (["--max-new-tokens", "100000000"], "--max-tiles"),
 ])
 def test_bad_options_give_one_error_line(tiny_pkg, args, flag):
     line = one_error_line(run_sleigh("bench", tiny_pkg, *args))
     assert flag in line and "Expected:" in line, line
+
+
+def test_max_tiles_times_fewer_views(tiny_pkg, bench_json):
+    proc = run_sleigh("bench", tiny_pkg, "--runs", "1", "--max-new-tokens", "2", "--threads", "1", "--max-tiles", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["max_tiles"] == 1
+    assert bench_json["rows"][0]["views"] > 1  # the photo is cut into several tiles by default
+    assert report["rows"][0]["views"] == 1  # one tile, and no thumbnail beside a single tile
+    assert report["rows"][0]["prompt_tokens"] < bench_json["rows"][0]["prompt_tokens"]
