@@ -41,6 +41,11 @@ class ContextExceeded(SleighError):
     skips a line for."""
 
 
+class ModelFault(SleighError):
+    """The model's own output is unusable (non-finite GSWA weights): the model's fault, not the
+    request's (the server answers 500, not 400)."""
+
+
 @dataclass
 class Timings:
     preprocess_s: float = 0.0
@@ -391,6 +396,11 @@ class Pipeline:
             image_embeds[start:start + chunk] = vis["image_embeds"]
             cls_tokens[start:start + chunk] = vis["cls_tokens"]
         weights = self.backend.run("gswa", {"cls_tokens": cls_tokens})["gswa_weights"].astype(np.float32)
+        if not np.isfinite(weights).all():  # they would bias attention, and no JSON carries them
+            raise ModelFault(f"the gswa module ({self.backend.describe()})",
+                             f"weighs {np.count_nonzero(~np.isfinite(weights))} of {views} views NaN or infinite",
+                             "finite weights: the model's weights are broken or this engine overflows "
+                             "(check it with `sleigh compare`, or run the package's FP32 modules)")
         gswa = self.contract.gswa
         return (image_embeds if gswa is None else scaled_embeds(image_embeds, weights, gswa.apply)), weights
 

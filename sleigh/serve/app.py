@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
+from sleigh.runtime.pipeline import ModelFault
 from sleigh.serve import protocol
 from sleigh.serve.metrics import CONTENT_TYPE, Metrics
 from sleigh.serve.protocol import APIError
@@ -327,6 +328,8 @@ def _busy(worker: ModelWorker, settings: ServeSettings) -> APIError:
 
 
 def _generation_error(exc: BaseException) -> APIError:
+    if isinstance(exc, ModelFault):  # the model's, not the request's
+        return APIError(500, first_line(exc))
     if isinstance(exc, SleighError):
         return APIError(400, first_line(exc))
     return APIError(500, f"generation failed ({type(exc).__name__}); see the server log")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from sleigh.errors import SleighError
-from sleigh.runtime.pipeline import Pipeline
+from sleigh.runtime.pipeline import ModelFault, Pipeline
 from sleigh.runtime.prompt import Turn
 from sleigh.runtime.sampling import SamplingOptions
 
@@ -151,7 +151,9 @@ class ModelWorker:
     def _run(self, job: Job) -> None:
         try:
             self._generate(job)
-        except SleighError as e:  # the request's fault (a prompt past the context, ...)
+        except SleighError as e:  # the request's fault (a prompt past the context, ...), or the model's
+            if isinstance(e, ModelFault):
+                log.error("generation failed: %s", e)
             job.emit("error", e)
         except Exception as e:  # noqa: BLE001 - a bug or a backend failure: logged here, one line to the client
             log.exception("generation failed")

@@ -418,3 +418,28 @@ def test_metrics_are_prometheus_text(server, client):
     # buckets are cumulative and end at the count
     ttft = [float(l.rsplit(" ", 1)[1]) for l in samples if l.startswith("sleigh_time_to_first_token_seconds_bucket")]
     assert ttft == sorted(ttft) and ttft[-1] == server.metric("sleigh_time_to_first_token_seconds_count")
+
+
+def test_nan_gswa_weights_are_a_server_error_in_one_line(probe, small_png, monkeypatch, caplog):
+    """A model whose GSWA weights come out NaN (broken weights, an engine that overflows): the request
+    is not at fault, so 500 (not 400) with the pipeline's one line, logged; never a JSON encoder failure."""
+    backend = probe.worker.pipeline.backend
+    real = backend.run
+
+    def nan_gswa(module, feeds):
+        out = real(module, feeds)
+        if module == "gswa":
+            out["gswa_weights"] = out["gswa_weights"] * float("nan")
+        return out
+
+    monkeypatch.setattr(backend, "run", nan_gswa)
+    image = {"type": "image_url", "image_url": {"url": data_url(small_png.read_bytes())}}
+    with caplog.at_level("ERROR", logger="sleigh.serve"):
+        r = httpx.post(probe.base + "/v1/chat/completions", timeout=60,
+                       json=probe.body([image, {"type": "text", "text": "What is it?"}], max_tokens=2))
+    assert r.status_code == 500, r.text[:300]
+    message = r.json()["error"]["message"]
+    assert "gswa" in message and "NaN or infinite" in message and "Traceback" not in r.text
+    assert [rec for rec in caplog.records if "NaN or infinite" in rec.getMessage()]
+    monkeypatch.undo()
+    assert httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=2), timeout=60).status_code == 200
