@@ -22,6 +22,7 @@ from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
 from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
+from sleigh.serve.launch import SHUTDOWN_TIMEOUT_S
 from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
 # C0 and C1 control characters but tab and newline: an ESC in generated text must not drive the terminal
@@ -587,6 +588,7 @@ def serve(
     replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
     ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: start a local one)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
+    shutdown_timeout: float = typer.Option(SHUTDOWN_TIMEOUT_S, help="Seconds answers under way may take to finish after Ctrl-C or SIGTERM; then they are cut off."),
 ):
     """Serve the model over HTTP with OpenAI's chat-completions API (/v1/chat/completions, /v1/models, /health, /metrics)."""
     from sleigh.serve.launch import launch
@@ -600,7 +602,7 @@ def serve(
                allow_local_files=allow_local_files, log_level=log_level, ray=ray, replicas=replicas,
                min_replicas=min_replicas, max_replicas=max_replicas, target_ongoing_requests=target_ongoing_requests,
                replica_cpus=replica_cpus, ray_address=ray_address,
-               max_memory=None if max_memory is None else parse_size(max_memory))
+               max_memory=None if max_memory is None else parse_size(max_memory), shutdown_timeout=shutdown_timeout)
 
 
 def _json_line(obj, **kw) -> str:

@@ -11,6 +11,10 @@ from pathlib import Path
 from sleigh.errors import SleighError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# After SIGINT/SIGTERM, answers under way may finish for this long; then they are cut off (a stream ends
+# without its [DONE]) and the worker stops at its next token. Gunicorn's graceful timeout, and the
+# 30 s Kubernetes gives a pod between SIGTERM and SIGKILL.
+SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def _require(*modules: str, extra: str = "serve") -> None:
@@ -23,7 +27,8 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
            model_name: str | None, max_queue: int, max_tokens: int, max_body_mb: float, max_image_pixels: int,
            allow_local_files: Path | None, log_level: str, ray: bool, replicas: int, min_replicas: int | None,
            max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
-           ray_address: str | None, max_memory: int | None = None) -> None:
+           ray_address: str | None, max_memory: int | None = None,
+           shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
     _require("fastapi", "uvicorn")
     if ray:
         _require("ray")
@@ -34,6 +39,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
               ("--max-body-mb", max_body_mb, 0 < max_body_mb <= 1024, "in (0, 1024]"),
               ("--max-image-pixels", max_image_pixels, max_image_pixels >= 1, ">= 1"),
               ("--threads", threads, threads is None or threads >= 1, ">= 1"),
+              ("--shutdown-timeout", shutdown_timeout, 0 <= shutdown_timeout <= 86400, "0 to 86400 seconds"),
               ("--log-level", log_level, log_level in LOG_LEVELS, " | ".join(LOG_LEVELS))]
     for what, value, ok, expected in checks:
         if not ok:
@@ -55,10 +61,10 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
         _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,
                    ray_address)
     else:
-        _serve_uvicorn(settings, host, port, log_level)
+        _serve_uvicorn(settings, host, port, log_level, shutdown_timeout)
 
 
-def _serve_uvicorn(settings, host: str, port: int, log_level: str) -> None:
+def _serve_uvicorn(settings, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
     import uvicorn
 
     from sleigh.serve.app import create_app, load_worker
@@ -66,7 +72,8 @@ def _serve_uvicorn(settings, host: str, port: int, log_level: str) -> None:
     worker = load_worker(settings)  # before the port opens: a bad package is one error line
     logging.getLogger("sleigh.serve").info("serving %s as %r on http://%s:%d/v1", settings.model, settings.name,
                                            host, port)
-    uvicorn.run(create_app(settings, worker), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(settings, worker), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=shutdown_timeout)
 
 
 def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,

@@ -16,6 +16,8 @@ from tests.helpers import one_error_line
     (["--model", "PKG", "--max-tokens", "0"], "--max-tokens"),
     (["--model", "PKG", "--threads", "0"], "--threads"),
     (["--model", "PKG", "--log-level", "loud"], "--log-level"),
+    (["--model", "PKG", "--shutdown-timeout", "-1"], "--shutdown-timeout"),
+    (["--model", "PKG", "--shutdown-timeout", "nan"], "--shutdown-timeout"),
     (["--model", "PKG", "--allow-local-files", "/nonexistent/dir"], "--allow-local-files"),
     (["--model", "PKG", "--ray", "--replicas", "0"], "--replicas"),
     (["--model", "PKG", "--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas"),
@@ -77,3 +79,55 @@ def test_serve_takes_the_global_log_level_unless_given_its_own(tiny_pkg, monkeyp
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert ("info: serving " in result.output) == shown, result.output
+
+
+def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_path):
+    """SIGINT with a stream under way: uvicorn alone waits for it to end (a long answer kept the server
+    up for minutes); with --shutdown-timeout 0 the stream is cut off (no [DONE]) and the server exits
+    at once, its worker stopped at its next token."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+
+    from tests.helpers import cli_env
+    from tests.serve.conftest import free_port, wait_healthy
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
+                                 "--threads", "1", "--shutdown-timeout", "0"], env=cli_env(), stdout=err, stderr=err)
+    base = f"http://127.0.0.1:{port}"
+    lines = []
+
+    def stream():
+        body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
+                "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
+        try:
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+        except httpx.TransportError:
+            pass
+
+    try:
+        wait_healthy(base, proc)
+        reader = threading.Thread(target=stream)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while len(lines) < 3 and time.monotonic() < deadline:  # the answer is under way
+            time.sleep(0.05)
+        assert len(lines) >= 3, log.read_text()[-2000:]
+        t = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+        took = time.monotonic() - t
+        reader.join(timeout=30)
+    finally:
+        proc.kill()
+    assert took < 10, took
+    assert "data: [DONE]" not in lines and len(lines) < 7000, len(lines)  # cut off, not finished
+    assert "timeout graceful shutdown exceeded" in log.read_text()
