@@ -59,7 +59,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
     root.setLevel(log_level.upper())  # basicConfig's level would not apply beside an existing handler
     if ray:
         _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,
-                   ray_address)
+                   ray_address, shutdown_timeout)
     else:
         _serve_uvicorn(settings, host, port, log_level, shutdown_timeout)
 
@@ -77,7 +77,7 @@ def _serve_uvicorn(settings, host: str, port: int, log_level: str, shutdown_time
 
 
 def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,
-               ray_address) -> None:
+               ray_address, shutdown_timeout) -> None:
     import ray
     from ray import serve
 
@@ -85,7 +85,8 @@ def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, targe
     from sleigh.serve.ray_app import Scaling, build_app
 
     scaling = Scaling(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                      target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus)
+                      target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
+                      shutdown_timeout=shutdown_timeout)
     load_worker(settings).close()  # the package loads here, or fails as one line before Ray starts
     ray.init(address=ray_address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.serve.app import ServeSettings
+from sleigh.serve.launch import SHUTDOWN_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Scaling:
     max_replicas: int | None = None
     target_ongoing_requests: float = 1.0  # per replica: one running generation keeps a replica busy
     replica_cpus: float = 1.0  # Ray CPUs reserved by each replica (its ONNX Runtime threads: --threads)
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_S  # a replica stopped: its answers under way may finish for this long
 
     def __post_init__(self):
         if self.replicas < 1:
@@ -35,12 +37,15 @@ class Scaling:
                               "1 <= min <= max")
         if self.target_ongoing_requests <= 0 or self.replica_cpus < 0:
             raise SleighError("--target-ongoing-requests/--replica-cpus", "got a non-positive value", "values > 0")
+        if not 0 <= self.shutdown_timeout <= 86400:
+            raise SleighError("--shutdown-timeout", f"got {self.shutdown_timeout}", "0 to 86400 seconds")
 
     def deployment_options(self, settings: ServeSettings) -> dict:
         options = {
             # one running + max_queue waiting per replica; the replica itself answers 503 past that
             "max_ongoing_requests": settings.max_queue + 2,
             "ray_actor_options": {"num_cpus": self.replica_cpus},
+            "graceful_shutdown_timeout_s": self.shutdown_timeout,
         }
         if self.max_replicas is not None:
             options["autoscaling_config"] = {"min_replicas": self.min_replicas or 1,
@@ -80,7 +85,7 @@ def app_builder(args: dict):
 
 _INT = {"threads", "max_queue", "max_body_bytes", "max_image_pixels", "default_max_tokens", "retry_after_s",
         "replicas", "min_replicas", "max_replicas"}
-_FLOAT = {"target_ongoing_requests", "replica_cpus"}
+_FLOAT = {"target_ongoing_requests", "replica_cpus", "shutdown_timeout"}
 _PATH = {"model", "allow_local_files"}
 
 

@@ -59,6 +59,7 @@ def test_app_builder_arguments():
     """`serve run sleigh.serve.ray_app:app_builder key=value ...`: the keys are checked, values converted."""
     from sleigh.errors import SleighError
     from sleigh.serve.app import ServeSettings
+    from sleigh.serve.launch import SHUTDOWN_TIMEOUT_S
     from sleigh.serve.ray_app import Scaling, _convert, app_builder
 
     with pytest.raises(SleighError, match="model=PKG"):
@@ -68,8 +69,12 @@ def test_app_builder_arguments():
     assert _convert("replicas", "2") == 2 and _convert("replica_cpus", "0.5") == 0.5
     options = Scaling(replicas=3).deployment_options(ServeSettings(model="x"))
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert options["graceful_shutdown_timeout_s"] == SHUTDOWN_TIMEOUT_S  # as `sleigh serve --shutdown-timeout`
+    assert _convert("shutdown_timeout", "2.5") == 2.5
     auto = Scaling(min_replicas=1, max_replicas=4, target_ongoing_requests=2)
     cfg = auto.deployment_options(ServeSettings(model="x"))
     assert cfg["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
     with pytest.raises(SleighError):
         Scaling(min_replicas=5, max_replicas=2)
+    with pytest.raises(SleighError, match="--shutdown-timeout"):
+        Scaling(shutdown_timeout=float("nan"))
