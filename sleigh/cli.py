@@ -181,7 +181,7 @@ def run(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="A string that ends the answer (not printed); repeatable."),
     allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
-    show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (PNG/JPEG)."),
+    show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (.png, .jpg, .webp)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
     tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail (fewer image tokens)."),
 ):
@@ -223,7 +223,7 @@ def run(
                             stop=stop or (), tile_budget=tile_budget, fit_context=max_new_tokens is None)
         if as_json:
             typer.echo(_json_line(gen.result.to_dict(), ensure_ascii=False))
-            _show_weights(image, gen.result, show_weights)
+            _show_weights(source, gen.result, show_weights)
             return
         shown = _escape_controls if _stdout_is_terminal() else str  # a pipe gets the text as generated
         if no_stream:
@@ -240,10 +240,11 @@ def run(
             grid += f"{len(r.kept_views)} read, "
         typer.echo(f"[{r.backend}] {grid}{r.prompt_tokens} prompt tokens, {len(r.token_ids)} new; "
                    f"first token {t.time_to_first_token_s:.2f} s, {t.decode_tokens_per_s:.1f} tokens/s", err=True)
-        _show_weights(image, r, show_weights)
+        _show_weights(source, r, show_weights)
 
 
-def _show_weights(image: Optional[Path], result, out: Optional[Path]) -> None:
+def _show_weights(image, result, out: Optional[Path]) -> None:
+    """`image`: the run's decoded image (the picture is drawn within the limit the run was given)."""
     if out is None:
         return
     from sleigh.runtime.show_weights import save_weights_image

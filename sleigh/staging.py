@@ -47,6 +47,22 @@ def prepare_output_dir(dst: Path, force: bool) -> None:
         raise SleighError(str(dst), f"parent folder {parent} is not writable", "a writable location")
 
 
+def check_output_file(out: Path) -> None:
+    """A file that can be written later (write_bytes_atomic makes its missing folders): checked before
+    any work, so a bad location costs nothing. Its nearest existing folder must be writable, and no
+    file may stand where a folder of its path goes."""
+    out = Path(out)
+    if out.is_dir():
+        raise SleighError(str(out), "is a folder", "a file name")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SleighError(str(out), f"{parent} is a file, not a folder", "a path whose folders are folders")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SleighError(str(out), f"folder {parent} is not writable", "a writable location")
+
+
 def process_start(pid: int) -> int | None:
     """A process's start time in clock ticks since boot (/proc/PID/stat field 22), None where unknown."""
     try:

@@ -232,6 +232,9 @@ def review_cases(root: Path, ckpt: Path, pkg: Path, run: list) -> dict[str, Case
         "run_show_weights_xbm": Case([run[0], ASTRONAUT, *run[1:], "--show-weights", root / "w.xbm"],
                                      ("w.xbm", "XBM"), dst=root / "w.xbm"),
         "bench_reference_package": Case(["bench", pkg, "--reference", pkg, "--runs", "30"], ("--reference", "is a package")),
+        # session 25: found only after the whole run, as "unexpected FileExistsError"
+        "run_show_weights_under_a_file": Case([run[0], ASTRONAUT, *run[1:], "--show-weights", root / "a-file.png" / "w.png"],
+                                              ("a-file.png", "is a file")),
     }
 
 
@@ -336,7 +339,7 @@ BAD_INPUT = ["convert_other_model", "convert_empty_folder", "convert_missing_ten
              "build_engine_missing_plugin_library", "train_minutes_nan", "train_lr_inf", "train_steps_zero",
              "train_seed_negative", "train_threads_zero", "eval_threads_too_many", "init_seed_huge",
              "synth_seed_negative", "synth_into_a_file", "build_engine_reserved_name", "run_show_weights_xbm",
-             "bench_reference_package", "eval_max_new_tokens_zero"]
+             "bench_reference_package", "eval_max_new_tokens_zero", "run_show_weights_under_a_file"]
 
 
 @pytest.mark.parametrize("name", BAD_INPUT)

@@ -78,10 +78,14 @@ def draw_weights(image: ImageSource, grid: tuple[int, int], weights: list[float]
 
 
 def output_format(out: Path) -> str:
-    """Pillow's format name for `out`'s suffix; checked before any model work."""
+    """Pillow's format name for `out`'s suffix, and a location it can be written to; checked before
+    any model work."""
+    from sleigh.staging import check_output_file
+
     out = Path(out)
     if out.is_dir():
         raise SleighError(str(out), "is a folder", "an image file name, e.g. weights.png")
+    check_output_file(out)
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise SleighError(str(out), f"unknown image suffix {out.suffix!r}", "a .png, .jpg or .webp file name")
@@ -101,5 +105,8 @@ def save_weights_image(image: ImageSource, grid: tuple[int, int], weights: list[
     fmt = output_format(out)
     buf = io.BytesIO()
     draw_weights(image, grid, weights).save(buf, format=fmt)
-    write_bytes_atomic(out, buf.getvalue())
+    try:
+        write_bytes_atomic(out, buf.getvalue())
+    except OSError as e:  # checked up front (output_format), but a folder may change meanwhile
+        raise SleighError(str(out), f"cannot be written ({e.strerror or first_line(e)})", "a writable location") from None
     return out

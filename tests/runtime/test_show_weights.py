@@ -62,3 +62,21 @@ def test_torch_free():
 def test_cli_refuses_show_weights_without_image(tmp_path):
     line = one_error_line(run_sleigh("run", "-m", tmp_path, "--show-weights", tmp_path / "w.png"))
     assert "--show-weights" in line and "no image" in line
+
+
+def test_the_picture_is_drawn_within_the_runs_own_pixel_limit(tiny_pkg, tmp_path, monkeypatch):
+    """`--max-pixels` raised above the default: the picture once read the file again under the default
+    limit, and failed after the whole run. It now draws the image the run decoded."""
+    from typer.testing import CliRunner
+
+    from sleigh import cli
+    from sleigh.runtime import image as image_mod
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (500, 400), (90, 140, 60)).save(photo)
+    monkeypatch.setattr(image_mod, "default_max_pixels", lambda *a, **k: 1000)  # far below the photo
+    out = tmp_path / "w.png"
+    result = CliRunner().invoke(cli.app, ["run", str(photo), "--model", str(tiny_pkg), "--max-new-tokens", "1",
+                                          "--max-pixels", str(500 * 400), "--show-weights", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Image.open(out).width == 500
