@@ -33,11 +33,13 @@ MAX_PIXELS = 178_956_970
 
 # Tiling resizes every image to at most max_tiles·size² pixels, so a file far larger than that only
 # costs memory (a 13000x13000 PNG of 20 KB decodes to 500 MB). The default limit is PIXEL_HEADROOM
-# times the largest grid, counted for at least InternVL's 12 tiles so that a small --max-tiles does
-# not refuse a photo the model itself takes: 32 · 12 · 448² = 77 Mpx, above any phone or full-frame
-# camera photo. It is checked on the header, before any pixel is decoded.
+# times the largest grid, counted for at least InternVL's 12 tiles of 448 pixels so that a small
+# --max-tiles or a model of smaller tiles does not refuse a photo InternVL itself takes:
+# 32 · 12 · 448² = 77 Mpx, above any phone or full-frame camera photo. It is checked on the header,
+# before any pixel is decoded.
 PIXEL_HEADROOM = 32
 INTERNVL_MAX_TILES = 12
+INTERNVL_TILE_SIZE = 448
 TILES_LIMIT = 40  # the most tiles any model here takes: export's --max-tiles range, checked in every config
 
 
@@ -90,9 +92,10 @@ def max_views(max_tiles: int, thumbnail: bool) -> int:
 
 def default_max_pixels(max_tiles: int = INTERNVL_MAX_TILES, size: int = 448) -> int:
     """The largest image (width·height) tiling for `max_tiles` views of `size` pixels accepts by
-    default: PIXEL_HEADROOM times the largest grid (of at least 12 tiles), at most MAX_PIXELS."""
+    default: PIXEL_HEADROOM times the largest grid (at least InternVL's 12 tiles of 448), at most MAX_PIXELS."""
     _check_tiling_args(1, max_tiles, size)
-    return min(PIXEL_HEADROOM * max(max_tiles, INTERNVL_MAX_TILES) * size * size, MAX_PIXELS)
+    grid = max(max_tiles * size * size, INTERNVL_MAX_TILES * INTERNVL_TILE_SIZE ** 2)
+    return min(PIXEL_HEADROOM * grid, MAX_PIXELS)
 
 
 def check_image_path(source: str | os.PathLike) -> Path:

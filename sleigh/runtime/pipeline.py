@@ -97,6 +97,8 @@ class Generation:
         self._result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
+        if self._result is not None:  # done: iterating again yields nothing and keeps the result
+            return
         while True:
             try:
                 piece = next(self._steps)
@@ -112,6 +114,21 @@ class Generation:
             for _ in self:
                 pass
         return self._result
+
+
+def check_count(what: str, value, minimum: int = 1, none: bool = False) -> None:
+    """An integer argument of the Python API (not a bool, a float or a string): one SleighError naming it."""
+    if value is None and none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SleighError(what, f"got {value!r:.40}", f"an integer >= {minimum}" + (", or None" if none else ""))
+
+
+def check_text(what: str, value, none: bool = False) -> None:
+    if value is None and none:
+        return
+    if not isinstance(value, str):
+        raise SleighError(what, f"got {type(value).__name__}", "a string" + (", or None" if none else ""))
 
 
 class Pipeline:
@@ -154,6 +171,11 @@ class Pipeline:
         `max_memory` (bytes, or a size such as "2.5G"): chunk vision and prefill to stay within it, and
         refuse in one line what cannot fit (runtime/memory.py); None: the engine's own budget
         (`build-engine --max-memory`), if it has one."""
+        if not isinstance(path, (str, Path)):
+            raise SleighError("path", f"got {type(path).__name__}", "a package or checkpoint folder (str or Path)")
+        check_count("threads", threads, none=True)
+        if not isinstance(max_memory, str):
+            check_count("max_memory", max_memory, none=True)  # bytes
         limit = parse_size(max_memory) if isinstance(max_memory, str) else max_memory  # a typo costs no load
         pipe = cls._load(Path(path), backend, threads, engine, verify, budgeted=limit is not None)
         if limit is None and pipe.backend.entry is not None:
@@ -232,13 +254,21 @@ class Pipeline:
     # -- the loop ---------------------------------------------------------------------------------
 
     def prepare(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
-                max_tiles: int | None = None, tile_budget: int | None = None):
+                max_tiles: int | None = None, tile_budget: int | None = None, max_pixels: int | None = None):
         """Tiling and prompt ids (no model work): (tiled image or None, input ids). `prompt` is one
         question or a conversation (`Turn`s ending with a user turn; the image goes to the turn marked
         `image`, else the first user turn). With `tile_budget` the ids hold the image blocks of the
-        views that budget keeps (`budget_views`); the tiled image holds every view."""
+        views that budget keeps (`budget_views`); the tiled image holds every view. `max_pixels`: the
+        largest image file taken (default: image.default_max_pixels, 77 Mpx for InternVL's tiling)."""
         self._check_tile_budget(tile_budget)
-        turns = [Turn("user", prompt)] if isinstance(prompt, str) else list(prompt)
+        check_count("max_tiles", max_tiles, none=True)
+        check_text("system", system, none=True)
+        if isinstance(prompt, str):
+            turns = [Turn("user", prompt)]
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, Turn) for t in prompt):
+            turns = list(prompt)
+        else:
+            raise SleighError("prompt", f"got {type(prompt).__name__}", "a string, or a list of Turn (a conversation)")
         for what, text in [("prompt", t.text) for t in turns] + [("system", system or "")]:
             for token in (IMG_CONTEXT, IMG_START, IMG_END) if self.allow_special_tokens else ():
                 if token in text:
@@ -251,7 +281,7 @@ class Pipeline:
         tiled = None
         if image is not None:
             tiled = tile_image(image, min_tiles=img.min_tiles, max_tiles=img.max_tiles if max_tiles is None else max_tiles,
-                               size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std)
+                               size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std, max_pixels=max_pixels)
         system = self.contract.prompt.system_message if system is None else system  # the model's own default
         views = tiled.num_views if tiled else 0
         if tiled is not None and tile_budget is not None:
@@ -262,43 +292,61 @@ class Pipeline:
 
     def generate(self, image=None, prompt: str | list[Turn] = DEFAULT_PROMPT, *, system: str | None = None,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None, ignore_eos: bool = False,
-                 max_tiles: int | None = None, stop: list[str] | tuple[str, ...] = (),
-                 tile_budget: int | None = None, fit_context: bool = False) -> Generation:
-        """`stop`: strings that end the answer (the text stops before the first one; token_ids keep
-        the tokens generated up to the one that completed it). `tile_budget`: the LLM reads only the
-        K tiles GSWA weighs highest, and the thumbnail (`budget_views`). `fit_context`: max_new_tokens
-        is a default that the context may cut after the prompt (a server's, for a request that names
-        no limit), not a request refused where prompt + max_new_tokens exceed it."""
+                 max_tiles: int | None = None, stop: str | list[str] | tuple[str, ...] = (),
+                 tile_budget: int | None = None, fit_context: bool = False, max_pixels: int | None = None) -> Generation:
+        """`stop`: a string or strings that end the answer (the text stops before the first one;
+        token_ids keep the tokens generated up to the one that completed it). `tile_budget`: the LLM
+        reads only the K tiles GSWA weighs highest, and the thumbnail (`budget_views`). `fit_context`:
+        max_new_tokens is a default that the context may cut after the prompt (a server's, for a
+        request that names no limit), not a request refused where prompt + max_new_tokens exceed it.
+        `max_pixels`: the largest image file taken (`prepare`)."""
         self._check_open()
         self._check_tile_budget(tile_budget)
-        if max_new_tokens < 1:
-            raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
-        if max_tiles is not None and max_tiles < 1:
-            raise SleighError("max_tiles", f"got {max_tiles}", "an integer >= 1")
+        check_count("max_new_tokens", max_new_tokens)
+        check_count("max_tiles", max_tiles, none=True)
+        sampling = self._sampling(sampling)
         StopStrings(stop)  # checks them now, not at the first token
-        return Generation(self._steps(image, prompt, system, max_new_tokens, sampling or SamplingOptions(),
-                                      ignore_eos, max_tiles, stop, tile_budget, fit_context))
+        return Generation(self._steps(image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop,
+                                      tile_budget, fit_context, max_pixels))
 
     def generate_from(self, state: Prefill, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: SamplingOptions | None = None,
                       ignore_eos: bool = False) -> Generation:
         """Continue from a `prefill()` state (it carries its own cache; each state can be continued once)."""
         self._check_open()
-        if max_new_tokens < 1:
-            raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
+        check_count("max_new_tokens", max_new_tokens)
+        sampling = self._sampling(sampling)
         if state.continued or state.cache.length != len(state.ids):
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
+        self._check_context(len(state.ids), max_new_tokens)
         state.continued = True
         if self.reserve_generation:  # one growth now, none while decoding
             state.cache.reserve(min(len(state.ids) + max_new_tokens, self.context_length))
-        return Generation(self._decode(state, max_new_tokens, sampling or SamplingOptions(), ignore_eos))
+        return Generation(self._decode(state, max_new_tokens, sampling, ignore_eos))
 
     def prefill(self, image=None, prompt: str = DEFAULT_PROMPT, *, system: str | None = None,
-                max_tiles: int | None = None, max_new_tokens: int = 0, tile_budget: int | None = None) -> Prefill:
+                max_tiles: int | None = None, max_new_tokens: int = 0, tile_budget: int | None = None,
+                max_pixels: int | None = None) -> Prefill:
         """Tiling, vision, embed and the decoder's prefill: the state generation starts from.
         Also what the accuracy gate compares between engines."""
         self._check_open()
-        return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget)
+        check_count("max_new_tokens", max_new_tokens, minimum=0)
+        return self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget, max_pixels=max_pixels)
+
+    @staticmethod
+    def _sampling(sampling) -> SamplingOptions:
+        if sampling is None:
+            return SamplingOptions()
+        if not isinstance(sampling, SamplingOptions):
+            raise SleighError("sampling", f"got {type(sampling).__name__}",
+                              "a SamplingOptions (sleigh.runtime.sampling), e.g. SamplingOptions(temperature=0.7)")
+        return sampling
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        context = self.context_length
+        if prompt_tokens + max_new_tokens > context:
+            raise ContextExceeded("prompt", f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the "
+                                  f"context of {context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
 
     @property
     def context_length(self) -> int:
@@ -312,17 +360,15 @@ class Pipeline:
         return max(1, min(max_new_tokens, self.context_length - prompt_tokens)) if fit_context else max_new_tokens
 
     def _prefill_state(self, image, prompt, system, max_tiles, max_new_tokens, tile_budget=None,
-                       fit_context: bool = False) -> Prefill:
+                       fit_context: bool = False, max_pixels: int | None = None) -> Prefill:
         """`prefill()` without the open check (`generate()` made it when called)."""
         contract, backend = self.contract, self.backend
         tpv, hidden = contract.prompt.tokens_per_view, contract.model.hidden_size
         t_start = time.perf_counter()
-        tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles, tile_budget=tile_budget)
-        context = self.context_length
+        tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles, tile_budget=tile_budget,
+                                  max_pixels=max_pixels)
         max_new_tokens = self._fitted(max_new_tokens, len(ids), fit_context)
-        if len(ids) + max_new_tokens > context:
-            raise ContextExceeded("prompt", f"{len(ids)} prompt tokens + {max_new_tokens} new tokens exceed the context of "
-                              f"{context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
+        self._check_context(len(ids), max_new_tokens)
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
         vision_chunk, prefill_chunk, staged = self.chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)
@@ -405,8 +451,8 @@ class Pipeline:
         return (image_embeds if gswa is None else scaled_embeds(image_embeds, weights, gswa.apply)), weights
 
     def _steps(self, image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop=(), tile_budget=None,
-               fit_context=False):
-        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget, fit_context)
+               fit_context=False, max_pixels=None):
+        state = self._prefill_state(image, prompt, system, max_tiles, max_new_tokens, tile_budget, fit_context, max_pixels)
         state.continued = True
         max_new_tokens = self._fitted(max_new_tokens, len(state.ids), fit_context)
         return (yield from self._decode(state, max_new_tokens, sampling, ignore_eos, stop))

@@ -286,8 +286,17 @@ class StopStrings:
     found by `str.find` over the held tail and the piece.
     """
 
-    def __init__(self, stops: Iterable[str]):
-        self.stops = tuple(stops)
+    def __init__(self, stops: Iterable[str] | str):
+        """`stops`: stop strings, or one (a str is one stop string, as OpenAI's `stop` takes it)."""
+        if isinstance(stops, str):
+            stops = (stops,)
+        try:
+            self.stops = tuple(stops)
+        except TypeError:
+            raise SleighError("stop", f"got {type(stops).__name__}", "a string or a list of strings") from None
+        bad = next((s for s in self.stops if not isinstance(s, str)), "")
+        if bad != "":
+            raise SleighError("stop", f"holds {bad!r:.40} ({type(bad).__name__})", "a string or a list of strings")
         if any(not s for s in self.stops):
             raise SleighError("stop", "an empty stop string", "non-empty strings")
         self.hit: str | None = None

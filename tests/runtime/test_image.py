@@ -399,11 +399,14 @@ def test_huge_png_helper_is_a_real_png(tmp_path):
 
 
 def test_default_pixel_limit_follows_the_grid():
-    # 32x the largest grid's pixels, counted for at least InternVL's 12 tiles, capped by Pillow.
+    # 32x the largest grid's pixels, counted for at least InternVL's 12 tiles of 448, capped by Pillow.
     assert image_mod.default_max_pixels(12, 448) == 32 * 12 * 448 * 448 == 77_070_336
     assert image_mod.default_max_pixels(1, 448) == image_mod.default_max_pixels(12, 448)
     assert image_mod.default_max_pixels(24, 448) == 2 * image_mod.default_max_pixels(12, 448)
-    assert image_mod.default_max_pixels(12, 224) == image_mod.default_max_pixels(12, 448) // 4
+    # smaller tiles (the tiny and demo models' 112) take the photos InternVL takes: the limit the CLI
+    # checks a file against before the model loads is the one the pipeline tiles it under
+    assert image_mod.default_max_pixels(12, 112) == image_mod.default_max_pixels(12, 224) == image_mod.default_max_pixels()
+    assert image_mod.default_max_pixels(12, 640) == 77_070_336 * 640**2 // 448**2
     assert image_mod.default_max_pixels(40, 896) == image_mod.MAX_PIXELS
 
 
@@ -429,10 +432,10 @@ def test_pixel_limit_is_a_parameter_of_tiling(tmp_path):
     assert tile_image(path, max_pixels=400).image_size == (40, 10)
     with pytest.raises(SleighError, match="400 pixels"):
         tile_image(path, max_pixels=399)
-    # the default follows the tiling's own size: 32 · 12 · 2² = 1536 pixels for 2-pixel views
-    with pytest.raises(SleighError, match="1,536"):
-        tile_image(huge_png(tmp_path / "h.png", 50, 50), size=2)
-    assert tile_image(huge_png(tmp_path / "ok.png", 32, 48), size=2).image_size == (32, 48)
+    # the default follows the tiling's largest grid, and takes InternVL's photos for small views too
+    with pytest.raises(SleighError, match="154,140,672"):  # 32 · 24 · 448²
+        tile_image(huge_png(tmp_path / "h.png", 13000, 12000), max_tiles=24)
+    assert tile_image(huge_png(tmp_path / "ok.png", 4000, 3000), size=2).image_size == (4000, 3000)
 
 
 @pytest.mark.parametrize("bad", [0, -1, image_mod.MAX_PIXELS + 1, 1.5, "100", True])
