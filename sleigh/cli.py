@@ -36,9 +36,26 @@ def _plain_flags(params: list) -> list:
     return params
 
 
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past typer (which turns KeyboardInterrupt into a silent exit 130)."""
+
+
+class _PipeClosed(Exception):
+    """The reader of stdout went away (`| head`), carried past typer (which exits 1 on EPIPE)."""
+
+
 class _Group(TyperGroup):
     """Boolean flags take no value, so help shows none (typer shows `<bool>`, which reads as
-    `--force true`), for every command and sub-group."""
+    `--force true`), for every command and sub-group. Ctrl-C and a closed stdout reach `main` (one
+    "interrupted" line and 130; a quiet 0), past typer's own handling."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+        except BrokenPipeError:
+            raise _PipeClosed() from None
 
     def get_params(self, ctx):
         return _plain_flags(super().get_params(ctx))
@@ -729,11 +746,11 @@ def main() -> None:
     except SleighError as e:
         _err(str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         _err("interrupted")
         sys.exit(130)
-    except BrokenPipeError:
-        os._exit(0)
+    except (BrokenPipeError, _PipeClosed):
+        os._exit(0)  # nothing more can be written; skip the flush of a closed stdout at exit
     except Exception as e:  # a bug or an unforeseen failure: still one line, traceback on request
         if isinstance(e, OSError) and (user := _system_error(e)) is not None:
             _err(str(user))

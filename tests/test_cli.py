@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -527,3 +528,35 @@ def test_generated_control_bytes_reach_a_terminal_escaped(terminal, stream, monk
     assert out.splitlines()[0] == ("red \\x1b[2J\\x1b]0;pwned\\x07car" if terminal else "".join(pieces))
     as_json = CliRunner().invoke(cli.app, [*args, "--json"]).stdout
     assert json.loads(as_json)["text"] == "".join(pieces)
+
+
+def _streaming_run(tiny_pkg) -> subprocess.Popen:
+    """`sleigh run` on a long answer, stdout piped to the test."""
+    return subprocess.Popen([sys.executable, "-m", "sleigh.cli", "run", "--model", str(tiny_pkg), "--prompt", "hi",
+                             "--max-new-tokens", "6000", "--ignore-eos", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+
+
+def test_ctrl_c_is_one_line_and_130(tiny_pkg):
+    """typer turned Ctrl-C into a silent exit 130, before `main` could say "interrupted"."""
+    proc = _streaming_run(tiny_pkg)
+    try:
+        assert proc.stdout.read(1)  # the answer is under way
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.decode().strip().splitlines() == ["error: interrupted"], err
+
+
+def test_a_closed_stdout_ends_the_run_quietly(tiny_pkg):
+    """`sleigh run ... | head -c 5`: the reader goes away; typer exited 1 there (a failed pipeline)."""
+    proc = _streaming_run(tiny_pkg)
+    try:
+        assert proc.stdout.read(5)
+        proc.stdout.close()
+        proc.wait(timeout=60)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and err == "", err
