@@ -36,7 +36,8 @@ from sleigh.runtime.compat import older_than
 from sleigh.runtime.cpu_features import cpu_features
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST
 from sleigh.runtime.manifest import EngineEntry, FileEntry, Manifest, parse_engine, read_manifest, update_manifest
-from sleigh.runtime.package import MODULE_NAMES, file_entry, ordinary_modes, read_json, write_bytes_atomic
+from sleigh.runtime.package import (MODULE_NAMES, check_folder_slot, check_sources, file_entry, ordinary_modes, read_json,
+                                    write_bytes_atomic)
 
 WEIGHT_ONLY_BLOCK = 32
 # MatMulNBits' accuracy level 4 computes with int8 activations on the CPU: measured on the small
@@ -443,6 +444,11 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     if existing is not None and not opts.force:
         raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
     staging.check_apart(final, {"--images": opts.gate_images, "--eval-data": opts.eval_data})
+    check_folder_slot(pkg / "engines")
+    ranges = {}
+    if opts.module_precisions["vision"] == "int8" and RANGES_FILE in manifest.files:  # the ranges it quantizes with
+        ranges[RANGES_FILE] = f"the ranges as calibrated: run `sleigh calibrate {pkg} --images DIR` again"
+    check_sources(pkg, manifest, MODULE_NAMES, ranges)  # before converting anything
     if opts.eval_data is not None:  # a missing or empty JSONL fails before the build, not after it
         from sleigh.data.qa import read_qa
 

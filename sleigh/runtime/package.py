@@ -155,6 +155,22 @@ def verify_files(pkg: Path, manifest) -> list[str]:
 VERIFIED = ".sleigh-verified.json"  # in the package: sha256 already computed, by file version
 
 
+def check_sources(pkg: Path, manifest, modules, extra: dict[str, str] | None = None) -> None:
+    """Before a tool reads the package's own files to make new ones (calibrate, build-engine): the
+    `modules`' files (external data included) and `extra` ({relative path: remedy}) against the
+    manifest, sha256 included (check_files), so a damaged or changed source is one line naming it, not
+    an ONNX parse error or an engine built from edited data."""
+    files = {rel: f"the file as exported: {REEXPORT}"
+             for m in modules for rel in (manifest.modules[m].file, *manifest.modules[m].data_files)}
+    check_files(pkg, manifest, {**files, **(extra or {})})
+
+
+def check_folder_slot(path: Path) -> None:
+    """A folder the package keeps (engines/, calibration/): absent or a folder, checked before any work."""
+    if path.exists() and not path.is_dir():
+        raise SleighError(str(path), "is a file where the package keeps a folder", f"remove it; {path.name}/ is made here")
+
+
 def check_files(pkg: Path, manifest, files: dict[str, str], *, verify: bool = True) -> None:
     """Check `files` ({relative path: what to do if it is wrong}) against the manifest before a run:
     every size always, and the sha256 unless `verify` is False. A file's sha256 is computed once per

@@ -34,7 +34,7 @@ from sleigh.progress import progress
 from sleigh.runtime.compat import session_options
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.manifest import Calibration, read_manifest, update_manifest
-from sleigh.runtime.package import file_entry, sha256_file, write_json_atomic
+from sleigh.runtime.package import check_folder_slot, check_sources, file_entry, sha256_file, write_json_atomic
 from sleigh.staging import check_apart
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -140,6 +140,8 @@ def calibrate_package(pkg: Path, images: Path, *, num_images: int | None = None,
     pkg = Path(pkg)
     check_apart(pkg / CALIBRATION_DIR, {"--images": images})  # the calibration files are written there
     manifest = read_manifest(pkg)
+    check_folder_slot(pkg / CALIBRATION_DIR)
+    check_sources(pkg, manifest, ["vision"])  # the module the ranges are recorded from
     vision = manifest.module_path("vision")
     img = manifest.contract.image
     tiling = {"min_tiles": img.min_tiles, "max_tiles": img.max_tiles if max_tiles is None else max_tiles,
