@@ -21,7 +21,7 @@ import numpy as np
 
 from sleigh.engines.calibration.collect import IMAGE_EXTENSIONS, list_images
 from sleigh.errors import SleighError
-from sleigh.runtime.manifest import Calibration, EngineEntry, read_manifest, update_manifest
+from sleigh.runtime.manifest import LLM_WEIGHTS, PRECISIONS, Calibration, EngineEntry, read_manifest, update_manifest
 from sleigh.runtime.package import sha256_file
 
 NUM_TOKENS = 32
@@ -191,6 +191,11 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
     if entry is None:
         raise SleighError(f"--engine {engine}", "no such engine in the package",
                           ", ".join(manifest.engines) or "build one with `sleigh build-engine`")
+    weights = entry.llm_weights or entry.precision
+    if entry.precision not in PRECISIONS or weights not in LLM_WEIGHTS:  # a newer sleigh's kind: no gate known here
+        raise SleighError(f"engine {entry.name}", f"is {entry.precision} with {weights} decoder weights, a kind this "
+                          "sleigh has no accuracy gate for", f"an engine of {' | '.join(PRECISIONS)} with decoder weights "
+                          f"{' | '.join(LLM_WEIGHTS)}: rebuild it with this sleigh (`sleigh build-engine --force`)")
     backend = entry.backend
     imgs = gate_images(images, manifest.calibration)
     try:

@@ -18,11 +18,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.backends import PACKAGE_MODULES
 from sleigh.runtime.image import max_views as image_max_views
 from sleigh.runtime.kv_cache import KV_DTYPES
-from sleigh.runtime.manifest import Manifest
-
-BACKENDS = ("onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
+from sleigh.runtime.manifest import BACKENDS, LLM_WEIGHTS, PRECISIONS, Manifest
 # The decoder's weights when --llm-weights is not given, per backend and precision. TensorRT parses no
 # MatMulNBits (an ONNX Runtime contrib op): its decoder is FP16 or FP32.
 DEFAULT_LLM_WEIGHTS = {"onnxruntime": {"fp32": "fp32", "fp16": "fp16", "int8": "int8"},

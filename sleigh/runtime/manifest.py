@@ -482,6 +482,14 @@ def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:
     return ModuleEntry(file, tuple(data_files), f.get(entry, "precision", "string", path, default="fp32"), **io)
 
 
+# What this sleigh builds (build-engine's --backend, --precision and --llm-weights). An entry may hold
+# other values (a newer sleigh's): the runtime ranks such an engine last, and the tools that need to
+# know the kind (the gate) refuse it in one line (`known_kind`).
+BACKENDS = ("onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")
+
+
 @dataclass(frozen=True)
 class EngineEntry:
     """One engine of `sleigh build-engine`: what the runtime and the tools read of it, checked, and
@@ -560,6 +568,10 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
         in_pkg(d, f"{path}.dir")
     raw = f.get(e, "modules", "object", path)
     modules = {m: listed(f.get(raw, m, "string", f"{path}.modules"), f"{path}.modules.{m}", f) for m in raw}
+    if sorted(modules) != sorted(MODULE_NAMES):
+        raise f.fail(f"{path}.modules", f"lists {sorted(modules)}", f"one file for each of {list(MODULE_NAMES)}")
+    if "name" in e and e["name"] != name:
+        raise f.fail(f"{path}.name", f"is {describe(e['name'])}", f"the entry's key, {name!r}")
     files = None
     if "files" in e:
         files, raw_files = {}, f.get(e, "files", "object", path)

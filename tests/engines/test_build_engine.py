@@ -27,7 +27,7 @@ from sleigh.engines.options import EngineOptions
 from sleigh.runtime.cpu_features import KERNEL_FEATURES, cpu_features
 from sleigh.runtime.kv_cache import HostSlots, SlotCache
 from sleigh.runtime.manifest import parse_engine, read_manifest, update_manifest
-from sleigh.runtime.package import file_entry, verify_files
+from sleigh.runtime.package import MODULE_NAMES, file_entry, verify_files
 from sleigh.runtime.pipeline import Pipeline
 
 from tests.engines.helpers import check_symmetric, read_calibration_cache, scale_activation_scales
@@ -285,17 +285,18 @@ def test_install_moves_every_staged_path_and_lists_the_plugin_library(tiny_pkg, 
     shutil.copytree(tiny_pkg, pkg)
     tmp = pkg / "engines" / ".trt.tmp-1"
     (tmp / "plugin").mkdir(parents=True)
-    for rel, data in (("vision.plan", b"plan"), ("vision.onnx", b"onnx"), ("plugin/libgswa.so", b"\x7fELF")):
+    plans = [f"{m}.plan" for m in MODULE_NAMES]
+    for rel, data in (*((p, b"plan") for p in plans), ("vision.onnx", b"onnx"), ("plugin/libgswa.so", b"\x7fELF")):
         (tmp / rel).write_bytes(data)
     staged = "engines/.trt.tmp-1"
     entry = parse_engine(pkg, "trt", {"name": "trt", "backend": "tensorrt", "precision": "fp16", "dir": staged,
-                                      "modules": {"vision": f"{staged}/vision.plan"},
+                                      "modules": {m: f"{staged}/{m}.plan" for m in MODULE_NAMES},
                                       "sources": {"vision": f"{staged}/vision.onnx", "embed": "embed.onnx"},
                                       "gswa": {"via": "plugin", "plugin_library": f"{staged}/plugin/libgswa.so"}})
-    files = [f"{staged}/vision.plan", f"{staged}/vision.onnx", f"{staged}/plugin/libgswa.so"]
+    files = [*(f"{staged}/{p}" for p in plans), f"{staged}/vision.onnx", f"{staged}/plugin/libgswa.so"]
     _install(pkg, tmp, pkg / "engines" / "trt", "trt", entry, staged, files)
     installed = read_manifest(pkg).engines["trt"]
-    assert installed.modules == {"vision": "engines/trt/vision.plan"}
+    assert installed.modules == {m: f"engines/trt/{m}.plan" for m in MODULE_NAMES}
     assert installed.json["sources"] == {"vision": "engines/trt/vision.onnx", "embed": "embed.onnx"}  # outside: unchanged
     assert installed.plugin_library == "engines/trt/plugin/libgswa.so"
     assert installed.json["files"]["engines/trt/plugin/libgswa.so"] == file_entry(pkg, "engines/trt/plugin/libgswa.so")

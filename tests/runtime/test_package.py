@@ -133,7 +133,10 @@ def test_engine_fields_are_checked(pkg):
                                 ("modules", {"vision": "engines/x/vision.onnx"}, "'engines/x/vision.onnx' is not listed"),
                                 ("accuracy_passed", "yes", "engines.onnxruntime-int8.accuracy_passed"),
                                 ("backend", None, "engines.onnxruntime-int8.backend is null"),
-                                ("files", {"../x": {}}, "'../x' points outside")]:
+                                ("files", {"../x": {}}, "'../x' points outside"),
+                                # session 25: each passed `inspect --verify`, then failed `compare` with a KeyError
+                                ("modules", {}, "modules lists []. Expected: one file for each of"),
+                                ("name", "other", "name is the string 'other'")]:
         engine = pristine["engines"]["onnxruntime-int8"]
         save(pkg, {**pristine, "engines": {"onnxruntime-int8": {**engine, field: value}}})
         with pytest.raises(SleighError, match="manifest.json") as err:

@@ -20,7 +20,7 @@ from sleigh.runtime.backends.tensorrt_backend import (
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.manifest import (Contract, EngineEntry, KVCacheSection, Manifest, ModuleEntry, TensorInfo, kv_names,
                                     parse_engine)
-from sleigh.runtime.package import SCHEMA_VERSION
+from sleigh.runtime.package import MODULE_NAMES, SCHEMA_VERSION
 from tests.helpers import HostCuda, heavy_imports
 
 TENSORRT_IMPORTABLE = importlib.util.find_spec("tensorrt") is not None
@@ -129,7 +129,8 @@ def test_gswa_plugin_is_loaded_only_from_the_engine_folder(tmp_path):
     rel = "engines/trt/plugin/libgswa.so"
 
     def entry(path, files=(rel,), via="plugin"):
-        data = {"backend": "tensorrt", "precision": "fp16", "modules": {}, "gswa": {"via": via, "plugin_library": path}}
+        plans = {m: f"engines/trt/{m}.plan" for m in MODULE_NAMES}
+        data = {"backend": "tensorrt", "precision": "fp16", "modules": plans, "gswa": {"via": via, "plugin_library": path}}
         return parse_engine(tmp_path, "trt", data if files is None else {**data, "files": dict.fromkeys(files, {"sha256": "0" * 64, "bytes": 4})})
 
     assert gswa_plugin_path(tmp_path, entry(None, via="function")) is None

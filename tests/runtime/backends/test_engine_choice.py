@@ -105,6 +105,16 @@ def test_unknown_engine_precisions_rank_last_instead_of_failing(pkg):
     assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == ["onnxruntime-fp32", "onnxruntime-int8"]
 
 
+@pytest.mark.parametrize("field, value", [("precision", "bf16"), ("llm_weights", "int3")])
+def test_compare_refuses_an_engine_kind_it_has_no_gate_for(pkg, field, value):
+    """It was `unexpected KeyError: 'int3'` from the gate's tables."""
+    manifest = load(pkg)
+    manifest["engines"]["onnxruntime-int8"][field] = value
+    save(pkg, manifest)
+    line = one_error_line(run_sleigh("compare", pkg, "--engine", "onnxruntime-int8"))
+    assert line.startswith("error: engine onnxruntime-int8 | ") and "no accuracy gate" in line and value in line, line
+
+
 def test_the_package_modules_missing_say_re_export(pkg):
     (pkg / "decoder.onnx").unlink()
     with pytest.raises(SleighError, match="decoder.onnx") as err:
