@@ -138,8 +138,13 @@ def read_internvl_weights(src: Path) -> dict[str, torch.Tensor]:
                               "a JSON object with a weight_map")
         shards = [inside(src, shard, f"{index.name}: weight_map") for shard in sorted(set(weight_map.values()))]
         state: dict[str, torch.Tensor] = {}
+        found_in: dict[str, str] = {}
         for shard in shards:  # every shard confined to the source folder before any is read
-            state.update(read_safetensors(shard))
+            for name, tensor in read_safetensors(shard).items():
+                if name in found_in:  # the last shard read would silently win
+                    raise SleighError(str(index), f"tensor {name} is in two shards, {found_in[name]} and {shard.name} "
+                                      f"(weight_map names {weight_map.get(name)})", "each tensor in one shard")
+                state[name], found_in[name] = tensor, shard.name
         missing = sorted(set(weight_map) - set(state))
         _require(not missing, str(index), f"tensors listed but absent from the shards: {missing[:8]}", "complete shards")
         return state

@@ -204,6 +204,16 @@ def test_sharded_checkpoint_converts_like_the_single_file(tmp_path, src_state, o
         convert(src, tmp_path / "ckpt2", gswa="none")
     assert_no_output(tmp_path / "ckpt2")
 
+    # a tensor in two shards (the index names the first; the second's copy silently won)
+    del weight_map["language_model.model.norm.extra"]
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    name = next(k for k, v in weight_map.items() if v == "model-00001-of-00002.safetensors")
+    second = src / "model-00002-of-00002.safetensors"
+    save_file({**{k: src_state[k] for k in shards[second.name]}, name: torch.zeros_like(src_state[name])}, str(second))
+    with pytest.raises(SleighError, match=f"tensor {name} is in two shards"):
+        convert(src, tmp_path / "ckpt3", gswa="none")
+    assert_no_output(tmp_path / "ckpt3")
+
 
 def test_pickle_weights_are_never_loaded(tmp_path):
     src = copy_oracle(tmp_path)
