@@ -21,6 +21,7 @@ import numpy as np
 
 from sleigh.engines.calibration.collect import IMAGE_EXTENSIONS, list_images
 from sleigh.errors import SleighError
+from sleigh.runtime.image import tiles_within
 from sleigh.runtime.manifest import LLM_WEIGHTS, PRECISIONS, Calibration, EngineEntry, read_manifest, update_manifest
 from sleigh.runtime.package import sha256_file
 
@@ -92,8 +93,8 @@ class Side:
     token_ids: list[int]
 
 
-def run_side(pipe, image, prompt: str, num_tokens: int = NUM_TOKENS) -> Side:
-    state = pipe.prefill(image, prompt, max_new_tokens=num_tokens)
+def run_side(pipe, image, prompt: str, num_tokens: int = NUM_TOKENS, max_tiles: int | None = None) -> Side:
+    state = pipe.prefill(image, prompt, max_new_tokens=num_tokens, max_tiles=max_tiles)
     tokens = pipe.generate_from(state, max_new_tokens=num_tokens, ignore_eos=True).result.token_ids
     return Side(state.image_embeds, state.gswa_weights, state.logits, tokens)
 
@@ -202,13 +203,15 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
         cases = [(imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)])
                  for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs)]
         sides = []
+        img = manifest.contract.image  # both sides see the views the engine was built for
+        tiles = tiles_within(entry.max_views, img.max_tiles, img.thumbnail)
         # one pipeline open at a time (full size: the FP32 modules alone are 8 GB), each released
         # before the next opens and before the build goes on
         for kind, which in (("onnxruntime", "package"), (backend, engine)):  # the FP32 modules, then the engine
             with Pipeline.from_package(pkg, backend=kind, engine=which) as pipe:
                 sides.append([])
                 for image, prompt in cases:
-                    sides[-1].append(run_side(pipe, image, prompt))
+                    sides[-1].append(run_side(pipe, image, prompt, max_tiles=tiles))
                     if progress:
                         progress.advance(0.5)  # a pair is two runs
         pairs = [compare_pair(r, g, image, prompt) for (image, prompt), r, g in zip(cases, *sides)]

@@ -177,6 +177,7 @@ class EngineOptions:
             raise SleighError(f"--max-context {self.max_context}", f"the model's context is {ctx}", f"1..{ctx}")
         resolved = replace(self, name=self.engine_name, llm_weights=self.weights, max_tiles=tiles,
                            max_context=self.max_context or (min(TENSORRT_DEFAULT_CONTEXT, ctx) if self.backend == "tensorrt" else ctx))
+        _check_image_tokens(manifest, resolved.max_tiles, resolved.max_context)  # runs hold to both (Pipeline)
         if self.backend != "tensorrt":
             return resolved
         if self.plugin_library is not None:
@@ -186,7 +187,6 @@ class EngineOptions:
             if not Path(self.plugin_library).is_file():
                 raise SleighError(f"--plugin-library {self.plugin_library}", "no such file",
                                   "the shared library that registers the sleigh::GSWA TensorRT plugin")
-        _check_image_tokens(manifest, resolved.max_tiles, resolved.max_context)
         opt_tiles = min(DEFAULT_OPT_TILES, tiles) if self.opt_tiles is None else self.opt_tiles
         tokens = manifest.contract.prompt.tokens_per_view * max_views(manifest, opt_tiles) + OPT_TEXT_TOKENS
         resolved = replace(resolved, opt_tiles=opt_tiles,
@@ -214,7 +214,8 @@ def _need_int(opts: EngineOptions, field: str, lo: int, hi: int | None) -> None:
 
 
 def _check_image_tokens(manifest: Manifest, tiles: int, context: int) -> None:
-    """A TensorRT profile must hold the image tokens of `tiles` tiles plus some text."""
+    """An engine's context must hold the image tokens of `tiles` tiles plus some text (a run tiles up to
+    the engine's tiles and holds prompt + answer to its context)."""
     tpv = manifest.contract.prompt.tokens_per_view
     image_tokens = tpv * max_views(manifest, tiles)
     if image_tokens >= context:

@@ -24,8 +24,10 @@ from sleigh.errors import SleighError, first_line
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
 from sleigh.runtime.image import TILES_LIMIT
-from sleigh.runtime.manifest import contract_from_config, write_manifest
-from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
+from sleigh.runtime.manifest import Contract, contract_from_config, write_manifest
+from sleigh.runtime.package import (MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, read_json, shipped_photo,
+                                    write_json_atomic)
+from sleigh.runtime.prompt import PromptTokenizer
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
 
@@ -272,6 +274,10 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
     model, cfg, _ = load_checkpoint(checkpoint)
     if not (checkpoint / TOKENIZER).is_file():
         raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")
+    # what the runtime reads of the checkpoint, checked here, where the message can name the checkpoint's
+    # files: found in the finished package, it named the staging folder after the whole export
+    Contract.from_config(read_json(checkpoint / "config.json", "a Sleigh checkpoint's config.json"), str(checkpoint / "config.json"))
+    PromptTokenizer.from_file(checkpoint / TOKENIZER)
     parity_image = opts.parity_image or shipped_photo()
     torch.manual_seed(SEED)
     written: dict[str, list[str]] = {}

@@ -90,6 +90,14 @@ def max_views(max_tiles: int, thumbnail: bool) -> int:
     return max_tiles + (1 if thumbnail and max_tiles > 1 else 0)
 
 
+def tiles_within(views: int | None, max_tiles: int, thumbnail: bool) -> int:
+    """The most tiles (up to `max_tiles`) whose views fit in `views` (None: no limit): an engine built
+    for fewer views than the model tiles for."""
+    if views is None:
+        return max_tiles
+    return max((t for t in range(1, max_tiles + 1) if max_views(t, thumbnail) <= views), default=1)
+
+
 def default_max_pixels(max_tiles: int = INTERNVL_MAX_TILES, size: int = 448) -> int:
     """The largest image (width·height) tiling for `max_tiles` views of `size` pixels accepts by
     default: PIXEL_HEADROOM times the largest grid (at least InternVL's 12 tiles of 448), at most MAX_PIXELS."""

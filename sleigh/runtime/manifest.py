@@ -218,6 +218,9 @@ def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | No
         raise f.fail("llm", f"hidden_size {hidden}, num_heads {heads}, num_kv_heads {kv_heads} do not divide",
                      "num_heads | hidden_size and num_kv_heads | num_heads")
     min_tiles, max_tiles_cfg = (f.get(img, k, "positive", "image") for k in ("min_tiles", "max_tiles"))
+    img_context = f.get(prompt, "img_context_token_id", "count", "prompt")
+    stops = f.items(f.get(prompt, "stop_token_ids", "list", "prompt"), "count", "prompt.stop_token_ids")
+    _check_token_ids(f, img_context, stops, f.get(llm, "vocab_size", "positive", "llm"), "llm.vocab_size")
     gswa_section = None
     if gswa is not None:
         gswa_section = {"apply": f.get(gswa, "apply", "string", "gswa"),
@@ -235,10 +238,9 @@ def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | No
                   "resample": f.get(img, "resample", "string", "image", default=RESAMPLE)},
         "prompt": {"template": f.get(prompt, "template", "string", "prompt", default=TEMPLATE),
                    "system_message": prompt.get("system_message", DEFAULT_SYSTEM_MESSAGE),
-                   "img_context_token_id": f.get(prompt, "img_context_token_id", "count", "prompt"),
+                   "img_context_token_id": img_context,
                    "tokens_per_view": tokens_per_view(size, patch)},
-        "generation": {"stop_token_ids": list(f.items(f.get(prompt, "stop_token_ids", "list", "prompt"), "count",
-                                                      "prompt.stop_token_ids")),
+        "generation": {"stop_token_ids": list(stops),
                        "context_length": f.get(llm, "max_position_embeddings", "positive", "llm")},
         "gswa": gswa_section,
         "kv_cache": {"num_kv_heads": kv_heads, "head_dim": hidden // heads,
@@ -455,10 +457,22 @@ def _check_sizes(f: Fields, contract: Contract, modules: dict[str, ModuleEntry])
             if is_int(dim) and dim != value:
                 raise f.fail(what, f"is {value}, but modules.{module} takes {name} with {dim} on axis {axis}",
                              "the size the modules were exported with")
+    logits = next((t.shape for t in modules["decoder"].outputs if t.name == "logits"), ())
+    if logits and is_int(logits[-1]):
+        _check_token_ids(f, contract.prompt.img_context_token_id, contract.generation.stop_token_ids, logits[-1],
+                         "the decoder's logits")
     reads_ids = "input_ids" in modules["decoder"].names("inputs")  # the fused forms embed a step's tokens
     if reads_ids != kv.in_place:
         raise f.fail("kv_cache.form", f"is {kv.form!r}, but the decoder {'takes' if reads_ids else 'lacks'} input_ids",
                      f"{' or '.join(map(repr, IN_PLACE_FORMS))} for a fused decoder (with input_ids), 'slots' for the standard one")
+
+
+def _check_token_ids(f: Fields, img_context: int, stops, vocab: int, of: str) -> None:
+    """The image placeholder and the stop tokens are ids of the vocabulary: a stop id past it never ends
+    an answer, an image id past it never takes an image."""
+    for what, ids in (("prompt.img_context_token_id", [img_context]), ("generation.stop_token_ids", list(stops))):
+        if any(i >= vocab for i in ids):
+            raise f.fail(what, f"holds {max(ids)}, past the vocabulary of {vocab} ({of})", f"ids below {vocab}")
 
 
 def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:
@@ -522,6 +536,16 @@ class EngineEntry:
         return bool(self.accuracy_passed) and not self.degraded
 
     @property
+    def max_views(self) -> int | None:
+        """Most views per image the engine was built for (build-engine --max-tiles), None where unsaid."""
+        return (self.record.get("shapes") or {}).get("max_views")
+
+    @property
+    def max_context(self) -> int | None:
+        """Longest prompt + answer the engine was built for (build-engine --max-context), None where unsaid."""
+        return (self.record.get("shapes") or {}).get("max_context")
+
+    @property
     def files_bytes(self) -> int | None:
         return None if self.files is None else sum(f.bytes for f in self.files.values())
 
@@ -578,6 +602,9 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
         for rel in raw_files:
             entry, at = f.get(raw_files, listed(rel, f"{path}.files", f), "object", f"{path}.files"), f"{path}.files.{rel}"
             files[rel] = FileEntry(f.get(entry, "sha256", "sha256", at), f.get(entry, "bytes", "count", at))
+    shapes = opt("shapes", "object") or {}
+    for key in ("max_views", "max_context"):
+        opt(key, "positive", shapes, f"{path}.shapes")
     cpu = opt("cpu", "object") or {}
     features = opt("features", "list", cpu, f"{path}.cpu")
     plugin, gswa = None, opt("gswa", "object") or {}

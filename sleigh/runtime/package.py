@@ -143,6 +143,8 @@ def verify_files(pkg: Path, manifest) -> list[str]:
     problems = []
     for rel, entry in sorted(manifest.files.items()):
         p = inside(pkg, rel, "manifest.json: files")
+        if (data := unlisted_data(pkg, rel, manifest.files)) is not None:
+            problems.append(f"{data}: not listed in the manifest, and {rel} reads it")
         if not p.is_file():
             problems.append(f"{rel}: missing")
         elif p.stat().st_size != entry.bytes:
@@ -153,6 +155,15 @@ def verify_files(pkg: Path, manifest) -> list[str]:
 
 
 VERIFIED = ".sleigh-verified.json"  # in the package: sha256 already computed, by file version
+
+
+def unlisted_data(pkg: Path, rel: str, listed) -> str | None:
+    """The external data beside ONNX file `rel` (`<file>.data`, as sleigh writes it, onnx_files.save_onnx)
+    where the manifest does not list it: ONNX Runtime would read weights no sha256 covers."""
+    data = f"{rel}.data"
+    if rel.endswith(".onnx") and data not in listed and (Path(pkg) / data).exists():
+        return data
+    return None
 
 
 def check_sources(pkg: Path, manifest, modules, extra: dict[str, str] | None = None) -> None:
@@ -183,6 +194,9 @@ def check_files(pkg: Path, manifest, files: dict[str, str], *, verify: bool = Tr
         for rel, remedy in files.items():
             path = inside(pkg, rel, "manifest.json")
             entry = manifest.files[rel]  # read_manifest: every file the runtime opens is listed
+            if (data := unlisted_data(pkg, rel, manifest.files)) is not None:
+                raise SleighError(str(pkg / data), f"{rel} reads it and the manifest does not list it (edited or "
+                                  "stale)", remedy)
             try:
                 st = path.stat()
                 if not stat.S_ISREG(st.st_mode):

@@ -25,7 +25,7 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.runtime.backends.base import Backend
-from sleigh.runtime.image import tile_image
+from sleigh.runtime.image import tile_image, tiles_within
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, parse_size, stage_bytes
@@ -261,7 +261,7 @@ class Pipeline:
         views that budget keeps (`budget_views`); the tiled image holds every view. `max_pixels`: the
         largest image file taken (default: image.default_max_pixels, 77 Mpx for InternVL's tiling)."""
         self._check_tile_budget(tile_budget)
-        check_count("max_tiles", max_tiles, none=True)
+        self._check_max_tiles(max_tiles)
         check_text("system", system, none=True)
         if isinstance(prompt, str):
             turns = [Turn("user", prompt)]
@@ -274,13 +274,10 @@ class Pipeline:
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
                                       "text without image placeholder tokens (the image is given as IMAGE)")
-        img = self.contract.image
-        if max_tiles is not None and max_tiles > img.max_tiles:  # more views than the package was built for
-            raise SleighError("max_tiles", f"got {max_tiles}, above this model's maximum of {img.max_tiles}",
-                              f"1 to {img.max_tiles}")
+        img, top = self.contract.image, self.max_tiles
         tiled = None
         if image is not None:
-            tiled = tile_image(image, min_tiles=img.min_tiles, max_tiles=img.max_tiles if max_tiles is None else max_tiles,
+            tiled = tile_image(image, min_tiles=min(img.min_tiles, top), max_tiles=top if max_tiles is None else max_tiles,
                                size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std, max_pixels=max_pixels)
         system = self.contract.prompt.system_message if system is None else system  # the model's own default
         views = tiled.num_views if tiled else 0
@@ -303,7 +300,7 @@ class Pipeline:
         self._check_open()
         self._check_tile_budget(tile_budget)
         check_count("max_new_tokens", max_new_tokens)
-        check_count("max_tiles", max_tiles, none=True)
+        self._check_max_tiles(max_tiles)
         sampling = self._sampling(sampling)
         StopStrings(stop)  # checks them now, not at the first token
         return Generation(self._steps(image, prompt, system, max_new_tokens, sampling, ignore_eos, max_tiles, stop,
@@ -347,6 +344,12 @@ class Pipeline:
         if prompt_tokens + max_new_tokens > context:
             raise ContextExceeded("prompt", f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the "
                                   f"context of {context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
+
+    @property
+    def max_tiles(self) -> int:
+        """Most tiles per image: the model's, or fewer where an engine was built for fewer views."""
+        img = self.contract.image
+        return tiles_within(self.backend.max_views, img.max_tiles, img.thumbnail)
 
     @property
     def context_length(self) -> int:
@@ -406,6 +409,13 @@ class Pipeline:
         logits = prefill_in_chunks(backend, cache, inputs, bias, prefill_chunk, image_rows if tiled is None else None)
         timings.prefill_s = time.perf_counter() - t
         return Prefill(tiled, ids, image_embeds, weights, logits, timings, t_start, cache, kept_views=kept)
+
+    def _check_max_tiles(self, max_tiles: int | None) -> None:
+        check_count("max_tiles", max_tiles, none=True)
+        top = self.max_tiles
+        if max_tiles is not None and max_tiles > top:  # more views than the package (or engine) was built for
+            which = "model" if top == self.contract.image.max_tiles else "engine"
+            raise SleighError("max_tiles", f"got {max_tiles}, above this {which}'s maximum of {top}", f"1 to {top}")
 
     def _check_tile_budget(self, tile_budget: int | None) -> None:
         if tile_budget is None:

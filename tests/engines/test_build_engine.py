@@ -556,3 +556,26 @@ def test_a_read_only_package_stops_before_anything_is_built(tiny_pkg, tmp_path, 
             p.chmod(p.stat().st_mode | 0o200)
     assert rc == 2 and len(lines) == 1 and says in lines[0], lines
     assert snapshot(pkg) == before
+
+
+def test_an_onnxruntime_engine_keeps_the_tiles_and_context_it_was_built_for(tiny_pkg, tmp_path):
+    """--max-tiles 2 --max-context 1000 were recorded and never applied: a run tiled the photo into 7
+    views and took prompts past 1000 tokens. Now a run tiles within the engine's views by default,
+    refuses more tiles asked for, and holds prompt + answer to its context."""
+    from sleigh.runtime.pipeline import ContextExceeded
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    entry = build_engine(pkg, EngineOptions(precision="fp32", name="small", max_tiles=2, max_context=1000,
+                                            allow_degraded=True, quiet=True))
+    assert (entry.max_views, entry.max_context) == (3, 1000)
+    photo = EXAMPLES / "chelsea.jpg"
+    with Pipeline.load(pkg, engine="package") as whole:
+        assert whole.generate(photo, "hi", max_new_tokens=1).result.views > 3  # the model alone cuts it finer
+    with Pipeline.load(pkg, engine="small") as pipe:
+        assert (pipe.max_tiles, pipe.context_length) == (2, 1000)
+        assert pipe.generate(photo, "hi", max_new_tokens=1).result.views == 3  # 2 tiles and the thumbnail
+        with pytest.raises(SleighError, match="max_tiles \\| got 3, above this engine's maximum of 2"):
+            pipe.generate(photo, "hi", max_new_tokens=1, max_tiles=3)
+        with pytest.raises(ContextExceeded, match="exceed the context of 1000"):
+            pipe.generate(None, "hi", max_new_tokens=1000).result

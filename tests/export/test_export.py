@@ -293,3 +293,30 @@ def test_an_isolated_export_writes_the_same_files_and_its_errors_cross_back_whol
     with pytest.raises(SleighError) as err, _module_writer(None, tmp_path / "nope", tmp_path, opts, True) as write:
         write("vision")
     assert (err.value.what, err.value.problem) == (str(tmp_path / "nope"), "not a folder")
+
+
+@pytest.mark.parametrize("case", ["tokenizer", "std", "stop_ids"])
+def test_what_the_runtime_reads_of_the_checkpoint_is_checked_before_the_export(case, tiny_ckpt, tmp_path, monkeypatch):
+    """Found after the whole export (a bad tokenizer named the vanished staging folder; std 0 failed
+    parity with atol inf, or said "re-export" under --no-verify) or never (stop ids past the
+    vocabulary: an answer that can never stop). Now one line naming the checkpoint's file, before any
+    module is exported."""
+    from sleigh.export import exporter
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    if case == "tokenizer":
+        (ckpt / "tokenizer.json").write_text("xx")
+    elif case == "std":
+        config["image"]["std"] = [0, 0, 0]
+    else:
+        config["prompt"]["stop_token_ids"] = [config["llm"]["vocab_size"] + 5]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(exporter, "_module_writer", lambda *a, **k: pytest.fail("exported before the checks"))
+    with pytest.raises(SleighError) as e:
+        export_package(ckpt, tmp_path / "pkg", ExportOptions(quiet=True, verify=False))
+    line = str(e.value)
+    assert line.startswith(str(ckpt / ("tokenizer.json" if case == "tokenizer" else "config.json"))), line
+    assert {"tokenizer": "tokenizer", "std": "std > 0", "stop_ids": "past the vocabulary"}[case] in line, line
+    assert not (tmp_path / "pkg").exists()

@@ -98,6 +98,9 @@ BAD_FIELDS = [
     (("kv_cache", "head_dim"), 8, "kv_cache.head_dim is 8, but modules.decoder takes past_key_values.0.key with 16"),
     (("kv_cache", "form"), "shared", "kv_cache.form is 'shared', but the decoder lacks input_ids"),
     (("image", "max_tiles"), 10**18, "image.max_tiles is 1000000000000000000. Expected: at most 40"),
+    # session 25: both passed `inspect --verify`, compare and build-engine (the tiny vocabulary is 1024)
+    (("generation", "stop_token_ids"), [2, 99999], "generation.stop_token_ids holds 99999, past the vocabulary of"),
+    (("prompt", "img_context_token_id"), 5000, "prompt.img_context_token_id holds 5000, past the vocabulary of"),
 ]
 
 
@@ -396,3 +399,13 @@ def test_cli_bad_manifest_is_one_user_error_line(pkg, path, value):
     proc = run_sleigh("run", "--model", edited(pkg, path, value), "--max-new-tokens", "2")
     line = one_error_line(proc)
     assert proc.returncode == 2 and not line.startswith("error: unexpected") and "manifest.json" in line
+
+
+def test_external_data_the_manifest_does_not_list_is_refused(pkg):
+    """A manifest edited to drop a module's `.data` file (or a stale one left beside it): ONNX Runtime
+    would read weights no sha256 covers, and `inspect --verify` said all matched."""
+    (pkg / "decoder.onnx.data").write_bytes(b"\0" * 64)
+    problems = package.verify_files(pkg, read_manifest(pkg))
+    assert problems == ["decoder.onnx.data: not listed in the manifest, and decoder.onnx reads it"]
+    with pytest.raises(SleighError, match=r"decoder\.onnx\.data \| decoder\.onnx reads it and the manifest does not list it"):
+        Pipeline.load(pkg)

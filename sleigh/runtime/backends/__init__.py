@@ -105,6 +105,10 @@ def _open(pkg: Path, manifest: Manifest, entry: EngineEntry | None, threads: int
         lazy = budgeted or (entry is not None and entry.max_memory is not None)
         backend = OnnxRuntimeBackend.from_package(pkg, manifest, threads=threads, engine=entry, lazy=lazy)
     backend.entry = entry
+    if entry is not None:  # what it was built (and gated) for: build-engine --max-tiles / --max-context
+        backend.max_views = entry.max_views
+        if entry.max_context is not None:
+            backend.max_context = min(backend.max_context or entry.max_context, entry.max_context)
     return backend
 
 

@@ -38,6 +38,7 @@ def warn(message: str) -> None:
 class Backend(ABC):
     name: str = "?"
     max_context: int | None = None  # longest prompt + answer the backend was built for (None: the model's)
+    max_views: int | None = None  # most views per image the backend was built for (None: the model's)
     closed: bool = False  # set by close()
     # The files the backend read its modules' weights from, by module (external data lies beside a file
     # as FILE.data): what a memory budget counts as weights (runtime/memory.py). Each backend sets its own.
