@@ -76,7 +76,7 @@ PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
 MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a budget that needs less refuses
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 SMALLEST_ENGINE = ("an engine with INT8 vision, INT4 decoder weights and float16 KV slots, the smallest "
-                   "(sleigh build-engine --precision int8 --llm-weights int4 --kv-dtype float16), unless this is one")
+                   "(sleigh build-engine --precision int8 --llm-weights int4 --kv-dtype float16) if this is not one already")
 HOW_TO_FIT = f"fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or {SMALLEST_ENGINE}"
 # The modules each stage holds when a plan holds them a stage at a time (the module docstring)
 STAGES = (("vision", "gswa", "embed"), ("decoder", "embed"))

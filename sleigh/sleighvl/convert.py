@@ -247,8 +247,7 @@ def load_gswa_file(path: Path, cfg: SleighVLConfig) -> tuple[GSWAConfig, dict[st
 
     from sleigh.sleighvl.checkpoint import read_safetensors
 
-    state = read_safetensors(path)
-    state = {k.removeprefix("gswa."): v for k, v in state.items()}
+    state = {k.removeprefix("gswa."): v for k, v in read_safetensors(path).items()}
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     _require("proj.weight" in state, str(path), "no proj.weight tensor", "GSWA weights (proj, blocks.*, final_norm, final_qk, alpha)")
@@ -262,6 +261,13 @@ def load_gswa_file(path: Path, cfg: SleighVLConfig) -> tuple[GSWAConfig, dict[st
                           layer_norm_eps=float(meta.get("layer_norm_eps", 1e-6)), apply=meta.get("apply", "attention"))
     except ValueError as e:
         raise SleighError(str(path), f"bad GSWA metadata ({e})", "num_heads int, layer_norm_eps float") from None
+    from sleigh.sleighvl.gswa import GSWA
+
+    expected = set(GSWA(gcfg, cv).state_dict())
+    extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+    wrong = [f"{what} {len(keys)}: {', '.join(keys[:3])}" for what, keys in (("unexpected", extra), ("missing", missing)) if keys]
+    _require(not wrong, str(path), f"not this model's GSWA weights ({'; '.join(wrong)})",
+             "a file of GSWA weights alone (proj, blocks.*, final_norm, final_qk, alpha)")
     return gcfg, {f"gswa.{k}": v for k, v in state.items()}
 
 

@@ -100,7 +100,7 @@ def test_an_engine_keeps_its_memory_budget_and_refuses_one_it_cannot_load(engine
     shutil.copytree(tiny_pkg, pkg)
     before = snapshot(pkg)
     code, err = run_cli(monkeypatch, capsys, "build-engine", pkg, "--precision", "fp32", "--max-memory", "100M")
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: --max-memory 104857600 | the model alone needs"), err
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --max-memory 0.10 GB | the model alone needs"), err
     assert snapshot(pkg) == before  # nothing registered, nothing left behind
 
 

@@ -303,3 +303,13 @@ def test_index_shards_outside_the_source_folder_are_refused(tmp_path, src_state,
         convert(src, tmp_path / "ckpt", gswa="none")
     assert problem in str(err.value)
     assert_no_output(tmp_path / "ckpt")
+
+
+def test_a_gswa_file_that_holds_more_than_gswa_is_named(tmp_path, oracle_ckpts):
+    """A whole checkpoint given as --gswa was blamed on the source ("weights do not match the config")."""
+    whole = oracle_ckpts["identity"] / "model.safetensors"
+    dst = tmp_path / "ckpt"
+    with pytest.raises(SleighError) as e:
+        convert(ORACLE_CKPT, dst, gswa=str(whole))
+    assert str(e.value).startswith(f"{whole} | not this model's GSWA weights (unexpected "), str(e.value)
+    assert_no_output(dst)
