@@ -70,6 +70,9 @@ from sleigh.runtime.multimodal import PIXEL_SHUFFLE_TOKENS
 
 GB = 1024**3
 BASE_BYTES = 160 * 1024**2  # python + numpy + onnxruntime + tokenizers, measured (benchmarks/RESULTS.md, memory)
+# What the PyTorch reference (a checkpoint run) adds to it: `import torch` took RSS from 48 to 240 MB
+# (torch 2.13 CPU, session 25); a checkpoint's budget counts it
+TORCH_BASE_BYTES = 200 * 1024**2
 FLOAT_BYTES = 4  # activations are fp32 on the CPU (KV slots: `Shapes.kv_itemsize`)
 VISION_ATTENTION, VISION_HIDDEN = 3, 12  # tensors alive per vision layer (see the module docstring)
 PREFILL_ATTENTION, PREFILL_HIDDEN = 3, 8
@@ -77,7 +80,9 @@ MIN_PREFILL_CHUNK = 64  # below this the decoder's per-call cost dominates; a bu
 SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 SMALLEST_ENGINE = ("an engine with INT8 vision, INT4 decoder weights and float16 KV slots, the smallest "
                    "(sleigh build-engine --precision int8 --llm-weights int4 --kv-dtype float16) if this is not one already")
-HOW_TO_FIT = f"fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or {SMALLEST_ENGINE}"
+HOW_TO_FIT = "fewer tiles (max_tiles), a shorter prompt or max_new_tokens, or "
+SMALLER_THAN_TORCH = ("a package of this checkpoint (sleigh export), whose runtime needs no torch, and its smallest engine "
+                      "(sleigh build-engine --precision int8 --llm-weights int4 --kv-dtype float16)")
 # The modules each stage holds when a plan holds them a stage at a time (the module docstring)
 STAGES = (("vision", "gswa", "embed"), ("decoder", "embed"))
 
@@ -203,13 +208,17 @@ class MemoryBudget:
     """`max_memory`: the bytes a run may use, and the loaded model's fixed part. `stages`: the weights
     of each of STAGES (`stage_bytes`) when the backend can hold its modules a stage at a time."""
 
-    def __init__(self, limit: int, shapes: Shapes, weights: int, stages: tuple[int, ...] | None = None):
+    def __init__(self, limit: int, shapes: Shapes, weights: int, stages: tuple[int, ...] | None = None,
+                 torch: bool = False):
+        """`torch`: the model runs on the PyTorch reference (a checkpoint), whose import the runtime counts."""
         self.limit, self.shapes, self.weights, self.stages = limit, shapes, weights, stages
+        self.base = BASE_BYTES + (TORCH_BASE_BYTES if torch else 0)
+        self.smaller = SMALLER_THAN_TORCH if torch else SMALLEST_ENGINE
         held = weights if stages is None else min(weights, max(stages))  # the least the model can hold at once
-        if BASE_BYTES + held > limit:
-            what = f"{gb(held)} of weights{'' if held == weights else ' (its largest stage)'} + {gb(BASE_BYTES)} of runtime"
-            raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(BASE_BYTES + held)} ({what})",
-                              f"a budget above that, or {SMALLEST_ENGINE}")
+        if self.base + held > limit:
+            what = f"{gb(held)} of weights{'' if held == weights else ' (its largest stage)'} + {gb(self.base)} of runtime"
+            raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(self.base + held)} ({what})",
+                              f"a budget above that, or {self.smaller}")
 
     def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int, views: int = 0,
                  staged: bool = False) -> int:
@@ -219,8 +228,8 @@ class MemoryBudget:
         vision = sh.vision_bytes(vision_chunk)
         decoder = sh.kv_bytes(prompt_tokens + new_tokens) + max(self.prefill_bytes(prompt_tokens, new_tokens, prefill_chunk), decode)
         if staged:
-            return BASE_BYTES + sh.image_bytes(views) + max(self.stages[0] + vision, self.stages[1] + decoder)
-        return BASE_BYTES + self.weights + sh.image_bytes(views) + vision + decoder
+            return self.base + sh.image_bytes(views) + max(self.stages[0] + vision, self.stages[1] + decoder)
+        return self.base + self.weights + sh.image_bytes(views) + vision + decoder
 
     def prefill_bytes(self, prompt_tokens: int, new_tokens: int, chunk: int) -> int:
         """The widest decoder call of a prefill in chunks of `chunk` tokens (see the module docstring)."""
@@ -259,8 +268,8 @@ class MemoryBudget:
         sh = self.shapes
         v, s = min(views, 1), min(prompt_tokens, MIN_PREFILL_CHUNK)
         need = self.estimate(prompt_tokens, new_tokens, v, s, views, staged)
-        model = (f"model {gb(BASE_BYTES + self.weights)}" if not staged else
-                 f"model {gb(BASE_BYTES + self.stages[1])} while decoding, its modules held a stage at a time")
+        model = (f"model {gb(self.base + self.weights)}" if not staged else
+                 f"model {gb(self.base + self.stages[1])} while decoding, its modules held a stage at a time")
         raise SleighError(
             f"max_memory={gb(self.limit)}",
             f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
@@ -268,4 +277,4 @@ class MemoryBudget:
             f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, image embeddings {gb(sh.image_bytes(views))}, "
             f"vision at {v} view{'s' if v != 1 else ''} at once {gb(sh.vision_bytes(v))}, "
             f"prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
-            f"a budget of at least {gb(need)}, or {HOW_TO_FIT}")
+            f"a budget of at least {gb(need)}, or {HOW_TO_FIT}{self.smaller}")

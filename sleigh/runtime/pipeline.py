@@ -184,7 +184,8 @@ class Pipeline:
             shapes = Shapes.from_contract(pipe.contract, kv_dtype=pipe.backend.kv_dtype)
             sizes = module_sizes(pipe.backend.files, pipe.backend.resident)
             pipe.budget = MemoryBudget(limit, shapes, sum(sizes.values()),
-                                       stage_bytes(sizes) if pipe.backend.releases_modules else None)
+                                       stage_bytes(sizes) if pipe.backend.releases_modules else None,
+                                       torch=pipe.backend.name == "torch")
             pipe.reserve_generation = True
         return pipe
 

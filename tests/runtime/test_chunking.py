@@ -10,7 +10,8 @@ from PIL import Image
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK
-from sleigh.runtime.memory import GB, MIN_PREFILL_CHUNK, MemoryBudget, Shapes, module_sizes, parse_size
+from sleigh.runtime.memory import (BASE_BYTES, GB, MIN_PREFILL_CHUNK, TORCH_BASE_BYTES, MemoryBudget, Shapes, module_sizes,
+                                   parse_size)
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
 
@@ -234,7 +235,9 @@ def test_a_fused_decoders_prompt_in_one_call_is_counted_against_every_reserved_s
     from sleigh.runtime.manifest import Contract
     from sleigh.sleighvl.config import PRESETS
 
-    contract = Contract.from_config(json.loads(json.dumps(PRESETS["small"].to_dict())), "small preset")
+    config = json.loads(json.dumps(PRESETS["small"].to_dict()))
+    config["prompt"].update(img_context_token_id=7, stop_token_ids=[2])  # `sleigh init` sets its tokenizer's ids
+    contract = Contract.from_config(config, "small preset")
     fused_contract = dataclasses.replace(contract, kv_cache=dataclasses.replace(contract.kv_cache, form="shared"))
     standard, fused = Shapes.from_contract(contract), Shapes.from_contract(fused_contract)
     assert not standard.scores_span_slots and fused.scores_span_slots
@@ -257,6 +260,11 @@ def test_the_budget_counts_the_weights_the_backend_opened(tiny_ckpt, tiny_pkg, t
     (ckpt / "old-weights.safetensors").write_bytes(bytes(2**20))  # left there, never read
     with Pipeline.load(ckpt, max_memory=64 * GB) as pipe:
         assert pipe.budget.weights == (ckpt / "model.safetensors").stat().st_size
+        # the PyTorch reference counts torch's own import (a small checkpoint ran 24 % over its budget)
+        assert pipe.budget.base == BASE_BYTES + TORCH_BASE_BYTES and "sleigh export" in pipe.budget.smaller
+    with pytest.raises(SleighError, match="the model alone needs") as e:
+        Pipeline.load(ckpt, max_memory=BASE_BYTES + TORCH_BASE_BYTES // 2 + (ckpt / "model.safetensors").stat().st_size)
+    assert "whose runtime needs no torch" in str(e.value)
     with Pipeline.load(tiny_pkg, engine="package", max_memory=64 * GB) as pipe:
         # ONNX Runtime measures what each module added to the process as it opened; the budget counts
         # that where it is more than the module's files (prepacked weights), else the files
