@@ -198,7 +198,7 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
                           "sleigh has no accuracy gate for", f"an engine of {' | '.join(PRECISIONS)} with decoder weights "
                           f"{' | '.join(LLM_WEIGHTS)}: rebuild it with this sleigh (`sleigh build-engine --force`)")
     backend = entry.backend
-    imgs = gate_images(images, manifest.calibration)
+    imgs = gate_images(images, entry.calibration or manifest.calibration)  # the engine's own, where it says
     try:
         cases = [(imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)])
                  for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs)]

@@ -477,7 +477,7 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
             entry = EngineEntry(
                 name=name, backend=opts.backend, precision=opts.precision, llm_weights=opts.weights,
                 kv_dtype=opts.kv,  # the decoder's cache slots (the runtime allocates them so)
-                max_memory=opts.max_memory,
+                max_memory=opts.max_memory, calibration=_calibration_used(manifest, opts),
                 dir=staged, modules={m: f"{staged}/{f[0]}" for m, f in files.items()},
                 build_options=given.to_json(), versions=versions(),
                 # the gate's verdict holds for the kernels it ran: ONNX Runtime's CPU kernels follow these
@@ -528,6 +528,16 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _calibration_used(manifest: Manifest, opts: EngineOptions):
+    """INT8 vision: the package's calibration as this engine reads it, its ranges' sha256 beside it
+    (what the gate holds out, whatever calibration the package holds later)."""
+    if opts.module_precisions["vision"] != "int8" or manifest.calibration is None:
+        return None
+    ranges = manifest.files.get(RANGES_FILE)
+    extra = {"ranges_sha256": ranges.sha256} if ranges is not None else {}
+    return replace(manifest.calibration, record={**manifest.calibration.record, **extra})
 
 
 def _check_fits(limit: int, manifest: Manifest, kv_dtype: str, module_files: dict[str, Path], stages: bool) -> None:

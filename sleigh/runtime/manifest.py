@@ -528,6 +528,9 @@ class EngineEntry:
     plugin_library: str | None = None  # TensorRT: the GSWA plugin's copy the vision plan calls
     kv_dtype: str | None = None  # ONNX Runtime: the decoder's cache slots (None: built before entries said)
     max_memory: int | None = None  # bytes: the memory budget of a run on this engine unless the run gives one
+    # INT8 vision: the calibration its ranges came from (the package's may be redone since; the gate holds
+    # out these images), with the ranges file's sha256 in its record; None: no INT8, or built before entries said
+    calibration: Calibration | None = None
     record: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -562,6 +565,8 @@ class EngineEntry:
             out["cpu"] = {"machine": self.cpu_machine, "features": self.cpu_features and list(self.cpu_features)}
         if self.plugin_library is not None:
             out["gswa"] = {**out.get("gswa", {}), "via": "plugin", "plugin_library": self.plugin_library}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_json()
         return out
 
 
@@ -580,7 +585,7 @@ def parse_engine(pkg: Path, name: str, data) -> EngineEntry:
 # of an entry is its record.
 _AS_IS = ("name", "backend", "precision", "llm_weights", "kv_dtype", "dir", "modules", "build_options", "versions",
           "accuracy", "task_accuracy", "accuracy_passed", "degraded", "max_memory")
-_TYPED = (*_AS_IS, "files", "files_bytes", "cpu")
+_TYPED = (*_AS_IS, "files", "files_bytes", "cpu", "calibration")
 
 
 def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry:
@@ -620,7 +625,7 @@ def _engine(engines: dict, name: str, in_pkg, listed, where: str) -> EngineEntry
         task_accuracy=opt("task_accuracy", "object"), versions=opt("versions", "object"),
         cpu_features=None if features is None else tuple(f.items(features, "string", f"{path}.cpu.features")),
         cpu_machine=opt("machine", "string", cpu, f"{path}.cpu"), plugin_library=plugin, kv_dtype=opt("kv_dtype", "string"),
-        max_memory=opt("max_memory", "count"),
+        max_memory=opt("max_memory", "count"), calibration=_calibration(Fields(f"{where}: {path}", f.expected), e),
         record={k: v for k, v in e.items() if k not in _TYPED})
 
 
