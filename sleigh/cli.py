@@ -22,7 +22,7 @@ from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, first_line
 from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
-from sleigh.serve.launch import SHUTDOWN_TIMEOUT_S
+from sleigh.serve import SHUTDOWN_TIMEOUT_S
 from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
 # C0 and C1 control characters but tab and newline: an ESC in generated text must not drive the terminal

@@ -4,3 +4,9 @@
 Modules: protocol (requests, errors, responses), worker (one Pipeline, one generation at a time),
 metrics (Prometheus text), app (the FastAPI app), ray_app (Ray Serve).
 """
+
+# After SIGINT/SIGTERM, answers under way may finish for this long; then they are cut off (a stream ends
+# without its [DONE]) and the worker stops at its next token. Gunicorn's graceful timeout, and the
+# 30 s Kubernetes gives a pod between SIGTERM and SIGKILL. (`serve --shutdown-timeout`; Ray Serve's
+# graceful_shutdown_timeout_s for its replicas)
+SHUTDOWN_TIMEOUT_S = 30.0

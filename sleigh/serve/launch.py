@@ -9,12 +9,9 @@ import time
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.serve import SHUTDOWN_TIMEOUT_S
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-# After SIGINT/SIGTERM, answers under way may finish for this long; then they are cut off (a stream ends
-# without its [DONE]) and the worker stops at its next token. Gunicorn's graceful timeout, and the
-# 30 s Kubernetes gives a pod between SIGTERM and SIGKILL.
-SHUTDOWN_TIMEOUT_S = 30.0
 
 
 def _require(*modules: str, extra: str = "serve") -> None:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.serve import SHUTDOWN_TIMEOUT_S
 from sleigh.serve.app import ServeSettings
-from sleigh.serve.launch import SHUTDOWN_TIMEOUT_S
 
 
 @dataclass(frozen=True)

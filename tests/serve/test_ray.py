@@ -59,7 +59,7 @@ def test_app_builder_arguments():
     """`serve run sleigh.serve.ray_app:app_builder key=value ...`: the keys are checked, values converted."""
     from sleigh.errors import SleighError
     from sleigh.serve.app import ServeSettings
-    from sleigh.serve.launch import SHUTDOWN_TIMEOUT_S
+    from sleigh.serve import SHUTDOWN_TIMEOUT_S
     from sleigh.serve.ray_app import Scaling, _convert, app_builder
 
     with pytest.raises(SleighError, match="model=PKG"):
