@@ -64,6 +64,22 @@ def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_t
                     round(med(lambda r: r.timings.decode_tokens_per_s), 1), runs)
 
 
+def most_tiles(path: Path, engine: str | None) -> int:
+    """The most tiles a target takes: its model's, or a named engine's where it was built for fewer
+    (the best engine `auto` picks is known only once loaded)."""
+    from sleigh.runtime.image import tiles_within
+    from sleigh.runtime.manifest import Contract, read_manifest
+    from sleigh.runtime.package import read_json
+
+    path = Path(path)
+    if not (path / "manifest.json").is_file():  # a checkpoint
+        config = path / "config.json"
+        return Contract.from_config(read_json(config, "a Sleigh checkpoint's config.json"), str(config)).image.max_tiles
+    manifest = read_manifest(path)
+    img, entry = manifest.contract.image, manifest.engines.get(engine or "")
+    return tiles_within(entry.max_views if entry else None, img.max_tiles, img.thumbnail)
+
+
 def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: str, *, runs: int = 3,
               max_new_tokens: int = BENCH_NEW_TOKENS, threads: int | None = None, quiet: bool = False,
               max_memory: int | None = None, tile_budget: int | None = None, max_tiles: int | None = None) -> dict:
@@ -77,6 +93,11 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
         raise SleighError("runs", f"got {runs}", "an integer >= 1")
     if max_new_tokens < 1:
         raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
+    if max_tiles is not None:  # checked for every target before the first is timed
+        for label, path, _, engine in targets:
+            top = most_tiles(path, engine)
+            if not 1 <= max_tiles <= top:
+                raise SleighError("max_tiles", f"got {max_tiles}; {label} takes 1 to {top}", f"1 to {top}")
     rows = []
     t0 = time.time()
     with progress("bench", runs * len(targets), quiet) as bar:

@@ -188,7 +188,7 @@ def run(
     top_k: int = typer.Option(0, help="Top-k sampling (0 = off)."),
     repetition_penalty: float = typer.Option(1.0, help="1 = off."),
     seed: Optional[int] = typer.Option(None, help="Sampling seed."),
-    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's, 12)."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's, 12, or the engine's where it was built for fewer)."),
     max_pixels: Optional[int] = typer.Option(None, help="Largest image (width x height) decoded (default: 32 x the "
                                              "model's largest grid, 77 Mpx for 12 tiles of 448 px)."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer once it is complete."),
@@ -554,7 +554,7 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
     tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
-    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's): time fewer views."),
+    max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's, or an engine's built for fewer): time fewer views."),
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
     from sleigh.bench import markdown, run_bench
@@ -639,15 +639,16 @@ def _json_line(obj, **kw) -> str:
 
 
 def _print_table(header: list[str], rows: list[tuple], title: str | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from sleigh.progress import table_console
 
     table = Table(title=title, show_lines=False)
     for h in header:
         table.add_column(h)
     for r in rows:
         table.add_row(*[str(c) for c in r])
-    Console(width=max(120, Console().width)).print(table)
+    table_console(120).print(table)
 
 
 def _check_model(path: Path, engine: str | None) -> None:

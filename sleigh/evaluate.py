@@ -46,10 +46,11 @@ EVAL_NEW_TOKENS = 8
 
 def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
              threads: int | None = None, limit: int | None = None, max_new_tokens: int = EVAL_NEW_TOKENS,
-             quiet: bool = False, tile_budget: int | None = None) -> dict:
+             quiet: bool = False, tile_budget: int | None = None, max_tiles: int | None = None) -> dict:
     """`max_new_tokens`: the answer's token limit (EVAL_NEW_TOKENS; more for data with longer answers).
     `engine`: a name, or an EngineEntry build-engine has not registered yet (its task-accuracy gate).
-    `tile_budget`: the LLM reads the K tiles GSWA weighs highest and the thumbnail (Pipeline.generate)."""
+    `tile_budget`: the LLM reads the K tiles GSWA weighs highest and the thumbnail (Pipeline.generate).
+    `max_tiles`: most tiles per image (default: the model's or engine's)."""
     from PIL import Image
 
     from sleigh.data.qa import read_qa
@@ -72,7 +73,8 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe, progress("eval", len(items), quiet) as bar:
         for item in items:
             try:
-                result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget).result
+                result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget,
+                                       max_tiles=max_tiles).result
             except (ImageError, ContextExceeded) as e:  # this line's image or prompt: skipped as read_qa skips
                 skipped["image not loaded" if isinstance(e, ImageError) else "prompt past the context"] += 1
                 bar.advance(1)

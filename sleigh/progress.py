@@ -12,6 +12,18 @@ from contextlib import contextmanager
 LINE_EVERY_S = 30.0
 
 
+def table_console(min_width: int):
+    """A rich Console for tables on stdout, at least `min_width` wide. A closed stdout (`| head`) raises
+    BrokenPipeError, which the CLI ends quietly with 0 (rich itself exits 1 there)."""
+    from rich.console import Console
+
+    class _TableConsole(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError
+
+    return _TableConsole(width=max(min_width, Console().width))
+
+
 def _silent(quiet: bool) -> bool:
     """Nothing at all is printed: --json / quiet mode, or CI."""
     return quiet or bool(os.environ.get("CI"))

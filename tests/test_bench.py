@@ -120,6 +120,7 @@ def test_a_row_is_the_median_of_the_pipelines_own_timings(tiny_pkg):
     (["--threads", "0"], "--threads"),
     (["--image", "no-such-image.png"], "no-such-image.png"),
     (["--max-tiles", "0"], "--max-tiles"),
+    (["--max-tiles", "13"], "--max-tiles"),  # above the tiny model's 12: refused before anything is timed
     # the remedy names flags bench has (it once named `max_tiles`, a flag of `run` only)
     (["--max-new-tokens", "100000000"], "--max-tiles"),
 ])

@@ -560,3 +560,16 @@ def test_a_closed_stdout_ends_the_run_quietly(tiny_pkg):
     finally:
         proc.kill()
     assert proc.returncode == 0 and err == "", err
+
+
+def test_a_closed_stdout_ends_a_table_quietly_too(tiny_pkg):
+    """`sleigh inspect PKG | head -1`: rich's console exited 1 on its own there."""
+    proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "inspect", str(tiny_pkg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=cli_env())
+    proc.stdout.close()  # gone before the table is written
+    try:
+        proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and err == "", (proc.returncode, err)

@@ -138,6 +138,24 @@ def summarize(pairs: list[PairResult], precision: str, llm_weights: str, num_tok
             "pairs": [asdict(p) for p in pairs], "num_tokens": num_tokens}
 
 
+def check_gate_fits(manifest, tiles: int, context: int) -> None:
+    """Before a build: the agreement gate's longest prompt (each of PROMPTS with an image of `tiles`
+    tiles) and its NUM_TOKENS fit the engine's `context` (a run on the engine is held to it), so a
+    build is not refused at its gate after every module is converted."""
+    from sleigh.runtime.image import max_views
+    from sleigh.runtime.prompt import PromptTokenizer, Turn
+
+    c = manifest.contract
+    tok = PromptTokenizer.from_file(manifest.path(manifest.tokenizer, "manifest.json: tokenizer.file"))
+    views = max_views(tiles, c.image.thumbnail)
+    prompt = max(len(tok.encode_chat([Turn("user", p)], views, system=c.prompt.system_message,
+                                     tokens_per_view=c.prompt.tokens_per_view)) for p in PROMPTS)
+    if prompt + NUM_TOKENS > context:
+        raise SleighError(f"--max-context {context}", f"the accuracy gate's prompts with {views} views take up to {prompt} "
+                          f"tokens, and it generates {NUM_TOKENS}", f"--max-context {prompt + NUM_TOKENS} or more, or "
+                          "a smaller --max-tiles")
+
+
 def gate_images(images: Path | None, calibration: Calibration | None) -> list[Path]:
     """Images for the gate: a folder's images that calibration did not use (by content; by name for a
     calibration made before it recorded sha256), else the photo shipped with sleigh plus mirrored and
@@ -229,7 +247,9 @@ def run_task_gate(pkg: Path, entry: EngineEntry, data: Path, tolerance: float) -
     pipeline is open at a time."""
     from sleigh.evaluate import evaluate
 
-    ref = fp32_task_accuracy(pkg, data)
+    img = read_manifest(pkg).contract.image
+    tiles = tiles_within(entry.max_views, img.max_tiles, img.thumbnail)  # FP32 reads the views the engine reads
+    ref = fp32_task_accuracy(pkg, data, None if tiles == img.max_tiles else tiles)
     got = evaluate(pkg, data, backend=entry.backend, engine=entry, quiet=True)
     types = {}
     for t, r in ref["types"].items():
@@ -250,10 +270,11 @@ def run_task_gate(pkg: Path, entry: EngineEntry, data: Path, tolerance: float) -
 TASK_ACCURACY_VERSION = 2
 
 
-def fp32_task_accuracy(pkg: Path, data: Path) -> dict:
+def fp32_task_accuracy(pkg: Path, data: Path, max_tiles: int | None = None) -> dict:
     """`sleigh eval` of the package's FP32 modules on `data` ("data", "types", "skipped"), evaluated once
-    per data and modules: kept in the manifest's parity section (`task_accuracy`) by the sha256 of the
-    JSONL and its images, with the modules' sha256s it was measured on."""
+    per data, modules and tiles: kept in the manifest's parity section (`task_accuracy`) by the sha256 of
+    the JSONL and its images (and `max_tiles`, an engine's fewer tiles, where given), with the modules'
+    sha256s it was measured on."""
     from sleigh.data.qa import read_qa
     from sleigh.evaluate import evaluate
 
@@ -261,12 +282,12 @@ def fp32_task_accuracy(pkg: Path, data: Path) -> dict:
     digest = hashlib.sha256(qa.path.read_bytes())
     for image in sorted({str(item.image) for item in qa.items}):
         digest.update(sha256_file(Path(image)).encode())
-    key = digest.hexdigest()
+    key = digest.hexdigest() + ("" if max_tiles is None else f"-tiles-{max_tiles}")
     modules = {rel: manifest.files[rel].sha256 for rel in manifest.module_files()}
     cached = ((manifest.parity or {}).get("task_accuracy") or {}).get(key)
     if isinstance(cached, dict) and cached.get("fp32_modules") == modules and cached.get("version") == TASK_ACCURACY_VERSION:
         return {**cached, "data": str(qa.path)}
-    ref = evaluate(pkg, data, backend="onnxruntime", engine="package", quiet=True)
+    ref = evaluate(pkg, data, backend="onnxruntime", engine="package", quiet=True, max_tiles=max_tiles)
     record = {"version": TASK_ACCURACY_VERSION, "fp32_modules": modules, "data": ref["data"], "types": ref["types"],
               "skipped": ref["skipped"]}
 

@@ -445,6 +445,9 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
         raise SleighError(f"engine {name}", "already built", "--force to rebuild it")
     staging.check_apart(final, {"--images": opts.gate_images, "--eval-data": opts.eval_data})
     check_folder_slot(pkg / "engines")
+    from sleigh.engines.accuracy import check_gate_fits
+
+    check_gate_fits(manifest, opts.max_tiles, opts.max_context)
     ranges = {}
     if opts.module_precisions["vision"] == "int8" and RANGES_FILE in manifest.files:  # the ranges it quantizes with
         ranges[RANGES_FILE] = f"the ranges as calibrated: run `sleigh calibrate {pkg} --images DIR` again"

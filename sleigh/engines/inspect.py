@@ -81,10 +81,11 @@ def _built_for(engine: dict) -> str:
 
 
 def print_report(report: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=max(140, Console().width))
+    from sleigh.progress import table_console
+
+    console = table_console(140)
     cb = report.get("created_by") or {}
     console.print(f"[bold]{report['package']}[/]  opset {report['opset']}  sleigh {cb.get('sleigh')}  "
                   f"torch {cb.get('torch')}  onnx {cb.get('onnx')}  parity {'passed' if report['parity_passed'] else 'not checked' if report['parity_passed'] is None else 'FAILED'}")

@@ -220,7 +220,8 @@ def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | No
     min_tiles, max_tiles_cfg = (f.get(img, k, "positive", "image") for k in ("min_tiles", "max_tiles"))
     img_context = f.get(prompt, "img_context_token_id", "count", "prompt")
     stops = f.items(f.get(prompt, "stop_token_ids", "list", "prompt"), "count", "prompt.stop_token_ids")
-    _check_token_ids(f, img_context, stops, f.get(llm, "vocab_size", "positive", "llm"), "llm.vocab_size")
+    _check_token_ids(f, img_context, stops, f.get(llm, "vocab_size", "positive", "llm"), "llm.vocab_size",
+                     "prompt.stop_token_ids")
     gswa_section = None
     if gswa is not None:
         gswa_section = {"apply": f.get(gswa, "apply", "string", "gswa"),
@@ -460,17 +461,18 @@ def _check_sizes(f: Fields, contract: Contract, modules: dict[str, ModuleEntry])
     logits = next((t.shape for t in modules["decoder"].outputs if t.name == "logits"), ())
     if logits and is_int(logits[-1]):
         _check_token_ids(f, contract.prompt.img_context_token_id, contract.generation.stop_token_ids, logits[-1],
-                         "the decoder's logits")
+                         "the decoder's logits", "generation.stop_token_ids")
     reads_ids = "input_ids" in modules["decoder"].names("inputs")  # the fused forms embed a step's tokens
     if reads_ids != kv.in_place:
         raise f.fail("kv_cache.form", f"is {kv.form!r}, but the decoder {'takes' if reads_ids else 'lacks'} input_ids",
                      f"{' or '.join(map(repr, IN_PLACE_FORMS))} for a fused decoder (with input_ids), 'slots' for the standard one")
 
 
-def _check_token_ids(f: Fields, img_context: int, stops, vocab: int, of: str) -> None:
+def _check_token_ids(f: Fields, img_context: int, stops, vocab: int, of: str, stops_field: str) -> None:
     """The image placeholder and the stop tokens are ids of the vocabulary: a stop id past it never ends
-    an answer, an image id past it never takes an image."""
-    for what, ids in (("prompt.img_context_token_id", [img_context]), ("generation.stop_token_ids", list(stops))):
+    an answer, an image id past it never takes an image. `stops_field`: where the file holds the stops
+    (a config's prompt.stop_token_ids, a manifest's generation.stop_token_ids)."""
+    for what, ids in (("prompt.img_context_token_id", [img_context]), (stops_field, list(stops))):
         if any(i >= vocab for i in ids):
             raise f.fail(what, f"holds {max(ids)}, past the vocabulary of {vocab} ({of})", f"ids below {vocab}")
 
@@ -497,8 +499,8 @@ def _module(f: Fields, modules: dict, name: str, listed) -> ModuleEntry:
 
 
 # What this sleigh builds (build-engine's --backend, --precision and --llm-weights). An entry may hold
-# other values (a newer sleigh's): the runtime ranks such an engine last, and the tools that need to
-# know the kind (the gate) refuse it in one line (`known_kind`).
+# other values (a newer sleigh's): the runtime ranks such an engine last, and the accuracy gate, which
+# needs to know the kind, refuses it in one line (engines/accuracy.run_gate).
 BACKENDS = ("onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8")
 LLM_WEIGHTS = ("fp32", "fp16", "int8", "int4")

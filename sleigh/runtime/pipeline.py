@@ -15,6 +15,7 @@ several callers: threads, or generations interleaved in one thread (see `Pipelin
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 from sleigh.errors import SleighError
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.runtime.backends.base import Backend
-from sleigh.runtime.image import tile_image, tiles_within
+from sleigh.runtime.image import default_max_pixels, tile_image, tiles_within
 from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, parse_size, stage_bytes
@@ -95,8 +96,11 @@ class Generation:
     def __init__(self, steps: Iterator[str]):
         self._steps = steps
         self._result: GenerationResult | None = None
+        self._error: BaseException | None = None  # what ended it, raised again on every later read
 
     def __iter__(self) -> Iterator[str]:
+        if self._error is not None:
+            raise self._error
         if self._result is not None:  # done: iterating again yields nothing and keeps the result
             return
         while True:
@@ -105,6 +109,9 @@ class Generation:
             except StopIteration as stop:
                 self._result = stop.value
                 return
+            except Exception as e:
+                self._error = e
+                raise
             if piece:
                 yield piece
 
@@ -117,11 +124,12 @@ class Generation:
 
 
 def check_count(what: str, value, minimum: int = 1, none: bool = False) -> None:
-    """An integer argument of the Python API (not a bool, a float or a string): one SleighError naming it."""
+    """An integer argument of the Python API (not a bool, a float or a string), or None where `none`:
+    one SleighError naming it."""
     if value is None and none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise SleighError(what, f"got {value!r:.40}", f"an integer >= {minimum}" + (", or None" if none else ""))
+        raise SleighError(what, f"got {value!r:.40}", f"an integer >= {minimum}")
 
 
 def check_text(what: str, value, none: bool = False) -> None:
@@ -171,8 +179,8 @@ class Pipeline:
         `max_memory` (bytes, or a size such as "2.5G"): chunk vision and prefill to stay within it, and
         refuse in one line what cannot fit (runtime/memory.py); None: the engine's own budget
         (`build-engine --max-memory`), if it has one."""
-        if not isinstance(path, (str, Path)):
-            raise SleighError("path", f"got {type(path).__name__}", "a package or checkpoint folder (str or Path)")
+        if not isinstance(path, (str, os.PathLike)):
+            raise SleighError("path", f"got {type(path).__name__}", "a package or checkpoint folder (a str or path)")
         check_count("threads", threads, none=True)
         if not isinstance(max_memory, str):
             check_count("max_memory", max_memory, none=True)  # bytes
@@ -260,7 +268,8 @@ class Pipeline:
         question or a conversation (`Turn`s ending with a user turn; the image goes to the turn marked
         `image`, else the first user turn). With `tile_budget` the ids hold the image blocks of the
         views that budget keeps (`budget_views`); the tiled image holds every view. `max_pixels`: the
-        largest image file taken (default: image.default_max_pixels, 77 Mpx for InternVL's tiling)."""
+        largest image file taken (default: image.default_max_pixels(), 77 Mpx, what `sleigh run` takes
+        whatever the model: the CLI checks the file before the model loads)."""
         self._check_tile_budget(tile_budget)
         self._check_max_tiles(max_tiles)
         check_text("system", system, none=True)
@@ -279,7 +288,8 @@ class Pipeline:
         tiled = None
         if image is not None:
             tiled = tile_image(image, min_tiles=min(img.min_tiles, top), max_tiles=top if max_tiles is None else max_tiles,
-                               size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std, max_pixels=max_pixels)
+                               size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std,
+                               max_pixels=default_max_pixels() if max_pixels is None else max_pixels)  # the CLI's
         system = self.contract.prompt.system_message if system is None else system  # the model's own default
         views = tiled.num_views if tiled else 0
         if tiled is not None and tile_budget is not None:
@@ -313,6 +323,8 @@ class Pipeline:
         self._check_open()
         check_count("max_new_tokens", max_new_tokens)
         sampling = self._sampling(sampling)
+        if not isinstance(state, Prefill):
+            raise SleighError("state", f"got {type(state).__name__}", "what prefill() returned")
         if state.continued or state.cache.length != len(state.ids):
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
@@ -413,10 +425,13 @@ class Pipeline:
 
     def _check_max_tiles(self, max_tiles: int | None) -> None:
         check_count("max_tiles", max_tiles, none=True)
-        top = self.max_tiles
+        top, model = self.max_tiles, self.contract.image.max_tiles
         if max_tiles is not None and max_tiles > top:  # more views than the package (or engine) was built for
-            which = "model" if top == self.contract.image.max_tiles else "engine"
-            raise SleighError("max_tiles", f"got {max_tiles}, above this {which}'s maximum of {top}", f"1 to {top}")
+            if top == model:
+                raise SleighError("max_tiles", f"got {max_tiles}, above this model's maximum of {top}", f"1 to {top}")
+            engine = getattr(getattr(self.backend, "entry", None), "name", "?")
+            raise SleighError("max_tiles", f"got {max_tiles}, above the maximum of {top} engine {engine} was built for",
+                              f"1 to {top}, or the package's own modules (engine package) for up to {model}")
 
     def _check_tile_budget(self, tile_budget: int | None) -> None:
         if tile_budget is None:

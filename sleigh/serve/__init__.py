@@ -10,3 +10,11 @@ metrics (Prometheus text), app (the FastAPI app), ray_app (Ray Serve).
 # 30 s Kubernetes gives a pod between SIGTERM and SIGKILL. (`serve --shutdown-timeout`; Ray Serve's
 # graceful_shutdown_timeout_s for its replicas)
 SHUTDOWN_TIMEOUT_S = 30.0
+
+
+def check_shutdown_timeout(seconds: float) -> None:
+    """--shutdown-timeout: 0 (cut off at once) to a day."""
+    from sleigh.errors import SleighError
+
+    if not 0 <= seconds <= 86400:  # NaN too
+        raise SleighError("--shutdown-timeout", f"got {seconds}", "0 to 86400 seconds")

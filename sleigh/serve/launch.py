@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from sleigh.errors import SleighError
-from sleigh.serve import SHUTDOWN_TIMEOUT_S
+from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -36,11 +36,11 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
               ("--max-body-mb", max_body_mb, 0 < max_body_mb <= 1024, "in (0, 1024]"),
               ("--max-image-pixels", max_image_pixels, max_image_pixels >= 1, ">= 1"),
               ("--threads", threads, threads is None or threads >= 1, ">= 1"),
-              ("--shutdown-timeout", shutdown_timeout, 0 <= shutdown_timeout <= 86400, "0 to 86400 seconds"),
               ("--log-level", log_level, log_level in LOG_LEVELS, " | ".join(LOG_LEVELS))]
     for what, value, ok, expected in checks:
         if not ok:
             raise SleighError(what, f"got {value}", expected)
+    check_shutdown_timeout(shutdown_timeout)
     if allow_local_files is not None and not allow_local_files.is_dir():
         raise SleighError("--allow-local-files", f"{allow_local_files} is not a folder", "an existing folder")
 

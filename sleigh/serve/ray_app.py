@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sleigh.errors import SleighError
-from sleigh.serve import SHUTDOWN_TIMEOUT_S
+from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 from sleigh.serve.app import ServeSettings
 
 
@@ -37,8 +37,7 @@ class Scaling:
                               "1 <= min <= max")
         if self.target_ongoing_requests <= 0 or self.replica_cpus < 0:
             raise SleighError("--target-ongoing-requests/--replica-cpus", "got a non-positive value", "values > 0")
-        if not 0 <= self.shutdown_timeout <= 86400:
-            raise SleighError("--shutdown-timeout", f"got {self.shutdown_timeout}", "0 to 86400 seconds")
+        check_shutdown_timeout(self.shutdown_timeout)
 
     def deployment_options(self, settings: ServeSettings) -> dict:
         options = {

@@ -575,7 +575,21 @@ def test_an_onnxruntime_engine_keeps_the_tiles_and_context_it_was_built_for(tiny
     with Pipeline.load(pkg, engine="small") as pipe:
         assert (pipe.max_tiles, pipe.context_length) == (2, 1000)
         assert pipe.generate(photo, "hi", max_new_tokens=1).result.views == 3  # 2 tiles and the thumbnail
-        with pytest.raises(SleighError, match="max_tiles \\| got 3, above this engine's maximum of 2"):
+        with pytest.raises(SleighError, match="max_tiles \\| got 3, above the maximum of 2 engine small was built for"):
             pipe.generate(photo, "hi", max_new_tokens=1, max_tiles=3)
         with pytest.raises(ContextExceeded, match="exceed the context of 1000"):
             pipe.generate(None, "hi", max_new_tokens=1000).result
+
+
+def test_a_context_too_short_for_the_gate_is_refused_before_converting(tiny_pkg, tmp_path, monkeypatch):
+    """--max-tiles 2 --max-context 800 held the image tokens (768) but not the gate's prompt with them:
+    the build converted every module, then failed at its gate naming Python parameters."""
+    from sleigh.engines import build_engine as build_mod
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    monkeypatch.setattr(build_mod, "convert_module", lambda *a, **k: pytest.fail("converted before the check"))
+    with pytest.raises(SleighError) as e:
+        build_engine(pkg, EngineOptions(precision="fp16", max_tiles=2, max_context=800, quiet=True))
+    assert str(e.value).startswith("--max-context 800 | the accuracy gate's prompts with 3 views take up to "), str(e.value)
+    assert "a smaller --max-tiles" in str(e.value)

@@ -169,3 +169,21 @@ def test_a_cached_fp32_record_of_an_older_scoring_is_measured_again(tiny_pkg, tm
     update_manifest(pkg, as_older)
     fp32_task_accuracy(pkg, eval_data)
     assert len(calls) == 2
+
+
+def test_the_fp32_side_reads_the_tiles_the_engine_reads(tiny_pkg, tmp_path, eval_data, monkeypatch):
+    """An engine built for 1 tile: its task gate once compared it with FP32 reading the model's 12."""
+    import sleigh.evaluate
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_pkg, pkg)
+    _agreement_gate_passes(monkeypatch)
+    asked = []  # (engine, max_tiles) of each `sleigh eval`
+    real = sleigh.evaluate.evaluate
+    monkeypatch.setattr(sleigh.evaluate, "evaluate",
+                        lambda *a, **k: (asked.append((getattr(k["engine"], "name", k["engine"]), k.get("max_tiles"))),
+                                         real(*a, **k))[1])
+    build_engine(pkg, EngineOptions(precision="fp32", name="one", max_tiles=1, eval_data=eval_data, quiet=True))
+    assert asked == [("package", 1), ("one", None)]  # the engine's own pipeline holds it to 1 tile
+    cached = read_manifest(pkg).parity["task_accuracy"]
+    assert [k.endswith("-tiles-1") for k in cached] == [True]  # not the record a full-tile engine reuses

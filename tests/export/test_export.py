@@ -318,5 +318,5 @@ def test_what_the_runtime_reads_of_the_checkpoint_is_checked_before_the_export(c
         export_package(ckpt, tmp_path / "pkg", ExportOptions(quiet=True, verify=False))
     line = str(e.value)
     assert line.startswith(str(ckpt / ("tokenizer.json" if case == "tokenizer" else "config.json"))), line
-    assert {"tokenizer": "tokenizer", "std": "std > 0", "stop_ids": "past the vocabulary"}[case] in line, line
+    assert {"tokenizer": "tokenizer", "std": "std > 0", "stop_ids": "prompt.stop_token_ids holds"}[case] in line, line
     assert not (tmp_path / "pkg").exists()

@@ -403,8 +403,8 @@ def test_default_pixel_limit_follows_the_grid():
     assert image_mod.default_max_pixels(12, 448) == 32 * 12 * 448 * 448 == 77_070_336
     assert image_mod.default_max_pixels(1, 448) == image_mod.default_max_pixels(12, 448)
     assert image_mod.default_max_pixels(24, 448) == 2 * image_mod.default_max_pixels(12, 448)
-    # smaller tiles (the tiny and demo models' 112) take the photos InternVL takes: the limit the CLI
-    # checks a file against before the model loads is the one the pipeline tiles it under
+    # smaller tiles (the demo model's 112) take the photos InternVL takes (the Pipeline, like the CLI,
+    # uses default_max_pixels() whatever the model: test_pipeline_api.py)
     assert image_mod.default_max_pixels(12, 112) == image_mod.default_max_pixels(12, 224) == image_mod.default_max_pixels()
     assert image_mod.default_max_pixels(12, 640) == 77_070_336 * 640**2 // 448**2
     assert image_mod.default_max_pixels(40, 896) == image_mod.MAX_PIXELS

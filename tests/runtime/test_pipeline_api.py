@@ -61,13 +61,16 @@ def test_a_conversation_of_turns_is_still_a_prompt(pipe):
 def test_a_str_stop_is_one_stop_string(pipe):
     """`stop="ue"` once stopped at any "u" or "e" (a str iterated as characters)."""
     free = pipe.generate(None, "Tell me a story", max_new_tokens=24, ignore_eos=True).result
-    assert len(free.text) > 4
-    word = free.text[1:4]  # text the answer holds, past its first character
-    one = pipe.generate(None, "Tell me a story", max_new_tokens=24, ignore_eos=True, stop=word).result
-    assert one.text == free.text[:free.text.index(word)] and one.stop_reason == "stop"
-    absent = "\u2603" * 2  # a stop string the answer never holds: nothing stops it, though its characters repeat
-    assert pipe.generate(None, "Tell me a story", max_new_tokens=24, ignore_eos=True, stop=absent).result.text == free.text
-    listed = pipe.generate(None, "Tell me a story", max_new_tokens=24, ignore_eos=True, stop=[word]).result
+    text = free.text
+    # two characters the answer holds together, one of which it holds earlier alone: read as characters,
+    # the stop would cut the answer there, before the pair
+    pair = next((text[i:i + 2] for i in range(1, len(text) - 1)
+                 if min(text.find(c) for c in text[i:i + 2]) < text.find(text[i:i + 2])), None)
+    assert pair is not None, text
+    one = pipe.generate(None, "Tell me a story", max_new_tokens=24, ignore_eos=True, stop=pair).result
+    assert one.text == text[:text.index(pair)] and one.stop_reason == "stop"
+    assert len(one.text) > min(text.find(c) for c in pair)  # not cut at a lone character
+    listed = pipe.generate(None, "Tell me a story", max_new_tokens=24, ignore_eos=True, stop=[pair]).result
     assert listed.text == one.text
 
 
@@ -77,6 +80,16 @@ def test_a_finished_generation_keeps_its_result(pipe):
     result = gen.result
     assert "".join(pieces) == result.text
     assert list(gen) == [] and gen.result is result  # iterating again yields nothing and loses nothing
+
+
+def test_a_failed_generation_fails_again_when_read_again(pipe):
+    """Its second `.result` was None."""
+    gen = pipe.generate(None, "hi", max_new_tokens=pipe.context_length)
+    for _ in range(2):
+        with pytest.raises(ContextExceeded):
+            gen.result
+    with pytest.raises(SleighError, match=r"^state \|"):
+        pipe.generate_from(None)
 
 
 def test_generate_from_is_held_to_the_context(pipe):
@@ -97,7 +110,28 @@ def test_the_image_limit_is_the_clis_and_a_parameter(demo_ckpt, tmp_path):
     Image.open(EXAMPLES / "coffee.jpg").convert("RGB").resize((4000, 3000)).save(photo)
     assert 4000 * 3000 < default_max_pixels()
     assert pipe.generate(photo, "hi", max_new_tokens=1).result.views >= 1
+    assert pipe.generate(photo, "hi", max_new_tokens=1, max_pixels=12_000_000).result.views >= 1
     with pytest.raises(SleighError, match="at most 11,999,999 pixels"):
         pipe.generate(photo, "hi", max_new_tokens=1, max_pixels=4000 * 3000 - 1).result
     with pytest.raises(SleighError, match="at most 11,999,999 pixels"):
         pipe.prefill(photo, "hi", max_pixels=4000 * 3000 - 1)
+
+
+def test_the_api_and_the_cli_take_the_same_largest_image(pipe, monkeypatch, tmp_path):
+    """A model of more tiles (export --max-tiles 40) once let the API take images the CLI refused: both
+    use default_max_pixels(), whatever the model's grid."""
+    from sleigh.runtime import image as image_mod
+
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (300, 200)).save(photo)
+    asked = []
+
+    def limit(*args, **kwargs):  # the grid-based limit takes (max_tiles, size); the CLI's takes nothing
+        asked.append((*args, *kwargs.values()))
+        return 300 * 200 - 1
+
+    monkeypatch.setattr(image_mod, "default_max_pixels", limit)
+    monkeypatch.setattr("sleigh.runtime.pipeline.default_max_pixels", limit)
+    with pytest.raises(SleighError, match="at most 59,999 pixels"):
+        pipe.generate(photo, "hi", max_new_tokens=1).result
+    assert asked == [()]
