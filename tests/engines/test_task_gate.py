@@ -137,9 +137,9 @@ def test_an_engine_that_skips_lines_fp32_scored_fails_and_says_so(monkeypatch):
            "skipped": {}}
     got = {"types": {"colour": {"n": 2, "accuracy": 0.5}, "shape": {"n": 4, "accuracy": 0.5}},
            "skipped": {"prompt past the context": 2}}
-    monkeypatch.setattr(accuracy, "fp32_task_accuracy", lambda pkg, data: ref)
+    monkeypatch.setattr(accuracy, "fp32_task_accuracy", lambda pkg, data, max_tiles: ref)
     monkeypatch.setattr(sleigh.evaluate, "evaluate", lambda *args, **kwargs: got)
-    report = accuracy.run_task_gate(Path("pkg"), SimpleNamespace(backend="tensorrt"), Path("d.jsonl"), 5.0)
+    report = accuracy.run_task_gate(Path("pkg"), SimpleNamespace(backend="tensorrt", max_views=None), Path("d.jsonl"), 5.0)
     assert not report["passed"] and report["types"]["shape"]["ok"]
     assert report["types"]["colour"]["engine_n"] == 2 and report["engine_skipped"] == got["skipped"]
     rows = dict((t, verdict) for t, *_, verdict in accuracy.task_rows(report))
