@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, warn
+from sleigh.runtime.image import max_views
 from sleigh.runtime.manifest import EngineEntry, Manifest
 from sleigh.runtime.package import REEXPORT, check_files, inside
 
@@ -27,11 +28,23 @@ KV_PREFERENCE = ("float32", "float16")
 
 
 def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
-    """The engines that passed their accuracy gate for this backend and device, best first."""
+    """The engines that passed their accuracy gate for this backend and device, best first; between
+    equals, the one built for more views and the longer context. An ONNX Runtime engine built for fewer
+    views or a shorter context than the package's (`narrowed`) runs only when named: its graphs take any
+    size, so its limits are a choice for one use, and `auto` must not narrow every run of the package."""
     order = ENGINE_PREFERENCE[device]
     rank = lambda e: (_index(order, e.precision), _index(WEIGHT_PREFERENCE, e.llm_weights or "fp32"),  # noqa: E731
-                      _index(KV_PREFERENCE, e.kv_dtype or "float32"))
-    return [e.name for e in sorted((e for e in manifest.engines.values() if e.backend == backend and e.accuracy_passed), key=rank)]
+                      _index(KV_PREFERENCE, e.kv_dtype or "float32"), -(e.max_views or 0), -(e.max_context or 0))
+    return [e.name for e in sorted((e for e in manifest.engines.values() if e.backend == backend and e.accuracy_passed
+                                    and not (backend == "onnxruntime" and narrowed(manifest, e))), key=rank)]
+
+
+def narrowed(manifest: Manifest, entry: EngineEntry) -> bool:
+    """Built for fewer views or a shorter context than the package takes (build-engine --max-tiles,
+    --max-context)."""
+    img, context = manifest.contract.image, manifest.contract.generation.context_length
+    return (entry.max_views is not None and entry.max_views < max_views(img.max_tiles, img.thumbnail)) or \
+        (entry.max_context is not None and entry.max_context < context)
 
 
 def _index(order: tuple, value) -> int:

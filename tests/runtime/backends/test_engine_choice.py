@@ -133,3 +133,28 @@ def test_between_equal_engines_auto_prefers_float32_kv_slots(tiny_pkg, tmp_path)
     manifest["engines"]["fp32-kv-fp16"]["kv_dtype"] = "float32"  # control: no difference in slots, the order stands
     save(pkg, manifest)
     assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == ["fp32-kv-fp16", "fp32"]
+
+
+def test_auto_passes_over_an_engine_built_for_less_than_the_package(tiny_pkg, tmp_path):
+    """An ONNX Runtime engine built with --max-tiles 2 or a shorter --max-context was `auto`'s choice
+    (first in the manifest's order, or over the package's modules), so every run of the package was cut
+    to 3 views without a word. It runs only when named now; between TensorRT equals, the wider first."""
+    pkg = copy_package(tiny_pkg, tmp_path)
+    for name in ("narrow-tiles", "narrow-context", "wide"):
+        add_engine(pkg, name, "fp32")
+    manifest = load(pkg)
+    context = manifest["generation"]["context_length"]
+    manifest["engines"]["narrow-tiles"]["shapes"] = {"max_views": 3, "max_context": context}
+    manifest["engines"]["narrow-context"]["shapes"] = {"max_views": 13, "max_context": 1024}
+    manifest["engines"]["wide"]["shapes"] = {"max_views": 13, "max_context": context}
+    save(pkg, manifest)
+    assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == ["wide"]
+    del manifest["engines"]["wide"]
+    save(pkg, manifest)
+    assert ranked_engines(read_manifest(pkg), "onnxruntime", "cpu") == []  # auto: the package's own modules
+    with Pipeline.load(pkg, engine="narrow-tiles") as pipe:  # named, it runs, with its limits
+        assert pipe.max_tiles == 2
+    for name in ("narrow-tiles", "narrow-context"):
+        manifest["engines"][name]["backend"] = "tensorrt"
+    save(pkg, manifest)
+    assert ranked_engines(read_manifest(pkg), "tensorrt", "cuda") == ["narrow-context", "narrow-tiles"]
