@@ -201,7 +201,10 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     watcher = _DisconnectWatch(request, job, state)
     try:
         first = await job.events.get()
-    except BaseException:  # cancelled (the client went away under Ray Serve, or shutdown)
+    except asyncio.CancelledError:  # cut off before its first token (shutdown, or the client gone under Ray Serve)
+        _stop(job, watcher, state, finished=False)
+        return _error_response(_cut_off())
+    except BaseException:
         _stop(job, watcher, state, finished=False)
         raise
     if first[0] in ("piece", "done"):
@@ -218,6 +221,8 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     try:
         while event[0] == "piece":
             event = await job.events.get()
+    except asyncio.CancelledError:  # cut off: shutdown past --shutdown-timeout (or Ray Serve's client gone)
+        return _error_response(_cut_off())
     finally:
         _stop(job, watcher, state, finished=event[0] != "piece")
     kind, value = event
@@ -246,6 +251,9 @@ class _EventStream(Response):
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:  # cut off as above: an error event ends the stream (no [DONE]), no traceback
+            await self.events.aclose()
+            await send({"type": "http.response.body", "body": _event(_cut_off().body()).encode(), "more_body": False})
         finally:
             await self.events.aclose()
 
@@ -276,6 +284,12 @@ async def _sse(job: Job, first, cid: str, model: str, include_usage: bool, watch
             yield "data: [DONE]\n\n"
     finally:  # the stream ended, or the client went away (this generator was closed or cancelled)
         _stop(job, watcher, state, finished=kind != "piece")
+
+
+def _cut_off() -> APIError:
+    """An answer cut off by a shutdown (`sleigh serve --shutdown-timeout`): not a bug, no traceback."""
+    log.info("an answer under way was cut off by the shutdown")
+    return APIError(503, "the server is shutting down and cut this answer off (sleigh serve --shutdown-timeout)")
 
 
 def _event(obj: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.helpers import one_error_line
@@ -82,9 +84,10 @@ def test_serve_takes_the_global_log_level_unless_given_its_own(tiny_pkg, monkeyp
 
 
 def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_path):
-    """SIGINT with a stream under way: uvicorn alone waits for it to end (a long answer kept the server
-    up for minutes); with --shutdown-timeout 0 the stream is cut off (no [DONE]) and the server exits
-    at once, its worker stopped at its next token."""
+    """SIGINT with a stream under way and a plain request waiting behind it: uvicorn alone waits for
+    both to end (a long answer kept the server up for minutes); with --shutdown-timeout 0 both are cut
+    off at once, the stream with an error event (no [DONE]), the plain request with a 503 error object
+    (it was a text/plain 500, the cancellation a traceback in the log), and the server exits."""
     import signal
     import subprocess
     import sys
@@ -102,7 +105,11 @@ def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_pat
         proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
                                  "--threads", "1", "--shutdown-timeout", "0"], env=cli_env(), stdout=err, stderr=err)
     base = f"http://127.0.0.1:{port}"
-    lines = []
+    lines, plain = [], []
+
+    def waiting():
+        body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+        plain.append(httpx.post(base + "/v1/chat/completions", json=body, timeout=120))
 
     def stream():
         body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
@@ -121,13 +128,20 @@ def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_pat
         while len(lines) < 3 and time.monotonic() < deadline:  # the answer is under way
             time.sleep(0.05)
         assert len(lines) >= 3, log.read_text()[-2000:]
+        behind = threading.Thread(target=waiting)
+        behind.start()
+        time.sleep(0.5)  # queued behind the stream
         t = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
         took = time.monotonic() - t
         reader.join(timeout=30)
+        behind.join(timeout=30)
     finally:
         proc.kill()
     assert took < 10, took
     assert "data: [DONE]" not in lines and len(lines) < 7000, len(lines)  # cut off, not finished
-    assert "timeout graceful shutdown exceeded" in log.read_text()
+    assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
+    assert plain[0].status_code == 503 and "cut this answer off" in plain[0].json()["error"]["message"]
+    text = log.read_text()
+    assert "timeout graceful shutdown exceeded" in text and "Traceback" not in text, text[-3000:]
