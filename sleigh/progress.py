@@ -13,15 +13,17 @@ LINE_EVERY_S = 30.0
 
 
 def table_console(min_width: int):
-    """A rich Console for tables on stdout, at least `min_width` wide. A closed stdout (`| head`) raises
-    BrokenPipeError, which the CLI ends quietly with 0 (rich itself exits 1 there)."""
+    """A rich Console for tables on stdout, at least `min_width` wide, that reads no markup in what it
+    prints (a package `pkg[v2]` or a question type `[/x]` is text, not style tags that vanish or fail).
+    A closed stdout (`| head`) raises BrokenPipeError, which the CLI ends quietly with 0 (rich itself
+    exits 1 there)."""
     from rich.console import Console
 
     class _TableConsole(Console):
         def on_broken_pipe(self) -> None:
             raise BrokenPipeError
 
-    return _TableConsole(width=max(min_width, Console().width))
+    return _TableConsole(width=max(min_width, Console().width), markup=False)
 
 
 def _silent(quiet: bool) -> bool:
@@ -82,6 +84,6 @@ def progress(description: str, total: float | None, quiet: bool = False, lines: 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=False) as p:
         yield _Task(p, p.add_task(description, total=total))

@@ -86,3 +86,20 @@ def test_a_line_whose_image_or_prompt_fails_is_skipped_not_the_run(demo_ckpt, tm
     report = evaluate(demo_ckpt, tmp_path / "d.jsonl", quiet=True)
     assert report["overall"]["n"] == 1
     assert report["skipped"] == {"image not loaded": 1, "prompt past the context": 1}
+
+
+def test_names_with_brackets_print_as_written(demo_ckpt, tmp_path):
+    """A question type `[/x]` ran the whole eval, then failed as `unexpected MarkupError`; a folder
+    `runs[v2]` lost its `[v2]` in the table (rich read both as style tags)."""
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path / "runs[v2]"
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(folder / "a.png")
+    (folder / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Colour?", "answer": "red",
+                                                "type": "[/x]"}) + "\n")
+    proc = run_sleigh("eval", demo_ckpt, "--data", folder / "d.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert "[/x]" in proc.stdout and "runs[v2]" in proc.stdout, proc.stdout

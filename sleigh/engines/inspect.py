@@ -66,9 +66,7 @@ def stale_staging(pkg: Path) -> list[str]:
 
 
 def _shape(s: list) -> str:
-    from rich.markup import escape
-
-    return escape("[" + ", ".join(str(d) for d in s) + "]")  # brackets would read as rich markup
+    return "[" + ", ".join(str(d) for d in s) + "]"
 
 
 def _built_for(engine: dict) -> str:
@@ -82,22 +80,23 @@ def _built_for(engine: dict) -> str:
 
 def print_report(report: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from sleigh.progress import table_console
 
-    console = table_console(140)
+    console = table_console(140)  # no markup: names and paths are shown as they are
     cb = report.get("created_by") or {}
-    console.print(f"[bold]{report['package']}[/]  opset {report['opset']}  sleigh {cb.get('sleigh')}  "
+    console.print(Text(str(report['package']), style="bold"), f" opset {report['opset']}  sleigh {cb.get('sleigh')}  "
                   f"torch {cb.get('torch')}  onnx {cb.get('onnx')}  parity {'passed' if report['parity_passed'] else 'not checked' if report['parity_passed'] is None else 'FAILED'}")
     for name, m in report["modules"].items():
         custom = "; ".join(f"{c['domain']}::{c['op_type']} ({'with' if c['function'] else 'NO'} local function; "
                            + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["attributes"].items()) + ")"
                            for c in m["custom_ops"]) or "none"
-        console.print(f"[bold]{name}[/]  {m['file']}  {m['bytes'] / 1e6:.1f} MB  {m['precision']}  "
+        console.print(Text(name, style="bold"), f" {m['file']}  {m['bytes'] / 1e6:.1f} MB  {m['precision']}  "
                       f"opset {m.get('opset', {}).get('ai.onnx', '?')}  {m.get('nodes', 0)} nodes  custom ops: {custom}"
                       + "".join(f"  {op} x{n}" for op, n in m.get("onnxruntime_ops", {}).items()))
         if m.get("error"):
-            console.print(f"  [red]{m['error']}[/]")
+            console.print(Text(f"  {m['error']}", style="red"))
             continue
         table = Table(show_header=True, box=None, padding=(0, 2))
         for h in ("", "name", "dtype", "shape"):
@@ -126,7 +125,7 @@ def print_report(report: dict) -> None:
             et.add_row(name, str(e["backend"]), str(e["precision"]), str(e.get("llm_weights") or "-"),
                        str(e.get("kv_dtype") or "-"), _built_for(e),
                        f"{(e.get('files_bytes') or 0) / 1e6:.1f}", accuracy + (" (degraded, kept)" if e.get("degraded") else ""),
-                       f"[red]MISSING {len(missing)}[/] (rebuild)" if missing else "present")
+                       Text(f"MISSING {len(missing)} (rebuild)", style="red") if missing else "present")
         console.print(et)
     else:
         console.print("engines: none (sleigh build-engine adds them)")
