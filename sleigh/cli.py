@@ -498,7 +498,7 @@ def eval_(
         typer.echo(f"median first token {1e3 * report['median_first_token_s']:.1f} ms, {report['mean_views_read']:.2f} "
                    f"views read on average{budget}")
     if report["skipped"]:
-        typer.echo(f"skipped lines: {report['skipped']}")
+        typer.echo("skipped lines: " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items()))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Make training and evaluation data.")

@@ -352,11 +352,24 @@ class Pipeline:
                               "a SamplingOptions (sleigh.runtime.sampling), e.g. SamplingOptions(temperature=0.7)")
         return sampling
 
-    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        context = self.context_length
-        if prompt_tokens + max_new_tokens > context:
-            raise ContextExceeded("prompt", f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the "
-                                  f"context of {context}", "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens")
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int, fitted: bool = False) -> None:
+        """`fitted`: max_new_tokens is a default already cut to the context (`fit_context`): only the
+        prompt can be at fault."""
+        context, model = self.context_length, self.contract.generation.context_length
+        if prompt_tokens + max_new_tokens <= context:
+            return
+        of = f"the context of {context}"
+        if context < model:  # an engine built for less (build-engine --max-context, a TensorRT profile)
+            of += f" engine {getattr(getattr(self.backend, 'entry', None), 'name', '?')} was built for"
+        if fitted:
+            problem, expected = f"the prompt's {prompt_tokens} tokens leave no room for an answer in {of}", \
+                "fewer tiles (max_tiles) or a shorter prompt"
+        else:
+            problem, expected = f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed {of}", \
+                "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens"
+        if context < model:
+            expected += f", or the package's own modules (engine package), whose context is {model}"
+        raise ContextExceeded("prompt", problem, expected)
 
     @property
     def max_tiles(self) -> int:
@@ -384,7 +397,7 @@ class Pipeline:
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles, tile_budget=tile_budget,
                                   max_pixels=max_pixels)
         max_new_tokens = self._fitted(max_new_tokens, len(ids), fit_context)
-        self._check_context(len(ids), max_new_tokens)
+        self._check_context(len(ids), max_new_tokens, fitted=fit_context)
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
         vision_chunk, prefill_chunk, staged = self.chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)

@@ -290,6 +290,8 @@ class StopStrings:
         """`stops`: stop strings, or one (a str is one stop string, as OpenAI's `stop` takes it)."""
         if isinstance(stops, str):
             stops = (stops,)
+        if isinstance(stops, (bytes, bytearray)):  # iterable, as ints
+            raise SleighError("stop", f"got {type(stops).__name__}", "a string or a list of strings")
         try:
             self.stops = tuple(stops)
         except TypeError:

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
-from sleigh.runtime.pipeline import ModelFault
+from sleigh.runtime.pipeline import ContextExceeded, ModelFault
 from sleigh.serve import protocol
 from sleigh.serve.metrics import CONTENT_TYPE, Metrics
 from sleigh.serve.protocol import APIError
@@ -180,8 +180,8 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     worker = state.worker
     if worker is None:
         raise APIError(503, "the model is still loading", retry_after=settings.retry_after_s)
-    if req.max_tiles is not None and req.max_tiles > worker.pipeline.contract.image.max_tiles:
-        raise APIError(400, f"max_tiles: {req.max_tiles} is above the model's {worker.pipeline.contract.image.max_tiles}",
+    if req.max_tiles is not None and req.max_tiles > worker.pipeline.max_tiles:  # the model's, or the engine's fewer
+        raise APIError(400, f"max_tiles: {req.max_tiles} is above the {worker.pipeline.max_tiles} this model takes",
                        param="max_tiles")
     if worker.full:  # before decoding an image that would wait nowhere
         raise _busy(worker, settings)
@@ -344,6 +344,8 @@ def _busy(worker: ModelWorker, settings: ServeSettings) -> APIError:
 def _generation_error(exc: BaseException) -> APIError:
     if isinstance(exc, ModelFault):  # the model's, not the request's
         return APIError(500, first_line(exc))
+    if isinstance(exc, ContextExceeded):  # in the request's own terms
+        return APIError(400, first_line(exc).replace("max_new_tokens", "max_tokens"), param="messages")
     if isinstance(exc, SleighError):
         return APIError(400, first_line(exc))
     return APIError(500, f"generation failed ({type(exc).__name__}); see the server log")

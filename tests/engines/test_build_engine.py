@@ -577,8 +577,9 @@ def test_an_onnxruntime_engine_keeps_the_tiles_and_context_it_was_built_for(tiny
         assert pipe.generate(photo, "hi", max_new_tokens=1).result.views == 3  # 2 tiles and the thumbnail
         with pytest.raises(SleighError, match="max_tiles \\| got 3, above the maximum of 2 engine small was built for"):
             pipe.generate(photo, "hi", max_new_tokens=1, max_tiles=3)
-        with pytest.raises(ContextExceeded, match="exceed the context of 1000"):
+        with pytest.raises(ContextExceeded, match="exceed the context of 1000 engine small was built for") as e:
             pipe.generate(None, "hi", max_new_tokens=1000).result
+        assert f"(engine package), whose context is {pipe.contract.generation.context_length}" in str(e.value)
 
 
 def test_a_context_too_short_for_the_gate_is_refused_before_converting(tiny_pkg, tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ def test_load_without_a_path():
     ({"max_new_tokens": "5"}, "max_new_tokens"), ({"max_new_tokens": None}, "max_new_tokens"),
     ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"max_new_tokens": True}, "max_new_tokens"),
     ({"sampling": {"temperature": 1}}, "sampling"),
-    ({"stop": None}, "stop"), ({"stop": [3]}, "stop"), ({"stop": ["ok", b"no"]}, "stop"),
+    ({"stop": None}, "stop"), ({"stop": [3]}, "stop"), ({"stop": ["ok", b"no"]}, "stop"), ({"stop": b"e"}, "stop"),
     ({"prompt": None}, "prompt"), ({"prompt": 5}, "prompt"), ({"prompt": [("user", "hi")]}, "prompt"),
     ({"system": 5}, "system"), ({"max_tiles": "2"}, "max_tiles"), ({"max_tiles": 0}, "max_tiles"),
     ({"max_pixels": 0}, "max_pixels"),

@@ -153,8 +153,11 @@ def test_a_request_without_a_limit_gets_what_the_context_leaves(server, client):
     r = ask(words, extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt, context - prompt)
-    with pytest.raises(openai.BadRequestError, match="exceed the context"):
+    with pytest.raises(openai.BadRequestError, match="exceed the context") as e:
         ask(words, max_tokens=512)
+    assert e.value.param == "messages" and "smaller max_tokens" in str(e.value)  # the request's own field
+    with pytest.raises(openai.BadRequestError, match="leave no room for an answer"):  # no limit asked: the prompt alone
+        ask(words * context // prompt + 50)
 
 
 def test_explicit_nulls_take_the_defaults(server):
@@ -443,3 +446,16 @@ def test_nan_gswa_weights_are_a_server_error_in_one_line(probe, small_png, monke
     assert [rec for rec in caplog.records if "NaN or infinite" in rec.getMessage()]
     monkeypatch.undo()
     assert httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=2), timeout=60).status_code == 200
+
+
+def test_max_tiles_is_held_to_what_the_served_engine_takes(probe, monkeypatch):
+    """Served on an engine built for 2 tiles, `max_tiles: 6` was checked against the package's 12 and
+    then refused by the pipeline with no param and a server-side remedy."""
+    from sleigh.runtime.pipeline import Pipeline
+
+    monkeypatch.setattr(Pipeline, "max_tiles", property(lambda self: 2))
+    r = httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=2, max_tiles=3), timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tiles", r.text
+    assert "above the 2 this model takes" in r.json()["error"]["message"]
+    assert httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=2, max_tiles=2),
+                      timeout=60).status_code == 200
