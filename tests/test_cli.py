@@ -531,10 +531,12 @@ def test_generated_control_bytes_reach_a_terminal_escaped(terminal, stream, monk
 
 
 def _streaming_run(tiny_pkg) -> subprocess.Popen:
-    """`sleigh run` on a long answer, stdout piped to the test."""
+    """`sleigh run` on a long answer, stdout piped to the test. SIGINT as a terminal's Ctrl-C delivers it:
+    a test run started in the background (`nohup ... &`) inherits SIGINT ignored, which Python keeps."""
     return subprocess.Popen([sys.executable, "-m", "sleigh.cli", "run", "--model", str(tiny_pkg), "--prompt", "hi",
                              "--max-new-tokens", "6000", "--ignore-eos", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_is_one_line_and_130(tiny_pkg):
