@@ -67,7 +67,6 @@ def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_t
 def most_tiles(path: Path, engine: str | None) -> int:
     """The most tiles a target takes: its model's, or a named engine's where it was built for fewer
     (the best engine `auto` picks is known only once loaded)."""
-    from sleigh.runtime.image import tiles_within
     from sleigh.runtime.manifest import Contract, read_manifest
     from sleigh.runtime.package import read_json
 
@@ -76,8 +75,7 @@ def most_tiles(path: Path, engine: str | None) -> int:
         config = path / "config.json"
         return Contract.from_config(read_json(config, "a Sleigh checkpoint's config.json"), str(config)).image.max_tiles
     manifest = read_manifest(path)
-    img, entry = manifest.contract.image, manifest.engines.get(engine or "")
-    return tiles_within(entry.max_views if entry else None, img.max_tiles, img.thumbnail)
+    return manifest.most_tiles(manifest.engines.get(engine or ""))
 
 
 def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: str, *, runs: int = 3,

@@ -21,7 +21,6 @@ import numpy as np
 
 from sleigh.engines.calibration.collect import IMAGE_EXTENSIONS, list_images
 from sleigh.errors import SleighError
-from sleigh.runtime.image import tiles_within
 from sleigh.runtime.manifest import LLM_WEIGHTS, PRECISIONS, Calibration, EngineEntry, read_manifest, update_manifest
 from sleigh.runtime.package import sha256_file
 
@@ -221,8 +220,7 @@ def run_gate(pkg: Path, engine: str | EngineEntry, *, images: Path | None = None
         cases = [(imgs[i % len(imgs)], PROMPTS[i % len(PROMPTS)])
                  for i in range(max(num_pairs, len(imgs)) if images is not None else num_pairs)]
         sides = []
-        img = manifest.contract.image  # both sides see the views the engine was built for
-        tiles = tiles_within(entry.max_views, img.max_tiles, img.thumbnail)
+        tiles = manifest.most_tiles(entry)  # both sides see the views the engine was built for
         # one pipeline open at a time (full size: the FP32 modules alone are 8 GB), each released
         # before the next opens and before the build goes on
         for kind, which in (("onnxruntime", "package"), (backend, engine)):  # the FP32 modules, then the engine
@@ -249,9 +247,9 @@ def run_task_gate(pkg: Path, entry: EngineEntry, data: Path, tolerance: float) -
 
     tiles = None  # FP32 reads the views the engine reads: fewer where it was built for fewer
     if entry.max_views is not None:
-        img = read_manifest(pkg).contract.image
-        tiles = tiles_within(entry.max_views, img.max_tiles, img.thumbnail)
-        tiles = None if tiles == img.max_tiles else tiles
+        manifest = read_manifest(pkg)
+        tiles = manifest.most_tiles(entry)
+        tiles = None if tiles == manifest.most_tiles() else tiles
     ref = fp32_task_accuracy(pkg, data, tiles)
     got = evaluate(pkg, data, backend=entry.backend, engine=entry, quiet=True)
     types = {}

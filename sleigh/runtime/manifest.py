@@ -22,7 +22,7 @@ from typing import Callable
 
 from sleigh.errors import SleighError
 from sleigh.runtime.fields import Fields, describe, is_int
-from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views, tiles_within
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
 from sleigh.runtime.package import (MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
@@ -366,6 +366,12 @@ class Manifest:
         if not p.is_file():
             raise SleighError(str(p), "module file missing", f"the files listed in manifest.json; {REEXPORT}")
         return p
+
+    def most_tiles(self, entry: EngineEntry | None = None) -> int:
+        """Most tiles per image a run takes: the model's, or fewer where engine `entry` was built for
+        fewer views (build-engine --max-tiles)."""
+        img = self.contract.image
+        return tiles_within(entry.max_views if entry else None, img.max_tiles, img.thumbnail)
 
     def module_files(self) -> list[str]:
         """Every file of the package's own modules, external data included."""

@@ -136,7 +136,7 @@ def check_text(what: str, value, none: bool = False) -> None:
     if value is None and none:
         return
     if not isinstance(value, str):
-        raise SleighError(what, f"got {type(value).__name__}", "a string" + (", or None" if none else ""))
+        raise SleighError(what, f"got {type(value).__name__}", "a string")
 
 
 class Pipeline:
@@ -360,7 +360,7 @@ class Pipeline:
             return
         of = f"the context of {context}"
         if context < model:  # an engine built for less (build-engine --max-context, a TensorRT profile)
-            of += f" engine {getattr(getattr(self.backend, 'entry', None), 'name', '?')} was built for"
+            of += f" engine {self._engine_name} was built for"
         if fitted:
             problem, expected = f"the prompt's {prompt_tokens} tokens leave no room for an answer in {of}", \
                 "fewer tiles (max_tiles) or a shorter prompt"
@@ -370,6 +370,11 @@ class Pipeline:
         if context < model:
             expected += f", or the package's own modules (engine package), whose context is {model}"
         raise ContextExceeded("prompt", problem, expected)
+
+    @property
+    def _engine_name(self) -> str:
+        """The engine the backend runs, for messages about its limits (a checkpoint's backend has none)."""
+        return getattr(getattr(self.backend, "entry", None), "name", "?")
 
     @property
     def max_tiles(self) -> int:
@@ -442,8 +447,7 @@ class Pipeline:
         if max_tiles is not None and max_tiles > top:  # more views than the package (or engine) was built for
             if top == model:
                 raise SleighError("max_tiles", f"got {max_tiles}, above this model's maximum of {top}", f"1 to {top}")
-            engine = getattr(getattr(self.backend, "entry", None), "name", "?")
-            raise SleighError("max_tiles", f"got {max_tiles}, above the maximum of {top} engine {engine} was built for",
+            raise SleighError("max_tiles", f"got {max_tiles}, above the maximum of {top} engine {self._engine_name} was built for",
                               f"1 to {top}, or the package's own modules (engine package) for up to {model}")
 
     def _check_tile_budget(self, tile_budget: int | None) -> None:

@@ -4,11 +4,11 @@ are checked against the manifest (runtime/package.check_files)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, warn
-from sleigh.runtime.image import max_views
 from sleigh.runtime.manifest import EngineEntry, Manifest
 from sleigh.runtime.package import REEXPORT, check_files, inside
 
@@ -42,9 +42,8 @@ def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
 def narrowed(manifest: Manifest, entry: EngineEntry) -> bool:
     """Built for fewer views or a shorter context than the package takes (build-engine --max-tiles,
     --max-context)."""
-    img, context = manifest.contract.image, manifest.contract.generation.context_length
-    return (entry.max_views is not None and entry.max_views < max_views(img.max_tiles, img.thumbnail)) or \
-        (entry.max_context is not None and entry.max_context < context)
+    return manifest.most_tiles(entry) < manifest.most_tiles() or \
+        (entry.max_context or math.inf) < manifest.contract.generation.context_length
 
 
 def _index(order: tuple, value) -> int:
