@@ -104,7 +104,7 @@ CASES = [
     ("image-url-missing", body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      400, "url"),
     ("max-tiles-zero", body(max_tiles=0), 400, "max_tiles"),
-    ("max-tiles-above-model", body(max_tiles=20), 400, "above the model's 12"),
+    ("max-tiles-above-model", body(max_tiles=20), 400, "above the 12 this model takes"),
     ("prompt-past-context", body(messages=[{"role": "user", "content": "hello " * 9000}]), 400, "context"),
     ("max-tokens-past-context", body(max_tokens=100_000), 400, "context"),
 ]
