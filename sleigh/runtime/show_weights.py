@@ -83,8 +83,6 @@ def output_format(out: Path) -> str:
     from sleigh.staging import check_output_file
 
     out = Path(out)
-    if out.is_dir():
-        raise SleighError(str(out), "is a folder", "an image file name, e.g. weights.png")
     check_output_file(out)
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:

@@ -252,7 +252,6 @@ class _EventStream(Response):
                 await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:  # cut off as above: an error event ends the stream (no [DONE]), no traceback
-            await self.events.aclose()
             await send({"type": "http.response.body", "body": _event(_cut_off().body()).encode(), "more_body": False})
         finally:
             await self.events.aclose()
