@@ -47,13 +47,13 @@ def prepare_output_dir(dst: Path, force: bool) -> None:
         raise SleighError(str(dst), f"parent folder {parent} is not writable", "a writable location")
 
 
-def check_output_file(out: Path) -> None:
+def check_output_file(out: Path, expected: str = "a file name") -> None:
     """A file that can be written later (write_bytes_atomic makes its missing folders): checked before
     any work, so a bad location costs nothing. Its nearest existing folder must be writable, and no
     file may stand where a folder of its path goes."""
     out = Path(out)
     if out.is_dir():
-        raise SleighError(str(out), "is a folder", "a file name")
+        raise SleighError(str(out), "is a folder", expected)
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent

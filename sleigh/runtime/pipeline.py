@@ -39,7 +39,12 @@ DEFAULT_PROMPT = "Describe the image in detail."
 
 class ContextExceeded(SleighError):
     """A prompt (with the answer's token limit) longer than the model's context: what `sleigh eval`
-    skips a line for."""
+    skips a line for. `request_expected`: the remedy that is the request's (a server's client cannot
+    choose the engine, the rest of `expected`)."""
+
+    def __init__(self, what: str, problem: str, expected: str, engine_remedy: str | None = None):
+        super().__init__(what, problem, expected + (f", or {engine_remedy}" if engine_remedy else ""))
+        self.request_expected = expected
 
 
 class ModelFault(SleighError):
@@ -136,7 +141,7 @@ def check_text(what: str, value, none: bool = False) -> None:
     if value is None and none:
         return
     if not isinstance(value, str):
-        raise SleighError(what, f"got {type(value).__name__}", "a string")
+        raise SleighError(what, f"got {type(value).__name__}", "a string" + (", or None" if none else ""))
 
 
 class Pipeline:
@@ -367,9 +372,8 @@ class Pipeline:
         else:
             problem, expected = f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed {of}", \
                 "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens"
-        if context < model:
-            expected += f", or the package's own modules (engine package), whose context is {model}"
-        raise ContextExceeded("prompt", problem, expected)
+        engine = f"the package's own modules (engine package), whose context is {model}" if context < model else None
+        raise ContextExceeded("prompt", problem, expected, engine)
 
     @property
     def _engine_name(self) -> str:

@@ -83,7 +83,7 @@ def output_format(out: Path) -> str:
     from sleigh.staging import check_output_file
 
     out = Path(out)
-    check_output_file(out)
+    check_output_file(out, "an image file name, e.g. weights.png")
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
         raise SleighError(str(out), f"unknown image suffix {out.suffix!r}", "a .png, .jpg or .webp file name")

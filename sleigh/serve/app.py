@@ -136,6 +136,10 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
             response = await _chat(request, settings, state, arrived)
         except APIError as e:
             response = _error_response(e)
+        except asyncio.CancelledError as e:  # anywhere in the request: reading it, its image, its answer
+            if not _shutdown_cut(e):  # a client gone under Ray Serve, a caller's deadline: theirs to handle
+                raise
+            response = _error_response(_cut_off())
         state.metrics.request(response.status_code)
         return response
 
@@ -201,10 +205,7 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     watcher = _DisconnectWatch(request, job, state)
     try:
         first = await job.events.get()
-    except asyncio.CancelledError:  # cut off before its first token (shutdown, or the client gone under Ray Serve)
-        _stop(job, watcher, state, finished=False)
-        return _error_response(_cut_off())
-    except BaseException:
+    except BaseException:  # cancelled (the client went away under Ray Serve, or shutdown: chat_completions)
         _stop(job, watcher, state, finished=False)
         raise
     if first[0] in ("piece", "done"):
@@ -221,8 +222,6 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     try:
         while event[0] == "piece":
             event = await job.events.get()
-    except asyncio.CancelledError:  # cut off: shutdown past --shutdown-timeout (or Ray Serve's client gone)
-        return _error_response(_cut_off())
     finally:
         _stop(job, watcher, state, finished=event[0] != "piece")
     kind, value = event
@@ -251,7 +250,9 @@ class _EventStream(Response):
             async for event in self.events:
                 await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:  # cut off as above: an error event ends the stream (no [DONE]), no traceback
+        except asyncio.CancelledError as e:  # cut off by the shutdown: an error event ends the stream (no [DONE])
+            if not _shutdown_cut(e):
+                raise
             await send({"type": "http.response.body", "body": _event(_cut_off().body()).encode(), "more_body": False})
         finally:
             await self.events.aclose()
@@ -283,6 +284,21 @@ async def _sse(job: Job, first, cid: str, model: str, include_usage: bool, watch
             yield "data: [DONE]\n\n"
     finally:  # the stream ended, or the client went away (this generator was closed or cancelled)
         _stop(job, watcher, state, finished=kind != "piece")
+
+
+# What uvicorn cancels the requests under way with once --shutdown-timeout has passed (its server.py)
+SHUTDOWN_CANCEL = "timeout graceful shutdown exceeded"
+
+
+def _shutdown_cut(e: asyncio.CancelledError) -> bool:
+    """Whether this cancellation is uvicorn's at the shutdown (then the request is answered, and the
+    cancellation ends there); any other (Ray Serve's for a client gone, a caller's deadline) goes on."""
+    if not any(SHUTDOWN_CANCEL in str(a) for a in e.args):
+        return False
+    task = asyncio.current_task()
+    if task is not None and hasattr(task, "uncancel"):  # Python 3.11+: the task no longer counts as cancelling
+        task.uncancel()
+    return True
 
 
 def _cut_off() -> APIError:
@@ -343,8 +359,9 @@ def _busy(worker: ModelWorker, settings: ServeSettings) -> APIError:
 def _generation_error(exc: BaseException) -> APIError:
     if isinstance(exc, ModelFault):  # the model's, not the request's
         return APIError(500, first_line(exc))
-    if isinstance(exc, ContextExceeded):  # in the request's own terms
-        return APIError(400, first_line(exc).replace("max_new_tokens", "max_tokens"), param="messages")
+    if isinstance(exc, ContextExceeded):  # in the request's own terms, with the remedies that are the request's
+        message = f"{exc.what} | {exc.problem}. Expected: {exc.request_expected}"
+        return APIError(400, message.replace("max_new_tokens", "max_tokens"), param="messages")
     if isinstance(exc, SleighError):
         return APIError(400, first_line(exc))
     return APIError(500, f"generation failed ({type(exc).__name__}); see the server log")

@@ -142,6 +142,7 @@ def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_pat
     assert took < 10, took
     assert "data: [DONE]" not in lines and len(lines) < 7000, len(lines)  # cut off, not finished
     assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
+    assert plain, "the waiting request got no answer"
     assert plain[0].status_code == 503 and "cut this answer off" in plain[0].json()["error"]["message"]
     text = log.read_text()
     assert "timeout graceful shutdown exceeded" in text and "Traceback" not in text, text[-3000:]

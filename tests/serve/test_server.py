@@ -459,3 +459,55 @@ def test_max_tiles_is_held_to_what_the_served_engine_takes(probe, monkeypatch):
     assert "above the 2 this model takes" in r.json()["error"]["message"]
     assert httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=2, max_tiles=2),
                       timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("shutdown", [True, False])
+def test_only_the_shutdowns_cancellation_is_answered_as_one(probe, shutdown):
+    """A request cancelled while its body is read: by uvicorn's shutdown (--shutdown-timeout past) it
+    is answered 503 (a traceback and a text/plain 500 before); any other cancellation (Ray Serve's for a
+    client gone, a caller's deadline) is not swallowed and answered as a shutdown, but goes on."""
+    import asyncio
+
+    from sleigh.serve.app import SHUTDOWN_CANCEL
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "query_string": b"", "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80)}
+    sent = []
+
+    async def receive():  # the body never arrives
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        sent.append(message)
+
+    async def main():
+        task = asyncio.create_task(probe.server.config.app(scope, receive, send))
+        await asyncio.sleep(0.2)
+        task.cancel(msg=f"Task cancelled, {SHUTDOWN_CANCEL}" if shutdown else None)
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "answered"
+
+    outcome = asyncio.run(main())
+    if shutdown:
+        assert outcome == "answered" and sent[0]["status"] == 503
+        assert b"cut this answer off" in sent[1]["body"]
+    else:
+        assert outcome == "cancelled" and sent == []
+
+
+def test_a_context_error_gives_the_client_only_remedies_that_are_its_own():
+    """On an engine built for a shorter context the pipeline also suggests `engine package`, a choice
+    of whoever runs the server; the client is told what its request can change, in its own terms."""
+    from sleigh.runtime.pipeline import ContextExceeded
+    from sleigh.serve.app import _generation_error
+
+    exc = ContextExceeded("prompt", "900 prompt tokens + 512 new tokens exceed the context of 1000 engine small was "
+                          "built for", "a shorter prompt or a smaller max_new_tokens", "the package's own modules (engine package)")
+    assert "engine package" in str(exc)  # the CLI and the API say it
+    error = _generation_error(exc)
+    assert (error.status, error.param) == (400, "messages")
+    assert error.message.endswith("Expected: a shorter prompt or a smaller max_tokens"), error.message

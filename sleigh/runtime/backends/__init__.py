@@ -34,7 +34,8 @@ def ranked_engines(manifest: Manifest, backend: str, device: str) -> list[str]:
     size, so its limits are a choice for one use, and `auto` must not narrow every run of the package."""
     order = ENGINE_PREFERENCE[device]
     rank = lambda e: (_index(order, e.precision), _index(WEIGHT_PREFERENCE, e.llm_weights or "fp32"),  # noqa: E731
-                      _index(KV_PREFERENCE, e.kv_dtype or "float32"), -(e.max_views or 0), -(e.max_context or 0))
+                      _index(KV_PREFERENCE, e.kv_dtype or "float32"), -manifest.most_tiles(e),
+                      -(e.max_context or math.inf))  # no shapes recorded: the model's
     return [e.name for e in sorted((e for e in manifest.engines.values() if e.backend == backend and e.accuracy_passed
                                     and not (backend == "onnxruntime" and narrowed(manifest, e))), key=rank)]
 
