@@ -86,6 +86,8 @@ def test_a_line_whose_image_or_prompt_fails_is_skipped_not_the_run(demo_ckpt, tm
     report = evaluate(demo_ckpt, tmp_path / "d.jsonl", quiet=True)
     assert report["overall"]["n"] == 1
     assert report["skipped"] == {"image not loaded": 1, "prompt past the context": 1}
+    proc = run_sleigh("eval", demo_ckpt, "--data", tmp_path / "d.jsonl")  # the CLI says so in words (it printed a dict)
+    assert proc.returncode == 0 and "skipped lines: 1 image not loaded, 1 prompt past the context" in proc.stdout, proc.stdout
 
 
 def test_names_with_brackets_print_as_written(demo_ckpt, tmp_path):
