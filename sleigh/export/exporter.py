@@ -25,8 +25,7 @@ from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
 from sleigh.runtime.image import TILES_LIMIT
 from sleigh.runtime.manifest import Contract, contract_from_config, write_manifest
-from sleigh.runtime.package import (MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, read_json, shipped_photo,
-                                    write_json_atomic)
+from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
 from sleigh.runtime.prompt import PromptTokenizer
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
@@ -276,7 +275,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
         raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")
     # what the runtime reads of the checkpoint, checked here, where the message can name the checkpoint's
     # files: found in the finished package, it named the staging folder after the whole export
-    Contract.from_config(read_json(checkpoint / "config.json", "a Sleigh checkpoint's config.json"), str(checkpoint / "config.json"))
+    Contract.of_checkpoint(checkpoint)
     PromptTokenizer.from_file(checkpoint / TOKENIZER)
     parity_image = opts.parity_image or shipped_photo()
     torch.manual_seed(SEED)

@@ -200,6 +200,12 @@ class Contract:
         """A checkpoint's contract, from its config.json (already parsed)."""
         return cls.from_json(contract_from_config(cfg, where), Fields(where, "a config.json written by this sleigh"))
 
+    @classmethod
+    def of_checkpoint(cls, folder: Path) -> Contract:
+        """A Sleigh checkpoint folder's contract, read from its config.json."""
+        config = Path(folder) / "config.json"
+        return cls.from_config(read_json(config, "a Sleigh checkpoint's config.json"), str(config))
+
 
 def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | None = None) -> dict:
     """The contract sections (JSON) of a model with this config.json: what `sleigh export` writes into

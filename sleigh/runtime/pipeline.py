@@ -226,10 +226,7 @@ class Pipeline:
         if importlib.util.find_spec("torch") is None:
             raise SleighError(str(path), "a checkpoint runs on the PyTorch reference and torch is not installed",
                               "a package from `sleigh export`, or pip install torch and 'sleigh[export]'")
-        from sleigh.runtime.package import read_json
-
-        config = Path(path) / "config.json"
-        contract = Contract.from_config(read_json(config, "a Sleigh checkpoint's config.json"), str(config))
+        contract = Contract.of_checkpoint(path)
         tok = PromptTokenizer.from_file(Path(path) / "tokenizer.json")
         return cls(_checkpoint_backend("torch").from_checkpoint(path, threads), contract, tok)
 

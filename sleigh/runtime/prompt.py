@@ -288,17 +288,15 @@ class StopStrings:
 
     def __init__(self, stops: Iterable[str] | str):
         """`stops`: stop strings, or one (a str is one stop string, as OpenAI's `stop` takes it)."""
+        wanted = "a string or a list of strings"
         if isinstance(stops, str):
             stops = (stops,)
-        if isinstance(stops, (bytes, bytearray)):  # iterable, as ints
-            raise SleighError("stop", f"got {type(stops).__name__}", "a string or a list of strings")
-        try:
-            self.stops = tuple(stops)
-        except TypeError:
-            raise SleighError("stop", f"got {type(stops).__name__}", "a string or a list of strings") from None
+        if isinstance(stops, (bytes, bytearray)) or not isinstance(stops, Iterable):  # bytes: iterable, as ints
+            raise SleighError("stop", f"got {type(stops).__name__}", wanted)
+        self.stops = tuple(stops)
         bad = next((s for s in self.stops if not isinstance(s, str)), "")
         if bad != "":
-            raise SleighError("stop", f"holds {bad!r:.40} ({type(bad).__name__})", "a string or a list of strings")
+            raise SleighError("stop", f"holds {bad!r:.40} ({type(bad).__name__})", wanted)
         if any(not s for s in self.stops):
             raise SleighError("stop", "an empty stop string", "non-empty strings")
         self.hit: str | None = None
