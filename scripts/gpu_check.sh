@@ -19,18 +19,28 @@
 #      tokens on a multi-tile image and across a 256-slot growth; the CUDA copy helpers' tests (-m gpu)
 #   3. full size (internvl2-2b, random weights): init, export --no-verify --decoder $DECODER (default
 #      fused-cuda: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other)
-#   4. sleigh bench of the FP32 package on CUDA, GPU memory sampled with nvidia-smi (a fused-cuda
-#      decoder's float32 attention runs on the CPU there: the row shows what that costs)
+#   4. sleigh bench of the FP32 package on CUDA at 13 views (a 4:3 photo), GPU memory sampled with
+#      nvidia-smi (a fused-cuda decoder's float32 attention runs on the CPU there: the row shows what
+#      that costs)
 #   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
 #   6. build-engine --precision fp16, then sleigh bench of it on CUDA (auto picks FP16 on a GPU): with
 #      the decode steps replayed as a CUDA graph (fused-cuda), and again with SLEIGH_CUDA_GRAPH=0
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
+#
+# REHEARSAL=1 runs every step on the CPU (CPUExecutionProvider in place of CUDA, the tiny preset in
+# place of internvl2-2b, the HF anchor in float32 on the CPU, no install): tests/test_gpu_check.py
+# runs it so that the script still matches the CLI it calls when a GPU is at last lent.
 set -uo pipefail
 out=${OUT:-gpu-out}
 parts=${PARTS:-/tmp/parts}
 budget=${BUDGET_S:-530}
 decoder=${DECODER:-fused-cuda}
 work=${WORK:-/tmp/g}
+if [ "${REHEARSAL:-0}" = 1 ]; then
+  provider=CPUExecutionProvider preset=tiny hf=(--device cpu --dtype float32)
+else
+  provider=CUDAExecutionProvider preset=internvl2-2b hf=(--device cuda --dtype bfloat16)
+fi
 mkdir -p "$out" "$work"
 left() { echo $((budget - SECONDS > 5 ? budget - SECONDS : 5)); }
 step() {  # step NAME CMD...: run with the time left, log to $out/NAME.log, never stop the script
@@ -45,7 +55,9 @@ mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -
 mem_stop() { kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; true; }
 
 # 1. onnxruntime-gpu
-if ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+if [ "${REHEARSAL:-0}" = 1 ]; then
+  export PYTHONPATH=$PWD
+elif ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
   if ! ls "$parts"/p0* > /dev/null 2>&1; then
     echo "error: onnxruntime-gpu | no CUDA provider and no wheel parts in $parts. Expected: the parts of ../shared/gpu/prepare-ort-gpu.sh carried to $parts"
     exit 2
@@ -60,24 +72,27 @@ else
 fi
 export PYTHONUNBUFFERED=1
 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers(), '| torch', torch.__version__)" | tee "$out/providers.txt"
-if ! grep -q CUDAExecutionProvider "$out/providers.txt"; then
+if ! grep -q "$provider" "$out/providers.txt"; then
   echo "error: onnxruntime-gpu | CUDAExecutionProvider is not available (see $out/providers.txt). Expected: the CUDA libraries on LD_LIBRARY_PATH"
   exit 2
 fi
 device=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -1)
+[ "${REHEARSAL:-0}" = 1 ] && device="CPU rehearsal"
+export GPU_CHECK_PROVIDER=$provider
 echo "device: $device" | tee -a "$out/providers.txt"
 
 # 2. what CUDA's GroupQueryAttention takes; tiny: CUDA == CPU, from an empty cache and across a growth
-step gqa-probe python3 benchmarks/gqa_cuda_probe.py --provider CUDAExecutionProvider
+step gqa-probe python3 benchmarks/gqa_cuda_probe.py --provider "$provider"
 step tiny-init python3 -m sleigh.cli init "$work/tiny" --preset tiny --force
 step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" --force --json
 step tiny-export-fused python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-fused" --decoder fused --force --json
 step tiny-export-cuda python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-cuda" --decoder fused-cuda --force --json
 step tiny-fp16-cuda python3 -m sleigh.cli build-engine "$work/tiny-cuda" --precision fp16 --json
 # does ONNX Runtime open that FP16 decoder with CUDA graphs on (every node but shape computations on CUDA)?
-step cuda-kernels python3 benchmarks/gqa_cuda_probe.py --provider CUDAExecutionProvider \
+step cuda-kernels python3 benchmarks/gqa_cuda_probe.py --provider "$provider" \
   --model "$work/tiny-cuda/engines/onnxruntime-fp16/decoder.onnx" "$work/tiny-fused/decoder.onnx"
 step cuda-vs-cpu python3 - "$work/tiny-pkg" "$work/tiny-fused" "$work/tiny-cuda" "$work/tiny-cuda:onnxruntime-fp16" <<'PY'
+import os
 import sys
 from pathlib import Path
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
@@ -93,7 +108,8 @@ for arg in sys.argv[1:]:
     cpu_backend = OnnxRuntimeBackend.from_package(pkg, m, providers=[CPU], engine=entry)  # not auto: it would take CUDA
     cpu = Pipeline(cpu_backend, m.contract, PromptTokenizer.from_file(m.path(m.tokenizer, "tokenizer")))
     try:
-        backend = OnnxRuntimeBackend.from_package(pkg, m, providers=[CUDA, CPU], engine=entry)
+        providers = [os.environ.get("GPU_CHECK_PROVIDER", CUDA), CPU]  # both CPU in a rehearsal
+        backend = OnnxRuntimeBackend.from_package(pkg, m, providers=list(dict.fromkeys(providers)), engine=entry)
         print(f"{arg}: decoder on {backend.decoder_providers[0]}, CUDA graph {backend.cuda_graph}")
         cuda = Pipeline(backend, cpu.contract, cpu.tokenizer)
         for image, prompt, n in [("examples/chelsea.jpg", "Describe the image.", 24), (None, "Tell me a story.", 300)]:
@@ -112,31 +128,34 @@ PY
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
 
 # 3. full size
-step full-init python3 -m sleigh.cli init "$work/full" --preset internvl2-2b --force
+step full-init python3 -m sleigh.cli init "$work/full" --preset "$preset" --force
 step full-export python3 -m sleigh.cli export "$work/full" -o "$work/full-pkg" --decoder "$decoder" --no-verify --force --json
 
-# 4. FP32 package on CUDA
+# 4. FP32 package on CUDA. Every bench reads a 4:3 photo: 12 tiles and the thumbnail, 13 views (the
+# issue's first-token target is at 13 views)
+python3 -c "from PIL import Image; import sys; Image.open('examples/coffee.jpg').convert('RGB').resize((1600, 1200)).save(sys.argv[1])" "$work/views13.jpg"
+photo=(--image "$work/views13.jpg")
 pid=$(mem_start bench-fp32)
-step bench-fp32 python3 -m sleigh.cli bench "$work/full-pkg" --runs 1 --max-new-tokens 64 --json  # one run: the FP16 rows matter more
+step bench-fp32 python3 -m sleigh.cli bench "$work/full-pkg" "${photo[@]}" --runs 1 --max-new-tokens 64 --json  # one run: the FP16 rows matter more
 mem_stop "$pid"
 
 # 5. HF eager anchor, bf16, the bench's shapes
-read -r views tokens < <(python3 - "$out/bench-fp32.log" <<'PY' 2>/dev/null || echo "7 1980"
+read -r views tokens < <(python3 - "$out/bench-fp32.log" <<'PY' 2>/dev/null || echo "13 3358"
 import json, sys
 row = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["rows"][0]
 print(row["views"], row["prompt_tokens"])
 PY
 )
-step hf-anchor python3 benchmarks/hf_anchor.py --preset internvl2-2b --views "$views" --prompt-tokens "$tokens" \
-  --device cuda --dtype bfloat16 --runs 2 --new-tokens 64
+step hf-anchor python3 benchmarks/hf_anchor.py --preset "$preset" --views "$views" --prompt-tokens "$tokens" \
+  "${hf[@]}" --runs 2 --new-tokens 64
 
 # 6. FP16 engine
 step fp16-engine python3 -m sleigh.cli build-engine "$work/full-pkg" --backend onnxruntime --precision fp16 --json
 pid=$(mem_start bench-fp16)
-step bench-fp16 python3 -m sleigh.cli bench "$work/full-pkg" --runs 2 --max-new-tokens 64 --json
+step bench-fp16 python3 -m sleigh.cli bench "$work/full-pkg" "${photo[@]}" --runs 2 --max-new-tokens 64 --json
 mem_stop "$pid"
 pid=$(mem_start bench-fp16-nograph)
-SLEIGH_CUDA_GRAPH=0 step bench-fp16-nograph python3 -m sleigh.cli bench "$work/full-pkg" --runs 2 --max-new-tokens 64 --json
+SLEIGH_CUDA_GRAPH=0 step bench-fp16-nograph python3 -m sleigh.cli bench "$work/full-pkg" "${photo[@]}" --runs 2 --max-new-tokens 64 --json
 mem_stop "$pid"
 
 # 7. one table
