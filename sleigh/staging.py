@@ -97,7 +97,11 @@ def owner_alive(pid: int, start: int) -> bool:
 def make(parent: Path, name: str) -> Path:
     """A new staging folder for `name` in `parent`, owned by this process."""
     parent = Path(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner()}-", dir=parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner()}-", dir=parent))
+    except OSError as e:  # a folder that says it is writable and is not (/proc as root, a read-only mount)
+        raise SleighError(str(parent / name), f"cannot make a folder in {parent} ({e.strerror})",
+                          "a writable location") from None
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
     return tmp
 

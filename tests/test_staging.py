@@ -49,6 +49,15 @@ def test_make_names_this_process_as_owner(tmp_path):
     assert staging.stale(tmp_path) == []  # a live process's folder is never stale
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")
+def test_a_folder_where_no_staging_folder_can_be_made_is_one_error():
+    """/proc takes no new folders, whatever os.access tells root (who found `sleigh init /proc/x`
+    ending in "unexpected FileNotFoundError")."""
+    with pytest.raises(SleighError) as e:
+        staging.make(Path("/proc"), "x")
+    assert str(e.value).startswith("/proc/x | cannot make a folder in /proc (") and "a writable location" in str(e.value)
+
+
 def test_stale_lists_only_dead_owners_and_clean_removes_only_those(tmp_path):
     me, start = os.getpid(), staging.process_start(os.getpid()) or 0
     live = staging.make(tmp_path, "pkg")
