@@ -99,7 +99,8 @@ def make(parent: Path, name: str) -> Path:
     parent = Path(parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner()}-", dir=parent))
-    except OSError as e:  # a folder that says it is writable and is not (/proc as root, a read-only mount)
+    except FileNotFoundError as e:  # a folder that takes no new folders though it says it is writable (/proc
+        # as root); permissions, a read-only mount or a full disk reach the CLI's own lines (cli._system_error)
         raise SleighError(str(parent / name), f"cannot make a folder in {parent} ({e.strerror})",
                           "a writable location") from None
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder

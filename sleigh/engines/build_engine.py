@@ -547,14 +547,14 @@ def _check_fits(limit: int, manifest: Manifest, kv_dtype: str, module_files: dic
     """--max-memory: the engine's weights (its largest stage, where the runtime can hold its modules a
     stage at a time) and the runtime must fit in it (runtime/memory.py); a generation's chunks are
     planned per run."""
-    from sleigh.runtime.memory import MemoryBudget, Shapes, gb, module_sizes, stage_bytes
+    from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, stage_bytes
 
     sizes = module_sizes(module_files)  # the files' bytes: no session is open to measure
     try:
         MemoryBudget(limit, Shapes.from_contract(manifest.contract, kv_dtype), sum(sizes.values()),
                      stage_bytes(sizes) if stages else None)
     except SleighError as e:
-        raise SleighError(f"--max-memory {gb(limit)}", e.problem, e.expected) from None
+        raise SleighError(e.what.replace("max_memory=", "--max-memory ", 1), e.problem, e.expected) from None
 
 
 def _install(pkg: Path, tmp: Path, final: Path, name: str, entry: EngineEntry, staged: str,

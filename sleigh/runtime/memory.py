@@ -95,11 +95,24 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
-def gb(n: float) -> str:
-    """Bytes in GB with two decimals; in MB or bytes where that would read 0.00 GB (`--max-memory 1K`)."""
-    if n >= GB / 100:
-        return f"{n / GB:.2f} GB"
-    return f"{n / 1024**2:.2f} MB" if n >= 1024**2 / 100 else f"{int(n)} bytes"
+def gb(n: float, rounding: str = "nearest", decimals: int = 2) -> str:
+    """Bytes in GB with two decimals; in MB or bytes where that would read 0.00 GB (`--max-memory 1K`).
+    `rounding` "up" for what a run needs: a budget of the need as printed is enough."""
+    step = {"nearest": round, "up": math.ceil}[rounding]
+    for unit, name in ((GB, "GB"), (1024**2, "MB")):
+        if n >= unit / 100:
+            return f"{step(n / unit * 10**decimals) / 10**decimals:.{decimals}f} {name}"
+    return f"{step(n)} bytes"
+
+
+def budget_and_need(limit: int, need: int) -> tuple[str, str]:
+    """A budget and the larger need it was refused for, printed with the decimals it takes for the two
+    to differ (0.18 GB against 0.177 GB rounded up, 0.18 GB, would read as if it fitted)."""
+    for decimals in range(2, 10):
+        pair = gb(limit, decimals=decimals), gb(need, "up", decimals)
+        if pair[0] != pair[1]:
+            break
+    return pair
 
 
 def kv_slots(positions: int) -> int:
@@ -217,7 +230,8 @@ class MemoryBudget:
         held = weights if stages is None else min(weights, max(stages))  # the least the model can hold at once
         if self.base + held > limit:
             what = f"{gb(held)} of weights{'' if held == weights else ' (its largest stage)'} + {gb(self.base)} of runtime"
-            raise SleighError(f"max_memory={gb(limit)}", f"the model alone needs {gb(self.base + held)} ({what})",
+            budget, need = budget_and_need(limit, self.base + held)
+            raise SleighError(f"max_memory={budget}", f"the model alone needs {need} ({what})",
                               f"a budget above that, or {self.smaller}")
 
     def estimate(self, prompt_tokens: int, new_tokens: int, vision_chunk: int, prefill_chunk: int, views: int = 0,
@@ -270,11 +284,12 @@ class MemoryBudget:
         need = self.estimate(prompt_tokens, new_tokens, v, s, views, staged)
         model = (f"model {gb(self.base + self.weights)}" if not staged else
                  f"model {gb(self.base + self.stages[1])} while decoding, its modules held a stage at a time")
+        budget, need_text = budget_and_need(self.limit, need)
         raise SleighError(
-            f"max_memory={gb(self.limit)}",
+            f"max_memory={budget}",
             f"{views} view{'s' if views != 1 else ''} and {prompt_tokens} + {new_tokens} tokens need about "
-            f"{gb(need)} at the smallest chunks ({model}, KV cache "
+            f"{need_text} at the smallest chunks ({model}, KV cache "
             f"{gb(sh.kv_bytes(prompt_tokens + new_tokens))}, image embeddings {gb(sh.image_bytes(views))}, "
             f"vision at {v} view{'s' if v != 1 else ''} at once {gb(sh.vision_bytes(v))}, "
             f"prefill in chunks of {s} tokens {gb(self.prefill_bytes(prompt_tokens, new_tokens, s))})",
-            f"a budget of at least {gb(need)}, or {HOW_TO_FIT}{self.smaller}")
+            f"a budget of at least {need_text}, or {HOW_TO_FIT}{self.smaller}")

@@ -10,8 +10,8 @@ from PIL import Image
 
 from sleigh.errors import SleighError
 from sleigh.runtime.kv_cache import KV_CHUNK
-from sleigh.runtime.memory import (BASE_BYTES, GB, MIN_PREFILL_CHUNK, TORCH_BASE_BYTES, MemoryBudget, Shapes, module_sizes,
-                                   parse_size)
+from sleigh.runtime.memory import (BASE_BYTES, GB, MIN_PREFILL_CHUNK, TORCH_BASE_BYTES, MemoryBudget, Shapes, budget_and_need,
+                                   module_sizes, parse_size)
 from sleigh.runtime.pipeline import Pipeline
 from tests.helpers import one_error_line, run_sleigh
 
@@ -194,6 +194,26 @@ def test_a_budget_too_small_is_refused_in_one_line(tiny_pkg):
     proc = run_sleigh("run", "--model", tiny_pkg, "--max-memory", "50M")  # the weights and runtime alone
     assert "the model alone needs" in one_error_line(proc)
     assert "not a memory size" in one_error_line(run_sleigh("run", "--model", tiny_pkg, "--max-memory", "lots"))
+
+
+def test_a_refused_budget_and_its_need_never_read_the_same():
+    """`--max-memory 170M` read "0.17 GB | the model alone needs 0.17 GB": a need is rounded up and
+    given the decimals that part it from the budget, and a budget of the need as printed fits."""
+    from sleigh.runtime.manifest import Contract
+    from sleigh.sleighvl.config import PRESETS
+
+    config = json.loads(json.dumps(PRESETS["internvl2-2b"].to_dict()))
+    shapes = Shapes.from_contract(Contract.from_config(config, "internvl2-2b preset"))  # unread: the weights alone are refused
+    for weights in (int(0.0005 * GB), int(0.001 * GB), int(0.00999 * GB)):
+        limit = BASE_BYTES + weights - 1  # just under: the two agree in two decimals
+        with pytest.raises(SleighError) as e:
+            MemoryBudget(limit, shapes, weights=weights)
+        budget = e.value.what.removeprefix("max_memory=")
+        need = e.value.problem.removeprefix("the model alone needs ").split(" (")[0]
+        assert budget != need, (budget, need)
+        MemoryBudget(parse_size(need.replace(" ", "").removesuffix("B")), shapes, weights=weights)  # fits
+    assert budget_and_need(int(0.176 * GB), int(0.1765 * GB)) == ("0.176 GB", "0.177 GB")
+    assert budget_and_need(int(1.5 * GB), int(1.75 * GB)) == ("1.50 GB", "1.75 GB")
 
 
 def test_budget_refuses_what_would_not_fit_and_parses_sizes():
