@@ -83,11 +83,13 @@ def test_serve_takes_the_global_log_level_unless_given_its_own(tiny_pkg, monkeyp
     assert ("info: serving " in result.output) == shown, result.output
 
 
-def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_path):
-    """SIGINT with a stream under way and a plain request waiting behind it: uvicorn alone waits for
-    both to end (a long answer kept the server up for minutes); with --shutdown-timeout 0 both are cut
-    off at once, the stream with an error event (no [DONE]), the plain request with a 503 error object
-    (it was a text/plain 500, the cancellation a traceback in the log), and the server exits."""
+@pytest.mark.parametrize("running", ["stream", "plain"])
+def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_path, running):
+    """SIGINT with an answer under way (streamed, or a plain request past its first token) and a plain
+    request waiting behind it: uvicorn alone waits for both to end (a long answer kept the server up for
+    minutes); with --shutdown-timeout 0 both are cut off at once, a stream with an error event (no
+    [DONE]), a plain request with a 503 error object (it was a text/plain 500, the cancellation a
+    traceback in the log), and the server exits."""
     import signal
     import subprocess
     import sys
@@ -105,32 +107,39 @@ def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_pat
         proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
                                  "--threads", "1", "--shutdown-timeout", "0"], env=cli_env(), stdout=err, stderr=err)
     base = f"http://127.0.0.1:{port}"
-    lines, plain = [], []
+    lines, plain, long_plain = [], [], []
+    long = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 7000,
+            "ignore_eos": True, "temperature": 0}
 
     def waiting():
         body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
         plain.append(httpx.post(base + "/v1/chat/completions", json=body, timeout=120))
 
     def stream():
-        body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
-                "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
         try:
-            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+            with httpx.stream("POST", base + "/v1/chat/completions", json={**long, "stream": True}, timeout=120) as r:
                 lines.extend(line for line in r.iter_lines() if line)
         except httpx.TransportError:
             pass
 
+    def answering():  # a plain request: under way once the server has timed its first token
+        return "sleigh_time_to_first_token_seconds_count 1" in httpx.get(base + "/metrics", timeout=10).text
+
     try:
         wait_healthy(base, proc)
-        reader = threading.Thread(target=stream)
+        if running == "stream":
+            reader = threading.Thread(target=stream)
+        else:
+            reader = threading.Thread(target=lambda: long_plain.append(httpx.post(base + "/v1/chat/completions",
+                                                                                  json=long, timeout=120)))
         reader.start()
         deadline = time.monotonic() + 60
-        while len(lines) < 3 and time.monotonic() < deadline:  # the answer is under way
+        while not (len(lines) >= 3 if running == "stream" else answering()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(lines) >= 3, log.read_text()[-2000:]
+        assert len(lines) >= 3 or running == "plain" and answering(), log.read_text()[-2000:]
         behind = threading.Thread(target=waiting)
         behind.start()
-        time.sleep(0.5)  # queued behind the stream
+        time.sleep(0.5)  # queued behind the answer under way
         t = time.monotonic()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
@@ -140,8 +149,12 @@ def test_shutdown_cuts_answers_under_way_off_after_its_timeout(tiny_pkg, tmp_pat
     finally:
         proc.kill()
     assert took < 10, took
-    assert "data: [DONE]" not in lines and len(lines) < 7000, len(lines)  # cut off, not finished
-    assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
+    if running == "stream":
+        assert "data: [DONE]" not in lines and len(lines) < 7000, len(lines)  # cut off, not finished
+        assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"]
+    else:
+        assert long_plain, "the answer under way got no response"
+        assert long_plain[0].status_code == 503 and "cut this answer off" in long_plain[0].json()["error"]["message"]
     assert plain, "the waiting request got no answer"
     assert plain[0].status_code == 503 and "cut this answer off" in plain[0].json()["error"]["message"]
     text = log.read_text()
