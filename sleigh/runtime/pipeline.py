@@ -104,6 +104,12 @@ class Generation:
         self._error: BaseException | None = None  # what ended it, raised again on every later read
 
     def __iter__(self) -> Iterator[str]:
+        return (piece for piece in self.each_token() if piece)
+
+    def each_token(self) -> Iterator[str]:
+        """The text pieces, one per generated token and "" for a token that adds no text yet (a special
+        token, part of a character, the possible start of a stop string), then the rest held back: a
+        caller that stops between any two tokens (a server whose client left) looks here."""
         if self._error is not None:
             raise self._error
         if self._result is not None:  # done: iterating again yields nothing and keeps the result
@@ -117,8 +123,7 @@ class Generation:
             except Exception as e:
                 self._error = e
                 raise
-            if piece:
-                yield piece
+            yield piece
 
     @property
     def result(self) -> GenerationResult:

@@ -170,13 +170,16 @@ class ModelWorker:
         gen = self.pipeline.generate(r.image, r.turns, system=r.system, max_new_tokens=r.max_new_tokens,
                                      sampling=r.sampling, max_tiles=r.max_tiles, stop=r.stop,
                                      ignore_eos=r.ignore_eos, fit_context=r.fit_context)
-        for i, piece in enumerate(gen):
+        first = True
+        for piece in gen.each_token():  # also the tokens without text: a client gone stops any of them
             if job.cancelled.is_set():  # between two tokens: no further model work for this request
                 job.emit("cancelled")
                 return
-            job.emit("piece", piece)
-            if i == 0:
-                job.first_piece_sent.wait(FIRST_PIECE_WAIT_S)
+            if piece:
+                job.emit("piece", piece)
+                if first:
+                    job.first_piece_sent.wait(FIRST_PIECE_WAIT_S)
+                    first = False
         job.emit("done", gen.result)
 
     def close(self) -> None:

@@ -108,3 +108,44 @@ def test_a_request_cancelled_while_it_waits_frees_its_place_at_once(tiny_pkg):
         assert running_end == queued_end == ("cancelled", None)
         assert later_end[0] == "done" and len(later_end[1].token_ids) == 5
         assert worker.running == worker.waiting == 0
+
+
+def test_a_cancelled_request_stops_between_tokens_that_add_no_text():
+    """A model whose tokens add no text (special tokens under ignore_eos, held-back bytes, a stop
+    string's possible start) yields no pieces: the worker checked its client only at a piece, so a
+    client that left kept the model busy (the demo model: 1,990 such tokens, 1.5 s) and its tokens
+    were counted as a finished answer. It stops at the next token now."""
+    import threading
+    import time
+
+    from sleigh.runtime.pipeline import Generation
+
+    class Silent:  # a stand-in pipeline: each token adds no text, up to 20,000 of them
+        def __init__(self):
+            self.tokens, self.started = 0, threading.Event()
+
+        def generate(self, *args, **kwargs):
+            def steps():
+                for _ in range(20_000):
+                    self.tokens += 1
+                    self.started.set()
+                    time.sleep(0.001)
+                    yield ""
+            return Generation(steps())
+
+    model = Silent()
+    worker = ModelWorker(model, max_queue=1)
+
+    async def scenario():
+        job = worker.submit(_request(20_000))
+        await asyncio.to_thread(model.started.wait, TIMEOUT_S)
+        job.cancel()
+        return await asyncio.wait_for(job.events.get(), 10)
+
+    try:
+        end = asyncio.run(scenario())
+        stopped_at = model.tokens
+        time.sleep(0.05)
+        assert end == ("cancelled", None) and model.tokens == stopped_at < 20_000
+    finally:
+        worker.close()
