@@ -335,7 +335,7 @@ class Pipeline:
         if state.continued or state.cache.length != len(state.ids):
             raise SleighError("generate_from", "this prefill state was already continued (its cache has moved on)",
                               "prefill() again")
-        self._check_context(len(state.ids), max_new_tokens)
+        self._check_context(len(state.ids), max_new_tokens, image=state.tiled is not None)
         state.continued = True
         if self.reserve_generation:  # one growth now, none while decoding
             state.cache.reserve(min(len(state.ids) + max_new_tokens, self.context_length))
@@ -359,21 +359,22 @@ class Pipeline:
                               "a SamplingOptions (sleigh.runtime.sampling), e.g. SamplingOptions(temperature=0.7)")
         return sampling
 
-    def _check_context(self, prompt_tokens: int, max_new_tokens: int, fitted: bool = False) -> None:
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int, fitted: bool = False, image: bool = True) -> None:
         """`fitted`: max_new_tokens is a default already cut to the context (`fit_context`): only the
-        prompt can be at fault."""
+        prompt can be at fault. `image`: the prompt holds an image (fewer tiles would shorten it)."""
         context, model = self.context_length, self.contract.generation.context_length
         if prompt_tokens + max_new_tokens <= context:
             return
         of = f"the context of {context}"
         if context < model:  # an engine built for less (build-engine --max-context, a TensorRT profile)
             of += f" engine {self._engine_name} was built for"
+        tiles = "fewer tiles (max_tiles), " if image else ""
         if fitted:
             problem, expected = f"the prompt's {prompt_tokens} tokens leave no room for an answer in {of}", \
-                "fewer tiles (max_tiles) or a shorter prompt"
+                f"{tiles}a shorter prompt"
         else:
             problem, expected = f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed {of}", \
-                "fewer tiles (max_tiles), a shorter prompt or a smaller max_new_tokens"
+                f"{tiles}a shorter prompt or a smaller max_new_tokens"
         engine = f"the package's own modules (engine package), whose context is {model}" if context < model else None
         raise ContextExceeded("prompt", problem, expected, engine)
 
@@ -408,7 +409,7 @@ class Pipeline:
         tiled, ids = self.prepare(image, prompt, system=system, max_tiles=max_tiles, tile_budget=tile_budget,
                                   max_pixels=max_pixels)
         max_new_tokens = self._fitted(max_new_tokens, len(ids), fit_context)
-        self._check_context(len(ids), max_new_tokens, fitted=fit_context)
+        self._check_context(len(ids), max_new_tokens, fitted=fit_context, image=tiled is not None)
         timings = Timings(preprocess_s=time.perf_counter() - t_start)
 
         vision_chunk, prefill_chunk, staged = self.chunks(tiled.num_views if tiled else 0, len(ids), max_new_tokens)

@@ -107,20 +107,21 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = "no such route" if exc.status_code == 404 else str(exc.detail)
-        return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+        return _error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {message}"),
+                               exc.headers)  # a 405's Allow
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         return _internal_error(exc)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health():
         if state.worker is not None:
             return {"status": "ok", "model": settings.name}
         status = "failed: " + state.load_error if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [{"id": settings.name, "object": "model", "created": 0,
                                             "owned_by": "sleigh"}]}
@@ -361,7 +362,8 @@ def _generation_error(exc: BaseException) -> APIError:
         return APIError(500, first_line(exc))
     if isinstance(exc, ContextExceeded):  # in the request's own terms, with the remedies that are the request's
         message = f"{exc.what} | {exc.problem}. Expected: {exc.request_expected}"
-        return APIError(400, message.replace("max_new_tokens", "max_tokens"), param="messages")
+        return APIError(400, message.replace("max_new_tokens", "max_tokens"), param="messages",
+                        code="context_length_exceeded")  # OpenAI's code for it
     if isinstance(exc, SleighError):
         return APIError(400, first_line(exc))
     return APIError(500, f"generation failed ({type(exc).__name__}); see the server log")
@@ -390,6 +392,8 @@ def _internal_error(exc: Exception) -> JSONResponse:
     return _error_response(APIError(500, f"internal error ({type(exc).__name__}); see the server log"))
 
 
-def _error_response(e: APIError) -> JSONResponse:
-    headers = {"Retry-After": str(e.retry_after)} if e.retry_after is not None else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+def _error_response(e: APIError, headers: dict | None = None) -> JSONResponse:
+    headers = dict(headers or {})
+    if e.retry_after is not None:
+        headers["Retry-After"] = str(e.retry_after)
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import socket
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from sleigh.errors import SleighError
+from sleigh.runtime.image import MAX_PIXELS
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -34,7 +37,8 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
     checks = [("--port", port, 1 <= port <= 65535, "1..65535"), ("--max-queue", max_queue, max_queue >= 0, ">= 0"),
               ("--max-tokens", max_tokens, max_tokens >= 1, ">= 1"),
               ("--max-body-mb", max_body_mb, 0 < max_body_mb <= 1024, "in (0, 1024]"),
-              ("--max-image-pixels", max_image_pixels, max_image_pixels >= 1, ">= 1"),
+              ("--max-image-pixels", max_image_pixels, 1 <= max_image_pixels <= MAX_PIXELS,
+               f"from 1 to {MAX_PIXELS:,} (Pillow's limit)"),
               ("--threads", threads, threads is None or threads >= 1, ">= 1"),
               ("--log-level", log_level, log_level in LOG_LEVELS, " | ".join(LOG_LEVELS))]
     for what, value, ok, expected in checks:
@@ -43,6 +47,12 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
     check_shutdown_timeout(shutdown_timeout)
     if allow_local_files is not None and not allow_local_files.is_dir():
         raise SleighError("--allow-local-files", f"{allow_local_files} is not a folder", "an existing folder")
+    if not ray:
+        _check_ray_flags_unused(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                                target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
+                                ray_address=ray_address)
+    if ray_address is None:  # before the model loads: a port in use costs nothing (a cluster's proxy is elsewhere)
+        check_address(host, port)
 
     from sleigh.serve.app import ServeSettings
 
@@ -61,14 +71,48 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
         _serve_uvicorn(settings, host, port, log_level, shutdown_timeout)
 
 
+def _check_ray_flags_unused(**given) -> None:
+    """Ray's options without --ray: one process serves one replica, so they would be ignored."""
+    from sleigh.serve.ray_app import Scaling
+
+    defaults = {f.name: f.default for f in fields(Scaling)}
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value != defaults.get(name)]
+    if named:
+        raise SleighError(", ".join(named), "only with --ray: without it one process serves one replica",
+                          "--ray with them, or none of them")
+
+
+def check_address(host: str, port: int) -> None:
+    """One line where the server could not listen on host:port (a port in use, an address not this
+    machine's, a host that does not resolve), checked by binding it once; uvicorn and Ray's proxy bind
+    it again (a port taken in between still fails there)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise SleighError(f"--host {host}", f"does not resolve ({getattr(e, 'strerror', None) or e})",
+                          "an address of this machine: 127.0.0.1, 0.0.0.0 (every interface), ::1, a host name") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise SleighError(f"--host {host} --port {port}", f"cannot listen there ({e.strerror})",
+                              "a port no other server holds, on an address of this machine") from None
+
+
+def url(host: str, port: int) -> str:
+    """http://host:port/v1, an IPv6 address in brackets."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
 def _serve_uvicorn(settings, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
     import uvicorn
 
     from sleigh.serve.app import create_app, load_worker
 
     worker = load_worker(settings)  # before the port opens: a bad package is one error line
-    logging.getLogger("sleigh.serve").info("serving %s as %r on http://%s:%d/v1", settings.model, settings.name,
-                                           host, port)
+    logging.getLogger("sleigh.serve").info("serving %s as %r on %s", settings.model, settings.name, url(host, port))
     uvicorn.run(create_app(settings, worker), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=shutdown_timeout)
 
@@ -88,8 +132,8 @@ def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, targe
     ray.init(address=ray_address, include_dashboard=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, scaling), name="sleigh", route_prefix="/")
-    logging.getLogger("sleigh.serve").info("Ray Serve: %s as %r on http://%s:%d/v1 (%s)", settings.model,
-                                           settings.name, host, port, scaling)
+    logging.getLogger("sleigh.serve").info("Ray Serve: %s as %r on %s (%s)", settings.model, settings.name,
+                                           url(host, port), scaling)
     try:
         while True:
             time.sleep(3600)

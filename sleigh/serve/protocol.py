@@ -34,7 +34,7 @@ from sleigh.runtime.sampling import SamplingOptions
 class APIError(Exception):
     """An error answered with OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+    TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
              413: "invalid_request_error", 503: "server_overloaded", 500: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
@@ -72,19 +72,30 @@ class ImagePart(_Strict):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+def _without_nulls(data, empty: tuple[str, ...] = ()):
+    """A JSON object with its null fields (and the `empty` ones that hold []) left out: clients send a
+    parameter they do not use as null (the openai client sends `tools=None` so), and OpenAI's API
+    takes null as "not given". A field this server does not know is still refused when it holds a value."""
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (v is None or k in empty and v == [])}
+    return data
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, list[Part]]
     name: str | None = None  # accepted, unused (the template has no speaker names)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unused_fields_left_out(cls, data):  # a client's own reply sent back (message.model_dump()) holds
+        return _without_nulls(data, empty=("tool_calls", "annotations"))  # refusal, tool_calls... as null
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-# OpenAI's schema types these "number or null" ("boolean or null"), and clients send explicit nulls
-NULL_IS_DEFAULT = ("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "logprobs",
-                   "top_k", "repetition_penalty", "ignore_eos")
 
 
 class ChatRequest(_Strict):
@@ -112,9 +123,13 @@ class ChatRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _nulls_are_defaults(cls, data):
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (v is None and k in NULL_IS_DEFAULT)}
-        return data
+        return _without_nulls(data)
+
+    @model_validator(mode="after")
+    def _stream_options_with_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -125,7 +140,8 @@ def parse_request(body: bytes) -> ChatRequest:
     try:
         req = ChatRequest.model_validate_json(body)
     except ValidationError as e:
-        raise APIError(400, _one_line(e), param=_loc(e.errors()[0]["loc"]).split(".")[0] or None) from None
+        message, param = _one_line(e)
+        raise APIError(400, message, param=param) from None
     if req.stop is not None:
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
@@ -133,26 +149,40 @@ def parse_request(body: bytes) -> ChatRequest:
     return req
 
 
+PART_TAGS = ("text", "image_url")  # a content part's type, which pydantic puts in the location after its index
+
+
 def _loc(loc) -> str:
-    # pydantic names union branches in the location ('str', 'list[tagged-union[...]]'): not a field
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "list"))))
+    """A location as a dotted path. pydantic names union branches in it ('str', 'list[tagged-union[...]]')
+    and a tagged part's type after its index (messages.0.content.0.text.text): neither is a field."""
+    kept = []
+    for i, p in enumerate(loc):
+        if isinstance(p, str) and ("[" in p or p in ("str", "list")):
+            continue
+        if p in PART_TAGS and i and isinstance(loc[i - 1], int) and "content" in loc[:i]:
+            continue
+        kept.append(str(p))
+    return ".".join(kept)
 
 
-def _one_line(e: ValidationError) -> str:
-    """The deepest problem (in a union, the branch that got furthest), in one line."""
+def _one_line(e: ValidationError) -> tuple[str, str | None]:
+    """(the deepest problem (in a union, the branch that got furthest) in one line, its field's path)."""
     errors = e.errors()
     first = errors[0]
     if first["type"] == "json_invalid":
-        return f"the body is not valid JSON ({first['ctx']['error']})"
+        return f"the body is not valid JSON ({first['ctx']['error']})", None
+    if not first["loc"] and first["type"] == "value_error":  # a check of the whole request (a model validator)
+        message = first["msg"].removeprefix("Value error, ")
+        return message, message.split(" ")[0] if message.split(" ")[0] in ChatRequest.model_fields else None
     if not first["loc"]:
-        return f"the body must be a JSON object ({first['msg']})"
+        return f"the body must be a JSON object ({first['msg']})", None
     deepest = max(len(_loc(err["loc"]).split(".")) for err in errors)
     chosen = [err for err in errors if len(_loc(err["loc"]).split(".")) == deepest]
-    if chosen[0]["type"] == "extra_forbidden":
-        return f"Unrecognized request argument supplied: {_loc(chosen[0]['loc'])}"
     where = _loc(chosen[0]["loc"])
+    if chosen[0]["type"] == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {where}", where
     messages = dict.fromkeys(err["msg"] for err in chosen if _loc(err["loc"]) == where)
-    return f"{where}: {' | '.join(messages)}"
+    return f"{where}: {' | '.join(messages)}", where
 
 
 # -- messages -> the chat template's turns ----------------------------------------------------------
@@ -228,6 +258,11 @@ def max_new_tokens(req: ChatRequest, default: int) -> tuple[int, bool]:
 
 # -- images -----------------------------------------------------------------------------------------
 
+# The raster formats a client's image may come in. Pillow reads more (EPS through Ghostscript, PDF, ...):
+# an untrusted request never reaches those decoders.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA")
+
+
 def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | None) -> Image.Image:
     """A `data:image/...;base64,` URL (or, with `local_root`, a `file://` path inside it) as a decoded
     RGB image. The pixel limit is checked on the header, before decoding."""
@@ -244,10 +279,14 @@ def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | No
         if local_root is None:
             raise APIError(400, f"{param}: file:// URLs are refused (the server was started without "
                                 "--allow-local-files); send the image as a data: URL", param=param)
-        path = Path(unquote(urlparse(url).path)).resolve()
-        if not path.is_relative_to(local_root.resolve()):
+        try:  # a symlink loop, a name too long, a NUL: the path's fault, not the server's
+            path = Path(unquote(urlparse(url).path)).resolve()
+            inside, is_file = path.is_relative_to(local_root.resolve()), path.is_file()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise APIError(400, f"{param}: not a usable file path ({_reason(e)})", param=param) from None
+        if not inside:
             raise APIError(400, f"{param}: {path} is outside the allowed folder", param=param)
-        if not path.is_file():
+        if not is_file:
             raise APIError(400, f"{param}: {path} is not a file", param=param)
         source, what = path, str(path)
     elif url.startswith(("http://", "https://")):
@@ -257,13 +296,13 @@ def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | No
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(source)
+            opened = Image.open(source, formats=IMAGE_FORMATS)
         width, height = opened.size
     except Image.DecompressionBombError:
         raise APIError(400, f"{param}: {what} has more than {max_pixels:,} pixels", param=param) from None
     except Exception as e:  # Pillow raises UnidentifiedImageError, OSError, SyntaxError... on bad data
-        raise APIError(400, f"{param}: {what} is not an image Pillow can read ({type(e).__name__})",
-                       param=param) from None
+        raise APIError(400, f"{param}: {what} is not an image in a format this server reads "
+                            f"({', '.join(IMAGE_FORMATS)}; {type(e).__name__})", param=param) from None
     if width * height > max_pixels:
         raise APIError(400, f"{param}: {what} is {width}x{height} = {width * height:,} pixels; the limit is "
                             f"{max_pixels:,} (--max-image-pixels)", param=param)
@@ -271,6 +310,10 @@ def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | No
         return load_image(opened)
     except SleighError as e:
         raise APIError(400, f"{param}: {what} does not decode ({e.problem})", param=param) from None
+
+
+def _reason(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
 
 
 # -- responses --------------------------------------------------------------------------------------

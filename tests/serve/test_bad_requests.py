@@ -88,7 +88,10 @@ CASES = [
     ("image-not-decodable", body(messages=[{"role": "user", "content": [img(data_url(b"GIF89a" + b"\0" * 64))]}]),
      400, "image"),
     ("image-random-bytes", body(messages=[{"role": "user", "content": [img(data_url(bytes(range(256)) * 8))]}]),
-     400, "not an image"),
+     400, "not an image in a format this server reads (JPEG, PNG, WEBP, GIF, BMP, DIB, TIFF, ICO, PPM, TGA; Unidentified"),
+    # Pillow would hand EPS to Ghostscript: an untrusted request never reaches that decoder
+    ("image-eps", body(messages=[{"role": "user", "content": [img(data_url(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n", "image/eps"))]}]), 400, "JPEG, PNG, WEBP"),
     ("image-truncated", body(messages=[{"role": "user", "content": [img(data_url(png_bytes(64, 64)[:200]))]}]),
      400, "image"),
     ("image-bad-base64", body(messages=[{"role": "user", "content": [img("data:image/png;base64,@@@not base64")]}]),
@@ -107,6 +110,29 @@ CASES = [
     ("max-tiles-above-model", body(max_tiles=20), 400, "above the 12 this model takes"),
     ("prompt-past-context", body(messages=[{"role": "user", "content": "hello " * 9000}]), 400, "context"),
     ("max-tokens-past-context", body(max_tokens=100_000), 400, "context"),
+    ("stream-options-without-a-stream", body(stream_options={"include_usage": True}), 400,
+     "stream_options is only allowed when stream is true"),
+    ("tools-given", body(tools=[]), 400, "Unrecognized request argument supplied: tools"),
+    ("refusal-with-text", body(messages=[TEXT, {"role": "assistant", "content": "No.", "refusal": "No."}, TEXT]), 400,
+     "Unrecognized request argument supplied: messages.1.refusal"),
+    ("file-url-loop", body(messages=[{"role": "user", "content": [img("file://FILES/loop")]}]), 400,
+     "not a usable file path"),
+    ("file-url-name-too-long", body(messages=[{"role": "user", "content": [img("file://FILES/" + "a" * 300)]}]), 400,
+     "not a usable file path"),
+    ("file-url-nul", body(messages=[{"role": "user", "content": [img("file://FILES/a%00b")]}]), 400,
+     "not a usable file path"),
+]
+
+# (id, request body, the error's param): param names the field its message is about
+PARAMS = [
+    ("nested-role", body(messages=[{"role": "tool", "content": "x"}]), "messages.0.role"),
+    ("stop-item", body(stop=[1]), "stop.0"),
+    ("stream-options-field", body(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+    ("text-part", body(messages=[{"role": "user", "content": [{"type": "text"}]}]), "messages.0.content.0.text"),
+    ("image-detail", body(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": SMALL, "detail": "ultra"}}]}]), "messages.0.content.0.image_url.detail"),
+    ("stream-options-alone", body(stream_options={"include_usage": True}), "stream_options"),
+    ("top-level", body(max_tokens="5"), "max_tokens"),
 ]
 
 
@@ -125,11 +151,60 @@ def _check_error(r: httpx.Response, status: int, words: str) -> None:
 def test_bad_request(server, case):
     _, payload, status, words = case
     if isinstance(payload, dict):
-        payload = json.dumps(payload).replace('"MODEL"', json.dumps(server.model))
+        loop = server.files / "loop"
+        if not loop.is_symlink():
+            loop.symlink_to(loop)  # a symlink to itself: resolving it loops
+        payload = json.dumps(payload).replace('"MODEL"', json.dumps(server.model)).replace("file://FILES", f"file://{server.files}")
     elif isinstance(payload, bytes):
         payload = payload.replace(b'"MODEL"', json.dumps(server.model).encode())
     r = server.post(payload, headers={"content-type": "application/json"})
     _check_error(r, status, words)
+
+
+@pytest.mark.parametrize("case", PARAMS, ids=[c[0] for c in PARAMS])
+def test_an_errors_param_is_the_field_its_message_names(server, case):
+    """`param` came from pydantic's first error while the message came from the deepest (param "model"
+    for a message's role), and a content part's type stood in the path twice (content.0.text.text)."""
+    _, payload, param = case
+    r = server.post({**payload, "model": server.model})
+    _check_error(r, 400, param + (" is only" if param == "stream_options" else ":"))
+    assert r.json()["error"]["param"] == param
+
+
+def test_nulls_for_unused_openai_parameters_and_a_clients_own_message_are_accepted(server):
+    """The openai client sends what a caller passes as None (tools=None) as null, and a reply's
+    `message.model_dump()` sent back as history carries refusal/tool_calls/annotations/audio as null:
+    both were refused as unrecognized arguments. A null is "not used"; a value is still refused."""
+    openai = pytest.importorskip("openai")
+    from openai.types.chat import ChatCompletionMessage
+    from openai.types.chat.completion_create_params import CompletionCreateParamsBase
+
+    nulls = dict.fromkeys(set(CompletionCreateParamsBase.__annotations__) - {"model", "messages"})
+    assert {"tools", "response_format", "stream_options", "temperature"} <= set(nulls), openai.__version__
+    first = server.post({"model": server.model, "messages": [TEXT], "max_tokens": 2, **nulls})
+    assert first.status_code == 200, first.text
+    dumped = ChatCompletionMessage.model_validate(first.json()["choices"][0]["message"]).model_dump()
+    assert {"refusal", "tool_calls", "annotations"} <= set(dumped)
+    again = server.post({"model": server.model, "messages": [TEXT, dumped, TEXT], "max_tokens": 2})
+    assert again.status_code == 200, again.text
+
+
+def test_unknown_models_and_context_errors_carry_openais_codes(server):
+    r = server.post(body(model="gpt-4o"))
+    err = r.json()["error"]
+    assert r.status_code == 404 and (err["type"], err["code"], err["param"]) == ("invalid_request_error", "model_not_found", "model")
+    r = server.post({**body(max_tokens=100_000), "model": server.model})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["code"], err["param"]) == ("context_length_exceeded", "messages")
+    assert "tiles" not in err["message"]  # a text prompt: fewer tiles would not shorten it
+
+
+def test_load_balancer_probes_and_wrong_methods(server):
+    """HEAD /health and HEAD /v1/models answer 200 (probes use HEAD); a 405 says which methods the path takes."""
+    assert httpx.head(server.base + "/health", timeout=30).status_code == 200
+    assert httpx.head(server.base + "/v1/models", timeout=30).status_code == 200
+    r = httpx.get(server.base + "/v1/chat/completions", timeout=30)
+    assert r.status_code == 405 and r.headers.get("allow") == "POST", r.headers
 
 
 def test_body_over_the_limit_is_413(server):

@@ -23,11 +23,36 @@ from tests.helpers import one_error_line
     (["--model", "PKG", "--allow-local-files", "/nonexistent/dir"], "--allow-local-files"),
     (["--model", "PKG", "--ray", "--replicas", "0"], "--replicas"),
     (["--model", "PKG", "--ray", "--min-replicas", "3", "--max-replicas", "2"], "--min-replicas"),
+    (["--model", "PKG", "--max-image-pixels", "300000000"], "--max-image-pixels"),  # past Pillow's own limit
+    (["--model", "PKG", "--replicas", "3"], "--replicas | only with --ray"),
+    (["--model", "PKG", "--max-replicas", "3", "--replica-cpus", "2"], "--max-replicas, --replica-cpus | only with --ray"),
+    (["--model", "PKG", "--host", "999.1.1.1"], "--host 999.1.1.1 | does not resolve"),
+    (["--model", "PKG", "--host", "192.0.2.1"], "cannot listen there"),  # TEST-NET-1: not this machine's
 ])
 def test_serve_option_errors(sleigh_cli, tmp_path, args, words):
     args = [str(tmp_path) if a == "PKG" else a for a in args]  # an empty folder: the options fail first
     line = one_error_line(sleigh_cli("serve", *args))
     assert words in line
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(sleigh_cli, tiny_pkg):
+    """It loaded the model, said "serving ... on http://...", then uvicorn's own ERROR and exit 3."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = sleigh_cli("serve", "--model", tiny_pkg, "--port", str(port))
+    line = one_error_line(proc)
+    assert line.startswith(f"error: --host 127.0.0.1 --port {port} | cannot listen there (Address already in use)"), line
+    assert "serving" not in proc.stderr
+
+
+def test_the_servers_url_brackets_an_ipv6_address():
+    from sleigh.serve.launch import url
+
+    assert url("::1", 8000) == "http://[::1]:8000/v1" and url("0.0.0.0", 80) == "http://0.0.0.0:80/v1"
 
 
 def test_run_with_an_empty_stop_string_is_a_user_error(sleigh_cli, tiny_pkg):
@@ -52,10 +77,12 @@ def test_serve_log_level_applies_beside_the_clis_handler(tiny_pkg, capsys, monke
     cli._setup_logging("warning")
     ran = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
-    launch(model=tiny_pkg, engine=None, backend="auto", threads=1, host="127.0.0.1", port=8000, model_name=None,
+    from tests.serve.conftest import free_port
+
+    launch(model=tiny_pkg, engine=None, backend="auto", threads=1, host="127.0.0.1", port=free_port(), model_name=None,
            max_queue=4, max_tokens=16, max_body_mb=1, max_image_pixels=10**6, allow_local_files=None,
            log_level=level, ray=False, replicas=1, min_replicas=None, max_replicas=None,
-           target_ongoing_requests=2, replica_cpus=1, ray_address=None)
+           target_ongoing_requests=1, replica_cpus=1, ray_address=None)
     assert ran and ran[0]["log_level"] == level
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("info: serving ")]
     assert bool(lines) == shown, lines
@@ -77,7 +104,10 @@ def test_serve_takes_the_global_log_level_unless_given_its_own(tiny_pkg, monkeyp
     monkeypatch.setattr(root, "handlers", list(root.handlers))
     monkeypatch.setattr(root, "level", root.level)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
-    argv = [*args, *([] if "serve" in args else ["serve"]), "--model", str(tiny_pkg), "--threads", "1"]
+    from tests.serve.conftest import free_port
+
+    argv = [*args, *([] if "serve" in args else ["serve"]), "--model", str(tiny_pkg), "--threads", "1",
+            "--port", str(free_port())]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert ("info: serving " in result.output) == shown, result.output

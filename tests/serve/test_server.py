@@ -216,7 +216,7 @@ def _wait_for(predicate, timeout=20.0):
 
 
 class Probe:
-    """An in-process server (--max-queue 0) whose model can be held at a gate, counting the text pieces
+    """An in-process server (--max-queue 0) whose model can be held at a gate, counting the tokens
     each generation produced: it shows when a generation really stopped."""
 
     def __init__(self, tiny_pkg):
@@ -238,8 +238,8 @@ class Probe:
             self.pieces.append(count)
 
             class Counted:
-                def __iter__(self):
-                    for piece in gen:
+                def each_token(self):
+                    for piece in gen.each_token():
                         count[0] += 1
                         yield piece
 
