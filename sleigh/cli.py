@@ -460,9 +460,10 @@ def train(
                         curriculum=curriculum, curriculum_steps=curriculum_steps, save_every=save_every, strict=strict,
                         threads=threads, save_dtype=save_dtype, gswa_hint=gswa_hint)
     r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
-    skipped = f", skipped {r.skipped}" if r.skipped else ""
-    typer.echo(f"wrote {out}: {r.steps} steps in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / {r.lines} "
-               f"questions{skipped}, curriculum {'on' if r.curriculum else 'off'}, last loss {r.last.get('loss', float('nan')):.3f}")
+    skipped = f", skipped {', '.join(f'{n} {why}' for why, n in r.skipped.items())}" if r.skipped else ""
+    idle = f" ({r.skipped_steps} without an update: no image of the batch decoded)" if r.skipped_steps else ""
+    typer.echo(f"wrote {out}: {r.steps} steps{idle} in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / "
+               f"{r.lines} questions{skipped}, curriculum {'on' if r.curriculum else 'off'}, last loss {r.last['loss']:.3f}")
 
 
 @app.command("eval")

@@ -54,6 +54,21 @@ def check_output_file(out: Path, expected: str = "a file name") -> None:
     out = Path(out)
     if out.is_dir():
         raise SleighError(str(out), "is a folder", expected)
+    _writable_folder_of(out)
+
+
+def check_output_dir(out: Path) -> None:
+    """A folder that a long job (training) writes only at its end: checked before any work, so a bad
+    location costs nothing. No file where it or one of its folders goes, and a folder can be made in
+    its nearest existing folder (made once and removed: /proc says it is writable to root and is not)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SleighError(str(out), "exists and is a file, not a folder", "a new or empty folder")
+    make(_writable_folder_of(out), out.name).rmdir()
+
+
+def _writable_folder_of(out: Path) -> Path:
+    """`out`'s nearest existing folder, which must be a writable folder."""
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent
@@ -61,6 +76,7 @@ def check_output_file(out: Path, expected: str = "a file name") -> None:
         raise SleighError(str(out), f"{parent} is a file, not a folder", "a path whose folders are folders")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise SleighError(str(out), f"folder {parent} is not writable", "a writable location")
+    return parent
 
 
 def process_start(pid: int) -> int | None:

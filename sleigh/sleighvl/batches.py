@@ -120,8 +120,10 @@ class Batches:
         try:
             return ex, self._tile(ex)
         except SleighError as e:  # from the JSONL's images only: a curriculum sample is drawn, not read
-            if self.opts.strict or isinstance(job, tuple):
+            if isinstance(job, tuple):
                 raise
+            if self.opts.strict:  # the JSONL line it came from, as --strict names a bad line
+                raise SleighError(ex.source, e.problem, e.expected) from None  # "PATH (line N)"
             self.undecodable.setdefault(str(ex.image), first_line(e))  # the image: its questions are drawn anew
             return None
 

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sleigh import staging
 from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
-from sleigh.errors import SleighError, check_seed
-from sleigh.runtime.image import object_tile
+from sleigh.errors import SleighError, check_seed, first_line
+from sleigh.runtime.image import max_views, object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
@@ -102,7 +103,7 @@ def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
         if not 0 < opts.curriculum_steps < opts.steps:
             raise SleighError("--curriculum-steps", f"got {opts.curriculum_steps} for {opts.steps} steps",
                               "a number of steps between 1 and --steps - 1")
-    if not opts.gswa_hint >= 0:
+    if not (math.isfinite(opts.gswa_hint) and opts.gswa_hint >= 0):
         raise SleighError("--gswa-hint", f"got {opts.gswa_hint}", "a weight >= 0 (0: off; e.g. 1)")
     if opts.gswa_hint and "gswa" not in parts:
         raise SleighError("--gswa-hint", f"needs GSWA trained, got --train {opts.train}", "--train all, or a list with gswa")
@@ -112,8 +113,9 @@ def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
     if opts.resume:
         if not (out / STATE).is_file():
             raise SleighError(str(out), f"has no {STATE} to resume from", "the -o folder of an earlier `sleigh train`")
-    elif out.exists():
+    elif out.is_dir() and any(out.iterdir()):
         raise SleighError(str(out), "output folder already exists", "a new folder, or --resume to continue training it")
+    staging.check_output_dir(out)  # now, not at the first save after minutes of training
     return parts
 
 
@@ -211,6 +213,10 @@ def answer_logits(model, rows: list[Row], vis: list, pad: int) -> tuple[torch.Te
 # -- the loop --------------------------------------------------------------------------------------
 
 
+class Diverged(Exception):
+    """A step whose loss or gradients are not finite: the weights it would write are not a model."""
+
+
 class Trainer:
     def __init__(self, model, tok: PromptTokenizer, parts: tuple[str, ...], opts: TrainOptions, device: torch.device,
                  use_aux: bool):
@@ -263,9 +269,14 @@ class Trainer:
             loss = loss + self.opts.gswa_hint * hint
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if not math.isfinite(loss.item()):
+            raise Diverged(f"the loss is {loss.item()}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        try:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0, error_if_nonfinite=True)
+        except RuntimeError:
+            raise Diverged("the gradients are not finite") from None
         self.optimizer.step()
         with torch.no_grad():
             token_acc = float((pred.argmax(-1) == gold).float().mean())
@@ -336,6 +347,12 @@ class TrainResult:
     images: int
     curriculum: bool
     device: str
+    skipped_steps: int = 0  # of `steps`: steps whose batch had no image that decoded (no update)
+
+
+# What a resumed run must share with the run it continues (the rest, --save-every, --threads,
+# --strict, --save-dtype, may change between sittings)
+RESUMED_OPTIONS = ("train", "batch", "seed", "steps", "minutes", "lr", "curriculum", "curriculum_steps", "gswa_hint")
 
 
 def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> TrainResult:
@@ -347,6 +364,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
 
     out = Path(out)
     parts = check_options(out, opts)
+    saved = _saved_run(out, opts, ckpt, data) if opts.resume else None
     source = out if opts.resume else Path(ckpt)
     model, cfg, generation = load_checkpoint(source)
     if "gswa" in parts and cfg.gswa is None:
@@ -354,8 +372,11 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                           "a checkpoint with GSWA: `sleigh convert --gswa identity`, or --train without gswa")
     tok = PromptTokenizer.from_file(source / TOKENIZER)
     qa = read_qa(data, strict=opts.strict)
+    _leave_out_past_context(qa, tok, cfg, opts.strict)
     if qa.skipped:
         log(f"skipped {sum(qa.skipped.values())} of {sum(qa.skipped.values()) + len(qa.items)} lines: {qa.skipped_text()}")
+    if not qa.items:
+        raise SleighError(str(data), "no line left to train on", "lines whose question and answer fit the model's context")
 
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -369,22 +390,24 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                           "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
     batches = Batches(qa, opts, curriculum, cfg)
+    if len(batches.groups) < opts.batch:
+        log(f"--batch {opts.batch} is more than the {len(batches.groups)} images of {qa.path}: each step repeats images")
 
-    step, elapsed_before = 0, 0.0
-    if opts.resume:
-        state = read_safetensors(out / STATE)
-        meta = json.loads(_metadata(out / STATE)["train"])
-        step, elapsed_before = int(meta["step"]), float(meta["seconds"])
-        for key in ("train", "batch", "seed", "steps", "minutes", "curriculum_steps", "gswa_hint"):
-            saved = meta["options"].get(key, getattr(TrainOptions(), key))  # runs saved before the option existed
-            if saved != getattr(opts, key):
-                raise SleighError(f"--resume {out}", f"--{key.replace('_', '-')} {getattr(opts, key)} differs from the saved run's "
-                                  f"{saved}", "the options of the run being resumed")
-        trainer.load_state(state)
+    step, elapsed_before, skipped_before = 0, 0.0, 0
+    provenance = {"data": str(Path(qa.path).resolve()), "source": str(Path(ckpt).resolve())}
+    if saved is not None:
+        step, elapsed_before = int(saved["step"]), float(saved["seconds"])
+        skipped_before = int(saved.get("skipped_steps", 0))
+        provenance = {"data": saved["data"], "source": saved["source"]}  # the run's, not this sitting's paths
+        trainer.load_state(read_safetensors(out / STATE))
         log(f"resuming {out} at step {step}")
+    last_saved = step if saved is not None else None
 
-    def save(step: int, seconds: float) -> None:
-        meta = {"step": step, "seconds": seconds, "options": asdict(opts), "data": str(qa.path), "source": str(ckpt)}
+    def save(step: int, seconds: float, skipped_steps: int) -> None:
+        nonlocal last_saved
+        if not all(bool(torch.isfinite(p).all()) for p in trainer.params):
+            raise Diverged("the weights are not finite")
+        meta = {"step": step, "seconds": seconds, "skipped_steps": skipped_steps, "options": asdict(opts), **provenance}
 
         def write_state(folder: Path) -> None:
             save_file(trainer.state_tensors(), str(folder / STATE), metadata={"train": json.dumps(meta)})
@@ -396,6 +419,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
 
         save_checkpoint(out, model, tok.tokenizer, generation, force=True, extra=write_state,
                         dtype=SAVE_DTYPES[opts.save_dtype])
+        last_saved = step
 
     total = opts.steps if opts.steps is not None else None
     budget_s = None if opts.minutes is None else 60.0 * opts.minutes
@@ -403,49 +427,122 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     last: dict = {}
     bad_batches = 0
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
-    with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, batches:
-        while True:
-            seconds = elapsed_before + time.perf_counter() - t0
-            frac = step / total if total else seconds / budget_s
-            if frac >= 1:
-                break
-            phase = batches.phase(step, frac)
-            known = len(batches.undecodable)
-            try:
-                batch = batches.make(step, phase)
-            except SleighError as e:  # every image of the batch passed the header check but cannot be decoded
-                if opts.strict:
-                    raise
-                bad_batches += 1
-                log(f"step {step}: skipped a batch ({e})")
+    try:
+        with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, batches:
+            while True:
+                seconds = elapsed_before + time.perf_counter() - t0
+                frac = step / total if total else seconds / budget_s
+                if frac >= 1:
+                    break
+                phase = batches.phase(step, frac)
+                known, at = len(batches.undecodable), step
+                try:
+                    batch = batches.make(step, phase)
+                except SleighError as e:  # every image of the batch passed the header check but cannot be decoded
+                    if opts.strict:
+                        raise
+                    bad_batches += 1
+                    log(f"step {step}: skipped a batch ({e})")
+                    step += 1
+                    continue
+                finally:
+                    for source in list(batches.undecodable)[known:]:  # each image once: it leaves every batch it is drawn in
+                        log(f"step {at}: left out {source}: {batches.undecodable[source]}")
+                last = trainer.step(batch, trainer.lr_at(step, frac))
                 step += 1
-                continue
-            finally:
-                for source in list(batches.undecodable)[known:]:  # each image once: it leaves every batch it is drawn in
-                    log(f"step {step}: left out {source}: {batches.undecodable[source]}")
-            last = trainer.step(batch, trainer.lr_at(step, frac))
-            step += 1
-            now = elapsed_before + time.perf_counter() - t0
-            speed = step / max(now, 1e-9)
-            aux = "" if last["aux"] is None else f" aux {last['aux']:.3f}"
-            aux += "" if last["hint"] is None else f" hint {last['hint']:.3f}"
-            text = (f"train [{_phase_name(phase)}] loss {last['loss']:.3f}{aux} answer-token acc {last['token_acc']:.2f}"
-                    f" {speed:.2f} steps/s")
-            bar.advance(1 if total else now - seconds, description=text)
-            if show_lines and (step % opts.log_every == 0 or step == 1):
-                log(f"step {step}{'/' + str(total) if total else ''} {now:.0f} s: {text[6:]}")
-            if step % opts.save_every == 0:
-                save(step, now)
-    seconds = elapsed_before + time.perf_counter() - t0
-    if not last and bad_batches:  # every batch was skipped: saving would call unchanged weights trained
-        first = next(iter(batches.undecodable.items()), ("", ""))
-        raise SleighError(str(data), f"no step trained: no image of any batch could be decoded ({len(batches.undecodable)} "
-                          f"images; first {first[0]}: {first[1]})", "images that decode (--strict stops at the first bad one)")
-    save(step, seconds)
+                now = elapsed_before + time.perf_counter() - t0
+                speed = step / max(now, 1e-9)
+                aux = "" if last["aux"] is None else f" aux {last['aux']:.3f}"
+                aux += "" if last["hint"] is None else f" hint {last['hint']:.3f}"
+                text = (f"train [{_phase_name(phase)}] loss {last['loss']:.3f}{aux} answer-token acc {last['token_acc']:.2f}"
+                        f" {speed:.2f} steps/s")
+                bar.advance(1 if total else now - seconds, description=text)
+                if show_lines and (step % opts.log_every == 0 or step == 1):
+                    log(f"step {step}{'/' + str(total) if total else ''} {now:.0f} s: {text[6:]}")
+                if step % opts.save_every == 0:
+                    save(step, now, skipped_before + bad_batches)
+        seconds = elapsed_before + time.perf_counter() - t0
+        if not last and bad_batches:  # every batch was skipped: saving would call unchanged weights trained
+            first = next(iter(batches.undecodable.items()), ("", ""))
+            raise SleighError(str(data), f"no step trained: no image of any batch could be decoded ({len(batches.undecodable)} "
+                              f"images; first {first[0]}: {first[1]})", "images that decode (--strict stops at the first bad one)")
+        if not last:
+            raise SleighError(f"--minutes {opts.minutes:g}", f"no step trained in {seconds:.1f} s (the first step had not "
+                              "begun when the time was up)", "a budget of at least a step's time, e.g. --minutes 1")
+        save(step, seconds, skipped_before + bad_batches)
+    except KeyboardInterrupt:
+        log(f"interrupted at step {step}: " + (f"{out} holds step {last_saved}; the same command with --resume goes on"
+                                               if last_saved is not None else "nothing was saved"))
+        raise
+    except Diverged as e:
+        kept = f"{out} keeps its save of step {last_saved}" if last_saved is not None else "nothing was saved"
+        raise SleighError(f"step {step + 1}", f"{e}: the run diverged ({kept})",
+                          f"a smaller --lr than {opts.lr:g}, or fewer parts trained (--train)") from None
     skipped = dict(qa.skipped)
     if batches.undecodable:
         skipped["undecodable images"] = len(batches.undecodable)
-    return TrainResult(step, seconds, last, skipped, len(qa.items), len(batches.groups), curriculum, str(device))
+    return TrainResult(step, seconds, last, skipped, len(qa.items), len(batches.groups), curriculum, str(device),
+                       skipped_before + bad_batches)
+
+
+def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
+    """The metadata of the run saved in `out`, checked against this sitting: a damaged state file, a
+    finished run, or other options, checkpoint or data than the run's are one line each."""
+    state = out / STATE
+    try:
+        meta = json.loads(_metadata(state)["train"])
+        int(meta["step"]), float(meta["seconds"]), meta["options"].items()
+    except Exception as e:  # noqa: BLE001 - safetensors' and json's errors, a key missing: the file is not a run's
+        raise SleighError(str(state), f"holds no readable training state ({type(e).__name__}: {first_line(e)})",
+                          "the -o folder of an earlier `sleigh train`, as it saved it") from None
+    for key in RESUMED_OPTIONS:
+        saved = meta["options"].get(key, getattr(TrainOptions(), key))  # runs saved before the option existed
+        if saved != getattr(opts, key):
+            raise SleighError(f"--resume {out}", f"--{key.replace('_', '-')} {getattr(opts, key)} differs from the saved run's "
+                              f"{saved}", "the options of the run being resumed")
+    for what, given in (("CHECKPOINT", Path(ckpt)), ("--data", Path(data))):
+        recorded = meta.get("source" if what == "CHECKPOINT" else "data")
+        if recorded is not None and not _same_path(given, Path(recorded), jsonl=what == "--data"):
+            raise SleighError(f"--resume {out}", f"{what} {given} is not the saved run's {recorded}",
+                              "the checkpoint and data of the run being resumed")
+    step, seconds = int(meta["step"]), float(meta["seconds"])
+    if (opts.steps is not None and step >= opts.steps) or (opts.minutes is not None and seconds >= 60 * opts.minutes):
+        raise SleighError(f"--resume {out}", f"the run is already complete ({step} steps, {seconds / 60:.1f} min)",
+                          f"a new run that starts from it: sleigh train {out} --data ... -o NEW")
+    return meta
+
+
+def _same_path(given: Path, recorded: Path, jsonl: bool) -> bool:
+    """Whether two paths name the same file (a relative recorded path: from the current folder, as
+    runs before absolute paths were recorded saved it). A data folder names its one .jsonl."""
+    from sleigh.data.qa import resolve_jsonl
+
+    def real(p: Path) -> Path:
+        try:
+            return (resolve_jsonl(p) if jsonl else p).resolve()
+        except SleighError:
+            return p.absolute()
+
+    return real(given) == real(recorded)
+
+
+def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> None:
+    """Lines whose prompt (with the model's most views) and answer would run past the model's context
+    are left out (counted in `qa.skipped`), as `sleigh eval` skips them; under --strict, refused."""
+    context, views = cfg.llm.max_position_embeddings, max_views(cfg.image.max_tiles, cfg.image.thumbnail)
+    template = len(tok.encode_prompt("", views, tokens_per_view=cfg.vision.tokens_per_view))  # BOS, turns, image
+    kept = []
+    for item in qa.items:  # the question's and the answer's ids (within a token of the template's joins) and <|im_end|>
+        n = template + len(tok.encode(item.question, add_bos=False)) + len(tok.encode(item.answer, add_bos=False)) + 1
+        if n <= context:
+            kept.append(item)
+            continue
+        if strict:
+            raise SleighError(f"{qa.path} (line {item.line})", f"question and answer take {n} tokens with "
+                              f"{views} views, past the model's context of {context}", "shorter lines")
+        qa.skipped["past the context"] += 1
+        qa.first_skipped.setdefault("past the context", item.line)
+    qa.items[:] = kept
 
 
 def _phase_name(phase: int) -> str:

@@ -236,8 +236,10 @@ def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_ru
         return real_step(self, batch, lr)
 
     monkeypatch.setattr(train_mod.Trainer, "step", interrupted)
+    said = []
     with pytest.raises(KeyboardInterrupt):
-        train(demo_ckpt, data, tmp_path / "cut", opts, log=lambda m: None)
+        train(demo_ckpt, data, tmp_path / "cut", opts, log=said.append)
+    assert said[-1] == f"interrupted at step 3: {tmp_path / 'cut'} holds step 2; the same command with --resume goes on"
     monkeypatch.setattr(train_mod.Trainer, "step", real_step)
     from safetensors import safe_open
 
@@ -354,6 +356,7 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
     (dict(steps=10, curriculum_steps=10), "--curriculum-steps"),
     (dict(minutes=1.0, curriculum_steps=10), "--curriculum-steps"),
     (dict(steps=1, train="all", gswa_hint=-1.0), "--gswa-hint"),
+    (dict(steps=1, train="all", gswa_hint=float("inf")), "--gswa-hint"),
     (dict(steps=1, train="projector", gswa_hint=1.0), "--gswa-hint"),
     (dict(steps=1, train="gswa", gswa_hint=1.0), "--gswa-hint"),  # no curriculum without the ViT trained
 ])
@@ -376,3 +379,103 @@ def test_encode_batch_equals_each_image_encoded_alone(demo_ckpt):
             alone = model.encode_images(pixels)
             for field in ("image_embeds", "gswa_weights", "last_hidden", "projected"):
                 torch.testing.assert_close(getattr(got, field), getattr(alone, field), rtol=1e-5, atol=1e-5)
+
+
+# -- found by a defect hunt (session 26) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["a-file/sub", "a-file"])
+def test_an_output_that_cannot_be_written_is_refused_before_training(demo_ckpt, data, tmp_path, where):
+    """`-o FILE/sub` trained every step, then failed at the first save; `-o FILE` was called an existing
+    output folder and told to --resume."""
+    (tmp_path / "a-file").write_text("x")
+    said = []
+    with pytest.raises(SleighError, match="is a file, not a folder") as e:
+        train(demo_ckpt, data, tmp_path / where, TrainOptions(**FEW), log=said.append)
+    assert not said and "--resume" not in str(e.value)
+    if Path("/proc/self").is_dir():  # /proc takes no folder, whatever os.access tells root
+        with pytest.raises(SleighError, match="/proc"):
+            train(demo_ckpt, data, Path("/proc/sleigh-out"), TrainOptions(**FEW), log=said.append)
+        assert not said
+
+
+def test_an_empty_output_folder_is_taken(demo_ckpt, data, tmp_path):
+    (tmp_path / "out").mkdir()  # as init, export and convert take one
+    assert train(demo_ckpt, data, tmp_path / "out", TrainOptions(**FEW), log=lambda m: None).steps == 2
+
+
+def test_a_run_that_diverges_stops_and_keeps_its_last_finite_save(demo_ckpt, data, tmp_path):
+    """--lr 1e30 saved NaN weights and exited 0 ("last loss nan"). The first non-finite loss, gradient
+    or weight stops the run; what it saved before stays, and no NaN is ever written."""
+    out = tmp_path / "out"
+    with pytest.raises(SleighError, match="the run diverged") as e:
+        train(demo_ckpt, data, out, TrainOptions(**{**FEW, "steps": 6, "lr": 1e30, "save_every": 1, "train": "all"}),
+              log=lambda m: None)
+    assert "a smaller --lr" in str(e.value)
+    if out.exists():
+        assert "keeps its save of step" in str(e.value)
+        assert all(bool(torch.isfinite(v).all()) for v in weights(out).values() if v.is_floating_point())
+    else:
+        assert "nothing was saved" in str(e.value)
+
+
+def test_resume_refuses_another_run_a_finished_run_and_a_damaged_state(demo_ckpt, data, tmp_path):
+    """--resume compared only some options: another --lr, --curriculum, --data or CHECKPOINT trained on
+    and recorded the new ones; a finished run was saved again; a state without metadata was "unexpected
+    KeyError"."""
+    out = tmp_path / "out"
+    opts = TrainOptions(**FEW)
+    train(demo_ckpt, data, out, opts, log=lambda m: None)
+    again = {**opts.__dict__, "resume": True}
+    with pytest.raises(SleighError, match="already complete"):
+        train(demo_ckpt, data, out, TrainOptions(**again), log=lambda m: None)
+    longer = {**again, "steps": 3}
+    with pytest.raises(SleighError, match="--steps 3 differs"):  # as before: the schedule is the run's
+        train(demo_ckpt, data, out, TrainOptions(**longer), log=lambda m: None)
+    for change, words in ((dict(lr=0.5), "--lr 0.5 differs"), (dict(curriculum="on"), "--curriculum on differs")):
+        with pytest.raises(SleighError, match=words):
+            train(demo_ckpt, data, out, TrainOptions(**{**again, **change}), log=lambda m: None)
+    other = tmp_path / "other.jsonl"
+    other.write_text(data.read_text())
+    with pytest.raises(SleighError, match="--data .* is not the saved run's"):
+        train(demo_ckpt, other, out, TrainOptions(**again), log=lambda m: None)
+    with pytest.raises(SleighError, match="CHECKPOINT .* is not the saved run's"):
+        train(tmp_path, data, out, TrainOptions(**again), log=lambda m: None)
+    state = out / train_mod.STATE
+    save_file(load_file(str(state)), str(state))  # the tensors without the run's metadata
+    with pytest.raises(SleighError, match="holds no readable training state"):
+        train(demo_ckpt, data, out, TrainOptions(**again), log=lambda m: None)
+
+
+def test_a_run_with_no_step_trained_is_an_error_and_writes_nothing(demo_ckpt, data, tmp_path):
+    with pytest.raises(SleighError, match="no step trained"):
+        train(demo_ckpt, data, tmp_path / "out", TrainOptions(minutes=1e-9, batch=2, threads=1, quiet=True),
+              log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lines_past_the_context_are_left_out_as_eval_skips_them(demo_ckpt, data, tmp_path):
+    lines = data.read_text().splitlines()
+    long = json.loads(lines[0])
+    long["question"] = "Is it red? " * 3000
+    path = tmp_path / "long.jsonl"
+    root = data.parent
+    path.write_text("".join(json.dumps({**json.loads(x), "image": str(root / json.loads(x)["image"])}) + "\n"
+                            for x in lines[:3]) + json.dumps({**long, "image": str(root / long["image"])}) + "\n")
+    said = []
+    r = train(demo_ckpt, path, tmp_path / "out", TrainOptions(**FEW), log=said.append)
+    assert r.skipped == {"past the context": 1} and r.lines == 3, (r.skipped, said)
+    with pytest.raises(SleighError, match=r"long.jsonl \(line 4\) \| question and answer take"):
+        train(demo_ckpt, path, tmp_path / "strict", TrainOptions(**FEW, strict=True), log=lambda m: None)
+
+
+def test_strict_names_the_line_of_an_image_that_does_not_decode(demo_ckpt, data, tmp_path):
+    lines = [json.loads(x) for x in data.read_text().splitlines()]
+    root = tmp_path / "d"
+    shutil.copytree(data.parent, root)
+    _cut_jpeg(root / "cut.jpg")
+    lines[2]["image"] = "cut.jpg"
+    (root / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(SleighError, match=r"cut.jpg \(line 3\) \| "):
+        train(demo_ckpt, root / "d.jsonl", tmp_path / "out", TrainOptions(**{**FEW, "steps": 6, "batch": 4}, strict=True),
+              log=lambda m: None)
