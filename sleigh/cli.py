@@ -436,7 +436,7 @@ def compare(
 def train(
     checkpoint: Path = typer.Argument(..., help="Sleigh checkpoint to start from (sleigh init / sleigh convert)."),
     data: Path = typer.Option(..., "--data", help="JSONL of {image, question, answer} lines (or a folder with one)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (must not exist, unless --resume)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (new or empty, unless --resume)."),
     parts: str = typer.Option("gswa", "--train", help="What is trained: gswa, gswa,projector, ... or all."),
     steps: Optional[int] = typer.Option(None, help="Optimizer steps (or --minutes)."),
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget (or --steps); the curriculum follows the clock."),
