@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
 import socket
 import time
 from dataclasses import fields
@@ -15,6 +16,7 @@ from sleigh.runtime.image import MAX_PIXELS
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SERVE_APP = "sleigh"  # the Ray Serve application's name
 
 
 def _require(*modules: str, extra: str = "serve") -> None:
@@ -130,13 +132,23 @@ def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, targe
                       shutdown_timeout=shutdown_timeout)
     load_worker(settings).close()  # the package loads here, or fails as one line before Ray starts
     ray.init(address=ray_address, include_dashboard=False)
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C (after ray.init, whose own handler it replaces)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings, scaling), name="sleigh", route_prefix="/")
+    serve.run(build_app(settings, scaling), name=SERVE_APP, route_prefix="/")
     logging.getLogger("sleigh.serve").info("Ray Serve: %s as %r on %s (%s)", settings.model, settings.name,
                                            url(host, port), scaling)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        logging.getLogger("sleigh.serve").info("shutting down: answers under way may finish for %g s", shutdown_timeout)
+        # The application first: Ray stops its replicas as it stops any (each finishes its requests under way,
+        # for at most graceful_shutdown_timeout_s) while the proxy still carries their answers. serve.shutdown()
+        # alone kills the proxy at once, dropping every connection.
+        serve.delete(SERVE_APP)
         serve.shutdown()
         ray.shutdown()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

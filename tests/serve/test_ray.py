@@ -78,3 +78,55 @@ def test_app_builder_arguments():
         Scaling(min_replicas=5, max_replicas=2)
     with pytest.raises(SleighError, match="--shutdown-timeout"):
         Scaling(shutdown_timeout=float("nan"))
+
+
+@pytest.mark.slow
+def test_sigterm_under_ray_lets_the_answer_under_way_finish(tiny_pkg, tmp_path):
+    """`sleigh serve --ray` on SIGTERM died at once (and on Ctrl-C killed Ray's proxy at once): a
+    stream under way was cut within 0.1 s whatever --shutdown-timeout said. The application is deleted
+    first now, so Ray drains the replica while its proxy still carries the answer."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.helpers import cli_env
+
+    port = free_port()
+    env = {**cli_env(), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
+                                 "--ray", "--replica-cpus", "0.5", "--threads", "1", "--shutdown-timeout", "60"],
+                                env=env, stdout=out, stderr=out)
+    base, lines = f"http://127.0.0.1:{port}", []
+    body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
+            "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
+
+    def stream():
+        try:
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+        except httpx.TransportError as e:
+            lines.append(f"cut: {e}")
+
+    try:
+        wait_healthy(base, proc, timeout=120)
+        deadline = time.monotonic() + 60
+        while "Ray Serve: " not in log.read_text() and time.monotonic() < deadline:  # serve.run has returned
+            time.sleep(0.1)
+        reader = threading.Thread(target=stream)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while len(lines) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(timeout=90)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    assert lines[-1] == "data: [DONE]", (lines[-1:], log.read_text()[-2000:])
+    usage = json.loads(lines[-2].removeprefix("data: "))
+    assert len(usage["sleigh"]["token_ids"]) == 7000  # the whole answer, after the signal
