@@ -482,6 +482,7 @@ def eval_(
     from sleigh.evaluate import evaluate, report_rows
 
     _check_threads(threads)
+    _check_model(model, engine)  # as run: --engine on a checkpoint ran the torch reference and reported the engine
     with _as_flags("backend", "engine", "limit", "tile_budget", "max_new_tokens"):
         report = evaluate(model, data, backend=backend, engine=engine, threads=threads, limit=limit, quiet=as_json,
                           tile_budget=tile_budget, max_new_tokens=max_new_tokens)

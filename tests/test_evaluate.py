@@ -105,3 +105,16 @@ def test_names_with_brackets_print_as_written(demo_ckpt, tmp_path):
     proc = run_sleigh("eval", demo_ckpt, "--data", folder / "d.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert "[/x]" in proc.stdout and "runs[v2]" in proc.stdout, proc.stdout
+
+
+def test_an_engine_for_a_checkpoint_is_refused_as_run_refuses_it(demo_ckpt, tmp_path):
+    """A checkpoint has no engines: `--engine int8` ran the torch reference, exit 0, and the report
+    named engine int8."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Colour?", "answer": "red"}) + "\n")
+    proc = run_sleigh("eval", demo_ckpt, "--data", tmp_path / "d.jsonl", "--engine", "int8", "--json")
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert line.startswith("error: --engine int8 |") and "is a checkpoint" in line, line
