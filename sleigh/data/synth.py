@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sleigh.errors import SleighError, check_seed
+from sleigh.staging import check_output_file
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -177,12 +178,19 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
     check_seed("--seed", seed)
     if out.exists() and not out.is_dir():
         raise SleighError(str(out), "exists and is not a folder", "a folder for the split (new or existing)")
+    if not out.exists():  # a file where one of its folders goes, or an unwritable parent: before any image
+        check_output_file(out, "a folder for the split (new or existing)")
     if not split or any(c in split for c in "/\\") or split.startswith(".") or split.endswith(".jsonl"):
         raise SleighError("--split", f"got {split!r}", "a plain name such as train or heldout")
     jsonl, images = out / f"{split}.jsonl", out / split
     if (jsonl.exists() or images.exists()) and not force:
         raise SleighError(str(jsonl), "split already exists", "another --split name or folder, or --force")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as e:  # a folder that takes no new folders though it says it is writable (/proc as root)
+        where = Path(e.filename or out).absolute().parent  # the first folder that could not be made
+        raise SleighError(str(out), f"cannot make a folder in {where} ({e.strerror})",
+                          "a writable location") from None
     tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=out))
     try:
         lines = []

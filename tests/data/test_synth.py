@@ -11,7 +11,7 @@ import pytest
 
 from sleigh.data.synth import SynthSpec, render, rng_for, write_split
 from sleigh.errors import SleighError
-from tests.helpers import run_sleigh
+from tests.helpers import one_error_line, run_sleigh
 
 SMALL = SynthSpec(min_size=224, max_size=400)
 
@@ -104,3 +104,17 @@ def test_bad_options_one_line_and_nothing_written(tmp_path, args, needle):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], r.stderr
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_an_output_where_no_folder_can_be_made_is_one_line_before_any_image(tmp_path):
+    """A file in the output's path was `unexpected NotADirectoryError`, /proc (as root, whom os.access
+    lets write there) `unexpected FileNotFoundError`: exit 1, as for a bug."""
+    (tmp_path / "f").write_text("a file where a folder of the output goes")
+    r = run_sleigh("data", "synth", tmp_path / "f" / "sub", "--n", "1")
+    assert r.returncode == 2 and one_error_line(r).startswith(f"error: {tmp_path / 'f' / 'sub'} | "), r.stderr
+    assert "is a file, not a folder" in r.stderr
+    if Path("/proc/self").is_dir():
+        r = run_sleigh("data", "synth", "/proc/sleigh-synth/sub", "--n", "1")
+        assert r.returncode == 2, r.stderr
+        line = one_error_line(r)
+        assert line.startswith("error: /proc/sleigh-synth/sub | ") and ("/proc" in line.split("|")[1]), line
