@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sleigh import staging
 from sleigh.errors import SleighError, check_seed
-from sleigh.staging import check_output_file
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -179,7 +178,7 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
     if out.exists() and not out.is_dir():
         raise SleighError(str(out), "exists and is not a folder", "a folder for the split (new or existing)")
     if not out.exists():  # a file where one of its folders goes, or an unwritable parent: before any image
-        check_output_file(out, "a folder for the split (new or existing)")
+        staging.check_output_file(out, "a folder for the split (new or existing)")
     if not split or any(c in split for c in "/\\") or split.startswith(".") or split.endswith(".jsonl"):
         raise SleighError("--split", f"got {split!r}", "a plain name such as train or heldout")
     jsonl, images = out / f"{split}.jsonl", out / split
@@ -191,7 +190,8 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
         where = Path(e.filename or out).absolute().parent  # the first folder that could not be made
         raise SleighError(str(out), f"cannot make a folder in {where} ({e.strerror})",
                           "a writable location") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}.tmp-", dir=out))
+    staging.clean_stale(out, split)  # what synths of this split killed by a signal (no cleanup) left behind
+    tmp = staging.make(out, split)  # named with its owner, so that a later run knows when it is stale
     try:
         lines = []
         for i in range(n):
@@ -205,7 +205,6 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
                                          "meta": meta}))
             if progress is not None:
                 progress.advance(1)
-        tmp.chmod(0o755)
         if images.is_dir() and not images.is_symlink():
             shutil.rmtree(images)
         elif images.exists() or images.is_symlink():  # --force over a file (or a link) of the split's name

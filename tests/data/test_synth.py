@@ -118,3 +118,31 @@ def test_an_output_where_no_folder_can_be_made_is_one_line_before_any_image(tmp_
         assert r.returncode == 2, r.stderr
         line = one_error_line(r)
         assert line.startswith("error: /proc/sleigh-synth/sub | ") and ("/proc" in line.split("|")[1]), line
+
+
+def test_a_synth_killed_by_a_signal_leaves_a_folder_the_next_synth_removes(tmp_path):
+    """SIGTERM (timeout, systemd) runs no cleanup: the partial images' hidden folder stayed forever,
+    a later synth into the same folder left it there. It names its owner now, and the next run of the
+    split removes it once that owner is dead."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import cli_env
+
+    out = tmp_path / "d"
+    proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "data", "synth", str(out), "--n", "100000",
+                             "--min-size", "224", "--max-size", "300"], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(out.glob(".train.tmp-*/*.jpg")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    left = list(out.glob(".train.tmp-*"))
+    assert len(left) == 1 and any(left[0].iterdir()), "the killed run left no partial images to clean"
+    write_split(out, 1, seed=0, spec=SMALL)
+    assert sorted(p.name for p in out.iterdir()) == ["train", "train.jsonl", "train.spec.json"]
