@@ -11,6 +11,7 @@ another. numpy and Pillow only (the runtime's eval reads these files too).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from sleigh import staging
 from sleigh.errors import SleighError, check_seed
+from sleigh.runtime.image import default_max_pixels
 
 COLOURS = {
     "red": (215, 35, 35),
@@ -38,6 +40,9 @@ QUESTIONS = {
 }
 QUESTION_TYPES = tuple(QUESTIONS)
 JPEG_QUALITY = 92
+# The largest canvas side: a square of it stays within the pixel limit every command loads images under by
+# default (runtime.image.default_max_pixels(), 77 Mpx); past it, train and eval refuse the images synth wrote.
+MAX_SIDE = math.isqrt(default_max_pixels())
 
 
 def position_name(row: int, col: int) -> str:
@@ -79,6 +84,10 @@ class SynthSpec:
         if not 32 <= self.min_size <= self.max_size:
             raise SleighError("image size range", f"{self.min_size}..{self.max_size} px",
                               "32 <= min size <= max size")
+        if self.max_size > MAX_SIDE:
+            raise SleighError("image size range", f"{self.min_size}..{self.max_size} px: a {self.max_size} px square "
+                              f"is {self.max_size ** 2:,} pixels, past the {default_max_pixels():,} that run, train "
+                              "and eval load", f"max size <= {MAX_SIDE} px")
         if not 4 <= self.min_object <= self.max_object:
             raise SleighError("object size range", f"{self.min_object}..{self.max_object} px",
                               "4 <= min object <= max object")

@@ -97,6 +97,8 @@ def test_existing_split_is_refused_and_left_alone(tmp_path):
     (["--n", "2", "--split", "ev.jsonl"], "--split"),  # it would write ev.jsonl.jsonl
     (["--n", "2", "--min-size", "600", "--max-size", "500"], "image size range"),
     (["--n", "2", "--max-object", "300"], "object size range"),
+    (["--n", "1", "--min-size", "9500", "--max-size", "9500"], "max size <= 8778 px"),  # past eval's 77 Mpx: it wrote them
+    (["--n", "1", "--max-size", "100000"], "max size <= 8778 px"),  # ran past a minute
 ])
 def test_bad_options_one_line_and_nothing_written(tmp_path, args, needle):
     r = run_sleigh("data", "synth", str(tmp_path / "d"), *args)
@@ -146,3 +148,13 @@ def test_a_synth_killed_by_a_signal_leaves_a_folder_the_next_synth_removes(tmp_p
     assert len(left) == 1 and any(left[0].iterdir()), "the killed run left no partial images to clean"
     write_split(out, 1, seed=0, spec=SMALL)
     assert sorted(p.name for p in out.iterdir()) == ["train", "train.jsonl", "train.spec.json"]
+
+
+def test_the_largest_canvas_loads_where_train_and_eval_load_images():
+    from sleigh.data.synth import MAX_SIDE
+    from sleigh.runtime.image import default_max_pixels
+
+    assert MAX_SIDE ** 2 <= default_max_pixels() < (MAX_SIDE + 1) ** 2
+    assert SynthSpec(max_size=MAX_SIDE).max_size == MAX_SIDE
+    with pytest.raises(SleighError, match=f"max size <= {MAX_SIDE} px"):
+        SynthSpec(max_size=MAX_SIDE + 1)
