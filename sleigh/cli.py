@@ -479,7 +479,7 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
-    from sleigh.evaluate import evaluate, report_rows
+    from sleigh.evaluate import evaluate, report_rows, skipped_text
 
     _check_threads(threads)
     _check_model(model, engine)  # as run: --engine on a checkpoint ran the torch reference and reported the engine
@@ -500,7 +500,7 @@ def eval_(
         typer.echo(f"median first token {1e3 * report['median_first_token_s']:.1f} ms, {report['mean_views_read']:.2f} "
                    f"views read on average{budget}")
     if report["skipped"]:
-        typer.echo("skipped lines: " + ", ".join(f"{n} {why}" for why, n in report["skipped"].items()))
+        typer.echo("skipped lines: " + skipped_text(report["skipped"], report["first_skipped"]))
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Make training and evaluation data.")

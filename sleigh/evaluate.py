@@ -4,7 +4,8 @@ Torch-free: it runs through `runtime.pipeline.Pipeline` (greedy, as `sleigh run`
 engines and a checkpoint on the torch backend are judged by the same code. Answers match after
 trimming, lower-casing and dropping a final full stop; the model answers in at most 8 tokens
 (EVAL_NEW_TOKENS, `--max-new-tokens`). A line whose image cannot be loaded or whose prompt exceeds the
-context is skipped and counted, as the JSONL's bad lines are. For data with object boxes (`sleigh
+context is skipped and counted, as the JSONL's bad lines are, each reason with the first line it struck
+(and, for an image or a prompt, why: `first_skipped`). For data with object boxes (`sleigh
 data synth`), it also counts how often GSWA's highest-weighted tile holds the object, over the images
 with more than one tile.
 """
@@ -64,6 +65,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
     skipped = Counter(qa.skipped)
+    first_skipped = {why: f"line {n}" for why, n in qa.first_skipped.items()}  # where each reason first struck, and why
     hits: dict[str, list[int]] = defaultdict(list)
     top_tile: dict[Path, bool] = {}
     first_token_s: list[float] = []
@@ -76,7 +78,11 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
                 result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget,
                                        max_tiles=max_tiles).result
             except (ImageError, ContextExceeded) as e:  # this line's image or prompt: skipped as read_qa skips
-                skipped["image not loaded" if isinstance(e, ImageError) else "prompt past the context"] += 1
+                why = "image not loaded" if isinstance(e, ImageError) else "prompt past the context"
+                skipped[why] += 1
+                # an image error's `what` names the image; its remedy (run's --max-pixels) is not eval's
+                first_skipped.setdefault(why, f"line {item.line}: " + (f"{e.what} " if isinstance(e, ImageError) else "")
+                                         + e.problem)
                 bar.advance(1)
                 continue
             described = result.backend
@@ -90,14 +96,15 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
                 top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
             bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
     if not hits:
-        raise SleighError(str(qa.path), f"no line could be evaluated (skipped: {dict(skipped)})",
+        raise SleighError(str(qa.path), f"no line could be evaluated (skipped {skipped_text(skipped, first_skipped)})",
                           "lines whose images load and whose questions fit the model's context")
     report = {
         "model": str(model), "data": str(qa.path), "backend": described,
         "engine": getattr(engine, "name", engine), "tile_budget": tile_budget,
         "types": {t: proportion(sum(v), len(v)) for t, v in sorted(hits.items())},
         "overall": proportion(sum(map(sum, hits.values())), sum(map(len, hits.values()))),
-        "skipped": dict(skipped), "seconds": time.perf_counter() - t0,
+        "skipped": dict(skipped), "first_skipped": {why: first_skipped[why] for why in skipped},
+        "seconds": time.perf_counter() - t0,
         "median_first_token_s": statistics.median(first_token_s) if first_token_s else None,
         "mean_views_read": statistics.mean(views_read) if views_read else None,
     }
@@ -105,6 +112,12 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
                                    "fraction": sum(top_tile.values()) / len(top_tile)}
     return report
+
+
+def skipped_text(skipped: dict, first: dict) -> str:
+    """`2 image not loaded (first on line 4: image 'a.jpg' is corrupt ...), 1 ...`: the counts of a
+    report's `skipped` with where, and why, each reason first struck (`first_skipped`)."""
+    return ", ".join(f"{n} {why} (first on {first[why]})" if why in first else f"{n} {why}" for why, n in skipped.items())
 
 
 def report_rows(report: dict) -> list[tuple]:

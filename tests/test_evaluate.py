@@ -86,8 +86,35 @@ def test_a_line_whose_image_or_prompt_fails_is_skipped_not_the_run(demo_ckpt, tm
     report = evaluate(demo_ckpt, tmp_path / "d.jsonl", quiet=True)
     assert report["overall"]["n"] == 1
     assert report["skipped"] == {"image not loaded": 1, "prompt past the context": 1}
+    assert report["first_skipped"]["image not loaded"].startswith(f"line 2: image '{tmp_path / 'cut.jpg'}' is corrupt")
+    assert report["first_skipped"]["prompt past the context"].startswith("line 3: ")
+    assert "exceed the context" in report["first_skipped"]["prompt past the context"]
     proc = run_sleigh("eval", demo_ckpt, "--data", tmp_path / "d.jsonl")  # the CLI says so in words (it printed a dict)
-    assert proc.returncode == 0 and "skipped lines: 1 image not loaded, 1 prompt past the context" in proc.stdout, proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped lines: 1 image not loaded (first on line 2: image " in proc.stdout, proc.stdout
+    assert ", 1 prompt past the context (first on line 3: " in proc.stdout, proc.stdout
+
+
+def test_a_skipped_line_says_why_its_image_was_not_loaded(demo_ckpt, tmp_path):
+    """An image past the pixel limit (what `data synth --max-size 9500` wrote) was only `skipped:
+    {'image not loaded': 3}`: the reason comes with the first line it struck, without run's remedy."""
+    from PIL import Image
+
+    from tests.runtime.test_image import huge_png
+
+    huge_png(tmp_path / "big.png", 9500, 9500)
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "ok.png")
+    lines = [{"image": "big.png", "question": "What colour?", "answer": "red"},
+             {"image": "ok.png", "question": "What colour?", "answer": "red"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    proc = run_sleigh("eval", demo_ckpt, "--data", tmp_path / "d.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped lines: 1 image not loaded (first on line 1: image " in proc.stdout, proc.stdout
+    assert "9500x9500 = 90,250,000 pixels" in proc.stdout and "--max-pixels" not in proc.stdout, proc.stdout
+    (tmp_path / "d.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    line = one_error_line(run_sleigh("eval", demo_ckpt, "--data", tmp_path / "d.jsonl"))
+    assert "no line could be evaluated (skipped 1 image not loaded (first on line 1: image " in line, line
+    assert "{" not in line and "90,250,000 pixels" in line, line
 
 
 def test_names_with_brackets_print_as_written(demo_ckpt, tmp_path):
