@@ -72,32 +72,35 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     views_read: list[int] = []  # image views in the LLM's prompt
     described = ""
     t0 = time.perf_counter()
-    with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe, progress("eval", len(items), quiet) as bar:
-        for item in items:
-            try:
-                result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens, tile_budget=tile_budget,
-                                       max_tiles=max_tiles).result
-            except (ImageError, ContextExceeded) as e:  # this line's image or prompt: skipped as read_qa skips
-                why = "image not loaded" if isinstance(e, ImageError) else "prompt past the context"
-                skipped[why] += 1
-                # an image error's `what` names the image; its remedy (run's --max-pixels) is not eval's
-                first_skipped.setdefault(why, f"line {item.line}: " + (f"{e.what} " if isinstance(e, ImageError) else "")
-                                         + e.problem)
-                bar.advance(1)
-                continue
-            described = result.backend
-            first_token_s.append(result.timings.time_to_first_token_s)
-            views_read.append(result.views if result.kept_views is None else len(result.kept_views))
-            hits[item.type].append(int(normalize(result.text) == normalize(item.answer)))
-            box, grid = item.meta.get("box"), result.grid
-            if box and grid and grid[0] * grid[1] > 1 and item.image not in top_tile:
-                with Image.open(item.image) as im:
-                    size = im.size
-                top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
-            bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
+    with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe:
+        check_answer_room(pipe, max_new_tokens)  # before any line: else every line is skipped, one by one
+        with progress("eval", len(items), quiet) as bar:
+            for item in items:
+                try:
+                    result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens,
+                                           tile_budget=tile_budget, max_tiles=max_tiles).result
+                except (ImageError, ContextExceeded) as e:  # this line's image or prompt: skipped as read_qa skips
+                    why = "image not loaded" if isinstance(e, ImageError) else "prompt past the context"
+                    skipped[why] += 1
+                    # an image error's `what` names the image; its remedy (run's --max-pixels) is not eval's
+                    named = f"{e.what} " if isinstance(e, ImageError) else ""
+                    first_skipped.setdefault(why, f"line {item.line}: {named}{e.problem}")
+                    bar.advance(1)
+                    continue
+                described = result.backend
+                first_token_s.append(result.timings.time_to_first_token_s)
+                views_read.append(result.views if result.kept_views is None else len(result.kept_views))
+                hits[item.type].append(int(normalize(result.text) == normalize(item.answer)))
+                box, grid = item.meta.get("box"), result.grid
+                if box and grid and grid[0] * grid[1] > 1 and item.image not in top_tile:
+                    with Image.open(item.image) as im:
+                        size = im.size
+                    top_tile[item.image] = top_tile_holds_object(result.gswa_weights, grid, size, box)
+                bar.advance(1, description=f"eval {sum(map(sum, hits.values()))}/{sum(map(len, hits.values()))} right")
     if not hits:
+        fit = ", or a smaller max_new_tokens" if "prompt past the context" in skipped else ""
         raise SleighError(str(qa.path), f"no line could be evaluated (skipped {skipped_text(skipped, first_skipped)})",
-                          "lines whose images load and whose questions fit the model's context")
+                          f"lines whose images load and whose questions fit the model's context{fit}")
     report = {
         "model": str(model), "data": str(qa.path), "backend": described,
         "engine": getattr(engine, "name", engine), "tile_budget": tile_budget,
@@ -112,6 +115,22 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
                                    "fraction": sum(top_tile.values()) / len(top_tile)}
     return report
+
+
+def check_answer_room(pipe, max_new_tokens: int) -> None:
+    """Refuse a token limit that leaves no room in the context for even the shortest prompt of a line
+    (the chat template, an empty question and one image view), as `sleigh run` refuses its own."""
+    from sleigh.runtime.prompt import Turn
+
+    prompt = pipe.contract.prompt
+    shortest = len(pipe.tokenizer.encode_chat([Turn("user", "", image=True)], 1, system=prompt.system_message,
+                                              tokens_per_view=prompt.tokens_per_view))
+    context = pipe.context_length
+    if shortest + max_new_tokens > context:
+        raise SleighError(f"max_new_tokens={max_new_tokens}", f"at least {shortest} prompt tokens (the chat template and "
+                          f"one image view) + {max_new_tokens} new tokens exceed the context of {context}",
+                          f"a smaller max_new_tokens, at most {context - shortest} (the default, {EVAL_NEW_TOKENS}, "
+                          "holds an answer of a few words)")
 
 
 def skipped_text(skipped: dict, first: dict) -> str:

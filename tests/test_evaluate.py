@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+from sleigh.errors import SleighError
 from sleigh.evaluate import evaluate, proportion, top_tile_holds_object
 from tests.helpers import one_error_line, run_sleigh
 
@@ -145,3 +146,21 @@ def test_an_engine_for_a_checkpoint_is_refused_as_run_refuses_it(demo_ckpt, tmp_
     line = one_error_line(proc)
     assert proc.returncode == 2 and proc.stdout == ""
     assert line.startswith("error: --engine int8 |") and "is a checkpoint" in line, line
+
+
+def test_a_token_limit_past_the_context_is_refused_before_any_line(demo_ckpt, tmp_path):
+    """`--max-new-tokens 100000` skipped every line as "prompt past the context" and suggested shorter
+    questions; it is refused up front, naming the flag and the context, as `sleigh run` refuses it."""
+    from PIL import Image
+
+    from sleigh.runtime.pipeline import Pipeline
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "question": "Colour?", "answer": "red"}) + "\n")
+    context = Pipeline.load(demo_ckpt).context_length
+    proc = run_sleigh("eval", demo_ckpt, "--data", tmp_path / "d.jsonl", "--max-new-tokens", 100000)
+    line = one_error_line(proc)
+    assert proc.returncode == 2 and line.startswith("error: --max-new-tokens 100000 | "), line
+    assert f"+ 100000 new tokens exceed the context of {context}" in line and "smaller --max-new-tokens" in line, line
+    with pytest.raises(SleighError, match="max_new_tokens"):  # a limit that fits no line, though below the context
+        evaluate(demo_ckpt, tmp_path / "d.jsonl", max_new_tokens=context - 1, quiet=True)
