@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sleigh.errors import SleighError
 from sleigh.runtime.fields import KINDS
+from sleigh.runtime.image import file_kind
 
 EXPECTED_LINE = ('one JSON object per line: {"image": path, "question": str, "answer": str}, '
                  "image paths relative to the JSONL's folder or absolute")
@@ -67,6 +68,9 @@ def resolve_jsonl(data: Path) -> Path:
             return found[0]
         problem = "holds no .jsonl file" if not found else f"holds {len(found)} .jsonl files ({', '.join(p.name for p in found)})"
         raise SleighError(str(data), problem, "a .jsonl file, or a folder with exactly one (sleigh data synth writes SPLIT.jsonl)")
+    if data.exists():  # /dev/null, a FIFO: there, but nothing to read lines from (a FIFO would block)
+        raise SleighError(str(data), f"is not a regular file or a folder (a {file_kind(data.stat().st_mode)})",
+                          "a .jsonl file of image/question/answer lines")
     raise SleighError(str(data), "not found", "a .jsonl file of image/question/answer lines")
 
 

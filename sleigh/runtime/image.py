@@ -123,7 +123,7 @@ def check_image_path(source: str | os.PathLike) -> Path:
     if stat.S_ISDIR(info.st_mode):
         raise ImageError(what, "is a directory", "an image file")
     if not stat.S_ISREG(info.st_mode):
-        raise ImageError(what, f"is not a regular file (a {_file_kind(info.st_mode)})",
+        raise ImageError(what, f"is not a regular file (a {file_kind(info.st_mode)})",
                           "an image file (PNG, JPEG, WebP, ...)")
     if info.st_size == 0:
         raise ImageError(what, "is an empty file (0 bytes)", "an image file (PNG, JPEG, WebP, ...)")
@@ -320,7 +320,8 @@ def _max_pixels_text(max_pixels: int) -> str:
             f"max_pixels= in Python; Pillow's own limit is {MAX_PIXELS:,})")
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a path that is neither a regular file nor a folder is (its st_mode): `FIFO`, `character device`, ..."""
     kinds = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
              (stat.S_ISSOCK, "socket"))
     return next((name for test, name in kinds if test(mode)), "special file")

@@ -80,3 +80,18 @@ def test_a_folder_named_like_a_jsonl_file_is_not_one(folder):
     (folder / "d.jsonl").write_text(line() + "\n")
     (folder / "images.jsonl").mkdir()
     assert read_qa(folder).path == folder / "d.jsonl"
+
+
+def test_data_that_is_neither_a_file_nor_a_folder_says_what_it_is(tmp_path):
+    """/dev/null and a FIFO were "not found": they exist, but hold no lines to read (a FIFO blocks)."""
+    import os
+
+    fifo = tmp_path / "d.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(SleighError, match=r"d\.jsonl \| is not a regular file or a folder \(a FIFO\)"):
+        read_qa(fifo)
+    if os.path.exists("/dev/null"):
+        with pytest.raises(SleighError, match=r"/dev/null \| is not a regular file or a folder \(a character device\)"):
+            read_qa("/dev/null")
+    with pytest.raises(SleighError, match=r"none\.jsonl \| not found"):
+        read_qa(tmp_path / "none.jsonl")
