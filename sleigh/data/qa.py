@@ -76,7 +76,7 @@ def resolve_jsonl(data: Path) -> Path:
 
 def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> QAData:
     """Parse and check every line. Skipped reasons: not UTF-8, bad JSON, missing field, wrong type,
-    empty answer or question, missing image, image not a file, unreadable image (its header; a file
+    empty answer or question, empty image path, missing image, image not a file, unreadable image (its header; a file
     that breaks later is skipped where it is read)."""
     path = resolve_jsonl(data)
     root = path.parent
@@ -137,6 +137,8 @@ def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
         return None, "empty answer"
     if not d["question"].strip():
         return None, "empty question"
+    if not d["image"]:  # Path("") is the JSONL's own folder: "image not a file" named the wrong fault
+        return None, "empty image path"
     image = Path(d["image"])
     return QA(number, image if image.is_absolute() else root / image, d["question"], d["answer"].strip(),
               d.get("type") or UNTYPED, _labels(d.get("meta"))), None

@@ -95,3 +95,12 @@ def test_data_that_is_neither_a_file_nor_a_folder_says_what_it_is(tmp_path):
             read_qa("/dev/null")
     with pytest.raises(SleighError, match=r"none\.jsonl \| not found"):
         read_qa(tmp_path / "none.jsonl")
+
+
+def test_an_empty_image_path_is_called_empty(folder):
+    """`"image": ""` was "image not a file (FOLDER)": the empty path is the JSONL's own folder."""
+    (folder / "d.jsonl").write_text(line(image="") + "\n" + line() + "\n")
+    qa = read_qa(folder / "d.jsonl")
+    assert [q.line for q in qa.items] == [2] and qa.skipped == {"empty image path": 1}
+    with pytest.raises(SleighError, match=r"d\.jsonl:1 \| empty image path"):
+        read_qa(folder / "d.jsonl", strict=True)
