@@ -391,7 +391,8 @@ def read_manifest(pkg: Path) -> Manifest:
     path = pkg / MANIFEST
     try:
         if not pkg.is_dir():
-            raise SleighError(str(pkg), "not a folder", "a model package folder written by `sleigh export`")
+            raise SleighError(str(pkg), "not a folder" if pkg.exists() else "not found",
+                              "a model package folder written by `sleigh export`")
         if not path.is_file():
             hint = " (an interrupted or failed export leaves no manifest)" if any(pkg.glob("*.onnx")) else ""
             raise SleighError(str(pkg), f"no manifest.json{hint}", "a complete package from `sleigh export`")

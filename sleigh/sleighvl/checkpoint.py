@@ -99,7 +99,8 @@ def load_checkpoint(path: Path):
     """(model, config, generation config) from a Sleigh checkpoint folder."""
     path = Path(path)
     if not path.is_dir():
-        raise SleighError(str(path), "not a folder", "a Sleigh checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+        raise SleighError(str(path), "not a folder" if path.exists() else "not found",
+                          "a Sleigh checkpoint folder (config.json, model.safetensors, tokenizer.json)")
     if not (path / CONFIG).is_file():
         raise SleighError(str(path), "no config.json", "a Sleigh checkpoint folder (make one with `sleigh init` or `sleigh convert`)")
     cfg = SleighVLConfig.load(path / CONFIG)

@@ -60,7 +60,7 @@ def _require(cond: bool, what: str, problem: str, expected: str) -> None:
 
 def read_internvl_config(src: Path) -> dict:
     path = src / "config.json"
-    _require(src.is_dir(), str(src), "not a folder", "an InternVL2 checkpoint folder")
+    _require(src.is_dir(), str(src), "not a folder" if src.exists() else "not found", "an InternVL2 checkpoint folder")
     _require(path.is_file(), str(src), "no config.json", "an InternVL2 checkpoint folder (config.json, safetensors, tokenizer.model)")
     raw = read_json(path, "an InternVL2 config.json")
     arch = raw.get("architectures") or []

@@ -210,7 +210,7 @@ def test_bad_input_gives_one_line_and_no_partial_package(case, tiny_ckpt, tmp_pa
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "pkg"
     line = one_error_line(_sleigh("export", str(ckpt), "-o", str(out), *extra))
-    expect = {"missing": "not a folder", "corrupt": "safetensors", "opset": "18..20", "nonempty": "not empty",
+    expect = {"missing": "nope | not found", "corrupt": "safetensors", "opset": "18..20", "nonempty": "not empty",
               "unwritable": "cannot create"}[case]
     assert expect in line
     if case == "nonempty":
@@ -292,7 +292,7 @@ def test_an_isolated_export_writes_the_same_files_and_its_errors_cross_back_whol
         assert (tmp_path / name).read_bytes() == (tiny_pkg / name).read_bytes(), name
     with pytest.raises(SleighError) as err, _module_writer(None, tmp_path / "nope", tmp_path, opts, True) as write:
         write("vision")
-    assert (err.value.what, err.value.problem) == (str(tmp_path / "nope"), "not a folder")
+    assert (err.value.what, err.value.problem) == (str(tmp_path / "nope"), "not found")
 
 
 @pytest.mark.parametrize("case", ["tokenizer", "std", "stop_ids"])

@@ -313,3 +313,10 @@ def test_a_gswa_file_that_holds_more_than_gswa_is_named(tmp_path, oracle_ckpts):
         convert(ORACLE_CKPT, dst, gswa=str(whole))
     assert str(e.value).startswith(f"{whole} | not this model's GSWA weights (unexpected "), str(e.value)
     assert_no_output(dst)
+
+
+def test_a_missing_source_folder_is_not_found(tmp_path):
+    """`sleigh convert nonexist DST` said "not a folder"."""
+    with pytest.raises(SleighError, match=r"nonexist \| not found\. Expected: an InternVL2 checkpoint folder"):
+        convert(tmp_path / "nonexist", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
