@@ -211,8 +211,10 @@ def test_run_bad_input(tiny_pkg, tmp_path):
     shutil.copytree(tiny_pkg, broken)
     (broken / "decoder.onnx").unlink()
     assert "decoder.onnx" in one_error_line(_sleigh("run", "--model", str(broken)))
-    line = one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    line = one_error_line(_sleigh("run", str(EXAMPLES / "chelsea.jpg"), "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
     assert "exceed the context" in line and "(--max-tiles)" in line and "smaller --max-new-tokens" in line  # the CLI's flags
+    line = one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "100000"))
+    assert "exceed the context" in line and "tiles" not in line  # a text prompt: fewer tiles would not shorten it
     assert "max-new-tokens" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--max-new-tokens", "0"))
     assert "unknown backend" in one_error_line(_sleigh("run", "--model", str(tiny_pkg), "--backend", "tpu"))
     env = {k: v for k, v in __import__("os").environ.items() if k != "SLEIGH_MODEL"}
