@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import signal
 import socket
 import time
@@ -130,8 +131,16 @@ def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, targe
     scaling = Scaling(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                       target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
                       shutdown_timeout=shutdown_timeout)
+    if ray_address is None:  # a cluster of this machine alone: its CPUs are all there will be
+        scaling.check_cpus(_local_cpus())  # before Ray starts (and prints), as one line
     load_worker(settings).close()  # the package loads here, or fails as one line before Ray starts
     ray.init(address=ray_address, include_dashboard=False)
+    if ray_address is None:
+        try:
+            scaling.check_cpus(ray.cluster_resources().get("CPU", 0.0))  # what Ray itself counted
+        except SleighError:
+            ray.shutdown()
+            raise
     signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C (after ray.init, whose own handler it replaces)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, scaling), name=SERVE_APP, route_prefix="/")
@@ -148,6 +157,17 @@ def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, targe
         serve.delete(SERVE_APP)
         serve.shutdown()
         ray.shutdown()
+
+
+def _local_cpus() -> float:
+    """The CPUs a local Ray cluster gets: Ray's own count (a container's CPU quota included) where its
+    helper is there, else the machine's."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return float(get_num_cpus())
+    except Exception:  # noqa: BLE001 - a private helper: any other Ray version
+        return float(os.cpu_count() or 1)
 
 
 def _interrupt(signum, frame):

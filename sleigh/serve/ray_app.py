@@ -39,6 +39,21 @@ class Scaling:
             raise SleighError("--target-ongoing-requests/--replica-cpus", "got a non-positive value", "values > 0")
         check_shutdown_timeout(self.shutdown_timeout)
 
+    @property
+    def first_replicas(self) -> int:
+        """The replicas Ray starts at once: the fixed count, or autoscaling's floor."""
+        return self.replicas if self.max_replicas is None else self.min_replicas or 1
+
+    def check_cpus(self, cluster_cpus: float) -> None:
+        """The replicas started at once must fit the cluster's CPUs: Ray would wait for them forever
+        (saying so every 30 s), and `sleigh serve` would never say it serves."""
+        need = self.first_replicas * self.replica_cpus
+        if need > cluster_cpus:
+            flag = "--replicas" if self.max_replicas is None else "--min-replicas"
+            raise SleighError(f"{flag} {self.first_replicas}", f"{self.first_replicas} replicas of --replica-cpus "
+                              f"{self.replica_cpus:g} need {need:g} CPUs; this Ray cluster has {cluster_cpus:g}",
+                              "fewer replicas, or a smaller --replica-cpus (a replica's --threads are its own)")
+
     def deployment_options(self, settings: ServeSettings) -> dict:
         options = {
             # one running + max_queue waiting per replica; the replica itself answers 503 past that
@@ -47,7 +62,7 @@ class Scaling:
             "graceful_shutdown_timeout_s": self.shutdown_timeout,
         }
         if self.max_replicas is not None:
-            options["autoscaling_config"] = {"min_replicas": self.min_replicas or 1,
+            options["autoscaling_config"] = {"min_replicas": self.first_replicas,
                                              "max_replicas": self.max_replicas,
                                              "target_ongoing_requests": self.target_ongoing_requests}
         else:

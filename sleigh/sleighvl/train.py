@@ -498,8 +498,10 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
     for key in RESUMED_OPTIONS:
         saved = meta["options"].get(key, getattr(TrainOptions(), key))  # runs saved before the option existed
         if saved != getattr(opts, key):
+            longer = (f"; to train past its end, a new run that starts from it (sleigh train {out} --data ... -o NEW; "
+                      "its optimizer starts afresh)") if key in ("steps", "minutes") else ""
             raise SleighError(f"--resume {out}", f"--{key.replace('_', '-')} {getattr(opts, key)} differs from the saved run's "
-                              f"{saved}", "the options of the run being resumed")
+                              f"{saved}", f"the options of the run being resumed{longer}")
     for what, given in (("CHECKPOINT", Path(ckpt)), ("--data", Path(data))):
         recorded = meta.get("source" if what == "CHECKPOINT" else "data")
         if recorded is not None and not _same_path(given, Path(recorded), jsonl=what == "--data"):

@@ -78,6 +78,21 @@ def test_app_builder_arguments():
         Scaling(min_replicas=5, max_replicas=2)
     with pytest.raises(SleighError, match="--shutdown-timeout"):
         Scaling(shutdown_timeout=float("nan"))
+    Scaling(replicas=2, replica_cpus=1.0).check_cpus(2.0)
+    with pytest.raises(SleighError, match=r"^--replicas 3 \| 3 replicas of --replica-cpus 1 need 3 CPUs; this Ray cluster has 2\."):
+        Scaling(replicas=3).check_cpus(2.0)
+    with pytest.raises(SleighError, match=r"^--min-replicas 2 \| 2 replicas of --replica-cpus 1.5 need 3 CPUs"):
+        Scaling(min_replicas=2, max_replicas=4, replica_cpus=1.5).check_cpus(2.0)
+
+
+@pytest.mark.slow
+def test_replicas_past_the_machines_cpus_are_one_line_not_a_wait_forever(sleigh_cli, tiny_pkg):
+    """Ray waited for CPUs that never came, saying so every 30 s; `sleigh serve` never said it served."""
+    from tests.helpers import one_error_line
+
+    line = one_error_line(sleigh_cli("serve", "--model", tiny_pkg, "--ray", "--replica-cpus", "1000", "--threads", "1",
+                                     "--port", str(free_port())))
+    assert line.startswith("error: --replicas 1 | 1 replicas of --replica-cpus 1000 need 1000 CPUs; this Ray cluster has "), line
 
 
 @pytest.mark.slow
