@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sleigh.data.qa import QA, QAData
-from sleigh.errors import SleighError, first_line
+from sleigh.errors import SleighError
 from sleigh.data.synth import COLOURS, SHAPES, SynthSpec, cell_needs, questions, render
 from sleigh.runtime.image import TiledImage, tile_image
 from sleigh.sleighvl.config import SleighVLConfig
@@ -124,7 +124,8 @@ class Batches:
                 raise
             if self.opts.strict:  # the JSONL line it came from, as --strict names a bad line
                 raise SleighError(ex.source, e.problem, e.expected) from None  # "PATH (line N)"
-            self.undecodable.setdefault(str(ex.image), first_line(e))  # the image: its questions are drawn anew
+            # the image (its questions are drawn anew) -> what is wrong with it; the remedy is the run's to say
+            self.undecodable.setdefault(str(ex.image), e.problem)
             return None
 
     def _tile(self, ex: Example) -> TiledImage:
