@@ -36,6 +36,7 @@ def inspect_package(pkg: Path, verify: bool = False) -> dict:
     report = {
         "package": str(pkg),
         "created_by": manifest.created_by,
+        "source": manifest.source,
         "opset": manifest.opset,
         "gswa": None if manifest.contract.gswa is None else asdict(manifest.contract.gswa),
         "kv_cache": {"form": manifest.contract.kv_cache.form, "past": list(manifest.contract.kv_cache.past),
@@ -88,6 +89,11 @@ def print_report(report: dict) -> None:
     cb = report.get("created_by") or {}
     console.print(Text(str(report['package']), style="bold"), f" opset {report['opset']}  sleigh {cb.get('sleigh')}  "
                   f"torch {cb.get('torch')}  onnx {cb.get('onnx')}  parity {'passed' if report['parity_passed'] else 'not checked' if report['parity_passed'] is None else 'FAILED'}")
+    src = report.get("source")
+    if src:
+        trained = src.get("trained")
+        run = f", trained {trained.get('steps')} steps on {trained.get('data')}" if isinstance(trained, dict) else ""
+        console.print(f"from {src.get('checkpoint')} (weights sha256 {str(src.get('weights_sha256'))[:12]}){run}")
     for name, m in report["modules"].items():
         custom = "; ".join(f"{c['domain']}::{c['op_type']} ({'with' if c['function'] else 'NO'} local function; "
                            + ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in c["attributes"].items()) + ")"

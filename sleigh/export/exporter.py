@@ -25,7 +25,8 @@ from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
 from sleigh.runtime.image import TILES_LIMIT
 from sleigh.runtime.manifest import Contract, contract_from_config, write_manifest
-from sleigh.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, shipped_photo, write_json_atomic
+from sleigh.runtime.package import (MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, sha256_file, shipped_photo,
+                                   write_json_atomic)
 from sleigh.runtime.prompt import PromptTokenizer
 
 OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 10.15 cannot read
@@ -133,7 +134,27 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None) -> dict:
+def source_of(checkpoint: Path) -> dict:
+    """What a package is exported from: the checkpoint folder, the sha256 of its config and weights, and,
+    where `sleigh train` left its state there, the run (steps, data, the checkpoint it started from)."""
+    from sleigh.sleighvl.checkpoint import CONFIG, WEIGHTS
+    from sleigh.sleighvl.train import STATE, _metadata
+
+    checkpoint = Path(checkpoint)
+    source = {"checkpoint": str(checkpoint.resolve()), "config_sha256": sha256_file(checkpoint / CONFIG),
+              "weights_sha256": sha256_file(checkpoint / WEIGHTS)}
+    if (checkpoint / STATE).is_file():
+        try:
+            run = json.loads(_metadata(checkpoint / STATE)["train"])
+            source["trained"] = {"steps": int(run["step"]), "data": run.get("data"), "from": run.get("source"),
+                                 "train": run["options"].get("train")}
+        except Exception:  # noqa: BLE001 - a damaged state says nothing about the weights, which are what is exported
+            pass
+    return source
+
+
+def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[str]], parity: dict | None,
+                   source: dict | None = None) -> dict:
     """The new package's manifest (runtime/manifest.py reads it): the contract derived from the model's
     config.json by the function the runtime uses for checkpoints, then the modules and their files."""
     files = {}
@@ -154,6 +175,7 @@ def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created_by": versions(),
+        "source": source,
         "opset": opts.opset,
         **contract,
         "tokenizer": {"file": "tokenizer.json"},
@@ -271,6 +293,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
     from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
+    source = source_of(checkpoint)  # the weights just read
     if not (checkpoint / TOKENIZER).is_file():
         raise SleighError(str(checkpoint), "no tokenizer.json", "a Sleigh checkpoint with its tokenizer")
     # what the runtime reads of the checkpoint, checked here, where the message can name the checkpoint's
@@ -305,7 +328,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                     raise SleighError(f"export {out}", f"parity failed for {len(bad)} outputs: {', '.join(bad[:4])}",
                                       f"ONNX Runtime to match PyTorch within the fp32 table; {out} is left as it was "
                                       f"and the failed export, with its parity_report.json, is in {failed}")
-        manifest = build_manifest(tmp, cfg, opts, written, parity)
+        manifest = build_manifest(tmp, cfg, opts, written, parity, source)
         ordinary_modes(tmp)  # the staging folder is private and onnx writes external data 0600: a package is not
         write_manifest(tmp, manifest)  # last: only a verified package has a manifest
         staging.install(tmp, out.resolve())  # the previous package, if any, goes only now (a link to it stays)

@@ -349,6 +349,7 @@ class Manifest:
     root: Path
     schema_version: int
     created_by: dict | None
+    source: dict | None  # what it was exported from (export.exporter.source_of); None in older packages
     opset: int | None
     contract: Contract
     tokenizer: str  # the tokenizer file
@@ -358,9 +359,6 @@ class Manifest:
     calibration: Calibration | None
     engines: dict[str, EngineEntry]
     json: dict
-
-    TOP_LEVEL = ("schema", "schema_version", "created_by", "opset", *Contract.SECTIONS, "tokenizer", "modules",
-                 "files", "parity", "calibration", "engines")
 
     def path(self, rel: str, what: str = "manifest.json") -> Path:
         """A package file named in the manifest (checked to stay inside the package when read, and again here)."""
@@ -446,12 +444,13 @@ def parse_manifest(data, pkg: Path, where: str) -> Manifest:
                          "the decoder's own cache names")
     _check_sizes(f, contract, modules)
     created_by = f.get(data, "created_by", "object", null=True, default=None)
+    source = f.get(data, "source", "object", null=True, default=None)
     opset = f.get(data, "opset", "positive", null=True, default=None)
     parity = f.get(data, "parity", "object", null=True, default=None)
     calibration = _calibration(f, data)
     raw_engines = f.get(data, "engines", "object", default={})
     engines = {name: _engine(raw_engines, name, in_pkg, listed, where) for name in raw_engines}
-    return Manifest(root=pkg, schema_version=version, created_by=created_by, opset=opset, contract=contract,
+    return Manifest(root=pkg, schema_version=version, created_by=created_by, source=source, opset=opset, contract=contract,
                     tokenizer=tokenizer, modules=modules, files=files, parity=parity, calibration=calibration,
                     engines=engines, json=data)
 

@@ -138,9 +138,15 @@ def test_parity_fails_when_the_onnx_and_torch_disagree(tiny_ckpt, tiny_pkg):
     assert ("embed random B=2", "inputs_embeds") not in bad
 
 
-def test_manifest_lists_versions_hashes_and_settings(tiny_pkg):
+def test_manifest_lists_versions_hashes_and_settings(tiny_pkg, tiny_ckpt):
+    import hashlib
+
     m = read_manifest(tiny_pkg)
     assert {"sleigh", "torch", "onnx"} <= set(m.created_by)
+    # what it was exported from (under xdist another worker's copy of the same seed's checkpoint)
+    for key, name in (("weights_sha256", "model.safetensors"), ("config_sha256", "config.json")):
+        assert m.source[key] == hashlib.sha256((tiny_ckpt / name).read_bytes()).hexdigest()
+    assert m.source["checkpoint"].endswith(tiny_ckpt.name) and "trained" not in m.source
     assert m.opset == 18
     assert m.contract.image.max_tiles == 12 and m.contract.image.size == 448
     assert m.contract.prompt.tokens_per_view == 256

@@ -46,7 +46,7 @@ def decoder_manifest() -> Manifest:
     contract = Contract.from_config(config, "internvl2-2b preset")
     inputs = tuple(TensorInfo(i["name"], i["dtype"], tuple(i["shape"])) for i in decoder_inputs())
     kv = KVCacheSection(KV, HD, tuple(kv_names(LAYERS, PAST)), tuple(kv_names(LAYERS, NEW)))
-    return Manifest(root=Path("pkg"), schema_version=SCHEMA_VERSION, created_by=None, opset=None,
+    return Manifest(root=Path("pkg"), schema_version=SCHEMA_VERSION, created_by=None, source=None, opset=None,
                     contract=replace(contract, kv_cache=kv), tokenizer="tokenizer.json",
                     modules={"decoder": ModuleEntry("decoder.onnx", (), "fp32", inputs, ())}, files={}, parity=None,
                     calibration=None, engines={}, json={})

@@ -480,3 +480,18 @@ def test_strict_names_the_line_of_an_image_that_does_not_decode(demo_ckpt, data,
     with pytest.raises(SleighError, match=r"cut.jpg \(line 3\) \| "):
         train(demo_ckpt, root / "d.jsonl", tmp_path / "out", TrainOptions(**{**FEW, "steps": 6, "batch": 4}, strict=True),
               log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_a_package_of_a_trained_checkpoint_names_the_run(demo_ckpt, data, tmp_path):
+    """The manifest said nothing of where its weights came from; `sleigh inspect` shows it now."""
+    from sleigh.export.exporter import ExportOptions, export_package
+    from sleigh.runtime.manifest import read_manifest
+
+    train(demo_ckpt, data, tmp_path / "out", TrainOptions(**FEW), log=lambda m: None)
+    export_package(tmp_path / "out", tmp_path / "pkg", ExportOptions(verify=False, quiet=True))
+    source = read_manifest(tmp_path / "pkg").source
+    assert source["checkpoint"] == str((tmp_path / "out").resolve())
+    assert source["trained"] == {"steps": 2, "data": str(data.resolve()), "from": str(demo_ckpt.resolve()), "train": "gswa"}
+    shown = run_sleigh("inspect", tmp_path / "pkg").stdout
+    assert f"from {(tmp_path / 'out').resolve()} (weights sha256 {source['weights_sha256'][:12]}), trained 2 steps on" in shown
