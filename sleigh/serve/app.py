@@ -354,7 +354,7 @@ def _record(state: _State, result) -> None:
 
 def _busy(worker: ModelWorker, settings: ServeSettings) -> APIError:
     return APIError(503, f"the server is busy ({worker.max_queue} requests already wait); retry later",
-                    retry_after=settings.retry_after_s)
+                    code="server_is_overloaded", retry_after=settings.retry_after_s)  # OpenAI's type and code for it
 
 
 def _generation_error(exc: BaseException) -> APIError:

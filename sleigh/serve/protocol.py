@@ -35,7 +35,7 @@ class APIError(Exception):
     """An error answered with OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-             413: "invalid_request_error", 503: "server_overloaded", 500: "server_error"}
+             413: "invalid_request_error", 503: "service_unavailable_error", 500: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  retry_after: int | None = None):

@@ -303,7 +303,7 @@ def test_queue_limit_answers_503_with_retry_after(probe):
         assert _wait_for(lambda: probe.worker.running == 1)
         busy = httpx.post(probe.base + "/v1/chat/completions", json=probe.body(max_tokens=3), timeout=10)
         assert busy.status_code == 503 and int(busy.headers["retry-after"]) >= 1
-        assert busy.json()["error"]["type"] == "server_overloaded"
+        assert (busy.json()["error"]["type"], busy.json()["error"]["code"]) == ("service_unavailable_error", "server_is_overloaded")
     finally:
         probe.gate.set()
     assert first.result().status_code == 200
