@@ -443,7 +443,7 @@ def train(
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, cosine to 10 %)."),
     batch: int = typer.Option(16, help="Images per step (each with its questions)."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (same checkpoint, data and schedule options)."),
     curriculum: str = typer.Option("auto", help="auto (synthetic data with the ViT trained), on or off."),
     curriculum_steps: Optional[int] = typer.Option(None, help="The curriculum's length in steps (default: the run's first half)."),
     save_every: int = typer.Option(200, help="Save the checkpoint every this many steps."),
@@ -606,7 +606,7 @@ def serve(
     max_replicas: Optional[int] = typer.Option(None, help="With --ray: autoscale up to this many replicas."),
     target_ongoing_requests: float = typer.Option(1.0, help="With --ray autoscaling: ongoing requests per replica to aim for."),
     replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
-    ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: start a local one)."),
+    ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: $RAY_ADDRESS, else a new cluster of this machine)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
     shutdown_timeout: float = typer.Option(SHUTDOWN_TIMEOUT_S, help="Seconds answers under way may take to finish after Ctrl-C or SIGTERM; then they are cut off."),
 ):

@@ -217,6 +217,10 @@ class Pipeline:
         if (path / "manifest.json").is_file() or any(path.glob("*.onnx")):  # an .onnx without manifest: incomplete export
             return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify, budgeted=budgeted)
         if (path / "config.json").is_file():
+            if engine is not None:
+                raise SleighError(f"engine={engine}", f"{path} is a checkpoint: it runs on the PyTorch reference and "
+                                  "has no engines", "a package from `sleigh export` (engines come from `sleigh build-engine`), "
+                                  "or no engine")
             return cls.from_checkpoint(path, backend=backend, threads=threads)
         raise SleighError(str(path), "neither manifest.json nor config.json found",
                           "a model package (sleigh export) or a Sleigh checkpoint (sleigh init / sleigh convert)")

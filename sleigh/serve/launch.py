@@ -54,8 +54,15 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
         _check_ray_flags_unused(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                                 target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
                                 ray_address=ray_address)
-    if ray_address is None:  # before the model loads: a port in use costs nothing (a cluster's proxy is elsewhere)
-        check_address(host, port)
+    scaling = _scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, shutdown_timeout) \
+        if ray else None
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or "local"  # as ray.init would read it, but never
+    # the last `ray start` cluster it would join unasked: the default is a cluster of this machine alone
+    if not model.is_dir():
+        raise SleighError(str(model), "not found" if not model.exists() else "not a folder",
+                          "a model package (sleigh export) or a Sleigh checkpoint folder")
+    if not ray or ray_address == "local":  # before the model loads: a port in use costs nothing (a cluster's proxy
+        check_address(host, port)  # is elsewhere)
 
     from sleigh.serve.app import ServeSettings
 
@@ -68,8 +75,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     root.setLevel(log_level.upper())  # basicConfig's level would not apply beside an existing handler
     if ray:
-        _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,
-                   ray_address, shutdown_timeout)
+        _serve_ray(settings, host, port, scaling, ray_address, shutdown_timeout)
     else:
         _serve_uvicorn(settings, host, port, log_level, shutdown_timeout)
 
@@ -120,22 +126,28 @@ def _serve_uvicorn(settings, host: str, port: int, log_level: str, shutdown_time
                 timeout_graceful_shutdown=shutdown_timeout)
 
 
-def _serve_ray(settings, host, port, replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus,
-               ray_address, shutdown_timeout) -> None:
+def _scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, shutdown_timeout):
+    from sleigh.serve.ray_app import Scaling
+
+    return Scaling(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                   target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
+                   shutdown_timeout=shutdown_timeout)
+
+
+def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout) -> None:
+    """`ray_address`: "local" (a new cluster of this machine alone, whose CPUs are all there will be),
+    or a running cluster's (which may grow: its CPUs are not checked)."""
     import ray
     from ray import serve
 
     from sleigh.serve.app import load_worker
-    from sleigh.serve.ray_app import Scaling, build_app
+    from sleigh.serve.ray_app import build_app
 
-    scaling = Scaling(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                      target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
-                      shutdown_timeout=shutdown_timeout)
-    if ray_address is None:  # a cluster of this machine alone: its CPUs are all there will be
+    if ray_address == "local":
         scaling.check_cpus(_local_cpus())  # before Ray starts (and prints), as one line
     load_worker(settings).close()  # the package loads here, or fails as one line before Ray starts
     ray.init(address=ray_address, include_dashboard=False)
-    if ray_address is None:
+    if ray_address == "local":
         try:
             scaling.check_cpus(ray.cluster_resources().get("CPU", 0.0))  # what Ray itself counted
         except SleighError:

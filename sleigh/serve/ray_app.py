@@ -47,11 +47,13 @@ class Scaling:
     def check_cpus(self, cluster_cpus: float) -> None:
         """The replicas started at once must fit the cluster's CPUs: Ray would wait for them forever
         (saying so every 30 s), and `sleigh serve` would never say it serves."""
-        need = self.first_replicas * self.replica_cpus
+        n = self.first_replicas
+        need = n * self.replica_cpus
         if need > cluster_cpus:
             flag = "--replicas" if self.max_replicas is None else "--min-replicas"
-            raise SleighError(f"{flag} {self.first_replicas}", f"{self.first_replicas} replicas of --replica-cpus "
-                              f"{self.replica_cpus:g} need {need:g} CPUs; this Ray cluster has {cluster_cpus:g}",
+            raise SleighError(f"{flag} {n} --replica-cpus {self.replica_cpus:g}",
+                              f"{n} replica{'s' if n != 1 else ''} of {self.replica_cpus:g} CPUs need {need:g}; "
+                              f"this Ray cluster has {cluster_cpus:g}",
                               "fewer replicas, or a smaller --replica-cpus (a replica's --threads are its own)")
 
     def deployment_options(self, settings: ServeSettings) -> dict:

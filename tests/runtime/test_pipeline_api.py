@@ -33,6 +33,13 @@ def test_load_arguments(tiny_pkg, kwargs, name):
         Pipeline.load(tiny_pkg, **kwargs)
 
 
+def test_an_engine_for_a_checkpoint_is_refused_wherever_it_is_loaded(tiny_ckpt):
+    """Only the CLI's run and eval refused it: the API, `evaluate` and `sleigh serve` ran the torch
+    reference and reported the engine."""
+    with pytest.raises(SleighError, match=r"^engine=int8 \| .* is a checkpoint"):
+        Pipeline.load(tiny_ckpt, engine="int8")
+
+
 def test_load_without_a_path():
     with pytest.raises(SleighError, match=r"^path \|"):
         Pipeline.load(None)

@@ -30,7 +30,11 @@ from tests.helpers import one_error_line
     (["--model", "PKG", "--host", "192.0.2.1"], "cannot listen there"),  # TEST-NET-1: not this machine's
 ])
 def test_serve_option_errors(sleigh_cli, tmp_path, args, words):
+    from tests.serve.conftest import free_port
+
     args = [str(tmp_path) if a == "PKG" else a for a in args]  # an empty folder: the options fail first
+    if "--port" not in args:  # not the default 8000, which a server of the developer's may hold
+        args += ["--port", str(free_port())]
     line = one_error_line(sleigh_cli("serve", *args))
     assert words in line
 
@@ -44,6 +48,10 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(sleigh_cli, tiny_pkg):
         held.listen()
         port = held.getsockname()[1]
         proc = sleigh_cli("serve", "--model", tiny_pkg, "--port", str(port))
+        # what is wrong with the command itself comes first
+        assert "not found" in one_error_line(sleigh_cli("serve", "--model", "/nonexistent/pkg", "--port", str(port)))
+        assert "--replicas" in one_error_line(sleigh_cli("serve", "--model", tiny_pkg, "--ray", "--replicas", "0",
+                                                         "--port", str(port)))
     line = one_error_line(proc)
     assert line.startswith(f"error: --host 127.0.0.1 --port {port} | cannot listen there (Address already in use)"), line
     assert "serving" not in proc.stderr

@@ -79,9 +79,9 @@ def test_app_builder_arguments():
     with pytest.raises(SleighError, match="--shutdown-timeout"):
         Scaling(shutdown_timeout=float("nan"))
     Scaling(replicas=2, replica_cpus=1.0).check_cpus(2.0)
-    with pytest.raises(SleighError, match=r"^--replicas 3 \| 3 replicas of --replica-cpus 1 need 3 CPUs; this Ray cluster has 2\."):
+    with pytest.raises(SleighError, match=r"^--replicas 3 --replica-cpus 1 \| 3 replicas of 1 CPUs need 3; this Ray cluster has 2\."):
         Scaling(replicas=3).check_cpus(2.0)
-    with pytest.raises(SleighError, match=r"^--min-replicas 2 \| 2 replicas of --replica-cpus 1.5 need 3 CPUs"):
+    with pytest.raises(SleighError, match=r"^--min-replicas 2 --replica-cpus 1.5 \| 2 replicas of 1.5 CPUs need 3;"):
         Scaling(min_replicas=2, max_replicas=4, replica_cpus=1.5).check_cpus(2.0)
 
 
@@ -92,7 +92,7 @@ def test_replicas_past_the_machines_cpus_are_one_line_not_a_wait_forever(sleigh_
 
     line = one_error_line(sleigh_cli("serve", "--model", tiny_pkg, "--ray", "--replica-cpus", "1000", "--threads", "1",
                                      "--port", str(free_port())))
-    assert line.startswith("error: --replicas 1 | 1 replicas of --replica-cpus 1000 need 1000 CPUs; this Ray cluster has "), line
+    assert line.startswith("error: --replicas 1 --replica-cpus 1000 | 1 replica of 1000 CPUs need 1000; this Ray cluster has "), line
 
 
 @pytest.mark.slow
