@@ -61,6 +61,7 @@ class Batches:
 
     def __init__(self, data: QAData, opts, curriculum: bool, cfg: SleighVLConfig):
         self.groups = data.by_image()
+        self.jsonl = data.path
         self.opts, self.curriculum, self.cfg = opts, curriculum, cfg
         sizes = [qa.meta.get("size") for _, qas in self.groups for qa in qas[:1]]
         sizes = [s for s in sizes if isinstance(s, list) and len(s) == 2]
@@ -101,7 +102,7 @@ class Batches:
             if len(qas) > self.opts.questions_per_image:
                 qas = [qas[int(i)] for i in sorted(rng.choice(len(qas), self.opts.questions_per_image, replace=False))]
             out.append(Example(image, [(qa.question, qa.answer) for qa in qas], labels_of(qas[0]), None,
-                               f"{qas[0].image} (line {qas[0].line})", box_of(qas[0])))
+                               f"{self.jsonl}:{qas[0].line} (image {qas[0].image})", box_of(qas[0])))
         return out
 
     def make(self, step: int, phase: int) -> Batch:
@@ -123,7 +124,7 @@ class Batches:
             if isinstance(job, tuple):
                 raise
             if self.opts.strict:  # the JSONL line it came from, as --strict names a bad line
-                raise SleighError(ex.source, e.problem, e.expected) from None  # "PATH (line N)"
+                raise SleighError(ex.source, e.problem, "images that decode (downscale one past the pixel limit)") from None
             # the image (its questions are drawn anew) -> what is wrong with it; the remedy is the run's to say
             self.undecodable.setdefault(str(ex.image), e.problem)
             return None

@@ -214,7 +214,10 @@ def answer_logits(model, rows: list[Row], vis: list, pad: int) -> tuple[torch.Te
 
 
 class Diverged(Exception):
-    """A step whose loss or gradients are not finite: the weights it would write are not a model."""
+    """A step whose loss or gradients are not finite, or weights that are not (in the dtype they are
+    saved in): what it would write is not a model. `step`: the run's step (1-based) it happened in."""
+
+    step: int = 0
 
 
 class Trainer:
@@ -405,8 +408,11 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
 
     def save(step: int, seconds: float, skipped_steps: int) -> None:
         nonlocal last_saved
-        if not all(bool(torch.isfinite(p).all()) for p in trainer.params):
-            raise Diverged("the weights are not finite")
+        top = torch.finfo(SAVE_DTYPES[opts.save_dtype]).max  # past it a float16 save holds inf
+        if not all(bool(torch.isfinite(p).all()) and float(p.detach().abs().max()) <= top for p in trainer.params):
+            e = Diverged(f"the weights are not finite in {opts.save_dtype}")
+            e.step = step
+            raise e
         meta = {"step": step, "seconds": seconds, "skipped_steps": skipped_steps, "options": asdict(opts), **provenance}
 
         def write_state(folder: Path) -> None:
@@ -448,7 +454,11 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                 finally:
                     for source in list(batches.undecodable)[known:]:  # each image once: it leaves every batch it is drawn in
                         log(f"step {at}: left out {source}: {batches.undecodable[source]}")
-                last = trainer.step(batch, trainer.lr_at(step, frac))
+                try:
+                    last = trainer.step(batch, trainer.lr_at(step, frac))
+                except Diverged as e:
+                    e.step = step + 1
+                    raise
                 step += 1
                 now = elapsed_before + time.perf_counter() - t0
                 speed = step / max(now, 1e-9)
@@ -476,7 +486,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         raise
     except Diverged as e:
         kept = f"{out} keeps its save of step {last_saved}" if last_saved is not None else "nothing was saved"
-        raise SleighError(f"step {step + 1}", f"{e}: the run diverged ({kept})",
+        raise SleighError(f"step {e.step}", f"{e}: the run diverged ({kept})",
                           f"a smaller --lr than {opts.lr:g}, or fewer parts trained (--train)") from None
     skipped = dict(qa.skipped)
     if batches.undecodable:
@@ -504,7 +514,8 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
                               f"{saved}", f"the options of the run being resumed{longer}")
     for what, given in (("CHECKPOINT", Path(ckpt)), ("--data", Path(data))):
         recorded = meta.get("source" if what == "CHECKPOINT" else "data")
-        if recorded is not None and not _same_path(given, Path(recorded), jsonl=what == "--data"):
+        # a relative path (a run saved before absolute ones were) is relative to a folder not recorded
+        if recorded is not None and Path(recorded).is_absolute() and not _same_path(given, Path(recorded), jsonl=what == "--data"):
             raise SleighError(f"--resume {out}", f"{what} {given} is not the saved run's {recorded}",
                               "the checkpoint and data of the run being resumed")
     step, seconds = int(meta["step"]), float(meta["seconds"])
@@ -515,8 +526,7 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
 
 
 def _same_path(given: Path, recorded: Path, jsonl: bool) -> bool:
-    """Whether two paths name the same file (a relative recorded path: from the current folder, as
-    runs before absolute paths were recorded saved it). A data folder names its one .jsonl."""
+    """Whether two paths name the same file. A data folder names its one .jsonl."""
     from sleigh.data.qa import resolve_jsonl
 
     def real(p: Path) -> Path:
@@ -529,8 +539,9 @@ def _same_path(given: Path, recorded: Path, jsonl: bool) -> bool:
 
 
 def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> None:
-    """Lines whose prompt (with the model's most views) and answer would run past the model's context
-    are left out (counted in `qa.skipped`), as `sleigh eval` skips them; under --strict, refused."""
+    """Lines whose prompt and answer would run past the model's context with an image of the model's most
+    views are left out (counted in `qa.skipped`; `sleigh eval` skips a line on its own image's views,
+    so it may keep a long line with a small image); under --strict, refused."""
     context, views = cfg.llm.max_position_embeddings, max_views(cfg.image.max_tiles, cfg.image.thumbnail)
     template = len(tok.encode_prompt("", views, tokens_per_view=cfg.vision.tokens_per_view))  # BOS, turns, image
     kept = []
@@ -540,7 +551,7 @@ def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> None
             kept.append(item)
             continue
         if strict:
-            raise SleighError(f"{qa.path} (line {item.line})", f"question and answer take {n} tokens with "
+            raise SleighError(f"{qa.path}:{item.line}", f"question and answer take {n} tokens with "
                               f"{views} views, past the model's context of {context}", "shorter lines")
         qa.skipped["past the context"] += 1
         qa.first_skipped.setdefault("past the context", item.line)

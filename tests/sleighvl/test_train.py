@@ -405,19 +405,23 @@ def test_an_empty_output_folder_is_taken(demo_ckpt, data, tmp_path):
     assert train(demo_ckpt, data, tmp_path / "out", TrainOptions(**FEW), log=lambda m: None).steps == 2
 
 
-def test_a_run_that_diverges_stops_and_keeps_its_last_finite_save(demo_ckpt, data, tmp_path):
-    """--lr 1e30 saved NaN weights and exited 0 ("last loss nan"). The first non-finite loss, gradient
-    or weight stops the run; what it saved before stays, and no NaN is ever written."""
+@pytest.mark.parametrize("opts, says", [
+    (dict(steps=6, lr=1e30, save_every=1), "step 2 | the loss is nan: the run diverged ({out} keeps its save of step 1)"),
+    (dict(steps=3, lr=1e5, save_every=1), "step 2 | the gradients are not finite: the run diverged ({out} keeps its save of step 1)"),
+    (dict(steps=1, lr=1e300), "step 1 | the weights are not finite in float32: the run diverged (nothing was saved)"),
+    # finite in float32, past float16's range: a float16 save would hold inf
+    (dict(steps=1, lr=1e7, save_dtype="float16"), "step 1 | the weights are not finite in float16: the run diverged (nothing was saved)"),
+])
+def test_a_run_that_diverges_stops_and_keeps_its_last_finite_save(demo_ckpt, data, tmp_path, opts, says):
+    """--lr 1e30 saved NaN weights and exited 0 ("last loss nan"). A non-finite loss, gradient or weight
+    (as saved) stops the run at the step it happened in; what it saved before stays, with no NaN or inf."""
     out = tmp_path / "out"
-    with pytest.raises(SleighError, match="the run diverged") as e:
-        train(demo_ckpt, data, out, TrainOptions(**{**FEW, "steps": 6, "lr": 1e30, "save_every": 1, "train": "all"}),
-              log=lambda m: None)
-    assert "a smaller --lr" in str(e.value)
+    with pytest.raises(SleighError) as e:
+        train(demo_ckpt, data, out, TrainOptions(**{**FEW, "train": "all", **opts}), log=lambda m: None)
+    assert str(e.value).startswith(says.format(out=out)) and "a smaller --lr" in str(e.value), str(e.value)
+    assert out.exists() == ("keeps its save" in says)
     if out.exists():
-        assert "keeps its save of step" in str(e.value)
         assert all(bool(torch.isfinite(v).all()) for v in weights(out).values() if v.is_floating_point())
-    else:
-        assert "nothing was saved" in str(e.value)
 
 
 def test_resume_refuses_another_run_a_finished_run_and_a_damaged_state(demo_ckpt, data, tmp_path):
@@ -466,7 +470,7 @@ def test_lines_past_the_context_are_left_out_as_eval_skips_them(demo_ckpt, data,
     said = []
     r = train(demo_ckpt, path, tmp_path / "out", TrainOptions(**FEW), log=said.append)
     assert r.skipped == {"past the context": 1} and r.lines == 3, (r.skipped, said)
-    with pytest.raises(SleighError, match=r"long.jsonl \(line 4\) \| question and answer take"):
+    with pytest.raises(SleighError, match=r"long.jsonl:4 \| question and answer take"):
         train(demo_ckpt, path, tmp_path / "strict", TrainOptions(**FEW, strict=True), log=lambda m: None)
 
 
@@ -477,7 +481,7 @@ def test_strict_names_the_line_of_an_image_that_does_not_decode(demo_ckpt, data,
     _cut_jpeg(root / "cut.jpg")
     lines[2]["image"] = "cut.jpg"
     (root / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    with pytest.raises(SleighError, match=r"cut.jpg \(line 3\) \| "):
+    with pytest.raises(SleighError, match=r"d.jsonl:3 \(image .*cut.jpg\) \| .*Expected: images that decode"):
         train(demo_ckpt, root / "d.jsonl", tmp_path / "out", TrainOptions(**{**FEW, "steps": 6, "batch": 4}, strict=True),
               log=lambda m: None)
 
