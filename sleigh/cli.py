@@ -453,6 +453,7 @@ def train(
     gswa_hint: float = typer.Option(0.0, help="Curriculum only: weight of a loss on whether GSWA looks at the tile with the object (0: off)."),
 ):
     """Train GSWA (or more) on image/question/answer data; loss on the answer tokens only."""
+    from sleigh.data.qa import skipped_text
     from sleigh.sleighvl.train import TrainOptions, train as do_train
 
     _check_threads(threads)  # as on run, bench, eval and serve
@@ -460,7 +461,7 @@ def train(
                         curriculum=curriculum, curriculum_steps=curriculum_steps, save_every=save_every, strict=strict,
                         threads=threads, save_dtype=save_dtype, gswa_hint=gswa_hint)
     r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))
-    skipped = f", skipped {', '.join(f'{n} {why}' for why, n in r.skipped.items())}" if r.skipped else ""
+    skipped = f", skipped {skipped_text(r.skipped)}" if r.skipped else ""
     idle = f" ({r.skipped_steps} without an update: no image of the batch decoded)" if r.skipped_steps else ""
     typer.echo(f"wrote {out}: {r.steps} steps{idle} in {r.seconds / 60:.1f} min on {r.device}, {r.images} images / "
                f"{r.lines} questions{skipped}, curriculum {'on' if r.curriculum else 'off'}, last loss {r.last['loss']:.3f}")
@@ -479,7 +480,8 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
     """Exact-match accuracy per question type (with its standard error) on any backend or engine."""
-    from sleigh.evaluate import evaluate, report_rows, skipped_text
+    from sleigh.data.qa import skipped_text
+    from sleigh.evaluate import evaluate, report_rows
 
     _check_threads(threads)
     _check_model(model, engine)  # as run: --engine on a checkpoint ran the torch reference and reported the engine

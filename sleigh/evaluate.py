@@ -54,7 +54,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     `max_tiles`: most tiles per image (default: the model's or engine's)."""
     from PIL import Image
 
-    from sleigh.data.qa import read_qa
+    from sleigh.data.qa import read_qa, skipped_text
     from sleigh.runtime.image import ImageError
     from sleigh.runtime.pipeline import ContextExceeded, Pipeline
 
@@ -131,12 +131,6 @@ def check_answer_room(pipe, max_new_tokens: int) -> None:
                           f"one image view) + {max_new_tokens} new tokens exceed the context of {context}",
                           f"a smaller max_new_tokens, at most {context - shortest} (the default, {EVAL_NEW_TOKENS}, "
                           "holds an answer of a few words)")
-
-
-def skipped_text(skipped: dict, first: dict) -> str:
-    """`2 image not loaded (first on line 4: image 'a.jpg' is corrupt ...), 1 ...`: the counts of a
-    report's `skipped` with where, and why, each reason first struck (`first_skipped`)."""
-    return ", ".join(f"{n} {why} (first on {first[why]})" if why in first else f"{n} {why}" for why, n in skipped.items())
 
 
 def report_rows(report: dict) -> list[tuple]:

@@ -64,7 +64,10 @@ def check_output_dir(out: Path) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise SleighError(str(out), "exists and is a file, not a folder", "a new or empty folder")
-    make(_writable_folder_of(out), out.name).rmdir()
+    try:
+        make(_writable_folder_of(out), out.name).rmdir()
+    except SleighError as e:  # named by the output asked for, not the probe's folder
+        raise SleighError(str(out), e.problem, e.expected) from None
 
 
 def _writable_folder_of(out: Path) -> Path:

@@ -53,8 +53,14 @@ class QAData:
         return list(groups.items())
 
     def skipped_text(self) -> str:
-        return ", ".join(f"{n} {reason} (first on line {self.first_skipped[reason]})"
-                         for reason, n in sorted(self.skipped.items()))
+        return skipped_text(self.skipped, {why: f"line {n}" for why, n in self.first_skipped.items()})
+
+
+def skipped_text(skipped: dict, first: dict | None = None) -> str:
+    """`2 image not loaded (first on line 4: image 'a.jpg' is corrupt ...), 1 bad JSON`: the count of
+    lines skipped for each reason, with where (and why) it first struck where `first` says."""
+    first = first or {}
+    return ", ".join(f"{n} {why} (first on {first[why]})" if why in first else f"{n} {why}" for why, n in sorted(skipped.items()))
 
 
 def resolve_jsonl(data: Path) -> Path:

@@ -184,21 +184,13 @@ def write_split(out: Path, n: int, seed: int, *, split: str = "train", spec: Syn
     if n < 1:
         raise SleighError("--n", f"got {n}", "a number of images >= 1")
     check_seed("--seed", seed)
-    if out.exists() and not out.is_dir():
-        raise SleighError(str(out), "exists and is not a folder", "a folder for the split (new or existing)")
-    if not out.exists():  # a file where one of its folders goes, or an unwritable parent: before any image
-        staging.check_output_file(out, "a folder for the split (new or existing)")
+    staging.check_output_dir(out)  # a file there or where one of its folders goes, no folder makeable: before any image
     if not split or any(c in split for c in "/\\") or split.startswith(".") or split.endswith(".jsonl"):
         raise SleighError("--split", f"got {split!r}", "a plain name such as train or heldout")
     jsonl, images = out / f"{split}.jsonl", out / split
     if (jsonl.exists() or images.exists()) and not force:
         raise SleighError(str(jsonl), "split already exists", "another --split name or folder, or --force")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileNotFoundError as e:  # a folder that takes no new folders though it says it is writable (/proc as root)
-        where = Path(e.filename or out).absolute().parent  # the first folder that could not be made
-        raise SleighError(str(out), f"cannot make a folder in {where} ({e.strerror})",
-                          "a writable location") from None
+    out.mkdir(parents=True, exist_ok=True)
     staging.clean_stale(out, split)  # what synths of this split killed by a signal (no cleanup) left behind
     tmp = staging.make(out, split)  # named with its owner, so that a later run knows when it is stale
     try:

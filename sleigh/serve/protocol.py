@@ -96,8 +96,6 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-
-
 class ChatRequest(_Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -125,12 +123,6 @@ class ChatRequest(_Strict):
     def _nulls_are_defaults(cls, data):
         return _without_nulls(data)
 
-    @model_validator(mode="after")
-    def _stream_options_with_a_stream(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
-
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -142,6 +134,8 @@ def parse_request(body: bytes) -> ChatRequest:
     except ValidationError as e:
         message, param = _one_line(e)
         raise APIError(400, message, param=param) from None
+    if req.stream_options is not None and not req.stream:  # as OpenAI's API answers it
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
     if req.stop is not None:
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
@@ -171,9 +165,6 @@ def _one_line(e: ValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first["type"] == "json_invalid":
         return f"the body is not valid JSON ({first['ctx']['error']})", None
-    if not first["loc"] and first["type"] == "value_error":  # a check of the whole request (a model validator)
-        message = first["msg"].removeprefix("Value error, ")
-        return message, message.split(" ")[0] if message.split(" ")[0] in ChatRequest.model_fields else None
     if not first["loc"]:
         return f"the body must be a JSON object ({first['msg']})", None
     deepest = max(len(_loc(err["loc"]).split(".")) for err in errors)
@@ -258,9 +249,11 @@ def max_new_tokens(req: ChatRequest, default: int) -> tuple[int, bool]:
 
 # -- images -----------------------------------------------------------------------------------------
 
-# The raster formats a client's image may come in. Pillow reads more (EPS through Ghostscript, PDF, ...):
-# an untrusted request never reaches those decoders.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA")
+# The raster formats a client's image may come in (those this Pillow has: AVIF since Pillow 11.2). Pillow
+# reads more (EPS through Ghostscript, PDF, ...): an untrusted request never reaches those decoders.
+Image.init()
+IMAGE_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "DIB", "TIFF", "ICO", "PPM", "TGA")
+                      if f in Image.OPEN)
 
 
 def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | None) -> Image.Image:
@@ -281,11 +274,11 @@ def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | No
                                 "--allow-local-files); send the image as a data: URL", param=param)
         try:  # a symlink loop, a name too long, a NUL: the path's fault, not the server's
             path = Path(unquote(urlparse(url).path)).resolve()
-            inside, is_file = path.is_relative_to(local_root.resolve()), path.is_file()
+            if not path.is_relative_to(local_root.resolve()):  # before anything else is asked of the path
+                raise APIError(400, f"{param}: {path} is outside the allowed folder", param=param)
+            is_file = path.is_file()
         except (OSError, ValueError, RuntimeError) as e:
             raise APIError(400, f"{param}: not a usable file path ({_reason(e)})", param=param) from None
-        if not inside:
-            raise APIError(400, f"{param}: {path} is outside the allowed folder", param=param)
         if not is_file:
             raise APIError(400, f"{param}: {path} is not a file", param=param)
         source, what = path, str(path)

@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from sleigh.serve.protocol import IMAGE_FORMATS
 from tests.serve.conftest import MAX_BODY_MB, MAX_IMAGE_PIXELS, data_url, png_bytes
 
 TEXT = {"role": "user", "content": "Hi"}
@@ -88,7 +89,7 @@ CASES = [
     ("image-not-decodable", body(messages=[{"role": "user", "content": [img(data_url(b"GIF89a" + b"\0" * 64))]}]),
      400, "image"),
     ("image-random-bytes", body(messages=[{"role": "user", "content": [img(data_url(bytes(range(256)) * 8))]}]),
-     400, "not an image in a format this server reads (JPEG, PNG, WEBP, GIF, BMP, DIB, TIFF, ICO, PPM, TGA; Unidentified"),
+     400, f"not an image in a format this server reads ({', '.join(IMAGE_FORMATS)}; Unidentified"),
     # Pillow would hand EPS to Ghostscript: an untrusted request never reaches that decoder
     ("image-eps", body(messages=[{"role": "user", "content": [img(data_url(
         b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n", "image/eps"))]}]), 400, "JPEG, PNG, WEBP"),
@@ -111,7 +112,7 @@ CASES = [
     ("prompt-past-context", body(messages=[{"role": "user", "content": "hello " * 9000}]), 400, "context"),
     ("max-tokens-past-context", body(max_tokens=100_000), 400, "context"),
     ("stream-options-without-a-stream", body(stream_options={"include_usage": True}), 400,
-     "stream_options is only allowed when stream is true"),
+     "stream_options: only allowed when stream is true"),
     ("tools-given", body(tools=[]), 400, "Unrecognized request argument supplied: tools"),
     ("refusal-with-text", body(messages=[TEXT, {"role": "assistant", "content": "No.", "refusal": "No."}, TEXT]), 400,
      "Unrecognized request argument supplied: messages.1.refusal"),
@@ -167,7 +168,7 @@ def test_an_errors_param_is_the_field_its_message_names(server, case):
     for a message's role), and a content part's type stood in the path twice (content.0.text.text)."""
     _, payload, param = case
     r = server.post({**payload, "model": server.model})
-    _check_error(r, 400, param + (" is only" if param == "stream_options" else ":"))
+    _check_error(r, 400, param + ":")
     assert r.json()["error"]["param"] == param
 
 
