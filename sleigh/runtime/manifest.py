@@ -360,6 +360,9 @@ class Manifest:
     engines: dict[str, EngineEntry]
     json: dict
 
+    TOP_LEVEL = ("schema", "schema_version", "created_by", "source", "opset", *Contract.SECTIONS, "tokenizer", "modules",
+                 "files", "parity", "calibration", "engines")
+
     def path(self, rel: str, what: str = "manifest.json") -> Path:
         """A package file named in the manifest (checked to stay inside the package when read, and again here)."""
         return inside(self.root, rel, what)
