@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
-from sleigh.errors import SleighError, first_line
+from sleigh.errors import SleighError, check_folder, first_line
 from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.serve import SHUTDOWN_TIMEOUT_S
@@ -658,9 +658,7 @@ def _print_table(header: list[str], rows: list[tuple], title: str | None = None)
 def _check_model(path: Path, engine: str | None) -> None:
     """What can be refused before a model is loaded (seconds, or minutes for a bench): a missing
     folder, an engine for a checkpoint, an engine the package does not have."""
-    if not path.is_dir():
-        raise SleighError(str(path), "not found" if not path.exists() else "not a folder",
-                          "a model package (sleigh export) or a Sleigh checkpoint folder")
+    check_folder(path, "a model package (sleigh export) or a Sleigh checkpoint folder")
     if engine is None:
         return
     if (path / "manifest.json").is_file():

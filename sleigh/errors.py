@@ -24,6 +24,12 @@ class SleighError(Exception):
         return SleighError, (self.what, self.problem, self.expected)
 
 
+def check_folder(path, expected: str) -> None:
+    """A folder that must be there: "not found" where nothing is, "not a folder" where something else is."""
+    if not path.is_dir():
+        raise SleighError(str(path), "not a folder" if path.exists() else "not found", expected)
+
+
 SEED_MAX = 2**63 - 1  # what torch.manual_seed and numpy's generators both take
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_folder
 from sleigh.runtime.fields import Fields, describe, is_int
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views, tiles_within
 from sleigh.runtime.kv_cache import NEW, PAST
@@ -391,9 +391,7 @@ def read_manifest(pkg: Path) -> Manifest:
     pkg = Path(pkg)
     path = pkg / MANIFEST
     try:
-        if not pkg.is_dir():
-            raise SleighError(str(pkg), "not a folder" if pkg.exists() else "not found",
-                              "a model package folder written by `sleigh export`")
+        check_folder(pkg, "a model package folder written by `sleigh export`")
         if not path.is_file():
             hint = " (an interrupted or failed export leaves no manifest)" if any(pkg.glob("*.onnx")) else ""
             raise SleighError(str(pkg), f"no manifest.json{hint}", "a complete package from `sleigh export`")

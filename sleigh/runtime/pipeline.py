@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_folder
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import default_max_pixels, tile_image, tiles_within
@@ -210,10 +210,7 @@ class Pipeline:
     @classmethod
     def _load(cls, path: Path, backend: str, threads: int | None, engine: str | None, verify: bool,
               budgeted: bool = False) -> Pipeline:
-        if not path.exists():
-            raise SleighError(str(path), "not found", "a model package (sleigh export) or a Sleigh checkpoint folder")
-        if not path.is_dir():
-            raise SleighError(str(path), "not a folder", "a model package (sleigh export) or a Sleigh checkpoint folder")
+        check_folder(path, "a model package (sleigh export) or a Sleigh checkpoint folder")
         if (path / "manifest.json").is_file() or any(path.glob("*.onnx")):  # an .onnx without manifest: incomplete export
             return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify, budgeted=budgeted)
         if (path / "config.json").is_file():

@@ -12,7 +12,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_folder
 from sleigh.runtime.image import MAX_PIXELS
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
@@ -58,9 +58,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
         if ray else None
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or "local"  # as ray.init would read it, but never
     # the last `ray start` cluster it would join unasked: the default is a cluster of this machine alone
-    if not model.is_dir():
-        raise SleighError(str(model), "not found" if not model.exists() else "not a folder",
-                          "a model package (sleigh export) or a Sleigh checkpoint folder")
+    check_folder(model, "a model package (sleigh export) or a Sleigh checkpoint folder")
     if not ray or ray_address == "local":  # before the model loads: a port in use costs nothing (a cluster's proxy
         check_address(host, port)  # is elsewhere)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from sleigh.errors import SleighError, first_line
+from sleigh.errors import SleighError, check_folder, first_line
 from sleigh.runtime.package import ordinary_modes, read_json
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.sleighvl.config import SleighVLConfig
@@ -98,9 +98,7 @@ def build_model(cfg: SleighVLConfig, state: dict[str, torch.Tensor] | None = Non
 def load_checkpoint(path: Path):
     """(model, config, generation config) from a Sleigh checkpoint folder."""
     path = Path(path)
-    if not path.is_dir():
-        raise SleighError(str(path), "not a folder" if path.exists() else "not found",
-                          "a Sleigh checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    check_folder(path, "a Sleigh checkpoint folder (config.json, model.safetensors, tokenizer.json)")
     if not (path / CONFIG).is_file():
         raise SleighError(str(path), "no config.json", "a Sleigh checkpoint folder (make one with `sleigh init` or `sleigh convert`)")
     cfg = SleighVLConfig.load(path / CONFIG)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, check_folder
 from sleigh.runtime.package import inside, read_json
 from sleigh.sleighvl.config import GSWAConfig, ImageConfig, LLMConfig, PromptConfig, SleighVLConfig, VisionConfig
 from sleigh.staging import check_apart, prepare_output_dir
@@ -60,7 +60,7 @@ def _require(cond: bool, what: str, problem: str, expected: str) -> None:
 
 def read_internvl_config(src: Path) -> dict:
     path = src / "config.json"
-    _require(src.is_dir(), str(src), "not a folder" if src.exists() else "not found", "an InternVL2 checkpoint folder")
+    check_folder(src, "an InternVL2 checkpoint folder")
     _require(path.is_file(), str(src), "no config.json", "an InternVL2 checkpoint folder (config.json, safetensors, tokenizer.model)")
     raw = read_json(path, "an InternVL2 config.json")
     arch = raw.get("architectures") or []
