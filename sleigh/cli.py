@@ -69,6 +69,7 @@ class _Group(TyperGroup):
         return cmd
 
 
+# help texts are rich markup: a literal "[" is written "\\[" ([default: ...] and sleigh[ray] were eaten)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Sleigh: SleighVL (InternVL2-2B + GSWA) from PyTorch to ONNX, engines and an edge runtime.")
 
@@ -88,7 +89,7 @@ def _app_options(
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print sleigh's version and exit."),
     log_level: Optional[str] = typer.Option(None, "--log-level", envvar="SLEIGH_LOG_LEVEL",
-                                            help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)} [default: warning; serve: info]."),
+                                            help=f"Messages shown on stderr: {', '.join(LOG_LEVELS)} \\[default: warning; serve: info]."),
 ):
     _LOG_LEVEL_GIVEN[0] = log_level
     _setup_logging(log_level or "warning")
@@ -181,7 +182,7 @@ def run(
     engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
     max_new_tokens: Optional[int] = typer.Option(
-        None, help=f"Most tokens to generate [default: {DEFAULT_MAX_NEW_TOKENS}, cut to what the context leaves after the prompt]."),
+        None, help=f"Most tokens to generate \\[default: {DEFAULT_MAX_NEW_TOKENS}, cut to what the context leaves after the prompt]."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Keep generating past stop tokens."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
@@ -351,7 +352,7 @@ def build_engine(
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8 (int8 needs `sleigh calibrate` first)."),
     llm_weights: Optional[str] = typer.Option(None, help="Decoder weights: fp16, int8 or int4 (default: follows --precision)."),
     kv_dtype: Optional[str] = typer.Option(None, help="ONNX Runtime: the decoder's KV cache slots, float32 or float16 "
-                                           "(half the bytes, attention still float32; default: float16 for an FP16 decoder, else float32)."),
+                                           "(half the bytes; a fused decoder's attention computes in it, a standard one's in float32; default: float16 for an FP16 decoder, else float32)."),
     name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, e.g. onnxruntime-fp16)."),
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image the engine takes (default: the package's)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget runs on this engine keep unless they "
@@ -601,8 +602,8 @@ def serve(
     max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
     allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),
-    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error [default: `sleigh --log-level`'s, else info]."),
-    ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve (pip install 'sleigh[serve]'): one model per replica."),
+    log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error \\[default: `sleigh --log-level`'s, else info]."),
+    ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve (pip install 'sleigh\\[ray]'): one model per replica."),
     replicas: int = typer.Option(1, help="With --ray: number of replicas."),
     min_replicas: Optional[int] = typer.Option(None, help="With --ray and --max-replicas: autoscaling floor."),
     max_replicas: Optional[int] = typer.Option(None, help="With --ray: autoscale up to this many replicas."),

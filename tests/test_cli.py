@@ -72,6 +72,19 @@ def test_help_lists_every_command_with_a_description():
         assert len(hits) == 1, f"{name!r} with {first_line!r} not on one help line:\n{proc.stdout}"
 
 
+def test_help_shows_bracketed_text_as_written():
+    """Help texts are rich markup: "[default: warning; serve: info]" and "sleigh[ray]" were eaten."""
+    import re
+
+    def shown(*args):
+        proc = help_without_heavy_imports(*args)
+        return re.sub(r"\s+", " ", proc.stdout.replace("│", " "))
+
+    assert "[default: warning; serve: info]" in shown("--help")
+    assert "'sleigh[ray]'" in shown("serve", "--help") and "[default: `sleigh --log-level`'s, else info]" in shown("serve", "--help")
+    assert "[default: 512, cut to what the context leaves after the prompt]" in shown("run", "--help")
+
+
 @pytest.mark.parametrize("command", REQUIRED_COMMANDS)
 def test_command_help_needs_no_heavy_packages(command):
     proc = help_without_heavy_imports(command, "--help")

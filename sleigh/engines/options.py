@@ -118,6 +118,8 @@ class EngineOptions:
         if tol is not None:
             if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol):
                 raise SleighError(f"--eval-tolerance {tol!r}", "not a number", "points of accuracy, e.g. 1.0")
+            if not 0 <= tol <= 100:  # below 0 every question type fails, whatever the engine
+                raise SleighError(f"--eval-tolerance {tol:g}", "out of range", "points of accuracy from 0 to 100, e.g. 1.0")
             if self.eval_data is None:
                 raise SleighError("--eval-tolerance", "applies to the task-accuracy gate only", "--eval-data JSONL with it")
         gb = self.workspace_gb

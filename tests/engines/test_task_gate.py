@@ -119,6 +119,8 @@ def test_bad_task_gate_options_are_one_line(tiny_pkg, tmp_path, monkeypatch, cap
         EngineOptions(eval_tolerance=1.0)
     with pytest.raises(SleighError, match="^--eval-tolerance nan"):
         EngineOptions(eval_data=tmp_path / "x.jsonl", eval_tolerance=float("nan"))
+    with pytest.raises(SleighError, match="^--eval-tolerance -5 | out of range"):  # every type failed, whatever the engine
+        EngineOptions(eval_data=tmp_path / "x.jsonl", eval_tolerance=-5.0)
     code, err = run_cli(monkeypatch, capsys, "build-engine", tiny_pkg, "--eval-data", tmp_path / "none.jsonl")
     assert code == 2 and len(err) == 1 and "none.jsonl" in err[0] and "not found" in err[0], err
     assert not (tiny_pkg / "engines").exists()  # refused before anything was built
