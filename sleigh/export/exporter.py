@@ -138,14 +138,14 @@ def source_of(checkpoint: Path) -> dict:
     """What a package is exported from: the checkpoint folder, the sha256 of its config and weights, and,
     where `sleigh train` left its state there, the run (steps, data, the checkpoint it started from)."""
     from sleigh.sleighvl.checkpoint import CONFIG, WEIGHTS
-    from sleigh.sleighvl.train import STATE, _metadata
+    from sleigh.sleighvl.train import STATE, run_record
 
     checkpoint = Path(checkpoint)
     source = {"checkpoint": str(checkpoint.resolve()), "config_sha256": sha256_file(checkpoint / CONFIG),
               "weights_sha256": sha256_file(checkpoint / WEIGHTS)}
     if (checkpoint / STATE).is_file():
         try:
-            run = json.loads(_metadata(checkpoint / STATE)["train"])
+            run = run_record(checkpoint / STATE)
             source["trained"] = {"steps": int(run["step"]), "data": run.get("data"), "from": run.get("source"),
                                  "train": run["options"].get("train")}
         except Exception:  # noqa: BLE001 - a damaged state says nothing about the weights, which are what is exported

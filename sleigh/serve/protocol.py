@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.runtime.image import load_image
 from sleigh.runtime.pipeline import GenerationResult
 from sleigh.runtime.prompt import Turn
@@ -278,7 +278,8 @@ def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | No
                 raise APIError(400, f"{param}: {path} is outside the allowed folder", param=param)
             is_file = path.is_file()
         except (OSError, ValueError, RuntimeError) as e:
-            raise APIError(400, f"{param}: not a usable file path ({_reason(e)})", param=param) from None
+            raise APIError(400, f"{param}: not a usable file path ({getattr(e, 'strerror', None) or first_line(e)})",
+                           param=param) from None
         if not is_file:
             raise APIError(400, f"{param}: {path} is not a file", param=param)
         source, what = path, str(path)
@@ -303,10 +304,6 @@ def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | No
         return load_image(opened)
     except SleighError as e:
         raise APIError(400, f"{param}: {what} does not decode ({e.problem})", param=param) from None
-
-
-def _reason(e: BaseException) -> str:
-    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
 
 
 # -- responses --------------------------------------------------------------------------------------

@@ -500,7 +500,7 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
     finished run, or other options, checkpoint or data than the run's are one line each."""
     state = out / STATE
     try:
-        meta = json.loads(_metadata(state)["train"])
+        meta = run_record(state)
         int(meta["step"]), float(meta["seconds"]), meta["options"].items()
     except Exception as e:  # noqa: BLE001 - safetensors' and json's errors, a key missing: the file is not a run's
         raise SleighError(str(state), f"holds no readable training state ({type(e).__name__}: {first_line(e)})",
@@ -565,8 +565,10 @@ def _phase_name(phase: int) -> str:
     return f"warm-up {phase + 1}/{len(CURRICULUM)}: {tiles} tile{'s' if tiles > 1 else ''}, {lo}-{hi} px"
 
 
-def _metadata(path: Path) -> dict:
+def run_record(state: Path) -> dict:
+    """What `sleigh train` saved beside its state (step, seconds, options, data, source): any failure to
+    read it is the caller's to word (KeyError where the file has none)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    with safe_open(str(state), "pt") as f:
+        return json.loads((f.metadata() or {})["train"])

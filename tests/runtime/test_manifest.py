@@ -169,12 +169,3 @@ def test_concurrent_updates_lose_nothing(pkg):
     parity = read_manifest(pkg).parity
     assert {f"w{i}.{j}" for i in range(6) for j in range(3)} <= set(parity)
     assert _leftovers(pkg) == []
-
-
-def test_a_missing_package_folder_is_not_found(tmp_path):
-    """`sleigh inspect nonexist` (build-engine, calibrate, compare) said "not a folder"."""
-    with pytest.raises(SleighError, match=r"nonexist \| not found\. Expected: a model package folder"):
-        read_manifest(tmp_path / "nonexist")
-    (tmp_path / "file").write_text("not a package")
-    with pytest.raises(SleighError, match=r"file \| not a folder\."):
-        read_manifest(tmp_path / "file")

@@ -414,12 +414,3 @@ def test_context_limit(init_ckpt, tmp_path):
     assert cli.returncode == 0 and len(json.loads(cli.stdout)["token_ids"]) == 4, cli.stderr
     cli = run_sleigh("run", "--model", small, "--prompt", "Hi", "--max-new-tokens", "5")
     assert cli.returncode != 0 and "exceed the context" in cli.stderr
-
-
-def test_a_missing_checkpoint_folder_is_not_found(tmp_path):
-    """`sleigh train nonexist` said "not a folder": the folder is not there at all."""
-    with pytest.raises(SleighError, match=r"nonexist \| not found\. Expected: a Sleigh checkpoint folder"):
-        load_checkpoint(tmp_path / "nonexist")
-    (tmp_path / "file").write_text("not a checkpoint")
-    with pytest.raises(SleighError, match=r"file \| not a folder\."):
-        load_checkpoint(tmp_path / "file")
