@@ -80,16 +80,27 @@ def test_a_drop_beyond_tolerance_refuses_in_one_line_and_registers_nothing(tiny_
     pkg = tmp_path / "pkg"
     shutil.copytree(tiny_pkg, pkg)
     _agreement_gate_passes(monkeypatch)
-    # identical answers are a drop of 0 points, which a negative tolerance does not allow
+    import sleigh.evaluate
+
+    real = sleigh.evaluate.evaluate
+
+    def engine_two_points_short(pkg, data, **kw):  # the engine's report: every type 2 points below its own score
+        report = real(pkg, data, **kw)
+        if kw.get("engine") != "package":
+            for r in report["types"].values():
+                r["accuracy"] -= 0.02
+        return report
+
+    monkeypatch.setattr(sleigh.evaluate, "evaluate", engine_two_points_short)
     code, err = run_cli(monkeypatch, capsys, "build-engine", pkg, "--precision", "fp32", "--eval-data", eval_data,
-                        "--eval-tolerance", "-0.5")
+                        "--eval-tolerance", "1.5")
     assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("error: engine onnxruntime-fp32 | task accuracy fell more than -0.5 points below FP32's: colour")
+    assert err[0].startswith("error: engine onnxruntime-fp32 | task accuracy fell more than 1.5 points below FP32's: colour")
     assert "--eval-tolerance" in err[0] and "--allow-degraded" in err[0]
     assert read_manifest(pkg).engines == {}
     assert list((pkg / "engines").iterdir()) == []
 
-    entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, eval_tolerance=-0.5,
+    entry = build_engine(pkg, EngineOptions(precision="fp32", eval_data=eval_data, eval_tolerance=1.5,
                                             allow_degraded=True, quiet=True))
     assert entry.degraded and not entry.accuracy_passed and not entry.task_accuracy["passed"]
 
