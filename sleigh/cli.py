@@ -353,7 +353,7 @@ def build_engine(
     llm_weights: Optional[str] = typer.Option(None, help="Decoder weights: fp16, int8 or int4 (default: follows --precision)."),
     kv_dtype: Optional[str] = typer.Option(None, help="ONNX Runtime: the decoder's KV cache slots, float32 or float16 "
                                            "(half the bytes; a fused decoder's attention computes in it, a standard one's in float32; default: float16 for an FP16 decoder, else float32)."),
-    name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, e.g. onnxruntime-fp16)."),
+    name: Optional[str] = typer.Option(None, help="Engine name (default: BACKEND-PRECISION, and -llm-WEIGHTS where the decoder's differ, e.g. onnxruntime-int8-llm-int4)."),
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image the engine takes (default: the package's)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget runs on this engine keep unless they "
                                              "give their own, e.g. 2.5G; an engine that cannot load within it is refused."),
