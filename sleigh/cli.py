@@ -670,9 +670,9 @@ def _check_model(path: Path, engine: str | None) -> None:
         if engine not in names:
             raise SleighError(f"--engine {engine}", f"no such engine in {path}", ", ".join(names))
     elif (path / "config.json").is_file():
-        raise SleighError(f"--engine {engine}",
-                          f"{path} is a checkpoint: it runs on the PyTorch reference and has no engines",
-                          "a package from `sleigh export` (engines come from `sleigh build-engine`), or no --engine")
+        from sleigh.runtime.pipeline import checkpoint_has_no_engines
+
+        raise checkpoint_has_no_engines(path, f"--engine {engine}", "--engine")
 
 
 def _check_threads(threads: int | None) -> None:

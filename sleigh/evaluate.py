@@ -65,7 +65,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     qa = read_qa(data)
     items = qa.items[:limit] if limit else qa.items
     skipped = Counter(qa.skipped)
-    first_skipped = {why: f"line {n}" for why, n in qa.first_skipped.items()}  # where each reason first struck, and why
+    first_skipped = qa.first_lines()  # where each reason first struck (and, for eval's own skips, why)
     hits: dict[str, list[int]] = defaultdict(list)
     top_tile: dict[Path, bool] = {}
     first_token_s: list[float] = []

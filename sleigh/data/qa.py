@@ -52,8 +52,12 @@ class QAData:
             groups[qa.image].append(qa)
         return list(groups.items())
 
+    def first_lines(self) -> dict[str, str]:
+        """Each skip reason -> `line N`, the first line it struck."""
+        return {why: f"line {n}" for why, n in self.first_skipped.items()}
+
     def skipped_text(self) -> str:
-        return skipped_text(self.skipped, {why: f"line {n}" for why, n in self.first_skipped.items()})
+        return skipped_text(self.skipped, self.first_lines())
 
 
 def skipped_text(skipped: dict, first: dict | None = None) -> str:

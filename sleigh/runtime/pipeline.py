@@ -47,6 +47,12 @@ class ContextExceeded(SleighError):
         self.request_expected = expected
 
 
+def checkpoint_has_no_engines(path: Path, what: str, option: str) -> SleighError:
+    """An engine asked of a checkpoint folder (`option`: how the caller names the engine argument)."""
+    return SleighError(what, f"{path} is a checkpoint: it runs on the PyTorch reference and has no engines",
+                       f"a package from `sleigh export` (engines come from `sleigh build-engine`), or no {option}")
+
+
 class ModelFault(SleighError):
     """The model's own output is unusable (non-finite GSWA weights): the model's fault, not the
     request's (the server answers 500, not 400)."""
@@ -215,9 +221,7 @@ class Pipeline:
             return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify, budgeted=budgeted)
         if (path / "config.json").is_file():
             if engine is not None:
-                raise SleighError(f"engine={engine}", f"{path} is a checkpoint: it runs on the PyTorch reference and "
-                                  "has no engines", "a package from `sleigh export` (engines come from `sleigh build-engine`), "
-                                  "or no engine")
+                raise checkpoint_has_no_engines(path, f"engine={engine}", "engine")
             return cls.from_checkpoint(path, backend=backend, threads=threads)
         raise SleighError(str(path), "neither manifest.json nor config.json found",
                           "a model package (sleigh export) or a Sleigh checkpoint (sleigh init / sleigh convert)")

@@ -54,8 +54,13 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
         _check_ray_flags_unused(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                                 target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
                                 ray_address=ray_address)
-    scaling = _scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, shutdown_timeout) \
-        if ray else None
+    scaling = None
+    if ray:  # its options checked now, before the port and the model
+        from sleigh.serve.ray_app import Scaling
+
+        scaling = Scaling(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                          target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
+                          shutdown_timeout=shutdown_timeout)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or "local"  # as ray.init would read it, but never
     # the last `ray start` cluster it would join unasked: the default is a cluster of this machine alone
     check_folder(model, "a model package (sleigh export) or a Sleigh checkpoint folder")
@@ -122,14 +127,6 @@ def _serve_uvicorn(settings, host: str, port: int, log_level: str, shutdown_time
     logging.getLogger("sleigh.serve").info("serving %s as %r on %s", settings.model, settings.name, url(host, port))
     uvicorn.run(create_app(settings, worker), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=shutdown_timeout)
-
-
-def _scaling(replicas, min_replicas, max_replicas, target_ongoing_requests, replica_cpus, shutdown_timeout):
-    from sleigh.serve.ray_app import Scaling
-
-    return Scaling(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
-                   target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
-                   shutdown_timeout=shutdown_timeout)
 
 
 def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout) -> None:

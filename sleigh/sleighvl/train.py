@@ -217,7 +217,9 @@ class Diverged(Exception):
     """A step whose loss or gradients are not finite, or weights that are not (in the dtype they are
     saved in): what it would write is not a model. `step`: the run's step (1-based) it happened in."""
 
-    step: int = 0
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step
 
 
 class Trainer:
@@ -272,8 +274,9 @@ class Trainer:
             loss = loss + self.opts.gswa_hint * hint
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if not math.isfinite(loss.item()):
-            raise Diverged(f"the loss is {loss.item()}")
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(f"the loss is {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         try:
@@ -410,9 +413,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         nonlocal last_saved
         top = torch.finfo(SAVE_DTYPES[opts.save_dtype]).max  # past it a float16 save holds inf
         if not all(bool(torch.isfinite(p).all()) and float(p.detach().abs().max()) <= top for p in trainer.params):
-            e = Diverged(f"the weights are not finite in {opts.save_dtype}")
-            e.step = step
-            raise e
+            raise Diverged(f"the weights are not finite in {opts.save_dtype}", step)
         meta = {"step": step, "seconds": seconds, "skipped_steps": skipped_steps, "options": asdict(opts), **provenance}
 
         def write_state(folder: Path) -> None:
@@ -457,8 +458,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                 try:
                     last = trainer.step(batch, trainer.lr_at(step, frac))
                 except Diverged as e:
-                    e.step = step + 1
-                    raise
+                    raise Diverged(str(e), step + 1) from None
                 step += 1
                 now = elapsed_before + time.perf_counter() - t0
                 speed = step / max(now, 1e-9)
