@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (issue 9, item 6), for a session that is lent a GPU machine. Run on the
-# device machine in ONE call, after the onnxruntime-gpu wheel parts made by
-# ../shared/gpu/prepare-ort-gpu.sh have been carried there (into $PARTS, default /tmp/parts):
+# device machine after the onnxruntime-gpu parts made by scripts/ort_gpu_parts.sh (4 parts) or
+# ../shared/gpu/prepare-ort-gpu.sh (5) have been carried there (into $PARTS, default /tmp/parts), one
+# call per part. The first call also starts step 3 (the full-size package: no GPU needed, minutes of
+# CPU) in the background, so it runs while the other parts travel; the last call runs the rest:
 #
-#   bash scripts/gpu_check.sh          # results under $OUT (or ./gpu-out); table.md is the summary
+#   (PREPARE=1 setsid nohup bash scripts/gpu_check.sh > /tmp/prepare.log 2>&1 < /dev/null &)   # first call
+#   bash scripts/gpu_check.sh          # last call: results under $OUT (or ./gpu-out); table.md is the summary
 #
+# (where step 3 was not started ahead, the last call makes the package itself).
 # Finishes within $BUDGET_S seconds (default 530: under 9 minutes with the start), on an H200 about
 # (FACTS.md): install 10 s, tiny checks ~60 s, full-size init 39 s + export --no-verify (the standard
 # form took 188 s; the fused forms are written directly, faster), FP32 bench ~60 s, HF anchor ~20 s,
@@ -56,6 +60,20 @@ step() {  # [CAP=S] step NAME CMD...: run with the time left (at most S s), log 
 mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$out/$1.mem" 2>/dev/null & echo $!; }
 mem_stop() { kill "$1" 2>/dev/null; wait "$1" 2>/dev/null; true; }
 
+full_size() {  # step 3
+  step full-init python3 -m sleigh.cli init "$work/full" --preset "$preset" --force
+  step full-export python3 -m sleigh.cli export "$work/full" -o "$work/full-pkg" --decoder "$decoder" --no-verify --force --json
+}
+ahead=$work/ahead
+if [ "${PREPARE:-0}" = 1 ]; then  # step 3 alone, started in the background by the first call (it needs no GPU)
+  rm -rf "$ahead" && mkdir -p "$ahead" && echo $$ > "$ahead/pid"
+  out=$ahead budget=${BUDGET_S:-900} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+  export PYTHONPATH PYTHONUNBUFFERED
+  full_size
+  touch "$ahead/done"
+  exit 0
+fi
+
 # 1. onnxruntime-gpu
 if [ "${REHEARSAL:-0}" = 1 ]; then
   export PYTHONPATH=$PWD
@@ -64,8 +82,14 @@ elif ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider
     echo "error: onnxruntime-gpu | no CUDA provider and no wheel parts in $parts. Expected: the parts of ../shared/gpu/prepare-ort-gpu.sh carried to $parts"
     exit 2
   fi
-  cat "$parts"/p0* > /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/onnxruntime_gpu-*.whl
+  cat "$parts"/p0* > /tmp/ort-gpu.bin
+  if python3 -c "import sys; sys.exit(open(sys.argv[1], 'rb').read(6) != b'\xfd7zXZ\x00')" /tmp/ort-gpu.bin; then
+    # scripts/ort_gpu_parts.sh: the wheel's files as one .tar.xz
+    mkdir -p /tmp/site && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" /tmp/ort-gpu.bin /tmp/site
+  else  # ../shared/gpu/prepare-ort-gpu.sh: the wheel split as it is
+    mv /tmp/ort-gpu.bin /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/onnxruntime_gpu-*.whl
+  fi
   SP=$(python3 -c "import sys; print([p for p in sys.path if p.endswith('site-packages')][0])")
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$(ls -d "$SP"/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
   export PYTHONPATH=/tmp/site:$PWD
@@ -129,9 +153,16 @@ sys.exit(0 if ok else 1)
 PY
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
 
-# 3. full size
-step full-init python3 -m sleigh.cli init "$work/full" --preset "$preset" --force
-step full-export python3 -m sleigh.cli export "$work/full" -o "$work/full-pkg" --decoder "$decoder" --no-verify --force --json
+# 3. full size: made here, or ahead by PREPARE=1 (above), waited for
+if [ -f "$ahead/pid" ]; then
+  t0=$SECONDS
+  while [ ! -f "$ahead/done" ] && kill -0 "$(cat "$ahead/pid")" 2>/dev/null && [ $((budget - SECONDS)) -gt 5 ]; do sleep 1; done
+  cp "$ahead"/*.log "$out/" 2>/dev/null
+  grep '^step ' "$ahead/steps.txt" >> "$out/steps.txt"
+  echo "full size made ahead (PREPARE=1): waited $((SECONDS - t0)) s for it" | tee -a "$out/steps.txt"
+else
+  full_size
+fi
 
 # 4. FP32 package on CUDA. Every bench reads a 4:3 photo: 12 tiles and the thumbnail, 13 views (the
 # issue's first-token target is at 13 views)

@@ -30,9 +30,17 @@ def test_gpu_check_runs_through_as_a_cpu_rehearsal(tmp_path):
     the benchmarks and the Python API as they are now, so the first GPU lent is not spent mending it."""
     env = {**os.environ, "REHEARSAL": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "BUDGET_S": "900",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}  # python3: this venv's
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    script = ["bash", str(ROOT / "scripts" / "gpu_check.sh")]
+    # as on the device machine: step 3 started ahead (PREPARE=1) in the background, the rest waits for it
+    ahead = subprocess.Popen(script, cwd=ROOT, env={**env, "PREPARE": "1", "OUT": str(tmp_path / "ahead-out")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        ahead.kill() if ahead.poll() is None else None
+    assert ahead.wait() == 0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "full size made ahead (PREPARE=1)" in (tmp_path / "out" / "steps.txt").read_text()
     steps = [line for line in (tmp_path / "out" / "steps.txt").read_text().splitlines() if line.startswith("step ")]
     assert len(steps) == 16 and all(": rc=0 in " in line for line in steps), steps
     assert "Device: CPU rehearsal" in proc.stdout
