@@ -31,6 +31,9 @@
 #      the decode steps replayed as a CUDA graph (fused-cuda), and again with SLEIGH_CUDA_GRAPH=0
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
 #
+# ONLY="NAME ..." runs those steps alone (a second call that repeats what failed; the table marks the
+# rows it did not bench). Unexpected errors print their traceback (SLEIGH_DEBUG=1) into the step's log.
+#
 # REHEARSAL=1 runs every step on the CPU (CPUExecutionProvider in place of CUDA, the tiny preset in
 # place of internvl2-2b, the HF anchor in float32 on the CPU, no install): tests/test_gpu_check.py
 # runs it so that the script still matches the CLI it calls when a GPU is at last lent.
@@ -50,6 +53,10 @@ left() { echo $((budget - SECONDS > 5 ? budget - SECONDS : 5)); }
 step() {  # [CAP=S] step NAME CMD...: run with the time left (at most S s), log to $out/NAME.log, never stop the script
   local name=$1; shift
   local t0=$SECONDS limit
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+    echo "step $name: skipped (not in ONLY)" >> "$out/steps.txt"
+    return 0
+  fi
   limit=$(left)
   [ -n "${CAP:-}" ] && [ "$CAP" -lt "$limit" ] && limit=$CAP
   timeout "$limit" "$@" > "$out/$name.log" 2>&1
@@ -67,8 +74,8 @@ full_size() {  # step 3
 ahead=$work/ahead
 if [ "${PREPARE:-0}" = 1 ]; then  # step 3 alone, started in the background by the first call (it needs no GPU)
   rm -rf "$ahead" && mkdir -p "$ahead" && echo $$ > "$ahead/pid"
-  out=$ahead budget=${BUDGET_S:-900} PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-  export PYTHONPATH PYTHONUNBUFFERED
+  out=$ahead budget=${BUDGET_S:-900} PYTHONPATH=$PWD PYTHONUNBUFFERED=1 SLEIGH_DEBUG=1 ONLY=
+  export PYTHONPATH PYTHONUNBUFFERED SLEIGH_DEBUG
   full_size
   touch "$ahead/done"
   exit 0
@@ -96,7 +103,7 @@ elif ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 SLEIGH_DEBUG=1
 python3 -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers(), '| torch', torch.__version__)" | tee "$out/providers.txt"
 if ! grep -q "$provider" "$out/providers.txt"; then
   echo "error: onnxruntime-gpu | CUDAExecutionProvider is not available (see $out/providers.txt). Expected: the CUDA libraries on LD_LIBRARY_PATH"
@@ -120,6 +127,7 @@ step cuda-kernels python3 benchmarks/gqa_cuda_probe.py --provider "$provider" \
 step cuda-vs-cpu python3 - "$work/tiny-pkg" "$work/tiny-fused" "$work/tiny-cuda" "$work/tiny-cuda:onnxruntime-fp16" <<'PY'
 import os
 import sys
+import traceback
 from pathlib import Path
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
 from sleigh.runtime.manifest import read_manifest
@@ -129,11 +137,15 @@ ok = True
 for arg in sys.argv[1:]:
     pkg, _, engine = arg.partition(":")
     pkg, engine = Path(pkg), engine or None
-    m = read_manifest(pkg)
-    entry = m.engines[engine] if engine else None
-    cpu_backend = OnnxRuntimeBackend.from_package(pkg, m, providers=[CPU], engine=entry)  # not auto: it would take CUDA
-    cpu = Pipeline(cpu_backend, m.contract, PromptTokenizer.from_file(m.path(m.tokenizer, "tokenizer")))
+    if not (pkg / "manifest.json").is_file():  # its export failed, or ONLY did not run it
+        print(f"{arg}: not made")
+        ok &= bool(os.environ.get("ONLY"))
+        continue
     try:
+        m = read_manifest(pkg)
+        entry = m.engines[engine] if engine else None
+        cpu_backend = OnnxRuntimeBackend.from_package(pkg, m, providers=[CPU], engine=entry)  # not auto: it would take CUDA
+        cpu = Pipeline(cpu_backend, m.contract, PromptTokenizer.from_file(m.path(m.tokenizer, "tokenizer")))
         providers = [os.environ.get("GPU_CHECK_PROVIDER", CUDA), CPU]  # both CPU in a rehearsal
         backend = OnnxRuntimeBackend.from_package(pkg, m, providers=list(dict.fromkeys(providers)), engine=entry)
         print(f"{arg}: decoder on {backend.decoder_providers[0]}, CUDA graph {backend.cuda_graph}")
@@ -148,7 +160,8 @@ for arg in sys.argv[1:]:
                   f" (graph-replayed steps so far {static}, CUDA graph {backend.cuda_graph})")
     except Exception as e:  # one package failing must not hide the others' results
         ok = False
-        print(f"{arg} ({m.contract.kv_cache.form}): FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        traceback.print_exc()
+        print(f"{arg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 sys.exit(0 if ok else 1)
 PY
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider

@@ -97,11 +97,24 @@ def to_fp16(src: Path, dst: Path) -> list[str]:
     cache in every layer."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = _load(src)
+    model = _with_shapes(src)
     io = [v.name for v in (*model.graph.input, *model.graph.output)]
     keep = [n for n in io if not n.startswith(KV_PREFIXES)]
-    model = convert_float_to_float16(model, keep_io_types=True if keep == io else keep, op_block_list=FP16_KEEP_FP32)
+    model = convert_float_to_float16(model, keep_io_types=True if keep == io else keep, op_block_list=FP16_KEEP_FP32,
+                                     disable_shape_infer=True)
     return save_onnx(_sorted(model), dst)
+
+
+def _with_shapes(src: Path):
+    """The module with ONNX's shape inference run on its graph before its external weights are read in:
+    inference takes a serialized model, and protobuf serializes 2 GB at most (a full-size decoder's
+    weights are 7.6 GB; convert_float_to_float16 given the whole model failed there: "EncodeError:
+    Failed to serialize proto"). It reads only the weights' shapes, which the graph holds."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    onnx.load_external_data_for_model(model, str(src.parent))
+    return model
 
 
 # An INT4 decoder keeps its LM head (the MatMul that produces the logits) at 8 bits. On the trained

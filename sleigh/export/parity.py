@@ -284,14 +284,16 @@ def _shared_cases(path: Path, cases: list[SharedCase], cfg, precision, form: str
     position's keys are never read, and its fully masked query averages other keys than the
     reference's: GroupQueryAttention leaves out the later ones)."""
     from sleigh.export.fused_decoder import from_weighted_cache, padded_head_dim, to_weighted_cache
-    from sleigh.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, OnnxRuntimeBackend
 
     L, KV, hd = cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim
     weighted = form == "weighted"
     past_names, new_names = kv_names(L, PAST), kv_names(L, NEW)
     results = []
     section = KVCacheSection(KV, padded_head_dim(hd) if weighted else hd, tuple(past_names), tuple(new_names), form)
-    with OnnxRuntimeBackend({"decoder": path}, section) as backend:
+    # on the CPU provider, as every parity check (the record says so): onnxruntime-gpu would put the slots on
+    # the GPU, which these cases write and read as host arrays
+    with OnnxRuntimeBackend({"decoder": path}, section, providers=[CPU]) as backend:
         cache = None
         for c in cases:
             (B, P), S = c.past_mask.shape, c.x.shape[1]

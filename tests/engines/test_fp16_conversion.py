@@ -13,19 +13,19 @@ from sleigh.engines.build_engine import _sorted, _without_repeated_nodes, to_fp1
 D = 8
 
 
-def shared_weight_model() -> onnx.ModelProto:
+def shared_weight_model(d: int = D) -> onnx.ModelProto:
     """x -> LayerNorm(w, b) -> MatMul(m) -> Mul(w) -> LayerNorm(w, b) -> y: w feeds an FP16 op and two
     LayerNorms (kept FP32), as the vision blocks' norm weights feed their LayerNorm and the GSWA node."""
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array((1 + 0.1 * rng.standard_normal(D)).astype(np.float32), "w"),
-             numpy_helper.from_array((0.1 * rng.standard_normal(D)).astype(np.float32), "b"),
-             numpy_helper.from_array(rng.standard_normal((D, D)).astype(np.float32), "m")]
+    inits = [numpy_helper.from_array((1 + 0.1 * rng.standard_normal(d)).astype(np.float32), "w"),
+             numpy_helper.from_array((0.1 * rng.standard_normal(d)).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.standard_normal((d, d)).astype(np.float32), "m")]
     nodes = [helper.make_node("LayerNormalization", ["x", "w", "b"], ["n1"], axis=-1, name="ln1"),
              helper.make_node("MatMul", ["n1", "m"], ["h"], name="mm"),
              helper.make_node("Mul", ["h", "w"], ["hw"], name="mul"),
              helper.make_node("LayerNormalization", ["hw", "w", "b"], ["y"], axis=-1, name="ln2")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", D])], inits)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
 
 
@@ -70,6 +70,34 @@ def test_to_fp16_of_a_shared_weight_runs_and_stays_close(tmp_path):
     got, ref = run(tmp_path / "m16.onnx", x), run(src, x)
     assert got.dtype == np.float32  # FP32 at the edges
     np.testing.assert_allclose(got, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_shape_inference_takes_the_graph_without_its_external_weights(tmp_path, monkeypatch):
+    """ONNX's shape inference serializes the model it is given, and protobuf serializes 2 GB at most: a
+    full-size decoder (7.6 GB of weights in decoder.onnx.data) failed its FP16 conversion on an H200
+    with "EncodeError: Failed to serialize proto". Here inference refuses, as protobuf would, any model
+    that carries the weights; the conversion still runs and gives the FP32 module's outputs."""
+    import onnxruntime.transformers.float16 as float16
+
+    src = tmp_path / "m.onnx"
+    onnx.save(shared_weight_model(256), str(src), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    weights = (tmp_path / "m.onnx.data").stat().st_size
+    seen = []
+
+    def like_protobuf(infer):
+        def infer_shapes(model, *args, **kwargs):
+            seen.append(model.ByteSize())
+            if model.ByteSize() >= weights:
+                raise RuntimeError("Failed to serialize proto (a stand-in for protobuf's 2 GB limit)")
+            return infer(model, *args, **kwargs)
+        return infer_shapes
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", like_protobuf(onnx.shape_inference.infer_shapes))
+    monkeypatch.setattr(float16, "infer_shapes", like_protobuf(float16.infer_shapes))
+    to_fp16(src, tmp_path / "m16.onnx")
+    assert seen and max(seen) < weights  # inference ran, on the graph alone
+    x = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32)
+    np.testing.assert_allclose(run(tmp_path / "m16.onnx", x), run(src, x), atol=2e-2, rtol=2e-2)
 
 
 def _sorted_raw(model):

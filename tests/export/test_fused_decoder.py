@@ -346,6 +346,20 @@ def test_the_weighted_values_form_matches_the_reference_and_the_bias_form(weight
             assert got.token_ids == want.token_ids
 
 
+def test_parity_runs_on_the_cpu_where_onnxruntime_gpu_offers_cuda(weighted_pkg, tiny_model, monkeypatch):
+    """With onnxruntime-gpu (CUDA listed first by default) export's parity of a fused decoder still runs
+    on the CPU provider, whose slots are the host arrays its cases write (on an H200 it asked for CUDA
+    slots: "'OrtValue' object does not support item assignment")."""
+    from sleigh.runtime.backends import onnxruntime_backend
+
+    monkeypatch.setattr(onnxruntime_backend, "available_providers", lambda: [onnxruntime_backend.CUDA, onnxruntime_backend.CPU])
+    assert onnxruntime_backend.default_providers()[0] == onnxruntime_backend.CUDA
+    with torch.inference_mode():
+        results = shared_decoder_cases(weighted_pkg / "decoder.onnx", DecoderModule(tiny_model), EmbedModule(tiny_model),
+                                       *_case_inputs(tiny_model), "fp32", form="weighted")
+    assert results and all(r.ok for r in results)
+
+
 def test_the_weighted_values_form_is_not_blind_to_the_bias(weighted_pkg, tiny_model):
     """Negative control: the same prefill with GSWA's bias and without gives other logits (the weights
     reach the attention), and the bias form's logits with it (parity above)."""
