@@ -15,7 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-COLUMNS = [("target", "target"), ("views", "views"), ("prompt_tokens", "prompt tokens"),
+# "ran as": the backend as the report describes it (engine, provider, where the decoder ran, CUDA graph):
+# a row's label says what was asked for, this what ran
+COLUMNS = [("target", "target"), ("backend", "ran as"), ("views", "views"), ("prompt_tokens", "prompt tokens"),
            ("vision_ms_per_view", "vision ms/view"), ("prefill_ms", "prefill ms"),
            ("time_to_first_token_ms", "first token ms"), ("decode_tokens_per_s", "decode tokens/s"),
            ("gpu_memory_gb", "GPU memory GB")]

@@ -42,17 +42,19 @@ def test_gpu_check_runs_through_as_a_cpu_rehearsal(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full size made ahead (PREPARE=1)" in (tmp_path / "out" / "steps.txt").read_text()
     steps = [line for line in (tmp_path / "out" / "steps.txt").read_text().splitlines() if line.startswith("step ")]
-    assert len(steps) == 16 and all(": rc=0 in " in line for line in steps), steps
+    assert len(steps) == 17 and all(": rc=0 in " in line for line in steps), steps
     assert "Device: CPU rehearsal" in proc.stdout
     compared = (tmp_path / "out" / "cuda-vs-cpu.log").read_text().count("same tokens True")
     assert compared == 8, (tmp_path / "out" / "cuda-vs-cpu.log").read_text()  # 4 packages, an image and a growth each
+    steps_log = (tmp_path / "out" / "cuda-steps.log").read_text()  # the prefill and 300 steps, past a growth
+    assert "greedy tokens agree at 301 of 301 positions" in steps_log, steps_log
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "target" not in line]
     assert len(rows) == 4 and not any("missing" in row for row in rows), rows
-    assert all(row.split(" | ")[1] == "13" for row in rows), rows  # the 4:3 photo: 12 tiles and the thumbnail
+    assert all(row.split(" | ")[2] == "13" for row in rows), rows  # the 4:3 photo: 12 tiles and the thumbnail
 
 
 def test_table_merges_reports_rows_and_memory(tmp_path):
-    bench = {"rows": [{"target": "pkg", "views": 7, "prompt_tokens": 1980, "vision_ms_per_view": 12.2, "prefill_ms": 125.0,
+    bench = {"rows": [{"target": "pkg", "backend": "onnxruntime [package fp32] (CUDA, decoder on CPU)", "views": 7, "prompt_tokens": 1980, "vision_ms_per_view": 12.2, "prefill_ms": 125.0,
                        "time_to_first_token_ms": 289.0, "decode_tokens_per_s": 67.3},
                       {"target": "pkg [onnxruntime-fp16]", "views": 7, "prompt_tokens": 1980, "decode_tokens_per_s": 615.0}]}
     (tmp_path / "bench.json").write_text("progress noise\n" + json.dumps(bench))
@@ -68,7 +70,9 @@ def test_table_merges_reports_rows_and_memory(tmp_path):
     assert lines[0] == "Device: NVIDIA H200"
     body = [l for l in lines if l.startswith("| ") and "target" not in l]
     assert len(body) == 4
-    assert body[0].startswith("| FP32 package | 7 | 1980 |") and body[1].startswith("| FP32 package |")
+    # the label says what was asked for, "ran as" what ran (a degraded engine is not auto's pick)
+    assert body[0].startswith("| FP32 package | onnxruntime [package fp32] (CUDA, decoder on CPU) | 7 | 1980 |")
+    assert body[1].startswith("| FP32 package | - |")
     assert "| 67.3 | 21.47 | 5.5 |" in body[0]  # 20,480 MiB = 21.47 GB; 67.3 / 1,230 = 5.5 %
     assert "| 615.0 | 21.47 | 50.0 |" in body[1]
     assert "| 40.8 | 8.9 | 3.3 |" in body[2] and "| - |" in body[2]

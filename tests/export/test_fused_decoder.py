@@ -299,7 +299,8 @@ def test_where_cuda_comes_first_a_fused_decoder_opens_on_the_cpu_and_says_so(fus
     # the standard decoder and the weighted-values one are asked to open on CUDA as the other modules are
     standard = read_manifest(tiny_pkg).contract.kv_cache.form
     assert standard == "slots" and decoder_providers([CUDA, CPU], standard) == [CUDA, CPU]
-    assert decoder_providers([CUDA, CPU], "weighted") == [CUDA, CPU]
+    assert decoder_providers([CUDA, CPU], "weighted", "float16") == [CUDA, CPU]
+    assert decoder_providers([CUDA, CPU], "weighted", "float32") == [CPU]
     assert decoder_providers([CPU], "shared") == [CPU]
 
 
@@ -358,6 +359,32 @@ def test_parity_runs_on_the_cpu_where_onnxruntime_gpu_offers_cuda(weighted_pkg, 
         results = shared_decoder_cases(weighted_pkg / "decoder.onnx", DecoderModule(tiny_model), EmbedModule(tiny_model),
                                        *_case_inputs(tiny_model), "fp32", form="weighted")
     assert results and all(r.ok for r in results)
+
+
+def test_where_cuda_comes_first_a_float32_weighted_decoder_opens_on_the_cpu(weighted_pkg, caplog):
+    """CUDA's GroupQueryAttention has no float32 kernel: on an H200 ONNX Runtime ran that node on the CPU
+    with the cache copied each step (4 tokens/s at full size) and the tiny package's greedy tokens were
+    not the CPU's. With CUDA first the FP32 weighted-values package's decoder opens on the CPU provider
+    (no fixed buffers, which are for a CUDA graph), says so once, and points to an FP16 engine; it gives
+    the CPU's tokens. (No CUDA here: what is checked is what the backend asks for.)"""
+    import logging
+
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
+    from sleigh.runtime.kv_cache import HostSlots
+    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.pipeline import Pipeline
+
+    manifest = read_manifest(weighted_pkg)
+    with Pipeline.load(weighted_pkg, engine="package") as ref:
+        want = ref.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids
+        with caplog.at_level(logging.WARNING, logger="sleigh"):
+            backend = OnnxRuntimeBackend.from_package(weighted_pkg, manifest, providers=[CUDA, CPU])
+        assert backend.decoder_providers == [CPU] and backend.device == "cpu"
+        assert isinstance(backend.slot_storage, HostSlots) and backend.static_capacity is None and not backend.cuda_graph
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
+        assert "decoder runs on the CPU" in warning and "float32" in warning and "--precision fp16" in warning
+        with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
+            assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
 
 
 def test_the_weighted_values_form_is_not_blind_to_the_bias(weighted_pkg, tiny_model):

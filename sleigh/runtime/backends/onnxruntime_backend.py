@@ -3,12 +3,14 @@
 CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`providers` in order of
 preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, and on CUDA device
 OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
-(cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). UNVERIFIED: the CUDA path has not
-run on a GPU yet (scripts/gpu_check.sh is the prepared check). A fused decoder writes its new positions
+(cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). On an H200 (onnxruntime-gpu 1.31.1,
+session 27) the standard and the bias-form packages on CUDA gave the CPU provider's greedy tokens (their
+decoders' slots on the host); a decoder whose slots are on the device, an FP16 engine of the
+weighted-values form, is UNVERIFIED there (scripts/gpu_check.sh checks it). A fused decoder writes its new positions
 into the slots itself: each slot tensor is bound as its layer's input and output (`_step_shared`),
 nothing is copied. Its bias form (kv_cache.form "shared") runs on the CPU provider only, also where
 CUDA is there for the other modules (FUSED_NOT_ON_CUDA); its weighted-values form ("weighted") runs on
-CUDA too.
+CUDA with a float16 cache (an FP16 engine), on the CPU with a float32 one (FLOAT32_NOT_ON_CUDA).
 
 Each generation owns its cache (`new_cache`, a SlotCache whose storage is `slot_storage`); the
 sessions are shared, and ONNX Runtime's `run` is thread-safe. The one CUDA stream that writes slots
@@ -51,24 +53,41 @@ ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
 PREFILL_CHUNK = 256
 
 
-# Why a fused decoder (kv_cache.form "shared") never runs on the CUDA provider. Read in ONNX Runtime's
-# source (contrib_ops/cuda/bert/group_query_attention.cc; two versions: the one with head_sink beside
-# attention_bias, and 2026's main with quantized KV): its CUDA kernel is registered for float16 and
-# bfloat16 only, and returns INVALID_ARGUMENT whenever attention_bias is given; GSWA's log-weights and
-# the padding mask enter the fused decoder through attention_bias. Not yet seen on a GPU
-# (scripts/gpu_check.sh step 2 runs the tiny fused package on CUDA).
-FUSED_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention takes no attention bias (which carries GSWA's "
-                     "weights and the mask) and no float32")
+# Why a fused decoder (kv_cache.form "shared") runs on the CPU provider where CUDA is there for the
+# other modules. Read in ONNX Runtime's source (contrib_ops/cuda/bert/group_query_attention.cc): its
+# CUDA kernel is registered for float16 and bfloat16 only, and returned INVALID_ARGUMENT whenever
+# attention_bias was given, which carries GSWA's log-weights and the padding mask. On an H200 with
+# onnxruntime-gpu 1.31.1 (session 27, benchmarks/gqa_cuda_probe.py) a float16 node WITH attention_bias
+# ran on CUDA; whether it computes what the CPU kernel does is not checked yet, so the form stays here.
+FUSED_NOT_ON_CUDA = ("this form's attention bias (GSWA's weights and the mask) is not checked on ONNX Runtime's CUDA "
+                     "GroupQueryAttention", "export with `sleigh export --decoder fused-cuda`")
+# Why the weighted-values form ("weighted") with a float32 cache runs on the CPU provider too: CUDA's
+# GroupQueryAttention has no float32 kernel, and ONNX Runtime then ran that node on the CPU with every
+# layer's cache copied to the host and back each step. Seen on an H200 (session 27, scripts/gpu_check.sh):
+# 4 tokens/s at full size, 2.9 s to prefill 13 views, and the tiny package's greedy tokens were not
+# the CPU provider's.
+FLOAT32_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention has no float32 kernel, and this decoder's KV cache is "
+                       "float32", "build an FP16 engine (`sleigh build-engine --precision fp16`)")
 
 
-def decoder_providers(providers: list[str], kv_form: str) -> list[str]:
-    """The providers the decoder's session opens with: `providers`, except that a fused decoder with an
-    attention bias (kv_cache.form "shared") runs on the CPU provider where CUDA comes first
-    (FUSED_NOT_ON_CUDA; the other modules stay on CUDA). The weighted-values form ("weighted") has no
-    bias for it, and runs on CUDA."""
-    if kv_form == "shared" and providers and providers[0] == CUDA:
-        return [CPU]
-    return list(providers)
+def decoder_on_cpu(providers: list[str], kv_form: str, kv_dtype: str | None) -> tuple[str, str] | None:
+    """(why, the way to a decoder on the GPU) where the decoder's session opens on the CPU provider
+    although CUDA comes first, else None: a fused decoder with an attention bias ("shared",
+    FUSED_NOT_ON_CUDA), and a weighted-values one whose cache is float32 (FLOAT32_NOT_ON_CUDA). The
+    standard decoder and an FP16 weighted one open on CUDA as the other modules do."""
+    if not providers or providers[0] != CUDA:
+        return None
+    if kv_form == "shared":
+        return FUSED_NOT_ON_CUDA
+    if kv_form == "weighted" and kv_dtype == "float32":
+        return FLOAT32_NOT_ON_CUDA
+    return None
+
+
+def decoder_providers(providers: list[str], kv_form: str, kv_dtype: str | None = None) -> list[str]:
+    """The providers the decoder's session opens with: `providers`, or the CPU's alone where
+    `decoder_on_cpu` says so (the other modules stay on CUDA)."""
+    return [CPU] if decoder_on_cpu(providers, kv_form, kv_dtype) else list(providers)
 
 
 def check_prompt_positions(position_ids: np.ndarray) -> None:
@@ -126,21 +145,18 @@ class OnnxRuntimeBackend(Backend):
 
         self.ort = ort
         self.providers = providers or default_providers()
-        self.decoder_providers = decoder_providers(self.providers, kv.form)
+        self.decoder_providers = decoder_providers(self.providers, kv.form, kv_dtype)
         on_cuda = self.decoder_providers[0] == CUDA
         self.static_capacity, self.cuda_graph = static_plan(on_cuda, kv.form, kv_dtype, static_capacity)
-        if on_cuda and kv.form == "weighted" and kv_dtype != "float16":
-            warn("the decoder's attention runs on the CPU: ONNX Runtime's CUDA GroupQueryAttention computes in float16 "
-                 "only, and this decoder's KV cache is float32; build an FP16 engine (`sleigh build-engine --precision "
-                 "fp16`) for it to run on the GPU")
         self._static: StaticSteps | None = None
         self._graph_off = graph_run_options(ort, NO_GRAPH) if self.cuda_graph else None  # every other decoder run
         # one decoder run at a time on a session with CUDA graphs (UNVERIFIED whether ONNX Runtime needs it;
         # the GPU runs one after the other anyway)
         self._decoder_lock = threading.Lock() if self.cuda_graph else nullcontext()
-        if self.decoder_providers != self.providers:
-            warn(f"the decoder runs on the CPU, the other modules on CUDA: {FUSED_NOT_ON_CUDA}; for a decoder on "
-                 "the GPU, export with `sleigh export --decoder fused-cuda`")
+        on_cpu = decoder_on_cpu(self.providers, kv.form, kv_dtype)
+        if on_cpu:
+            warn(f"the decoder runs on the CPU, the other modules on CUDA: {on_cpu[0]}; for a decoder on the GPU, "
+                 f"{on_cpu[1]}")
         self._options, self._manifest_modules = session_options(threads), manifest_modules
         self.files = dict(files)  # what a memory budget counts as weights (runtime/memory.py)
         self.sessions, self.resident = {}, {}
@@ -197,9 +213,11 @@ class OnnxRuntimeBackend(Backend):
                      engine: EngineEntry | None = None, lazy: bool = False) -> OnnxRuntimeBackend:
         label = "package fp32" if engine is None else engine.name
         providers = providers or default_providers()
-        graphs = providers[0] == CUDA and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"  # cuda_graph's other terms: __init__
-        backend = cls(module_files(manifest, engine), manifest.contract.kv_cache, threads=threads, providers=providers, label=label,
-                      manifest_modules=manifest.modules, kv_dtype=manifest_kv_dtype(manifest, engine), lazy=lazy,
+        kv, kv_dtype = manifest.contract.kv_cache, manifest_kv_dtype(manifest, engine)
+        # fixed buffers for a decoder on CUDA (cuda_graph's other terms: __init__); not for one that opens on the CPU
+        graphs = decoder_providers(providers, kv.form, kv_dtype)[0] == CUDA and os.environ.get(CUDA_GRAPH_ENV, "1") != "0"
+        backend = cls(module_files(manifest, engine), kv, threads=threads, providers=providers, label=label,
+                      manifest_modules=manifest.modules, kv_dtype=kv_dtype, lazy=lazy,
                       static_capacity=min(manifest.contract.generation.context_length, STATIC_SLOTS) if graphs else None)
         if engine is not None and backend.device == "cpu":
             from sleigh.runtime.cpu_features import warn_if_missing
