@@ -9,10 +9,10 @@
 #   bash scripts/gpu_check.sh          # last call: results under $OUT (or ./gpu-out); table.md is the summary
 #
 # (where step 3 was not started ahead, the last call makes the package itself).
-# Finishes within $BUDGET_S seconds (default 530: under 9 minutes with the start), on an H200 about
-# (FACTS.md): install 10 s, tiny checks ~60 s, full-size init 39 s + export --no-verify (the standard
-# form took 188 s; the fused forms are written directly, faster), FP32 bench ~60 s, HF anchor ~20 s,
-# FP16 engine ~120 s, two FP16 benches ~40 s each. Every step after the install gets what is left of
+# Finishes within $BUDGET_S seconds (default 530: under 9 minutes with the start). Seen on an H200
+# (session 27, benchmarks/RESULTS.md): a machine's start ~35 s and 4 part calls, install ~15 s, tiny
+# checks ~75 s, full-size init 30-41 s + export --no-verify 76-116 s (made ahead), FP32 bench 38 s, HF
+# anchor 22 s, FP16 engine 161 s up to its gate, benches ~40 s each. Every step after the install gets what is left of
 # the budget (timeout); a step that fails or runs out leaves its row marked in the table and the
 # script goes on. Steps:
 #   1. onnxruntime-gpu from the carried parts; CUDAExecutionProvider must be listed (else one line, exit 2)

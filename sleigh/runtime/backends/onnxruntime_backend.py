@@ -4,8 +4,8 @@ CPU provider by default; the CUDA provider when onnxruntime-gpu offers it (`prov
 preference). The cache slots (runtime/kv_cache.py) are numpy arrays on the CPU, and on CUDA device
 OrtValues (`OrtValueSlots`) bound through IOBinding, written by one cudaMemcpy2DAsync per tensor
 (cuda-python, or onnxruntime-gpu's CUDA runtime through ctypes). On an H200 (onnxruntime-gpu 1.31.1,
-session 27) the standard and the bias-form packages on CUDA gave the CPU provider's greedy tokens (their
-decoders' slots on the host); a decoder whose slots are on the device, an FP16 engine of the
+session 27, benchmarks/RESULTS.md) bias-form packages with CUDA first gave the CPU provider's greedy
+tokens (their decoder on the CPU); a decoder whose slots are on the device, an FP16 engine of the
 weighted-values form, is UNVERIFIED there (scripts/gpu_check.sh checks it). A fused decoder writes its new positions
 into the slots itself: each slot tensor is bound as its layer's input and output (`_step_shared`),
 nothing is copied. Its bias form (kv_cache.form "shared") runs on the CPU provider only, also where
