@@ -661,3 +661,19 @@ def test_the_weighted_decoder_benchmark_runs(tiny_ckpt):
     lines = proc.stdout.splitlines()
     assert [line.split(":")[0].strip() for line in lines[:2]] == ["bias", "weighted"]
     assert lines[2].startswith("weighted/bias over 2 rounds, 16 positions: prefill ")
+
+
+def test_a_weighted_decoder_given_its_past_and_present_as_two_buffers_keeps_its_tokens(weighted_pkg):
+    """benchmarks/gqa_two_buffers.py: what ONNX Runtime's copies make of the in-place binding (a float32
+    GroupQueryAttention placed on the CPU inside a CUDA session) gives the in-place greedy tokens on the
+    CPU and writes every slot in use, so the other tokens an H200 gave on that path (RESULTS.md) come
+    from elsewhere."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gqa_two_buffers.py"), str(weighted_pkg / "decoder.onnx")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "largest difference over the 32 positions in use: 0.0 | slots never written (NaN): []" in proc.stdout

@@ -65,7 +65,8 @@ FUSED_NOT_ON_CUDA = ("this form's attention bias (GSWA's weights and the mask) i
 # GroupQueryAttention has no float32 kernel, and ONNX Runtime then ran that node on the CPU with every
 # layer's cache copied to the host and back each step. Seen on an H200 (session 27, scripts/gpu_check.sh):
 # 4 tokens/s at full size, 2.9 s to prefill 13 views, and the tiny package's greedy tokens were not
-# the CPU provider's.
+# the CPU provider's (cause not found: the copies give GroupQueryAttention its past and present as two
+# buffers, and on the CPU that gives the in-place tokens, with onnxruntime 1.31.1 and 1.32.0).
 FLOAT32_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention has no float32 kernel, and this decoder's KV cache is "
                        "float32", "build an FP16 engine (`sleigh build-engine --precision fp16`)")
 

@@ -1,0 +1,76 @@
+"""Whether a fused decoder gives its in-place greedy tokens when GroupQueryAttention's past and present
+are two buffers: what ONNX Runtime's copies make of the in-place binding when that node runs on the CPU
+inside a CUDA session (a float32 cache: CUDA has no float32 kernel). On an H200 such a package's tokens
+parted from the CPU provider's (benchmarks/RESULTS.md, "The first GPU check"); this probe, on the CPU,
+binds a copy of the cache as past and a NaN-filled buffer as present (what is not written shows), then
+takes present as the cache. Prints both token lists, the largest difference in the first layer's keys
+and any slot left unwritten; exits 1 where the tokens differ.
+
+    python benchmarks/gqa_two_buffers.py PKG/decoder.onnx     # a fused-cuda package's decoder
+"""
+import sys
+import numpy as np
+import onnxruntime as ort
+
+path = sys.argv[1]
+C = 64
+s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+past = [i.name for i in s.get_inputs() if i.name.startswith("past_")]
+new = [o.name for o in s.get_outputs() if o.name.startswith("new_")]
+shape = s.get_inputs()[5].shape
+KV, hd = shape[1], shape[3]
+hidden = s.get_inputs()[1].shape[2]
+
+
+def run(shared: bool, fill=np.nan, steps=20, P=12):
+    cache = {n: np.zeros((1, KV, C, hd), np.float32) for n in past}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(10, 100, (1, P)).astype(np.int64)
+    tokens = []
+    mask = np.zeros((1, C), np.int64)
+    bias = np.zeros((1, C), np.float32)
+    length = 0
+    for step in range(steps + 1):
+        S = ids.shape[1]
+        mask[:, length:length + S] = 1
+        feeds = {"input_ids": ids, "inputs_embeds": np.zeros((1, 1, hidden), np.float32),
+                 "attention_mask": mask[:, :length + S].copy(), "attention_bias": bias[:, :length + S].copy(),
+                 "position_ids": np.arange(length, length + S, dtype=np.int64)[None]}
+        b = s.io_binding()
+        for k, v in feeds.items():
+            b.bind_cpu_input(k, v)
+        outs = {}
+        for p, n in zip(past, new):
+            if shared:
+                v = ort.OrtValue.ortvalue_from_numpy(cache[p])
+                b.bind_ortvalue_input(p, v)
+                b.bind_ortvalue_output(n, v)
+                outs[p] = v
+            else:
+                b.bind_cpu_input(p, cache[p].copy())
+                o = np.full_like(cache[p], fill)
+                outs[p] = (ort.OrtValue.ortvalue_from_numpy(o), o)
+                b.bind_ortvalue_output(n, outs[p][0])
+        logits = np.empty((1, 1, s.get_outputs()[0].shape[-1]), np.float32)
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        s.run_with_iobinding(b)
+        if not shared:
+            for p in past:
+                cache[p][:] = outs[p][1]
+        length += S
+        tok = int(logits[0, -1].argmax())
+        tokens.append(tok)
+        ids = np.array([[tok]], np.int64)
+    return tokens, {p: cache[p] for p in past[:1]}
+
+
+a, ca = run(True)
+b, cb = run(False)
+k = past[0]
+used = 12 + 20  # the prompt and the steps' positions
+print("one buffer ", a)
+print("two buffers", b)
+print(f"first layer's keys, largest difference over the {used} positions in use:",
+      float(np.nanmax(np.abs(ca[k][0, :, :used] - cb[k][0, :, :used]))),
+      "| slots never written (NaN):", np.where(np.isnan(cb[k][0, 0, :used, 0]))[0].tolist())
+sys.exit(0 if a == b else 1)
