@@ -95,6 +95,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
+def size_text(n: int) -> str:
+    """Bytes as --max-memory reads them back exactly, in the largest unit that does so ('2.5G' for
+    2684354560, '900M', '1234' where none does): what a command a user is told to run shows."""
+    for unit in ("T", "G", "M", "K"):
+        value = n / SIZE_UNITS[unit]
+        if value >= 1:
+            for decimals in range(4):
+                text = f"{value:.{decimals}f}{unit}"
+                if parse_size(text) == n:
+                    return text
+    return str(n)
+
+
 def gb(n: float, rounding: str = "nearest", decimals: int = 2) -> str:
     """Bytes in GB with two decimals; in MB or bytes where that would read 0.00 GB (`--max-memory 1K`).
     `rounding` "up" for what a run needs: a budget of the need as printed is enough."""

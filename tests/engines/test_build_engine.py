@@ -92,7 +92,7 @@ def test_an_engine_keeps_its_memory_budget_and_refuses_one_it_cannot_load(engine
     name = "onnxruntime-fp32-llm-int4"
     entry = read_manifest(engine_pkg).engines[name]
     assert entry.max_memory == 8 * GiB and json.loads(json.dumps(entry.to_json()))["max_memory"] == 8 * GiB
-    assert f"--max-memory {8 * GiB}" in rebuild_command(engine_pkg, entry)
+    assert "--max-memory 8G " in rebuild_command(engine_pkg, entry)  # as the flag reads it, not in bytes
     with Pipeline.load(engine_pkg, engine=name) as own, Pipeline.load(engine_pkg, engine=name, max_memory="64G") as given, \
             Pipeline.load(engine_pkg, engine="onnxruntime-fp32-llm-int8") as without:
         assert (own.budget.limit, given.budget.limit, without.budget) == (8 * GiB, 64 * GiB, None)

@@ -216,7 +216,17 @@ def test_a_refused_budget_and_its_need_never_read_the_same():
     assert budget_and_need(int(1.5 * GB), int(1.75 * GB)) == ("1.50 GB", "1.75 GB")
 
 
-def test_budget_refuses_what_would_not_fit_and_parses_sizes():
+def test_a_size_shown_to_users_reads_back_to_its_bytes():
+    """What a rebuild command shows for --max-memory (recorded in bytes): the flag's own units, exact."""
+    from sleigh.runtime.memory import size_text
+
+    assert [size_text(n) for n in (8 * 1024**3, int(2.5 * 1024**3), 900 * 1024**2, 1536, 1000)] == ["8G", "2.5G", "900M", "1.5K", "1000"]
+    rng = np.random.default_rng(0)
+    for n in [*rng.integers(1, 2**44, 200).tolist(), 1, 1023, 1024**4]:
+        assert parse_size(size_text(int(n))) == n
+
+
+
     assert parse_size("2.5G") == int(2.5 * 1024**3) and parse_size("900MiB") == 900 * 1024**2 and parse_size("4096") == 4096
     for bad in ("", "-1G", "2.5X", "0"):
         with pytest.raises(SleighError, match="not a memory size"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from sleigh.errors import SleighError
 from sleigh.runtime.backends.base import Backend, warn
 from sleigh.runtime.manifest import EngineEntry, Manifest
+from sleigh.runtime.memory import size_text
 from sleigh.runtime.package import REEXPORT, check_files, inside
 
 PACKAGE_BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
@@ -55,7 +56,8 @@ def rebuild_command(pkg: Path, entry: EngineEntry) -> str:
     """The command that builds this engine again, from the options it was built with."""
     opts = entry.build_options or {}
     args = [f"--backend {opts.get('backend') or entry.backend}", f"--precision {opts.get('precision') or entry.precision}"]
-    args += [f"--{k.replace('_', '-')} {v}" for k, v in opts.items()  # the shape options, as given (None: the default)
+    shown = {"max_memory": size_text}  # recorded in bytes; shown as the flag reads it ('2.5G')
+    args += [f"--{k.replace('_', '-')} {shown.get(k, str)(v)}" for k, v in opts.items()  # as given (None: the default)
              if k not in ("backend", "precision", "gate_images", "allow_degraded") and v is not None and not isinstance(v, bool)]
     return f"sleigh build-engine {pkg} {' '.join(args)} --force"
 
