@@ -8,8 +8,9 @@ it runs twice, with the decode steps captured as a CUDA graph and without (SLEIG
 scripts/gpu_check.sh runs it on the tiny fused-cuda FP16 engine: on an H200 (session 27) the
 fused-cuda packages' greedy tokens on CUDA were not the CPU's, and a token comparison alone does not
 say whether the prefill, the first step after it (the cache as the prefill wrote it) or a later one
-parts. Prints one line per step up to the first disagreement and a few after it, then a summary line
-per side; exits 1 where a side's greedy tokens part from the CPU's.
+parts. Prints the prefill, the first three steps and the four positions from the first disagreement
+(the largest logit difference and the greedy tokens), then a summary line per side; exits 1 where a
+side's greedy tokens part from the CPU's.
 """
 
 from __future__ import annotations

@@ -27,6 +27,19 @@ def rows_of(data: dict) -> list[dict]:
     return list(data["rows"]) if "rows" in data else [data]
 
 
+def last_json(text: str) -> dict | None:
+    """The last line of a step's output that is a report (a JSON object with "rows", or one row with a
+    "target"; progress and warnings come before it), or None: the step failed, its error is last."""
+    for line in reversed(text.splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and ("rows" in data or "target" in data):
+            return data
+    return None
+
+
 def peak_gb(mem_log: str) -> float | None:
     """Peak of an nvidia-smi memory.used log in MiB per line -> GB."""
     values = [float(v) for v in mem_log.split() if v.replace(".", "", 1).isdigit()]
@@ -56,9 +69,14 @@ def main(argv: list[str] | None = None) -> None:
         report, _, mem = rest.partition("@")
         text = Path(report).read_text().strip() if Path(report).is_file() else ""
         if not text:
-            rows.append({"target": f"{label or Path(report).name}: missing or empty (the step failed or ran out of time)"})
+            rows.append({"target": f"{label or Path(report).name}: missing or empty (the step failed, ran out of time "
+                                   "or was not run)"})
             continue
-        new = rows_of(json.loads(text.splitlines()[-1]))  # the JSON is the last line of what a step printed
+        data = last_json(text)
+        if data is None:  # a failed step: its log ends in the error
+            rows.append({"target": f"{label or Path(report).name}: failed ({text.splitlines()[-1][:160]})"})
+            continue
+        new = rows_of(data)
         if mem and Path(mem).is_file():
             for r in new:
                 r["gpu_memory_gb"] = peak_gb(Path(mem).read_text())

@@ -9,17 +9,23 @@ and any slot left unwritten; exits 1 where the tokens differ.
     python benchmarks/gqa_two_buffers.py PKG/decoder.onnx     # a fused-cuda package's decoder
 """
 import sys
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sleigh.runtime.kv_cache import NEW, PAST  # noqa: E402
 
 path = sys.argv[1]
 C = 64
 s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-past = [i.name for i in s.get_inputs() if i.name.startswith("past_")]
-new = [o.name for o in s.get_outputs() if o.name.startswith("new_")]
-shape = s.get_inputs()[5].shape
-KV, hd = shape[1], shape[3]
-hidden = s.get_inputs()[1].shape[2]
+inputs = {i.name: i for i in s.get_inputs()}
+past = [n for n in inputs if n.startswith(PAST + ".")]
+new = [n.replace(PAST, NEW, 1) for n in past]  # new[i] is written into past[i] (kv_cache's naming)
+KV, hd = inputs[past[0]].shape[1], inputs[past[0]].shape[3]
+hidden = inputs["inputs_embeds"].shape[2]
 
 
 def run(shared: bool, fill=np.nan, steps=20, P=12):
@@ -61,16 +67,16 @@ def run(shared: bool, fill=np.nan, steps=20, P=12):
         tok = int(logits[0, -1].argmax())
         tokens.append(tok)
         ids = np.array([[tok]], np.int64)
-    return tokens, {p: cache[p] for p in past[:1]}
+    return tokens, cache
 
 
 a, ca = run(True)
 b, cb = run(False)
-k = past[0]
 used = 12 + 20  # the prompt and the steps' positions
 print("one buffer ", a)
 print("two buffers", b)
-print(f"first layer's keys, largest difference over the {used} positions in use:",
-      float(np.nanmax(np.abs(ca[k][0, :, :used] - cb[k][0, :, :used]))),
-      "| slots never written (NaN):", np.where(np.isnan(cb[k][0, 0, :used, 0]))[0].tolist())
+print(f"every layer's keys and values, largest difference over the {used} positions in use:",
+      max(float(np.nanmax(np.abs(ca[p][0, :, :used] - cb[p][0, :, :used]))) for p in past),
+      "| slots in use never written (NaN):",
+      sorted({int(i) for p in past for i in np.where(np.isnan(cb[p][0, :, :used]).any(axis=(0, 2)))[0]}))
 sys.exit(0 if a == b else 1)

@@ -18,19 +18,18 @@
 #   1. onnxruntime-gpu from the carried parts; CUDAExecutionProvider must be listed (else one line, exit 2)
 #   2. what CUDA's GroupQueryAttention takes (benchmarks/gqa_cuda_probe.py: float16/float32, with and
 #      without attention_bias; the source says float16 only, no bias), then tiny packages (export with
-#      parity): the standard decoder, the fused one (its decoder opens on the CPU beside CUDA) and
+#      parity): the standard decoder (its slots on the device), the fused one (its decoder opens on the CPU
+#      beside CUDA) and
 #      fused-cuda (FP16 engine, decode steps captured as a CUDA graph): CUDA greedy tokens == CPU greedy
 #      tokens on a multi-tile image and across a 256-slot growth; the FP16 engine's logits step by step
 #      against the CPU's (benchmarks/cuda_steps_check.py); the CUDA copy helpers' tests (-m gpu)
 #   3. full size (internvl2-2b, random weights): init, export --no-verify --decoder $DECODER (default
 #      fused-cuda: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other)
-#   4. sleigh bench of the FP32 package on CUDA at 13 views (a 4:3 photo), GPU memory sampled with
-#      nvidia-smi (a fused-cuda decoder's float32 attention runs on the CPU there: the row shows what
-#      that costs)
-#   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
-#   6. build-engine --precision fp16 (--allow-degraded: kept if its gate fails, the verdict in its log),
+#   4. build-engine --precision fp16 (--allow-degraded: kept if its gate fails, the verdict in its log),
 #      then sleigh's bench of that engine by name on CUDA: with the decode steps replayed as a CUDA graph
-#      (fused-cuda), and again with SLEIGH_CUDA_GRAPH=0
+#      (fused-cuda), and again with SLEIGH_CUDA_GRAPH=0; GPU memory sampled with nvidia-smi
+#   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
+#   6. the FP32 package (its float32 fused-cuda decoder opens on the CPU beside CUDA: one capped run)
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
 #
 # ONLY="NAME ..." runs those steps alone (a second call that repeats what failed; the table marks the
@@ -75,7 +74,7 @@ full_size() {  # step 3
 }
 ahead=$work/ahead
 if [ "${PREPARE:-0}" = 1 ]; then  # step 3 alone, started in the background by the first call (it needs no GPU)
-  rm -rf "$ahead" && mkdir -p "$ahead" && echo $$ > "$ahead/pid"
+  rm -rf "$ahead" && mkdir -p "$ahead" && echo $$ > "$ahead/pid" && echo "$decoder" > "$ahead/decoder"
   out=$ahead budget=${BUDGET_S:-900} PYTHONPATH=$PWD PYTHONUNBUFFERED=1 SLEIGH_DEBUG=1 ONLY=
   export PYTHONPATH PYTHONUNBUFFERED SLEIGH_DEBUG
   full_size
@@ -88,7 +87,7 @@ if [ "${REHEARSAL:-0}" = 1 ]; then
   export PYTHONPATH=$PWD
 elif ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
   if ! ls "$parts"/p0* > /dev/null 2>&1; then
-    echo "error: onnxruntime-gpu | no CUDA provider and no wheel parts in $parts. Expected: the parts of ../shared/gpu/prepare-ort-gpu.sh carried to $parts"
+    echo "error: onnxruntime-gpu | no CUDA provider and no wheel parts in $parts. Expected: the parts of scripts/ort_gpu_parts.sh (or ../shared/gpu/prepare-ort-gpu.sh) carried to $parts"
     exit 2
   fi
   cat "$parts"/p0* > /tmp/ort-gpu.bin
@@ -119,7 +118,7 @@ echo "device: $device" | tee -a "$out/providers.txt"
 # 2. what CUDA's GroupQueryAttention takes; tiny: CUDA == CPU, from an empty cache and across a growth
 step gqa-probe python3 benchmarks/gqa_cuda_probe.py --provider "$provider"
 step tiny-init python3 -m sleigh.cli init "$work/tiny" --preset tiny --force
-step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" --force --json
+step tiny-export python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-pkg" --decoder standard --force --json
 step tiny-export-fused python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-fused" --decoder fused --force --json
 step tiny-export-cuda python3 -m sleigh.cli export "$work/tiny" -o "$work/tiny-cuda" --decoder fused-cuda --force --json
 # kept where its gate fails (--allow-degraded): the checks below say where CUDA parts from the CPU
@@ -171,28 +170,47 @@ PY
 step cuda-steps python3 benchmarks/cuda_steps_check.py "$work/tiny-cuda:onnxruntime-fp16" --provider "$provider" --steps 300
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
 
-# 3. full size: made here, or ahead by PREPARE=1 (above), waited for
+# 3. full size: made here, or ahead by PREPARE=1 (above), waited for; made here too where that run
+# died before it was done
 if [ -f "$ahead/pid" ]; then
   t0=$SECONDS
   while [ ! -f "$ahead/done" ] && kill -0 "$(cat "$ahead/pid")" 2>/dev/null && [ $((budget - SECONDS)) -gt 5 ]; do sleep 1; done
   cp "$ahead"/*.log "$out/" 2>/dev/null
   grep '^step ' "$ahead/steps.txt" >> "$out/steps.txt"
-  echo "full size made ahead (PREPARE=1): waited $((SECONDS - t0)) s for it" | tee -a "$out/steps.txt"
+  echo "full size made ahead (PREPARE=1, decoder $(cat "$ahead/decoder" 2>/dev/null)): waited $((SECONDS - t0)) s for it" \
+    | tee -a "$out/steps.txt"
+  [ -f "$ahead/done" ] || full_size
 else
   full_size
 fi
 
-# 4. FP32 package on CUDA. Every bench reads a 4:3 photo: 12 tiles and the thumbnail, 13 views (the
-# issue's first-token target is at 13 views)
+# Every bench reads a 4:3 photo: 12 tiles and the thumbnail, 13 views (the issue's first-token target is
+# at 13 views), and names what it times (`sleigh bench` would also time the package's auto pick, which
+# skips a degraded engine and takes an FP16 one once gated): engine "package" is the FP32 package
 python3 -c "from PIL import Image; import sys; Image.open('examples/coffee.jpg').convert('RGB').resize((1600, 1200)).save(sys.argv[1])" "$work/views13.jpg"
-photo=(--image "$work/views13.jpg")
-pid=$(mem_start bench-fp32)
-# one run, at most 150 s (its decoder's attention runs on the CPU): the FP16 rows after it matter more
-CAP=150 step bench-fp32 python3 -m sleigh.cli bench "$work/full-pkg" "${photo[@]}" --runs 1 --max-new-tokens 64 --json
+cat > "$work/bench_engine.py" <<'PY'
+import json, sys
+from pathlib import Path
+from sleigh.bench import run_bench
+pkg, image, engine, runs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+report = run_bench([(f"{pkg} [{engine}]", pkg, "auto", engine)], image, "Describe the image in detail.", runs=runs,
+                   max_new_tokens=64, quiet=True)
+print(json.dumps(report, default=str))
+PY
+bench=(python3 "$work/bench_engine.py" "$work/full-pkg" "$work/views13.jpg")
+
+# 4. FP16 engine, kept where its gate fails (--allow-degraded; the verdict is in the log) so that its
+# speed is measured; first, as it matters most
+step fp16-engine python3 -m sleigh.cli build-engine "$work/full-pkg" --backend onnxruntime --precision fp16 --allow-degraded --json
+pid=$(mem_start bench-fp16)
+step bench-fp16 "${bench[@]}" onnxruntime-fp16 2
+mem_stop "$pid"
+pid=$(mem_start bench-fp16-nograph)
+SLEIGH_CUDA_GRAPH=0 step bench-fp16-nograph "${bench[@]}" onnxruntime-fp16 2
 mem_stop "$pid"
 
 # 5. HF eager anchor, bf16, the bench's shapes
-read -r views tokens < <(python3 - "$out/bench-fp32.log" <<'PY' 2>/dev/null || echo "13 3516"
+read -r views tokens < <(python3 - "$out/bench-fp16.log" <<'PY' 2>/dev/null || echo "13 3516"
 import json, sys
 row = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["rows"][0]
 print(row["views"], row["prompt_tokens"])
@@ -201,30 +219,16 @@ PY
 step hf-anchor python3 benchmarks/hf_anchor.py --preset "$preset" --views "$views" --prompt-tokens "$tokens" \
   "${hf[@]}" --runs 2 --new-tokens 64
 
-# 6. FP16 engine
-# kept where its gate fails (--allow-degraded; the verdict is in the log) so that its speed is measured:
-# the benches below name the engine (`sleigh bench` times the package's auto pick, which skips a degraded engine)
-step fp16-engine python3 -m sleigh.cli build-engine "$work/full-pkg" --backend onnxruntime --precision fp16 --allow-degraded --json
-cat > "$work/bench_engine.py" <<'PY'
-import json, sys
-from pathlib import Path
-from sleigh.bench import run_bench
-pkg, image, engine = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-report = run_bench([(f"{pkg} [{engine}]", pkg, "auto", engine)], image, "Describe the image in detail.", runs=2,
-                   max_new_tokens=64, quiet=True)
-print(json.dumps(report, default=str))
-PY
-pid=$(mem_start bench-fp16)
-step bench-fp16 python3 "$work/bench_engine.py" "$work/full-pkg" "$work/views13.jpg" onnxruntime-fp16
-mem_stop "$pid"
-pid=$(mem_start bench-fp16-nograph)
-SLEIGH_CUDA_GRAPH=0 step bench-fp16-nograph python3 "$work/bench_engine.py" "$work/full-pkg" "$work/views13.jpg" onnxruntime-fp16
+# 6. the FP32 package: its decoder opens on the CPU beside CUDA (a float32 cache; onnxruntime_backend.
+# FLOAT32_NOT_ON_CUDA), so one run, at most 150 s
+pid=$(mem_start bench-fp32)
+CAP=150 step bench-fp32 "${bench[@]}" package 1
 mem_stop "$pid"
 
 # 7. one table
 python3 benchmarks/gpu_table.py --device "$device, onnxruntime-gpu $(python3 -c 'import onnxruntime as o; print(o.__version__)')" \
   --floor-tokens-per-s 1230 \
-  "FP32 package, $decoder decoder (CUDA)=$out/bench-fp32.log@$out/bench-fp32.mem" "$out/hf-anchor.log" \
   "FP16 engine, $decoder decoder (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" \
-  "FP16 engine, $decoder decoder, no CUDA graph=$out/bench-fp16-nograph.log@$out/bench-fp16-nograph.mem" | tee "$out/table.md"
+  "FP16 engine, $decoder decoder, no CUDA graph=$out/bench-fp16-nograph.log@$out/bench-fp16-nograph.mem" \
+  "$out/hf-anchor.log" "FP32 package, $decoder decoder=$out/bench-fp32.log@$out/bench-fp32.mem" | tee "$out/table.md"
 echo "total $SECONDS s" | tee -a "$out/steps.txt"

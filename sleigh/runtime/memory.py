@@ -96,12 +96,13 @@ def parse_size(text: str) -> int:
 
 
 def size_text(n: int) -> str:
-    """Bytes as --max-memory reads them back exactly, in the largest unit that does so ('2.5G' for
-    2684354560, '900M', '1234' where none does): what a command a user is told to run shows."""
+    """Bytes as --max-memory reads them back exactly, in the largest unit that does so in at most two
+    decimals ('2.5G' for 2684354560, '900M'; the bytes where none does): what a command a user is told
+    to run shows."""
     for unit in ("T", "G", "M", "K"):
         value = n / SIZE_UNITS[unit]
         if value >= 1:
-            for decimals in range(4):
+            for decimals in range(3):
                 text = f"{value:.{decimals}f}{unit}"
                 if parse_size(text) == n:
                     return text

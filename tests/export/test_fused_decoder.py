@@ -382,7 +382,7 @@ def test_where_cuda_comes_first_a_float32_weighted_decoder_opens_on_the_cpu(weig
         assert backend.decoder_providers == [CPU] and backend.device == "cpu"
         assert isinstance(backend.slot_storage, HostSlots) and backend.static_capacity is None and not backend.cuda_graph
         [warning] = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
-        assert "decoder runs on the CPU" in warning and "float32" in warning and "--precision fp16" in warning
+        assert "decoder runs on the CPU" in warning and "not float16" in warning and "--precision fp16" in warning
         with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
             assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
 
@@ -466,14 +466,15 @@ def test_logits_of_a_step_on_fixed_buffers_stay_as_returned(weighted_pkg):
 
 
 def test_which_decoders_take_fixed_buffers_and_a_cuda_graph():
-    from sleigh.runtime.backends.onnxruntime_backend import static_plan
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, decoder_on_cpu, static_plan
 
-    assert static_plan(True, "weighted", "float16", 4096) == (4096, True)
-    assert static_plan(True, "weighted", "float32", 4096) == (None, False)  # CUDA's GQA: float16 only
-    assert static_plan(True, "weighted", "float16", None) == (None, False)  # SLEIGH_CUDA_GRAPH=0
-    assert static_plan(True, "shared", "float16", 4096) == (None, False)
-    assert static_plan(False, "weighted", "float32", 300) == (300, False)  # the CPU: fixed buffers as asked
-    assert static_plan(False, "slots", "float32", 300) == (None, False)
+    assert static_plan(True, "weighted", 4096) == (4096, True)
+    assert static_plan(True, "weighted", None) == (None, False)  # SLEIGH_CUDA_GRAPH=0
+    assert static_plan(True, "slots", 4096) == (None, False)
+    assert static_plan(False, "weighted", 300) == (300, False)  # the CPU: fixed buffers as asked
+    assert static_plan(False, "slots", 300) == (None, False)
+    # a weighted decoder is on CUDA only with a float16 cache (CUDA's GroupQueryAttention: float16 only)
+    assert [decoder_on_cpu([CUDA, CPU], "weighted", d) is None for d in ("float16", "float32", None)] == [True, False, False]
 
 
 def test_a_graph_that_onnxruntime_refuses_falls_back_with_one_warning(weighted_pkg, monkeypatch, caplog):
@@ -676,4 +677,4 @@ def test_a_weighted_decoder_given_its_past_and_present_as_two_buffers_keeps_its_
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gqa_two_buffers.py"), str(weighted_pkg / "decoder.onnx")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "largest difference over the 32 positions in use: 0.0 | slots never written (NaN): []" in proc.stdout
+    assert "largest difference over the 32 positions in use: 0.0 | slots in use never written (NaN): []" in proc.stdout

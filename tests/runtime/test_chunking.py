@@ -224,9 +224,10 @@ def test_a_size_shown_to_users_reads_back_to_its_bytes():
     rng = np.random.default_rng(0)
     for n in [*rng.integers(1, 2**44, 200).tolist(), 1, 1023, 1024**4]:
         assert parse_size(size_text(int(n))) == n
+    assert size_text(1024**3 + 1) == "1073741825"  # no unit reads it back in a few decimals: bytes
 
 
-
+def test_budget_refuses_what_would_not_fit_and_parses_sizes():
     assert parse_size("2.5G") == int(2.5 * 1024**3) and parse_size("900MiB") == 900 * 1024**2 and parse_size("4096") == 4096
     for bad in ("", "-1G", "2.5X", "0"):
         with pytest.raises(SleighError, match="not a memory size"):

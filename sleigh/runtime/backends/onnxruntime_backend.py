@@ -67,20 +67,21 @@ FUSED_NOT_ON_CUDA = ("this form's attention bias (GSWA's weights and the mask) i
 # 4 tokens/s at full size, 2.9 s to prefill 13 views, and the tiny package's greedy tokens were not
 # the CPU provider's (cause not found: the copies give GroupQueryAttention its past and present as two
 # buffers, and on the CPU that gives the in-place tokens, with onnxruntime 1.31.1 and 1.32.0).
-FLOAT32_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention has no float32 kernel, and this decoder's KV cache is "
-                       "float32", "build an FP16 engine (`sleigh build-engine --precision fp16`)")
+FLOAT32_NOT_ON_CUDA = ("ONNX Runtime's CUDA GroupQueryAttention computes in float16 only, and this decoder's KV cache "
+                       "is not float16", "build an FP16 engine (`sleigh build-engine --precision fp16`)")
 
 
 def decoder_on_cpu(providers: list[str], kv_form: str, kv_dtype: str | None) -> tuple[str, str] | None:
     """(why, the way to a decoder on the GPU) where the decoder's session opens on the CPU provider
     although CUDA comes first, else None: a fused decoder with an attention bias ("shared",
-    FUSED_NOT_ON_CUDA), and a weighted-values one whose cache is float32 (FLOAT32_NOT_ON_CUDA). The
-    standard decoder and an FP16 weighted one open on CUDA as the other modules do."""
+    FUSED_NOT_ON_CUDA), and a weighted-values one whose cache is not float16 (FLOAT32_NOT_ON_CUDA; a
+    dtype the manifest does not state counts as not float16). The standard decoder and an FP16 weighted
+    one open on CUDA as the other modules do."""
     if not providers or providers[0] != CUDA:
         return None
     if kv_form == "shared":
         return FUSED_NOT_ON_CUDA
-    if kv_form == "weighted" and kv_dtype == "float32":
+    if kv_form == "weighted" and kv_dtype != "float16":
         return FLOAT32_NOT_ON_CUDA
     return None
 
@@ -105,14 +106,13 @@ def check_prompt_positions(position_ids: np.ndarray) -> None:
                           "positions one apart from the first row's first, in every row (any positions after the first call)")
 
 
-def static_plan(on_cuda: bool, kv_form: str, kv_dtype: str | None, static_capacity: int | None) -> tuple[int | None, bool]:
-    """(the fixed buffers' slots or None, whether decode steps are captured as a CUDA graph). Only a
-    "weighted" decoder takes fixed buffers. On CUDA they are there for the graph alone, which needs
-    float16 attention (the only kind CUDA's GroupQueryAttention has: with float32 slots ONNX Runtime puts
-    it on the CPU); on the CPU they run as asked, uncaptured (what the tests check)."""
+def static_plan(on_cuda: bool, kv_form: str, static_capacity: int | None) -> tuple[int | None, bool]:
+    """(the fixed buffers' slots or None, whether decode steps are captured as a CUDA graph), for a
+    decoder on CUDA (`on_cuda`: a weighted one is there only with a float16 cache, `decoder_on_cpu`) or on
+    the CPU. Only a "weighted" decoder takes fixed buffers: on CUDA for the graph, on the CPU as asked,
+    uncaptured (what the tests check)."""
     capacity = static_capacity if kv_form == "weighted" else None
-    graph = capacity is not None and on_cuda and kv_dtype == "float16"
-    return (capacity if graph or not on_cuda else None), graph
+    return capacity, capacity is not None and on_cuda
 
 
 def available_providers() -> list[str]:
@@ -146,15 +146,14 @@ class OnnxRuntimeBackend(Backend):
 
         self.ort = ort
         self.providers = providers or default_providers()
-        self.decoder_providers = decoder_providers(self.providers, kv.form, kv_dtype)
-        on_cuda = self.decoder_providers[0] == CUDA
-        self.static_capacity, self.cuda_graph = static_plan(on_cuda, kv.form, kv_dtype, static_capacity)
+        on_cpu = decoder_on_cpu(self.providers, kv.form, kv_dtype)  # (why, the way out), said once below
+        self.decoder_providers = [CPU] if on_cpu else list(self.providers)
+        self.static_capacity, self.cuda_graph = static_plan(self.decoder_providers[0] == CUDA, kv.form, static_capacity)
         self._static: StaticSteps | None = None
         self._graph_off = graph_run_options(ort, NO_GRAPH) if self.cuda_graph else None  # every other decoder run
         # one decoder run at a time on a session with CUDA graphs (UNVERIFIED whether ONNX Runtime needs it;
         # the GPU runs one after the other anyway)
         self._decoder_lock = threading.Lock() if self.cuda_graph else nullcontext()
-        on_cpu = decoder_on_cpu(self.providers, kv.form, kv_dtype)
         if on_cpu:
             warn(f"the decoder runs on the CPU, the other modules on CUDA: {on_cpu[0]}; for a decoder on the GPU, "
                  f"{on_cpu[1]}")
