@@ -22,7 +22,8 @@
 #      beside CUDA) and
 #      fused-cuda (FP16 engine, decode steps captured as a CUDA graph): CUDA greedy tokens == CPU greedy
 #      tokens on a multi-tile image and across a 256-slot growth; the FP16 engine's logits step by step
-#      against the CPU's (benchmarks/cuda_steps_check.py); the CUDA copy helpers' tests (-m gpu)
+#      against the CPU's (benchmarks/cuda_steps_check.py), also with cuDNN's attention off, and the
+#      attention kernel ONNX Runtime picks; the CUDA copy helpers' tests (-m gpu)
 #   3. full size (internvl2-2b, random weights): init, export --no-verify --decoder $DECODER (default
 #      fused-cuda: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other)
 #   4. build-engine --precision fp16 (--allow-degraded: kept if its gate fails, the verdict in its log),
@@ -166,8 +167,15 @@ for arg in sys.argv[1:]:
         print(f"{arg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
 sys.exit(0 if ok else 1)
 PY
-# the FP16 engine's logits on CUDA against the CPU's, step by step, CUDA graph on and off: which step parts first
+# the FP16 engine's logits on CUDA against the CPU's, step by step, CUDA graph on and off: which step parts
+# first; again with cuDNN's fused attention off (ONNX Runtime 1.31 prefers it for GroupQueryAttention on
+# Hopper; its padded heads, 24 here and 136 at full size, are unchecked there), and which attention kernel
+# each GroupQueryAttention call takes (ONNX Runtime's own debug print, two steps)
 step cuda-steps python3 benchmarks/cuda_steps_check.py "$work/tiny-cuda:onnxruntime-fp16" --provider "$provider" --steps 300
+ORT_ENABLE_CUDNN_FLASH_ATTENTION=0 step cuda-steps-no-cudnn python3 benchmarks/cuda_steps_check.py \
+  "$work/tiny-cuda:onnxruntime-fp16" --provider "$provider" --steps 300
+ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 step attention-kernels python3 benchmarks/cuda_steps_check.py \
+  "$work/tiny-cuda:onnxruntime-fp16" --provider "$provider" --steps 2
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
 
 # 3. full size: made here, or ahead by PREPARE=1 (above), waited for; made here too where that run

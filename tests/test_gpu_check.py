@@ -42,7 +42,7 @@ def test_gpu_check_runs_through_as_a_cpu_rehearsal(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full size made ahead (PREPARE=1, decoder fused-cuda)" in (tmp_path / "out" / "steps.txt").read_text()
     steps = [line for line in (tmp_path / "out" / "steps.txt").read_text().splitlines() if line.startswith("step ")]
-    assert len(steps) == 17 and all(": rc=0 in " in line for line in steps), steps
+    assert len(steps) == 19 and all(": rc=0 in " in line for line in steps), steps
     assert "Device: CPU rehearsal" in proc.stdout
     compared = (tmp_path / "out" / "cuda-vs-cpu.log").read_text().count("same tokens True")
     assert compared == 8, (tmp_path / "out" / "cuda-vs-cpu.log").read_text()  # 4 packages, an image and a growth each

@@ -387,6 +387,26 @@ def test_where_cuda_comes_first_a_float32_weighted_decoder_opens_on_the_cpu(weig
             assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
 
 
+def test_every_cuda_session_keeps_float32_in_float32(fused_pkg, monkeypatch):
+    """ONNX Runtime's CUDA provider runs float32 MatMuls as TF32 unless told not to: every session the
+    backend opens on CUDA asks for use_tf32 0 (and the decoder's with CUDA graphs keeps that too), so the
+    FP32 package computes on a GPU what its parity report checked. (No CUDA here: what the backend asks
+    ONNX Runtime for is recorded, each session then opened on the CPU.)"""
+    import onnxruntime as ort
+
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend, session_providers
+    from sleigh.runtime.manifest import read_manifest
+
+    asked, real = [], ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, sess_options=None, providers=None: (
+        asked.append(providers), real(path, sess_options=sess_options, providers=[CPU]))[1])
+    with OnnxRuntimeBackend.from_package(fused_pkg, read_manifest(fused_pkg), providers=[CUDA, CPU]):
+        pass
+    cuda = [p for providers in asked for p in providers if p != CPU]
+    assert cuda and all(p == (CUDA, {"use_tf32": "0"}) for p in cuda), asked  # vision, embed, gswa; the decoder on the CPU
+    assert session_providers([CUDA, CPU], cuda_graph=True) == [(CUDA, {"use_tf32": "0", "enable_cuda_graph": "1"}), CPU]
+
+
 def test_the_weighted_values_form_is_not_blind_to_the_bias(weighted_pkg, tiny_model):
     """Negative control: the same prefill with GSWA's bias and without gives other logits (the weights
     reach the attention), and the bias form's logits with it (parity above)."""

@@ -115,6 +115,20 @@ def static_plan(on_cuda: bool, kv_form: str, static_capacity: int | None) -> tup
     return capacity, capacity is not None and on_cuda
 
 
+# The CUDA provider's options for every session: float32 stays float32. ONNX Runtime's CUDA provider runs
+# float32 MatMuls as TF32 by default (use_tf32, on from Ampere; its provider-info default), which keeps
+# 10 mantissa bits: the FP32 package would not compute what its parity report checked on the CPU (and
+# TF32 is the first suspect for the other tokens an H200 gave, benchmarks/RESULTS.md). An FP16 engine's
+# MatMuls are float16 either way; speed on a GPU is the FP16 engine's business.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def session_providers(providers: list[str], cuda_graph: bool = False) -> list:
+    """`providers` as a session takes them: CUDA with CUDA_OPTIONS (and enable_cuda_graph where asked)."""
+    options = {**CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if cuda_graph else {})}
+    return [(p, options) if p == CUDA else p for p in providers]
+
+
 def available_providers() -> list[str]:
     import onnxruntime as ort
 
@@ -234,7 +248,7 @@ class OnnxRuntimeBackend(Backend):
             if module == "decoder" and self.cuda_graph:
                 sess = self._open_with_graphs(path, providers)
             if sess is None:
-                sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=providers)
+                sess = self.ort.InferenceSession(str(path), sess_options=self._options, providers=session_providers(providers))
         except Exception as e:  # onnxruntime raises its own exception types
             denied = [p for p in (Path(path), Path(f"{path}.data")) if p.exists() and not os.access(p, os.R_OK)]
             if denied:  # not corruption: say so
@@ -256,7 +270,7 @@ class OnnxRuntimeBackend(Backend):
         ONNX Runtime refuses (it does when a node is not on the CUDA provider)."""
         try:
             return self.ort.InferenceSession(str(path), sess_options=self._options,
-                                             providers=[(CUDA, {"enable_cuda_graph": "1"}), *providers[1:]])
+                                             providers=session_providers(providers, cuda_graph=True))
         except Exception as e:  # onnxruntime's own exception types
             warn(f"decode steps run without a CUDA graph: ONNX Runtime refused one for this decoder ({first_line(e)})")
             self.cuda_graph, self.static_capacity, self._graph_off = False, None, None
