@@ -28,7 +28,8 @@
 #      fused-cuda: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other)
 #   4. build-engine --precision fp16 (--allow-degraded: kept if its gate fails, the verdict in its log),
 #      then sleigh's bench of that engine by name on CUDA: with the decode steps replayed as a CUDA graph
-#      (fused-cuda), and again with SLEIGH_CUDA_GRAPH=0; GPU memory sampled with nvidia-smi
+#      (fused-cuda), again with SLEIGH_CUDA_GRAPH=0, and with cuDNN's attention off; GPU memory sampled
+#      with nvidia-smi
 #   5. HF transformers eager, bf16, the same views and prompt tokens (benchmarks/hf_anchor.py)
 #   6. the FP32 package (its float32 fused-cuda decoder opens on the CPU beside CUDA: one capped run)
 #   7. one table (benchmarks/gpu_table.py), the device named: copy it to benchmarks/RESULTS.md
@@ -220,6 +221,10 @@ mem_stop "$pid"
 pid=$(mem_start bench-fp16-nograph)
 SLEIGH_CUDA_GRAPH=0 step bench-fp16-nograph "${bench[@]}" onnxruntime-fp16 2
 mem_stop "$pid"
+# and with cuDNN's fused attention off (flash attention, its 192-wide kernel for the 136-wide heads)
+pid=$(mem_start bench-fp16-no-cudnn)
+ORT_ENABLE_CUDNN_FLASH_ATTENTION=0 step bench-fp16-no-cudnn "${bench[@]}" onnxruntime-fp16 2
+mem_stop "$pid"
 
 # 5. HF eager anchor, bf16, the bench's shapes
 read -r views tokens < <(python3 - "$out/bench-fp16.log" <<'PY' 2>/dev/null || echo "13 3516"
@@ -242,5 +247,6 @@ python3 benchmarks/gpu_table.py --device "$device, onnxruntime-gpu $(python3 -c 
   --floor-tokens-per-s 1230 \
   "FP16 engine, $decoder decoder (CUDA)=$out/bench-fp16.log@$out/bench-fp16.mem" \
   "FP16 engine, $decoder decoder, no CUDA graph=$out/bench-fp16-nograph.log@$out/bench-fp16-nograph.mem" \
+  "FP16 engine, $decoder decoder, no cuDNN attention=$out/bench-fp16-no-cudnn.log@$out/bench-fp16-no-cudnn.mem" \
   "$out/hf-anchor.log" "FP32 package, $decoder decoder=$out/bench-fp32.log@$out/bench-fp32.mem" | tee "$out/table.md"
 echo "total $SECONDS s" | tee -a "$out/steps.txt"

@@ -26,7 +26,7 @@ def test_gpu_check_script_parses():
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_runs_through_as_a_cpu_rehearsal(tmp_path):
-    """Every step exits 0 and the table has its four rows with numbers: the script still calls the CLI,
+    """Every step exits 0 and the table has its five rows with numbers: the script still calls the CLI,
     the benchmarks and the Python API as they are now, so the first GPU lent is not spent mending it."""
     env = {**os.environ, "REHEARSAL": "1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "BUDGET_S": "900",
            "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}  # python3: this venv's
@@ -42,14 +42,14 @@ def test_gpu_check_runs_through_as_a_cpu_rehearsal(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full size made ahead (PREPARE=1, decoder fused-cuda)" in (tmp_path / "out" / "steps.txt").read_text()
     steps = [line for line in (tmp_path / "out" / "steps.txt").read_text().splitlines() if line.startswith("step ")]
-    assert len(steps) == 19 and all(": rc=0 in " in line for line in steps), steps
+    assert len(steps) == 20 and all(": rc=0 in " in line for line in steps), steps
     assert "Device: CPU rehearsal" in proc.stdout
     compared = (tmp_path / "out" / "cuda-vs-cpu.log").read_text().count("same tokens True")
     assert compared == 8, (tmp_path / "out" / "cuda-vs-cpu.log").read_text()  # 4 packages, an image and a growth each
     steps_log = (tmp_path / "out" / "cuda-steps.log").read_text()  # the prefill and 300 steps, past a growth
     assert "greedy tokens agree at 301 of 301 positions" in steps_log, steps_log
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "target" not in line]
-    assert len(rows) == 4 and not any("missing" in row for row in rows), rows
+    assert len(rows) == 5 and not any("missing" in row for row in rows), rows
     assert all(row.split(" | ")[2] == "13" for row in rows), rows  # the 4:3 photo: 12 tiles and the thumbnail
 
 
