@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sleigh.errors import first_line  # noqa: E402
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend  # noqa: E402
 from sleigh.runtime.backends.static_steps import CUDA_GRAPH_ENV  # noqa: E402
 from sleigh.runtime.manifest import read_manifest  # noqa: E402
@@ -83,20 +84,15 @@ def main() -> int:
     print(f"reference: {described}")
     tokens = [int(r.argmax()) for r in ref[:-1]]
     ok = True
-    graph_env = os.environ.get(CUDA_GRAPH_ENV)
     for graphs in ("1", "0") if args.provider == CUDA else ("1",):
         os.environ[CUDA_GRAPH_ENV] = graphs
         try:
             got, described = run_side(pkg, engine, list(dict.fromkeys([args.provider, CPU])), prompt, tokens, args.steps)
         except Exception as e:  # onnxruntime's own types: one side failing must not hide the other
-            print(f"{args.target} on {args.provider} (graphs {graphs}): FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+            print(f"{args.target} on {args.provider} (graphs {graphs}): FAILED {type(e).__name__}: {first_line(e)}")
             ok = False
             continue
         ok &= compare(f"{described} (graphs {graphs})", ref, got)
-    if graph_env is None:
-        os.environ.pop(CUDA_GRAPH_ENV, None)
-    else:
-        os.environ[CUDA_GRAPH_ENV] = graph_env
     return 0 if ok else 1
 
 

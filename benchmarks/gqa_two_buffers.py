@@ -16,10 +16,11 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sleigh.runtime.backends.static_steps import bind_in_place  # noqa: E402
 from sleigh.runtime.kv_cache import NEW, PAST  # noqa: E402
 
 path = sys.argv[1]
-C = 64
+C, PROMPT, STEPS = 64, 12, 20  # cache slots, prompt tokens, greedy steps after it
 s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
 inputs = {i.name: i for i in s.get_inputs()}
 past = [n for n in inputs if n.startswith(PAST + ".")]
@@ -28,15 +29,15 @@ KV, hd = inputs[past[0]].shape[1], inputs[past[0]].shape[3]
 hidden = inputs["inputs_embeds"].shape[2]
 
 
-def run(shared: bool, fill=np.nan, steps=20, P=12):
+def run(shared: bool):
     cache = {n: np.zeros((1, KV, C, hd), np.float32) for n in past}
     rng = np.random.default_rng(0)
-    ids = rng.integers(10, 100, (1, P)).astype(np.int64)
+    ids = rng.integers(10, 100, (1, PROMPT)).astype(np.int64)
     tokens = []
     mask = np.zeros((1, C), np.int64)
     bias = np.zeros((1, C), np.float32)
     length = 0
-    for step in range(steps + 1):
+    for _ in range(STEPS + 1):
         S = ids.shape[1]
         mask[:, length:length + S] = 1
         feeds = {"input_ids": ids, "inputs_embeds": np.zeros((1, 1, hidden), np.float32),
@@ -45,24 +46,19 @@ def run(shared: bool, fill=np.nan, steps=20, P=12):
         b = s.io_binding()
         for k, v in feeds.items():
             b.bind_cpu_input(k, v)
-        outs = {}
-        for p, n in zip(past, new):
-            if shared:
-                v = ort.OrtValue.ortvalue_from_numpy(cache[p])
-                b.bind_ortvalue_input(p, v)
-                b.bind_ortvalue_output(n, v)
-                outs[p] = v
-            else:
+        if shared:  # as the runtime binds them (static_steps.bind_in_place)
+            bound = bind_in_place(ort, b, past, new, cache, on_device=False)
+        else:
+            bound = {p: np.full_like(cache[p], np.nan) for p in past}  # present: what is not written shows
+            for p, n in zip(past, new):
                 b.bind_cpu_input(p, cache[p].copy())
-                o = np.full_like(cache[p], fill)
-                outs[p] = (ort.OrtValue.ortvalue_from_numpy(o), o)
-                b.bind_ortvalue_output(n, outs[p][0])
+                b.bind_ortvalue_output(n, ort.OrtValue.ortvalue_from_numpy(bound[p]))
         logits = np.empty((1, 1, s.get_outputs()[0].shape[-1]), np.float32)
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         s.run_with_iobinding(b)
         if not shared:
             for p in past:
-                cache[p][:] = outs[p][1]
+                cache[p][:] = bound[p]
         length += S
         tok = int(logits[0, -1].argmax())
         tokens.append(tok)
@@ -72,7 +68,7 @@ def run(shared: bool, fill=np.nan, steps=20, P=12):
 
 a, ca = run(True)
 b, cb = run(False)
-used = 12 + 20  # the prompt and the steps' positions
+used = PROMPT + STEPS  # the positions in use
 print("one buffer ", a)
 print("two buffers", b)
 print(f"every layer's keys and values, largest difference over the {used} positions in use:",

@@ -133,6 +133,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from sleigh.errors import first_line
 from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
 from sleigh.runtime.manifest import read_manifest
 from sleigh.runtime.pipeline import Pipeline
@@ -165,7 +166,7 @@ for arg in sys.argv[1:]:
     except Exception as e:  # one package failing must not hide the others' results
         ok = False
         traceback.print_exc()
-        print(f"{arg}: FAILED {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        print(f"{arg}: FAILED {type(e).__name__}: {first_line(e)}")
 sys.exit(0 if ok else 1)
 PY
 # the FP16 engine's logits on CUDA against the CPU's, step by step, CUDA graph on and off: which step parts

@@ -271,31 +271,41 @@ def test_float16_kv_on_a_fused_decoder_halves_the_cache_and_keeps_the_fp32_token
         assert tokens[0] == tokens[1]
 
 
-def test_where_cuda_comes_first_a_fused_decoder_opens_on_the_cpu_and_says_so(fused_pkg, tiny_pkg, caplog):
-    """ONNX Runtime's CUDA GroupQueryAttention takes no attention_bias and no float32
-    (onnxruntime_backend.FUSED_NOT_ON_CUDA), so with CUDA first the fused decoder's session opens on the
-    CPU provider, its slots stay numpy arrays, and one warning says why and what to export instead. The
-    CUDA provider is absent here: ONNX Runtime falls back to the CPU for the other modules by itself,
+def _decoder_on_the_cpu_beside_cuda(pkg, caplog):
+    """With CUDA first: the decoder's session asked for on the CPU provider, its slots numpy arrays, one
+    warning, and the CPU's greedy tokens -> (the backend, closed after its generation, and the warning).
+    The CUDA provider is absent here: ONNX Runtime falls back to the CPU for the other modules by itself,
     so what is checked is what the backend asks for and the tokens it then gives."""
     import logging
 
-    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend, decoder_providers
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
     from sleigh.runtime.kv_cache import HostSlots
     from sleigh.runtime.manifest import read_manifest
     from sleigh.runtime.pipeline import Pipeline
 
-    with Pipeline.load(fused_pkg, engine="package") as ref:
+    with Pipeline.load(pkg, engine="package") as ref:
         want = ref.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids
-        manifest = read_manifest(fused_pkg)
         with caplog.at_level(logging.WARNING, logger="sleigh"):
-            backend = OnnxRuntimeBackend.from_package(fused_pkg, manifest, providers=[CUDA, CPU])
+            backend = OnnxRuntimeBackend.from_package(pkg, read_manifest(pkg), providers=[CUDA, CPU])
         assert backend.providers == [CUDA, CPU] and backend.decoder_providers == [CPU]
         assert backend.device == "cpu" and isinstance(backend.slot_storage, HostSlots)
-        assert backend.describe().endswith("(CUDA, decoder on CPU)")
         [warning] = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
-        assert "decoder runs on the CPU" in warning and "--decoder fused-cuda" in warning
+        assert "decoder runs on the CPU" in warning
         with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
             assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
+    return backend, warning
+
+
+def test_where_cuda_comes_first_a_fused_decoder_opens_on_the_cpu_and_says_so(fused_pkg, tiny_pkg, caplog):
+    """ONNX Runtime's CUDA GroupQueryAttention is not checked with the attention bias that carries GSWA's
+    weights (onnxruntime_backend.FUSED_NOT_ON_CUDA), so with CUDA first the fused decoder's session opens
+    on the CPU provider, and one warning says why and what to export instead."""
+    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, decoder_providers
+    from sleigh.runtime.manifest import read_manifest
+
+    backend, warning = _decoder_on_the_cpu_beside_cuda(fused_pkg, caplog)
+    assert backend.describe().endswith("(CUDA, decoder on CPU)")
+    assert "--decoder fused-cuda" in warning
     # the standard decoder and the weighted-values one are asked to open on CUDA as the other modules are
     standard = read_manifest(tiny_pkg).contract.kv_cache.form
     assert standard == "slots" and decoder_providers([CUDA, CPU], standard) == [CUDA, CPU]
@@ -366,25 +376,10 @@ def test_where_cuda_comes_first_a_float32_weighted_decoder_opens_on_the_cpu(weig
     with the cache copied each step (4 tokens/s at full size) and the tiny package's greedy tokens were
     not the CPU's. With CUDA first the FP32 weighted-values package's decoder opens on the CPU provider
     (no fixed buffers, which are for a CUDA graph), says so once, and points to an FP16 engine; it gives
-    the CPU's tokens. (No CUDA here: what is checked is what the backend asks for.)"""
-    import logging
-
-    from sleigh.runtime.backends.onnxruntime_backend import CPU, CUDA, OnnxRuntimeBackend
-    from sleigh.runtime.kv_cache import HostSlots
-    from sleigh.runtime.manifest import read_manifest
-    from sleigh.runtime.pipeline import Pipeline
-
-    manifest = read_manifest(weighted_pkg)
-    with Pipeline.load(weighted_pkg, engine="package") as ref:
-        want = ref.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids
-        with caplog.at_level(logging.WARNING, logger="sleigh"):
-            backend = OnnxRuntimeBackend.from_package(weighted_pkg, manifest, providers=[CUDA, CPU])
-        assert backend.decoder_providers == [CPU] and backend.device == "cpu"
-        assert isinstance(backend.slot_storage, HostSlots) and backend.static_capacity is None and not backend.cuda_graph
-        [warning] = [r.getMessage() for r in caplog.records if r.name == "sleigh"]
-        assert "decoder runs on the CPU" in warning and "not float16" in warning and "--precision fp16" in warning
-        with Pipeline(backend, ref.contract, ref.tokenizer) as pipe:
-            assert pipe.generate(None, "Hello", max_new_tokens=10, ignore_eos=True).result.token_ids == want
+    the CPU's tokens."""
+    backend, warning = _decoder_on_the_cpu_beside_cuda(weighted_pkg, caplog)
+    assert backend.static_capacity is None and not backend.cuda_graph
+    assert "not float16" in warning and "--precision fp16" in warning
 
 
 def test_every_cuda_session_keeps_float32_in_float32(fused_pkg, monkeypatch):
