@@ -2,7 +2,8 @@
 
     {"image": "path/to.jpg", "question": "...", "answer": "...", "type": "colour", "meta": {...}}
 
-`image` is relative to the JSONL's folder (or absolute). `type` (the question type, for per-type
+`image` is relative to the JSONL's folder (or absolute); for a JSONL that is a symlink, the folder of
+the file it points to, where its images were written beside it. `type` (the question type, for per-type
 accuracy; "untyped" where absent) and `meta` (labels the synthetic task adds: colour, shape, position,
 box, size) are optional; a label of the wrong type is dropped, as if absent. Lines end at "\n" alone
 (JSON strings may hold U+2028 and the like), a BOM is ignored. Bad lines are skipped and counted by
@@ -24,7 +25,7 @@ from sleigh.runtime.fields import KINDS
 from sleigh.runtime.image import file_kind
 
 EXPECTED_LINE = ('one JSON object per line: {"image": path, "question": str, "answer": str}, '
-                 "image paths relative to the JSONL's folder or absolute")
+                 "image paths relative to the JSONL's folder (a symlinked JSONL's target's) or absolute")
 UNTYPED = "untyped"  # a line without a question type (not "all": that is the report's total)
 
 
@@ -44,6 +45,7 @@ class QAData:
     items: list[QA]
     skipped: Counter  # reason -> count
     first_skipped: dict  # reason -> first line number
+    sizes: dict = field(default_factory=dict)  # image -> (width, height), from the header check (empty without it)
 
     def by_image(self) -> list[tuple[Path, list[QA]]]:
         """The items grouped by image, in order of first appearance (one vision pass per image)."""
@@ -84,16 +86,23 @@ def resolve_jsonl(data: Path) -> Path:
     raise SleighError(str(data), "not found", "a .jsonl file of image/question/answer lines")
 
 
+def images_root(jsonl: Path) -> Path:
+    """The folder a JSONL's relative image paths start from: its own, or, for a symlink, its target's
+    (a link to a dataset's JSONL reads that dataset's images, not files beside the link)."""
+    return jsonl.resolve().parent if jsonl.is_symlink() else jsonl.parent
+
+
 def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> QAData:
     """Parse and check every line. Skipped reasons: not UTF-8, bad JSON, missing field, wrong type,
     empty answer or question, empty image path, missing image, image not a file, unreadable image (its header; a file
     that breaks later is skipped where it is read)."""
     path = resolve_jsonl(data)
-    root = path.parent
+    root = images_root(path)
     items: list[QA] = []
     skipped: Counter = Counter()
     first: dict[str, int] = {}
     image_ok: dict[Path, str | None] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
     detail: dict[str, str] = {}
     try:
         data_bytes = path.read_bytes()
@@ -110,7 +119,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
             qa, reason = _parse(raw, number, root)
         if qa is not None and check_images:
             if qa.image not in image_ok:
-                image_ok[qa.image] = _image_problem(qa.image)
+                image_ok[qa.image] = _image_problem(qa.image, sizes)
             reason = image_ok[qa.image]
         if reason is None:
             items.append(qa)
@@ -126,7 +135,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
         firsts = "; ".join(detail[r] for r in sorted(skipped))
         raise SleighError(str(path), f"has no usable lines ({counts}; {firsts})" if skipped else "has no usable lines",
                           EXPECTED_LINE)
-    return QAData(path, items, skipped, first)
+    return QAData(path, items, skipped, first, {qa.image: sizes[qa.image] for qa in items if qa.image in sizes})
 
 
 def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
@@ -170,7 +179,8 @@ def _labels(meta) -> dict:
     return {k: v for k, v in meta.items() if k not in META_LABELS or META_LABELS[k](v)}
 
 
-def _image_problem(path: Path) -> str | None:
+def _image_problem(path: Path, sizes: dict) -> str | None:
+    """What is wrong with an image file, None if nothing (its header's size then in `sizes`)."""
     if not path.exists():
         return f"missing image ({path})"
     if not path.is_file():
@@ -179,7 +189,7 @@ def _image_problem(path: Path) -> str | None:
         with warnings.catch_warnings():  # a large header: the run's own pixel limit judges it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im.size  # the header parsed
+                sizes[path] = im.size  # the header parsed
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"unreadable image ({path}: {type(e).__name__})"
     return None

@@ -4,6 +4,7 @@ nothing, one bad line is one skipped line, and labels of the wrong form are drop
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -74,6 +75,22 @@ def test_no_usable_lines_says_where_the_first_image_was_looked_for(folder):
     message = str(err.value)
     assert f"line 1: missing image ({folder / 'data' / 'cases' / 'img.png'})" in message
     assert "relative to the JSONL's folder" in message
+
+
+def test_a_symlinked_jsonl_reads_the_images_beside_its_target(folder, tmp_path_factory):
+    """A link to a dataset's JSONL reads that dataset's images; it read files of the same names beside
+    the link (here a blue image of the same name, which would have trained on the wrong picture)."""
+    (folder / "d.jsonl").write_text(line() + "\n")
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(elsewhere / "img.png")
+    (elsewhere / "link.jsonl").symlink_to(folder / "d.jsonl")
+    assert read_qa(elsewhere / "link.jsonl").items[0].image == folder / "img.png"
+    (folder / "img.png").unlink()  # and a missing image is looked for beside the target, not the link
+    with pytest.raises(SleighError, match=rf"missing image \({re.escape(str(folder / 'img.png'))}\)"):
+        read_qa(elsewhere / "link.jsonl")
+    (elsewhere / "dir").symlink_to(folder, target_is_directory=True)  # a linked folder: its own files, as before
+    Image.new("RGB", (8, 8)).save(folder / "img.png")
+    assert read_qa(elsewhere / "dir").items[0].image == elsewhere / "dir" / "img.png"
 
 
 def test_a_folder_named_like_a_jsonl_file_is_not_one(folder):
