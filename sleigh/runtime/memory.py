@@ -220,6 +220,25 @@ def resident_bytes(field: str = "VmRSS") -> int | None:
     return None
 
 
+def available_bytes() -> int | None:
+    """What this machine can still give a process: /proc/meminfo's MemAvailable, or less where a
+    cgroup (v2: memory.max less memory.current, a container's limit) allows less; None where neither
+    can be read (not Linux)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as f:
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(0, min(found)) if found else None
+
+
 def weights_bytes(files) -> int:
     """Bytes of the module files and their external data (`x.onnx.data` beside `x.onnx`)."""
     total = 0

@@ -37,6 +37,7 @@ from sleigh.runtime.image import max_views, object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
+from sleigh.sleighvl.step_memory import available_for, check_step_memory
 
 PARTS = ("gswa", "projector", "vision", "llm")
 STATE = "train_state.safetensors"
@@ -395,6 +396,9 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         raise SleighError("--gswa-hint", "acts only during the curriculum, which is off for this run",
                           "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
+    tight = check_step_memory(cfg, parts, qa.sizes, opts.batch, sum(p.numel() for p in trainer.params), *available_for(device))
+    if tight:
+        log(tight)
     batches = Batches(qa, opts, curriculum, cfg)
     if len(batches.groups) < opts.batch:
         log(f"--batch {opts.batch} is more than the {len(batches.groups)} images of {qa.path}: each step repeats images")

@@ -1,0 +1,55 @@
+"""One `sleigh train` step's peak memory against the guard's bound (sleigh/sleighvl/step_memory.py).
+
+    python benchmarks/train_step_memory.py CKPT DATA [--batch 4] [--train gswa] [--step 0] [--threads 2]
+
+Loads CKPT, draws step STEP's batch of DATA (the JSONL train reads, curriculum off) as `sleigh train`
+does, and runs that one step. Printed: the batch's views per image, the step's peak over the loaded
+model (VmHWM after the step less VmRSS before it: Linux), the bound `step_bytes_at_least` gives for
+that batch (its largest image's views), and their ratio. Run it in a fresh process per point: the peak
+is the process's. The last line is `GREW BOUND` in bytes, for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from sleigh.data.qa import read_qa
+from sleigh.runtime.memory import resident_bytes
+from sleigh.runtime.prompt import PromptTokenizer
+from sleigh.sleighvl import train as T
+from sleigh.sleighvl.batches import Batches
+from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
+from sleigh.sleighvl.step_memory import step_bytes_at_least
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt", type=Path)
+    ap.add_argument("data", type=Path)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--train", default="gswa")
+    ap.add_argument("--step", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, cfg, _ = load_checkpoint(args.ckpt)
+    parts = T.parse_parts(args.train)
+    opts = T.TrainOptions(batch=args.batch, steps=1, curriculum="off", train=args.train)
+    trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, torch.device("cpu"),
+                        use_aux=False)
+    batch = Batches(read_qa(args.data), opts, False, cfg).make(args.step, 3)
+    views = [t.num_views for t in batch.tiled]
+    before = resident_bytes()
+    trainer.step(batch, 1e-4)
+    grew = resident_bytes("VmHWM") - before
+    bound = step_bytes_at_least(cfg, parts, max(views), len(views), sum(p.numel() for p in trainer.params))
+    print(f"{args.ckpt.name} --train {args.train} --batch {args.batch}: views {views}; step's peak over the model "
+          f"{grew / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, peak/bound {grew / bound:.2f}")
+    print(grew, bound)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`sleigh train`'s memory guard (sleigh/sleighvl/step_memory.py): the bound stays below what a real
+step takes, measured in a fresh process; a --batch past what the machine has is one line before
+anything is trained or written; one near it trains with a warning; the suggested batch is the largest
+that the rule lets through; views are counted as the runtime's tiler cuts them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sleigh.errors import SleighError
+from sleigh.runtime.image import tile_image
+from sleigh.runtime.memory import available_bytes
+from sleigh.sleighvl.config import PRESETS
+from sleigh.sleighvl.step_memory import OVER_BOUND, check_step_memory, step_bytes_at_least, views_of
+from tests.helpers import cli_env, one_error_line, run_sleigh
+
+TINY = PRESETS["tiny"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("size", [(448, 448), (900, 500), (500, 900), (1598, 1309), (1773, 557), (30, 2000)])
+def test_views_are_what_the_runtimes_tiler_makes(size):
+    assert views_of(size, TINY) == tile_image(Image.new("RGB", size), size=TINY.vision.image_size,
+                                              max_tiles=TINY.image.max_tiles).num_views
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
+def test_a_real_step_takes_more_than_the_bound_and_not_far_more(tiny_ckpt, tmp_path):
+    """One training step of the tiny preset (448-px views, 256 tokens each) in a fresh process
+    (benchmarks/train_step_memory.py): its peak over the loaded model against the bound for its batch.
+    Below the bound, the guard would refuse batches that fit; far above it, the guard would be no guard."""
+    for i, size in enumerate([(1200, 900), (900, 1200)]):  # 3x4 / 4x3 tiles, or near: 10-13 views
+        Image.new("RGB", size, (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    (tmp_path / "d.jsonl").write_text("".join(
+        f'{{"image": "{i}.png", "question": "What colour?", "answer": "blue"}}\n' for i in range(2)))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_memory.py"), tiny_ckpt, tmp_path / "d.jsonl",
+                           "--batch", "2", "--threads", "1"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    grew, bound = map(int, proc.stdout.splitlines()[-1].split())
+    assert bound > 500 * 2**20  # the square term: 3 x 2 images x 4 heads x ~3,000^2 floats
+    assert bound <= grew <= 2 * bound, (grew, bound)
+
+
+def test_a_batch_past_what_the_machine_has_is_one_line_before_training(demo_ckpt, tmp_path):
+    from sleigh.data.synth import SynthSpec, write_split
+
+    data = write_split(tmp_path / "data", 2, seed=0, spec=SynthSpec(min_size=224, max_size=336))
+    out = tmp_path / "out"
+    line = one_error_line(run_sleigh("train", demo_ckpt, "--data", data, "-o", out, "--steps", "1", "--batch", "1000000"))
+    assert line.startswith("error: --batch | 1000000: a step whose batch holds the data's largest image (")
+    assert "available" in line and "Expected: --batch " in line and " or less " in line
+    assert not out.exists()
+
+
+def test_the_rule_refuses_warns_and_suggests_the_largest_batch_it_lets_through():
+    sizes = {Path("a.png"): (1598, 1309), Path("b.png"): (448, 448)}  # 13 views and 1
+    parts, trained = ("gswa",), 10_000
+
+    def need(b):
+        return step_bytes_at_least(TINY, parts, 13, b, trained)
+
+    assert check_step_memory(TINY, parts, sizes, 8, trained, None) is None  # memory unknown: not checked
+    assert check_step_memory(TINY, parts, {}, 8, trained, 1) is None  # no sizes (no header check): not checked
+    assert check_step_memory(TINY, parts, sizes, 8, trained, int(OVER_BOUND * need(8)) + 1) is None
+    warning = check_step_memory(TINY, parts, sizes, 8, trained, need(8) + 1)
+    assert warning.startswith("--batch 8 may not fit: a step whose batch holds the data's largest image (13 views, 3,328")
+    assert warning.endswith("; --batch 5 or less (where 1.5x that fits, as much as steps have taken) would fit")
+    for available in (need(8) - 1, int(OVER_BOUND * need(5)) + 1):
+        with pytest.raises(SleighError, match=r"Expected: --batch 5 or less \(where 1\.5x"):
+            check_step_memory(TINY, parts, sizes, 8, trained, available)
+    with pytest.raises(SleighError, match=r"Expected: --batch 1 \(which may still not fit\)"):
+        check_step_memory(TINY, parts, sizes, 8, trained, need(1) + 1)
+    with pytest.raises(SleighError, match=r"--batch 1 needs at least .* Expected: a machine with more memory, or images "
+                                          r"that tile into fewer views \(at most 13 here\)"):
+        check_step_memory(TINY, parts, sizes, 8, trained, need(1) - 1)
+    with pytest.raises(SleighError, match=r"^--batch \| 1: .*available\. Expected: a machine"):
+        check_step_memory(TINY, parts, sizes, 1, trained, need(1) - 1)
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux")
+def test_available_memory_is_read_and_within_the_machine():
+    total = next(int(l.split()[1]) * 1024 for l in open("/proc/meminfo") if l.startswith("MemTotal:"))
+    assert 0 < available_bytes() <= total
