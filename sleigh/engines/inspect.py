@@ -71,13 +71,13 @@ def _shape(s: list) -> str:
 
 
 def _built_for(engine: dict) -> str:
-    """The shapes an engine was built for, and its memory budget: `13 views, 4,096 tokens, 2.50 GB`."""
-    from sleigh.runtime.memory import gb
+    """The shapes an engine was built for, and its memory budget: `13 views, 4,096 tokens, 2.5G`."""
+    from sleigh.runtime.memory import size_text
 
     shapes = engine.get("built_for") or {}
     parts = [f"{shapes['max_views']} views" if shapes.get("max_views") else "",
              f"{shapes['max_context']:,} tokens" if shapes.get("max_context") else "",
-             gb(engine["max_memory"]) if engine.get("max_memory") else ""]  # in the unit --max-memory reads
+             size_text(engine["max_memory"]) if engine.get("max_memory") else ""]  # as --max-memory reads it, and the rebuild command shows it
     return ", ".join(p for p in parts if p) or "-"
 
 
