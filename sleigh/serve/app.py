@@ -74,8 +74,19 @@ class _State:
     def __init__(self, worker: ModelWorker | None):
         self.worker = worker
         self.load_error: str | None = None
+        # A shutdown under Ray Serve (ray_app.watch_drain): `draining` refuses new requests (503) while
+        # those under way finish; `cut` then stops them, each answered as uvicorn's shutdown answers it.
+        self.draining = False
+        self.cut = False
+        self.handling = 0  # requests in chat_completions until their response is made (a stream's at its first event)
         self.metrics = Metrics(lambda: self.worker.waiting if self.worker else 0,
                                lambda: self.worker.running if self.worker else 0)
+
+    def busy(self) -> int:
+        """Requests this replica has not answered yet: being read or waiting for their first event, queued,
+        running (a stream's events after the first come from its running job)."""
+        worker = self.worker
+        return self.handling + (worker.waiting + worker.running if worker is not None else 0)
 
 
 def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], ModelWorker]) -> FastAPI:
@@ -116,6 +127,8 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
 
     @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers probe with HEAD too
     async def health():
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if state.worker is not None:
             return {"status": "ok", "model": settings.name}
         status = "failed: " + state.load_error if state.load_error else "loading"
@@ -133,6 +146,7 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
     @app.post(CHAT_PATH)
     async def chat_completions(request: Request):
         arrived = time.perf_counter()
+        state.handling += 1
         try:
             response = await _chat(request, settings, state, arrived)
         except APIError as e:
@@ -141,6 +155,8 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
             if not _shutdown_cut(e):  # a client gone under Ray Serve, a caller's deadline: theirs to handle
                 raise
             response = _error_response(_cut_off())
+        finally:
+            state.handling -= 1
         state.metrics.request(response.status_code)
         return response
 
@@ -175,6 +191,9 @@ class _App(FastAPI):
 
 
 async def _chat(request: Request, settings: ServeSettings, state: _State, arrived: float):
+    if state.draining:
+        raise APIError(503, "the server is shutting down and takes no new requests; retry later",
+                       retry_after=settings.retry_after_s)  # another replica or server may take it
     body = await _read_body(request, settings.max_body_bytes)
     req = protocol.parse_request(body)
     if req.model != settings.name:
@@ -213,7 +232,7 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
         state.metrics.first_token(time.perf_counter() - arrived)
     if first[0] in ("error", "cancelled"):
         _stop(job, watcher, state)
-        return _error_response(_generation_error(first[1])) if first[0] == "error" else Response(status_code=499)
+        return _error_response(_generation_error(first[1])) if first[0] == "error" else _cancelled(state)
     cid = protocol.completion_id()
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -229,7 +248,7 @@ async def _chat(request: Request, settings: ServeSettings, state: _State, arrive
     if kind == "error":
         return _error_response(_generation_error(value))
     if kind == "cancelled":
-        return Response(status_code=499)
+        return _cancelled(state)
     _record(state, value)
     return JSONResponse(protocol.completion(cid, settings.name, value))
 
@@ -281,6 +300,8 @@ async def _sse(job: Job, first, cid: str, model: str, include_usage: bool, watch
                 yield _event({**protocol.chunk(cid, model, {}), "choices": [], "usage": protocol.usage(value)})
         elif kind == "error":
             yield _event(_generation_error(value).body())
+        elif kind == "cancelled" and state.cut:  # as uvicorn's cut: an error event ends the stream, no [DONE]
+            yield _event(_cut_off().body())
         if kind != "cancelled":
             yield "data: [DONE]\n\n"
     finally:  # the stream ended, or the client went away (this generator was closed or cancelled)
@@ -306,6 +327,11 @@ def _cut_off() -> APIError:
     """An answer cut off by a shutdown (`sleigh serve --shutdown-timeout`): not a bug, no traceback."""
     log.info("an answer under way was cut off by the shutdown")
     return APIError(503, "the server is shutting down and cut this answer off (sleigh serve --shutdown-timeout)")
+
+
+def _cancelled(state: _State) -> Response:
+    """A job cancelled: its client went away (499, read by nobody), or the shutdown cut it off."""
+    return _error_response(_cut_off()) if state.cut else Response(status_code=499)
 
 
 def _event(obj: dict) -> str:

@@ -136,7 +136,7 @@ def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout
     from ray import serve
 
     from sleigh.serve.app import load_worker
-    from sleigh.serve.ray_app import build_app
+    from sleigh.serve.ray_app import build_app, drain, start_drain_signal
 
     if ray_address == "local":
         scaling.check_cpus(_local_cpus())  # before Ray starts (and prints), as one line
@@ -149,6 +149,7 @@ def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout
             ray.shutdown()
             raise
     signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C (after ray.init, whose own handler it replaces)
+    signal_actor = start_drain_signal()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings, scaling), name=SERVE_APP, route_prefix="/")
     logging.getLogger("sleigh.serve").info("Ray Serve: %s as %r on %s (%s)", settings.model, settings.name,
@@ -157,10 +158,13 @@ def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        logging.getLogger("sleigh.serve").info("shutting down: answers under way may finish for %g s", shutdown_timeout)
-        # The application first: Ray stops its replicas as it stops any (each finishes its requests under way,
-        # for at most graceful_shutdown_timeout_s) while the proxy still carries their answers. serve.shutdown()
+        log = logging.getLogger("sleigh.serve")
+        log.info("shutting down: answers under way may finish for %g s", shutdown_timeout)
+        # The replicas drain first (ray_app.drain: new requests get OpenAI's 503, those under way finish or
+        # are cut off) while the proxy still carries their answers; then the application goes, and Ray stops
+        # its replicas (each would finish what it still had for graceful_shutdown_timeout_s). serve.shutdown()
         # alone kills the proxy at once, dropping every connection.
+        drain(signal_actor, shutdown_timeout, log)
         serve.delete(SERVE_APP)
         serve.shutdown()
         ray.shutdown()

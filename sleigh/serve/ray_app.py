@@ -8,16 +8,32 @@ package path must exist on every node that runs a replica: a shared folder or th
 Each replica runs one generation at a time and lets `max_queue` more wait (503 beyond); Ray routes
 each request to the replica with fewer ongoing requests. Autoscaling (min/max replicas, target
 ongoing requests per replica) replaces the fixed count when `max_replicas` is given.
+
+A shutdown of `sleigh serve --ray` (SIGTERM, Ctrl-C) drains the replicas itself before Ray stops them
+(`drain`): through a small named actor (`DrainSignal`) that every replica polls (`watch_drain`), each
+first answers new requests with OpenAI's 503 while those under way finish, then, once the shutdown
+timeout has passed, cuts the rest off as `sleigh serve` without Ray does. Ray's own drain answered new
+requests with its proxy's 404 (the application already gone) and an answer cut by its timeout with 500.
+Under Ray's own `serve run` there is no such actor, and Ray drains alone.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sleigh.errors import SleighError
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 from sleigh.serve.app import ServeSettings
+
+DRAIN_ACTOR, DRAIN_NAMESPACE = "sleigh-serve-drain", "sleigh"
+DRAIN_POLL_S = 0.2  # how often each replica asks the actor, and reports what it still has under way
+HEARD_S = 2.0  # a replica not heard from for this long is gone (stopped by Ray, or never started)
+CUT_WAIT_S = 10.0  # after the cut, for the answers under way to stop (a prefill runs to its end first)
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,91 @@ class Scaling:
         return options
 
 
+class DrainSignal:
+    """The shutdown's phase ("serving", "draining", "cut"), set by `sleigh serve --ray`'s driver, and
+    what each replica reported at its last poll. A Ray actor of no CPU (`start_drain_signal`)."""
+
+    def __init__(self):
+        self.phase, self.since, self.replicas = "serving", 0.0, {}
+
+    def set_phase(self, phase: str) -> None:
+        self.phase, self.since = phase, time.monotonic()
+
+    def poll(self, replica: str, phase_seen: str, busy: int) -> str:
+        """`phase_seen`: the phase the replica acts on; `busy`: its requests not yet answered."""
+        self.replicas[replica] = (time.monotonic(), phase_seen, busy)
+        return self.phase
+
+    def settled(self) -> bool:
+        """Whether every replica heard from acts on the current phase and has nothing under way."""
+        now = time.monotonic()
+        heard = [(seen, busy) for at, seen, busy in self.replicas.values() if now - at < HEARD_S and at > self.since]
+        alive = [at for at, _, _ in self.replicas.values() if now - at < HEARD_S]
+        return len(heard) == len(alive) and all(seen == self.phase and busy == 0 for seen, busy in heard)
+
+
+def start_drain_signal():
+    """The driver's DrainSignal actor, before the replicas start (each looks for it once, at its start)."""
+    import ray
+
+    return ray.remote(num_cpus=0)(DrainSignal).options(name=DRAIN_ACTOR, namespace=DRAIN_NAMESPACE).remote()
+
+
+def drain(signal, timeout_s: float, log) -> None:
+    """New requests refused, those under way given `timeout_s` to finish, then cut off; returns once the
+    replicas have nothing under way (or CUT_WAIT_S after the cut), for the application to be deleted."""
+    if _settle(signal, "draining", timeout_s):
+        return
+    log.info("the shutdown timeout (%g s) has passed: cutting off the answers still under way", timeout_s)
+    _settle(signal, "cut", CUT_WAIT_S)
+
+
+def _settle(signal, phase: str, wait_s: float) -> bool:
+    """Set `phase`; True once every replica acts on it with nothing under way, False after `wait_s`."""
+    import ray
+
+    ray.get(signal.set_phase.remote(phase))
+    deadline = time.monotonic() + wait_s
+    time.sleep(2 * DRAIN_POLL_S)  # every replica polls at least once in the new phase
+    while not ray.get(signal.settled.remote()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(DRAIN_POLL_S)
+    return True
+
+
+def watch_drain(state) -> None:
+    """In a replica: poll the driver's DrainSignal (when `sleigh serve --ray` started this one) and act
+    on its phase: "draining" refuses new requests, "cut" closes the worker, which stops the answers
+    under way (each answered as cut off: app._cut_off)."""
+    import ray
+
+    try:
+        signal = ray.get_actor(DRAIN_ACTOR, namespace=DRAIN_NAMESPACE)
+    except ValueError:  # Ray's own `serve run`: no driver of ours; Ray drains alone
+        return
+    replica = f"{socket.gethostname()}:{os.getpid()}"
+
+    def loop() -> None:
+        seen = "serving"
+        while True:
+            try:
+                phase = ray.get(signal.poll.remote(replica, seen, state.busy()), timeout=30)
+            except Exception:  # noqa: BLE001 - the driver and its actor are gone: nobody to drain for
+                return
+            if phase != "serving":
+                state.draining = True
+            if phase == "cut" and not state.cut:
+                state.cut = True
+                if state.worker is not None:  # the running answer stops at its next token (a prefill runs to its
+                    # end): closed beside this loop, which goes on reporting what is still under way
+                    threading.Thread(target=state.worker.close, name="sleigh-cut", daemon=True).start()
+            seen = phase
+            time.sleep(DRAIN_POLL_S)
+
+    threading.Thread(target=loop, name="sleigh-drain", daemon=True).start()
+
+
 def build_app(settings: ServeSettings, scaling: Scaling = Scaling()):
     """A Ray Serve application (bind()-ed deployment) of `sleigh serve`'s app."""
     from ray import serve
@@ -79,7 +180,9 @@ def build_app(settings: ServeSettings, scaling: Scaling = Scaling()):
     def build_asgi_app():  # runs in each replica, which loads its own model
         from sleigh.serve.app import create_app, load_worker
 
-        return create_app(settings, load_worker(settings))
+        app = create_app(settings, load_worker(settings))
+        watch_drain(app.state.sleigh)
+        return app
 
     ingress = serve.ingress(build_asgi_app)()
     return serve.deployment(ingress, name="sleigh", **scaling.deployment_options(settings)).bind()

@@ -98,8 +98,9 @@ def test_replicas_past_the_machines_cpus_are_one_line_not_a_wait_forever(sleigh_
 @pytest.mark.slow
 def test_sigterm_under_ray_lets_the_answer_under_way_finish(tiny_pkg, tmp_path):
     """`sleigh serve --ray` on SIGTERM died at once (and on Ctrl-C killed Ray's proxy at once): a
-    stream under way was cut within 0.1 s whatever --shutdown-timeout said. The application is deleted
-    first now, so Ray drains the replica while its proxy still carries the answer."""
+    stream under way was cut within 0.1 s whatever --shutdown-timeout said. The replicas drain first now
+    (ray_app.drain) while Ray's proxy still carries the answer, and a new request meanwhile gets OpenAI's
+    503 from a replica (it got the proxy's 404 once the application was deleted)."""
     import json
     import signal
     import subprocess
@@ -138,10 +139,123 @@ def test_sigterm_under_ray_lets_the_answer_under_way_finish(tiny_pkg, tmp_path):
         while len(lines) < 3 and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
+        refused = _refused_while_draining(base, tiny_pkg.name)
         reader.join(timeout=90)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
     finally:
         proc.kill()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text  # OpenAI's shape, not Ray's 404
+    assert refused.json()["error"]["type"] == "service_unavailable_error"
+    assert "shutting down and takes no new requests" in refused.json()["error"]["message"]
     assert lines[-1] == "data: [DONE]", (lines[-1:], log.read_text()[-2000:])
     usage = json.loads(lines[-2].removeprefix("data: "))
     assert len(usage["sleigh"]["token_ids"]) == 7000  # the whole answer, after the signal
+
+
+def _refused_while_draining(base: str, model: str, timeout: float = 30) -> httpx.Response:
+    """A new request once /health says the replica drains (polled: the signal reaches it within a poll)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        health = httpx.get(base + "/health", timeout=10)
+        if health.status_code == 503 and health.json().get("status") == "draining":
+            break
+        time.sleep(0.05)
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+    return httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+
+
+@pytest.mark.slow
+def test_sigterm_under_ray_cuts_answers_off_after_the_timeout_as_without_ray(tiny_pkg, tmp_path):
+    """Past --shutdown-timeout, Ray cut an answer under way with its own 500 (a plain request) or a dropped
+    connection (a stream). The replica now cuts them off itself, as `sleigh serve` without Ray does: a
+    stream ends with an error event (no [DONE]), a request waiting behind it gets a 503 error object."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from tests.helpers import cli_env
+
+    port = free_port()
+    env = {**cli_env(), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
+                                 "--ray", "--replica-cpus", "0.5", "--threads", "1", "--shutdown-timeout", "3"],
+                                env=env, stdout=out, stderr=out)
+    base, lines, plain = f"http://127.0.0.1:{port}", [], []
+    body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
+            "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
+
+    def stream():
+        try:
+            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
+                lines.extend(line for line in r.iter_lines() if line)
+        except httpx.TransportError as e:
+            lines.append(f"cut: {e}")
+
+    def waiting():
+        short = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+        plain.append(httpx.post(base + "/v1/chat/completions", json=short, timeout=120))
+
+    try:
+        wait_healthy(base, proc, timeout=120)
+        deadline = time.monotonic() + 60
+        while "Ray Serve: " not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        reader, behind = threading.Thread(target=stream), threading.Thread(target=waiting)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while len(lines) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        behind.start()
+        time.sleep(0.5)  # queued behind the stream
+        proc.send_signal(signal.SIGTERM)
+        reader.join(timeout=90)
+        behind.join(timeout=90)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        proc.kill()
+    assert "data: [DONE]" not in lines and len(lines) < 7000, (len(lines), lines[-1:])  # cut off, not finished
+    assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"], lines[-1:]
+    assert plain and plain[0].status_code == 503, plain
+    assert "cut this answer off" in plain[0].json()["error"]["message"]
+    text = log.read_text()
+    assert "cutting off the answers still under way" in text and "Traceback" not in text, text[-3000:]
+
+
+def test_the_drain_settles_when_every_replica_acts_on_the_phase_with_nothing_under_way(monkeypatch):
+    """DrainSignal.settled: a replica counts once it has polled since the phase changed, reporting that
+    phase and no request under way; one not heard from for HEARD_S is gone and does not hold the drain."""
+    from sleigh.serve import ray_app
+    from sleigh.serve.ray_app import HEARD_S, DrainSignal
+
+    now = [100.0]
+    monkeypatch.setattr(ray_app.time, "monotonic", lambda: now[0])
+    signal = DrainSignal()
+    assert signal.poll("a", "serving", 2) == "serving" and signal.poll("b", "serving", 0) == "serving"
+    now[0] += 1
+    signal.set_phase("draining")
+    assert not signal.settled()  # neither has polled since
+    now[0] += 0.2
+    assert signal.poll("a", "serving", 2) == "draining"  # it learns the phase now; acting on it comes after
+    assert signal.poll("b", "draining", 0) == "draining"
+    assert not signal.settled()  # a still reports the old phase
+    now[0] += 0.2
+    signal.poll("a", "draining", 1)
+    assert not signal.settled()  # a still has an answer under way
+    now[0] += 0.2
+    signal.poll("a", "draining", 0)
+    assert signal.settled()
+    now[0] += 0.2
+    signal.set_phase("cut")
+    now[0] += 0.2
+    signal.poll("a", "cut", 0)
+    assert not signal.settled()  # b, heard from lately, has not polled since the cut
+    now[0] += HEARD_S
+    signal.poll("a", "cut", 0)
+    assert signal.settled()  # b has gone quiet (Ray stopped it): only a counts
