@@ -1,11 +1,12 @@
 """One `sleigh train` step's peak memory against the guard's bound (sleigh/sleighvl/step_memory.py).
 
-    python benchmarks/train_step_memory.py CKPT DATA [--batch 4] [--train gswa] [--step 0] [--threads 2]
+    python benchmarks/train_step_memory.py CKPT DATA [--batch 4] [--micro-batch K] [--train gswa] [--step 0] [--threads 2]
 
 Loads CKPT, draws step STEP's batch of DATA (the JSONL train reads, curriculum off) as `sleigh train`
 does, and runs that one step. Printed: the batch's views per image, the step's peak over the loaded
 model (VmHWM after the step less VmRSS before it: Linux), the bound `step_bytes_at_least` gives for
-that batch (its largest image's views), and their ratio. Run it in a fresh process per point: the peak
+that batch (its largest image's views; with --micro-batch, for its largest part run at once), and
+their ratio. Run it in a fresh process per point: the peak
 is the process's. The last line is `GREW BOUND` in bytes, for tests.
 """
 
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("data", type=Path)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--micro-batch", type=int, default=None)
     ap.add_argument("--train", default="gswa")
     ap.add_argument("--step", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -37,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, cfg, _ = load_checkpoint(args.ckpt)
     parts = T.parse_parts(args.train)
-    opts = T.TrainOptions(batch=args.batch, steps=1, curriculum="off", train=args.train)
+    opts = T.TrainOptions(batch=args.batch, micro_batch=args.micro_batch, steps=1, curriculum="off", train=args.train)
     trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, torch.device("cpu"),
                         use_aux=False)
     batch = Batches(read_qa(args.data), opts, False, cfg).make(args.step, 3)
@@ -45,8 +47,11 @@ def main() -> None:
     before = resident_bytes()
     trainer.step(batch, 1e-4)
     grew = resident_bytes("VmHWM") - before
-    bound = step_bytes_at_least(cfg, parts, max(views), len(views), sum(p.numel() for p in trainer.params))
-    print(f"{args.ckpt.name} --train {args.train} --batch {args.batch}: views {views}; step's peak over the model "
+    size = min(args.micro_batch or len(views), len(views))
+    bound = max(step_bytes_at_least(cfg, parts, max(views[i:i + size]), len(views[i:i + size]),
+                                    sum(p.numel() for p in trainer.params)) for i in range(0, len(views), size))
+    micro = f" --micro-batch {args.micro_batch}" if args.micro_batch else ""
+    print(f"{args.ckpt.name} --train {args.train} --batch {args.batch}{micro}: views {views}; step's peak over the model "
           f"{grew / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, peak/bound {grew / bound:.2f}")
     print(grew, bound)
 

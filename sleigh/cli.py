@@ -443,6 +443,7 @@ def train(
     minutes: Optional[float] = typer.Option(None, help="Wall-clock budget (or --steps); the curriculum follows the clock."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, cosine to 10 %)."),
     batch: int = typer.Option(16, help="Images per step (each with its questions)."),
+    micro_batch: Optional[int] = typer.Option(None, help="Images run at once within a step (default: the whole batch); the same update in less memory."),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same weights."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in --out (same checkpoint, data and schedule options)."),
     curriculum: str = typer.Option("auto", help="auto (synthetic data with the ViT trained), on or off."),
@@ -458,7 +459,7 @@ def train(
     from sleigh.sleighvl.train import TrainOptions, train as do_train
 
     _check_threads(threads)  # as on run, bench, eval and serve
-    opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, seed=seed, resume=resume,
+    opts = TrainOptions(train=parts, steps=steps, minutes=minutes, lr=lr, batch=batch, micro_batch=micro_batch, seed=seed, resume=resume,
                         curriculum=curriculum, curriculum_steps=curriculum_steps, save_every=save_every, strict=strict,
                         threads=threads, save_dtype=save_dtype, gswa_hint=gswa_hint)
     r = do_train(checkpoint, data, out, opts, log=lambda m: typer.echo(m, err=True))

@@ -1,11 +1,11 @@
 """What one `sleigh train` step holds at least, checked against what the machine has before training.
 
-A step runs every image of its batch through the LLM at once, each image's prompt padded to the
-batch's longest (train.answer_logits), and keeps every layer's attention probabilities for the
-backward pass: batch x heads x P x (P + 1) float32 per layer for prompts of P tokens. So a batch that
-holds the data's largest image (the most views, P = views x tokens per view) costs that many
-square matrices per layer, whatever its other images. Counted here, as a lower bound of a step's
-peak over the loaded model:
+A step runs the images of its batch (or of each --micro-batch part) through the LLM at once, each
+image's prompt padded to the longest among them (train.answer_logits), and keeps every layer's
+attention probabilities for the backward pass: images x heads x P x (P + 1) float32 per layer for
+prompts of P tokens. So a part that holds the data's largest image (the most views, P = views x
+tokens per view) costs that many square matrices per layer, whatever its other images. Counted here,
+as a lower bound of a step's peak over the loaded model:
 
 - every layer's probabilities, and one layer's scores more while it computes them (layers + 1);
 - what each layer keeps per prompt position: the normed inputs, the query, the attention's output and
@@ -15,22 +15,24 @@ peak over the loaded model:
   tensors of (image/patch)^2 + 1 tokens;
 - the gradients and AdamW's two moments of every trained parameter.
 
-Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.3-1.5x
-this bound at 448-px views (the tiny and small presets), more at the demo preset's small views. So a
-batch the bound refuses would have been killed mid-step by the kernel's out-of-memory killer, with no
-message (a helper's `--batch 100` on the tiny preset took the VM's 24 GB); one whose bound fits but
-not OVER_BOUND times it trains with a warning.
+Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.32-1.43x
+this bound at 448-px views (the tiny and small presets), more at the demo preset's small views. So
+a step refused where LEAST_OVER times the bound does not fit would have been killed mid-step by the
+kernel's out-of-memory killer, with no message (a helper's `--batch 100` on the tiny preset took the
+VM's 24 GB); one where that fits but OVER_BOUND times the bound does not trains with a warning.
 """
 
 from __future__ import annotations
 
 from sleigh.errors import SleighError
 from sleigh.runtime.image import find_grid, max_views
-from sleigh.runtime.memory import available_bytes, gb
+from sleigh.runtime.memory import available_bytes, budget_and_need, gb
 from sleigh.sleighvl.config import SleighVLConfig
 
-# The most a measured step took over the bound at 448-px views (1.3-1.5x; 1.7-3.4x at the demo preset's
-# 112-px views, where the bound is a few hundred MB): a batch is suggested where this many bounds fit
+# What measured steps took over the bound: 1.32x at the least, so a part run at once is refused where
+# LEAST_OVER (a margin under that) does not fit; at 448-px views at most 1.43x (1.7-3.4x at the demo
+# preset's 112-px views, where the bound is a few hundred MB), so one is suggested where OVER_BOUND fits
+LEAST_OVER = 1.25
 OVER_BOUND = 1.5
 
 
@@ -55,36 +57,42 @@ def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int,
     return total + 3 * trained * itemsize
 
 
-def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, batch: int, trained: int,
-                      available: int | None, where: str = "this machine", itemsize: int = 4) -> str | None:
-    """Refuse, in one line, a --batch whose step cannot fit in `available` bytes (None: unknown, not
-    checked), `sizes` being the data's images (width, height) from their header check. -> a warning
-    where the bound fits but OVER_BOUND times it does not (such a step may still not fit), else None."""
+def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, batch: int, micro_batch: int | None,
+                      trained: int, available: int | None, where: str = "this machine", itemsize: int = 4) -> str | None:
+    """Refuse, in one line, a step whose images run at once (--micro-batch, else all of --batch) cannot
+    fit in `available` bytes (None: unknown, not checked), `sizes` being the data's images (width,
+    height) from their header check. -> a warning where the bound fits but OVER_BOUND times it does not
+    (such a step may still not fit), else None. The remedy offered first is --micro-batch: the same
+    update from fewer images at a time (train.Trainer.step)."""
     if available is None or not sizes:
         return None
+    size = min(micro_batch or batch, batch)
+    flag = "--micro-batch" if size < batch else "--batch"
     views = max(views_of(s, cfg) for s in sizes.values())
 
     def need(b: int, times: float = 1.0) -> int:
         return int(times * step_bytes_at_least(cfg, parts, views, b, trained, itemsize))
 
-    if need(batch, OVER_BOUND) <= available:
+    if need(size, OVER_BOUND) <= available:
         return None
-    fits = next((b for b in range(batch - 1, 0, -1) if need(b, OVER_BOUND) <= available), 0)  # need grows with b
+    fits = next((b for b in range(size - 1, 0, -1) if need(b, OVER_BOUND) <= available), 0)  # need grows with b
     prompt = views * cfg.vision.tokens_per_view
-    why = (f"a step whose batch holds the data's largest image ({views} views, {prompt:,} image tokens, to which every "
-           f"prompt of the batch is padded) needs at least {gb(need(batch), 'up')} beyond the loaded model, and "
-           f"{where} has {gb(available)} available")
-    smaller = f"--batch {fits} or less (where {OVER_BOUND}x that fits, as much as steps have taken)" if fits else ""
-    if need(batch) <= available:
-        return f"--batch {batch} may not fit: {why}, and steps have taken up to {OVER_BOUND}x that" + (
-            f"; {smaller} would fit" if smaller else "")
-    if smaller:
-        raise SleighError("--batch", f"{batch}: {why}", f"{smaller}, or a machine with more memory")
-    if batch > 1 and need(1) <= available:
-        raise SleighError("--batch", f"{batch}: {why}", "--batch 1 (which may still not fit), or a machine with more memory")
+    has, needs = budget_and_need(available, need(size, LEAST_OVER))  # as many decimals as it takes to tell them apart
+    why = (f"with the data's largest image ({views} views, {prompt:,} image tokens, to which every prompt run with it "
+           f"is padded), {size} images at once need at least {needs} beyond the loaded model, and {where} has {has} "
+           "available")
+    if need(size, LEAST_OVER) <= available:
+        return f"{flag} {size} may not fit: {why}, and steps have taken up to {gb(need(size, OVER_BOUND), 'up')}" + (
+            f"; --micro-batch {fits} would fit" if fits else "")
+    if fits:
+        other = f", --batch {fits} or less" if flag == "--batch" else ""
+        raise SleighError(f"{flag} {size}", why, f"--micro-batch {fits} (the same update, {fits} images at a time, "
+                          f"where the most steps have taken fits){other}, or a machine with more memory")
+    if size > 1 and need(1, LEAST_OVER) <= available:
+        raise SleighError(f"{flag} {size}", why, "--micro-batch 1 (which may still not fit), or a machine with more memory")
     most = max_views(cfg.image.max_tiles, cfg.image.thumbnail)
-    one = f"; --batch 1 needs at least {gb(need(1), 'up')}" if batch > 1 else ""
-    raise SleighError("--batch", f"{batch}: {why}{one}",
+    one = f"; one image at a time needs at least {gb(need(1, LEAST_OVER), 'up')}" if size > 1 else ""
+    raise SleighError(f"{flag} {size}", why + one,
                       f"a machine with more memory, or images that tile into fewer views (at most {most} here)")
 
 

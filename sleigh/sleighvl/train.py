@@ -54,6 +54,7 @@ class TrainOptions:
     minutes: float | None = None
     lr: float = 1e-3
     batch: int = 16
+    micro_batch: int | None = None  # images a step runs at once (None: the whole batch); the same update either way
     seed: int = 0
     resume: bool = False
     curriculum: str = "auto"  # auto (on for synthetic data when the ViT trains), on, off
@@ -87,7 +88,8 @@ def check_options(out: Path, opts: TrainOptions) -> tuple[str, ...]:
         raise SleighError("--steps", f"got {opts.steps}", "a number of steps >= 1")
     if opts.minutes is not None and not (math.isfinite(opts.minutes) and opts.minutes > 0):
         raise SleighError("--minutes", f"got {opts.minutes}", "a positive, finite number of minutes")
-    for name, value in (("--batch", opts.batch), ("--save-every", opts.save_every)):
+    for name, value in (("--batch", opts.batch), ("--micro-batch", 1 if opts.micro_batch is None else opts.micro_batch),
+                        ("--save-every", opts.save_every)):
         if value < 1:
             raise SleighError(name, f"got {value}", "an integer >= 1")
     if not (math.isfinite(opts.lr) and opts.lr > 0):
@@ -245,62 +247,81 @@ class Trainer:
         return self.opts.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
     def step(self, batch: Batch, lr: float) -> dict:
-        model, cfg, tok, dev = self.model, self.cfg, self.tok, self.device
-        model.train()
+        """One update from `batch`, run in parts of at most --micro-batch images, each part's gradients
+        added up before the update: every loss term is a sum over its part divided by the whole batch's
+        count (answer tokens, labelled images, images with a hint), so the update is the whole batch's
+        at any part size, to float rounding. The parts share nothing but the weights."""
+        self.model.train()
         examples, tiled = batch.examples, batch.tiled
-        # one ViT call for every view of the batch (each view is encoded alone), then mlp1 and GSWA per image
-        hidden = model.vision(torch.from_numpy(np.concatenate([t.pixel_values for t in tiled])).to(dev))
-        vis = model.encode_batch(hidden, [t.num_views for t in tiled])
-        hint = self._hint_loss(batch, vis) if self.opts.gswa_hint and batch.curriculum else None
-        aux_losses = []
-        if self.aux is not None:
-            for v, ex in zip(vis, examples, strict=True):
-                if ex.labels is not None:
-                    logits = self.aux(v.last_hidden)
-                    aux_losses.append(
-                        F.cross_entropy(logits[:len(COLOURS)][None], torch.tensor([ex.labels[0]], device=dev))
-                        + F.cross_entropy(logits[len(COLOURS):][None], torch.tensor([ex.labels[1]], device=dev)))
-        rows = []
-        for i, (ex, t) in enumerate(zip(examples, tiled, strict=True)):
-            for question, answer in ex.qas:
-                prompt = tok.encode_prompt(question, t.num_views, tokens_per_view=cfg.vision.tokens_per_view)
-                rows.append(Row(i, prompt, tok.encode(answer, add_bos=False) + [tok.im_end_id]))
-        pred, gold = answer_logits(model, rows, vis, pad=tok.eos_id)
-        lm_loss = F.cross_entropy(pred, gold)
-        loss = lm_loss
-        aux_loss = torch.stack(aux_losses).mean() if aux_losses else None
-        if aux_loss is not None:
-            loss = loss + self.opts.aux_weight * aux_loss
-        if hint is not None:
-            loss = loss + self.opts.gswa_hint * hint
+        rows = [Row(i, self.tok.encode_prompt(question, t.num_views, tokens_per_view=self.cfg.vision.tokens_per_view),
+                    self.tok.encode(answer, add_bos=False) + [self.tok.im_end_id])
+                for i, (ex, t) in enumerate(zip(examples, tiled, strict=True)) for question, answer in ex.qas]
+        counts = {"loss": sum(len(r.reply) for r in rows),  # every answer id is scored (answer_logits)
+                  "aux": sum(ex.labels is not None for ex in examples) if self.aux is not None else 0,
+                  "hint": sum(self._hinted(batch, ex, t) for ex, t in zip(examples, tiled, strict=True))}
+        weights = {"loss": 1.0, "aux": self.opts.aux_weight, "hint": self.opts.gswa_hint}
+        sums = dict.fromkeys(counts, 0.0) | {"correct": 0}
+        self.optimizer.zero_grad(set_to_none=True)
+        size = min(self.opts.micro_batch or len(examples), len(examples))
+        for start in range(0, len(examples), size):
+            part = self._part_sums(batch, range(start, min(start + size, len(examples))), rows)
+            loss = sum(weights[k] * part[k] / counts[k] for k in counts if part[k] is not None)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"the loss is {value}")
+            loss.backward()
+            for k, v in part.items():
+                sums[k] += v.item() if isinstance(v, torch.Tensor) else v or 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        value = loss.item()
-        if not math.isfinite(value):
-            raise Diverged(f"the loss is {value}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         try:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0, error_if_nonfinite=True)
         except RuntimeError:
             raise Diverged("the gradients are not finite") from None
         self.optimizer.step()
-        with torch.no_grad():
-            token_acc = float((pred.argmax(-1) == gold).float().mean())
-        return {"loss": lm_loss.item(), "aux": None if aux_loss is None else aux_loss.item(),
-                "hint": None if hint is None else hint.item(), "token_acc": token_acc}
+        mean = {k: sums[k] / counts[k] if counts[k] else None for k in ("aux", "hint")}
+        return {"loss": sums["loss"] / counts["loss"], **mean, "token_acc": sums["correct"] / counts["loss"]}
 
-    def _hint_loss(self, batch: Batch, vis: list) -> torch.Tensor | None:
-        """--gswa-hint: cross-entropy of where GSWA's thumbnail looks among the tiles (its attention,
-        before the gate alpha) against the tile holding the object's centre, for the curriculum's
-        multi-tile samples. It breaks GSWA's symmetry at start (alpha = 0 passes no gradient to the
-        attention); how much the LLM leans on those weights (alpha) is still learned from the answers."""
-        losses = []
-        for v, ex, t in zip(vis, batch.examples, batch.tiled, strict=True):
-            if ex.box is not None and t.num_views > 1:
+    def _part_sums(self, batch: Batch, part: range, rows: list[Row]) -> dict:
+        """The images `part` of `batch`: their loss terms as sums (tensors with gradients; None where the
+        part has none of a term) and the count of answer ids predicted right."""
+        model, dev = self.model, self.device
+        examples, tiled = batch.examples[part.start:part.stop], batch.tiled[part.start:part.stop]
+        # one ViT call for every view of the part (each view is encoded alone), then mlp1 and GSWA per image
+        hidden = model.vision(torch.from_numpy(np.concatenate([t.pixel_values for t in tiled])).to(dev))
+        vis = model.encode_batch(hidden, [t.num_views for t in tiled])
+        hints = self._hint_terms(batch, examples, tiled, vis)
+        aux = []
+        if self.aux is not None:
+            for v, ex in zip(vis, examples, strict=True):
+                if ex.labels is not None:
+                    logits = self.aux(v.last_hidden)
+                    aux.append(F.cross_entropy(logits[:len(COLOURS)][None], torch.tensor([ex.labels[0]], device=dev))
+                               + F.cross_entropy(logits[len(COLOURS):][None], torch.tensor([ex.labels[1]], device=dev)))
+        mine = [Row(r.image - part.start, r.prompt, r.reply) for r in rows if r.image in part]
+        pred, gold = answer_logits(model, mine, vis, pad=self.tok.eos_id)
+        with torch.no_grad():
+            correct = int((pred.argmax(-1) == gold).sum())
+        return {"loss": F.cross_entropy(pred, gold, reduction="sum"), "aux": torch.stack(aux).sum() if aux else None,
+                "hint": torch.stack(hints).sum() if hints else None, "correct": correct}
+
+    def _hint_terms(self, batch: Batch, examples: list, tiled: list, vis: list) -> list[torch.Tensor]:
+        """-log of the share of GSWA's thumbnail attention that goes to the object's tile, for each of
+        `examples` (encoded as `vis`) that takes the hint (`_hinted`)."""
+        out = []
+        for v, ex, t in zip(vis, examples, tiled, strict=True):
+            if self._hinted(batch, ex, t):
                 a = self.model.gswa.thumbnail_attention(v.last_hidden[:, 0])[:-1]  # the tiles
-                losses.append(-torch.log(a[object_tile(t.grid, t.image_size, ex.box)] / a.sum()))
-        return torch.stack(losses).mean() if losses else None
+                out.append(-torch.log(a[object_tile(t.grid, t.image_size, ex.box)] / a.sum()))
+        return out
+
+    def _hinted(self, batch: Batch, ex, t) -> bool:
+        """Whether image `ex` (tiled `t`) of `batch` takes the --gswa-hint term: cross-entropy of where
+        GSWA's thumbnail looks among the tiles (its attention, before the gate alpha) against the tile
+        holding the object's centre, for the curriculum's multi-tile samples. It breaks GSWA's symmetry
+        at start (alpha = 0 passes no gradient to the attention); how much the LLM leans on those
+        weights (alpha) is still learned from the answers."""
+        return bool(self.opts.gswa_hint) and batch.curriculum and ex.box is not None and t.num_views > 1
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -358,7 +379,7 @@ class TrainResult:
 
 
 # What a resumed run must share with the run it continues (the rest, --save-every, --threads,
-# --strict, --save-dtype, may change between sittings)
+# --strict, --save-dtype, --micro-batch (the same update in other parts), may change between sittings)
 RESUMED_OPTIONS = ("train", "batch", "seed", "steps", "minutes", "lr", "curriculum", "curriculum_steps", "gswa_hint")
 
 
@@ -396,7 +417,8 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         raise SleighError("--gswa-hint", "acts only during the curriculum, which is off for this run",
                           "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
-    tight = check_step_memory(cfg, parts, qa.sizes, opts.batch, sum(p.numel() for p in trainer.params), *available_for(device))
+    tight = check_step_memory(cfg, parts, qa.sizes, opts.batch, opts.micro_batch, sum(p.numel() for p in trainer.params),
+                              *available_for(device))
     if tight:
         log(tight)
     batches = Batches(qa, opts, curriculum, cfg)

@@ -156,7 +156,8 @@ def test_gswa_hint_is_minus_log_of_the_object_tiles_share_and_pulls_gswa_towards
 
     def hint_loss():
         model.zero_grad()
-        return trainer._hint_loss(batch, [model.encode_images(torch.from_numpy(t.pixel_values)) for t in batch.tiled])
+        vis = [model.encode_images(torch.from_numpy(t.pixel_values)) for t in batch.tiled]
+        return torch.stack(trainer._hint_terms(batch, batch.examples, batch.tiled, vis)).mean()
 
     hint = hint_loss()
     with torch.no_grad():  # the reference: the object's tile found by `sleigh eval`'s rule, its share by hand
@@ -183,6 +184,40 @@ def test_gswa_hint_is_minus_log_of_the_object_tiles_share_and_pulls_gswa_towards
     assert runs[1.0].last["hint"] is None  # the last step reads the data
     a, b = weights(tmp_path / "hint-0.0"), weights(tmp_path / "hint-1.0")
     assert not torch.equal(a["gswa.final_qk.weight"], b["gswa.final_qk.weight"])
+
+
+def test_micro_batches_give_the_whole_batchs_update(demo_ckpt, data):
+    """--micro-batch: a step run in parts of 1 or 3 images has the gradients and the metrics of the
+    whole batch of 4 run at once (each loss term a sum over its part over the whole batch's count), for
+    every term: the answers, the auxiliary head's labels and the GSWA hint of a curriculum batch."""
+    from dataclasses import replace
+
+    from sleigh.data.qa import read_qa
+    from sleigh.runtime.prompt import PromptTokenizer
+    from sleigh.sleighvl.batches import Batches
+    from sleigh.sleighvl.checkpoint import load_checkpoint
+
+    tok = PromptTokenizer.from_file(demo_ckpt / "tokenizer.json")
+    opts = TrainOptions(train="all", steps=10, batch=4, gswa_hint=1.0)
+    cfg = load_checkpoint(demo_ckpt)[1]
+    batch = Batches(read_qa(data), opts, True, cfg).make(7, 2)  # the four-tile phase: labels, boxes, several views
+    assert sum(t.num_views > 1 for t in batch.tiled) >= 2
+    got = {}
+    for micro in (None, 1, 3):
+        model = load_checkpoint(demo_ckpt)[0]
+        torch.manual_seed(0)  # the auxiliary head's initial weights
+        trainer = train_mod.Trainer(model, tok, train_mod.PARTS, replace(opts, micro_batch=micro), torch.device("cpu"),
+                                    use_aux=True)
+        metrics = trainer.step(batch, lr=0.0)  # the gradients stay on the parameters after the update
+        got[micro] = metrics, {n: p.grad.clone() for n, p in trainer._named().items() if p.grad is not None}
+    whole, whole_grads = got[None]
+    assert whole["aux"] is not None and whole["hint"] is not None
+    for micro in (1, 3):
+        metrics, grads = got[micro]
+        assert metrics == pytest.approx(whole, rel=1e-5), micro
+        assert set(grads) == set(whole_grads)
+        for name, g in whole_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=f"--micro-batch {micro}: {name}")
 
 
 def test_curriculum_phases_by_fraction_or_by_steps():
@@ -353,6 +388,7 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
     (dict(steps=1, minutes=1.0), "--steps/--minutes"),
     (dict(), "--steps/--minutes"),
     (dict(steps=1, save_dtype="int8"), "--save-dtype"),
+    (dict(steps=1, micro_batch=0), "--micro-batch"),
     (dict(steps=1, resume=True), "train_state"),
     (dict(steps=10, curriculum_steps=10), "--curriculum-steps"),
     (dict(minutes=1.0, curriculum_steps=10), "--curriculum-steps"),
