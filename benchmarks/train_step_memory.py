@@ -21,7 +21,7 @@ from sleigh.data.qa import read_qa
 from sleigh.runtime.memory import resident_bytes
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl import train as T
-from sleigh.sleighvl.batches import Batches
+from sleigh.sleighvl.batches import CURRICULUM, Batches
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
 from sleigh.sleighvl.step_memory import step_bytes_at_least
 
@@ -42,7 +42,7 @@ def main() -> None:
     opts = T.TrainOptions(batch=args.batch, micro_batch=args.micro_batch, steps=1, curriculum="off", train=args.train)
     trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, torch.device("cpu"),
                         use_aux=False)
-    batch = Batches(read_qa(args.data), opts, False, cfg).make(args.step, 3)
+    batch = Batches(read_qa(args.data), opts, False, cfg).make(args.step, len(CURRICULUM))  # the data's phase
     views = [t.num_views for t in batch.tiled]
     before = resident_bytes()
     trainer.step(batch, 1e-4)

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sleigh.errors import SleighError
 from sleigh.runtime.fields import KINDS
-from sleigh.runtime.image import file_kind
+from sleigh.runtime.image import file_kind, oriented_size
 
 EXPECTED_LINE = ('one JSON object per line: {"image": path, "question": str, "answer": str}, '
                  "image paths relative to the JSONL's folder (a symlinked JSONL's target's) or absolute")
@@ -45,7 +45,7 @@ class QAData:
     items: list[QA]
     skipped: Counter  # reason -> count
     first_skipped: dict  # reason -> first line number
-    sizes: dict = field(default_factory=dict)  # image -> (width, height), from the header check (empty without it)
+    sizes: dict = field(default_factory=dict)  # image -> (width, height) as tiled (EXIF applied), from the header check
 
     def by_image(self) -> list[tuple[Path, list[QA]]]:
         """The items grouped by image, in order of first appearance (one vision pass per image)."""
@@ -189,7 +189,7 @@ def _image_problem(path: Path, sizes: dict) -> str | None:
         with warnings.catch_warnings():  # a large header: the run's own pixel limit judges it
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                sizes[path] = im.size  # the header parsed
+                sizes[path] = oriented_size(im)  # the header parsed; the size the runtime tiles
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return f"unreadable image ({path}: {type(e).__name__})"
     return None

@@ -130,6 +130,17 @@ def check_image_path(source: str | os.PathLike) -> Path:
     return path
 
 
+# EXIF orientations (tag 0x0112) that turn the picture a quarter: `load_image` transposes it to h x w
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def oriented_size(opened: Image.Image) -> tuple[int, int]:
+    """An opened (not decoded) image's (width, height) as `load_image` returns it, EXIF orientation
+    applied, from its header alone."""
+    width, height = opened.size
+    return (height, width) if opened.getexif().get(0x0112) in QUARTER_TURNS else (width, height)
+
+
 def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:
     """Load `source` (a path or a PIL image) as a fully decoded RGB image.
 

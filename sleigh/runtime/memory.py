@@ -220,23 +220,70 @@ def resident_bytes(field: str = "VmRSS") -> int | None:
     return None
 
 
-def available_bytes() -> int | None:
-    """What this machine can still give a process: /proc/meminfo's MemAvailable, or less where a
-    cgroup (v2: memory.max less memory.current, a container's limit) allows less; None where neither
-    can be read (not Linux)."""
-    found = []
+def available_bytes(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """What this machine can still give this process: /proc/meminfo's MemAvailable, or less where a
+    memory cgroup on the process's path leaves less (a container's or a systemd unit's limit; v2's
+    memory.max or v1's memory.limit_in_bytes, at the process's own level or a parent's): the limit less
+    what the cgroup uses, its inactive file cache (which the kernel reclaims first) not counted as used.
+    None where neither can be read (not Linux)."""
+    found = [limit - used for limit, used in _cgroup_limits(proc, cgroups)]
     try:
-        with open("/proc/meminfo") as f:
+        with open(proc / "meminfo") as f:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
+    return max(0, min(found)) if found else None
+
+
+# v1's "no limit" is the largest page-aligned 64-bit value; anything this large is no limit
+NO_CGROUP_LIMIT = 1 << 62
+# (limit, usage, inactive file cache in memory.stat) of cgroup v2, then v1
+CGROUP_FILES = {"v2": ("memory.max", "memory.current", "inactive_file"),
+                "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def _cgroup_limits(proc: Path, cgroups: Path) -> list[tuple[int, int]]:
+    """(limit, bytes in use) of every memory cgroup with a limit on this process's path (/proc/self/cgroup)."""
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            found.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if line.startswith("0::"):
+            base, (limit_file, used_file, cache_key) = cgroups, CGROUP_FILES["v2"]
+        elif "memory" in controllers.split(","):
+            base, (limit_file, used_file, cache_key) = cgroups / "memory", CGROUP_FILES["v1"]
+        else:
+            continue
+        own = Path(path.lstrip("/"))
+        for level in (own, *own.parents):  # its own cgroup, then each parent up to the mount's root
+            limit, used = _read_int(base / level / limit_file), _read_int(base / level / used_file)
+            if limit is None or used is None or limit >= NO_CGROUP_LIMIT:
+                continue
+            out.append((limit, max(0, used - _stat(base / level / "memory.stat", cache_key))))
+    return out
+
+
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; None where it is absent, unreadable or "max" (v2's no limit)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _stat(path: Path, key: str) -> int:
+    """One field of a cgroup's memory.stat (0 where it cannot be read)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
     except (OSError, ValueError):
         pass
-    return max(0, min(found)) if found else None
+    return 0
 
 
 def weights_bytes(files) -> int:

@@ -25,8 +25,9 @@ VM's 24 GB); one where that fits but OVER_BOUND times the bound does not trains 
 from __future__ import annotations
 
 from sleigh.errors import SleighError
-from sleigh.runtime.image import find_grid, max_views
+from sleigh.runtime.image import default_max_pixels, find_grid, max_views
 from sleigh.runtime.memory import available_bytes, budget_and_need, gb
+from sleigh.sleighvl.batches import CURRICULUM
 from sleigh.sleighvl.config import SleighVLConfig
 
 # What measured steps took over the bound: 1.32x at the least, so a part run at once is refused where
@@ -34,13 +35,20 @@ from sleigh.sleighvl.config import SleighVLConfig
 # preset's 112-px views, where the bound is a few hundred MB), so one is suggested where OVER_BOUND fits
 LEAST_OVER = 1.25
 OVER_BOUND = 1.5
+# What the bound counts (the module docstring): per LLM layer and prompt position, hidden-wide and
+# MLP-wide tensors kept; per ViT layer and token of a view, the same; per trained parameter, its
+# gradient and AdamW's two moments
+LLM_HIDDEN, LLM_MLP = 6, 4
+VIT_HIDDEN, VIT_MLP = 6, 2
+PER_TRAINED = 3
 
 
-def views_of(size: tuple[int, int], cfg: SleighVLConfig) -> int:
-    """The views `tile_image` makes of a width x height image under the checkpoint's tiling."""
+def views_of(size: tuple[int, int], cfg: SleighVLConfig, max_tiles: int | None = None) -> int:
+    """The views `tile_image` makes of a width x height image under the checkpoint's tiling (or at
+    most `max_tiles` tiles, as a curriculum phase tiles)."""
     img = cfg.image
-    cols, rows = find_grid(*size, min_tiles=img.min_tiles, max_tiles=img.max_tiles, size=cfg.vision.image_size)
-    return cols * rows + (1 if img.thumbnail and cols * rows > 1 else 0)
+    cols, rows = find_grid(*size, min_tiles=img.min_tiles, max_tiles=max_tiles or img.max_tiles, size=cfg.vision.image_size)
+    return max_views(cols * rows, img.thumbnail)
 
 
 def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int, batch: int, trained: int,
@@ -49,38 +57,51 @@ def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int,
     tiles into `views` views (the module docstring); `trained`: the trained parameters' count."""
     llm, vision = cfg.llm, cfg.vision
     prompt = views * vision.tokens_per_view + 1  # and at least one token of text
+    # every layer's attention probabilities, and one layer's scores while it computes them
     total = (llm.num_layers + 1) * batch * llm.num_heads * prompt * (prompt + 1) * itemsize
-    total += llm.num_layers * batch * prompt * (6 * llm.hidden_size + 4 * llm.intermediate_size) * itemsize
+    total += llm.num_layers * batch * prompt * (LLM_HIDDEN * llm.hidden_size + LLM_MLP * llm.intermediate_size) * itemsize
     if "vision" in parts:
-        tokens = vision.num_patches + 1
-        total += batch * views * vision.num_layers * (6 * vision.hidden_size + 2 * vision.intermediate_size) * tokens * itemsize
-    return total + 3 * trained * itemsize
+        per_view = (vision.num_patches + 1) * (VIT_HIDDEN * vision.hidden_size + VIT_MLP * vision.intermediate_size)
+        total += batch * views * vision.num_layers * per_view * itemsize
+    return total + PER_TRAINED * trained * itemsize
+
+
+def largest_image(cfg: SleighVLConfig, sizes: dict, curriculum: bool) -> tuple[int, str]:
+    """(the most views an image of the run tiles into, which image that is): the data's images that
+    train (`sizes`, image -> (width, height) as tiled; those past the tiler's pixel limit leave their
+    batches), and with the curriculum, its samples of the most tiles (each is drawn, not read)."""
+    limit = default_max_pixels(cfg.image.max_tiles, cfg.vision.image_size)
+    found = [(views_of(size, cfg), f"image {image}") for image, size in sizes.items() if size[0] * size[1] <= limit]
+    if curriculum:
+        tiles = max(t for _, t, _ in CURRICULUM)
+        found.append((max_views(tiles, cfg.image.thumbnail), f"a curriculum sample of {tiles} tiles"))
+    return max(found, default=(0, ""), key=lambda f: f[0])
 
 
 def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, batch: int, micro_batch: int | None,
-                      trained: int, available: int | None, where: str = "this machine", itemsize: int = 4) -> str | None:
+                      trained: int, available: int | None, where: str = "this machine", curriculum: bool = False,
+                      itemsize: int = 4) -> str | None:
     """Refuse, in one line, a step whose images run at once (--micro-batch, else all of --batch) cannot
-    fit in `available` bytes (None: unknown, not checked), `sizes` being the data's images (width,
-    height) from their header check. -> a warning where the bound fits but OVER_BOUND times it does not
-    (such a step may still not fit), else None. The remedy offered first is --micro-batch: the same
-    update from fewer images at a time (train.Trainer.step)."""
-    if available is None or not sizes:
+    fit in `available` bytes (None: unknown, not checked), `sizes` being the data's images that train
+    (image -> (width, height) as tiled, from their header check). -> a warning where LEAST_OVER times
+    the bound fits but OVER_BOUND times it does not (such a step may still not fit), else None. The
+    remedy offered first is --micro-batch: the same update from fewer images at a time (train.Trainer.step)."""
+    views, which = largest_image(cfg, sizes, curriculum)
+    if available is None or not views:
         return None
     size = min(micro_batch or batch, batch)
     flag = "--micro-batch" if size < batch else "--batch"
-    views = max(views_of(s, cfg) for s in sizes.values())
 
     def need(b: int, times: float = 1.0) -> int:
         return int(times * step_bytes_at_least(cfg, parts, views, b, trained, itemsize))
 
     if need(size, OVER_BOUND) <= available:
         return None
-    fits = next((b for b in range(size - 1, 0, -1) if need(b, OVER_BOUND) <= available), 0)  # need grows with b
-    prompt = views * cfg.vision.tokens_per_view
+    fits = _most_images(lambda b: need(b, OVER_BOUND), available, size - 1)
     has, needs = budget_and_need(available, need(size, LEAST_OVER))  # as many decimals as it takes to tell them apart
-    why = (f"with the data's largest image ({views} views, {prompt:,} image tokens, to which every prompt run with it "
-           f"is padded), {size} images at once need at least {needs} beyond the loaded model, and {where} has {has} "
-           "available")
+    why = (f"with {which} ({views} views, {views * cfg.vision.tokens_per_view:,} image tokens, to which every prompt "
+           f"run with it is padded), {size} images at once need at least {needs} beyond the loaded model, and {where} "
+           f"has {has} available")
     if need(size, LEAST_OVER) <= available:
         return f"{flag} {size} may not fit: {why}, and steps have taken up to {gb(need(size, OVER_BOUND), 'up')}" + (
             f"; --micro-batch {fits} would fit" if fits else "")
@@ -90,10 +111,23 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
                           f"where the most steps have taken fits){other}, or a machine with more memory")
     if size > 1 and need(1, LEAST_OVER) <= available:
         raise SleighError(f"{flag} {size}", why, "--micro-batch 1 (which may still not fit), or a machine with more memory")
-    most = max_views(cfg.image.max_tiles, cfg.image.thumbnail)
     one = f"; one image at a time needs at least {gb(need(1, LEAST_OVER), 'up')}" if size > 1 else ""
     raise SleighError(f"{flag} {size}", why + one,
-                      f"a machine with more memory, or images that tile into fewer views (at most {most} here)")
+                      f"a machine with more memory, or images that tile into fewer than {views} views")
+
+
+def _most_images(need, available: int, most: int) -> int:
+    """The most images, up to `most`, whose `need` fits in `available` (0 if not one): need grows by the
+    same amount with each image, so it is solved for, then checked against `need` itself."""
+    if most < 1 or need(1) > available:
+        return 0
+    per_image = max(need(2) - need(1), 1)
+    b = min(most, 1 + (available - need(1)) // per_image)
+    while b > 1 and need(b) > available:  # the int() rounding of each need
+        b -= 1
+    while b < most and need(b + 1) <= available:
+        b += 1
+    return b
 
 
 def available_for(device) -> tuple[int | None, str]:

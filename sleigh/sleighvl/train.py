@@ -417,8 +417,9 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
         raise SleighError("--gswa-hint", "acts only during the curriculum, which is off for this run",
                           "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
-    tight = check_step_memory(cfg, parts, qa.sizes, opts.batch, opts.micro_batch, sum(p.numel() for p in trainer.params),
-                              *available_for(device))
+    training = {q.image: qa.sizes[q.image] for q in qa.items if q.image in qa.sizes}  # the lines left in
+    tight = check_step_memory(cfg, parts, training, opts.batch, opts.micro_batch, sum(p.numel() for p in trainer.params),
+                              *available_for(device), curriculum=curriculum)
     if tight:
         log(tight)
     batches = Batches(qa, opts, curriculum, cfg)
