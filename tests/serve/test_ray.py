@@ -95,6 +95,63 @@ def test_replicas_past_the_machines_cpus_are_one_line_not_a_wait_forever(sleigh_
     assert line.startswith("error: --replicas 1 --replica-cpus 1000 | 1 replica of 1000 CPUs need 1000; this Ray cluster has "), line
 
 
+class _StreamingRay:
+    """`sleigh serve --ray` on the tiny package (one replica) in its own process, with a greedy stream of
+    7,000 tokens under way (at least 3 events in) once started; `lines` are its events as they come."""
+
+    def __init__(self, tiny_pkg, tmp_path, shutdown_timeout: float):
+        import subprocess
+        import sys
+        import threading
+        import time
+
+        from tests.helpers import cli_env
+
+        port = free_port()
+        env = {**cli_env(), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+        self.log, self.model, self.lines = tmp_path / "serve.log", tiny_pkg.name, []
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port",
+                                          str(port), "--ray", "--replica-cpus", "0.5", "--threads", "1",
+                                          "--shutdown-timeout", str(shutdown_timeout)], env=env, stdout=out, stderr=out)
+        self.base = f"http://127.0.0.1:{port}"
+        try:
+            wait_healthy(self.base, self.proc, timeout=120)
+            deadline = time.monotonic() + 60
+            while "Ray Serve: " not in self.log.read_text() and time.monotonic() < deadline:  # serve.run has returned
+                time.sleep(0.1)
+            self.reader = threading.Thread(target=self._stream)
+            self.reader.start()
+            deadline = time.monotonic() + 60
+            while len(self.lines) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        except BaseException:
+            self.proc.kill()
+            raise
+
+    def _stream(self) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
+                "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
+        try:
+            with httpx.stream("POST", self.base + "/v1/chat/completions", json=body, timeout=120) as r:
+                self.lines.extend(line for line in r.iter_lines() if line)
+        except httpx.TransportError as e:
+            self.lines.append(f"cut: {e}")
+
+    def ask(self) -> httpx.Response:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
+        return httpx.post(self.base + "/v1/chat/completions", json=body, timeout=120)
+
+    def stop(self, *threads) -> None:
+        """SIGTERM; the stream and `threads` joined; the server must exit 0."""
+        import signal
+
+        self.proc.send_signal(signal.SIGTERM)
+        for t in (self.reader, *threads):
+            t.join(timeout=90)
+        assert self.proc.wait(timeout=90) == 0, self.log.read_text()[-3000:]
+
+
 @pytest.mark.slow
 def test_sigterm_under_ray_lets_the_answer_under_way_finish(tiny_pkg, tmp_path):
     """`sleigh serve --ray` on SIGTERM died at once (and on Ctrl-C killed Ray's proxy at once): a
@@ -102,68 +159,35 @@ def test_sigterm_under_ray_lets_the_answer_under_way_finish(tiny_pkg, tmp_path):
     (ray_app.drain) while Ray's proxy still carries the answer, and a new request meanwhile gets OpenAI's
     503 from a replica (it got the proxy's 404 once the application was deleted)."""
     import json
-    import signal
-    import subprocess
-    import sys
     import threading
-    import time
 
-    from tests.helpers import cli_env
-
-    port = free_port()
-    env = {**cli_env(), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
-                                 "--ray", "--replica-cpus", "0.5", "--threads", "1", "--shutdown-timeout", "60"],
-                                env=env, stdout=out, stderr=out)
-    base, lines = f"http://127.0.0.1:{port}", []
-    body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
-            "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
-
-    def stream():
-        try:
-            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
-                lines.extend(line for line in r.iter_lines() if line)
-        except httpx.TransportError as e:
-            lines.append(f"cut: {e}")
-
+    ray_serve, refused = _StreamingRay(tiny_pkg, tmp_path, shutdown_timeout=60), []
     try:
-        wait_healthy(base, proc, timeout=120)
-        deadline = time.monotonic() + 60
-        while "Ray Serve: " not in log.read_text() and time.monotonic() < deadline:  # serve.run has returned
-            time.sleep(0.1)
-        reader = threading.Thread(target=stream)
-        reader.start()
-        deadline = time.monotonic() + 60
-        while len(lines) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        refused = _refused_while_draining(base, tiny_pkg.name)
-        reader.join(timeout=90)
-        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+        asking = threading.Thread(target=lambda: refused.append(_refused_while_draining(ray_serve)))
+        asking.start()
+        ray_serve.stop(asking)
     finally:
-        proc.kill()
-    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1", refused.text  # OpenAI's shape, not Ray's 404
-    assert refused.json()["error"]["type"] == "service_unavailable_error"
-    assert "shutting down and takes no new requests" in refused.json()["error"]["message"]
-    assert lines[-1] == "data: [DONE]", (lines[-1:], log.read_text()[-2000:])
+        ray_serve.proc.kill()
+    lines = ray_serve.lines
+    assert refused and refused[0].status_code == 503, refused  # OpenAI's shape, not Ray's 404
+    assert refused[0].headers["Retry-After"] == "1" and refused[0].json()["error"]["type"] == "service_unavailable_error"
+    assert "shutting down and takes no new requests" in refused[0].json()["error"]["message"]
+    assert lines[-1] == "data: [DONE]", (lines[-1:], ray_serve.log.read_text()[-2000:])
     usage = json.loads(lines[-2].removeprefix("data: "))
     assert len(usage["sleigh"]["token_ids"]) == 7000  # the whole answer, after the signal
 
 
-def _refused_while_draining(base: str, model: str, timeout: float = 30) -> httpx.Response:
+def _refused_while_draining(ray_serve: _StreamingRay, timeout: float = 60) -> httpx.Response:
     """A new request once /health says the replica drains (polled: the signal reaches it within a poll)."""
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        health = httpx.get(base + "/health", timeout=10)
+        health = httpx.get(ray_serve.base + "/health", timeout=10)
         if health.status_code == 503 and health.json().get("status") == "draining":
             break
         time.sleep(0.05)
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
-    return httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+    return ray_serve.ask()
 
 
 @pytest.mark.slow
@@ -172,59 +196,23 @@ def test_sigterm_under_ray_cuts_answers_off_after_the_timeout_as_without_ray(tin
     connection (a stream). The replica now cuts them off itself, as `sleigh serve` without Ray does: a
     stream ends with an error event (no [DONE]), a request waiting behind it gets a 503 error object."""
     import json
-    import signal
-    import subprocess
-    import sys
     import threading
     import time
 
-    from tests.helpers import cli_env
-
-    port = free_port()
-    env = {**cli_env(), "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "sleigh.cli", "serve", "--model", str(tiny_pkg), "--port", str(port),
-                                 "--ray", "--replica-cpus", "0.5", "--threads", "1", "--shutdown-timeout", "3"],
-                                env=env, stdout=out, stderr=out)
-    base, lines, plain = f"http://127.0.0.1:{port}", [], []
-    body = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Go on."}], "stream": True,
-            "max_tokens": 7000, "ignore_eos": True, "temperature": 0}
-
-    def stream():
-        try:
-            with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as r:
-                lines.extend(line for line in r.iter_lines() if line)
-        except httpx.TransportError as e:
-            lines.append(f"cut: {e}")
-
-    def waiting():
-        short = {"model": tiny_pkg.name, "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 4}
-        plain.append(httpx.post(base + "/v1/chat/completions", json=short, timeout=120))
-
+    ray_serve, plain = _StreamingRay(tiny_pkg, tmp_path, shutdown_timeout=3), []
     try:
-        wait_healthy(base, proc, timeout=120)
-        deadline = time.monotonic() + 60
-        while "Ray Serve: " not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        reader, behind = threading.Thread(target=stream), threading.Thread(target=waiting)
-        reader.start()
-        deadline = time.monotonic() + 60
-        while len(lines) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        behind = threading.Thread(target=lambda: plain.append(ray_serve.ask()))
         behind.start()
         time.sleep(0.5)  # queued behind the stream
-        proc.send_signal(signal.SIGTERM)
-        reader.join(timeout=90)
-        behind.join(timeout=90)
-        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+        ray_serve.stop(behind)
     finally:
-        proc.kill()
+        ray_serve.proc.kill()
+    lines = ray_serve.lines
     assert "data: [DONE]" not in lines and len(lines) < 7000, (len(lines), lines[-1:])  # cut off, not finished
     assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"], lines[-1:]
     assert plain and plain[0].status_code == 503, plain
     assert "cut this answer off" in plain[0].json()["error"]["message"]
-    text = log.read_text()
+    text = ray_serve.log.read_text()
     assert "cutting off the answers still under way" in text and "Traceback" not in text, text[-3000:]
 
 
