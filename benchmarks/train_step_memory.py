@@ -4,7 +4,7 @@
 
 Loads CKPT, draws step STEP's batch of DATA (the JSONL train reads, curriculum off) as `sleigh train`
 does, and runs that one step. Printed: the batch's views per image, the step's peak over the loaded
-model (VmHWM after the step less VmRSS before it: Linux), the bound `step_bytes_at_least` gives for
+model (VmHWM after the step less VmRSS before the batch was tiled: Linux), the bound `step_bytes_at_least` gives for
 that batch (its largest image's views; with --micro-batch, for its largest part run at once), and
 their ratio. Run it in a fresh process per point: the peak
 is the process's. The last line is `GREW BOUND` in bytes, for tests.
@@ -42,14 +42,16 @@ def main() -> None:
     opts = T.TrainOptions(batch=args.batch, micro_batch=args.micro_batch, steps=1, curriculum="off", train=args.train)
     trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, torch.device("cpu"),
                         use_aux=False)
-    batch = Batches(read_qa(args.data), opts, False, cfg).make(args.step, len(CURRICULUM))  # the data's phase
+    qa = read_qa(args.data)
+    before = resident_bytes()  # the batch's tiled images count: they are held through the step
+    batch = Batches(qa, opts, False, cfg).make(args.step, len(CURRICULUM))  # the data's phase
     views = [t.num_views for t in batch.tiled]
-    before = resident_bytes()
     trainer.step(batch, 1e-4)
     grew = resident_bytes("VmHWM") - before
     size = min(args.micro_batch or len(views), len(views))
     bound = max(step_bytes_at_least(cfg, parts, max(views[i:i + size]), len(views[i:i + size]),
-                                    sum(p.numel() for p in trainer.params)) for i in range(0, len(views), size))
+                                    sum(p.numel() for p in trainer.params), rest=len(views) - len(views[i:i + size]),
+                                    rest_views=min(views)) for i in range(0, len(views), size))
     micro = f" --micro-batch {args.micro_batch}" if args.micro_batch else ""
     print(f"{args.ckpt.name} --train {args.train} --batch {args.batch}{micro}: views {views}; step's peak over the model "
           f"{grew / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, peak/bound {grew / bound:.2f}")

@@ -138,7 +138,13 @@ def oriented_size(opened: Image.Image) -> tuple[int, int]:
     """An opened (not decoded) image's (width, height) as `load_image` returns it, EXIF orientation
     applied, from its header alone."""
     width, height = opened.size
-    return (height, width) if opened.getexif().get(0x0112) in QUARTER_TURNS else (width, height)
+    if opened.format == "PNG":  # Pillow's getexif() decodes a PNG to find an eXIf chunk after its pixels;
+        exif = Image.Exif()      # one before them (where writers put it) is in the header's info
+        if opened.info.get("exif"):
+            exif.load(opened.info["exif"])
+    else:
+        exif = opened.getexif()
+    return (height, width) if exif.get(0x0112) in QUARTER_TURNS else (width, height)
 
 
 def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:

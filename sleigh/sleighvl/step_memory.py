@@ -15,7 +15,7 @@ as a lower bound of a step's peak over the loaded model:
   tensors of (image/patch)^2 + 1 tokens;
 - the gradients and AdamW's two moments of every trained parameter.
 
-Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.32-1.43x
+Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.32-1.89x
 this bound at 448-px views (the tiny and small presets), more at the demo preset's small views. So
 a step refused where LEAST_OVER times the bound does not fit would have been killed mid-step by the
 kernel's out-of-memory killer, with no message (a helper's `--batch 100` on the tiny preset took the
@@ -31,10 +31,11 @@ from sleigh.sleighvl.batches import CURRICULUM
 from sleigh.sleighvl.config import SleighVLConfig
 
 # What measured steps took over the bound: 1.32x at the least, so a part run at once is refused where
-# LEAST_OVER (a margin under that) does not fit; at 448-px views at most 1.43x (1.7-3.4x at the demo
+# LEAST_OVER (a margin under that) does not fit; at 448-px views at most 1.89x (one image at a time of a
+# batch of 32, whose waiting images the bound counts at the data's fewest views; 1.7-3.4x at the demo
 # preset's 112-px views, where the bound is a few hundred MB), so one is suggested where OVER_BOUND fits
 LEAST_OVER = 1.25
-OVER_BOUND = 1.5
+OVER_BOUND = 2.0
 # What the bound counts (the module docstring): per LLM layer and prompt position, hidden-wide and
 # MLP-wide tensors kept; per ViT layer and token of a view, the same; per trained parameter, its
 # gradient and AdamW's two moments
@@ -52,13 +53,20 @@ def views_of(size: tuple[int, int], cfg: SleighVLConfig, max_tiles: int | None =
 
 
 def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int, batch: int, trained: int,
-                        itemsize: int = 4) -> int:
-    """A lower bound of one step's peak over the loaded model, for `batch` images the largest of which
-    tiles into `views` views (the module docstring); `trained`: the trained parameters' count."""
+                        itemsize: int = 4, rest: int = 0, rest_views: int = 1) -> int:
+    """A lower bound of one step's peak over the loaded model, for `batch` images run at once, the
+    largest of which tiles into `views` views and every other into `rest_views` at least (the module
+    docstring), while `rest` more images of the step (other --micro-batch parts) wait as pixels;
+    `trained`: the trained parameters' count."""
     llm, vision = cfg.llm, cfg.vision
+    pixels = 3 * vision.image_size**2 * itemsize  # a view's normalised pixels, float32 (runtime.image.tile_image)
+    # the step's tiled images all held (a batch is tiled before it trains); the part's copy into one array
+    # is kept for the backward pass where the ViT trains (its first convolution's input)
+    part = views + (batch - 1) * rest_views
+    total = ((2 if "vision" in parts else 1) * part + rest * rest_views) * pixels
     prompt = views * vision.tokens_per_view + 1  # and at least one token of text
     # every layer's attention probabilities, and one layer's scores while it computes them
-    total = (llm.num_layers + 1) * batch * llm.num_heads * prompt * (prompt + 1) * itemsize
+    total += (llm.num_layers + 1) * batch * llm.num_heads * prompt * (prompt + 1) * itemsize
     total += llm.num_layers * batch * prompt * (LLM_HIDDEN * llm.hidden_size + LLM_MLP * llm.intermediate_size) * itemsize
     if "vision" in parts:
         per_view = (vision.num_patches + 1) * (VIT_HIDDEN * vision.hidden_size + VIT_MLP * vision.intermediate_size)
@@ -66,16 +74,22 @@ def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int,
     return total + PER_TRAINED * trained * itemsize
 
 
-def largest_image(cfg: SleighVLConfig, sizes: dict, curriculum: bool) -> tuple[int, str]:
-    """(the most views an image of the run tiles into, which image that is): the data's images that
-    train (`sizes`, image -> (width, height) as tiled; those past the tiler's pixel limit leave their
-    batches), and with the curriculum, its samples of the most tiles (each is drawn, not read)."""
+CURRICULUM_SAMPLE = "a curriculum sample"
+
+
+def run_views(cfg: SleighVLConfig, sizes: dict, curriculum: bool) -> tuple[int, str, int]:
+    """(the most views an image of the run tiles into, which image that is, the fewest): the data's
+    images that train (`sizes`, image -> (width, height) as tiled; those past the tiler's pixel limit
+    leave their batches), and with the curriculum, its samples of the most tiles (drawn, not read)."""
     limit = default_max_pixels(cfg.image.max_tiles, cfg.vision.image_size)
     found = [(views_of(size, cfg), f"image {image}") for image, size in sizes.items() if size[0] * size[1] <= limit]
     if curriculum:
         tiles = max(t for _, t, _ in CURRICULUM)
-        found.append((max_views(tiles, cfg.image.thumbnail), f"a curriculum sample of {tiles} tiles"))
-    return max(found, default=(0, ""), key=lambda f: f[0])
+        found.append((max_views(tiles, cfg.image.thumbnail), f"{CURRICULUM_SAMPLE} of {tiles} tiles"))
+    if not found:
+        return 0, "", 0
+    most = max(found, key=lambda f: f[0])
+    return most[0], most[1], min(v for v, _ in found)
 
 
 def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, batch: int, micro_batch: int | None,
@@ -86,34 +100,39 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
     (image -> (width, height) as tiled, from their header check). -> a warning where LEAST_OVER times
     the bound fits but OVER_BOUND times it does not (such a step may still not fit), else None. The
     remedy offered first is --micro-batch: the same update from fewer images at a time (train.Trainer.step)."""
-    views, which = largest_image(cfg, sizes, curriculum)
+    views, which, fewest = run_views(cfg, sizes, curriculum)
     if available is None or not views:
         return None
     size = min(micro_batch or batch, batch)
     flag = "--micro-batch" if size < batch else "--batch"
 
-    def need(b: int, times: float = 1.0) -> int:
-        return int(times * step_bytes_at_least(cfg, parts, views, b, trained, itemsize))
+    def need(b: int, times: float = 1.0) -> int:  # b images at once, the rest of the batch waiting
+        return int(times * step_bytes_at_least(cfg, parts, views, b, trained, itemsize, batch - b, fewest))
 
     if need(size, OVER_BOUND) <= available:
         return None
     fits = _most_images(lambda b: need(b, OVER_BOUND), available, size - 1)
+    whole = _most_images(lambda b: int(OVER_BOUND * step_bytes_at_least(cfg, parts, views, b, trained, itemsize, 0, fewest)),
+                         available, batch - 1)  # a smaller batch, run at once
     has, needs = budget_and_need(available, need(size, LEAST_OVER))  # as many decimals as it takes to tell them apart
     why = (f"with {which} ({views} views, {views * cfg.vision.tokens_per_view:,} image tokens, to which every prompt "
-           f"run with it is padded), {size} images at once need at least {needs} beyond the loaded model, and {where} "
-           f"has {has} available")
+           f"run with it is padded), {'one image needs' if size == 1 else f'{size} images at once need'} at least {needs} "
+           f"beyond the loaded model, and {where} has {has} available")
     if need(size, LEAST_OVER) <= available:
         return f"{flag} {size} may not fit: {why}, and steps have taken up to {gb(need(size, OVER_BOUND), 'up')}" + (
             f"; --micro-batch {fits} would fit" if fits else "")
-    if fits:
-        other = f", --batch {fits} or less" if flag == "--batch" else ""
-        raise SleighError(f"{flag} {size}", why, f"--micro-batch {fits} (the same update, {fits} images at a time, "
-                          f"where the most steps have taken fits){other}, or a machine with more memory")
+    remedies = [f"--micro-batch {fits} (the same update, {'one image' if fits == 1 else f'{fits} images'} at a time, "
+                "where the most steps have taken fits)"] if fits else []
+    if whole and whole < batch:
+        remedies.append(f"--batch {whole} or less")
+    if remedies:
+        raise SleighError(f"{flag} {size}", why, ", ".join(remedies) + ", or a machine with more memory")
     if size > 1 and need(1, LEAST_OVER) <= available:
         raise SleighError(f"{flag} {size}", why, "--micro-batch 1 (which may still not fit), or a machine with more memory")
     one = f"; one image at a time needs at least {gb(need(1, LEAST_OVER), 'up')}" if size > 1 else ""
-    raise SleighError(f"{flag} {size}", why + one,
-                      f"a machine with more memory, or images that tile into fewer than {views} views")
+    fewer = ("--curriculum off (its samples tile into more views than the data's images)" if which.startswith(CURRICULUM_SAMPLE)
+             else f"images that tile into fewer than {views} views")
+    raise SleighError(f"{flag} {size}", why + one, f"a machine with more memory, or {fewer}")
 
 
 def _most_images(need, available: int, most: int) -> int:

@@ -15,7 +15,7 @@ from PIL import Image
 from sleigh.errors import SleighError
 from sleigh.runtime.image import tile_image
 from sleigh.sleighvl.config import PRESETS
-from sleigh.sleighvl.step_memory import (LEAST_OVER, OVER_BOUND, _most_images, check_step_memory, largest_image,
+from sleigh.sleighvl.step_memory import (LEAST_OVER, OVER_BOUND, _most_images, check_step_memory, run_views,
                                          step_bytes_at_least, views_of)
 from tests.helpers import cli_env, one_error_line, run_sleigh
 
@@ -25,26 +25,28 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("size", [(448, 448), (359, 311), (700, 200), (1598, 1309), (1773, 557), (30, 2000)])  # 2, 3: other views turned
 @pytest.mark.parametrize("orientation", [1, 6])  # 6: EXIF's quarter turn, which the runtime applies before tiling
-def test_views_are_what_the_runtimes_tiler_makes_of_the_size_read_from_the_header(size, orientation, tmp_path):
+@pytest.mark.parametrize("kind", ["jpg", "png"])  # a PNG's EXIF is read from its header, not by decoding it
+def test_views_are_what_the_runtimes_tiler_makes_of_the_size_read_from_the_header(size, orientation, kind, tmp_path):
     from sleigh.data.qa import read_qa
 
     exif = Image.Exif()
     exif[0x0112] = orientation
-    Image.new("RGB", size, (90, 120, 30)).save(tmp_path / "a.jpg", exif=exif)
-    (tmp_path / "d.jsonl").write_text('{"image": "a.jpg", "question": "Colour?", "answer": "green"}\n')
-    read = read_qa(tmp_path / "d.jsonl").sizes[tmp_path / "a.jpg"]
-    assert views_of(read, TINY) == tile_image(tmp_path / "a.jpg", size=TINY.vision.image_size,
-                                              max_tiles=TINY.image.max_tiles).num_views
+    image = tmp_path / f"a.{kind}"
+    Image.new("RGB", size, (90, 120, 30)).save(image, exif=exif)
+    (tmp_path / "d.jsonl").write_text(f'{{"image": "{image.name}", "question": "Colour?", "answer": "green"}}\n')
+    read = read_qa(tmp_path / "d.jsonl").sizes[image]
+    assert views_of(read, TINY) == tile_image(image, size=TINY.vision.image_size, max_tiles=TINY.image.max_tiles).num_views
 
 
-def test_the_largest_image_of_a_run_counts_the_curriculum_and_not_what_never_trains():
+def test_the_views_of_a_run_count_the_curriculum_and_not_what_never_trains():
     from sleigh.runtime.image import default_max_pixels
 
-    small = {Path("a.png"): (448, 448)}
-    assert largest_image(TINY, small, curriculum=False) == (1, "image a.png")
-    assert largest_image(TINY, small, curriculum=True) == (5, "a curriculum sample of 4 tiles")  # 4 tiles + thumbnail
+    small = {Path("a.png"): (448, 448), Path("b.png"): (900, 500)}
+    assert run_views(TINY, small, curriculum=False) == (3, "image b.png", 1)
+    assert run_views(TINY, small, curriculum=True) == (5, "a curriculum sample of 4 tiles", 1)  # 4 tiles + thumbnail
     side = int(default_max_pixels(TINY.image.max_tiles, TINY.vision.image_size) ** 0.5) + 10
-    assert largest_image(TINY, {**small, Path("huge.png"): (side, side)}, curriculum=False)[1] == "image a.png"
+    assert run_views(TINY, {**small, Path("huge.png"): (side, side)}, curriculum=False)[1] == "image b.png"
+    assert run_views(TINY, {}, curriculum=False) == (0, "", 0)
 
 
 def test_the_most_images_that_fit_is_solved_as_a_scan_would_find_it():
@@ -87,16 +89,19 @@ def test_a_batch_past_what_the_machine_has_is_one_line_before_training(demo_ckpt
     out = tmp_path / "out"
     line = one_error_line(run_sleigh("train", demo_ckpt, "--data", data, "-o", out, "--steps", "1", "--batch", "1000000"))
     assert line.startswith("error: --batch 1000000 | with image ")
-    assert "available. Expected: --micro-batch " in line and ", --batch " in line and " or less, or a machine" in line
+    assert "available. Expected: --batch " in line and " or less, or a machine with more memory" in line  # its pixels alone
     assert not out.exists()
 
 
 def test_the_rule_refuses_warns_and_suggests_the_largest_micro_batch_it_lets_through():
-    sizes = {Path("a.png"): (1598, 1309), Path("b.png"): (448, 448)}  # 13 views and 1
+    sizes = {Path("a.png"): (1598, 1309), Path("b.png"): (1309, 1598)}  # 13 views each
     parts, trained = ("gswa",), 10_000
 
-    def need(b):
-        return step_bytes_at_least(TINY, parts, 13, b, trained)
+    def need(b, batch=8):  # b images at once, the rest of the batch waiting as pixels
+        return step_bytes_at_least(TINY, parts, 13, b, trained, rest=batch - b, rest_views=13)
+
+    def most(available, size, batch=8):  # the largest part where the most steps have taken fits
+        return max((b for b in range(1, size) if OVER_BOUND * need(b, batch) <= available), default=0)
 
     def check(batch, available, micro=None):
         return check_step_memory(TINY, parts, sizes, batch, micro, trained, available)
@@ -104,21 +109,29 @@ def test_the_rule_refuses_warns_and_suggests_the_largest_micro_batch_it_lets_thr
     assert check(8, None) is None  # memory unknown: not checked
     assert check_step_memory(TINY, parts, {}, 8, None, trained, 1) is None  # no sizes (no header check): not checked
     assert check(8, int(OVER_BOUND * need(8)) + 1) is None
-    warning = check(8, int(LEAST_OVER * need(8)) + 1)
+    available = int(LEAST_OVER * need(8)) + 1
+    warning = check(8, available)
     assert warning.startswith("--batch 8 may not fit: with image a.png (13 views, 3,328 image tokens")
     assert "), 8 images at once need at least " in warning and ", and steps have taken up to " in warning
-    assert warning.endswith("; --micro-batch 6 would fit")  # 1.5 x need(6) < 1.3 x need(8)
-    for available, fits in ((int(LEAST_OVER * need(8)) - 1, 6), (int(OVER_BOUND * need(5)) + 1, 5)):
+    assert most(available, 8) >= 4 and warning.endswith(f"; --micro-batch {most(available, 8)} would fit")
+    for available in (int(LEAST_OVER * need(8)) - 1, int(OVER_BOUND * need(3)) + 1):
+        fits = most(available, 8)
         with pytest.raises(SleighError, match=rf"Expected: --micro-batch {fits} \(the same update, {fits} images at a "
                                               rf"time, where the most steps have taken fits\), --batch {fits} or less, or a"):
             check(8, available)
-    assert check(64, int(OVER_BOUND * need(8)) + 1, micro=8) is None  # the part run at once is what counts
-    with pytest.raises(SleighError, match=r"^--micro-batch 8 \| with .* 8 images at once .*Expected: --micro-batch 6 \(.*\), or a"):
-        check(64, int(LEAST_OVER * need(8)) - 1, micro=8)
+    assert check(64, int(OVER_BOUND * need(8, 64)) + 1, micro=8) is None  # the part run at once is what counts
+    available = int(LEAST_OVER * need(8, 64)) - 1
+    with pytest.raises(SleighError, match=rf"^--micro-batch 8 \| with .* 8 images at once .*Expected: --micro-batch "
+                                          rf"{most(available, 8, 64)} \(.*\), --batch \d+ or less, or a"):
+        check(64, available, micro=8)
     with pytest.raises(SleighError, match=r"Expected: --micro-batch 1 \(which may still not fit\)"):
         check(8, int(LEAST_OVER * need(1)) + 1)
     with pytest.raises(SleighError, match=r"one image at a time needs at least .* Expected: a machine with more memory, "
                                           r"or images that tile into fewer than 13 views"):
         check(8, int(LEAST_OVER * need(1)) - 1)
-    with pytest.raises(SleighError, match=r"^--batch 1 \| .*available\. Expected: a machine"):
-        check(1, int(LEAST_OVER * need(1)) - 1)
+    with pytest.raises(SleighError, match=r"^--batch 1 \| with image a\.png .*, one image needs at least .*available\. "
+                                          r"Expected: a machine"):
+        check(1, int(LEAST_OVER * need(1, 1)) - 1)
+    with pytest.raises(SleighError, match=r"with a curriculum sample of 4 tiles \(5 views.*Expected: a machine with more "
+                                          r"memory, or --curriculum off"):
+        check_step_memory(TINY, parts, {Path("c.png"): (448, 448)}, 1, None, trained, 1000, curriculum=True)
