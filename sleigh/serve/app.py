@@ -83,8 +83,10 @@ class _State:
                                lambda: self.worker.running if self.worker else 0)
 
     def busy(self) -> int:
-        """Requests this replica has not answered yet: being read or waiting for their first event, queued,
-        running (a stream's events after the first come from its running job)."""
+        """Requests this replica is still working on: being read or waiting for their first event, queued,
+        or generating (a stream's later events come from its running job). 0 does not mean every answer
+        has gone out: the last events of one just finished may still be on their way (Ray's own grace,
+        ray_app.DRAINED_GRACE_S, carries them)."""
         worker = self.worker
         return self.handling + (worker.waiting + worker.running if worker is not None else 0)
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from sleigh.errors import SleighError, check_folder
+from sleigh.errors import SleighError, check_folder, first_line
 from sleigh.runtime.image import MAX_PIXELS
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
@@ -136,7 +136,7 @@ def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout
     from ray import serve
 
     from sleigh.serve.app import load_worker
-    from sleigh.serve.ray_app import build_app, drain, start_drain_signal
+    from sleigh.serve.ray_app import build_app, drain, drain_actor_name, start_drain_signal
 
     if ray_address == "local":
         scaling.check_cpus(_local_cpus())  # before Ray starts (and prints), as one line
@@ -149,9 +149,9 @@ def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout
             ray.shutdown()
             raise
     signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C (after ray.init, whose own handler it replaces)
-    signal_actor = start_drain_signal()
+    signal_actor = start_drain_signal(SERVE_APP)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings, scaling), name=SERVE_APP, route_prefix="/")
+    serve.run(build_app(settings, scaling, drain_actor_name(SERVE_APP)), name=SERVE_APP, route_prefix="/")
     logging.getLogger("sleigh.serve").info("Ray Serve: %s as %r on %s (%s)", settings.model, settings.name,
                                            url(host, port), scaling)
     try:
@@ -164,10 +164,14 @@ def _serve_ray(settings, host, port, scaling, ray_address: str, shutdown_timeout
         # are cut off) while the proxy still carries their answers; then the application goes, and Ray stops
         # its replicas (each would finish what it still had for graceful_shutdown_timeout_s). serve.shutdown()
         # alone kills the proxy at once, dropping every connection.
-        drain(signal_actor, shutdown_timeout, log)
-        serve.delete(SERVE_APP)
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            drain(signal_actor, shutdown_timeout, log)
+        except Exception as e:  # noqa: BLE001 - the actor lost (its node gone): Ray's own drain still follows
+            log.warning("draining the replicas failed (%s): Ray stops them on its own terms", first_line(e))
+        finally:
+            serve.delete(SERVE_APP)
+            serve.shutdown()
+            ray.shutdown()
 
 
 def _local_cpus() -> float:

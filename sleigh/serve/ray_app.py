@@ -14,11 +14,13 @@ A shutdown of `sleigh serve --ray` (SIGTERM, Ctrl-C) drains the replicas itself 
 first answers new requests with OpenAI's 503 while those under way finish, then, once the shutdown
 timeout has passed, cuts the rest off as `sleigh serve` without Ray does. Ray's own drain answered new
 requests with its proxy's 404 (the application already gone) and an answer cut by its timeout with 500.
-Under Ray's own `serve run` there is no such actor, and Ray drains alone.
+Under Ray's own `serve run` there is no such actor, and Ray drains alone. A shutdown takes at most
+--shutdown-timeout, then CUT_WAIT_S for the cut answers to stop, then DRAINED_GRACE_S of Ray's own.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -26,14 +28,18 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 from sleigh.serve.app import ServeSettings
 
-DRAIN_ACTOR, DRAIN_NAMESPACE = "sleigh-serve-drain", "sleigh"
+log = logging.getLogger("sleigh.serve")
+
+DRAIN_NAMESPACE = "sleigh"  # the drain actor's, named after the application (drain_actor_name)
 DRAIN_POLL_S = 0.2  # how often each replica asks the actor, and reports what it still has under way
-HEARD_S = 2.0  # a replica not heard from for this long is gone (stopped by Ray, or never started)
+HEARD_S = 5.0  # a replica not heard from for this long is gone (stopped by Ray, or never started)
+POLL_TIMEOUT_S = 10.0  # one poll's wait for the actor; past it the replica polls again
 CUT_WAIT_S = 10.0  # after the cut, for the answers under way to stop (a prefill runs to its end first)
+DRAINED_GRACE_S = 5.0  # Ray's own grace for a replica once the drain is done: the last events of an answer
 
 
 @dataclass(frozen=True)
@@ -111,11 +117,23 @@ class DrainSignal:
         return len(heard) == len(alive) and all(seen == self.phase and busy == 0 for seen, busy in heard)
 
 
-def start_drain_signal():
-    """The driver's DrainSignal actor, before the replicas start (each looks for it once, at its start)."""
-    import ray
+def drain_actor_name(app: str) -> str:
+    return f"sleigh-serve-drain-{app}"
 
-    return ray.remote(num_cpus=0)(DrainSignal).options(name=DRAIN_ACTOR, namespace=DRAIN_NAMESPACE).remote()
+
+def start_drain_signal(app: str):
+    """The driver's DrainSignal actor for application `app`, before its replicas start (each looks for it
+    once, at its start), on the driver's own node: it lives and dies with the driver."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    try:
+        return ray.remote(num_cpus=0)(DrainSignal).options(name=drain_actor_name(app), namespace=DRAIN_NAMESPACE,
+                                                          scheduling_strategy=here).remote()
+    except ValueError as e:  # the name is taken: another driver serves this application on the cluster
+        raise SleighError(f"Ray application {app!r}", f"is already served on this Ray cluster ({first_line(e)})",
+                          "one `sleigh serve --ray` per cluster, or stop the other first") from None
 
 
 def drain(signal, timeout_s: float, log) -> None:
@@ -141,15 +159,18 @@ def _settle(signal, phase: str, wait_s: float) -> bool:
     return True
 
 
-def watch_drain(state) -> None:
-    """In a replica: poll the driver's DrainSignal (when `sleigh serve --ray` started this one) and act
-    on its phase: "draining" refuses new requests, "cut" closes the worker, which stops the answers
-    under way (each answered as cut off: app._cut_off)."""
+def watch_drain(state, actor: str) -> None:
+    """In a replica: poll the driver's DrainSignal named `actor` and act on its phase: "draining" refuses
+    new requests, "cut" closes the worker, which stops the answers under way (each answered as cut off:
+    app._cut_off). If the actor dies before the cut (the driver killed mid-drain), the replica serves
+    again: the application lives on in the cluster, and refusing every request would be an outage."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     try:
-        signal = ray.get_actor(DRAIN_ACTOR, namespace=DRAIN_NAMESPACE)
-    except ValueError:  # Ray's own `serve run`: no driver of ours; Ray drains alone
+        signal = ray.get_actor(actor, namespace=DRAIN_NAMESPACE)
+    except ValueError:  # the driver is already gone
+        log.warning("no drain signal %r: this replica is not drained by `sleigh serve --ray` at a shutdown", actor)
         return
     replica = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -157,8 +178,13 @@ def watch_drain(state) -> None:
         seen = "serving"
         while True:
             try:
-                phase = ray.get(signal.poll.remote(replica, seen, state.busy()), timeout=30)
-            except Exception:  # noqa: BLE001 - the driver and its actor are gone: nobody to drain for
+                phase = ray.get(signal.poll.remote(replica, seen, state.busy()), timeout=POLL_TIMEOUT_S)
+            except GetTimeoutError:  # a slow cluster: ask again
+                continue
+            except RayActorError:  # the driver and its actor are gone
+                if not state.cut and state.draining:
+                    state.draining = False
+                    log.warning("the drain signal is gone before the shutdown finished: serving again")
                 return
             if phase != "serving":
                 state.draining = True
@@ -173,19 +199,25 @@ def watch_drain(state) -> None:
     threading.Thread(target=loop, name="sleigh-drain", daemon=True).start()
 
 
-def build_app(settings: ServeSettings, scaling: Scaling = Scaling()):
-    """A Ray Serve application (bind()-ed deployment) of `sleigh serve`'s app."""
+def build_app(settings: ServeSettings, scaling: Scaling = Scaling(), drain_actor: str | None = None):
+    """A Ray Serve application (bind()-ed deployment) of `sleigh serve`'s app. `drain_actor`: the
+    DrainSignal its replicas follow at a shutdown (`sleigh serve --ray`'s driver drains them itself, and
+    Ray's own grace is then only for the last events); None: Ray drains them (`serve run`)."""
     from ray import serve
 
     def build_asgi_app():  # runs in each replica, which loads its own model
         from sleigh.serve.app import create_app, load_worker
 
         app = create_app(settings, load_worker(settings))
-        watch_drain(app.state.sleigh)
+        if drain_actor is not None:
+            watch_drain(app.state.sleigh, drain_actor)
         return app
 
+    options = scaling.deployment_options(settings)
+    if drain_actor is not None:
+        options["graceful_shutdown_timeout_s"] = DRAINED_GRACE_S
     ingress = serve.ingress(build_asgi_app)()
-    return serve.deployment(ingress, name="sleigh", **scaling.deployment_options(settings)).bind()
+    return serve.deployment(ingress, name="sleigh", **options).bind()
 
 
 def app_builder(args: dict):

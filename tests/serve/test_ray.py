@@ -50,6 +50,14 @@ def test_two_replicas_answer_concurrent_requests(tiny_pkg, monkeypatch):
         assert streamed == alone.choices[0].message.content  # server-sent events through Ray's proxy
         bad = httpx.post(base + "/v1/chat/completions", content=b"{not json", timeout=30)
         assert bad.status_code == 400 and "error" in bad.json()
+        from sleigh.errors import SleighError
+        from sleigh.serve.ray_app import start_drain_signal
+
+        first = start_drain_signal("twice")  # held: an actor with no handle left is gone
+        # a second driver of the same application on this cluster: one line
+        with pytest.raises(SleighError, match=r"Ray application 'twice' \| is already served on this Ray cluster"):
+            start_drain_signal("twice")
+        assert ray.get(first.settled.remote())  # the first one lives on (no replica follows it)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -199,16 +207,19 @@ def test_sigterm_under_ray_cuts_answers_off_after_the_timeout_as_without_ray(tin
     import threading
     import time
 
-    ray_serve, plain = _StreamingRay(tiny_pkg, tmp_path, shutdown_timeout=3), []
+    ray_serve, plain = _StreamingRay(tiny_pkg, tmp_path, shutdown_timeout=1), []
     try:
         behind = threading.Thread(target=lambda: plain.append(ray_serve.ask()))
         behind.start()
-        time.sleep(0.5)  # queued behind the stream
+        deadline = time.monotonic() + 30
+        while "sleigh_queue_depth 1" not in httpx.get(ray_serve.base + "/metrics", timeout=10).text:  # queued behind it
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.05)
         ray_serve.stop(behind)
     finally:
         ray_serve.proc.kill()
     lines = ray_serve.lines
-    assert "data: [DONE]" not in lines and len(lines) < 7000, (len(lines), lines[-1:])  # cut off, not finished
+    assert "data: [DONE]" not in lines and len(lines) < 7000, (len(lines), lines[-1:])  # cut off after 1 s, not finished
     assert "cut this answer off" in json.loads(lines[-1].removeprefix("data: "))["error"]["message"], lines[-1:]
     assert plain and plain[0].status_code == 503, plain
     assert "cut this answer off" in plain[0].json()["error"]["message"]
