@@ -135,3 +135,15 @@ def test_the_rule_refuses_warns_and_suggests_the_largest_micro_batch_it_lets_thr
     with pytest.raises(SleighError, match=r"with a curriculum sample of 4 tiles \(5 views.*Expected: a machine with more "
                                           r"memory, or --curriculum off"):
         check_step_memory(TINY, parts, {Path("c.png"): (448, 448)}, 1, None, trained, 1000, curriculum=True)
+
+
+def test_on_a_gpu_the_memory_left_is_the_gpus(monkeypatch):
+    """A run on CUDA trains on the GPU's memory: what torch says is free there, not the host's."""
+    import torch
+
+    from sleigh.sleighvl.step_memory import available_for
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: seen.append(device) or (5 << 30, 80 << 30))
+    assert available_for(torch.device("cuda", 1)) == (5 << 30, "the GPU") and seen == [torch.device("cuda", 1)]
+    assert available_for(torch.device("cpu"))[1] == "this machine"
