@@ -13,6 +13,8 @@ as a lower bound of a step's peak over the loaded model:
   MLP-wide ones);
 - with the ViT trained, what each view keeps per layer: at least 6 hidden-wide and 2 MLP-wide
   tensors of (image/patch)^2 + 1 tokens;
+- the step's tiled pixels: every image of the batch is tiled before the step and held through all
+  its parts, and where the ViT trains, the part's views copied into one array are kept too;
 - the gradients and AdamW's two moments of every trained parameter.
 
 Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.32-1.89x
@@ -32,7 +34,7 @@ from sleigh.sleighvl.config import SleighVLConfig
 
 # What measured steps took over the bound: 1.32x at the least, so a part run at once is refused where
 # LEAST_OVER (a margin under that) does not fit; at 448-px views at most 1.89x (one image at a time of a
-# batch of 32, whose waiting images the bound counts at the data's fewest views; 1.7-3.4x at the demo
+# batch of 32, whose waiting images the bound counts at the data's fewest views; 2.0-3.4x at the demo
 # preset's 112-px views, where the bound is a few hundred MB), so one is suggested where OVER_BOUND fits
 LEAST_OVER = 1.25
 OVER_BOUND = 2.0
@@ -44,11 +46,10 @@ VIT_HIDDEN, VIT_MLP = 6, 2
 PER_TRAINED = 3
 
 
-def views_of(size: tuple[int, int], cfg: SleighVLConfig, max_tiles: int | None = None) -> int:
-    """The views `tile_image` makes of a width x height image under the checkpoint's tiling (or at
-    most `max_tiles` tiles, as a curriculum phase tiles)."""
+def views_of(size: tuple[int, int], cfg: SleighVLConfig) -> int:
+    """The views `tile_image` makes of a width x height image under the checkpoint's tiling."""
     img = cfg.image
-    cols, rows = find_grid(*size, min_tiles=img.min_tiles, max_tiles=max_tiles or img.max_tiles, size=cfg.vision.image_size)
+    cols, rows = find_grid(*size, min_tiles=img.min_tiles, max_tiles=img.max_tiles, size=cfg.vision.image_size)
     return max_views(cols * rows, img.thumbnail)
 
 
@@ -70,7 +71,7 @@ def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int,
     total += llm.num_layers * batch * prompt * (LLM_HIDDEN * llm.hidden_size + LLM_MLP * llm.intermediate_size) * itemsize
     if "vision" in parts:
         per_view = (vision.num_patches + 1) * (VIT_HIDDEN * vision.hidden_size + VIT_MLP * vision.intermediate_size)
-        total += batch * views * vision.num_layers * per_view * itemsize
+        total += part * vision.num_layers * per_view * itemsize
     return total + PER_TRAINED * trained * itemsize
 
 
