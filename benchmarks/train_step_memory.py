@@ -4,7 +4,8 @@
 
 Loads CKPT, draws step STEP's batch of DATA (the JSONL train reads, curriculum off) as `sleigh train`
 does, and runs that one step. Printed: the batch's views per image, the step's peak over the loaded
-model (VmHWM after the step less VmRSS before the batch was tiled: Linux), the bound `step_bytes_at_least` gives for
+model (VmHWM after the step less VmRSS before the batch was tiled, every weight read once before
+that: Linux), the bound `step_bytes_at_least` gives for
 that batch (its largest image's views; with --micro-batch, for its largest part run at once), and
 their ratio. Run it in a fresh process per point: the peak
 is the process's. The last line is `GREW BOUND` in bytes, for tests.
@@ -43,6 +44,9 @@ def main() -> None:
     trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, torch.device("cpu"),
                         use_aux=False)
     qa = read_qa(args.data)
+    with torch.no_grad():  # safetensors maps the weights: each becomes resident as a step first reads it
+        for p in model.parameters():
+            p.sum()
     before = resident_bytes()  # the batch's tiled images count: they are held through the step
     batch = Batches(qa, opts, False, cfg).make(args.step, len(CURRICULUM))  # the data's phase
     views = [t.num_views for t in batch.tiled]
