@@ -45,7 +45,7 @@ class QAData:
     items: list[QA]
     skipped: Counter  # reason -> count
     first_skipped: dict  # reason -> first line number
-    sizes: dict = field(default_factory=dict)  # image -> (width, height) as tiled (EXIF applied), from the header check
+    sizes: dict = field(default_factory=dict)  # image checked -> (width, height) as tiled (EXIF applied), from its header
 
     def by_image(self) -> list[tuple[Path, list[QA]]]:
         """The items grouped by image, in order of first appearance (one vision pass per image)."""
@@ -135,7 +135,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
         firsts = "; ".join(detail[r] for r in sorted(skipped))
         raise SleighError(str(path), f"has no usable lines ({counts}; {firsts})" if skipped else "has no usable lines",
                           EXPECTED_LINE)
-    return QAData(path, items, skipped, first, {qa.image: sizes[qa.image] for qa in items if qa.image in sizes})
+    return QAData(path, items, skipped, first, sizes)
 
 
 def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
