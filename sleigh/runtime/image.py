@@ -138,13 +138,34 @@ def oriented_size(opened: Image.Image) -> tuple[int, int]:
     """An opened (not decoded) image's (width, height) as `load_image` returns it, EXIF orientation
     applied, from its header alone."""
     width, height = opened.size
-    if opened.format == "PNG":  # Pillow's getexif() decodes a PNG to find an eXIf chunk after its pixels;
-        exif = Image.Exif()      # one before them (where writers put it) is in the header's info
-        if opened.info.get("exif"):
-            exif.load(opened.info["exif"])
+    if opened.format == "PNG":  # Pillow's getexif() decodes a PNG to find an eXIf chunk after its pixels
+        exif = Image.Exif()
+        data = opened.info.get("exif") or _png_exif_after_pixels(opened.fp)  # before them: in the header's info
+        if data:
+            exif.load(data)
     else:
         exif = opened.getexif()
     return (height, width) if exif.get(0x0112) in QUARTER_TURNS else (width, height)
+
+
+def _png_exif_after_pixels(fp) -> bytes | None:
+    """An opened PNG's eXIf chunk where it comes after the image data (Pillow reads it only when it
+    decodes; load_image turns by it), found by seeking from chunk header to chunk header, nothing
+    decoded; the file's position is left where it was."""
+    start = fp.tell()
+    try:
+        fp.seek(8)  # the signature
+        while len(header := fp.read(8)) == 8:
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                data = fp.read(length)
+                return data if len(data) == length else None
+            if kind == b"IEND":
+                return None
+            fp.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+        return None
+    finally:
+        fp.seek(start)
 
 
 def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.Image:

@@ -25,17 +25,31 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("size", [(448, 448), (359, 311), (700, 200), (1598, 1309), (1773, 557), (30, 2000)])  # 2, 3: other views turned
 @pytest.mark.parametrize("orientation", [1, 6])  # 6: EXIF's quarter turn, which the runtime applies before tiling
-@pytest.mark.parametrize("kind", ["jpg", "png"])  # a PNG's EXIF is read from its header, not by decoding it
+@pytest.mark.parametrize("kind", ["jpg", "png", "png-exif-last"])  # a PNG's EXIF is read without decoding it,
 def test_views_are_what_the_runtimes_tiler_makes_of_the_size_read_from_the_header(size, orientation, kind, tmp_path):
-    from sleigh.data.qa import read_qa
+    from sleigh.data.qa import read_qa                                 # also from an eXIf chunk after its pixels
 
     exif = Image.Exif()
     exif[0x0112] = orientation
-    image = tmp_path / f"a.{kind}"
+    image = tmp_path / f"a.{kind.split('-')[0]}"
     Image.new("RGB", size, (90, 120, 30)).save(image, exif=exif)
+    if kind == "png-exif-last":
+        _move_png_chunk_last(image, b"eXIf")
     (tmp_path / "d.jsonl").write_text(f'{{"image": "{image.name}", "question": "Colour?", "answer": "green"}}\n')
     read = read_qa(tmp_path / "d.jsonl").sizes[image]
     assert views_of(read, TINY) == tile_image(image, size=TINY.vision.image_size, max_tiles=TINY.image.max_tiles).num_views
+
+
+def _move_png_chunk_last(path: Path, kind: bytes) -> None:
+    """Rewrite a PNG with its chunk `kind` just before IEND (Pillow writes eXIf before the pixels)."""
+    data, chunks, at = path.read_bytes(), [], 8
+    while at < len(data):
+        end = at + 12 + int.from_bytes(data[at:at + 4], "big")
+        chunks.append(data[at:end])
+        at = end
+    moved = [c for c in chunks if c[4:8] == kind]
+    assert len(moved) == 1 and chunks[-1][4:8] == b"IEND"
+    path.write_bytes(data[:8] + b"".join(c for c in chunks[:-1] if c[4:8] != kind) + moved[0] + chunks[-1])
 
 
 def test_the_views_of_a_run_count_the_curriculum_and_not_what_never_trains():
