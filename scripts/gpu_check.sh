@@ -15,7 +15,7 @@
 # anchor 22 s, FP16 engine 161 s up to its gate, benches ~40 s each. Every step after the install gets what is left of
 # the budget (timeout); a step that fails or runs out leaves its row marked in the table and the
 # script goes on. Steps:
-#   1. onnxruntime-gpu from the carried parts; CUDAExecutionProvider must be listed (else one line, exit 2)
+#   1. onnxruntime-gpu from the carried parts (scripts/install_ort_parts.py: either form); CUDAExecutionProvider must be listed (else one line, exit 2)
 #   2. what CUDA's GroupQueryAttention takes (benchmarks/gqa_cuda_probe.py: float16/float32, with and
 #      without attention_bias; the source says float16 only, no bias), then tiny packages (export with
 #      parity): the standard decoder (its slots on the device), the fused one (its decoder opens on the CPU
@@ -88,18 +88,7 @@ fi
 if [ "${REHEARSAL:-0}" = 1 ]; then
   export PYTHONPATH=$PWD
 elif ! python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-  if ! ls "$parts"/p0* > /dev/null 2>&1; then
-    echo "error: onnxruntime-gpu | no CUDA provider and no wheel parts in $parts. Expected: the parts of scripts/ort_gpu_parts.sh (or ../shared/gpu/prepare-ort-gpu.sh) carried to $parts"
-    exit 2
-  fi
-  cat "$parts"/p0* > /tmp/ort-gpu.bin
-  if python3 -c "import sys; sys.exit(open(sys.argv[1], 'rb').read(6) != b'\xfd7zXZ\x00')" /tmp/ort-gpu.bin; then
-    # scripts/ort_gpu_parts.sh: the wheel's files as one .tar.xz
-    mkdir -p /tmp/site && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" /tmp/ort-gpu.bin /tmp/site
-  else  # ../shared/gpu/prepare-ort-gpu.sh: the wheel split as it is
-    mv /tmp/ort-gpu.bin /tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/onnxruntime_gpu-*.whl
-  fi
+  python3 scripts/install_ort_parts.py "$parts" /tmp/site || exit 2
   SP=$(python3 -c "import sys; print([p for p in sys.path if p.endswith('site-packages')][0])")
   export LD_LIBRARY_PATH=/usr/local/cuda/lib64:$(ls -d "$SP"/nvidia/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
   export PYTHONPATH=/tmp/site:$PWD

@@ -98,3 +98,82 @@ def test_the_gqa_probe_runs_every_case_on_the_cpu(tiny_pkg):
     assert lines[4] == f"{tiny_pkg / 'decoder.onnx'} on CPUExecutionProvider: opens"
     # with and without the bias: other outputs (the bias reaches the attention)
     assert lines[0].split("|out| ")[1] != lines[1].split("|out| ")[1]
+
+
+def _split(data: bytes, parts_dir, pieces: int) -> None:
+    parts_dir.mkdir()
+    size = -(-len(data) // pieces)
+    for i in range(pieces):
+        (parts_dir / f"p{i:02d}").write_bytes(data[i * size:(i + 1) * size])
+
+
+def _install_parts(parts_dir, site):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "install_ort_parts.py"), str(parts_dir), str(site)],
+                          capture_output=True, text=True)
+
+
+def _fake_wheel_files(tmp_path) -> dict[str, bytes]:
+    """A package's files as a wheel holds them, with a module big enough to be split in three."""
+    return {"fake_ort_probe/__init__.py": b"PROVIDERS = ['CUDAExecutionProvider']\n# " + os.urandom(3000).hex().encode() + b"\n",
+            "fake_ort_probe/capi/lib.so": os.urandom(5000),
+            "fake_ort_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: fake-ort-probe\nVersion: 1.0\n"}
+
+
+@pytest.mark.parametrize("form", ["tar.xz", "wheel"])  # scripts/ort_gpu_parts.sh's, ../shared/gpu/prepare-ort-gpu.sh's
+def test_the_carried_parts_of_either_form_install_into_the_site_folder(form, tmp_path):
+    """gpu_check.sh's step 1 on the CPU: the parts joined, told apart by their first bytes, unpacked
+    whole; an import from the site folder then finds the package."""
+    import io
+    import tarfile
+    import zipfile
+
+    files, buf = _fake_wheel_files(tmp_path), io.BytesIO()
+    if form == "wheel":
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        with tarfile.open(fileobj=buf, mode="w:xz") as t:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    _split(buf.getvalue(), tmp_path / "parts", 3)
+    site = tmp_path / "site"
+    (site / "fake_ort_probe").mkdir(parents=True)
+    (site / "fake_ort_probe" / "stale.py").write_text("")  # an earlier install's file is not kept beside the new ones
+    proc = _install_parts(tmp_path / "parts", site)
+    assert proc.returncode == 0, proc.stderr
+    assert "3 parts unpacked" in proc.stdout
+    assert sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file()) == sorted(files)
+    assert all((site / name).read_bytes() == data for name, data in files.items())
+    probe = subprocess.run([sys.executable, "-c", "import fake_ort_probe as p; print(p.PROVIDERS)"],
+                           env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True)
+    assert probe.stdout.strip() == "['CUDAExecutionProvider']", probe.stderr
+
+
+@pytest.mark.parametrize("damage", ["none carried", "a part missing", "not an archive"])
+def test_parts_that_do_not_make_an_archive_are_one_line_and_leave_the_site_folder_alone(damage, tmp_path):
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in _fake_wheel_files(tmp_path).items():
+            z.writestr(name, data)
+    parts = tmp_path / "parts"
+    if damage == "none carried":
+        parts.mkdir()
+    elif damage == "a part missing":
+        _split(buf.getvalue(), parts, 3)
+        (parts / "p01").unlink()
+    else:
+        _split(b"<html>not found</html>" * 100, parts, 2)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "kept.txt").write_text("kept")
+    proc = _install_parts(parts, site)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: onnxruntime-gpu parts | ") and "Expected: " in proc.stderr
+    assert [p.name for p in site.iterdir()] == ["kept.txt"]
