@@ -1,11 +1,12 @@
 """One `sleigh train` step's peak memory against the guard's bound (sleigh/sleighvl/step_memory.py).
 
-    python benchmarks/train_step_memory.py CKPT DATA [--batch 4] [--micro-batch K] [--train gswa] [--step 0] [--threads 2]
+    python benchmarks/train_step_memory.py CKPT DATA [--batch 4] [--micro-batch K] [--train gswa] [--step 0] [--threads 2] [--device cuda]
 
 Loads CKPT, draws step STEP's batch of DATA (the JSONL train reads, curriculum off) as `sleigh train`
 does, and runs that one step. Printed: the batch's views per image, the step's peak over the loaded
 model (VmHWM after the step less VmRSS before the batch was tiled, every weight read once before
-that: Linux), the bound `step_bytes_at_least` gives for
+that: Linux; on `--device cuda`, the GPU's: torch's peak allocation during the step less its allocation
+before it, against the same bound, which the guard reads against the GPU's free memory there), the bound `step_bytes_at_least` gives for
 that batch (its largest image's views; with --micro-batch, for its largest part run at once), and
 their ratio. Run it in a fresh process per point: the peak
 is the process's. The last line is `GREW BOUND` in bytes, for tests.
@@ -36,28 +37,34 @@ def main() -> None:
     ap.add_argument("--train", default="gswa")
     ap.add_argument("--step", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (as `sleigh train` picks where a GPU is)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, cfg, _ = load_checkpoint(args.ckpt)
+    device = torch.device(args.device)
+    model = model.to(device)
     parts = T.parse_parts(args.train)
     opts = T.TrainOptions(batch=args.batch, micro_batch=args.micro_batch, steps=1, curriculum="off", train=args.train)
-    trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, torch.device("cpu"),
+    trainer = T.Trainer(model, PromptTokenizer.from_file(args.ckpt / TOKENIZER), parts, opts, device,
                         use_aux=False)
     qa = read_qa(args.data)
     with torch.no_grad():  # safetensors maps the weights: each becomes resident as a step first reads it
         for p in model.parameters():
             p.sum()
-    before = resident_bytes()  # the batch's tiled images count: they are held through the step
-    batch = Batches(qa, opts, False, cfg).make(args.step, len(CURRICULUM))  # the data's phase
+    on_gpu = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if on_gpu else resident_bytes()  # on the host, the batch's
+    batch = Batches(qa, opts, False, cfg).make(args.step, len(CURRICULUM))  # tiled images count: held through the step
     views = [t.num_views for t in batch.tiled]
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
     trainer.step(batch, 1e-4)
-    grew = resident_bytes("VmHWM") - before
+    grew = (torch.cuda.max_memory_allocated(device) if on_gpu else resident_bytes("VmHWM")) - before
     size = min(args.micro_batch or len(views), len(views))
     bound = max(step_bytes_at_least(cfg, parts, max(views[i:i + size]), len(views[i:i + size]),
                                     sum(p.numel() for p in trainer.params), rest=len(views) - len(views[i:i + size]),
                                     rest_views=min(views)) for i in range(0, len(views), size))
     micro = f" --micro-batch {args.micro_batch}" if args.micro_batch else ""
-    print(f"{args.ckpt.name} --train {args.train} --batch {args.batch}{micro}: views {views}; step's peak over the model "
+    print(f"{args.ckpt.name} on {device.type} --train {args.train} --batch {args.batch}{micro}: views {views}; step's peak over the model "
           f"{grew / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, peak/bound {grew / bound:.2f}")
     print(grew, bound)
 

@@ -23,7 +23,8 @@
 #      fused-cuda (FP16 engine, decode steps captured as a CUDA graph): CUDA greedy tokens == CPU greedy
 #      tokens on a multi-tile image and across a 256-slot growth; the FP16 engine's logits step by step
 #      against the CPU's (benchmarks/cuda_steps_check.py), also with cuDNN's attention off, and the
-#      attention kernel ONNX Runtime picks; the CUDA copy helpers' tests (-m gpu)
+#      attention kernel ONNX Runtime picks; the CUDA copy helpers' tests (-m gpu); `sleigh train` on the
+#      GPU (tiny, 3 steps) and one step's GPU peak against the memory guard's bound
 #   3. full size (internvl2-2b, random weights): init, export --no-verify --decoder $DECODER (default
 #      fused-cuda: GroupQueryAttention in place on the device buffers; `DECODER=standard` for the other)
 #   4. build-engine --precision fp16 (--allow-degraded: kept if its gate fails, the verdict in its log),
@@ -47,9 +48,9 @@ budget=${BUDGET_S:-530}
 decoder=${DECODER:-fused-cuda}
 work=${WORK:-/tmp/g}
 if [ "${REHEARSAL:-0}" = 1 ]; then
-  provider=CPUExecutionProvider preset=tiny hf=(--device cpu --dtype float32)
+  provider=CPUExecutionProvider preset=tiny hf=(--device cpu --dtype float32) torchdev=cpu
 else
-  provider=CUDAExecutionProvider preset=internvl2-2b hf=(--device cuda --dtype bfloat16)
+  provider=CUDAExecutionProvider preset=internvl2-2b hf=(--device cuda --dtype bfloat16) torchdev=cuda
 fi
 mkdir -p "$out" "$work"
 left() { echo $((budget - SECONDS > 5 ? budget - SECONDS : 5)); }
@@ -168,6 +169,16 @@ ORT_ENABLE_CUDNN_FLASH_ATTENTION=0 step cuda-steps-no-cudnn python3 benchmarks/c
 ORT_ENABLE_ATTENTION_KERNEL_DEBUG_INFO=1 step attention-kernels python3 benchmarks/cuda_steps_check.py \
   "$work/tiny-cuda:onnxruntime-fp16" --provider "$provider" --steps 2
 step cuda-helpers python3 -m pytest -q -m gpu tests/runtime/backends/test_cuda.py -p no:cacheprovider
+# training on the GPU (`sleigh train` takes CUDA where torch sees it; never run there before session 29):
+# a few steps of the tiny preset, everything trained, in parts of 2, with the memory guard reading the GPU's
+# free memory; and one step's peak GPU allocation against the guard's bound
+rm -rf "$work/synth"
+step train-data python3 -m sleigh.cli data synth "$work/synth" --n 8 --max-size 900
+rm -rf "$work/tiny-trained"
+step train-cuda python3 -m sleigh.cli train "$work/tiny" --data "$work/synth/train.jsonl" -o "$work/tiny-trained" \
+  --train all --steps 3 --batch 4 --micro-batch 2
+step train-step-memory python3 benchmarks/train_step_memory.py "$work/tiny" "$work/synth/train.jsonl" --batch 4 \
+  --train all --device "$torchdev"
 
 # 3. full size: made here, or ahead by PREPARE=1 (above), waited for; made here too where that run
 # died before it was done

@@ -42,7 +42,10 @@ def test_gpu_check_runs_through_as_a_cpu_rehearsal(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "full size made ahead (PREPARE=1, decoder fused-cuda)" in (tmp_path / "out" / "steps.txt").read_text()
     steps = [line for line in (tmp_path / "out" / "steps.txt").read_text().splitlines() if line.startswith("step ")]
-    assert len(steps) == 20 and all(": rc=0 in " in line for line in steps), steps
+    assert len(steps) == 23 and all(": rc=0 in " in line for line in steps), steps
+    assert "wrote " in (tmp_path / "out" / "train-cuda.log").read_text()  # 3 steps trained, on the CPU here
+    peak, bound = map(int, (tmp_path / "out" / "train-step-memory.log").read_text().splitlines()[-1].split())
+    assert bound < peak, (peak, bound)  # the guard's bound stays under a real step's peak
     assert "Device: CPU rehearsal" in proc.stdout
     compared = (tmp_path / "out" / "cuda-vs-cpu.log").read_text().count("same tokens True")
     assert compared == 8, (tmp_path / "out" / "cuda-vs-cpu.log").read_text()  # 4 packages, an image and a growth each
