@@ -31,7 +31,8 @@ from tests.helpers import ASTRONAUT, EXAMPLES, INIT_SEED, ORACLE_CKPT, cli_env, 
 from tests.runtime.test_image import huge_png
 
 REQUIRED_COMMANDS = ("convert", "init", "run", "export", "inspect")
-HEAVY_MODULES = ("torch", "onnx", "onnxruntime", "transformers", "tensorrt")
+HEAVY_MODULES = ("torch", "onnx", "onnxruntime", "transformers", "tensorrt",
+                 "numpy", "PIL")  # installed with the runtime, but help must not wait for them (0.18 s of 0.28)
 MISSING_TENSOR = "language_model.model.layers.1.feed_forward.w2.weight"
 MISSING_TENSOR_SLEIGH = "llm.layers.1.mlp.down_proj.weight"  # the same tensor after conversion
 

@@ -13,7 +13,6 @@ from dataclasses import fields
 from pathlib import Path
 
 from sleigh.errors import SleighError, check_folder, first_line
-from sleigh.runtime.image import MAX_PIXELS
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -32,6 +31,8 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
            max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
            ray_address: str | None, max_memory: int | None = None,
            shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+    from sleigh.runtime.image import MAX_PIXELS  # here: `sleigh --help` reads LOG_LEVELS from this module, without numpy
+
     _require("fastapi", "uvicorn")
     if ray:
         _require("ray")
