@@ -33,7 +33,7 @@ def _open(pkg: Path, engine: str, context: int, arena: bool = True):
     if not arena:
         ob.session_options = functools.partial(ob.session_options, arena=False)
     m = read_manifest(pkg)
-    backend = ob.OnnxRuntimeBackend.from_package(pkg, m, engine=None if engine == "package" else {**m.engines[engine], "name": engine})
+    backend = ob.OnnxRuntimeBackend.from_package(pkg, m, engine=None if engine == "package" else m.engines[engine])
     cache = backend.new_cache(1)
     cache.reserve(context + 64)
     rng = np.random.default_rng(0)

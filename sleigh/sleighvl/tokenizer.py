@@ -85,7 +85,7 @@ def convert_sentencepiece(src_dir: Path) -> Tokenizer:
     unk_piece = trainer.unk_piece or UNK
     tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges_from_scores(mergeable), unk_token=unk_piece,
                                fuse_unk=True, byte_fallback=bool(trainer.byte_fallback)))
-    tok.normalizer = _spm_normalizer(norm, src_dir / "tokenizer.model")
+    tok.normalizer = _spm_normalizer(norm)
     tok.pre_tokenizer = None  # SentencePiece BPE merges over the whole piece; no word splitting
     tok.decoder = _decoder(strip_dummy_prefix=norm.add_dummy_prefix)
 
@@ -169,7 +169,7 @@ def _merges_from_scores(scores: dict[str, float]) -> list[tuple[str, str]]:
     return [(left, right) for _, _, _, left, right in merges]
 
 
-def _spm_normalizer(norm, path: Path) -> normalizers.Normalizer:
+def _spm_normalizer(norm) -> normalizers.Normalizer:
     """SentencePiece's normalizer: charsmap, extra-space removal, ' '→'▁', dummy prefix (in that order)."""
     steps: list[normalizers.Normalizer] = []
     if norm.precompiled_charsmap:
