@@ -22,6 +22,7 @@ from sleigh.bench import machine, run_bench
 from sleigh.engines.calibration.collect import calibrate_package
 from sleigh.engines.build_engine import build_engine
 from sleigh.engines.options import EngineOptions
+from sleigh.runtime import DEFAULT_PROMPT
 from sleigh.runtime.package import shipped_photo
 from sleigh.runtime.manifest import read_manifest
 
@@ -63,7 +64,7 @@ def main() -> None:
     targets += [(name, pkg, "onnxruntime", name) for name in built]
     if args.reference:
         targets.append(("torch reference", args.reference, "torch", None))
-    bench = run_bench(targets, shipped_photo(), "Describe the image in detail.", runs=args.runs,
+    bench = run_bench(targets, shipped_photo(), DEFAULT_PROMPT, runs=args.runs,
                       max_new_tokens=args.max_new_tokens, quiet=True)
 
     fp32_bytes = sum(e["bytes"] for rel, e in manifest["files"].items() if rel.endswith((".onnx", ".onnx.data"))

@@ -202,8 +202,9 @@ cat > "$work/bench_engine.py" <<'PY'
 import json, sys
 from pathlib import Path
 from sleigh.bench import run_bench
+from sleigh.runtime import DEFAULT_PROMPT
 pkg, image, engine, runs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-report = run_bench([(f"{pkg} [{engine}]", pkg, "auto", engine)], image, "Describe the image in detail.", runs=runs,
+report = run_bench([(f"{pkg} [{engine}]", pkg, "auto", engine)], image, DEFAULT_PROMPT, runs=runs,
                    max_new_tokens=64, quiet=True)
 print(json.dumps(report, default=str))
 PY

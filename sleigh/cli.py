@@ -21,7 +21,7 @@ from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
 from sleigh.errors import SleighError, check_folder, first_line
 from sleigh.evaluate import EVAL_NEW_TOKENS
-from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from sleigh.serve import SHUTDOWN_TIMEOUT_S
 from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
@@ -176,7 +176,7 @@ def run(
     image: Optional[str] = typer.Argument(None, help="Image file; leave out for a text-only chat."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", envvar="SLEIGH_MODEL",
                                          help="Model package (sleigh export) or Sleigh checkpoint folder. Default: $SLEIGH_MODEL."),
-    prompt: str = typer.Option("Describe the image in detail.", "--prompt", "-p", help="The question."),
+    prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", "-p", help="The question."),
     system: Optional[str] = typer.Option(None, help="System message (default: the internlm2-chat one)."),
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
@@ -553,7 +553,7 @@ def bench(
     image: Optional[str] = typer.Option(None, help="Image (default: the photo shipped inside sleigh, examples/coffee.jpg)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="Also time this Sleigh checkpoint on the torch backend."),
     engine: list[str] = typer.Option([], "--engine", help="Also time these engines of the package (repeatable)."),
-    prompt: str = typer.Option("Describe the image in detail.", help="The question."),
+    prompt: str = typer.Option(DEFAULT_PROMPT, help="The question."),
     runs: int = typer.Option(3, help="Timed runs per target (after one warm-up)."),
     max_new_tokens: int = typer.Option(BENCH_NEW_TOKENS, help="Tokens generated per run (EOS ignored)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for every backend."),

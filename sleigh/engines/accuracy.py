@@ -21,11 +21,12 @@ import numpy as np
 
 from sleigh.engines.calibration.collect import IMAGE_EXTENSIONS, list_images
 from sleigh.errors import SleighError
+from sleigh.runtime import DEFAULT_PROMPT
 from sleigh.runtime.manifest import LLM_WEIGHTS, PRECISIONS, Calibration, EngineEntry, read_manifest, update_manifest
 from sleigh.runtime.package import sha256_file
 
 NUM_TOKENS = 32
-PROMPTS = ("Describe the image in detail.", "What is the main object in this picture?",
+PROMPTS = (DEFAULT_PROMPT, "What is the main object in this picture?",
            "What colours do you see?", "Is there any text in the image?", "Where could this photo have been taken?")
 
 # Thresholds, one table per precision: the vision metrics follow the engine's precision, the LLM

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sleigh.runtime import DEFAULT_PROMPT
 from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST, SlotCache
 from sleigh.runtime.manifest import IN_PLACE_FORMS, KVCacheSection, kv_names
@@ -132,7 +133,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
     # embed: a real prompt with the image's rows, and a random batch of 2 with text only
     s_emb = _ort(pkg / "embed.onnx")
     tok = PromptTokenizer.from_file(pkg / "tokenizer.json")
-    ids = np.asarray([tok.encode_prompt("Describe the image in detail.", tiled.num_views,
+    ids = np.asarray([tok.encode_prompt(DEFAULT_PROMPT, tiled.num_views,
                                         tokens_per_view=cfg.vision.tokens_per_view)], np.int64)
     img_out = _run(s_vis, {"pixel_values": tiled.pixel_values})
     img_out |= _run(s_gswa, {"cls_tokens": img_out["cls_tokens"]})

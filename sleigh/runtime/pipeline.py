@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 
 from sleigh.errors import SleighError, check_folder
-from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
+from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import default_max_pixels, tile_image, tiles_within
 from sleigh.runtime.kv_cache import SlotCache
@@ -34,7 +34,6 @@ from sleigh.runtime.multimodal import image_attention_bias, no_image_rows, scale
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions, TokenHistory
 
-DEFAULT_PROMPT = "Describe the image in detail."
 
 
 class ContextExceeded(SleighError):
