@@ -68,9 +68,10 @@ def most_tiles(path: Path, engine: str | None) -> int:
     """The most tiles a target takes: its model's, or a named engine's where it was built for fewer
     (the best engine `auto` picks is known only once loaded)."""
     from sleigh.runtime.manifest import Contract, read_manifest
+    from sleigh.runtime.package import model_kind
 
     path = Path(path)
-    if not (path / "manifest.json").is_file():  # a checkpoint
+    if model_kind(path) == "checkpoint":
         return Contract.of_checkpoint(path).image.max_tiles
     manifest = read_manifest(path)
     return manifest.most_tiles(manifest.engines.get(engine or ""))

@@ -19,9 +19,10 @@ from typer.core import TyperGroup
 
 from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
-from sleigh.errors import SleighError, check_folder, first_line
+from sleigh.errors import SleighError, first_line
 from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
+from sleigh.runtime.package import model_kind
 from sleigh.serve import SHUTDOWN_TIMEOUT_S
 from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
@@ -578,7 +579,7 @@ def bench(
         targets.append((str(reference), reference, "torch", None))
     for _, path, _, name in targets:  # a typo must not cost the timing of the targets before it
         _check_model(path, name)
-    if reference is not None and (reference / "manifest.json").is_file():
+    if reference is not None and model_kind(reference) == "package":
         raise SleighError(f"--reference {reference}", "is a package; the reference runs a checkpoint on PyTorch",
                           "the Sleigh checkpoint the package was exported from")
     with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget", "max_tiles"):
@@ -660,17 +661,17 @@ def _print_table(header: list[str], rows: list[tuple], title: str | None = None)
 def _check_model(path: Path, engine: str | None) -> None:
     """What can be refused before a model is loaded (seconds, or minutes for a bench): a missing
     folder, an engine for a checkpoint, an engine the package does not have."""
-    check_folder(path, "a model package (sleigh export) or a Sleigh checkpoint folder")
+    kind = model_kind(path)
     if engine is None:
         return
-    if (path / "manifest.json").is_file():
+    if kind == "package":
         from sleigh.runtime.backends import PACKAGE_MODULES
         from sleigh.runtime.manifest import read_manifest
 
         names = [PACKAGE_MODULES, *read_manifest(path).engines]
         if engine not in names:
             raise SleighError(f"--engine {engine}", f"no such engine in {path}", ", ".join(names))
-    elif (path / "config.json").is_file():
+    else:
         from sleigh.runtime.pipeline import checkpoint_has_no_engines
 
         raise checkpoint_has_no_engines(path, f"--engine {engine}", "--engine")

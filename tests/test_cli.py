@@ -537,6 +537,7 @@ def test_generated_control_bytes_reach_a_terminal_escaped(terminal, stream, monk
 
     monkeypatch.setattr(pipeline.Pipeline, "load", classmethod(lambda cls, *a, **k: FakePipeline()))
     monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: terminal)
+    (tmp_path / "manifest.json").write_text("{}")  # a package, as far as the CLI's checks before loading look
     args = ["run", "--model", str(tmp_path), *([] if stream else ["--no-stream"])]
     out = CliRunner().invoke(cli.app, args).stdout
     assert out.splitlines()[0] == ("red \\x1b[2J\\x1b]0;pwned\\x07car" if terminal else "".join(pieces))

@@ -25,7 +25,7 @@ from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
 from sleigh.progress import progress
 from sleigh.runtime.image import TILES_LIMIT
 from sleigh.runtime.manifest import Contract, contract_from_config, write_manifest
-from sleigh.runtime.package import (MANIFEST, SCHEMA, SCHEMA_VERSION, file_entry, ordinary_modes, sha256_file, shipped_photo,
+from sleigh.runtime.package import (MANIFEST, SCHEMA, SCHEMA_VERSION, TOKENIZER, file_entry, ordinary_modes, sha256_file, shipped_photo,
                                    write_json_atomic)
 from sleigh.runtime.prompt import PromptTokenizer
 
@@ -164,7 +164,7 @@ def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[
             files[f] = file_entry(pkg, f)
         mod_entries[name] = {"file": written[0], "data_files": written[1:], "precision": "fp32",
                              **{k: v for k, v in describe_io(pkg / written[0]).items() if k in ("inputs", "outputs")}}
-    files["tokenizer.json"] = file_entry(pkg, "tokenizer.json")
+    files[TOKENIZER] = file_entry(pkg, TOKENIZER)
     contract = contract_from_config(json.loads(json.dumps(cfg.to_dict())), max_tiles=opts.max_tiles)  # as config.json holds it
     contract["kv_cache"]["form"] = DECODER_FORMS[opts.decoder]
     if opts.decoder == "fused-cuda":  # its cache's heads are padded (export/fused_decoder.py)
@@ -178,7 +178,7 @@ def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[
         "source": source,
         "opset": opts.opset,
         **contract,
-        "tokenizer": {"file": "tokenizer.json"},
+        "tokenizer": {"file": TOKENIZER},
         "modules": mod_entries,
         "files": files,
         "parity": parity,
@@ -290,7 +290,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
 
     from sleigh.export.modules import MODULES
     from sleigh.export.parity import summarize, verify_package
-    from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
+    from sleigh.sleighvl.checkpoint import load_checkpoint
 
     model, cfg, _ = load_checkpoint(checkpoint)
     source = source_of(checkpoint)  # the weights just read
@@ -312,7 +312,7 @@ def export_package(checkpoint: Path, out: Path, opts: ExportOptions) -> ExportRe
                     bar.advance(0, description=f"export {name}")
                     written[name] = write(name)
                     bar.advance()
-            shutil.copyfile(checkpoint / TOKENIZER, tmp / "tokenizer.json")
+            shutil.copyfile(checkpoint / TOKENIZER, tmp / TOKENIZER)
             parity = None
             results = []
             if opts.verify:

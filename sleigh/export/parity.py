@@ -18,6 +18,7 @@ from sleigh.runtime.image import tile_image
 from sleigh.runtime.kv_cache import LOGITS, NEW, PAST, SlotCache
 from sleigh.runtime.manifest import IN_PLACE_FORMS, KVCacheSection, kv_names
 from sleigh.runtime.multimodal import image_attention_bias, no_image_rows
+from sleigh.runtime.package import TOKENIZER
 from sleigh.runtime.prompt import PromptTokenizer
 
 COMPARE_BLOCK = 1 << 22  # elements per block when comparing large outputs
@@ -132,7 +133,7 @@ def verify_package(pkg: Path, model, real_image, *, precision: str = "fp32", see
 
     # embed: a real prompt with the image's rows, and a random batch of 2 with text only
     s_emb = _ort(pkg / "embed.onnx")
-    tok = PromptTokenizer.from_file(pkg / "tokenizer.json")
+    tok = PromptTokenizer.from_file(pkg / TOKENIZER)
     ids = np.asarray([tok.encode_prompt(DEFAULT_PROMPT, tiled.num_views,
                                         tokens_per_view=cfg.vision.tokens_per_view)], np.int64)
     img_out = _run(s_vis, {"pixel_values": tiled.pixel_values})

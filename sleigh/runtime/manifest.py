@@ -25,7 +25,7 @@ from sleigh.runtime.fields import Fields, describe, is_int
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views, tiles_within
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
-from sleigh.runtime.package import (MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
+from sleigh.runtime.package import (CHECKPOINT_CONFIG, MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
                                     write_bytes_atomic)
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
 
@@ -203,7 +203,7 @@ class Contract:
     @classmethod
     def of_checkpoint(cls, folder: Path) -> Contract:
         """A Sleigh checkpoint folder's contract, read from its config.json."""
-        config = Path(folder) / "config.json"
+        config = Path(folder) / CHECKPOINT_CONFIG
         return cls.from_config(read_json(config, "a Sleigh checkpoint's config.json"), str(config))
 
 

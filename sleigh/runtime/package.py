@@ -11,10 +11,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from sleigh.errors import SleighError, first_line
+from sleigh.errors import SleighError, check_folder, first_line
 from sleigh.runtime.fields import is_int
 
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"  # a package's tokenizer, as a checkpoint's
+CHECKPOINT_CONFIG = "config.json"  # a Sleigh checkpoint's (sleighvl/checkpoint.py writes it; the runtime reads its contract)
+MODEL_FOLDER = "a model package (sleigh export) or a Sleigh checkpoint folder"
 SCHEMA = "sleigh.package"
 SCHEMA_VERSION = 7  # 2: the decoder takes cache slots and returns only the new keys/values; 3: logits of the
 # last position only, and no reduction over an empty axis (schema-2 decoders fail on onnxruntime <= 1.31);
@@ -26,6 +29,18 @@ SCHEMA_VERSION = 7  # 2: the decoder takes cache slots and returns only the new 
 # generated one) keeps its token-table row, as in a fused decoder (schema-6 embed modules zeroed it)
 MODULE_NAMES = ("vision", "gswa", "embed", "decoder")
 REEXPORT = "re-export the package with this sleigh (`sleigh export CKPT -o PKG --force`)"
+
+
+def model_kind(path: Path) -> str:
+    """"package" or "checkpoint": what a model folder given to run, bench, eval or serve holds. A
+    folder with .onnx files and no manifest is an unfinished package (reading it says so)."""
+    check_folder(path, MODEL_FOLDER)
+    if (path / MANIFEST).is_file() or any(Path(path).glob("*.onnx")):
+        return "package"
+    if (path / CHECKPOINT_CONFIG).is_file():
+        return "checkpoint"
+    raise SleighError(str(path), f"neither {MANIFEST} nor {CHECKPOINT_CONFIG} found",
+                      "a model package (sleigh export) or a Sleigh checkpoint (sleigh init / sleigh convert)")
 
 
 def shipped_photo() -> Path:

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from sleigh.errors import SleighError, check_folder
+from sleigh.errors import SleighError
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from sleigh.runtime.backends.base import Backend
 from sleigh.runtime.image import default_max_pixels, tile_image, tiles_within
@@ -31,6 +31,7 @@ from sleigh.runtime.kv_cache import SlotCache
 from sleigh.runtime.manifest import Contract
 from sleigh.runtime.memory import MemoryBudget, Shapes, module_sizes, parse_size, stage_bytes
 from sleigh.runtime.multimodal import image_attention_bias, no_image_rows, scaled_embeds
+from sleigh.runtime.package import TOKENIZER, model_kind
 from sleigh.runtime.prompt import IMG_CONTEXT, IMG_END, IMG_START, PromptTokenizer, StopStrings, StreamDecoder, Turn
 from sleigh.runtime.sampling import Sampler, SamplingOptions, TokenHistory
 
@@ -215,15 +216,11 @@ class Pipeline:
     @classmethod
     def _load(cls, path: Path, backend: str, threads: int | None, engine: str | None, verify: bool,
               budgeted: bool = False) -> Pipeline:
-        check_folder(path, "a model package (sleigh export) or a Sleigh checkpoint folder")
-        if (path / "manifest.json").is_file() or any(path.glob("*.onnx")):  # an .onnx without manifest: incomplete export
+        if model_kind(path) == "package":
             return cls.from_package(path, backend=backend, threads=threads, engine=engine, verify=verify, budgeted=budgeted)
-        if (path / "config.json").is_file():
-            if engine is not None:
-                raise checkpoint_has_no_engines(path, f"engine={engine}", "engine")
-            return cls.from_checkpoint(path, backend=backend, threads=threads)
-        raise SleighError(str(path), "neither manifest.json nor config.json found",
-                          "a model package (sleigh export) or a Sleigh checkpoint (sleigh init / sleigh convert)")
+        if engine is not None:
+            raise checkpoint_has_no_engines(path, f"engine={engine}", "engine")
+        return cls.from_checkpoint(path, backend=backend, threads=threads)
 
     @classmethod
     def from_checkpoint(cls, path: Path, backend: str = "auto", threads: int | None = None) -> Pipeline:
@@ -236,7 +233,7 @@ class Pipeline:
             raise SleighError(str(path), "a checkpoint runs on the PyTorch reference and torch is not installed",
                               "a package from `sleigh export`, or pip install torch and 'sleigh[export]'")
         contract = Contract.of_checkpoint(path)
-        tok = PromptTokenizer.from_file(Path(path) / "tokenizer.json")
+        tok = PromptTokenizer.from_file(Path(path) / TOKENIZER)
         return cls(_checkpoint_backend("torch").from_checkpoint(path, threads), contract, tok)
 
     @classmethod

@@ -13,6 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from sleigh.errors import SleighError, check_folder, first_line
+from sleigh.runtime.package import MODEL_FOLDER
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -64,7 +65,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
                           shutdown_timeout=shutdown_timeout)
     ray_address = ray_address or os.environ.get("RAY_ADDRESS") or "local"  # as ray.init would read it, but never
     # the last `ray start` cluster it would join unasked: the default is a cluster of this machine alone
-    check_folder(model, "a model package (sleigh export) or a Sleigh checkpoint folder")
+    check_folder(model, MODEL_FOLDER)
     if not ray or ray_address == "local":  # before the model loads: a port in use costs nothing (a cluster's proxy
         check_address(host, port)  # is elsewhere)
 

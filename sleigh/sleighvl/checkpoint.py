@@ -15,13 +15,11 @@ from pathlib import Path
 import torch
 
 from sleigh.errors import SleighError, check_folder, first_line
-from sleigh.runtime.package import ordinary_modes, read_json
+from sleigh.runtime.package import CHECKPOINT_CONFIG as CONFIG, TOKENIZER, ordinary_modes, read_json
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.sleighvl.config import SleighVLConfig
 
-CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-TOKENIZER = "tokenizer.json"
 GENERATION = "generation_config.json"
 
 

@@ -193,6 +193,35 @@ def test_a_manifest_that_is_a_folder_or_missing(pkg):
         read_manifest(pkg)
 
 
+
+@pytest.mark.parametrize("command", [("run", "--prompt", "hi"), ("bench", "--runs", "1"), ("eval", "--data"),
+                                     ("serve", "--port", "1")])
+def test_every_command_tells_a_package_from_a_checkpoint_by_one_rule(pkg, tmp_path, command):
+    """runtime.package.model_kind: a manifest (or, where it is missing, .onnx files: an unfinished
+    export, whose reading says so) is a package, a config.json a checkpoint, neither one line, before
+    anything loads; the same in every command that takes a model."""
+    from sleigh.runtime.package import model_kind
+
+    assert model_kind(pkg) == "package"
+    (pkg / MANIFEST).unlink()
+    assert model_kind(pkg) == "package"
+    name, *rest = command
+    if name == "eval":  # data that passes eval's own checks, which come first
+        from PIL import Image
+
+        Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+        (tmp_path / "d.jsonl").write_text('{"image": "a.png", "question": "Colour?", "answer": "black"}\n')
+        rest.append(str(tmp_path / "d.jsonl"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(SleighError, match=r"neither manifest\.json nor config\.json found"):
+        model_kind(bare)
+    model = ["--model", str(pkg)] if name in ("run", "serve") else [str(pkg)]
+    assert "no manifest.json" in one_error_line(run_sleigh(name, *model, *rest))
+    model = ["--model", str(bare)] if name in ("run", "serve") else [str(bare)]
+    assert "neither manifest.json nor config.json found" in one_error_line(run_sleigh(name, *model, *rest))
+
+
 # -- confinement ------------------------------------------------------------------------------------
 
 def _outside_copy(pkg):
