@@ -200,7 +200,7 @@ def run(
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="A string that ends the answer (not printed); repeatable."),
     allow_special_tokens: bool = typer.Option(False, "--allow-special-tokens",
                                               help="Let control tokens typed in --prompt/--system (<|im_end|>, </s>, ...) act as such; by default they are plain text."),
-    show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (.png, .jpg, .webp)."),
+    show_weights: Optional[Path] = typer.Option(None, "--show-weights", help="Write the image with GSWA's weight of each tile drawn on it (.png, .jpg, .webp, or another format Pillow writes)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
     tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail (fewer image tokens)."),
 ):
@@ -231,7 +231,7 @@ def run(
 
         if image is None:
             raise SleighError("--show-weights", "no image given", "an IMAGE argument whose tile weights to draw")
-        output_format(show_weights)
+        output_format(show_weights, image)
     _check_model(model, engine)
     with _as_flags("backend", "engine", "prompt", "system", "max_new_tokens", "max_tiles", "max_memory", "tile_budget", "stop"), \
             Pipeline.load(model, backend=backend, threads=threads, engine=engine, verify=not no_verify_files,

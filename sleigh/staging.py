@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 
 KINDS = ("tmp", "old")
 LEGACY_STALE_S = 24 * 3600  # an ownerless staging folder of an older sleigh: stale once untouched this long
@@ -49,12 +49,20 @@ def prepare_output_dir(dst: Path, force: bool) -> None:
 
 def check_output_file(out: Path, expected: str = "a file name") -> None:
     """A file that can be written later (write_bytes_atomic makes its missing folders): checked before
-    any work, so a bad location costs nothing. Its nearest existing folder must be writable, and no
-    file may stand where a folder of its path goes."""
+    any work, so a bad location costs nothing. Its nearest existing folder must be writable (a file
+    made there once and removed: /proc says it is writable to root and is not), and no file may stand
+    where a folder of its path goes."""
     out = Path(out)
     if out.is_dir():
         raise SleighError(str(out), "is a folder", expected)
-    _writable_folder_of(out)
+    folder = _writable_folder_of(out)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sleigh-probe-", dir=folder)
+    except OSError as e:
+        raise SleighError(str(out), f"folder {folder} cannot be written ({e.strerror or first_line(e)})",
+                          "a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_dir(out: Path) -> None:

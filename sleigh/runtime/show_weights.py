@@ -9,6 +9,7 @@ thumbnail (always 1) is named in the caption.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -77,30 +78,38 @@ def draw_weights(image: ImageSource, grid: tuple[int, int], weights: list[float]
     return framed
 
 
-def output_format(out: Path) -> str:
-    """Pillow's format name for `out`'s suffix, and a location it can be written to; checked before
-    any model work."""
+def output_format(out: Path, image: ImageSource | None = None) -> str:
+    """Pillow's format name for `out`'s suffix, and a location it can be written to that is not the
+    file of `image` (the photo the picture is drawn from); checked before any model work."""
     from sleigh.staging import check_output_file
 
     out = Path(out)
     check_output_file(out, "an image file name, e.g. weights.png")
+    if isinstance(image, (str, os.PathLike)) and out.exists():
+        try:
+            same = os.path.samefile(image, out)
+        except OSError:
+            same = False
+        if same:
+            raise SleighError(str(out), f"is the input image {str(image)!r}, which the picture would replace",
+                              "another file name for the picture")
     fmt = Image.registered_extensions().get(out.suffix.lower())
     if fmt is None or fmt not in Image.SAVE:
-        raise SleighError(str(out), f"unknown image suffix {out.suffix!r}", "a .png, .jpg or .webp file name")
+        raise SleighError(str(out), f"unknown image suffix {out.suffix!r}", "an image file name that Pillow writes in colour: .png, .jpg, .webp, .gif, .tiff, ...")
     try:  # Pillow lists formats it cannot write a colour picture in (XBM, MSP, PALM) or has no encoder for
         Image.new("RGB", (1, 1)).save(io.BytesIO(), format=fmt)
     except (OSError, ValueError, KeyError) as e:
         raise SleighError(str(out), f"Pillow cannot write a colour image as {fmt} ({first_line(e)})",
-                          "a .png, .jpg or .webp file name") from None
+                          "an image file name that Pillow writes in colour: .png, .jpg, .webp, .gif, .tiff, ...") from None
     return fmt
 
 
 def save_weights_image(image: ImageSource, grid: tuple[int, int], weights: list[float], out: Path) -> Path:
-    """Draw and write `out` atomically (format from its suffix: .png, .jpg, .webp)."""
+    """Draw and write `out` atomically (format from its suffix: .png, .jpg, .webp, ...)."""
     from sleigh.runtime.package import write_bytes_atomic
 
     out = Path(out)
-    fmt = output_format(out)
+    fmt = output_format(out, image)
     buf = io.BytesIO()
     draw_weights(image, grid, weights).save(buf, format=fmt)
     try:

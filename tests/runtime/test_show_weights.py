@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -80,3 +81,33 @@ def test_the_picture_is_drawn_within_the_runs_own_pixel_limit(tiny_pkg, tmp_path
                                           "--max-pixels", str(500 * 400), "--show-weights", str(out)])
     assert result.exit_code == 0, result.output
     assert Image.open(out).width == 500
+
+
+@pytest.mark.parametrize("how", ["the same path", "a symlink to it", "a hard link"])
+def test_the_picture_never_replaces_the_photo_it_is_drawn_from(how, tmp_path):
+    """`run photo.jpg --show-weights photo.jpg` once wrote the picture over the photo (exit 0): now one
+    line before the model loads (no model is given here, so nothing else could answer first)."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (90, 140, 60)).save(photo)
+    before = photo.read_bytes()
+    out = {"the same path": photo, "a symlink to it": tmp_path / "link.png", "a hard link": tmp_path / "hard.png"}[how]
+    if how == "a symlink to it":
+        out.symlink_to(photo)
+    elif how == "a hard link":
+        os.link(photo, out)
+    line = one_error_line(run_sleigh("run", photo, "-m", tmp_path / "no-such-pkg", "--show-weights", out))
+    assert "is the input image" in line and "Expected: another file name" in line
+    assert photo.read_bytes() == before
+    with pytest.raises(SleighError, match="is the input image"):
+        save_weights_image(photo, (1, 1), [1.0, 1.0], out)
+    assert photo.read_bytes() == before
+    save_weights_image(photo, (1, 1), [1.0, 1.0], tmp_path / "other.png")  # another name is written
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="/proc")
+def test_an_output_folder_that_only_looks_writable_is_refused_before_the_run(tmp_path):
+    """/proc says it is writable to root (os.access), and is not: the check makes a file there."""
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48)).save(photo)
+    line = one_error_line(run_sleigh("run", photo, "-m", tmp_path / "no-such-pkg", "--show-weights", "/proc/x.png"))
+    assert line.startswith("error: /proc/x.png | ") and ("cannot be written" in line or "not writable" in line), line
