@@ -50,8 +50,17 @@ class SamplingOptions:
 
 def _number(name: str, value, ok, expected: str, integer: bool = False) -> None:
     kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, kind) or not (integer or _finite_float(value)) or not ok(value):
         raise SleighError(name, f"got {value!r}", expected)
+
+
+def _finite_float(value: numbers.Real) -> bool:
+    """`value` as a float is finite: an int past float's range (10**309) is not one (math.isfinite
+    raises OverflowError on it)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 class Sampler:

@@ -15,11 +15,12 @@ NON_FINITE = [math.nan, math.inf, -math.inf]
 
 
 @pytest.mark.parametrize("field, value", [
-    *[("temperature", v) for v in (*NON_FINITE, -0.1, "0.5", None)],
+    *[("temperature", v) for v in (*NON_FINITE, -0.1, "0.5", None, 10**400)],  # 10**400: no float holds it
     *[("top_p", v) for v in (*NON_FINITE, 0.0, 1.5, -1)],
     *[("repetition_penalty", v) for v in (*NON_FINITE, 0.0, -1.0)],
-    *[("top_k", v) for v in (-1, 2.5, True)],
-    *[("seed", v) for v in (-1, 1.5, "7")],
+    *[("repetition_penalty", 10**400)],
+    *[("top_k", v) for v in (-1, 2.5, True, -10**400)],
+    *[("seed", v) for v in (-1, 1.5, "7", -10**400)],
 ])
 def test_bad_option_is_a_user_error_naming_the_parameter(field, value):
     with pytest.raises(SleighError) as info:
@@ -33,6 +34,8 @@ def test_good_options_are_kept():
     o = SamplingOptions(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.2, seed=2**70)
     assert (o.temperature, o.top_k, o.top_p, o.repetition_penalty, o.seed) == (0.7, 5, 0.9, 1.2, 2**70)
     assert SamplingOptions(seed=np.int64(3)).seed == 3 and SamplingOptions(temperature=np.float32(0.5)).temperature == 0.5
+    huge = SamplingOptions(temperature=1.0, top_k=10**400, seed=10**400)  # ints past float's range (a server's 500 once)
+    assert Sampler(huge)(np.array([0.0, 1.0, 2.0], np.float32)) in (0, 1, 2)
 
 
 def test_sampling_follows_the_softmax():
