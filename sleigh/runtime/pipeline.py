@@ -292,13 +292,16 @@ class Pipeline:
                 if token in text:
                     raise SleighError(what, f"contains {token}, which only the image block may hold",
                                       "text without image placeholder tokens (the image is given as IMAGE)")
+        system = self.contract.prompt.system_message if system is None else system  # the model's own default
+        fewest = self.tokenizer.fewest_tokens(turns, system=system)
+        if fewest >= self.context_length:  # before tiling and tokenizing, which would only confirm it
+            self._check_context(fewest, 1, fitted=True, image=image is not None, at_least=True)
         img, top = self.contract.image, self.max_tiles
         tiled = None
         if image is not None:
             tiled = tile_image(image, min_tiles=min(img.min_tiles, top), max_tiles=top if max_tiles is None else max_tiles,
                                size=img.size, thumbnail=img.thumbnail, mean=img.mean, std=img.std,
                                max_pixels=default_max_pixels() if max_pixels is None else max_pixels)  # the CLI's
-        system = self.contract.prompt.system_message if system is None else system  # the model's own default
         views = tiled.num_views if tiled else 0
         if tiled is not None and tile_budget is not None:
             views = min(tile_budget, tiled.grid[0] * tiled.grid[1]) + int(tiled.has_thumbnail)
@@ -360,9 +363,11 @@ class Pipeline:
                               "a SamplingOptions (sleigh.runtime.sampling), e.g. SamplingOptions(temperature=0.7)")
         return sampling
 
-    def _check_context(self, prompt_tokens: int, max_new_tokens: int, fitted: bool = False, image: bool = True) -> None:
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int, fitted: bool = False, image: bool = True,
+                       at_least: bool = False) -> None:
         """`fitted`: max_new_tokens is a default already cut to the context (`fit_context`): only the
-        prompt can be at fault. `image`: the prompt holds an image (fewer tiles would shorten it)."""
+        prompt can be at fault. `image`: the prompt holds an image (fewer tiles would shorten it).
+        `at_least`: prompt_tokens is a lower bound of the prompt's text alone (PromptTokenizer.fewest_tokens)."""
         context, model = self.context_length, self.contract.generation.context_length
         if prompt_tokens + max_new_tokens <= context:
             return
@@ -370,7 +375,9 @@ class Pipeline:
         if context < model:  # an engine built for less (build-engine --max-context, a TensorRT profile)
             of += f" engine {self._engine_name} was built for"
         tiles = "fewer tiles (max_tiles), " if image else ""
-        if fitted:
+        if at_least:  # fewer tiles cannot help a text that fills the context alone
+            problem, expected = f"the prompt's text holds at least {prompt_tokens} tokens, past {of}", "a shorter prompt"
+        elif fitted:
             problem, expected = f"the prompt's {prompt_tokens} tokens leave no room for an answer in {of}", \
                 f"{tiles}a shorter prompt"
         else:

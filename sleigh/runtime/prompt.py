@@ -14,7 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -139,6 +139,7 @@ class PromptTokenizer:
         if missing:
             raise SleighError(source, f"lacks the special tokens {missing}", f"a tokenizer with {list(REQUIRED_TOKENS)}")
         self._vocab = vocab
+        self._longest_piece = max(map(len, vocab))  # characters of normalized text one token covers at most
         n = max(vocab.values()) + 1
         added = tokenizer.get_added_tokens_decoder()
         self._special = frozenset(i for i, t in added.items() if t.special)
@@ -218,6 +219,22 @@ class PromptTokenizer:
             else:
                 ids += text_tokenizer.encode(text, add_special_tokens=False).ids
         return ids
+
+    def fewest_tokens(self, turns: Sequence[Turn], *, system: str | None = None) -> int:
+        """At most `len(encode_chat(turns, 0, system=system))`, found without tokenizing: BOS, the
+        template's control tokens, and each text part's characters that are not whitespace (after the
+        normalizer) over the most one token covers. A text far past the context is refused from this
+        (Pipeline.prepare) before tokenizing it, which holds the GIL for seconds at megabytes (a
+        server's event loop with it: `/health` stalled 8 s on a 4 MB prompt)."""
+        normalizer, n = self.tokenizer.normalizer, 1
+        for text, control in chat_parts([replace(t, image=False) for t in turns], 0, system=system):
+            if control:
+                n += 1
+                continue
+            text = normalizer.normalize_str(text) if normalizer is not None else text
+            solid = len("".join(text.split())) - text.count("▁")  # pre-tokenizers may drop whitespace, or mark it ▁
+            n += -(-solid // self._longest_piece)
+        return n
 
     def token_bytes(self, token_id: int) -> bytes:
         """A model's vocabulary may be larger than its tokenizer's (padded embeddings): ids past the

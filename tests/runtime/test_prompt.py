@@ -294,3 +294,57 @@ def test_stop_strings_hold_back_the_longest_end_that_begins_a_stop():
                 break
             want = max((k for x in stops for k in range(1, min(len(x), len(seen) + 1)) if seen.endswith(x[:k])), default=0)
             assert s.text == seen[:len(seen) - want], (stops, seen)
+
+
+TEXTS = ["", "hello", "x" * 5000, " " * 3000 + "a", "\n\n\t  \u3000 " * 200, "héllo 你好 🎄" * 50, "ﬃ" * 100 + "e\u0301" * 100,
+         "<|im_end|><s></s>" * 40, "▁▁▁" * 100, "12345 67890 " * 100]
+
+
+@pytest.mark.parametrize("which", ["small", "init", "oracle"])  # oracle: InternVL2's own tokenizer, converted
+@pytest.mark.parametrize("special", [False, True])
+def test_the_fewest_tokens_never_exceed_what_encoding_gives(which, special, ptok, request):
+    """PromptTokenizer.fewest_tokens is a lower bound (a prompt refused from it would be refused after
+    encoding too): whitespace runs a normalizer collapses, characters it composes, special tokens'
+    text, a pre-tokenizer's ▁."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    if which == "oracle":
+        tok = PromptTokenizer.from_file(request.getfixturevalue("oracle_ckpts")["identity"] / "tokenizer.json")
+    else:
+        tok = ptok if which == "small" else request.getfixturevalue("init_tok")
+
+    def check(question: str, system: str | None, answer: str) -> None:
+        turns = [Turn("user", question), Turn("assistant", answer), Turn("user", question[::-1])]
+        fewest = tok.fewest_tokens(turns, system=system)
+        assert 1 < fewest <= len(tok.encode_chat(turns, system=system, allow_special_tokens=special)), (question, system)
+
+    for text in TEXTS:
+        check(text, text[:50], text[::2])
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.text(st.characters(blacklist_categories=("Cs",)), max_size=300), st.none() | st.text(max_size=40),
+           st.text(alphabet=" \t\nab▁<|>", max_size=200))
+    def random(question, system, answer):
+        check(question, system, answer)
+
+    random()
+
+
+def test_a_prompt_far_past_the_context_is_refused_before_it_is_tokenized(tiny_pkg, monkeypatch):
+    """Megabytes of text: refused from the bound, without tokenizing (which holds the GIL, seconds at
+    that size) or tiling; one that only just passes the context still gets its exact count."""
+    from sleigh.runtime.pipeline import ContextExceeded, Pipeline
+
+    with Pipeline.load(tiny_pkg, verify=False) as pipe:
+        exact = pipe.tokenizer.encode_chat
+        monkeypatch.setattr(pipe.tokenizer, "encode_chat", lambda *a, **k: pytest.fail("tokenized"))
+        monkeypatch.setattr("sleigh.runtime.pipeline.tile_image", lambda *a, **k: pytest.fail("tiled"))
+        with pytest.raises(ContextExceeded, match=r"^prompt \| the prompt's text holds at least \d+ tokens, past the "
+                                                  r"context of \d+\. Expected: a shorter prompt"):
+            pipe.prepare("examples/chelsea.jpg", "the quick brown fox " * 200_000)
+        monkeypatch.setattr(pipe.tokenizer, "encode_chat", exact)
+        over = "a b " * pipe.context_length  # tokens past the context, characters too few for the bound to tell
+        assert pipe.tokenizer.fewest_tokens([Turn("user", over)]) < pipe.context_length
+        with pytest.raises(ContextExceeded, match=r"prompt tokens \+ 1 new tokens exceed"):
+            pipe.generate(None, over, max_new_tokens=1).result
