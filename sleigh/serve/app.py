@@ -136,10 +136,18 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
         status = "failed: " + state.load_error if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
+    model_object = {"id": settings.name, "object": "model", "created": 0, "owned_by": "sleigh"}
+
     @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
-        return {"object": "list", "data": [{"id": settings.name, "object": "model", "created": 0,
-                                            "owned_by": "sleigh"}]}
+        return {"object": "list", "data": [model_object]}
+
+    @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])  # the openai client's models.retrieve
+    async def one_model(model: str):
+        if model != settings.name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.name}`",
+                           param="model", code="model_not_found")
+        return model_object
 
     @app.get("/metrics")
     async def metrics():

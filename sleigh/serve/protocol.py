@@ -259,12 +259,14 @@ IMAGE_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "
 def decode_image(url: str, param: str, *, max_pixels: int, local_root: Path | None) -> Image.Image:
     """A `data:image/...;base64,` URL (or, with `local_root`, a `file://` path inside it) as a decoded
     RGB image. The pixel limit is checked on the header, before decoding."""
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":
         header, comma, data = url.partition(",")
+        header = header.lower()  # RFC 2397: the scheme, the media type and "base64" are case-insensitive
         if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
             raise APIError(400, f"{param}: expected data:image/<format>;base64,<data>", param=param)
+        data = "".join(data.split())  # MIME base64 wraps its lines (`base64 FILE` without -w0)
         try:
-            raw = base64.b64decode(data, validate=True)
+            raw = base64.b64decode(data + "=" * (-len(data) % 4), validate=True)  # and the padding may be left off
         except (binascii.Error, ValueError):
             raise APIError(400, f"{param}: the base64 data does not decode", param=param) from None
         source, what = io.BytesIO(raw), "the image"

@@ -30,7 +30,31 @@ def run_json(sleigh_cli, *args) -> dict:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list()] == [server.model]
+    assert client.models.retrieve(server.model).id == server.model  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found"
     assert httpx.get(server.base + "/health").json()["status"] == "ok"
+
+
+def test_an_image_url_in_any_of_the_forms_base64_allows_is_the_same_image(server, client, small_png):
+    """RFC 2397's case-insensitive scheme, type and `base64`; MIME's wrapped lines (`base64 FILE`
+    without -w0); padding left off: each gives the answer of the plain data URL."""
+    import base64
+
+    raw = small_png.read_bytes()
+    raw += b"\0" * ((1 - len(raw)) % 3)  # after the PNG's end (Pillow reads up to it): a length that base64 pads
+    encoded = base64.b64encode(raw).decode()
+    forms = {"plain": data_url(raw), "upper case": "DATA:IMAGE/PNG;BASE64," + encoded,
+             "wrapped": "data:image/png;base64," + "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76)),
+             "unpadded": "data:image/png;base64," + encoded.rstrip("=")}
+    assert encoded.endswith("==")
+    answers = {}
+    for name, url in forms.items():
+        r = client.chat.completions.create(model=server.model, max_tokens=3, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+        answers[name] = r.model_extra["sleigh"]["token_ids"], r.model_extra["sleigh"]["gswa_weights"]
+    assert all(a == answers["plain"] for a in answers.values()), answers
 
 
 @pytest.mark.parametrize("with_image", [False, True])
