@@ -305,6 +305,31 @@ def _normalized_values(mean: tuple, std: tuple) -> np.ndarray:
 
 
 def _to_rgb(image: Image.Image, what: str) -> Image.Image:
+    keyed = _keyed_transparent(image)
+    rgb = _opaque_rgb(image, what)
+    if keyed is None or not keyed.any():
+        return rgb
+    pixels = np.array(rgb)
+    pixels[keyed] = BACKGROUND
+    return Image.fromarray(pixels)
+
+
+def _keyed_transparent(image: Image.Image) -> np.ndarray | None:
+    """Where an RGB or greyscale image (8 or 16 bits) is transparent by its colour key (a PNG's tRNS
+    chunk: Pillow's info["transparency"], the one colour that stands for "no pixel"), or None. A
+    palette image's key is its alpha (_opaque_rgb)."""
+    key = image.info.get("transparency")
+    if key is None or image.mode not in ("RGB", "L", *_SIXTEEN_BIT_MODES):
+        return None
+    pixels = np.asarray(image)
+    if image.mode == "RGB":
+        if not (isinstance(key, tuple) and len(key) == 3):
+            return None
+        return np.all(pixels == np.asarray(key, dtype=pixels.dtype), axis=-1)
+    return pixels == key if isinstance(key, int) else None
+
+
+def _opaque_rgb(image: Image.Image, what: str) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image

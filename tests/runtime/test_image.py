@@ -251,6 +251,34 @@ def test_pa_transparent_pixel_is_white():
     assert tuple(rgb[0, 0]) == (255, 255, 255) and tuple(rgb[1, 1]) == (10, 200, 30)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+def test_a_png_colour_key_is_transparent_as_alpha_is(mode, tmp_path):
+    """A PNG's tRNS chunk on an RGB or greyscale image names one colour "no pixel": those pixels come
+    out white, as alpha 0 does (they kept the key colour, green on a red photo). RGB and 8-bit grey
+    against Pillow's own conversion to RGBA composited on white."""
+    rng = np.random.default_rng(5)
+    if mode == "RGB":
+        pixels, key = rng.integers(0, 256, (6, 8, 3)).astype(np.uint8), (0, 255, 0)
+        pixels[::2, ::3] = key
+    else:
+        dtype = np.uint8 if mode == "L" else np.uint16
+        pixels, key = rng.integers(0, 256 if mode == "L" else 65536, (6, 8)).astype(dtype), 10 if mode == "L" else 40000
+        pixels[::2, ::3] = key
+    path = tmp_path / "keyed.png"
+    Image.fromarray(pixels).save(path, transparency=key)
+    with Image.open(path) as opened:
+        assert opened.mode == mode and opened.info["transparency"] == key
+        if mode != "I;16":  # Pillow's I;16 to RGBA clips instead of scaling
+            on_white = Image.alpha_composite(Image.new("RGBA", opened.size, (255, 255, 255, 255)), opened.convert("RGBA"))
+    got = np.asarray(load_image(path))
+    keyed = np.all(pixels.reshape(6, 8, -1) == np.asarray(key).reshape(-1), axis=-1)
+    assert keyed.sum() >= 9 and (got[keyed] == 255).all()
+    if mode == "I;16":
+        np.testing.assert_array_equal(got[~keyed][:, 0], np.rint(pixels[~keyed] / 257).astype(np.uint8))
+    else:
+        np.testing.assert_array_equal(got, np.asarray(on_white.convert("RGB")))
+
+
 def test_sixteen_bit_png_file_is_scaled(tmp_path):
     path = tmp_path / "grey16.png"
     values = np.random.default_rng(4).integers(0, 65536, (8, 8)).astype(np.uint16)
