@@ -64,6 +64,35 @@ def bench_pipeline(label: str, pipe, image, prompt: str, *, runs: int, max_new_t
                     round(med(lambda r: r.timings.decode_tokens_per_s), 1), runs)
 
 
+def check_fits(label: str, path: Path, engine: str | None, image, prompt: str, max_new_tokens: int) -> None:
+    """Refuse, before any target is timed, a prompt and answer that cannot fit a target's context: the
+    prompt's text tokens, one view's if there is an image (the fewest any image tiles into), and
+    max_new_tokens, against the named engine's context or the model's. (What passes may still be
+    refused when the target runs, from its views.)"""
+    from sleigh.runtime.manifest import Contract, read_manifest
+    from sleigh.runtime.package import TOKENIZER, model_kind
+    from sleigh.runtime.pipeline import ContextExceeded
+    from sleigh.runtime.prompt import PromptTokenizer, Turn
+
+    path = Path(path)
+    if model_kind(path) == "checkpoint":
+        contract, tokenizer, context = Contract.of_checkpoint(path), path / TOKENIZER, None
+    else:
+        manifest = read_manifest(path)
+        contract, tokenizer = manifest.contract, manifest.path(manifest.tokenizer, "manifest.json: tokenizer.file")
+        entry = manifest.engines.get(engine or "")
+        context = entry.max_context if entry is not None else None
+    context = min(context or contract.generation.context_length, contract.generation.context_length)
+    tok, turns, system = PromptTokenizer.from_file(tokenizer), [Turn("user", prompt)], contract.prompt.system_message
+    fewest = tok.fewest_tokens(turns, system=system)  # megabytes of text are not tokenized to be refused
+    if fewest < context:
+        fewest = len(tok.encode_chat(turns, system=system))
+    fewest += contract.prompt.tokens_per_view if image is not None else 0
+    if fewest + max_new_tokens > context:
+        raise ContextExceeded("prompt", f"{label}: at least {fewest} prompt tokens + {max_new_tokens} new tokens exceed "
+                              f"its context of {context}", "a smaller max_new_tokens or a shorter prompt")
+
+
 def most_tiles(path: Path, engine: str | None) -> int:
     """The most tiles a target takes: its model's, or a named engine's where it was built for fewer
     (the best engine `auto` picks is known only once loaded)."""
@@ -90,11 +119,12 @@ def run_bench(targets: list[tuple[str, Path, str, str | None]], image, prompt: s
         raise SleighError("runs", f"got {runs}", "an integer >= 1")
     if max_new_tokens < 1:
         raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an integer >= 1")
-    if max_tiles is not None:  # checked for every target before the first is timed
-        for label, path, _, engine in targets:
+    for label, path, _, engine in targets:  # checked for every target before the first is timed
+        if max_tiles is not None:
             top = most_tiles(path, engine)
             if not 1 <= max_tiles <= top:
                 raise SleighError("max_tiles", f"got {max_tiles}; {label} takes 1 to {top}", f"1 to {top}")
+        check_fits(label, path, engine, image, prompt, max_new_tokens)
     rows = []
     t0 = time.time()
     with progress("bench", runs * len(targets), quiet) as bar:

@@ -582,7 +582,7 @@ def bench(
     if reference is not None and model_kind(reference) == "package":
         raise SleighError(f"--reference {reference}", "is a package; the reference runs a checkpoint on PyTorch",
                           "the Sleigh checkpoint the package was exported from")
-    with _as_flags("engine", "runs", "max_new_tokens", "max_memory", "tile_budget", "max_tiles"):
+    with _as_flags("engine", "runs", "prompt", "max_new_tokens", "max_memory", "tile_budget", "max_tiles"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                            threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),
                            tile_budget=tile_budget, max_tiles=max_tiles)

@@ -12,6 +12,7 @@ from dataclasses import fields
 import pytest
 
 from sleigh.bench import BenchRow, bench_pipeline
+from sleigh.runtime.package import shipped_photo
 from tests.helpers import one_error_line, run_sleigh
 
 ROUNDING_MS = 0.05  # the report rounds milliseconds to 0.1
@@ -122,11 +123,32 @@ def test_a_row_is_the_median_of_the_pipelines_own_timings(tiny_pkg):
     (["--max-tiles", "0"], "--max-tiles"),
     (["--max-tiles", "13"], "--max-tiles"),  # above the tiny model's 12: refused before anything is timed
     # the remedy names flags bench has (it once named `max_tiles`, a flag of `run` only)
-    (["--max-new-tokens", "100000000"], "--max-tiles"),
+    (["--max-new-tokens", "100000000"], "--max-new-tokens"),
+    (["--prompt", "hi " * 40000], "--prompt"),  # past the context: refused from a bound, before tokenizing it
 ])
 def test_bad_options_give_one_error_line(tiny_pkg, args, flag):
     line = one_error_line(run_sleigh("bench", tiny_pkg, *args))
     assert flag in line and "Expected:" in line, line
+
+
+def test_a_target_whose_context_cannot_hold_the_run_is_refused_before_any_is_timed(tiny_pkg, tmp_path, monkeypatch):
+    """The package's modules fit; then an engine built for a short context (build-engine --max-context)
+    cannot hold the prompt and answer: nothing is timed (the first target's timing was thrown away with
+    the error once)."""
+    from sleigh import bench
+    from sleigh.runtime.pipeline import ContextExceeded
+    from tests.runtime.package_copies import add_engine, copy_package, load, save
+
+    pkg = copy_package(tiny_pkg, tmp_path)
+    add_engine(pkg, "short", "fp32")
+    manifest = load(pkg)
+    manifest["engines"]["short"]["shapes"] = {"max_views": 13, "max_context": 300}
+    save(pkg, manifest)
+    monkeypatch.setattr(bench, "bench_pipeline", lambda *a, **k: pytest.fail("timed"))
+    targets = [("modules", pkg, "auto", "package"), ("short", pkg, "auto", "short")]
+    with pytest.raises(ContextExceeded, match=r"^prompt \| short: at least \d+ prompt tokens \+ 290 new tokens exceed its "
+                                              r"context of 300\. Expected: a smaller max_new_tokens"):
+        bench.run_bench(targets, shipped_photo(), "Describe it.", runs=1, max_new_tokens=290, quiet=True)
 
 
 def test_max_tiles_times_fewer_views(tiny_pkg, bench_json):
