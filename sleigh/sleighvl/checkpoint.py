@@ -7,6 +7,7 @@ only. Saving writes into a temporary folder beside the destination and renames i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -105,9 +106,10 @@ def load_checkpoint(path: Path):
 
 
 @contextmanager
-def atomic_dir(dst: Path, force: bool = False):
+def atomic_dir(dst: Path, force: bool = False, keep_others: bool = False):
     """Yield a staging folder beside `dst` (sleigh/staging.py); on success it replaces `dst`, whose old
-    content stays whole until then; on failure it is removed. Stale staging folders of `dst` go first."""
+    content stays whole until then; on failure it is removed. Stale staging folders of `dst` go first.
+    `keep_others`: what `dst` holds that the staging folder does not is kept (`_carry_others`)."""
     from sleigh import staging
 
     dst = Path(dst)
@@ -117,20 +119,46 @@ def atomic_dir(dst: Path, force: bool = False):
     try:
         yield tmp
         ordinary_modes(tmp)  # mkdtemp makes it 0700 and safetensors writes 0600: others could not read it
+        if keep_others and dst.is_dir():  # after the modes: the carried files keep their own
+            _carry_others(dst, tmp)
         staging.install(tmp, dst.resolve())
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _carry_others(old: Path, new: Path) -> None:
+    """Every entry of `old` that `new` (a save being staged) does not write, put in `new` as hard links
+    (a log still being appended to through an open file goes on growing in the new folder), copied
+    where the file system has none."""
+    for entry in old.iterdir():
+        if (new / entry.name).exists() or (new / entry.name).is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src, dst) -> None:
+    if Path(src).is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def save_checkpoint(dst: Path, model, tokenizer, generation: GenerationConfig, *, force: bool = False,
-                    extra=None, dtype=None) -> None:
+                    extra=None, dtype=None, keep_others: bool = False) -> None:
     """Write a Sleigh checkpoint atomically. `tokenizer` is a `tokenizers.Tokenizer`; `extra(folder)`
     may add files (a training state) that then appear together with the weights or not at all.
-    `dtype` (e.g. torch.float16) stores the float weights in it; they load as float32."""
+    `dtype` (e.g. torch.float16) stores the float weights in it; they load as float32. `keep_others`:
+    what else `dst` holds (a training run's own folder: its log, notes, evaluations) stays in it."""
     from safetensors.torch import save_file
 
-    with atomic_dir(dst, force) as tmp:
+    with atomic_dir(dst, force, keep_others) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -452,7 +452,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                                                              "layer_norm_eps": str(g.layer_norm_eps)})
 
         save_checkpoint(out, model, tok.tokenizer, generation, force=True, extra=write_state,
-                        dtype=SAVE_DTYPES[opts.save_dtype])
+                        dtype=SAVE_DTYPES[opts.save_dtype], keep_others=True)  # a run's log, notes... stay
         last_saved = step
 
     total = opts.steps if opts.steps is not None else None

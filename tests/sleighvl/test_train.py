@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -287,6 +288,47 @@ def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_ru
     dtype = getattr(torch, save_dtype)
     assert {v.dtype for v in b.values() if v.is_floating_point()} == {dtype}
     assert set(a) == set(b) and all(torch.equal(a[k].to(dtype) if a[k].is_floating_point() else a[k], b[k]) for k in a)
+
+
+def test_saves_keep_what_else_the_runs_folder_holds(demo_ckpt, data, tmp_path, monkeypatch):
+    """A save replaces the run's folder with a staged one: notes, evaluations and a log written beside
+    the checkpoint (examples/demo-ckpt keeps its train.log there) were gone after --resume. They stay,
+    with their own modes, and a log still open for appending goes on in the new folder."""
+    out = tmp_path / "out"
+    opts = TrainOptions(steps=2, batch=2, threads=1, quiet=True, save_every=1)
+    real_step, calls = train_mod.Trainer.step, []
+
+    def interrupted(self, batch, lr):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_step(self, batch, lr)
+
+    monkeypatch.setattr(train_mod.Trainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_ckpt, data, out, opts, log=lambda m: None)
+    monkeypatch.setattr(train_mod.Trainer, "step", real_step)
+    (out / "NOTES.txt").write_text("notes")
+    (out / "NOTES.txt").chmod(0o600)
+    (out / "evals").mkdir()
+    (out / "evals" / "run1.json").write_text("{}")
+    (out / "latest").symlink_to("evals/run1.json")
+    with open(out / "train.log", "a") as log_file:
+        log_file.write("before\n")
+        log_file.flush()
+        train(demo_ckpt, data, out, TrainOptions(**{**opts.__dict__, "resume": True}), log=lambda m: None)
+        log_file.write("after\n")
+    assert (out / "NOTES.txt").read_text() == "notes" and (out / "NOTES.txt").stat().st_mode & 0o777 == 0o600
+    assert (out / "evals" / "run1.json").read_text() == "{}" and os.readlink(out / "latest") == "evals/run1.json"
+    assert (out / "train.log").read_text() == "before\nafter\n"
+    assert json.loads(load_file_meta(out)["train"])["step"] == 2  # and the checkpoint is the resumed run's
+
+
+def load_file_meta(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / train_mod.STATE), "pt") as f:
+        return f.metadata()
 
 
 # -- bad input ---------------------------------------------------------------------------------------
