@@ -60,9 +60,14 @@ def main() -> None:
     trainer.step(batch, 1e-4)
     grew = (torch.cuda.max_memory_allocated(device) if on_gpu else resident_bytes("VmHWM")) - before
     size = min(args.micro_batch or len(views), len(views))
+    tok = trainer.tok
+    lines = [len(ex.qas) for ex in batch.examples]  # each image's question-and-answer rows, and their tokens
+    texts = [max(len(tok.encode(q, add_bos=False)) + len(tok.encode(a, add_bos=False)) + 1 for q, a in ex.qas)
+             for ex in batch.examples]
     bound = max(step_bytes_at_least(cfg, parts, max(views[i:i + size]), len(views[i:i + size]),
                                     sum(p.numel() for p in trainer.params), rest=len(views) - len(views[i:i + size]),
-                                    rest_views=min(views)) for i in range(0, len(views), size))
+                                    rest_views=min(views), rows=sum(lines[i:i + size]), text=max(texts[i:i + size]))
+                for i in range(0, len(views), size))
     micro = f" --micro-batch {args.micro_batch}" if args.micro_batch else ""
     print(f"{args.ckpt.name} on {device.type} --train {args.train} --batch {args.batch}{micro}: views {views}; step's peak over the model "
           f"{grew / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, peak/bound {grew / bound:.2f}")

@@ -11,6 +11,10 @@ as a lower bound of a step's peak over the loaded model:
 - what each layer keeps per prompt position: the normed inputs, the query, the attention's output and
   the residual (at least 6 hidden-wide tensors), and the gate, up, SiLU and product of the MLP (4
   MLP-wide ones);
+- the same for the question-and-answer rows, which run after the images' prompts (an image's lines
+  each a row, padded to the part's longest, attending over the image's prompt and themselves): with
+  long questions or answers (LLaVA-style data) they cost more than the image (a helper's 2,600-token
+  answers took 18x a bound that counted the image alone);
 - with the ViT trained, what each view keeps per layer: at least 6 hidden-wide and 2 MLP-wide
   tensors of (image/patch)^2 + 1 tokens;
 - the step's tiled pixels: every image of the batch is tiled before the step and held through all
@@ -18,7 +22,8 @@ as a lower bound of a step's peak over the loaded model:
 - the gradients and AdamW's two moments of every trained parameter.
 
 Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.32-1.89x
-this bound at 448-px views (the tiny and small presets), more at the demo preset's small views. So
+this bound at 448-px views with short lines (the tiny and small presets), 1.13-1.37x with lines of
+hundreds to thousands of tokens, more at the demo preset's small views. So
 a step refused where LEAST_OVER times the bound does not fit would have been killed mid-step by the
 kernel's out-of-memory killer, with no message (a helper's `--batch 100` on the tiny preset took the
 VM's 24 GB); one where that fits but OVER_BOUND times the bound does not trains with a warning.
@@ -32,11 +37,12 @@ from sleigh.runtime.memory import available_bytes, budget_and_need, gb
 from sleigh.sleighvl.batches import CURRICULUM
 from sleigh.sleighvl.config import SleighVLConfig
 
-# What measured steps took over the bound: 1.32x at the least, so a part run at once is refused where
-# LEAST_OVER (a margin under that) does not fit; at 448-px views at most 1.89x (one image at a time of a
+# What measured steps took over the bound: 1.13x at the least (3 lines of 3,400 tokens of question and answer
+# on a 7-view image; 1.32x with short lines), so a part run at once is refused where LEAST_OVER (a margin
+# under that) does not fit; at 448-px views at most 1.89x (one image at a time of a
 # batch of 32, whose waiting images the bound counts at the data's fewest views; 2.0-3.4x at the demo
 # preset's 112-px views, where the bound is a few hundred MB), so one is suggested where OVER_BOUND fits
-LEAST_OVER = 1.25
+LEAST_OVER = 1.1
 OVER_BOUND = 2.0
 # What the bound counts (the module docstring): per LLM layer and prompt position, hidden-wide and
 # MLP-wide tensors kept; per ViT layer and token of a view, the same; per trained parameter, its
@@ -54,11 +60,13 @@ def views_of(size: tuple[int, int], cfg: SleighVLConfig) -> int:
 
 
 def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int, batch: int, trained: int,
-                        itemsize: int = 4, rest: int = 0, rest_views: int = 1) -> int:
+                        itemsize: int = 4, rest: int = 0, rest_views: int = 1, rows: int | None = None,
+                        text: int = 1) -> int:
     """A lower bound of one step's peak over the loaded model, for `batch` images run at once, the
     largest of which tiles into `views` views and every other into `rest_views` at least (the module
     docstring), while `rest` more images of the step (other --micro-batch parts) wait as pixels;
-    `trained`: the trained parameters' count."""
+    `trained`: the trained parameters' count. `rows`: the part's question-and-answer lines (default:
+    one per image), the longest `text` tokens of question and answer."""
     llm, vision = cfg.llm, cfg.vision
     pixels = 3 * vision.image_size**2 * itemsize  # a view's normalised pixels, float32 (runtime.image.tile_image)
     # the step's tiled images all held (a batch is tiled before it trains); the part's copy into one array
@@ -69,6 +77,9 @@ def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int,
     # every layer's attention probabilities, and one layer's scores while it computes them
     total += (llm.num_layers + 1) * batch * llm.num_heads * prompt * (prompt + 1) * itemsize
     total += llm.num_layers * batch * prompt * (LLM_HIDDEN * llm.hidden_size + LLM_MLP * llm.intermediate_size) * itemsize
+    rows = batch if rows is None else rows  # the lines, each attending over its image's prompt and itself
+    total += (llm.num_layers + 1) * rows * llm.num_heads * text * (prompt + text) * itemsize
+    total += llm.num_layers * rows * text * (LLM_HIDDEN * llm.hidden_size + LLM_MLP * llm.intermediate_size) * itemsize
     if "vision" in parts:
         per_view = (vision.num_patches + 1) * (VIT_HIDDEN * vision.hidden_size + VIT_MLP * vision.intermediate_size)
         total += part * vision.num_layers * per_view * itemsize
@@ -93,30 +104,57 @@ def run_views(cfg: SleighVLConfig, sizes: dict, curriculum: bool) -> tuple[int, 
     return most[0], most[1], min(v for v, _ in found)
 
 
+def costliest(cfg: SleighVLConfig, sizes: dict, texts: dict, curriculum: bool) -> list[tuple[int, int, int, str]]:
+    """The images that may set a step's cost, as (views, lines, longest line's tokens, what it is): of
+    the run's images that train (`sizes`, as run_views reads them; `texts`: image -> (its lines, the
+    most tokens of question and answer among them), one line of one token where absent), those that no
+    other has as many views, lines and text tokens as, or more (the bound grows with each)."""
+    limit = default_max_pixels(cfg.image.max_tiles, cfg.vision.image_size)
+    found: dict[tuple[int, int, int], str] = {}
+    for image, size in sizes.items():
+        if size[0] * size[1] <= limit:
+            found.setdefault((views_of(size, cfg), *texts.get(image, (1, 1))), f"image {image}")
+    if curriculum:
+        tiles = max(t for _, t, _ in CURRICULUM)
+        found.setdefault((max_views(tiles, cfg.image.thumbnail), 1, 1), f"{CURRICULUM_SAMPLE} of {tiles} tiles")
+    front: list[tuple[int, int, int]] = []
+    for key in sorted(found, reverse=True):  # by views, then lines, then text: none later has more of all three
+        if not any(all(o >= k for o, k in zip(other, key, strict=True)) for other in front):
+            front.append(key)
+    return [(*key, found[key]) for key in front]
+
+
 def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, batch: int, micro_batch: int | None,
                       trained: int, available: int | None, where: str = "this machine", curriculum: bool = False,
-                      itemsize: int = 4) -> str | None:
+                      itemsize: int = 4, texts: dict | None = None) -> str | None:
     """Refuse, in one line, a step whose images run at once (--micro-batch, else all of --batch) cannot
     fit in `available` bytes (None: unknown, not checked), `sizes` being the data's images that train
-    (image -> (width, height) as tiled, from their header check). -> a warning where LEAST_OVER times
-    the bound fits but OVER_BOUND times it does not (such a step may still not fit), else None. The
-    remedy offered first is --micro-batch: the same update from fewer images at a time (train.Trainer.step)."""
-    views, which, fewest = run_views(cfg, sizes, curriculum)
-    if available is None or not views:
+    (image -> (width, height) as tiled, from their header check) and `texts` their lines (image -> (how
+    many, the most tokens of question and answer in one)). -> a warning where LEAST_OVER times the
+    bound fits but OVER_BOUND times it does not (such a step may still not fit), else None. The remedy
+    offered first is --micro-batch: the same update from fewer images at a time (train.Trainer.step)."""
+    _, _, fewest = run_views(cfg, sizes, curriculum)
+    if available is None or not fewest:
         return None
+    images = costliest(cfg, sizes, texts or {}, curriculum)
     size = min(micro_batch or batch, batch)
     flag = "--micro-batch" if size < batch else "--batch"
 
-    def need(b: int, times: float = 1.0) -> int:  # b images at once, the rest of the batch waiting
-        return int(times * step_bytes_at_least(cfg, parts, views, b, trained, itemsize, batch - b, fewest))
+    def bound(image: tuple, b: int, waiting: int) -> int:  # `image` and b - 1 others of one line, `waiting` more as pixels
+        views, lines, text, _ = image
+        return step_bytes_at_least(cfg, parts, views, b, trained, itemsize, waiting, fewest, rows=lines + b - 1, text=text)
+
+    def need(b: int, times: float = 1.0, waiting: int | None = None) -> int:  # b images at once, the rest waiting
+        return int(times * max(bound(image, b, batch - b if waiting is None else waiting) for image in images))
 
     if need(size, OVER_BOUND) <= available:
         return None
     fits = _most_images(lambda b: need(b, OVER_BOUND), available, size - 1)
-    whole = _most_images(lambda b: int(OVER_BOUND * step_bytes_at_least(cfg, parts, views, b, trained, itemsize, 0, fewest)),
-                         available, batch - 1)  # a smaller batch, run at once
+    whole = _most_images(lambda b: need(b, OVER_BOUND, waiting=0), available, batch - 1)  # a smaller batch, run at once
     has, needs = budget_and_need(available, need(size, LEAST_OVER))  # as many decimals as it takes to tell them apart
-    why = (f"with {which} ({views} views, {views * cfg.vision.tokens_per_view:,} image tokens, to which every prompt "
+    views, lines, text, which = max(images, key=lambda image: bound(image, size, batch - size))
+    said = f", {lines} line{'s' * (lines != 1)} of up to {text:,} tokens of question and answer" if texts else ""
+    why = (f"with {which} ({views} views, {views * cfg.vision.tokens_per_view:,} image tokens{said}, to which every prompt "
            f"run with it is padded), {'one image needs' if size == 1 else f'{size} images at once need'} at least {needs} "
            f"beyond the loaded model, and {where} has {has} available")
     if need(size, LEAST_OVER) <= available:
@@ -131,8 +169,12 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
     if size > 1 and need(1, LEAST_OVER) <= available:
         raise SleighError(f"{flag} {size}", why, "--micro-batch 1 (which may still not fit), or a machine with more memory")
     one = f"; one image at a time needs at least {gb(need(1, LEAST_OVER), 'up')}" if size > 1 else ""
-    fewer = ("--curriculum off (its samples tile into more views than the data's images)" if which.startswith(CURRICULUM_SAMPLE)
-             else f"images that tile into fewer than {views} views")
+    if which.startswith(CURRICULUM_SAMPLE):
+        fewer = "--curriculum off (its samples tile into more views than the data's images)"
+    elif lines * text > views * cfg.vision.tokens_per_view:  # its lines' rows cost more than its image
+        fewer = f"shorter questions and answers than {text:,} tokens, or fewer lines per image"
+    else:
+        fewer = f"images that tile into fewer than {views} views"
     raise SleighError(f"{flag} {size}", why + one, f"a machine with more memory, or {fewer}")
 
 

@@ -400,7 +400,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                           "a checkpoint with GSWA: `sleigh convert --gswa identity`, or --train without gswa")
     tok = PromptTokenizer.from_file(source / TOKENIZER)
     qa = read_qa(data, strict=opts.strict)
-    _leave_out_past_context(qa, tok, cfg, opts.strict)
+    texts = _leave_out_past_context(qa, tok, cfg, opts.strict)
     if qa.skipped:
         log(f"skipped {sum(qa.skipped.values())} of {sum(qa.skipped.values()) + len(qa.items)} lines: {qa.skipped_text()}")
     if not qa.items:
@@ -419,7 +419,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
     training = {q.image: qa.sizes[q.image] for q in qa.items if q.image in qa.sizes}  # the lines left in
     tight = check_step_memory(cfg, parts, training, opts.batch, opts.micro_batch, sum(p.numel() for p in trainer.params),
-                              *available_for(device), curriculum=curriculum)
+                              *available_for(device), curriculum=curriculum, texts=texts)
     if tight:
         log(tight)
     batches = Batches(qa, opts, curriculum, cfg)
@@ -565,17 +565,21 @@ def _same_path(given: Path, recorded: Path, jsonl: bool) -> bool:
     return real(given) == real(recorded)
 
 
-def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> None:
+def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> dict:
     """Lines whose prompt and answer would run past the model's context with an image of the model's most
     views are left out (counted in `qa.skipped`; `sleigh eval` skips a line on its own image's views,
-    so it may keep a long line with a small image); under --strict, refused."""
+    so it may keep a long line with a small image); under --strict, refused. -> per image, its lines
+    kept and the most tokens of question and answer among them (what the memory guard reads)."""
     context, views = cfg.llm.max_position_embeddings, max_views(cfg.image.max_tiles, cfg.image.thumbnail)
     template = len(tok.encode_prompt("", views, tokens_per_view=cfg.vision.tokens_per_view))  # BOS, turns, image
-    kept = []
+    kept, texts = [], {}
     for item in qa.items:  # the question's and the answer's ids (within a token of the template's joins) and <|im_end|>
-        n = template + len(tok.encode(item.question, add_bos=False)) + len(tok.encode(item.answer, add_bos=False)) + 1
+        text = len(tok.encode(item.question, add_bos=False)) + len(tok.encode(item.answer, add_bos=False)) + 1
+        n = template + text
         if n <= context:
             kept.append(item)
+            lines, longest = texts.get(item.image, (0, 0))
+            texts[item.image] = lines + 1, max(longest, text)
             continue
         if strict:
             raise SleighError(f"{qa.path}:{item.line}", f"question and answer take {n} tokens with "
@@ -583,6 +587,7 @@ def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> None
         qa.skipped["past the context"] += 1
         qa.first_skipped.setdefault("past the context", item.line)
     qa.items[:] = kept
+    return texts
 
 
 def _phase_name(phase: int) -> str:

@@ -15,7 +15,7 @@ from PIL import Image
 from sleigh.errors import SleighError
 from sleigh.runtime.image import tile_image
 from sleigh.sleighvl.config import PRESETS
-from sleigh.sleighvl.step_memory import (LEAST_OVER, OVER_BOUND, _most_images, check_step_memory, run_views,
+from sleigh.sleighvl.step_memory import (LEAST_OVER, OVER_BOUND, _most_images, check_step_memory, costliest, run_views,
                                          step_bytes_at_least, views_of)
 from tests.helpers import cli_env, one_error_line, run_sleigh
 
@@ -79,21 +79,46 @@ def test_the_most_images_that_fit_is_solved_as_a_scan_would_find_it():
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
-def test_a_real_step_takes_more_than_the_bound_and_not_far_more(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("lines", ["short lines, 13-view images", "long answers, one view"])
+def test_a_real_step_takes_more_than_the_bound_and_not_far_more(tiny_ckpt, tmp_path, lines):
     """One training step of the tiny preset (448-px views, 256 tokens each) in a fresh process
     (benchmarks/train_step_memory.py): its peak over the loaded model against the bound for its batch.
     Below LEAST_OVER x the bound, the guard would refuse steps that fit; far above the bound, it would
-    be no guard."""
-    for i, size in enumerate([(1200, 900), (900, 1200)]):  # 3x4 / 4x3 tiles, or near: 10-13 views
+    be no guard. Long answers: the rows' text costs more than the image (a bound that counted the
+    image alone was 18x under such a step)."""
+    from sleigh.sleighvl.checkpoint import load_checkpoint
+
+    short = lines.startswith("short")
+    for i, size in enumerate([(1200, 900), (900, 1200)] if short else [(448, 448)] * 2):  # 3x4 / 4x3 tiles: 10-13 views
         Image.new("RGB", size, (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
-    (tmp_path / "d.jsonl").write_text("".join(
-        f'{{"image": "{i}.png", "question": "What colour?", "answer": "blue"}}\n' for i in range(2)))
+    answer = "blue" if short else " ".join(["a red circle at the top left"] * 90)
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"image": "{i}.png", "question": "What is it?", "answer": "{answer}"}}\n'
+                                              for i in range(2) for _ in range(1 if short else 3)))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_memory.py"), tiny_ckpt, tmp_path / "d.jsonl",
                            "--batch", "2", "--threads", "1"], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     grew, bound = map(int, proc.stdout.splitlines()[-1].split())
-    assert bound > 500 * 2**20  # the square term: 3 x 2 images x 4 heads x ~3,000^2 floats
+    if short:
+        assert bound > 500 * 2**20  # the square term: 3 x 2 images x 4 heads x ~3,000^2 floats
+    else:
+        trained = sum(p.numel() for n, p in load_checkpoint(tiny_ckpt)[0].named_parameters() if n.startswith("gswa."))
+        image_alone = step_bytes_at_least(TINY, ("gswa",), 1, 2, trained)
+        assert bound > 2 * image_alone, (bound, image_alone)  # the text's rows are most of it
     assert LEAST_OVER * bound <= grew <= 2 * bound, (grew, bound)  # refused only where it would not have fitted
+
+
+def test_the_image_that_sets_the_cost_is_the_one_with_most_views_or_lines_or_text():
+    sizes = {Path(f"{n}.png"): s for n, s in [("a", (1598, 1309)), ("b", (448, 448)), ("c", (448, 448)), ("d", (900, 500))]}
+    texts = {Path("a.png"): (1, 10), Path("b.png"): (3, 4000), Path("c.png"): (2, 100), Path("d.png"): (1, 5)}
+    assert sorted(costliest(TINY, sizes, texts, curriculum=False)) == [(1, 3, 4000, "image b.png"), (13, 1, 10, "image a.png")]
+    parts, trained = ("gswa",), 10_000
+    with_text = step_bytes_at_least(TINY, parts, 1, 1, trained, rows=3, text=4000)
+    assert with_text > 2 * step_bytes_at_least(TINY, parts, 13, 1, trained)  # b sets the cost
+    with pytest.raises(SleighError, match=r"^--batch 1 \| with image b\.png \(1 views, 256 image tokens, 3 lines of up to "
+                                          r"4,000 tokens of question and answer, .*Expected: a machine with more memory, or "
+                                          r"shorter questions and answers than 4,000 tokens, or fewer lines per image$"):
+        check_step_memory(TINY, parts, sizes, 1, None, trained, int(with_text), texts=texts)
+    assert check_step_memory(TINY, parts, sizes, 1, None, trained, int(with_text), texts=None) is None  # text not counted
 
 
 def test_a_batch_past_what_the_machine_has_is_one_line_before_training(demo_ckpt, tmp_path):
