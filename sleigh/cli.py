@@ -477,7 +477,7 @@ def eval_(
     engine: Optional[str] = typer.Option(None, help="Engine name from the package manifest (default: the best built one)."),
     backend: str = typer.Option("auto", help="auto, onnxruntime, torch or tensorrt."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for the backend."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N questions."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N questions evaluated (a line skipped for its image or length is not one of them)."),
     tile_budget: Optional[int] = typer.Option(None, "--tile-budget", help="The LLM reads only the K tiles GSWA weighs highest, and the thumbnail."),
     max_new_tokens: int = typer.Option(EVAL_NEW_TOKENS, help="The answer's token limit: answers longer than it can never match."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),

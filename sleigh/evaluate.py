@@ -63,7 +63,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     if max_new_tokens < 1:
         raise SleighError("max_new_tokens", f"got {max_new_tokens}", "an answer's token limit >= 1")
     qa = read_qa(data)
-    items = qa.items[:limit] if limit else qa.items
+    items = qa.items
     skipped = Counter(qa.skipped)
     first_skipped = qa.first_lines()  # where each reason first struck (and, for eval's own skips, why)
     hits: dict[str, list[int]] = defaultdict(list)
@@ -74,8 +74,11 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
     t0 = time.perf_counter()
     with Pipeline.load(model, backend=backend, threads=threads, engine=engine) as pipe:
         check_answer_room(pipe, max_new_tokens)  # before any line: else every line is skipped, one by one
-        with progress("eval", len(items), quiet) as bar:
+        ran = engine_ran(pipe)
+        with progress("eval", min(limit or len(items), len(items)), quiet) as bar:
             for item in items:
+                if limit is not None and sum(map(len, hits.values())) >= limit:  # the first N questions evaluated
+                    break
                 try:
                     result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens,
                                            tile_budget=tile_budget, max_tiles=max_tiles).result
@@ -85,7 +88,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
                     # an image error's `what` names the image; its remedy (run's --max-pixels) is not eval's
                     named = f"{e.what} " if isinstance(e, ImageError) else ""
                     first_skipped.setdefault(why, f"line {item.line}: {named}{e.problem}")
-                    bar.advance(1)
+                    bar.advance(0 if limit else 1)  # under a limit, a skipped line is not one of the N
                     continue
                 described = result.backend
                 first_token_s.append(result.timings.time_to_first_token_s)
@@ -103,7 +106,7 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
                           f"lines whose images load and whose questions fit the model's context{fit}")
     report = {
         "model": str(model), "data": str(qa.path), "backend": described,
-        "engine": getattr(engine, "name", engine), "tile_budget": tile_budget,
+        "engine": ran, "tile_budget": tile_budget,
         "types": {t: proportion(sum(v), len(v)) for t, v in sorted(hits.items())},
         "overall": proportion(sum(map(sum, hits.values())), sum(map(len, hits.values()))),
         "skipped": dict(skipped), "first_skipped": {why: first_skipped[why] for why in skipped},
@@ -115,6 +118,17 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         report["gswa_top_tile"] = {"images": len(top_tile), "holds_object": sum(top_tile.values()),
                                    "fraction": sum(top_tile.values()) / len(top_tile)}
     return report
+
+
+def engine_ran(pipe) -> str | None:
+    """The engine a pipeline runs, by name: the one asked for, or `auto`'s pick; "package" for a
+    package's own modules; None for a checkpoint on PyTorch."""
+    from sleigh.runtime.backends import PACKAGE_MODULES
+
+    entry = getattr(pipe.backend, "entry", None)
+    if entry is not None:
+        return entry.name
+    return None if pipe.backend.name == "torch" else PACKAGE_MODULES
 
 
 def check_answer_room(pipe, max_new_tokens: int) -> None:

@@ -96,6 +96,25 @@ def test_a_line_whose_image_or_prompt_fails_is_skipped_not_the_run(demo_ckpt, tm
     assert ", 1 prompt past the context (first on line 3: " in proc.stdout, proc.stdout
 
 
+def test_a_limit_counts_the_questions_evaluated_whatever_skipped_the_others(demo_ckpt, tiny_pkg, tmp_path):
+    """--limit N: N questions evaluated. A line skipped when the file is read (a missing image) and one
+    skipped when it runs (an image that does not decode) are alike not one of them (the second was)."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "ok.jpg")
+    Image.new("RGB", (256, 256), (10, 30, 30)).save(tmp_path / "whole.jpg")
+    full = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(full[:len(full) * 2 // 3])
+    ok = {"image": "ok.jpg", "question": "What colour?", "answer": "red", "type": "colour"}
+    for first in ("missing.jpg", "cut.jpg"):
+        lines = [{**ok, "image": first}, {**ok, "image": first}, ok, ok, ok]
+        (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+        report = evaluate(demo_ckpt, tmp_path / "d.jsonl", limit=2, quiet=True)
+        assert report["overall"]["n"] == 2 and sum(report["skipped"].values()) == 2, (first, report)
+        assert report["engine"] is None  # a checkpoint runs on PyTorch
+    assert evaluate(tiny_pkg, tmp_path / "d.jsonl", limit=1, quiet=True)["engine"] == "package"  # not null: what ran
+
+
 def test_a_skipped_line_says_why_its_image_was_not_loaded(demo_ckpt, tmp_path):
     """An image past the pixel limit (what `data synth --max-size 9500` wrote) was only `skipped:
     {'image not loaded': 3}`: the reason comes with the first line it struck, without run's remedy."""
