@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, first_line
 from sleigh.runtime.fields import KINDS
 from sleigh.runtime.image import file_kind, oriented_size
 
@@ -94,8 +94,9 @@ def images_root(jsonl: Path) -> Path:
 
 def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> QAData:
     """Parse and check every line. Skipped reasons: not UTF-8, bad JSON, missing field, wrong type,
-    empty answer or question, empty image path, missing image, image not a file, unreadable image (its header; a file
-    that breaks later is skipped where it is read)."""
+    empty answer or question, empty image path, missing image, image not a file, image too large to open
+    (past Pillow's limit), unreadable image (its header; a file that breaks later is skipped where it is
+    read)."""
     path = resolve_jsonl(data)
     root = images_root(path)
     items: list[QA] = []
@@ -190,6 +191,8 @@ def _image_problem(path: Path, sizes: dict) -> str | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 sizes[path] = oriented_size(im)  # the header parsed; the size the runtime tiles
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # past Pillow's own limit: no run would open it
+        return f"image too large to open ({path}: {first_line(e)})"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"unreadable image ({path}: {type(e).__name__})"
     return None

@@ -413,9 +413,10 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     model = model.to(device)
     synthetic = any(labels_of(x) is not None for x in qa.items[:50])
     curriculum = opts.curriculum == "on" or (opts.curriculum == "auto" and synthetic and "vision" in parts)
-    if opts.gswa_hint and not curriculum:
-        raise SleighError("--gswa-hint", "acts only during the curriculum, which is off for this run",
-                          "synthetic data (sleigh data synth) with --train all, or --curriculum on")
+    for flag, given in (("--gswa-hint", opts.gswa_hint), ("--curriculum-steps", opts.curriculum_steps)):
+        if given and not curriculum:
+            raise SleighError(flag, "acts only during the curriculum, which is off for this run",
+                              "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
     training = {q.image: qa.sizes[q.image] for q in qa.items if q.image in qa.sizes}  # the lines left in
     tight = check_step_memory(cfg, parts, training, opts.batch, opts.micro_batch, sum(p.numel() for p in trainer.params),
@@ -532,8 +533,17 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - safetensors' and json's errors, a key missing: the file is not a run's
         raise SleighError(str(state), f"holds no readable training state ({type(e).__name__}: {first_line(e)})",
                           "the -o folder of an earlier `sleigh train`, as it saved it") from None
+    saved_options = {key: meta["options"].get(key, getattr(TrainOptions(), key)) for key in RESUMED_OPTIONS}  # runs
+    if (saved_options["steps"] is None) != (opts.steps is None):  # saved before an option existed: its default
+        def schedule(o):
+            return f"--steps {o['steps']}" if o["steps"] is not None else f"--minutes {o['minutes']}"
+
+        raise SleighError(f"--resume {out}", f"{schedule(asdict(opts))} differs from the saved run's {schedule(saved_options)}",
+                          "the options of the run being resumed")
     for key in RESUMED_OPTIONS:
-        saved = meta["options"].get(key, getattr(TrainOptions(), key))  # runs saved before the option existed
+        saved = saved_options[key]
+        if key == "train" and _same_parts(saved, opts.train):
+            continue
         if saved != getattr(opts, key):
             longer = (f"; to train past its end, a new run that starts from it (sleigh train {out} --data ... -o NEW; "
                       "its optimizer starts afresh)") if key in ("steps", "minutes") else ""
@@ -550,6 +560,14 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
         raise SleighError(f"--resume {out}", f"the run is already complete ({step} steps, {seconds / 60:.1f} min)",
                           f"a new run that starts from it: sleigh train {out} --data ... -o NEW")
     return meta
+
+
+def _same_parts(a: str, b: str) -> bool:
+    """Two --train values that train the same parts (gswa,projector and projector,gswa; all and every part)."""
+    try:
+        return set(parse_parts(a)) == set(parse_parts(b))
+    except SleighError:
+        return False
 
 
 def _same_path(given: Path, recorded: Path, jsonl: bool) -> bool:

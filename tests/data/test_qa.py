@@ -64,7 +64,10 @@ def test_an_image_past_pillows_limit_is_skipped_quietly(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Pillow's DecompressionBombWarning would be a stray `warning:` line
         qa = read_qa(folder / "d.jsonl")
-    assert [q.line for q in qa.items] == [2, 3] and qa.skipped == {"unreadable image": 1}
+    assert [q.line for q in qa.items] == [2, 3] and qa.skipped == {"image too large to open": 1}  # not "unreadable"
+    with pytest.raises(SleighError, match=r"d\.jsonl:1 \| image too large to open \(.*bomb\.png: Image size \(225000000 "
+                                          r"pixels\) exceeds limit"):
+        read_qa(folder / "d.jsonl", strict=True)
 
 
 def test_no_usable_lines_says_where_the_first_image_was_looked_for(folder):

@@ -293,9 +293,10 @@ def test_interrupted_run_keeps_its_last_save_and_resume_ends_where_a_straight_ru
 def test_saves_keep_what_else_the_runs_folder_holds(demo_ckpt, data, tmp_path, monkeypatch):
     """A save replaces the run's folder with a staged one: notes, evaluations and a log written beside
     the checkpoint (examples/demo-ckpt keeps its train.log there) were gone after --resume. They stay,
-    with their own modes, and a log still open for appending goes on in the new folder."""
+    with their own modes, and a log still open for appending goes on in the new folder. (The resumed run
+    names its --train parts in another order: the same parts, not a refusal.)"""
     out = tmp_path / "out"
-    opts = TrainOptions(steps=2, batch=2, threads=1, quiet=True, save_every=1)
+    opts = TrainOptions(steps=2, batch=2, threads=1, quiet=True, save_every=1, train="gswa,projector")
     real_step, calls = train_mod.Trainer.step, []
 
     def interrupted(self, batch, lr):
@@ -316,7 +317,8 @@ def test_saves_keep_what_else_the_runs_folder_holds(demo_ckpt, data, tmp_path, m
     with open(out / "train.log", "a") as log_file:
         log_file.write("before\n")
         log_file.flush()
-        train(demo_ckpt, data, out, TrainOptions(**{**opts.__dict__, "resume": True}), log=lambda m: None)
+        train(demo_ckpt, data, out, TrainOptions(**{**opts.__dict__, "resume": True, "train": "projector,gswa"}),
+              log=lambda m: None)
         log_file.write("after\n")
     assert (out / "NOTES.txt").read_text() == "notes" and (out / "NOTES.txt").stat().st_mode & 0o777 == 0o600
     assert (out / "evals" / "run1.json").read_text() == "{}" and os.readlink(out / "latest") == "evals/run1.json"
@@ -438,6 +440,8 @@ def test_existing_output_folder_is_refused_and_left_alone(demo_ckpt, data, tmp_p
     (dict(steps=1, train="all", gswa_hint=float("inf")), "--gswa-hint"),
     (dict(steps=1, train="projector", gswa_hint=1.0), "--gswa-hint"),
     (dict(steps=1, train="gswa", gswa_hint=1.0), "--gswa-hint"),  # no curriculum without the ViT trained
+    (dict(steps=4, train="gswa", curriculum_steps=2), "--curriculum-steps .*curriculum, which is off"),  # was ignored
+    (dict(steps=4, train="all", curriculum="off", curriculum_steps=2), "--curriculum-steps .*which is off"),
 ])
 def test_bad_options(demo_ckpt, data, tmp_path, opts, needle):
     with pytest.raises(SleighError, match=needle):
@@ -524,6 +528,8 @@ def test_resume_refuses_another_run_a_finished_run_and_a_damaged_state(demo_ckpt
         train(demo_ckpt, other, out, TrainOptions(**again), log=lambda m: None)
     with pytest.raises(SleighError, match="CHECKPOINT .* is not the saved run's"):
         train(tmp_path, data, out, TrainOptions(**again), log=lambda m: None)
+    with pytest.raises(SleighError, match=r"--minutes 1\.0 differs from the saved run's --steps 2"):  # not "--steps None"
+        train(demo_ckpt, data, out, TrainOptions(**{**again, "steps": None, "minutes": 1.0}), log=lambda m: None)
     state = out / train_mod.STATE
     save_file(load_file(str(state)), str(state))  # the tensors without the run's metadata
     with pytest.raises(SleighError, match="holds no readable training state"):
