@@ -461,6 +461,7 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     t0 = time.perf_counter()
     last: dict = {}
     bad_batches = 0
+    shown = False  # a progress line of this sitting yet
     show_lines = not opts.quiet and not bars_enabled(opts.quiet)
     try:
         with progress("train", total if total else budget_s, opts.quiet, lines=False) as bar, batches:
@@ -477,12 +478,12 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                     if opts.strict:
                         raise
                     bad_batches += 1
-                    log(f"step {step}: skipped a batch ({e})")
+                    log(f"step {step + 1}: skipped, {e.problem}")  # 1-based, as the progress lines count
                     step += 1
                     continue
                 finally:
                     for source in list(batches.undecodable)[known:]:  # each image once: it leaves every batch it is drawn in
-                        log(f"step {at}: left out {source}: {batches.undecodable[source]}")
+                        log(f"step {at + 1}: left out {source}: {batches.undecodable[source]}")
                 try:
                     last = trainer.step(batch, trainer.lr_at(step, frac))
                 except Diverged as e:
@@ -495,7 +496,8 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
                 text = (f"train [{_phase_name(phase)}] loss {last['loss']:.3f}{aux} answer-token acc {last['token_acc']:.2f}"
                         f" {speed:.2f} steps/s")
                 bar.advance(1 if total else now - seconds, description=text)
-                if show_lines and (step % opts.log_every == 0 or step == 1):
+                if show_lines and (step % opts.log_every == 0 or not shown):  # and the sitting's first step trained
+                    shown = True
                     log(f"step {step}{'/' + str(total) if total else ''} {now:.0f} s: {text[6:]}")
                 if step % opts.save_every == 0:
                     save(step, now, skipped_before + bad_batches)

@@ -409,6 +409,18 @@ def test_an_undecodable_image_leaves_its_batches_and_the_rest_trains(demo_ckpt, 
     changed = [k for k, v in weights(tmp_path / "out").items() if not torch.equal(v, weights(demo_ckpt)[k])]
     assert changed
 
+    # the first step draws the bad image alone: skipped, and said so by the step's 1-based number, as the
+    # progress lines count (it said "step 0"), and the first step that trains still gets its progress line
+    seed = next(s for s in range(100) if np.random.default_rng([s, 1_000_003, 0]).permutation(2)[0] == 0)
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps({**lines[i], "image": str(root / lines[i]["image"])}) + "\n" for i in (0, 3)))
+    said = []
+    r = train(demo_ckpt, two, tmp_path / "two", TrainOptions(steps=3, batch=1, threads=1, seed=seed, log_every=100),
+              log=said.append)
+    assert r.skipped_steps >= 1 and said[0].startswith("step 1: skipped, no image of its batch could be decoded"), said
+    assert said[1].startswith("step 1: left out ") and "cut.jpg" in said[1], said
+    assert any(m.startswith("step 2/3 ") for m in said), said
+
     only_bad = tmp_path / "bad.jsonl"
     only_bad.write_text("".join(json.dumps({"image": str(root / "cut.jpg"), "question": q, "answer": "red"}) + "\n"
                                 for q in ("What colour?", "Which colour?")))
