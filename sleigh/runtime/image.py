@@ -111,6 +111,8 @@ def check_image_path(source: str | os.PathLike) -> Path:
     file (not a URL, a folder, a FIFO or a device, which would block or read as empty)."""
     path = Path(source)
     what = f"image {str(source)!r}"
+    if not str(source):  # Path("") is ".", the folder
+        raise ImageError(what, "is an empty path", "an image file")
     try:
         info = path.stat()
     except FileNotFoundError:

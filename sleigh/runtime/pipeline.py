@@ -468,7 +468,7 @@ class Pipeline:
     def _check_tile_budget(self, tile_budget: int | None) -> None:
         if tile_budget is None:
             return
-        if isinstance(tile_budget, bool) or not isinstance(tile_budget, int) or tile_budget < 1:
+        if isinstance(tile_budget, bool) or not isinstance(tile_budget, (int, np.integer)) or tile_budget < 1:  # as check_count
             raise SleighError("tile_budget", f"got {tile_budget!r}", "an integer >= 1 (tiles kept besides the thumbnail)")
         if self.contract.gswa is None:
             raise SleighError("tile_budget", "this model has no GSWA to weigh its tiles",

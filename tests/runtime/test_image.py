@@ -320,6 +320,10 @@ def test_directory(tmp_path):
     _assert_user_error(tmp_path, str(tmp_path), "directory")
 
 
+def test_an_empty_path_is_called_empty_not_the_current_folder():
+    assert _assert_user_error("", "is an empty path").startswith("image '' | ")  # Path("") is "." (it said "a directory")
+
+
 def test_zero_byte_file(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")

@@ -98,6 +98,10 @@ def test_bad_budgets_one_line(pipelines, photo, monkeypatch, capsys, tiny_pkg):
         with pytest.raises(SleighError, match="^tile_budget") as e:
             ort_pipe.generate(photo, QUESTION, tile_budget=bad)
         assert "an integer >= 1" in str(e.value)
+    import numpy as np  # numpy's integers are integers, as max_tiles takes them
+
+    assert ort_pipe.prefill(photo, QUESTION, tile_budget=np.int64(2)).kept_views == \
+        ort_pipe.prefill(photo, QUESTION, tile_budget=2).kept_views
     without_gswa = Pipeline(ort_pipe.backend, replace(ort_pipe.contract, gswa=None), ort_pipe.tokenizer)
     with pytest.raises(SleighError, match="^tile_budget.*no GSWA"):
         without_gswa.prefill(photo, QUESTION, tile_budget=2)
