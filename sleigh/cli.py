@@ -741,7 +741,7 @@ def _system_error(e: OSError) -> SleighError | None:
     where = Path(e.filename) if e.filename else None
     if where is not None and where.name.startswith("."):  # a temporary or staged file: name its folder
         where = where.parent
-    return SleighError(str(where or "a file"), f"{problem} ({name})",
+    return SleighError(str(where or "the output (stdout, or a file)"), f"{problem} ({name})",  # a write without a name
                        "free disk space, then run it again" if full else "files and folders this user may read "
                        "and write (copy the package elsewhere, or change its permissions)")
 

@@ -73,6 +73,15 @@ def test_help_lists_every_command_with_a_description():
         assert len(hits) == 1, f"{name!r} with {first_line!r} not on one help line:\n{proc.stdout}"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full (Linux)")
+def test_a_full_stdout_is_named_as_the_output_in_one_line():
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "sleigh.cli", "--help"], stdout=full, stderr=subprocess.PIPE, text=True,
+                              env=cli_env(), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "error: the output (stdout, or a file) | no space left on device (ENOSPC). Expected: free disk space, then run it again"]
+
+
 def test_help_shows_bracketed_text_as_written():
     """Help texts are rich markup: "[default: warning; serve: info]" and "sleigh[ray]" were eaten."""
     import re
