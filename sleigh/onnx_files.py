@@ -13,6 +13,22 @@ ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib operators: not custom ops
 EXTERNAL_DATA_BYTES = 64 << 20
 
 
+def versions(*also: str) -> dict:
+    """What an ONNX artifact (a package, an engine, a calibration) was made with, as its manifest
+    records it: sleigh, onnx, onnxruntime and python, and the modules named in `also` (export: torch)."""
+    import importlib
+    import platform
+
+    import onnx
+    import onnxruntime
+
+    from sleigh import __version__
+
+    made = {"sleigh": __version__, **{m: importlib.import_module(m).__version__ for m in also},
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    return {**made, "python": platform.python_version()}
+
+
 def save_onnx(model, dst: Path) -> list[str]:
     """Save an onnx ModelProto; its weights go to `<name>.onnx.data` beside it when they are over
     EXTERNAL_DATA_BYTES (protobuf cannot hold 2 GB). Returns the file names written."""

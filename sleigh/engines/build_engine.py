@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sleigh import staging
-from sleigh.engines import versions
+from sleigh.onnx_files import versions
 from sleigh.engines.calibration.int8 import INT8_MAX, ORT_WEIGHT_MAX, RANGES_FILE
 from sleigh.engines.calibration.qdq import quantize_vision_qdq
 from sleigh.engines.options import EngineOptions, max_views

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import platform
 import shutil
 import time
 import warnings
@@ -19,9 +18,8 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sleigh import __version__
 from sleigh.errors import SleighError, first_line
-from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io
+from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io, versions
 from sleigh.progress import progress
 from sleigh.runtime.image import TILES_LIMIT
 from sleigh.runtime.manifest import Contract, contract_from_config, write_manifest
@@ -125,15 +123,6 @@ def _name_nodes(program) -> None:
             node.name = f"/{node.op_type}_{i}"
 
 
-def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {"sleigh": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-
-
 def source_of(checkpoint: Path) -> dict:
     """What a package is exported from: the checkpoint folder, the sha256 of its config and weights, and,
     where `sleigh train` left its state there, the run (steps, data, the checkpoint it started from)."""
@@ -174,7 +163,7 @@ def build_manifest(pkg: Path, cfg, opts: ExportOptions, modules: dict[str, list[
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "created_by": versions(),
+        "created_by": versions("torch"),
         "source": source,
         "opset": opts.opset,
         **contract,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sleigh.engines import versions
+from sleigh.onnx_files import versions
 from sleigh.engines.calibration.int8 import CACHE_FILE, CALIBRATION_DIR, INT8_MAX, RANGES_FILE, activation_tensors
 from sleigh.engines.calibration.stats import METHODS, RunningStats, compute_amax
 from sleigh.engines.calibration.trt_cache import TRT_CACHE_VERSION, header, write_calibration_cache
