@@ -37,6 +37,7 @@ from sleigh.serve.worker import GenerationRequest, Job, ModelWorker, QueueFull
 log = logging.getLogger("sleigh.serve")
 
 MiB = 1 << 20
+MAX_BODY_BYTES = 1024 * MiB  # --max-body-mb 1024 at most
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,27 @@ class ServeSettings:
     default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     retry_after_s: int = 1
     max_memory: int | None = None  # bytes: --max-memory (runtime/memory.py)
+
+    def __post_init__(self):
+        """Each field checked where it is set, by `sleigh serve` or Ray's `serve run ...:app_builder`:
+        one SleighError naming it (the CLI names its flag instead: launch.FLAGS)."""
+        from sleigh.runtime.image import MAX_PIXELS
+
+        def whole(value, least: int, most: float = float("inf")) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and least <= value <= most
+
+        checks = [("max_queue", whole(self.max_queue, 0), ">= 0"),
+                  ("default_max_tokens", whole(self.default_max_tokens, 1), ">= 1"),
+                  ("max_body_bytes", whole(self.max_body_bytes, 1, MAX_BODY_BYTES), f"1 to {MAX_BODY_BYTES:,}"),
+                  ("max_image_pixels", whole(self.max_image_pixels, 1, MAX_PIXELS), f"from 1 to {MAX_PIXELS:,} (Pillow's limit)"),
+                  ("threads", self.threads is None or whole(self.threads, 1), ">= 1"),
+                  ("retry_after_s", whole(self.retry_after_s, 0), ">= 0"),
+                  ("max_memory", self.max_memory is None or whole(self.max_memory, 1), "a number of bytes >= 1")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise SleighError(name, f"got {getattr(self, name)}", expected)
+        if self.allow_local_files is not None and not Path(self.allow_local_files).is_dir():
+            raise SleighError("allow_local_files", f"{self.allow_local_files} is not a folder", "an existing folder")
 
     @property
     def name(self) -> str:

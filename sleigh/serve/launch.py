@@ -17,6 +17,9 @@ from sleigh.runtime.package import MODEL_FOLDER
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MiB = 1 << 20
+# ServeSettings' fields set by a flag of another name (the rest: --field-name)
+FLAGS = {"default_max_tokens": "--max-tokens", "max_body_bytes": "--max-body-mb"}
 SERVE_APP = "sleigh"  # the Ray Serve application's name
 
 
@@ -32,26 +35,27 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
            max_replicas: int | None, target_ongoing_requests: float, replica_cpus: float,
            ray_address: str | None, max_memory: int | None = None,
            shutdown_timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-    from sleigh.runtime.image import MAX_PIXELS  # here: `sleigh --help` reads LOG_LEVELS from this module, without numpy
-
     _require("fastapi", "uvicorn")
     if ray:
         _require("ray")
     if model is None:
         raise SleighError("--model", "no model given and $SLEIGH_MODEL is not set", "a package folder (sleigh export)")
-    checks = [("--port", port, 1 <= port <= 65535, "1..65535"), ("--max-queue", max_queue, max_queue >= 0, ">= 0"),
-              ("--max-tokens", max_tokens, max_tokens >= 1, ">= 1"),
-              ("--max-body-mb", max_body_mb, 0 < max_body_mb <= 1024, "in (0, 1024]"),
-              ("--max-image-pixels", max_image_pixels, 1 <= max_image_pixels <= MAX_PIXELS,
-               f"from 1 to {MAX_PIXELS:,} (Pillow's limit)"),
-              ("--threads", threads, threads is None or threads >= 1, ">= 1"),
+    from sleigh.serve.app import MAX_BODY_BYTES, ServeSettings
+
+    checks = [("--port", port, 1 <= port <= 65535, "1..65535"),
+              ("--max-body-mb", max_body_mb, 0 < max_body_mb <= MAX_BODY_BYTES / MiB, f"in (0, {MAX_BODY_BYTES // MiB}]"),
               ("--log-level", log_level, log_level in LOG_LEVELS, " | ".join(LOG_LEVELS))]
     for what, value, ok, expected in checks:
         if not ok:
             raise SleighError(what, f"got {value}", expected)
     check_shutdown_timeout(shutdown_timeout)
-    if allow_local_files is not None and not allow_local_files.is_dir():
-        raise SleighError("--allow-local-files", f"{allow_local_files} is not a folder", "an existing folder")
+    try:  # its own checks, named by the flags that set them
+        settings = ServeSettings(model=model, backend=backend, engine=engine, threads=threads, model_name=model_name,
+                                 max_queue=max_queue, max_body_bytes=max(1, int(max_body_mb * MiB)),
+                                 max_image_pixels=max_image_pixels, allow_local_files=allow_local_files,
+                                 default_max_tokens=max_tokens, max_memory=max_memory)
+    except SleighError as e:
+        raise SleighError(FLAGS.get(e.what, "--" + e.what.replace("_", "-")), e.problem, e.expected) from None
     if not ray:
         _check_ray_flags_unused(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                                 target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
@@ -69,12 +73,6 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
     if not ray or ray_address == "local":  # before the model loads: a port in use costs nothing (a cluster's proxy
         check_address(host, port)  # is elsewhere)
 
-    from sleigh.serve.app import ServeSettings
-
-    settings = ServeSettings(model=model, backend=backend, engine=engine, threads=threads, model_name=model_name,
-                             max_queue=max_queue, max_body_bytes=int(max_body_mb * (1 << 20)),
-                             max_image_pixels=max_image_pixels, allow_local_files=allow_local_files,
-                             default_max_tokens=max_tokens, max_memory=max_memory)
     root = logging.getLogger()
     if not root.handlers:  # called from Python; the CLI has set up its `level: message` handler already
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -229,25 +229,24 @@ def app_builder(args: dict):
     if unknown or "model" not in args:
         raise SleighError("serve run args", f"unknown {unknown}" if unknown else "no model=PKG",
                           f"model=PKG and any of {sorted((set(settings_keys) | set(scaling_keys)) - {'model'})}")
-    settings = ServeSettings(**{k: _convert(k, v) for k, v in args.items() if k in settings_keys})
-    scaling = Scaling(**{k: _convert(k, v) for k, v in args.items() if k in scaling_keys})
+    settings = ServeSettings(**{k: _convert(k, v, settings_keys[k]) for k, v in args.items() if k in settings_keys})
+    scaling = Scaling(**{k: _convert(k, v, scaling_keys[k]) for k, v in args.items() if k in scaling_keys})
     return build_app(settings, scaling)
 
 
-_INT = {"threads", "max_queue", "max_body_bytes", "max_image_pixels", "default_max_tokens", "retry_after_s",
-        "replicas", "min_replicas", "max_replicas"}
-_FLOAT = {"target_ongoing_requests", "replica_cpus", "shutdown_timeout"}
-_PATH = {"model", "allow_local_files"}
+CONVERT = {"int": int, "float": float, "Path": Path, "str": str}
 
 
-def _convert(key: str, value):
+def _convert(key: str, value, annotation: str):
+    """`serve run`'s text for a field, as the field's annotation says (`int | None`: an int; max_memory
+    also as a size, 2.5G, as --max-memory reads it)."""
+    if key == "max_memory":
+        from sleigh.runtime.memory import parse_size
+
+        return parse_size(value)
+    kind = CONVERT[annotation.split(" | ")[0]]
     try:
-        if key in _INT:
-            return int(value)
-        if key in _FLOAT:
-            return float(value)
-        if key in _PATH:
-            return Path(value)
+        return kind(value)
     except ValueError:
-        raise SleighError(f"serve run {key}={value}", "not a number", "a number") from None
-    return value
+        raise SleighError(f"serve run {key}={value}", f"not {'an' if kind is int else 'a'} {kind.__name__}",
+                          f"{'an' if kind is int else 'a'} {kind.__name__}") from None

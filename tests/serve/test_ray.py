@@ -74,11 +74,19 @@ def test_app_builder_arguments():
         app_builder({"replicas": "2"})
     with pytest.raises(SleighError, match="unknown"):
         app_builder({"model": "x", "replcas": "2"})
-    assert _convert("replicas", "2") == 2 and _convert("replica_cpus", "0.5") == 0.5
+    assert _convert("replicas", "2", "int") == 2 and _convert("replica_cpus", "0.5", "float") == 0.5
+    assert _convert("max_memory", "2.5G", "int | None") == int(2.5 * 2**30)
+    with pytest.raises(SleighError, match=r"^serve run threads=two \| not an int"):
+        app_builder({"model": "x", "threads": "two"})
+    # ServeSettings checks its fields itself: `serve run` skipped every check `sleigh serve` made
+    for key, value, says in (("max_queue", "-1", "got -1. Expected: >= 0"), ("default_max_tokens", "0", "got 0"),
+                             ("max_image_pixels", "0", "Pillow's limit"), ("allow_local_files", "/no/such", "not a folder")):
+        with pytest.raises(SleighError, match=rf"^{key} \| .*{says}"):
+            app_builder({"model": "x", key: value})
     options = Scaling(replicas=3).deployment_options(ServeSettings(model="x"))
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert options["graceful_shutdown_timeout_s"] == SHUTDOWN_TIMEOUT_S  # as `sleigh serve --shutdown-timeout`
-    assert _convert("shutdown_timeout", "2.5") == 2.5
+    assert _convert("shutdown_timeout", "2.5", "float") == 2.5
     auto = Scaling(min_replicas=1, max_replicas=4, target_ongoing_requests=2)
     cfg = auto.deployment_options(ServeSettings(model="x"))
     assert cfg["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
