@@ -23,7 +23,8 @@ from sleigh.errors import SleighError, first_line
 from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from sleigh.runtime.package import model_kind
-from sleigh.serve import SHUTDOWN_TIMEOUT_S
+from sleigh.serve import (MAX_BODY_MB, MAX_IMAGE_PIXELS, MAX_QUEUE, REPLICA_CPUS, REPLICAS, SHUTDOWN_TIMEOUT_S,
+                          TARGET_ONGOING_REQUESTS)
 from sleigh.serve.launch import LOG_LEVELS
 THREADS_PER_CPU = 4  # more only adds contention, and memory: --threads 100000 took 16.6 GB in 11 minutes
 # C0 and C1 control characters but tab and newline: an ESC in generated text must not drive the terminal
@@ -599,18 +600,18 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
     model_name: Optional[str] = typer.Option(None, help="The model id clients send (default: the package folder's name)."),
-    max_queue: int = typer.Option(16, help="Requests that may wait for the model (per replica); more get 503 + Retry-After."),
+    max_queue: int = typer.Option(MAX_QUEUE, help="Requests that may wait for the model (per replica); more get 503 + Retry-After."),
     max_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, help="max_tokens when a request gives none (cut to what the context leaves after the prompt)."),
-    max_body_mb: float = typer.Option(20.0, help="Largest request body, in MiB (413 beyond)."),
-    max_image_pixels: int = typer.Option(40_000_000, help="Largest image (width x height) a request may send."),
+    max_body_mb: float = typer.Option(float(MAX_BODY_MB), help="Largest request body, in MiB (413 beyond)."),
+    max_image_pixels: int = typer.Option(MAX_IMAGE_PIXELS, help="Largest image (width x height) a request may send."),
     allow_local_files: Optional[Path] = typer.Option(None, help="Accept file:// image URLs inside this folder only."),
     log_level: Optional[str] = typer.Option(None, help="debug, info, warning or error \\[default: `sleigh --log-level`'s, else info]."),
     ray: bool = typer.Option(False, "--ray", help="Deploy on Ray Serve (pip install 'sleigh\\[ray]'): one model per replica."),
-    replicas: int = typer.Option(1, help="With --ray: number of replicas."),
+    replicas: int = typer.Option(REPLICAS, help="With --ray: number of replicas."),
     min_replicas: Optional[int] = typer.Option(None, help="With --ray and --max-replicas: autoscaling floor."),
     max_replicas: Optional[int] = typer.Option(None, help="With --ray: autoscale up to this many replicas."),
-    target_ongoing_requests: float = typer.Option(1.0, help="With --ray autoscaling: ongoing requests per replica to aim for."),
-    replica_cpus: float = typer.Option(1.0, help="With --ray: CPUs Ray reserves per replica."),
+    target_ongoing_requests: float = typer.Option(TARGET_ONGOING_REQUESTS, help="With --ray autoscaling: ongoing requests per replica to aim for."),
+    replica_cpus: float = typer.Option(REPLICA_CPUS, help="With --ray: CPUs Ray reserves per replica."),
     ray_address: Optional[str] = typer.Option(None, help="With --ray: a running cluster's address (default: $RAY_ADDRESS, else a new cluster of this machine)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget, e.g. 2.5G: vision and prefill run in chunks that fit it, and what cannot fit is refused in one line."),
     shutdown_timeout: float = typer.Option(SHUTDOWN_TIMEOUT_S, help="Seconds answers under way may take to finish after Ctrl-C or SIGTERM; then they are cut off."),

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from sleigh.errors import SleighError, first_line
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
 from sleigh.runtime.pipeline import ContextExceeded, ModelFault
-from sleigh.serve import protocol
+from sleigh.serve import MAX_BODY_MB, MAX_IMAGE_PIXELS, MAX_QUEUE, protocol
 from sleigh.serve.metrics import CONTENT_TYPE, Metrics
 from sleigh.serve.protocol import APIError
 from sleigh.serve.worker import GenerationRequest, Job, ModelWorker, QueueFull
@@ -49,9 +49,9 @@ class ServeSettings:
     engine: str | None = None
     threads: int | None = None
     model_name: str | None = None  # the id clients send as `model` (default: the package folder's name)
-    max_queue: int = 16  # requests waiting beyond the running one; more get 503 + Retry-After
-    max_body_bytes: int = 20 * MiB
-    max_image_pixels: int = 40_000_000  # a 12-tile grid is 2.4 Mpx; the rest is downscaled away
+    max_queue: int = MAX_QUEUE
+    max_body_bytes: int = MAX_BODY_MB * MiB
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     allow_local_files: Path | None = None
     default_max_tokens: int = DEFAULT_MAX_NEW_TOKENS
     retry_after_s: int = 1

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sleigh.errors import SleighError, first_line
-from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
+from sleigh.serve import REPLICA_CPUS, REPLICAS, SHUTDOWN_TIMEOUT_S, TARGET_ONGOING_REQUESTS, check_shutdown_timeout
 from sleigh.serve.app import ServeSettings
 
 log = logging.getLogger("sleigh.serve")
@@ -44,11 +44,11 @@ DRAINED_GRACE_S = 5.0  # Ray's own grace for a replica once the drain is done: t
 
 @dataclass(frozen=True)
 class Scaling:
-    replicas: int = 1
+    replicas: int = REPLICAS
     min_replicas: int | None = None  # with max_replicas: autoscaling
     max_replicas: int | None = None
-    target_ongoing_requests: float = 1.0  # per replica: one running generation keeps a replica busy
-    replica_cpus: float = 1.0  # Ray CPUs reserved by each replica (its ONNX Runtime threads: --threads)
+    target_ongoing_requests: float = TARGET_ONGOING_REQUESTS
+    replica_cpus: float = REPLICA_CPUS
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_S  # a replica stopped: its answers under way may finish for this long
 
     def __post_init__(self):
