@@ -19,7 +19,7 @@ from typer.core import TyperGroup
 
 from sleigh import __version__
 from sleigh.bench import BENCH_NEW_TOKENS
-from sleigh.errors import SleighError, first_line
+from sleigh.errors import SleighError, first_line, flag
 from sleigh.evaluate import EVAL_NEW_TOKENS
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS, DEFAULT_PROMPT
 from sleigh.runtime.package import model_kind
@@ -702,9 +702,6 @@ def _as_flags(*params: str):
     flag (`--top-p`, `--engine int8`), in what the error is about and in its remedy ("fewer tiles
     (max_tiles)" -> "(--max-tiles)"). In the remedy only snake_case names are flags: `prompt` or
     `engine` there is a word of the sentence."""
-    def flag(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
     try:
         yield
     except SleighError as e:

@@ -24,6 +24,12 @@ class SleighError(Exception):
         return SleighError, (self.what, self.problem, self.expected)
 
 
+def flag(name: str, renamed: dict | None = None) -> str:
+    """The command-line flag of a parameter or option field: `max_new_tokens` -> `--max-new-tokens`,
+    unless `renamed` gives it another (`gate_images` -> `--images`)."""
+    return (renamed or {}).get(name) or "--" + name.replace("_", "-")
+
+
 def check_folder(path, expected: str) -> None:
     """A folder that must be there: "not found" where nothing is, "not a folder" where something else is."""
     if not path.is_dir():

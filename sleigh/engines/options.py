@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from sleigh import errors
 from sleigh.errors import SleighError
 from sleigh.runtime.backends import PACKAGE_MODULES
 from sleigh.runtime.image import max_views as image_max_views
@@ -44,7 +45,7 @@ FLAGS = {"gate_images": "--images"}  # fields whose flag is not their name with 
 
 
 def flag(field: str) -> str:
-    return FLAGS.get(field, "--" + field.replace("_", "-"))
+    return errors.flag(field, FLAGS)
 
 
 def max_views(manifest: Manifest, tiles: int) -> int:

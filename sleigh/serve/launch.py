@@ -12,7 +12,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from sleigh.errors import SleighError, check_folder, first_line
+from sleigh.errors import SleighError, check_folder, first_line, flag
 from sleigh.runtime.package import MODEL_FOLDER
 from sleigh.serve import SHUTDOWN_TIMEOUT_S, check_shutdown_timeout
 
@@ -55,7 +55,7 @@ def launch(*, model: Path | None, engine: str | None, backend: str, threads: int
                                  max_image_pixels=max_image_pixels, allow_local_files=allow_local_files,
                                  default_max_tokens=max_tokens, max_memory=max_memory)
     except SleighError as e:
-        raise SleighError(FLAGS.get(e.what, "--" + e.what.replace("_", "-")), e.problem, e.expected) from None
+        raise SleighError(flag(e.what, FLAGS), e.problem, e.expected) from None
     if not ray:
         _check_ray_flags_unused(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
                                 target_ongoing_requests=target_ongoing_requests, replica_cpus=replica_cpus,
@@ -88,7 +88,7 @@ def _check_ray_flags_unused(**given) -> None:
     from sleigh.serve.ray_app import Scaling
 
     defaults = {f.name: f.default for f in fields(Scaling)}
-    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value != defaults.get(name)]
+    named = [flag(name) for name, value in given.items() if value != defaults.get(name)]
     if named:
         raise SleighError(", ".join(named), "only with --ray: without it one process serves one replica",
                           "--ray with them, or none of them")

@@ -32,7 +32,7 @@ from torch import nn
 from sleigh import staging
 from sleigh.data.qa import read_qa
 from sleigh.data.synth import COLOURS, SHAPES
-from sleigh.errors import SleighError, check_seed, first_line
+from sleigh.errors import SleighError, check_seed, first_line, flag
 from sleigh.runtime.image import max_views, object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
@@ -413,9 +413,9 @@ def train(ckpt: Path, data: Path, out: Path, opts: TrainOptions, log=print) -> T
     model = model.to(device)
     synthetic = any(labels_of(x) is not None for x in qa.items[:50])
     curriculum = opts.curriculum == "on" or (opts.curriculum == "auto" and synthetic and "vision" in parts)
-    for flag, given in (("--gswa-hint", opts.gswa_hint), ("--curriculum-steps", opts.curriculum_steps)):
-        if given and not curriculum:
-            raise SleighError(flag, "acts only during the curriculum, which is off for this run",
+    for option in ("gswa_hint", "curriculum_steps"):
+        if getattr(opts, option) and not curriculum:
+            raise SleighError(flag(option), "acts only during the curriculum, which is off for this run",
                               "synthetic data (sleigh data synth) with --train all, or --curriculum on")
     trainer = Trainer(model, tok, parts, opts, device, use_aux=synthetic and "vision" in parts)
     training = {q.image: qa.sizes[q.image] for q in qa.items if q.image in qa.sizes}  # the lines left in
@@ -549,7 +549,7 @@ def _saved_run(out: Path, opts: TrainOptions, ckpt: Path, data: Path) -> dict:
         if saved != getattr(opts, key):
             longer = (f"; to train past its end, a new run that starts from it (sleigh train {out} --data ... -o NEW; "
                       "its optimizer starts afresh)") if key in ("steps", "minutes") else ""
-            raise SleighError(f"--resume {out}", f"--{key.replace('_', '-')} {getattr(opts, key)} differs from the saved run's "
+            raise SleighError(f"--resume {out}", f"{flag(key)} {getattr(opts, key)} differs from the saved run's "
                               f"{saved}", f"the options of the run being resumed{longer}")
     for what, given in (("CHECKPOINT", Path(ckpt)), ("--data", Path(data))):
         recorded = meta.get("source" if what == "CHECKPOINT" else "data")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sleigh.errors import SleighError
+from sleigh.errors import SleighError, flag
 from sleigh.runtime.backends.base import Backend, warn
 from sleigh.runtime.manifest import EngineEntry, Manifest
 from sleigh.runtime.memory import size_text
@@ -57,7 +57,7 @@ def rebuild_command(pkg: Path, entry: EngineEntry) -> str:
     opts = entry.build_options or {}
     args = [f"--backend {opts.get('backend') or entry.backend}", f"--precision {opts.get('precision') or entry.precision}"]
     shown = {"max_memory": size_text}  # recorded in bytes; shown as the flag reads it ('2.5G')
-    args += [f"--{k.replace('_', '-')} {shown.get(k, str)(v)}" for k, v in opts.items()  # as given (None: the default)
+    args += [f"{flag(k)} {shown.get(k, str)(v)}" for k, v in opts.items()  # as given (None: the default)
              if k not in ("backend", "precision", "gate_images", "allow_degraded") and v is not None and not isinstance(v, bool)]
     return f"sleigh build-engine {pkg} {' '.join(args)} --force"
 
