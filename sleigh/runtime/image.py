@@ -40,6 +40,7 @@ MAX_PIXELS = 178_956_970
 PIXEL_HEADROOM = 32
 INTERNVL_MAX_TILES = 12
 INTERNVL_TILE_SIZE = 448
+INTERNVL_PATCH = 14  # the ViT's patch side: a 448-px view is 32 x 32 patches, 256 tokens after pixel shuffle
 TILES_LIMIT = 40  # the most tiles any model here takes: export's --max-tiles range, checked in every config
 
 
@@ -98,7 +99,7 @@ def tiles_within(views: int | None, max_tiles: int, thumbnail: bool) -> int:
     return max((t for t in range(1, max_tiles + 1) if max_views(t, thumbnail) <= views), default=1)
 
 
-def default_max_pixels(max_tiles: int = INTERNVL_MAX_TILES, size: int = 448) -> int:
+def default_max_pixels(max_tiles: int = INTERNVL_MAX_TILES, size: int = INTERNVL_TILE_SIZE) -> int:
     """The largest image (width·height) tiling for `max_tiles` views of `size` pixels accepts by
     default: PIXEL_HEADROOM times the largest grid (at least InternVL's 12 tiles of 448), at most MAX_PIXELS."""
     _check_tiling_args(1, max_tiles, size)
@@ -218,7 +219,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         raise ImageError(what, f"is corrupt or truncated ({_reason(exc)})", "a complete, valid image file") from exc
 
 
-def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448) -> tuple[int, int]:
+def find_grid(width: int, height: int, *, min_tiles: int = 1, max_tiles: int = INTERNVL_MAX_TILES,
+              size: int = INTERNVL_TILE_SIZE) -> tuple[int, int]:
     """The (cols, rows) grid InternVL's `dynamic_preprocess` picks for a width x height image.
 
     Mirrors the original step for step (same candidate order, same float arithmetic): the candidate
@@ -262,8 +264,9 @@ def object_tile(grid: tuple[int, int], image_size: tuple[int, int], box) -> int:
     return r * cols + c
 
 
-def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = 12, size: int = 448, thumbnail: bool = True,
-               mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
+def tile_image(image: ImageSource, *, min_tiles: int = 1, max_tiles: int = INTERNVL_MAX_TILES, size: int = INTERNVL_TILE_SIZE,
+               thumbnail: bool = True, mean: tuple[float, float, float] = IMAGENET_MEAN,
+               std: tuple[float, float, float] = IMAGENET_STD,
                max_pixels: int | None = None) -> TiledImage:
     """Tile `image` (a path or PIL image) as InternVL does and normalise it for the vision module.
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from sleigh.errors import SleighError, first_line
+from sleigh.runtime.image import INTERNVL_PATCH, INTERNVL_TILE_SIZE
 from sleigh.runtime.multimodal import tokens_per_view as view_tokens
 
 # The internlm2-chat default system message as InternVL2 sets it.
@@ -28,7 +29,7 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 BOS, EOS = "<s>", "</s>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGE_PLACEHOLDER = "<image>"  # where InternVL's chat() puts the image block when a question names it
-TOKENS_PER_VIEW = view_tokens(448, 14)  # InternVL2's 448x448 views of 14-px patches: 256
+TOKENS_PER_VIEW = view_tokens(INTERNVL_TILE_SIZE, INTERNVL_PATCH)  # InternVL2's 448x448 views of 14-px patches: 256
 TEMPLATE = "internlm2-chat"
 
 REQUIRED_TOKENS = (BOS, EOS, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT)

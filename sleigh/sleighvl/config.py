@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from sleigh.errors import SleighError
-from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT
+from sleigh.runtime.image import (IMAGENET_MEAN, IMAGENET_STD, INTERNVL_MAX_TILES, INTERNVL_PATCH, INTERNVL_TILE_SIZE,
+                                  TILES_LIMIT)
+from sleigh.runtime.manifest import RESAMPLE
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
 from sleigh.runtime.package import read_json
-from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE
+from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
 
 SCHEMA = "sleigh.sleighvl"
 SCHEMA_VERSION = 1
@@ -25,8 +27,8 @@ SCHEMA_VERSION = 1
 class VisionConfig:
     """InternViT: patch embedding + CLS + pre-norm layers with layer scale; no final norm."""
 
-    image_size: int = 448
-    patch_size: int = 14
+    image_size: int = INTERNVL_TILE_SIZE
+    patch_size: int = INTERNVL_PATCH
     hidden_size: int = 1024
     num_layers: int = 24
     num_heads: int = 16
@@ -110,11 +112,11 @@ class GSWAConfig:
 @dataclass(frozen=True)
 class ImageConfig:
     min_tiles: int = 1
-    max_tiles: int = 12
+    max_tiles: int = INTERNVL_MAX_TILES
     thumbnail: bool = True
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    resample: str = "bicubic"
+    resample: str = RESAMPLE
 
     def __post_init__(self):
         if not 1 <= self.min_tiles <= self.max_tiles <= TILES_LIMIT:
@@ -124,7 +126,7 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    template: str = "internlm2-chat"
+    template: str = TEMPLATE
     bos_token_id: int = 1
     eos_token_id: int = 2
     img_context_token_id: int = 92546
@@ -132,8 +134,8 @@ class PromptConfig:
     system_message: str = DEFAULT_SYSTEM_MESSAGE  # the prompt's system block when the caller gives none
 
     def __post_init__(self):
-        if self.template != "internlm2-chat":
-            raise SleighError("prompt.template", f"unknown template {self.template!r}", "internlm2-chat")
+        if self.template != TEMPLATE:
+            raise SleighError("prompt.template", f"unknown template {self.template!r}", TEMPLATE)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sleigh.errors import SleighError, check_folder
 from sleigh.runtime.package import inside, read_json
+from sleigh.runtime.prompt import BOS, EOS, IM_END, IMG_CONTEXT
 from sleigh.sleighvl.config import GSWAConfig, ImageConfig, LLMConfig, PromptConfig, SleighVLConfig, VisionConfig
 from sleigh.staging import check_apart, prepare_output_dir
 
@@ -120,11 +121,11 @@ def _sleigh_config(raw: dict, tokenizer, gswa: GSWAConfig | None) -> SleighVLCon
 
 def prompt_config(tokenizer) -> PromptConfig:
     """Special ids from a `tokenizers.Tokenizer` with the InternLM2/InternVL special tokens."""
-    ids = {t: tokenizer.token_to_id(t) for t in ("<s>", "</s>", "<|im_end|>", "<IMG_CONTEXT>")}
+    ids = {t: tokenizer.token_to_id(t) for t in (BOS, EOS, IM_END, IMG_CONTEXT)}
     missing = [t for t, i in ids.items() if i is None]
-    _require(not missing, "tokenizer", f"special tokens {missing} are missing", "<s>, </s>, <|im_end|>, <IMG_CONTEXT>")
-    return PromptConfig(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], img_context_token_id=ids["<IMG_CONTEXT>"],
-                        stop_token_ids=(ids["<|im_end|>"], ids["</s>"]))
+    _require(not missing, "tokenizer", f"special tokens {missing} are missing", ", ".join(ids))
+    return PromptConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS], img_context_token_id=ids[IMG_CONTEXT],
+                        stop_token_ids=(ids[IM_END], ids[EOS]))
 
 
 def read_internvl_weights(src: Path) -> dict[str, torch.Tensor]:
