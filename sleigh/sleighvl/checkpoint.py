@@ -18,6 +18,7 @@ import torch
 from sleigh.errors import SleighError, check_folder, first_line
 from sleigh.runtime.package import CHECKPOINT_CONFIG as CONFIG, TOKENIZER, ordinary_modes, read_json
 from sleigh.runtime import DEFAULT_MAX_NEW_TOKENS
+from sleigh.runtime.sampling import SamplingOptions
 from sleigh.sleighvl.config import SleighVLConfig
 
 WEIGHTS = "model.safetensors"
@@ -26,12 +27,16 @@ GENERATION = "generation_config.json"
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    """A checkpoint's generation_config.json, as HF checkpoints carry one (for tools that read it, such as
+    transformers' generate): the runtime's own defaults, written out. Sleigh reads its stop ids from
+    config.json's prompt section and its sampling from the caller (SamplingOptions)."""
+
     stop_token_ids: tuple[int, ...] = ()
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+    temperature: float = SamplingOptions.temperature  # 0 = greedy
+    top_p: float = SamplingOptions.top_p
+    top_k: int = SamplingOptions.top_k
+    repetition_penalty: float = SamplingOptions.repetition_penalty
 
     @classmethod
     def load(cls, path: Path) -> GenerationConfig:
