@@ -412,16 +412,6 @@ def _without_new_default_attributes(model):
 
 # -- the build -----------------------------------------------------------------------------------------
 
-def _check_decoder_form(form: str, opts: EngineOptions) -> None:
-    """A fused decoder (kv_cache.form "shared" or "weighted", export --decoder fused / fused-cuda) is ONNX
-    Runtime's alone."""
-    if form == "slots":
-        return
-    if opts.backend == "tensorrt":
-        raise SleighError("--backend tensorrt", "this package's decoder is the fused form (ONNX Runtime's operators)",
-                          "a package exported with --decoder standard for TensorRT")
-
-
 # The oldest onnxruntime whose weight-only quantizer build-engine is tested with (README "Tested
 # versions"); 1.22's MatMulNBitsQuantizer takes other arguments.
 WEIGHT_ONLY_ORT_MIN = (1, 31, 0)
@@ -447,7 +437,6 @@ def build_engine(pkg: Path, opts: EngineOptions) -> EngineEntry:
     if existing is not None and existing.backend != opts.backend:
         raise SleighError(f"--name {name}", f"the package already has a {existing.backend!r} engine of that name",
                           "another --name")
-    _check_decoder_form(manifest.contract.kv_cache.form, opts)
     if opts.module_precisions["decoder"] in ("int8", "int4"):
         _check_weight_only_quantizer()
     if opts.backend == "tensorrt":  # fail before converting anything

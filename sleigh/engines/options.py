@@ -183,6 +183,9 @@ class EngineOptions:
         _check_image_tokens(manifest, resolved.max_tiles, resolved.max_context)  # runs hold to both (Pipeline)
         if self.backend != "tensorrt":
             return resolved
+        if manifest.contract.kv_cache.form != "slots":  # a fused decoder (export --decoder fused / fused-cuda)
+            raise SleighError("--backend tensorrt", "this package's decoder is the fused form (ONNX Runtime's operators)",
+                              "a package exported with --decoder standard for TensorRT")
         if self.plugin_library is not None:
             if manifest.contract.gswa is None:
                 raise SleighError(f"--plugin-library {self.plugin_library}", "the package has no GSWA node for the plugin",
