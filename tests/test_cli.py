@@ -599,3 +599,39 @@ def test_a_closed_stdout_ends_a_table_quietly_too(tiny_pkg):
     finally:
         proc.kill()
     assert proc.returncode == 0 and err == "", (proc.returncode, err)
+
+
+def test_the_defaults_and_ranges_help_states_are_the_libraries_own():
+    """The CLI states defaults and ranges that live in the libraries (which it does not import for
+    help, to stay light): each number in a help text, and each typer default, is the library's."""
+    import typer.main
+
+    from sleigh.cli import app
+    from sleigh.engines import options as o
+    from sleigh.engines.options import EngineOptions
+    from sleigh.export.exporter import OPSET_RANGE, ExportOptions
+    from sleigh.runtime.sampling import SamplingOptions
+    from sleigh.serve.app import ServeSettings
+    from sleigh.serve.ray_app import Scaling
+
+    commands = typer.main.get_command(app).commands
+    params = {name: {p.name: p for p in cmd.params} for name, cmd in commands.items() if hasattr(cmd, "params")}
+    export, build, run, serve = params["export"], params["build-engine"], params["run"], params["serve"]
+    assert (export["opset"].default, export["max_tiles"].default) == (ExportOptions().opset, ExportOptions().max_tiles)
+    assert f"{OPSET_RANGE[0]}..{OPSET_RANGE[1]}" in export["opset"].help
+    assert (build["backend"].default, build["precision"].default) == (EngineOptions().backend, EngineOptions().precision)
+    states = {"workspace_gb": f"default: {o.DEFAULT_WORKSPACE_GB:g})", "max_batch": f"1..{o.MAX_BATCH}",
+              "builder_optimization_level": f"{min(o.BUILDER_OPTIMIZATION_LEVELS)}..{max(o.BUILDER_OPTIMIZATION_LEVELS)}",
+              "opt_tiles": f"default: {o.DEFAULT_OPT_TILES} ", "opt_context": f"+ {o.OPT_TEXT_TOKENS})",
+              "max_context": f"TensorRT: {o.TENSORRT_DEFAULT_CONTEXT} ", "eval_tolerance": f"default: {o.DEFAULT_EVAL_TOLERANCE})"}
+    for name, text in states.items():
+        assert text in build[name].help, (name, build[name].help)
+    assert f"default: {o.DEFAULT_BUILDER_OPTIMIZATION_LEVEL})" in build["builder_optimization_level"].help
+    sampling = SamplingOptions()
+    assert [run[k].default for k in ("temperature", "top_p", "top_k", "repetition_penalty")] == \
+        [sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty]
+    settings, scaling = ServeSettings(model=Path(".")), Scaling()
+    assert (serve["max_queue"].default, int(serve["max_body_mb"].default * 2**20), serve["max_image_pixels"].default) == \
+        (settings.max_queue, settings.max_body_bytes, settings.max_image_pixels)
+    assert [serve[k].default for k in ("replicas", "target_ongoing_requests", "replica_cpus", "shutdown_timeout")] == \
+        [scaling.replicas, scaling.target_ongoing_requests, scaling.replica_cpus, scaling.shutdown_timeout]

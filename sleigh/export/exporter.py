@@ -21,7 +21,7 @@ from pathlib import Path
 from sleigh.errors import SleighError, first_line
 from sleigh.onnx_files import EXTERNAL_DATA_BYTES, describe_io, versions
 from sleigh.progress import progress
-from sleigh.runtime.image import TILES_LIMIT
+from sleigh.runtime.image import INTERNVL_MAX_TILES, TILES_LIMIT
 from sleigh.runtime.manifest import Contract, contract_from_config, write_manifest
 from sleigh.runtime.package import (MANIFEST, SCHEMA, SCHEMA_VERSION, TOKENIZER, file_entry, ordinary_modes, sha256_file, shipped_photo,
                                    write_json_atomic)
@@ -32,8 +32,8 @@ OPSET_RANGE = (18, 20)  # opset 23 fuses into ops that TensorRT parsers before 1
 
 @dataclass
 class ExportOptions:
-    opset: int = 18
-    max_tiles: int = 12
+    opset: int = OPSET_RANGE[0]
+    max_tiles: int = INTERNVL_MAX_TILES
     decoder: str = "fused"  # one of DECODER_FORMS
     verify: bool = True
     force: bool = False
