@@ -249,7 +249,7 @@ class _HashCache:
                 self.records.update({k: v for k, v in data["files"].items() if isinstance(v, dict)})
             except Exception:  # noqa: BLE001 - missing, unreadable or damaged: start afresh
                 continue
-        self.changed = False
+        self.fresh: dict[str, dict] = {}  # what this run hashed
 
     def sha256(self, rel: str, path: Path, st: os.stat_result) -> str:
         version = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
@@ -257,16 +257,22 @@ class _HashCache:
         if record.get("version") == version and isinstance(record.get("sha256"), str):
             return record["sha256"]
         digest = sha256_file(path)
-        self.records[rel] = {"version": version, "sha256": digest}
-        self.changed = True
+        self.records[rel] = self.fresh[rel] = {"version": version, "sha256": digest}
         return digest
 
     def save(self) -> None:
-        if not self.changed:
+        """This run's hashes added to what the cache holds now: runs started together on a fresh package
+        (each hashing its engine's files) once kept only the last one's records, the file read before hashing."""
+        if not self.fresh:
             return
         for path in self.paths:
             try:
-                write_json_atomic(path, {"files": self.records})
+                now = json.loads(path.read_bytes())["files"]
+                now = {k: v for k, v in now.items() if isinstance(v, dict)} if isinstance(now, dict) else {}
+            except Exception:  # noqa: BLE001 - missing, unreadable or damaged: this run's records alone
+                now = {}
+            try:
+                write_json_atomic(path, {"files": {**now, **self.fresh}})
                 return
             except OSError:
                 continue

@@ -222,6 +222,19 @@ def test_every_command_tells_a_package_from_a_checkpoint_by_one_rule(pkg, tmp_pa
     assert "neither manifest.json nor config.json found" in one_error_line(run_sleigh(name, *model, *rest))
 
 
+def test_runs_started_together_keep_each_others_hashes(pkg):
+    """Each run reads the cache, hashes its own files, and writes: the last writer once kept only its own
+    records (runs of two engines started together on a fresh package hashed again next time)."""
+    from sleigh.runtime.package import _HashCache
+
+    first, second = _HashCache(pkg), _HashCache(pkg)  # both read the cache before either writes
+    for cache, rel in ((first, "decoder.onnx"), (second, "vision.onnx")):
+        cache.sha256(rel, pkg / rel, (pkg / rel).stat())
+    first.save()
+    second.save()
+    assert {"decoder.onnx", "vision.onnx"} <= set(json.loads((pkg / VERIFIED).read_text())["files"])
+
+
 # -- confinement ------------------------------------------------------------------------------------
 
 def _outside_copy(pkg):
