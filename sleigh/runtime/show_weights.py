@@ -18,6 +18,7 @@ from sleigh.errors import SleighError, first_line
 from sleigh.runtime.image import ImageSource, load_image
 
 MAX_SIDE = 1600  # larger images are drawn scaled down, so the numbers stay readable
+MIN_SIDE = 224  # smaller ones scaled up (to this short side, or MAX_SIDE long), so a tile holds its number
 LOW, HIGH = (40, 90, 230), (235, 40, 30)  # the heat scale's ends
 
 
@@ -41,8 +42,12 @@ def draw_weights(image: ImageSource, grid: tuple[int, int], weights: list[float]
     if len(weights) < n:
         raise SleighError("weights", f"{len(weights)} weights for a {cols}x{rows} grid", "one weight per tile")
     rgb = load_image(image)
-    scale = min(1.0, MAX_SIDE / max(rgb.size))
-    base = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))) if scale < 1 else rgb.copy()
+    scale = min(MAX_SIDE / max(rgb.size), max(1.0, MIN_SIDE / min(rgb.size)))
+    if scale == 1:
+        base = rgb.copy()
+    else:  # pixels kept sharp where scaled up: a 1x1 photo is one colour, not a blur
+        base = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))),
+                          Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
     W, H = base.size
     tiles = [float(w) for w in weights[:n]]
     lo, hi = min(tiles), max(tiles)
@@ -71,8 +76,8 @@ def draw_weights(image: ImageSource, grid: tuple[int, int], weights: list[float]
     caption = (f"GSWA: {cols}x{rows} tiles, highest {tiles[top]:.2f} (row {top // cols + 1}, column {top % cols + 1})"
                + (", thumbnail 1.00" if len(weights) > n else "") if n > 1 else "GSWA: one view (weight 1): no tiles to weigh")
     cap_font = _font(max(12, W // 50))
-    cap_h = draw.textbbox((0, 0), caption, font=cap_font)[3] + 12
-    framed = Image.new("RGB", (W, H + cap_h), (20, 20, 20))
+    _, _, cap_w, cap_h = draw.textbbox((0, 0), caption, font=cap_font)
+    framed = Image.new("RGB", (max(W, cap_w + 16), H + cap_h + 12), (20, 20, 20))  # the caption whole, however narrow
     framed.paste(out, (0, 0))
     ImageDraw.Draw(framed).text((8, H + 6), caption, font=cap_font, fill=(255, 255, 255))
     return framed

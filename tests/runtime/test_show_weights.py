@@ -42,6 +42,24 @@ def test_one_view_and_large_images():
     assert max(draw_weights(grey(4000, 1000), (4, 1), [1, 2, 1, 1, 1]).size) <= 1600
 
 
+@pytest.mark.parametrize("size, grid", [((1, 1), (1, 1)), ((40, 8000), (1, 6)), ((251, 335), (3, 4))])
+def test_small_and_narrow_images_keep_their_numbers_and_caption(size, grid):
+    """A 1x1 photo drew 1x28 pixels, a 40x8000 one 8x1627 with its caption cut: small images are scaled
+    up (the short side to MIN_SIDE, or the long one to MAX_SIDE), and the canvas is as wide as the caption."""
+    from PIL import ImageDraw
+
+    from sleigh.runtime.show_weights import MAX_SIDE, MIN_SIDE, _font
+
+    n = grid[0] * grid[1]
+    out = draw_weights(grey(*size), grid, [1.0 + i / 10 for i in range(n)] + ([1.0] if n > 1 else []))
+    scale = min(MAX_SIDE / max(size), max(1.0, MIN_SIDE / min(size)))
+    W, H = round(size[0] * scale), round(size[1] * scale)
+    assert min(W, H) >= MIN_SIDE or max(W, H) == MAX_SIDE
+    caption_w = ImageDraw.Draw(out).textbbox((0, 0), "GSWA: 3x4 tiles, highest 2.10 (row 4, column 3), thumbnail 1.00",
+                                             font=_font(12))[2]
+    assert out.width >= max(W, caption_w if n > 1 else 0) and out.height > H
+
+
 def test_bad_output_names_and_short_weights(tmp_path):
     with pytest.raises(SleighError, match="unknown image suffix"):
         output_format(tmp_path / "w.txt")
