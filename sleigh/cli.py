@@ -227,6 +227,11 @@ def run(
     if image is not None:
         with _as_flags("max_pixels"):  # decoded before the model loads (a bad image costs nothing); the pipeline tiles it
             source = load_image(check_image_path(image), max_pixels=max_pixels)
+    else:
+        unused = [f for f, v in (("--max-tiles", max_tiles), ("--max-pixels", max_pixels), ("--tile-budget", tile_budget))
+                  if v is not None]
+        if unused:  # a script's flags, kept for its image runs: a warning, not a refusal
+            logging.getLogger("sleigh").warning("%s", f"{', '.join(unused)}: no image given, so ignored")
     if show_weights is not None:
         from sleigh.runtime.show_weights import output_format
 

@@ -635,3 +635,12 @@ def test_the_defaults_and_ranges_help_states_are_the_libraries_own():
         (settings.max_queue, settings.max_body_bytes, settings.max_image_pixels)
     assert [serve[k].default for k in ("replicas", "target_ongoing_requests", "replica_cpus", "shutdown_timeout")] == \
         [scaling.replicas, scaling.target_ongoing_requests, scaling.replica_cpus, scaling.shutdown_timeout]
+
+
+def test_image_flags_without_an_image_are_named_as_ignored(tiny_pkg):
+    """--tile-budget, --max-tiles and --max-pixels act on an image: given without one, they were
+    silently ignored (even --max-pixels 5, which no image passes)."""
+    proc = run_sleigh("run", "--model", tiny_pkg, "--prompt", "hi", "--max-new-tokens", "1", "--tile-budget", "2",
+                      "--max-pixels", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --max-pixels, --tile-budget: no image given, so ignored" in proc.stderr.splitlines()
