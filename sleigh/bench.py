@@ -93,6 +93,23 @@ def check_fits(label: str, path: Path, engine: str | None, image, prompt: str, m
                               f"its context of {context}", "a smaller max_new_tokens or a shorter prompt")
 
 
+def other_model(pkg: Path, reference: Path) -> str | None:
+    """Why `reference` (a checkpoint) is not the model the package was exported from, where its
+    config.json's sha256 is not the one the manifest's source records (None where it is, or where the
+    package does not say): bench's rows would then compare two models, not a package with its source."""
+    from sleigh.runtime.manifest import read_manifest
+    from sleigh.runtime.package import CHECKPOINT_CONFIG, sha256_file
+
+    recorded = (read_manifest(pkg).source or {}).get("config_sha256")
+    if recorded is None or not (Path(reference) / CHECKPOINT_CONFIG).is_file():
+        return None
+    if sha256_file(Path(reference) / CHECKPOINT_CONFIG) == recorded:
+        return None
+    made_from = (read_manifest(pkg).source or {}).get("checkpoint", "another checkpoint")
+    return (f"--reference {reference}: its {CHECKPOINT_CONFIG} is not the one {pkg} was exported from ({made_from}): "
+            "its row times another model")
+
+
 def most_tiles(path: Path, engine: str | None) -> int:
     """The most tiles a target takes: its model's, or a named engine's where it was built for fewer
     (the best engine `auto` picks is known only once loaded)."""

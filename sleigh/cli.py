@@ -570,7 +570,7 @@ def bench(
     max_tiles: Optional[int] = typer.Option(None, help="Most tiles per image (default and maximum: the model's, or an engine's built for fewer): time fewer views."),
 ):
     """Time to first token, decode tokens/s and vision ms per view, per backend and engine, in one run."""
-    from sleigh.bench import markdown, run_bench
+    from sleigh.bench import markdown, other_model, run_bench
     from sleigh.runtime.image import check_image_path
     from sleigh.runtime.memory import parse_size
     from sleigh.runtime.package import shipped_photo
@@ -588,6 +588,8 @@ def bench(
     if reference is not None and model_kind(reference) == "package":
         raise SleighError(f"--reference {reference}", "is a package; the reference runs a checkpoint on PyTorch",
                           "the Sleigh checkpoint the package was exported from")
+    if reference is not None and model_kind(model) == "package" and (why := other_model(model, reference)):
+        logging.getLogger("sleigh").warning("%s", why)
     with _as_flags("engine", "runs", "prompt", "max_new_tokens", "max_memory", "tile_budget", "max_tiles"):
         report = run_bench(targets, image or shipped_photo(), prompt, runs=runs, max_new_tokens=max_new_tokens,
                            threads=threads, quiet=as_json, max_memory=None if max_memory is None else parse_size(max_memory),

@@ -159,3 +159,13 @@ def test_max_tiles_times_fewer_views(tiny_pkg, bench_json):
     assert bench_json["rows"][0]["views"] > 1  # the photo is cut into several tiles by default
     assert report["rows"][0]["views"] == 1  # one tile, and no thumbnail beside a single tile
     assert report["rows"][0]["prompt_tokens"] < bench_json["rows"][0]["prompt_tokens"]
+
+
+def test_a_reference_that_is_not_the_packages_source_is_named(tiny_pkg, tiny_ckpt, demo_ckpt):
+    """bench --reference timed any checkpoint beside the package; one whose config.json is not the one
+    the manifest's source records is another model, and the warning says so."""
+    from sleigh.bench import other_model
+
+    assert other_model(tiny_pkg, tiny_ckpt) is None
+    said = other_model(tiny_pkg, demo_ckpt)
+    assert said.startswith(f"--reference {demo_ckpt}: its config.json is not the one {tiny_pkg} was exported from")
