@@ -384,6 +384,8 @@ def _bomb(what: str, width: int, height: int, max_pixels: int) -> ImageError:
 
 
 def _max_pixels_text(max_pixels: int) -> str:
+    if max_pixels >= MAX_PIXELS:  # no higher limit to offer
+        return f"at most {max_pixels:,} pixels, Pillow's own limit (downscale the image)"
     return (f"at most {max_pixels:,} pixels (downscale the image, or raise the limit: `sleigh run --max-pixels N`, "
             f"max_pixels= in Python; Pillow's own limit is {MAX_PIXELS:,})")
 

@@ -456,6 +456,9 @@ def test_a_169_megapixel_png_of_a_few_kb_is_refused_from_its_header(tmp_path, mo
     assert "downscale" in message
     with pytest.raises(SleighError, match="13000x13000"):
         tile_image(path)
+    bigger = huge_png(tmp_path / "bigger.png", 16000, 12000)  # past Pillow's own limit: no higher one to offer
+    at_limit = str(pytest.raises(SleighError, load_image, bigger, max_pixels=image_mod.MAX_PIXELS).value)
+    assert at_limit.endswith("Pillow's own limit (downscale the image)") and "--max-pixels" not in at_limit, at_limit
 
 
 def test_pixel_limit_is_a_parameter_of_tiling(tmp_path):
