@@ -24,7 +24,7 @@ from sleigh.errors import SleighError, check_folder
 from sleigh.runtime.fields import Fields, describe, is_int
 from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views, tiles_within
 from sleigh.runtime.kv_cache import NEW, PAST
-from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
+from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view, view_geometry_problem
 from sleigh.runtime.package import (CHECKPOINT_CONFIG, MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
                                     write_bytes_atomic)
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
@@ -216,8 +216,8 @@ def contract_from_config(cfg, where: str = "config.json", *, max_tiles: int | No
     v, llm, img, prompt = (f.get(cfg, s, "object") for s in ("vision", "llm", "image", "prompt"))
     gswa = f.get(cfg, "gswa", "object", null=True, default=None)
     size, patch = f.get(v, "image_size", "positive", "vision"), f.get(v, "patch_size", "positive", "vision")
-    if size % patch or (size // patch) % 2:
-        raise f.fail("vision", f"image_size {size} / patch_size {patch} is not an even whole number", "e.g. 448 / 14 = 32")
+    if (problem := view_geometry_problem(size, patch)) is not None:
+        raise f.fail("vision", problem, "e.g. 448 / 14 = 32")
     hidden, heads, kv_heads, layers = (f.get(llm, k, "positive", "llm")
                                        for k in ("hidden_size", "num_heads", "num_kv_heads", "num_layers"))
     if hidden % heads or heads % kv_heads:

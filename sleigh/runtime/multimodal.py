@@ -23,6 +23,14 @@ def no_image_rows(hidden: int) -> np.ndarray:
     return np.zeros((0, hidden), np.float32)
 
 
+def view_geometry_problem(image_size: int, patch_size: int) -> str | None:
+    """What is wrong with a view of `image_size` px cut into `patch_size` px patches, None if nothing:
+    the patches must tile it, an even number a side (the 0.5 pixel shuffle packs 2 x 2 into a token)."""
+    if image_size % patch_size or (image_size // patch_size) % 2:
+        return f"image_size {image_size} / patch_size {patch_size} is not an even whole number (the 0.5 pixel shuffle)"
+    return None
+
+
 def tokens_per_view(image_size: int, patch_size: int) -> int:
     """Image tokens per view: the (image_size / patch_size)² patches after the 0.5 pixel shuffle."""
     return (image_size // patch_size) ** 2 // PIXEL_SHUFFLE_TOKENS

@@ -15,7 +15,7 @@ from sleigh.errors import SleighError
 from sleigh.runtime.image import (IMAGENET_MEAN, IMAGENET_STD, INTERNVL_MAX_TILES, INTERNVL_PATCH, INTERNVL_TILE_SIZE,
                                   TILES_LIMIT)
 from sleigh.runtime.manifest import RESAMPLE
-from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view
+from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view, view_geometry_problem
 from sleigh.runtime.package import read_json
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
 
@@ -40,9 +40,8 @@ class VisionConfig:
         _positive(self, "image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
         _divides(self, "patch_size", "image_size")
         _divides(self, "num_heads", "hidden_size")
-        if (self.image_size // self.patch_size) % 2:
-            raise SleighError("vision config", "image_size/patch_size must be even for the 0.5 pixel shuffle",
-                              "e.g. 448/14 = 32")
+        if (problem := view_geometry_problem(self.image_size, self.patch_size)) is not None:
+            raise SleighError("vision config", problem, "e.g. 448 / 14 = 32")
 
     @property
     def grid(self) -> int:  # patches per side
