@@ -133,6 +133,7 @@ def check_image_path(source: str | os.PathLike) -> Path:
     return path
 
 
+MAX_EXIF_BYTES = 1 << 20  # an eXIf chunk past this is not read (JPEG's EXIF holds 64 KiB)
 # EXIF orientations (tag 0x0112) that turn the picture a quarter: `load_image` transposes it to h x w
 QUARTER_TURNS = (5, 6, 7, 8)
 
@@ -160,8 +161,8 @@ def _png_exif_after_pixels(fp) -> bytes | None:
         fp.seek(8)  # the signature
         while len(header := fp.read(8)) == 8:
             length, kind = int.from_bytes(header[:4], "big"), header[4:]
-            if kind == b"eXIf":
-                data = fp.read(length)
+            if kind == b"eXIf":  # a forged length must not make the reader reserve gigabytes
+                data = fp.read(length) if length <= MAX_EXIF_BYTES else b""
                 return data if len(data) == length else None
             if kind == b"IEND":
                 return None
@@ -203,8 +204,12 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise _bomb(what, width, height, max_pixels)
+                # a 16-bit RGB PNG opens as 8-bit RGB, its colour key still in 16 bits: no 8-bit pixel stands for it
+                sixteen_bit_rgb = opened.mode == "RGB" and any(";16" in str(t[3]) for t in opened.tile)
                 opened.load()  # decode everything now, so a truncated file fails here
                 image = ImageOps.exif_transpose(opened)
+                if sixteen_bit_rgb:
+                    image.info.pop("transparency", None)
         return _to_rgb(image, what)
     except SleighError:
         raise
@@ -327,9 +332,9 @@ def _keyed_transparent(image: Image.Image) -> np.ndarray | None:
     if key is None or image.mode not in ("RGB", "L", *_SIXTEEN_BIT_MODES):
         return None
     pixels = np.asarray(image)
-    if image.mode == "RGB":
-        if not (isinstance(key, tuple) and len(key) == 3):
-            return None
+    if image.mode == "RGB":  # a 16-bit RGB PNG opens as 8-bit RGB with its key still in 16 bits: left opaque,
+        if not (isinstance(key, tuple) and len(key) == 3 and all(isinstance(k, int) and 0 <= k <= 255 for k in key)):
+            return None  # as Pillow's own RGBA leaves it
         return np.all(pixels == np.asarray(key, dtype=pixels.dtype), axis=-1)
     return pixels == key if isinstance(key, int) else None
 

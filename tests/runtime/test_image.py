@@ -279,6 +279,39 @@ def test_a_png_colour_key_is_transparent_as_alpha_is(mode, tmp_path):
         np.testing.assert_array_equal(got, np.asarray(on_white.convert("RGB")))
 
 
+@pytest.mark.parametrize("key", [0x1234, 0x0012])
+def test_a_sixteen_bit_rgb_pngs_colour_key_leaves_it_opaque_not_refused(key, tmp_path):
+    """Pillow opens a 16-bit RGB PNG as 8-bit RGB and keeps its key in 16 bits: 0x1234 made the key
+    comparison overflow (the image refused), 0x0012 whitened the pixel whose high byte is 0x12."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = struct.pack(">6H", key, 0, 0, 0x12FF, 0, 0)  # the keyed pixel, then one whose high byte is 0x12
+    (tmp_path / "k.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 1, 16, 2, 0, 0, 0))
+                                     + chunk(b"tRNS", struct.pack(">3H", key, 0, 0))
+                                     + chunk(b"IDAT", zlib.compress(b"\x00" + pixels)) + chunk(b"IEND", b""))
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "k.png")), [[[key >> 8, 0, 0], [0x12, 0, 0]]])
+
+
+def test_an_exif_chunk_with_a_forged_length_is_not_read(tmp_path):
+    """The memory guard's header walk (oriented_size) finds an eXIf chunk after the pixels by its length:
+    one of 4 GB is skipped, not read (a reader would reserve that much)."""
+    import io
+    import struct
+
+    from sleigh.runtime.image import oriented_size
+
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(buf, "PNG")
+    forged = buf.getvalue()[:-12] + struct.pack(">I", 0xFFFFFFF0) + b"eXIf" + b"\0" * 8 + buf.getvalue()[-12:]
+    (tmp_path / "f.png").write_bytes(forged)
+    with Image.open(tmp_path / "f.png") as opened:
+        assert oriented_size(opened) == (30, 20)
+
+
 def test_sixteen_bit_png_file_is_scaled(tmp_path):
     path = tmp_path / "grey16.png"
     values = np.random.default_rng(4).integers(0, 65536, (8, 8)).astype(np.uint16)
