@@ -294,7 +294,7 @@ class Pipeline:
                                       "text without image placeholder tokens (the image is given as IMAGE)")
         system = self.contract.prompt.system_message if system is None else system  # the model's own default
         fewest = self.tokenizer.fewest_tokens(turns, system=system)
-        if fewest >= self.context_length:  # before tiling and tokenizing, which would only confirm it
+        if fewest > self.context_length:  # before tiling and tokenizing, which would only confirm it (prefill may fill it)
             self._check_context(fewest, 1, fitted=True, image=image is not None, at_least=True)
         img, top = self.contract.image, self.max_tiles
         tiled = None

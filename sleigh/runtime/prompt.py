@@ -118,6 +118,17 @@ def _plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
     return plain
 
 
+def _covers_every_character(tokenizer: Tokenizer) -> bool:
+    """Whether every character of text becomes at least one token of at most the vocabulary's longest
+    piece: a BPE or Unigram model with byte fallback (SentencePiece's, InternLM2's), or a byte-level
+    pre-tokenizer (GPT-2's). Not so where unknown characters fuse into one unknown token."""
+    data = json.loads(tokenizer.to_str())
+    model = data.get("model") or {}
+    if model.get("type") in ("BPE", "Unigram") and model.get("byte_fallback"):
+        return True
+    return "ByteLevel" in json.dumps(data.get("pre_tokenizer"))
+
+
 def _byte_value(piece: str) -> int | None:
     """255 for '<0xFF>': SentencePiece's byte-fallback pieces (the same test as tokenizers' ByteFallback)."""
     if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
@@ -140,7 +151,10 @@ class PromptTokenizer:
         if missing:
             raise SleighError(source, f"lacks the special tokens {missing}", f"a tokenizer with {list(REQUIRED_TOKENS)}")
         self._vocab = vocab
-        self._longest_piece = max(map(len, vocab))  # characters of normalized text one token covers at most
+        # characters of normalized text one token covers at most, where every character is some token's
+        # (byte fallback, or byte-level): a model that fuses unknown characters into one <unk> (or WordPiece's
+        # [UNK] for a long word) covers any number, and no bound is drawn from the text (_covers_every_character)
+        self._longest_piece = max(map(len, vocab)) if _covers_every_character(tokenizer) else None
         n = max(vocab.values()) + 1
         added = tokenizer.get_added_tokens_decoder()
         self._special = frozenset(i for i, t in added.items() if t.special)
@@ -231,6 +245,8 @@ class PromptTokenizer:
         for text, control in chat_parts([replace(t, image=False) for t in turns], 0, system=system):
             if control:
                 n += 1
+                continue
+            if self._longest_piece is None:  # no bound from the text (see __init__)
                 continue
             text = normalizer.normalize_str(text) if normalizer is not None else text
             solid = len("".join(text.split())) - text.count("▁")  # pre-tokenizers may drop whitespace, or mark it ▁

@@ -331,6 +331,25 @@ def test_the_fewest_tokens_never_exceed_what_encoding_gives(which, special, ptok
     random()
 
 
+def test_a_model_that_fuses_unknown_characters_draws_no_bound_from_the_text():
+    """Without byte fallback, 100,000 unknown characters are one <unk> (fuse_unk, as sleigh's converter
+    builds a SentencePiece model without byte fallback): counted by characters, the bound was 7,701
+    for a prompt of 12 tokens, and such a prompt would have been refused."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers
+
+    from sleigh.runtime.prompt import REQUIRED_TOKENS
+
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "ab": 4, "▁ab": 5}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("▁", "ab")], unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=False))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in (*REQUIRED_TOKENS, "user", "assistant", "system", "\n")])
+    ptok = PromptTokenizer(tok)
+    for text in ("ab ab", "好" * 100000):
+        turns = [Turn("user", text)]
+        assert ptok.fewest_tokens(turns, system="") <= len(ptok.encode_chat(turns, system="")), text[:5]
+
+
 def test_a_prompt_far_past_the_context_is_refused_before_it_is_tokenized(tiny_pkg, monkeypatch):
     """Megabytes of text: refused from the bound, without tokenizing (which holds the GIL, seconds at
     that size) or tiling; one that only just passes the context still gets its exact count."""
