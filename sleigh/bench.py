@@ -94,9 +94,11 @@ def check_fits(label: str, path: Path, engine: str | None, image, prompt: str, m
 
 
 def other_model(pkg: Path, reference: Path) -> str | None:
-    """Why `reference` (a checkpoint) is not the model the package was exported from, where its
+    """Why `reference` (a checkpoint) is another model than the package was exported from, where its
     config.json's sha256 is not the one the manifest's source records (None where it is, or where the
-    package does not say): bench's rows would then compare two models, not a package with its source."""
+    package does not say): bench's rows would then compare two models, not a package with its source.
+    The weights are not compared (hashing them costs seconds at full size): a checkpoint trained from the
+    same config passes."""
     from sleigh.runtime.manifest import read_manifest
     from sleigh.runtime.package import CHECKPOINT_CONFIG, sha256_file
 
@@ -107,7 +109,7 @@ def other_model(pkg: Path, reference: Path) -> str | None:
         return None
     made_from = (read_manifest(pkg).source or {}).get("checkpoint", "another checkpoint")
     return (f"--reference {reference}: its {CHECKPOINT_CONFIG} is not the one {pkg} was exported from ({made_from}): "
-            "its row times another model")
+            "its row times a model of another configuration")
 
 
 def most_tiles(path: Path, engine: str | None) -> int:

@@ -56,6 +56,7 @@ BACKGROUND = (255, 255, 255)
 ImageSource = Union[str, os.PathLike, Image.Image]
 
 _RESAMPLE = Image.Resampling.BICUBIC  # what InternVL's `image.resize(...)` defaults to
+RESAMPLE = "bicubic"  # its name, as a config and a manifest say it (the one resize this tiler implements)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")  # "https://x", or "https:/x" once pathlib has collapsed it

@@ -22,14 +22,13 @@ from typing import Callable
 
 from sleigh.errors import SleighError, check_folder
 from sleigh.runtime.fields import Fields, describe, is_int
-from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, TILES_LIMIT, max_views, tiles_within
+from sleigh.runtime.image import IMAGENET_MEAN, IMAGENET_STD, RESAMPLE, TILES_LIMIT, max_views, tiles_within
 from sleigh.runtime.kv_cache import NEW, PAST
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view, view_geometry_problem
 from sleigh.runtime.package import (CHECKPOINT_CONFIG, MANIFEST, MODULE_NAMES, REEXPORT, SCHEMA, SCHEMA_VERSION, inside, read_json,
                                     write_bytes_atomic)
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE
 
-RESAMPLE = "bicubic"  # InternVL's resize, the one runtime/image.py implements
 
 
 def kv_names(num_layers: int, prefix: str) -> list[str]:

@@ -166,6 +166,8 @@ def create_app(settings: ServeSettings, worker: ModelWorker | Callable[[], Model
 
     @app.api_route("/v1/models/{model:path}", methods=["GET", "HEAD"])  # the openai client's models.retrieve
     async def one_model(model: str):
+        if not model:  # /v1/models/: the list, as the path without its slash
+            return {"object": "list", "data": [model_object]}
         if model != settings.name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{settings.name}`",
                            param="model", code="model_not_found")

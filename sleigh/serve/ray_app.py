@@ -239,7 +239,9 @@ CONVERT = {"int": int, "float": float, "Path": Path, "str": str}
 
 def _convert(key: str, value, annotation: str):
     """`serve run`'s text for a field, as the field's annotation says (`int | None`: an int; max_memory
-    also as a size, 2.5G, as --max-memory reads it)."""
+    also as a size, 2.5G, as --max-memory reads it; a config file's null is None)."""
+    if value is None:
+        return None
     if key == "max_memory":
         from sleigh.runtime.memory import parse_size
 
@@ -247,6 +249,6 @@ def _convert(key: str, value, annotation: str):
     kind = CONVERT[annotation.split(" | ")[0]]
     try:
         return kind(value)
-    except ValueError:
+    except (TypeError, ValueError):
         raise SleighError(f"serve run {key}={value}", f"not {'an' if kind is int else 'a'} {kind.__name__}",
                           f"{'an' if kind is int else 'a'} {kind.__name__}") from None

@@ -13,8 +13,7 @@ from typing import Any
 
 from sleigh.errors import SleighError
 from sleigh.runtime.image import (IMAGENET_MEAN, IMAGENET_STD, INTERNVL_MAX_TILES, INTERNVL_PATCH, INTERNVL_TILE_SIZE,
-                                  TILES_LIMIT)
-from sleigh.runtime.manifest import RESAMPLE
+                                  RESAMPLE, TILES_LIMIT)
 from sleigh.runtime.multimodal import GSWA_APPLY_MODES, MIN_WEIGHT, tokens_per_view, view_geometry_problem
 from sleigh.runtime.package import read_json
 from sleigh.runtime.prompt import DEFAULT_SYSTEM_MESSAGE, TEMPLATE

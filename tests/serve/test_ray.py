@@ -76,6 +76,7 @@ def test_app_builder_arguments():
         app_builder({"model": "x", "replcas": "2"})
     assert _convert("replicas", "2", "int") == 2 and _convert("replica_cpus", "0.5", "float") == 0.5
     assert _convert("max_memory", "2.5G", "int | None") == int(2.5 * 2**30)
+    assert _convert("engine", None, "str | None") is None and _convert("threads", None, "int | None") is None  # YAML null
     with pytest.raises(SleighError, match=r"^serve run threads=two \| not an int"):
         app_builder({"model": "x", "threads": "two"})
     # ServeSettings checks its fields itself: `serve run` skipped every check `sleigh serve` made

@@ -34,6 +34,7 @@ def test_models_and_health(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("gpt-4o")
     assert e.value.code == "model_not_found"
+    assert httpx.get(server.base + "/v1/models/").json()["data"][0]["id"] == server.model  # with a slash: the list
     assert httpx.get(server.base + "/health").json()["status"] == "ok"
 
 
