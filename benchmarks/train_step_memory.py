@@ -25,7 +25,7 @@ from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl import train as T
 from sleigh.sleighvl.batches import CURRICULUM, Batches
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint
-from sleigh.sleighvl.step_memory import step_bytes_at_least
+from sleigh.sleighvl.step_memory import line_tokens, step_bytes_at_least
 
 
 def main() -> None:
@@ -61,13 +61,18 @@ def main() -> None:
     grew = (torch.cuda.max_memory_allocated(device) if on_gpu else resident_bytes("VmHWM")) - before
     size = min(args.micro_batch or len(views), len(views))
     tok = trainer.tok
-    lines = [len(ex.qas) for ex in batch.examples]  # each image's question-and-answer rows, and their tokens
-    texts = [max(len(tok.encode(q, add_bos=False)) + len(tok.encode(a, add_bos=False)) + 1 for q, a in ex.qas)
+    # each image's lines as the guard reads them: (how many, question tokens run with the prompt, a row's most)
+    lines = [line_tokens([(tok.encode(q, add_bos=False), len(tok.encode(a, add_bos=False))) for q, a in ex.qas])
              for ex in batch.examples]
-    bound = max(step_bytes_at_least(cfg, parts, max(views[i:i + size]), len(views[i:i + size]),
-                                    sum(p.numel() for p in trainer.params), rest=len(views) - len(views[i:i + size]),
-                                    rest_views=min(views), rows=sum(lines[i:i + size]), text=max(texts[i:i + size]))
-                for i in range(0, len(views), size))
+
+    def part_bound(i: int) -> int:  # the part's largest image with its own shared question: a floor of the padded prompt
+        part = range(i, min(i + size, len(views)))
+        largest = max(part, key=lambda j: views[j])
+        return step_bytes_at_least(cfg, parts, views[largest], len(part), sum(p.numel() for p in trainer.params),
+                                   rest=len(views) - len(part), rest_views=min(views), rows=sum(lines[j][0] for j in part),
+                                   text=max(lines[j][2] for j in part), shared=lines[largest][1])
+
+    bound = max(part_bound(i) for i in range(0, len(views), size))
     micro = f" --micro-batch {args.micro_batch}" if args.micro_batch else ""
     print(f"{args.ckpt.name} on {device.type} --train {args.train} --batch {args.batch}{micro}: views {views}; step's peak over the model "
           f"{grew / 2**20:.0f} MB, bound {bound / 2**20:.0f} MB, peak/bound {grew / bound:.2f}")

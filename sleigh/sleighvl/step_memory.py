@@ -12,9 +12,10 @@ as a lower bound of a step's peak over the loaded model:
   the residual (at least 6 hidden-wide tensors), and the gate, up, SiLU and product of the MLP (4
   MLP-wide ones);
 - the same for the question-and-answer rows, which run after the images' prompts (an image's lines
-  each a row, padded to the part's longest, attending over the image's prompt and themselves): with
-  long questions or answers (LLaVA-style data) they cost more than the image (a helper's 2,600-token
-  answers took 18x a bound that counted the image alone);
+  each a row, padded to the part's longest, attending over the image's prompt and themselves; the
+  question tokens all its lines share run once with the prompt, line_tokens): with long questions or
+  answers (LLaVA-style data) they cost more than the image (a helper's 2,600-token answers took 18x a
+  bound that counted the image alone);
 - with the ViT trained, what each view keeps per layer: at least 6 hidden-wide and 2 MLP-wide
   tensors of (image/patch)^2 + 1 tokens;
 - the step's tiled pixels: every image of the batch is tiled before the step and held through all
@@ -22,7 +23,7 @@ as a lower bound of a step's peak over the loaded model:
 - the gradients and AdamW's two moments of every trained parameter.
 
 Measured (benchmarks/RESULTS.md, "A memory guard for `train --batch`"), a step's real peak is 1.32-1.89x
-this bound at 448-px views with short lines (the tiny and small presets), 1.13-1.37x with lines of
+this bound at 448-px views with short lines (the tiny and small presets), 1.36-1.58x with lines of
 hundreds to thousands of tokens, more at the demo preset's small views. So
 a step refused where LEAST_OVER times the bound does not fit would have been killed mid-step by the
 kernel's out-of-memory killer, with no message (a helper's `--batch 100` on the tiny preset took the
@@ -37,12 +38,12 @@ from sleigh.runtime.memory import available_bytes, budget_and_need, gb
 from sleigh.sleighvl.batches import CURRICULUM
 from sleigh.sleighvl.config import SleighVLConfig
 
-# What measured steps took over the bound: 1.13x at the least (3 lines of 3,400 tokens of question and answer
-# on a 7-view image; 1.32x with short lines), so a part run at once is refused where LEAST_OVER (a margin
-# under that) does not fit; at 448-px views at most 1.89x (one image at a time of a
-# batch of 32, whose waiting images the bound counts at the data's fewest views; 2.0-3.4x at the demo
-# preset's 112-px views, where the bound is a few hundred MB), so one is suggested where OVER_BOUND fits
-LEAST_OVER = 1.1
+# What measured steps took over the bound: 1.32x at the least (1.36x with lines of thousands of tokens), so
+# a part run at once is refused where LEAST_OVER (a margin under that) does not fit; at 448-px views at most
+# 1.89x (one image at a time of a batch of 32, whose waiting images the bound counts at the data's fewest
+# views; 2.0-3.4x at the demo preset's 112-px views, where the bound is a few hundred MB), so one is
+# suggested where OVER_BOUND fits
+LEAST_OVER = 1.25
 OVER_BOUND = 2.0
 # What the bound counts (the module docstring): per LLM layer and prompt position, hidden-wide and
 # MLP-wide tensors kept; per ViT layer and token of a view, the same; per trained parameter, its
@@ -50,6 +51,18 @@ OVER_BOUND = 2.0
 LLM_HIDDEN, LLM_MLP = 6, 4
 VIT_HIDDEN, VIT_MLP = 6, 2
 PER_TRAINED = 3
+
+
+def line_tokens(lines: list[tuple[list[int], int]]) -> tuple[int, int, int]:
+    """An image's lines, each (its question's ids, its answer's token count), as a step runs them
+    (train.answer_logits): -> (how many, the tokens every question starts with, which run once with
+    the image's prompt, and the most tokens a line's row holds after them: the rest of its question,
+    its answer and <|im_end|>). One line, or lines of one question, put the whole question in the prompt."""
+    first = lines[0][0]
+    shared = len(first)
+    for question, _ in lines[1:]:
+        shared = next((i for i, (a, b) in enumerate(zip(first[:shared], question)) if a != b), min(shared, len(question)))
+    return len(lines), shared, max(len(q) - shared + a + 1 for q, a in lines)
 
 
 def views_of(size: tuple[int, int], cfg: SleighVLConfig) -> int:
@@ -61,19 +74,20 @@ def views_of(size: tuple[int, int], cfg: SleighVLConfig) -> int:
 
 def step_bytes_at_least(cfg: SleighVLConfig, parts: tuple[str, ...], views: int, batch: int, trained: int,
                         itemsize: int = 4, rest: int = 0, rest_views: int = 1, rows: int | None = None,
-                        text: int = 1) -> int:
+                        text: int = 1, shared: int = 0) -> int:
     """A lower bound of one step's peak over the loaded model, for `batch` images run at once, the
     largest of which tiles into `views` views and every other into `rest_views` at least (the module
     docstring), while `rest` more images of the step (other --micro-batch parts) wait as pixels;
     `trained`: the trained parameters' count. `rows`: the part's question-and-answer lines (default:
-    one per image), the longest `text` tokens of question and answer."""
+    one per image), the longest `text` tokens of a row; `shared`: the tokens of question the largest
+    image's prompt runs (line_tokens)."""
     llm, vision = cfg.llm, cfg.vision
     pixels = 3 * vision.image_size**2 * itemsize  # a view's normalised pixels, float32 (runtime.image.tile_image)
     # the step's tiled images all held (a batch is tiled before it trains); the part's copy into one array
     # is kept for the backward pass where the ViT trains (its first convolution's input)
     part = views + (batch - 1) * rest_views
     total = ((2 if "vision" in parts else 1) * part + rest * rest_views) * pixels
-    prompt = views * vision.tokens_per_view + 1  # and at least one token of text
+    prompt = views * vision.tokens_per_view + 1 + shared  # and at least one token of text
     # every layer's attention probabilities, and one layer's scores while it computes them
     total += (llm.num_layers + 1) * batch * llm.num_heads * prompt * (prompt + 1) * itemsize
     total += llm.num_layers * batch * prompt * (LLM_HIDDEN * llm.hidden_size + LLM_MLP * llm.intermediate_size) * itemsize
@@ -104,21 +118,22 @@ def run_views(cfg: SleighVLConfig, sizes: dict, curriculum: bool) -> tuple[int, 
     return most[0], most[1], min(v for v, _ in found)
 
 
-def costliest(cfg: SleighVLConfig, sizes: dict, texts: dict, curriculum: bool) -> list[tuple[int, int, int, str]]:
-    """The images that may set a step's cost, as (views, lines, longest line's tokens, what it is): of
-    the run's images that train (`sizes`, as run_views reads them; `texts`: image -> (its lines, the
-    most tokens of question and answer among them), one line of one token where absent), those that no
-    other has as many views, lines and text tokens as, or more (the bound grows with each)."""
+def costliest(cfg: SleighVLConfig, sizes: dict, texts: dict, curriculum: bool) -> list[tuple[int, int, int, int, str]]:
+    """The images that may set a step's cost, as (views, lines, a row's most tokens, question tokens
+    run with the prompt, what it is): of the run's images that train (`sizes`, as run_views reads them;
+    `texts`: image -> line_tokens of its lines, one line of one token where absent), those that no other
+    has as many of all four as, or more (the bound grows with each)."""
     limit = default_max_pixels(cfg.image.max_tiles, cfg.vision.image_size)
-    found: dict[tuple[int, int, int], str] = {}
+    found: dict[tuple[int, int, int, int], str] = {}
     for image, size in sizes.items():
         if size[0] * size[1] <= limit:
-            found.setdefault((views_of(size, cfg), *texts.get(image, (1, 1))), f"image {image}")
+            lines, shared, text = texts.get(image, (1, 0, 1))
+            found.setdefault((views_of(size, cfg), lines, text, shared), f"image {image}")
     if curriculum:
         tiles = max(t for _, t, _ in CURRICULUM)
-        found.setdefault((max_views(tiles, cfg.image.thumbnail), 1, 1), f"{CURRICULUM_SAMPLE} of {tiles} tiles")
-    front: list[tuple[int, int, int]] = []
-    for key in sorted(found, reverse=True):  # by views, then lines, then text: none later has more of all three
+        found.setdefault((max_views(tiles, cfg.image.thumbnail), 1, 1, 0), f"{CURRICULUM_SAMPLE} of {tiles} tiles")
+    front: list[tuple[int, int, int, int]] = []
+    for key in sorted(found, reverse=True):  # by views, then lines...: none later has more of all four
         if not any(all(o >= k for o, k in zip(other, key, strict=True)) for other in front):
             front.append(key)
     return [(*key, found[key]) for key in front]
@@ -141,8 +156,9 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
     flag = "--micro-batch" if size < batch else "--batch"
 
     def bound(image: tuple, b: int, waiting: int) -> int:  # `image` and b - 1 others of one line, `waiting` more as pixels
-        views, lines, text, _ = image
-        return step_bytes_at_least(cfg, parts, views, b, trained, itemsize, waiting, fewest, rows=lines + b - 1, text=text)
+        views, lines, text, shared, _ = image
+        return step_bytes_at_least(cfg, parts, views, b, trained, itemsize, waiting, fewest, rows=lines + b - 1, text=text,
+                                   shared=shared)
 
     def need(b: int, times: float = 1.0, waiting: int | None = None) -> int:  # b images at once, the rest waiting
         return int(times * max(bound(image, b, batch - b if waiting is None else waiting) for image in images))
@@ -152,8 +168,9 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
     fits = _most_images(lambda b: need(b, OVER_BOUND), available, size - 1)
     whole = _most_images(lambda b: need(b, OVER_BOUND, waiting=0), available, batch - 1)  # a smaller batch, run at once
     has, needs = budget_and_need(available, need(size, LEAST_OVER))  # as many decimals as it takes to tell them apart
-    views, lines, text, which = max(images, key=lambda image: bound(image, size, batch - size))
-    said = f", {lines} line{'s' * (lines != 1)} of up to {text:,} tokens of question and answer" if texts else ""
+    views, lines, text, shared, which = max(images, key=lambda image: bound(image, size, batch - size))
+    said = (f", {lines} line{'s' * (lines != 1)} of up to {shared + text:,} tokens of question and answer"
+            if texts else "")
     why = (f"with {which} ({views} views, {views * cfg.vision.tokens_per_view:,} image tokens{said}, to which every prompt "
            f"run with it is padded), {'one image needs' if size == 1 else f'{size} images at once need'} at least {needs} "
            f"beyond the loaded model, and {where} has {has} available")
@@ -171,8 +188,8 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
     one = f"; one image at a time needs at least {gb(need(1, LEAST_OVER), 'up')}" if size > 1 else ""
     if which.startswith(CURRICULUM_SAMPLE):
         fewer = "--curriculum off (its samples tile into more views than the data's images)"
-    elif lines * text > views * cfg.vision.tokens_per_view:  # its lines' rows cost more than its image
-        fewer = f"shorter questions and answers than {text:,} tokens, or fewer lines per image"
+    elif lines * text + shared > views * cfg.vision.tokens_per_view:  # its lines cost more than its image
+        fewer = f"shorter questions and answers than {shared + text:,} tokens, or fewer lines per image"
     else:
         fewer = f"images that tile into fewer than {views} views"
     raise SleighError(f"{flag} {size}", why + one, f"a machine with more memory, or {fewer}")

@@ -37,7 +37,7 @@ from sleigh.runtime.image import max_views, object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
-from sleigh.sleighvl.step_memory import available_for, check_step_memory
+from sleigh.sleighvl.step_memory import available_for, check_step_memory, line_tokens
 
 PARTS = ("gswa", "projector", "vision", "llm")
 STATE = "train_state.safetensors"
@@ -588,18 +588,17 @@ def _same_path(given: Path, recorded: Path, jsonl: bool) -> bool:
 def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> dict:
     """Lines whose prompt and answer would run past the model's context with an image of the model's most
     views are left out (counted in `qa.skipped`; `sleigh eval` skips a line on its own image's views,
-    so it may keep a long line with a small image); under --strict, refused. -> per image, its lines
-    kept and the most tokens of question and answer among them (what the memory guard reads)."""
+    so it may keep a long line with a small image); under --strict, refused. -> per image, what the
+    memory guard reads of its lines (step_memory.LineTokens)."""
     context, views = cfg.llm.max_position_embeddings, max_views(cfg.image.max_tiles, cfg.image.thumbnail)
     template = len(tok.encode_prompt("", views, tokens_per_view=cfg.vision.tokens_per_view))  # BOS, turns, image
-    kept, texts = [], {}
+    kept, lines = [], {}
     for item in qa.items:  # the question's and the answer's ids (within a token of the template's joins) and <|im_end|>
-        text = len(tok.encode(item.question, add_bos=False)) + len(tok.encode(item.answer, add_bos=False)) + 1
-        n = template + text
+        question, answer = tok.encode(item.question, add_bos=False), len(tok.encode(item.answer, add_bos=False))
+        n = template + len(question) + answer + 1
         if n <= context:
             kept.append(item)
-            lines, longest = texts.get(item.image, (0, 0))
-            texts[item.image] = lines + 1, max(longest, text)
+            lines.setdefault(item.image, []).append((question, answer))
             continue
         if strict:
             raise SleighError(f"{qa.path}:{item.line}", f"question and answer take {n} tokens with "
@@ -607,7 +606,7 @@ def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> dict
         qa.skipped["past the context"] += 1
         qa.first_skipped.setdefault("past the context", item.line)
     qa.items[:] = kept
-    return texts
+    return {image: line_tokens(mine) for image, mine in lines.items()}
 
 
 def _phase_name(phase: int) -> str:

@@ -107,10 +107,22 @@ def test_a_real_step_takes_more_than_the_bound_and_not_far_more(tiny_ckpt, tmp_p
     assert LEAST_OVER * bound <= grew <= 2 * bound, (grew, bound)  # refused only where it would not have fitted
 
 
+def test_an_images_lines_are_counted_as_a_step_runs_them():
+    """train.answer_logits runs the question tokens an image's lines all start with once, with its
+    prompt; each line's row holds the rest of its question, its answer and <|im_end|>."""
+    from sleigh.sleighvl.step_memory import line_tokens
+
+    assert line_tokens([([5, 6, 7], 10)]) == (1, 3, 11)  # one line: its question in the prompt
+    assert line_tokens([([5, 6, 7], 10), ([5, 6, 7], 2)]) == (2, 3, 11)  # one question, two answers
+    assert line_tokens([([5, 6, 7], 10), ([5, 6, 9, 9], 2), ([5], 1)]) == (3, 1, 13)  # they share [5]
+    assert line_tokens([([1, 2], 4), ([3, 4], 4)]) == (2, 0, 7)
+
+
 def test_the_image_that_sets_the_cost_is_the_one_with_most_views_or_lines_or_text():
     sizes = {Path(f"{n}.png"): s for n, s in [("a", (1598, 1309)), ("b", (448, 448)), ("c", (448, 448)), ("d", (900, 500))]}
-    texts = {Path("a.png"): (1, 10), Path("b.png"): (3, 4000), Path("c.png"): (2, 100), Path("d.png"): (1, 5)}
-    assert sorted(costliest(TINY, sizes, texts, curriculum=False)) == [(1, 3, 4000, "image b.png"), (13, 1, 10, "image a.png")]
+    texts = {Path("a.png"): (1, 5, 5), Path("b.png"): (3, 0, 4000), Path("c.png"): (2, 0, 100), Path("d.png"): (1, 0, 5)}
+    assert sorted(costliest(TINY, sizes, texts, curriculum=False)) == [(1, 3, 4000, 0, "image b.png"),
+                                                                        (13, 1, 5, 5, "image a.png")]
     parts, trained = ("gswa",), 10_000
     with_text = step_bytes_at_least(TINY, parts, 1, 1, trained, rows=3, text=4000)
     assert with_text > 2 * step_bytes_at_least(TINY, parts, 13, 1, trained)  # b sets the cost
