@@ -78,6 +78,9 @@ def evaluate(model: Path, data: Path, *, backend: str = "auto", engine=None,
         with progress("eval", min(limit or len(items), len(items)), quiet) as bar:
             for item in items:
                 if limit is not None and sum(map(len, hits.values())) >= limit:  # the first N questions evaluated
+                    # and what was skipped before them, when the file was read too (not the rest of the file's)
+                    skipped = qa.skipped_before(item.line) + Counter({k: v for k, v in skipped.items() if k not in qa.skipped})
+                    first_skipped = {k: v for k, v in first_skipped.items() if k in skipped}
                     break
                 try:
                     result = pipe.generate(item.image, item.question, max_new_tokens=max_new_tokens,

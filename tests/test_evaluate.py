@@ -106,11 +106,12 @@ def test_a_limit_counts_the_questions_evaluated_whatever_skipped_the_others(demo
     full = (tmp_path / "whole.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(full[:len(full) * 2 // 3])
     ok = {"image": "ok.jpg", "question": "What colour?", "answer": "red", "type": "colour"}
-    for first in ("missing.jpg", "cut.jpg"):
-        lines = [{**ok, "image": first}, {**ok, "image": first}, ok, ok, ok]
+    for first in ("missing.jpg", "cut.jpg"):  # a bad line after the N questions is not counted as skipped either
+        lines = [{**ok, "image": first}, {**ok, "image": first}, ok, ok, ok, {**ok, "image": first}]
         (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
         report = evaluate(demo_ckpt, tmp_path / "d.jsonl", limit=2, quiet=True)
         assert report["overall"]["n"] == 2 and sum(report["skipped"].values()) == 2, (first, report)
+        assert set(report["first_skipped"]) == set(report["skipped"])
         assert report["engine"] is None  # a checkpoint runs on PyTorch
     assert evaluate(tiny_pkg, tmp_path / "d.jsonl", limit=1, quiet=True)["engine"] == "package"  # not null: what ran
 

@@ -46,6 +46,11 @@ class QAData:
     skipped: Counter  # reason -> count
     first_skipped: dict  # reason -> first line number
     sizes: dict = field(default_factory=dict)  # image checked -> (width, height) as tiled (EXIF applied), from its header
+    skipped_lines: list = field(default_factory=list)  # (line number, reason) of each line skipped, in order
+
+    def skipped_before(self, line: int) -> Counter:
+        """The lines skipped before line `line`, by reason: what a reader that stops there skipped."""
+        return Counter(kind for number, kind in self.skipped_lines if number < line)
 
     def by_image(self) -> list[tuple[Path, list[QA]]]:
         """The items grouped by image, in order of first appearance (one vision pass per image)."""
@@ -105,6 +110,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
     image_ok: dict[Path, str | None] = {}
     sizes: dict[Path, tuple[int, int]] = {}
     detail: dict[str, str] = {}
+    skipped_lines: list[tuple[int, str]] = []
     try:
         data_bytes = path.read_bytes()
     except OSError as e:
@@ -129,6 +135,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
             raise SleighError(f"{path}:{number}", reason, EXPECTED_LINE + " with an existing, readable image")
         kind = reason.split(" (")[0]
         skipped[kind] += 1
+        skipped_lines.append((number, kind))
         first.setdefault(kind, number)
         detail.setdefault(kind, f"line {number}: {reason}")
     if not items:
@@ -136,7 +143,7 @@ def read_qa(data: Path, *, strict: bool = False, check_images: bool = True) -> Q
         firsts = "; ".join(detail[r] for r in sorted(skipped))
         raise SleighError(str(path), f"has no usable lines ({counts}; {firsts})" if skipped else "has no usable lines",
                           EXPECTED_LINE)
-    return QAData(path, items, skipped, first, sizes)
+    return QAData(path, items, skipped, first, sizes, skipped_lines)
 
 
 def _parse(raw: str, number: int, root: Path) -> tuple[QA | None, str | None]:
