@@ -102,12 +102,13 @@ def other_model(pkg: Path, reference: Path) -> str | None:
     from sleigh.runtime.manifest import read_manifest
     from sleigh.runtime.package import CHECKPOINT_CONFIG, sha256_file
 
-    recorded = (read_manifest(pkg).source or {}).get("config_sha256")
+    source = read_manifest(pkg).source or {}
+    recorded = source.get("config_sha256")
     if recorded is None or not (Path(reference) / CHECKPOINT_CONFIG).is_file():
         return None
     if sha256_file(Path(reference) / CHECKPOINT_CONFIG) == recorded:
         return None
-    made_from = (read_manifest(pkg).source or {}).get("checkpoint", "another checkpoint")
+    made_from = source.get("checkpoint", "another checkpoint")
     return (f"--reference {reference}: its {CHECKPOINT_CONFIG} is not the one {pkg} was exported from ({made_from}): "
             "its row times a model of another configuration")
 
