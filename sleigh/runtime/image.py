@@ -134,6 +134,9 @@ def check_image_path(source: str | os.PathLike) -> Path:
     return path
 
 
+# Pillow's words where it identified a format and has no decoder for it here: EPS wants Ghostscript, and a
+# codec Pillow was built without is "decoder ... not available"
+NO_DECODER = ("Ghostscript", "not available")
 MAX_EXIF_BYTES = 1 << 20  # an eXIf chunk past this is not read (JPEG's EXIF holds 64 KiB)
 # EXIF orientations (tag 0x0112) that turn the picture a quarter: `load_image` transposes it to h x w
 QUARTER_TURNS = (5, 6, 7, 8)
@@ -197,11 +200,13 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
         raise SleighError("image", f"got a {type(source).__name__}", "a file path (str or pathlib.Path) or a PIL.Image.Image")
     path = check_image_path(source)
     what = f"image {str(source)!r}"
+    fmt = None  # the format Pillow identified, once it has
     try:
         with warnings.catch_warnings():
             # max_pixels is the limit; Pillow's lower warning threshold would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
+                fmt = opened.format
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise _bomb(what, width, height, max_pixels)
@@ -222,6 +227,9 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None) -> Image.I
     except PermissionError as exc:
         raise ImageError(what, "cannot be read (permission denied)", "a readable image file") from exc
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError... on bad data
+        if fmt is not None and any(s in str(exc) for s in NO_DECODER):  # identified, and no way here to decode it
+            raise ImageError(what, f"is an image in {fmt}, which this Pillow cannot decode ({_reason(exc)})",
+                             "an image in a format decoded here: PNG, JPEG, WebP, BMP, GIF, TIFF, ...") from exc
         raise ImageError(what, f"is corrupt or truncated ({_reason(exc)})", "a complete, valid image file") from exc
 
 

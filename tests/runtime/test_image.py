@@ -349,6 +349,14 @@ def test_missing_file(tmp_path):
         tile_image(str(path))
 
 
+@pytest.mark.skipif(__import__("shutil").which("gs") is not None, reason="Ghostscript is installed: EPS decodes")
+def test_a_format_pillow_identifies_and_cannot_decode_here_is_not_called_corrupt(tmp_path):
+    """EPS needs Ghostscript to decode: it said "corrupt or truncated"."""
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.eps")
+    message = _assert_user_error(tmp_path / "a.eps", "is an image in EPS, which this Pillow cannot decode", "Ghostscript")
+    assert "corrupt" not in message
+
+
 def test_directory(tmp_path):
     _assert_user_error(tmp_path, str(tmp_path), "directory")
 
