@@ -53,16 +53,35 @@ VIT_HIDDEN, VIT_MLP = 6, 2
 PER_TRAINED = 3
 
 
+class LineTokens:
+    """An image's lines, added one at a time (its question's ids, its answer's token count), as a step
+    runs them (train.answer_logits), holding only the first question's ids: `counts()`."""
+
+    def __init__(self):
+        self.lines, self.first, self.shared, self.longest = 0, [], 0, 0
+
+    def add(self, question: list[int], answer: int) -> None:
+        if not self.lines:
+            self.first, self.shared = list(question), len(question)
+        else:
+            self.shared = next((i for i, (a, b) in enumerate(zip(self.first[:self.shared], question)) if a != b),
+                               min(self.shared, len(question)))
+        self.lines += 1
+        self.longest = max(self.longest, len(question) + answer)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(how many lines, the tokens every question starts with, which run once with the image's
+        prompt, and the most tokens a line's row holds after them: the rest of its question, its answer
+        and <|im_end|>). One line, or lines of one question, put the whole question in the prompt."""
+        return self.lines, self.shared, self.longest - self.shared + 1
+
+
 def line_tokens(lines: list[tuple[list[int], int]]) -> tuple[int, int, int]:
-    """An image's lines, each (its question's ids, its answer's token count), as a step runs them
-    (train.answer_logits): -> (how many, the tokens every question starts with, which run once with
-    the image's prompt, and the most tokens a line's row holds after them: the rest of its question,
-    its answer and <|im_end|>). One line, or lines of one question, put the whole question in the prompt."""
-    first = lines[0][0]
-    shared = len(first)
-    for question, _ in lines[1:]:
-        shared = next((i for i, (a, b) in enumerate(zip(first[:shared], question)) if a != b), min(shared, len(question)))
-    return len(lines), shared, max(len(q) - shared + a + 1 for q, a in lines)
+    """LineTokens.counts() of an image's lines, each (its question's ids, its answer's token count)."""
+    image = LineTokens()
+    for question, answer in lines:
+        image.add(question, answer)
+    return image.counts()
 
 
 def views_of(size: tuple[int, int], cfg: SleighVLConfig) -> int:
@@ -123,6 +142,12 @@ def costliest(cfg: SleighVLConfig, sizes: dict, texts: dict, curriculum: bool) -
     run with the prompt, what it is): of the run's images that train (`sizes`, as run_views reads them;
     `texts`: image -> line_tokens of its lines, one line of one token where absent), those that no other
     has as many of all four as, or more (the bound grows with each)."""
+    return _front(_run_images(cfg, sizes, texts, curriculum))
+
+
+def _run_images(cfg: SleighVLConfig, sizes: dict, texts: dict, curriculum: bool) -> dict[tuple[int, int, int, int], str]:
+    """Every (views, lines, a row's most tokens, question tokens run with the prompt) of the run's
+    images that train, and the curriculum's sample, -> the first image of each (costliest)."""
     limit = default_max_pixels(cfg.image.max_tiles, cfg.vision.image_size)
     found: dict[tuple[int, int, int, int], str] = {}
     for image, size in sizes.items():
@@ -132,6 +157,10 @@ def costliest(cfg: SleighVLConfig, sizes: dict, texts: dict, curriculum: bool) -
     if curriculum:
         tiles = max(t for _, t, _ in CURRICULUM)
         found.setdefault((max_views(tiles, cfg.image.thumbnail), 1, 1, 0), f"{CURRICULUM_SAMPLE} of {tiles} tiles")
+    return found
+
+
+def _front(found: dict[tuple[int, int, int, int], str]) -> list[tuple[int, int, int, int, str]]:
     front: list[tuple[int, int, int, int]] = []
     for key in sorted(found, reverse=True):  # by views, then lines...: none later has more of all four
         if not any(all(o >= k for o, k in zip(other, key, strict=True)) for other in front):
@@ -148,10 +177,12 @@ def check_step_memory(cfg: SleighVLConfig, parts: tuple[str, ...], sizes: dict, 
     many, the most tokens of question and answer in one)). -> a warning where LEAST_OVER times the
     bound fits but OVER_BOUND times it does not (such a step may still not fit), else None. The remedy
     offered first is --micro-batch: the same update from fewer images at a time (train.Trainer.step)."""
-    _, _, fewest = run_views(cfg, sizes, curriculum)
-    if available is None or not fewest:
+    if available is None:
         return None
-    images = costliest(cfg, sizes, texts or {}, curriculum)
+    found = _run_images(cfg, sizes, texts or {}, curriculum)  # every image's views, once
+    if not found:
+        return None
+    fewest, images = min(views for views, *_ in found), _front(found)
     size = min(micro_batch or batch, batch)
     flag = "--micro-batch" if size < batch else "--batch"
 

@@ -37,7 +37,7 @@ from sleigh.runtime.image import max_views, object_tile
 from sleigh.runtime.prompt import PromptTokenizer
 from sleigh.sleighvl.batches import CURRICULUM, Batch, Batches, labels_of
 from sleigh.sleighvl.checkpoint import TOKENIZER, load_checkpoint, save_checkpoint
-from sleigh.sleighvl.step_memory import available_for, check_step_memory, line_tokens
+from sleigh.sleighvl.step_memory import LineTokens, available_for, check_step_memory
 
 PARTS = ("gswa", "projector", "vision", "llm")
 STATE = "train_state.safetensors"
@@ -598,7 +598,7 @@ def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> dict
         n = template + len(question) + answer + 1
         if n <= context:
             kept.append(item)
-            lines.setdefault(item.image, []).append((question, answer))
+            lines.setdefault(item.image, LineTokens()).add(question, answer)  # not every line's ids held
             continue
         if strict:
             raise SleighError(f"{qa.path}:{item.line}", f"question and answer take {n} tokens with "
@@ -606,7 +606,7 @@ def _leave_out_past_context(qa, tok: PromptTokenizer, cfg, strict: bool) -> dict
         qa.skipped["past the context"] += 1
         qa.first_skipped.setdefault("past the context", item.line)
     qa.items[:] = kept
-    return {image: line_tokens(mine) for image, mine in lines.items()}
+    return {image: mine.counts() for image, mine in lines.items()}
 
 
 def _phase_name(phase: int) -> str:
