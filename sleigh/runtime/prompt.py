@@ -107,22 +107,21 @@ def _merge_text(parts: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     return merged
 
 
-def _plain_text_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """A copy of `tokenizer` that encodes every added token's text as ordinary text: all added tokens
-    marked special (tokenizers leaves non-special ones matched) and `encode_special_tokens` set."""
-    data = json.loads(tokenizer.to_str())
-    for token in data.get("added_tokens", []):
-        token["special"] = True
-    plain = Tokenizer.from_str(json.dumps(data))
+def _plain_text_tokenizer(data: dict) -> Tokenizer:
+    """A copy of the tokenizer `data` (its JSON, parsed) that encodes every added token's text as
+    ordinary text: all added tokens marked special (tokenizers leaves non-special ones matched) and
+    `encode_special_tokens` set."""
+    plain = Tokenizer.from_str(json.dumps({**data, "added_tokens": [{**token, "special": True}
+                                                                     for token in data.get("added_tokens", [])]}))
     plain.encode_special_tokens = True
     return plain
 
 
-def _covers_every_character(tokenizer: Tokenizer) -> bool:
+def _covers_every_character(data: dict) -> bool:
     """Whether every character of text becomes at least one token of at most the vocabulary's longest
-    piece: a BPE or Unigram model with byte fallback (SentencePiece's, InternLM2's), or a byte-level
-    pre-tokenizer (GPT-2's). Not so where unknown characters fuse into one unknown token."""
-    data = json.loads(tokenizer.to_str())
+    piece, for the tokenizer `data` (its JSON, parsed): a BPE or Unigram model with byte fallback
+    (SentencePiece's, InternLM2's), or a byte-level pre-tokenizer (GPT-2's). Not so where unknown
+    characters fuse into one unknown token."""
     model = data.get("model") or {}
     if model.get("type") in ("BPE", "Unigram") and model.get("byte_fallback"):
         return True
@@ -145,7 +144,8 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Tokenizer, *, source: str = "tokenizer"):
         self.tokenizer = tokenizer
         self._source = source
-        self._plain = _plain_text_tokenizer(tokenizer)
+        data = json.loads(tokenizer.to_str())  # parsed once, for both below
+        self._plain = _plain_text_tokenizer(data)
         vocab = tokenizer.get_vocab(with_added_tokens=True)
         missing = [t for t in REQUIRED_TOKENS if t not in vocab]
         if missing:
@@ -154,7 +154,7 @@ class PromptTokenizer:
         # characters of normalized text one token covers at most, where every character is some token's
         # (byte fallback, or byte-level): a model that fuses unknown characters into one <unk> (or WordPiece's
         # [UNK] for a long word) covers any number, and no bound is drawn from the text (_covers_every_character)
-        self._longest_piece = max(map(len, vocab)) if _covers_every_character(tokenizer) else None
+        self._longest_piece = max(map(len, vocab)) if _covers_every_character(data) else None
         n = max(vocab.values()) + 1
         added = tokenizer.get_added_tokens_decoder()
         self._special = frozenset(i for i, t in added.items() if t.special)
